@@ -1,0 +1,120 @@
+//! The block trait every front end (NBD today, ublk next) serves.
+//!
+//! A front end parses its protocol, then calls a [`BlockDevice`]: reads are answered
+//! synchronously from the local disk; data-modifying requests are *submitted* and complete
+//! later, through a [`Completion`], once every place that must hold the write holds it (the
+//! local disk and the engine). The front end replies to its client from the completion, so
+//! many writes are in flight at once and replies may go out of order.
+
+use std::fmt;
+
+/// An error a block client understands: each maps to one errno value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BlockError {
+    /// The local disk or the replication path failed (EIO).
+    Io,
+    /// No space left on the local disk (ENOSPC).
+    NoSpace,
+    /// The request lies (partly) outside the device, or is malformed (EINVAL).
+    Invalid,
+    /// The request is too large to accept (EOVERFLOW).
+    Overflow,
+    /// The operation is not supported (ENOTSUP).
+    NotSupported,
+    /// The device is shutting down (ESHUTDOWN).
+    Shutdown,
+}
+
+impl BlockError {
+    /// The errno value a client expects for this error.
+    pub fn errno(self) -> i32 {
+        match self {
+            BlockError::Io => 5,            // EIO
+            BlockError::NoSpace => 28,      // ENOSPC
+            BlockError::Invalid => 22,      // EINVAL
+            BlockError::Overflow => 75,     // EOVERFLOW
+            BlockError::NotSupported => 95, // ENOTSUP
+            BlockError::Shutdown => 108,    // ESHUTDOWN
+        }
+    }
+
+    /// Classifies a local I/O error.
+    pub fn from_io(err: &std::io::Error) -> BlockError {
+        match err.raw_os_error() {
+            Some(28) => BlockError::NoSpace,
+            Some(22) => BlockError::Invalid,
+            _ => BlockError::Io,
+        }
+    }
+}
+
+impl fmt::Display for BlockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            BlockError::Io => "I/O error",
+            BlockError::NoSpace => "no space left on device",
+            BlockError::Invalid => "invalid request",
+            BlockError::Overflow => "request too large",
+            BlockError::NotSupported => "operation not supported",
+            BlockError::Shutdown => "device shutting down",
+        };
+        f.write_str(s)
+    }
+}
+
+impl std::error::Error for BlockError {}
+
+/// What a data-modifying request does to its range.
+#[derive(Debug)]
+pub enum WriteKind {
+    /// Write these bytes (their length is the request length).
+    Data(Vec<u8>),
+    /// Make the range read back as zeroes.
+    Zeroes { len: u32 },
+    /// Discard the range; it may read back as anything afterwards (we make it zeroes).
+    Trim { len: u32 },
+}
+
+impl WriteKind {
+    /// Number of bytes of the device this request covers.
+    pub fn len(&self) -> u64 {
+        match self {
+            WriteKind::Data(d) => d.len() as u64,
+            WriteKind::Zeroes { len } | WriteKind::Trim { len } => u64::from(*len),
+        }
+    }
+
+    /// True when the request covers no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One data-modifying request.
+#[derive(Debug)]
+pub struct WriteOp {
+    /// Byte offset on the device.
+    pub offset: u64,
+    /// What to do to the range.
+    pub kind: WriteKind,
+    /// Force unit access: the local write must be durable before completion.
+    pub fua: bool,
+}
+
+/// Called exactly once when a submitted request has finished, successfully or not.
+pub type Completion = Box<dyn FnOnce(Result<(), BlockError>) + Send + 'static>;
+
+/// A block device as the front ends see it. Offsets are already checked against
+/// [`BlockDevice::size`] by the front end, but implementations check again.
+pub trait BlockDevice: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Reads `buf.len()` bytes at `offset` from the local disk.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError>;
+    /// Submits a write, write-zeroes or trim; `done` runs when it has completed everywhere it
+    /// must (possibly on another thread, possibly before `submit` returns).
+    fn submit(&self, op: WriteOp, done: Completion);
+    /// Makes every completed write durable on the local disk.
+    fn flush(&self) -> Result<(), BlockError>;
+}
