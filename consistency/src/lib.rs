@@ -1,1 +1,24 @@
-//! placeholder
+//! The shared model of Hindsight: what a write is, how it is numbered, how it is encoded on
+//! the wire and in journals, and how the daemons are configured.
+//!
+//! A guest write enters the agent as a block request, crosses to the engine as a
+//! [`wire::WriteMsg`] inside a [`wire::frame`], is given the next [`Seq`] of its consistency
+//! group and a timestamp, becomes a [`record`] appended to the engine's [`journal::Journal`]
+//! (group commit), is shipped verbatim in a `Records` frame to the target, and lands in the
+//! target's journal, from which replicas and any point in time are built.
+//!
+//! - [`record`]: write records and their encoding (docs/journal-format.md)
+//! - [`journal`]: segmented journal: group-commit writer, torn-tail recovery, tailing reader
+//! - [`wire`]: frames and messages (docs/wire-protocol.md)
+//! - [`storage`]: the file-system trait all journal and replica I/O goes through
+//! - [`config`]: engine, target and agent configuration
+//! - [`time`]: timestamps
+
+pub mod config;
+pub mod journal;
+pub mod record;
+pub mod storage;
+pub mod time;
+pub mod wire;
+
+pub use record::{Record, RecordHeader, RecordRef, Seq, WriteKind};

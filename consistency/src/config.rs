@@ -1,0 +1,472 @@
+//! Configuration files of the three daemons (TOML), parsed and validated.
+//!
+//! Every error names the file, the key and the fix, e.g.
+//! `engine.toml: group "erp": volume "db" has size 0; give size = "100GiB"`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::record::MAX_NAME_LEN;
+
+/// A configuration problem.
+#[derive(Debug, Error)]
+#[error("{}: {message}", file.display())]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// What is wrong, naming the key, and what to do.
+    pub message: String,
+}
+
+/// How a group replicates (docs/modes.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicationMode {
+    /// The agent's ack waits for the target's journal.
+    Sync,
+    /// The agent's ack waits for the engine's journal; every write is kept.
+    Cdp,
+    /// Interval deltas.
+    Async,
+}
+
+impl ReplicationMode {
+    /// Lower-case name as written in config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicationMode::Sync => "sync",
+            ReplicationMode::Cdp => "cdp",
+            ReplicationMode::Async => "async",
+        }
+    }
+}
+
+/// Parses a size such as `1GiB`, `512MiB`, `20G`, `4096`. Binary units (KiB, MiB, GiB, TiB
+/// and the short K, M, G, T) are powers of 1024; KB, MB, GB, TB are powers of 1000.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit = unit.trim();
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size; write e.g. \"100GiB\" or \"512MiB\""))?;
+    let mult: u64 = match unit {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => return Err(format!("{s:?} has an unknown unit {unit:?}; use B, KiB, MiB, GiB or TiB")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parses a duration such as `24h`, `30s`, `7d`, `1h 30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. \"24h\" or \"30s\""))
+}
+
+/// Checks a group, volume or VM name: 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with `.`.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{what} name {name:?} is not valid; use 1 to {MAX_NAME_LEN} letters, digits, '.', '_' or '-'"))
+    }
+}
+
+fn check_host_port(key: &str, s: &str) -> Result<(), String> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => Ok(()),
+        _ => Err(format!("{key} = {s:?} is not an address; write host:port, e.g. \"127.0.0.1:7500\"")),
+    }
+}
+
+fn parse_socket_addr(key: &str, s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| format!("{key} = {s:?} is not an address; write ip:port, e.g. \"127.0.0.1:7400\""))
+}
+
+fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError { file: path.to_owned(), message: format!("cannot read the file: {e}") })?;
+    toml::from_str(&text).map_err(|e| ConfigError { file: path.to_owned(), message: e.to_string().trim_end().replace('\n', "\n  ") })
+}
+
+// ---------------------------------------------------------------- engine
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EngineFile {
+    engine: EngineSection,
+    #[serde(default)]
+    group: Vec<GroupSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EngineSection {
+    listen: String,
+    data_dir: PathBuf,
+    segment_size: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupSection {
+    name: String,
+    mode: Option<String>,
+    target: String,
+    #[serde(default)]
+    volume: Vec<VolumeSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeSection {
+    name: String,
+    vm: String,
+    size: Option<String>,
+}
+
+/// A validated engine configuration.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Where agents connect.
+    pub listen: SocketAddr,
+    /// Where the engine keeps its journals.
+    pub data_dir: PathBuf,
+    /// Journal segment size.
+    pub segment_size: u64,
+    /// The consistency groups.
+    pub groups: Vec<GroupConfig>,
+}
+
+/// One consistency group.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    /// Group name.
+    pub name: String,
+    /// Replication mode.
+    pub mode: ReplicationMode,
+    /// Target address, host:port.
+    pub target: String,
+    /// The group's volumes.
+    pub volumes: Vec<VolumeConfig>,
+}
+
+/// One volume of a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeConfig {
+    /// Volume name.
+    pub name: String,
+    /// The VM whose agent serves it.
+    pub vm: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+impl EngineConfig {
+    /// Reads and validates an engine configuration file.
+    pub fn load(path: &Path) -> Result<EngineConfig, ConfigError> {
+        let raw: EngineFile = read_toml(path)?;
+        Self::validate(raw).map_err(|message| ConfigError { file: path.to_owned(), message })
+    }
+
+    /// Parses and validates engine configuration text (`file` names it in errors).
+    pub fn from_str(file: &Path, text: &str) -> Result<EngineConfig, ConfigError> {
+        let raw: EngineFile =
+            toml::from_str(text).map_err(|e| ConfigError { file: file.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+        Self::validate(raw).map_err(|message| ConfigError { file: file.to_owned(), message })
+    }
+
+    fn validate(raw: EngineFile) -> Result<EngineConfig, String> {
+        let listen = parse_socket_addr("engine.listen", &raw.engine.listen)?;
+        let segment_size = match &raw.engine.segment_size {
+            Some(s) => parse_size(s).map_err(|e| format!("engine.segment_size: {e}"))?,
+            None => crate::journal::DEFAULT_SEGMENT_SIZE,
+        };
+        if segment_size < (1 << 20) {
+            return Err("engine.segment_size must be at least \"1MiB\"".into());
+        }
+        if raw.group.is_empty() {
+            return Err("no [[group]] is configured; add one with name, mode, target and [[group.volume]] entries".into());
+        }
+        let mut groups = Vec::new();
+        let mut group_names = HashSet::new();
+        let mut volume_owner: BTreeMap<String, String> = BTreeMap::new();
+        for g in raw.group {
+            check_name("group", &g.name)?;
+            if !group_names.insert(g.name.clone()) {
+                return Err(format!("group {:?} is defined twice; group names must be unique", g.name));
+            }
+            let ctx = format!("group {:?}", g.name);
+            let mode = match g.mode.as_deref().unwrap_or("cdp") {
+                "cdp" => ReplicationMode::Cdp,
+                m @ ("sync" | "async") => {
+                    return Err(format!("{ctx}: mode = {m:?} is not available in this version; use mode = \"cdp\""))
+                }
+                m => return Err(format!("{ctx}: mode = {m:?} is not a mode; use \"cdp\" (or \"sync\", \"async\" once available)")),
+            };
+            check_host_port(&format!("{ctx}: target"), &g.target)?;
+            if g.volume.is_empty() {
+                return Err(format!("{ctx} has no volumes; add [[group.volume]] with name, vm and size"));
+            }
+            let mut volumes = Vec::new();
+            for v in g.volume {
+                check_name("volume", &v.name).map_err(|e| format!("{ctx}: {e}"))?;
+                check_name("vm", &v.vm).map_err(|e| format!("{ctx}: volume {:?}: {e}", v.name))?;
+                let Some(size) = v.size.as_deref() else {
+                    return Err(format!("{ctx}: volume {:?} has no size; give size = \"100GiB\"", v.name));
+                };
+                let size = parse_size(size).map_err(|e| format!("{ctx}: volume {:?}: size: {e}", v.name))?;
+                if size == 0 {
+                    return Err(format!("{ctx}: volume {:?} has size 0; give size = \"100GiB\"", v.name));
+                }
+                if let Some(other) = volume_owner.insert(v.name.clone(), g.name.clone()) {
+                    return Err(if other == g.name {
+                        format!("{ctx}: volume {:?} is listed twice; volume names must be unique", v.name)
+                    } else {
+                        format!("volume {:?} is in group {other:?} and group {:?}; a volume belongs to one group", v.name, g.name)
+                    });
+                }
+                volumes.push(VolumeConfig { name: v.name, vm: v.vm, size });
+            }
+            groups.push(GroupConfig { name: g.name, mode, target: g.target, volumes });
+        }
+        Ok(EngineConfig { listen, data_dir: raw.engine.data_dir, segment_size, groups })
+    }
+}
+
+// ---------------------------------------------------------------- target
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetFile {
+    target: TargetSection,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetSection {
+    listen: String,
+    data_dir: PathBuf,
+    retention: Option<String>,
+    journal_size: Option<String>,
+    segment_size: Option<String>,
+}
+
+/// A validated target configuration.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    /// Where engines connect.
+    pub listen: SocketAddr,
+    /// Where journals and replicas live.
+    pub data_dir: PathBuf,
+    /// Keep every point in time at least this far back (when `journal_size` allows).
+    pub retention: Option<Duration>,
+    /// Keep at most this many bytes of journal per group.
+    pub journal_size: Option<u64>,
+    /// Journal segment size.
+    pub segment_size: u64,
+}
+
+/// Retention applied when a target config names neither `retention` nor `journal_size`.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+impl TargetConfig {
+    /// Reads and validates a target configuration file.
+    pub fn load(path: &Path) -> Result<TargetConfig, ConfigError> {
+        let raw: TargetFile = read_toml(path)?;
+        Self::validate(raw.target).map_err(|message| ConfigError { file: path.to_owned(), message })
+    }
+
+    fn validate(t: TargetSection) -> Result<TargetConfig, String> {
+        let listen = parse_socket_addr("target.listen", &t.listen)?;
+        let retention = t.retention.as_deref().map(parse_duration).transpose().map_err(|e| format!("target.retention: {e}"))?;
+        let journal_size = t.journal_size.as_deref().map(parse_size).transpose().map_err(|e| format!("target.journal_size: {e}"))?;
+        let segment_size = match &t.segment_size {
+            Some(s) => parse_size(s).map_err(|e| format!("target.segment_size: {e}"))?,
+            None => crate::journal::DEFAULT_SEGMENT_SIZE,
+        };
+        if segment_size < (1 << 20) {
+            return Err("target.segment_size must be at least \"1MiB\"".into());
+        }
+        if let Some(js) = journal_size {
+            if js < 2 * segment_size {
+                return Err(format!("target.journal_size must be at least two segments ({} bytes); give e.g. journal_size = \"20GiB\"", 2 * segment_size));
+            }
+        }
+        let retention = match (retention, journal_size) {
+            (None, None) => Some(DEFAULT_RETENTION),
+            (r, _) => r,
+        };
+        Ok(TargetConfig { listen, data_dir: t.data_dir, retention, journal_size, segment_size })
+    }
+}
+
+// ---------------------------------------------------------------- agent
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentFile {
+    agent: AgentSection,
+    #[serde(default)]
+    disk: Vec<DiskSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentSection {
+    engine: String,
+    vm: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskSection {
+    group: String,
+    volume: String,
+    path: PathBuf,
+    listen: String,
+}
+
+/// A validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Engine address, host:port.
+    pub engine: String,
+    /// This VM's name.
+    pub vm: String,
+    /// The disks the agent serves.
+    pub disks: Vec<DiskConfig>,
+}
+
+/// One disk the agent serves.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    /// Consistency group.
+    pub group: String,
+    /// Volume name (also the NBD export name).
+    pub volume: String,
+    /// The local disk: a block device or a file.
+    pub path: PathBuf,
+    /// Where the front end listens: `unix:/path` or `tcp:127.0.0.1:10809`.
+    pub listen: String,
+}
+
+impl AgentConfig {
+    /// Reads and validates an agent configuration file.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let raw: AgentFile = read_toml(path)?;
+        Self::validate(raw).map_err(|message| ConfigError { file: path.to_owned(), message })
+    }
+
+    fn validate(raw: AgentFile) -> Result<AgentConfig, String> {
+        check_host_port("agent.engine", &raw.agent.engine)?;
+        check_name("vm", &raw.agent.vm).map_err(|e| format!("agent.vm: {e}"))?;
+        if raw.disk.is_empty() {
+            return Err("no [[disk]] is configured; add one with group, volume, path and listen".into());
+        }
+        let mut seen = HashSet::new();
+        let mut disks = Vec::new();
+        for d in raw.disk {
+            check_name("group", &d.group).map_err(|e| format!("disk {:?}: {e}", d.volume))?;
+            check_name("volume", &d.volume).map_err(|e| format!("disk: {e}"))?;
+            if !seen.insert(d.volume.clone()) {
+                return Err(format!("disk {:?} is listed twice; each volume is served once", d.volume));
+            }
+            let l = d.listen.as_str();
+            let listen_ok = match l.split_once(':') {
+                Some(("unix", p)) => p.starts_with('/'),
+                Some(("tcp", a)) => check_host_port("listen", a).is_ok(),
+                _ => false,
+            };
+            if !listen_ok {
+                return Err(format!(
+                    "disk {:?}: listen = {l:?} is not valid; write \"unix:/run/hindsight/{}.sock\" or \"tcp:127.0.0.1:10809\"",
+                    d.volume, d.volume
+                ));
+            }
+            disks.push(DiskConfig { group: d.group, volume: d.volume, path: d.path, listen: d.listen });
+        }
+        Ok(AgentConfig { engine: raw.agent.engine, vm: raw.agent.vm, disks })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ENGINE: &str = r#"
+[engine]
+listen = "127.0.0.1:7400"
+data_dir = "/var/lib/hindsight/engine"
+[[group]]
+name = "erp"
+mode = "cdp"
+target = "127.0.0.1:7500"
+[[group.volume]]
+name = "db-data"
+vm = "erp-db"
+size = "1GiB"
+"#;
+
+    fn engine(text: &str) -> Result<EngineConfig, String> {
+        EngineConfig::from_str(Path::new("engine.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn example_engine_config_parses() {
+        let c = engine(ENGINE).unwrap();
+        assert_eq!(c.groups[0].volumes[0], VolumeConfig { name: "db-data".into(), vm: "erp-db".into(), size: 1 << 30 });
+        assert_eq!(c.groups[0].mode, ReplicationMode::Cdp);
+    }
+
+    #[test]
+    fn unknown_key_names_the_key() {
+        let e = engine(&ENGINE.replace("mode = \"cdp\"", "mode = \"cdp\"\ncolour = 1")).unwrap_err();
+        assert!(e.starts_with("engine.toml:") && e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn missing_and_zero_sizes_say_what_to_write() {
+        let e = engine(&ENGINE.replace("size = \"1GiB\"", "")).unwrap_err();
+        assert!(e.contains("no size") && e.contains("size = \"100GiB\""), "{e}");
+        let e = engine(&ENGINE.replace("\"1GiB\"", "\"0\"")).unwrap_err();
+        assert_eq!(e, "engine.toml: group \"erp\": volume \"db-data\" has size 0; give size = \"100GiB\"");
+    }
+
+    #[test]
+    fn duplicate_volume_and_bad_address_are_refused() {
+        let dup = format!("{ENGINE}[[group.volume]]\nname = \"db-data\"\nvm = \"x\"\nsize = \"1G\"\n");
+        assert!(engine(&dup).unwrap_err().contains("listed twice"));
+        let e = engine(&ENGINE.replace("127.0.0.1:7400", "localhost")).unwrap_err();
+        assert!(e.contains("engine.listen") && e.contains("not an address"), "{e}");
+        let e = engine(&ENGINE.replace("\"127.0.0.1:7500\"", "\"nowhere\"")).unwrap_err();
+        assert!(e.contains("target") && e.contains("host:port"), "{e}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("20GiB").unwrap(), 20 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("1GB").unwrap(), 1_000_000_000);
+        assert!(parse_size("1 XB").is_err());
+        assert!(parse_size("-1G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert!(parse_duration("soon").is_err());
+    }
+}

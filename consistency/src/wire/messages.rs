@@ -1,0 +1,245 @@
+//! Message bodies. Handshake and error messages are postcard-encoded structs; the data path
+//! (`Write`, `WriteAck`, `Confirm`) is hand-encoded little-endian.
+//!
+//! ```text
+//! Write:    { req_id:u64 | offset:u64 | length:u32 | disk:u16 | kind:u8 | flags:u8 | data }
+//! WriteAck: { req_id:u64 | seq:u64 | status:u32 | reserved:u32 }
+//! Confirm:  { durable_seq:u64 }
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use super::frame::FrameError;
+use crate::record::{read_u32, read_u64, Seq, WriteKind, MAX_WRITE_LEN};
+
+/// Agent → engine: who the agent is and which disks it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentHello {
+    /// Protocol version of the agent.
+    pub protocol: u16,
+    /// The VM the agent runs in.
+    pub vm: String,
+    /// The disks; a disk's index here is its number in `Write`.
+    pub disks: Vec<DiskHello>,
+}
+
+/// One disk of an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskHello {
+    /// Consistency group.
+    pub group: String,
+    /// Volume name in the group.
+    pub volume: String,
+    /// Size of the local disk in bytes.
+    pub size: u64,
+}
+
+/// Engine → agent: accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentWelcome {
+    /// Protocol version of the engine.
+    pub protocol: u16,
+    /// The engine's name (its listen address) for logs.
+    pub engine: String,
+}
+
+/// Either direction: a fatal error; the sender closes after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorMessage {
+    /// What went wrong and what to do.
+    pub message: String,
+}
+
+/// Engine → target: opens the shipping session of one group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetHello {
+    /// Protocol version of the engine.
+    pub protocol: u16,
+    /// The engine's name.
+    pub engine: String,
+    /// The group shipped on this connection.
+    pub group: String,
+    /// The group's volumes.
+    pub volumes: Vec<VolumeInfo>,
+}
+
+/// A volume of a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    /// Volume name.
+    pub name: String,
+    /// VM the volume belongs to.
+    pub vm: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Target → engine: where to resume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetWelcome {
+    /// Protocol version of the target.
+    pub protocol: u16,
+    /// Last sequence number durable in the target's journal (0: none).
+    pub durable_seq: Seq,
+}
+
+/// Encodes a postcard message.
+pub fn encode_message<T: Serialize>(msg: &T) -> Vec<u8> {
+    postcard::to_stdvec(msg).expect("postcard encoding of an in-memory message cannot fail")
+}
+
+/// Decodes a postcard message; `what` names it in errors.
+pub fn decode_message<'a, T: Deserialize<'a>>(what: &'static str, payload: &'a [u8]) -> Result<T, FrameError> {
+    postcard::from_bytes(payload).map_err(|e| FrameError::BadMessage { what, reason: e.to_string() })
+}
+
+/// Fixed part of a `Write` message.
+pub const WRITE_HEADER_LEN: usize = 24;
+
+/// The fixed fields of a `Write` message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteMsg {
+    /// Agent-chosen id echoed in the ack.
+    pub req_id: u64,
+    /// Byte offset in the volume.
+    pub offset: u64,
+    /// Bytes covered.
+    pub length: u32,
+    /// Index of the disk in the agent's hello.
+    pub disk: u16,
+    /// What the write does.
+    pub kind: WriteKind,
+}
+
+impl WriteMsg {
+    /// Encodes the fixed part.
+    pub fn encode_header(&self) -> [u8; WRITE_HEADER_LEN] {
+        let mut b = [0u8; WRITE_HEADER_LEN];
+        b[0..8].copy_from_slice(&self.req_id.to_le_bytes());
+        b[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        b[16..20].copy_from_slice(&self.length.to_le_bytes());
+        b[20..22].copy_from_slice(&self.disk.to_le_bytes());
+        b[22] = self.kind.code();
+        b[23] = 0;
+        b
+    }
+
+    /// Decodes a whole `Write` payload: the fixed part and the data that follows it.
+    pub fn decode(payload: &[u8]) -> Result<(WriteMsg, &[u8]), FrameError> {
+        let bad = |reason: &str| FrameError::BadMessage { what: "Write", reason: reason.to_owned() };
+        if payload.len() < WRITE_HEADER_LEN {
+            return Err(bad("shorter than its header"));
+        }
+        let kind = WriteKind::from_code(payload[22]).ok_or_else(|| bad("unknown kind"))?;
+        if payload[23] != 0 {
+            return Err(bad("unknown flags"));
+        }
+        let msg = WriteMsg {
+            req_id: read_u64(payload, 0),
+            offset: read_u64(payload, 8),
+            length: read_u32(payload, 16),
+            disk: u16::from_le_bytes([payload[20], payload[21]]),
+            kind,
+        };
+        if msg.length == 0 || msg.length > MAX_WRITE_LEN {
+            return Err(bad("length out of range"));
+        }
+        let data = &payload[WRITE_HEADER_LEN..];
+        let want = if kind == WriteKind::Data { msg.length as usize } else { 0 };
+        if data.len() != want {
+            return Err(bad("data length does not match kind and length"));
+        }
+        Ok((msg, data))
+    }
+}
+
+/// Size of a `WriteAck` message.
+pub const WRITE_ACK_LEN: usize = 24;
+
+/// The engine's answer to one write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteAck {
+    /// The write's id.
+    pub req_id: u64,
+    /// Its group sequence number (0 on error).
+    pub seq: Seq,
+    /// 0 for success, else an errno value.
+    pub status: u32,
+}
+
+impl WriteAck {
+    /// Encodes the message.
+    pub fn encode(&self) -> [u8; WRITE_ACK_LEN] {
+        let mut b = [0u8; WRITE_ACK_LEN];
+        b[0..8].copy_from_slice(&self.req_id.to_le_bytes());
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b[16..20].copy_from_slice(&self.status.to_le_bytes());
+        b
+    }
+
+    /// Decodes the message.
+    pub fn decode(p: &[u8]) -> Result<WriteAck, FrameError> {
+        if p.len() != WRITE_ACK_LEN {
+            return Err(FrameError::BadMessage { what: "WriteAck", reason: format!("length {} != {WRITE_ACK_LEN}", p.len()) });
+        }
+        Ok(WriteAck { req_id: read_u64(p, 0), seq: read_u64(p, 8), status: read_u32(p, 16) })
+    }
+}
+
+/// Encodes a `Confirm` message.
+pub fn encode_confirm(durable_seq: Seq) -> [u8; 8] {
+    durable_seq.to_le_bytes()
+}
+
+/// Decodes a `Confirm` message.
+pub fn decode_confirm(p: &[u8]) -> Result<Seq, FrameError> {
+    if p.len() != 8 {
+        return Err(FrameError::BadMessage { what: "Confirm", reason: format!("length {} != 8", p.len()) });
+    }
+    Ok(read_u64(p, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_round_trip_and_truncations() {
+        let m = WriteMsg { req_id: 9, offset: 4096, length: 8, disk: 2, kind: WriteKind::Data };
+        let mut p = m.encode_header().to_vec();
+        p.extend_from_slice(b"abcdefgh");
+        let (got, data) = WriteMsg::decode(&p).unwrap();
+        assert_eq!(got, m);
+        assert_eq!(data, b"abcdefgh");
+        for cut in 0..p.len() {
+            assert!(WriteMsg::decode(&p[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn write_zeroes_must_carry_no_data() {
+        let m = WriteMsg { req_id: 1, offset: 0, length: 4096, disk: 0, kind: WriteKind::Zeroes };
+        let mut p = m.encode_header().to_vec();
+        assert!(WriteMsg::decode(&p).is_ok());
+        p.push(0);
+        assert!(WriteMsg::decode(&p).is_err());
+    }
+
+    #[test]
+    fn ack_and_confirm_round_trip() {
+        let a = WriteAck { req_id: 77, seq: 12345, status: 0 };
+        assert_eq!(WriteAck::decode(&a.encode()).unwrap(), a);
+        assert!(WriteAck::decode(&a.encode()[..23]).is_err());
+        assert_eq!(decode_confirm(&encode_confirm(99)).unwrap(), 99);
+        assert!(decode_confirm(&[1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn hello_round_trip_and_garbage() {
+        let h = AgentHello { protocol: 1, vm: "erp-db".into(), disks: vec![DiskHello { group: "erp".into(), volume: "db".into(), size: 1 << 30 }] };
+        let b = encode_message(&h);
+        assert_eq!(decode_message::<AgentHello>("AgentHello", &b).unwrap(), h);
+        assert!(decode_message::<AgentHello>("AgentHello", &b[..b.len() - 1]).is_err());
+        assert!(decode_message::<AgentHello>("AgentHello", &[0xff; 3]).is_err());
+    }
+}

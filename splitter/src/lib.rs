@@ -1,0 +1,3 @@
+pub mod block;
+pub mod nbd;
+pub mod nbd_file;

@@ -1,0 +1,35 @@
+//! The NBD front end: serves [`BlockDevice`](crate::block::BlockDevice)s to NBD clients
+//! (qemu, the Linux kernel's nbd driver through nbd-client, libnbd tools, fio).
+//!
+//! Core types: [`NbdServer`] (a listener, given as a [`Listen`], and named exports), started
+//! with [`NbdServer::spawn`] into a [`ServerHandle`] or run in the foreground with
+//! [`NbdServer::run`]. Errors are [`NbdError`].
+//!
+//! How a client write flows through the front end:
+//!
+//! 1. The accept loop hands the new socket to a thread of its own.
+//! 2. `handshake` runs fixed newstyle negotiation; the client picks an export with
+//!    `NBD_OPT_GO` (or `NBD_OPT_EXPORT_NAME`) and learns its size, flags and block sizes.
+//! 3. `connection` reads each 28-byte request header, parsed by [`proto::decode`], then the
+//!    payload of a WRITE (at most 32 MiB, the advertised maximum).
+//! 4. The request is checked against the export size and submitted to the device with a
+//!    completion; the thread goes on to the next request without waiting.
+//! 5. When the device completes the write (on any thread) the completion sends the simple
+//!    reply, built by [`proto::encode`], through the connection's one writer.
+//! 6. A FLUSH waits for this connection's writes in flight, then flushes the device; a DISC
+//!    waits for them and closes.
+//!
+//! The protocol module [`proto`] does no I/O; the handshake and transmission modules do the
+//! socket work around it.
+
+mod connection;
+mod error;
+mod handshake;
+pub mod proto;
+mod server;
+mod stream;
+
+pub use error::NbdError;
+pub use server::{
+    Listen, NbdServer, ServerHandle, HANDSHAKE_TIMEOUT, REPLY_WRITE_TIMEOUT, SHUTDOWN_GRACE,
+};
