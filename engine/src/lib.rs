@@ -1,1 +1,112 @@
-//! placeholder
+//! The Hindsight replication engine.
+//!
+//! Agents connect over TCP and send every write of their disks ([`agents`]). Each write is
+//! routed to its consistency group ([`group`]), whose single journal thread numbers it with
+//! the group's next sequence number, timestamps it, appends it to the group's journal and,
+//! after the group commit's fdatasync, acknowledges it to the agent (`cdp` mode). A shipper
+//! per group ([`shipper`]) reads the journal in order and sends it to the target, resuming
+//! where the target's journal ends; confirmed segments are deleted from the engine's journal.
+//!
+//! ```text
+//! agent ──Write──▶ session reader ──▶ group channel ──▶ journal thread (seq, time, append,
+//!   ▲                                                       commit = one fdatasync)
+//!   └──WriteAck── ack writer ◀──────────────────────────────────┘
+//!                                     journal files ──▶ shipper ──Records──▶ target
+//!                                                         ▲                    │
+//!                                     confirmed seq ◀─────┴──────Confirm───────┘
+//! ```
+
+pub mod agents;
+pub mod error;
+pub mod group;
+pub mod shipper;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use hindsight_consistency::config::EngineConfig;
+use hindsight_consistency::journal::{Journal, JournalOptions};
+use hindsight_consistency::storage::StdStorage;
+
+pub use error::EngineError;
+
+/// A running engine.
+pub struct EngineHandle {
+    local_addr: SocketAddr,
+    registry: Arc<agents::Registry>,
+}
+
+impl EngineHandle {
+    /// The address agents connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops shipping and journaling (agent sessions end when their sockets close).
+    pub fn shutdown(self) {
+        for g in self.registry.groups.values() {
+            g.shared.stopping.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Opens every group's journal, starts the journal threads and shippers, and accepts agents in
+/// a background thread.
+pub fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
+    let fs = StdStorage::shared();
+    let engine_name = format!("engine@{}", config.listen);
+    let mut groups = HashMap::new();
+    for g in &config.groups {
+        let dir = config.data_dir.join("groups").join(&g.name).join("journal");
+        let journal = Journal::open(fs.clone(), &dir, JournalOptions { segment_size: config.segment_size })
+            .map_err(|source| EngineError::OpenJournal { group: g.name.clone(), source })?;
+        log::info!(
+            "group {} ({}, {} volumes): journal at {} holds seq {}..={}",
+            g.name,
+            g.mode.as_str(),
+            g.volumes.len(),
+            dir.display(),
+            journal.first_seq(),
+            journal.durable_seq()
+        );
+        let (handle, _join) = group::start(g.clone(), journal).map_err(|source| EngineError::Spawn { what: format!("journal-{}", g.name), source })?;
+        let shipper = shipper::Shipper { group: handle.clone(), journal_dir: dir, fs: fs.clone(), engine_name: engine_name.clone() };
+        std::thread::Builder::new()
+            .name(format!("ship-{}", g.name))
+            .spawn(move || shipper.run())
+            .map_err(|source| EngineError::Spawn { what: format!("ship-{}", g.name), source })?;
+        groups.insert(g.name.clone(), handle);
+    }
+    let listener = TcpListener::bind(config.listen).map_err(|source| EngineError::Bind { addr: config.listen, source })?;
+    let local_addr = listener.local_addr().map_err(|source| EngineError::Bind { addr: config.listen, source })?;
+    let registry = Arc::new(agents::Registry { groups, attached: Mutex::new(HashSet::new()), name: engine_name });
+    let reg = registry.clone();
+    std::thread::Builder::new()
+        .name("accept".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(s) => {
+                        let peer = s.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                        let reg = reg.clone();
+                        let _ = std::thread::Builder::new().name(format!("agent-{peer}")).spawn(move || agents::serve(s, peer, reg));
+                    }
+                    Err(e) => log::warn!("accepting an agent connection: {e}"),
+                }
+            }
+        })
+        .map_err(|source| EngineError::Spawn { what: "accept".into(), source })?;
+    log::info!("engine listening on {local_addr}");
+    Ok(EngineHandle { local_addr, registry })
+}
+
+/// Runs the engine until the process is killed. Every acknowledged write is durable in the
+/// journal, so stopping by signal loses nothing.
+pub fn run(config: EngineConfig) -> Result<(), EngineError> {
+    let _handle = start(config)?;
+    loop {
+        std::thread::park();
+    }
+}

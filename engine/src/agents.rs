@@ -1,0 +1,196 @@
+//! Agent sessions: the handshake, then one thread reading writes into the group journals and
+//! one thread writing acknowledgements back.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::Receiver;
+use hindsight_consistency::wire::{
+    decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, ErrorMessage, FrameError, FrameType, WriteAck, WriteMsg,
+    PROTOCOL_VERSION, WRITE_HEADER_LEN,
+};
+
+use crate::group::{GroupHandle, WriteRequest};
+
+/// errno for a write outside its volume.
+const EINVAL: u32 = 22;
+/// errno when the group cannot take writes.
+const EIO: u32 = 5;
+
+/// What every session needs: the groups and which volumes are attached right now.
+pub struct Registry {
+    /// Groups by name.
+    pub groups: HashMap<String, GroupHandle>,
+    /// Volumes currently served by a connected agent.
+    pub attached: Mutex<HashSet<String>>,
+    /// The engine's name for peers.
+    pub name: String,
+}
+
+/// One disk of a session, by its number in the hello.
+struct Disk {
+    group: GroupHandle,
+    volume: Arc<str>,
+    size: u64,
+}
+
+/// Runs one agent connection to its end.
+pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
+    let _ = stream.set_nodelay(true);
+    let mut reader = match stream.try_clone() {
+        Ok(s) => s,
+        Err(e) => return log::warn!("agent {peer}: {e}"),
+    };
+    let mut writer = stream;
+    let mut payload = Vec::new();
+    let mut scratch = Vec::new();
+    let hello: AgentHello = match read_frame(&mut reader, &mut payload) {
+        Ok(FrameType::AgentHello) => match decode_message("AgentHello", &payload) {
+            Ok(h) => h,
+            Err(e) => return refuse(&mut writer, peer, &e.to_string()),
+        },
+        Ok(other) => return refuse(&mut writer, peer, &format!("expected AgentHello, got {other:?}")),
+        Err(e) => return log::warn!("agent {peer}: handshake failed: {e}"),
+    };
+    let disks = match attach(&hello, &reg) {
+        Ok(d) => d,
+        Err(why) => return refuse(&mut writer, peer, &why),
+    };
+    let names: Vec<String> = disks.iter().map(|d| d.volume.to_string()).collect();
+    let welcome = encode_message(&AgentWelcome { protocol: PROTOCOL_VERSION, engine: reg.name.clone() });
+    if let Err(e) = write_frame(&mut writer, FrameType::AgentWelcome, &welcome, &mut scratch) {
+        detach(&reg, &names);
+        return log::warn!("agent {peer}: {e}");
+    }
+    log::info!("agent {peer} (vm {}) attached volumes {}", hello.vm, names.join(", "));
+
+    let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<WriteAck>();
+    let ack_thread = std::thread::Builder::new().name(format!("acks-{peer}")).spawn(move || ack_loop(writer, ack_rx, peer));
+    let end = read_loop(&mut reader, &disks, &ack_tx, &mut payload);
+    match end {
+        Ok(()) | Err(FrameError::Closed) => log::info!("agent {peer} (vm {}) disconnected", hello.vm),
+        Err(e) => log::warn!("agent {peer} (vm {}): connection closed: {e}", hello.vm),
+    }
+    drop(ack_tx);
+    drop(disks);
+    let _ = reader.shutdown(std::net::Shutdown::Both);
+    if let Ok(t) = ack_thread {
+        let _ = t.join();
+    }
+    detach(&reg, &names);
+}
+
+fn refuse(w: &mut TcpStream, peer: SocketAddr, why: &str) {
+    log::warn!("agent {peer} refused: {why}");
+    let msg = encode_message(&ErrorMessage { message: why.to_owned() });
+    let _ = write_frame(w, FrameType::Error, &msg, &mut Vec::new());
+}
+
+/// Checks every disk of the hello against the configuration and marks them attached.
+fn attach(hello: &AgentHello, reg: &Registry) -> Result<Vec<Disk>, String> {
+    if hello.protocol != PROTOCOL_VERSION {
+        return Err(format!("agent speaks protocol {}, this engine speaks {PROTOCOL_VERSION}; upgrade the older side", hello.protocol));
+    }
+    if hello.disks.is_empty() || hello.disks.len() > usize::from(u16::MAX) {
+        return Err("the agent offers no disks".into());
+    }
+    let mut disks = Vec::new();
+    for d in &hello.disks {
+        let Some(group) = reg.groups.get(&d.group) else {
+            let known: Vec<&str> = reg.groups.keys().map(String::as_str).collect();
+            return Err(format!("disk {:?}: group {:?} is not configured on the engine (groups: {})", d.volume, d.group, known.join(", ")));
+        };
+        let Some(vol) = group.config.volumes.iter().find(|v| v.name == d.volume) else {
+            return Err(format!("disk {:?}: group {:?} has no volume {:?}; add it to engine.toml or fix agent.toml", d.volume, d.group, d.volume));
+        };
+        if vol.vm != hello.vm {
+            return Err(format!("disk {:?}: volume belongs to vm {:?} in engine.toml, but this agent is vm {:?}", d.volume, vol.vm, hello.vm));
+        }
+        if vol.size != d.size {
+            return Err(format!(
+                "disk {:?}: the local disk has {} bytes but engine.toml says size = {} bytes; make them equal (nothing was replicated)",
+                d.volume, d.size, vol.size
+            ));
+        }
+        disks.push(Disk { group: group.clone(), volume: Arc::from(d.volume.as_str()), size: vol.size });
+    }
+    let mut attached = reg.attached.lock().expect("attached lock");
+    if let Some(busy) = disks.iter().find(|d| attached.contains(&*d.volume)) {
+        return Err(format!("volume {:?} is already attached by another agent", busy.volume));
+    }
+    for d in &disks {
+        attached.insert(d.volume.to_string());
+    }
+    Ok(disks)
+}
+
+fn detach(reg: &Registry, names: &[String]) {
+    let mut attached = reg.attached.lock().expect("attached lock");
+    for n in names {
+        attached.remove(n);
+    }
+}
+
+fn read_loop(
+    reader: &mut TcpStream,
+    disks: &[Disk],
+    ack_tx: &crossbeam_channel::Sender<WriteAck>,
+    payload: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    loop {
+        match read_frame(reader, payload)? {
+            FrameType::Write => {}
+            other => return Err(FrameError::Unexpected { got: other, expected: "Write" }),
+        }
+        let (msg, _) = WriteMsg::decode(payload)?;
+        let Some(disk) = disks.get(usize::from(msg.disk)) else {
+            log::warn!("write to unknown disk number {}", msg.disk);
+            let _ = ack_tx.send(WriteAck { req_id: msg.req_id, seq: 0, status: EINVAL });
+            continue;
+        };
+        if msg.offset.checked_add(u64::from(msg.length)).is_none_or(|end| end > disk.size) {
+            log::warn!("volume {}: write at {} length {} is past the end ({})", disk.volume, msg.offset, msg.length, disk.size);
+            let _ = ack_tx.send(WriteAck { req_id: msg.req_id, seq: 0, status: EINVAL });
+            continue;
+        }
+        if disk.group.shared.poisoned.load(Ordering::Relaxed) {
+            let _ = ack_tx.send(WriteAck { req_id: msg.req_id, seq: 0, status: EIO });
+            continue;
+        }
+        let req = WriteRequest {
+            req_id: msg.req_id,
+            volume: disk.volume.clone(),
+            kind: msg.kind,
+            offset: msg.offset,
+            length: msg.length,
+            payload: std::mem::take(payload),
+            data_at: WRITE_HEADER_LEN,
+            ack: ack_tx.clone(),
+        };
+        if disk.group.tx.send(req).is_err() {
+            return Err(FrameError::Peer("the engine is shutting down".into()));
+        }
+    }
+}
+
+/// Writes acknowledgements, batching whatever is queued into one socket write.
+fn ack_loop(mut w: TcpStream, rx: Receiver<WriteAck>, peer: SocketAddr) {
+    let mut buf = Vec::with_capacity(64 << 10);
+    let mut scratch = Vec::new();
+    while let Ok(first) = rx.recv() {
+        buf.clear();
+        for ack in std::iter::once(first).chain(rx.try_iter().take(1024)) {
+            if write_frame(&mut buf, FrameType::WriteAck, &ack.encode(), &mut scratch).is_err() {
+                return;
+            }
+        }
+        if let Err(e) = w.write_all(&buf) {
+            log::debug!("agent {peer}: cannot send acknowledgements: {e}");
+            let _ = w.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! One consistency group: its sequencer and journal, run by one thread.
+//!
+//! Writes of every agent of the group arrive on one channel. The journal thread takes what is
+//! queued, gives each write the next sequence number in arrival order and a timestamp,
+//! appends the batch to the journal and commits it with one fdatasync (group commit), and only
+//! then acknowledges each write to its agent. A write sent after another was acknowledged is
+//! therefore always queued after it and gets a later number: every prefix of the sequence is a
+//! crash-consistent image of all the group's volumes.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use hindsight_consistency::config::GroupConfig;
+use hindsight_consistency::journal::Journal;
+use hindsight_consistency::record::{RecordHeader, Seq, WriteKind};
+use hindsight_consistency::time::now_ns;
+use hindsight_consistency::wire::WriteAck;
+
+/// errno sent to an agent when the group cannot take writes.
+const EIO: u32 = 5;
+/// Most bytes put into one commit.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+/// How often an idle journal thread wakes to trim confirmed segments and check for shutdown.
+const IDLE_WAKE: Duration = Duration::from_millis(200);
+
+/// One write on its way into the journal.
+pub struct WriteRequest {
+    /// Agent's id for the write.
+    pub req_id: u64,
+    /// Volume name.
+    pub volume: Arc<str>,
+    /// What it does.
+    pub kind: WriteKind,
+    /// Byte offset.
+    pub offset: u64,
+    /// Bytes covered.
+    pub length: u32,
+    /// The frame payload holding the data at `data_at..` (moved, not copied, from the socket
+    /// buffer).
+    pub payload: Vec<u8>,
+    /// Where the data starts in `payload`.
+    pub data_at: usize,
+    /// Where the acknowledgement goes.
+    pub ack: Sender<WriteAck>,
+}
+
+/// What the shipper and the status of a group share with its journal thread.
+#[derive(Debug)]
+pub struct GroupShared {
+    /// Group name.
+    pub name: String,
+    /// Everything up to here is durable in the engine's journal.
+    durable: Mutex<Seq>,
+    durable_changed: Condvar,
+    /// Everything up to here is durable at the target.
+    pub confirmed: AtomicU64,
+    /// Set when the journal failed: the group takes no more writes.
+    pub poisoned: AtomicBool,
+    /// Set to stop the group's threads.
+    pub stopping: AtomicBool,
+}
+
+impl GroupShared {
+    fn new(name: &str, durable: Seq) -> GroupShared {
+        GroupShared {
+            name: name.to_owned(),
+            durable: Mutex::new(durable),
+            durable_changed: Condvar::new(),
+            confirmed: AtomicU64::new(0),
+            poisoned: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// The last durable sequence number.
+    pub fn durable(&self) -> Seq {
+        *self.durable.lock().expect("durable lock")
+    }
+
+    /// Waits until the durable sequence number exceeds `seen`, or `timeout` passes.
+    pub fn wait_durable_after(&self, seen: Seq, timeout: Duration) -> Seq {
+        let g = self.durable.lock().expect("durable lock");
+        let (g, _) = self.durable_changed.wait_timeout_while(g, timeout, |d| *d <= seen).expect("durable lock");
+        *g
+    }
+
+    fn publish_durable(&self, seq: Seq) {
+        *self.durable.lock().expect("durable lock") = seq;
+        self.durable_changed.notify_all();
+    }
+}
+
+/// A running group: the sender into its journal thread and the shared state.
+#[derive(Clone)]
+pub struct GroupHandle {
+    /// The configuration.
+    pub config: Arc<GroupConfig>,
+    /// Shared state.
+    pub shared: Arc<GroupShared>,
+    /// Into the journal thread.
+    pub tx: Sender<WriteRequest>,
+}
+
+/// Starts the journal thread of a group over an opened journal.
+pub fn start(config: GroupConfig, journal: Journal) -> std::io::Result<(GroupHandle, std::thread::JoinHandle<()>)> {
+    let shared = Arc::new(GroupShared::new(&config.name, journal.durable_seq()));
+    // Bounded: a stalled disk pushes back on the agents instead of growing memory.
+    let (tx, rx) = crossbeam_channel::bounded(4096);
+    let s = shared.clone();
+    let join = std::thread::Builder::new().name(format!("journal-{}", config.name)).spawn(move || journal_loop(journal, rx, s))?;
+    Ok((GroupHandle { config: Arc::new(config), shared, tx }, join))
+}
+
+fn journal_loop(mut journal: Journal, rx: Receiver<WriteRequest>, shared: Arc<GroupShared>) {
+    let mut batch: Vec<WriteRequest> = Vec::with_capacity(256);
+    let mut last_time = journal.last_time_ns();
+    let mut trimmed_through = 0;
+    loop {
+        let first = match rx.recv_timeout(IDLE_WAKE) {
+            Ok(w) => Some(w),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        if shared.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let confirmed = shared.confirmed.load(Ordering::Acquire);
+        if confirmed > trimmed_through {
+            match journal.trim_through(confirmed) {
+                Ok(n) if n > 0 => log::debug!("group {}: removed {n} journal segments confirmed by the target", shared.name),
+                Ok(_) => {}
+                Err(e) => log::warn!("group {}: cannot trim the journal: {e}", shared.name),
+            }
+            trimmed_through = confirmed;
+        }
+        let Some(first) = first else { continue };
+        let mut bytes = first.length as usize;
+        batch.push(first);
+        while bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(w) => {
+                    bytes += w.length as usize;
+                    batch.push(w);
+                }
+                Err(_) => break,
+            }
+        }
+        if shared.poisoned.load(Ordering::Relaxed) {
+            fail_all(&mut batch);
+            continue;
+        }
+        // Times never decrease along the sequence, even if the clock steps back, so that
+        // "every write received at or before T" is always a prefix.
+        let now = now_ns().max(last_time);
+        last_time = now;
+        let mut seqs = Vec::with_capacity(batch.len());
+        let mut result = Ok(());
+        for w in &batch {
+            let seq = journal.next_seq();
+            let h = RecordHeader { seq, time_ns: now, kind: w.kind, offset: w.offset, length: w.length };
+            if let Err(e) = journal.append(&h, &w.volume, &w.payload[w.data_at..]) {
+                result = Err(e);
+                break;
+            }
+            seqs.push(seq);
+        }
+        let result = result.and_then(|()| journal.commit());
+        match result {
+            Ok(durable) => {
+                shared.publish_durable(durable);
+                for (w, seq) in batch.drain(..).zip(seqs) {
+                    // A closed agent connection just drops its acks.
+                    let _ = w.ack.send(WriteAck { req_id: w.req_id, seq, status: 0 });
+                }
+            }
+            Err(e) => {
+                log::error!(
+                    "group {}: the journal failed and the group is stopped: {e}. Writes are refused until the cause is fixed and the engine restarted",
+                    shared.name
+                );
+                shared.poisoned.store(true, Ordering::Relaxed);
+                fail_all(&mut batch);
+            }
+        }
+    }
+}
+
+fn fail_all(batch: &mut Vec<WriteRequest>) {
+    for w in batch.drain(..) {
+        let _ = w.ack.send(WriteAck { req_id: w.req_id, seq: 0, status: EIO });
+    }
+}
