@@ -1,0 +1,60 @@
+# Shared shell helpers for scripts/demo.sh and scripts/bench.sh. Source it; it sets a trap that
+# stops every process it started (by PID) and undoes mounts, loop devices and FUSE mounts.
+
+HS_PIDS=()
+HS_UNDO=()
+
+hs_cleanup() {
+  local i
+  for ((i = ${#HS_UNDO[@]} - 1; i >= 0; i--)); do eval "${HS_UNDO[$i]}" >/dev/null 2>&1 || true; done
+  for p in "${HS_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${HS_PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null || true
+  done
+  HS_PIDS=()
+  HS_UNDO=()
+}
+trap hs_cleanup EXIT
+
+# hs_undo CMD: run CMD (a string) at cleanup, newest first.
+hs_undo() { HS_UNDO+=("$1"); }
+
+# hs_free_port: prints a TCP port nobody listens on.
+hs_free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# hs_spawn NAME LOGFILE CMD...: starts CMD in the background, remembers its PID in HS_PID.
+hs_spawn() {
+  local name=$1 log=$2; shift 2
+  "$@" >"$log" 2>&1 &
+  HS_PID=$!
+  HS_PIDS+=("$HS_PID")
+  echo "started $name (pid $HS_PID), log $log"
+}
+
+# hs_wait_tcp PORT [SECONDS]: waits until something listens on 127.0.0.1:PORT.
+hs_wait_tcp() {
+  local port=$1 secs=${2:-20} i
+  for ((i = 0; i < secs * 10; i++)); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on 127.0.0.1:$port after ${secs}s" >&2
+  return 1
+}
+
+# hs_wait_sock PATH [SECONDS]: waits for a unix socket to appear.
+hs_wait_sock() {
+  local path=$1 secs=${2:-20} i
+  for ((i = 0; i < secs * 10; i++)); do
+    [ -S "$path" ] && return 0
+    sleep 0.1
+  done
+  echo "socket $path did not appear after ${secs}s" >&2
+  return 1
+}
+
+# hs_json_field JSON KEY: prints a top-level field of a JSON object.
+hs_json_field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, checks formatting and lints, builds every
+# binary and runs every test (unit, codec, journal, NBD with real clients, system tests that
+# start target, engine and agents and drive them with qemu-io, qemu-img, nbdinfo, nbdcopy,
+# fio and nbdfuse + loop + ext4).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -q -- -D warnings
+echo "== cargo build"
+cargo build --workspace --bins -q
+echo "== cargo test"
+cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"
