@@ -1,0 +1,382 @@
+//! System-test harness: starts the real `hindsight target`, `hindsight engine` and one
+//! `hindsight-agent` per VM on 127.0.0.1 with file-backed disks in a temporary directory, and
+//! kills them by PID when dropped.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `hindsight` binary.
+pub fn hindsight_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hindsight"))
+}
+
+/// The `hindsight-agent` binary, built next to `hindsight` by `cargo build --workspace`.
+pub fn agent_bin() -> PathBuf {
+    let p = hindsight_bin().with_file_name("hindsight-agent");
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace --bins` before the tests", p.display());
+    p
+}
+
+/// True if every named tool is on PATH; otherwise prints why the test is skipped.
+pub fn have_tools(tools: &[&str]) -> bool {
+    for t in tools {
+        let found = Command::new("sh").arg("-c").arg(format!("command -v {t}")).stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+        if !found {
+            eprintln!("SKIPPED: {t} is not installed (scripts/install-deps.sh installs it)");
+            return false;
+        }
+    }
+    true
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Runs a command with a timeout; returns (status success, stdout, stderr).
+pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> (bool, String, String) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null()).spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    (status.success(), t_out.join().unwrap(), t_err.join().unwrap())
+}
+
+/// Runs a command that must succeed; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let desc = format!("{cmd:?}");
+    let (ok, out, err) = run_timeout(cmd, Duration::from_secs(300));
+    assert!(ok, "{desc} failed:\nstdout: {out}\nstderr: {err}");
+    out
+}
+
+/// A volume of the test cluster.
+#[derive(Clone, Debug)]
+pub struct Vol {
+    pub vm: String,
+    pub name: String,
+    pub size: u64,
+}
+
+impl Vol {
+    pub fn new(vm: &str, name: &str, size: u64) -> Vol {
+        Vol { vm: vm.into(), name: name.into(), size }
+    }
+}
+
+/// Target, engine and agents of one group, "erp", on 127.0.0.1.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub group: String,
+    pub vols: Vec<Vol>,
+    pub tport: u16,
+    pub eport: u16,
+    target: Option<Child>,
+    engine: Option<Child>,
+    agents: BTreeMap<String, Child>,
+    pub target_extra: String,
+}
+
+impl Cluster {
+    /// Starts everything and waits until every agent serves its volumes.
+    pub fn start(vols: &[Vol]) -> Cluster {
+        Self::start_with(vols, "")
+    }
+
+    /// Like `start`, with extra lines for the [target] section.
+    pub fn start_with(vols: &[Vol], target_extra: &str) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Cluster {
+            dir,
+            group: "erp".into(),
+            vols: vols.to_vec(),
+            tport: free_port(),
+            eport: free_port(),
+            target: None,
+            engine: None,
+            agents: BTreeMap::new(),
+            target_extra: target_extra.into(),
+        };
+        for v in vols {
+            let f = std::fs::File::create(c.disk(&v.name)).unwrap();
+            f.set_len(v.size).unwrap();
+        }
+        c.write_configs();
+        c.start_target();
+        c.start_engine();
+        let vms: Vec<String> = {
+            let mut v: Vec<String> = vols.iter().map(|v| v.vm.clone()).collect();
+            v.dedup();
+            v
+        };
+        for vm in vms {
+            c.start_agent(&vm);
+        }
+        c
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The agent's local disk of a volume.
+    pub fn disk(&self, volume: &str) -> PathBuf {
+        self.path(&format!("{volume}.disk"))
+    }
+
+    pub fn sock(&self, volume: &str) -> PathBuf {
+        self.path(&format!("{volume}.sock"))
+    }
+
+    /// NBD URI of a volume's export.
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd+unix:///{volume}?socket={}", self.sock(volume).display())
+    }
+
+    pub fn target_toml(&self) -> PathBuf {
+        self.path("target.toml")
+    }
+
+    fn write_configs(&self) {
+        let d = self.dir.path();
+        std::fs::write(
+            self.target_toml(),
+            format!("[target]\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n{}\n", self.tport, d.join("target").display(), self.target_extra),
+        )
+        .unwrap();
+        let mut e = format!(
+            "[engine]\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n\n[[group]]\nname = \"{}\"\nmode = \"cdp\"\ntarget = \"127.0.0.1:{}\"\n",
+            self.eport,
+            d.join("engine").display(),
+            self.group,
+            self.tport
+        );
+        for v in &self.vols {
+            e += &format!("\n[[group.volume]]\nname = \"{}\"\nvm = \"{}\"\nsize = \"{}\"\n", v.name, v.vm, v.size);
+        }
+        std::fs::write(self.path("engine.toml"), e).unwrap();
+        let mut vms: Vec<&str> = self.vols.iter().map(|v| v.vm.as_str()).collect();
+        vms.dedup();
+        for vm in vms {
+            let mut a = format!("[agent]\nengine = \"127.0.0.1:{}\"\nvm = \"{vm}\"\n", self.eport);
+            for v in self.vols.iter().filter(|v| v.vm == vm) {
+                a += &format!(
+                    "\n[[disk]]\ngroup = \"{}\"\nvolume = \"{}\"\npath = \"{}\"\nlisten = \"unix:{}\"\n",
+                    self.group,
+                    v.name,
+                    self.disk(&v.name).display(),
+                    self.sock(&v.name).display()
+                );
+            }
+            std::fs::write(self.path(&format!("agent-{vm}.toml")), a).unwrap();
+        }
+    }
+
+    fn spawn(&self, name: &str, cmd: &mut Command) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.path(&format!("{name}.log"))).unwrap();
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).env("RUST_LOG", "info").spawn().unwrap()
+    }
+
+    pub fn start_target(&mut self) {
+        let child = self.spawn("target", Command::new(hindsight_bin()).arg("target").arg("--config").arg(self.target_toml()));
+        self.target = Some(child);
+        wait_tcp(self.tport, "target");
+    }
+
+    pub fn start_engine(&mut self) {
+        let child = self.spawn("engine", Command::new(hindsight_bin()).arg("engine").arg("--config").arg(self.path("engine.toml")));
+        self.engine = Some(child);
+        wait_tcp(self.eport, "engine");
+    }
+
+    pub fn start_agent(&mut self, vm: &str) {
+        for v in self.vols.iter().filter(|v| v.vm == vm) {
+            let _ = std::fs::remove_file(self.sock(&v.name));
+        }
+        let child = self.spawn(&format!("agent-{vm}"), Command::new(agent_bin()).arg("--config").arg(self.path(&format!("agent-{vm}.toml"))));
+        self.agents.insert(vm.to_owned(), child);
+        for v in self.vols.iter().filter(|v| v.vm == vm) {
+            wait_path(&self.sock(&v.name), &format!("agent {vm}"));
+        }
+    }
+
+    /// kill -9 the target.
+    pub fn kill_target(&mut self) {
+        kill(self.target.take());
+    }
+
+    /// kill -9 the engine.
+    pub fn kill_engine(&mut self) {
+        kill(self.engine.take());
+    }
+
+    /// kill -9 an agent.
+    pub fn kill_agent(&mut self, vm: &str) {
+        kill(self.agents.remove(vm));
+    }
+
+    /// `hindsight history --json` of the group.
+    pub fn history(&self) -> serde_json::Value {
+        let out = run_ok(Command::new(hindsight_bin()).args(["history", "--json", "--group", &self.group, "--config"]).arg(self.target_toml()));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("history output is not JSON ({e}): {out}"))
+    }
+
+    /// Last sequence number the target holds (0 if the group is not there yet).
+    pub fn target_last_seq(&self) -> u64 {
+        if !self.path("target").join("groups").join(&self.group).exists() {
+            return 0;
+        }
+        self.history()["last_seq"].as_u64().expect("last_seq")
+    }
+
+    /// Waits until the target holds at least `seq`.
+    pub fn wait_target_seq(&self, seq: u64) {
+        let start = Instant::now();
+        loop {
+            let last = self.target_last_seq();
+            if last >= seq {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "target stuck at seq {last}, waiting for {seq}; logs in {}", self.dir.path().display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the target's last sequence number has not moved for a while (every write
+    /// the agents acknowledged is at the engine; this lets the shipper catch up). Returns it.
+    pub fn settle(&self) -> u64 {
+        let start = Instant::now();
+        let mut last = u64::MAX;
+        let mut same = 0;
+        loop {
+            let cur = self.target_last_seq();
+            if cur == last {
+                same += 1;
+                if same >= 4 {
+                    return cur;
+                }
+            } else {
+                same = 0;
+                last = cur;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "target never settled");
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    }
+
+    /// Recovers a volume at a point (`["--seq", "5"]`, `["--latest"]`, ...) and returns the
+    /// image bytes.
+    pub fn recover(&self, volume: &str, point: &[&str]) -> Vec<u8> {
+        let out = self.path(&format!("recovered-{volume}.img"));
+        let _ = std::fs::remove_file(&out);
+        run_ok(
+            Command::new(hindsight_bin())
+                .args(["recover", "--group", &self.group, "--volume", volume, "--config"])
+                .arg(self.target_toml())
+                .args(point)
+                .arg("--out")
+                .arg(&out),
+        );
+        let bytes = std::fs::read(&out).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        bytes
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, a) in std::mem::take(&mut self.agents) {
+            kill(Some(a));
+        }
+        kill(self.engine.take());
+        kill(self.target.take());
+        if std::thread::panicking() {
+            // Keep the logs of a failed test.
+            let keep = self.dir.path().to_owned();
+            eprintln!("test files and logs kept in {}", keep.display());
+            let d = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+            let _ = d.keep();
+        }
+    }
+}
+
+fn kill(child: Option<Child>) {
+    if let Some(mut c) = child {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Waits until 127.0.0.1:port accepts connections.
+pub fn wait_tcp(port: u16, what: &str) {
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(30), "{what} does not listen on 127.0.0.1:{port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until a path exists.
+pub fn wait_path(p: &Path, what: &str) {
+    let start = Instant::now();
+    while !p.exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "{what}: {} did not appear", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A model of a volume: what every acknowledged write made of it.
+#[derive(Clone)]
+pub struct Model {
+    pub bytes: Vec<u8>,
+}
+
+impl Model {
+    pub fn new(size: u64) -> Model {
+        Model { bytes: vec![0; usize::try_from(size).unwrap()] }
+    }
+
+    pub fn fill(&mut self, off: u64, len: u64, byte: u8) {
+        let (o, l) = (usize::try_from(off).unwrap(), usize::try_from(len).unwrap());
+        self.bytes[o..o + l].fill(byte);
+    }
+}
+
+/// Describes where two images differ first, for assertion messages.
+pub fn first_difference(a: &[u8], b: &[u8]) -> String {
+    if a.len() != b.len() {
+        return format!("lengths differ: {} vs {}", a.len(), b.len());
+    }
+    match a.iter().zip(b).position(|(x, y)| x != y) {
+        Some(i) => format!("first difference at byte {i}: {:#04x} vs {:#04x}", a[i], b[i]),
+        None => "equal".into(),
+    }
+}
