@@ -3,6 +3,8 @@
 //! by sequence number and by time, each equal to the model byte for byte; the latest point
 //! equals the source disk.
 
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+
 mod common;
 
 use std::process::Command;
@@ -112,7 +114,11 @@ fn random_points_by_seq_and_time_equal_the_model() {
     for (k, t) in batch_times {
         let ts = format_rfc3339(t);
         let img = c.recover("disk1", &["--time", &ts]);
-        assert!(img == states[k], "time {ts} (after {k} operations): recovered image differs from the model: {}", first_difference(&img, &states[k]));
+        assert!(
+            img == states[k],
+            "time {ts} (after {k} operations): recovered image differs from the model: {}",
+            first_difference(&img, &states[k])
+        );
     }
 }
 

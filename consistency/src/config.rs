@@ -98,8 +98,8 @@ fn parse_socket_addr(key: &str, s: &str) -> Result<SocketAddr, String> {
 }
 
 fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError { file: path.to_owned(), message: format!("cannot read the file: {e}") })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ConfigError { file: path.to_owned(), message: format!("cannot read the file: {e}") })?;
     toml::from_str(&text).map_err(|e| ConfigError { file: path.to_owned(), message: e.to_string().trim_end().replace('\n', "\n  ") })
 }
 
@@ -213,9 +213,7 @@ impl EngineConfig {
             let ctx = format!("group {:?}", g.name);
             let mode = match g.mode.as_deref().unwrap_or("cdp") {
                 "cdp" => ReplicationMode::Cdp,
-                m @ ("sync" | "async") => {
-                    return Err(format!("{ctx}: mode = {m:?} is not available in this version; use mode = \"cdp\""))
-                }
+                m @ ("sync" | "async") => return Err(format!("{ctx}: mode = {m:?} is not available in this version; use mode = \"cdp\"")),
                 m => return Err(format!("{ctx}: mode = {m:?} is not a mode; use \"cdp\" (or \"sync\", \"async\" once available)")),
             };
             check_host_port(&format!("{ctx}: target"), &g.target)?;
@@ -304,7 +302,10 @@ impl TargetConfig {
         }
         if let Some(js) = journal_size {
             if js < 2 * segment_size {
-                return Err(format!("target.journal_size must be at least two segments ({} bytes); give e.g. journal_size = \"20GiB\"", 2 * segment_size));
+                return Err(format!(
+                    "target.journal_size must be at least two segments ({} bytes); give e.g. journal_size = \"20GiB\"",
+                    2 * segment_size
+                ));
             }
         }
         let retention = match (retention, journal_size) {

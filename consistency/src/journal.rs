@@ -22,7 +22,9 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::record::{decode_record, encode_record, read_u32, read_u64, record_len_from_header, DecodeError, RecordHeader, RecordRef, Seq, RECORD_HEADER_LEN};
+use crate::record::{
+    decode_record, encode_record, read_u32, read_u64, record_len_from_header, DecodeError, RecordHeader, RecordRef, Seq, RECORD_HEADER_LEN,
+};
 use crate::storage::{OpenMode, Storage, StorageFile};
 
 /// Magic bytes opening every segment.
@@ -202,9 +204,7 @@ impl Journal {
             let n = read_fully(f.as_ref(), &mut h, 0).map_err(io_err(&path, "read segment header"))?;
             match decode_segment_header(&h[..n]) {
                 Ok(s) if s == first => break,
-                Ok(_) => {
-                    return Err(JournalError::Corrupt { path, offset: 16, reason: "first_seq does not match the file name".into() })
-                }
+                Ok(_) => return Err(JournalError::Corrupt { path, offset: 16, reason: "first_seq does not match the file name".into() }),
                 Err(why) => {
                     let len = f.len().map_err(io_err(&path, "stat segment"))?;
                     if len > SEGMENT_HEADER_LEN as u64 {
@@ -458,7 +458,13 @@ const READ_CHUNK: usize = 1 << 20;
 
 impl SegmentCursor {
     fn new(first_seq: Seq) -> SegmentCursor {
-        SegmentCursor { buf: Vec::new(), buf_off: SEGMENT_HEADER_LEN as u64, pos: SEGMENT_HEADER_LEN as u64, next_seq: first_seq, last_len: 0 }
+        SegmentCursor {
+            buf: Vec::new(),
+            buf_off: SEGMENT_HEADER_LEN as u64,
+            pos: SEGMENT_HEADER_LEN as u64,
+            next_seq: first_seq,
+            last_len: 0,
+        }
     }
 
     /// Makes at least `n` bytes from `pos` available in the buffer if the file has them.
@@ -589,6 +595,7 @@ impl JournalReader {
     }
 
     /// The next record, or `None` when nothing more is written yet.
+    #[allow(clippy::should_implement_trait)] // lending: the record borrows the reader's buffer
     pub fn next(&mut self) -> Result<Option<RecordRef<'_>>, JournalError> {
         Ok(self.next_raw()?.map(|(r, _)| r))
     }
@@ -630,4 +637,3 @@ impl JournalReader {
         }
     }
 }
-

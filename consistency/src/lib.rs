@@ -7,12 +7,15 @@
 //! (group commit), is shipped verbatim in a `Records` frame to the target, and lands in the
 //! target's journal, from which replicas and any point in time are built.
 //!
-//! - [`record`]: write records and their encoding (docs/journal-format.md)
-//! - [`journal`]: segmented journal: group-commit writer, torn-tail recovery, tailing reader
-//! - [`wire`]: frames and messages (docs/wire-protocol.md)
-//! - [`storage`]: the file-system trait all journal and replica I/O goes through
-//! - [`config`]: engine, target and agent configuration
-//! - [`time`]: timestamps
+//! - [`record`] — write records and their encoding (docs/journal-format.md)
+//! - [`journal`] — segmented journal: group-commit writer, torn-tail recovery, tailing reader
+//! - [`wire`] — frames and messages (docs/wire-protocol.md)
+//! - [`storage`] — the file-system trait all journal and replica I/O goes through
+//! - [`config`] — engine, target and agent configuration
+//! - [`time`] — timestamps
+
+// Casts in tests build fixtures from small literals.
+#![cfg_attr(test, allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap))]
 
 pub mod config;
 pub mod journal;

@@ -257,13 +257,8 @@ pub fn decode_record(buf: &[u8]) -> Result<(RecordRef<'_>, usize), DecodeError> 
     let volume = std::str::from_utf8(&buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + name_len])
         .map_err(|_| DecodeError::Corrupt("volume name is not UTF-8"))?;
     let kind = WriteKind::from_code(buf[5]).ok_or(DecodeError::Corrupt("unknown record kind"))?;
-    let header = RecordHeader {
-        seq: read_u64(buf, 16),
-        time_ns: read_u64(buf, 24),
-        kind,
-        offset: read_u64(buf, 32),
-        length: read_u32(buf, 12),
-    };
+    let header =
+        RecordHeader { seq: read_u64(buf, 16), time_ns: read_u64(buf, 24), kind, offset: read_u64(buf, 32), length: read_u32(buf, 12) };
     if header.seq == 0 {
         return Err(DecodeError::Corrupt("record sequence number 0"));
     }

@@ -33,6 +33,10 @@ pub trait StorageFile: Send + Sync {
     fn sync_data(&self) -> io::Result<()>;
     /// Current length in bytes.
     fn len(&self) -> io::Result<u64>;
+    /// True when the file holds no bytes.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
     /// Truncates or extends (sparse) to `len`.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes a range read back as zeroes, freeing space where the file system can.
@@ -123,12 +127,12 @@ pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
         return Ok(());
     }
     const CHUNK: u64 = 1 << 20;
-    let zeroes = vec![0u8; CHUNK.min(len) as usize];
+    let zeroes = vec![0u8; 1 << 20];
     let mut done = 0;
     while done < len {
-        let n = CHUNK.min(len - done) as usize;
-        file.write_all_at(&zeroes[..n], offset + done)?;
-        done += n as u64;
+        let n = CHUNK.min(len - done);
+        file.write_all_at(&zeroes[..usize::try_from(n).expect("at most 1 MiB")], offset + done)?;
+        done += n;
     }
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Journal behaviour on a real directory: append and read back, segment rolling, torn tails,
 //! trimming, and a reader following the writer.
 
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+
 use std::path::Path;
 use std::sync::Arc;
 

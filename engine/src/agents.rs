@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::Receiver;
 use hindsight_consistency::wire::{
-    decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, ErrorMessage, FrameError, FrameType, WriteAck, WriteMsg,
-    PROTOCOL_VERSION, WRITE_HEADER_LEN,
+    decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, ErrorMessage, FrameError, FrameType, WriteAck,
+    WriteMsg, PROTOCOL_VERSION, WRITE_HEADER_LEN,
 };
 
 use crate::group::{GroupHandle, WriteRequest};
@@ -104,10 +104,16 @@ fn attach(hello: &AgentHello, reg: &Registry) -> Result<Vec<Disk>, String> {
             return Err(format!("disk {:?}: group {:?} is not configured on the engine (groups: {})", d.volume, d.group, known.join(", ")));
         };
         let Some(vol) = group.config.volumes.iter().find(|v| v.name == d.volume) else {
-            return Err(format!("disk {:?}: group {:?} has no volume {:?}; add it to engine.toml or fix agent.toml", d.volume, d.group, d.volume));
+            return Err(format!(
+                "disk {:?}: group {:?} has no volume {:?}; add it to engine.toml or fix agent.toml",
+                d.volume, d.group, d.volume
+            ));
         };
         if vol.vm != hello.vm {
-            return Err(format!("disk {:?}: volume belongs to vm {:?} in engine.toml, but this agent is vm {:?}", d.volume, vol.vm, hello.vm));
+            return Err(format!(
+                "disk {:?}: volume belongs to vm {:?} in engine.toml, but this agent is vm {:?}",
+                d.volume, vol.vm, hello.vm
+            ));
         }
         if vol.size != d.size {
             return Err(format!(

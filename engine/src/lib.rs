@@ -16,6 +16,9 @@
 //!                                     confirmed seq ◀─────┴──────Confirm───────┘
 //! ```
 
+// Casts in tests build fixtures from small literals.
+#![cfg_attr(test, allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap))]
+
 pub mod agents;
 pub mod error;
 pub mod group;
@@ -71,7 +74,8 @@ pub fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
             journal.first_seq(),
             journal.durable_seq()
         );
-        let (handle, _join) = group::start(g.clone(), journal).map_err(|source| EngineError::Spawn { what: format!("journal-{}", g.name), source })?;
+        let (handle, _join) =
+            group::start(g.clone(), journal).map_err(|source| EngineError::Spawn { what: format!("journal-{}", g.name), source })?;
         let shipper = shipper::Shipper { group: handle.clone(), journal_dir: dir, fs: fs.clone(), engine_name: engine_name.clone() };
         std::thread::Builder::new()
             .name(format!("ship-{}", g.name))

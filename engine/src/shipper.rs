@@ -16,8 +16,8 @@ use std::time::Duration;
 use hindsight_consistency::journal::JournalReader;
 use hindsight_consistency::storage::Storage;
 use hindsight_consistency::wire::{
-    decode_confirm, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, TargetHello, TargetWelcome, VolumeInfo,
-    PROTOCOL_VERSION,
+    decode_confirm, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, TargetHello, TargetWelcome,
+    VolumeInfo, PROTOCOL_VERSION,
 };
 
 use crate::group::GroupHandle;

@@ -120,21 +120,11 @@ impl FileDevice {
             CompletionMode::Inline => None,
             CompletionMode::Deferred { max_delay } => {
                 let (sender, receiver) = crossbeam_channel::unbounded();
-                thread::Builder::new()
-                    .name("file-device-timer".to_string())
-                    .spawn(move || timer_loop(&receiver))?;
-                Some(Deferred {
-                    max_delay,
-                    sender,
-                    counter: std::sync::atomic::AtomicU64::new(0),
-                })
+                thread::Builder::new().name("file-device-timer".to_string()).spawn(move || timer_loop(&receiver))?;
+                Some(Deferred { max_delay, sender, counter: std::sync::atomic::AtomicU64::new(0) })
             }
         };
-        Ok(FileDevice {
-            file,
-            size,
-            deferred,
-        })
+        Ok(FileDevice { file, size, deferred })
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), BlockError> {
@@ -160,19 +150,9 @@ impl FileDevice {
         self.check(op.offset, op.kind.len())?;
         let written = match &op.kind {
             WriteKind::Data(data) => self.file.write_all_at(data, op.offset),
-            WriteKind::Zeroes { len } | WriteKind::Trim { len } => {
-                self.write_zeroes(op.offset, *len)
-            }
+            WriteKind::Zeroes { len } | WriteKind::Trim { len } => self.write_zeroes(op.offset, *len),
         };
-        written
-            .and_then(|()| {
-                if op.fua {
-                    self.file.sync_data()
-                } else {
-                    Ok(())
-                }
-            })
-            .map_err(|e| BlockError::from_io(&e))
+        written.and_then(|()| if op.fua { self.file.sync_data() } else { Ok(()) }).map_err(|e| BlockError::from_io(&e))
     }
 }
 
@@ -183,9 +163,7 @@ impl BlockDevice for FileDevice {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
         self.check(offset, buf.len() as u64)?;
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|e| BlockError::from_io(&e))
+        self.file.read_exact_at(buf, offset).map_err(|e| BlockError::from_io(&e))
     }
 
     fn submit(&self, op: WriteOp, done: Completion) {
@@ -193,17 +171,10 @@ impl BlockDevice for FileDevice {
         let Some(deferred) = &self.deferred else {
             return done(result);
         };
-        let seq = deferred
-            .counter
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let seq = deferred.counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let max_us = u64::try_from(deferred.max_delay.as_micros()).unwrap_or(u64::MAX);
         let delay = Duration::from_micros(mix(seq) % max_us.saturating_add(1));
-        let pending = Pending {
-            due: Instant::now() + delay,
-            seq,
-            done,
-            result,
-        };
+        let pending = Pending { due: Instant::now() + delay, seq, done, result };
         // The timer thread lives as long as the sender; should it be gone, run the
         // completion here rather than lose it.
         if let Err(e) = deferred.sender.send(pending) {
@@ -235,11 +206,7 @@ mod tests {
         let (_f, d) = device(CompletionMode::Inline);
         let got = Arc::new(Mutex::new(None));
         let g = Arc::clone(&got);
-        let op = WriteOp {
-            offset: 4096,
-            kind: WriteKind::Data(vec![7; 512]),
-            fua: true,
-        };
+        let op = WriteOp { offset: 4096, kind: WriteKind::Data(vec![7; 512]), fua: true };
         d.submit(op, Box::new(move |r| *g.lock().unwrap() = Some(r)));
         assert_eq!(*got.lock().unwrap(), Some(Ok(())));
         let mut buf = [0u8; 512];
@@ -254,28 +221,18 @@ mod tests {
         assert_eq!(d.read((1 << 20) - 1, &mut buf), Err(BlockError::Invalid));
         let got = Arc::new(Mutex::new(None));
         let g = Arc::clone(&got);
-        let op = WriteOp {
-            offset: 1 << 20,
-            kind: WriteKind::Zeroes { len: 1 },
-            fua: false,
-        };
+        let op = WriteOp { offset: 1 << 20, kind: WriteKind::Zeroes { len: 1 }, fua: false };
         d.submit(op, Box::new(move |r| *g.lock().unwrap() = Some(r)));
         assert_eq!(*got.lock().unwrap(), Some(Err(BlockError::Invalid)));
     }
 
     #[test]
     fn deferred_completions_all_run_and_some_out_of_order() {
-        let (_f, d) = device(CompletionMode::Deferred {
-            max_delay: Duration::from_millis(5),
-        });
+        let (_f, d) = device(CompletionMode::Deferred { max_delay: Duration::from_millis(5) });
         let order = Arc::new(Mutex::new(Vec::new()));
         for i in 0..64u64 {
             let o = Arc::clone(&order);
-            let op = WriteOp {
-                offset: i * 512,
-                kind: WriteKind::Trim { len: 512 },
-                fua: false,
-            };
+            let op = WriteOp { offset: i * 512, kind: WriteKind::Trim { len: 512 }, fua: false };
             d.submit(op, Box::new(move |r| o.lock().unwrap().push((i, r))));
         }
         drop(d); // the timer thread still runs everything pending
@@ -286,9 +243,6 @@ mod tests {
         let order = order.lock().unwrap();
         assert_eq!(order.len(), 64);
         assert!(order.iter().all(|(_, r)| r.is_ok()));
-        assert!(
-            order.windows(2).any(|w| w[0].0 > w[1].0),
-            "completions came in order"
-        );
+        assert!(order.windows(2).any(|w| w[0].0 > w[1].0), "completions came in order");
     }
 }

@@ -15,9 +15,7 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
 /// Completions that come back late and out of order, as from the replicating device.
-const DEFERRED: CompletionMode = CompletionMode::Deferred {
-    max_delay: Duration::from_millis(2),
-};
+const DEFERRED: CompletionMode = CompletionMode::Deferred { max_delay: Duration::from_millis(2) };
 
 fn assert_clean_qemu_io(out: &std::process::Output) {
     let t = text(out);
@@ -31,11 +29,7 @@ fn assert_clean_qemu_io(out: &std::process::Output) {
 fn nbdinfo_json_reports_size_block_sizes_and_flags() {
     require_clients!("nbdinfo");
     let server = TestServer::unix(&[("disk", 16 * MIB)], CompletionMode::Inline);
-    let out = run_ok(
-        Command::new("nbdinfo")
-            .arg("--json")
-            .arg(server.uri("disk")),
-    );
+    let out = run_ok(Command::new("nbdinfo").arg("--json").arg(server.uri("disk")));
     let json = String::from_utf8_lossy(&out.stdout);
     for expected in [
         "\"protocol\": \"newstyle-fixed\"",
@@ -62,12 +56,7 @@ fn nbdinfo_json_reports_size_block_sizes_and_flags() {
 fn nbdinfo_list_shows_every_export() {
     require_clients!("nbdinfo");
     let server = TestServer::unix(&[("alpha", MIB), ("beta", 2 * MIB)], CompletionMode::Inline);
-    let out = run_ok(
-        Command::new("nbdinfo")
-            .arg("--list")
-            .arg("--json")
-            .arg(server.uri("")),
-    );
+    let out = run_ok(Command::new("nbdinfo").arg("--list").arg("--json").arg(server.uri("")));
     let json = String::from_utf8_lossy(&out.stdout);
     assert!(json.contains("\"export-name\": \"alpha\""), "{json}");
     assert!(json.contains("\"export-name\": \"beta\""), "{json}");
@@ -88,15 +77,8 @@ fn nbdinfo_unknown_export_fails_without_hanging() {
     require_clients!("nbdinfo");
     let server = TestServer::unix(&[("a", MIB), ("b", MIB)], CompletionMode::Inline);
     for name in ["nope", ""] {
-        let out = run(
-            Command::new("nbdinfo").arg(server.uri(name)),
-            CLIENT_TIMEOUT,
-        );
-        assert!(
-            !out.status.success(),
-            "export {name:?} was found:\n{}",
-            text(&out)
-        );
+        let out = run(Command::new("nbdinfo").arg(server.uri(name)), CLIENT_TIMEOUT);
+        assert!(!out.status.success(), "export {name:?} was found:\n{}", text(&out));
     }
 }
 
@@ -125,10 +107,7 @@ fn qemu_io_roundtrip(server: &TestServer) {
     let t = text(&out);
     assert_eq!(t.matches("wrote ").count(), 7, "{t}");
     assert_eq!(t.matches("read ").count(), 3, "{t}");
-    assert!(
-        t.contains("discard 65536/65536 bytes at offset 131072"),
-        "{t}"
-    );
+    assert!(t.contains("discard 65536/65536 bytes at offset 131072"), "{t}");
 
     let bytes = fs::read(server.backing("disk")).unwrap();
     let k = |n: usize| n * 1024;
@@ -162,22 +141,17 @@ fn qemu_io_out_of_range_reports_error_and_server_keeps_serving() {
     require_clients!("qemu-io");
     let server = TestServer::unix(&[("disk", MIB)], CompletionMode::Inline);
     for cmd in ["read 1M 4k", "write -P 1 1020k 8k", "discard 2M 4k"] {
-        let out = run(
-            Command::new("qemu-io").args(["-f", "raw", &server.uri("disk"), "-c", cmd]),
-            CLIENT_TIMEOUT,
-        );
+        let out = run(Command::new("qemu-io").args(["-f", "raw", &server.uri("disk"), "-c", cmd]), CLIENT_TIMEOUT);
         let t = text(&out);
         assert!(t.contains("failed"), "{cmd}: no error reported:\n{t}");
     }
     let out = run(
-        Command::new("qemu-io")
-            .args(["-f", "raw", &server.uri("disk")])
-            .args([
-                "-c",
-                "write -P 0x5a 1020k 4k",
-                "-c",
-                "read -P 0x5a 1020k 4k",
-            ]),
+        Command::new("qemu-io").args(["-f", "raw", &server.uri("disk")]).args([
+            "-c",
+            "write -P 0x5a 1020k 4k",
+            "-c",
+            "read -P 0x5a 1020k 4k",
+        ]),
         CLIENT_TIMEOUT,
     );
     assert_clean_qemu_io(&out);
@@ -232,16 +206,8 @@ fn nbdcopy_roundtrip_preserves_bytes() {
     data[mib..2 * mib].fill(0);
     fs::write(&input, &data).unwrap();
 
-    run_ok(
-        Command::new("nbdcopy")
-            .arg("--flush")
-            .arg(&input)
-            .arg(server.uri("disk")),
-    );
-    assert!(
-        same_bytes(&input, &server.backing("disk")),
-        "backing file differs"
-    );
+    run_ok(Command::new("nbdcopy").arg("--flush").arg(&input).arg(server.uri("disk")));
+    assert!(same_bytes(&input, &server.backing("disk")), "backing file differs");
     run_ok(Command::new("nbdcopy").arg(server.uri("disk")).arg(&output));
     assert!(same_bytes(&input, &output), "copied-out file differs");
 }
@@ -255,11 +221,7 @@ struct FuseMount {
 impl Drop for FuseMount {
     fn drop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
-            let _ = Command::new("fusermount3")
-                .args(["-u", "-z"])
-                .arg(&self.mountpoint)
-                .stderr(std::process::Stdio::null())
-                .status();
+            let _ = Command::new("fusermount3").args(["-u", "-z"]).arg(&self.mountpoint).stderr(std::process::Stdio::null()).status();
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -289,10 +251,7 @@ fn nbdfuse_mkfs_ext4_then_fsck_is_clean() {
         .stderr(stderr)
         .spawn()
         .unwrap();
-    let mut mount = FuseMount {
-        child,
-        mountpoint: mountpoint.clone(),
-    };
+    let mut mount = FuseMount { child, mountpoint: mountpoint.clone() };
     // nbdfuse writes its pid file once the file is being served.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !pidfile.exists() {
@@ -319,9 +278,5 @@ fn nbdfuse_mkfs_ext4_then_fsck_is_clean() {
     }
     drop(mount);
     // What the filesystem wrote through NBD is on the backing file.
-    run_ok(
-        Command::new("e2fsck")
-            .arg("-fn")
-            .arg(server.backing("disk")),
-    );
+    run_ok(Command::new("e2fsck").arg("-fn").arg(server.backing("disk")));
 }

@@ -32,9 +32,7 @@ const REP_ACK: u32 = 1;
 const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
 const OPT_EXPORT_NAME: u32 = 1;
 
-const DEFERRED: CompletionMode = CompletionMode::Deferred {
-    max_delay: Duration::from_millis(5),
-};
+const DEFERRED: CompletionMode = CompletionMode::Deferred { max_delay: Duration::from_millis(5) };
 
 fn server(mode: CompletionMode) -> TestServer {
     TestServer::unix(&[("disk", MIB)], mode)
@@ -123,10 +121,7 @@ fn write_past_the_end_gets_enospc_and_its_payload_is_skipped() {
     assert_eq!(c.reply(), (EINVAL, 3));
     assert_in_step(&mut c);
     let bytes = fs::read(s.backing("disk")).unwrap();
-    assert!(
-        bytes.iter().all(|&b| b == 0),
-        "refused write changed the disk"
-    );
+    assert!(bytes.iter().all(|&b| b == 0), "refused write changed the disk");
 }
 
 #[test]
@@ -225,10 +220,7 @@ fn client_vanishing_mid_write_leaves_other_connections_working() {
     assert_eq!(handles, (0..16).collect::<Vec<_>>());
     let deadline = Instant::now() + Duration::from_secs(10);
     while s.handle.as_ref().unwrap().connections() > 1 {
-        assert!(
-            Instant::now() < deadline,
-            "vanished connection never closed"
-        );
+        assert!(Instant::now() < deadline, "vanished connection never closed");
         thread::sleep(Duration::from_millis(10));
     }
 }
@@ -253,10 +245,7 @@ fn pipelined_writes_get_every_reply_possibly_out_of_order() {
     assert_eq!(sorted, (0..n).collect::<Vec<_>>());
     assert_ne!(order, sorted, "replies came back in submission order");
     for h in 0..n {
-        assert_eq!(
-            c.read(1000 + h, h * 4096, 4096),
-            vec![u8::try_from(h).unwrap(); 4096]
-        );
+        assert_eq!(c.read(1000 + h, h * 4096, 4096), vec![u8::try_from(h).unwrap(); 4096]);
     }
 }
 
@@ -305,11 +294,7 @@ fn shutdown_with_connected_clients_finishes_promptly() {
     }
     let start = Instant::now();
     s.shutdown();
-    assert!(
-        start.elapsed() < Duration::from_secs(5),
-        "shutdown took {:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() < Duration::from_secs(5), "shutdown took {:?}", start.elapsed());
     // Outstanding writes were answered before the connection closed.
     for _ in 0..16 {
         assert_eq!(busy.reply().0, 0);
@@ -325,34 +310,20 @@ fn stale_socket_is_replaced_and_other_files_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.img");
     fs::File::create(&img).unwrap().set_len(MIB).unwrap();
-    let dev: Arc<dyn BlockDevice> =
-        Arc::new(FileDevice::open(&img, CompletionMode::Inline).unwrap());
+    let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&img, CompletionMode::Inline).unwrap());
 
     let sock = dir.path().join("stale.sock");
     drop(UnixListener::bind(&sock).unwrap()); // leaves the socket file behind
     assert!(sock.exists());
-    let h = NbdServer::new(
-        Listen::Unix(sock.clone()),
-        vec![("d".into(), Arc::clone(&dev))],
-    )
-    .unwrap()
-    .spawn()
-    .unwrap();
+    let h = NbdServer::new(Listen::Unix(sock.clone()), vec![("d".into(), Arc::clone(&dev))]).unwrap().spawn().unwrap();
     // A second server on a live socket is refused.
-    let second = NbdServer::new(
-        Listen::Unix(sock.clone()),
-        vec![("d".into(), Arc::clone(&dev))],
-    )
-    .unwrap()
-    .spawn();
+    let second = NbdServer::new(Listen::Unix(sock.clone()), vec![("d".into(), Arc::clone(&dev))]).unwrap().spawn();
     assert!(matches!(second, Err(NbdError::SocketPathInUse { .. })));
     h.shutdown().unwrap();
 
     let plain = dir.path().join("plain");
     fs::write(&plain, b"keep me").unwrap();
-    let r = NbdServer::new(Listen::Unix(plain.clone()), vec![("d".into(), dev)])
-        .unwrap()
-        .spawn();
+    let r = NbdServer::new(Listen::Unix(plain.clone()), vec![("d".into(), dev)]).unwrap().spawn();
     assert!(matches!(r, Err(NbdError::SocketPathInUse { .. })));
     assert_eq!(fs::read(&plain).unwrap(), b"keep me");
 }
@@ -362,31 +333,15 @@ fn invalid_export_lists_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.img");
     fs::File::create(&img).unwrap().set_len(MIB).unwrap();
-    let dev: Arc<dyn BlockDevice> =
-        Arc::new(FileDevice::open(&img, CompletionMode::Inline).unwrap());
+    let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&img, CompletionMode::Inline).unwrap());
     let listen: Listen = "tcp:127.0.0.1:0".parse().unwrap();
-    assert!(matches!(
-        NbdServer::new(listen.clone(), vec![]),
-        Err(NbdError::NoExports)
-    ));
-    let dup = vec![
-        ("a".to_string(), Arc::clone(&dev)),
-        ("a".to_string(), Arc::clone(&dev)),
-    ];
-    assert!(matches!(
-        NbdServer::new(listen.clone(), dup),
-        Err(NbdError::DuplicateExport(_))
-    ));
+    assert!(matches!(NbdServer::new(listen.clone(), vec![]), Err(NbdError::NoExports)));
+    let dup = vec![("a".to_string(), Arc::clone(&dev)), ("a".to_string(), Arc::clone(&dev))];
+    assert!(matches!(NbdServer::new(listen.clone(), dup), Err(NbdError::DuplicateExport(_))));
     let long = vec![("x".repeat(4097), Arc::clone(&dev))];
-    assert!(matches!(
-        NbdServer::new(listen.clone(), long),
-        Err(NbdError::InvalidExportName { .. })
-    ));
+    assert!(matches!(NbdServer::new(listen.clone(), long), Err(NbdError::InvalidExportName { .. })));
     let nul = vec![("a\0b".to_string(), dev)];
-    assert!(matches!(
-        NbdServer::new(listen, nul),
-        Err(NbdError::InvalidExportName { .. })
-    ));
+    assert!(matches!(NbdServer::new(listen, nul), Err(NbdError::InvalidExportName { .. })));
 }
 
 #[test]

@@ -26,7 +26,13 @@ pub fn agent_bin() -> PathBuf {
 /// True if every named tool is on PATH; otherwise prints why the test is skipped.
 pub fn have_tools(tools: &[&str]) -> bool {
     for t in tools {
-        let found = Command::new("sh").arg("-c").arg(format!("command -v {t}")).stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+        let found = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {t}"))
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         if !found {
             eprintln!("SKIPPED: {t} is not installed (scripts/install-deps.sh installs it)");
             return false;
@@ -42,7 +48,8 @@ pub fn free_port() -> u16 {
 
 /// Runs a command with a timeout; returns (status success, stdout, stderr).
 pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> (bool, String, String) {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null()).spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut child =
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null()).spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
     let t_out = std::thread::spawn(move || {
@@ -169,7 +176,12 @@ impl Cluster {
         let d = self.dir.path();
         std::fs::write(
             self.target_toml(),
-            format!("[target]\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n{}\n", self.tport, d.join("target").display(), self.target_extra),
+            format!(
+                "[target]\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n{}\n",
+                self.tport,
+                d.join("target").display(),
+                self.target_extra
+            ),
         )
         .unwrap();
         let mut e = format!(
@@ -221,7 +233,8 @@ impl Cluster {
         for v in self.vols.iter().filter(|v| v.vm == vm) {
             let _ = std::fs::remove_file(self.sock(&v.name));
         }
-        let child = self.spawn(&format!("agent-{vm}"), Command::new(agent_bin()).arg("--config").arg(self.path(&format!("agent-{vm}.toml"))));
+        let child =
+            self.spawn(&format!("agent-{vm}"), Command::new(agent_bin()).arg("--config").arg(self.path(&format!("agent-{vm}.toml"))));
         self.agents.insert(vm.to_owned(), child);
         for v in self.vols.iter().filter(|v| v.vm == vm) {
             wait_path(&self.sock(&v.name), &format!("agent {vm}"));
@@ -245,7 +258,8 @@ impl Cluster {
 
     /// `hindsight history --json` of the group.
     pub fn history(&self) -> serde_json::Value {
-        let out = run_ok(Command::new(hindsight_bin()).args(["history", "--json", "--group", &self.group, "--config"]).arg(self.target_toml()));
+        let out =
+            run_ok(Command::new(hindsight_bin()).args(["history", "--json", "--group", &self.group, "--config"]).arg(self.target_toml()));
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("history output is not JSON ({e}): {out}"))
     }
 
@@ -265,7 +279,11 @@ impl Cluster {
             if last >= seq {
                 return;
             }
-            assert!(start.elapsed() < Duration::from_secs(60), "target stuck at seq {last}, waiting for {seq}; logs in {}", self.dir.path().display());
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "target stuck at seq {last}, waiting for {seq}; logs in {}",
+                self.dir.path().display()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -236,7 +236,11 @@ mod tests {
 
     #[test]
     fn hello_round_trip_and_garbage() {
-        let h = AgentHello { protocol: 1, vm: "erp-db".into(), disks: vec![DiskHello { group: "erp".into(), volume: "db".into(), size: 1 << 30 }] };
+        let h = AgentHello {
+            protocol: 1,
+            vm: "erp-db".into(),
+            disks: vec![DiskHello { group: "erp".into(), volume: "db".into(), size: 1 << 30 }],
+        };
         let b = encode_message(&h);
         assert_eq!(decode_message::<AgentHello>("AgentHello", &b).unwrap(), h);
         assert!(decode_message::<AgentHello>("AgentHello", &b[..b.len() - 1]).is_err());

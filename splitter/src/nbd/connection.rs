@@ -21,9 +21,8 @@ use super::error::NbdError;
 use super::proto::decode::{self, Request};
 use super::proto::encode;
 use super::proto::{
-    command_name, error_value, CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ,
-    CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, ENOSPC, MAX_BLOCK_SIZE, REQUEST_LEN,
-    SIMPLE_REPLY_LEN,
+    command_name, error_value, CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
+    EINVAL, ENOSPC, MAX_BLOCK_SIZE, REQUEST_LEN, SIMPLE_REPLY_LEN,
 };
 use super::stream::{read_or_eof, Stream};
 
@@ -96,9 +95,7 @@ impl Shared {
     /// Waits for room for one more request carrying `bytes` of payload, then counts it.
     fn begin(&self, bytes: u64) {
         let mut f = lock(&self.in_flight);
-        while f.requests > 0
-            && (f.requests >= MAX_IN_FLIGHT_REQUESTS || f.bytes + bytes > MAX_IN_FLIGHT_BYTES)
-        {
+        while f.requests > 0 && (f.requests >= MAX_IN_FLIGHT_REQUESTS || f.bytes + bytes > MAX_IN_FLIGHT_BYTES) {
             f = self.changed.wait(f).unwrap_or_else(|e| e.into_inner());
         }
         f.requests += 1;
@@ -139,11 +136,7 @@ pub fn check(req: &Request, export_size: u64) -> Result<(), u32> {
         return Err(EINVAL);
     }
     if req.command == CMD_FLUSH {
-        return if req.offset == 0 && req.length == 0 {
-            Ok(())
-        } else {
-            Err(EINVAL)
-        };
+        return if req.offset == 0 && req.length == 0 { Ok(()) } else { Err(EINVAL) };
     }
     if req.length == 0 {
         return Err(EINVAL);
@@ -154,10 +147,7 @@ pub fn check(req: &Request, export_size: u64) -> Result<(), u32> {
     if matches!(req.command, CMD_READ | CMD_WRITE) && req.length > MAX_BLOCK_SIZE {
         return Err(EINVAL);
     }
-    let in_range = req
-        .offset
-        .checked_add(u64::from(req.length))
-        .is_some_and(|end| end <= export_size);
+    let in_range = req.offset.checked_add(u64::from(req.length)).is_some_and(|end| end <= export_size);
     if !in_range {
         // The spec asks for ENOSPC on writes past the end, EINVAL on reads and trims.
         return Err(match req.command {
@@ -170,27 +160,14 @@ pub fn check(req: &Request, export_size: u64) -> Result<(), u32> {
 
 /// Serves requests until the client disconnects, breaks the protocol, or the socket fails.
 /// Returns only once every write this connection submitted has completed.
-pub fn serve<R: Read>(
-    reader: &mut R,
-    writer: Stream,
-    device: &Arc<dyn BlockDevice>,
-    peer: &str,
-) -> End {
+pub fn serve<R: Read>(reader: &mut R, writer: Stream, device: &Arc<dyn BlockDevice>, peer: &str) -> End {
     let shared = Arc::new(Shared {
-        writer: Mutex::new(Writer {
-            stream: writer,
-            failed: false,
-        }),
+        writer: Mutex::new(Writer { stream: writer, failed: false }),
         in_flight: Mutex::new(InFlight::default()),
         changed: Condvar::new(),
         peer: peer.to_string(),
     });
-    let end = Transmission {
-        device,
-        shared: &shared,
-        read_buf: Vec::new(),
-    }
-    .run(reader);
+    let end = Transmission { device, shared: &shared, read_buf: Vec::new() }.run(reader);
     // Completions still running hold `shared`; let them deliver their replies (the spec
     // wants outstanding requests handled before the connection closes).
     shared.wait_idle();
@@ -216,10 +193,7 @@ impl Transmission<'_> {
                 Ok(true) => {}
                 Ok(false) => return End::Closed,
                 Err(e) if self.shared.failed() => {
-                    debug!(
-                        "nbd {}: reader ends after reply failure: {e}",
-                        self.shared.peer
-                    );
+                    debug!("nbd {}: reader ends after reply failure: {e}", self.shared.peer);
                     return End::ReplyFailed;
                 }
                 Err(e) => return End::Error(NbdError::ReadRequest(e)),
@@ -244,10 +218,7 @@ impl Transmission<'_> {
                     Ok(())
                 }
                 _ => {
-                    warn!(
-                        "nbd {}: unknown command {} (flags {:#x})",
-                        self.shared.peer, req.command, req.flags
-                    );
+                    warn!("nbd {}: unknown command {} (flags {:#x})", self.shared.peer, req.command, req.flags);
                     self.shared.send(&encode::simple_reply(EINVAL, req.handle));
                     Ok(())
                 }
@@ -289,13 +260,9 @@ impl Transmission<'_> {
                 self.shared.send(buf);
             }
             Err(e) => {
-                warn!(
-                    "nbd {}: read at {} length {} failed: {e}",
-                    self.shared.peer, req.offset, req.length
-                );
+                warn!("nbd {}: read at {} length {} failed: {e}", self.shared.peer, req.offset, req.length);
                 // Simple replies carry no data after an error.
-                self.shared
-                    .send(&encode::simple_reply(reply_error(e), req.handle));
+                self.shared.send(&encode::simple_reply(reply_error(e), req.handle));
             }
         }
     }
@@ -305,23 +272,17 @@ impl Transmission<'_> {
         if req.length > MAX_BLOCK_SIZE {
             // The payload follows whatever we answer; skip it through a fixed-size buffer so
             // the next request header is found where it belongs.
-            let skipped = io::copy(&mut reader.by_ref().take(len), &mut io::sink())
-                .map_err(NbdError::ReadRequest)?;
+            let skipped = io::copy(&mut reader.by_ref().take(len), &mut io::sink()).map_err(NbdError::ReadRequest)?;
             if skipped != len {
                 return Err(NbdError::ReadRequest(io::ErrorKind::UnexpectedEof.into()));
             }
-            warn!(
-                "nbd {}: WRITE of {} bytes is over the {MAX_BLOCK_SIZE}-byte maximum",
-                self.shared.peer, req.length
-            );
+            warn!("nbd {}: WRITE of {} bytes is over the {MAX_BLOCK_SIZE}-byte maximum", self.shared.peer, req.length);
             self.shared.send(&encode::simple_reply(EINVAL, req.handle));
             return Ok(());
         }
         // Bounded by MAX_BLOCK_SIZE just above.
         let mut data = vec![0u8; req.length as usize];
-        reader
-            .read_exact(&mut data)
-            .map_err(NbdError::ReadRequest)?;
+        reader.read_exact(&mut data).map_err(NbdError::ReadRequest)?;
         if let Err(error) = check(&req, size) {
             self.refuse(&req, error);
             return Ok(());
@@ -335,11 +296,7 @@ impl Transmission<'_> {
             return self.refuse(req, error);
         }
         // NBD_CMD_FLAG_NO_HOLE needs nothing: the device writes zeroes, it does not punch.
-        let kind = if req.command == CMD_TRIM {
-            WriteKind::Trim { len: req.length }
-        } else {
-            WriteKind::Zeroes { len: req.length }
-        };
+        let kind = if req.command == CMD_TRIM { WriteKind::Trim { len: req.length } } else { WriteKind::Zeroes { len: req.length } };
         self.submit(req, kind, 0);
     }
 
@@ -349,11 +306,7 @@ impl Transmission<'_> {
         let shared = Arc::clone(self.shared);
         let handle = req.handle;
         let (offset, length, command) = (req.offset, req.length, req.command);
-        let op = WriteOp {
-            offset,
-            kind,
-            fua: req.flags & CMD_FLAG_FUA != 0,
-        };
+        let op = WriteOp { offset, kind, fua: req.flags & CMD_FLAG_FUA != 0 };
         // The completion may run on this thread before submit returns: no lock is held here.
         self.device.submit(
             op,
@@ -361,11 +314,7 @@ impl Transmission<'_> {
                 let error = match result {
                     Ok(()) => 0,
                     Err(e) => {
-                        warn!(
-                            "nbd {}: {} at {offset} length {length} failed: {e}",
-                            shared.peer,
-                            command_name(command)
-                        );
+                        warn!("nbd {}: {} at {offset} length {length} failed: {e}", shared.peer, command_name(command));
                         reply_error(e)
                     }
                 };
@@ -401,13 +350,7 @@ mod tests {
     use super::*;
 
     fn req(command: u16, flags: u16, offset: u64, length: u32) -> Request {
-        Request {
-            flags,
-            command,
-            handle: 1,
-            offset,
-            length,
-        }
+        Request { flags, command, handle: 1, offset, length }
     }
 
     const SIZE: u64 = 1 << 20;
@@ -415,14 +358,8 @@ mod tests {
     #[test]
     fn requests_inside_the_export_pass() {
         assert_eq!(check(&req(CMD_READ, 0, 0, 4096), SIZE), Ok(()));
-        assert_eq!(
-            check(&req(CMD_WRITE, CMD_FLAG_FUA, SIZE - 1, 1), SIZE),
-            Ok(())
-        );
-        assert_eq!(
-            check(&req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 0, 1 << 20), SIZE),
-            Ok(())
-        );
+        assert_eq!(check(&req(CMD_WRITE, CMD_FLAG_FUA, SIZE - 1, 1), SIZE), Ok(()));
+        assert_eq!(check(&req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 0, 1 << 20), SIZE), Ok(()));
         assert_eq!(check(&req(CMD_TRIM, 0, 512, 512), SIZE), Ok(()));
         assert_eq!(check(&req(CMD_FLUSH, CMD_FLAG_FUA, 0, 0), SIZE), Ok(()));
     }
@@ -438,10 +375,7 @@ mod tests {
     #[test]
     fn offset_plus_length_overflow_is_out_of_range() {
         assert_eq!(check(&req(CMD_READ, 0, u64::MAX, 2), u64::MAX), Err(EINVAL));
-        assert_eq!(
-            check(&req(CMD_WRITE, 0, u64::MAX - 1, 4), u64::MAX),
-            Err(ENOSPC)
-        );
+        assert_eq!(check(&req(CMD_WRITE, 0, u64::MAX - 1, 4), u64::MAX), Err(ENOSPC));
     }
 
     #[test]
@@ -450,39 +384,21 @@ mod tests {
             assert_eq!(check(&req(c, 0, 0, 0), SIZE), Err(EINVAL));
         }
         let big = u64::from(MAX_BLOCK_SIZE) * 4;
-        assert_eq!(
-            check(&req(CMD_READ, 0, 0, MAX_BLOCK_SIZE + 1), big),
-            Err(EINVAL)
-        );
-        assert_eq!(
-            check(&req(CMD_WRITE, 0, 0, MAX_BLOCK_SIZE + 1), big),
-            Err(EINVAL)
-        );
+        assert_eq!(check(&req(CMD_READ, 0, 0, MAX_BLOCK_SIZE + 1), big), Err(EINVAL));
+        assert_eq!(check(&req(CMD_WRITE, 0, 0, MAX_BLOCK_SIZE + 1), big), Err(EINVAL));
         assert_eq!(check(&req(CMD_READ, 0, 0, MAX_BLOCK_SIZE), big), Ok(()));
         // No payload: a long trim or write-zeroes is accepted.
         assert_eq!(check(&req(CMD_TRIM, 0, 0, MAX_BLOCK_SIZE * 2), big), Ok(()));
-        assert_eq!(
-            check(&req(CMD_WRITE_ZEROES, 0, 0, MAX_BLOCK_SIZE * 2), big),
-            Ok(())
-        );
+        assert_eq!(check(&req(CMD_WRITE_ZEROES, 0, 0, MAX_BLOCK_SIZE * 2), big), Ok(()));
     }
 
     #[test]
     fn unknown_commands_and_flags_are_invalid() {
         assert_eq!(check(&req(CMD_CACHE, 0, 0, 512), SIZE), Err(EINVAL));
         assert_eq!(check(&req(99, 0, 0, 512), SIZE), Err(EINVAL));
-        assert_eq!(
-            check(&req(CMD_READ, CMD_FLAG_DF, 0, 512), SIZE),
-            Err(EINVAL)
-        );
-        assert_eq!(
-            check(&req(CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 512), SIZE),
-            Err(EINVAL)
-        );
-        assert_eq!(
-            check(&req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 512), SIZE),
-            Err(EINVAL)
-        );
+        assert_eq!(check(&req(CMD_READ, CMD_FLAG_DF, 0, 512), SIZE), Err(EINVAL));
+        assert_eq!(check(&req(CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 512), SIZE), Err(EINVAL));
+        assert_eq!(check(&req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 512), SIZE), Err(EINVAL));
         assert_eq!(check(&req(CMD_READ, 1 << 15, 0, 512), SIZE), Err(EINVAL));
     }
 

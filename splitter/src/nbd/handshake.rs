@@ -13,11 +13,10 @@ use super::error::NbdError;
 use super::proto::decode;
 use super::proto::encode;
 use super::proto::{
-    option_name, CLIENT_FLAGS_LEN, FLAG_CAN_MULTI_CONN, FLAG_FIXED_NEWSTYLE, FLAG_HAS_FLAGS,
-    FLAG_NO_ZEROES, FLAG_SEND_FLUSH, FLAG_SEND_FUA, FLAG_SEND_TRIM, FLAG_SEND_WRITE_ZEROES,
-    INFO_NAME, MAX_BLOCK_SIZE, MAX_OPTION_LEN, MAX_STRING_LEN, MIN_BLOCK_SIZE, OPTION_HEADER_LEN,
-    OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST, PREFERRED_BLOCK_SIZE, REP_ACK,
-    REP_ERR_INVALID, REP_ERR_TOO_BIG, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO, REP_SERVER,
+    option_name, CLIENT_FLAGS_LEN, FLAG_CAN_MULTI_CONN, FLAG_FIXED_NEWSTYLE, FLAG_HAS_FLAGS, FLAG_NO_ZEROES, FLAG_SEND_FLUSH,
+    FLAG_SEND_FUA, FLAG_SEND_TRIM, FLAG_SEND_WRITE_ZEROES, INFO_NAME, MAX_BLOCK_SIZE, MAX_OPTION_LEN, MAX_STRING_LEN, MIN_BLOCK_SIZE,
+    OPTION_HEADER_LEN, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST, PREFERRED_BLOCK_SIZE, REP_ACK, REP_ERR_INVALID,
+    REP_ERR_TOO_BIG, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO, REP_SERVER,
 };
 use super::stream::read_or_eof;
 
@@ -26,12 +25,8 @@ pub const HANDSHAKE_FLAGS: u16 = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES;
 
 /// Transmission flags of every export. `CAN_MULTI_CONN` holds because a flush goes to the
 /// device, whose flush covers every completed write whichever connection submitted it.
-pub const TRANSMISSION_FLAGS: u16 = FLAG_HAS_FLAGS
-    | FLAG_SEND_FLUSH
-    | FLAG_SEND_FUA
-    | FLAG_SEND_TRIM
-    | FLAG_SEND_WRITE_ZEROES
-    | FLAG_CAN_MULTI_CONN;
+pub const TRANSMISSION_FLAGS: u16 =
+    FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_CAN_MULTI_CONN;
 
 /// What the handshake needs to know about one export.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,16 +63,8 @@ pub fn find_export(exports: &[ExportInfo], name: &[u8]) -> Option<usize> {
 
 /// Runs the server side of the handshake on one connection. `peer` names the client in log
 /// lines.
-pub fn negotiate<R: Read, W: Write>(
-    reader: &mut R,
-    writer: &mut W,
-    exports: &[ExportInfo],
-    peer: &str,
-) -> Result<Outcome, NbdError> {
-    writer
-        .write_all(&encode::greeting(HANDSHAKE_FLAGS))
-        .and_then(|()| writer.flush())
-        .map_err(NbdError::HandshakeIo)?;
+pub fn negotiate<R: Read, W: Write>(reader: &mut R, writer: &mut W, exports: &[ExportInfo], peer: &str) -> Result<Outcome, NbdError> {
+    writer.write_all(&encode::greeting(HANDSHAKE_FLAGS)).and_then(|()| writer.flush()).map_err(NbdError::HandshakeIo)?;
 
     let mut flags = [0u8; CLIENT_FLAGS_LEN];
     if !read_or_eof(reader, &mut flags).map_err(NbdError::HandshakeIo)? {
@@ -100,32 +87,17 @@ pub fn negotiate<R: Read, W: Write>(
         }
         let header = decode::option_header(&header).map_err(NbdError::HandshakeProtocol)?;
         let option = header.option;
-        debug!(
-            "nbd {peer}: option {} ({option}), {} bytes",
-            option_name(option),
-            header.length
-        );
+        debug!("nbd {peer}: option {} ({option}), {} bytes", option_name(option), header.length);
 
         out.clear();
         if header.length > MAX_OPTION_LEN {
             if option == OPT_EXPORT_NAME {
                 // No reply can carry an error here, and no name is this long.
-                return Err(NbdError::UnknownExport(format!(
-                    "<{} bytes>",
-                    header.length
-                )));
+                return Err(NbdError::UnknownExport(format!("<{} bytes>", header.length)));
             }
-            warn!(
-                "nbd {peer}: option {} of {} bytes is over the {MAX_OPTION_LEN}-byte limit",
-                option_name(option),
-                header.length
-            );
+            warn!("nbd {peer}: option {} of {} bytes is over the {MAX_OPTION_LEN}-byte limit", option_name(option), header.length);
             // Skip the data with a fixed buffer so the stream stays in step.
-            let skipped = io::copy(
-                &mut reader.by_ref().take(u64::from(header.length)),
-                &mut io::sink(),
-            )
-            .map_err(NbdError::HandshakeIo)?;
+            let skipped = io::copy(&mut reader.by_ref().take(u64::from(header.length)), &mut io::sink()).map_err(NbdError::HandshakeIo)?;
             if skipped != u64::from(header.length) {
                 return Err(NbdError::HandshakeIo(io::ErrorKind::UnexpectedEof.into()));
             }
@@ -136,23 +108,14 @@ pub fn negotiate<R: Read, W: Write>(
 
         // The length is at most MAX_OPTION_LEN, checked above.
         let mut data = vec![0u8; header.length as usize];
-        reader
-            .read_exact(&mut data)
-            .map_err(NbdError::HandshakeIo)?;
+        reader.read_exact(&mut data).map_err(NbdError::HandshakeIo)?;
 
         match option {
             OPT_EXPORT_NAME => {
                 let Some(index) = find_export(exports, &data) else {
-                    return Err(NbdError::UnknownExport(
-                        String::from_utf8_lossy(&data).into_owned(),
-                    ));
+                    return Err(NbdError::UnknownExport(String::from_utf8_lossy(&data).into_owned()));
                 };
-                encode::export_name_reply(
-                    &mut out,
-                    exports[index].size,
-                    TRANSMISSION_FLAGS,
-                    client.no_zeroes,
-                );
+                encode::export_name_reply(&mut out, exports[index].size, TRANSMISSION_FLAGS, client.no_zeroes);
                 send(writer, &out)?;
                 return Ok(Outcome::Transmission { export: index });
             }
@@ -168,18 +131,12 @@ pub fn negotiate<R: Read, W: Write>(
             OPT_LIST => {
                 if data.is_empty() {
                     for export in exports {
-                        let server = encode::rep_server_data(&export.name)
-                            .map_err(NbdError::HandshakeProtocol)?;
+                        let server = encode::rep_server_data(&export.name).map_err(NbdError::HandshakeProtocol)?;
                         reply(&mut out, option, REP_SERVER, &server)?;
                     }
                     reply(&mut out, option, REP_ACK, &[])?;
                 } else {
-                    reply(
-                        &mut out,
-                        option,
-                        REP_ERR_INVALID,
-                        b"NBD_OPT_LIST takes no data",
-                    )?;
+                    reply(&mut out, option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
                 }
                 send(writer, &out)?;
             }
@@ -201,13 +158,7 @@ pub fn negotiate<R: Read, W: Write>(
 }
 
 /// Answers `NBD_OPT_INFO` or `NBD_OPT_GO` into `out`; returns the export chosen on success.
-fn info_or_go(
-    out: &mut Vec<u8>,
-    option: u32,
-    data: &[u8],
-    exports: &[ExportInfo],
-    peer: &str,
-) -> Result<Option<usize>, NbdError> {
+fn info_or_go(out: &mut Vec<u8>, option: u32, data: &[u8], exports: &[ExportInfo], peer: &str) -> Result<Option<usize>, NbdError> {
     let request = match decode::info_request(data) {
         Ok(r) => r,
         Err(e) => {
@@ -218,30 +169,17 @@ fn info_or_go(
     };
     let Some(index) = find_export(exports, request.name) else {
         let name = String::from_utf8_lossy(request.name);
-        info!(
-            "nbd {peer}: {} for unknown export {name:?}",
-            option_name(option)
-        );
+        info!("nbd {peer}: {} for unknown export {name:?}", option_name(option));
         let mut message = format!("unknown export {name:?}");
         message.truncate(MAX_STRING_LEN);
         reply(out, option, REP_ERR_UNKNOWN, message.as_bytes())?;
         return Ok(None);
     };
     let export = &exports[index];
-    reply(
-        out,
-        option,
-        REP_INFO,
-        &encode::info_export(export.size, TRANSMISSION_FLAGS),
-    )?;
+    reply(out, option, REP_INFO, &encode::info_export(export.size, TRANSMISSION_FLAGS))?;
     // Sent whether asked for or not: a client that did ask must then honour it, and the
     // 32 MiB maximum bounds every buffer a request makes this server allocate.
-    reply(
-        out,
-        option,
-        REP_INFO,
-        &encode::info_block_size(MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_BLOCK_SIZE),
-    )?;
+    reply(out, option, REP_INFO, &encode::info_block_size(MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_BLOCK_SIZE))?;
     // The canonical name tells a client that asked for the default export what it got.
     if request.requests.contains(&INFO_NAME) {
         let name = encode::info_name(&export.name).map_err(NbdError::HandshakeProtocol)?;
@@ -256,10 +194,7 @@ fn reply(out: &mut Vec<u8>, option: u32, reply_type: u32, data: &[u8]) -> Result
 }
 
 fn send<W: Write>(writer: &mut W, bytes: &[u8]) -> Result<(), NbdError> {
-    writer
-        .write_all(bytes)
-        .and_then(|()| writer.flush())
-        .map_err(NbdError::HandshakeIo)
+    writer.write_all(bytes).and_then(|()| writer.flush()).map_err(NbdError::HandshakeIo)
 }
 
 #[cfg(test)]
@@ -267,20 +202,13 @@ mod tests {
     use std::io::Cursor;
 
     use super::super::proto::{
-        EXPORT_NAME_ZERO_PAD_LEN, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, GREETING_LEN, IHAVEOPT,
-        INFO_BLOCK_SIZE, INFO_EXPORT, OPTION_REPLY_MAGIC, OPT_STARTTLS, OPT_STRUCTURED_REPLY,
+        EXPORT_NAME_ZERO_PAD_LEN, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, GREETING_LEN, IHAVEOPT, INFO_BLOCK_SIZE, INFO_EXPORT,
+        OPTION_REPLY_MAGIC, OPT_STARTTLS, OPT_STRUCTURED_REPLY,
     };
     use super::*;
 
     fn exports(names: &[&str]) -> Vec<ExportInfo> {
-        names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| ExportInfo {
-                name: (*n).to_string(),
-                size: (i as u64 + 1) << 20,
-            })
-            .collect()
+        names.iter().enumerate().map(|(i, n)| ExportInfo { name: (*n).to_string(), size: (i as u64 + 1) << 20 }).collect()
     }
 
     /// Bytes a client sends: flags, then options.
@@ -293,8 +221,7 @@ mod tests {
         fn option(mut self, option: u32, data: &[u8]) -> Script {
             self.0.extend_from_slice(&IHAVEOPT.to_be_bytes());
             self.0.extend_from_slice(&option.to_be_bytes());
-            self.0
-                .extend_from_slice(&u32::try_from(data.len()).unwrap().to_be_bytes());
+            self.0.extend_from_slice(&u32::try_from(data.len()).unwrap().to_be_bytes());
             self.0.extend_from_slice(data);
             self
         }
@@ -385,10 +312,7 @@ mod tests {
     fn abort_is_acknowledged() {
         let (r, out) = run(Script::new(BOTH).option(OPT_ABORT, &[]), &["a"]);
         assert!(matches!(r, Ok(Outcome::Closed)));
-        assert_eq!(
-            replies(&out[GREETING_LEN..]),
-            vec![(OPT_ABORT, REP_ACK, vec![])]
-        );
+        assert_eq!(replies(&out[GREETING_LEN..]), vec![(OPT_ABORT, REP_ACK, vec![])]);
     }
 
     #[test]
@@ -415,9 +339,7 @@ mod tests {
 
     #[test]
     fn info_then_go_describe_the_export_and_go_enters_transmission() {
-        let script = Script::new(BOTH)
-            .info(OPT_INFO, "b", &[INFO_BLOCK_SIZE, INFO_NAME])
-            .info(OPT_GO, "b", &[]);
+        let script = Script::new(BOTH).info(OPT_INFO, "b", &[INFO_BLOCK_SIZE, INFO_NAME]).info(OPT_GO, "b", &[]);
         let (r, out) = run(script, &["a", "b"]);
         assert!(matches!(r, Ok(Outcome::Transmission { export: 1 })));
         let reps = replies(&out[GREETING_LEN..]);
@@ -435,17 +357,12 @@ mod tests {
                 (OPT_GO, REP_ACK, vec![]),
             ]
         );
-        assert_eq!(
-            u16::from_be_bytes([reps[0].2[0], reps[0].2[1]]),
-            INFO_EXPORT
-        );
+        assert_eq!(u16::from_be_bytes([reps[0].2[0], reps[0].2[1]]), INFO_EXPORT);
     }
 
     #[test]
     fn go_for_unknown_export_errors_and_haggling_continues() {
-        let script = Script::new(BOTH)
-            .info(OPT_GO, "nope", &[])
-            .info(OPT_GO, "a", &[]);
+        let script = Script::new(BOTH).info(OPT_GO, "nope", &[]).info(OPT_GO, "a", &[]);
         let (r, out) = run(script, &["a"]);
         assert!(matches!(r, Ok(Outcome::Transmission { export: 0 })));
         let reps = replies(&out[GREETING_LEN..]);
@@ -464,23 +381,10 @@ mod tests {
 
     #[test]
     fn unsupported_options_get_err_unsup() {
-        let script = Script::new(BOTH)
-            .option(OPT_STRUCTURED_REPLY, &[])
-            .option(OPT_STARTTLS, &[])
-            .option(0x7777, b"some data");
+        let script = Script::new(BOTH).option(OPT_STRUCTURED_REPLY, &[]).option(OPT_STARTTLS, &[]).option(0x7777, b"some data");
         let (_, out) = run(script, &["a"]);
-        let types: Vec<_> = replies(&out[GREETING_LEN..])
-            .iter()
-            .map(|r| (r.0, r.1))
-            .collect();
-        assert_eq!(
-            types,
-            vec![
-                (OPT_STRUCTURED_REPLY, REP_ERR_UNSUP),
-                (OPT_STARTTLS, REP_ERR_UNSUP),
-                (0x7777, REP_ERR_UNSUP),
-            ]
-        );
+        let types: Vec<_> = replies(&out[GREETING_LEN..]).iter().map(|r| (r.0, r.1)).collect();
+        assert_eq!(types, vec![(OPT_STRUCTURED_REPLY, REP_ERR_UNSUP), (OPT_STARTTLS, REP_ERR_UNSUP), (0x7777, REP_ERR_UNSUP),]);
     }
 
     #[test]

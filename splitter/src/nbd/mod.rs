@@ -30,6 +30,4 @@ mod server;
 mod stream;
 
 pub use error::NbdError;
-pub use server::{
-    Listen, NbdServer, ServerHandle, HANDSHAKE_TIMEOUT, REPLY_WRITE_TIMEOUT, SHUTDOWN_GRACE,
-};
+pub use server::{Listen, NbdServer, ServerHandle, HANDSHAKE_TIMEOUT, REPLY_WRITE_TIMEOUT, SHUTDOWN_GRACE};

@@ -345,9 +345,7 @@ mod tests {
 
     #[test]
     fn error_value_passes_nbd_values_and_folds_the_rest() {
-        for v in [
-            EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN,
-        ] {
+        for v in [EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN] {
             assert_eq!(error_value(i32::try_from(v).unwrap()), v);
         }
         assert_eq!(error_value(27), ENOSPC); // EFBIG

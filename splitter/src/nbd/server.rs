@@ -62,10 +62,7 @@ impl FromStr for Listen {
     type Err = NbdError;
 
     fn from_str(s: &str) -> Result<Listen, NbdError> {
-        let invalid = |reason| NbdError::InvalidListen {
-            spec: s.to_string(),
-            reason,
-        };
+        let invalid = |reason| NbdError::InvalidListen { spec: s.to_string(), reason };
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
                 return Err(invalid("the socket path is empty"));
@@ -73,10 +70,7 @@ impl FromStr for Listen {
             return Ok(Listen::Unix(PathBuf::from(path)));
         }
         if let Some(addr) = s.strip_prefix("tcp:") {
-            return addr
-                .parse::<SocketAddr>()
-                .map(Listen::Tcp)
-                .map_err(|_| invalid("not an IP address and port"));
+            return addr.parse::<SocketAddr>().map(Listen::Tcp).map_err(|_| invalid("not an IP address and port"));
         }
         Err(invalid("must start with unix: or tcp:"))
     }
@@ -111,19 +105,13 @@ impl NbdServer {
     /// Checks the exports and prepares a server; nothing is bound until [`NbdServer::spawn`]
     /// or [`NbdServer::run`]. An export named `""` is the default export; otherwise a client
     /// asking for the empty name gets the only export when there is exactly one.
-    pub fn new(
-        listen: Listen,
-        exports: Vec<(String, Arc<dyn BlockDevice>)>,
-    ) -> Result<NbdServer, NbdError> {
+    pub fn new(listen: Listen, exports: Vec<(String, Arc<dyn BlockDevice>)>) -> Result<NbdServer, NbdError> {
         if exports.is_empty() {
             return Err(NbdError::NoExports);
         }
         let mut checked: Vec<Export> = Vec::with_capacity(exports.len());
         for (name, device) in exports {
-            let invalid = |reason| NbdError::InvalidExportName {
-                name: name.clone(),
-                reason,
-            };
+            let invalid = |reason| NbdError::InvalidExportName { name: name.clone(), reason };
             if name.len() > MAX_STRING_LEN {
                 return Err(invalid("longer than the 4096 bytes NBD allows"));
             }
@@ -135,10 +123,7 @@ impl NbdServer {
             }
             checked.push(Export { name, device });
         }
-        Ok(NbdServer {
-            listen,
-            exports: Arc::new(checked),
-        })
+        Ok(NbdServer { listen, exports: Arc::new(checked) })
     }
 
     /// Binds the listener and serves in background threads until
@@ -147,11 +132,7 @@ impl NbdServer {
         let (listener, bound) = Listener::bind(&self.listen)?;
         info!(
             "nbd: listening on {bound} with exports {}",
-            self.exports
-                .iter()
-                .map(|e| format!("{:?} ({} bytes)", e.name, e.device.size()))
-                .collect::<Vec<_>>()
-                .join(", ")
+            self.exports.iter().map(|e| format!("{:?} ({} bytes)", e.name, e.device.size())).collect::<Vec<_>>().join(", ")
         );
         let state = Arc::new(State::default());
         let acceptor = {
@@ -161,16 +142,9 @@ impl NbdServer {
             thread::Builder::new()
                 .name("nbd-accept".to_string())
                 .spawn(move || accept_loop(&listener, &bound, &exports, &state))
-                .map_err(|source| NbdError::SpawnThread {
-                    name: "nbd-accept".to_string(),
-                    source,
-                })?
+                .map_err(|source| NbdError::SpawnThread { name: "nbd-accept".to_string(), source })?
         };
-        Ok(ServerHandle {
-            listen: bound,
-            state,
-            acceptor: Some(acceptor),
-        })
+        Ok(ServerHandle { listen: bound, state, acceptor: Some(acceptor) })
     }
 
     /// Binds the listener and serves until the accept loop fails; does not return otherwise.
@@ -225,10 +199,7 @@ impl ServerHandle {
                     result = Err(e);
                 }
             } else {
-                warn!(
-                    "nbd: could not wake the accept loop on {}; leaving it",
-                    self.listen
-                );
+                warn!("nbd: could not wake the accept loop on {}; leaving it", self.listen);
             }
         }
         stop_connections(&self.state);
@@ -276,10 +247,7 @@ enum Listener {
 
 impl Listener {
     fn bind(listen: &Listen) -> Result<(Listener, Listen), NbdError> {
-        let bind_err = |source| NbdError::Bind {
-            listen: listen.to_string(),
-            source,
-        };
+        let bind_err = |source| NbdError::Bind { listen: listen.to_string(), source };
         match listen {
             Listen::Tcp(addr) => {
                 let l = TcpListener::bind(addr).map_err(bind_err)?;
@@ -321,24 +289,17 @@ fn remove_stale_socket(path: &std::path::Path) -> Result<(), NbdError> {
             if UnixStream::connect(path).is_ok() {
                 return Err(NbdError::SocketPathInUse {
                     path: path.to_path_buf(),
-                    reason:
-                        "another server is listening on this socket; stop it or choose another path",
+                    reason: "another server is listening on this socket; stop it or choose another path",
                 });
             }
-            fs::remove_file(path).map_err(|source| NbdError::Bind {
-                listen: format!("unix:{}", path.display()),
-                source,
-            })
+            fs::remove_file(path).map_err(|source| NbdError::Bind { listen: format!("unix:{}", path.display()), source })
         }
         Ok(_) => Err(NbdError::SocketPathInUse {
             path: path.to_path_buf(),
             reason: "exists and is not a socket; remove it or choose another path",
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(NbdError::Bind {
-            listen: format!("unix:{}", path.display()),
-            source,
-        }),
+        Err(source) => Err(NbdError::Bind { listen: format!("unix:{}", path.display()), source }),
     }
 }
 
@@ -365,12 +326,7 @@ fn is_fatal_accept_error(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(9 | 22 | 88 | 95))
 }
 
-fn accept_loop(
-    listener: &Listener,
-    bound: &Listen,
-    exports: &Arc<Vec<Export>>,
-    state: &Arc<State>,
-) -> Result<(), NbdError> {
+fn accept_loop(listener: &Listener, bound: &Listen, exports: &Arc<Vec<Export>>, state: &Arc<State>) -> Result<(), NbdError> {
     let mut next_id: u64 = 0;
     loop {
         next_id += 1;
@@ -405,13 +361,11 @@ fn accept_loop(
             let exports = Arc::clone(exports);
             let state = Arc::clone(state);
             let peer = peer.clone();
-            thread::Builder::new()
-                .name(format!("nbd-conn-{id}"))
-                .spawn(move || {
-                    run_connection(stream, &peer, &exports);
-                    lock(&state.conns).live.remove(&id);
-                    state.closed.notify_all();
-                })
+            thread::Builder::new().name(format!("nbd-conn-{id}")).spawn(move || {
+                run_connection(stream, &peer, &exports);
+                lock(&state.conns).live.remove(&id);
+                state.closed.notify_all();
+            })
         };
         match spawned {
             Ok(t) => conns.threads.push(t),
@@ -435,20 +389,13 @@ fn stop_connections(state: &State) {
     while !conns.live.is_empty() {
         let now = Instant::now();
         if now >= deadline {
-            warn!(
-                "nbd: {} connection(s) still busy after {SHUTDOWN_GRACE:?}; closing them",
-                conns.live.len()
-            );
+            warn!("nbd: {} connection(s) still busy after {SHUTDOWN_GRACE:?}; closing them", conns.live.len());
             for stream in conns.live.values() {
                 let _ = stream.shutdown(Shutdown::Both);
             }
             break;
         }
-        conns = state
-            .closed
-            .wait_timeout(conns, deadline - now)
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
+        conns = state.closed.wait_timeout(conns, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
     }
     let threads = std::mem::take(&mut conns.threads);
     drop(conns);
@@ -479,20 +426,12 @@ fn run_connection(stream: Stream, peer: &str, exports: &[Export]) {
 }
 
 fn serve_client(stream: Stream, peer: &str, exports: &[Export]) -> Result<(), NbdError> {
-    stream
-        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-        .map_err(NbdError::HandshakeIo)?;
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(NbdError::HandshakeIo)?;
     let mut writer = stream.try_clone().map_err(NbdError::HandshakeIo)?;
     // The same buffered reader carries over into transmission: it may already hold the
     // first request.
     let mut reader = BufReader::with_capacity(REQUEST_READ_BUFFER, stream);
-    let infos: Vec<ExportInfo> = exports
-        .iter()
-        .map(|e| ExportInfo {
-            name: e.name.clone(),
-            size: e.device.size(),
-        })
-        .collect();
+    let infos: Vec<ExportInfo> = exports.iter().map(|e| ExportInfo { name: e.name.clone(), size: e.device.size() }).collect();
     let index = match handshake::negotiate(&mut reader, &mut writer, &infos, peer)? {
         Outcome::Closed => {
             info!("nbd {peer}: disconnected during negotiation");
@@ -501,29 +440,14 @@ fn serve_client(stream: Stream, peer: &str, exports: &[Export]) -> Result<(), Nb
         Outcome::Transmission { export } => export,
     };
     let export = &exports[index];
-    reader
-        .get_ref()
-        .set_read_timeout(None)
-        .map_err(NbdError::HandshakeIo)?;
-    writer
-        .set_write_timeout(Some(REPLY_WRITE_TIMEOUT))
-        .map_err(NbdError::HandshakeIo)?;
-    info!(
-        "nbd {peer}: serving export {:?} ({} bytes)",
-        export.name, infos[index].size
-    );
+    reader.get_ref().set_read_timeout(None).map_err(NbdError::HandshakeIo)?;
+    writer.set_write_timeout(Some(REPLY_WRITE_TIMEOUT)).map_err(NbdError::HandshakeIo)?;
+    info!("nbd {peer}: serving export {:?} ({} bytes)", export.name, infos[index].size);
     match connection::serve(&mut reader, writer, &export.device, peer) {
         End::Disconnect => info!("nbd {peer}: export {:?}: client disconnected", export.name),
         End::Closed => info!("nbd {peer}: export {:?}: connection closed", export.name),
-        End::ReplyFailed => warn!(
-            "nbd {peer}: export {:?}: connection dropped after a failed reply",
-            export.name
-        ),
-        End::Error(e) => warn!(
-            "nbd {peer}: export {:?}: closing connection: {}",
-            export.name,
-            error_chain(&e)
-        ),
+        End::ReplyFailed => warn!("nbd {peer}: export {:?}: connection dropped after a failed reply", export.name),
+        End::Error(e) => warn!("nbd {peer}: export {:?}: closing connection: {}", export.name, error_chain(&e)),
     }
     Ok(())
 }
@@ -534,34 +458,15 @@ mod tests {
 
     #[test]
     fn listen_parses_unix_and_tcp() {
-        assert_eq!(
-            "unix:/run/h.sock".parse::<Listen>().unwrap(),
-            Listen::Unix(PathBuf::from("/run/h.sock"))
-        );
-        assert_eq!(
-            "tcp:127.0.0.1:10809".parse::<Listen>().unwrap(),
-            Listen::Tcp("127.0.0.1:10809".parse().unwrap())
-        );
-        assert_eq!(
-            "tcp:[::1]:0".parse::<Listen>().unwrap(),
-            Listen::Tcp("[::1]:0".parse().unwrap())
-        );
+        assert_eq!("unix:/run/h.sock".parse::<Listen>().unwrap(), Listen::Unix(PathBuf::from("/run/h.sock")));
+        assert_eq!("tcp:127.0.0.1:10809".parse::<Listen>().unwrap(), Listen::Tcp("127.0.0.1:10809".parse().unwrap()));
+        assert_eq!("tcp:[::1]:0".parse::<Listen>().unwrap(), Listen::Tcp("[::1]:0".parse().unwrap()));
     }
 
     #[test]
     fn listen_rejects_malformed_addresses() {
-        for bad in [
-            "",
-            "unix:",
-            "tcp:",
-            "tcp:localhost:10809",
-            "tcp:1.2.3.4",
-            "/tmp/x.sock",
-        ] {
-            assert!(
-                matches!(bad.parse::<Listen>(), Err(NbdError::InvalidListen { .. })),
-                "{bad:?} parsed"
-            );
+        for bad in ["", "unix:", "tcp:", "tcp:localhost:10809", "tcp:1.2.3.4", "/tmp/x.sock"] {
+            assert!(matches!(bad.parse::<Listen>(), Err(NbdError::InvalidListen { .. })), "{bad:?} parsed");
         }
     }
 

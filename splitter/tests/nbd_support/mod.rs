@@ -96,11 +96,7 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
         }
         thread::sleep(Duration::from_millis(20));
     };
-    Output {
-        status,
-        stdout: out_t.join().unwrap(),
-        stderr: err_t.join().unwrap(),
-    }
+    Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
 }
 
 /// Runs a client program and panics with its output unless it exits 0.
@@ -118,11 +114,7 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 }
 
 pub fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 /// A server on a temporary directory: one zero-filled backing file per export.
@@ -148,13 +140,7 @@ impl TestServer {
         TestServer::start(dir, PathBuf::new(), listen, exports, mode)
     }
 
-    fn start(
-        dir: tempfile::TempDir,
-        socket: PathBuf,
-        listen: Listen,
-        exports: &[(&str, u64)],
-        mode: CompletionMode,
-    ) -> TestServer {
+    fn start(dir: tempfile::TempDir, socket: PathBuf, listen: Listen, exports: &[(&str, u64)], mode: CompletionMode) -> TestServer {
         init_logging();
         let mut devices: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
         for (name, size) in exports {
@@ -166,11 +152,7 @@ impl TestServer {
             devices.push(((*name).to_string(), Arc::new(dev)));
         }
         let handle = NbdServer::new(listen, devices).unwrap().spawn().unwrap();
-        TestServer {
-            dir,
-            socket,
-            handle: Some(handle),
-        }
+        TestServer { dir, socket, handle: Some(handle) }
     }
 
     pub fn backing(&self, export: &str) -> PathBuf {
@@ -262,10 +244,7 @@ impl Raw {
         match self.s.read(&mut b) {
             Ok(0) => true,
             Ok(_) => false,
-            Err(e) => matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-            ),
+            Err(e) => matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe),
         }
     }
 

@@ -2,8 +2,8 @@
 //! it is given and never trusts a length field to size an allocation.
 
 use super::{
-    ProtoError, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, IHAVEOPT, KNOWN_CLIENT_FLAGS,
-    MAX_STRING_LEN, OPTION_HEADER_LEN, REQUEST_LEN, REQUEST_MAGIC,
+    ProtoError, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, IHAVEOPT, KNOWN_CLIENT_FLAGS, MAX_STRING_LEN, OPTION_HEADER_LEN, REQUEST_LEN,
+    REQUEST_MAGIC,
 };
 
 /// The client's answer to the greeting: `{ client flags u32 }`.
@@ -53,11 +53,7 @@ pub struct Request {
 
 fn need(what: &'static str, buf: &[u8], needed: usize) -> Result<(), ProtoError> {
     if buf.len() < needed {
-        return Err(ProtoError::Truncated {
-            what,
-            needed,
-            got: buf.len(),
-        });
+        return Err(ProtoError::Truncated { what, needed, got: buf.len() });
     }
     Ok(())
 }
@@ -87,10 +83,7 @@ pub fn client_flags(buf: &[u8]) -> Result<ClientFlags, ProtoError> {
     if unknown != 0 {
         return Err(ProtoError::UnknownClientFlags(unknown));
     }
-    Ok(ClientFlags {
-        fixed_newstyle: flags & FLAG_C_FIXED_NEWSTYLE != 0,
-        no_zeroes: flags & FLAG_C_NO_ZEROES != 0,
-    })
+    Ok(ClientFlags { fixed_newstyle: flags & FLAG_C_FIXED_NEWSTYLE != 0, no_zeroes: flags & FLAG_C_NO_ZEROES != 0 })
 }
 
 /// Parses an option header.
@@ -98,15 +91,9 @@ pub fn option_header(buf: &[u8]) -> Result<OptionHeader, ProtoError> {
     need("option header", buf, OPTION_HEADER_LEN)?;
     let magic = be_u64(buf, 0);
     if magic != IHAVEOPT {
-        return Err(ProtoError::BadMagic {
-            what: "option header",
-            found: magic,
-        });
+        return Err(ProtoError::BadMagic { what: "option header", found: magic });
     }
-    Ok(OptionHeader {
-        option: be_u32(buf, 8),
-        length: be_u32(buf, 12),
-    })
+    Ok(OptionHeader { option: be_u32(buf, 8), length: be_u32(buf, 12) })
 }
 
 /// Parses the data of `NBD_OPT_INFO` / `NBD_OPT_GO`. The lengths inside must add up to
@@ -116,30 +103,19 @@ pub fn info_request(data: &[u8]) -> Result<InfoRequest<'_>, ProtoError> {
     let name_len = usize::try_from(be_u32(data, 0)).unwrap_or(usize::MAX);
     // The spec: the name length MUST be no larger than the option length - 6.
     if name_len > data.len() - 6 {
-        return Err(ProtoError::MalformedInfoRequest(
-            "name length runs past the option data",
-        ));
+        return Err(ProtoError::MalformedInfoRequest("name length runs past the option data"));
     }
     if name_len > MAX_STRING_LEN {
-        return Err(ProtoError::StringTooLong {
-            what: "export name",
-            len: name_len,
-            max: MAX_STRING_LEN,
-        });
+        return Err(ProtoError::StringTooLong { what: "export name", len: name_len, max: MAX_STRING_LEN });
     }
     let name = &data[4..4 + name_len];
     let rest = &data[4 + name_len..];
     let count = usize::from(be_u16(rest, 0));
     let list = &rest[2..];
     if list.len() != count * 2 {
-        return Err(ProtoError::MalformedInfoRequest(
-            "request count does not match the option length",
-        ));
+        return Err(ProtoError::MalformedInfoRequest("request count does not match the option length"));
     }
-    let requests = list
-        .chunks_exact(2)
-        .map(|c| u16::from_be_bytes([c[0], c[1]]))
-        .collect();
+    let requests = list.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
     Ok(InfoRequest { name, requests })
 }
 
@@ -148,18 +124,9 @@ pub fn request(buf: &[u8]) -> Result<Request, ProtoError> {
     need("request", buf, REQUEST_LEN)?;
     let magic = be_u32(buf, 0);
     if magic != REQUEST_MAGIC {
-        return Err(ProtoError::BadMagic {
-            what: "request",
-            found: u64::from(magic),
-        });
+        return Err(ProtoError::BadMagic { what: "request", found: u64::from(magic) });
     }
-    Ok(Request {
-        flags: be_u16(buf, 4),
-        command: be_u16(buf, 6),
-        handle: be_u64(buf, 8),
-        offset: be_u64(buf, 16),
-        length: be_u32(buf, 24),
-    })
+    Ok(Request { flags: be_u16(buf, 4), command: be_u16(buf, 6), handle: be_u64(buf, 8), offset: be_u64(buf, 16), length: be_u32(buf, 24) })
 }
 
 #[cfg(test)]
@@ -167,14 +134,7 @@ mod tests {
     use super::super::{CMD_FLAG_FUA, CMD_WRITE, INFO_BLOCK_SIZE, INFO_NAME, OPT_GO};
     use super::*;
 
-    fn request_bytes(
-        magic: u32,
-        flags: u16,
-        command: u16,
-        handle: u64,
-        off: u64,
-        len: u32,
-    ) -> Vec<u8> {
+    fn request_bytes(magic: u32, flags: u16, command: u16, handle: u64, off: u64, len: u32) -> Vec<u8> {
         let mut b = Vec::new();
         b.extend_from_slice(&magic.to_be_bytes());
         b.extend_from_slice(&flags.to_be_bytes());
@@ -187,23 +147,10 @@ mod tests {
 
     #[test]
     fn request_parses_every_field() {
-        let b = request_bytes(
-            REQUEST_MAGIC,
-            CMD_FLAG_FUA,
-            CMD_WRITE,
-            0x0102_0304_0506_0708,
-            1 << 40,
-            4096,
-        );
+        let b = request_bytes(REQUEST_MAGIC, CMD_FLAG_FUA, CMD_WRITE, 0x0102_0304_0506_0708, 1 << 40, 4096);
         assert_eq!(
             request(&b).unwrap(),
-            Request {
-                flags: CMD_FLAG_FUA,
-                command: CMD_WRITE,
-                handle: 0x0102_0304_0506_0708,
-                offset: 1 << 40,
-                length: 4096,
-            }
+            Request { flags: CMD_FLAG_FUA, command: CMD_WRITE, handle: 0x0102_0304_0506_0708, offset: 1 << 40, length: 4096 }
         );
     }
 
@@ -221,39 +168,15 @@ mod tests {
     #[test]
     fn request_bad_magic_is_rejected() {
         let b = request_bytes(0x1256_0953, 0, 0, 1, 0, 512);
-        assert!(matches!(
-            request(&b),
-            Err(ProtoError::BadMagic {
-                what: "request",
-                found: 0x1256_0953
-            })
-        ));
+        assert!(matches!(request(&b), Err(ProtoError::BadMagic { what: "request", found: 0x1256_0953 })));
     }
 
     #[test]
     fn client_flags_accepts_known_and_rejects_unknown_bits() {
-        assert_eq!(
-            client_flags(&3u32.to_be_bytes()).unwrap(),
-            ClientFlags {
-                fixed_newstyle: true,
-                no_zeroes: true
-            }
-        );
-        assert_eq!(
-            client_flags(&0u32.to_be_bytes()).unwrap(),
-            ClientFlags {
-                fixed_newstyle: false,
-                no_zeroes: false
-            }
-        );
-        assert!(matches!(
-            client_flags(&5u32.to_be_bytes()),
-            Err(ProtoError::UnknownClientFlags(4))
-        ));
-        assert!(matches!(
-            client_flags(&[0, 0, 1]),
-            Err(ProtoError::Truncated { .. })
-        ));
+        assert_eq!(client_flags(&3u32.to_be_bytes()).unwrap(), ClientFlags { fixed_newstyle: true, no_zeroes: true });
+        assert_eq!(client_flags(&0u32.to_be_bytes()).unwrap(), ClientFlags { fixed_newstyle: false, no_zeroes: false });
+        assert!(matches!(client_flags(&5u32.to_be_bytes()), Err(ProtoError::UnknownClientFlags(4))));
+        assert!(matches!(client_flags(&[0, 0, 1]), Err(ProtoError::Truncated { .. })));
     }
 
     #[test]
@@ -261,22 +184,10 @@ mod tests {
         let mut b = IHAVEOPT.to_be_bytes().to_vec();
         b.extend_from_slice(&OPT_GO.to_be_bytes());
         b.extend_from_slice(&10u32.to_be_bytes());
-        assert_eq!(
-            option_header(&b).unwrap(),
-            OptionHeader {
-                option: OPT_GO,
-                length: 10
-            }
-        );
-        assert!(matches!(
-            option_header(&b[..15]),
-            Err(ProtoError::Truncated { .. })
-        ));
+        assert_eq!(option_header(&b).unwrap(), OptionHeader { option: OPT_GO, length: 10 });
+        assert!(matches!(option_header(&b[..15]), Err(ProtoError::Truncated { .. })));
         b[0] ^= 0xff;
-        assert!(matches!(
-            option_header(&b),
-            Err(ProtoError::BadMagic { .. })
-        ));
+        assert!(matches!(option_header(&b), Err(ProtoError::BadMagic { .. })));
     }
 
     fn info_bytes(name: &[u8], requests: &[u16]) -> Vec<u8> {
@@ -305,39 +216,24 @@ mod tests {
         // Name length past the end (would need 4 GiB of data).
         let mut b = info_bytes(b"disk0", &[]);
         b[..4].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(matches!(
-            info_request(&b),
-            Err(ProtoError::MalformedInfoRequest(_))
-        ));
+        assert!(matches!(info_request(&b), Err(ProtoError::MalformedInfoRequest(_))));
         // Count says two requests, one present.
         let mut b = info_bytes(b"disk0", &[INFO_NAME]);
         let at = 4 + 5;
         b[at..at + 2].copy_from_slice(&2u16.to_be_bytes());
-        assert!(matches!(
-            info_request(&b),
-            Err(ProtoError::MalformedInfoRequest(_))
-        ));
+        assert!(matches!(info_request(&b), Err(ProtoError::MalformedInfoRequest(_))));
         // Trailing garbage.
         let mut b = info_bytes(b"disk0", &[INFO_NAME]);
         b.push(0);
-        assert!(matches!(
-            info_request(&b),
-            Err(ProtoError::MalformedInfoRequest(_))
-        ));
+        assert!(matches!(info_request(&b), Err(ProtoError::MalformedInfoRequest(_))));
         // Too short for the fixed fields.
-        assert!(matches!(
-            info_request(&[0, 0, 0, 0, 0]),
-            Err(ProtoError::Truncated { .. })
-        ));
+        assert!(matches!(info_request(&[0, 0, 0, 0, 0]), Err(ProtoError::Truncated { .. })));
     }
 
     #[test]
     fn info_request_with_overlong_name_is_rejected() {
         let name = vec![b'a'; MAX_STRING_LEN + 1];
         let b = info_bytes(&name, &[]);
-        assert!(matches!(
-            info_request(&b),
-            Err(ProtoError::StringTooLong { .. })
-        ));
+        assert!(matches!(info_request(&b), Err(ProtoError::StringTooLong { .. })));
     }
 }

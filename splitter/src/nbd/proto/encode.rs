@@ -1,9 +1,8 @@
 //! Messages the server sends, encoded into caller-owned buffers.
 
 use super::{
-    ProtoError, EXPORT_NAME_REPLY_LEN, EXPORT_NAME_ZERO_PAD_LEN, GREETING_LEN, IHAVEOPT,
-    INFO_BLOCK_SIZE, INFO_BLOCK_SIZE_LEN, INFO_DESCRIPTION, INFO_EXPORT, INFO_EXPORT_LEN,
-    INFO_NAME, MAX_STRING_LEN, NBDMAGIC, OPTION_REPLY_HEADER_LEN, OPTION_REPLY_MAGIC,
+    ProtoError, EXPORT_NAME_REPLY_LEN, EXPORT_NAME_ZERO_PAD_LEN, GREETING_LEN, IHAVEOPT, INFO_BLOCK_SIZE, INFO_BLOCK_SIZE_LEN,
+    INFO_DESCRIPTION, INFO_EXPORT, INFO_EXPORT_LEN, INFO_NAME, MAX_STRING_LEN, NBDMAGIC, OPTION_REPLY_HEADER_LEN, OPTION_REPLY_MAGIC,
     SIMPLE_REPLY_LEN, SIMPLE_REPLY_MAGIC,
 };
 
@@ -18,12 +17,7 @@ pub fn greeting(handshake_flags: u16) -> [u8; GREETING_LEN] {
 
 /// Appends an option reply: `{ REPLY_MAGIC u64 | option u32 | reply type u32 | length u32 }
 /// · data`.
-pub fn option_reply(
-    out: &mut Vec<u8>,
-    option: u32,
-    reply_type: u32,
-    data: &[u8],
-) -> Result<(), ProtoError> {
+pub fn option_reply(out: &mut Vec<u8>, option: u32, reply_type: u32, data: &[u8]) -> Result<(), ProtoError> {
     let len = u32::try_from(data.len()).map_err(|_| ProtoError::ReplyTooLong(data.len()))?;
     out.reserve(OPTION_REPLY_HEADER_LEN + data.len());
     out.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
@@ -36,11 +30,7 @@ pub fn option_reply(
 
 /// Checks a string against the protocol's limit; returns its bytes and its length as sent.
 fn checked_string<'a>(what: &'static str, s: &'a str) -> Result<(&'a [u8], u32), ProtoError> {
-    let too_long = ProtoError::StringTooLong {
-        what,
-        len: s.len(),
-        max: MAX_STRING_LEN,
-    };
+    let too_long = ProtoError::StringTooLong { what, len: s.len(), max: MAX_STRING_LEN };
     if s.len() > MAX_STRING_LEN {
         return Err(too_long);
     }
@@ -155,14 +145,8 @@ mod tests {
     #[test]
     fn overlong_strings_are_refused() {
         let long = "x".repeat(MAX_STRING_LEN + 1);
-        assert!(matches!(
-            rep_server_data(&long),
-            Err(ProtoError::StringTooLong { .. })
-        ));
-        assert!(matches!(
-            info_name(&long),
-            Err(ProtoError::StringTooLong { .. })
-        ));
+        assert!(matches!(rep_server_data(&long), Err(ProtoError::StringTooLong { .. })));
+        assert!(matches!(info_name(&long), Err(ProtoError::StringTooLong { .. })));
         assert!(rep_server_data(&long[..MAX_STRING_LEN]).is_ok());
     }
 

@@ -1,0 +1,665 @@
+//! The agent's one connection to the engine: the hello, then pipelined writes and their
+//! acknowledgements (docs/wire-protocol.md).
+//!
+//! ```text
+//! agent → engine:  Write    { frame header | req_id | offset | length | disk | kind | flags | data }
+//! engine → agent:  WriteAck { frame header | req_id | seq | status | reserved }
+//! ```
+//!
+//! [`EngineLink::submit`] gives each write the next `req_id`, keeps it (data included) in the
+//! pending map, and sends it as one frame under the writer mutex. An ack-reader thread takes
+//! each `WriteAck`, removes the write from the pending map and runs its completion.
+//!
+//! When the connection is lost, a supervisor thread reconnects with backoff (100 ms doubling
+//! to 5 s) and redoes the hello. Until then new writes only join the pending map; once the
+//! hello is accepted, every pending write is sent again in `req_id` order (its original
+//! order) before the link takes new writes. If the engine stays unreachable longer than the
+//! engine timeout, every pending write fails with EIO, new writes fail at once until the link
+//! is back, and the volumes concerned are remembered as lacking writes on the replica: they
+//! need a resync.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use hindsight_consistency::record::MAX_WRITE_LEN;
+use hindsight_consistency::wire::frame::{encode_header, FRAME_HEADER_LEN};
+use hindsight_consistency::wire::{
+    decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, DiskHello, ErrorMessage, FrameError, FrameType,
+    WriteAck, WriteMsg, PROTOCOL_VERSION,
+};
+use hindsight_consistency::{Seq, WriteKind};
+use log::{debug, error, info, warn};
+use thiserror::Error;
+
+use crate::block::BlockError;
+
+/// How long the engine may stay unreachable before pending and new writes fail with EIO.
+/// (An `agent.toml` key in a later version.)
+pub const ENGINE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// First pause between reconnection attempts; it doubles up to [`MAX_BACKOFF`].
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Longest pause between reconnection attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How long one TCP connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the engine may take to answer the hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the link needs to know to connect.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// Engine address, `host:port`.
+    pub engine: String,
+    /// This VM's name, sent in the hello.
+    pub vm: String,
+    /// The disks, in disk-number order.
+    pub disks: Vec<DiskHello>,
+    /// How long [`EngineLink::connect`] keeps trying while the engine is not up yet.
+    pub connect_wait: Duration,
+    /// How long the engine may stay unreachable before writes fail (normally
+    /// [`ENGINE_TIMEOUT`]).
+    pub engine_timeout: Duration,
+}
+
+/// Why the link could not be set up.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// The engine did not accept a connection within the wait.
+    #[error("cannot reach the engine at {engine} (tried for {waited:.1?}); start the engine, or fix `engine` in the [agent] section")]
+    Unreachable {
+        /// The address tried.
+        engine: String,
+        /// How long it was tried.
+        waited: Duration,
+        /// The last failure.
+        #[source]
+        source: io::Error,
+    },
+    /// The connection was made but the hello exchange failed.
+    #[error("hello exchange with the engine at {engine} failed")]
+    Handshake {
+        /// The address.
+        engine: String,
+        /// What went wrong.
+        #[source]
+        source: FrameError,
+    },
+    /// The engine refused this agent (its configuration does not match).
+    #[error("the engine at {engine} refused this agent: {message}")]
+    Refused {
+        /// The address.
+        engine: String,
+        /// The engine's explanation.
+        message: String,
+    },
+    /// More disks than a `Write` can number.
+    #[error("{0} disks configured; at most 65535 can be served")]
+    TooManyDisks(usize),
+    /// The supervisor thread could not be started.
+    #[error("cannot start the engine link thread")]
+    Spawn(#[source] io::Error),
+}
+
+/// What one write carries to the engine. The data is shared so that it can stay in the
+/// pending map, for re-sending after a reconnection, while the local write uses it.
+#[derive(Debug, Clone)]
+pub enum WriteBody {
+    /// These bytes.
+    Data(Arc<Vec<u8>>),
+    /// This many bytes read back as zeroes.
+    Zeroes(u32),
+    /// This many bytes are discarded.
+    Trim(u32),
+}
+
+impl WriteBody {
+    /// The record kind on the wire.
+    pub fn kind(&self) -> WriteKind {
+        match self {
+            WriteBody::Data(_) => WriteKind::Data,
+            WriteBody::Zeroes(_) => WriteKind::Zeroes,
+            WriteBody::Trim(_) => WriteKind::Trim,
+        }
+    }
+
+    /// Bytes of the volume covered (`None` when too many for one write).
+    fn length(&self) -> Option<u32> {
+        match self {
+            WriteBody::Data(d) => u32::try_from(d.len()).ok(),
+            WriteBody::Zeroes(len) | WriteBody::Trim(len) => Some(*len),
+        }
+    }
+
+    fn data(&self) -> &[u8] {
+        match self {
+            WriteBody::Data(d) => d,
+            WriteBody::Zeroes(_) | WriteBody::Trim(_) => &[],
+        }
+    }
+}
+
+/// Runs once when the engine has answered a write: its group sequence number, or why it
+/// failed.
+pub type LinkDone = Box<dyn FnOnce(Result<Seq, BlockError>) + Send + 'static>;
+
+/// One write as it goes on the wire; kept until acknowledged, to be sent again after a
+/// reconnection.
+#[derive(Clone)]
+struct Outgoing {
+    disk: u16,
+    offset: u64,
+    length: u32,
+    body: WriteBody,
+}
+
+/// A write the engine has not acknowledged yet.
+struct Pending {
+    write: Outgoing,
+    done: LinkDone,
+}
+
+/// Where the connection stands; changes only under the writer mutex.
+enum State {
+    /// Connected: writes are sent at once.
+    Up(TcpStream),
+    /// Lost at `since`: writes wait in the pending map for the reconnection.
+    Reconnecting { since: Instant },
+    /// Unreachable for longer than the engine timeout: writes fail at once.
+    Failed,
+    /// The owner dropped the link.
+    Closed,
+}
+
+struct Writer {
+    state: State,
+    next_req: u64,
+    /// The frame being sent, reused from one write to the next.
+    scratch: Vec<u8>,
+}
+
+struct Inner {
+    engine: String,
+    hello: Vec<u8>,
+    volumes: Vec<String>,
+    engine_timeout: Duration,
+    /// Lock order: `writer`, then `pending`. The ack reader takes only `pending`, so acks
+    /// keep flowing while a sender is blocked on a full socket.
+    writer: Mutex<Writer>,
+    pending: Mutex<BTreeMap<u64, Pending>>,
+    /// Disk numbers whose replica lacks writes that failed or were refused by the engine.
+    diverged: Mutex<BTreeSet<u16>>,
+}
+
+/// The agent's connection to the engine, shared by all its disks. Dropping it closes the
+/// connection and fails every write still pending with ESHUTDOWN.
+pub struct EngineLink {
+    inner: Arc<Inner>,
+    /// Dropped with the link, which wakes the supervisor out of its backoff sleep.
+    _close: Sender<()>,
+}
+
+/// Takes a lock even if a thread panicked while holding it: the guarded state (a map, a
+/// socket and counters) stays consistent between statements.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl EngineLink {
+    /// Connects to the engine and exchanges the hello, retrying for up to
+    /// `config.connect_wait` while the engine is not up. A refusal by the engine (its
+    /// configuration does not match this agent's) is returned at once.
+    pub fn connect(config: LinkConfig) -> Result<EngineLink, LinkError> {
+        if config.disks.len() > usize::from(u16::MAX) {
+            return Err(LinkError::TooManyDisks(config.disks.len()));
+        }
+        let volumes: Vec<String> = config.disks.iter().map(|d| d.volume.clone()).collect();
+        let hello = encode_message(&AgentHello { protocol: PROTOCOL_VERSION, vm: config.vm.clone(), disks: config.disks.clone() });
+        let stream = first_connection(&config, &hello)?;
+        let writer = stream.try_clone().map_err(|e| LinkError::Handshake { engine: config.engine.clone(), source: FrameError::Io(e) })?;
+        info!("engine link to {} up; replicating volumes {}", config.engine, volumes.join(", "));
+        let inner = Arc::new(Inner {
+            engine: config.engine,
+            hello,
+            volumes,
+            engine_timeout: config.engine_timeout,
+            writer: Mutex::new(Writer {
+                // Acks that come before the supervisor's reader starts wait in the socket.
+                state: State::Up(writer),
+                next_req: 1,
+                scratch: Vec::new(),
+            }),
+            pending: Mutex::new(BTreeMap::new()),
+            diverged: Mutex::new(BTreeSet::new()),
+        });
+        let (close, closed) = crossbeam_channel::bounded(0);
+        let supervised = Arc::clone(&inner);
+        thread::Builder::new()
+            .name("engine-link".to_string())
+            .spawn(move || supervise(&supervised, stream, &closed))
+            .map_err(LinkError::Spawn)?;
+        Ok(EngineLink { inner, _close: close })
+    }
+
+    /// Sends one write of disk number `disk` to the engine; `done` runs once the engine has
+    /// acknowledged it (in cdp mode: it is durable in the engine's journal) or the write has
+    /// failed. `done` may run on this thread before `submit` returns.
+    pub fn submit(&self, disk: u16, offset: u64, body: WriteBody, done: LinkDone) {
+        let length = match body.length() {
+            Some(len) if len > 0 && len <= MAX_WRITE_LEN && usize::from(disk) < self.inner.volumes.len() => len,
+            _ => return done(Err(BlockError::Invalid)),
+        };
+        let inner = &*self.inner;
+        let mut guard = lock(&inner.writer);
+        let w = &mut *guard;
+        let failure = match &w.state {
+            State::Closed => BlockError::Shutdown,
+            State::Failed => {
+                lock(&inner.diverged).insert(disk);
+                BlockError::Io
+            }
+            State::Reconnecting { .. } | State::Up(_) => {
+                let req_id = w.next_req;
+                w.next_req += 1;
+                let write = Outgoing { disk, offset, length, body };
+                let up = matches!(w.state, State::Up(_));
+                if up {
+                    encode_write(&mut w.scratch, req_id, &write);
+                }
+                // In the map before it is on the wire, so that its ack finds it. While the
+                // link is down it waits there, to be sent by `go_up`.
+                lock(&inner.pending).insert(req_id, Pending { write, done });
+                if let State::Up(stream) = &mut w.state {
+                    if let Err(e) = stream.write_all(&w.scratch) {
+                        inner.lose(&mut w.state, &format!("sending a write failed: {e}"));
+                    }
+                }
+                return;
+            }
+        };
+        drop(guard);
+        done(Err(failure));
+    }
+
+    /// The engine's address.
+    pub fn engine(&self) -> &str {
+        &self.inner.engine
+    }
+
+    /// True while connected and taking writes.
+    pub fn is_connected(&self) -> bool {
+        matches!(lock(&self.inner.writer).state, State::Up(_))
+    }
+
+    /// Writes sent or waiting to be sent, not yet acknowledged.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.inner.pending).len()
+    }
+
+    /// Volumes whose replica lacks writes (failed while the engine was unreachable, or
+    /// refused by it) and so need a resync.
+    pub fn diverged_volumes(&self) -> Vec<String> {
+        lock(&self.inner.diverged).iter().map(|&d| self.inner.volumes[usize::from(d)].clone()).collect()
+    }
+}
+
+impl Drop for EngineLink {
+    fn drop(&mut self) {
+        let mut w = lock(&self.inner.writer);
+        if let State::Up(stream) = &w.state {
+            // Ends the ack reader; the supervisor then sees the link closed.
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        w.state = State::Closed;
+    }
+}
+
+/// Connects at start, retrying with backoff for up to `config.connect_wait`; a refusal by
+/// the engine is returned at once.
+fn first_connection(config: &LinkConfig, hello: &[u8]) -> Result<TcpStream, LinkError> {
+    let engine = config.engine.clone();
+    let started = Instant::now();
+    let mut backoff = FIRST_BACKOFF;
+    let mut last_failure = String::new();
+    loop {
+        let failure = match hello_exchange(&config.engine, hello, config.engine_timeout) {
+            Ok(stream) => return Ok(stream),
+            Err(Attempt::Refused(message)) => return Err(LinkError::Refused { engine, message }),
+            Err(failure) => failure,
+        };
+        let waited = started.elapsed();
+        if waited >= config.connect_wait {
+            return Err(match failure {
+                Attempt::Connect(source) => LinkError::Unreachable { engine, waited, source },
+                Attempt::Hello(source) => LinkError::Handshake { engine, source },
+                Attempt::Refused(message) => LinkError::Refused { engine, message },
+            });
+        }
+        let failure = failure.to_string();
+        if failure != last_failure {
+            info!("engine {engine} not ready ({failure}); retrying for up to {:?}", config.connect_wait);
+            last_failure = failure;
+        }
+        thread::sleep(backoff.min(config.connect_wait - waited));
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Why one connection attempt failed.
+#[derive(Debug)]
+enum Attempt {
+    Connect(io::Error),
+    Hello(FrameError),
+    Refused(String),
+}
+
+impl std::fmt::Display for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Attempt::Connect(e) => write!(f, "connecting: {e}"),
+            Attempt::Hello(e) => write!(f, "hello: {e}"),
+            Attempt::Refused(m) => write!(f, "refused: {m}"),
+        }
+    }
+}
+
+/// Connects, sends the hello and waits for the welcome.
+fn hello_exchange(engine: &str, hello: &[u8], write_timeout: Duration) -> Result<TcpStream, Attempt> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
+    let mut stream = None;
+    for addr in engine.to_socket_addrs().map_err(Attempt::Connect)? {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(e) => last = e,
+        }
+    }
+    let mut stream = stream.ok_or(Attempt::Connect(last))?;
+    let io_err = |e: io::Error| Attempt::Hello(FrameError::Io(e));
+    // Writes are small and latency-bound; do not let Nagle hold them back.
+    stream.set_nodelay(true).map_err(io_err)?;
+    stream.set_read_timeout(Some(HELLO_TIMEOUT)).map_err(io_err)?;
+    write_frame(&mut stream, FrameType::AgentHello, hello, &mut Vec::new()).map_err(io_err)?;
+    let mut payload = Vec::new();
+    match read_frame(&mut stream, &mut payload).map_err(Attempt::Hello)? {
+        FrameType::AgentWelcome => {
+            let welcome: AgentWelcome = decode_message("AgentWelcome", &payload).map_err(Attempt::Hello)?;
+            debug!("engine {engine} ({}) speaks protocol {}", welcome.engine, welcome.protocol);
+        }
+        FrameType::Error => {
+            let e: ErrorMessage = decode_message("Error", &payload).map_err(Attempt::Hello)?;
+            return Err(Attempt::Refused(e.message));
+        }
+        got => return Err(Attempt::Hello(FrameError::Unexpected { got, expected: "AgentWelcome or Error" })),
+    }
+    stream.set_read_timeout(None).map_err(io_err)?;
+    // An engine that stops reading holds the writer mutex at most this long before the
+    // connection counts as lost.
+    stream.set_write_timeout(Some(write_timeout)).map_err(io_err)?;
+    Ok(stream)
+}
+
+/// Builds the whole `Write` frame of `p` in `scratch`.
+fn encode_write(scratch: &mut Vec<u8>, req_id: u64, p: &Outgoing) {
+    let msg = WriteMsg { req_id, offset: p.offset, length: p.length, disk: p.disk, kind: p.body.kind() };
+    scratch.clear();
+    scratch.resize(FRAME_HEADER_LEN, 0);
+    scratch.extend_from_slice(&msg.encode_header());
+    scratch.extend_from_slice(p.body.data());
+    let header = encode_header(FrameType::Write, &scratch[FRAME_HEADER_LEN..]);
+    scratch[..FRAME_HEADER_LEN].copy_from_slice(&header);
+}
+
+/// Owns the connection's life: runs an ack reader per connection, and reconnects when it
+/// ends, until the link is dropped. `reader` reads the first connection, which is up already.
+fn supervise(inner: &Arc<Inner>, mut reader: TcpStream, closed: &Receiver<()>) {
+    // A new connection, to bring up once its ack reader runs.
+    let mut fresh: Option<TcpStream> = None;
+    'connections: loop {
+        let for_acks = Arc::clone(inner);
+        let acks = thread::Builder::new().name("engine-acks".to_string()).spawn(move || read_acks(&for_acks, reader));
+        let reason = match acks {
+            Ok(acks) => {
+                if let Some(stream) = fresh.take() {
+                    // Acks are read while the pending writes go out again, so a long resend
+                    // cannot fill both directions of the socket and stall.
+                    inner.go_up(stream);
+                }
+                acks.join().unwrap_or_else(|_| FrameError::Peer("the ack reader panicked".into())).to_string()
+            }
+            Err(e) => {
+                // Closed before reconnecting: the engine keeps the volumes attached while it
+                // is open.
+                drop(fresh.take());
+                format!("cannot start the ack reader: {e}")
+            }
+        };
+        {
+            let mut w = lock(&inner.writer);
+            if matches!(w.state, State::Closed) {
+                break;
+            }
+            inner.lose(&mut w.state, &reason);
+        }
+        reader = loop {
+            let Some(stream) = reconnect(inner, closed) else { break 'connections };
+            match stream.try_clone() {
+                Ok(r) => {
+                    fresh = Some(stream);
+                    break r;
+                }
+                Err(e) => warn!("engine {}: {e}", inner.engine),
+            }
+        };
+    }
+    let left = std::mem::take(&mut *lock(&inner.pending));
+    if !left.is_empty() {
+        warn!("engine link to {} closed with {} write(s) unacknowledged", inner.engine, left.len());
+    }
+    for p in left.into_values() {
+        (p.done)(Err(BlockError::Shutdown));
+    }
+}
+
+/// Reads acknowledgements until the connection ends; returns why it ended.
+fn read_acks(inner: &Inner, mut stream: TcpStream) -> FrameError {
+    let mut payload = Vec::new();
+    loop {
+        let ack = match read_frame(&mut stream, &mut payload) {
+            Ok(FrameType::WriteAck) => match WriteAck::decode(&payload) {
+                Ok(ack) => ack,
+                Err(e) => return e,
+            },
+            Ok(FrameType::Error) => {
+                return match decode_message::<ErrorMessage>("Error", &payload) {
+                    Ok(e) => FrameError::Peer(e.message),
+                    Err(e) => e,
+                }
+            }
+            Ok(got) => return FrameError::Unexpected { got, expected: "WriteAck" },
+            Err(e) => return e,
+        };
+        inner.complete(ack);
+    }
+}
+
+/// Tries to reconnect, with backoff, until it succeeds or the link is dropped (`None`).
+/// Fails the pending writes once the engine has been unreachable for the engine timeout.
+fn reconnect(inner: &Inner, closed: &Receiver<()>) -> Option<TcpStream> {
+    let mut backoff = FIRST_BACKOFF;
+    let mut last_failure = String::new();
+    loop {
+        let pause = match inner.expire() {
+            Some(deadline) => backoff.min(deadline.saturating_duration_since(Instant::now())),
+            None => backoff,
+        };
+        match closed.recv_timeout(pause) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => return None,
+        }
+        match hello_exchange(&inner.engine, &inner.hello, inner.engine_timeout) {
+            Ok(stream) => return Some(stream),
+            Err(failure) => {
+                let failure = failure.to_string();
+                if failure != last_failure {
+                    warn!("engine {} still unreachable: {failure}", inner.engine);
+                    last_failure = failure;
+                }
+            }
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+impl Inner {
+    /// Marks the connection lost (if it was up) and closes its socket, which ends the ack
+    /// reader. The pending writes stay, to be sent again.
+    fn lose(&self, state: &mut State, reason: &str) {
+        if let State::Up(stream) = &*state {
+            let _ = stream.shutdown(Shutdown::Both);
+            warn!(
+                "engine link to {} lost: {reason}; reconnecting, {} write(s) in flight will be sent again",
+                self.engine,
+                lock(&self.pending).len()
+            );
+            *state = State::Reconnecting { since: Instant::now() };
+        }
+    }
+
+    /// On a fresh connection: sends every pending write again in its original order, then
+    /// lets new writes through.
+    fn go_up(&self, mut stream: TcpStream) {
+        let mut w = lock(&self.writer);
+        let w = &mut *w;
+        if matches!(w.state, State::Closed) {
+            let _ = stream.shutdown(Shutdown::Both);
+            return;
+        }
+        // Later writes cannot be submitted while the writer mutex is held, so this is every
+        // write that must go before them.
+        let resend: Vec<(u64, Outgoing)> = lock(&self.pending).iter().map(|(&req_id, p)| (req_id, p.write.clone())).collect();
+        if matches!(w.state, State::Failed) {
+            error!(
+                "engine link to {} is back; the replica still lacks the writes that failed while it was down: volume(s) {} need a resync",
+                self.engine,
+                self.diverged_list()
+            );
+        } else if !resend.is_empty() {
+            info!("engine link to {} is back; sending the {} write(s) waiting for it, in their original order", self.engine, resend.len());
+        }
+        for (req_id, p) in &resend {
+            encode_write(&mut w.scratch, *req_id, p);
+            if let Err(e) = stream.write_all(&w.scratch) {
+                warn!("engine {}: sending writes again failed: {e}", self.engine);
+                // The ack reader ends and the supervisor reconnects; the state stays down.
+                let _ = stream.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+        w.state = State::Up(stream);
+    }
+
+    /// Runs the completion of an acknowledged write.
+    fn complete(&self, ack: WriteAck) {
+        let Some(p) = lock(&self.pending).remove(&ack.req_id) else {
+            warn!("engine {} acknowledged unknown write {}; ignored", self.engine, ack.req_id);
+            return;
+        };
+        if ack.status == 0 {
+            return (p.done)(Ok(ack.seq));
+        }
+        let w = &p.write;
+        lock(&self.diverged).insert(w.disk);
+        error!(
+            "engine {} failed the write to volume {} at offset {} ({} bytes, {}): errno {}",
+            self.engine,
+            self.volumes[usize::from(w.disk)],
+            w.offset,
+            w.length,
+            w.body.kind().as_str(),
+            ack.status
+        );
+        (p.done)(Err(BlockError::Io));
+    }
+
+    /// If the link has been down for the engine timeout, fails every pending write and turns
+    /// to failing new writes at once. Returns when that will happen, if it has not yet.
+    fn expire(&self) -> Option<Instant> {
+        let mut w = lock(&self.writer);
+        let State::Reconnecting { since } = w.state else {
+            return None;
+        };
+        let deadline = since + self.engine_timeout;
+        if Instant::now() < deadline {
+            return Some(deadline);
+        }
+        w.state = State::Failed;
+        let failed = std::mem::take(&mut *lock(&self.pending));
+        drop(w);
+        let lacking: BTreeSet<u16> = failed.values().map(|p| p.write.disk).collect();
+        lock(&self.diverged).extend(&lacking);
+        let names: Vec<&str> = lacking.iter().map(|&d| self.volumes[usize::from(d)].as_str()).collect();
+        error!(
+            "engine {} unreachable for {:?}: failing {} pending write(s), and every new write with EIO until it is back; \
+             the replica now lacks writes, so volume(s) {} (and any whose writes fail from now on) will need a resync",
+            self.engine,
+            self.engine_timeout,
+            failed.len(),
+            if names.is_empty() { "(none yet)".to_string() } else { names.join(", ") }
+        );
+        for p in failed.into_values() {
+            (p.done)(Err(BlockError::Io));
+        }
+        None
+    }
+
+    fn diverged_list(&self) -> String {
+        let names: Vec<String> = lock(&self.diverged).iter().map(|&d| self.volumes[usize::from(d)].clone()).collect();
+        if names.is_empty() {
+            "(none)".to_string()
+        } else {
+            names.join(", ")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_frame_decodes_back() {
+        let p = Outgoing { disk: 3, offset: 8192, length: 5, body: WriteBody::Data(Arc::new(b"hello".to_vec())) };
+        let mut scratch = Vec::new();
+        encode_write(&mut scratch, 42, &p);
+        let mut payload = Vec::new();
+        let ftype = read_frame(&mut &scratch[..], &mut payload).unwrap();
+        assert_eq!(ftype, FrameType::Write);
+        let (msg, data) = WriteMsg::decode(&payload).unwrap();
+        assert_eq!(msg, WriteMsg { req_id: 42, offset: 8192, length: 5, disk: 3, kind: WriteKind::Data });
+        assert_eq!(data, b"hello");
+    }
+
+    #[test]
+    fn zeroes_frame_carries_no_data() {
+        let p = Outgoing { disk: 0, offset: 0, length: 1 << 20, body: WriteBody::Trim(1 << 20) };
+        let mut scratch = vec![0xaa; 100];
+        encode_write(&mut scratch, 7, &p);
+        assert_eq!(scratch.len(), FRAME_HEADER_LEN + 24);
+        let mut payload = Vec::new();
+        read_frame(&mut &scratch[..], &mut payload).unwrap();
+        let (msg, data) = WriteMsg::decode(&payload).unwrap();
+        assert_eq!((msg.kind, msg.length, data.len()), (WriteKind::Trim, 1 << 20, 0));
+    }
+}
