@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Benchmarks hindsight-agent (replicating in cdp mode to an engine and a target on this
+# machine) against qemu-nbd and nbdkit serving the same kind of backing file, in the same run,
+# with fio's nbd engine. Prints IOPS, MB/s, p50/p99 completion latency and the ratios.
+#
+#   HS_BENCH_RUNTIME=20   seconds per fio job      HS_BENCH_SIZE=1G   backing file size
+#   HS_BENCH_DIR=dir      where files go (default: a new temporary directory)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
+RUNTIME=${HS_BENCH_RUNTIME:-20}
+SIZE=${HS_BENCH_SIZE:-1G}
+"$ROOT/scripts/install-deps.sh"
+(cd "$ROOT" && cargo build --release --workspace --bins -q)
+BIN=$ROOT/target/release
+WORK=${HS_BENCH_DIR:-$(mktemp -d /tmp/hindsight-bench.XXXXXX)}
+mkdir -p "$WORK"
+RESULTS=$WORK/results.tsv
+: >"$RESULTS"
+
+JOBS=(
+  "4k-randwrite-qd32|--rw=randwrite --bs=4k --iodepth=32"
+  "4k-randwrite-qd1|--rw=randwrite --bs=4k --iodepth=1"
+  "1m-seqwrite-qd8|--rw=write --bs=1m --iodepth=8"
+  "4k-randread-qd32|--rw=randread --bs=4k --iodepth=32"
+)
+
+# fio_run NAME URI JOBNAME FIO-ARGS: one fio run, one line of results.
+fio_run() {
+  local server=$1 uri=$2 job=$3 args=$4 json=$WORK/$1-$3.json
+  # shellcheck disable=SC2086
+  fio --name="$job" --ioengine=nbd --uri="$uri" $args --size="$SIZE" --time_based --runtime="$RUNTIME" \
+      --ramp_time=2 --numjobs=1 --group_reporting --output-format=json --output="$json" >/dev/null
+  python3 - "$json" "$server" "$job" >>"$RESULTS" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))["jobs"][0]
+op = d["write"] if d["write"]["io_bytes"] > 0 else d["read"]
+pct = op["clat_ns"].get("percentile", {})
+print("\t".join([sys.argv[2], sys.argv[3], "%.0f" % op["iops"], "%.1f" % (op["bw_bytes"] / 1e6),
+                 "%.0f" % (pct.get("50.000000", 0) / 1e3), "%.0f" % (pct.get("99.000000", 0) / 1e3)]))
+PY
+}
+
+bench_server() { # NAME URI
+  local j
+  for j in "${JOBS[@]}"; do fio_run "$1" "$2" "${j%%|*}" "${j#*|}"; done
+}
+
+fresh_file() { rm -f "$1"; truncate -s "$SIZE" "$1"; }
+
+echo "== qemu-nbd (default cache: writeback)"
+fresh_file "$WORK/qemu.img"
+hs_spawn qemu-nbd "$WORK/qemu-nbd.log" qemu-nbd -f raw -k "$WORK/qemu.sock" "$WORK/qemu.img"
+QPID=$HS_PID
+hs_wait_sock "$WORK/qemu.sock"
+bench_server qemu-nbd "nbd+unix:///?socket=$WORK/qemu.sock"
+kill "$QPID"; wait "$QPID" 2>/dev/null || true
+
+echo "== nbdkit file plugin"
+fresh_file "$WORK/nbdkit.img"
+hs_spawn nbdkit "$WORK/nbdkit.log" nbdkit -f -U "$WORK/nbdkit.sock" file "$WORK/nbdkit.img"
+NPID=$HS_PID
+hs_wait_sock "$WORK/nbdkit.sock"
+bench_server nbdkit "nbd+unix:///?socket=$WORK/nbdkit.sock"
+kill "$NPID"; wait "$NPID" 2>/dev/null || true
+
+echo "== hindsight-agent, replicating (cdp) to an engine and a target on this machine"
+EPORT=$(hs_free_port); TPORT=$(hs_free_port)
+fresh_file "$WORK/agent.img"
+rm -rf "$WORK/engine" "$WORK/target"
+BYTES=$(stat -c %s "$WORK/agent.img")
+cat >"$WORK/target.toml" <<EOT
+[target]
+listen = "127.0.0.1:$TPORT"
+data_dir = "$WORK/target"
+journal_size = "4GiB"
+EOT
+cat >"$WORK/engine.toml" <<EOT
+[engine]
+listen = "127.0.0.1:$EPORT"
+data_dir = "$WORK/engine"
+[[group]]
+name = "bench"
+mode = "cdp"
+target = "127.0.0.1:$TPORT"
+[[group.volume]]
+name = "vol"
+vm = "bench-vm"
+size = "$BYTES"
+EOT
+cat >"$WORK/agent.toml" <<EOT
+[agent]
+engine = "127.0.0.1:$EPORT"
+vm = "bench-vm"
+[[disk]]
+group = "bench"
+volume = "vol"
+path = "$WORK/agent.img"
+listen = "unix:$WORK/agent.sock"
+EOT
+hs_spawn target "$WORK/target.log" "$BIN/hindsight" target --config "$WORK/target.toml"
+hs_wait_tcp "$TPORT"
+hs_spawn engine "$WORK/engine.log" "$BIN/hindsight" engine --config "$WORK/engine.toml"
+hs_wait_tcp "$EPORT"
+hs_spawn agent "$WORK/agent.log" "$BIN/hindsight-agent" --config "$WORK/agent.toml"
+hs_wait_sock "$WORK/agent.sock"
+bench_server hindsight "nbd+unix:///vol?socket=$WORK/agent.sock"
+hs_cleanup
+
+echo
+echo "== results ($(nproc) vCPU, $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ), runtime ${RUNTIME}s per job, file $SIZE)"
+python3 - "$RESULTS" <<'PY'
+import sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+res = {(r[0], r[1]): r for r in rows}
+jobs = []
+for r in rows:
+    if r[1] not in jobs: jobs.append(r[1])
+print("| job | server | IOPS | MB/s | p50 µs | p99 µs | hindsight / this |")
+print("|---|---|---:|---:|---:|---:|---:|")
+for j in jobs:
+    h = res.get(("hindsight", j))
+    for s in ("hindsight", "qemu-nbd", "nbdkit"):
+        r = res.get((s, j))
+        if not r: continue
+        ratio = "" if s == "hindsight" or not h else "%.2f" % (float(h[2]) / max(float(r[2]), 1))
+        print(f"| {j} | {s} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {ratio} |")
+PY
