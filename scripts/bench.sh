@@ -13,7 +13,7 @@ RUNTIME=${HS_BENCH_RUNTIME:-20}
 SIZE=${HS_BENCH_SIZE:-1G}
 "$ROOT/scripts/install-deps.sh"
 (cd "$ROOT" && cargo build --release --workspace --bins -q)
-BIN=$ROOT/target/release
+BIN=$ROOT/build/release
 WORK=${HS_BENCH_DIR:-$(mktemp -d /tmp/hindsight-bench.XXXXXX)}
 mkdir -p "$WORK"
 RESULTS=$WORK/results.tsv

@@ -16,7 +16,7 @@ step() { printf '\n== %s\n' "$*"; }
 step "installing tools and building"
 "$ROOT/scripts/install-deps.sh"
 (cd "$ROOT" && cargo build --release --workspace --bins -q)
-BIN=$ROOT/target/release
+BIN=$ROOT/build/release
 HS=$BIN/hindsight
 
 WORK=${HS_DEMO_DIR:-$(mktemp -d /tmp/hindsight-demo.XXXXXX)}

@@ -233,6 +233,9 @@ impl Journal {
                 let f = fs.open(&last.path, OpenMode::ReadWrite).map_err(io_err(&last.path, "open segment"))?;
                 let scan = scan_segment(f.as_ref(), last.first_seq, &last.path)?;
                 let len = f.len().map_err(io_err(&last.path, "stat segment"))?;
+                // Records written before a crash or a failed flush may still sit in the page
+                // cache only: make them durable before they are counted as such.
+                f.sync_data().map_err(io_err(&last.path, "fdatasync on open"))?;
                 if scan.end < len {
                     log::warn!(
                         "journal {}: dropping torn tail of {} bytes after seq {} ({})",

@@ -1,0 +1,190 @@
+//! Applying journal records to volume images: the one code path that keeps the replicas
+//! current, rolls the base images forward and builds recovered images.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hindsight_consistency::journal::JournalReader;
+use hindsight_consistency::storage::{OpenMode, Storage, StorageFile};
+use hindsight_consistency::{RecordRef, Seq, WriteKind};
+
+use crate::error::TargetError;
+use crate::layout::image_name;
+use crate::Volume;
+
+/// Applies one record to the image of its volume: data is written, zeroes and trims make the
+/// range read back as zeroes (punching a hole where the file system can).
+pub(crate) fn apply_record(file: &dyn StorageFile, rec: &RecordRef<'_>) -> io::Result<()> {
+    let h = &rec.header;
+    match h.kind {
+        WriteKind::Data => file.write_all_at(rec.data, h.offset),
+        WriteKind::Zeroes | WriteKind::Trim => file.zero_range(h.offset, u64::from(h.length)),
+    }
+}
+
+/// True if the record lies inside a volume of `size` bytes.
+pub(crate) fn in_bounds(rec: &RecordRef<'_>, size: u64) -> bool {
+    rec.header.offset.checked_add(u64::from(rec.header.length)).is_some_and(|end| end <= size)
+}
+
+/// One volume image file.
+pub(crate) struct Image {
+    pub volume: String,
+    pub size: u64,
+    pub path: PathBuf,
+    pub file: Box<dyn StorageFile>,
+}
+
+impl Image {
+    /// Creates a blank (sparse) image, replacing any leftover file.
+    pub fn create(fs: &dyn Storage, group: &str, dir: &Path, vol: &Volume) -> Result<Image, TargetError> {
+        let path = dir.join(image_name(&vol.name));
+        let err = |step, source| TargetError::Image { group: group.to_owned(), volume: vol.name.clone(), step, path: path.clone(), source };
+        let file = fs.open(&path, OpenMode::Truncate).map_err(|e| err("create", e))?;
+        file.set_len(vol.size).map_err(|e| err("set the size of", e))?;
+        file.sync_data().map_err(|e| err("sync", e))?;
+        Ok(Image { volume: vol.name.clone(), size: vol.size, path, file })
+    }
+
+    /// Opens an existing image for reading (and writing if `write`).
+    pub fn open(fs: &dyn Storage, group: &str, dir: &Path, vol: &Volume, write: bool) -> Result<Image, TargetError> {
+        let path = dir.join(image_name(&vol.name));
+        let err = |step, source| TargetError::Image { group: group.to_owned(), volume: vol.name.clone(), step, path: path.clone(), source };
+        let mode = if write { OpenMode::ReadWrite } else { OpenMode::Read };
+        let file = fs.open(&path, mode).map_err(|e| err("open", e))?;
+        let len = file.len().map_err(|e| err("stat", e))?;
+        if len != vol.size {
+            if !write {
+                return Err(err("check the size of", io::Error::other(format!("{len} bytes, the volume has {}", vol.size))));
+            }
+            log::warn!(
+                "group {group:?}: volume {:?}: {} is {len} bytes, the volume has {}; resizing it",
+                vol.name,
+                path.display(),
+                vol.size
+            );
+            file.set_len(vol.size).map_err(|e| err("resize", e))?;
+        }
+        Ok(Image { volume: vol.name.clone(), size: vol.size, path, file })
+    }
+
+    /// Applies a record of this image's volume.
+    pub fn apply(&self, group: &str, rec: &RecordRef<'_>) -> Result<(), TargetError> {
+        if !in_bounds(rec, self.size) {
+            return Err(TargetError::Inconsistent {
+                group: group.to_owned(),
+                reason: format!(
+                    "seq {} writes {}+{} past the end of volume {:?} ({} bytes)",
+                    rec.header.seq, rec.header.offset, rec.header.length, self.volume, self.size
+                ),
+            });
+        }
+        apply_record(self.file.as_ref(), rec).map_err(|source| TargetError::Apply {
+            group: group.to_owned(),
+            volume: self.volume.clone(),
+            seq: rec.header.seq,
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// fdatasync.
+    pub fn sync(&self, group: &str) -> Result<(), TargetError> {
+        self.file.sync_data().map_err(|source| TargetError::Image {
+            group: group.to_owned(),
+            volume: self.volume.clone(),
+            step: "sync",
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// The images of all volumes of a group in one directory (`replica/` or `base/`).
+#[derive(Clone)]
+pub(crate) struct ImageSet {
+    group: String,
+    images: BTreeMap<String, Arc<Image>>,
+}
+
+impl ImageSet {
+    pub fn empty(group: &str) -> ImageSet {
+        ImageSet { group: group.to_owned(), images: BTreeMap::new() }
+    }
+
+    /// Opens the images of `volumes` in `dir` for writing.
+    pub fn open(fs: &dyn Storage, group: &str, dir: &Path, volumes: &[Volume]) -> Result<ImageSet, TargetError> {
+        let mut set = ImageSet::empty(group);
+        for v in volumes {
+            set.insert(Image::open(fs, group, dir, v, true)?);
+        }
+        Ok(set)
+    }
+
+    pub fn insert(&mut self, image: Image) {
+        self.images.insert(image.volume.clone(), Arc::new(image));
+    }
+
+    /// Applies a record to the image of its volume.
+    pub fn apply(&self, rec: &RecordRef<'_>) -> Result<(), TargetError> {
+        match self.images.get(rec.volume) {
+            Some(img) => img.apply(&self.group, rec),
+            None => Err(TargetError::Inconsistent {
+                group: self.group.clone(),
+                reason: format!("seq {} is for volume {:?}, which the group does not have", rec.header.seq, rec.volume),
+            }),
+        }
+    }
+
+    /// fdatasync of every image.
+    pub fn sync(&self) -> Result<(), TargetError> {
+        self.images.values().try_for_each(|img| img.sync(&self.group))
+    }
+}
+
+/// Reads the journal from `from` through `through` (inclusive) in order and hands every record
+/// to `f`, which may stop early (the record it stops at does not count as handed over).
+/// Every record of the range must be present: a missing one is
+/// an inconsistency between the journal and the state that asked for it. Returns the sequence
+/// number and time of the last record handed over (or `(from - 1, 0)` if none).
+pub(crate) fn for_each_record(
+    fs: &Arc<dyn Storage>,
+    group: &str,
+    journal_dir: &Path,
+    from: Seq,
+    through: Seq,
+    mut f: impl FnMut(&RecordRef<'_>) -> Result<ControlFlow<()>, TargetError>,
+) -> Result<(Seq, u64), TargetError> {
+    let mut last = (from.saturating_sub(1), 0);
+    if from > through {
+        return Ok(last);
+    }
+    let jerr = |step| move |source| TargetError::Journal { group: group.to_owned(), step, source };
+    let mut reader = JournalReader::open(Arc::clone(fs), journal_dir, from).map_err(jerr("open a reader"))?;
+    let mut expect = from;
+    while expect <= through {
+        let Some(rec) = reader.next().map_err(jerr("read"))? else {
+            return Err(TargetError::Inconsistent {
+                group: group.to_owned(),
+                reason: format!(
+                    "the journal ends before seq {expect}, but seq {from}..={through} is needed; a journal segment is damaged or was removed"
+                ),
+            });
+        };
+        if rec.header.seq != expect {
+            return Err(TargetError::Inconsistent {
+                group: group.to_owned(),
+                reason: format!("the journal holds seq {} where seq {expect} was expected", rec.header.seq),
+            });
+        }
+        if f(&rec)?.is_break() {
+            break;
+        }
+        last = (rec.header.seq, rec.header.time_ns);
+        expect += 1;
+    }
+    Ok(last)
+}

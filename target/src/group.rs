@@ -1,0 +1,882 @@
+//! One consistency group inside the daemon: its journal, replicas, state and retention.
+//!
+//! Locks, always taken in this order: `persist` (held by the maintenance thread while it
+//! checkpoints or trims), then `inner` (held by the connection thread for one batch of frames:
+//! validate, append, commit, apply). `shipper` is independent.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hindsight_consistency::journal::{Journal, JournalOptions, JournalReader};
+use hindsight_consistency::record::{decode_record, DecodeError};
+use hindsight_consistency::storage::{OpenMode, Storage};
+use hindsight_consistency::time::{format_rfc3339, now_ns};
+use hindsight_consistency::Seq;
+
+use crate::apply::{for_each_record, in_bounds, Image, ImageSet};
+use crate::error::{data_dir_err, window, TargetError};
+use crate::layout::GroupPaths;
+use crate::lock::{lock_file, FileLock, LockKind};
+use crate::meta::GroupMeta;
+use crate::state::{read_state, write_state, GroupState, StateReadError};
+use crate::Volume;
+
+/// Replicas are synced and `state.applied_seq` advanced at most this often while data flows.
+pub(crate) const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long retention waits for readers to let go of a group's lock before it gives up until
+/// the next round.
+const RETENTION_LOCK_PATIENCE: Duration = Duration::from_millis(500);
+
+/// The retention settings of the target, applied to every group.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GroupOptions {
+    pub segment_size: u64,
+    pub retention: Option<Duration>,
+    pub journal_size: Option<u64>,
+}
+
+/// A group served by the daemon.
+pub(crate) struct Group {
+    pub name: String,
+    paths: GroupPaths,
+    fs: Arc<dyn Storage>,
+    opts: GroupOptions,
+    persist: Mutex<Persist>,
+    inner: Mutex<Inner>,
+    shipper: Mutex<Option<String>>,
+}
+
+/// What the maintenance thread owns.
+struct Persist {
+    /// The state as it is on disk.
+    state: GroupState,
+    last_checkpoint: Instant,
+    /// Time of the first record of a segment, by the segment's first seq (looked up once).
+    first_time_cache: Option<(Seq, u64)>,
+}
+
+/// What the connection thread works on.
+struct Inner {
+    meta: GroupMeta,
+    journal: Journal,
+    replicas: Arc<ImageSet>,
+    /// The replicas hold every record up to here (synced or not). Equal to the journal's
+    /// durable seq whenever `inner` is not locked.
+    applied_seq: Seq,
+    /// Why the group stopped, if it did.
+    poisoned: Option<String>,
+}
+
+/// The outcome of one batch of `Records` frames.
+pub(crate) struct Receipt {
+    /// Durable seq after the batch (sent back in `Confirm`).
+    pub durable_seq: Seq,
+    /// A reason to send an `Error` frame and close (protocol violation or poisoning).
+    pub error: Option<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not take the group down with it: the data under these locks is
+    // kept consistent step by step, not across the panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Group {
+    fn journal_err(&self, step: &'static str) -> impl FnOnce(hindsight_consistency::journal::JournalError) -> TargetError + '_ {
+        move |source| TargetError::Journal { group: self.name.clone(), step, source }
+    }
+
+    /// Creates a new group at the engine's first hello. `group.toml` is written last: until
+    /// it exists the directory is an unfinished creation.
+    pub fn create(fs: Arc<dyn Storage>, paths: GroupPaths, name: &str, meta: GroupMeta, opts: GroupOptions) -> Result<Group, TargetError> {
+        for dir in [paths.dir.clone(), paths.replica_dir(), paths.base_dir()] {
+            fs.create_dir_all(&dir).map_err(data_dir_err(&dir, "create directory"))?;
+        }
+        // The group's own entry; the entries inside it are synced with `state` below.
+        if let Some(parent) = paths.dir.parent() {
+            fs.sync_dir(parent).map_err(data_dir_err(parent, "sync directory"))?;
+        }
+        fs.open(&paths.lock(), OpenMode::Create).map_err(data_dir_err(&paths.lock(), "create lock file"))?;
+        let journal = Journal::open(Arc::clone(&fs), &paths.journal(), JournalOptions { segment_size: opts.segment_size })
+            .map_err(|source| TargetError::Journal { group: name.to_owned(), step: "create", source })?;
+        if journal.durable_seq() > 0 {
+            return Err(TargetError::Inconsistent {
+                group: name.to_owned(),
+                reason: format!(
+                    "{} holds records up to seq {} but group.toml is missing; move {} aside to start the group afresh",
+                    paths.journal().display(),
+                    journal.durable_seq(),
+                    paths.dir.display()
+                ),
+            });
+        }
+        let mut replicas = ImageSet::empty(name);
+        for v in &meta.volumes {
+            replicas.insert(Image::create(fs.as_ref(), name, &paths.replica_dir(), v)?);
+            Image::create(fs.as_ref(), name, &paths.base_dir(), v)?;
+        }
+        for dir in [paths.replica_dir(), paths.base_dir()] {
+            fs.sync_dir(&dir).map_err(data_dir_err(&dir, "sync directory"))?;
+        }
+        let state = GroupState { applied_seq: 0, base_seq: 0, base_time_ns: now_ns() };
+        write_state(fs.as_ref(), &paths.state(), &state).map_err(data_dir_err(&paths.state(), "write state"))?;
+        if fs.exists(&paths.state_next()) {
+            fs.remove_file(&paths.state_next()).map_err(data_dir_err(&paths.state_next(), "remove"))?;
+        }
+        meta.store(fs.as_ref(), &paths.meta())?;
+        log::info!(
+            "group {name:?}: created for engine {} with volumes {}",
+            meta.engine,
+            meta.volumes.iter().map(|v| format!("{} ({} bytes, vm {})", v.name, v.size, v.vm)).collect::<Vec<_>>().join(", ")
+        );
+        let applied_seq = journal.durable_seq();
+        let inner = Inner { meta, journal, replicas: Arc::new(replicas), applied_seq, poisoned: None };
+        Ok(Group::assemble(fs, paths, name, opts, state, inner))
+    }
+
+    fn assemble(fs: Arc<dyn Storage>, paths: GroupPaths, name: &str, opts: GroupOptions, state: GroupState, inner: Inner) -> Group {
+        Group {
+            name: name.to_owned(),
+            paths,
+            fs,
+            opts,
+            persist: Mutex::new(Persist { state, last_checkpoint: Instant::now(), first_time_cache: None }),
+            inner: Mutex::new(inner),
+            shipper: Mutex::new(None),
+        }
+    }
+
+    /// Opens an existing group at start-up: finishes an interrupted roll of the base images
+    /// and journal trim, and replays into the replicas every record they may have missed.
+    pub fn load(fs: Arc<dyn Storage>, paths: GroupPaths, name: &str, opts: GroupOptions) -> Result<Group, TargetError> {
+        let meta = GroupMeta::load(fs.as_ref(), name, &paths.meta())?;
+        let mut state = load_state(fs.as_ref(), name, &paths.state())?.ok_or_else(|| TargetError::Inconsistent {
+            group: name.to_owned(),
+            reason: format!("{} is missing", paths.state().display()),
+        })?;
+        let jerr = |step| move |source| TargetError::Journal { group: name.to_owned(), step, source };
+        let mut journal =
+            Journal::open(Arc::clone(&fs), &paths.journal(), JournalOptions { segment_size: opts.segment_size }).map_err(jerr("open"))?;
+        // Journal::open takes every record it finds in the active segment as durable, but a
+        // previous run may have stopped after a failed fdatasync with some of them only in the
+        // page cache. Sync them before the engine is told they are held.
+        if let Some(active) = journal.segments().last() {
+            let f = fs.open(&active.path, OpenMode::Read).map_err(data_dir_err(&active.path, "open segment"))?;
+            f.sync_data().map_err(data_dir_err(&active.path, "fdatasync segment"))?;
+        }
+        let durable = journal.durable_seq();
+        if durable < state.applied_seq {
+            return Err(TargetError::Inconsistent {
+                group: name.to_owned(),
+                reason: format!(
+                    "the journal ends at seq {durable} but the replicas hold seq {}; journal/ was lost or truncated",
+                    state.applied_seq
+                ),
+            });
+        }
+
+        if let Some(next) = load_state(fs.as_ref(), name, &paths.state_next())? {
+            // A roll of the base images was interrupted: they hold some mix of the records
+            // between the two base points. Applying the whole range again in order makes them
+            // exact at the new point.
+            let _lock = lock_file(&paths.lock(), LockKind::Exclusive, true, true).map_err(data_dir_err(&paths.lock(), "lock"))?;
+            if next.base_seq > state.base_seq {
+                if next.base_seq > durable {
+                    return Err(TargetError::Inconsistent {
+                        group: name.to_owned(),
+                        reason: format!("state.next names seq {} beyond the journal's end at seq {durable}", next.base_seq),
+                    });
+                }
+                log::info!(
+                    "group {name:?}: finishing the interrupted roll of the base images from seq {} to seq {}",
+                    state.base_seq,
+                    next.base_seq
+                );
+                let base = ImageSet::open(fs.as_ref(), name, &paths.base_dir(), &meta.volumes)?;
+                for_each_record(&fs, name, &paths.journal(), state.base_seq + 1, next.base_seq, |r| {
+                    base.apply(r)?;
+                    Ok(ControlFlow::Continue(()))
+                })?;
+                base.sync()?;
+                // Retention checkpoints the replicas past the new base before it writes
+                // state.next, so its applied_seq is a true claim.
+                state = GroupState { applied_seq: state.applied_seq.max(next.applied_seq), ..next };
+            }
+            finish_roll(fs.as_ref(), &paths, &state)?;
+        }
+        let trimmed = journal.trim_through(state.base_seq).map_err(jerr("trim"))?;
+        if trimmed > 0 {
+            log::info!("group {name:?}: removed {trimmed} journal segment(s) already folded into the base images");
+        }
+        if journal.first_seq() > state.applied_seq + 1 {
+            return Err(TargetError::Inconsistent {
+                group: name.to_owned(),
+                reason: format!(
+                    "the journal starts at seq {} but the replicas need seq {} onwards",
+                    journal.first_seq(),
+                    state.applied_seq + 1
+                ),
+            });
+        }
+
+        let replicas = ImageSet::open(fs.as_ref(), name, &paths.replica_dir(), &meta.volumes)?;
+        if durable > state.applied_seq {
+            let started = Instant::now();
+            let mut n = 0u64;
+            for_each_record(&fs, name, &paths.journal(), state.applied_seq + 1, durable, |r| {
+                replicas.apply(r)?;
+                n += 1;
+                Ok(ControlFlow::Continue(()))
+            })?;
+            replicas.sync()?;
+            log::info!(
+                "group {name:?}: replayed {n} record(s), seq {}..={durable}, into the replicas in {:.1?}",
+                state.applied_seq + 1,
+                started.elapsed()
+            );
+            state.applied_seq = durable;
+            write_state(fs.as_ref(), &paths.state(), &state).map_err(data_dir_err(&paths.state(), "write state"))?;
+        }
+        log::info!(
+            "group {name:?}: loaded; journal durable through seq {durable}, recoverable from seq {} ({})",
+            state.base_seq,
+            format_rfc3339(state.base_time_ns)
+        );
+        let applied_seq = journal.durable_seq();
+        let inner = Inner { meta, journal, replicas: Arc::new(replicas), applied_seq, poisoned: None };
+        Ok(Group::assemble(fs, paths, name, opts, state, inner))
+    }
+
+    /// Takes the group for one engine connection; refused while another is active.
+    pub fn claim(self: &Arc<Self>, engine: &str) -> Result<ShipperClaim, String> {
+        let mut s = lock(&self.shipper);
+        if let Some(other) = s.as_ref() {
+            return Err(format!("group {:?} is already being shipped by {other}", self.name));
+        }
+        *s = Some(engine.to_owned());
+        Ok(ShipperClaim { group: Arc::clone(self) })
+    }
+
+    /// Checks an engine's hello against what is stored and returns the durable seq to resume
+    /// after. New volumes are added; a volume whose size changed is refused.
+    pub fn accept_hello(&self, engine: &str, volumes: &[Volume]) -> Result<Seq, String> {
+        let mut inner = lock(&self.inner);
+        if let Some(cause) = &inner.poisoned {
+            return Err(poisoned_message(&self.name, cause));
+        }
+        for v in volumes {
+            if let Some(old) = inner.meta.volume(&v.name) {
+                if old.size != v.size {
+                    return Err(format!(
+                        "group {:?}: volume {:?} is {} bytes here but {} bytes at the engine; a replicated volume cannot change size. \
+                         Give it its old size again, or replicate it as a new volume (or a new group)",
+                        self.name, v.name, old.size, v.size
+                    ));
+                }
+            }
+        }
+        let mut meta = inner.meta.clone();
+        if meta.engine != engine {
+            log::warn!("group {:?}: was shipped by engine {}, now by {engine}", self.name, meta.engine);
+            meta.engine = engine.to_owned();
+        }
+        let mut added = Vec::new();
+        for v in volumes {
+            match meta.volumes.iter_mut().find(|m| m.name == v.name) {
+                Some(m) if m.vm != v.vm => {
+                    log::info!("group {:?}: volume {:?} now belongs to vm {} (was {})", self.name, v.name, v.vm, m.vm);
+                    m.vm = v.vm.clone();
+                }
+                Some(_) => {}
+                None => {
+                    meta.volumes.push(v.clone());
+                    added.push(v.clone());
+                }
+            }
+        }
+        for m in &meta.volumes {
+            if !volumes.iter().any(|v| v.name == m.name) {
+                log::info!("group {:?}: the engine no longer lists volume {:?}; its history is kept", self.name, m.name);
+            }
+        }
+        if meta != inner.meta {
+            let res = (|| {
+                let mut replicas = (*inner.replicas).clone();
+                for v in &added {
+                    replicas.insert(Image::create(self.fs.as_ref(), &self.name, &self.paths.replica_dir(), v)?);
+                    Image::create(self.fs.as_ref(), &self.name, &self.paths.base_dir(), v)?;
+                    log::info!("group {:?}: added volume {:?} ({} bytes, vm {})", self.name, v.name, v.size, v.vm);
+                }
+                for dir in [self.paths.replica_dir(), self.paths.base_dir()] {
+                    self.fs.sync_dir(&dir).map_err(data_dir_err(&dir, "sync directory"))?;
+                }
+                meta.store(self.fs.as_ref(), &self.paths.meta())?;
+                Ok::<_, TargetError>(replicas)
+            })();
+            match res {
+                Ok(replicas) => {
+                    inner.replicas = Arc::new(replicas);
+                    inner.meta = meta;
+                }
+                Err(e) => {
+                    let cause = error_chain(&e);
+                    self.poison_locked(&mut inner, cause.clone());
+                    return Err(poisoned_message(&self.name, &cause));
+                }
+            }
+        }
+        Ok(inner.journal.durable_seq())
+    }
+
+    /// Journals a batch of `Records` payloads, commits them with one fdatasync, applies them
+    /// to the replicas. A frame that breaks the protocol is refused whole; the frames before
+    /// it are kept.
+    pub fn receive(&self, frames: &[Vec<u8>]) -> Receipt {
+        let mut inner = lock(&self.inner);
+        let inner = &mut *inner;
+        if let Some(cause) = &inner.poisoned {
+            return Receipt { durable_seq: inner.journal.durable_seq(), error: Some(poisoned_message(&self.name, cause)) };
+        }
+        let old_durable = inner.journal.durable_seq();
+        let mut error = None;
+        let mut taken = 0;
+        for payload in frames {
+            if let Err(why) = validate_frame(&self.name, &inner.meta, payload, inner.journal.next_seq(), inner.journal.last_time_ns()) {
+                error = Some(why);
+                break;
+            }
+            let next = inner.journal.next_seq();
+            let res: Result<(), hindsight_consistency::journal::JournalError> = each_record(payload, |rec, raw| {
+                if rec.header.seq >= next {
+                    inner.journal.append_encoded(rec, raw)?;
+                }
+                Ok(())
+            });
+            if let Err(e) = res {
+                // Validation leaves only a poisoned journal to fail here.
+                let cause = format!("journal append: {e}");
+                self.poison_locked(inner, cause.clone());
+                return Receipt { durable_seq: old_durable, error: Some(poisoned_message(&self.name, &cause)) };
+            }
+            taken += 1;
+        }
+        if inner.journal.pending_bytes() > 0 {
+            let durable = match inner.journal.commit() {
+                Ok(d) => d,
+                Err(e) => {
+                    let cause = format!("journal commit: {}", error_chain(&e));
+                    self.poison_locked(inner, cause.clone());
+                    return Receipt { durable_seq: old_durable, error: Some(poisoned_message(&self.name, &cause)) };
+                }
+            };
+            let replicas = Arc::clone(&inner.replicas);
+            for payload in &frames[..taken] {
+                let res: Result<(), String> = each_record(payload, |rec, _| {
+                    if rec.header.seq > old_durable && rec.header.seq <= durable {
+                        replicas.apply(rec).map_err(|e| error_chain(&e))?;
+                    }
+                    Ok(())
+                });
+                if let Err(cause) = res {
+                    self.poison_locked(inner, cause.clone());
+                    return Receipt { durable_seq: durable, error: Some(poisoned_message(&self.name, &cause)) };
+                }
+            }
+            inner.applied_seq = durable;
+        }
+        Receipt { durable_seq: inner.journal.durable_seq(), error }
+    }
+
+    fn poison_locked(&self, inner: &mut Inner, cause: String) {
+        if inner.poisoned.is_none() {
+            log::error!("group {:?}: stopped: {cause}; it accepts nothing more until the target is restarted", self.name);
+            inner.poisoned = Some(cause);
+        }
+    }
+
+    fn poison(&self, cause: String) {
+        self.poison_locked(&mut lock(&self.inner), cause);
+    }
+
+    fn is_poisoned(&self) -> bool {
+        lock(&self.inner).poisoned.is_some()
+    }
+
+    /// Periodic work: checkpoint the replicas when due (or when `final_checkpoint`), then apply
+    /// retention unless this is the final pass at shutdown. Failures poison the group.
+    pub fn maintain(&self, final_checkpoint: bool) {
+        let mut p = lock(&self.persist);
+        if self.is_poisoned() {
+            return;
+        }
+        let due = final_checkpoint || p.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL;
+        let res = if due { self.checkpoint(&mut p) } else { Ok(()) };
+        let res = res.and_then(|()| if final_checkpoint { Ok(()) } else { self.retain(&mut p) });
+        if let Err(e) = res {
+            self.poison(error_chain(&e));
+        }
+    }
+
+    /// Syncs the replicas and records how far they are applied.
+    fn checkpoint(&self, p: &mut Persist) -> Result<(), TargetError> {
+        let (applied, replicas) = {
+            let inner = lock(&self.inner);
+            (inner.applied_seq, Arc::clone(&inner.replicas))
+        };
+        p.last_checkpoint = Instant::now();
+        if applied == p.state.applied_seq {
+            return Ok(());
+        }
+        // The sync runs without `inner`: writes racing with it are beyond `applied` and are
+        // not claimed by the state written here.
+        replicas.sync()?;
+        let s = GroupState { applied_seq: applied, ..p.state };
+        write_state(self.fs.as_ref(), &self.paths.state(), &s).map_err(data_dir_err(&self.paths.state(), "write state"))?;
+        p.state = s;
+        log::debug!("group {:?}: replicas checkpointed at seq {applied}", self.name);
+        Ok(())
+    }
+
+    /// Folds the oldest journal segments into the base images while they are older than the
+    /// retention time or the journal is larger than `journal_size`.
+    fn retain(&self, p: &mut Persist) -> Result<(), TargetError> {
+        loop {
+            let (segs, volumes, last) = {
+                let inner = lock(&self.inner);
+                let segs: Vec<(Seq, PathBuf)> = inner.journal.segments().map(|s| (s.first_seq, s.path.clone())).collect();
+                (segs, inner.meta.volumes.clone(), (inner.journal.durable_seq(), inner.journal.last_time_ns()))
+            };
+            if segs.len() < 2 {
+                return Ok(());
+            }
+            let (first, through) = (segs[0].0, segs[1].0 - 1);
+            let over_size = match self.opts.journal_size {
+                // Sized outside `inner`: a stat per segment is no reason to hold up the stream.
+                Some(max) => self.journal_bytes(&segs)? > max,
+                None => false,
+            };
+            let too_old = match self.opts.retention {
+                Some(keep) => {
+                    let cutoff = now_ns().saturating_sub(u64::try_from(keep.as_nanos()).unwrap_or(u64::MAX));
+                    self.first_time(p, segs[1].0)?.is_some_and(|t| t < cutoff)
+                }
+                None => false,
+            };
+            if !over_size && !too_old {
+                return Ok(());
+            }
+            if first != p.state.base_seq + 1 {
+                return Err(TargetError::Inconsistent {
+                    group: self.name.clone(),
+                    reason: format!(
+                        "the oldest journal segment starts at seq {first}, but the base images are at seq {}",
+                        p.state.base_seq
+                    ),
+                });
+            }
+            if p.state.applied_seq < through {
+                self.checkpoint(p)?;
+                if p.state.applied_seq < through {
+                    return Ok(()); // not applied yet; next time
+                }
+            }
+            let lock_path = self.paths.lock();
+            let Some(_lock) = self.lock_for_retention()? else {
+                log::debug!("group {:?}: recovery or history readers hold {}; retention tries again later", self.name, lock_path.display());
+                return Ok(());
+            };
+            // The time of the new base point, before anything changes.
+            let (_, base_time) =
+                for_each_record(&self.fs, &self.name, &self.paths.journal(), first, through, |_| Ok(ControlFlow::Continue(())))?;
+            let next = GroupState { applied_seq: p.state.applied_seq, base_seq: through, base_time_ns: base_time };
+            write_state(self.fs.as_ref(), &self.paths.state_next(), &next).map_err(data_dir_err(&self.paths.state_next(), "write"))?;
+            let base = ImageSet::open(self.fs.as_ref(), &self.name, &self.paths.base_dir(), &volumes)?;
+            let mut n = 0u64;
+            for_each_record(&self.fs, &self.name, &self.paths.journal(), first, through, |r| {
+                base.apply(r)?;
+                n += 1;
+                Ok(ControlFlow::Continue(()))
+            })?;
+            base.sync()?;
+            finish_roll(self.fs.as_ref(), &self.paths, &next)?;
+            p.state = next;
+            lock(&self.inner).journal.trim_through(through).map_err(self.journal_err("trim"))?;
+            let why = if over_size { "journal_size" } else { "retention" };
+            log::info!(
+                "group {:?}: folded seq {first}..={through} ({n} records) into the base images ({why}); recoverable window is now {}",
+                self.name,
+                window(through, base_time, last.0.max(through), last.1.max(base_time))
+            );
+        }
+    }
+
+    /// Takes the group's lock exclusively. Readers hold it shared, possibly one after the
+    /// other with short gaps; polling for a while finds a gap without blocking the maintenance
+    /// of the other groups behind a long recovery.
+    fn lock_for_retention(&self) -> Result<Option<FileLock>, TargetError> {
+        let path = self.paths.lock();
+        let started = Instant::now();
+        loop {
+            if let Some(l) = lock_file(&path, LockKind::Exclusive, false, true).map_err(data_dir_err(&path, "lock"))? {
+                return Ok(Some(l));
+            }
+            if started.elapsed() >= RETENTION_LOCK_PATIENCE {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Bytes held by the given journal segments.
+    fn journal_bytes(&self, segs: &[(Seq, PathBuf)]) -> Result<u64, TargetError> {
+        let mut total = 0;
+        for (_, path) in segs {
+            let f = self.fs.open(path, OpenMode::Read).map_err(data_dir_err(path, "open segment"))?;
+            total += f.len().map_err(data_dir_err(path, "stat segment"))?;
+        }
+        Ok(total)
+    }
+
+    /// Time of the first record of the segment starting at `first_seq`, `None` if it has no
+    /// record yet.
+    fn first_time(&self, p: &mut Persist, first_seq: Seq) -> Result<Option<u64>, TargetError> {
+        if let Some((s, t)) = p.first_time_cache {
+            if s == first_seq {
+                return Ok(Some(t));
+            }
+        }
+        let mut r =
+            JournalReader::open(Arc::clone(&self.fs), &self.paths.journal(), first_seq).map_err(self.journal_err("open a reader"))?;
+        let t = r.next().map_err(self.journal_err("read"))?.filter(|rec| rec.header.seq == first_seq).map(|rec| rec.header.time_ns);
+        if let Some(t) = t {
+            p.first_time_cache = Some((first_seq, t));
+        }
+        Ok(t)
+    }
+}
+
+/// Ends a roll of the base images: `state` takes the new base, `state.next` goes.
+fn finish_roll(fs: &dyn Storage, paths: &GroupPaths, state: &GroupState) -> Result<(), TargetError> {
+    write_state(fs, &paths.state(), state).map_err(data_dir_err(&paths.state(), "write state"))?;
+    fs.remove_file(&paths.state_next()).map_err(data_dir_err(&paths.state_next(), "remove"))?;
+    fs.sync_dir(&paths.dir).map_err(data_dir_err(&paths.dir, "sync directory"))
+}
+
+/// Reads `state` or `state.next`.
+pub(crate) fn load_state(fs: &dyn Storage, group: &str, path: &std::path::Path) -> Result<Option<GroupState>, TargetError> {
+    read_state(fs, path).map_err(|e| match e {
+        StateReadError::Io(source) => TargetError::DataDir { path: path.to_owned(), step: "read state", source },
+        StateReadError::Corrupt(reason) => TargetError::StateCorrupt { group: group.to_owned(), path: path.to_owned(), reason },
+    })
+}
+
+/// The group's engine connection; released when dropped.
+pub(crate) struct ShipperClaim {
+    group: Arc<Group>,
+}
+
+impl Drop for ShipperClaim {
+    fn drop(&mut self) {
+        *lock(&self.group.shipper) = None;
+    }
+}
+
+pub(crate) fn poisoned_message(group: &str, cause: &str) -> String {
+    TargetError::Poisoned { group: group.to_owned(), cause: cause.to_owned() }.to_string()
+}
+
+/// An error and its sources on one line.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Calls `f` with every record of a payload that `validate_frame` accepted.
+fn each_record<E>(payload: &[u8], mut f: impl FnMut(&hindsight_consistency::RecordRef<'_>, &[u8]) -> Result<(), E>) -> Result<(), E> {
+    let mut at = 0;
+    while at < payload.len() {
+        let (rec, used) = decode_record(&payload[at..]).expect("validated before");
+        f(&rec, &payload[at..at + used])?;
+        at += used;
+    }
+    Ok(())
+}
+
+/// Checks a whole `Records` payload before anything of it is journaled: every record decodes,
+/// names a volume of the group, lies inside it, the records are consecutive, and the first
+/// one not yet held is exactly `next` (older ones are resends, skipped). Returns what is
+/// wrong, for the log and the `Error` frame.
+fn validate_frame(group: &str, meta: &GroupMeta, payload: &[u8], mut next: Seq, mut last_time: u64) -> Result<(), String> {
+    if payload.is_empty() {
+        return Err(format!("group {group:?}: a Records frame carries no record"));
+    }
+    let mut at = 0;
+    let mut prev: Option<Seq> = None;
+    while at < payload.len() {
+        let (rec, used) = decode_record(&payload[at..]).map_err(|e| match e {
+            DecodeError::Incomplete { .. } => format!("group {group:?}: the record at byte {at} of a Records frame is truncated"),
+            e => format!("group {group:?}: the record at byte {at} of a Records frame is invalid ({e})"),
+        })?;
+        let h = rec.header;
+        let Some(vol) = meta.volume(rec.volume) else {
+            return Err(format!(
+                "group {group:?}: seq {} is for volume {:?}, which the group does not have (volumes: {}); \
+                 the engine must announce it in its hello",
+                h.seq,
+                rec.volume,
+                meta.volume_names().join(", ")
+            ));
+        };
+        if !in_bounds(&rec, vol.size) {
+            return Err(format!(
+                "group {group:?}: seq {} writes {} bytes at offset {}, past the end of volume {:?} ({} bytes)",
+                h.seq, h.length, h.offset, vol.name, vol.size
+            ));
+        }
+        if let Some(p) = prev {
+            if h.seq != p + 1 {
+                return Err(format!("group {group:?}: a Records frame holds seq {} after seq {p}; records must be consecutive", h.seq));
+            }
+        }
+        prev = Some(h.seq);
+        if h.seq > next {
+            return Err(format!(
+                "group {group:?}: gap in the stream: received seq {} but the target expects seq {next}; \
+                 the engine must resend from seq {next}",
+                h.seq
+            ));
+        }
+        if h.seq == next {
+            if h.time_ns < last_time {
+                return Err(format!(
+                    "group {group:?}: seq {} is stamped {}, before the previous record ({}); record times must never decrease",
+                    h.seq,
+                    format_rfc3339(h.time_ns),
+                    format_rfc3339(last_time)
+                ));
+            }
+            last_time = h.time_ns;
+            next += 1;
+        }
+        // Below `next`: a resend of a record already held, skipped.
+        at += used;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hindsight_consistency::record::encode_record;
+    use hindsight_consistency::storage::StdStorage;
+    use hindsight_consistency::{RecordHeader, WriteKind};
+
+    const SIZE: u64 = 256 << 10;
+
+    fn us(x: u64) -> usize {
+        usize::try_from(x).unwrap()
+    }
+
+    fn opts() -> GroupOptions {
+        GroupOptions { segment_size: 1 << 20, retention: None, journal_size: None }
+    }
+
+    /// Records 1..=n, each a 4 KiB write of its own pattern at an overlapping offset.
+    fn records(n: u64) -> Vec<(RecordHeader, Vec<u8>)> {
+        (1..=n)
+            .map(|seq| {
+                let h =
+                    RecordHeader { seq, time_ns: 1_000 + seq, kind: WriteKind::Data, offset: (seq * 7919) % (SIZE - 4096), length: 4096 };
+                (h, vec![u8::try_from(seq % 251).unwrap() + 1; 4096])
+            })
+            .collect()
+    }
+
+    fn frame(recs: &[(RecordHeader, Vec<u8>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (h, d) in recs {
+            encode_record(h, "v", d, &mut out);
+        }
+        out
+    }
+
+    fn model(recs: &[(RecordHeader, Vec<u8>)], upto: u64) -> Vec<u8> {
+        let mut img = vec![0u8; us(SIZE)];
+        for (h, d) in recs.iter().filter(|(h, _)| h.seq <= upto) {
+            img[us(h.offset)..us(h.offset) + d.len()].copy_from_slice(d);
+        }
+        img
+    }
+
+    /// A blank image with only the given records written, in the given order.
+    fn apply_some(recs: &[(RecordHeader, Vec<u8>)], seqs: &[u64]) -> Vec<u8> {
+        let mut img = vec![0u8; us(SIZE)];
+        for &s in seqs {
+            let (h, d) = &recs[us(s) - 1];
+            img[us(h.offset)..us(h.offset) + d.len()].copy_from_slice(d);
+        }
+        img
+    }
+
+    fn new_group(dir: &std::path::Path) -> (Arc<dyn Storage>, GroupPaths, Group) {
+        let fs = StdStorage::shared();
+        let paths = GroupPaths::new(dir, "g");
+        let meta = GroupMeta::new("e".into(), vec![Volume { name: "v".into(), vm: "vm".into(), size: SIZE }]);
+        let g = Group::create(Arc::clone(&fs), paths.clone(), "g", meta, opts()).unwrap();
+        (fs, paths, g)
+    }
+
+    #[test]
+    fn load_replays_what_the_replicas_lost_after_the_last_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fs, paths, g) = new_group(dir.path());
+        let recs = records(30);
+        let r = g.receive(&[frame(&recs[..15]), frame(&recs[15..])]);
+        assert_eq!((r.durable_seq, r.error), (30, None));
+        // No checkpoint ran, so the state still claims nothing; a crash may have kept any
+        // subset of the replica's writes since it was created.
+        drop(g);
+        let replica = paths.replica_dir().join("v.img");
+        std::fs::write(&replica, apply_some(&recs, &[21, 4, 9])).unwrap();
+        let g = Group::load(Arc::clone(&fs), paths.clone(), "g", opts()).unwrap();
+        assert!(std::fs::read(&replica).unwrap() == model(&recs, 30), "replica equals the model after replay");
+        assert_eq!(read_state(fs.as_ref(), &paths.state()).unwrap().unwrap().applied_seq, 30);
+        drop(g);
+    }
+
+    #[test]
+    fn load_finishes_an_interrupted_roll_of_the_base_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fs, paths, g) = new_group(dir.path());
+        let recs = records(30);
+        assert_eq!(g.receive(&[frame(&recs)]).durable_seq, 30);
+        g.maintain(true);
+        drop(g);
+        // Crash while rolling the base from 0 to 20: state.next written, the base images hold
+        // a few of the records, some of them beyond 20.
+        let next = GroupState { applied_seq: 30, base_seq: 20, base_time_ns: recs[19].0.time_ns };
+        write_state(fs.as_ref(), &paths.state_next(), &next).unwrap();
+        // a few records of the range made it to the base images, in any order.
+        let base = paths.base_dir().join("v.img");
+        std::fs::write(&base, apply_some(&recs, &[18, 3, 11])).unwrap();
+
+        let g = Group::load(Arc::clone(&fs), paths.clone(), "g", opts()).unwrap();
+        assert!(std::fs::read(&base).unwrap() == model(&recs, 20), "base is exact at the new point");
+        assert_eq!(read_state(fs.as_ref(), &paths.state()).unwrap(), Some(next));
+        assert!(!paths.state_next().exists());
+        drop(g);
+    }
+
+    #[test]
+    fn a_refused_frame_keeps_the_frames_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_fs, paths, g) = new_group(dir.path());
+        let recs = records(10);
+        let mut gap = recs[6..].to_vec();
+        gap.remove(0);
+        let r = g.receive(&[frame(&recs[..5]), frame(&gap)]);
+        assert_eq!(r.durable_seq, 5);
+        assert!(r.error.unwrap().contains("received seq 8 but the target expects seq 6"));
+        assert!(std::fs::read(paths.replica_dir().join("v.img")).unwrap() == model(&recs, 5));
+    }
+
+    /// The real file system, except that fdatasync fails while `fail` is set.
+    #[derive(Debug)]
+    struct FailingSync {
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    struct FailingFile {
+        inner: Box<dyn hindsight_consistency::storage::StorageFile>,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl hindsight_consistency::storage::StorageFile for FailingFile {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.inner.write_all_at(buf, offset)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::other("injected EIO"));
+            }
+            self.inner.sync_data()
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.inner.zero_range(offset, len)
+        }
+    }
+
+    impl Storage for FailingSync {
+        fn open(&self, path: &std::path::Path, mode: OpenMode) -> std::io::Result<Box<dyn hindsight_consistency::storage::StorageFile>> {
+            Ok(Box::new(FailingFile { inner: StdStorage.open(path, mode)?, fail: Arc::clone(&self.fail) }))
+        }
+        fn list(&self, dir: &std::path::Path) -> std::io::Result<Vec<String>> {
+            StdStorage.list(dir)
+        }
+        fn remove_file(&self, path: &std::path::Path) -> std::io::Result<()> {
+            StdStorage.remove_file(path)
+        }
+        fn rename(&self, from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+            StdStorage.rename(from, to)
+        }
+        fn sync_dir(&self, dir: &std::path::Path) -> std::io::Result<()> {
+            StdStorage.sync_dir(dir)
+        }
+        fn create_dir_all(&self, dir: &std::path::Path) -> std::io::Result<()> {
+            StdStorage.create_dir_all(dir)
+        }
+        fn exists(&self, path: &std::path::Path) -> bool {
+            StdStorage.exists(path)
+        }
+    }
+
+    #[test]
+    fn failed_commit_stops_the_group_without_retrying() {
+        let dir = tempfile::tempdir().unwrap();
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let fs: Arc<dyn Storage> = Arc::new(FailingSync { fail: Arc::clone(&fail) });
+        let paths = GroupPaths::new(dir.path(), "g");
+        let meta = GroupMeta::new("e".into(), vec![Volume { name: "v".into(), vm: "vm".into(), size: SIZE }]);
+        let g = Group::create(Arc::clone(&fs), paths.clone(), "g", meta, opts()).unwrap();
+        let recs = records(10);
+        assert_eq!(g.receive(&[frame(&recs[..5])]).durable_seq, 5);
+
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let r = g.receive(&[frame(&recs[5..])]);
+        assert_eq!(r.durable_seq, 5);
+        let msg = r.error.unwrap();
+        assert!(msg.contains("group \"g\" is stopped after an I/O failure") && msg.contains("fdatasync"), "{msg}");
+
+        // The disk "recovers", but the group does not try again: its page cache state is unknown.
+        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(g.receive(&[frame(&recs[5..])]).error.unwrap().contains("stopped"));
+        assert!(g.accept_hello("e", &[Volume { name: "v".into(), vm: "vm".into(), size: SIZE }]).unwrap_err().contains("restart"));
+        assert!(std::fs::read(paths.replica_dir().join("v.img")).unwrap() == model(&recs, 5), "nothing after the failure applied");
+        drop(g);
+
+        // After a restart the journal holds what reached the file: the failed batch was
+        // written, only its sync failed, so it is there (and synced at load), and the replicas
+        // are brought up to it. The engine never saw it confirmed and resumes after it.
+        let g = Group::load(StdStorage::shared(), paths.clone(), "g", opts()).unwrap();
+        assert_eq!(g.accept_hello("e", &[Volume { name: "v".into(), vm: "vm".into(), size: SIZE }]), Ok(10));
+        assert!(std::fs::read(paths.replica_dir().join("v.img")).unwrap() == model(&recs, 10));
+    }
+}

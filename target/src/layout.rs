@@ -1,0 +1,67 @@
+//! Where a group's files live under the data directory (the layout is drawn in the crate
+//! overview).
+
+use std::path::{Path, PathBuf};
+
+/// Directory under `data_dir` that holds one directory per group.
+pub(crate) const GROUPS_DIR: &str = "groups";
+/// Lock file in `data_dir` held exclusively by the running daemon.
+pub(crate) const DAEMON_LOCK: &str = "target.lock";
+
+/// The paths of one group.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupPaths {
+    /// `<data_dir>/groups/<group>`.
+    pub dir: PathBuf,
+}
+
+impl GroupPaths {
+    pub fn new(data_dir: &Path, group: &str) -> GroupPaths {
+        GroupPaths { dir: groups_dir(data_dir).join(group) }
+    }
+
+    /// `group.toml`: volumes and engine; its presence marks a fully created group.
+    pub fn meta(&self) -> PathBuf {
+        self.dir.join("group.toml")
+    }
+
+    /// `journal/`.
+    pub fn journal(&self) -> PathBuf {
+        self.dir.join("journal")
+    }
+
+    /// `replica/`.
+    pub fn replica_dir(&self) -> PathBuf {
+        self.dir.join("replica")
+    }
+
+    /// `base/`.
+    pub fn base_dir(&self) -> PathBuf {
+        self.dir.join("base")
+    }
+
+    /// `state`: applied_seq, base_seq, base_time_ns.
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// `state.next`: the state the base images are being rolled forward to.
+    pub fn state_next(&self) -> PathBuf {
+        self.dir.join("state.next")
+    }
+
+    /// `lock`: shared by readers, exclusive while retention changes base/ and the journal.
+    pub fn lock(&self) -> PathBuf {
+        self.dir.join("lock")
+    }
+}
+
+/// `<data_dir>/groups`.
+pub(crate) fn groups_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join(GROUPS_DIR)
+}
+
+/// File name of a volume's image in `replica/` and `base/`.
+pub(crate) fn image_name(volume: &str) -> String {
+    format!("{volume}.img")
+}
