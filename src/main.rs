@@ -153,11 +153,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 all.push(hindsight_target::history(&cfg, g)?);
             }
             if json {
-                let v = if all.len() == 1 { serde_json::to_value(&all[0])? } else { serde_json::to_value(&all)? };
+                let mut values = Vec::new();
+                for h in &all {
+                    let mut v = serde_json::to_value(h)?;
+                    v["first_time"] = format_rfc3339(h.first_time_ns).into();
+                    v["last_time"] = format_rfc3339(h.last_time_ns).into();
+                    values.push(v);
+                }
+                let v = if values.len() == 1 { values.remove(0) } else { serde_json::Value::Array(values) };
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for h in &all {
-                    print!("{}", hindsight_target::format_history(h));
+                    print!("{}", format_history(h));
                 }
                 if all.is_empty() {
                     println!("no groups have been replicated to {} yet", cfg.data_dir.display());
@@ -166,4 +173,42 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// The human form of `hindsight history`.
+fn format_history(h: &hindsight_target::History) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "group {} (shipped by {})", h.group, h.engine);
+    let _ = writeln!(
+        s,
+        "  recoverable: seq {} ({}) .. seq {} ({})",
+        h.first_seq,
+        format_rfc3339(h.first_time_ns),
+        h.last_seq,
+        format_rfc3339(h.last_time_ns)
+    );
+    let mut limits = Vec::new();
+    if let Some(r) = h.retention_ns {
+        limits.push(format!("retention {}", humanize_duration(r)));
+    }
+    if let Some(j) = h.journal_size {
+        limits.push(format!("journal_size {j} bytes"));
+    }
+    let _ = writeln!(s, "  journal: {} segments, {} bytes; {}", h.segments, h.journal_bytes, limits.join(", "));
+    let _ = writeln!(s, "  replicas applied up to seq {}", h.applied_seq);
+    for v in &h.volumes {
+        let _ = writeln!(s, "  volume {:<24} vm {:<16} {} bytes", v.name, v.vm, v.size);
+    }
+    s
+}
+
+fn humanize_duration(ns: u64) -> String {
+    let secs = ns / 1_000_000_000;
+    match secs {
+        s if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        s if s > 0 => format!("{s}s"),
+        _ => format!("{}ms", ns / 1_000_000),
+    }
 }
