@@ -51,7 +51,7 @@ fresh_file() { rm -f "$1"; truncate -s "$SIZE" "$1"; }
 
 echo "== qemu-nbd (default cache: writeback)"
 fresh_file "$WORK/qemu.img"
-hs_spawn qemu-nbd "$WORK/qemu-nbd.log" qemu-nbd -f raw -k "$WORK/qemu.sock" "$WORK/qemu.img"
+hs_spawn qemu-nbd "$WORK/qemu-nbd.log" qemu-nbd -t -e 8 -f raw -k "$WORK/qemu.sock" "$WORK/qemu.img"
 QPID=$HS_PID
 hs_wait_sock "$WORK/qemu.sock"
 bench_server qemu-nbd "nbd+unix:///?socket=$WORK/qemu.sock"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system packages Hindsight's demo, tests and benchmarks use: the NBD clients
-# (libnbd-bin: nbdinfo, nbdcopy; nbdfuse), nbdkit and qemu-utils (peers and clients), fio,
+# (libnbd-bin: nbdinfo, nbdcopy, nbdfuse), nbdkit and qemu-utils (peers and clients), fio,
 # e2fsprogs and fuse3. Idempotent; needs root (apt-get).
 set -euo pipefail
-pkgs=(libnbd-bin nbdfuse nbdkit qemu-utils fio e2fsprogs fuse3 util-linux)
+pkgs=(libnbd-bin nbdkit qemu-utils fio e2fsprogs fuse3 util-linux)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

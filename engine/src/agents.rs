@@ -2,7 +2,7 @@
 //! one thread writing acknowledgements back.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,8 @@ use hindsight_consistency::wire::{
 
 use crate::group::{GroupHandle, WriteRequest};
 
+/// Read buffer of an agent connection.
+const READ_BUFFER: usize = 256 << 10;
 /// errno for a write outside its volume.
 const EINVAL: u32 = 22;
 /// errno when the group cannot take writes.
@@ -41,7 +43,9 @@ struct Disk {
 pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
     let _ = stream.set_nodelay(true);
     let mut reader = match stream.try_clone() {
-        Ok(s) => s,
+        // Small writes arrive many to a read: buffer them (a 4 KiB write is one copy more,
+        // a large one is read past the buffer straight into its payload).
+        Ok(s) => BufReader::with_capacity(READ_BUFFER, s),
         Err(e) => return log::warn!("agent {peer}: {e}"),
     };
     let mut writer = stream;
@@ -76,7 +80,7 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
     }
     drop(ack_tx);
     drop(disks);
-    let _ = reader.shutdown(std::net::Shutdown::Both);
+    let _ = reader.get_ref().shutdown(std::net::Shutdown::Both);
     if let Ok(t) = ack_thread {
         let _ = t.join();
     }
@@ -141,7 +145,7 @@ fn detach(reg: &Registry, names: &[String]) {
 }
 
 fn read_loop(
-    reader: &mut TcpStream,
+    reader: &mut BufReader<TcpStream>,
     disks: &[Disk],
     ack_tx: &crossbeam_channel::Sender<WriteAck>,
     payload: &mut Vec<u8>,

@@ -473,8 +473,10 @@ fn supervise(inner: &Arc<Inner>, mut reader: TcpStream, closed: &Receiver<()>) {
 }
 
 /// Reads acknowledgements until the connection ends; returns why it ended.
-fn read_acks(inner: &Inner, mut stream: TcpStream) -> FrameError {
+fn read_acks(inner: &Inner, stream: TcpStream) -> FrameError {
     let mut payload = Vec::new();
+    // Acknowledgements arrive in batches: one read takes many of them.
+    let mut stream = std::io::BufReader::with_capacity(64 << 10, stream);
     loop {
         let ack = match read_frame(&mut stream, &mut payload) {
             Ok(FrameType::WriteAck) => match WriteAck::decode(&payload) {
