@@ -56,7 +56,7 @@ impl GroupState {
         b[8..16].copy_from_slice(&self.applied_seq.to_le_bytes());
         b[16..24].copy_from_slice(&self.base_seq.to_le_bytes());
         b[24..32].copy_from_slice(&self.base_time_ns.to_le_bytes());
-        let crc = crc32c(&b[0..32]);
+        let crc = crc32c::crc32c(&b[0..32]);
         b[32..36].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -72,7 +72,7 @@ impl GroupState {
         if u32_at(b, 4) != STATE_VERSION {
             return Err("unknown version");
         }
-        if crc32c(&b[0..32]) != u32_at(b, 32) {
+        if crc32c::crc32c(&b[0..32]) != u32_at(b, 32) {
             return Err("checksum mismatch");
         }
         let s = GroupState { applied_seq: u64_at(b, 8), base_seq: u64_at(b, 16), base_time_ns: u64_at(b, 24) };
@@ -123,36 +123,9 @@ pub(crate) fn write_state(fs: &dyn Storage, path: &Path, s: &GroupState) -> io::
     write_file_atomic(fs, path, &s.encode())
 }
 
-/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bitwise: it only ever covers the
-/// 32 bytes of a state file.
-fn crc32c(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            let mask = (crc & 1).wrapping_neg();
-            crc = (crc >> 1) ^ (0x82F6_3B78 & mask);
-        }
-    }
-    !crc
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hindsight_consistency::record::{encode_record, RecordHeader};
-    use hindsight_consistency::WriteKind;
-
-    #[test]
-    fn crc_matches_the_standard_check_value_and_the_record_codec() {
-        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
-        // The record codec appends the CRC-32C of everything before it.
-        let h = RecordHeader { seq: 3, time_ns: 99, kind: WriteKind::Data, offset: 512, length: 5 };
-        let mut rec = Vec::new();
-        encode_record(&h, "vol", b"hello", &mut rec);
-        let n = rec.len();
-        assert_eq!(crc32c(&rec[..n - 4]), u32_at(&rec, n - 4));
-    }
 
     #[test]
     fn round_trip_and_every_flipped_bit_is_detected() {
