@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks hindsight-agent (replicating in cdp mode to an engine and a target on this
-# machine) against qemu-nbd and nbdkit serving the same kind of backing file, in the same run,
+# machine) against qemu-nbd (page cache, and --cache=none) and nbdkit serving the same kind of
+# backing file, in the same run,
 # with fio's nbd engine. Prints IOPS, MB/s, p50/p99 completion latency and the ratios.
 #
 #   HS_BENCH_RUNTIME=20   seconds per fio job      HS_BENCH_SIZE=1G   backing file size
@@ -57,6 +58,14 @@ hs_wait_sock "$WORK/qemu.sock"
 bench_server qemu-nbd "nbd+unix:///?socket=$WORK/qemu.sock"
 kill "$QPID"; wait "$QPID" 2>/dev/null || true
 
+echo "== qemu-nbd --cache=none (O_DIRECT: every write reaches the disk before its reply)"
+fresh_file "$WORK/qemu-direct.img"
+hs_spawn qemu-nbd-direct "$WORK/qemu-nbd-direct.log" qemu-nbd -t -e 8 --cache=none --aio=threads -f raw -k "$WORK/qemu-direct.sock" "$WORK/qemu-direct.img"
+QPID=$HS_PID
+hs_wait_sock "$WORK/qemu-direct.sock"
+bench_server qemu-nbd-direct "nbd+unix:///?socket=$WORK/qemu-direct.sock"
+kill "$QPID"; wait "$QPID" 2>/dev/null || true
+
 echo "== nbdkit file plugin"
 fresh_file "$WORK/nbdkit.img"
 hs_spawn nbdkit "$WORK/nbdkit.log" nbdkit -f -U "$WORK/nbdkit.sock" file "$WORK/nbdkit.img"
@@ -108,6 +117,17 @@ hs_wait_sock "$WORK/agent.sock"
 bench_server hindsight "nbd+unix:///vol?socket=$WORK/agent.sock"
 hs_cleanup
 
+echo "== hindsight-agent and engine only (target not running: the engine journals and acks, ships nothing)"
+echo "   shows what the co-located recovery site costs on this machine; not a replicating figure"
+fresh_file "$WORK/agent.img"
+rm -rf "$WORK/engine" "$WORK/target"
+hs_spawn engine "$WORK/engine-only.log" "$BIN/hindsight" engine --config "$WORK/engine.toml"
+hs_wait_tcp "$EPORT"
+hs_spawn agent "$WORK/agent-only.log" "$BIN/hindsight-agent" --config "$WORK/agent.toml"
+hs_wait_sock "$WORK/agent.sock"
+bench_server hindsight-no-target "nbd+unix:///vol?socket=$WORK/agent.sock"
+hs_cleanup
+
 echo
 echo "== results ($(nproc) vCPU, $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ), runtime ${RUNTIME}s per job, file $SIZE)"
 python3 - "$RESULTS" <<'PY'
@@ -121,9 +141,9 @@ print("| job | server | IOPS | MB/s | p50 µs | p99 µs | hindsight / this |")
 print("|---|---|---:|---:|---:|---:|---:|")
 for j in jobs:
     h = res.get(("hindsight", j))
-    for s in ("hindsight", "qemu-nbd", "nbdkit"):
+    for s in ("hindsight", "hindsight-no-target", "qemu-nbd", "qemu-nbd-direct", "nbdkit"):
         r = res.get((s, j))
         if not r: continue
-        ratio = "" if s == "hindsight" or not h else "%.2f" % (float(h[2]) / max(float(r[2]), 1))
+        ratio = "" if s.startswith("hindsight") or not h else "%.2f" % (float(h[2]) / max(float(r[2]), 1))
         print(f"| {j} | {s} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {ratio} |")
 PY
