@@ -85,6 +85,93 @@ pub fn run_ok(cmd: &mut Command) -> String {
     out
 }
 
+/// Runs a command with a timeout; returns its exit code (`None` if a signal ended it),
+/// stdout and stderr.
+pub fn run_code(cmd: &mut Command, timeout: Duration) -> (Option<i32>, String, String) {
+    let out = run_output(cmd, timeout);
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Runs a command with a timeout and returns its status and raw output; kills it and panics
+/// if it takes longer.
+pub fn run_output(cmd: &mut Command, timeout: Duration) -> std::process::Output {
+    let mut child =
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null()).spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    std::process::Output { status, stdout: t_out.join().unwrap(), stderr: t_err.join().unwrap() }
+}
+
+/// Runs a command that must succeed within two minutes; returns stdout as bytes.
+pub fn run_ok_bytes(cmd: &mut Command) -> Vec<u8> {
+    let desc = format!("{cmd:?}");
+    let out = run_output(cmd, Duration::from_secs(120));
+    assert!(out.status.success(), "{desc} failed ({}):\nstderr: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// Runs qemu-io on an NBD URI with one `-c` per command. qemu-io waits for each request's
+/// reply before it sends the next, so the acknowledged order is the command order. Panics if
+/// qemu-io or any command fails; returns its output.
+pub fn qemu_io(uri: &str, commands: &[String]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", uri]);
+    for c in commands {
+        cmd.arg("-c").arg(c);
+    }
+    let desc = format!("qemu-io on {uri} ({} commands)", commands.len());
+    let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(120));
+    let all = format!("{out}{err}");
+    assert!(ok, "{desc} failed:\n{all}");
+    for bad in ["failed", "error", "Error"] {
+        assert!(!all.contains(bad), "{desc} reported {bad:?}:\n{all}");
+    }
+    all
+}
+
+/// A seeded random generator: the seed comes from HS_SEED or is drawn, and is printed so that
+/// a failing run can be repeated.
+pub fn seeded_rng() -> rand::rngs::StdRng {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("HS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::thread_rng().gen());
+    eprintln!("seed {seed} (HS_SEED={seed} repeats this run)");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// `len` random bytes.
+pub fn random_bytes(rng: &mut impl rand::RngCore, len: usize) -> Vec<u8> {
+    let mut v = vec![0; len];
+    rng.fill_bytes(&mut v);
+    v
+}
+
+/// True if two files hold the same bytes.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
+}
+
 /// A volume of the test cluster.
 #[derive(Clone, Debug)]
 pub struct Vol {
@@ -120,6 +207,25 @@ impl Cluster {
 
     /// Like `start`, with extra lines for the [target] section.
     pub fn start_with(vols: &[Vol], target_extra: &str) -> Cluster {
+        let mut c = Self::start_servers_with(vols, target_extra);
+        let vms: Vec<String> = {
+            let mut v: Vec<String> = vols.iter().map(|v| v.vm.clone()).collect();
+            v.dedup();
+            v
+        };
+        for vm in vms {
+            c.start_agent(&vm);
+        }
+        c
+    }
+
+    /// Writes the configs and the disk files and starts the target and the engine, but no
+    /// agent (start them with `start_agent`, or run `agent_bin()` on `agent_toml(vm)`).
+    pub fn start_servers(vols: &[Vol]) -> Cluster {
+        Self::start_servers_with(vols, "")
+    }
+
+    fn start_servers_with(vols: &[Vol], target_extra: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Cluster {
             dir,
@@ -139,14 +245,6 @@ impl Cluster {
         c.write_configs();
         c.start_target();
         c.start_engine();
-        let vms: Vec<String> = {
-            let mut v: Vec<String> = vols.iter().map(|v| v.vm.clone()).collect();
-            v.dedup();
-            v
-        };
-        for vm in vms {
-            c.start_agent(&vm);
-        }
         c
     }
 
@@ -170,6 +268,38 @@ impl Cluster {
 
     pub fn target_toml(&self) -> PathBuf {
         self.path("target.toml")
+    }
+
+    pub fn engine_toml(&self) -> PathBuf {
+        self.path("engine.toml")
+    }
+
+    /// The agent configuration of a VM.
+    pub fn agent_toml(&self, vm: &str) -> PathBuf {
+        self.path(&format!("agent-{vm}.toml"))
+    }
+
+    /// The log of a process so far: "target", "engine" or "agent-<vm>" (every run of it,
+    /// appended).
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(&format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Waits until a process's log holds `needle` at least `count` times.
+    pub fn wait_log(&self, name: &str, needle: &str, count: usize) {
+        let start = Instant::now();
+        loop {
+            let n = self.log(name).matches(needle).count();
+            if n >= count {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{name}.log holds {needle:?} {n} times, waited for {count}; logs in {}",
+                self.dir.path().display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn write_configs(&self) {
@@ -263,12 +393,27 @@ impl Cluster {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("history output is not JSON ({e}): {out}"))
     }
 
+    /// `hindsight history --json` of the group, or `None` while the target does not know the
+    /// group yet (its directory may exist before the creation is finished: `group.toml` is
+    /// written last).
+    pub fn history_if_known(&self) -> Option<serde_json::Value> {
+        let mut cmd = Command::new(hindsight_bin());
+        cmd.args(["history", "--json", "--group", &self.group, "--config"]).arg(self.target_toml());
+        let desc = format!("{cmd:?}");
+        let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(300));
+        if !ok && err.contains("is not known to this target") {
+            return None;
+        }
+        assert!(ok, "{desc} failed:\nstdout: {out}\nstderr: {err}");
+        Some(serde_json::from_str(&out).unwrap_or_else(|e| panic!("history output is not JSON ({e}): {out}")))
+    }
+
     /// Last sequence number the target holds (0 if the group is not there yet).
     pub fn target_last_seq(&self) -> u64 {
         if !self.path("target").join("groups").join(&self.group).exists() {
             return 0;
         }
-        self.history()["last_seq"].as_u64().expect("last_seq")
+        self.history_if_known().map_or(0, |h| h["last_seq"].as_u64().expect("last_seq"))
     }
 
     /// Waits until the target holds at least `seq`.
@@ -286,6 +431,14 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits until the target holds at least `seq`, then until it stops moving; returns the
+    /// last sequence number (use it when a restart may delay shipping beyond `settle`'s
+    /// patience).
+    pub fn wait_target_seq_settled(&self, seq: u64) -> u64 {
+        self.wait_target_seq(seq);
+        self.settle()
     }
 
     /// Waits until the target's last sequence number has not moved for a while (every write
