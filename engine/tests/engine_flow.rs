@@ -1,0 +1,201 @@
+//! The engine between a fake agent and a fake target, both speaking the wire protocol over
+//! 127.0.0.1: acknowledgements come after the journal holds the write, numbers follow arrival
+//! order, shipping resumes where the target's journal ends, confirmed segments go, and agents
+//! whose disks do not match the configuration are refused.
+
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use hindsight_consistency::config::EngineConfig;
+use hindsight_consistency::journal::{list_segments, JournalReader};
+use hindsight_consistency::record::decode_record;
+use hindsight_consistency::storage::StdStorage;
+use hindsight_consistency::wire::*;
+use hindsight_consistency::WriteKind;
+
+fn engine_config(dir: &Path, target_port: u16, segment: &str) -> EngineConfig {
+    let text = format!(
+        "[engine]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nsegment_size = \"{segment}\"\n\n[[group]]\nname = \"erp\"\nmode = \"cdp\"\ntarget = \"127.0.0.1:{target_port}\"\n\n[[group.volume]]\nname = \"db\"\nvm = \"vm1\"\nsize = \"64MiB\"\n\n[[group.volume]]\nname = \"logs\"\nvm = \"vm2\"\nsize = \"64MiB\"\n",
+        dir.display()
+    );
+    EngineConfig::from_str(Path::new("engine.toml"), &text).unwrap()
+}
+
+struct FakeAgent {
+    s: TcpStream,
+    payload: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+impl FakeAgent {
+    fn connect(addr: std::net::SocketAddr, vm: &str, disks: &[(&str, u64)]) -> Result<FakeAgent, String> {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let hello = AgentHello {
+            protocol: PROTOCOL_VERSION,
+            vm: vm.into(),
+            disks: disks.iter().map(|(v, size)| DiskHello { group: "erp".into(), volume: (*v).into(), size: *size }).collect(),
+        };
+        let mut scratch = Vec::new();
+        write_frame(&mut s, FrameType::AgentHello, &encode_message(&hello), &mut scratch).unwrap();
+        let mut payload = Vec::new();
+        match read_frame(&mut s, &mut payload).unwrap() {
+            FrameType::AgentWelcome => Ok(FakeAgent { s, payload, scratch }),
+            FrameType::Error => Err(decode_message::<ErrorMessage>("Error", &payload).unwrap().message),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn send_write(&mut self, req_id: u64, offset: u64, data: &[u8]) {
+        let m = WriteMsg { req_id, offset, length: data.len() as u32, disk: 0, kind: WriteKind::Data };
+        let mut p = m.encode_header().to_vec();
+        p.extend_from_slice(data);
+        write_frame(&mut self.s, FrameType::Write, &p, &mut self.scratch).unwrap();
+    }
+
+    fn ack(&mut self) -> WriteAck {
+        assert_eq!(read_frame(&mut self.s, &mut self.payload).unwrap(), FrameType::WriteAck);
+        WriteAck::decode(&self.payload).unwrap()
+    }
+}
+
+fn journal_dir(dir: &Path) -> std::path::PathBuf {
+    dir.join("groups").join("erp").join("journal")
+}
+
+/// Every record in the engine's journal from `from` on, as (seq, volume, offset, first byte).
+fn journal_records(dir: &Path, from: u64) -> Vec<(u64, String, u64, u8)> {
+    let mut r = JournalReader::open(StdStorage::shared(), &journal_dir(dir), from).unwrap();
+    let mut out = Vec::new();
+    while let Some(rec) = r.next().unwrap() {
+        out.push((rec.header.seq, rec.volume.to_owned(), rec.header.offset, rec.data[0]));
+    }
+    out
+}
+
+#[test]
+fn acks_follow_the_journal_and_numbers_follow_arrival() {
+    let d = tempfile::tempdir().unwrap();
+    let unused = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let engine = hindsight_engine::start(engine_config(d.path(), unused, "1MiB")).unwrap();
+    let mut a = FakeAgent::connect(engine.local_addr(), "vm1", &[("db", 64 << 20)]).unwrap();
+    let mut last = 0;
+    for i in 0..50u64 {
+        a.send_write(i, i * 4096, &[i as u8 + 1; 4096]);
+        let ack = a.ack();
+        assert_eq!((ack.req_id, ack.status), (i, 0));
+        assert!(ack.seq > last, "sequence numbers must grow: {} after {last}", ack.seq);
+        last = ack.seq;
+        // The acknowledged write is already in the journal, with that number.
+        let recs = journal_records(d.path(), ack.seq);
+        assert_eq!(recs.first(), Some(&(ack.seq, "db".to_owned(), i * 4096, i as u8 + 1)));
+    }
+    // Pipelined: many in flight, acknowledged in sequence order.
+    for i in 50..150u64 {
+        a.send_write(i, i * 4096, &[7; 4096]);
+    }
+    let seqs: Vec<u64> = (50..150).map(|_| a.ack().seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "one agent's writes are numbered in the order sent");
+    engine.shutdown();
+}
+
+#[test]
+fn mismatched_disks_are_refused_with_the_reason() {
+    let d = tempfile::tempdir().unwrap();
+    let unused = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let engine = hindsight_engine::start(engine_config(d.path(), unused, "1MiB")).unwrap();
+    let addr = engine.local_addr();
+    let e = FakeAgent::connect(addr, "vm1", &[("db", 32 << 20)]).err().unwrap();
+    assert!(e.contains("33554432") && e.contains("67108864"), "{e}");
+    let e = FakeAgent::connect(addr, "vm1", &[("logs", 64 << 20)]).err().unwrap();
+    assert!(e.contains("vm2") && e.contains("vm1"), "{e}");
+    let e = FakeAgent::connect(addr, "vm1", &[("nope", 64 << 20)]).err().unwrap();
+    assert!(e.contains("nope"), "{e}");
+    let _first = FakeAgent::connect(addr, "vm1", &[("db", 64 << 20)]).unwrap();
+    let e = FakeAgent::connect(addr, "vm1", &[("db", 64 << 20)]).err().unwrap();
+    assert!(e.contains("already attached"), "{e}");
+    // Nothing was journaled by the refused agents.
+    assert!(journal_records(d.path(), 1).is_empty());
+    engine.shutdown();
+}
+
+#[test]
+fn out_of_range_write_gets_einval_and_the_session_goes_on() {
+    let d = tempfile::tempdir().unwrap();
+    let unused = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let engine = hindsight_engine::start(engine_config(d.path(), unused, "1MiB")).unwrap();
+    let mut a = FakeAgent::connect(engine.local_addr(), "vm1", &[("db", 64 << 20)]).unwrap();
+    a.send_write(1, (64 << 20) - 512, &[1; 4096]);
+    let ack = a.ack();
+    assert_eq!((ack.req_id, ack.status, ack.seq), (1, 22, 0));
+    a.send_write(2, 0, &[2; 512]);
+    assert_eq!(a.ack().status, 0);
+    assert_eq!(journal_records(d.path(), 1).len(), 1);
+    engine.shutdown();
+}
+
+/// A target that welcomes with `durable` and collects records, confirming each frame (but
+/// never beyond `confirm_cap`, like a target whose later records were not yet durable).
+fn fake_target(listener: &TcpListener, durable: u64, want: usize, confirm_cap: u64) -> Vec<u64> {
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut payload = Vec::new();
+    let mut scratch = Vec::new();
+    assert_eq!(read_frame(&mut s, &mut payload).unwrap(), FrameType::TargetHello);
+    let hello: TargetHello = decode_message("TargetHello", &payload).unwrap();
+    assert_eq!(hello.group, "erp");
+    assert_eq!(hello.volumes.len(), 2);
+    write_frame(&mut s, FrameType::TargetWelcome, &encode_message(&TargetWelcome { protocol: 1, durable_seq: durable }), &mut scratch)
+        .unwrap();
+    let mut seqs = Vec::new();
+    while seqs.len() < want {
+        assert_eq!(read_frame(&mut s, &mut payload).unwrap(), FrameType::Records);
+        let mut at = 0;
+        while at < payload.len() {
+            let (rec, used) = decode_record(&payload[at..]).unwrap();
+            seqs.push(rec.header.seq);
+            at += used;
+        }
+        let confirm = (*seqs.last().unwrap()).min(confirm_cap);
+        write_frame(&mut s, FrameType::Confirm, &encode_confirm(confirm), &mut scratch).unwrap();
+    }
+    s.flush().unwrap();
+    seqs
+}
+
+#[test]
+fn shipping_resumes_after_the_targets_durable_seq_and_confirmed_segments_go() {
+    let d = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let engine = hindsight_engine::start(engine_config(d.path(), listener.local_addr().unwrap().port(), "1MiB")).unwrap();
+    let mut a = FakeAgent::connect(engine.local_addr(), "vm1", &[("db", 64 << 20)]).unwrap();
+    // 600 writes of 8 KiB: about five 1 MiB segments.
+    for i in 0..600u64 {
+        a.send_write(i, (i % 1000) * 8192, &[i as u8; 8192]);
+    }
+    for _ in 0..600 {
+        assert_eq!(a.ack().status, 0);
+    }
+    // First session: the target says it holds nothing; it receives 1.. in order, but only
+    // 1..=250 become durable before it goes away.
+    let seqs = fake_target(&listener, 0, 300, 250);
+    assert_eq!(seqs[..300], (1..=300).collect::<Vec<u64>>()[..]);
+    // Second session: the target says it holds up to 250: the engine resumes at 251.
+    let seqs = fake_target(&listener, 250, 350, u64::MAX);
+    assert_eq!(seqs[..350], (251..=600).collect::<Vec<u64>>()[..]);
+    // All 600 are confirmed: every segment but the active one is deleted.
+    let start = std::time::Instant::now();
+    loop {
+        let n = list_segments(StdStorage::shared().as_ref(), &journal_dir(d.path())).unwrap().len();
+        if n == 1 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{n} segments left after everything was confirmed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    engine.shutdown();
+}
