@@ -198,11 +198,22 @@ pub fn read_frame<R: Read>(r: &mut R, payload: &mut Vec<u8>) -> Result<FrameType
         }
     }
     let header = decode_header(&h)?;
-    payload.clear();
-    payload.resize(header.len as usize, 0);
-    r.read_exact(payload)?;
+    read_exact_to_vec(r, header.len as usize, payload)?;
     verify_payload(&h, payload)?;
     Ok(header.ftype)
+}
+
+/// Replaces the contents of `buf` with exactly `len` bytes read from `r`, without zeroing the
+/// buffer first (zero-filling every payload before reading over it cost more CPU than the
+/// checksum). `len` must already be checked against a limit.
+pub fn read_exact_to_vec<R: Read>(r: &mut R, len: usize, buf: &mut Vec<u8>) -> io::Result<()> {
+    buf.clear();
+    buf.reserve(len);
+    let got = r.take(len as u64).read_to_end(buf)?;
+    if got != len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 pub mod frame;
 pub mod messages;
 
-pub use frame::{read_frame, write_frame, FrameError, FrameHeader, FrameType};
+pub use frame::{read_exact_to_vec, read_frame, write_frame, FrameError, FrameHeader, FrameType};
 pub use messages::*;
 
 /// Protocol version spoken by this build (in hello messages).

@@ -281,8 +281,8 @@ impl Transmission<'_> {
             return Ok(());
         }
         // Bounded by MAX_BLOCK_SIZE just above.
-        let mut data = vec![0u8; req.length as usize];
-        reader.read_exact(&mut data).map_err(NbdError::ReadRequest)?;
+        let mut data = Vec::new();
+        hindsight_consistency::wire::read_exact_to_vec(reader, req.length as usize, &mut data).map_err(NbdError::ReadRequest)?;
         if let Err(error) = check(&req, size) {
             self.refuse(&req, error);
             return Ok(());
