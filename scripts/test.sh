@@ -13,4 +13,13 @@ cargo clippy --workspace --all-targets -q -- -D warnings
 echo "== cargo build"
 cargo build --workspace --bins -q
 echo "== cargo test"
-cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+rc=0
+cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee "$log" || rc=$?
+# One closing line for the whole run (cargo prints one per test binary).
+passed=$(grep -E '^test result:' "$log" | awk '{s += $4} END {print s + 0}')
+failed=$(grep -E '^test result:' "$log" | awk '{s += $6} END {print s + 0}')
+echo
+echo "$passed passed, $failed failed"
+exit $rc
