@@ -10,7 +10,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+use crossbeam_channel::Sender;
 
 use hindsight_consistency::record::MAX_WRITE_LEN;
 use hindsight_consistency::storage::{OpenMode, Storage, StorageFile};
@@ -83,30 +85,100 @@ impl LocalDisk {
 /// A local disk whose every write is also sent to the engine, as disk number `disk` of the
 /// link.
 pub struct ReplicatedDisk {
-    local: LocalDisk,
+    local: Arc<Local>,
     link: Arc<EngineLink>,
     disk: u16,
+    /// Into the disk's local writer threads (None if they could not be started).
+    writers: Option<Sender<LocalJob>>,
+}
+
+/// Local writes of at least this many bytes run on the disk's writer threads, so that the
+/// front end reads and forwards the next request meanwhile; smaller ones run inline, where a
+/// thread hand-off would cost more than the write.
+const OFFLOAD_MIN: u64 = 128 << 10;
+/// Writer threads per disk.
+const LOCAL_WRITERS: usize = 2;
+
+/// The local half of a disk, shared with its writer threads.
+struct Local {
+    disk: LocalDisk,
     volume: String,
-    /// Held from sending a write to the engine until it is applied locally, so that writes
-    /// of different client connections reach the local disk in the order the engine journals
-    /// them: two overlapping writes in flight together then leave the same bytes on both.
-    order: Mutex<()>,
+    /// Ranges whose local write is under way. A write that overlaps one waits for it before
+    /// it is sent anywhere, so overlapping writes reach the local disk in the order the engine
+    /// numbers them, and the replica ends equal to the source.
+    in_flight: Mutex<Vec<(u64, u64)>>,
+    range_done: Condvar,
+}
+
+/// What the local disk must do for one request.
+enum LocalBody {
+    Data(Arc<Vec<u8>>),
+    Zeroes(u64),
+}
+
+struct LocalJob {
+    offset: u64,
+    body: LocalBody,
+    fua: bool,
+    join: Arc<Join>,
+}
+
+impl Local {
+    fn run(&self, job: LocalJob) {
+        let LocalJob { offset, body, fua, join } = job;
+        let len = match &body {
+            LocalBody::Data(d) => d.len() as u64,
+            LocalBody::Zeroes(n) => *n,
+        };
+        let file = &self.disk.file;
+        let res = match &body {
+            LocalBody::Data(d) => file.write_all_at(d, offset),
+            LocalBody::Zeroes(n) => file.zero_range(offset, *n),
+        };
+        let res = res.and_then(|()| if fua { file.sync_data() } else { Ok(()) });
+        {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = in_flight.iter().position(|&r| r == (offset, offset + len)) {
+                in_flight.swap_remove(i);
+            }
+        }
+        self.range_done.notify_all();
+        join.finish(res.map_err(|e| {
+            error!("volume {}: local write of {len} bytes at offset {offset} to {} failed: {e}", self.volume, self.disk.path.display());
+            BlockError::from_io(&e)
+        }));
+    }
 }
 
 impl ReplicatedDisk {
-    /// Serves `local` as volume `volume`, disk number `disk` of `link`.
+    /// A replicating device over `local`, sending its writes on `link` as disk number `disk`;
+    /// starts the disk's local writer threads.
     pub fn new(local: LocalDisk, link: Arc<EngineLink>, disk: u16, volume: String) -> Self {
-        ReplicatedDisk { local, link, disk, volume, order: Mutex::new(()) }
+        let local = Arc::new(Local { disk: local, volume, in_flight: Mutex::new(Vec::new()), range_done: Condvar::new() });
+        let (tx, rx) = crossbeam_channel::unbounded::<LocalJob>();
+        let mut started = 0;
+        for i in 0..LOCAL_WRITERS {
+            let (l, rx) = (Arc::clone(&local), rx.clone());
+            let spawned = std::thread::Builder::new().name(format!("local-{}-{i}", local.volume)).spawn(move || {
+                for job in rx {
+                    l.run(job);
+                }
+            });
+            match spawned {
+                Ok(_) => started += 1,
+                Err(e) => error!("volume {}: cannot start a local writer thread ({e}); large writes run inline", local.volume),
+            }
+        }
+        ReplicatedDisk { local, link, disk, writers: (started > 0).then_some(tx) }
     }
 
-    /// The volume name.
     pub fn volume(&self) -> &str {
-        &self.volume
+        &self.local.volume
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.local.size => Ok(()),
+            Some(end) if end <= self.local.disk.size => Ok(()),
             _ => Err(BlockError::Invalid),
         }
     }
@@ -137,13 +209,19 @@ fn parts(len: u64) -> u32 {
 
 impl BlockDevice for ReplicatedDisk {
     fn size(&self) -> u64 {
-        self.local.size
+        self.local.disk.size
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
         self.check(offset, buf.len() as u64)?;
-        self.local.file.read_exact_at(buf, offset).map_err(|e| {
-            error!("volume {}: reading {} bytes at offset {} of {} failed: {e}", self.volume, buf.len(), offset, self.local.path.display());
+        self.local.disk.file.read_exact_at(buf, offset).map_err(|e| {
+            error!(
+                "volume {}: reading {} bytes at offset {} of {} failed: {e}",
+                self.local.volume,
+                buf.len(),
+                offset,
+                self.local.disk.path.display()
+            );
             BlockError::from_io(&e)
         })
     }
@@ -162,34 +240,45 @@ impl BlockDevice for ReplicatedDisk {
         }
         // The engine's parts, then the local one.
         let join = Arc::new(Join::new(parts(len) + 1, done));
-        let local = {
-            let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        let end = offset + len;
+        let body = {
+            let mut in_flight = self.local.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            while in_flight.iter().any(|&(s, e)| s < end && offset < e) {
+                in_flight = self.local.range_done.wait(in_flight).unwrap_or_else(|e| e.into_inner());
+            }
+            in_flight.push((offset, end));
+            // Sent while the range is held: the engine numbers overlapping writes in the
+            // order they are applied locally.
             match kind {
                 WriteKind::Data(data) => {
                     let data = Arc::new(data);
                     self.send(offset, WriteBody::Data(Arc::clone(&data)), &join);
-                    self.local.file.write_all_at(&data, offset)
+                    LocalBody::Data(data)
                 }
                 WriteKind::Zeroes { len } => {
                     self.send_split(offset, len, WriteBody::Zeroes, &join);
-                    self.local.file.zero_range(offset, u64::from(len))
+                    LocalBody::Zeroes(u64::from(len))
                 }
                 WriteKind::Trim { len } => {
                     self.send_split(offset, len, WriteBody::Trim, &join);
-                    self.local.file.zero_range(offset, u64::from(len))
+                    LocalBody::Zeroes(u64::from(len))
                 }
             }
         };
-        let local = local.and_then(|()| if fua { self.local.file.sync_data() } else { Ok(()) });
-        join.finish(local.map_err(|e| {
-            error!("volume {}: local write of {len} bytes at offset {offset} to {} failed: {e}", self.volume, self.local.path.display());
-            BlockError::from_io(&e)
-        }));
+        let job = LocalJob { offset, body, fua, join };
+        match &self.writers {
+            Some(tx) if len >= OFFLOAD_MIN => {
+                if let Err(crossbeam_channel::SendError(job)) = tx.send(job) {
+                    self.local.run(job);
+                }
+            }
+            _ => self.local.run(job),
+        }
     }
 
     fn flush(&self) -> Result<(), BlockError> {
-        self.local.file.sync_data().map_err(|e| {
-            error!("volume {}: flushing {} failed: {e}", self.volume, self.local.path.display());
+        self.local.disk.file.sync_data().map_err(|e| {
+            error!("volume {}: flushing {} failed: {e}", self.local.volume, self.local.disk.path.display());
             BlockError::from_io(&e)
         })
     }
