@@ -344,9 +344,9 @@ fn concurrent_overlapping_writes_leave_engine_replay_equal_to_local_disk() {
                 for i in 0..150u64 {
                     let len: u64 = [4096, 65536, 128 << 10, 256 << 10, 512 << 10][rng.gen_range(0..5)];
                     let offset = rng.gen_range(0..=(size - len) / 4096) * 4096;
-                    let byte = (t * 64 + i % 64) as u8 | 1;
+                    let byte = u8::try_from((t * 64 + i % 64) % 256).unwrap() | 1;
                     let (tx, rx) = mpsc::channel();
-                    let op = WriteOp { offset, kind: Op::Data(vec![byte; len as usize]), fua: false };
+                    let op = WriteOp { offset, kind: Op::Data(vec![byte; usize::try_from(len).unwrap()]), fua: false };
                     dev.submit(op, Box::new(move |r| tx.send(r).unwrap()));
                     in_flight.push_back(rx);
                     if in_flight.len() >= 8 {
