@@ -41,6 +41,11 @@ pub trait StorageFile: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes a range read back as zeroes, freeing space where the file system can.
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Sets the length to `len` and reserves disk space for all of it, so that later writes
+    /// neither allocate nor run out of space. The default only sets the length.
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        self.set_len(len)
+    }
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_exact_at(&self, buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         let mut done = 0;
@@ -112,6 +117,17 @@ impl StorageFile for StdFile {
     }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         zero_range(&self.0, offset, len)
+    }
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let l = i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        match fallocate(std::os::fd::AsRawFd::as_raw_fd(&self.0), FallocateFlags::empty(), 0, l) {
+            Ok(()) => Ok(()),
+            // A file system without fallocate: a sparse file still works, it just allocates
+            // as it is written.
+            Err(nix::errno::Errno::EOPNOTSUPP) => self.0.set_len(len),
+            Err(e) => Err(io::Error::from(e)),
+        }
     }
 }
 

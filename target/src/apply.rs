@@ -39,12 +39,19 @@ pub(crate) struct Image {
 }
 
 impl Image {
-    /// Creates a blank (sparse) image, replacing any leftover file.
-    pub fn create(fs: &dyn Storage, group: &str, dir: &Path, vol: &Volume) -> Result<Image, TargetError> {
+    /// Creates a blank image, replacing any leftover file: sparse, or with all its space
+    /// reserved when `preallocate` (replicas: random writes into holes cost the file system
+    /// far more than writes into allocated space, and a replica must not run out of space
+    /// halfway).
+    pub fn create(fs: &dyn Storage, group: &str, dir: &Path, vol: &Volume, preallocate: bool) -> Result<Image, TargetError> {
         let path = dir.join(image_name(&vol.name));
         let err = |step, source| TargetError::Image { group: group.to_owned(), volume: vol.name.clone(), step, path: path.clone(), source };
         let file = fs.open(&path, OpenMode::Truncate).map_err(|e| err("create", e))?;
-        file.set_len(vol.size).map_err(|e| err("set the size of", e))?;
+        if preallocate {
+            file.allocate(vol.size).map_err(|e| err("reserve space for", e))?;
+        } else {
+            file.set_len(vol.size).map_err(|e| err("set the size of", e))?;
+        }
         file.sync_data().map_err(|e| err("sync", e))?;
         Ok(Image { volume: vol.name.clone(), size: vol.size, path, file })
     }

@@ -115,8 +115,8 @@ impl Group {
         }
         let mut replicas = ImageSet::empty(name);
         for v in &meta.volumes {
-            replicas.insert(Image::create(fs.as_ref(), name, &paths.replica_dir(), v)?);
-            Image::create(fs.as_ref(), name, &paths.base_dir(), v)?;
+            replicas.insert(Image::create(fs.as_ref(), name, &paths.replica_dir(), v, true)?);
+            Image::create(fs.as_ref(), name, &paths.base_dir(), v, false)?;
         }
         for dir in [paths.replica_dir(), paths.base_dir()] {
             fs.sync_dir(&dir).map_err(data_dir_err(&dir, "sync directory"))?;
@@ -306,8 +306,8 @@ impl Group {
             let res = (|| {
                 let mut replicas = (*inner.replicas).clone();
                 for v in &added {
-                    replicas.insert(Image::create(self.fs.as_ref(), &self.name, &self.paths.replica_dir(), v)?);
-                    Image::create(self.fs.as_ref(), &self.name, &self.paths.base_dir(), v)?;
+                    replicas.insert(Image::create(self.fs.as_ref(), &self.name, &self.paths.replica_dir(), v, true)?);
+                    Image::create(self.fs.as_ref(), &self.name, &self.paths.base_dir(), v, false)?;
                     log::info!("group {:?}: added volume {:?} ({} bytes, vm {})", self.name, v.name, v.size, v.vm);
                 }
                 for dir in [self.paths.replica_dir(), self.paths.base_dir()] {
