@@ -79,35 +79,7 @@ EPORT=$(hs_free_port); TPORT=$(hs_free_port)
 fresh_file "$WORK/agent.img"
 rm -rf "$WORK/engine" "$WORK/target"
 BYTES=$(stat -c %s "$WORK/agent.img")
-cat >"$WORK/target.toml" <<EOT
-[target]
-listen = "127.0.0.1:$TPORT"
-data_dir = "$WORK/target"
-journal_size = "4GiB"
-EOT
-cat >"$WORK/engine.toml" <<EOT
-[engine]
-listen = "127.0.0.1:$EPORT"
-data_dir = "$WORK/engine"
-[[group]]
-name = "bench"
-mode = "cdp"
-target = "127.0.0.1:$TPORT"
-[[group.volume]]
-name = "vol"
-vm = "bench-vm"
-size = "$BYTES"
-EOT
-cat >"$WORK/agent.toml" <<EOT
-[agent]
-engine = "127.0.0.1:$EPORT"
-vm = "bench-vm"
-[[disk]]
-group = "bench"
-volume = "vol"
-path = "$WORK/agent.img"
-listen = "unix:$WORK/agent.sock"
-EOT
+hs_write_configs "$WORK" bench bench-vm vol "$BYTES" "$WORK/agent.img" "$WORK/agent.sock" 'journal_size = "4GiB"'
 hs_spawn target "$WORK/target.log" "$BIN/hindsight" target --config "$WORK/target.toml"
 hs_wait_tcp "$TPORT"
 hs_spawn engine "$WORK/engine.log" "$BIN/hindsight" engine --config "$WORK/engine.toml"

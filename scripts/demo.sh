@@ -27,38 +27,7 @@ SOCK=$WORK/run/db-data.sock
 DISK=$WORK/erp-db-disk.img
 rm -f "$DISK" && truncate -s 256M "$DISK"
 
-cat >"$WORK/target.toml" <<EOT
-[target]
-listen = "127.0.0.1:$TPORT"
-data_dir = "$WORK/target"
-retention = "24h"
-EOT
-cat >"$WORK/engine.toml" <<EOT
-[engine]
-listen = "127.0.0.1:$EPORT"
-data_dir = "$WORK/engine"
-
-[[group]]
-name = "erp"
-mode = "cdp"
-target = "127.0.0.1:$TPORT"
-
-[[group.volume]]
-name = "db-data"
-vm = "erp-db"
-size = "256MiB"
-EOT
-cat >"$WORK/agent.toml" <<EOT
-[agent]
-engine = "127.0.0.1:$EPORT"
-vm = "erp-db"
-
-[[disk]]
-group = "erp"
-volume = "db-data"
-path = "$DISK"
-listen = "unix:$SOCK"
-EOT
+hs_write_configs "$WORK" erp erp-db db-data 256MiB "$DISK" "$SOCK" 'retention = "24h"'
 
 step "starting target, engine and agent (files in $WORK)"
 hs_spawn target "$WORK/target.log" "$HS" target --config "$WORK/target.toml"

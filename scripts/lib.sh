@@ -58,3 +58,43 @@ hs_wait_sock() {
 
 # hs_json_field JSON KEY: prints a top-level field of a JSON object.
 hs_json_field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
+
+# hs_write_configs DIR GROUP VM VOLUME SIZE DISK SOCKET TARGET_LINE: writes DIR/target.toml,
+# DIR/engine.toml and DIR/agent.toml for one group with one volume, the target listening on
+# 127.0.0.1:$TPORT and the engine on 127.0.0.1:$EPORT. TARGET_LINE is the retention setting,
+# e.g. 'retention = "24h"'.
+hs_write_configs() {
+  local dir=$1 group=$2 vm=$3 volume=$4 size=$5 disk=$6 sock=$7 target_line=$8
+  cat >"$dir/target.toml" <<EOT
+[target]
+listen = "127.0.0.1:$TPORT"
+data_dir = "$dir/target"
+$target_line
+EOT
+  cat >"$dir/engine.toml" <<EOT
+[engine]
+listen = "127.0.0.1:$EPORT"
+data_dir = "$dir/engine"
+
+[[group]]
+name = "$group"
+mode = "cdp"
+target = "127.0.0.1:$TPORT"
+
+[[group.volume]]
+name = "$volume"
+vm = "$vm"
+size = "$size"
+EOT
+  cat >"$dir/agent.toml" <<EOT
+[agent]
+engine = "127.0.0.1:$EPORT"
+vm = "$vm"
+
+[[disk]]
+group = "$group"
+volume = "$volume"
+path = "$disk"
+listen = "unix:$sock"
+EOT
+}

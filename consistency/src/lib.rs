@@ -25,3 +25,15 @@ pub mod time;
 pub mod wire;
 
 pub use record::{Record, RecordHeader, RecordRef, Seq, WriteKind};
+
+/// An error and its chain of sources on one line (`a: b: c`), for log lines and messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}

@@ -44,18 +44,6 @@ enum Failure {
     Runtime(String),
 }
 
-/// An error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
-
 /// One configured disk, checked and opened.
 struct Opened<'a> {
     config: &'a DiskConfig,
@@ -74,7 +62,9 @@ fn open_disks<'a>(file: &Path, config: &'a AgentConfig) -> Result<Vec<Opened<'a>
     }
     let mut opened = Vec::new();
     for d in &config.disks {
-        let fail = |e: &dyn std::error::Error| Failure::Config(format!("{}: disk {:?}: {}", file.display(), d.volume, chain(e)));
+        let fail = |e: &dyn std::error::Error| {
+            Failure::Config(format!("{}: disk {:?}: {}", file.display(), d.volume, hindsight_consistency::error_chain(e)))
+        };
         let listen: Listen = d.listen.parse().map_err(|e| fail(&e))?;
         let local = LocalDisk::open(&StdStorage, &d.path).map_err(|e| fail(&e))?;
         opened.push(Opened { config: d, listen, local });
@@ -111,7 +101,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         connect_wait: STARTUP_CONNECT_WAIT,
         engine_timeout: ENGINE_TIMEOUT,
     })
-    .map_err(|e| Failure::Runtime(chain(&e)))?;
+    .map_err(|e| Failure::Runtime(hindsight_consistency::error_chain(&e)))?;
     let link = Arc::new(link);
 
     // One server per distinct listen address, in the order first named.
@@ -137,7 +127,9 @@ fn run(args: &Args) -> Result<(), Failure> {
     let (stopped_tx, stopped_rx) = crossbeam_channel::unbounded();
     for (listen, exports, lines) in servers {
         let spec = listen.to_string();
-        let handle = NbdServer::new(listen, exports).and_then(NbdServer::spawn).map_err(|e| Failure::Runtime(chain(&e)))?;
+        let handle = NbdServer::new(listen, exports)
+            .and_then(NbdServer::spawn)
+            .map_err(|e| Failure::Runtime(hindsight_consistency::error_chain(&e)))?;
         for (volume, group, size) in lines {
             info!("serving volume {volume} of group {group} on {} (size {size})", handle.listen());
         }
@@ -152,7 +144,7 @@ fn run(args: &Args) -> Result<(), Failure> {
     drop(stopped_tx);
     // A server's wait ends only when its accept loop fails.
     match stopped_rx.recv() {
-        Ok((spec, Err(e))) => Err(Failure::Runtime(format!("NBD server on {spec} stopped: {}", chain(&e)))),
+        Ok((spec, Err(e))) => Err(Failure::Runtime(format!("NBD server on {spec} stopped: {}", hindsight_consistency::error_chain(&e)))),
         Ok((spec, Ok(()))) => Err(Failure::Runtime(format!("NBD server on {spec} stopped"))),
         Err(_) => Err(Failure::Runtime("every NBD server stopped".to_string())),
     }

@@ -588,17 +588,7 @@ pub(crate) fn poisoned_message(group: &str, cause: &str) -> String {
     TargetError::Poisoned { group: group.to_owned(), cause: cause.to_owned() }.to_string()
 }
 
-/// An error and its sources on one line.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
+pub(crate) use hindsight_consistency::error_chain;
 
 /// Calls `f` with every record of a payload that `validate_frame` accepted.
 fn each_record<E>(payload: &[u8], mut f: impl FnMut(&hindsight_consistency::RecordRef<'_>, &[u8]) -> Result<(), E>) -> Result<(), E> {

@@ -1,7 +1,6 @@
 //! The NBD server: one listener, a list of exports, one thread per client connection.
 
 use std::collections::HashMap;
-use std::error::Error as _;
 use std::fmt;
 use std::fs;
 use std::io::{self, BufReader};
@@ -216,7 +215,7 @@ impl ServerHandle {
 impl Drop for ServerHandle {
     fn drop(&mut self) {
         if let Err(e) = self.stop() {
-            warn!("nbd: {}", error_chain(&e));
+            warn!("nbd: {}", hindsight_consistency::error_chain(&e));
         }
     }
 }
@@ -404,24 +403,12 @@ fn stop_connections(state: &State) {
     }
 }
 
-/// Formats an error with its chain of causes, for log lines.
-fn error_chain(e: &NbdError) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
-
 /// Handshake, then transmission, for one client; logs how it ended.
 fn run_connection(stream: Stream, peer: &str, exports: &[Export]) {
     info!("nbd {peer}: connected");
     match serve_client(stream, peer, exports) {
         Ok(()) => {}
-        Err(e) => warn!("nbd {peer}: closing connection: {}", error_chain(&e)),
+        Err(e) => warn!("nbd {peer}: closing connection: {}", hindsight_consistency::error_chain(&e)),
     }
 }
 
@@ -447,7 +434,7 @@ fn serve_client(stream: Stream, peer: &str, exports: &[Export]) -> Result<(), Nb
         End::Disconnect => info!("nbd {peer}: export {:?}: client disconnected", export.name),
         End::Closed => info!("nbd {peer}: export {:?}: connection closed", export.name),
         End::ReplyFailed => warn!("nbd {peer}: export {:?}: connection dropped after a failed reply", export.name),
-        End::Error(e) => warn!("nbd {peer}: export {:?}: closing connection: {}", export.name, error_chain(&e)),
+        End::Error(e) => warn!("nbd {peer}: export {:?}: closing connection: {}", export.name, hindsight_consistency::error_chain(&e)),
     }
     Ok(())
 }
