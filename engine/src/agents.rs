@@ -5,7 +5,8 @@ use std::collections::{HashMap, HashSet};
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use hindsight_consistency::wire::{
@@ -17,6 +18,10 @@ use crate::group::{GroupHandle, WriteRequest};
 
 /// Read buffer of an agent connection.
 const READ_BUFFER: usize = 256 << 10;
+/// How long a hello waits for an earlier session of the same volumes to go away (an agent
+/// restarted right after it died can arrive before the engine has seen the old connection
+/// close).
+const ATTACH_WAIT: Duration = Duration::from_secs(5);
 /// errno for a write outside its volume.
 const EINVAL: u32 = 22;
 /// errno when the group cannot take writes.
@@ -28,6 +33,8 @@ pub struct Registry {
     pub groups: HashMap<String, GroupHandle>,
     /// Volumes currently served by a connected agent.
     pub attached: Mutex<HashSet<String>>,
+    /// Signalled when a session detaches its volumes.
+    pub detached: Condvar,
     /// The engine's name for peers.
     pub name: String,
 }
@@ -127,9 +134,17 @@ fn attach(hello: &AgentHello, reg: &Registry) -> Result<Vec<Disk>, String> {
         }
         disks.push(Disk { group: group.clone(), volume: Arc::from(d.volume.as_str()), size: vol.size });
     }
+    let deadline = Instant::now() + ATTACH_WAIT;
     let mut attached = reg.attached.lock().expect("attached lock");
-    if let Some(busy) = disks.iter().find(|d| attached.contains(&*d.volume)) {
-        return Err(format!("volume {:?} is already attached by another agent", busy.volume));
+    while let Some(busy) = disks.iter().find(|d| attached.contains(&*d.volume)) {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(format!(
+                "volume {:?} is already attached by another agent of vm {:?}; stop the other agent (or wait until the engine sees it gone)",
+                busy.volume, hello.vm
+            ));
+        }
+        attached = reg.detached.wait_timeout(attached, deadline - now).expect("attached lock").0;
     }
     for d in &disks {
         attached.insert(d.volume.to_string());
@@ -142,6 +157,7 @@ fn detach(reg: &Registry, names: &[String]) {
     for n in names {
         attached.remove(n);
     }
+    reg.detached.notify_all();
 }
 
 fn read_loop(

@@ -115,9 +115,17 @@ fn mismatched_disks_are_refused_with_the_reason() {
     assert!(e.contains("vm2") && e.contains("vm1"), "{e}");
     let e = FakeAgent::connect(addr, "vm1", &[("nope", 64 << 20)]).err().unwrap();
     assert!(e.contains("nope"), "{e}");
-    let _first = FakeAgent::connect(addr, "vm1", &[("db", 64 << 20)]).unwrap();
+    let first = FakeAgent::connect(addr, "vm1", &[("db", 64 << 20)]).unwrap();
+    let started = std::time::Instant::now();
     let e = FakeAgent::connect(addr, "vm1", &[("db", 64 << 20)]).err().unwrap();
     assert!(e.contains("already attached"), "{e}");
+    assert!(started.elapsed() >= Duration::from_secs(4), "a live session's volumes are waited for before refusing");
+    // An agent that reconnects right after its predecessor's connection ended is accepted:
+    // the hello waits for the old session to detach.
+    let waiter = std::thread::spawn(move || FakeAgent::connect(addr, "vm1", &[("db", 64 << 20)]).map(|_| ()));
+    std::thread::sleep(Duration::from_millis(300));
+    drop(first);
+    waiter.join().unwrap().expect("the new session takes the volume once the old one is gone");
     // Nothing was journaled by the refused agents.
     assert!(journal_records(d.path(), 1).is_empty());
     engine.shutdown();
