@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{ArgGroup, Parser, Subcommand};
 use hindsight_consistency::config::{EngineConfig, TargetConfig};
 use hindsight_consistency::time::{format_rfc3339, parse_rfc3339};
-use hindsight_target::{Point, RecoverRequest};
+use hindsight_target::{Point, RecoverRequest, RecoverSetRequest, Selection};
 
 #[derive(Parser)]
 #[command(name = "hindsight", version, about = "Block-level replication and continuous data protection")]
@@ -30,8 +30,10 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Write a raw image of a volume as it was at a point in time.
+    /// Write raw images of a volume, of every volume of a VM, or of the whole group, as they
+    /// were at one point in time.
     #[command(group(ArgGroup::new("point").required(true).args(["seq", "time", "latest"])))]
+    #[command(group(ArgGroup::new("what").required(true).args(["volume", "vm", "all"])))]
     Recover {
         /// target.toml of the target holding the data
         #[arg(long)]
@@ -39,9 +41,15 @@ enum Command {
         /// Consistency group
         #[arg(long)]
         group: String,
-        /// Volume
-        #[arg(long)]
-        volume: String,
+        /// One volume (written to --out)
+        #[arg(long, requires = "out")]
+        volume: Option<String>,
+        /// Every volume of this VM (written to --out-dir with a manifest)
+        #[arg(long, requires = "out_dir")]
+        vm: Option<String>,
+        /// Every volume of the group (written to --out-dir with a manifest)
+        #[arg(long, requires = "out_dir")]
+        all: bool,
         /// The point: after the write with this group sequence number
         #[arg(long)]
         seq: Option<u64>,
@@ -51,9 +59,12 @@ enum Command {
         /// The point: the newest write the target holds
         #[arg(long)]
         latest: bool,
-        /// The raw image to write
+        /// The raw image to write (with --volume)
+        #[arg(long, conflicts_with = "out_dir")]
+        out: Option<PathBuf>,
+        /// A new or empty directory for the images and manifest.json (with --vm or --all)
         #[arg(long)]
-        out: PathBuf,
+        out_dir: Option<PathBuf>,
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
@@ -114,32 +125,54 @@ fn run(cli: Cli) -> Result<(), Failure> {
             init_logging();
             hindsight_target::run(cfg)?;
         }
-        Command::Recover { config, group, volume, seq, time, latest, out, json } => {
+        Command::Recover { config, group, volume, vm, all, seq, time, latest, out, out_dir, json } => {
             let cfg = TargetConfig::load(&config).map_err(|e| Failure::Config(e.to_string()))?;
             let point = match (seq, time, latest) {
                 (Some(n), _, _) => Point::Seq(n),
                 (_, Some(t), _) => Point::Time(parse_rfc3339(&t).map_err(|e| Failure::Config(format!("--time: {e}")))?),
                 _ => Point::Latest,
             };
-            let report = hindsight_target::recover(&cfg, &RecoverRequest { group, volume, point, out: out.clone() })?;
-            if json {
-                let v = serde_json::json!({
-                    "group": report.group, "volume": report.volume, "seq": report.seq,
-                    "time": format_rfc3339(report.time_ns), "time_ns": report.time_ns,
-                    "records_applied": report.records_applied, "bytes": report.bytes, "out": out,
-                });
-                println!("{v}");
-            } else {
-                println!(
-                    "recovered volume {} of group {} at seq {} ({}): {} ({} bytes, {} journal records applied)",
-                    report.volume,
-                    report.group,
-                    report.seq,
-                    format_rfc3339(report.time_ns),
-                    out.display(),
-                    report.bytes,
-                    report.records_applied
-                );
+            match (volume, out, out_dir) {
+                (Some(volume), Some(out), _) => {
+                    let report = hindsight_target::recover(&cfg, &RecoverRequest { group, volume, point, out: out.clone() })?;
+                    if json {
+                        let v = serde_json::json!({
+                            "group": report.group, "volume": report.volume, "seq": report.seq,
+                            "time": format_rfc3339(report.time_ns), "time_ns": report.time_ns,
+                            "records_applied": report.records_applied, "bytes": report.bytes, "out": out,
+                        });
+                        println!("{v}");
+                    } else {
+                        println!(
+                            "recovered volume {} of group {} at seq {} ({}): {} ({} bytes, {} journal records applied)",
+                            report.volume,
+                            report.group,
+                            report.seq,
+                            format_rfc3339(report.time_ns),
+                            out.display(),
+                            report.bytes,
+                            report.records_applied
+                        );
+                    }
+                }
+                (None, _, Some(out_dir)) => {
+                    let selection = match vm {
+                        Some(vm) => Selection::Vm(vm),
+                        None if all => Selection::All,
+                        None => return Err(Failure::Config("give --volume, --vm or --all".into())),
+                    };
+                    let m = hindsight_target::recover_set(&cfg, &RecoverSetRequest { group, selection, point, out_dir: out_dir.clone() })?;
+                    if json {
+                        println!("{}", serde_json::to_string(&m)?);
+                    } else {
+                        let what = m.vm.as_ref().map_or_else(|| format!("group {}", m.group), |vm| format!("vm {vm} of group {}", m.group));
+                        println!("recovered {what} at seq {} ({}), {}, into {}:", m.seq, m.time, m.consistency, out_dir.display());
+                        for v in &m.volumes {
+                            println!("  {}  volume {} (vm {}, {} bytes)", v.file, v.name, v.vm, v.size);
+                        }
+                    }
+                }
+                _ => return Err(Failure::Config("--volume needs --out FILE; --vm and --all need --out-dir DIR".into())),
             }
         }
         Command::History { config, group, json } => {

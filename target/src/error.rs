@@ -187,6 +187,16 @@ pub enum TargetError {
         #[source]
         source: io::Error,
     },
+    /// No volume of the group belongs to the requested VM.
+    #[error("group {group:?} has no volume of vm {vm:?}; its VMs are: {}", list_or_none(known))]
+    UnknownVm {
+        /// The group.
+        group: String,
+        /// The requested VM.
+        vm: String,
+        /// The VMs of the group's volumes.
+        known: Vec<String>,
+    },
     /// A thread could not be started.
     #[error("cannot start the {what} thread")]
     Spawn {

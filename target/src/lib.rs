@@ -65,6 +65,7 @@ mod layout;
 mod lock;
 mod meta;
 mod recover;
+mod recover_set;
 mod server;
 mod state;
 
@@ -78,6 +79,7 @@ use serde::{Deserialize, Serialize};
 
 pub use error::TargetError;
 pub use recover::{groups, history, recover};
+pub use recover_set::{recover_set, Manifest, ManifestVolume, RecoverSetRequest, Selection, MANIFEST_NAME};
 pub use server::TargetHandle;
 
 /// Runs the target daemon in the calling thread (`hindsight target`). It returns an error if
