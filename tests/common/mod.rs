@@ -526,3 +526,112 @@ pub fn first_difference(a: &[u8], b: &[u8]) -> String {
         None => "equal".into(),
     }
 }
+
+impl Cluster {
+    /// Recovers every volume of the group at one point with `recover --all` (`["--seq", "5"]`,
+    /// `["--time", T]`, ...); returns the manifest and each volume's image by volume name.
+    pub fn recover_all(&self, point: &[&str]) -> (serde_json::Value, BTreeMap<String, Vec<u8>>) {
+        let dir = self.path("recovered-all");
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = run_ok(
+            Command::new(hindsight_bin())
+                .args(["recover", "--all", "--json", "--group", &self.group, "--config"])
+                .arg(self.target_toml())
+                .args(point)
+                .arg("--out-dir")
+                .arg(&dir),
+        );
+        let manifest: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("recover --all --json output is not JSON ({e}): {out}"));
+        let mut images = BTreeMap::new();
+        for v in manifest["volumes"].as_array().unwrap_or_else(|| panic!("no volumes in the manifest: {manifest}")) {
+            let (name, file) = (v["name"].as_str().expect("volume name"), v["file"].as_str().expect("image file"));
+            images.insert(name.to_owned(), std::fs::read(dir.join(file)).unwrap());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        (manifest, images)
+    }
+}
+
+/// A long-lived qemu-io on an NBD URI, fed one command at a time on its standard input: each
+/// command is sent only after the previous one was answered, so a write is acknowledged when
+/// `write_file` returns. Killed on drop if still running.
+pub struct QemuIoSession {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+    what: String,
+}
+
+impl QemuIoSession {
+    pub fn start(uri: &str) -> QemuIoSession {
+        let mut child = Command::new("qemu-io")
+            .args(["-f", "raw", uri])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn qemu-io on {uri}: {e}"));
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
+        let err: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
+        for stream in [out, err] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let stdin = child.stdin.take();
+        QemuIoSession { child, stdin, lines, what: format!("qemu-io on {uri}") }
+    }
+
+    /// Writes `len` bytes read from the file `src` at `off` and waits for the reply.
+    pub fn write_file(&mut self, src: &Path, off: u64, len: u64) {
+        use std::io::Write;
+        let cmd = format!("write -s {} {off} {len}\n", src.display());
+        let stdin = self.stdin.as_mut().expect("session is open");
+        stdin.write_all(cmd.as_bytes()).and_then(|()| stdin.flush()).unwrap_or_else(|e| panic!("{}: send {cmd:?}: {e}", self.what));
+        let done = format!("wrote {len}/{len} bytes at offset {off}");
+        loop {
+            let line = match self.lines.recv_timeout(Duration::from_secs(60)) {
+                Ok(l) => l,
+                Err(e) => panic!("{}: no reply to {:?} ({e})", self.what, cmd.trim()),
+            };
+            if line.contains(&done) {
+                return;
+            }
+            for bad in ["failed", "error", "Error", "No such", "Invalid"] {
+                assert!(!line.contains(bad), "{}: {:?} reported: {line}", self.what, cmd.trim());
+            }
+        }
+    }
+
+    /// Closes standard input and waits for qemu-io to exit cleanly.
+    pub fn finish(mut self) {
+        drop(self.stdin.take());
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "{} did not exit after its input ended", self.what);
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(status.success(), "{} exited with {status}", self.what);
+    }
+}
+
+impl Drop for QemuIoSession {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
