@@ -24,7 +24,7 @@ pub mod storage;
 pub mod time;
 pub mod wire;
 
-pub use record::{Record, RecordHeader, RecordRef, Seq, WriteKind};
+pub use record::{BookmarkBody, PointConsistency, Record, RecordHeader, RecordRef, Seq, WriteKind};
 
 /// An error and its chain of sources on one line (`a: b: c`), for log lines and messages.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

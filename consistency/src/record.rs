@@ -41,6 +41,10 @@ pub enum WriteKind {
     Zeroes,
     /// The range is discarded; replicas make it zeroes.
     Trim,
+    /// Not a write: a named point in the group's sequence (a bookmark), placed by the engine.
+    /// Its name travels in the volume field and its [`BookmarkBody`] as data; it changes no
+    /// volume.
+    Bookmark,
 }
 
 impl WriteKind {
@@ -50,6 +54,7 @@ impl WriteKind {
             WriteKind::Data => 1,
             WriteKind::Zeroes => 2,
             WriteKind::Trim => 3,
+            WriteKind::Bookmark => 4,
         }
     }
 
@@ -59,8 +64,14 @@ impl WriteKind {
             1 => Some(WriteKind::Data),
             2 => Some(WriteKind::Zeroes),
             3 => Some(WriteKind::Trim),
+            4 => Some(WriteKind::Bookmark),
             _ => None,
         }
+    }
+
+    /// True for the kinds that carry `length` bytes of data.
+    pub fn carries_data(self) -> bool {
+        matches!(self, WriteKind::Data | WriteKind::Bookmark)
     }
 
     /// Short lower-case name, for logs and JSON.
@@ -69,6 +80,7 @@ impl WriteKind {
             WriteKind::Data => "data",
             WriteKind::Zeroes => "zeroes",
             WriteKind::Trim => "trim",
+            WriteKind::Bookmark => "bookmark",
         }
     }
 }
@@ -146,6 +158,74 @@ impl RecordRef<'_> {
     }
 }
 
+/// How consistent a bookmarked point is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PointConsistency {
+    /// What a crash at that instant would leave (every point of a group is at least this).
+    Crash,
+    /// The applications were quiesced (file systems frozen) when the point was placed.
+    Application,
+}
+
+impl PointConsistency {
+    /// As shown to operators.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PointConsistency::Crash => "crash-consistent",
+            PointConsistency::Application => "app-consistent",
+        }
+    }
+}
+
+/// The data of a bookmark record.
+///
+/// ```text
+/// { version:u8 = 1 | consistency:u8 (1 crash, 2 application) | reserved:u16 = 0 | note (UTF-8) }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BookmarkBody {
+    /// How consistent the point is.
+    pub consistency: PointConsistency,
+    /// Free text: why the point is only crash-consistent, who placed it, ...
+    pub note: String,
+}
+
+/// Longest bookmark note.
+pub const MAX_BOOKMARK_NOTE: usize = 1024;
+
+impl BookmarkBody {
+    /// Encodes the body (at least 4 bytes, so a bookmark record is never empty).
+    pub fn encode(&self) -> Vec<u8> {
+        let note = &self.note.as_bytes()[..self.note.len().min(MAX_BOOKMARK_NOTE)];
+        let mut v = Vec::with_capacity(4 + note.len());
+        v.push(1);
+        v.push(match self.consistency {
+            PointConsistency::Crash => 1,
+            PointConsistency::Application => 2,
+        });
+        v.extend_from_slice(&[0, 0]);
+        v.extend_from_slice(note);
+        v
+    }
+
+    /// Decodes a body.
+    pub fn decode(b: &[u8]) -> Result<BookmarkBody, DecodeError> {
+        if b.len() < 4 {
+            return Err(DecodeError::Corrupt("bookmark body too short"));
+        }
+        if b[0] != 1 {
+            return Err(DecodeError::Corrupt("unknown bookmark body version"));
+        }
+        let consistency = match b[1] {
+            1 => PointConsistency::Crash,
+            2 => PointConsistency::Application,
+            _ => return Err(DecodeError::Corrupt("unknown bookmark consistency")),
+        };
+        let note = String::from_utf8_lossy(&b[4..]).into_owned();
+        Ok(BookmarkBody { consistency, note })
+    }
+}
+
 /// Checks the invariants an encoder must hold; returns a static reason on failure.
 fn check_fields(h: &RecordHeader, volume: &str, data_len: usize) -> Result<(), &'static str> {
     if volume.is_empty() || volume.len() > MAX_NAME_LEN {
@@ -157,7 +237,7 @@ fn check_fields(h: &RecordHeader, volume: &str, data_len: usize) -> Result<(), &
     if h.offset.checked_add(u64::from(h.length)).is_none() {
         return Err("offset + length overflows");
     }
-    let want = if h.kind == WriteKind::Data { h.length as usize } else { 0 };
+    let want = if h.kind.carries_data() { h.length as usize } else { 0 };
     if data_len != want {
         return Err("data length does not match kind and length");
     }
@@ -232,7 +312,7 @@ pub fn record_len_from_header(buf: &[u8]) -> Result<usize, DecodeError> {
     if length == 0 || length > MAX_WRITE_LEN {
         return Err(DecodeError::Corrupt("record length out of range"));
     }
-    let want_body = name_len + if kind == WriteKind::Data { length as usize } else { 0 };
+    let want_body = name_len + if kind.carries_data() { length as usize } else { 0 };
     if body_len != want_body {
         return Err(DecodeError::Corrupt("record body length does not match kind and length"));
     }
@@ -296,6 +376,22 @@ mod tests {
             assert_eq!(got.to_owned(), r);
             assert_eq!(got.encoded_len(), buf.len());
         }
+    }
+
+    #[test]
+    fn bookmark_records_round_trip_with_their_body() {
+        let body = BookmarkBody { consistency: PointConsistency::Application, note: "before upgrade".into() }.encode();
+        let h = RecordHeader { seq: 9, time_ns: 5, kind: WriteKind::Bookmark, offset: 0, length: body.len() as u32 };
+        let mut buf = Vec::new();
+        encode_record(&h, "pre-upgrade", &body, &mut buf);
+        let (got, _) = decode_record(&buf).unwrap();
+        assert_eq!(got.header.kind, WriteKind::Bookmark);
+        assert_eq!(got.volume, "pre-upgrade");
+        let b = BookmarkBody::decode(got.data).unwrap();
+        assert_eq!((b.consistency, b.note.as_str()), (PointConsistency::Application, "before upgrade"));
+        assert!(matches!(BookmarkBody::decode(&[2, 1, 0, 0]), Err(DecodeError::Corrupt(_))));
+        assert!(matches!(BookmarkBody::decode(&[1, 9, 0, 0]), Err(DecodeError::Corrupt(_))));
+        assert!(matches!(BookmarkBody::decode(&[1, 1]), Err(DecodeError::Corrupt(_))));
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub(crate) fn apply_record(file: &dyn StorageFile, rec: &RecordRef<'_>) -> io::R
     match h.kind {
         WriteKind::Data => file.write_all_at(rec.data, h.offset),
         WriteKind::Zeroes | WriteKind::Trim => file.zero_range(h.offset, u64::from(h.length)),
+        WriteKind::Bookmark => Ok(()),
     }
 }
 
@@ -137,6 +138,10 @@ impl ImageSet {
 
     /// Applies a record to the image of its volume.
     pub fn apply(&self, rec: &RecordRef<'_>) -> Result<(), TargetError> {
+        if rec.header.kind == WriteKind::Bookmark {
+            // A point in the sequence, not a write.
+            return Ok(());
+        }
         match self.images.get(rec.volume) {
             Some(img) => img.apply(&self.group, rec),
             None => Err(TargetError::Inconsistent {

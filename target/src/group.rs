@@ -13,7 +13,7 @@ use hindsight_consistency::journal::{Journal, JournalOptions, JournalReader};
 use hindsight_consistency::record::{decode_record, DecodeError};
 use hindsight_consistency::storage::{OpenMode, Storage};
 use hindsight_consistency::time::{format_rfc3339, now_ns};
-use hindsight_consistency::Seq;
+use hindsight_consistency::{BookmarkBody, Seq, WriteKind};
 
 use crate::apply::{for_each_record, in_bounds, Image, ImageSet};
 use crate::error::{data_dir_err, window, TargetError};
@@ -617,20 +617,26 @@ fn validate_frame(group: &str, meta: &GroupMeta, payload: &[u8], mut next: Seq, 
             e => format!("group {group:?}: the record at byte {at} of a Records frame is invalid ({e})"),
         })?;
         let h = rec.header;
-        let Some(vol) = meta.volume(rec.volume) else {
-            return Err(format!(
-                "group {group:?}: seq {} is for volume {:?}, which the group does not have (volumes: {}); \
-                 the engine must announce it in its hello",
-                h.seq,
-                rec.volume,
-                meta.volume_names().join(", ")
-            ));
-        };
-        if !in_bounds(&rec, vol.size) {
-            return Err(format!(
-                "group {group:?}: seq {} writes {} bytes at offset {}, past the end of volume {:?} ({} bytes)",
-                h.seq, h.length, h.offset, vol.name, vol.size
-            ));
+        if h.kind == WriteKind::Bookmark {
+            // A named point: no volume, but its body must be readable.
+            BookmarkBody::decode(rec.data)
+                .map_err(|e| format!("group {group:?}: bookmark {:?} at seq {} is invalid ({e})", rec.volume, h.seq))?;
+        } else {
+            let Some(vol) = meta.volume(rec.volume) else {
+                return Err(format!(
+                    "group {group:?}: seq {} is for volume {:?}, which the group does not have (volumes: {}); \
+                     the engine must announce it in its hello",
+                    h.seq,
+                    rec.volume,
+                    meta.volume_names().join(", ")
+                ));
+            };
+            if !in_bounds(&rec, vol.size) {
+                return Err(format!(
+                    "group {group:?}: seq {} writes {} bytes at offset {}, past the end of volume {:?} ({} bytes)",
+                    h.seq, h.length, h.offset, vol.name, vol.size
+                ));
+            }
         }
         if let Some(p) = prev {
             if h.seq != p + 1 {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use hindsight_consistency::config::{check_name, TargetConfig};
 use hindsight_consistency::journal::{list_segments, JournalReader};
 use hindsight_consistency::storage::{OpenMode, StdStorage, Storage, StorageFile};
-use hindsight_consistency::Seq;
+use hindsight_consistency::{Seq, WriteKind};
 
 use crate::apply::{apply_record, for_each_record, Image};
 use crate::error::{data_dir_err, TargetError};
@@ -334,7 +334,7 @@ fn build(
         if until_time.is_some_and(|t| rec.header.time_ns > t) {
             return Ok(ControlFlow::Break(()));
         }
-        if rec.volume == vol.name {
+        if rec.volume == vol.name && rec.header.kind != WriteKind::Bookmark {
             apply_record(dst, rec).map_err(|source| TargetError::Apply {
                 group: view.name.clone(),
                 volume: vol.name.clone(),

@@ -130,7 +130,11 @@ impl WriteMsg {
         if payload.len() < WRITE_HEADER_LEN {
             return Err(bad("shorter than its header"));
         }
-        let kind = WriteKind::from_code(payload[22]).ok_or_else(|| bad("unknown kind"))?;
+        let kind = match WriteKind::from_code(payload[22]) {
+            Some(WriteKind::Bookmark) => return Err(bad("bookmarks are placed by the engine, not written by agents")),
+            Some(k) => k,
+            None => return Err(bad("unknown kind")),
+        };
         if payload[23] != 0 {
             return Err(bad("unknown flags"));
         }
