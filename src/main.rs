@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use clap::{ArgGroup, Parser, Subcommand};
 use hindsight_consistency::config::{EngineConfig, TargetConfig};
 use hindsight_consistency::time::{format_rfc3339, parse_rfc3339};
+use hindsight_consistency::wire::{
+    decode_message, encode_message, read_frame, write_frame, BookmarkReply, BookmarkRequest, ErrorMessage, FrameType, PROTOCOL_VERSION,
+};
 use hindsight_target::{Point, RecoverRequest, RecoverSetRequest, Selection};
 
 #[derive(Parser)]
@@ -32,7 +35,7 @@ enum Command {
     },
     /// Write raw images of a volume, of every volume of a VM, or of the whole group, as they
     /// were at one point in time.
-    #[command(group(ArgGroup::new("point").required(true).args(["seq", "time", "latest"])))]
+    #[command(group(ArgGroup::new("point").required(true).args(["seq", "time", "bookmark", "latest"])))]
     #[command(group(ArgGroup::new("what").required(true).args(["volume", "vm", "all"])))]
     Recover {
         /// target.toml of the target holding the data
@@ -56,6 +59,9 @@ enum Command {
         /// The point: every write the engine received at or before this RFC 3339 time
         #[arg(long)]
         time: Option<String>,
+        /// The point: the newest bookmark of this name (every write before it)
+        #[arg(long)]
+        bookmark: Option<String>,
         /// The point: the newest write the target holds
         #[arg(long)]
         latest: bool,
@@ -68,6 +74,31 @@ enum Command {
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
+    },
+    /// Place a named bookmark in one or more groups at the same instant (asks the running
+    /// engine).
+    #[command(group(ArgGroup::new("which").required(true).args(["group", "groups", "all_groups"])))]
+    Bookmark {
+        /// engine.toml of the running engine
+        #[arg(long)]
+        config: PathBuf,
+        /// One group
+        #[arg(long)]
+        group: Option<String>,
+        /// Several groups, comma separated: one bookmark in each, at the same instant
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+        /// Every group of the engine
+        #[arg(long)]
+        all_groups: bool,
+        /// A note kept with the bookmark
+        #[arg(long, default_value = "")]
+        note: String,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+        /// The bookmark's name (letters, digits, '.', '_', '-')
+        name: String,
     },
     /// Show the recoverable window of a group (or of every group).
     History {
@@ -125,11 +156,24 @@ fn run(cli: Cli) -> Result<(), Failure> {
             init_logging();
             hindsight_target::run(cfg)?;
         }
-        Command::Recover { config, group, volume, vm, all, seq, time, latest, out, out_dir, json } => {
+        Command::Recover { config, group, volume, vm, all, seq, time, bookmark, latest, out, out_dir, json } => {
             let cfg = TargetConfig::load(&config).map_err(|e| Failure::Config(e.to_string()))?;
-            let point = match (seq, time, latest) {
-                (Some(n), _, _) => Point::Seq(n),
-                (_, Some(t), _) => Point::Time(parse_rfc3339(&t).map_err(|e| Failure::Config(format!("--time: {e}")))?),
+            let point = match (seq, time, bookmark, latest) {
+                (Some(n), ..) => Point::Seq(n),
+                (_, Some(t), ..) => Point::Time(parse_rfc3339(&t).map_err(|e| Failure::Config(format!("--time: {e}")))?),
+                (_, _, Some(name), _) => {
+                    let h = hindsight_target::history(&cfg, &group)?;
+                    match h.bookmarks.iter().rev().find(|b| b.name == name) {
+                        Some(b) => Point::Seq(b.seq),
+                        None => {
+                            let known: Vec<&str> = h.bookmarks.iter().map(|b| b.name.as_str()).collect();
+                            return Err(Failure::Runtime(anyhow::anyhow!(
+                                "group {group:?} has no bookmark {name:?} in its recoverable window; its bookmarks are: {}",
+                                if known.is_empty() { "(none)".to_owned() } else { known.join(", ") }
+                            )));
+                        }
+                    }
+                }
                 _ => Point::Latest,
             };
             match (volume, out, out_dir) {
@@ -175,6 +219,32 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 _ => return Err(Failure::Config("--volume needs --out FILE; --vm and --all need --out-dir DIR".into())),
             }
         }
+        Command::Bookmark { config, group, groups, all_groups, note, json, name } => {
+            let cfg = EngineConfig::load(&config).map_err(|e| Failure::Config(e.to_string()))?;
+            let groups = match (group, all_groups) {
+                (Some(g), _) => vec![g],
+                (None, true) => Vec::new(),
+                (None, false) => groups,
+            };
+            let reply = request_bookmark(cfg.listen, BookmarkRequest { protocol: PROTOCOL_VERSION, name: name.clone(), groups, note })?;
+            if json {
+                let v: Vec<_> = reply
+                    .points
+                    .iter()
+                    .map(|p| serde_json::json!({"group": p.group, "bookmark": name, "seq": p.seq, "time": format_rfc3339(p.time_ns), "time_ns": p.time_ns}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                for p in &reply.points {
+                    println!(
+                        "bookmark {name:?} placed in group {} at seq {} ({}), crash-consistent",
+                        p.group,
+                        p.seq,
+                        format_rfc3339(p.time_ns)
+                    );
+                }
+            }
+        }
         Command::History { config, group, json } => {
             let cfg = TargetConfig::load(&config).map_err(|e| Failure::Config(e.to_string()))?;
             let names = match group {
@@ -191,6 +261,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     let mut v = serde_json::to_value(h)?;
                     v["first_time"] = format_rfc3339(h.first_time_ns).into();
                     v["last_time"] = format_rfc3339(h.last_time_ns).into();
+                    for (i, b) in h.bookmarks.iter().enumerate() {
+                        v["bookmarks"][i]["time"] = format_rfc3339(b.time_ns).into();
+                    }
                     values.push(v);
                 }
                 let v = if values.len() == 1 { values.remove(0) } else { serde_json::Value::Array(values) };
@@ -206,6 +279,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// Asks the engine at `addr` to place a bookmark.
+fn request_bookmark(addr: std::net::SocketAddr, req: BookmarkRequest) -> anyhow::Result<BookmarkReply> {
+    use anyhow::Context;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+        .with_context(|| format!("cannot reach the engine at {addr}; is it running?"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    write_frame(&mut s, FrameType::BookmarkRequest, &encode_message(&req), &mut Vec::new())?;
+    let mut payload = Vec::new();
+    match read_frame(&mut s, &mut payload).context("the engine did not answer")? {
+        FrameType::BookmarkReply => Ok(decode_message("BookmarkReply", &payload)?),
+        FrameType::Error => anyhow::bail!("the engine refused: {}", decode_message::<ErrorMessage>("Error", &payload)?.message),
+        other => anyhow::bail!("the engine answered with an unexpected {other:?} frame"),
+    }
 }
 
 /// The human form of `hindsight history`.
@@ -230,6 +318,10 @@ fn format_history(h: &hindsight_target::History) -> String {
     }
     let _ = writeln!(s, "  journal: {} segments, {} bytes; {}", h.segments, h.journal_bytes, limits.join(", "));
     let _ = writeln!(s, "  replicas applied up to seq {}", h.applied_seq);
+    for b in &h.bookmarks {
+        let note = if b.note.is_empty() { String::new() } else { format!(" ({})", b.note) };
+        let _ = writeln!(s, "  bookmark {:<20} seq {:<10} {}  {}{note}", b.name, b.seq, format_rfc3339(b.time_ns), b.consistency);
+    }
     for v in &h.volumes {
         let _ = writeln!(s, "  volume {:<24} vm {:<16} {} bytes", v.name, v.vm, v.size);
     }

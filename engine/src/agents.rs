@@ -9,12 +9,14 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
+use hindsight_consistency::config::check_name;
 use hindsight_consistency::wire::{
-    decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, ErrorMessage, FrameError, FrameType, WriteAck,
-    WriteMsg, PROTOCOL_VERSION, WRITE_HEADER_LEN,
+    decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, BookmarkPoint, BookmarkReply, BookmarkRequest,
+    ErrorMessage, FrameError, FrameType, WriteAck, WriteMsg, PROTOCOL_VERSION, WRITE_HEADER_LEN,
 };
+use hindsight_consistency::{BookmarkBody, PointConsistency};
 
-use crate::group::{GroupHandle, WriteRequest};
+use crate::group::{BookmarkPlacement, GroupHandle, GroupItem, Latch, WriteRequest};
 
 /// Read buffer of an agent connection.
 const READ_BUFFER: usize = 256 << 10;
@@ -63,6 +65,18 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
             Ok(h) => h,
             Err(e) => return refuse(&mut writer, peer, &e.to_string()),
         },
+        Ok(FrameType::BookmarkRequest) => {
+            let reply = match decode_message::<BookmarkRequest>("BookmarkRequest", &payload) {
+                Ok(req) => place_bookmark(&req, &reg),
+                Err(e) => Err(e.to_string()),
+            };
+            return match reply {
+                Ok(r) => {
+                    let _ = write_frame(&mut writer, FrameType::BookmarkReply, &encode_message(&r), &mut scratch);
+                }
+                Err(why) => refuse(&mut writer, peer, &why),
+            };
+        }
         Ok(other) => return refuse(&mut writer, peer, &format!("expected AgentHello, got {other:?}")),
         Err(e) => return log::warn!("agent {peer}: handshake failed: {e}"),
     };
@@ -98,6 +112,44 @@ fn refuse(w: &mut TcpStream, peer: SocketAddr, why: &str) {
     log::warn!("agent {peer} refused: {why}");
     let msg = encode_message(&ErrorMessage { message: why.to_owned() });
     let _ = write_frame(w, FrameType::Error, &msg, &mut Vec::new());
+}
+
+/// Places one bookmark in each requested group (every group if none is named) at one
+/// instant, and waits until each is durable.
+fn place_bookmark(req: &BookmarkRequest, reg: &Registry) -> Result<BookmarkReply, String> {
+    check_name("bookmark", &req.name)?;
+    let mut names: Vec<&String> = if req.groups.is_empty() { reg.groups.keys().collect() } else { req.groups.iter().collect() };
+    names.sort();
+    names.dedup();
+    let mut groups = Vec::new();
+    for n in names {
+        let Some(g) = reg.groups.get(n) else {
+            let mut known: Vec<&str> = reg.groups.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            return Err(format!("group {n:?} is not configured on this engine (groups: {})", known.join(", ")));
+        };
+        groups.push(g);
+    }
+    let body = BookmarkBody { consistency: PointConsistency::Crash, note: req.note.clone() }.encode();
+    let latch = Arc::new(Latch::new(groups.len()));
+    let mut waiting = Vec::new();
+    for g in &groups {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let item = GroupItem::Bookmark(BookmarkPlacement { name: req.name.clone(), body: body.clone(), latch: latch.clone(), reply: tx });
+        if g.tx.send(item).is_err() {
+            return Err(format!("group {} is shutting down", g.config.name));
+        }
+        waiting.push((g.config.name.clone(), rx));
+    }
+    let mut points = Vec::new();
+    for (group, rx) in waiting {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok((seq, time_ns))) => points.push(BookmarkPoint { group, seq, time_ns }),
+            Ok(Err(why)) => return Err(why),
+            Err(_) => return Err(format!("group {group} did not place the bookmark within 30 s")),
+        }
+    }
+    Ok(BookmarkReply { points })
 }
 
 /// Checks every disk of the hello against the configuration and marks them attached.
@@ -196,7 +248,7 @@ fn read_loop(
             data_at: WRITE_HEADER_LEN,
             ack: ack_tx.clone(),
         };
-        if disk.group.tx.send(req).is_err() {
+        if disk.group.tx.send(GroupItem::Write(req)).is_err() {
             return Err(FrameError::Peer("the engine is shutting down".into()));
         }
     }

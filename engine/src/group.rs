@@ -46,6 +46,57 @@ pub struct WriteRequest {
     pub ack: Sender<WriteAck>,
 }
 
+/// What a group's journal thread takes from its channel.
+pub enum GroupItem {
+    /// A guest write.
+    Write(WriteRequest),
+    /// A bookmark to place.
+    Bookmark(BookmarkPlacement),
+}
+
+/// A bookmark on its way into a group's journal.
+pub struct BookmarkPlacement {
+    /// The bookmark's name.
+    pub name: String,
+    /// Its record data (an encoded [`hindsight_consistency::BookmarkBody`]).
+    pub body: Vec<u8>,
+    /// Counted down by every group of the request once its bookmark is durable; the journal
+    /// thread takes nothing numbered after its bookmark until it reaches zero.
+    pub latch: Arc<Latch>,
+    /// Where the group's bookmark sequence number and time (or an error) go.
+    pub reply: Sender<Result<(Seq, u64), String>>,
+}
+
+/// A countdown the groups of one bookmark request wait on together.
+pub struct Latch {
+    left: Mutex<usize>,
+    zero: Condvar,
+}
+
+/// How long a group waits for the other groups of a bookmark request.
+const LATCH_WAIT: Duration = Duration::from_secs(10);
+
+impl Latch {
+    /// A latch for `n` groups.
+    pub fn new(n: usize) -> Latch {
+        Latch { left: Mutex::new(n), zero: Condvar::new() }
+    }
+
+    /// Counts one group down and waits (bounded) for the others.
+    fn arrive_and_wait(&self, group: &str) {
+        let mut left = self.left.lock().expect("latch lock");
+        *left = left.saturating_sub(1);
+        if *left == 0 {
+            self.zero.notify_all();
+            return;
+        }
+        let (left, timeout) = self.zero.wait_timeout_while(left, LATCH_WAIT, |l| *l > 0).expect("latch lock");
+        if timeout.timed_out() {
+            log::warn!("group {group}: {} other group(s) did not place their bookmark within {LATCH_WAIT:?}; going on", *left);
+        }
+    }
+}
+
 /// What the shipper and the status of a group share with its journal thread.
 #[derive(Debug)]
 pub struct GroupShared {
@@ -100,7 +151,7 @@ pub struct GroupHandle {
     /// Shared state.
     pub shared: Arc<GroupShared>,
     /// Into the journal thread.
-    pub tx: Sender<WriteRequest>,
+    pub tx: Sender<GroupItem>,
 }
 
 /// Starts the journal thread of a group over an opened journal.
@@ -113,7 +164,7 @@ pub fn start(config: GroupConfig, journal: Journal) -> std::io::Result<(GroupHan
     Ok((GroupHandle { config: Arc::new(config), shared, tx }, join))
 }
 
-fn journal_loop(mut journal: Journal, rx: Receiver<WriteRequest>, shared: Arc<GroupShared>) {
+fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<GroupShared>) {
     let mut batch: Vec<WriteRequest> = Vec::with_capacity(256);
     let mut last_time = journal.last_time_ns();
     let mut trimmed_through = 0;
@@ -136,19 +187,32 @@ fn journal_loop(mut journal: Journal, rx: Receiver<WriteRequest>, shared: Arc<Gr
             trimmed_through = confirmed;
         }
         let Some(first) = first else { continue };
-        let mut bytes = first.length as usize;
-        batch.push(first);
-        while bytes < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(w) => {
+        // A batch ends at a bookmark: nothing after it is taken before every group of the
+        // request has placed its own.
+        let mut bookmark = None;
+        let mut bytes = 0;
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                GroupItem::Write(w) => {
                     bytes += w.length as usize;
                     batch.push(w);
                 }
-                Err(_) => break,
+                GroupItem::Bookmark(b) => {
+                    bookmark = Some(b);
+                    break;
+                }
+            }
+            if bytes < MAX_BATCH_BYTES {
+                next = rx.try_recv().ok();
             }
         }
         if shared.poisoned.load(Ordering::Relaxed) {
             fail_all(&mut batch);
+            if let Some(b) = bookmark {
+                let _ = b.reply.send(Err(format!("group {} is stopped after a journal failure", shared.name)));
+                b.latch.arrive_and_wait(&shared.name);
+            }
             continue;
         }
         // Times never decrease along the sequence, even if the clock steps back, so that
@@ -166,6 +230,19 @@ fn journal_loop(mut journal: Journal, rx: Receiver<WriteRequest>, shared: Arc<Gr
             }
             seqs.push(seq);
         }
+        let mut bookmark_seq = None;
+        if let (Ok(()), Some(b)) = (&result, &bookmark) {
+            let seq = journal.next_seq();
+            let h = RecordHeader {
+                seq,
+                time_ns: now,
+                kind: WriteKind::Bookmark,
+                offset: 0,
+                length: u32::try_from(b.body.len()).unwrap_or(u32::MAX),
+            };
+            result = journal.append(&h, &b.name, &b.body);
+            bookmark_seq = Some(seq);
+        }
         let result = result.and_then(|()| journal.commit());
         match result {
             Ok(durable) => {
@@ -173,6 +250,11 @@ fn journal_loop(mut journal: Journal, rx: Receiver<WriteRequest>, shared: Arc<Gr
                 for (w, seq) in batch.drain(..).zip(seqs) {
                     // A closed agent connection just drops its acks.
                     let _ = w.ack.send(WriteAck { req_id: w.req_id, seq, status: 0 });
+                }
+                if let (Some(b), Some(seq)) = (bookmark.take(), bookmark_seq) {
+                    log::info!("group {}: bookmark {:?} placed at seq {seq}", shared.name, b.name);
+                    let _ = b.reply.send(Ok((seq, now)));
+                    b.latch.arrive_and_wait(&shared.name);
                 }
             }
             Err(e) => {
@@ -182,6 +264,10 @@ fn journal_loop(mut journal: Journal, rx: Receiver<WriteRequest>, shared: Arc<Gr
                 );
                 shared.poisoned.store(true, Ordering::Relaxed);
                 fail_all(&mut batch);
+                if let Some(b) = bookmark.take() {
+                    let _ = b.reply.send(Err(format!("group {}: the journal failed: {e}", shared.name)));
+                    b.latch.arrive_and_wait(&shared.name);
+                }
             }
         }
     }

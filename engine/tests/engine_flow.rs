@@ -33,12 +33,16 @@ struct FakeAgent {
 
 impl FakeAgent {
     fn connect(addr: std::net::SocketAddr, vm: &str, disks: &[(&str, u64)]) -> Result<FakeAgent, String> {
+        Self::connect_group(addr, "erp", vm, disks)
+    }
+
+    fn connect_group(addr: std::net::SocketAddr, group: &str, vm: &str, disks: &[(&str, u64)]) -> Result<FakeAgent, String> {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let hello = AgentHello {
             protocol: PROTOCOL_VERSION,
             vm: vm.into(),
-            disks: disks.iter().map(|(v, size)| DiskHello { group: "erp".into(), volume: (*v).into(), size: *size }).collect(),
+            disks: disks.iter().map(|(v, size)| DiskHello { group: group.into(), volume: (*v).into(), size: *size }).collect(),
         };
         let mut scratch = Vec::new();
         write_frame(&mut s, FrameType::AgentHello, &encode_message(&hello), &mut scratch).unwrap();
@@ -205,5 +209,64 @@ fn shipping_resumes_after_the_targets_durable_seq_and_confirmed_segments_go() {
         assert!(start.elapsed() < Duration::from_secs(10), "{n} segments left after everything was confirmed");
         std::thread::sleep(Duration::from_millis(50));
     }
+    engine.shutdown();
+}
+
+fn request_bookmark(addr: std::net::SocketAddr, name: &str, groups: &[&str]) -> Result<BookmarkReply, String> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let req = BookmarkRequest {
+        protocol: PROTOCOL_VERSION,
+        name: name.into(),
+        groups: groups.iter().map(|g| (*g).into()).collect(),
+        note: "test".into(),
+    };
+    write_frame(&mut s, FrameType::BookmarkRequest, &encode_message(&req), &mut Vec::new()).unwrap();
+    let mut payload = Vec::new();
+    match read_frame(&mut s, &mut payload).unwrap() {
+        FrameType::BookmarkReply => Ok(decode_message("BookmarkReply", &payload).unwrap()),
+        FrameType::Error => Err(decode_message::<ErrorMessage>("Error", &payload).unwrap().message),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn a_parallel_bookmark_lands_in_every_group_between_acknowledged_writes() {
+    let d = tempfile::tempdir().unwrap();
+    let unused = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let text = format!(
+        "[engine]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[[group]]\nname = \"erp\"\ntarget = \"127.0.0.1:{unused}\"\n[[group.volume]]\nname = \"db\"\nvm = \"vm1\"\nsize = \"64MiB\"\n\n[[group]]\nname = \"crm\"\ntarget = \"127.0.0.1:{unused}\"\n[[group.volume]]\nname = \"crm-db\"\nvm = \"vm2\"\nsize = \"64MiB\"\n",
+        d.path().display()
+    );
+    let engine = hindsight_engine::start(EngineConfig::from_str(Path::new("engine.toml"), &text).unwrap()).unwrap();
+    let mut a = FakeAgent::connect(engine.local_addr(), "vm1", &[("db", 64 << 20)]).unwrap();
+    let mut b = FakeAgent::connect_group(engine.local_addr(), "crm", "vm2", &[("crm-db", 64 << 20)]).unwrap();
+    for i in 0..5u64 {
+        a.send_write(i, i * 4096, &[1; 4096]);
+        assert_eq!(a.ack().status, 0);
+    }
+    for i in 0..3u64 {
+        b.send_write(i, i * 4096, &[2; 4096]);
+        assert_eq!(b.ack().status, 0);
+    }
+    let reply = request_bookmark(engine.local_addr(), "both", &[]).unwrap();
+    let mut points: Vec<(String, u64)> = reply.points.iter().map(|p| (p.group.clone(), p.seq)).collect();
+    points.sort();
+    // After every acknowledged write of each group, before any later one.
+    assert_eq!(points, [("crm".to_owned(), 4), ("erp".to_owned(), 6)]);
+    a.send_write(9, 0, &[3; 4096]);
+    assert_eq!(a.ack().seq, 7);
+    // The bookmark is a record of each journal.
+    let dir = d.path().join("groups").join("erp").join("journal");
+    let mut r = JournalReader::open(StdStorage::shared(), &dir, 6).unwrap();
+    let rec = r.next().unwrap().unwrap();
+    assert_eq!((rec.header.kind, rec.volume), (WriteKind::Bookmark, "both"));
+    // Unknown groups and bad names are refused, and nothing is placed.
+    let e = request_bookmark(engine.local_addr(), "x", &["nope"]).unwrap_err();
+    assert!(e.contains("nope") && e.contains("erp"), "{e}");
+    let e = request_bookmark(engine.local_addr(), "bad name", &["erp"]).unwrap_err();
+    assert!(e.contains("not valid"), "{e}");
+    a.send_write(10, 0, &[4; 4096]);
+    assert_eq!(a.ack().seq, 8);
     engine.shutdown();
 }

@@ -188,4 +188,21 @@ pub struct History {
     pub retention_ns: Option<u64>,
     /// The configured journal size limit, in bytes, if any.
     pub journal_size: Option<u64>,
+    /// The bookmarks inside the recoverable window, oldest first.
+    pub bookmarks: Vec<Bookmark>,
+}
+
+/// A named point of a group, placed with `hindsight bookmark`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Bookmark {
+    /// Its name.
+    pub name: String,
+    /// The bookmark record's sequence number; recovering at it gives every write before it.
+    pub seq: Seq,
+    /// Engine time of the bookmark.
+    pub time_ns: u64,
+    /// `crash-consistent` or `app-consistent`.
+    pub consistency: String,
+    /// The note given with it.
+    pub note: String,
 }

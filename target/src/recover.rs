@@ -15,7 +15,7 @@ use std::sync::Arc;
 use hindsight_consistency::config::{check_name, TargetConfig};
 use hindsight_consistency::journal::{list_segments, JournalReader};
 use hindsight_consistency::storage::{OpenMode, StdStorage, Storage, StorageFile};
-use hindsight_consistency::{Seq, WriteKind};
+use hindsight_consistency::{BookmarkBody, Seq, WriteKind};
 
 use crate::apply::{apply_record, for_each_record, Image};
 use crate::error::{data_dir_err, TargetError};
@@ -133,6 +133,23 @@ pub fn history(config: &TargetConfig, group: &str) -> Result<History, TargetErro
     let fs: Arc<dyn Storage> = StdStorage::shared();
     let (paths, meta) = find_group(config, fs.as_ref(), group)?;
     let v = open_view(&fs, paths, meta, group)?;
+    // Bookmarks are records of the journal: read it through (from the oldest recoverable
+    // point on; older ones can no longer be recovered).
+    let mut bookmarks = Vec::new();
+    for_each_record(&fs, group, &v.paths.journal(), v.first.0 + 1, v.last.0, |rec| {
+        if rec.header.kind == WriteKind::Bookmark {
+            if let Ok(body) = BookmarkBody::decode(rec.data) {
+                bookmarks.push(crate::Bookmark {
+                    name: rec.volume.to_owned(),
+                    seq: rec.header.seq,
+                    time_ns: rec.header.time_ns,
+                    consistency: body.consistency.as_str().to_owned(),
+                    note: body.note,
+                });
+            }
+        }
+        Ok(ControlFlow::Continue(()))
+    })?;
     Ok(History {
         group: v.name.clone(),
         engine: v.meta.engine.clone(),
@@ -146,6 +163,7 @@ pub fn history(config: &TargetConfig, group: &str) -> Result<History, TargetErro
         segments: v.segments,
         retention_ns: config.retention.map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
         journal_size: config.journal_size,
+        bookmarks,
     })
 }
 

@@ -47,6 +47,10 @@ pub enum FrameType {
     Records,
     /// Target confirms durability up to a sequence number.
     Confirm,
+    /// An operator asks the engine to place a bookmark.
+    BookmarkRequest,
+    /// The engine says where it placed it.
+    BookmarkReply,
 }
 
 impl FrameType {
@@ -62,6 +66,8 @@ impl FrameType {
             FrameType::TargetWelcome => 0x21,
             FrameType::Records => 0x22,
             FrameType::Confirm => 0x23,
+            FrameType::BookmarkRequest => 0x30,
+            FrameType::BookmarkReply => 0x31,
         }
     }
 
@@ -77,6 +83,8 @@ impl FrameType {
             0x21 => FrameType::TargetWelcome,
             0x22 => FrameType::Records,
             0x23 => FrameType::Confirm,
+            0x30 => FrameType::BookmarkRequest,
+            0x31 => FrameType::BookmarkReply,
             _ => return None,
         })
     }

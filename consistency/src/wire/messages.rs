@@ -83,6 +83,37 @@ pub struct TargetWelcome {
     pub durable_seq: Seq,
 }
 
+/// Operator → engine: place a bookmark.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BookmarkRequest {
+    /// Protocol version of the client.
+    pub protocol: u16,
+    /// The bookmark's name.
+    pub name: String,
+    /// The groups to place it in, all at the same instant; empty: every group.
+    pub groups: Vec<String>,
+    /// A note kept with the bookmark.
+    pub note: String,
+}
+
+/// Engine → operator: where the bookmark was placed, per group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BookmarkReply {
+    /// One entry per group.
+    pub points: Vec<BookmarkPoint>,
+}
+
+/// A bookmark placed in one group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BookmarkPoint {
+    /// The group.
+    pub group: String,
+    /// The bookmark record's sequence number: the point is every write before it.
+    pub seq: Seq,
+    /// Its engine time, ns since the Unix epoch.
+    pub time_ns: u64,
+}
+
 /// Encodes a postcard message.
 pub fn encode_message<T: Serialize>(msg: &T) -> Vec<u8> {
     postcard::to_stdvec(msg).expect("postcard encoding of an in-memory message cannot fail")
