@@ -94,6 +94,14 @@ enum Command {
         /// A note kept with the bookmark
         #[arg(long, default_value = "")]
         note: String,
+        /// Quiesce every agent of the groups first (fsfreeze or the agents' pre_quiesce
+        /// scripts) for an application-consistent point; thawed right after
+        #[arg(long)]
+        quiesce: bool,
+        /// How long agents may take to quiesce; past it everything is thawed and the
+        /// bookmark is recorded as crash-consistent, with the reason
+        #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+        quiesce_timeout: std::time::Duration,
         /// Print JSON
         #[arg(long)]
         json: bool,
@@ -219,19 +227,24 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 _ => return Err(Failure::Config("--volume needs --out FILE; --vm and --all need --out-dir DIR".into())),
             }
         }
-        Command::Bookmark { config, group, groups, all_groups, note, json, name } => {
+        Command::Bookmark { config, group, groups, all_groups, note, quiesce, quiesce_timeout, json, name } => {
             let cfg = EngineConfig::load(&config).map_err(|e| Failure::Config(e.to_string()))?;
             let groups = match (group, all_groups) {
                 (Some(g), _) => vec![g],
                 (None, true) => Vec::new(),
                 (None, false) => groups,
             };
-            let reply = request_bookmark(cfg.listen, BookmarkRequest { protocol: PROTOCOL_VERSION, name: name.clone(), groups, note })?;
+            let quiesce_timeout_ms = u64::try_from(quiesce_timeout.as_millis()).unwrap_or(u64::MAX);
+            let req = BookmarkRequest { protocol: PROTOCOL_VERSION, name: name.clone(), groups, note, quiesce, quiesce_timeout_ms };
+            let reply = request_bookmark(cfg.listen, req)?;
             if json {
                 let v: Vec<_> = reply
                     .points
                     .iter()
-                    .map(|p| serde_json::json!({"group": p.group, "bookmark": name, "seq": p.seq, "time": format_rfc3339(p.time_ns), "time_ns": p.time_ns}))
+                    .map(|p| {
+                        serde_json::json!({"group": p.group, "bookmark": name, "seq": p.seq, "time": format_rfc3339(p.time_ns),
+                            "time_ns": p.time_ns, "consistency": p.consistency, "reason": p.reason})
+                    })
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
@@ -279,6 +292,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    hindsight_consistency::config::parse_duration(s)
 }
 
 /// Asks the engine at `addr` to place a bookmark.

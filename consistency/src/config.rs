@@ -331,6 +331,10 @@ struct AgentFile {
 struct AgentSection {
     engine: String,
     vm: String,
+    #[serde(default)]
+    freeze: Vec<PathBuf>,
+    pre_quiesce: Option<PathBuf>,
+    post_quiesce: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -351,6 +355,20 @@ pub struct AgentConfig {
     pub vm: String,
     /// The disks the agent serves.
     pub disks: Vec<DiskConfig>,
+    /// How the agent quiesces its VM for an application-consistent bookmark.
+    pub quiesce: QuiesceConfig,
+}
+
+/// How an agent quiesces its VM: a user script, or `fsfreeze` on mount points.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QuiesceConfig {
+    /// Mount points frozen with `fsfreeze -f` (and thawed with `fsfreeze -u`) when no
+    /// scripts are given.
+    pub freeze: Vec<PathBuf>,
+    /// Run instead of freezing (must exit 0 once the applications are quiesced).
+    pub pre: Option<PathBuf>,
+    /// Run instead of thawing.
+    pub post: Option<PathBuf>,
 }
 
 /// One disk the agent serves.
@@ -401,7 +419,16 @@ impl AgentConfig {
             }
             disks.push(DiskConfig { group: d.group, volume: d.volume, path: d.path, listen: d.listen });
         }
-        Ok(AgentConfig { engine: raw.agent.engine, vm: raw.agent.vm, disks })
+        for m in &raw.agent.freeze {
+            if !m.is_absolute() {
+                return Err(format!("agent.freeze: {:?} is not an absolute mount point; write e.g. freeze = [\"/var/lib/db\"]", m));
+            }
+        }
+        if raw.agent.pre_quiesce.is_some() != raw.agent.post_quiesce.is_some() {
+            return Err("agent.pre_quiesce and agent.post_quiesce go together: give both scripts, or neither (to use freeze)".into());
+        }
+        let quiesce = QuiesceConfig { freeze: raw.agent.freeze, pre: raw.agent.pre_quiesce, post: raw.agent.post_quiesce };
+        Ok(AgentConfig { engine: raw.agent.engine, vm: raw.agent.vm, disks, quiesce })
     }
 }
 

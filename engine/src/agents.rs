@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use crossbeam_channel::Receiver;
 use hindsight_consistency::config::check_name;
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, BookmarkPoint, BookmarkReply, BookmarkRequest,
-    ErrorMessage, FrameError, FrameType, WriteAck, WriteMsg, PROTOCOL_VERSION, WRITE_HEADER_LEN,
+    ErrorMessage, FrameError, FrameType, QuiesceMsg, QuiescedMsg, ThawMsg, WriteAck, WriteMsg, PROTOCOL_VERSION, WRITE_HEADER_LEN,
 };
 use hindsight_consistency::{BookmarkBody, PointConsistency};
 
@@ -37,8 +38,24 @@ pub struct Registry {
     pub attached: Mutex<HashSet<String>>,
     /// Signalled when a session detaches its volumes.
     pub detached: Condvar,
+    /// Connected agent sessions, for quiesce requests.
+    pub sessions: Mutex<HashMap<u64, Session>>,
+    /// Numbers sessions and quiesce requests.
+    pub next_id: AtomicU64,
+    /// Where each quiesce request's answers go, by quiesce id.
+    pub quiesce_waits: Mutex<HashMap<u64, crossbeam_channel::Sender<(String, QuiescedMsg)>>>,
     /// The engine's name for peers.
     pub name: String,
+}
+
+/// A connected agent, as quiesce requests see it.
+pub struct Session {
+    /// Its VM.
+    pub vm: String,
+    /// The groups of its volumes.
+    pub groups: HashSet<String>,
+    /// Control frames to it (sent by its acknowledgement writer, between acknowledgements).
+    pub control: crossbeam_channel::Sender<(FrameType, Vec<u8>)>,
 }
 
 /// One disk of a session, by its number in the hello.
@@ -93,8 +110,13 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
     log::info!("agent {peer} (vm {}) attached volumes {}", hello.vm, names.join(", "));
 
     let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<WriteAck>();
-    let ack_thread = std::thread::Builder::new().name(format!("acks-{peer}")).spawn(move || ack_loop(writer, ack_rx, peer));
-    let end = read_loop(&mut reader, &disks, &ack_tx, &mut payload);
+    let (control_tx, control_rx) = crossbeam_channel::unbounded::<(FrameType, Vec<u8>)>();
+    let session_id = reg.next_id.fetch_add(1, AtomicOrdering::Relaxed);
+    let groups = disks.iter().map(|d| d.group.config.name.clone()).collect();
+    reg.sessions.lock().expect("sessions lock").insert(session_id, Session { vm: hello.vm.clone(), groups, control: control_tx });
+    let ack_thread = std::thread::Builder::new().name(format!("acks-{peer}")).spawn(move || ack_loop(writer, ack_rx, control_rx, peer));
+    let end = read_loop(&mut reader, &disks, &ack_tx, &mut payload, &reg, &hello.vm);
+    reg.sessions.lock().expect("sessions lock").remove(&session_id);
     match end {
         Ok(()) | Err(FrameError::Closed) => log::info!("agent {peer} (vm {}) disconnected", hello.vm),
         Err(e) => log::warn!("agent {peer} (vm {}): connection closed: {e}", hello.vm),
@@ -130,10 +152,40 @@ fn place_bookmark(req: &BookmarkRequest, reg: &Registry) -> Result<BookmarkReply
         };
         groups.push(g);
     }
-    let body = BookmarkBody { consistency: PointConsistency::Crash, note: req.note.clone() }.encode();
+    let names: HashSet<String> = groups.iter().map(|g| g.config.name.clone()).collect();
+    let quiesce = if req.quiesce { Some(Quiesce::begin(reg, &names, Duration::from_millis(req.quiesce_timeout_ms.max(1)))) } else { None };
+    let (consistency, reason) = match &quiesce {
+        Some(q) => match &q.failure {
+            None => (PointConsistency::Application, String::new()),
+            Some(why) => (PointConsistency::Crash, why.clone()),
+        },
+        None => (PointConsistency::Crash, String::new()),
+    };
+    let note = match (req.note.is_empty(), reason.is_empty()) {
+        (_, true) => req.note.clone(),
+        (true, false) => format!("quiesce failed: {reason}"),
+        (false, false) => format!("{} (quiesce failed: {reason})", req.note),
+    };
+    let placed = place_in_groups(req, &groups, consistency, &note, &reason);
+    // Thaw whatever happened: a guest never stays frozen.
+    if let Some(q) = quiesce {
+        q.end(reg);
+    }
+    placed
+}
+
+/// Places the bookmark records and waits until each group has made its own durable.
+fn place_in_groups(
+    req: &BookmarkRequest,
+    groups: &[&GroupHandle],
+    consistency: PointConsistency,
+    note: &str,
+    reason: &str,
+) -> Result<BookmarkReply, String> {
+    let body = BookmarkBody { consistency, note: note.to_owned() }.encode();
     let latch = Arc::new(Latch::new(groups.len()));
     let mut waiting = Vec::new();
-    for g in &groups {
+    for g in groups {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let item = GroupItem::Bookmark(BookmarkPlacement { name: req.name.clone(), body: body.clone(), latch: latch.clone(), reply: tx });
         if g.tx.send(item).is_err() {
@@ -144,12 +196,84 @@ fn place_bookmark(req: &BookmarkRequest, reg: &Registry) -> Result<BookmarkReply
     let mut points = Vec::new();
     for (group, rx) in waiting {
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Ok((seq, time_ns))) => points.push(BookmarkPoint { group, seq, time_ns }),
+            Ok(Ok((seq, time_ns))) => {
+                points.push(BookmarkPoint { group, seq, time_ns, consistency: consistency.as_str().to_owned(), reason: reason.to_owned() })
+            }
             Ok(Err(why)) => return Err(why),
             Err(_) => return Err(format!("group {group} did not place the bookmark within 30 s")),
         }
     }
     Ok(BookmarkReply { points })
+}
+
+/// One quiesce of every agent serving some volume of a set of groups.
+struct Quiesce {
+    id: u64,
+    /// The sessions asked, to be thawed.
+    asked: Vec<crossbeam_channel::Sender<(FrameType, Vec<u8>)>>,
+    /// Why the point is not application-consistent (`None`: every agent quiesced).
+    failure: Option<String>,
+}
+
+impl Quiesce {
+    /// Asks every agent of the groups to quiesce and waits for all of them, at most `timeout`.
+    fn begin(reg: &Registry, groups: &HashSet<String>, timeout: Duration) -> Quiesce {
+        let id = reg.next_id.fetch_add(1, AtomicOrdering::Relaxed);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        reg.quiesce_waits.lock().expect("quiesce lock").insert(id, tx);
+        let mut asked = Vec::new();
+        let mut vms = Vec::new();
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        for s in reg.sessions.lock().expect("sessions lock").values() {
+            if s.groups.is_disjoint(groups) {
+                continue;
+            }
+            let msg = encode_message(&QuiesceMsg { id, timeout_ms });
+            if s.control.send((FrameType::Quiesce, msg)).is_ok() {
+                asked.push(s.control.clone());
+                vms.push(s.vm.clone());
+            }
+        }
+        let mut q = Quiesce { id, asked, failure: None };
+        if vms.is_empty() {
+            q.failure = Some("no agent of these groups is connected".into());
+            return q;
+        }
+        log::info!("quiesce {id}: asking vm(s) {} to quiesce (timeout {timeout:?})", vms.join(", "));
+        let deadline = Instant::now() + timeout;
+        let mut waiting: HashSet<String> = vms.into_iter().collect();
+        let mut failures = Vec::new();
+        while !waiting.is_empty() {
+            match rx.recv_deadline(deadline) {
+                Ok((vm, m)) => {
+                    waiting.remove(&vm);
+                    if !m.ok {
+                        failures.push(format!("vm {vm}: {}", m.message));
+                    }
+                }
+                Err(_) => {
+                    let mut late: Vec<String> = waiting.drain().collect();
+                    late.sort();
+                    failures.push(format!("vm(s) {} did not quiesce within {timeout:?}", late.join(", ")));
+                }
+            }
+        }
+        if !failures.is_empty() {
+            let why = failures.join("; ");
+            log::warn!("quiesce {id}: {why}; the bookmark is crash-consistent");
+            q.failure = Some(why);
+        }
+        q
+    }
+
+    /// Thaws every agent asked, and forgets the quiesce.
+    fn end(self, reg: &Registry) {
+        let msg = encode_message(&ThawMsg { id: self.id });
+        for c in &self.asked {
+            let _ = c.send((FrameType::Thaw, msg.clone()));
+        }
+        reg.quiesce_waits.lock().expect("quiesce lock").remove(&self.id);
+    }
 }
 
 /// Checks every disk of the hello against the configuration and marks them attached.
@@ -217,10 +341,19 @@ fn read_loop(
     disks: &[Disk],
     ack_tx: &crossbeam_channel::Sender<WriteAck>,
     payload: &mut Vec<u8>,
+    reg: &Registry,
+    vm: &str,
 ) -> Result<(), FrameError> {
     loop {
         match read_frame(reader, payload)? {
             FrameType::Write => {}
+            FrameType::Quiesced => {
+                let m: QuiescedMsg = decode_message("Quiesced", payload)?;
+                if let Some(tx) = reg.quiesce_waits.lock().expect("quiesce lock").get(&m.id) {
+                    let _ = tx.send((vm.to_owned(), m));
+                }
+                continue;
+            }
             other => return Err(FrameError::Unexpected { got: other, expected: "Write" }),
         }
         let (msg, _) = WriteMsg::decode(payload)?;
@@ -254,16 +387,29 @@ fn read_loop(
     }
 }
 
-/// Writes acknowledgements, batching whatever is queued into one socket write.
-fn ack_loop(mut w: TcpStream, rx: Receiver<WriteAck>, peer: SocketAddr) {
+/// Writes acknowledgements, batching whatever is queued into one socket write, and the
+/// session's control frames between them: the only writer of the socket.
+fn ack_loop(mut w: TcpStream, rx: Receiver<WriteAck>, control: Receiver<(FrameType, Vec<u8>)>, peer: SocketAddr) {
     let mut buf = Vec::with_capacity(64 << 10);
     let mut scratch = Vec::new();
-    while let Ok(first) = rx.recv() {
+    loop {
         buf.clear();
-        for ack in std::iter::once(first).chain(rx.try_iter().take(1024)) {
+        let first = crossbeam_channel::select! {
+            recv(rx) -> a => match a { Ok(a) => Some(a), Err(_) => return },
+            recv(control) -> c => {
+                if let Ok((ftype, payload)) = c {
+                    let _ = write_frame(&mut buf, ftype, &payload, &mut scratch);
+                }
+                None
+            }
+        };
+        for ack in first.into_iter().chain(rx.try_iter().take(1024)) {
             if write_frame(&mut buf, FrameType::WriteAck, &ack.encode(), &mut scratch).is_err() {
                 return;
             }
+        }
+        if buf.is_empty() {
+            continue;
         }
         if let Err(e) = w.write_all(&buf) {
             log::debug!("agent {peer}: cannot send acknowledgements: {e}");

@@ -85,8 +85,15 @@ pub fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
     }
     let listener = TcpListener::bind(config.listen).map_err(|source| EngineError::Bind { addr: config.listen, source })?;
     let local_addr = listener.local_addr().map_err(|source| EngineError::Bind { addr: config.listen, source })?;
-    let registry =
-        Arc::new(agents::Registry { groups, attached: Mutex::new(HashSet::new()), detached: std::sync::Condvar::new(), name: engine_name });
+    let registry = Arc::new(agents::Registry {
+        groups,
+        attached: Mutex::new(HashSet::new()),
+        detached: std::sync::Condvar::new(),
+        sessions: Mutex::new(HashMap::new()),
+        next_id: std::sync::atomic::AtomicU64::new(1),
+        quiesce_waits: Mutex::new(HashMap::new()),
+        name: engine_name,
+    });
     let reg = registry.clone();
     std::thread::Builder::new()
         .name("accept".into())

@@ -220,6 +220,8 @@ fn request_bookmark(addr: std::net::SocketAddr, name: &str, groups: &[&str]) -> 
         name: name.into(),
         groups: groups.iter().map(|g| (*g).into()).collect(),
         note: "test".into(),
+        quiesce: false,
+        quiesce_timeout_ms: 0,
     };
     write_frame(&mut s, FrameType::BookmarkRequest, &encode_message(&req), &mut Vec::new()).unwrap();
     let mut payload = Vec::new();

@@ -25,12 +25,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::quiesce::Quiescer;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hindsight_consistency::record::MAX_WRITE_LEN;
 use hindsight_consistency::wire::frame::{encode_header, FRAME_HEADER_LEN};
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, DiskHello, ErrorMessage, FrameError, FrameType,
-    WriteAck, WriteMsg, PROTOCOL_VERSION,
+    QuiesceMsg, QuiescedMsg, ThawMsg, WriteAck, WriteMsg, PROTOCOL_VERSION,
 };
 use hindsight_consistency::{Seq, WriteKind};
 use log::{debug, error, info, warn};
@@ -68,6 +69,8 @@ pub struct LinkConfig {
     /// How long the engine may stay unreachable before writes fail (normally
     /// [`ENGINE_TIMEOUT`]).
     pub engine_timeout: Duration,
+    /// Answers the engine's quiesce requests (`None`: every request is refused).
+    pub quiescer: Option<Arc<Quiescer>>,
 }
 
 /// Why the link could not be set up.
@@ -198,6 +201,7 @@ struct Inner {
     pending: Mutex<BTreeMap<u64, Pending>>,
     /// Disk numbers whose replica lacks writes that failed or were refused by the engine.
     diverged: Mutex<BTreeSet<u16>>,
+    quiescer: Option<Arc<Quiescer>>,
 }
 
 /// The agent's connection to the engine, shared by all its disks. Dropping it closes the
@@ -240,6 +244,7 @@ impl EngineLink {
             }),
             pending: Mutex::new(BTreeMap::new()),
             diverged: Mutex::new(BTreeSet::new()),
+            quiescer: config.quiescer,
         });
         let (close, closed) = crossbeam_channel::bounded(0);
         let supervised = Arc::clone(&inner);
@@ -473,7 +478,7 @@ fn supervise(inner: &Arc<Inner>, mut reader: TcpStream, closed: &Receiver<()>) {
 }
 
 /// Reads acknowledgements until the connection ends; returns why it ended.
-fn read_acks(inner: &Inner, stream: TcpStream) -> FrameError {
+fn read_acks(inner: &Arc<Inner>, stream: TcpStream) -> FrameError {
     let mut payload = Vec::new();
     // Acknowledgements arrive in batches: one read takes many of them.
     let mut stream = std::io::BufReader::with_capacity(64 << 10, stream);
@@ -489,10 +494,66 @@ fn read_acks(inner: &Inner, stream: TcpStream) -> FrameError {
                     Err(e) => e,
                 }
             }
+            Ok(FrameType::Quiesce) => {
+                match decode_message::<QuiesceMsg>("Quiesce", &payload) {
+                    Ok(q) => inner.quiesce(q),
+                    Err(e) => return e,
+                }
+                continue;
+            }
+            Ok(FrameType::Thaw) => {
+                match decode_message::<ThawMsg>("Thaw", &payload) {
+                    Ok(t) => {
+                        if let Some(q) = inner.quiescer.clone() {
+                            let _ = std::thread::Builder::new().name("thaw".into()).spawn(move || q.thaw(t.id));
+                        }
+                    }
+                    Err(e) => return e,
+                }
+                continue;
+            }
             Ok(got) => return FrameError::Unexpected { got, expected: "WriteAck" },
             Err(e) => return e,
         };
         inner.complete(ack);
+    }
+}
+
+impl Inner {
+    /// Quiesces on its own thread (freezing waits for the file systems to flush through this
+    /// very agent, so the ack reader must go on) and answers the engine.
+    fn quiesce(self: &Arc<Inner>, q: QuiesceMsg) {
+        let id = q.id;
+        let reply = move |ok: bool, message: String| encode_message(&QuiescedMsg { id, ok, message });
+        let Some(quiescer) = self.quiescer.clone() else {
+            self.send_control(FrameType::Quiesced, &reply(false, "this agent has no quiesce configuration".into()));
+            return;
+        };
+        let me = Arc::clone(self);
+        let _ = std::thread::Builder::new().name("quiesce".into()).spawn(move || {
+            let res = quiescer.freeze(q.id, Duration::from_millis(q.timeout_ms));
+            let msg = match res {
+                Ok(()) => reply(true, String::new()),
+                Err(e) => {
+                    warn!("quiesce {} failed: {e}", q.id);
+                    reply(false, e)
+                }
+            };
+            me.send_control(FrameType::Quiesced, &msg);
+        });
+    }
+
+    /// Sends a control frame if the link is up (dropped otherwise: the engine's wait for it
+    /// times out).
+    fn send_control(&self, ftype: FrameType, payload: &[u8]) {
+        let mut guard = lock(&self.writer);
+        let w = &mut *guard;
+        if let State::Up(stream) = &mut w.state {
+            let mut frame = Vec::new();
+            if let Err(e) = write_frame(stream, ftype, payload, &mut frame) {
+                warn!("sending {ftype:?} to the engine failed: {e}");
+            }
+        }
     }
 }
 

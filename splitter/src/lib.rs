@@ -31,4 +31,5 @@ pub mod block;
 pub mod engine_link;
 pub mod nbd;
 pub mod nbd_file;
+pub mod quiesce;
 pub mod replicated;

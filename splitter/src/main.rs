@@ -100,6 +100,7 @@ fn run(args: &Args) -> Result<(), Failure> {
             .collect(),
         connect_wait: STARTUP_CONNECT_WAIT,
         engine_timeout: ENGINE_TIMEOUT,
+        quiescer: Some(hindsight_splitter::quiesce::Quiescer::new(config.quiesce.clone())),
     })
     .map_err(|e| Failure::Runtime(hindsight_consistency::error_chain(&e)))?;
     let link = Arc::new(link);

@@ -635,3 +635,99 @@ impl Drop for QemuIoSession {
         }
     }
 }
+
+/// nbdfuse serving the export as a file, a loop device on that file and an ext4 mount on the
+/// loop device; undone in reverse order on drop, also when the test fails.
+pub struct Ext4Stack {
+    pub nbdfuse: Option<Child>,
+    pub fuse_dir: PathBuf,
+    pub loop_dev: Option<String>,
+    pub mount_dir: Option<PathBuf>,
+}
+
+impl Ext4Stack {
+    pub fn unmount(&mut self) {
+        if let Some(m) = self.mount_dir.take() {
+            run_ok(Command::new("umount").arg(&m));
+        }
+    }
+
+    pub fn detach_loop(&mut self) {
+        if let Some(dev) = self.loop_dev.take() {
+            run_ok(Command::new("losetup").arg("-d").arg(&dev));
+        }
+    }
+
+    /// Unmounts the FUSE file system, which ends nbdfuse after it has flushed and
+    /// disconnected.
+    pub fn stop_nbdfuse(&mut self) {
+        if let Some(mut child) = self.nbdfuse.take() {
+            let (ok, _, err) = run_timeout(Command::new("fusermount3").arg("-u").arg(&self.fuse_dir), Duration::from_secs(30));
+            assert!(ok, "fusermount3 -u failed: {err}");
+            let start = Instant::now();
+            while child.try_wait().unwrap().is_none() {
+                if start.elapsed() > Duration::from_secs(30) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("nbdfuse did not exit after its file system was unmounted");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for Ext4Stack {
+    fn drop(&mut self) {
+        let quiet = |cmd: &mut Command| {
+            let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
+        };
+        if let Some(m) = self.mount_dir.take() {
+            quiet(Command::new("umount").arg("-l").arg(&m));
+        }
+        if let Some(dev) = self.loop_dev.take() {
+            quiet(Command::new("losetup").arg("-d").arg(&dev));
+        }
+        if let Some(mut child) = self.nbdfuse.take() {
+            quiet(Command::new("fusermount3").arg("-u").arg("-z").arg(&self.fuse_dir));
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts nbdfuse on `uri`, serving it as the file `<fuse_dir>/disk`; `None` (after saying
+/// why) if FUSE mounts are not possible here.
+pub fn start_nbdfuse(dir: &Path, uri: &str) -> Option<Ext4Stack> {
+    let fuse_dir = dir.join("fuse");
+    std::fs::create_dir(&fuse_dir).unwrap();
+    let pidfile = dir.join("nbdfuse.pid");
+    let errfile = dir.join("nbdfuse.err");
+    let child = Command::new("nbdfuse")
+        .arg("-P")
+        .arg(&pidfile)
+        .arg(fuse_dir.join("disk"))
+        .arg(uri)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&errfile).unwrap())
+        .spawn()
+        .unwrap();
+    let mut stack = Ext4Stack { nbdfuse: Some(child), fuse_dir, loop_dev: None, mount_dir: None };
+    // nbdfuse writes its pid file once the file is served.
+    let start = Instant::now();
+    while !pidfile.exists() {
+        if let Some(status) = stack.nbdfuse.as_mut().unwrap().try_wait().unwrap() {
+            stack.nbdfuse = None;
+            let err = std::fs::read_to_string(&errfile).unwrap_or_default();
+            if err.contains("fuse") {
+                eprintln!("SKIPPED: FUSE mounts are not possible here: {err}");
+                return None;
+            }
+            panic!("nbdfuse exited ({status}) before serving: {err}");
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "nbdfuse did not start serving");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(stack)
+}

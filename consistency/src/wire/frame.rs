@@ -51,6 +51,12 @@ pub enum FrameType {
     BookmarkRequest,
     /// The engine says where it placed it.
     BookmarkReply,
+    /// Engine asks an agent to quiesce its VM (freeze its file systems).
+    Quiesce,
+    /// Agent says whether it quiesced.
+    Quiesced,
+    /// Engine asks an agent to thaw.
+    Thaw,
 }
 
 impl FrameType {
@@ -68,6 +74,9 @@ impl FrameType {
             FrameType::Confirm => 0x23,
             FrameType::BookmarkRequest => 0x30,
             FrameType::BookmarkReply => 0x31,
+            FrameType::Quiesce => 0x32,
+            FrameType::Quiesced => 0x33,
+            FrameType::Thaw => 0x34,
         }
     }
 
@@ -85,6 +94,9 @@ impl FrameType {
             0x23 => FrameType::Confirm,
             0x30 => FrameType::BookmarkRequest,
             0x31 => FrameType::BookmarkReply,
+            0x32 => FrameType::Quiesce,
+            0x33 => FrameType::Quiesced,
+            0x34 => FrameType::Thaw,
             _ => return None,
         })
     }

@@ -94,6 +94,10 @@ pub struct BookmarkRequest {
     pub groups: Vec<String>,
     /// A note kept with the bookmark.
     pub note: String,
+    /// Quiesce every agent of the groups first (application-consistent point).
+    pub quiesce: bool,
+    /// How long agents may take to quiesce, in ms; past it the point is crash-consistent.
+    pub quiesce_timeout_ms: u64,
 }
 
 /// Engine → operator: where the bookmark was placed, per group.
@@ -112,6 +116,38 @@ pub struct BookmarkPoint {
     pub seq: Seq,
     /// Its engine time, ns since the Unix epoch.
     pub time_ns: u64,
+    /// `crash-consistent` or `app-consistent`.
+    pub consistency: String,
+    /// Why a quiesced bookmark is only crash-consistent (empty otherwise).
+    pub reason: String,
+}
+
+/// Engine → agent: freeze the VM's file systems, then answer `Quiesced`; thaw on `Thaw`, or by
+/// yourself after `timeout_ms` plus a margin (a guest must never stay frozen).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuiesceMsg {
+    /// Identifies this quiesce.
+    pub id: u64,
+    /// How long the engine waits for the answer.
+    pub timeout_ms: u64,
+}
+
+/// Agent → engine: the VM is quiesced (`ok`), or why not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuiescedMsg {
+    /// The quiesce answered.
+    pub id: u64,
+    /// True when every file system is frozen.
+    pub ok: bool,
+    /// What failed, when not ok.
+    pub message: String,
+}
+
+/// Engine → agent: thaw what quiesce `id` froze.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThawMsg {
+    /// The quiesce to end.
+    pub id: u64,
 }
 
 /// Encodes a postcard message.

@@ -303,6 +303,7 @@ impl InProcessAgent {
                 disks: volumes.iter().map(|(name, size)| DiskHello { group: "g".into(), volume: (*name).into(), size: *size }).collect(),
                 connect_wait: Duration::from_secs(5),
                 engine_timeout,
+                quiescer: None,
             })
             .unwrap(),
         );
