@@ -186,17 +186,25 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             match (volume, out, out_dir) {
                 (Some(volume), Some(out), _) => {
-                    let report = hindsight_target::recover(&cfg, &RecoverRequest { group, volume, point, out: out.clone() })?;
+                    let report =
+                        hindsight_target::recover(&cfg, &RecoverRequest { group: group.clone(), volume, point, out: out.clone() })?;
+                    // A point exactly at a bookmark has the bookmark's kind.
+                    let consistency = hindsight_target::history(&cfg, &group)?
+                        .bookmarks
+                        .iter()
+                        .rev()
+                        .find(|b| b.seq == report.seq)
+                        .map_or_else(|| "crash-consistent".to_owned(), |b| b.consistency.clone());
                     if json {
                         let v = serde_json::json!({
                             "group": report.group, "volume": report.volume, "seq": report.seq,
-                            "time": format_rfc3339(report.time_ns), "time_ns": report.time_ns,
+                            "time": format_rfc3339(report.time_ns), "time_ns": report.time_ns, "consistency": consistency,
                             "records_applied": report.records_applied, "bytes": report.bytes, "out": out,
                         });
                         println!("{v}");
                     } else {
                         println!(
-                            "recovered volume {} of group {} at seq {} ({}): {} ({} bytes, {} journal records applied)",
+                            "recovered volume {} of group {} at seq {} ({}, {consistency}): {} ({} bytes, {} journal records applied)",
                             report.volume,
                             report.group,
                             report.seq,

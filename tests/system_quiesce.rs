@@ -101,6 +101,7 @@ fn quiesced_bookmark_on_two_vms_recovers_clean_file_systems_with_the_files_befor
     // frozen), the files written before it, nothing written after.
     let (manifest, images) = c.recover_all(&["--bookmark", "app-point"]);
     assert_eq!(manifest["seq"], mark["seq"]);
+    assert_eq!(manifest["consistency"], "app-consistent", "the manifest shows the bookmark's kind");
     for (i, v) in vols.iter().enumerate() {
         let img = c.path(&format!("{}-at-bookmark.img", v.name));
         std::fs::write(&img, &images[&v.name]).unwrap();

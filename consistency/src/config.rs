@@ -486,6 +486,29 @@ size = "1GiB"
     }
 
     #[test]
+    fn a_volume_in_two_groups_and_a_group_twice_are_refused() {
+        let second = ENGINE.replace("[engine]\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"/var/lib/hindsight/engine\"\n", "");
+        let e = engine(&format!("{ENGINE}{}", second.replace("name = \"erp\"", "name = \"crm\""))).unwrap_err();
+        assert!(e.contains("\"db-data\"") && e.contains("\"erp\"") && e.contains("\"crm\""), "{e}");
+        let e = engine(&format!("{ENGINE}{}", second.replace("name = \"db-data\"", "name = \"other\""))).unwrap_err();
+        assert!(e.contains("group \"erp\" is defined twice"), "{e}");
+    }
+
+    #[test]
+    fn agent_quiesce_keys_are_checked() {
+        let base = "[agent]\nengine = \"127.0.0.1:7400\"\nvm = \"erp-db\"\n{}\n[[disk]]\ngroup = \"erp\"\nvolume = \"db\"\npath = \"/dev/vdb\"\nlisten = \"unix:/run/db.sock\"\n";
+        let parse = |extra: &str| -> Result<AgentConfig, String> {
+            let raw: AgentFile = toml::from_str(&base.replace("{}", extra)).map_err(|e| e.to_string())?;
+            AgentConfig::validate(raw)
+        };
+        assert_eq!(parse("freeze = [\"/data\"]").unwrap().quiesce.freeze, vec![PathBuf::from("/data")]);
+        assert!(parse("freeze = [\"data\"]").unwrap_err().contains("absolute"));
+        assert!(parse("pre_quiesce = \"/bin/true\"").unwrap_err().contains("go together"));
+        let c = parse("pre_quiesce = \"/a\"\npost_quiesce = \"/b\"").unwrap();
+        assert_eq!((c.quiesce.pre.unwrap(), c.quiesce.post.unwrap()), (PathBuf::from("/a"), PathBuf::from("/b")));
+    }
+
+    #[test]
     fn sizes_and_durations() {
         assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
         assert_eq!(parse_size("20GiB").unwrap(), 20 << 30);

@@ -56,7 +56,8 @@ pub struct Manifest {
     pub time: String,
     /// The same, in ns since the Unix epoch.
     pub time_ns: u64,
-    /// `crash-consistent`: every image holds exactly the group's writes up to `seq`.
+    /// `crash-consistent` (every image holds exactly the group's writes up to `seq`), or
+    /// `app-consistent` when `seq` is an application-consistent bookmark.
     pub consistency: String,
     /// The images.
     pub volumes: Vec<ManifestVolume>,
@@ -108,6 +109,10 @@ pub fn recover_set(config: &TargetConfig, req: &RecoverSetRequest) -> Result<Man
         out.push(ManifestVolume { name: v.name.clone(), vm: v.vm.clone(), size: v.size, file });
     }
     let (seq, time_ns) = resolved.expect("at least one volume");
+    // A point exactly at a bookmark is as consistent as the bookmark says (an
+    // application-consistent one was placed with the file systems frozen).
+    let consistency =
+        h.bookmarks.iter().rev().find(|b| b.seq == seq).map_or_else(|| "crash-consistent".to_owned(), |b| b.consistency.clone());
     let manifest = Manifest {
         group: req.group.clone(),
         vm: match &req.selection {
@@ -118,7 +123,7 @@ pub fn recover_set(config: &TargetConfig, req: &RecoverSetRequest) -> Result<Man
         seq,
         time: format_rfc3339(time_ns),
         time_ns,
-        consistency: "crash-consistent".into(),
+        consistency,
         volumes: out,
     };
     let path = req.out_dir.join(MANIFEST_NAME);
