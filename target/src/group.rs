@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use hindsight_consistency::journal::{Journal, JournalOptions, JournalReader};
 use hindsight_consistency::record::{decode_record, DecodeError};
-use hindsight_consistency::storage::{OpenMode, Storage};
+use hindsight_consistency::storage::{write_file_atomic, OpenMode, Storage};
 use hindsight_consistency::time::{format_rfc3339, now_ns};
 use hindsight_consistency::{BookmarkBody, Seq, WriteKind};
 
@@ -222,15 +222,34 @@ impl Group {
             });
         }
 
+        if !fs.exists(&paths.bookmarks()) {
+            // No index (a group from before it existed, or the file was removed): the journal
+            // is the truth; rebuild it once.
+            let mut marks = Vec::new();
+            for_each_record(&fs, name, &paths.journal(), state.base_seq + 1, durable, |r| {
+                marks.extend(crate::bookmarks::from_record(r));
+                Ok(ControlFlow::Continue(()))
+            })?;
+            let text_err = |reason| TargetError::Inconsistent { group: name.to_owned(), reason: format!("bookmark index: {reason}") };
+            crate::bookmarks::add(fs.as_ref(), &paths.bookmarks(), &marks).map_err(text_err)?;
+            if marks.is_empty() {
+                write_file_atomic(fs.as_ref(), &paths.bookmarks(), b"").map_err(|e| text_err(e.to_string()))?;
+            }
+            log::info!("group {name:?}: rebuilt the bookmark index from the journal ({} bookmark(s))", marks.len());
+        }
         let replicas = ImageSet::open(fs.as_ref(), name, &paths.replica_dir(), &meta.volumes)?;
         if durable > state.applied_seq {
             let started = Instant::now();
             let mut n = 0u64;
+            let mut marks = Vec::new();
             for_each_record(&fs, name, &paths.journal(), state.applied_seq + 1, durable, |r| {
                 replicas.apply(r)?;
+                marks.extend(crate::bookmarks::from_record(r));
                 n += 1;
                 Ok(ControlFlow::Continue(()))
             })?;
+            crate::bookmarks::add(fs.as_ref(), &paths.bookmarks(), &marks)
+                .map_err(|reason| TargetError::Inconsistent { group: name.to_owned(), reason: format!("bookmark index: {reason}") })?;
             replicas.sync()?;
             log::info!(
                 "group {name:?}: replayed {n} record(s), seq {}..={durable}, into the replicas in {:.1?}",
@@ -373,10 +392,12 @@ impl Group {
                 }
             };
             let replicas = Arc::clone(&inner.replicas);
+            let mut marks = Vec::new();
             for payload in &frames[..taken] {
                 let res: Result<(), String> = each_record(payload, |rec, _| {
                     if rec.header.seq > old_durable && rec.header.seq <= durable {
                         replicas.apply(rec).map_err(|e| error_chain(&e))?;
+                        marks.extend(crate::bookmarks::from_record(rec));
                     }
                     Ok(())
                 });
@@ -384,6 +405,13 @@ impl Group {
                     self.poison_locked(inner, cause.clone());
                     return Receipt { durable_seq: durable, error: Some(poisoned_message(&self.name, &cause)) };
                 }
+            }
+            // Indexed before `applied_seq` passes them: a crash before this is repaired by the
+            // start-up replay.
+            if let Err(cause) = crate::bookmarks::add(self.fs.as_ref(), &self.paths.bookmarks(), &marks) {
+                let cause = format!("bookmark index: {cause}");
+                self.poison_locked(inner, cause.clone());
+                return Receipt { durable_seq: durable, error: Some(poisoned_message(&self.name, &cause)) };
             }
             inner.applied_seq = durable;
         }

@@ -50,6 +50,11 @@ impl GroupPaths {
         self.dir.join("state.next")
     }
 
+    /// The index of the group's bookmarks.
+    pub fn bookmarks(&self) -> PathBuf {
+        self.dir.join("bookmarks.toml")
+    }
+
     /// `lock`: shared by readers, exclusive while retention changes base/ and the journal.
     pub fn lock(&self) -> PathBuf {
         self.dir.join("lock")

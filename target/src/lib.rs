@@ -37,6 +37,7 @@
 //!     base/<volume>.img     each volume at base_seq: the oldest recoverable point
 //!     state                 { "HSTS" | version | applied_seq | base_seq | base_time_ns | crc32c }
 //!     state.next            present only while the base images are rolled forward
+//!     bookmarks.toml        index of the bookmarks in the journal (see `bookmarks`)
 //!     lock                  flock: shared by readers, exclusive while retention works
 //! ```
 //!
@@ -59,6 +60,7 @@
 //!   engine until the target is restarted, and is never retried.
 
 mod apply;
+mod bookmarks;
 mod error;
 mod group;
 mod layout;
@@ -193,7 +195,7 @@ pub struct History {
 }
 
 /// A named point of a group, placed with `hindsight bookmark`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bookmark {
     /// Its name.
     pub name: String,

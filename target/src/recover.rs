@@ -15,7 +15,7 @@ use std::sync::Arc;
 use hindsight_consistency::config::{check_name, TargetConfig};
 use hindsight_consistency::journal::{list_segments, JournalReader};
 use hindsight_consistency::storage::{OpenMode, StdStorage, Storage, StorageFile};
-use hindsight_consistency::{BookmarkBody, Seq, WriteKind};
+use hindsight_consistency::{Seq, WriteKind};
 
 use crate::apply::{apply_record, for_each_record, Image};
 use crate::error::{data_dir_err, TargetError};
@@ -133,23 +133,13 @@ pub fn history(config: &TargetConfig, group: &str) -> Result<History, TargetErro
     let fs: Arc<dyn Storage> = StdStorage::shared();
     let (paths, meta) = find_group(config, fs.as_ref(), group)?;
     let v = open_view(&fs, paths, meta, group)?;
-    // Bookmarks are records of the journal: read it through (from the oldest recoverable
-    // point on; older ones can no longer be recovered).
-    let mut bookmarks = Vec::new();
-    for_each_record(&fs, group, &v.paths.journal(), v.first.0 + 1, v.last.0, |rec| {
-        if rec.header.kind == WriteKind::Bookmark {
-            if let Ok(body) = BookmarkBody::decode(rec.data) {
-                bookmarks.push(crate::Bookmark {
-                    name: rec.volume.to_owned(),
-                    seq: rec.header.seq,
-                    time_ns: rec.header.time_ns,
-                    consistency: body.consistency.as_str().to_owned(),
-                    note: body.note,
-                });
-            }
-        }
-        Ok(ControlFlow::Continue(()))
-    })?;
+    // Bookmarks come from the index the receiver keeps, never from reading the journal;
+    // those outside the recoverable window are left out.
+    let bookmarks: Vec<crate::Bookmark> = crate::bookmarks::load(&v.paths.bookmarks())
+        .map_err(|reason| TargetError::Inconsistent { group: group.to_owned(), reason: format!("bookmark index: {reason}") })?
+        .into_iter()
+        .filter(|b| b.seq > v.first.0 && b.seq <= v.last.0)
+        .collect();
     Ok(History {
         group: v.name.clone(),
         engine: v.meta.engine.clone(),
