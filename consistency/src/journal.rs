@@ -447,7 +447,11 @@ enum CursorStop {
 
 /// Reads records of one segment through a buffer.
 struct SegmentCursor {
+    /// Read buffer; only `buf[..valid]` holds file bytes. It is zeroed once when it grows,
+    /// never on each refill (a reader following the live tail refills for every batch).
     buf: Vec<u8>,
+    /// Bytes of `buf` that hold file data.
+    valid: usize,
     /// File offset of `buf[0]`.
     buf_off: u64,
     /// File offset of the next record.
@@ -463,6 +467,7 @@ impl SegmentCursor {
     fn new(first_seq: Seq) -> SegmentCursor {
         SegmentCursor {
             buf: Vec::new(),
+            valid: 0,
             buf_off: SEGMENT_HEADER_LEN as u64,
             pos: SEGMENT_HEADER_LEN as u64,
             next_seq: first_seq,
@@ -474,17 +479,19 @@ impl SegmentCursor {
     /// Returns how many are available (possibly fewer than `n`).
     fn fill(&mut self, f: &dyn StorageFile, n: usize, path: &Path) -> Result<usize, JournalError> {
         let start = usize::try_from(self.pos - self.buf_off).expect("buffer offset fits");
-        if self.buf.len() - start >= n {
-            return Ok(self.buf.len() - start);
+        if self.valid - start >= n {
+            return Ok(self.valid - start);
         }
-        self.buf.drain(..start);
+        self.buf.copy_within(start..self.valid, 0);
         self.buf_off = self.pos;
-        let have = self.buf.len();
+        let have = self.valid - start;
         let want = n.max(READ_CHUNK);
-        self.buf.resize(want, 0);
-        let got = read_fully(f, &mut self.buf[have..], self.pos + have as u64).map_err(io_err(path, "read segment"))?;
-        self.buf.truncate(have + got);
-        Ok(self.buf.len())
+        if self.buf.len() < want {
+            self.buf.resize(want, 0);
+        }
+        let got = read_fully(f, &mut self.buf[have..want], self.pos + have as u64).map_err(io_err(path, "read segment"))?;
+        self.valid = have + got;
+        Ok(self.valid)
     }
 
     /// The next record, `None` at the clean end of the written data.
@@ -497,7 +504,7 @@ impl SegmentCursor {
             return Err(CursorStop::Invalid("incomplete record header"));
         }
         let start = usize::try_from(self.pos - self.buf_off).expect("buffer offset fits");
-        let total = match record_len_from_header(&self.buf[start..]) {
+        let total = match record_len_from_header(&self.buf[start..self.valid]) {
             Ok(t) => t,
             Err(DecodeError::Corrupt(why)) => return Err(CursorStop::Invalid(why)),
             Err(DecodeError::Incomplete { .. }) => return Err(CursorStop::Invalid("incomplete record header")),
@@ -524,8 +531,7 @@ impl SegmentCursor {
     /// Drops buffered bytes past the read position, so that bytes of a record that was being
     /// written when they were read are read again next time.
     fn forget_unread(&mut self) {
-        let keep = usize::try_from(self.pos - self.buf_off).expect("buffer offset fits");
-        self.buf.truncate(keep);
+        self.valid = usize::try_from(self.pos - self.buf_off).expect("buffer offset fits");
     }
 
     /// The raw bytes of the record `next` returned last.
