@@ -188,13 +188,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 (Some(volume), Some(out), _) => {
                     let report =
                         hindsight_target::recover(&cfg, &RecoverRequest { group: group.clone(), volume, point, out: out.clone() })?;
-                    // A point exactly at a bookmark has the bookmark's kind.
-                    let consistency = hindsight_target::history(&cfg, &group)?
-                        .bookmarks
-                        .iter()
-                        .rev()
-                        .find(|b| b.seq == report.seq)
-                        .map_or_else(|| "crash-consistent".to_owned(), |b| b.consistency.clone());
+                    let consistency = &report.consistency;
                     if json {
                         let v = serde_json::json!({
                             "group": report.group, "volume": report.volume, "seq": report.seq,

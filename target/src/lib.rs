@@ -145,6 +145,8 @@ pub struct RecoverReport {
     pub seq: Seq,
     /// That record's time (or the base point's).
     pub time_ns: u64,
+    /// `crash-consistent`, or `app-consistent` for a point at such a bookmark.
+    pub consistency: String,
     /// How many records of the volume were applied on top of the base image.
     pub records_applied: u64,
     /// Size of the recovered image (the volume size).

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use hindsight_consistency::config::{check_name, TargetConfig};
 use hindsight_consistency::journal::{list_segments, JournalReader};
 use hindsight_consistency::storage::{OpenMode, StdStorage, Storage, StorageFile};
-use hindsight_consistency::{Seq, WriteKind};
+use hindsight_consistency::{PointConsistency, Seq, WriteKind};
 
 use crate::apply::{apply_record, for_each_record, Image};
 use crate::error::{data_dir_err, TargetError};
@@ -271,6 +271,7 @@ pub fn recover(config: &TargetConfig, req: &RecoverRequest) -> Result<RecoverRep
         }
     };
     let base_seq = view.state.base_seq;
+    let consistency = point_consistency(&view, point.0);
     drop(view);
     let out_err = |step| {
         let path = req.out.clone();
@@ -306,9 +307,22 @@ pub fn recover(config: &TargetConfig, req: &RecoverRequest) -> Result<RecoverRep
         volume: req.volume.clone(),
         seq: point.0,
         time_ns: point.1,
+        consistency,
         records_applied,
         bytes: vol.size,
     })
+}
+
+/// How consistent the point after `seq` is: a point exactly at a bookmark has the bookmark's
+/// kind (an application-consistent bookmark was placed with the file systems frozen); every
+/// other point is crash-consistent.
+fn point_consistency(view: &GroupView, seq: Seq) -> String {
+    crate::bookmarks::load(&view.paths.bookmarks())
+        .unwrap_or_default()
+        .into_iter()
+        .rev()
+        .find(|b| b.seq == seq)
+        .map_or_else(|| PointConsistency::Crash.as_str().to_owned(), |b| b.consistency)
 }
 
 /// The image being written.

@@ -103,16 +103,12 @@ pub fn recover_set(config: &TargetConfig, req: &RecoverSetRequest) -> Result<Man
             recover(config, &RecoverRequest { group: req.group.clone(), volume: v.name.clone(), point, out: req.out_dir.join(&file) })?;
         // The first volume fixes the point for all the others.
         if resolved.is_none() {
-            resolved = Some((report.seq, report.time_ns));
+            resolved = Some((report.seq, report.time_ns, report.consistency));
             point = Point::Seq(report.seq);
         }
         out.push(ManifestVolume { name: v.name.clone(), vm: v.vm.clone(), size: v.size, file });
     }
-    let (seq, time_ns) = resolved.expect("at least one volume");
-    // A point exactly at a bookmark is as consistent as the bookmark says (an
-    // application-consistent one was placed with the file systems frozen).
-    let consistency =
-        h.bookmarks.iter().rev().find(|b| b.seq == seq).map_or_else(|| "crash-consistent".to_owned(), |b| b.consistency.clone());
+    let (seq, time_ns, consistency) = resolved.expect("at least one volume");
     let manifest = Manifest {
         group: req.group.clone(),
         vm: match &req.selection {
