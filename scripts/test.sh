@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, checks formatting and lints, builds every
-# binary and runs every test (unit, codec, journal, NBD with real clients, system tests that
+# binary, runs each fuzz target for a bounded time, and runs every test (unit, codec, journal, NBD with real clients, system tests that
 # start target, engine and agents and drive them with qemu-io, qemu-img, nbdinfo, nbdcopy,
 # fio and nbdfuse + loop + ext4).
 set -euo pipefail
@@ -12,6 +12,8 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -q -- -D warnings
 echo "== cargo build"
 cargo build --workspace --bins -q
+echo "== fuzz (bounded: ${HS_FUZZ_SECONDS:-20}s a target)"
+scripts/fuzz.sh
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
