@@ -15,20 +15,9 @@ fn header() -> Vec<u8> {
     h[0..8].copy_from_slice(b"HSJOURNL");
     h[8..12].copy_from_slice(&1u32.to_le_bytes());
     h[16..24].copy_from_slice(&1u64.to_le_bytes());
-    let crc = crc32c_of(&h[0..28]);
+    let crc = crc32c::crc32c(&h[0..28]);
     h[28..32].copy_from_slice(&crc.to_le_bytes());
     h
-}
-
-fn crc32c_of(b: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &x in b {
-        crc ^= u32::from(x);
-        for _ in 0..8 {
-            crc = (crc >> 1) ^ (0x82F6_3B78 & (crc & 1).wrapping_neg());
-        }
-    }
-    !crc
 }
 
 fuzz_target!(|data: &[u8]| {
