@@ -67,6 +67,15 @@ pub struct BookmarkPlacement {
     pub reply: Sender<Result<(Seq, u64), String>>,
 }
 
+impl BookmarkPlacement {
+    /// Answers the request, then waits for the other groups of it: nothing after the bookmark
+    /// is numbered before every group has placed (or failed to place) its own.
+    fn answer(self, result: Result<(Seq, u64), String>, group: &str) {
+        let _ = self.reply.send(result);
+        self.latch.arrive_and_wait(group);
+    }
+}
+
 /// A countdown the groups of one bookmark request wait on together.
 pub struct Latch {
     left: Mutex<usize>,
@@ -210,8 +219,7 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
         if shared.poisoned.load(Ordering::Relaxed) {
             fail_all(&mut batch);
             if let Some(b) = bookmark {
-                let _ = b.reply.send(Err(format!("group {} is stopped after a journal failure", shared.name)));
-                b.latch.arrive_and_wait(&shared.name);
+                b.answer(Err(format!("group {} is stopped after a journal failure", shared.name)), &shared.name);
             }
             continue;
         }
@@ -253,8 +261,7 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
                 }
                 if let (Some(b), Some(seq)) = (bookmark.take(), bookmark_seq) {
                     log::info!("group {}: bookmark {:?} placed at seq {seq}", shared.name, b.name);
-                    let _ = b.reply.send(Ok((seq, now)));
-                    b.latch.arrive_and_wait(&shared.name);
+                    b.answer(Ok((seq, now)), &shared.name);
                 }
             }
             Err(e) => {
@@ -265,8 +272,7 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
                 shared.poisoned.store(true, Ordering::Relaxed);
                 fail_all(&mut batch);
                 if let Some(b) = bookmark.take() {
-                    let _ = b.reply.send(Err(format!("group {}: the journal failed: {e}", shared.name)));
-                    b.latch.arrive_and_wait(&shared.name);
+                    b.answer(Err(format!("group {}: the journal failed: {e}", shared.name)), &shared.name);
                 }
             }
         }
