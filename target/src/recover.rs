@@ -85,6 +85,11 @@ fn find_group(config: &TargetConfig, fs: &dyn Storage, group: &str) -> Result<(G
     Ok((paths, meta))
 }
 
+/// The volumes of a group, from its `group.toml` (no journal is read).
+pub(crate) fn group_volumes(config: &TargetConfig, group: &str) -> Result<Vec<crate::Volume>, TargetError> {
+    Ok(find_group(config, &StdStorage, group)?.1.volumes)
+}
+
 fn open_view(fs: &Arc<dyn Storage>, paths: GroupPaths, meta: GroupMeta, group: &str) -> Result<GroupView, TargetError> {
     let lock = lock_file(&paths.lock(), LockKind::Shared, true, true)
         .map_err(data_dir_err(&paths.lock(), "lock"))?

@@ -14,7 +14,8 @@ use hindsight_consistency::time::format_rfc3339;
 use hindsight_consistency::Seq;
 use serde::{Deserialize, Serialize};
 
-use crate::{history, recover, Point, RecoverRequest, TargetError};
+use crate::recover::group_volumes;
+use crate::{recover, Point, RecoverRequest, TargetError};
 
 /// Name of the manifest written beside the images.
 pub const MANIFEST_NAME: &str = "manifest.json";
@@ -78,13 +79,13 @@ pub struct ManifestVolume {
 
 /// Recovers every selected volume at one point into `out_dir` and writes the manifest.
 pub fn recover_set(config: &TargetConfig, req: &RecoverSetRequest) -> Result<Manifest, TargetError> {
-    let h = history(config, &req.group)?;
+    let all = group_volumes(config, &req.group)?;
     let volumes: Vec<_> = match &req.selection {
-        Selection::All => h.volumes.clone(),
-        Selection::Vm(vm) => h.volumes.iter().filter(|v| &v.vm == vm).cloned().collect(),
+        Selection::All => all.clone(),
+        Selection::Vm(vm) => all.iter().filter(|v| &v.vm == vm).cloned().collect(),
     };
     if volumes.is_empty() {
-        let mut known: Vec<String> = h.volumes.iter().map(|v| v.vm.clone()).collect();
+        let mut known: Vec<String> = all.iter().map(|v| v.vm.clone()).collect();
         known.sort();
         known.dedup();
         let vm = match &req.selection {
