@@ -78,10 +78,14 @@ enum Command {
     /// Place a named bookmark in one or more groups at the same instant (asks the running
     /// engine).
     #[command(group(ArgGroup::new("which").required(true).args(["group", "groups", "all_groups"])))]
+    #[command(group(ArgGroup::new("where").required(true).args(["config", "engine"])))]
     Bookmark {
-        /// engine.toml of the running engine
+        /// engine.toml of the running engine (its listen address is asked)
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        /// The engine's address, host:port (instead of --config; e.g. from inside a guest)
+        #[arg(long)]
+        engine: Option<String>,
         /// One group
         #[arg(long)]
         group: Option<String>,
@@ -229,8 +233,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 _ => return Err(Failure::Config("--volume needs --out FILE; --vm and --all need --out-dir DIR".into())),
             }
         }
-        Command::Bookmark { config, group, groups, all_groups, note, quiesce, quiesce_timeout, json, name } => {
-            let cfg = EngineConfig::load(&config).map_err(|e| Failure::Config(e.to_string()))?;
+        Command::Bookmark { config, engine, group, groups, all_groups, note, quiesce, quiesce_timeout, json, name } => {
+            let addr = match (config, engine) {
+                (Some(config), _) => EngineConfig::load(&config).map_err(|e| Failure::Config(e.to_string()))?.listen,
+                (None, Some(engine)) => resolve_engine(&engine).map_err(Failure::Config)?,
+                (None, None) => unreachable!("clap requires --config or --engine"),
+            };
             let groups = match (group, all_groups) {
                 (Some(g), _) => vec![g],
                 (None, true) => Vec::new(),
@@ -238,7 +246,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             let quiesce_timeout_ms = u64::try_from(quiesce_timeout.as_millis()).unwrap_or(u64::MAX);
             let req = BookmarkRequest { protocol: PROTOCOL_VERSION, name: name.clone(), groups, note, quiesce, quiesce_timeout_ms };
-            let reply = request_bookmark(cfg.listen, req)?;
+            let reply = request_bookmark(addr, req)?;
             if json {
                 let v: Vec<_> = reply
                     .points
@@ -251,11 +259,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 for p in &reply.points {
+                    let why = if p.reason.is_empty() { String::new() } else { format!(" ({})", p.reason) };
                     println!(
-                        "bookmark {name:?} placed in group {} at seq {} ({}), crash-consistent",
+                        "bookmark {name:?} placed in group {} at seq {} ({}), {}{why}",
                         p.group,
                         p.seq,
-                        format_rfc3339(p.time_ns)
+                        format_rfc3339(p.time_ns),
+                        p.consistency
                     );
                 }
             }
@@ -301,6 +311,16 @@ fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
 }
 
 /// Asks the engine at `addr` to place a bookmark.
+/// `host:port` of an engine, resolved to one address.
+fn resolve_engine(engine: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    engine
+        .to_socket_addrs()
+        .map_err(|e| format!("--engine {engine:?}: {e}; write host:port, e.g. 10.0.0.5:7400"))?
+        .next()
+        .ok_or_else(|| format!("--engine {engine:?} resolves to no address"))
+}
+
 fn request_bookmark(addr: std::net::SocketAddr, req: BookmarkRequest) -> anyhow::Result<BookmarkReply> {
     use anyhow::Context;
     let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))

@@ -4,6 +4,7 @@
 //! `engine.toml: group "erp": volume "db" has size 0; give size = "100GiB"`.
 
 use std::collections::{BTreeMap, HashSet};
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -343,7 +344,9 @@ struct DiskSection {
     group: String,
     volume: String,
     path: PathBuf,
-    listen: String,
+    listen: Option<String>,
+    frontend: Option<String>,
+    device: Option<PathBuf>,
 }
 
 /// A validated agent configuration.
@@ -380,8 +383,41 @@ pub struct DiskConfig {
     pub volume: String,
     /// The local disk: a block device or a file.
     pub path: PathBuf,
-    /// Where the front end listens: `unix:/path` or `tcp:127.0.0.1:10809`.
-    pub listen: String,
+    /// Where an NBD server for outside clients (qemu, nbdcopy) listens: `unix:/path` or
+    /// `tcp:127.0.0.1:10809`. Optional once a kernel front end is configured.
+    pub listen: Option<String>,
+    /// The kernel block device the agent creates for this disk, if any.
+    pub frontend: Option<FrontendConfig>,
+}
+
+/// Which kernel block device the agent creates for a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrontendKind {
+    /// ublk when the kernel offers it, NBD otherwise.
+    Auto,
+    /// A ublk device (`/dev/ublkbN`), served through io_uring.
+    Ublk,
+    /// The kernel's nbd driver (`/dev/nbdN`), connected to the agent over a socket pair.
+    Nbd,
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FrontendKind::Auto => "auto",
+            FrontendKind::Ublk => "ublk",
+            FrontendKind::Nbd => "nbd",
+        })
+    }
+}
+
+/// A disk's kernel front end: its kind and, optionally, the device to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrontendConfig {
+    /// ublk, nbd, or auto.
+    pub kind: FrontendKind,
+    /// `/dev/ublkbN` or `/dev/nbdN`; `None` takes the first free one.
+    pub device: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -395,7 +431,7 @@ impl AgentConfig {
         check_host_port("agent.engine", &raw.agent.engine)?;
         check_name("vm", &raw.agent.vm).map_err(|e| format!("agent.vm: {e}"))?;
         if raw.disk.is_empty() {
-            return Err("no [[disk]] is configured; add one with group, volume, path and listen".into());
+            return Err("no [[disk]] is configured; add one with group, volume, path and frontend (or listen)".into());
         }
         let mut seen = HashSet::new();
         let mut disks = Vec::new();
@@ -405,19 +441,21 @@ impl AgentConfig {
             if !seen.insert(d.volume.clone()) {
                 return Err(format!("disk {:?} is listed twice; each volume is served once", d.volume));
             }
-            let l = d.listen.as_str();
-            let listen_ok = match l.split_once(':') {
-                Some(("unix", p)) => p.starts_with('/'),
-                Some(("tcp", a)) => check_host_port("listen", a).is_ok(),
-                _ => false,
-            };
-            if !listen_ok {
-                return Err(format!(
-                    "disk {:?}: listen = {l:?} is not valid; write \"unix:/run/hindsight/{}.sock\" or \"tcp:127.0.0.1:10809\"",
-                    d.volume, d.volume
-                ));
+            if let Some(l) = d.listen.as_deref() {
+                let listen_ok = match l.split_once(':') {
+                    Some(("unix", p)) => p.starts_with('/'),
+                    Some(("tcp", a)) => check_host_port("listen", a).is_ok(),
+                    _ => false,
+                };
+                if !listen_ok {
+                    return Err(format!(
+                        "disk {:?}: listen = {l:?} is not valid; write \"unix:/run/hindsight/{}.sock\" or \"tcp:127.0.0.1:10809\"",
+                        d.volume, d.volume
+                    ));
+                }
             }
-            disks.push(DiskConfig { group: d.group, volume: d.volume, path: d.path, listen: d.listen });
+            let frontend = frontend_config(&d.volume, d.listen.is_some(), d.frontend.as_deref(), d.device)?;
+            disks.push(DiskConfig { group: d.group, volume: d.volume, path: d.path, listen: d.listen, frontend });
         }
         for m in &raw.agent.freeze {
             if !m.is_absolute() {
@@ -430,6 +468,36 @@ impl AgentConfig {
         let quiesce = QuiesceConfig { freeze: raw.agent.freeze, pre: raw.agent.pre_quiesce, post: raw.agent.post_quiesce };
         Ok(AgentConfig { engine: raw.agent.engine, vm: raw.agent.vm, disks, quiesce })
     }
+}
+
+/// Checks a disk's `frontend` and `device`. With neither `frontend` nor `listen` the disk gets
+/// `auto`: a disk nothing serves would be useless.
+fn frontend_config(volume: &str, has_listen: bool, kind: Option<&str>, device: Option<PathBuf>) -> Result<Option<FrontendConfig>, String> {
+    let kind = match kind {
+        None if has_listen && device.is_none() => return Ok(None),
+        None | Some("auto") => FrontendKind::Auto,
+        Some("ublk") => FrontendKind::Ublk,
+        Some("nbd") => FrontendKind::Nbd,
+        Some(other) => return Err(format!("disk {volume:?}: frontend = {other:?} is not known; write \"auto\", \"ublk\" or \"nbd\"")),
+    };
+    if let Some(dev) = &device {
+        let name = dev.to_str().and_then(|s| s.strip_prefix("/dev/")).unwrap_or("");
+        let number = |prefix: &str| name.strip_prefix(prefix).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        let ok = match kind {
+            FrontendKind::Ublk => number("ublkb"),
+            FrontendKind::Nbd => number("nbd"),
+            FrontendKind::Auto => false,
+        };
+        if !ok {
+            let hint = match kind {
+                FrontendKind::Ublk => "write e.g. device = \"/dev/ublkb0\"".to_string(),
+                FrontendKind::Nbd => "write e.g. device = \"/dev/nbd0\"".to_string(),
+                FrontendKind::Auto => "a device can only be named with frontend = \"ublk\" or \"nbd\"".to_string(),
+            };
+            return Err(format!("disk {volume:?}: device = {:?} does not fit frontend = \"{kind}\"; {hint}", dev.display().to_string()));
+        }
+    }
+    Ok(Some(FrontendConfig { kind, device }))
 }
 
 #[cfg(test)]
@@ -506,6 +574,30 @@ size = "1GiB"
         assert!(parse("pre_quiesce = \"/bin/true\"").unwrap_err().contains("go together"));
         let c = parse("pre_quiesce = \"/a\"\npost_quiesce = \"/b\"").unwrap();
         assert_eq!((c.quiesce.pre.unwrap(), c.quiesce.post.unwrap()), (PathBuf::from("/a"), PathBuf::from("/b")));
+    }
+
+    #[test]
+    fn agent_frontend_keys_are_checked() {
+        let base =
+            "[agent]\nengine = \"127.0.0.1:7400\"\nvm = \"erp-db\"\n[[disk]]\ngroup = \"erp\"\nvolume = \"db\"\npath = \"/dev/vdb\"\n";
+        let parse = |extra: &str| -> Result<DiskConfig, String> {
+            let raw: AgentFile = toml::from_str(&format!("{base}{extra}")).map_err(|e| e.to_string())?;
+            AgentConfig::validate(raw).map(|c| c.disks[0].clone())
+        };
+        let auto = FrontendConfig { kind: FrontendKind::Auto, device: None };
+        // Nothing named: the agent creates a device (auto); only a listen: NBD socket only.
+        assert_eq!(parse("").unwrap().frontend, Some(auto.clone()));
+        assert_eq!(parse("listen = \"unix:/run/db.sock\"").unwrap().frontend, None);
+        let both = parse("listen = \"unix:/run/db.sock\"\nfrontend = \"auto\"").unwrap();
+        assert_eq!((both.frontend, both.listen.as_deref()), (Some(auto), Some("unix:/run/db.sock")));
+        let ublk = parse("frontend = \"ublk\"\ndevice = \"/dev/ublkb3\"").unwrap().frontend.unwrap();
+        assert_eq!((ublk.kind, ublk.device), (FrontendKind::Ublk, Some(PathBuf::from("/dev/ublkb3"))));
+        let nbd = parse("frontend = \"nbd\"\ndevice = \"/dev/nbd12\"").unwrap().frontend.unwrap();
+        assert_eq!(nbd.kind, FrontendKind::Nbd);
+        assert!(parse("frontend = \"scsi\"").unwrap_err().contains("\"auto\", \"ublk\" or \"nbd\""));
+        assert!(parse("frontend = \"nbd\"\ndevice = \"/dev/ublkb0\"").unwrap_err().contains("/dev/nbd0"));
+        assert!(parse("frontend = \"ublk\"\ndevice = \"/dev/ublkb\"").unwrap_err().contains("/dev/ublkb0"));
+        assert!(parse("device = \"/dev/nbd0\"").unwrap_err().contains("only be named with"));
     }
 
     #[test]

@@ -29,7 +29,9 @@
 
 pub mod block;
 pub mod engine_link;
+pub mod frontend;
 pub mod nbd;
 pub mod nbd_file;
 pub mod quiesce;
 pub mod replicated;
+pub mod ublk;

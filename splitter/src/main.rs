@@ -1,9 +1,13 @@
-//! `hindsight-agent --config agent.toml`: serves the configured local disks over NBD and
-//! replicates every write to the engine. Runs until killed; everything acknowledged to a
-//! client is durable at the engine, so SIGTERM's default handling loses nothing.
+//! `hindsight-agent --config agent.toml`: gives the guest a kernel block device (ublk or nbd)
+//! and/or an NBD server for each configured local disk, and replicates every write to the
+//! engine. Runs until SIGTERM or SIGINT, which remove the kernel devices (after the requests
+//! in flight) and exit 0. Everything acknowledged to the guest is durable at the engine, so a
+//! crash loses nothing acknowledged; a ublk device left by a crashed agent waits for the next
+//! agent, which recovers it.
 //!
-//! Exit codes: 0 after `--check` succeeds, 2 when the configuration or a local disk is
-//! unusable, 1 when running fails (engine unreachable or refusing, listener failure).
+//! Exit codes: 0 after `--check` succeeds or after a stop signal, 2 when the configuration or
+//! a local disk is unusable, 1 when running fails (engine unreachable or refusing, a device
+//! that cannot be created, listener failure).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,9 +21,11 @@ use hindsight_consistency::storage::StdStorage;
 use hindsight_consistency::wire::DiskHello;
 use hindsight_splitter::block::BlockDevice;
 use hindsight_splitter::engine_link::{EngineLink, LinkConfig, ENGINE_TIMEOUT};
+use hindsight_splitter::frontend::{self, Attached};
 use hindsight_splitter::nbd::{Listen, NbdServer};
 use hindsight_splitter::replicated::{LocalDisk, ReplicatedDisk};
-use log::info;
+use log::{error, info};
+use nix::sys::signal::{SigSet, Signal};
 
 /// How long the agent waits at start for an engine that is not up yet.
 const STARTUP_CONNECT_WAIT: Duration = Duration::from_secs(10);
@@ -47,7 +53,7 @@ enum Failure {
 /// One configured disk, checked and opened.
 struct Opened<'a> {
     config: &'a DiskConfig,
-    listen: Listen,
+    listen: Option<Listen>,
     local: LocalDisk,
 }
 
@@ -65,11 +71,42 @@ fn open_disks<'a>(file: &Path, config: &'a AgentConfig) -> Result<Vec<Opened<'a>
         let fail = |e: &dyn std::error::Error| {
             Failure::Config(format!("{}: disk {:?}: {}", file.display(), d.volume, hindsight_consistency::error_chain(e)))
         };
-        let listen: Listen = d.listen.parse().map_err(|e| fail(&e))?;
+        let listen: Option<Listen> = d.listen.as_deref().map(str::parse).transpose().map_err(|e| fail(&e))?;
         let local = LocalDisk::open(&StdStorage, &d.path).map_err(|e| fail(&e))?;
         opened.push(Opened { config: d, listen, local });
     }
     Ok(opened)
+}
+
+/// Removes the kernel devices, each after its requests in flight.
+fn release(attached: Vec<(String, Attached)>) {
+    for (volume, device) in attached {
+        let path = device.path();
+        if let Err(e) = device.stop(&volume) {
+            error!("volume {volume}: removing {}: {e}", path.display());
+        }
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in every thread (call before starting any) and delivers them on
+/// a channel instead, so a stop removes the kernel devices cleanly.
+fn stop_signals() -> Result<crossbeam_channel::Receiver<Signal>, Failure> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.thread_block().map_err(|e| Failure::Runtime(format!("cannot block stop signals: {e}")))?;
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    thread::Builder::new()
+        .name("signals".to_string())
+        .spawn(move || {
+            while let Ok(sig) = set.wait() {
+                if tx.send(sig).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| Failure::Runtime(format!("cannot start a thread: {e}")))?;
+    Ok(rx)
 }
 
 fn run(args: &Args) -> Result<(), Failure> {
@@ -79,18 +116,27 @@ fn run(args: &Args) -> Result<(), Failure> {
     if args.check {
         println!("{}: vm {:?}, engine {}, {} disk(s):", file.display(), config.vm, config.engine, disks.len());
         for d in &disks {
+            let mut served = Vec::new();
+            if let Some(f) = &d.config.frontend {
+                let device = f.device.as_ref().map_or_else(|| "first free device".to_string(), |p| p.display().to_string());
+                served.push(format!("{} device ({device})", f.kind));
+            }
+            if let Some(l) = &d.listen {
+                served.push(format!("NBD on {l}"));
+            }
             println!(
-                "  volume {} of group {}: {} ({} bytes), served on {}",
+                "  volume {} of group {}: {} ({} bytes), served as {}",
                 d.config.volume,
                 d.config.group,
                 d.local.path().display(),
                 d.local.size(),
-                d.listen
+                served.join(" and ")
             );
         }
         return Ok(());
     }
 
+    let signals = stop_signals()?;
     let link = EngineLink::connect(LinkConfig {
         engine: config.engine.clone(),
         vm: config.vm.clone(),
@@ -105,32 +151,52 @@ fn run(args: &Args) -> Result<(), Failure> {
     .map_err(|e| Failure::Runtime(hindsight_consistency::error_chain(&e)))?;
     let link = Arc::new(link);
 
-    // One server per distinct listen address, in the order first named.
+    // One server per distinct listen address, in the order first named; kernel devices
+    // attached one by one.
     type Exports = Vec<(String, Arc<dyn BlockDevice>)>;
     type Served = Vec<(String, String, u64)>; // volume, group, size
     let mut servers: Vec<(Listen, Exports, Served)> = Vec::new();
+    let mut attached: Vec<(String, Attached)> = Vec::new();
     for (number, d) in disks.into_iter().enumerate() {
         let number = u16::try_from(number).expect("disk count checked in open_disks");
         let size = d.local.size();
         let volume = d.config.volume.clone();
-        let device = ReplicatedDisk::new(d.local, Arc::clone(&link), number, volume.clone());
+        let device: Arc<dyn BlockDevice> = Arc::new(ReplicatedDisk::new(d.local, Arc::clone(&link), number, volume.clone()));
+        if let Some(frontend) = &d.config.frontend {
+            match frontend::attach(frontend, Arc::clone(&device), &volume) {
+                Ok(a) => {
+                    info!("volume {volume} of group {} attached as {} ({}, size {size})", d.config.group, a.path().display(), a.kind());
+                    attached.push((volume.clone(), a));
+                }
+                Err(e) => {
+                    release(attached);
+                    return Err(Failure::Runtime(format!("volume {volume}: cannot create its {} device: {e}", frontend.kind)));
+                }
+            }
+        }
+        let Some(listen) = d.listen else { continue };
         let line = (volume.clone(), d.config.group.clone(), size);
-        let export: (String, Arc<dyn BlockDevice>) = (volume, Arc::new(device));
-        match servers.iter_mut().find(|(l, _, _)| *l == d.listen) {
+        let export = (volume, device);
+        match servers.iter_mut().find(|(l, _, _)| *l == listen) {
             Some((_, exports, lines)) => {
                 exports.push(export);
                 lines.push(line);
             }
-            None => servers.push((d.listen, vec![export], vec![line])),
+            None => servers.push((listen, vec![export], vec![line])),
         }
     }
 
     let (stopped_tx, stopped_rx) = crossbeam_channel::unbounded();
+    let server_count = servers.len();
     for (listen, exports, lines) in servers {
         let spec = listen.to_string();
-        let handle = NbdServer::new(listen, exports)
-            .and_then(NbdServer::spawn)
-            .map_err(|e| Failure::Runtime(hindsight_consistency::error_chain(&e)))?;
+        let handle = match NbdServer::new(listen, exports).and_then(NbdServer::spawn) {
+            Ok(h) => h,
+            Err(e) => {
+                release(attached);
+                return Err(Failure::Runtime(hindsight_consistency::error_chain(&e)));
+            }
+        };
         for (volume, group, size) in lines {
             info!("serving volume {volume} of group {group} on {} (size {size})", handle.listen());
         }
@@ -143,11 +209,22 @@ fn run(args: &Args) -> Result<(), Failure> {
             .map_err(|e| Failure::Runtime(format!("cannot start a thread: {e}")))?;
     }
     drop(stopped_tx);
-    // A server's wait ends only when its accept loop fails.
-    match stopped_rx.recv() {
-        Ok((spec, Err(e))) => Err(Failure::Runtime(format!("NBD server on {spec} stopped: {}", hindsight_consistency::error_chain(&e)))),
-        Ok((spec, Ok(()))) => Err(Failure::Runtime(format!("NBD server on {spec} stopped"))),
-        Err(_) => Err(Failure::Runtime("every NBD server stopped".to_string())),
+    // With no NBD server, only a signal ends the agent.
+    let stopped = if server_count == 0 { crossbeam_channel::never() } else { stopped_rx };
+    crossbeam_channel::select! {
+        recv(signals) -> sig => {
+            info!("{} received: removing the kernel devices and stopping", sig.map_or_else(|_| "signal".to_string(), |s| s.to_string()));
+            release(attached);
+            Ok(())
+        }
+        recv(stopped) -> msg => {
+            release(attached);
+            match msg {
+                Ok((spec, Err(e))) => Err(Failure::Runtime(format!("NBD server on {spec} stopped: {}", hindsight_consistency::error_chain(&e)))),
+                Ok((spec, Ok(()))) => Err(Failure::Runtime(format!("NBD server on {spec} stopped"))),
+                Err(_) => Err(Failure::Runtime("every NBD server stopped".to_string())),
+            }
+        }
     }
 }
 

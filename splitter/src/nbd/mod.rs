@@ -20,14 +20,17 @@
 //!    waits for them and closes.
 //!
 //! The protocol module [`proto`] does no I/O; the handshake and transmission modules do the
-//! socket work around it.
+//! socket work around it. [`kernel`] connects the guest kernel's own nbd driver to the same
+//! transmission code over a socket pair, without a handshake.
 
 mod connection;
 mod error;
 mod handshake;
+pub mod kernel;
 pub mod proto;
 mod server;
 mod stream;
+mod sys;
 
 pub use error::NbdError;
 pub use server::{Listen, NbdServer, ServerHandle, HANDSHAKE_TIMEOUT, REPLY_WRITE_TIMEOUT, SHUTDOWN_GRACE};
