@@ -1,11 +1,11 @@
 //! Quiescing the VM for an application-consistent bookmark.
 //!
 //! On the engine's `Quiesce` the agent freezes the file systems named in agent.toml
-//! (`fsfreeze -f`, which flushes them and holds new writes) or runs the configured
+//! (`fsfreeze --freeze`, which flushes them and holds new writes) or runs the configured
 //! `pre_quiesce` script, and answers. Every write issued before the freeze has then completed,
 //! so it is acknowledged and numbered: the engine's bookmark lands after all of them. On
 //! `Thaw` (or, if it never comes, by itself shortly after the engine's timeout) the agent runs
-//! `fsfreeze -u` or `post_quiesce`: a guest never stays frozen.
+//! `fsfreeze --unfreeze` or `post_quiesce`: a guest never stays frozen.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -46,7 +46,7 @@ impl Quiescer {
             (None, true) => return Err("agent.toml names no file system to freeze (agent.freeze) and no pre_quiesce script".into()),
             (None, false) => {
                 for (i, m) in self.config.freeze.iter().enumerate() {
-                    if let Err(e) = run(Command::new("fsfreeze").arg("-f").arg(m), &format!("fsfreeze -f {}", m.display())) {
+                    if let Err(e) = run(Command::new("fsfreeze").arg("--freeze").arg(m), &format!("fsfreeze --freeze {}", m.display())) {
                         // Never leave part of the VM frozen.
                         for done in &self.config.freeze[..i] {
                             thaw_mount(done);
@@ -94,7 +94,7 @@ impl Quiescer {
 }
 
 fn thaw_mount(m: &Path) {
-    if let Err(e) = run(Command::new("fsfreeze").arg("-u").arg(m), &format!("fsfreeze -u {}", m.display())) {
+    if let Err(e) = run(Command::new("fsfreeze").arg("--unfreeze").arg(m), &format!("fsfreeze --unfreeze {}", m.display())) {
         warn!("{e}");
     }
 }
