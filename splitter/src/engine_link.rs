@@ -71,6 +71,12 @@ pub struct LinkConfig {
     pub engine_timeout: Duration,
     /// Answers the engine's quiesce requests (`None`: every request is refused).
     pub quiescer: Option<Arc<Quiescer>>,
+    /// When the engine is still unreachable after `connect_wait`: start anyway, as if the
+    /// connection had just been lost (writes wait up to `engine_timeout`, then fail, while
+    /// the link keeps trying), instead of failing. A refusal still fails. Used when the guest
+    /// depends on the agent's kernel devices, which must come up (or be recovered) even while
+    /// the engine is away.
+    pub start_offline: bool,
 }
 
 /// Why the link could not be set up.
@@ -228,9 +234,23 @@ impl EngineLink {
         }
         let volumes: Vec<String> = config.disks.iter().map(|d| d.volume.clone()).collect();
         let hello = encode_message(&AgentHello { protocol: PROTOCOL_VERSION, vm: config.vm.clone(), disks: config.disks.clone() });
-        let stream = first_connection(&config, &hello)?;
-        let writer = stream.try_clone().map_err(|e| LinkError::Handshake { engine: config.engine.clone(), source: FrameError::Io(e) })?;
-        info!("engine link to {} up; replicating volumes {}", config.engine, volumes.join(", "));
+        let (stream, state) = match first_connection(&config, &hello) {
+            Ok(stream) => {
+                let writer =
+                    stream.try_clone().map_err(|e| LinkError::Handshake { engine: config.engine.clone(), source: FrameError::Io(e) })?;
+                info!("engine link to {} up; replicating volumes {}", config.engine, volumes.join(", "));
+                (Some(stream), State::Up(writer))
+            }
+            Err(e @ (LinkError::Unreachable { .. } | LinkError::Handshake { .. })) if config.start_offline => {
+                warn!(
+                    "{}; starting without it and retrying: writes wait up to {:?} for it, then fail",
+                    hindsight_consistency::error_chain(&e),
+                    config.engine_timeout
+                );
+                (None, State::Reconnecting { since: Instant::now() })
+            }
+            Err(e) => return Err(e),
+        };
         let inner = Arc::new(Inner {
             engine: config.engine,
             hello,
@@ -238,7 +258,7 @@ impl EngineLink {
             engine_timeout: config.engine_timeout,
             writer: Mutex::new(Writer {
                 // Acks that come before the supervisor's reader starts wait in the socket.
-                state: State::Up(writer),
+                state,
                 next_req: 1,
                 scratch: Vec::new(),
             }),
@@ -428,10 +448,20 @@ fn encode_write(scratch: &mut Vec<u8>, req_id: u64, p: &Outgoing) {
 
 /// Owns the connection's life: runs an ack reader per connection, and reconnects when it
 /// ends, until the link is dropped. `reader` reads the first connection, which is up already.
-fn supervise(inner: &Arc<Inner>, mut reader: TcpStream, closed: &Receiver<()>) {
+fn supervise(inner: &Arc<Inner>, first: Option<TcpStream>, closed: &Receiver<()>) {
     // A new connection, to bring up once its ack reader runs.
     let mut fresh: Option<TcpStream> = None;
-    'connections: loop {
+    let mut reader = match first {
+        Some(stream) => stream,
+        None => match next_connection(inner, closed) {
+            Some((reader, stream)) => {
+                fresh = Some(stream);
+                reader
+            }
+            None => return finish(inner),
+        },
+    };
+    loop {
         let for_acks = Arc::clone(inner);
         let acks = thread::Builder::new().name("engine-acks".to_string()).spawn(move || read_acks(&for_acks, reader));
         let reason = match acks {
@@ -457,17 +487,27 @@ fn supervise(inner: &Arc<Inner>, mut reader: TcpStream, closed: &Receiver<()>) {
             }
             inner.lose(&mut w.state, &reason);
         }
-        reader = loop {
-            let Some(stream) = reconnect(inner, closed) else { break 'connections };
-            match stream.try_clone() {
-                Ok(r) => {
-                    fresh = Some(stream);
-                    break r;
-                }
-                Err(e) => warn!("engine {}: {e}", inner.engine),
-            }
-        };
+        let Some((r, stream)) = next_connection(inner, closed) else { break };
+        reader = r;
+        fresh = Some(stream);
     }
+    finish(inner);
+}
+
+/// Reconnects; returns the reader half and the stream to bring up, or `None` once the link
+/// is closed.
+fn next_connection(inner: &Inner, closed: &Receiver<()>) -> Option<(TcpStream, TcpStream)> {
+    loop {
+        let stream = reconnect(inner, closed)?;
+        match stream.try_clone() {
+            Ok(r) => return Some((r, stream)),
+            Err(e) => warn!("engine {}: {e}", inner.engine),
+        }
+    }
+}
+
+/// The link is closed: fails every write still waiting.
+fn finish(inner: &Inner) {
     let left = std::mem::take(&mut *lock(&inner.pending));
     if !left.is_empty() {
         warn!("engine link to {} closed with {} write(s) unacknowledged", inner.engine, left.len());

@@ -267,6 +267,24 @@ fn writes_in_flight_at_a_drop_are_resent_before_new_writes() {
 }
 
 #[test]
+fn agent_started_offline_serves_once_the_engine_comes() {
+    // The engine is not up when the agent starts (as after a guest reboot with the engine
+    // site away): the agent starts anyway, and a write waits for the engine, then goes.
+    let addr = free_port();
+    let agent = InProcessAgent::start_with(addr, &[("v", MIB)], Duration::from_secs(20), true);
+    assert!(!agent.link.is_connected());
+    let dev = &*agent.devices[0];
+    let pending = submit(dev, 4096, 7);
+    assert!(pending.recv_timeout(Duration::from_millis(300)).is_err(), "write finished with no engine");
+    let engine = FakeEngine::start_on(addr, Behaviour::default());
+    assert_eq!(pending.recv_timeout(Duration::from_secs(15)).unwrap(), Ok(()));
+    let writes = engine.writes();
+    assert_eq!(writes.len(), 1);
+    assert_eq!((writes[0].offset, writes[0].data[0]), (4096, 7));
+    assert_eq!(engine.replay(0, MIB), agent.local("v"));
+}
+
+#[test]
 fn engine_unreachable_past_timeout_fails_writes_until_it_is_back() {
     let timeout = Duration::from_millis(1500);
     let engine = FakeEngine::start(Behaviour { ack_delay: Duration::from_secs(600), ..Behaviour::default() });

@@ -288,6 +288,12 @@ pub struct InProcessAgent {
 impl InProcessAgent {
     /// Disk numbers follow the order of `volumes` (name, size), all in group "g".
     pub fn start(engine: SocketAddr, volumes: &[(&str, u64)], engine_timeout: Duration) -> InProcessAgent {
+        Self::start_with(engine, volumes, engine_timeout, false)
+    }
+
+    /// As [`InProcessAgent::start`]; with `start_offline` an engine that is not up yet is not
+    /// an error (the link starts disconnected and keeps trying).
+    pub fn start_with(engine: SocketAddr, volumes: &[(&str, u64)], engine_timeout: Duration, start_offline: bool) -> InProcessAgent {
         init_logging();
         let dir = tempfile::tempdir().unwrap();
         let mut locals = Vec::new();
@@ -301,9 +307,10 @@ impl InProcessAgent {
                 engine: engine.to_string(),
                 vm: "vm1".into(),
                 disks: volumes.iter().map(|(name, size)| DiskHello { group: "g".into(), volume: (*name).into(), size: *size }).collect(),
-                connect_wait: Duration::from_secs(5),
+                connect_wait: if start_offline { Duration::from_millis(300) } else { Duration::from_secs(5) },
                 engine_timeout,
                 quiescer: None,
+                start_offline,
             })
             .unwrap(),
         );
