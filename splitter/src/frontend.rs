@@ -106,7 +106,20 @@ pub fn attach(config: &FrontendConfig, disk: Arc<dyn BlockDevice>, volume: &str)
     }
 }
 
-/// True when the kernel nbd driver is present (loading it if needed).
-pub fn nbd_available() -> bool {
-    kernel::available()
+/// Checks that the kernel offers the front end (`auto`: either), loading its module if
+/// needed.
+pub fn check_available(kind: FrontendKind) -> Result<(), String> {
+    match resolve(kind) {
+        FrontendKind::Ublk if !ublk::available() => Err(format!(
+            "frontend \"ublk\": this kernel offers no ublk ({} is missing; `modprobe ublk_drv`, Linux 6.0 or later)",
+            ublk::CONTROL_PATH
+        )),
+        FrontendKind::Nbd if !kernel::available() => Err(match kind {
+            FrontendKind::Auto => {
+                "frontend \"auto\": this kernel offers neither ublk nor nbd (`modprobe ublk_drv` or `modprobe nbd`)".to_string()
+            }
+            _ => "frontend \"nbd\": this kernel offers no nbd driver (/sys/block/nbd0 is missing; `modprobe nbd`)".to_string(),
+        }),
+        _ => Ok(()),
+    }
 }

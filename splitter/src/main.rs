@@ -136,6 +136,12 @@ fn run(args: &Args) -> Result<(), Failure> {
         return Ok(());
     }
 
+    // A front end the kernel lacks is known before anything starts.
+    for d in &disks {
+        if let Some(f) = &d.config.frontend {
+            frontend::check_available(f.kind).map_err(|e| Failure::Runtime(format!("volume {}: {e}", d.config.volume)))?;
+        }
+    }
     let signals = stop_signals()?;
     let link = EngineLink::connect(LinkConfig {
         engine: config.engine.clone(),

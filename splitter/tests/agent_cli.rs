@@ -120,3 +120,28 @@ fn engine_that_starts_late_is_waited_for() {
     assert_eq!(engine.write_count(), 1);
     assert!(engine.replay(0, MIB) == fs::read(dir.path().join("v.img")).unwrap());
 }
+
+#[test]
+fn kernel_front_end_the_kernel_lacks_is_a_clear_error_before_anything_starts() {
+    // Runs where the kernel lacks the front end (as on a build host without nbd or ublk).
+    for (frontend, probe, needle) in
+        [("ublk", "/dev/ublk-control", "this kernel offers no ublk"), ("nbd", "/sys/block/nbd0", "this kernel offers no nbd")]
+    {
+        let (dir, config) = setup(&free_port().to_string());
+        let text_of = fs::read_to_string(&config).unwrap();
+        let replaced = text_of.lines().filter(|l| !l.starts_with("listen")).collect::<Vec<_>>().join("\n");
+        fs::write(&config, format!("{replaced}\nfrontend = \"{frontend}\"\n")).unwrap();
+        let started = Instant::now();
+        let out = agent(&config_args(&config));
+        if std::path::Path::new(probe).exists() {
+            eprintln!("skipped for {frontend}: this kernel offers it");
+            continue;
+        }
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{t}");
+        assert!(t.contains("volume v: ") && t.contains(needle) && t.contains("modprobe"), "{t}");
+        // Failed before waiting for the (absent) engine.
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        drop(dir);
+    }
+}
