@@ -1,6 +1,8 @@
 //! `hindsight`: runs the engine and the target daemons, and recovers volumes at any point in
 //! time from a target's data.
 
+mod admin;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -8,7 +10,7 @@ use clap::{ArgGroup, Parser, Subcommand};
 use hindsight_consistency::config::{EngineConfig, TargetConfig};
 use hindsight_consistency::time::{format_rfc3339, parse_rfc3339};
 use hindsight_consistency::wire::{
-    decode_message, encode_message, read_frame, write_frame, BookmarkReply, BookmarkRequest, ErrorMessage, FrameType, PROTOCOL_VERSION,
+    BookmarkReply, BookmarkRequest, FrameType, SetModeReply, SetModeRequest, StatusReply, StatusRequest, PROTOCOL_VERSION,
 };
 use hindsight_target::{Point, RecoverRequest, RecoverSetRequest, Selection};
 
@@ -112,6 +114,28 @@ enum Command {
         /// The bookmark's name (letters, digits, '.', '_', '-')
         name: String,
     },
+    /// Show each group's replication state on the running engine: the mode (and the mode in
+    /// force while a sync group is degraded), the target's lag and the RPO.
+    #[command(group(ArgGroup::new("where").required(true).args(["config", "engine"])))]
+    Status {
+        /// engine.toml of the running engine
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The engine's address, host:port (instead of --config)
+        #[arg(long)]
+        engine: Option<String>,
+        /// One group (default: all)
+        #[arg(long)]
+        group: Option<String>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a group on the running engine.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
     /// Show the recoverable window of a group (or of every group).
     History {
         /// target.toml
@@ -123,6 +147,26 @@ enum Command {
         /// Print JSON
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Set a group's replication mode (sync or cdp) without stopping it; no write is lost or
+    /// reordered. Lasts until the engine restarts.
+    #[command(group(ArgGroup::new("where").required(true).args(["config", "engine"])))]
+    SetMode {
+        /// engine.toml of the running engine
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The engine's address, host:port (instead of --config)
+        #[arg(long)]
+        engine: Option<String>,
+        /// The group
+        #[arg(long)]
+        group: String,
+        /// sync or cdp
+        mode: String,
     },
 }
 
@@ -234,11 +278,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Bookmark { config, engine, group, groups, all_groups, note, quiesce, quiesce_timeout, json, name } => {
-            let addr = match (config, engine) {
-                (Some(config), _) => EngineConfig::load(&config).map_err(|e| Failure::Config(e.to_string()))?.listen,
-                (None, Some(engine)) => resolve_engine(&engine).map_err(Failure::Config)?,
-                (None, None) => unreachable!("clap requires --config or --engine"),
-            };
+            let addr = admin::engine_addr(config.as_ref(), engine.as_deref()).map_err(Failure::Config)?;
             let groups = match (group, all_groups) {
                 (Some(g), _) => vec![g],
                 (None, true) => Vec::new(),
@@ -246,7 +286,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             let quiesce_timeout_ms = u64::try_from(quiesce_timeout.as_millis()).unwrap_or(u64::MAX);
             let req = BookmarkRequest { protocol: PROTOCOL_VERSION, name: name.clone(), groups, note, quiesce, quiesce_timeout_ms };
-            let reply = request_bookmark(addr, req)?;
+            let reply: BookmarkReply = admin::request(addr, FrameType::BookmarkRequest, FrameType::BookmarkReply, &req)?;
             if json {
                 let v: Vec<_> = reply
                     .points
@@ -269,6 +309,25 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     );
                 }
             }
+        }
+        Command::Status { config, engine, group, json } => {
+            let addr = admin::engine_addr(config.as_ref(), engine.as_deref()).map_err(Failure::Config)?;
+            let req = StatusRequest { protocol: PROTOCOL_VERSION, groups: group.into_iter().collect() };
+            let reply: StatusReply = admin::request(addr, FrameType::StatusRequest, FrameType::StatusReply, &req)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reply)?);
+            } else {
+                print!("{}", admin::format_status(&reply));
+            }
+        }
+        Command::Group { command: GroupCommand::SetMode { config, engine, group, mode } } => {
+            let addr = admin::engine_addr(config.as_ref(), engine.as_deref()).map_err(Failure::Config)?;
+            let req = SetModeRequest { protocol: PROTOCOL_VERSION, group, mode };
+            let reply: SetModeReply = admin::request(addr, FrameType::SetModeRequest, FrameType::SetModeReply, &req)?;
+            println!(
+                "group {}: mode {} (was {}); lasts until the engine restarts: set mode in engine.toml to keep it",
+                reply.group, reply.mode, reply.previous
+            );
         }
         Command::History { config, group, json } => {
             let cfg = TargetConfig::load(&config).map_err(|e| Failure::Config(e.to_string()))?;
@@ -308,31 +367,6 @@ fn run(cli: Cli) -> Result<(), Failure> {
 
 fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
     hindsight_consistency::config::parse_duration(s)
-}
-
-/// Asks the engine at `addr` to place a bookmark.
-/// `host:port` of an engine, resolved to one address.
-fn resolve_engine(engine: &str) -> Result<std::net::SocketAddr, String> {
-    use std::net::ToSocketAddrs;
-    engine
-        .to_socket_addrs()
-        .map_err(|e| format!("--engine {engine:?}: {e}; write host:port, e.g. 10.0.0.5:7400"))?
-        .next()
-        .ok_or_else(|| format!("--engine {engine:?} resolves to no address"))
-}
-
-fn request_bookmark(addr: std::net::SocketAddr, req: BookmarkRequest) -> anyhow::Result<BookmarkReply> {
-    use anyhow::Context;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
-        .with_context(|| format!("cannot reach the engine at {addr}; is it running?"))?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
-    write_frame(&mut s, FrameType::BookmarkRequest, &encode_message(&req), &mut Vec::new())?;
-    let mut payload = Vec::new();
-    match read_frame(&mut s, &mut payload).context("the engine did not answer")? {
-        FrameType::BookmarkReply => Ok(decode_message("BookmarkReply", &payload)?),
-        FrameType::Error => anyhow::bail!("the engine refused: {}", decode_message::<ErrorMessage>("Error", &payload)?.message),
-        other => anyhow::bail!("the engine answered with an unexpected {other:?} frame"),
-    }
 }
 
 /// The human form of `hindsight history`.

@@ -128,6 +128,12 @@ struct GroupSection {
     name: String,
     mode: Option<String>,
     target: String,
+    on_sync_loss: Option<String>,
+    sync_timeout: Option<String>,
+    rpo: Option<String>,
+    #[serde(default)]
+    regulate: bool,
+    interval: Option<String>,
     #[serde(default)]
     volume: Vec<VolumeSection>,
 }
@@ -164,7 +170,44 @@ pub struct GroupConfig {
     pub target: String,
     /// The group's volumes.
     pub volumes: Vec<VolumeConfig>,
+    /// What sync mode does when the target cannot keep up.
+    pub on_sync_loss: SyncLoss,
+    /// How long a sync write may wait for the target before the group degrades to cdp.
+    pub sync_timeout: Duration,
+    /// The recovery point objective: how far the target may lag (`None`: not watched).
+    pub rpo: Option<Duration>,
+    /// Slow the agents' acknowledgements so that the lag stays inside the RPO.
+    pub regulate: bool,
+    /// Async mode: how often a delta is shipped.
+    pub interval: Duration,
 }
+
+/// What a sync group does when the target is unreachable or too slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncLoss {
+    /// The guest's writes wait for the target, up to `sync_timeout`; then the group degrades.
+    Block,
+    /// The group degrades to cdp at once (after `sync_timeout`, short by default) and returns
+    /// to sync once the target has caught up.
+    Degrade,
+}
+
+impl SyncLoss {
+    /// The name as written in config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncLoss::Block => "block",
+            SyncLoss::Degrade => "degrade",
+        }
+    }
+}
+
+/// Default `sync_timeout` with `on_sync_loss = "block"`.
+pub const DEFAULT_BLOCK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `sync_timeout` with `on_sync_loss = "degrade"`.
+pub const DEFAULT_DEGRADE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default async `interval`.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 
 /// One volume of a group.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,9 +257,36 @@ impl EngineConfig {
             let ctx = format!("group {:?}", g.name);
             let mode = match g.mode.as_deref().unwrap_or("cdp") {
                 "cdp" => ReplicationMode::Cdp,
-                m @ ("sync" | "async") => return Err(format!("{ctx}: mode = {m:?} is not available in this version; use mode = \"cdp\"")),
-                m => return Err(format!("{ctx}: mode = {m:?} is not a mode; use \"cdp\" (or \"sync\", \"async\" once available)")),
+                "sync" => ReplicationMode::Sync,
+                m @ "async" => return Err(format!("{ctx}: mode = {m:?} is not available in this version; use mode = \"cdp\" or \"sync\"")),
+                m => return Err(format!("{ctx}: mode = {m:?} is not a mode; use \"sync\", \"cdp\" or \"async\"")),
             };
+            let on_sync_loss = match g.on_sync_loss.as_deref().unwrap_or("degrade") {
+                "block" => SyncLoss::Block,
+                "degrade" => SyncLoss::Degrade,
+                other => return Err(format!("{ctx}: on_sync_loss = {other:?} is not a policy; use \"block\" or \"degrade\"")),
+            };
+            let duration = |key: &str, value: &Option<String>| -> Result<Option<Duration>, String> {
+                value.as_deref().map(|v| parse_duration(v).map_err(|e| format!("{ctx}: {key}: {e}"))).transpose()
+            };
+            let sync_timeout = duration("sync_timeout", &g.sync_timeout)?.unwrap_or(match on_sync_loss {
+                SyncLoss::Block => DEFAULT_BLOCK_TIMEOUT,
+                SyncLoss::Degrade => DEFAULT_DEGRADE_TIMEOUT,
+            });
+            if sync_timeout.is_zero() {
+                return Err(format!("{ctx}: sync_timeout must be more than 0, e.g. sync_timeout = \"30s\""));
+            }
+            let rpo = duration("rpo", &g.rpo)?;
+            if rpo.is_some_and(|r| r.is_zero()) {
+                return Err(format!("{ctx}: rpo must be more than 0 (for no data loss at all use mode = \"sync\"), e.g. rpo = \"10s\""));
+            }
+            if g.regulate && rpo.is_none() {
+                return Err(format!("{ctx}: regulate = true needs an rpo to regulate to, e.g. rpo = \"10s\""));
+            }
+            let interval = duration("interval", &g.interval)?.unwrap_or(DEFAULT_INTERVAL);
+            if interval < Duration::from_secs(1) {
+                return Err(format!("{ctx}: interval must be at least 1s, e.g. interval = \"30s\""));
+            }
             check_host_port(&format!("{ctx}: target"), &g.target)?;
             if g.volume.is_empty() {
                 return Err(format!("{ctx} has no volumes; add [[group.volume]] with name, vm and size"));
@@ -241,7 +311,17 @@ impl EngineConfig {
                 }
                 volumes.push(VolumeConfig { name: v.name, vm: v.vm, size });
             }
-            groups.push(GroupConfig { name: g.name, mode, target: g.target, volumes });
+            groups.push(GroupConfig {
+                name: g.name,
+                mode,
+                target: g.target,
+                volumes,
+                on_sync_loss,
+                sync_timeout,
+                rpo,
+                regulate: g.regulate,
+                interval,
+            });
         }
         Ok(EngineConfig { listen, data_dir: raw.engine.data_dir, segment_size, groups })
     }
@@ -527,6 +607,25 @@ size = "1GiB"
         let c = engine(ENGINE).unwrap();
         assert_eq!(c.groups[0].volumes[0], VolumeConfig { name: "db-data".into(), vm: "erp-db".into(), size: 1 << 30 });
         assert_eq!(c.groups[0].mode, ReplicationMode::Cdp);
+    }
+
+    #[test]
+    fn sync_and_rpo_keys() {
+        let c =
+            engine(&ENGINE.replace("mode = \"cdp\"", "mode = \"sync\"\non_sync_loss = \"block\"\nrpo = \"10s\"\nregulate = true")).unwrap();
+        let g = &c.groups[0];
+        assert_eq!((g.mode, g.on_sync_loss, g.sync_timeout), (ReplicationMode::Sync, SyncLoss::Block, DEFAULT_BLOCK_TIMEOUT));
+        assert_eq!((g.rpo, g.regulate), (Some(Duration::from_secs(10)), true));
+        let g = &engine(&ENGINE.replace("mode = \"cdp\"", "mode = \"sync\"")).unwrap().groups[0];
+        assert_eq!((g.on_sync_loss, g.sync_timeout, g.rpo), (SyncLoss::Degrade, DEFAULT_DEGRADE_TIMEOUT, None));
+        let e = engine(&ENGINE.replace("mode = \"cdp\"", "mode = \"cdp\"\non_sync_loss = \"wait\"")).unwrap_err();
+        assert!(e.contains("on_sync_loss = \"wait\"") && e.contains("\"block\" or \"degrade\""), "{e}");
+        let e = engine(&ENGINE.replace("mode = \"cdp\"", "mode = \"cdp\"\nregulate = true")).unwrap_err();
+        assert!(e.contains("regulate = true needs an rpo"), "{e}");
+        let e = engine(&ENGINE.replace("mode = \"cdp\"", "mode = \"cdp\"\nrpo = \"0s\"")).unwrap_err();
+        assert!(e.contains("rpo must be more than 0"), "{e}");
+        let e = engine(&ENGINE.replace("mode = \"cdp\"", "mode = \"cdp\"\nsync_timeout = \"soon\"")).unwrap_err();
+        assert!(e.contains("sync_timeout"), "{e}");
     }
 
     #[test]

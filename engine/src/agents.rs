@@ -10,10 +10,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use hindsight_consistency::config::check_name;
+use hindsight_consistency::config::{check_name, ReplicationMode};
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, BookmarkPoint, BookmarkReply, BookmarkRequest,
-    ErrorMessage, FrameError, FrameType, QuiesceMsg, QuiescedMsg, ThawMsg, WriteAck, WriteMsg, PROTOCOL_VERSION, WRITE_HEADER_LEN,
+    ErrorMessage, FrameError, FrameType, GroupStatus, QuiesceMsg, QuiescedMsg, SetModeReply, SetModeRequest, StatusReply, StatusRequest,
+    ThawMsg, WriteAck, WriteMsg, PROTOCOL_VERSION, WRITE_HEADER_LEN,
 };
 use hindsight_consistency::{BookmarkBody, PointConsistency};
 
@@ -94,6 +95,28 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
                 Err(why) => refuse(&mut writer, peer, &why),
             };
         }
+        Ok(FrameType::StatusRequest) => {
+            return match decode_message::<StatusRequest>("StatusRequest", &payload)
+                .map_err(|e| e.to_string())
+                .and_then(|r| status(&r, &reg))
+            {
+                Ok(reply) => {
+                    let _ = write_frame(&mut writer, FrameType::StatusReply, &encode_message(&reply), &mut scratch);
+                }
+                Err(why) => refuse(&mut writer, peer, &why),
+            };
+        }
+        Ok(FrameType::SetModeRequest) => {
+            return match decode_message::<SetModeRequest>("SetModeRequest", &payload)
+                .map_err(|e| e.to_string())
+                .and_then(|r| set_mode(&r, &reg))
+            {
+                Ok(reply) => {
+                    let _ = write_frame(&mut writer, FrameType::SetModeReply, &encode_message(&reply), &mut scratch);
+                }
+                Err(why) => refuse(&mut writer, peer, &why),
+            };
+        }
         Ok(other) => return refuse(&mut writer, peer, &format!("expected AgentHello, got {other:?}")),
         Err(e) => return log::warn!("agent {peer}: handshake failed: {e}"),
     };
@@ -128,6 +151,54 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
         let _ = t.join();
     }
     detach(&reg, &names);
+}
+
+/// The state of the requested groups (all when none is named).
+fn status(req: &StatusRequest, reg: &Registry) -> Result<StatusReply, String> {
+    let mut names: Vec<&String> = if req.groups.is_empty() { reg.groups.keys().collect() } else { req.groups.iter().collect() };
+    names.sort();
+    let attached = reg.attached.lock().expect("attached lock").clone();
+    let mut groups = Vec::new();
+    for name in names {
+        let g = reg.groups.get(name).ok_or_else(|| format!("no group {name:?} on this engine"))?;
+        let p = g.shared.policy.status();
+        let lag = g.shared.policy.lag();
+        let durable = g.shared.durable();
+        let confirmed = g.shared.confirmed.load(Ordering::Acquire);
+        groups.push(GroupStatus {
+            name: name.clone(),
+            mode: p.mode.as_str().to_owned(),
+            effective_mode: p.effective.as_str().to_owned(),
+            reason: p.reason,
+            on_sync_loss: p.on_sync_loss.as_str().to_owned(),
+            target: g.config.target.clone(),
+            target_connected: p.target_connected,
+            durable_seq: durable,
+            confirmed_seq: confirmed,
+            lag_writes: durable.saturating_sub(confirmed),
+            lag_bytes: lag.bytes,
+            lag_ms: u64::try_from(lag.age.as_millis()).unwrap_or(u64::MAX),
+            rpo_ms: p.rpo.map_or(0, |r| u64::try_from(r.as_millis()).unwrap_or(u64::MAX)),
+            rpo_ok: p.rpo_ok,
+            regulating: p.regulating,
+            poisoned: g.shared.poisoned.load(Ordering::Relaxed),
+            attached: g.config.volumes.iter().filter(|v| attached.contains(&v.name)).map(|v| v.name.clone()).collect(),
+        });
+    }
+    Ok(StatusReply { engine: reg.name.clone(), groups })
+}
+
+/// Changes a group's mode on the running engine.
+fn set_mode(req: &SetModeRequest, reg: &Registry) -> Result<SetModeReply, String> {
+    let g = reg.groups.get(&req.group).ok_or_else(|| format!("no group {:?} on this engine", req.group))?;
+    let mode = match req.mode.as_str() {
+        "sync" => ReplicationMode::Sync,
+        "cdp" => ReplicationMode::Cdp,
+        "async" => ReplicationMode::Async,
+        other => return Err(format!("{other:?} is not a mode; use sync, cdp or async")),
+    };
+    let previous = g.shared.policy.set_mode(mode).map_err(|e| format!("group {}: {e}", req.group))?;
+    Ok(SetModeReply { group: req.group.clone(), previous: previous.as_str().to_owned(), mode: mode.as_str().to_owned() })
 }
 
 fn refuse(w: &mut TcpStream, peer: SocketAddr, why: &str) {

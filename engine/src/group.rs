@@ -18,6 +18,8 @@ use hindsight_consistency::record::{RecordHeader, Seq, WriteKind};
 use hindsight_consistency::time::now_ns;
 use hindsight_consistency::wire::WriteAck;
 
+use crate::policy::Policy;
+
 /// errno sent to an agent when the group cannot take writes.
 const EIO: u32 = 5;
 /// Most bytes put into one commit.
@@ -120,18 +122,28 @@ pub struct GroupShared {
     pub poisoned: AtomicBool,
     /// Set to stop the group's threads.
     pub stopping: AtomicBool,
+    /// Mode, held sync acknowledgements, lag and RPO.
+    pub policy: Policy,
 }
 
 impl GroupShared {
-    fn new(name: &str, durable: Seq) -> GroupShared {
+    fn new(config: &GroupConfig, durable: Seq, last_time_ns: u64) -> GroupShared {
         GroupShared {
-            name: name.to_owned(),
+            name: config.name.clone(),
             durable: Mutex::new(durable),
             durable_changed: Condvar::new(),
             confirmed: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            policy: Policy::new(config, durable, last_time_ns),
         }
+    }
+
+    /// The target confirmed everything through `seq`: trims what the lag counts, releases the
+    /// sync acknowledgements it covers.
+    pub fn confirm(&self, seq: Seq) {
+        self.confirmed.fetch_max(seq, Ordering::AcqRel);
+        self.policy.confirmed(seq, self.durable());
     }
 
     /// The last durable sequence number.
@@ -165,7 +177,7 @@ pub struct GroupHandle {
 
 /// Starts the journal thread of a group over an opened journal.
 pub fn start(config: GroupConfig, journal: Journal) -> std::io::Result<(GroupHandle, std::thread::JoinHandle<()>)> {
-    let shared = Arc::new(GroupShared::new(&config.name, journal.durable_seq()));
+    let shared = Arc::new(GroupShared::new(&config, journal.durable_seq(), journal.last_time_ns()));
     // Bounded: a stalled disk pushes back on the agents instead of growing memory.
     let (tx, rx) = crossbeam_channel::bounded(4096);
     let s = shared.clone();
@@ -186,6 +198,7 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
         if shared.stopping.load(Ordering::Relaxed) {
             return;
         }
+        shared.policy.tick();
         let confirmed = shared.confirmed.load(Ordering::Acquire);
         if confirmed > trimmed_through {
             match journal.trim_through(confirmed) {
@@ -255,10 +268,13 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
         match result {
             Ok(durable) => {
                 shared.publish_durable(durable);
-                for (w, seq) in batch.drain(..).zip(seqs) {
-                    // A closed agent connection just drops its acks.
-                    let _ = w.ack.send(WriteAck { req_id: w.req_id, seq, status: 0 });
+                let delay = shared.policy.regulation_delay();
+                if !delay.is_zero() {
+                    std::thread::sleep(delay);
                 }
+                let bytes = batch.iter().filter(|w| w.kind == WriteKind::Data).map(|w| u64::from(w.length)).sum();
+                let acks = batch.drain(..).zip(seqs).map(|(w, seq)| (w.ack, WriteAck { req_id: w.req_id, seq, status: 0 })).collect();
+                shared.policy.committed(acks, durable, bytes, now, shared.confirmed.load(Ordering::Acquire));
                 if let (Some(b), Some(seq)) = (bookmark.take(), bookmark_seq) {
                     log::info!("group {}: bookmark {:?} placed at seq {seq}", shared.name, b.name);
                     b.answer(Ok((seq, now)), &shared.name);

@@ -22,6 +22,7 @@
 pub mod agents;
 pub mod error;
 pub mod group;
+pub mod policy;
 pub mod shipper;
 
 use std::collections::{HashMap, HashSet};

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hindsight_consistency::config::ReplicationMode;
 use hindsight_consistency::journal::JournalReader;
 use hindsight_consistency::storage::Storage;
 use hindsight_consistency::wire::{
@@ -114,7 +115,8 @@ impl Shipper {
         let mut reader = JournalReader::open(self.fs.clone(), &self.journal_dir, from).map_err(|e| {
             format!("the target needs seq {from} on, but the engine no longer has it ({e}); the target must be resynchronised")
         })?;
-        shared.confirmed.fetch_max(welcome.durable_seq, Ordering::AcqRel);
+        shared.confirm(welcome.durable_seq);
+        shared.policy.target_connected(true);
         log::info!("group {}: shipping to {} from seq {from} (engine durable seq {durable_here})", cfg.name, cfg.target);
 
         let broken = Arc::new(AtomicBool::new(false));
@@ -129,9 +131,7 @@ impl Shipper {
                     loop {
                         match read_frame(&mut r, &mut payload) {
                             Ok(FrameType::Confirm) => match decode_confirm(&payload) {
-                                Ok(seq) => {
-                                    shared.confirmed.fetch_max(seq, Ordering::AcqRel);
-                                }
+                                Ok(seq) => shared.confirm(seq),
                                 Err(e) => {
                                     log::warn!("group {group}: bad confirmation: {e}");
                                     break;
@@ -161,6 +161,7 @@ impl Shipper {
         let result = self.ship(&mut reader, &mut w, &broken);
         let _ = w.shutdown(std::net::Shutdown::Both);
         let _ = confirm_thread.join();
+        shared.policy.target_connected(false);
         result
     }
 
@@ -192,7 +193,8 @@ impl Shipper {
                 }
                 continue;
             }
-            if frame.len() < FRAME_TARGET_BYTES / 4 {
+            // Sync writes wait for the target: ship them at once.
+            if frame.len() < FRAME_TARGET_BYTES / 4 && shared.policy.effective() != ReplicationMode::Sync {
                 // A small batch: give the next group commits a moment to join it, so that the
                 // target commits (one fdatasync each) a few hundred times a second at most
                 // instead of once per engine commit. This adds at most SHIP_GATHER to the lag.

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod wan;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::TcpStream;
@@ -172,6 +174,10 @@ pub struct Cluster {
     engine: Option<Child>,
     agents: BTreeMap<String, Child>,
     pub target_extra: String,
+    /// Extra lines for the group's section of engine.toml (e.g. `mode = "sync"`).
+    pub group_extra: String,
+    /// The port the engine ships to, when not the target's own (a WAN proxy in between).
+    pub ship_port: Option<u16>,
 }
 
 impl Cluster {
@@ -201,8 +207,16 @@ impl Cluster {
     }
 
     fn start_servers_with(vols: &[Vol], target_extra: &str) -> Cluster {
+        let mut c = Self::prepare(vols, target_extra);
+        c.launch();
+        c
+    }
+
+    /// The directory, the disk files and the ports, with nothing started: set `group_extra`
+    /// or `ship_port`, then `launch`.
+    pub fn prepare(vols: &[Vol], target_extra: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Cluster {
+        let c = Cluster {
             dir,
             group: "erp".into(),
             vols: vols.to_vec(),
@@ -212,15 +226,30 @@ impl Cluster {
             engine: None,
             agents: BTreeMap::new(),
             target_extra: target_extra.into(),
+            group_extra: String::new(),
+            ship_port: None,
         };
         for v in vols {
             let f = std::fs::File::create(c.disk(&v.name)).unwrap();
             f.set_len(v.size).unwrap();
         }
-        c.write_configs();
-        c.start_target();
-        c.start_engine();
         c
+    }
+
+    /// Writes the configs and starts the target and the engine.
+    pub fn launch(&mut self) {
+        self.write_configs();
+        self.start_target();
+        self.start_engine();
+    }
+
+    /// Starts one agent per VM.
+    pub fn start_agents(&mut self) {
+        let mut vms: Vec<String> = self.vols.iter().map(|v| v.vm.clone()).collect();
+        vms.dedup();
+        for vm in vms {
+            self.start_agent(&vm);
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -289,12 +318,14 @@ impl Cluster {
             ),
         )
         .unwrap();
+        let mode = if self.group_extra.contains("mode =") { String::new() } else { "mode = \"cdp\"\n".to_string() };
         let mut e = format!(
-            "[engine]\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n\n[[group]]\nname = \"{}\"\nmode = \"cdp\"\ntarget = \"127.0.0.1:{}\"\n",
+            "[engine]\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n\n[[group]]\nname = \"{}\"\n{mode}target = \"127.0.0.1:{}\"\n{}\n",
             self.eport,
             d.join("engine").display(),
             self.group,
-            self.tport
+            self.ship_port.unwrap_or(self.tport),
+            self.group_extra
         );
         for v in &self.vols {
             e += &format!("\n[[group.volume]]\nname = \"{}\"\nvm = \"{}\"\nsize = \"{}\"\n", v.name, v.vm, v.size);
@@ -593,21 +624,27 @@ impl QemuIoSession {
 
     /// Writes `len` bytes read from the file `src` at `off` and waits for the reply.
     pub fn write_file(&mut self, src: &Path, off: u64, len: u64) {
+        if let Err(e) = self.try_write_file(src, off, len, Duration::from_secs(60)) {
+            panic!("{e}");
+        }
+    }
+
+    /// Like `write_file`, but a failed or unanswered write is an error, not a panic.
+    pub fn try_write_file(&mut self, src: &Path, off: u64, len: u64, wait: Duration) -> Result<(), String> {
         use std::io::Write;
         let cmd = format!("write -s {} {off} {len}\n", src.display());
-        let stdin = self.stdin.as_mut().expect("session is open");
-        stdin.write_all(cmd.as_bytes()).and_then(|()| stdin.flush()).unwrap_or_else(|e| panic!("{}: send {cmd:?}: {e}", self.what));
+        let stdin = self.stdin.as_mut().ok_or("session is closed")?;
+        stdin.write_all(cmd.as_bytes()).and_then(|()| stdin.flush()).map_err(|e| format!("{}: send {cmd:?}: {e}", self.what))?;
         let done = format!("wrote {len}/{len} bytes at offset {off}");
         loop {
-            let line = match self.lines.recv_timeout(Duration::from_secs(60)) {
-                Ok(l) => l,
-                Err(e) => panic!("{}: no reply to {:?} ({e})", self.what, cmd.trim()),
-            };
+            let line = self.lines.recv_timeout(wait).map_err(|e| format!("{}: no reply to {:?} ({e})", self.what, cmd.trim()))?;
             if line.contains(&done) {
-                return;
+                return Ok(());
             }
             for bad in ["failed", "error", "Error", "No such", "Invalid"] {
-                assert!(!line.contains(bad), "{}: {:?} reported: {line}", self.what, cmd.trim());
+                if line.contains(bad) {
+                    return Err(format!("{}: {:?} reported: {line}", self.what, cmd.trim()));
+                }
             }
         }
     }

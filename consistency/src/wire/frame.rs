@@ -57,6 +57,14 @@ pub enum FrameType {
     Quiesced,
     /// Engine asks an agent to thaw.
     Thaw,
+    /// An operator asks the engine for the state of its groups.
+    StatusRequest,
+    /// The engine's answer.
+    StatusReply,
+    /// An operator changes a group's mode on the running engine.
+    SetModeRequest,
+    /// The engine's answer.
+    SetModeReply,
 }
 
 impl FrameType {
@@ -77,6 +85,10 @@ impl FrameType {
             FrameType::Quiesce => 0x32,
             FrameType::Quiesced => 0x33,
             FrameType::Thaw => 0x34,
+            FrameType::StatusRequest => 0x40,
+            FrameType::StatusReply => 0x41,
+            FrameType::SetModeRequest => 0x42,
+            FrameType::SetModeReply => 0x43,
         }
     }
 
@@ -97,6 +109,10 @@ impl FrameType {
             0x32 => FrameType::Quiesce,
             0x33 => FrameType::Quiesced,
             0x34 => FrameType::Thaw,
+            0x40 => FrameType::StatusRequest,
+            0x41 => FrameType::StatusReply,
+            0x42 => FrameType::SetModeRequest,
+            0x43 => FrameType::SetModeReply,
             _ => return None,
         })
     }

@@ -150,6 +150,85 @@ pub struct ThawMsg {
     pub id: u64,
 }
 
+/// Operator → engine: the state of every group (or of the named ones).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRequest {
+    /// Protocol version of the operator's tool.
+    pub protocol: u16,
+    /// Groups to report; empty for all.
+    pub groups: Vec<String>,
+}
+
+/// Engine → operator: the state of its groups.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReply {
+    /// The engine's name.
+    pub engine: String,
+    /// One entry per group, by name.
+    pub groups: Vec<GroupStatus>,
+}
+
+/// One group's replication state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    /// The group.
+    pub name: String,
+    /// The mode configured (or last set).
+    pub mode: String,
+    /// The mode in force now: differs from `mode` while a sync group is degraded.
+    pub effective_mode: String,
+    /// Why the effective mode differs, or what last changed it.
+    pub reason: String,
+    /// `block` or `degrade`.
+    pub on_sync_loss: String,
+    /// The target address.
+    pub target: String,
+    /// True while a shipping connection to the target is up.
+    pub target_connected: bool,
+    /// Last sequence number durable in the engine's journal.
+    pub durable_seq: u64,
+    /// Last sequence number the target confirmed durable.
+    pub confirmed_seq: u64,
+    /// Records the target does not hold yet.
+    pub lag_writes: u64,
+    /// Bytes of data the target does not hold yet.
+    pub lag_bytes: u64,
+    /// Age of the oldest record the target does not hold, ms (0 when caught up).
+    pub lag_ms: u64,
+    /// The RPO, ms (0: none configured).
+    pub rpo_ms: u64,
+    /// False while the lag exceeds the RPO (the alert state).
+    pub rpo_ok: bool,
+    /// True when acknowledgements are being slowed to keep the lag inside the RPO.
+    pub regulating: bool,
+    /// True when the journal failed and the group takes no writes.
+    pub poisoned: bool,
+    /// Volumes whose agent is connected.
+    pub attached: Vec<String>,
+}
+
+/// Operator → engine: set a group's mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetModeRequest {
+    /// Protocol version of the operator's tool.
+    pub protocol: u16,
+    /// The group.
+    pub group: String,
+    /// `sync`, `cdp` or `async`.
+    pub mode: String,
+}
+
+/// Engine → operator: the mode changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetModeReply {
+    /// The group.
+    pub group: String,
+    /// The mode before.
+    pub previous: String,
+    /// The mode now.
+    pub mode: String,
+}
+
 /// Encodes a postcard message.
 pub fn encode_message<T: Serialize>(msg: &T) -> Vec<u8> {
     postcard::to_stdvec(msg).expect("postcard encoding of an in-memory message cannot fail")

@@ -1,0 +1,327 @@
+//! A group's replication policy at run time: its mode (and the mode in force when a sync
+//! group has degraded), the acknowledgements sync mode holds back until the target confirms,
+//! the lag to the target, and the RPO watch.
+//!
+//! - **cdp**: the journal thread acknowledges a write once the engine's journal holds it.
+//! - **sync**: after the engine's commit, acknowledgements are *held* here, in sequence
+//!   order, and released by the shipper's confirmation reader once the target's journal holds
+//!   them. If the target is away or slow (`on_sync_loss`): `block` keeps the guest waiting up
+//!   to `sync_timeout`, then degrades; `degrade` degrades at once when the connection is lost,
+//!   or after `sync_timeout`. Degrading releases every held acknowledgement (each is durable in
+//!   the engine's journal: the cdp promise) and runs as cdp until the target has confirmed
+//!   everything, then returns to sync.
+//!
+//! The lag is kept per commit (last sequence number, bytes so far, engine time), trimmed as the
+//! target confirms, so status can say how many records, bytes and seconds the target lacks.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use hindsight_consistency::config::{GroupConfig, ReplicationMode, SyncLoss};
+use hindsight_consistency::record::Seq;
+use hindsight_consistency::time::now_ns;
+use hindsight_consistency::wire::WriteAck;
+
+/// Longest pause put before one commit's acknowledgements when regulating.
+const MAX_REGULATION_DELAY: Duration = Duration::from_millis(100);
+
+/// One acknowledgement held until the target confirms its write.
+struct Held {
+    seq: Seq,
+    since: Instant,
+    to: Sender<WriteAck>,
+    ack: WriteAck,
+}
+
+/// Mode and watch state.
+#[derive(Debug)]
+struct State {
+    mode: ReplicationMode,
+    effective: ReplicationMode,
+    reason: String,
+    on_sync_loss: SyncLoss,
+    sync_timeout: Duration,
+    rpo: Option<Duration>,
+    regulate: bool,
+    rpo_alert: bool,
+    regulating: bool,
+}
+
+/// Commits the target has not confirmed yet.
+#[derive(Debug, Default)]
+struct LagBook {
+    /// (last sequence number of the commit, data bytes committed so far, engine time).
+    commits: VecDeque<(Seq, u64, u64)>,
+    committed_bytes: u64,
+    confirmed_bytes: u64,
+    committed_seq: Seq,
+    confirmed_seq: Seq,
+}
+
+/// The lag of the target behind the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lag {
+    /// Records not yet confirmed.
+    pub writes: u64,
+    /// Data bytes not yet confirmed.
+    pub bytes: u64,
+    /// Age of the oldest unconfirmed record.
+    pub age: Duration,
+}
+
+/// What status shows of the policy.
+#[derive(Debug, Clone)]
+pub struct PolicyStatus {
+    pub mode: ReplicationMode,
+    pub effective: ReplicationMode,
+    pub reason: String,
+    pub on_sync_loss: SyncLoss,
+    pub rpo: Option<Duration>,
+    pub rpo_ok: bool,
+    pub regulating: bool,
+    pub target_connected: bool,
+}
+
+/// A group's policy, shared by its journal thread, its shipper and status requests.
+#[derive(Debug)]
+pub struct Policy {
+    group: String,
+    state: Mutex<State>,
+    held: Mutex<VecDeque<Held>>,
+    lag: Mutex<LagBook>,
+    connected: AtomicBool,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Held(seq {})", self.seq)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Policy {
+    /// The policy of a group whose journal ends at `durable` (written at `last_time_ns`).
+    pub fn new(config: &GroupConfig, durable: Seq, last_time_ns: u64) -> Policy {
+        let mut lag = LagBook { committed_seq: durable, ..LagBook::default() };
+        if durable > 0 {
+            // Until the target says what it holds, assume it lacks the journal's tail.
+            lag.commits.push_back((durable, 0, last_time_ns));
+        }
+        Policy {
+            group: config.name.clone(),
+            state: Mutex::new(State {
+                mode: config.mode,
+                effective: config.mode,
+                reason: String::new(),
+                on_sync_loss: config.on_sync_loss,
+                sync_timeout: config.sync_timeout,
+                rpo: config.rpo,
+                regulate: config.regulate,
+                rpo_alert: false,
+                regulating: false,
+            }),
+            held: Mutex::new(VecDeque::new()),
+            lag: Mutex::new(lag),
+            connected: AtomicBool::new(false),
+        }
+    }
+
+    /// The mode in force.
+    pub fn effective(&self) -> ReplicationMode {
+        lock(&self.state).effective
+    }
+
+    /// After a commit whose last record is `last_seq`, with `bytes` of data, at `time_ns`:
+    /// records it for the lag, then sends the acknowledgements (cdp) or holds them until the
+    /// target confirms (sync). `confirmed` is what the target holds now.
+    pub fn committed(&self, acks: Vec<(Sender<WriteAck>, WriteAck)>, last_seq: Seq, bytes: u64, time_ns: u64, confirmed: Seq) {
+        {
+            let mut lag = lock(&self.lag);
+            lag.committed_bytes += bytes;
+            lag.committed_seq = lag.committed_seq.max(last_seq);
+            let total = lag.committed_bytes;
+            if last_seq > confirmed {
+                lag.commits.push_back((last_seq, total, time_ns));
+            } else {
+                lag.confirmed_bytes = total;
+            }
+        }
+        if self.effective() != ReplicationMode::Sync {
+            for (to, ack) in acks {
+                // A closed agent connection just drops its acks.
+                let _ = to.send(ack);
+            }
+            return;
+        }
+        let now = Instant::now();
+        let mut held = lock(&self.held);
+        held.extend(acks.into_iter().map(|(to, ack)| Held { seq: ack.seq, since: now, to, ack }));
+        // The target may have confirmed these already (the shipper reads the journal as soon
+        // as the commit is durable): release under the same lock the confirmation takes.
+        release_through(&mut held, confirmed);
+    }
+
+    /// The target confirmed everything through `seq`; the engine holds through `durable`.
+    pub fn confirmed(&self, seq: Seq, durable: Seq) {
+        {
+            let mut lag = lock(&self.lag);
+            lag.confirmed_seq = lag.confirmed_seq.max(seq);
+            while lag.commits.front().is_some_and(|&(s, _, _)| s <= seq) {
+                let (_, total, _) = lag.commits.pop_front().expect("front exists");
+                lag.confirmed_bytes = total;
+            }
+        }
+        release_through(&mut lock(&self.held), seq);
+        let mut st = lock(&self.state);
+        if st.mode == ReplicationMode::Sync
+            && st.effective != ReplicationMode::Sync
+            && seq >= durable
+            && self.connected.load(Ordering::Acquire)
+        {
+            st.effective = ReplicationMode::Sync;
+            st.reason = format!("back to sync: the target caught up at seq {seq}");
+            log::info!("group {}: {}", self.group, st.reason);
+        }
+    }
+
+    /// The shipper's connection to the target came up or went down.
+    pub fn target_connected(&self, up: bool) {
+        let was = self.connected.swap(up, Ordering::AcqRel);
+        if was && !up {
+            let mut st = lock(&self.state);
+            if st.effective == ReplicationMode::Sync && st.on_sync_loss == SyncLoss::Degrade {
+                self.degrade(&mut st, "the connection to the target was lost (on_sync_loss = \"degrade\")".to_string());
+            }
+        }
+    }
+
+    /// Periodic checks (the journal thread calls this at least every few hundred ms): a sync
+    /// write held past `sync_timeout` degrades the group; the RPO alert turns on or off.
+    pub fn tick(&self) {
+        let oldest = lock(&self.held).front().map(|h| h.since.elapsed());
+        let lag = self.lag();
+        let mut st = lock(&self.state);
+        if let Some(waited) = oldest {
+            if st.effective == ReplicationMode::Sync && waited > st.sync_timeout {
+                let why = format!(
+                    "the target did not confirm a write within sync_timeout ({:?}, on_sync_loss = \"{}\")",
+                    st.sync_timeout,
+                    st.on_sync_loss.as_str()
+                );
+                self.degrade(&mut st, why);
+            }
+        }
+        if let Some(rpo) = st.rpo {
+            let over = lag.age > rpo;
+            if over && !st.rpo_alert {
+                log::warn!(
+                    "group {}: RPO {rpo:?} exceeded: the target lags {:.1}s ({} records, {} bytes)",
+                    self.group,
+                    lag.age.as_secs_f64(),
+                    lag.writes,
+                    lag.bytes
+                );
+            } else if !over && st.rpo_alert {
+                log::info!("group {}: RPO {rpo:?} holds again (lag {:.1}s)", self.group, lag.age.as_secs_f64());
+            }
+            st.rpo_alert = over;
+        }
+    }
+
+    /// Switches to cdp and releases every held acknowledgement. Called with the state locked.
+    fn degrade(&self, st: &mut State, why: String) {
+        st.effective = ReplicationMode::Cdp;
+        st.reason = format!("degraded to cdp: {why}");
+        log::warn!(
+            "group {}: {}; writes are acknowledged once the engine holds them until the target has caught up",
+            self.group,
+            st.reason
+        );
+        release_through(&mut lock(&self.held), Seq::MAX);
+    }
+
+    /// Sets the mode on the running group. Returns the previous mode.
+    pub fn set_mode(&self, mode: ReplicationMode) -> Result<ReplicationMode, String> {
+        if mode == ReplicationMode::Async {
+            return Err("mode \"async\" is not available in this version".into());
+        }
+        let mut st = lock(&self.state);
+        let previous = st.mode;
+        st.mode = mode;
+        st.effective = mode;
+        st.reason = format!("set to {} by an operator (was {})", mode.as_str(), previous.as_str());
+        log::info!("group {}: mode {}", self.group, st.reason);
+        if mode != ReplicationMode::Sync {
+            release_through(&mut lock(&self.held), Seq::MAX);
+        }
+        Ok(previous)
+    }
+
+    /// The target's lag.
+    pub fn lag(&self) -> Lag {
+        let lag = lock(&self.lag);
+        Lag {
+            writes: lag.committed_seq.saturating_sub(lag.confirmed_seq),
+            bytes: lag.committed_bytes.saturating_sub(lag.confirmed_bytes),
+            age: lag.commits.front().map_or(Duration::ZERO, |&(_, _, t)| Duration::from_nanos(now_ns().saturating_sub(t))),
+        }
+    }
+
+    /// How long to hold one commit's acknowledgements so that the lag stays inside the RPO:
+    /// nothing below half the RPO, growing to [`MAX_REGULATION_DELAY`] at the RPO. Only while
+    /// the target is connected (a slower guest cannot bring a disconnected target closer).
+    pub fn regulation_delay(&self) -> Duration {
+        let age = self.lag().age;
+        let mut st = lock(&self.state);
+        let delay = match st.rpo {
+            Some(rpo) if st.regulate && self.connected.load(Ordering::Acquire) && age > rpo / 2 => {
+                let over = (age - rpo / 2).as_secs_f64() / (rpo / 2).as_secs_f64();
+                MAX_REGULATION_DELAY.mul_f64(over.min(1.0))
+            }
+            _ => Duration::ZERO,
+        };
+        let regulating = !delay.is_zero();
+        if st.regulating != regulating {
+            st.regulating = regulating;
+            if st.regulating {
+                log::warn!(
+                    "group {}: the target lags {:.1}s: slowing acknowledgements to stay inside the RPO",
+                    self.group,
+                    age.as_secs_f64()
+                );
+            } else {
+                log::info!("group {}: no longer slowing acknowledgements", self.group);
+            }
+        }
+        delay
+    }
+
+    /// The state for status.
+    pub fn status(&self) -> PolicyStatus {
+        let st = lock(&self.state);
+        PolicyStatus {
+            mode: st.mode,
+            effective: st.effective,
+            reason: st.reason.clone(),
+            on_sync_loss: st.on_sync_loss,
+            rpo: st.rpo,
+            rpo_ok: !st.rpo_alert,
+            regulating: st.regulating,
+            target_connected: self.connected.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// Sends every held acknowledgement through `seq`, in order.
+fn release_through(held: &mut VecDeque<Held>, seq: Seq) {
+    while held.front().is_some_and(|h| h.seq <= seq) {
+        let h = held.pop_front().expect("front exists");
+        let _ = h.to.send(h.ack);
+    }
+}

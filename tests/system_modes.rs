@@ -1,0 +1,284 @@
+//! Replication modes with the real binaries, the target behind a WAN emulator: sync survives
+//! losing the source site, a cut link degrades sync to cdp and back, a mode change under load
+//! keeps the write order, and status reports the lag and the RPO.
+//!
+//! One qemu-io writes 4 KiB blocks one at a time, so the group's sequence numbers follow its
+//! writes one to one: the image at seq k is the model after the first k acknowledged writes.
+
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::wan::WanProxy;
+use common::*;
+use rand::{Rng, SeedableRng};
+
+const VOLUME_SIZE: u64 = 2 << 20;
+const BLOCK: u64 = 4096;
+
+/// One writer's acknowledged writes, in order, and the image they make.
+struct Writes {
+    acked: Vec<(u64, Vec<u8>)>,
+}
+
+impl Writes {
+    fn image_after(&self, n: usize) -> Vec<u8> {
+        let mut img = vec![0u8; VOLUME_SIZE as usize];
+        for (off, data) in &self.acked[..n] {
+            img[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+        }
+        img
+    }
+}
+
+type Write = (u64, Vec<u8>);
+
+/// Writes up to `count` random blocks (from `seed`) with one qemu-io, one at a time, and says
+/// on `progress` once `n` are acknowledged. Returns the acknowledged writes, and the write in
+/// flight if one failed (then it stops).
+fn write_blocks_from(
+    uri: &str,
+    src: &Path,
+    seed: u64,
+    count: usize,
+    progress: Option<(usize, std::sync::mpsc::Sender<()>)>,
+) -> (Vec<Write>, Option<Write>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut session = QemuIoSession::start(uri);
+    let mut acked = Vec::new();
+    for _ in 0..count {
+        let off = rng.gen_range(0..VOLUME_SIZE / BLOCK) * BLOCK;
+        let data = random_bytes(&mut rng, BLOCK as usize);
+        std::fs::write(src, &data).unwrap();
+        if let Err(e) = session.try_write_file(src, off, BLOCK, Duration::from_secs(30)) {
+            eprintln!("write stopped: {e}");
+            return (acked, Some((off, data)));
+        }
+        acked.push((off, data));
+        if let Some((n, tx)) = &progress {
+            if acked.len() == *n {
+                let _ = tx.send(());
+            }
+        }
+    }
+    session.finish();
+    (acked, None)
+}
+
+/// Writes `count` blocks in a background thread.
+fn spawn_writer(
+    c: &Cluster,
+    seed: u64,
+    count: usize,
+    progress: Option<(usize, std::sync::mpsc::Sender<()>)>,
+) -> std::thread::JoinHandle<(Vec<Write>, Option<Write>)> {
+    let (uri, src) = (c.uri("data"), c.path(&format!("block-{seed}.bin")));
+    std::thread::spawn(move || write_blocks_from(&uri, &src, seed, count, progress))
+}
+
+/// Writes `count` blocks; every one must be acknowledged.
+fn write_blocks(c: &Cluster, rng: &mut impl Rng, count: usize, writes: &mut Writes) {
+    let (acked, failed) = write_blocks_from(&c.uri("data"), &c.path("block.bin"), rng.gen(), count, None);
+    assert!(failed.is_none(), "a write failed");
+    writes.acked.extend(acked);
+}
+
+fn status(c: &Cluster) -> serde_json::Value {
+    let out = run_ok(Command::new(hindsight_bin()).args(["status", "--json", "--config"]).arg(c.engine_toml()));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"));
+    v["groups"][0].clone()
+}
+
+fn wait_status(c: &Cluster, what: &str, timeout: Duration, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let s = status(c);
+        if cond(&s) {
+            return s;
+        }
+        assert!(start.elapsed() < timeout, "waited {timeout:?} for {what}; status: {s:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A cluster with one volume whose engine ships through a WAN proxy.
+fn cluster(group_extra: &str) -> (Cluster, WanProxy) {
+    let mut c = Cluster::prepare(&[Vol::new("vm1", "data", VOLUME_SIZE)], "");
+    let proxy = WanProxy::start(format!("127.0.0.1:{}", c.tport).parse().unwrap());
+    c.ship_port = Some(proxy.port());
+    c.group_extra = group_extra.to_string();
+    c.launch();
+    c.start_agents();
+    (c, proxy)
+}
+
+/// The target holds every acknowledged write: its latest image is the model, or the model
+/// plus the one write that was in flight.
+fn assert_target_holds(c: &Cluster, writes: &Writes, in_flight: Option<&(u64, Vec<u8>)>) {
+    let got = c.recover("data", &["--latest"]);
+    let want = writes.image_after(writes.acked.len());
+    if got == want {
+        return;
+    }
+    let (off, data) = in_flight.unwrap_or_else(|| panic!("the target lacks acknowledged writes: {}", first_difference(&got, &want)));
+    let mut with = want;
+    with[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+    assert!(got == with, "the target lacks acknowledged writes: {}", first_difference(&got, &with));
+}
+
+/// Recovers random sequence numbers and compares each with the model after that many writes.
+fn assert_prefixes(c: &Cluster, writes: &Writes, rng: &mut impl Rng, points: usize) {
+    let last = c.settle();
+    assert_eq!(last as usize, writes.acked.len(), "one record per acknowledged write");
+    for _ in 0..points {
+        let k = rng.gen_range(1..=writes.acked.len());
+        let got = c.recover("data", &["--seq", &k.to_string()]);
+        assert!(got == writes.image_after(k), "seq {k}: {}", first_difference(&got, &writes.image_after(k)));
+    }
+}
+
+#[test]
+fn sync_acknowledged_writes_survive_losing_the_source_site() {
+    if !have_tools(&["qemu-io"]) {
+        return;
+    }
+    let (mut c, proxy) = cluster("mode = \"sync\"\non_sync_loss = \"block\"\nsync_timeout = \"60s\"");
+    proxy.set_delay(Duration::from_millis(5));
+    let seed: u64 = rand::random();
+    eprintln!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut writes = Writes { acked: Vec::new() };
+    for round in 0..3 {
+        // The target dies under load and comes back: sync writes wait for it (block).
+        let writer = spawn_writer(&c, rng.gen(), 20, None);
+        std::thread::sleep(Duration::from_millis(rng.gen_range(100..600)));
+        c.kill_target();
+        std::thread::sleep(Duration::from_millis(300));
+        c.start_target();
+        let (acked, failed) = writer.join().unwrap();
+        assert!(failed.is_none() && acked.len() == 20, "round {round}: a write failed while the target restarted");
+        writes.acked.extend(acked);
+
+        // The whole source site dies in the middle of the writes: agent and engine, kill -9.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = spawn_writer(&c, rng.gen(), 1000, Some((rng.gen_range(5..30), tx)));
+        rx.recv_timeout(Duration::from_secs(60)).expect("writes under load");
+        c.kill_engine();
+        c.kill_agent("vm1");
+        let (acked, in_flight) = writer.join().unwrap();
+        assert!(in_flight.is_some(), "the writer kept writing with the source site gone");
+        writes.acked.extend(acked);
+        // Every acknowledged write is at the target, with the engine gone.
+        assert_target_holds(&c, &writes, in_flight.as_ref());
+        // The engine's journal may hold the write that was in flight: it is shipped when the
+        // site comes back, and the model takes it too.
+        c.start_engine();
+        c.start_agent("vm1");
+        let last = c.settle();
+        if last as usize > writes.acked.len() {
+            writes.acked.push(in_flight.expect("one record more than acknowledged writes"));
+        }
+        assert_eq!(last as usize, writes.acked.len(), "round {round}");
+    }
+    assert_prefixes(&c, &writes, &mut rng, 5);
+    let s = status(&c);
+    assert_eq!((s["mode"].as_str(), s["effective_mode"].as_str()), (Some("sync"), Some("sync")), "{s:#}");
+}
+
+#[test]
+fn degrade_policy_switches_to_cdp_on_a_cut_and_back_to_sync_after_catching_up() {
+    if !have_tools(&["qemu-io"]) {
+        return;
+    }
+    let (c, proxy) = cluster("mode = \"sync\"\non_sync_loss = \"degrade\"\nsync_timeout = \"1s\"");
+    let mut rng = seeded_rng();
+    let mut writes = Writes { acked: Vec::new() };
+    write_blocks(&c, &mut rng, 20, &mut writes);
+    let s = status(&c);
+    assert_eq!(s["effective_mode"], "sync", "{s:#}");
+    assert!(s["target_connected"].as_bool().unwrap(), "{s:#}");
+
+    proxy.cut();
+    // Writes go on, acknowledged by the engine alone.
+    let started = Instant::now();
+    write_blocks(&c, &mut rng, 30, &mut writes);
+    assert!(started.elapsed() < Duration::from_secs(20), "writes stalled after the cut: {:?}", started.elapsed());
+    let s = wait_status(&c, "degraded status", Duration::from_secs(10), |s| s["effective_mode"] == "cdp");
+    assert_eq!(s["mode"], "sync");
+    assert!(s["reason"].as_str().unwrap().contains("degraded to cdp"), "{s:#}");
+    assert!(s["lag_writes"].as_u64().unwrap() > 0, "{s:#}");
+    assert!(c.log("engine").contains("degraded to cdp"), "the engine logs the degradation");
+
+    proxy.restore();
+    let s = wait_status(&c, "back to sync", Duration::from_secs(30), |s| s["effective_mode"] == "sync");
+    assert_eq!(s["lag_writes"], 0, "{s:#}");
+    write_blocks(&c, &mut rng, 10, &mut writes);
+    assert_prefixes(&c, &writes, &mut rng, 6);
+    assert_eq!(c.recover("data", &["--latest"]), writes.image_after(writes.acked.len()));
+}
+
+#[test]
+fn mode_change_under_load_keeps_every_write_in_order() {
+    if !have_tools(&["qemu-io"]) {
+        return;
+    }
+    let (c, _proxy) = cluster("");
+    let mut rng = seeded_rng();
+    let mut writes = Writes { acked: Vec::new() };
+    let set_mode = |mode: &str| {
+        let out =
+            run_ok(Command::new(hindsight_bin()).args(["group", "set-mode", "--group", "erp", mode, "--config"]).arg(c.engine_toml()));
+        assert!(out.contains(&format!("mode {mode}")), "{out}");
+    };
+    // A second writer changes the mode while the first keeps writing.
+    let engine_toml = c.engine_toml();
+    let changer = std::thread::spawn(move || {
+        for mode in ["sync", "cdp", "sync", "cdp", "sync"] {
+            std::thread::sleep(Duration::from_millis(150));
+            run_ok(Command::new(hindsight_bin()).args(["group", "set-mode", "--group", "erp", mode, "--config"]).arg(&engine_toml));
+        }
+    });
+    write_blocks(&c, &mut rng, 120, &mut writes);
+    changer.join().unwrap();
+    assert_eq!(status(&c)["mode"], "sync");
+    set_mode("cdp");
+    assert_prefixes(&c, &writes, &mut rng, 8);
+    let err = run_code(
+        Command::new(hindsight_bin()).args(["group", "set-mode", "--group", "nope", "sync", "--config"]).arg(c.engine_toml()),
+        Duration::from_secs(10),
+    );
+    assert_eq!(err.0, Some(1));
+    assert!(err.2.contains("no group \"nope\""), "{}", err.2);
+}
+
+#[test]
+fn status_shows_the_lag_and_raises_the_rpo_alert() {
+    if !have_tools(&["qemu-io"]) {
+        return;
+    }
+    let (c, proxy) = cluster("rpo = \"1s\"");
+    let mut rng = seeded_rng();
+    let mut writes = Writes { acked: Vec::new() };
+    write_blocks(&c, &mut rng, 5, &mut writes);
+    let s = wait_status(&c, "caught up", Duration::from_secs(10), |s| s["lag_writes"] == 0);
+    assert!(s["rpo_ok"].as_bool().unwrap() && s["rpo_ms"] == 1000, "{s:#}");
+
+    proxy.stall(true);
+    write_blocks(&c, &mut rng, 5, &mut writes);
+    let s = wait_status(&c, "the RPO alert", Duration::from_secs(10), |s| s["rpo_ok"] == false);
+    assert_eq!(s["lag_writes"], 5, "{s:#}");
+    assert_eq!(s["lag_bytes"], 5 * BLOCK, "{s:#}");
+    assert!(s["lag_ms"].as_u64().unwrap() >= 1000, "{s:#}");
+    assert!(c.log("engine").contains("RPO 1s exceeded"), "the engine logs the alert");
+    let human = run_ok(Command::new(hindsight_bin()).args(["status", "--config"]).arg(c.engine_toml()));
+    assert!(human.contains("EXCEEDED") && human.contains("5 records"), "{human}");
+
+    proxy.stall(false);
+    let s = wait_status(&c, "the RPO to hold again", Duration::from_secs(10), |s| s["rpo_ok"] == true);
+    assert_eq!(s["lag_writes"], 0, "{s:#}");
+    assert_eq!(c.recover("data", &["--latest"]), writes.image_after(writes.acked.len()));
+}
