@@ -82,6 +82,16 @@ fn format_group(g: &GroupStatus) -> String {
         let regulating = if g.regulating { ", slowing acknowledgements" } else { "" };
         lines.push(format!("  rpo {:.1}s: {state}{regulating}", Duration::from_millis(g.rpo_ms).as_secs_f64()));
     }
+    if g.shipped_bytes > 0 {
+        let compression = if g.compression.is_empty() { "uncompressed".to_string() } else { g.compression.clone() };
+        let ratio = g.shipped_bytes as f64 / g.wire_bytes.max(1) as f64;
+        lines.push(format!(
+            "  link ({compression}): {} record bytes shipped as {} on the wire, ratio {ratio:.2}, {} bytes saved",
+            g.shipped_bytes,
+            g.wire_bytes,
+            g.shipped_bytes.saturating_sub(g.wire_bytes)
+        ));
+    }
     if g.poisoned {
         lines.push("  STOPPED: the journal failed; fix the cause and restart the engine".into());
     }

@@ -120,6 +120,7 @@ struct EngineSection {
     listen: String,
     data_dir: PathBuf,
     segment_size: Option<String>,
+    max_bandwidth: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -134,6 +135,7 @@ struct GroupSection {
     #[serde(default)]
     regulate: bool,
     interval: Option<String>,
+    compression: Option<String>,
     #[serde(default)]
     volume: Vec<VolumeSection>,
 }
@@ -155,6 +157,9 @@ pub struct EngineConfig {
     pub data_dir: PathBuf,
     /// Journal segment size.
     pub segment_size: u64,
+    /// Most bytes per second shipped to each target address, shared fairly by the groups
+    /// that ship there (`None`: no limit).
+    pub max_bandwidth: Option<u64>,
     /// The consistency groups.
     pub groups: Vec<GroupConfig>,
 }
@@ -180,6 +185,34 @@ pub struct GroupConfig {
     pub regulate: bool,
     /// Async mode: how often a delta is shipped.
     pub interval: Duration,
+    /// Whether the link to the target is compressed.
+    pub compression: Compression,
+}
+
+/// Compression of the engine → target link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// LZ4 unless the target is on this host (loopback), where the link is faster than the
+    /// compressor.
+    Auto,
+    /// Always offer LZ4.
+    Lz4,
+    /// Never compress.
+    Off,
+}
+
+impl Compression {
+    /// Whether to offer LZ4 to a target at `target` (host:port).
+    pub fn offer_lz4(self, target: &str) -> bool {
+        match self {
+            Compression::Lz4 => true,
+            Compression::Off => false,
+            Compression::Auto => {
+                let host = target.rsplit_once(':').map_or(target, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+                !(host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()))
+            }
+        }
+    }
 }
 
 /// What a sync group does when the target is unreachable or too slow.
@@ -243,6 +276,18 @@ impl EngineConfig {
         if segment_size < (1 << 20) {
             return Err("engine.segment_size must be at least \"1MiB\"".into());
         }
+        let max_bandwidth = match &raw.engine.max_bandwidth {
+            Some(s) => {
+                let per_second =
+                    s.strip_suffix("/s").ok_or_else(|| format!("engine.max_bandwidth = {s:?}: write a rate such as \"50MiB/s\""))?;
+                let rate = parse_size(per_second).map_err(|e| format!("engine.max_bandwidth: {e}"))?;
+                if rate < 64 << 10 {
+                    return Err(format!("engine.max_bandwidth = {s:?} is below the smallest rate, \"64KiB/s\""));
+                }
+                Some(rate)
+            }
+            None => None,
+        };
         if raw.group.is_empty() {
             return Err("no [[group]] is configured; add one with name, mode, target and [[group.volume]] entries".into());
         }
@@ -283,6 +328,12 @@ impl EngineConfig {
             if g.regulate && rpo.is_none() {
                 return Err(format!("{ctx}: regulate = true needs an rpo to regulate to, e.g. rpo = \"10s\""));
             }
+            let compression = match g.compression.as_deref().unwrap_or("auto") {
+                "auto" => Compression::Auto,
+                "lz4" => Compression::Lz4,
+                "off" => Compression::Off,
+                other => return Err(format!("{ctx}: compression = {other:?} is not known; use \"auto\", \"lz4\" or \"off\"")),
+            };
             let interval = duration("interval", &g.interval)?.unwrap_or(DEFAULT_INTERVAL);
             if interval < Duration::from_secs(1) {
                 return Err(format!("{ctx}: interval must be at least 1s, e.g. interval = \"30s\""));
@@ -321,9 +372,10 @@ impl EngineConfig {
                 rpo,
                 regulate: g.regulate,
                 interval,
+                compression,
             });
         }
-        Ok(EngineConfig { listen, data_dir: raw.engine.data_dir, segment_size, groups })
+        Ok(EngineConfig { listen, data_dir: raw.engine.data_dir, segment_size, max_bandwidth, groups })
     }
 }
 
@@ -626,6 +678,22 @@ size = "1GiB"
         assert!(e.contains("rpo must be more than 0"), "{e}");
         let e = engine(&ENGINE.replace("mode = \"cdp\"", "mode = \"cdp\"\nsync_timeout = \"soon\"")).unwrap_err();
         assert!(e.contains("sync_timeout"), "{e}");
+    }
+
+    #[test]
+    fn compression_and_bandwidth_keys() {
+        let c = engine(&ENGINE.replace("mode = \"cdp\"", "mode = \"cdp\"\ncompression = \"lz4\"")).unwrap();
+        assert_eq!(c.groups[0].compression, Compression::Lz4);
+        assert_eq!(engine(ENGINE).unwrap().groups[0].compression, Compression::Auto);
+        assert!(Compression::Auto.offer_lz4("dr.example.com:7500") && Compression::Auto.offer_lz4("10.1.2.3:7500"));
+        assert!(!Compression::Auto.offer_lz4("127.0.0.1:7500") && !Compression::Auto.offer_lz4("localhost:7500"));
+        assert!(!Compression::Auto.offer_lz4("[::1]:7500") && !Compression::Off.offer_lz4("10.1.2.3:7500"));
+        let e = engine(&ENGINE.replace("mode = \"cdp\"", "mode = \"cdp\"\ncompression = \"zip\"")).unwrap_err();
+        assert!(e.contains("compression = \"zip\""), "{e}");
+        let with = |bw: &str| engine(&ENGINE.replace("[[group]]", &format!("max_bandwidth = \"{bw}\"\n[[group]]")));
+        assert_eq!(with("50MiB/s").unwrap().max_bandwidth, Some(50 << 20));
+        assert!(with("50MiB").unwrap_err().contains("\"50MiB/s\""));
+        assert!(with("1KiB/s").unwrap_err().contains("smallest rate"));
     }
 
     #[test]

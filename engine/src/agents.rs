@@ -182,6 +182,9 @@ fn status(req: &StatusRequest, reg: &Registry) -> Result<StatusReply, String> {
             rpo_ok: p.rpo_ok,
             regulating: p.regulating,
             poisoned: g.shared.poisoned.load(Ordering::Relaxed),
+            compression: g.shared.link.compression().to_owned(),
+            shipped_bytes: g.shared.link.records.load(Ordering::Relaxed),
+            wire_bytes: g.shared.link.wire.load(Ordering::Relaxed),
             attached: g.config.volumes.iter().filter(|v| attached.contains(&v.name)).map(|v| v.name.clone()).collect(),
         });
     }

@@ -124,6 +124,34 @@ pub struct GroupShared {
     pub stopping: AtomicBool,
     /// Mode, held sync acknowledgements, lag and RPO.
     pub policy: Policy,
+    /// What the link to the target carries.
+    pub link: LinkStats,
+}
+
+/// Bytes shipped to the target: the records, and what went on the wire for them.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    compression: Mutex<&'static str>,
+    /// Record bytes shipped.
+    pub records: AtomicU64,
+    /// Frame bytes sent for them (after compression).
+    pub wire: AtomicU64,
+}
+
+impl LinkStats {
+    pub(crate) fn set_compression(&self, name: &'static str) {
+        *self.compression.lock().unwrap_or_else(|e| e.into_inner()) = name;
+    }
+
+    /// The compression of the current (or last) connection, `""` for none.
+    pub fn compression(&self) -> &'static str {
+        *self.compression.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn count(&self, records: usize, wire: usize) {
+        self.records.fetch_add(records as u64, Ordering::Relaxed);
+        self.wire.fetch_add(wire as u64, Ordering::Relaxed);
+    }
 }
 
 impl GroupShared {
@@ -136,6 +164,7 @@ impl GroupShared {
             poisoned: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             policy: Policy::new(config, durable, last_time_ns),
+            link: LinkStats::default(),
         }
     }
 

@@ -22,6 +22,7 @@
 pub mod agents;
 pub mod error;
 pub mod group;
+pub mod limiter;
 pub mod policy;
 pub mod shipper;
 
@@ -62,6 +63,8 @@ pub fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
     let fs = StdStorage::shared();
     let engine_name = format!("engine@{}", config.listen);
     let mut groups = HashMap::new();
+    // One limiter per target address, shared by the groups shipping there.
+    let mut limiters: HashMap<String, Arc<limiter::Limiter>> = HashMap::new();
     for g in &config.groups {
         let dir = config.data_dir.join("groups").join(&g.name).join("journal");
         let journal = Journal::open(fs.clone(), &dir, JournalOptions { segment_size: config.segment_size })
@@ -77,7 +80,11 @@ pub fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
         );
         let (handle, _join) =
             group::start(g.clone(), journal).map_err(|source| EngineError::Spawn { what: format!("journal-{}", g.name), source })?;
-        let shipper = shipper::Shipper { group: handle.clone(), journal_dir: dir, fs: fs.clone(), engine_name: engine_name.clone() };
+        let limiter = config
+            .max_bandwidth
+            .map(|rate| Arc::clone(limiters.entry(g.target.clone()).or_insert_with(|| Arc::new(limiter::Limiter::new(rate)))));
+        let shipper =
+            shipper::Shipper { group: handle.clone(), journal_dir: dir, fs: fs.clone(), engine_name: engine_name.clone(), limiter };
         std::thread::Builder::new()
             .name(format!("ship-{}", g.name))
             .spawn(move || shipper.run())

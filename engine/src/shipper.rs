@@ -16,18 +16,22 @@ use std::time::Duration;
 use hindsight_consistency::config::ReplicationMode;
 use hindsight_consistency::journal::JournalReader;
 use hindsight_consistency::storage::Storage;
+use hindsight_consistency::wire::frame::FRAME_HEADER_LEN;
 use hindsight_consistency::wire::{
-    decode_confirm, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, TargetHello, TargetWelcome,
-    VolumeInfo, PROTOCOL_VERSION,
+    compress_records, decode_confirm, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, TargetHello,
+    TargetWelcome, VolumeInfo, LZ4, PROTOCOL_VERSION,
 };
 
 use crate::group::GroupHandle;
+use crate::limiter::{Limiter, Paced};
 
 /// Records are packed into frames of about this size.
 const FRAME_TARGET_BYTES: usize = 1 << 20;
 /// How long a small batch waits for more records before it is sent.
 const SHIP_GATHER: Duration = Duration::from_millis(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a frame that did not shrink, the next ones are first tried on a sample this long.
+const COMPRESSION_SAMPLE: usize = 64 << 10;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -41,6 +45,9 @@ pub struct Shipper {
     pub fs: Arc<dyn Storage>,
     /// Engine name for the target's logs.
     pub engine_name: String,
+    /// The bandwidth limit of the link to this group's target, shared with the other groups
+    /// shipping there.
+    pub limiter: Option<Arc<Limiter>>,
 }
 
 impl Shipper {
@@ -90,6 +97,7 @@ impl Shipper {
             engine: self.engine_name.clone(),
             group: cfg.name.clone(),
             volumes: cfg.volumes.iter().map(|v| VolumeInfo { name: v.name.clone(), vm: v.vm.clone(), size: v.size }).collect(),
+            compression: if cfg.compression.offer_lz4(&cfg.target) { vec![LZ4.to_string()] } else { Vec::new() },
         };
         write_frame(&mut w, FrameType::TargetHello, &encode_message(&hello), &mut scratch).map_err(|e| e.to_string())?;
         let mut payload = Vec::new();
@@ -117,7 +125,14 @@ impl Shipper {
         })?;
         shared.confirm(welcome.durable_seq);
         shared.policy.target_connected(true);
-        log::info!("group {}: shipping to {} from seq {from} (engine durable seq {durable_here})", cfg.name, cfg.target);
+        let compress = welcome.compression == LZ4;
+        shared.link.set_compression(if compress { LZ4 } else { "" });
+        log::info!(
+            "group {}: shipping to {} from seq {from} (engine durable seq {durable_here}){}",
+            cfg.name,
+            cfg.target,
+            if compress { ", lz4" } else { "" }
+        );
 
         let broken = Arc::new(AtomicBool::new(false));
         let confirm_thread = {
@@ -158,17 +173,19 @@ impl Shipper {
                 .map_err(|e| e.to_string())?
         };
 
-        let result = self.ship(&mut reader, &mut w, &broken);
+        let result = self.ship(&mut reader, &mut w, &broken, compress);
         let _ = w.shutdown(std::net::Shutdown::Both);
         let _ = confirm_thread.join();
         shared.policy.target_connected(false);
         result
     }
 
-    fn ship(&self, reader: &mut JournalReader, w: &mut TcpStream, broken: &AtomicBool) -> Result<(), String> {
+    fn ship(&self, reader: &mut JournalReader, w: &mut TcpStream, broken: &AtomicBool, compress: bool) -> Result<(), String> {
         let shared = &self.group.shared;
         let mut frame = Vec::with_capacity(FRAME_TARGET_BYTES + (1 << 20));
         let mut scratch = Vec::with_capacity(FRAME_TARGET_BYTES + (1 << 20));
+        let mut packed = Vec::new();
+        let mut last_incompressible = false;
         loop {
             if broken.load(Ordering::Acquire) {
                 return Err("the target closed the connection".into());
@@ -214,8 +231,22 @@ impl Shipper {
                     }
                 }
             }
-            write_frame(w, FrameType::Records, &frame, &mut scratch).map_err(|e| format!("sending: {e}"))?;
-            w.flush().map_err(|e| e.to_string())?;
+            // Compress when negotiated and worth it. After a frame that did not shrink, a frame
+            // is first tried on a sample, so a stream of incompressible data costs a few percent
+            // of the compressor's work, and compressible data is not missed.
+            let worth_trying =
+                compress && (!last_incompressible || compress_records(&frame[..frame.len().min(COMPRESSION_SAMPLE)], &mut packed));
+            let (ftype, payload) = if worth_trying && compress_records(&frame, &mut packed) {
+                last_incompressible = false;
+                (FrameType::RecordsLz4, &packed)
+            } else {
+                last_incompressible = compress;
+                (FrameType::Records, &frame)
+            };
+            let mut paced = Paced { inner: w, limiter: self.limiter.as_deref() };
+            write_frame(&mut paced, ftype, payload, &mut scratch).map_err(|e| format!("sending: {e}"))?;
+            paced.flush().map_err(|e| e.to_string())?;
+            shared.link.count(frame.len(), payload.len() + FRAME_HEADER_LEN);
         }
     }
 }

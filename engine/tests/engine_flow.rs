@@ -161,8 +161,13 @@ fn fake_target(listener: &TcpListener, durable: u64, want: usize, confirm_cap: u
     let hello: TargetHello = decode_message("TargetHello", &payload).unwrap();
     assert_eq!(hello.group, "erp");
     assert_eq!(hello.volumes.len(), 2);
-    write_frame(&mut s, FrameType::TargetWelcome, &encode_message(&TargetWelcome { protocol: 1, durable_seq: durable }), &mut scratch)
-        .unwrap();
+    write_frame(
+        &mut s,
+        FrameType::TargetWelcome,
+        &encode_message(&TargetWelcome { protocol: 1, durable_seq: durable, compression: String::new() }),
+        &mut scratch,
+    )
+    .unwrap();
     let mut seqs = Vec::new();
     while seqs.len() < want {
         assert_eq!(read_frame(&mut s, &mut payload).unwrap(), FrameType::Records);

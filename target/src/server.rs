@@ -14,8 +14,8 @@ use hindsight_consistency::config::{check_name, TargetConfig};
 use hindsight_consistency::storage::{StdStorage, Storage};
 use hindsight_consistency::wire::frame::{decode_header, FRAME_HEADER_LEN};
 use hindsight_consistency::wire::{
-    decode_message, encode_confirm, encode_message, read_frame, write_frame, ErrorMessage, FrameError, FrameType, TargetHello,
-    TargetWelcome, PROTOCOL_VERSION,
+    decode_message, decompress_records, encode_confirm, encode_message, read_frame, write_frame, ErrorMessage, FrameError, FrameType,
+    TargetHello, TargetWelcome, LZ4, PROTOCOL_VERSION,
 };
 
 use crate::error::{data_dir_err, TargetError};
@@ -379,12 +379,15 @@ fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
         }
     };
     let mut scratch = Vec::new();
-    let welcome = encode_message(&TargetWelcome { protocol: PROTOCOL_VERSION, durable_seq: durable });
+    // The first compression offered that this target knows.
+    let compression = hello.compression.iter().find(|c| c.as_str() == LZ4).cloned().unwrap_or_default();
+    let welcome = encode_message(&TargetWelcome { protocol: PROTOCOL_VERSION, durable_seq: durable, compression: compression.clone() });
     if let Err(e) = write_frame(&mut writer, FrameType::TargetWelcome, &welcome, &mut scratch) {
         log::warn!("engine {} at {peer}: sending the welcome: {e}", hello.engine);
         return;
     }
-    log::info!("engine {} at {peer} ships group {:?}; resuming after seq {durable}", hello.engine, hello.group);
+    let how = if compression.is_empty() { String::new() } else { format!(", {compression}") };
+    log::info!("engine {} at {peer} ships group {:?}; resuming after seq {durable}{how}", hello.engine, hello.group);
 
     let ctx = format!("engine {} at {peer}, group {:?}", hello.engine, hello.group);
     receive_loop(shared, &group, &mut reader, &mut writer, &ctx);
@@ -433,6 +436,7 @@ fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReader<TcpStream
     let mut batch: Vec<Vec<u8>> = Vec::new();
     let mut spare: Vec<Vec<u8>> = Vec::new();
     let mut scratch = Vec::new();
+    let mut packed = Vec::new();
     loop {
         // One frame, waiting for it; then any that are already here.
         let mut pending_error: Option<(FrameError, bool)> = None;
@@ -443,6 +447,16 @@ fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReader<TcpStream
                 Ok(FrameType::Records) => {
                     bytes += payload.len();
                     batch.push(payload);
+                }
+                Ok(FrameType::RecordsLz4) => {
+                    std::mem::swap(&mut packed, &mut payload);
+                    match decompress_records(&packed, &mut payload) {
+                        Ok(()) => {
+                            bytes += payload.len();
+                            batch.push(payload);
+                        }
+                        Err(e) => pending_error = Some((e, true)),
+                    }
                 }
                 Ok(FrameType::Error) => {
                     let msg = decode_message::<ErrorMessage>("Error", &payload).map(|m| m.message).unwrap_or_else(|e| e.to_string());

@@ -168,6 +168,44 @@ fn corrupted_record_or_frame_closes_and_keeps_nothing() {
 }
 
 #[test]
+fn lz4_frames_are_applied_and_a_bad_block_keeps_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (target, recs) = ten_records(dir.path());
+
+    // The welcome chose lz4 (the fake engine offers it); compressed frames apply like plain ones.
+    let mut engine = reconnect(&target);
+    // (Random test data does not shrink, so the frame is built whatever its ratio.)
+    let raw = encode_records(&recs[10..14]);
+    let mut packed = u32::try_from(raw.len()).unwrap().to_le_bytes().to_vec();
+    packed.extend_from_slice(&lz4_flex_compress(&raw));
+    engine.send_frame(FrameType::RecordsLz4, &packed);
+    engine.wait_confirm(14);
+    assert_replicas(dir.path(), &recs, 14);
+
+    // A block that does not decompress to its declared length: refused, nothing of it kept.
+    let raw = encode_records(&recs[14..16]);
+    let mut lying = (u32::try_from(raw.len()).unwrap() + 7).to_le_bytes().to_vec();
+    lying.extend_from_slice(&lz4_flex_compress(&raw));
+    engine.send_frame(FrameType::RecordsLz4, &lying);
+    let msg = engine.expect_error_and_close();
+    assert!(msg.contains("RecordsLz4"), "{msg}");
+    let (_, welcome) = wait_for(Duration::from_secs(10), "the group to be released", || {
+        let (e, w) = FakeEngine::connect(target.local_addr(), "e1", "g", &VOLS);
+        w.is_ok().then_some((e, w))
+    });
+    assert_eq!(welcome, Ok(14));
+    assert_replicas(dir.path(), &recs, 14);
+    target.shutdown();
+}
+
+/// The raw LZ4 block of `raw`, whatever its ratio.
+fn lz4_flex_compress(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    hindsight_consistency::wire::compress::lz4_block(raw, &mut out);
+    out
+}
+
+#[test]
 fn unknown_volume_or_write_past_the_end_refuses_the_whole_frame() {
     let dir = tempfile::tempdir().unwrap();
     let (target, recs) = ten_records(dir.path());

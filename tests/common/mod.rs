@@ -178,6 +178,8 @@ pub struct Cluster {
     pub group_extra: String,
     /// The port the engine ships to, when not the target's own (a WAN proxy in between).
     pub ship_port: Option<u16>,
+    /// Extra lines for the [engine] section.
+    pub engine_extra: String,
 }
 
 impl Cluster {
@@ -228,6 +230,7 @@ impl Cluster {
             target_extra: target_extra.into(),
             group_extra: String::new(),
             ship_port: None,
+            engine_extra: String::new(),
         };
         for v in vols {
             let f = std::fs::File::create(c.disk(&v.name)).unwrap();
@@ -320,9 +323,10 @@ impl Cluster {
         .unwrap();
         let mode = if self.group_extra.contains("mode =") { String::new() } else { "mode = \"cdp\"\n".to_string() };
         let mut e = format!(
-            "[engine]\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n\n[[group]]\nname = \"{}\"\n{mode}target = \"127.0.0.1:{}\"\n{}\n",
+            "[engine]\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n{}\n\n[[group]]\nname = \"{}\"\n{mode}target = \"127.0.0.1:{}\"\n{}\n",
             self.eport,
             d.join("engine").display(),
+            self.engine_extra,
             self.group,
             self.ship_port.unwrap_or(self.tport),
             self.group_extra
@@ -445,6 +449,29 @@ impl Cluster {
     pub fn wait_target_seq_settled(&self, seq: u64) -> u64 {
         self.wait_target_seq(seq);
         self.settle()
+    }
+
+    /// Waits until the engine says the target has confirmed everything it holds (status
+    /// `lag_writes` 0 twice in a row, with at least one write shipped). Returns the sequence
+    /// number.
+    pub fn wait_shipped(&self) -> u64 {
+        let start = Instant::now();
+        let mut zero = 0;
+        loop {
+            let out = run_ok(Command::new(hindsight_bin()).args(["status", "--json", "--config"]).arg(self.engine_toml()));
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"));
+            let g = &v["groups"][0];
+            if g["lag_writes"] == 0 && g["durable_seq"].as_u64().unwrap_or(0) > 0 {
+                zero += 1;
+                if zero >= 2 {
+                    return g["confirmed_seq"].as_u64().unwrap();
+                }
+            } else {
+                zero = 0;
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "the target never caught up: {g}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Waits until the target's last sequence number has not moved for a while (every write

@@ -47,6 +47,8 @@ pub enum FrameType {
     Records,
     /// Target confirms durability up to a sequence number.
     Confirm,
+    /// Records compressed with LZ4.
+    RecordsLz4,
     /// An operator asks the engine to place a bookmark.
     BookmarkRequest,
     /// The engine says where it placed it.
@@ -80,6 +82,7 @@ impl FrameType {
             FrameType::TargetWelcome => 0x21,
             FrameType::Records => 0x22,
             FrameType::Confirm => 0x23,
+            FrameType::RecordsLz4 => 0x24,
             FrameType::BookmarkRequest => 0x30,
             FrameType::BookmarkReply => 0x31,
             FrameType::Quiesce => 0x32,
@@ -104,6 +107,7 @@ impl FrameType {
             0x21 => FrameType::TargetWelcome,
             0x22 => FrameType::Records,
             0x23 => FrameType::Confirm,
+            0x24 => FrameType::RecordsLz4,
             0x30 => FrameType::BookmarkRequest,
             0x31 => FrameType::BookmarkReply,
             0x32 => FrameType::Quiesce,

@@ -61,6 +61,8 @@ pub struct TargetHello {
     pub group: String,
     /// The group's volumes.
     pub volumes: Vec<VolumeInfo>,
+    /// Compressions the engine can send, best first (`["lz4"]`, or empty for none).
+    pub compression: Vec<String>,
 }
 
 /// A volume of a group.
@@ -81,6 +83,8 @@ pub struct TargetWelcome {
     pub protocol: u16,
     /// Last sequence number durable in the target's journal (0: none).
     pub durable_seq: Seq,
+    /// The compression the target accepts from the offer (`""`: none).
+    pub compression: String,
 }
 
 /// Operator → engine: place a bookmark.
@@ -203,6 +207,12 @@ pub struct GroupStatus {
     pub regulating: bool,
     /// True when the journal failed and the group takes no writes.
     pub poisoned: bool,
+    /// Compression of the link to the target (`lz4`, or `""`).
+    pub compression: String,
+    /// Record bytes shipped to the target since the engine started.
+    pub shipped_bytes: u64,
+    /// Bytes sent on the wire for them (frames, after compression).
+    pub wire_bytes: u64,
     /// Volumes whose agent is connected.
     pub attached: Vec<String>,
 }

@@ -4,9 +4,11 @@
 //! Neither does I/O beyond the small blocking helpers [`frame::read_frame`] and
 //! [`frame::write_frame`], which work on any `Read` / `Write`.
 
+pub mod compress;
 pub mod frame;
 pub mod messages;
 
+pub use compress::{compress_records, decompress_records, LZ4};
 pub use frame::{read_exact_to_vec, read_frame, write_frame, FrameError, FrameHeader, FrameType};
 pub use messages::*;
 
