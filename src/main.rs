@@ -391,6 +391,19 @@ fn format_history(h: &hindsight_target::History) -> String {
     }
     let _ = writeln!(s, "  journal: {} segments, {} bytes; {}", h.segments, h.journal_bytes, limits.join(", "));
     let _ = writeln!(s, "  replicas applied up to seq {}", h.applied_seq);
+    if !h.inconsistent.is_empty() {
+        let spans: Vec<String> = h
+            .inconsistent
+            .iter()
+            .map(|sp| format!("{}..{}", sp.from, sp.to.map_or_else(|| "(arriving)".to_string(), |t| (t - 1).to_string())))
+            .collect();
+        let _ = writeln!(
+            s,
+            "  not consistent (async deltas; recover at interval points or bookmarks): seq {}; newest consistent point: seq {}",
+            spans.join(", "),
+            h.last_consistent_seq
+        );
+    }
     for b in &h.bookmarks {
         let note = if b.note.is_empty() { String::new() } else { format!(" ({})", b.note) };
         let _ = writeln!(s, "  bookmark {:<20} seq {:<10} {}  {}{note}", b.name, b.seq, format_rfc3339(b.time_ns), b.consistency);

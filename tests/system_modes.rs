@@ -130,14 +130,23 @@ fn assert_target_holds(c: &Cluster, writes: &Writes, in_flight: Option<&(u64, Ve
     assert!(got == with, "the target lacks acknowledged writes: {}", first_difference(&got, &with));
 }
 
-/// Recovers random sequence numbers and compares each with the model after that many writes.
+/// Recovers random consistent sequence numbers (outside the spans history calls
+/// inconsistent) and compares each with the model after the writes before it. Interval points
+/// and superseded records come from the target's journal.
 fn assert_prefixes(c: &Cluster, writes: &Writes, rng: &mut impl Rng, points: usize) {
-    let last = c.settle();
-    assert_eq!(last as usize, writes.acked.len(), "one record per acknowledged write");
+    c.settle();
+    let records = target_records(c);
+    let is_write = |k: &hindsight_consistency::WriteKind| k.changes_volume() || *k == hindsight_consistency::WriteKind::Superseded;
+    assert_eq!(records.iter().filter(|(_, k)| is_write(k)).count(), writes.acked.len(), "one record per acknowledged write");
+    let h = c.history();
+    let spans: Vec<(u64, u64)> =
+        h["inconsistent"].as_array().unwrap().iter().map(|s| (s["from"].as_u64().unwrap(), s["to"].as_u64().unwrap_or(u64::MAX))).collect();
+    let consistent: Vec<u64> = records.iter().map(|(s, _)| *s).filter(|s| !spans.iter().any(|(f, t)| s >= f && s < t)).collect();
     for _ in 0..points {
-        let k = rng.gen_range(1..=writes.acked.len());
+        let k = consistent[rng.gen_range(0..consistent.len())];
+        let before = records.iter().filter(|(s, kind)| *s <= k && is_write(kind)).count();
         let got = c.recover("data", &["--seq", &k.to_string()]);
-        assert!(got == writes.image_after(k), "seq {k}: {}", first_difference(&got, &writes.image_after(k)));
+        assert!(got == writes.image_after(before), "seq {k}: {}", first_difference(&got, &writes.image_after(before)));
     }
 }
 
@@ -226,7 +235,7 @@ fn mode_change_under_load_keeps_every_write_in_order() {
     if !have_tools(&["qemu-io"]) {
         return;
     }
-    let (c, _proxy) = cluster("");
+    let (c, _proxy) = cluster("interval = \"1s\"");
     let mut rng = seeded_rng();
     let mut writes = Writes { acked: Vec::new() };
     let set_mode = |mode: &str| {
@@ -237,15 +246,16 @@ fn mode_change_under_load_keeps_every_write_in_order() {
     // A second writer changes the mode while the first keeps writing.
     let engine_toml = c.engine_toml();
     let changer = std::thread::spawn(move || {
-        for mode in ["sync", "cdp", "sync", "cdp", "sync"] {
-            std::thread::sleep(Duration::from_millis(150));
+        for mode in ["sync", "async", "cdp", "async", "sync", "cdp", "sync"] {
+            std::thread::sleep(Duration::from_millis(400));
             run_ok(Command::new(hindsight_bin()).args(["group", "set-mode", "--group", "erp", mode, "--config"]).arg(&engine_toml));
         }
     });
-    write_blocks(&c, &mut rng, 120, &mut writes);
+    write_blocks(&c, &mut rng, 200, &mut writes);
     changer.join().unwrap();
     assert_eq!(status(&c)["mode"], "sync");
     set_mode("cdp");
+    write_blocks(&c, &mut rng, 10, &mut writes);
     assert_prefixes(&c, &writes, &mut rng, 8);
     let err = run_code(
         Command::new(hindsight_bin()).args(["group", "set-mode", "--group", "nope", "sync", "--config"]).arg(c.engine_toml()),
@@ -281,4 +291,89 @@ fn status_shows_the_lag_and_raises_the_rpo_alert() {
     let s = wait_status(&c, "the RPO to hold again", Duration::from_secs(10), |s| s["rpo_ok"] == true);
     assert_eq!(s["lag_writes"], 0, "{s:#}");
     assert_eq!(c.recover("data", &["--latest"]), writes.image_after(writes.acked.len()));
+}
+
+/// Writes `count` blocks picked from the first `hot` blocks of the volume (an overwrite-heavy
+/// workload), all acknowledged.
+fn write_hot_blocks(c: &Cluster, rng: &mut impl Rng, count: usize, hot: u64, writes: &mut Writes) {
+    let mut session = QemuIoSession::start(&c.uri("data"));
+    let src = c.path("hot.bin");
+    for _ in 0..count {
+        let off = rng.gen_range(0..hot) * BLOCK;
+        let data = random_bytes(rng, BLOCK as usize);
+        std::fs::write(&src, &data).unwrap();
+        session.write_file(&src, off, BLOCK);
+        writes.acked.push((off, data));
+    }
+    session.finish();
+}
+
+/// The target journal's records: (seq, kind).
+fn target_records(c: &Cluster) -> Vec<(u64, hindsight_consistency::WriteKind)> {
+    let dir = c.path("target").join("groups").join(&c.group).join("journal");
+    let fs = hindsight_consistency::storage::StdStorage::shared();
+    let mut reader = hindsight_consistency::journal::JournalReader::open(fs, &dir, 1).unwrap();
+    let mut out = Vec::new();
+    while let Some(rec) = reader.next().unwrap() {
+        out.push((rec.header.seq, rec.header.kind));
+    }
+    out
+}
+
+#[test]
+fn async_sends_far_fewer_bytes_and_every_interval_point_recovers_its_image() {
+    if !have_tools(&["qemu-io"]) {
+        return;
+    }
+    let mut bytes = Vec::new();
+    for mode in ["cdp", "async"] {
+        let (c, proxy) = cluster(&format!("mode = \"{mode}\"\ninterval = \"1s\"\ncompression = \"off\""));
+        let mut rng = seeded_rng();
+        let mut writes = Writes { acked: Vec::new() };
+        // Three intervals of overwrites of 8 hot blocks.
+        for _ in 0..3 {
+            write_hot_blocks(&c, &mut rng, 120, 8, &mut writes);
+            std::thread::sleep(Duration::from_millis(1200));
+        }
+        let last = c.wait_shipped();
+        let sent = proxy.bytes_up();
+        eprintln!("{mode}: {} writes, {sent} bytes to the target, last seq {last}", writes.acked.len());
+        bytes.push(sent);
+        if mode == "cdp" {
+            continue;
+        }
+        // Every interval point recovers to the model after the writes before it.
+        let records = target_records(&c);
+        let points: Vec<u64> = records.iter().filter(|(_, k)| *k == hindsight_consistency::WriteKind::Point).map(|(s, _)| *s).collect();
+        let superseded = records.iter().filter(|(_, k)| *k == hindsight_consistency::WriteKind::Superseded).count();
+        assert!(points.len() >= 3, "interval points: {points:?}");
+        assert!(superseded > 300, "only {superseded} writes were left out of the deltas");
+        for &p in &points {
+            let before = records
+                .iter()
+                .filter(|(s, k)| *s < p && (k.changes_volume() || *k == hindsight_consistency::WriteKind::Superseded))
+                .count();
+            let got = c.recover("data", &["--seq", &p.to_string()]);
+            assert!(got == writes.image_after(before), "point seq {p}: {}", first_difference(&got, &writes.image_after(before)));
+        }
+        // Inside a delta there is no consistent image: recovery says where the points are.
+        let inside = records.iter().find(|(_, k)| *k == hindsight_consistency::WriteKind::Superseded).unwrap().0;
+        let (code, _, err) = run_code(
+            Command::new(hindsight_bin())
+                .args(["recover", "--group", "erp", "--volume", "data", "--seq", &inside.to_string(), "--out"])
+                .arg(c.path("x.img"))
+                .arg("--config")
+                .arg(c.target_toml()),
+            Duration::from_secs(30),
+        );
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("not a consistent point") && err.contains("async delta"), "{err}");
+        // --latest is the last point, which is the model after every write.
+        assert_eq!(c.recover("data", &["--latest"]), writes.image_after(writes.acked.len()));
+        let h = c.history();
+        assert!(!h["inconsistent"].as_array().unwrap().is_empty(), "{h:#}");
+        let s = status(&c);
+        assert_eq!(s["mode"], "async", "{s:#}");
+    }
+    assert!(bytes[1] * 5 <= bytes[0], "async sent {} bytes, cdp {}: not 5x fewer", bytes[1], bytes[0]);
 }

@@ -303,7 +303,7 @@ impl EngineConfig {
             let mode = match g.mode.as_deref().unwrap_or("cdp") {
                 "cdp" => ReplicationMode::Cdp,
                 "sync" => ReplicationMode::Sync,
-                m @ "async" => return Err(format!("{ctx}: mode = {m:?} is not available in this version; use mode = \"cdp\" or \"sync\"")),
+                "async" => ReplicationMode::Async,
                 m => return Err(format!("{ctx}: mode = {m:?} is not a mode; use \"sync\", \"cdp\" or \"async\"")),
             };
             let on_sync_loss = match g.on_sync_loss.as_deref().unwrap_or("degrade") {

@@ -45,6 +45,12 @@ pub enum WriteKind {
     /// Its name travels in the volume field and its [`BookmarkBody`] as data; it changes no
     /// volume.
     Bookmark,
+    /// Not a write: the end of an async interval, placed by the engine (name `interval`, data
+    /// the interval's first sequence number). It changes no volume.
+    Point,
+    /// A write an async delta left out because a later write of the same interval covers it:
+    /// its header without data. It changes no volume.
+    Superseded,
 }
 
 impl WriteKind {
@@ -55,6 +61,8 @@ impl WriteKind {
             WriteKind::Zeroes => 2,
             WriteKind::Trim => 3,
             WriteKind::Bookmark => 4,
+            WriteKind::Point => 5,
+            WriteKind::Superseded => 6,
         }
     }
 
@@ -65,13 +73,20 @@ impl WriteKind {
             2 => Some(WriteKind::Zeroes),
             3 => Some(WriteKind::Trim),
             4 => Some(WriteKind::Bookmark),
+            5 => Some(WriteKind::Point),
+            6 => Some(WriteKind::Superseded),
             _ => None,
         }
     }
 
     /// True for the kinds that carry `length` bytes of data.
     pub fn carries_data(self) -> bool {
-        matches!(self, WriteKind::Data | WriteKind::Bookmark)
+        matches!(self, WriteKind::Data | WriteKind::Bookmark | WriteKind::Point)
+    }
+
+    /// True for the kinds that change a volume (data, zeroes, trim).
+    pub fn changes_volume(self) -> bool {
+        matches!(self, WriteKind::Data | WriteKind::Zeroes | WriteKind::Trim)
     }
 
     /// Short lower-case name, for logs and JSON.
@@ -81,6 +96,8 @@ impl WriteKind {
             WriteKind::Zeroes => "zeroes",
             WriteKind::Trim => "trim",
             WriteKind::Bookmark => "bookmark",
+            WriteKind::Point => "point",
+            WriteKind::Superseded => "superseded",
         }
     }
 }

@@ -9,10 +9,10 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use hindsight_consistency::config::GroupConfig;
+use hindsight_consistency::config::{GroupConfig, ReplicationMode};
 use hindsight_consistency::journal::Journal;
 use hindsight_consistency::record::{RecordHeader, Seq, WriteKind};
 use hindsight_consistency::time::now_ns;
@@ -210,15 +210,55 @@ pub fn start(config: GroupConfig, journal: Journal) -> std::io::Result<(GroupHan
     // Bounded: a stalled disk pushes back on the agents instead of growing memory.
     let (tx, rx) = crossbeam_channel::bounded(4096);
     let s = shared.clone();
-    let join = std::thread::Builder::new().name(format!("journal-{}", config.name)).spawn(move || journal_loop(journal, rx, s))?;
+    let interval = config.interval;
+    let join =
+        std::thread::Builder::new().name(format!("journal-{}", config.name)).spawn(move || journal_loop(journal, rx, s, interval))?;
     Ok((GroupHandle { config: Arc::new(config), shared, tx }, join))
 }
 
-fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<GroupShared>) {
+/// Name of an interval point record.
+pub const INTERVAL_POINT_NAME: &str = "interval";
+
+/// The async interval being filled: when it started and its first sequence number.
+struct OpenInterval {
+    since: Instant,
+    first: Seq,
+}
+
+fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<GroupShared>, interval: Duration) {
     let mut batch: Vec<WriteRequest> = Vec::with_capacity(256);
     let mut last_time = journal.last_time_ns();
     let mut trimmed_through = 0;
+    // A journal tail written before a restart gets its interval point too.
+    let mut open: Option<OpenInterval> =
+        (journal.durable_seq() > 0).then(|| OpenInterval { since: Instant::now(), first: journal.durable_seq() });
     loop {
+        if shared.policy.effective() == ReplicationMode::Async {
+            if let Some(o) = open.as_ref().filter(|o| o.since.elapsed() >= interval) {
+                if shared.poisoned.load(Ordering::Relaxed) {
+                    open = None;
+                } else {
+                    let first = o.first;
+                    last_time = now_ns().max(last_time);
+                    match place_point(&mut journal, first, last_time) {
+                        Ok((seq, durable)) => {
+                            shared.publish_durable(durable);
+                            log::debug!("group {}: interval point at seq {seq} (interval from seq {first})", shared.name);
+                            open = None;
+                        }
+                        Err(e) => {
+                            log::error!(
+                                "group {}: the journal failed placing an interval point and the group is stopped: {e}",
+                                shared.name
+                            );
+                            shared.poisoned.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        } else {
+            open = None;
+        }
         let first = match rx.recv_timeout(IDLE_WAKE) {
             Ok(w) => Some(w),
             Err(RecvTimeoutError::Timeout) => None,
@@ -238,6 +278,9 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
             trimmed_through = confirmed;
         }
         let Some(first) = first else { continue };
+        if open.is_none() && shared.policy.effective() == ReplicationMode::Async {
+            open = Some(OpenInterval { since: Instant::now(), first: journal.next_seq() });
+        }
         // A batch ends at a bookmark: nothing after it is taken before every group of the
         // request has placed its own.
         let mut bookmark = None;
@@ -306,6 +349,8 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
                 shared.policy.committed(acks, durable, bytes, now, shared.confirmed.load(Ordering::Acquire));
                 if let (Some(b), Some(seq)) = (bookmark.take(), bookmark_seq) {
                     log::info!("group {}: bookmark {:?} placed at seq {seq}", shared.name, b.name);
+                    // A bookmark ends an async interval as a point does.
+                    open = None;
                     b.answer(Ok((seq, now)), &shared.name);
                 }
             }
@@ -322,6 +367,15 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
             }
         }
     }
+}
+
+/// Appends and commits an interval point record; returns its sequence number and the new
+/// durable sequence number.
+fn place_point(journal: &mut Journal, first: Seq, time_ns: u64) -> Result<(Seq, Seq), hindsight_consistency::journal::JournalError> {
+    let seq = journal.next_seq();
+    let h = RecordHeader { seq, time_ns, kind: WriteKind::Point, offset: 0, length: 8 };
+    journal.append(&h, INTERVAL_POINT_NAME, &first.to_le_bytes())?;
+    Ok((seq, journal.commit()?))
 }
 
 fn fail_all(batch: &mut Vec<WriteRequest>) {

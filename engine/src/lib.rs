@@ -20,6 +20,7 @@
 #![cfg_attr(test, allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap))]
 
 pub mod agents;
+pub mod delta;
 pub mod error;
 pub mod group;
 pub mod limiter;

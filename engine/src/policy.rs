@@ -248,9 +248,6 @@ impl Policy {
 
     /// Sets the mode on the running group. Returns the previous mode.
     pub fn set_mode(&self, mode: ReplicationMode) -> Result<ReplicationMode, String> {
-        if mode == ReplicationMode::Async {
-            return Err("mode \"async\" is not available in this version".into());
-        }
         let mut st = lock(&self.state);
         let previous = st.mode;
         st.mode = mode;

@@ -15,14 +15,17 @@ use std::time::Duration;
 
 use hindsight_consistency::config::ReplicationMode;
 use hindsight_consistency::journal::JournalReader;
+use hindsight_consistency::record::{encode_record, RecordHeader};
 use hindsight_consistency::storage::Storage;
 use hindsight_consistency::wire::frame::FRAME_HEADER_LEN;
 use hindsight_consistency::wire::{
     compress_records, decode_confirm, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, TargetHello,
     TargetWelcome, VolumeInfo, LZ4, PROTOCOL_VERSION,
 };
+use hindsight_consistency::WriteKind;
 
-use crate::group::GroupHandle;
+use crate::delta::{Delta, DeltaScan};
+use crate::group::{GroupHandle, LinkStats};
 use crate::limiter::{Limiter, Paced};
 
 /// Records are packed into frames of about this size.
@@ -183,9 +186,10 @@ impl Shipper {
     fn ship(&self, reader: &mut JournalReader, w: &mut TcpStream, broken: &AtomicBool, compress: bool) -> Result<(), String> {
         let shared = &self.group.shared;
         let mut frame = Vec::with_capacity(FRAME_TARGET_BYTES + (1 << 20));
-        let mut scratch = Vec::with_capacity(FRAME_TARGET_BYTES + (1 << 20));
-        let mut packed = Vec::new();
-        let mut last_incompressible = false;
+        let mut out =
+            Sender { w, limiter: self.limiter.as_deref(), compress, scratch: Vec::new(), packed: Vec::new(), last_incompressible: false };
+        // Async: the journal scanned ahead to the next interval point.
+        let mut scan: Option<DeltaScan> = None;
         loop {
             if broken.load(Ordering::Acquire) {
                 return Err("the target closed the connection".into());
@@ -194,6 +198,27 @@ impl Shipper {
                 return Ok(());
             }
             let durable = shared.durable();
+            if shared.policy.effective() == ReplicationMode::Async {
+                let s = match &mut scan {
+                    Some(s) => s,
+                    None => scan.insert(DeltaScan::new(
+                        JournalReader::open(self.fs.clone(), &self.journal_dir, reader.next_seq())
+                            .map_err(|e| format!("reading the journal: {e}"))?,
+                    )),
+                };
+                match s.advance(durable).map_err(|e| format!("reading the journal: {e}"))? {
+                    Some(delta) => {
+                        scan = None;
+                        self.ship_delta(reader, &delta, &mut frame, &mut out)?;
+                    }
+                    None => {
+                        shared.wait_durable_after(durable, Duration::from_millis(200));
+                    }
+                }
+                continue;
+            }
+            // Not (or no longer) async: everything goes as it is, from where the target is.
+            scan = None;
             frame.clear();
             while frame.len() < FRAME_TARGET_BYTES {
                 match reader.next_raw_upto(durable).map_err(|e| format!("reading the journal: {e}"))? {
@@ -231,22 +256,76 @@ impl Shipper {
                     }
                 }
             }
-            // Compress when negotiated and worth it. After a frame that did not shrink, a frame
-            // is first tried on a sample, so a stream of incompressible data costs a few percent
-            // of the compressor's work, and compressible data is not missed.
-            let worth_trying =
-                compress && (!last_incompressible || compress_records(&frame[..frame.len().min(COMPRESSION_SAMPLE)], &mut packed));
-            let (ftype, payload) = if worth_trying && compress_records(&frame, &mut packed) {
-                last_incompressible = false;
-                (FrameType::RecordsLz4, &packed)
-            } else {
-                last_incompressible = compress;
-                (FrameType::Records, &frame)
-            };
-            let mut paced = Paced { inner: w, limiter: self.limiter.as_deref() };
-            write_frame(&mut paced, ftype, payload, &mut scratch).map_err(|e| format!("sending: {e}"))?;
-            paced.flush().map_err(|e| e.to_string())?;
-            shared.link.count(frame.len(), payload.len() + FRAME_HEADER_LEN);
+            out.send(&frame, &shared.link)?;
         }
+    }
+
+    /// Ships one async delta: every record through its point, the superseded writes as headers
+    /// without data.
+    fn ship_delta(&self, reader: &mut JournalReader, delta: &Delta, frame: &mut Vec<u8>, out: &mut Sender<'_>) -> Result<(), String> {
+        let shared = &self.group.shared;
+        frame.clear();
+        while reader.next_seq() <= delta.point {
+            let Some((rec, raw)) = reader.next_raw_upto(delta.point).map_err(|e| format!("reading the journal: {e}"))? else {
+                // Durable but not readable yet (a segment being created).
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            };
+            if delta.superseded.contains(&rec.header.seq) {
+                let h = RecordHeader { kind: WriteKind::Superseded, ..rec.header };
+                encode_record(&h, rec.volume, &[], frame);
+            } else {
+                frame.extend_from_slice(raw);
+            }
+            if frame.len() >= FRAME_TARGET_BYTES {
+                out.send(frame, &shared.link)?;
+                frame.clear();
+            }
+        }
+        if !frame.is_empty() {
+            out.send(frame, &shared.link)?;
+            frame.clear();
+        }
+        log::debug!(
+            "group {}: shipped the delta through seq {} ({} records, {} superseded)",
+            self.group.config.name,
+            delta.point,
+            delta.records,
+            delta.superseded.len()
+        );
+        Ok(())
+    }
+}
+
+/// Sends frames of records: compressed when negotiated and worth it, paced by the bandwidth
+/// limit, counted.
+struct Sender<'a> {
+    w: &'a mut TcpStream,
+    limiter: Option<&'a Limiter>,
+    compress: bool,
+    scratch: Vec<u8>,
+    packed: Vec<u8>,
+    last_incompressible: bool,
+}
+
+impl Sender<'_> {
+    fn send(&mut self, frame: &[u8], link: &LinkStats) -> Result<(), String> {
+        // After a frame that did not shrink, a frame is first tried on a sample, so a stream of
+        // incompressible data costs a few percent of the compressor's work, and compressible
+        // data is not missed.
+        let worth_trying = self.compress
+            && (!self.last_incompressible || compress_records(&frame[..frame.len().min(COMPRESSION_SAMPLE)], &mut self.packed));
+        let (ftype, payload) = if worth_trying && compress_records(frame, &mut self.packed) {
+            self.last_incompressible = false;
+            (FrameType::RecordsLz4, &self.packed[..])
+        } else {
+            self.last_incompressible = self.compress;
+            (FrameType::Records, frame)
+        };
+        let mut paced = Paced { inner: &mut *self.w, limiter: self.limiter };
+        write_frame(&mut paced, ftype, payload, &mut self.scratch).map_err(|e| format!("sending: {e}"))?;
+        paced.flush().map_err(|e| e.to_string())?;
+        link.count(frame.len(), payload.len() + FRAME_HEADER_LEN);
+        Ok(())
     }
 }

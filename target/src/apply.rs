@@ -22,7 +22,7 @@ pub(crate) fn apply_record(file: &dyn StorageFile, rec: &RecordRef<'_>) -> io::R
     match h.kind {
         WriteKind::Data => file.write_all_at(rec.data, h.offset),
         WriteKind::Zeroes | WriteKind::Trim => file.zero_range(h.offset, u64::from(h.length)),
-        WriteKind::Bookmark => Ok(()),
+        WriteKind::Bookmark | WriteKind::Point | WriteKind::Superseded => Ok(()),
     }
 }
 
@@ -138,8 +138,8 @@ impl ImageSet {
 
     /// Applies a record to the image of its volume.
     pub fn apply(&self, rec: &RecordRef<'_>) -> Result<(), TargetError> {
-        if rec.header.kind == WriteKind::Bookmark {
-            // A point in the sequence, not a write.
+        if !rec.header.kind.changes_volume() {
+            // A point in the sequence or a superseded write, not a change.
             return Ok(());
         }
         match self.images.get(rec.volume) {

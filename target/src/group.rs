@@ -19,6 +19,7 @@ use crate::apply::{for_each_record, in_bounds, Image, ImageSet};
 use crate::error::{data_dir_err, window, TargetError};
 use crate::layout::GroupPaths;
 use crate::lock::{lock_file, FileLock, LockKind};
+use crate::marks::Marks;
 use crate::meta::GroupMeta;
 use crate::state::{read_state, write_state, GroupState, StateReadError};
 use crate::Volume;
@@ -222,34 +223,37 @@ impl Group {
             });
         }
 
-        if !fs.exists(&paths.bookmarks()) {
+        if !fs.exists(&paths.bookmarks()) || !fs.exists(&paths.spans()) {
             // No index (a group from before it existed, or the file was removed): the journal
-            // is the truth; rebuild it once.
-            let mut marks = Vec::new();
+            // is the truth; rebuild them once.
+            let _ = fs.remove_file(&paths.bookmarks());
+            let _ = fs.remove_file(&paths.spans());
+            let mut marks = Marks::default();
             for_each_record(&fs, name, &paths.journal(), state.base_seq + 1, durable, |r| {
-                marks.extend(crate::bookmarks::from_record(r));
+                marks.see(r);
                 Ok(ControlFlow::Continue(()))
             })?;
-            let text_err = |reason| TargetError::Inconsistent { group: name.to_owned(), reason: format!("bookmark index: {reason}") };
-            crate::bookmarks::add(fs.as_ref(), &paths.bookmarks(), &marks).map_err(text_err)?;
-            if marks.is_empty() {
-                write_file_atomic(fs.as_ref(), &paths.bookmarks(), b"").map_err(|e| text_err(e.to_string()))?;
+            let text_err = |reason| TargetError::Inconsistent { group: name.to_owned(), reason };
+            marks.save(fs.as_ref(), &paths).map_err(text_err)?;
+            for index in [paths.bookmarks(), paths.spans()] {
+                if !fs.exists(&index) {
+                    write_file_atomic(fs.as_ref(), &index, b"").map_err(|e| text_err(e.to_string()))?;
+                }
             }
-            log::info!("group {name:?}: rebuilt the bookmark index from the journal ({} bookmark(s))", marks.len());
+            log::info!("group {name:?}: rebuilt the bookmark and span indexes from the journal ({} bookmark(s))", marks.bookmark_count());
         }
         let replicas = ImageSet::open(fs.as_ref(), name, &paths.replica_dir(), &meta.volumes)?;
         if durable > state.applied_seq {
             let started = Instant::now();
             let mut n = 0u64;
-            let mut marks = Vec::new();
+            let mut marks = Marks::default();
             for_each_record(&fs, name, &paths.journal(), state.applied_seq + 1, durable, |r| {
                 replicas.apply(r)?;
-                marks.extend(crate::bookmarks::from_record(r));
+                marks.see(r);
                 n += 1;
                 Ok(ControlFlow::Continue(()))
             })?;
-            crate::bookmarks::add(fs.as_ref(), &paths.bookmarks(), &marks)
-                .map_err(|reason| TargetError::Inconsistent { group: name.to_owned(), reason: format!("bookmark index: {reason}") })?;
+            marks.save(fs.as_ref(), &paths).map_err(|reason| TargetError::Inconsistent { group: name.to_owned(), reason })?;
             replicas.sync()?;
             log::info!(
                 "group {name:?}: replayed {n} record(s), seq {}..={durable}, into the replicas in {:.1?}",
@@ -392,12 +396,12 @@ impl Group {
                 }
             };
             let replicas = Arc::clone(&inner.replicas);
-            let mut marks = Vec::new();
+            let mut marks = Marks::default();
             for payload in &frames[..taken] {
                 let res: Result<(), String> = each_record(payload, |rec, _| {
                     if rec.header.seq > old_durable && rec.header.seq <= durable {
                         replicas.apply(rec).map_err(|e| error_chain(&e))?;
-                        marks.extend(crate::bookmarks::from_record(rec));
+                        marks.see(rec);
                     }
                     Ok(())
                 });
@@ -408,8 +412,7 @@ impl Group {
             }
             // Indexed before `applied_seq` passes them: a crash before this is repaired by the
             // start-up replay.
-            if let Err(cause) = crate::bookmarks::add(self.fs.as_ref(), &self.paths.bookmarks(), &marks) {
-                let cause = format!("bookmark index: {cause}");
+            if let Err(cause) = marks.save(self.fs.as_ref(), &self.paths) {
                 self.poison_locked(inner, cause.clone());
                 return Receipt { durable_seq: durable, error: Some(poisoned_message(&self.name, &cause)) };
             }
@@ -649,6 +652,10 @@ fn validate_frame(group: &str, meta: &GroupMeta, payload: &[u8], mut next: Seq, 
             // A named point: no volume, but its body must be readable.
             BookmarkBody::decode(rec.data)
                 .map_err(|e| format!("group {group:?}: bookmark {:?} at seq {} is invalid ({e})", rec.volume, h.seq))?;
+        } else if h.kind == WriteKind::Point {
+            if rec.data.len() != 8 {
+                return Err(format!("group {group:?}: interval point at seq {} carries {} bytes, not 8", h.seq, rec.data.len()));
+            }
         } else {
             let Some(vol) = meta.volume(rec.volume) else {
                 return Err(format!(

@@ -55,6 +55,11 @@ impl GroupPaths {
         self.dir.join("bookmarks.toml")
     }
 
+    /// The index of the spans that are not consistent points (async deltas).
+    pub fn spans(&self) -> PathBuf {
+        self.dir.join("spans.toml")
+    }
+
     /// `lock`: shared by readers, exclusive while retention changes base/ and the journal.
     pub fn lock(&self) -> PathBuf {
         self.dir.join("lock")

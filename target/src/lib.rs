@@ -65,10 +65,12 @@ mod error;
 mod group;
 mod layout;
 mod lock;
+mod marks;
 mod meta;
 mod recover;
 mod recover_set;
 mod server;
+pub mod spans;
 mod state;
 
 use std::fmt;
@@ -194,6 +196,11 @@ pub struct History {
     pub journal_size: Option<u64>,
     /// The bookmarks inside the recoverable window, oldest first.
     pub bookmarks: Vec<Bookmark>,
+    /// Stretches inside the window that are not consistent points (async deltas that left
+    /// writes out), oldest first: seq `from` up to, not including, `to`.
+    pub inconsistent: Vec<spans::Span>,
+    /// The newest consistent point (`last_seq` unless a delta is still arriving).
+    pub last_consistent_seq: Seq,
 }
 
 /// A named point of a group, placed with `hindsight bookmark`.

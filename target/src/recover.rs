@@ -15,7 +15,7 @@ use std::sync::Arc;
 use hindsight_consistency::config::{check_name, TargetConfig};
 use hindsight_consistency::journal::{list_segments, JournalReader};
 use hindsight_consistency::storage::{OpenMode, StdStorage, Storage, StorageFile};
-use hindsight_consistency::{PointConsistency, Seq, WriteKind};
+use hindsight_consistency::{PointConsistency, Seq};
 
 use crate::apply::{apply_record, for_each_record, Image};
 use crate::error::{data_dir_err, TargetError};
@@ -145,6 +145,12 @@ pub fn history(config: &TargetConfig, group: &str) -> Result<History, TargetErro
         .into_iter()
         .filter(|b| b.seq > v.first.0 && b.seq <= v.last.0)
         .collect();
+    let inconsistent: Vec<crate::spans::Span> = crate::spans::load(&v.paths.spans())
+        .map_err(|reason| TargetError::Inconsistent { group: group.to_owned(), reason: format!("span index: {reason}") })?
+        .into_iter()
+        .filter(|s| s.to.is_none_or(|t| t > v.first.0) && s.from <= v.last.0)
+        .collect();
+    let last_consistent_seq = crate::spans::consistent_at_or_before(&inconsistent, v.last.0);
     Ok(History {
         group: v.name.clone(),
         engine: v.meta.engine.clone(),
@@ -159,6 +165,8 @@ pub fn history(config: &TargetConfig, group: &str) -> Result<History, TargetErro
         retention_ns: config.retention.map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
         journal_size: config.journal_size,
         bookmarks,
+        inconsistent,
+        last_consistent_seq,
     })
 }
 
@@ -232,6 +240,9 @@ pub fn recover(config: &TargetConfig, req: &RecoverRequest) -> Result<RecoverRep
         last_seq: view.last.0,
         last_time_ns: view.last.1,
     };
+    let spans = crate::spans::load(&view.paths.spans())
+        .map_err(|reason| TargetError::Inconsistent { group: view.name.clone(), reason: format!("span index: {reason}") })?;
+    let spans: Vec<crate::spans::Span> = spans.into_iter().filter(|s| s.to.is_none_or(|t| t > view.first.0)).collect();
     let (through, until_time) = match req.point {
         Point::Seq(n) if n < view.first.0 => return Err(not_retained(req.point.to_string())),
         Point::Seq(n) if n > view.last.0 => {
@@ -242,11 +253,19 @@ pub fn recover(config: &TargetConfig, req: &RecoverRequest) -> Result<RecoverRep
                 last_time_ns: view.last.1,
             })
         }
-        Point::Seq(n) => (n, None),
+        Point::Seq(n) => match crate::spans::holding(&spans, n) {
+            Some(s) => return Err(TargetError::NotConsistent { group: view.name.clone(), requested: n, from: s.from, to: s.to }),
+            None => (n, None),
+        },
         Point::Time(t) if t < view.first.1 => return Err(not_retained(req.point.to_string())),
+        // Async deltas: the last consistent point at or before the time.
+        Point::Time(t) if !spans.is_empty() => (crate::spans::consistent_at_or_before(&spans, seq_at_time(&fs, &view, t)?), None),
         Point::Time(t) => (view.last.0, Some(t)),
-        Point::Latest => (view.last.0, None),
+        Point::Latest => (crate::spans::consistent_at_or_before(&spans, view.last.0), None),
     };
+    if through < view.first.0 {
+        return Err(not_retained(format!("{} (its last consistent point is seq {through})", req.point)));
+    }
 
     let (file_path, dst) = match &output {
         Output::NewFile { tmp } => {
@@ -318,6 +337,19 @@ pub fn recover(config: &TargetConfig, req: &RecoverRequest) -> Result<RecoverRep
     })
 }
 
+/// The last sequence number whose time is at or before `t` (by reading the journal).
+fn seq_at_time(fs: &Arc<dyn Storage>, view: &GroupView, t: u64) -> Result<Seq, TargetError> {
+    let mut seq = view.state.base_seq;
+    for_each_record(fs, &view.name, &view.paths.journal(), view.state.base_seq + 1, view.last.0, |rec| {
+        if rec.header.time_ns > t {
+            return Ok(ControlFlow::Break(()));
+        }
+        seq = rec.header.seq;
+        Ok(ControlFlow::Continue(()))
+    })?;
+    Ok(seq)
+}
+
 /// How consistent the point after `seq` is: a point exactly at a bookmark has the bookmark's
 /// kind (an application-consistent bookmark was placed with the file systems frozen); every
 /// other point is crash-consistent.
@@ -361,7 +393,7 @@ fn build(
         if until_time.is_some_and(|t| rec.header.time_ns > t) {
             return Ok(ControlFlow::Break(()));
         }
-        if rec.volume == vol.name && rec.header.kind != WriteKind::Bookmark {
+        if rec.volume == vol.name && rec.header.kind.changes_volume() {
             apply_record(dst, rec).map_err(|source| TargetError::Apply {
                 group: view.name.clone(),
                 volume: vol.name.clone(),

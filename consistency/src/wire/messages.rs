@@ -287,7 +287,9 @@ impl WriteMsg {
             return Err(bad("shorter than its header"));
         }
         let kind = match WriteKind::from_code(payload[22]) {
-            Some(WriteKind::Bookmark) => return Err(bad("bookmarks are placed by the engine, not written by agents")),
+            Some(WriteKind::Bookmark | WriteKind::Point | WriteKind::Superseded) => {
+                return Err(bad("bookmarks, interval points and superseded records come from the engine, not from agents"))
+            }
             Some(k) => k,
             None => return Err(bad("unknown kind")),
         };

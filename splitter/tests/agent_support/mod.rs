@@ -171,7 +171,7 @@ impl FakeEngine {
             match w.kind {
                 WriteKind::Data => image[start..end].copy_from_slice(&w.data),
                 WriteKind::Zeroes | WriteKind::Trim => image[start..end].fill(0),
-                WriteKind::Bookmark => panic!("a Write message can never carry a bookmark"),
+                k => panic!("a Write message can never carry a {} record", k.as_str()),
             }
         }
         image

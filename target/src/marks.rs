@@ -1,0 +1,42 @@
+//! What the receiver indexes from the records it commits, so that listing never reads the
+//! journal: bookmarks ([`crate::bookmarks`]) and the spans that are not consistent points
+//! ([`crate::spans`]). Both indexes are updated after the commit that holds the records and
+//! before the replicas' applied sequence number passes them; the start-up replay repairs a
+//! crash in between.
+
+use hindsight_consistency::storage::Storage;
+use hindsight_consistency::{RecordRef, Seq};
+
+use crate::layout::GroupPaths;
+use crate::{bookmarks, spans, Bookmark};
+
+/// The marks of a run of committed records.
+#[derive(Default)]
+pub(crate) struct Marks {
+    bookmarks: Vec<Bookmark>,
+    events: Vec<spans::Event>,
+    last: Seq,
+}
+
+impl Marks {
+    /// Notes one record (in sequence order).
+    pub(crate) fn see(&mut self, rec: &RecordRef<'_>) {
+        self.bookmarks.extend(bookmarks::from_record(rec));
+        self.events.extend(spans::event(rec));
+        self.last = self.last.max(rec.header.seq);
+    }
+
+    /// How many bookmarks were seen.
+    pub(crate) fn bookmark_count(&self) -> usize {
+        self.bookmarks.len()
+    }
+
+    /// Adds what was seen to the indexes.
+    pub(crate) fn save(&self, fs: &dyn Storage, paths: &GroupPaths) -> Result<(), String> {
+        bookmarks::add(fs, &paths.bookmarks(), &self.bookmarks).map_err(|e| format!("bookmark index: {e}"))?;
+        if self.last > 0 {
+            spans::update(fs, &paths.spans(), &self.events, self.last).map_err(|e| format!("span index: {e}"))?;
+        }
+        Ok(())
+    }
+}
