@@ -6,8 +6,19 @@
 #
 #   HS_BENCH_RUNTIME=20   seconds per fio job      HS_BENCH_SIZE=1G   backing file size
 #   HS_BENCH_DIR=dir      where files go (default: a new temporary directory)
+#
+# `scripts/bench.sh link` runs the benchmarks of the modes and the link instead
+# (tests/bench_link.rs: bytes on the wire per GiB by mode, sync QD1 latency against the link's
+# delay, cdp lag at 80 % of a capped link, CPU per GiB of compression), through the test
+# suite's WAN emulator; each result line starts with BENCH.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+if [ "${1:-}" = link ]; then
+  "$ROOT/scripts/install-deps.sh"
+  cd "$ROOT"
+  cargo build --release --workspace --bins -q
+  exec cargo test --release -q --test bench_link -- --ignored --nocapture --test-threads=1
+fi
 # shellcheck source=scripts/lib.sh
 source "$ROOT/scripts/lib.sh"
 RUNTIME=${HS_BENCH_RUNTIME:-20}

@@ -386,6 +386,15 @@ impl Cluster {
         kill(self.target.take());
     }
 
+    /// The process id of the running "engine" or "target".
+    pub fn pid(&self, which: &str) -> Option<u32> {
+        match which {
+            "engine" => self.engine.as_ref().map(Child::id),
+            "target" => self.target.as_ref().map(Child::id),
+            _ => None,
+        }
+    }
+
     /// kill -9 the engine.
     pub fn kill_engine(&mut self) {
         kill(self.engine.take());

@@ -1,0 +1,228 @@
+//! Benchmarks of the replication link (docs/benchmarks.md, "Modes and the link"): run by
+//! `scripts/bench.sh link`, never by the test command (every test here is `#[ignore]`d and
+//! asserts nothing about speed). Each prints a result line starting with `BENCH`.
+//!
+//! - bytes on the wire per GiB written by an ext4 workload, per mode and compression;
+//! - sync QD1 write latency against the link's delay (0, 1, 5 ms), with cdp beside it;
+//! - cdp lag p50/p99 under a sustained load at 80 % of a capped link;
+//! - engine and target CPU per GiB shipped, compressed or not.
+
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap, clippy::cast_precision_loss)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::wan::WanProxy;
+use common::*;
+
+fn cluster(size: u64, group_extra: &str) -> (Cluster, WanProxy) {
+    let mut c = Cluster::prepare(&[Vol::new("vm1", "data", size)], "");
+    let proxy = WanProxy::start(format!("127.0.0.1:{}", c.tport).parse().unwrap());
+    c.ship_port = Some(proxy.port());
+    c.group_extra = group_extra.to_string();
+    c.launch();
+    c.start_agents();
+    (c, proxy)
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+fn fio_json(args: &[String]) -> serde_json::Value {
+    let out = run_ok(Command::new("fio").args(args).arg("--output-format=json"));
+    let start = out.find('{').expect("fio printed JSON");
+    serde_json::from_str(&out[start..]).unwrap()
+}
+
+fn status(c: &Cluster) -> serde_json::Value {
+    let out = run_ok(Command::new(hindsight_bin()).args(["status", "--json", "--config"]).arg(c.engine_toml()));
+    serde_json::from_str::<serde_json::Value>(&out).unwrap()["groups"][0].clone()
+}
+
+/// Mounts ext4 on the volume through nbdfuse and a loop device.
+fn mount_ext4(c: &Cluster) -> Option<(Ext4Stack, std::path::PathBuf)> {
+    let mut stack = start_nbdfuse(c.dir.path(), &c.uri("data"))?;
+    let dev = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(stack.fuse_dir.join("disk"))).trim().to_owned();
+    stack.loop_dev = Some(dev.clone());
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]).arg(&dev));
+    let mnt = c.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    run_ok(Command::new("mount").args(["-t", "ext4"]).arg(&dev).arg(&mnt));
+    stack.mount_dir = Some(mnt.clone());
+    Some((stack, mnt))
+}
+
+/// 1 GiB of 16 KiB random overwrites (half-compressible data, as files are) into a 256 MiB
+/// file on ext4, then fsync.
+fn ext4_workload(mnt: &Path) {
+    fio_json(&[
+        "--name=ext4".into(),
+        format!("--filename={}", mnt.join("data.bin").display()),
+        "--rw=randwrite".into(),
+        "--bs=16k".into(),
+        "--size=256m".into(),
+        "--io_size=1g".into(),
+        "--ioengine=psync".into(),
+        "--buffer_compress_percentage=50".into(),
+        "--refill_buffers".into(),
+        "--end_fsync=1".into(),
+    ]);
+}
+
+#[test]
+#[ignore = "benchmark: scripts/bench.sh link"]
+fn bench_bytes_on_the_wire_per_gib_by_mode() {
+    if !have_tools(&["fio", "nbdfuse", "mkfs.ext4", "losetup"]) {
+        return;
+    }
+    for (mode, compression) in [("cdp", "off"), ("sync", "off"), ("async", "off"), ("cdp", "lz4"), ("async", "lz4")] {
+        let (c, proxy) = cluster(512 << 20, &format!("mode = \"{mode}\"\ninterval = \"5s\"\ncompression = \"{compression}\""));
+        let Some((mut stack, mnt)) = mount_ext4(&c) else { return };
+        let before = proxy.bytes_up();
+        let started = Instant::now();
+        ext4_workload(&mnt);
+        stack.unmount();
+        stack.detach_loop();
+        stack.stop_nbdfuse();
+        if mode == "async" {
+            // The last interval is shipped at its point.
+            std::thread::sleep(Duration::from_secs(6));
+        }
+        c.wait_shipped();
+        let wire = proxy.bytes_up() - before;
+        let s = status(&c);
+        let written = s["shipped_bytes"].as_u64().unwrap();
+        // fio writes 1 GiB through the file system; the wire carries the data, ext4's metadata
+        // and journal, and the frames.
+        println!(
+            "BENCH bytes-per-gib mode={mode} compression={compression} wire_mib_per_gib_written={:.0} record_mib={:.0} seconds={:.1}",
+            wire as f64 / f64::from(1u32 << 20),
+            written as f64 / f64::from(1u32 << 20),
+            started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+#[test]
+#[ignore = "benchmark: scripts/bench.sh link"]
+fn bench_sync_qd1_latency_against_link_delay() {
+    if !have_tools(&["fio"]) {
+        return;
+    }
+    for (mode, delay_ms) in [("cdp", 0), ("sync", 0), ("sync", 1), ("sync", 5)] {
+        let (c, proxy) = cluster(256 << 20, &format!("mode = \"{mode}\"\ncompression = \"off\""));
+        proxy.set_delay(Duration::from_millis(delay_ms));
+        let v = fio_json(&[
+            "--name=qd1".into(),
+            "--ioengine=nbd".into(),
+            format!("--uri={}", c.uri("data")),
+            "--rw=randwrite".into(),
+            "--bs=4k".into(),
+            "--iodepth=1".into(),
+            "--size=256m".into(),
+            "--time_based".into(),
+            format!("--runtime={}", std::env::var("HS_BENCH_RUNTIME").unwrap_or_else(|_| "10".into())),
+        ]);
+        let w = &v["jobs"][0]["write"];
+        let pct = &w["clat_ns"]["percentile"];
+        println!(
+            "BENCH sync-qd1 mode={mode} delay_ms={delay_ms} iops={:.0} p50_us={:.0} p99_us={:.0}",
+            w["iops"].as_f64().unwrap(),
+            pct["50.000000"].as_f64().unwrap() / 1000.0,
+            pct["99.000000"].as_f64().unwrap() / 1000.0
+        );
+        assert_eq!(status(&c)["effective_mode"], mode);
+    }
+}
+
+#[test]
+#[ignore = "benchmark: scripts/bench.sh link"]
+fn bench_cdp_lag_at_80_percent_of_the_link() {
+    if !have_tools(&["fio"]) {
+        return;
+    }
+    const LINK: u64 = 20 << 20;
+    let (c, proxy) = cluster(1 << 30, "mode = \"cdp\"\ncompression = \"off\"");
+    proxy.set_rate(LINK);
+    proxy.set_delay(Duration::from_millis(5));
+    let runtime: u64 = std::env::var("HS_BENCH_RUNTIME").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let uri = c.uri("data");
+    let fio = std::thread::spawn(move || {
+        fio_json(&[
+            "--name=sustained".into(),
+            "--ioengine=nbd".into(),
+            format!("--uri={uri}"),
+            "--rw=randwrite".into(),
+            "--bs=64k".into(),
+            "--iodepth=4".into(),
+            format!("--rate={}", LINK * 8 / 10),
+            "--size=1g".into(),
+            "--time_based".into(),
+            format!("--runtime={runtime}"),
+        ])
+    });
+    let mut lags = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(runtime) {
+        // Skip the first seconds (the link's queues filling).
+        let s = status(&c);
+        if start.elapsed() > Duration::from_secs(2) {
+            lags.push(s["lag_ms"].as_u64().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v = fio.join().unwrap();
+    lags.sort_unstable();
+    let p = |q: f64| lags[((lags.len() - 1) as f64 * q) as usize];
+    println!(
+        "BENCH cdp-lag link_bytes_per_s={LINK} load_bytes_per_s={:.0} samples={} lag_p50_ms={} lag_p99_ms={} lag_max_ms={}",
+        v["jobs"][0]["write"]["bw_bytes"].as_f64().unwrap(),
+        lags.len(),
+        p(0.5),
+        p(0.99),
+        lags[lags.len() - 1]
+    );
+}
+
+#[test]
+#[ignore = "benchmark: scripts/bench.sh link"]
+fn bench_cpu_per_gib_of_compression() {
+    if !have_tools(&["fio"]) {
+        return;
+    }
+    for compression in ["off", "lz4"] {
+        let (c, _proxy) = cluster(1 << 30, &format!("mode = \"cdp\"\ncompression = \"{compression}\""));
+        let (engine, target) = (c.pid("engine").unwrap(), c.pid("target").unwrap());
+        let (e0, t0) = (cpu_seconds(engine), cpu_seconds(target));
+        fio_json(&[
+            "--name=seq".into(),
+            "--ioengine=nbd".into(),
+            format!("--uri={}", c.uri("data")),
+            "--rw=write".into(),
+            "--bs=1m".into(),
+            "--iodepth=8".into(),
+            "--size=1g".into(),
+            "--buffer_compress_percentage=50".into(),
+            "--refill_buffers".into(),
+        ]);
+        c.wait_shipped();
+        let (e1, t1) = (cpu_seconds(engine), cpu_seconds(target));
+        let s = status(&c);
+        println!(
+            "BENCH cpu-per-gib compression={compression} engine_cpu_s={:.2} target_cpu_s={:.2} ratio={:.2}",
+            e1 - e0,
+            t1 - t0,
+            s["shipped_bytes"].as_f64().unwrap() / s["wire_bytes"].as_f64().unwrap()
+        );
+    }
+}
