@@ -18,6 +18,7 @@
 #![cfg_attr(test, allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap))]
 
 pub mod config;
+pub mod faults;
 pub mod journal;
 pub mod record;
 pub mod storage;

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 
 use hindsight_consistency::config::EngineConfig;
 use hindsight_consistency::journal::{Journal, JournalOptions};
-use hindsight_consistency::storage::StdStorage;
+use hindsight_consistency::storage::{StdStorage, Storage};
 
 pub use error::EngineError;
 
@@ -61,7 +61,12 @@ impl EngineHandle {
 /// Opens every group's journal, starts the journal threads and shippers, and accepts agents in
 /// a background thread.
 pub fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
-    let fs = StdStorage::shared();
+    start_with_storage(config, StdStorage::shared())
+}
+
+/// Like [`start`], with every journal file going through `fs` (tests use a
+/// [`hindsight_consistency::faults::FaultyStorage`] to inject I/O errors).
+pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<EngineHandle, EngineError> {
     let engine_name = format!("engine@{}", config.listen);
     let mut groups = HashMap::new();
     // One limiter per target address, shared by the groups shipping there.

@@ -277,3 +277,62 @@ fn a_parallel_bookmark_lands_in_every_group_between_acknowledged_writes() {
     assert_eq!(a.ack().seq, 8);
     engine.shutdown();
 }
+
+#[test]
+fn journal_failure_stops_the_group_with_eio_until_the_engine_restarts() {
+    use hindsight_consistency::faults::{Fault, FaultPlan, FaultyStorage, Op, Rule};
+    use std::sync::Arc;
+    let d = tempfile::tempdir().unwrap();
+    let unused = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let plan = Arc::new(FaultPlan::default());
+    let fs = Arc::new(FaultyStorage::new(StdStorage::shared(), Arc::clone(&plan)));
+    let engine = hindsight_engine::start_with_storage(engine_config(d.path(), unused, "1MiB"), fs).unwrap();
+    let mut a = FakeAgent::connect(engine.local_addr(), "vm1", &[("db", 64 << 20)]).unwrap();
+    for i in 0..5u64 {
+        a.send_write(i, i * 4096, &[i as u8 + 1; 4096]);
+        assert_eq!(a.ack().status, 0);
+    }
+    // The disk under the journal fails: the write is refused with EIO, and so is every later
+    // one (the group does not retry a journal in an unknown state).
+    plan.add(Rule::always("journal", Op::Write, Fault::Eio));
+    a.send_write(5, 5 * 4096, &[9; 4096]);
+    assert_eq!(a.ack().status, 5);
+    plan.clear();
+    a.send_write(6, 6 * 4096, &[9; 4096]);
+    assert_eq!(a.ack().status, 5, "a stopped group stays stopped");
+    let status: StatusReply = {
+        let mut s = TcpStream::connect(engine.local_addr()).unwrap();
+        write_frame(&mut s, FrameType::StatusRequest, &encode_message(&StatusRequest { protocol: 1, groups: vec![] }), &mut Vec::new())
+            .unwrap();
+        let mut p = Vec::new();
+        assert_eq!(read_frame(&mut s, &mut p).unwrap(), FrameType::StatusReply);
+        decode_message("StatusReply", &p).unwrap()
+    };
+    assert!(status.groups[0].poisoned, "status shows the stopped group");
+    drop(a);
+    engine.shutdown();
+
+    // The operator fixed the disk and restarts the engine: the journal reopens with exactly the
+    // five acknowledged writes, and new writes follow them.
+    let engine = hindsight_engine::start(engine_config(d.path(), unused, "1MiB")).unwrap();
+    let mut a = wait_agent(engine.local_addr());
+    a.send_write(7, 7 * 4096, &[7; 4096]);
+    let ack = a.ack();
+    assert_eq!((ack.status, ack.seq), (0, 6));
+    let recs = journal_records(d.path(), 1);
+    assert_eq!(recs.iter().map(|r| r.0).collect::<Vec<_>>(), (1..=6).collect::<Vec<_>>());
+    assert_eq!(recs[5].3, 7);
+    engine.shutdown();
+}
+
+/// Connects an agent, waiting for an earlier session of its volumes to be let go.
+fn wait_agent(addr: std::net::SocketAddr) -> FakeAgent {
+    let start = std::time::Instant::now();
+    loop {
+        match FakeAgent::connect(addr, "vm1", &[("db", 64 << 20)]) {
+            Ok(a) => return a,
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(15), "agent refused: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -707,6 +707,7 @@ fn validate_frame(group: &str, meta: &GroupMeta, payload: &[u8], mut next: Seq, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hindsight_consistency::faults::{Fault, FaultPlan, FaultyStorage, Op, Rule};
     use hindsight_consistency::record::encode_record;
     use hindsight_consistency::storage::StdStorage;
     use hindsight_consistency::{RecordHeader, WriteKind};
@@ -820,84 +821,25 @@ mod tests {
         assert!(std::fs::read(paths.replica_dir().join("v.img")).unwrap() == model(&recs, 5));
     }
 
-    /// The real file system, except that fdatasync fails while `fail` is set.
-    #[derive(Debug)]
-    struct FailingSync {
-        fail: Arc<std::sync::atomic::AtomicBool>,
-    }
-
-    struct FailingFile {
-        inner: Box<dyn hindsight_consistency::storage::StorageFile>,
-        fail: Arc<std::sync::atomic::AtomicBool>,
-    }
-
-    impl hindsight_consistency::storage::StorageFile for FailingFile {
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-            self.inner.read_at(buf, offset)
-        }
-        fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-            self.inner.write_all_at(buf, offset)
-        }
-        fn sync_data(&self) -> std::io::Result<()> {
-            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(std::io::Error::other("injected EIO"));
-            }
-            self.inner.sync_data()
-        }
-        fn len(&self) -> std::io::Result<u64> {
-            self.inner.len()
-        }
-        fn set_len(&self, len: u64) -> std::io::Result<()> {
-            self.inner.set_len(len)
-        }
-        fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
-            self.inner.zero_range(offset, len)
-        }
-    }
-
-    impl Storage for FailingSync {
-        fn open(&self, path: &std::path::Path, mode: OpenMode) -> std::io::Result<Box<dyn hindsight_consistency::storage::StorageFile>> {
-            Ok(Box::new(FailingFile { inner: StdStorage.open(path, mode)?, fail: Arc::clone(&self.fail) }))
-        }
-        fn list(&self, dir: &std::path::Path) -> std::io::Result<Vec<String>> {
-            StdStorage.list(dir)
-        }
-        fn remove_file(&self, path: &std::path::Path) -> std::io::Result<()> {
-            StdStorage.remove_file(path)
-        }
-        fn rename(&self, from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
-            StdStorage.rename(from, to)
-        }
-        fn sync_dir(&self, dir: &std::path::Path) -> std::io::Result<()> {
-            StdStorage.sync_dir(dir)
-        }
-        fn create_dir_all(&self, dir: &std::path::Path) -> std::io::Result<()> {
-            StdStorage.create_dir_all(dir)
-        }
-        fn exists(&self, path: &std::path::Path) -> bool {
-            StdStorage.exists(path)
-        }
-    }
-
     #[test]
     fn failed_commit_stops_the_group_without_retrying() {
         let dir = tempfile::tempdir().unwrap();
-        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let fs: Arc<dyn Storage> = Arc::new(FailingSync { fail: Arc::clone(&fail) });
+        let plan = Arc::new(FaultPlan::default());
+        let fs: Arc<dyn Storage> = Arc::new(FaultyStorage::new(StdStorage::shared(), Arc::clone(&plan)));
         let paths = GroupPaths::new(dir.path(), "g");
         let meta = GroupMeta::new("e".into(), vec![Volume { name: "v".into(), vm: "vm".into(), size: SIZE }]);
         let g = Group::create(Arc::clone(&fs), paths.clone(), "g", meta, opts()).unwrap();
         let recs = records(10);
         assert_eq!(g.receive(&[frame(&recs[..5])]).durable_seq, 5);
 
-        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        plan.add(Rule::always("journal", Op::Sync, Fault::Eio));
         let r = g.receive(&[frame(&recs[5..])]);
         assert_eq!(r.durable_seq, 5);
         let msg = r.error.unwrap();
         assert!(msg.contains("group \"g\" is stopped after an I/O failure") && msg.contains("fdatasync"), "{msg}");
 
         // The disk "recovers", but the group does not try again: its page cache state is unknown.
-        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        plan.clear();
         assert!(g.receive(&[frame(&recs[5..])]).error.unwrap().contains("stopped"));
         assert!(g.accept_hello("e", &[Volume { name: "v".into(), vm: "vm".into(), size: SIZE }]).unwrap_err().contains("restart"));
         assert!(std::fs::read(paths.replica_dir().join("v.img")).unwrap() == model(&recs, 5), "nothing after the failure applied");

@@ -97,7 +97,16 @@ pub fn run(config: TargetConfig) -> Result<(), TargetError> {
 /// Starts the target daemon in background threads: every stored group is loaded (and its
 /// replicas brought up to date) before this returns, then engines are accepted.
 pub fn start(config: TargetConfig) -> Result<TargetHandle, TargetError> {
-    server::start(config)
+    server::start(config, hindsight_consistency::storage::StdStorage::shared())
+}
+
+/// Like [`start`], with every journal, replica and index file going through `fs` (tests use a
+/// [`hindsight_consistency::faults::FaultyStorage`] to inject I/O errors).
+pub fn start_with_storage(
+    config: TargetConfig,
+    fs: std::sync::Arc<dyn hindsight_consistency::storage::Storage>,
+) -> Result<TargetHandle, TargetError> {
+    server::start(config, fs)
 }
 
 /// A point in a group's history.

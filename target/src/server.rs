@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hindsight_consistency::config::{check_name, TargetConfig};
-use hindsight_consistency::storage::{StdStorage, Storage};
+use hindsight_consistency::storage::Storage;
 use hindsight_consistency::wire::frame::{decode_header, FRAME_HEADER_LEN};
 use hindsight_consistency::wire::{
     decode_message, decompress_records, encode_confirm, encode_message, read_frame, write_frame, ErrorMessage, FrameError, FrameType,
@@ -172,8 +172,7 @@ impl Shared {
 }
 
 /// Starts the daemon in background threads.
-pub(crate) fn start(config: TargetConfig) -> Result<TargetHandle, TargetError> {
-    let fs: Arc<dyn Storage> = StdStorage::shared();
+pub(crate) fn start(config: TargetConfig, fs: Arc<dyn Storage>) -> Result<TargetHandle, TargetError> {
     let gdir = groups_dir(&config.data_dir);
     fs.create_dir_all(&gdir).map_err(data_dir_err(&gdir, "create directory"))?;
     let lock_path = config.data_dir.join(DAEMON_LOCK);
