@@ -95,6 +95,17 @@ impl TlsEndpoint {
     /// match), the certificate valid now, issued by that CA, and naming an identity of `role`
     /// (and, when `name` is given, exactly that name).
     pub fn load(files: &TlsFiles, role: Role, name: Option<&str>) -> Result<TlsEndpoint, TlsSetupError> {
+        Self::load_as(files, Some(role), name)
+    }
+
+    /// Loads the files of a client that may be any of several roles (`hindsight bookmark`
+    /// with an operator's, an agent's or an engine's certificate): the role is the first
+    /// its certificate names.
+    pub fn load_client(files: &TlsFiles) -> Result<TlsEndpoint, TlsSetupError> {
+        Self::load_as(files, None, None)
+    }
+
+    fn load_as(files: &TlsFiles, role: Option<Role>, name: Option<&str>) -> Result<TlsEndpoint, TlsSetupError> {
         let ca = read_certificates("ca", &files.ca)?;
         let mut roots = RootCertStore::empty();
         for c in ca {
@@ -106,6 +117,13 @@ impl TlsEndpoint {
             .map_err(|e| setup_err("key", &files.key, format!("cannot read a private key from it: {}", pem_problem(&e))))?;
 
         let own = PeerIdentity::new(identities_in(&chain[0]).map_err(|e| setup_err("cert", &files.cert, e))?);
+        let role =
+            match role {
+                Some(r) => r,
+                None => own.identities().iter().map(|i| i.role).find(|r| r.connects()).ok_or_else(|| {
+                    setup_err("cert", &files.cert, format!("the certificate names {own}, not an operator, agent or engine"))
+                })?,
+            };
         let issue_hint =
             |what: &str| format!("issue one with `hindsight certs issue --dir DIR --role {role} --name {}`", name.unwrap_or(what));
         match name {
