@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use hindsight_consistency::config::EngineConfig;
 use hindsight_consistency::journal::{Journal, JournalOptions};
 use hindsight_consistency::storage::StdStorage;
+use hindsight_consistency::transport::Role;
 
 pub use error::EngineError;
 
@@ -59,7 +60,9 @@ impl EngineHandle {
 /// a background thread.
 pub fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
     let fs = StdStorage::shared();
-    let engine_name = format!("engine@{}", config.listen);
+    // With TLS the engine is who its certificate says; targets check that name.
+    let own_name = config.security.tls().and_then(|t| t.own().name(Role::Engine)).map(str::to_owned);
+    let engine_name = own_name.clone().unwrap_or_else(|| format!("engine@{}", config.listen));
     let mut groups = HashMap::new();
     for g in &config.groups {
         let dir = config.data_dir.join("groups").join(&g.name).join("journal");
@@ -76,7 +79,13 @@ pub fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
         );
         let (handle, _join) =
             group::start(g.clone(), journal).map_err(|source| EngineError::Spawn { what: format!("journal-{}", g.name), source })?;
-        let shipper = shipper::Shipper { group: handle.clone(), journal_dir: dir, fs: fs.clone(), engine_name: engine_name.clone() };
+        let shipper = shipper::Shipper {
+            group: handle.clone(),
+            journal_dir: dir,
+            fs: fs.clone(),
+            engine_name: engine_name.clone(),
+            security: config.security.clone(),
+        };
         std::thread::Builder::new()
             .name(format!("ship-{}", g.name))
             .spawn(move || shipper.run())
@@ -93,6 +102,8 @@ pub fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
         next_id: std::sync::atomic::AtomicU64::new(1),
         quiesce_waits: Mutex::new(HashMap::new()),
         name: engine_name,
+        own_name,
+        security: config.security.clone(),
     });
     let reg = registry.clone();
     std::thread::Builder::new()
@@ -110,7 +121,12 @@ pub fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
             }
         })
         .map_err(|source| EngineError::Spawn { what: "accept".into(), source })?;
-    log::info!("engine listening on {local_addr}");
+    match config.security.tls() {
+        Some(t) => {
+            log::info!("engine listening on {local_addr} (TLS as {}, peers must be certified by {})", t.own(), t.files().ca.display())
+        }
+        None => log::warn!("engine listening on {local_addr} in plaintext (tls.insecure_plaintext = true): nobody is authenticated"),
+    }
     Ok(EngineHandle { local_addr, registry })
 }
 

@@ -6,7 +6,6 @@
 //! connection reads the target's confirmations; the journal thread deletes segments once
 //! they are confirmed.
 
-use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +14,7 @@ use std::time::Duration;
 
 use hindsight_consistency::journal::JournalReader;
 use hindsight_consistency::storage::Storage;
+use hindsight_consistency::transport::{Connection, Role, Security, WriteHalf};
 use hindsight_consistency::wire::{
     decode_confirm, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, TargetHello, TargetWelcome,
     VolumeInfo, PROTOCOL_VERSION,
@@ -40,6 +40,8 @@ pub struct Shipper {
     pub fs: Arc<dyn Storage>,
     /// Engine name for the target's logs.
     pub engine_name: String,
+    /// How the link to the target is protected.
+    pub security: Security,
 }
 
 impl Shipper {
@@ -63,13 +65,19 @@ impl Shipper {
         }
     }
 
-    fn connect(&self) -> Result<TcpStream, String> {
-        let target = &self.group.config.target;
+    /// Connects and runs the TLS handshake: the target's certificate must be valid for the
+    /// group's `target_server_name` and name a target.
+    fn connect(&self) -> Result<Connection, String> {
+        let cfg = &self.group.config;
+        let target = &cfg.target;
         let addrs = target.to_socket_addrs().map_err(|e| format!("cannot resolve {target}: {e}"))?;
         let mut last = String::from("no address");
         for a in addrs {
             match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
-                Ok(s) => return Ok(s),
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    return self.security.connect(s, &cfg.target_server_name, Role::Target).map_err(|e| e.to_string());
+                }
                 Err(e) => last = e.to_string(),
             }
         }
@@ -79,10 +87,7 @@ impl Shipper {
     /// One connection: handshake, then ship until it breaks.
     fn session(&self) -> Result<(), String> {
         let cfg = &self.group.config;
-        let stream = self.connect()?;
-        let _ = stream.set_nodelay(true);
-        let mut w = stream.try_clone().map_err(|e| e.to_string())?;
-        let mut r = stream;
+        let (mut r, mut w) = self.connect()?.split();
         let mut scratch = Vec::new();
         let hello = TargetHello {
             protocol: PROTOCOL_VERSION,
@@ -153,18 +158,18 @@ impl Shipper {
                         }
                     }
                     broken.store(true, Ordering::Release);
-                    let _ = r.shutdown(std::net::Shutdown::Both);
+                    r.shutdown();
                 })
                 .map_err(|e| e.to_string())?
         };
 
         let result = self.ship(&mut reader, &mut w, &broken);
-        let _ = w.shutdown(std::net::Shutdown::Both);
+        w.shutdown();
         let _ = confirm_thread.join();
         result
     }
 
-    fn ship(&self, reader: &mut JournalReader, w: &mut TcpStream, broken: &AtomicBool) -> Result<(), String> {
+    fn ship(&self, reader: &mut JournalReader, w: &mut WriteHalf, broken: &AtomicBool) -> Result<(), String> {
         let shared = &self.group.shared;
         let mut frame = Vec::with_capacity(FRAME_TARGET_BYTES + (1 << 20));
         let mut scratch = Vec::with_capacity(FRAME_TARGET_BYTES + (1 << 20));
@@ -213,7 +218,6 @@ impl Shipper {
                 }
             }
             write_frame(w, FrameType::Records, &frame, &mut scratch).map_err(|e| format!("sending: {e}"))?;
-            w.flush().map_err(|e| e.to_string())?;
         }
     }
 }

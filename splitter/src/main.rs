@@ -145,6 +145,8 @@ fn run(args: &Args) -> Result<(), Failure> {
     let signals = stop_signals()?;
     let link = EngineLink::connect(LinkConfig {
         engine: config.engine.clone(),
+        security: config.security.clone(),
+        server_name: config.engine_server_name.clone(),
         vm: config.vm.clone(),
         disks: disks
             .iter()
