@@ -1,12 +1,17 @@
 //! `hindsight`: runs the engine and the target daemons, and recovers volumes at any point in
 //! time from a target's data.
 
+mod certs;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{ArgGroup, Parser, Subcommand};
 use hindsight_consistency::config::{EngineConfig, TargetConfig};
 use hindsight_consistency::time::{format_rfc3339, parse_rfc3339};
+use hindsight_consistency::transport::identity::server_name_of;
+use hindsight_consistency::transport::{Role, Security, TlsEndpoint, TlsFiles};
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, BookmarkReply, BookmarkRequest, ErrorMessage, FrameType, PROTOCOL_VERSION,
 };
@@ -86,6 +91,23 @@ enum Command {
         /// The engine's address, host:port (instead of --config; e.g. from inside a guest)
         #[arg(long)]
         engine: Option<String>,
+        /// With --engine: the CA certificate (PEM) the engine's certificate must be issued by
+        #[arg(long, requires_all = ["cert", "key"], conflicts_with = "config")]
+        ca: Option<PathBuf>,
+        /// With --engine: this client's certificate (an operator's, or an agent's for the
+        /// groups of its VM)
+        #[arg(long, requires_all = ["ca", "key"])]
+        cert: Option<PathBuf>,
+        /// With --engine: the private key of --cert
+        #[arg(long, requires_all = ["ca", "cert"])]
+        key: Option<PathBuf>,
+        /// With --engine: the name the engine's certificate must be valid for (default: the
+        /// host of --engine)
+        #[arg(long, conflicts_with = "config")]
+        server_name: Option<String>,
+        /// With --engine on loopback: no TLS (the engine has tls.insecure_plaintext = true)
+        #[arg(long, conflicts_with_all = ["ca", "cert", "key", "config"])]
+        insecure_plaintext: bool,
         /// One group
         #[arg(long)]
         group: Option<String>,
@@ -112,6 +134,12 @@ enum Command {
         /// The bookmark's name (letters, digits, '.', '_', '-')
         name: String,
     },
+    /// Make a CA and the certificates of agents, engines, targets and operators
+    /// (docs/security.md).
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
+    },
     /// Show the recoverable window of a group (or of every group).
     History {
         /// target.toml
@@ -124,6 +152,54 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Create a CA in DIR: ca.pem (every daemon's tls.ca) and ca-key.pem (signs certificates).
+    Init {
+        /// Where the CA goes (created if missing; an existing CA is never replaced)
+        #[arg(long)]
+        dir: PathBuf,
+        /// Days the CA is valid
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue a key and a certificate signed by the CA in DIR, written as
+    /// DIR/<role>-<name>.pem and DIR/<role>-<name>-key.pem.
+    Issue {
+        /// The CA's directory (from `certs init`)
+        #[arg(long)]
+        dir: PathBuf,
+        /// agent, engine, target or operator
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// The name: for an agent its VM (agent.vm); for an engine or a target the name peers
+        /// know it by (tls.engines of a target lists engine names)
+        #[arg(long)]
+        name: String,
+        /// A DNS name or IP address clients reach this server by (repeat, or separate with
+        /// commas); clients check it by default
+        #[arg(long = "host", value_delimiter = ',')]
+        hosts: Vec<String>,
+        /// Days the certificate is valid
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// The end of validity (RFC 3339) instead of --days; a time in the past gives a
+        /// certificate that has already expired (to test that peers refuse it)
+        #[arg(long)]
+        not_after: Option<String>,
+        /// Write the files there instead of DIR
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+        /// Replace existing files of the same identity (rotation)
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s).ok_or_else(|| format!("{s:?} is not a role; use agent, engine, target or operator"))
 }
 
 fn init_logging() {
@@ -233,10 +309,67 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 _ => return Err(Failure::Config("--volume needs --out FILE; --vm and --all need --out-dir DIR".into())),
             }
         }
-        Command::Bookmark { config, engine, group, groups, all_groups, note, quiesce, quiesce_timeout, json, name } => {
-            let addr = match (config, engine) {
-                (Some(config), _) => EngineConfig::load(&config).map_err(|e| Failure::Config(e.to_string()))?.listen,
-                (None, Some(engine)) => resolve_engine(&engine).map_err(Failure::Config)?,
+        Command::Certs { action } => match action {
+            CertsAction::Init { dir, days } => print!("{}", certs::init(&dir, days)?),
+            CertsAction::Issue { dir, role, name, hosts, days, not_after, out_dir, force } => {
+                let req = certs::IssueRequest { dir, out_dir, role, name, hosts, days, not_after, force };
+                print!("{}", certs::issue(&req)?);
+            }
+        },
+        Command::Bookmark {
+            config,
+            engine,
+            ca,
+            cert,
+            key,
+            server_name,
+            insecure_plaintext,
+            group,
+            groups,
+            all_groups,
+            note,
+            quiesce,
+            quiesce_timeout,
+            json,
+            name,
+        } => {
+            let to = match (config, engine) {
+                (Some(config), _) => {
+                    let cfg = EngineConfig::load(&config).map_err(|e| Failure::Config(e.to_string()))?;
+                    // The engine's own certificate, checked against its own name.
+                    let own = cfg.security.tls().and_then(|t| t.own().identities().iter().find(|i| i.role == Role::Engine).cloned());
+                    let mut addr = cfg.listen;
+                    if addr.ip().is_unspecified() {
+                        addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+                    }
+                    let server_name = own.map_or_else(|| addr.ip().to_string(), |i| i.dns_name());
+                    EngineAddress { addr, security: cfg.security, server_name }
+                }
+                (None, Some(engine)) => {
+                    let addr = resolve_engine(&engine).map_err(Failure::Config)?;
+                    let security = match (ca, cert, key) {
+                        (Some(ca), Some(cert), Some(key)) => {
+                            let files = TlsFiles { ca, cert, key };
+                            let endpoint = TlsEndpoint::load_client(&files)
+                                .map_err(|e| Failure::Config(format!("--{} {}: {}", e.key, e.path.display(), e.problem)))?;
+                            Security::Tls(Arc::new(endpoint))
+                        }
+                        _ if insecure_plaintext && addr.ip().is_loopback() => Security::InsecurePlaintext,
+                        _ if insecure_plaintext => {
+                            return Err(Failure::Config(format!(
+                                "--insecure-plaintext is only allowed for an engine on loopback, not {engine}; give --ca, --cert and --key"
+                            )))
+                        }
+                        _ => {
+                            return Err(Failure::Config(
+                                "--engine needs --ca, --cert and --key (an operator's certificate: `hindsight certs issue --role \
+                                 operator --name NAME`), or --insecure-plaintext for an engine on loopback"
+                                    .into(),
+                            ))
+                        }
+                    };
+                    EngineAddress { addr, security, server_name: server_name.unwrap_or_else(|| server_name_of(&engine)) }
+                }
                 (None, None) => unreachable!("clap requires --config or --engine"),
             };
             let groups = match (group, all_groups) {
@@ -246,7 +379,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             let quiesce_timeout_ms = u64::try_from(quiesce_timeout.as_millis()).unwrap_or(u64::MAX);
             let req = BookmarkRequest { protocol: PROTOCOL_VERSION, name: name.clone(), groups, note, quiesce, quiesce_timeout_ms };
-            let reply = request_bookmark(addr, req)?;
+            let reply = request_bookmark(&to, req)?;
             if json {
                 let v: Vec<_> = reply
                     .points
@@ -321,10 +454,20 @@ fn resolve_engine(engine: &str) -> Result<std::net::SocketAddr, String> {
         .ok_or_else(|| format!("--engine {engine:?} resolves to no address"))
 }
 
-fn request_bookmark(addr: std::net::SocketAddr, req: BookmarkRequest) -> anyhow::Result<BookmarkReply> {
+/// Where `hindsight bookmark` connects, and how.
+struct EngineAddress {
+    addr: std::net::SocketAddr,
+    security: Security,
+    /// The name the engine's certificate must be valid for.
+    server_name: String,
+}
+
+fn request_bookmark(to: &EngineAddress, req: BookmarkRequest) -> anyhow::Result<BookmarkReply> {
     use anyhow::Context;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+    let addr = to.addr;
+    let tcp = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
         .with_context(|| format!("cannot reach the engine at {addr}; is it running?"))?;
+    let mut s = to.security.connect(tcp, &to.server_name, Role::Engine).with_context(|| format!("the engine at {addr}"))?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
     write_frame(&mut s, FrameType::BookmarkRequest, &encode_message(&req), &mut Vec::new())?;
     let mut payload = Vec::new();
