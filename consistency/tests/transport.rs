@@ -338,7 +338,7 @@ fn plaintext_and_tls_never_mix() {
 fn loading_names_the_key_and_the_fix() {
     let p = pki();
     let e = TlsEndpoint::load(&p.agent, Role::Engine, None).unwrap_err().to_string();
-    assert!(e.starts_with("tls.cert = ") && e.contains("not a engine") && e.contains("--role engine"), "{e}");
+    assert!(e.starts_with("tls.cert = ") && e.contains("not an engine") && e.contains("--role engine"), "{e}");
     let e = TlsEndpoint::load(&p.agent, Role::Agent, Some("vm2")).unwrap_err().to_string();
     assert!(e.contains("vm1.agent.hindsight") && e.contains("vm2.agent.hindsight"), "{e}");
     let swapped = TlsFiles { key: p.engine.key.clone(), ..p.agent.clone() };

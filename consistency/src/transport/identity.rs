@@ -59,6 +59,16 @@ impl Role {
         Role::ALL.into_iter().find(|r| r.as_str() == s)
     }
 
+    /// The role with its article, for messages: "an agent", "a target".
+    pub fn with_article(self) -> &'static str {
+        match self {
+            Role::Agent => "an agent",
+            Role::Engine => "an engine",
+            Role::Target => "a target",
+            Role::Operator => "an operator",
+        }
+    }
+
     /// True if certificates of this role act as TLS servers (engines serve agents, targets
     /// serve engines); the others are only clients.
     pub fn serves(self) -> bool {

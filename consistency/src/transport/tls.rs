@@ -138,7 +138,11 @@ impl TlsEndpoint {
                 return Err(setup_err(
                     "cert",
                     &files.cert,
-                    format!("the certificate names {own}, not a {role} (a name ending in .{role}.hindsight); {}", issue_hint("NAME")),
+                    format!(
+                        "the certificate names {own}, not {} (a name ending in .{role}.hindsight); {}",
+                        role.with_article(),
+                        issue_hint("NAME")
+                    ),
                 ))
             }
             _ => {}
