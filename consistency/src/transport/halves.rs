@@ -190,6 +190,8 @@ struct TlsReader {
     end: usize,
     /// The socket reached end of file.
     socket_eof: bool,
+    /// A TLS error ended the stream: every later read returns it again (kind, message).
+    failed: Option<(io::ErrorKind, String)>,
 }
 
 impl TlsReader {
@@ -245,9 +247,16 @@ impl TlsReader {
             self.shared.try_flush();
         }
         match result {
-            // The bytes before an error are delivered; the error comes again on the next read.
-            Err(_) if filled > 0 => Ok((filled, false)),
-            other => other,
+            Err(e) => {
+                // The bytes before an error are delivered; the error comes with the next read.
+                self.failed = Some((e.kind(), e.to_string()));
+                if filled > 0 {
+                    Ok((filled, false))
+                } else {
+                    Err(e)
+                }
+            }
+            ok => ok,
         }
     }
 
@@ -268,6 +277,9 @@ impl Read for TlsReader {
     /// Fills `dst` with what has arrived, like a socket read: blocks only while nothing at all
     /// is available.
     fn read(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        if let Some((kind, message)) = &self.failed {
+            return Err(io::Error::new(*kind, message.clone()));
+        }
         if dst.is_empty() {
             return Ok(0);
         }
@@ -347,8 +359,14 @@ pub(super) fn plain(socket: TcpStream) -> (ReadHalf, WriteHalf) {
 /// Makes the two halves of a TLS connection whose handshake is done.
 pub(super) fn tls(socket: TcpStream, conn: rustls::Connection) -> (ReadHalf, WriteHalf) {
     let shared = TlsShared::new(socket, conn);
-    let reader =
-        TlsReader { shared: Arc::clone(&shared), raw: vec![0; RAW_BUFFER].into_boxed_slice(), start: 0, end: 0, socket_eof: false };
+    let reader = TlsReader {
+        shared: Arc::clone(&shared),
+        raw: vec![0; RAW_BUFFER].into_boxed_slice(),
+        start: 0,
+        end: 0,
+        socket_eof: false,
+        failed: None,
+    };
     (ReadHalf(ReadKind::Tls(Box::new(reader))), WriteHalf(WriteKind::Tls(shared)))
 }
 
