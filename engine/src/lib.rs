@@ -1,6 +1,8 @@
 //! The Hindsight replication engine.
 //!
-//! Agents connect over TCP and send every write of their disks ([`agents`]). Each write is
+//! Agents connect over TLS (or loopback plaintext; `hindsight_consistency::transport`), are
+//! authorised by the VM their certificate names, and send every write of their disks
+//! ([`agents`]). Each write is
 //! routed to its consistency group ([`group`]), whose single journal thread numbers it with
 //! the group's next sequence number, timestamps it, appends it to the group's journal and,
 //! after the group commit's fdatasync, acknowledges it to the agent (`cdp` mode). A shipper

@@ -1,4 +1,5 @@
-//! The agent's one connection to the engine: the hello, then pipelined writes and their
+//! The agent's one connection to the engine: the TLS handshake (or loopback plaintext, see
+//! `hindsight_consistency::transport`), the hello, then pipelined writes and their
 //! acknowledgements (docs/wire-protocol.md).
 //!
 //! ```text
@@ -7,8 +8,13 @@
 //! ```
 //!
 //! [`EngineLink::submit`] gives each write the next `req_id`, keeps it (data included) in the
-//! pending map, and sends it as one frame under the writer mutex. An ack-reader thread takes
-//! each `WriteAck`, removes the write from the pending map and runs its completion.
+//! pending map, and sends it as one frame under the writer mutex, on the connection's write
+//! half. An ack-reader thread reads the read half: it takes each `WriteAck`, removes the write
+//! from the pending map and runs its completion.
+//!
+//! A refusal of TLS (a certificate the engine does not accept, or an engine whose certificate
+//! this agent does not accept) makes `connect` fail at once, like a refusal of the hello: the
+//! files must be fixed. Once running, it is logged and retried like any lost connection.
 //!
 //! When the connection is lost, a supervisor thread reconnects with backoff (100 ms doubling
 //! to 5 s) and redoes the hello. Until then new writes only join the pending map; once the
