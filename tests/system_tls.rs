@@ -266,3 +266,31 @@ fn a_plaintext_engine_is_refused_by_a_tls_target() {
     c.wait_log("engine", "target refused: this target requires TLS", 1);
     assert!(!c.path("target").join("groups").join("erp").exists(), "the target created a group for a plaintext engine");
 }
+
+#[test]
+fn certs_never_overwrite_a_ca_or_a_key_and_check_names_and_roles() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let out = certs(&["init"], &pki);
+    assert!(out.contains("ca.pem") && out.contains("ca-key.pem"), "{out}");
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(pki.join("ca-key.pem")).unwrap().permissions());
+    assert_eq!(key_mode & 0o777, 0o600);
+    let fails = |args: &[&str], wanted: &str| {
+        let (code, out, err) = run_code(Command::new(hindsight_bin()).arg("certs").args(args).arg("--dir").arg(&pki), WITHIN);
+        assert_ne!(code, Some(0), "{args:?} should fail:\n{out}");
+        assert!(err.contains(wanted), "{args:?}: the message should contain {wanted:?}: {err}");
+    };
+    fails(&["init"], "already holds a CA");
+    let out = certs(&["issue", "--role", "engine", "--name", "primary", "--host", "127.0.0.1,engine.example.com"], &pki);
+    assert!(out.contains("primary.engine.hindsight and 127.0.0.1, engine.example.com") && out.contains("[tls]"), "{out}");
+    fails(&["issue", "--role", "engine", "--name", "primary"], "--force");
+    certs(&["issue", "--role", "engine", "--name", "primary", "--force"], &pki);
+    fails(&["issue", "--role", "agent", "--name", "a..b"], "cannot be written in a certificate");
+    fails(&["issue", "--role", "admin", "--name", "x"], "agent, engine, target or operator");
+    fails(&["issue", "--role", "target", "--name", "dr", "--host", "not a host"], "--host");
+    let (code, _, err) = run_code(
+        Command::new(hindsight_bin()).args(["certs", "issue", "--role", "agent", "--name", "x", "--dir"]).arg(dir.path().join("none")),
+        WITHIN,
+    );
+    assert!(code != Some(0) && err.contains("hindsight certs init"), "{err}");
+}
