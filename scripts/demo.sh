@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Hindsight end to end on one machine: a target, an engine and an agent on 127.0.0.1 with a
-# file-backed disk. An ext4 file system is created and written through the agent's NBD export
+# file-backed disk, both links over TLS with certificates made by `hindsight certs`. An ext4 file system is created and written through the agent's NBD export
 # (nbdfuse + a loop device), two points in time are noted, more data is written, and both
 # points are recovered (one by sequence number, one by time) and compared byte for byte with
 # copies of the source disk taken at those points. Then everything is stopped.
@@ -28,6 +28,8 @@ DISK=$WORK/erp-db-disk.img
 rm -f "$DISK" && truncate -s 256M "$DISK"
 
 hs_write_configs "$WORK" erp erp-db db-data 256MiB "$DISK" "$SOCK" 'retention = "24h"'
+echo "TLS on both links, certificates made by hindsight certs in $WORK/pki:"
+ls "$WORK/pki" | sed 's/^/  /'
 
 step "starting target, engine and agent (files in $WORK)"
 hs_spawn target "$WORK/target.log" "$HS" target --config "$WORK/target.toml"

@@ -33,6 +33,14 @@ then runs \`systemctl daemon-reload\` and \`systemctl enable --now $UNIT\`.
                                           /dev/nbdN (nbd); without it, the first free one
                          e.g. --disk erp:db-data:/dev/vdb:ublk:/dev/ublkb0
   --freeze MOUNTPOINT    a file system to fsfreeze for a quiesced bookmark (repeatable)
+  --ca FILE              the CA certificate (PEM) the engine's certificate is issued by
+  --cert FILE            this VM's certificate, from: hindsight certs issue --role agent --name VM
+  --key FILE             its private key; the three are installed in CONFIG_DIR/tls/ and
+                         named in agent.toml's [tls] (docs/security.md)
+  --server-name NAME     the name the engine's certificate must be valid for (default: the
+                         host of --engine)
+  --insecure-plaintext   no TLS: only for an engine on loopback (127.0.0.1), instead of
+                         --ca, --cert and --key
   --binary PATH          the hindsight-agent to install (default: build/release/hindsight-agent
                          of this repository if it exists, else build/debug/hindsight-agent)
   --prefix DIR           install the binary as DIR/bin/hindsight-agent (default: /usr/local)
@@ -73,7 +81,8 @@ die() {
 # ---------------------------------------------------------------- arguments
 
 engine='' vm='' binary='' prefix='' config_dir='' systemd_dir='' root=''
-force=0 no_start=0 dry_run=0
+ca='' cert='' key='' server_name=''
+force=0 no_start=0 dry_run=0 insecure=0
 disk_specs=()
 freeze=()
 
@@ -93,7 +102,7 @@ while [ $# -gt 0 ]; do
       usage
       exit 0
       ;;
-    --engine | --vm | --disk | --freeze | --binary | --prefix | --config-dir | --systemd-dir | --root)
+    --engine | --vm | --disk | --freeze | --binary | --prefix | --config-dir | --systemd-dir | --root | --ca | --cert | --key | --server-name)
       if [ $inline = 0 ]; then
         [ $# -ge 2 ] || bad "$opt needs a value"
         case $2 in --*) bad "$opt needs a value (found the option $2 instead)" ;; esac
@@ -109,14 +118,19 @@ while [ $# -gt 0 ]; do
         --config-dir) set_once "$opt" config_dir "$val" ;;
         --systemd-dir) set_once "$opt" systemd_dir "$val" ;;
         --root) set_once "$opt" root "$val" ;;
+        --ca) set_once "$opt" ca "$val" ;;
+        --cert) set_once "$opt" cert "$val" ;;
+        --key) set_once "$opt" key "$val" ;;
+        --server-name) set_once "$opt" server_name "$val" ;;
         --disk) disk_specs+=("$val") ;;
         --freeze) freeze+=("$val") ;;
       esac
       ;;
-    --force | --no-start | --dry-run)
+    --force | --no-start | --dry-run | --insecure-plaintext)
       [ $inline = 0 ] || bad "$opt takes no value"
       case $opt in
         --force) force=1 ;;
+        --insecure-plaintext) insecure=1 ;;
         --no-start) no_start=1 ;;
         --dry-run) dry_run=1 ;;
       esac
@@ -221,6 +235,29 @@ for i in "${!freeze[@]}"; do
   done
 done
 
+# The link to the engine: TLS with this VM's certificate, or plaintext on loopback only.
+tls_dir=${config_dir%/}/tls
+if [ $insecure = 1 ]; then
+  [ -z "$ca$cert$key" ] || bad "--insecure-plaintext cannot go with --ca, --cert or --key; choose TLS or plaintext"
+  [ -z "$server_name" ] || bad "--server-name is for TLS; it cannot go with --insecure-plaintext"
+  engine_host=${engine%:*}
+  engine_host=${engine_host#[}
+  engine_host=${engine_host%]}
+  case $engine_host in
+    127.* | localhost | ::1) ;;
+    *) bad "--insecure-plaintext is only allowed with an engine on loopback, not $engine; give --ca, --cert and --key (docs/security.md)" ;;
+  esac
+else
+  if [ -z "$ca" ] || [ -z "$cert" ] || [ -z "$key" ]; then
+    bad "the link to the engine uses TLS: give --ca, --cert and --key (the CA certificate, and this VM's certificate and key from: hindsight certs issue --dir DIR --role agent --name $vm), or --insecure-plaintext for an engine on loopback"
+  fi
+  for opt in ca cert key; do
+    f=${!opt}
+    [ -f "$f" ] && [ -r "$f" ] || bad "--$opt \"$f\" is not a readable file"
+    printf -v "$opt" '%s' "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")"
+  done
+fi
+
 if [ -z "$binary" ]; then
   for b in "$REPO/build/release/hindsight-agent" "$REPO/build/debug/hindsight-agent"; do
     if [ -x "$b" ]; then
@@ -255,7 +292,8 @@ toml_str() {
   printf '"%s"' "$s"
 }
 
-{
+# agent_toml CA CERT KEY: the configuration, naming these TLS files.
+agent_toml() {
   echo "# hindsight-agent configuration, written by install-agent.sh (rerun it, or edit and check"
   echo "# with: $bin_path --config $config_path --check)."
   echo "[agent]"
@@ -275,7 +313,20 @@ toml_str() {
     echo "frontend = $(toml_str "${disk_frontend[$i]}")"
     [ -z "${disk_device[$i]}" ] || echo "device = $(toml_str "${disk_device[$i]}")"
   done
-} >"$tmp/agent.toml"
+  echo
+  echo "[tls]"
+  if [ $insecure = 1 ]; then
+    echo "insecure_plaintext = true"
+  else
+    echo "ca = $(toml_str "$1")"
+    echo "cert = $(toml_str "$2")"
+    echo "key = $(toml_str "$3")"
+    [ -z "$server_name" ] || echo "server_name = $(toml_str "$server_name")"
+  fi
+}
+agent_toml "$tls_dir/ca.pem" "$tls_dir/agent.pem" "$tls_dir/agent-key.pem" >"$tmp/agent.toml"
+# The same configuration with the TLS files where they are now, for --check before installing.
+agent_toml "$ca" "$cert" "$key" >"$tmp/check.toml"
 
 [ -f "$TEMPLATE" ] || die "the unit template $TEMPLATE is missing (it ships next to this script)"
 sed -e "s|@AGENT_BINARY@|$bin_path|g" -e "s|@AGENT_CONFIG@|$config_path|g" "$TEMPLATE" >"$tmp/$UNIT"
@@ -291,7 +342,7 @@ missing=()
 for p in "${disk_path[@]}"; do [ -e "$p" ] || missing+=("$p"); done
 if [ ${#missing[@]} -eq 0 ]; then
   rc=0
-  out=$("$binary" --config "$tmp/agent.toml" --check 2>&1) || rc=$?
+  out=$("$binary" --config "$tmp/check.toml" --check 2>&1) || rc=$?
   if [ $rc != 0 ]; then
     {
       printf '%s: the agent rejects the configuration these arguments give (hindsight-agent --check exited %s):\n' "$PROG" "$rc"
@@ -374,6 +425,11 @@ if [ $config_state = replace ]; then
   fi
 fi
 put "$tmp/agent.toml" "$(at "$config_path")" 0644
+if [ $insecure = 0 ]; then
+  put "$ca" "$(at "$tls_dir/ca.pem")" 0644
+  put "$cert" "$(at "$tls_dir/agent.pem")" 0644
+  put "$key" "$(at "$tls_dir/agent-key.pem")" 0600
+fi
 put "$tmp/$UNIT" "$(at "$unit_path")" 0644
 
 example_device=/dev/ublkb0

@@ -59,22 +59,41 @@ hs_wait_sock() {
 # hs_json_field JSON KEY: prints a top-level field of a JSON object.
 hs_json_field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
 
-# hs_write_configs DIR GROUP VM VOLUME SIZE DISK SOCKET TARGET_LINE: writes DIR/target.toml,
-# DIR/engine.toml and DIR/agent.toml for one group with one volume, the target listening on
-# 127.0.0.1:$TPORT and the engine on 127.0.0.1:$EPORT. TARGET_LINE is the retention setting,
-# e.g. 'retention = "24h"'.
+# hs_write_configs DIR GROUP VM VOLUME SIZE DISK SOCKET TARGET_LINE: makes a CA and the
+# certificates of the target ("dr"), the engine ("primary", both for 127.0.0.1) and the agent
+# (VM) in DIR/pki with `hindsight certs` ($HS, default $BIN/hindsight), and writes
+# DIR/target.toml, DIR/engine.toml and DIR/agent.toml for one group with one volume, over TLS,
+# the target listening on 127.0.0.1:$TPORT and the engine on 127.0.0.1:$EPORT. TARGET_LINE is
+# the retention setting, e.g. 'retention = "24h"'.
 hs_write_configs() {
   local dir=$1 group=$2 vm=$3 volume=$4 size=$5 disk=$6 sock=$7 target_line=$8
+  local hs=${HS:-$BIN/hindsight} pki=$dir/pki
+  rm -rf "$pki"
+  "$hs" certs init --dir "$pki" >/dev/null
+  "$hs" certs issue --dir "$pki" --role target --name dr --host 127.0.0.1 >/dev/null
+  "$hs" certs issue --dir "$pki" --role engine --name primary --host 127.0.0.1 >/dev/null
+  "$hs" certs issue --dir "$pki" --role agent --name "$vm" >/dev/null
   cat >"$dir/target.toml" <<EOT
 [target]
 listen = "127.0.0.1:$TPORT"
 data_dir = "$dir/target"
 $target_line
+
+[tls]
+ca = "$pki/ca.pem"
+cert = "$pki/target-dr.pem"
+key = "$pki/target-dr-key.pem"
+engines = ["primary"]
 EOT
   cat >"$dir/engine.toml" <<EOT
 [engine]
 listen = "127.0.0.1:$EPORT"
 data_dir = "$dir/engine"
+
+[tls]
+ca = "$pki/ca.pem"
+cert = "$pki/engine-primary.pem"
+key = "$pki/engine-primary-key.pem"
 
 [[group]]
 name = "$group"
@@ -90,6 +109,11 @@ EOT
 [agent]
 engine = "127.0.0.1:$EPORT"
 vm = "$vm"
+
+[tls]
+ca = "$pki/ca.pem"
+cert = "$pki/agent-$vm.pem"
+key = "$pki/agent-$vm-key.pem"
 
 [[disk]]
 group = "$group"

@@ -90,17 +90,45 @@ stale_check() {
   [ -z "$newer" ] || echo "warning: $newer is newer than build/$PROFILE/$bin: the tier tests an old binary (run cargo build)"
 }
 
+# The CA and the certificates, made with `hindsight certs`: the target ("dr") and the engine
+# ("primary", also valid for the guest's address of the host, 10.0.2.100) on the host, and the
+# agent of the VM "guest", whose files go into the initramfs (GUEST_TLS).
+make_pki() {
+  local hs=$BIN/hindsight
+  PKI=$RUN/pki
+  "$hs" certs init --dir "$PKI" >/dev/null
+  "$hs" certs issue --dir "$PKI" --role target --name dr --host 127.0.0.1 >/dev/null
+  "$hs" certs issue --dir "$PKI" --role engine --name primary --host 127.0.0.1,10.0.2.100 >/dev/null
+  "$hs" certs issue --dir "$PKI" --role agent --name guest >/dev/null
+  GUEST_TLS=$RUN/guest-tls
+  mkdir -p "$GUEST_TLS"
+  cp "$PKI/ca.pem" "$GUEST_TLS/ca.pem"
+  cp "$PKI/agent-guest.pem" "$GUEST_TLS/agent.pem"
+  cp "$PKI/agent-guest-key.pem" "$GUEST_TLS/agent-key.pem"
+}
+
 write_configs() {
   cat >"$RUN/target.toml" <<EOT
 [target]
 listen = "127.0.0.1:$TPORT"
 data_dir = "$RUN/target"
 retention = "24h"
+
+[tls]
+ca = "$PKI/ca.pem"
+cert = "$PKI/target-dr.pem"
+key = "$PKI/target-dr-key.pem"
+engines = ["primary"]
 EOT
   cat >"$RUN/engine.toml" <<EOT
 [engine]
 listen = "127.0.0.1:$EPORT"
 data_dir = "$RUN/engine"
+
+[tls]
+ca = "$PKI/ca.pem"
+cert = "$PKI/engine-primary.pem"
+key = "$PKI/engine-primary-key.pem"
 
 [[group]]
 name = "$GROUP"
@@ -224,8 +252,9 @@ main() {
   timed build ensure_binaries
   RUN=$(mktemp -d "$WORK/run.XXXXXX")
   MARKERS=$RUN/markers.txt
+  make_pki
   step "initramfs ($PROFILE binaries)"
-  timed initramfs "$VM_DIR/build-initramfs.sh" "$BIN" "$RUN/initramfs.cpio.gz"
+  timed initramfs "$VM_DIR/build-initramfs.sh" "$BIN" "$RUN/initramfs.cpio.gz" "$GUEST_TLS"
   timed servers start_servers
   if [ "${HS_VM_SHELL:-0}" = 1 ]; then
     shell_guest

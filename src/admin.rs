@@ -1,11 +1,15 @@
-//! Talking to a running engine: bookmark, status and mode requests, one connection each.
+//! Talking to a running engine: bookmark, status and mode requests, one connection each, over
+//! TLS with the engine's own certificate (from its engine.toml) or an operator's.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use hindsight_consistency::config::EngineConfig;
+use hindsight_consistency::transport::identity::server_name_of;
+use hindsight_consistency::transport::{Role, Security, TlsEndpoint, TlsFiles};
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, GroupStatus, StatusReply,
 };
@@ -15,38 +19,105 @@ use serde::Serialize;
 /// How long a request waits for the engine's answer (a quiesced bookmark may take a while).
 const ANSWER_WAIT: Duration = Duration::from_secs(60);
 
-/// The engine's address: from its engine.toml, or given as `host:port`.
-pub fn engine_addr(config: Option<&PathBuf>, engine: Option<&str>) -> Result<SocketAddr, String> {
-    match (config, engine) {
-        (Some(config), _) => EngineConfig::load(config).map(|c| c.listen).map_err(|e| e.to_string()),
-        (None, Some(engine)) => engine
-            .to_socket_addrs()
-            .map_err(|e| format!("--engine {engine:?}: {e}; write host:port, e.g. 10.0.0.5:7400"))?
-            .next()
-            .ok_or_else(|| format!("--engine {engine:?} resolves to no address")),
-        (None, None) => Err("give --config engine.toml or --engine host:port".into()),
+/// Where the running engine is and how to reach it: its engine.toml (address and, with TLS,
+/// its own certificate), or an address with a client certificate.
+#[derive(clap::Args, Debug)]
+pub struct EngineAt {
+    /// engine.toml of the running engine (its address, and its own certificate as the client's)
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The engine's address, host:port (instead of --config; e.g. from inside a guest)
+    #[arg(long)]
+    pub engine: Option<String>,
+    /// With --engine: the CA certificate (PEM) the engine's certificate must be issued by
+    #[arg(long, requires_all = ["cert", "key"], conflicts_with = "config")]
+    pub ca: Option<PathBuf>,
+    /// With --engine: this client's certificate (an operator's, or an agent's for the
+    /// bookmarks of its VM's groups)
+    #[arg(long, requires_all = ["ca", "key"])]
+    pub cert: Option<PathBuf>,
+    /// With --engine: the private key of --cert
+    #[arg(long, requires_all = ["ca", "cert"])]
+    pub key: Option<PathBuf>,
+    /// With --engine: the name the engine's certificate must be valid for (default: the host
+    /// of --engine)
+    #[arg(long, conflicts_with = "config")]
+    pub server_name: Option<String>,
+    /// With --engine on loopback: no TLS (the engine has tls.insecure_plaintext = true)
+    #[arg(long, conflicts_with_all = ["ca", "cert", "key", "config"])]
+    pub insecure_plaintext: bool,
+}
+
+/// A resolved engine address with the security to reach it.
+pub struct EngineAddress {
+    addr: SocketAddr,
+    security: Security,
+    /// The name the engine's certificate must be valid for.
+    server_name: String,
+}
+
+impl EngineAt {
+    /// Resolves the address and loads the client's certificate.
+    pub fn resolve(&self) -> Result<EngineAddress, String> {
+        match (&self.config, &self.engine) {
+            (Some(config), _) => {
+                let cfg = EngineConfig::load(config).map_err(|e| e.to_string())?;
+                // The engine's own certificate, checked against its own name.
+                let own = cfg.security.tls().and_then(|t| t.own().identities().iter().find(|i| i.role == Role::Engine).cloned());
+                let mut addr = cfg.listen;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+                }
+                let server_name = own.map_or_else(|| addr.ip().to_string(), |i| i.dns_name());
+                Ok(EngineAddress { addr, security: cfg.security, server_name })
+            }
+            (None, Some(engine)) => {
+                let addr = engine
+                    .to_socket_addrs()
+                    .map_err(|e| format!("--engine {engine:?}: {e}; write host:port, e.g. 10.0.0.5:7400"))?
+                    .next()
+                    .ok_or_else(|| format!("--engine {engine:?} resolves to no address"))?;
+                let security = match (&self.ca, &self.cert, &self.key) {
+                    (Some(ca), Some(cert), Some(key)) => {
+                        let files = TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() };
+                        let endpoint =
+                            TlsEndpoint::load_client(&files).map_err(|e| format!("--{} {}: {}", e.key, e.path.display(), e.problem))?;
+                        Security::Tls(Arc::new(endpoint))
+                    }
+                    _ if self.insecure_plaintext && addr.ip().is_loopback() => Security::InsecurePlaintext,
+                    _ if self.insecure_plaintext => {
+                        return Err(format!(
+                            "--insecure-plaintext is only allowed for an engine on loopback, not {engine}; give --ca, --cert and --key"
+                        ))
+                    }
+                    _ => {
+                        return Err("--engine needs --ca, --cert and --key (an operator's certificate: `hindsight certs issue --role \
+                                    operator --name NAME`), or --insecure-plaintext for an engine on loopback"
+                            .into())
+                    }
+                };
+                let server_name = self.server_name.clone().unwrap_or_else(|| server_name_of(engine));
+                Ok(EngineAddress { addr, security, server_name })
+            }
+            (None, None) => Err("give --config engine.toml or --engine host:port".into()),
+        }
     }
 }
 
 /// Sends one request frame and reads the one answer.
-pub fn request<Q: Serialize, R: DeserializeOwned>(addr: SocketAddr, ask: FrameType, answer: FrameType, req: &Q) -> anyhow::Result<R> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+pub fn request<Q: Serialize, R: DeserializeOwned>(to: &EngineAddress, ask: FrameType, answer: FrameType, req: &Q) -> anyhow::Result<R> {
+    let addr = to.addr;
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .with_context(|| format!("cannot reach the engine at {addr}; is it running?"))?;
+    let mut s = to.security.connect(tcp, &to.server_name, Role::Engine).with_context(|| format!("the engine at {addr}"))?;
     s.set_read_timeout(Some(ANSWER_WAIT))?;
     write_frame(&mut s, ask, &encode_message(req), &mut Vec::new())?;
     let mut payload = Vec::new();
     match read_frame(&mut s, &mut payload).context("the engine did not answer")? {
-        t if t == answer => {
-            let reply: R = postcard_decode(&payload)?;
-            Ok(reply)
-        }
+        t if t == answer => Ok(decode_message::<R>("reply", &payload)?),
         FrameType::Error => anyhow::bail!("the engine refused: {}", decode_message::<ErrorMessage>("Error", &payload)?.message),
         other => anyhow::bail!("the engine answered with an unexpected {other:?} frame"),
     }
-}
-
-fn postcard_decode<R: DeserializeOwned>(payload: &[u8]) -> anyhow::Result<R> {
-    Ok(decode_message::<R>("reply", payload)?)
 }
 
 /// The human form of `hindsight status`.

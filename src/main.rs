@@ -2,6 +2,7 @@
 //! time from a target's data.
 
 mod admin;
+mod certs;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +10,7 @@ use std::process::ExitCode;
 use clap::{ArgGroup, Parser, Subcommand};
 use hindsight_consistency::config::{EngineConfig, TargetConfig};
 use hindsight_consistency::time::{format_rfc3339, parse_rfc3339};
+use hindsight_consistency::transport::Role;
 use hindsight_consistency::wire::{
     BookmarkReply, BookmarkRequest, FrameType, SetModeReply, SetModeRequest, StatusReply, StatusRequest, PROTOCOL_VERSION,
 };
@@ -82,12 +84,8 @@ enum Command {
     #[command(group(ArgGroup::new("which").required(true).args(["group", "groups", "all_groups"])))]
     #[command(group(ArgGroup::new("where").required(true).args(["config", "engine"])))]
     Bookmark {
-        /// engine.toml of the running engine (its listen address is asked)
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// The engine's address, host:port (instead of --config; e.g. from inside a guest)
-        #[arg(long)]
-        engine: Option<String>,
+        #[command(flatten)]
+        at: admin::EngineAt,
         /// One group
         #[arg(long)]
         group: Option<String>,
@@ -118,12 +116,8 @@ enum Command {
     /// force while a sync group is degraded), the target's lag and the RPO.
     #[command(group(ArgGroup::new("where").required(true).args(["config", "engine"])))]
     Status {
-        /// engine.toml of the running engine
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// The engine's address, host:port (instead of --config)
-        #[arg(long)]
-        engine: Option<String>,
+        #[command(flatten)]
+        at: admin::EngineAt,
         /// One group (default: all)
         #[arg(long)]
         group: Option<String>,
@@ -135,6 +129,12 @@ enum Command {
     Group {
         #[command(subcommand)]
         command: GroupCommand,
+    },
+    /// Make a CA and the certificates of agents, engines, targets and operators
+    /// (docs/security.md).
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
     },
     /// Show the recoverable window of a group (or of every group).
     History {
@@ -152,22 +152,66 @@ enum Command {
 
 #[derive(Subcommand)]
 enum GroupCommand {
-    /// Set a group's replication mode (sync or cdp) without stopping it; no write is lost or
-    /// reordered. Lasts until the engine restarts.
+    /// Set a group's replication mode (sync, cdp or async) without stopping it; no write is
+    /// lost or reordered. Lasts until the engine restarts.
     #[command(group(ArgGroup::new("where").required(true).args(["config", "engine"])))]
     SetMode {
-        /// engine.toml of the running engine
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// The engine's address, host:port (instead of --config)
-        #[arg(long)]
-        engine: Option<String>,
+        #[command(flatten)]
+        at: admin::EngineAt,
         /// The group
         #[arg(long)]
         group: String,
-        /// sync or cdp
+        /// sync, cdp or async
         mode: String,
     },
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Create a CA in DIR: ca.pem (every daemon's tls.ca) and ca-key.pem (signs certificates).
+    Init {
+        /// Where the CA goes (created if missing; an existing CA is never replaced)
+        #[arg(long)]
+        dir: PathBuf,
+        /// Days the CA is valid
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue a key and a certificate signed by the CA in DIR, written as
+    /// DIR/<role>-<name>.pem and DIR/<role>-<name>-key.pem.
+    Issue {
+        /// The CA's directory (from `certs init`)
+        #[arg(long)]
+        dir: PathBuf,
+        /// agent, engine, target or operator
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// The name: for an agent its VM (agent.vm); for an engine or a target the name peers
+        /// know it by (tls.engines of a target lists engine names)
+        #[arg(long)]
+        name: String,
+        /// A DNS name or IP address clients reach this server by (repeat, or separate with
+        /// commas); clients check it by default
+        #[arg(long = "host", value_delimiter = ',')]
+        hosts: Vec<String>,
+        /// Days the certificate is valid
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// The end of validity (RFC 3339) instead of --days; a time in the past gives a
+        /// certificate that has already expired (to test that peers refuse it)
+        #[arg(long)]
+        not_after: Option<String>,
+        /// Write the files there instead of DIR
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+        /// Replace existing files of the same identity (rotation)
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s).ok_or_else(|| format!("{s:?} is not a role; use agent, engine, target or operator"))
 }
 
 fn init_logging() {
@@ -277,8 +321,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 _ => return Err(Failure::Config("--volume needs --out FILE; --vm and --all need --out-dir DIR".into())),
             }
         }
-        Command::Bookmark { config, engine, group, groups, all_groups, note, quiesce, quiesce_timeout, json, name } => {
-            let addr = admin::engine_addr(config.as_ref(), engine.as_deref()).map_err(Failure::Config)?;
+        Command::Certs { action } => match action {
+            CertsAction::Init { dir, days } => print!("{}", certs::init(&dir, days)?),
+            CertsAction::Issue { dir, role, name, hosts, days, not_after, out_dir, force } => {
+                let req = certs::IssueRequest { dir, out_dir, role, name, hosts, days, not_after, force };
+                print!("{}", certs::issue(&req)?);
+            }
+        },
+        Command::Bookmark { at, group, groups, all_groups, note, quiesce, quiesce_timeout, json, name } => {
+            let to = at.resolve().map_err(Failure::Config)?;
             let groups = match (group, all_groups) {
                 (Some(g), _) => vec![g],
                 (None, true) => Vec::new(),
@@ -286,7 +337,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             let quiesce_timeout_ms = u64::try_from(quiesce_timeout.as_millis()).unwrap_or(u64::MAX);
             let req = BookmarkRequest { protocol: PROTOCOL_VERSION, name: name.clone(), groups, note, quiesce, quiesce_timeout_ms };
-            let reply: BookmarkReply = admin::request(addr, FrameType::BookmarkRequest, FrameType::BookmarkReply, &req)?;
+            let reply: BookmarkReply = admin::request(&to, FrameType::BookmarkRequest, FrameType::BookmarkReply, &req)?;
             if json {
                 let v: Vec<_> = reply
                     .points
@@ -310,20 +361,20 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
-        Command::Status { config, engine, group, json } => {
-            let addr = admin::engine_addr(config.as_ref(), engine.as_deref()).map_err(Failure::Config)?;
+        Command::Status { at, group, json } => {
+            let to = at.resolve().map_err(Failure::Config)?;
             let req = StatusRequest { protocol: PROTOCOL_VERSION, groups: group.into_iter().collect() };
-            let reply: StatusReply = admin::request(addr, FrameType::StatusRequest, FrameType::StatusReply, &req)?;
+            let reply: StatusReply = admin::request(&to, FrameType::StatusRequest, FrameType::StatusReply, &req)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&reply)?);
             } else {
                 print!("{}", admin::format_status(&reply));
             }
         }
-        Command::Group { command: GroupCommand::SetMode { config, engine, group, mode } } => {
-            let addr = admin::engine_addr(config.as_ref(), engine.as_deref()).map_err(Failure::Config)?;
+        Command::Group { command: GroupCommand::SetMode { at, group, mode } } => {
+            let to = at.resolve().map_err(Failure::Config)?;
             let req = SetModeRequest { protocol: PROTOCOL_VERSION, group, mode };
-            let reply: SetModeReply = admin::request(addr, FrameType::SetModeRequest, FrameType::SetModeReply, &req)?;
+            let reply: SetModeReply = admin::request(&to, FrameType::SetModeRequest, FrameType::SetModeReply, &req)?;
             println!(
                 "group {}: mode {} (was {}); lasts until the engine restarts: set mode in engine.toml to keep it",
                 reply.group, reply.mode, reply.previous

@@ -19,7 +19,7 @@ use common::wan::WanProxy;
 use common::*;
 
 fn cluster(size: u64, group_extra: &str) -> (Cluster, WanProxy) {
-    let mut c = Cluster::prepare(&[Vol::new("vm1", "data", size)], "");
+    let mut c = Cluster::prepare(&[Vol::new("vm1", "data", size)], "", "");
     let proxy = WanProxy::start(format!("127.0.0.1:{}", c.tport).parse().unwrap());
     c.ship_port = Some(proxy.port());
     c.group_extra = group_extra.to_string();

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use common::{agent_bin, run_code};
+use common::{agent_bin, certs, run_code};
 use hindsight_consistency::config::AgentConfig;
+use hindsight_consistency::transport::{Identity, Role};
 
 /// Longest the script (which copies the binary and runs `hindsight-agent --check`) may take.
 const SCRIPT_WITHIN: Duration = Duration::from_secs(120);
@@ -72,18 +73,41 @@ impl Staging {
         self.root().join(path.trim_start_matches('/'))
     }
 
-    /// Runs the script with `--root` and `--binary` (the agent built next to `hindsight`).
+    /// `--ca`, `--cert` and `--key` of a certificate for the VM `args` name (`--vm`, or this
+    /// host's name), issued by `hindsight certs` in the staging directory.
+    fn tls_args<S: AsRef<OsStr>>(&self, args: &[S]) -> Vec<PathBuf> {
+        let args: Vec<&OsStr> = args.iter().map(AsRef::as_ref).collect();
+        if args.iter().any(|a| *a == "--insecure-plaintext" || *a == "--ca") {
+            return Vec::new();
+        }
+        let vm = match args.iter().position(|a| *a == "--vm").and_then(|i| args.get(i + 1)) {
+            Some(vm) => vm.to_string_lossy().into_owned(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_owned(),
+        };
+        let pki = self.dir.path().join("pki");
+        if !pki.join("ca.pem").exists() {
+            certs(&["init"], &pki);
+        }
+        let (cert, key) = (pki.join(format!("agent-{vm}.pem")), pki.join(format!("agent-{vm}-key.pem")));
+        if !cert.exists() && Identity::new(Role::Agent, &vm).is_ok() {
+            certs(&["issue", "--role", "agent", "--name", &vm], &pki);
+        }
+        ["--ca".into(), pki.join("ca.pem"), "--cert".into(), cert, "--key".into(), key].into()
+    }
+
+    /// Runs the script with `--root` and `--binary` (the agent built next to `hindsight`), and
+    /// the VM's certificate unless `args` choose the link's security themselves.
     fn run<S: AsRef<OsStr>>(&self, args: &[S]) -> Outcome {
         let mut cmd = Command::new(script());
-        cmd.arg("--root").arg(self.root()).arg("--binary").arg(agent_bin()).args(args);
+        cmd.arg("--root").arg(self.root()).arg("--binary").arg(agent_bin()).args(args).args(self.tls_args(args));
         let (code, stdout, stderr) = run_code(&mut cmd, SCRIPT_WITHIN);
         Outcome { code, stdout, stderr }
     }
 
-    /// Runs the script with `--root` and exactly `args`.
+    /// Runs the script with `--root`, `args` and the VM's certificate (no `--binary`).
     fn run_without_binary<S: AsRef<OsStr>>(&self, args: &[S]) -> Outcome {
         let mut cmd = Command::new(script());
-        cmd.arg("--root").arg(self.root()).args(args);
+        cmd.arg("--root").arg(self.root()).args(args).args(self.tls_args(args));
         let (code, stdout, stderr) = run_code(&mut cmd, SCRIPT_WITHIN);
         Outcome { code, stdout, stderr }
     }
@@ -144,9 +168,14 @@ fn install_with_file_disks_stages_binary_config_and_unit_that_the_agent_accepts(
     assert_eq!(mode & 0o777, 0o755, "{} has mode {mode:o}", bin.display());
     assert!(std::fs::read(&bin).unwrap() == std::fs::read(agent_bin()).unwrap(), "the installed binary differs from the one given");
 
-    // agent.toml: parsed by the project's own loader, and accepted by the installed agent.
-    let toml = s.installed(CONFIG);
-    let text = std::fs::read_to_string(&toml).unwrap();
+    // agent.toml: parsed by the project's own loader, and accepted by the installed agent. It
+    // names the TLS files as the guest sees them; here they are under the staging root.
+    let text = std::fs::read_to_string(s.installed(CONFIG)).unwrap();
+    assert!(text.contains("\n[tls]\nca = \"/etc/hindsight/tls/ca.pem\"\ncert = \"/etc/hindsight/tls/agent.pem\"\n"), "{text}");
+    let key_mode = std::fs::metadata(s.installed("/etc/hindsight/tls/agent-key.pem")).unwrap().permissions().mode();
+    assert_eq!(key_mode & 0o777, 0o600, "the private key must be readable by root only");
+    let toml = s.dir.path().join("agent-staged.toml");
+    std::fs::write(&toml, text.replace("\"/etc/hindsight/tls/", &format!("\"{}/etc/hindsight/tls/", s.root().display()))).unwrap();
     let config = AgentConfig::load(&toml).unwrap_or_else(|e| panic!("the installed agent.toml does not load: {e}\n{text}"));
     assert_eq!((config.engine.as_str(), config.vm.as_str()), ("127.0.0.1:7400", "erp-db"));
     let disks: Vec<_> = config.disks.iter().map(|d| (d.group.as_str(), d.volume.as_str(), d.path.display().to_string())).collect();
@@ -190,7 +219,17 @@ fn second_run_with_the_same_arguments_changes_nothing() {
     first.assert_ok();
     assert!(first.stdout.contains("not checked"), "a missing disk path should skip the check and say so:\n{}", first.stdout);
     let files = s.files();
-    assert_eq!(files, ["etc/hs/agent.toml", "lib/systemd/system/hindsight-agent.service", "opt/hindsight/bin/hindsight-agent"]);
+    assert_eq!(
+        files,
+        [
+            "etc/hs/agent.toml",
+            "etc/hs/tls/agent-key.pem",
+            "etc/hs/tls/agent.pem",
+            "etc/hs/tls/ca.pem",
+            "lib/systemd/system/hindsight-agent.service",
+            "opt/hindsight/bin/hindsight-agent"
+        ]
+    );
     let unit = std::fs::read_to_string(s.installed("/lib/systemd/system/hindsight-agent.service")).unwrap();
     assert!(
         unit.lines().any(|l| l == "ExecStart=/opt/hindsight/bin/hindsight-agent --config /etc/hs/agent.toml"),
@@ -202,7 +241,7 @@ fn second_run_with_the_same_arguments_changes_nothing() {
     let before: Vec<_> = files.iter().map(|f| std::fs::metadata(s.root().join(f)).unwrap().modified().unwrap()).collect();
     let second = s.run(&args);
     second.assert_ok();
-    assert_eq!(second.stdout.matches("unchanged:").count(), 3, "the second run should leave all three files:\n{}", second.stdout);
+    assert_eq!(second.stdout.matches("unchanged:").count(), 6, "the second run should leave all six files:\n{}", second.stdout);
     assert!(!second.stdout.contains("installed "), "the second run rewrote a file:\n{}", second.stdout);
     assert_eq!(s.files(), files, "the second run added or removed files");
     let after: Vec<_> = files.iter().map(|f| std::fs::metadata(s.root().join(f)).unwrap().modified().unwrap()).collect();
@@ -279,6 +318,10 @@ fn bad_arguments_exit_2_naming_the_problem_and_change_nothing() {
         (&["--engine", e, "--disk", &ok, "--colour", "blue"], &["unknown option --colour"]),
         (&["--engine", e, "--disk", &ok, "--force=yes"], &["--force takes no value"]),
         (&["--engine", e, "--disk", &ok, "stray"], &["unexpected argument \"stray\""]),
+        (&["--engine", "10.0.0.5:7400", "--disk", &ok, "--insecure-plaintext"], &["--insecure-plaintext", "loopback", "10.0.0.5:7400"]),
+        (&["--engine", e, "--disk", &ok, "--insecure-plaintext", "--ca", "/x"], &["cannot go with --ca"]),
+        (&["--engine", e, "--disk", &ok, "--ca", "/nonexistent/ca.pem", "--cert", "/x", "--key", "/y"], &["--ca \"/nonexistent/ca.pem\""]),
+        (&["--engine", e, "--disk", &ok, "--ca", &disk], &["give --ca, --cert and --key", "hindsight certs issue"]),
     ];
     for (args, wanted) in cases {
         let out = s.run(args);

@@ -122,7 +122,9 @@ fn agent_claiming_a_volume_of_another_vm_is_refused_naming_both() {
     let c = servers(&[Vol::new("y", "disk1", 1 << 20)]);
     // The agent config for VM "y", now claiming to be VM "x".
     let toml = std::fs::read_to_string(c.agent_toml("y")).unwrap();
-    let claimed = toml.replace("vm = \"y\"", "vm = \"x\"");
+    // With a certificate of its own: the engine, not the agent's loader, must refuse it.
+    c.issue(&["--role", "agent", "--name", "x"]);
+    let claimed = toml.replace("vm = \"y\"", "vm = \"x\"").replace(&c.tls_section("agent", "y"), &c.tls_section("agent", "x"));
     assert_ne!(toml, claimed);
     std::fs::write(c.agent_toml("x"), claimed).unwrap();
 

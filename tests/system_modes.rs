@@ -107,7 +107,7 @@ fn wait_status(c: &Cluster, what: &str, timeout: Duration, cond: impl Fn(&serde_
 
 /// A cluster with one volume whose engine ships through a WAN proxy.
 fn cluster(group_extra: &str) -> (Cluster, WanProxy) {
-    let mut c = Cluster::prepare(&[Vol::new("vm1", "data", VOLUME_SIZE)], "");
+    let mut c = Cluster::prepare(&[Vol::new("vm1", "data", VOLUME_SIZE)], "", "");
     let proxy = WanProxy::start(format!("127.0.0.1:{}", c.tport).parse().unwrap());
     c.ship_port = Some(proxy.port());
     c.group_extra = group_extra.to_string();

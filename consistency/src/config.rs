@@ -5,14 +5,17 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 use thiserror::Error;
 
 use crate::record::MAX_NAME_LEN;
+use crate::transport::identity::{check_identity_name, check_server_name, server_name_of};
+use crate::transport::{Role, Security, TlsEndpoint, TlsFiles};
 
 /// A configuration problem.
 #[derive(Debug, Error)]
@@ -104,14 +107,92 @@ fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError
     toml::from_str(&text).map_err(|e| ConfigError { file: path.to_owned(), message: e.to_string().trim_end().replace('\n', "\n  ") })
 }
 
+// ---------------------------------------------------------------- tls
+
+/// The keys every `[tls]` section has.
+struct TlsKeys {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    insecure_plaintext: bool,
+}
+
+/// True for `localhost` and loopback IP addresses.
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// What `hindsight certs issue` needs for this daemon's certificate.
+fn issue_command(role: Role, name: &str, host: Option<&str>) -> String {
+    let host = host.map(|h| format!(" --host {h}")).unwrap_or_default();
+    format!("hindsight certs issue --dir /etc/hindsight/pki --role {role} --name {name}{host}")
+}
+
+/// Validates a `[tls]` section and loads its files. `addresses` are the (key, address) pairs
+/// of every link of this daemon, all of which must be loopback for `insecure_plaintext`;
+/// `name` is the name the certificate must carry, if fixed (an agent's VM).
+fn link_security(tls: Option<TlsKeys>, role: Role, name: Option<&str>, addresses: &[(String, String)]) -> Result<Security, String> {
+    let own_host = addresses.first().map(|(_, a)| server_name_of(a));
+    let issue = issue_command(role, name.unwrap_or("NAME"), own_host.as_deref().filter(|_| role.serves()));
+    let Some(tls) = tls else {
+        return Err(format!(
+            "no [tls] section: the links between agents, engines and targets are authenticated with certificates \
+             (docs/security.md). Make them with `hindsight certs init --dir /etc/hindsight/pki` and `{issue}`, then add \
+             [tls] with ca, cert and key; on one machine, with every address on loopback, `insecure_plaintext = true` in \
+             [tls] is allowed instead"
+        ));
+    };
+    let given = [("ca", &tls.ca), ("cert", &tls.cert), ("key", &tls.key)];
+    if tls.insecure_plaintext {
+        if let Some((key, _)) = given.iter().find(|(_, v)| v.is_some()) {
+            return Err(format!(
+                "tls.insecure_plaintext = true cannot go with tls.{key}: remove insecure_plaintext to use TLS, or remove ca, cert and key"
+            ));
+        }
+        if let Some((key, addr)) = addresses.iter().find(|(_, a)| !is_loopback_host(&server_name_of(a))) {
+            return Err(format!(
+                "tls.insecure_plaintext = true is only allowed when every address is loopback, and {key} = {addr:?} is not; \
+                 remove insecure_plaintext and give ca, cert and key (`{issue}`, docs/security.md)"
+            ));
+        }
+        return Ok(Security::InsecurePlaintext);
+    }
+    if let Some((key, _)) = given.iter().find(|(_, v)| v.is_none()) {
+        return Err(format!(
+            "tls.{key} is missing: give ca, cert and key together (made by `hindsight certs init` and `{issue}`), or \
+             insecure_plaintext = true when every address is loopback"
+        ));
+    }
+    let files = TlsFiles { ca: tls.ca.unwrap_or_default(), cert: tls.cert.unwrap_or_default(), key: tls.key.unwrap_or_default() };
+    let endpoint = TlsEndpoint::load(&files, role, name).map_err(|e| e.to_string())?;
+    Ok(Security::Tls(Arc::new(endpoint)))
+}
+
+/// Checks an expected server name (`key` names it in the error).
+fn server_name_key(key: &str, name: &str) -> Result<String, String> {
+    check_server_name(name).map_err(|e| format!("{key}: {e}; write e.g. \"site-a.engine.hindsight\" or an IP address"))?;
+    Ok(name.to_owned())
+}
+
 // ---------------------------------------------------------------- engine
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EngineFile {
     engine: EngineSection,
+    tls: Option<EngineTlsSection>,
     #[serde(default)]
     group: Vec<GroupSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EngineTlsSection {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    #[serde(default)]
+    insecure_plaintext: bool,
 }
 
 #[derive(Deserialize)]
@@ -129,6 +210,7 @@ struct GroupSection {
     name: String,
     mode: Option<String>,
     target: String,
+    target_server_name: Option<String>,
     on_sync_loss: Option<String>,
     sync_timeout: Option<String>,
     rpo: Option<String>,
@@ -162,6 +244,8 @@ pub struct EngineConfig {
     pub max_bandwidth: Option<u64>,
     /// The consistency groups.
     pub groups: Vec<GroupConfig>,
+    /// How the links to agents and targets are protected (`[tls]`).
+    pub security: Security,
 }
 
 /// One consistency group.
@@ -173,6 +257,9 @@ pub struct GroupConfig {
     pub mode: ReplicationMode,
     /// Target address, host:port.
     pub target: String,
+    /// The name the target's certificate must be valid for: `target_server_name`, or the
+    /// host of `target`.
+    pub target_server_name: String,
     /// The group's volumes.
     pub volumes: Vec<VolumeConfig>,
     /// What sync mode does when the target cannot keep up.
@@ -339,6 +426,10 @@ impl EngineConfig {
                 return Err(format!("{ctx}: interval must be at least 1s, e.g. interval = \"30s\""));
             }
             check_host_port(&format!("{ctx}: target"), &g.target)?;
+            let target_server_name = match &g.target_server_name {
+                Some(n) => server_name_key(&format!("{ctx}: target_server_name"), n)?,
+                None => server_name_of(&g.target),
+            };
             if g.volume.is_empty() {
                 return Err(format!("{ctx} has no volumes; add [[group.volume]] with name, vm and size"));
             }
@@ -366,6 +457,7 @@ impl EngineConfig {
                 name: g.name,
                 mode,
                 target: g.target,
+                target_server_name,
                 volumes,
                 on_sync_loss,
                 sync_timeout,
@@ -375,7 +467,19 @@ impl EngineConfig {
                 compression,
             });
         }
-        Ok(EngineConfig { listen, data_dir: raw.engine.data_dir, segment_size, max_bandwidth, groups })
+        let mut addresses = vec![("engine.listen".to_owned(), raw.engine.listen.clone())];
+        addresses.extend(groups.iter().map(|g| (format!("group {:?}: target", g.name), g.target.clone())));
+        let tls = raw.tls.map(|t| TlsKeys { ca: t.ca, cert: t.cert, key: t.key, insecure_plaintext: t.insecure_plaintext });
+        let security = link_security(tls, Role::Engine, None, &addresses)?;
+        if security.is_tls() {
+            for g in &groups {
+                for v in &g.volumes {
+                    check_identity_name("agent", &v.vm)
+                        .map_err(|e| format!("group {:?}: volume {:?}: vm: {e} (its agent's certificate names it)", g.name, v.name))?;
+                }
+            }
+        }
+        Ok(EngineConfig { listen, data_dir: raw.engine.data_dir, segment_size, max_bandwidth, groups, security })
     }
 }
 
@@ -385,6 +489,27 @@ impl EngineConfig {
 #[serde(deny_unknown_fields)]
 struct TargetFile {
     target: TargetSection,
+    tls: Option<TargetTlsSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetTlsSection {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    engines: Option<Vec<String>>,
+    #[serde(default)]
+    insecure_plaintext: bool,
+}
+
+/// Which engines a target takes groups from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineTrust {
+    /// Every engine whose certificate the CA issued (plaintext: every connection).
+    AnyCertified,
+    /// Only these engine names (`tls.engines`).
+    Named(Vec<String>),
 }
 
 #[derive(Deserialize)]
@@ -410,6 +535,10 @@ pub struct TargetConfig {
     pub journal_size: Option<u64>,
     /// Journal segment size.
     pub segment_size: u64,
+    /// How the links from engines are protected (`[tls]`).
+    pub security: Security,
+    /// Which engines may ship groups here.
+    pub engines: EngineTrust,
 }
 
 /// Retention applied when a target config names neither `retention` nor `journal_size`.
@@ -419,10 +548,10 @@ impl TargetConfig {
     /// Reads and validates a target configuration file.
     pub fn load(path: &Path) -> Result<TargetConfig, ConfigError> {
         let raw: TargetFile = read_toml(path)?;
-        Self::validate(raw.target).map_err(|message| ConfigError { file: path.to_owned(), message })
+        Self::validate(raw.target, raw.tls).map_err(|message| ConfigError { file: path.to_owned(), message })
     }
 
-    fn validate(t: TargetSection) -> Result<TargetConfig, String> {
+    fn validate(t: TargetSection, tls: Option<TargetTlsSection>) -> Result<TargetConfig, String> {
         let listen = parse_socket_addr("target.listen", &t.listen)?;
         let retention = t.retention.as_deref().map(parse_duration).transpose().map_err(|e| format!("target.retention: {e}"))?;
         let journal_size = t.journal_size.as_deref().map(parse_size).transpose().map_err(|e| format!("target.journal_size: {e}"))?;
@@ -445,7 +574,26 @@ impl TargetConfig {
             (None, None) => Some(DEFAULT_RETENTION),
             (r, _) => r,
         };
-        Ok(TargetConfig { listen, data_dir: t.data_dir, retention, journal_size, segment_size })
+        let engines = match tls.as_ref().and_then(|t| t.engines.clone()) {
+            None => EngineTrust::AnyCertified,
+            Some(names) => {
+                if tls.as_ref().is_some_and(|t| t.insecure_plaintext) {
+                    return Err(
+                        "tls.engines needs TLS: with insecure_plaintext = true no engine is authenticated; remove one of them".into()
+                    );
+                }
+                if names.is_empty() {
+                    return Err("tls.engines is empty, so no engine could ship here; name them, e.g. engines = [\"site-a\"], or remove the key to trust every engine of the CA".into());
+                }
+                for n in &names {
+                    check_identity_name("engine", n).map_err(|e| format!("tls.engines: {e}"))?;
+                }
+                EngineTrust::Named(names)
+            }
+        };
+        let tls = tls.map(|t| TlsKeys { ca: t.ca, cert: t.cert, key: t.key, insecure_plaintext: t.insecure_plaintext });
+        let security = link_security(tls, Role::Target, None, &[("target.listen".to_owned(), t.listen.clone())])?;
+        Ok(TargetConfig { listen, data_dir: t.data_dir, retention, journal_size, segment_size, security, engines })
     }
 }
 
@@ -455,8 +603,20 @@ impl TargetConfig {
 #[serde(deny_unknown_fields)]
 struct AgentFile {
     agent: AgentSection,
+    tls: Option<AgentTlsSection>,
     #[serde(default)]
     disk: Vec<DiskSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentTlsSection {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    server_name: Option<String>,
+    #[serde(default)]
+    insecure_plaintext: bool,
 }
 
 #[derive(Deserialize)]
@@ -492,6 +652,11 @@ pub struct AgentConfig {
     pub disks: Vec<DiskConfig>,
     /// How the agent quiesces its VM for an application-consistent bookmark.
     pub quiesce: QuiesceConfig,
+    /// How the link to the engine is protected (`[tls]`).
+    pub security: Security,
+    /// The name the engine's certificate must be valid for: `tls.server_name`, or the host of
+    /// `engine`.
+    pub engine_server_name: String,
 }
 
 /// How an agent quiesces its VM: a user script, or `fsfreeze` on mount points.
@@ -598,7 +763,16 @@ impl AgentConfig {
             return Err("agent.pre_quiesce and agent.post_quiesce go together: give both scripts, or neither (to use freeze)".into());
         }
         let quiesce = QuiesceConfig { freeze: raw.agent.freeze, pre: raw.agent.pre_quiesce, post: raw.agent.post_quiesce };
-        Ok(AgentConfig { engine: raw.agent.engine, vm: raw.agent.vm, disks, quiesce })
+        let engine_server_name = match raw.tls.as_ref().and_then(|t| t.server_name.as_deref()) {
+            Some(n) => server_name_key("tls.server_name", n)?,
+            None => server_name_of(&raw.agent.engine),
+        };
+        let tls = raw.tls.map(|t| TlsKeys { ca: t.ca, cert: t.cert, key: t.key, insecure_plaintext: t.insecure_plaintext });
+        if tls.as_ref().is_some_and(|t| !t.insecure_plaintext) {
+            check_identity_name("vm", &raw.agent.vm).map_err(|e| format!("agent.vm: {e} (the agent's certificate names it)"))?;
+        }
+        let security = link_security(tls, Role::Agent, Some(&raw.agent.vm), &[("agent.engine".to_owned(), raw.agent.engine.clone())])?;
+        Ok(AgentConfig { engine: raw.agent.engine, vm: raw.agent.vm, disks, quiesce, security, engine_server_name })
     }
 }
 
@@ -640,6 +814,8 @@ mod tests {
 [engine]
 listen = "127.0.0.1:7400"
 data_dir = "/var/lib/hindsight/engine"
+[tls]
+insecure_plaintext = true
 [[group]]
 name = "erp"
 mode = "cdp"
@@ -690,7 +866,7 @@ size = "1GiB"
         assert!(!Compression::Auto.offer_lz4("[::1]:7500") && !Compression::Off.offer_lz4("10.1.2.3:7500"));
         let e = engine(&ENGINE.replace("mode = \"cdp\"", "mode = \"cdp\"\ncompression = \"zip\"")).unwrap_err();
         assert!(e.contains("compression = \"zip\""), "{e}");
-        let with = |bw: &str| engine(&ENGINE.replace("[[group]]", &format!("max_bandwidth = \"{bw}\"\n[[group]]")));
+        let with = |bw: &str| engine(&ENGINE.replace("[tls]", &format!("max_bandwidth = \"{bw}\"\n[tls]")));
         assert_eq!(with("50MiB/s").unwrap().max_bandwidth, Some(50 << 20));
         assert!(with("50MiB").unwrap_err().contains("\"50MiB/s\""));
         assert!(with("1KiB/s").unwrap_err().contains("smallest rate"));
@@ -722,7 +898,10 @@ size = "1GiB"
 
     #[test]
     fn a_volume_in_two_groups_and_a_group_twice_are_refused() {
-        let second = ENGINE.replace("[engine]\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"/var/lib/hindsight/engine\"\n", "");
+        let second = ENGINE.replace(
+            "[engine]\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"/var/lib/hindsight/engine\"\n[tls]\ninsecure_plaintext = true\n",
+            "",
+        );
         let e = engine(&format!("{ENGINE}{}", second.replace("name = \"erp\"", "name = \"crm\""))).unwrap_err();
         assert!(e.contains("\"db-data\"") && e.contains("\"erp\"") && e.contains("\"crm\""), "{e}");
         let e = engine(&format!("{ENGINE}{}", second.replace("name = \"db-data\"", "name = \"other\""))).unwrap_err();
@@ -731,7 +910,7 @@ size = "1GiB"
 
     #[test]
     fn agent_quiesce_keys_are_checked() {
-        let base = "[agent]\nengine = \"127.0.0.1:7400\"\nvm = \"erp-db\"\n{}\n[[disk]]\ngroup = \"erp\"\nvolume = \"db\"\npath = \"/dev/vdb\"\nlisten = \"unix:/run/db.sock\"\n";
+        let base = "[agent]\nengine = \"127.0.0.1:7400\"\nvm = \"erp-db\"\n{}\n[tls]\ninsecure_plaintext = true\n[[disk]]\ngroup = \"erp\"\nvolume = \"db\"\npath = \"/dev/vdb\"\nlisten = \"unix:/run/db.sock\"\n";
         let parse = |extra: &str| -> Result<AgentConfig, String> {
             let raw: AgentFile = toml::from_str(&base.replace("{}", extra)).map_err(|e| e.to_string())?;
             AgentConfig::validate(raw)
@@ -746,7 +925,7 @@ size = "1GiB"
     #[test]
     fn agent_frontend_keys_are_checked() {
         let base =
-            "[agent]\nengine = \"127.0.0.1:7400\"\nvm = \"erp-db\"\n[[disk]]\ngroup = \"erp\"\nvolume = \"db\"\npath = \"/dev/vdb\"\n";
+            "[agent]\nengine = \"127.0.0.1:7400\"\nvm = \"erp-db\"\n[tls]\ninsecure_plaintext = true\n[[disk]]\ngroup = \"erp\"\nvolume = \"db\"\npath = \"/dev/vdb\"\n";
         let parse = |extra: &str| -> Result<DiskConfig, String> {
             let raw: AgentFile = toml::from_str(&format!("{base}{extra}")).map_err(|e| e.to_string())?;
             AgentConfig::validate(raw).map(|c| c.disks[0].clone())
@@ -765,6 +944,65 @@ size = "1GiB"
         assert!(parse("frontend = \"nbd\"\ndevice = \"/dev/ublkb0\"").unwrap_err().contains("/dev/nbd0"));
         assert!(parse("frontend = \"ublk\"\ndevice = \"/dev/ublkb\"").unwrap_err().contains("/dev/ublkb0"));
         assert!(parse("device = \"/dev/nbd0\"").unwrap_err().contains("only be named with"));
+    }
+
+    #[test]
+    fn without_tls_the_error_says_how_to_make_certificates() {
+        let e = engine(&ENGINE.replace("[tls]\ninsecure_plaintext = true\n", "")).unwrap_err();
+        assert!(e.contains("no [tls] section") && e.contains("hindsight certs init") && e.contains("--role engine"), "{e}");
+        assert!(e.contains("--host 127.0.0.1"), "{e}");
+    }
+
+    #[test]
+    fn insecure_plaintext_is_only_for_loopback() {
+        let e = engine(&ENGINE.replace("target = \"127.0.0.1:7500\"", "target = \"10.0.0.5:7500\"")).unwrap_err();
+        assert!(e.contains("insecure_plaintext") && e.contains("\"10.0.0.5:7500\"") && e.contains("target"), "{e}");
+        let e = engine(&ENGINE.replace("listen = \"127.0.0.1:7400\"", "listen = \"0.0.0.0:7400\"")).unwrap_err();
+        assert!(e.contains("engine.listen") && e.contains("0.0.0.0:7400"), "{e}");
+        let ok = engine(&ENGINE.replace("target = \"127.0.0.1:7500\"", "target = \"localhost:7500\"")).unwrap();
+        assert!(!ok.security.is_tls());
+        assert_eq!(ok.groups[0].target_server_name, "localhost");
+        let e = engine(&ENGINE.replace("insecure_plaintext = true", "insecure_plaintext = true\nca = \"/ca.pem\"")).unwrap_err();
+        assert!(e.contains("cannot go with tls.ca"), "{e}");
+    }
+
+    #[test]
+    fn tls_keys_go_together_and_name_missing_files() {
+        let e = engine(&ENGINE.replace("insecure_plaintext = true", "ca = \"/ca.pem\"\ncert = \"/e.pem\"")).unwrap_err();
+        assert!(e.contains("tls.key is missing"), "{e}");
+        let e = engine(&ENGINE.replace("insecure_plaintext = true", "ca = \"/nonexistent/ca.pem\"\ncert = \"/e.pem\"\nkey = \"/k.pem\""))
+            .unwrap_err();
+        assert!(e.starts_with("engine.toml: tls.ca = \"/nonexistent/ca.pem\""), "{e}");
+        let e = engine(&ENGINE.replace("[tls]", "[tls]\nengines = [\"a\"]")).unwrap_err();
+        assert!(e.contains("unknown field `engines`"), "{e}");
+    }
+
+    #[test]
+    fn target_engines_need_tls_and_valid_names() {
+        let parse = |tls: &str| -> Result<TargetConfig, String> {
+            let raw: TargetFile = toml::from_str(&format!("[target]\nlisten = \"127.0.0.1:7500\"\ndata_dir = \"/d\"\n[tls]\n{tls}"))
+                .map_err(|e| e.to_string())?;
+            TargetConfig::validate(raw.target, raw.tls)
+        };
+        assert_eq!(parse("insecure_plaintext = true").unwrap().engines, EngineTrust::AnyCertified);
+        assert!(parse("insecure_plaintext = true\nengines = [\"a\"]").unwrap_err().contains("tls.engines needs TLS"));
+        assert!(parse("engines = []").unwrap_err().contains("tls.engines is empty"));
+        assert!(parse("engines = [\"-a\"]").unwrap_err().contains("tls.engines"));
+    }
+
+    #[test]
+    fn agent_server_name_defaults_to_the_engine_host() {
+        let base = "[agent]\nengine = \"127.0.0.1:7400\"\nvm = \"erp-db\"\n[tls]\ninsecure_plaintext = true\n{}\n[[disk]]\ngroup = \"erp\"\nvolume = \"db\"\npath = \"/dev/vdb\"\n";
+        let parse = |extra: &str| -> Result<AgentConfig, String> {
+            let raw: AgentFile = toml::from_str(&base.replace("{}", extra)).map_err(|e| e.to_string())?;
+            AgentConfig::validate(raw)
+        };
+        assert_eq!(parse("").unwrap().engine_server_name, "127.0.0.1");
+        assert_eq!(parse("server_name = \"site-a.engine.hindsight\"").unwrap().engine_server_name, "site-a.engine.hindsight");
+        assert!(parse("server_name = \"a b\"").unwrap_err().contains("tls.server_name"));
+        let far = base.replace("127.0.0.1:7400", "10.0.0.5:7400").replace("{}", "");
+        let e = AgentConfig::validate(toml::from_str(&far).unwrap()).unwrap_err();
+        assert!(e.contains("agent.engine = \"10.0.0.5:7400\"") && e.contains("--role agent --name erp-db"), "{e}");
     }
 
     #[test]

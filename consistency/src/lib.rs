@@ -12,6 +12,8 @@
 //! - [`wire`] — frames and messages (docs/wire-protocol.md)
 //! - [`storage`] — the file-system trait all journal and replica I/O goes through
 //! - [`config`] — engine, target and agent configuration
+//! - [`transport`] — TLS (or loopback plaintext) under the frames: handshakes, peer identities,
+//!   a read half and a write half per connection
 //! - [`time`] — timestamps
 
 // Casts in tests build fixtures from small literals.
@@ -23,6 +25,7 @@ pub mod journal;
 pub mod record;
 pub mod storage;
 pub mod time;
+pub mod transport;
 pub mod wire;
 
 pub use record::{BookmarkBody, PointConsistency, Record, RecordHeader, RecordRef, Seq, WriteKind};

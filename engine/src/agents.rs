@@ -2,7 +2,7 @@
 //! one thread writing acknowledgements back.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufReader, Write};
+use std::io::BufReader;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use hindsight_consistency::config::{check_name, ReplicationMode};
+use hindsight_consistency::transport::{AcceptError, Peer, ReadHalf, Role, Security, TransportError, WriteHalf};
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, BookmarkPoint, BookmarkReply, BookmarkRequest,
     ErrorMessage, FrameError, FrameType, GroupStatus, QuiesceMsg, QuiescedMsg, SetModeReply, SetModeRequest, StatusReply, StatusRequest,
@@ -47,6 +48,10 @@ pub struct Registry {
     pub quiesce_waits: Mutex<HashMap<u64, crossbeam_channel::Sender<(String, QuiescedMsg)>>>,
     /// The engine's name for peers.
     pub name: String,
+    /// The engine name its certificate carries (TLS only).
+    pub own_name: Option<String>,
+    /// How connections are protected.
+    pub security: Security,
 }
 
 /// A connected agent, as quiesce requests see it.
@@ -66,16 +71,27 @@ struct Disk {
     size: u64,
 }
 
-/// Runs one agent connection to its end.
+/// Runs one agent (or operator) connection to its end: the TLS handshake, the hello, then
+/// writes and acknowledgements.
 pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
     let _ = stream.set_nodelay(true);
-    let mut reader = match stream.try_clone() {
-        // Small writes arrive many to a read: buffer them (a 4 KiB write is one copy more,
-        // a large one is read past the buffer straight into its payload).
-        Ok(s) => BufReader::with_capacity(READ_BUFFER, s),
-        Err(e) => return log::warn!("agent {peer}: {e}"),
+    let conn = match reg.security.accept(stream) {
+        Ok(c) => c,
+        Err(AcceptError::Plaintext(mut c)) => {
+            log::warn!("connection from {peer} refused: it does not use TLS, and this engine requires it; nothing it sent is read");
+            let why = "this engine requires TLS: give [tls] ca, cert and key in agent.toml (or hindsight bookmark --ca, --cert and --key); docs/security.md";
+            let _ = write_frame(&mut c, FrameType::Error, &encode_message(&ErrorMessage { message: why.into() }), &mut Vec::new());
+            c.close();
+            return;
+        }
+        Err(AcceptError::Failed(TransportError::ClosedEarly)) => return log::debug!("connection from {peer} closed before the handshake"),
+        Err(AcceptError::Failed(e)) => return log::warn!("connection from {peer} refused: {e}; nothing is accepted from it"),
     };
-    let mut writer = stream;
+    let certified = conn.peer().clone();
+    let (read_half, mut writer) = conn.split();
+    // Small writes arrive many to a read: buffer them (a 4 KiB write is one copy more, a
+    // large one is read past the buffer straight into its payload).
+    let mut reader = BufReader::with_capacity(READ_BUFFER, read_half);
     let mut payload = Vec::new();
     let mut scratch = Vec::new();
     let hello: AgentHello = match read_frame(&mut reader, &mut payload) {
@@ -84,42 +100,24 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
             Err(e) => return refuse(&mut writer, peer, &e.to_string()),
         },
         Ok(FrameType::BookmarkRequest) => {
-            let reply = match decode_message::<BookmarkRequest>("BookmarkRequest", &payload) {
-                Ok(req) => place_bookmark(&req, &reg),
-                Err(e) => Err(e.to_string()),
-            };
-            return match reply {
-                Ok(r) => {
-                    let _ = write_frame(&mut writer, FrameType::BookmarkReply, &encode_message(&r), &mut scratch);
-                }
-                Err(why) => refuse(&mut writer, peer, &why),
-            };
+            return answer(&mut writer, peer, &payload, FrameType::BookmarkReply, |req: &BookmarkRequest| {
+                authorise_bookmark(&certified, req, &reg).and_then(|()| place_bookmark(req, &reg))
+            })
         }
         Ok(FrameType::StatusRequest) => {
-            return match decode_message::<StatusRequest>("StatusRequest", &payload)
-                .map_err(|e| e.to_string())
-                .and_then(|r| status(&r, &reg))
-            {
-                Ok(reply) => {
-                    let _ = write_frame(&mut writer, FrameType::StatusReply, &encode_message(&reply), &mut scratch);
-                }
-                Err(why) => refuse(&mut writer, peer, &why),
-            };
+            return answer(&mut writer, peer, &payload, FrameType::StatusReply, |req: &StatusRequest| status(req, &reg));
         }
         Ok(FrameType::SetModeRequest) => {
-            return match decode_message::<SetModeRequest>("SetModeRequest", &payload)
-                .map_err(|e| e.to_string())
-                .and_then(|r| set_mode(&r, &reg))
-            {
-                Ok(reply) => {
-                    let _ = write_frame(&mut writer, FrameType::SetModeReply, &encode_message(&reply), &mut scratch);
-                }
-                Err(why) => refuse(&mut writer, peer, &why),
-            };
+            return answer(&mut writer, peer, &payload, FrameType::SetModeReply, |req: &SetModeRequest| {
+                authorise_operator(&certified, &reg, "changes a group's mode").and_then(|()| set_mode(req, &reg))
+            })
         }
         Ok(other) => return refuse(&mut writer, peer, &format!("expected AgentHello, got {other:?}")),
         Err(e) => return log::warn!("agent {peer}: handshake failed: {e}"),
     };
+    if let Err(why) = authorise_agent(&certified, &hello.vm) {
+        return refuse(&mut writer, peer, &why);
+    }
     let disks = match attach(&hello, &reg) {
         Ok(d) => d,
         Err(why) => return refuse(&mut writer, peer, &why),
@@ -130,7 +128,7 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
         detach(&reg, &names);
         return log::warn!("agent {peer}: {e}");
     }
-    log::info!("agent {peer} (vm {}) attached volumes {}", hello.vm, names.join(", "));
+    log::info!("agent {peer} (vm {}, {certified}) attached volumes {}", hello.vm, names.join(", "));
 
     let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<WriteAck>();
     let (control_tx, control_rx) = crossbeam_channel::unbounded::<(FrameType, Vec<u8>)>();
@@ -146,11 +144,42 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
     }
     drop(ack_tx);
     drop(disks);
-    let _ = reader.get_ref().shutdown(std::net::Shutdown::Both);
+    reader.get_ref().shutdown();
     if let Ok(t) = ack_thread {
         let _ = t.join();
     }
     detach(&reg, &names);
+}
+
+/// Answers an operator's request (bookmark, status, mode): decodes it, runs `handle`, and
+/// sends its reply, or an `Error` naming why not.
+fn answer<Q: serde::de::DeserializeOwned, R: serde::Serialize>(
+    writer: &mut WriteHalf,
+    peer: SocketAddr,
+    payload: &[u8],
+    reply: FrameType,
+    handle: impl FnOnce(&Q) -> Result<R, String>,
+) {
+    match decode_message::<Q>("request", payload).map_err(|e| e.to_string()).and_then(|req| handle(&req)) {
+        Ok(r) => {
+            let _ = write_frame(writer, reply, &encode_message(&r), &mut Vec::new());
+            writer.close();
+        }
+        Err(why) => refuse(writer, peer, &why),
+    }
+}
+
+/// An operator certificate or this engine's own.
+fn authorise_operator(peer: &Peer, reg: &Registry, what: &str) -> Result<(), String> {
+    match peer {
+        Peer::Plaintext => Ok(()),
+        Peer::Certified(id) if id.name(Role::Operator).is_some() || reg.own_name.as_deref().is_some_and(|own| id.is(Role::Engine, own)) => {
+            Ok(())
+        }
+        Peer::Certified(id) => Err(format!(
+            "its certificate names {id}: only an operator certificate (hindsight certs issue --role operator) or the engine's own {what}"
+        )),
+    }
 }
 
 /// The state of the requested groups (all when none is named).
@@ -204,10 +233,53 @@ fn set_mode(req: &SetModeRequest, reg: &Registry) -> Result<SetModeReply, String
     Ok(SetModeReply { group: req.group.clone(), previous: previous.as_str().to_owned(), mode: mode.as_str().to_owned() })
 }
 
-fn refuse(w: &mut TcpStream, peer: SocketAddr, why: &str) {
+fn refuse(w: &mut WriteHalf, peer: SocketAddr, why: &str) {
     log::warn!("agent {peer} refused: {why}");
     let msg = encode_message(&ErrorMessage { message: why.to_owned() });
     let _ = write_frame(w, FrameType::Error, &msg, &mut Vec::new());
+    w.close();
+}
+
+/// An agent may only present the VM its certificate names: the volumes it may write are
+/// then those of that VM in engine.toml (checked by `attach`).
+fn authorise_agent(peer: &Peer, vm: &str) -> Result<(), String> {
+    match peer {
+        Peer::Plaintext => Ok(()),
+        Peer::Certified(id) if id.is(Role::Agent, vm) => Ok(()),
+        Peer::Certified(id) => Err(format!(
+            "its certificate names {id}, but its hello claims vm {vm:?} ({vm}.agent.hindsight): an agent may only write the \
+             volumes of its own VM; nothing was written"
+        )),
+    }
+}
+
+/// Who may place bookmarks: an operator certificate, this engine's own, or an agent for the
+/// groups that hold volumes of its VM.
+fn authorise_bookmark(peer: &Peer, req: &BookmarkRequest, reg: &Registry) -> Result<(), String> {
+    let Peer::Certified(id) = peer else { return Ok(()) };
+    if authorise_operator(peer, reg, "").is_ok() {
+        return Ok(());
+    }
+    let vms: HashSet<&str> = id.names(Role::Agent).collect();
+    if vms.is_empty() {
+        return Err(format!(
+            "its certificate names {id}: bookmarks are placed with an operator certificate (hindsight certs issue --role \
+             operator), the engine's own, or an agent's for the groups of its VM"
+        ));
+    }
+    let own: HashSet<&str> = reg
+        .groups
+        .values()
+        .filter(|g| g.config.volumes.iter().any(|v| vms.contains(v.vm.as_str())))
+        .map(|g| g.config.name.as_str())
+        .collect();
+    if req.groups.is_empty() {
+        return Err(format!("{id} may only bookmark the groups of its own volumes; name them (--group or --groups)"));
+    }
+    match req.groups.iter().find(|g| !own.contains(g.as_str())) {
+        Some(g) => Err(format!("{id} may only bookmark the groups of its own volumes, and group {g:?} holds none of them")),
+        None => Ok(()),
+    }
 }
 
 /// Places one bookmark in each requested group (every group if none is named) at one
@@ -411,7 +483,7 @@ fn detach(reg: &Registry, names: &[String]) {
 }
 
 fn read_loop(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<ReadHalf>,
     disks: &[Disk],
     ack_tx: &crossbeam_channel::Sender<WriteAck>,
     payload: &mut Vec<u8>,
@@ -463,7 +535,7 @@ fn read_loop(
 
 /// Writes acknowledgements, batching whatever is queued into one socket write, and the
 /// session's control frames between them: the only writer of the socket.
-fn ack_loop(mut w: TcpStream, rx: Receiver<WriteAck>, control: Receiver<(FrameType, Vec<u8>)>, peer: SocketAddr) {
+fn ack_loop(w: WriteHalf, rx: Receiver<WriteAck>, control: Receiver<(FrameType, Vec<u8>)>, peer: SocketAddr) {
     let mut buf = Vec::with_capacity(64 << 10);
     let mut scratch = Vec::new();
     loop {
@@ -485,9 +557,9 @@ fn ack_loop(mut w: TcpStream, rx: Receiver<WriteAck>, control: Receiver<(FrameTy
         if buf.is_empty() {
             continue;
         }
-        if let Err(e) = w.write_all(&buf) {
+        if let Err(e) = w.send(&buf) {
             log::debug!("agent {peer}: cannot send acknowledgements: {e}");
-            let _ = w.shutdown(std::net::Shutdown::Both);
+            w.shutdown();
             return;
         }
     }

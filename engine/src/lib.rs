@@ -1,6 +1,8 @@
 //! The Hindsight replication engine.
 //!
-//! Agents connect over TCP and send every write of their disks ([`agents`]). Each write is
+//! Agents connect over TLS (or loopback plaintext; `hindsight_consistency::transport`), are
+//! authorised by the VM their certificate names, and send every write of their disks
+//! ([`agents`]). Each write is
 //! routed to its consistency group ([`group`]), whose single journal thread numbers it with
 //! the group's next sequence number, timestamps it, appends it to the group's journal and,
 //! after the group commit's fdatasync, acknowledges it to the agent (`cdp` mode). A shipper
@@ -35,6 +37,7 @@ use std::sync::{Arc, Mutex};
 use hindsight_consistency::config::EngineConfig;
 use hindsight_consistency::journal::{Journal, JournalOptions};
 use hindsight_consistency::storage::{StdStorage, Storage};
+use hindsight_consistency::transport::Role;
 
 pub use error::EngineError;
 
@@ -67,7 +70,9 @@ pub fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
 /// Like [`start`], with every journal file going through `fs` (tests use a
 /// [`hindsight_consistency::faults::FaultyStorage`] to inject I/O errors).
 pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<EngineHandle, EngineError> {
-    let engine_name = format!("engine@{}", config.listen);
+    // With TLS the engine is who its certificate says; targets check that name.
+    let own_name = config.security.tls().and_then(|t| t.own().name(Role::Engine)).map(str::to_owned);
+    let engine_name = own_name.clone().unwrap_or_else(|| format!("engine@{}", config.listen));
     let mut groups = HashMap::new();
     // One limiter per target address, shared by the groups shipping there.
     let mut limiters: HashMap<String, Arc<limiter::Limiter>> = HashMap::new();
@@ -89,8 +94,14 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
         let limiter = config
             .max_bandwidth
             .map(|rate| Arc::clone(limiters.entry(g.target.clone()).or_insert_with(|| Arc::new(limiter::Limiter::new(rate)))));
-        let shipper =
-            shipper::Shipper { group: handle.clone(), journal_dir: dir, fs: fs.clone(), engine_name: engine_name.clone(), limiter };
+        let shipper = shipper::Shipper {
+            group: handle.clone(),
+            journal_dir: dir,
+            fs: fs.clone(),
+            engine_name: engine_name.clone(),
+            security: config.security.clone(),
+            limiter,
+        };
         std::thread::Builder::new()
             .name(format!("ship-{}", g.name))
             .spawn(move || shipper.run())
@@ -107,6 +118,8 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
         next_id: std::sync::atomic::AtomicU64::new(1),
         quiesce_waits: Mutex::new(HashMap::new()),
         name: engine_name,
+        own_name,
+        security: config.security.clone(),
     });
     let reg = registry.clone();
     std::thread::Builder::new()
@@ -124,7 +137,12 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
             }
         })
         .map_err(|source| EngineError::Spawn { what: "accept".into(), source })?;
-    log::info!("engine listening on {local_addr}");
+    match config.security.tls() {
+        Some(t) => {
+            log::info!("engine listening on {local_addr} (TLS as {}, peers must be certified by {})", t.own(), t.files().ca.display())
+        }
+        None => log::warn!("engine listening on {local_addr} in plaintext (tls.insecure_plaintext = true): nobody is authenticated"),
+    }
     Ok(EngineHandle { local_addr, registry })
 }
 

@@ -17,6 +17,7 @@ use hindsight_consistency::config::ReplicationMode;
 use hindsight_consistency::journal::JournalReader;
 use hindsight_consistency::record::{encode_record, RecordHeader};
 use hindsight_consistency::storage::Storage;
+use hindsight_consistency::transport::{Connection, Role, Security, WriteHalf};
 use hindsight_consistency::wire::frame::FRAME_HEADER_LEN;
 use hindsight_consistency::wire::{
     compress_records, decode_confirm, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, TargetHello,
@@ -48,6 +49,8 @@ pub struct Shipper {
     pub fs: Arc<dyn Storage>,
     /// Engine name for the target's logs.
     pub engine_name: String,
+    /// How the link to the target is protected.
+    pub security: Security,
     /// The bandwidth limit of the link to this group's target, shared with the other groups
     /// shipping there.
     pub limiter: Option<Arc<Limiter>>,
@@ -74,13 +77,19 @@ impl Shipper {
         }
     }
 
-    fn connect(&self) -> Result<TcpStream, String> {
-        let target = &self.group.config.target;
+    /// Connects and runs the TLS handshake: the target's certificate must be valid for the
+    /// group's `target_server_name` and name a target.
+    fn connect(&self) -> Result<Connection, String> {
+        let cfg = &self.group.config;
+        let target = &cfg.target;
         let addrs = target.to_socket_addrs().map_err(|e| format!("cannot resolve {target}: {e}"))?;
         let mut last = String::from("no address");
         for a in addrs {
             match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
-                Ok(s) => return Ok(s),
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    return self.security.connect(s, &cfg.target_server_name, Role::Target).map_err(|e| e.to_string());
+                }
                 Err(e) => last = e.to_string(),
             }
         }
@@ -90,10 +99,7 @@ impl Shipper {
     /// One connection: handshake, then ship until it breaks.
     fn session(&self) -> Result<(), String> {
         let cfg = &self.group.config;
-        let stream = self.connect()?;
-        let _ = stream.set_nodelay(true);
-        let mut w = stream.try_clone().map_err(|e| e.to_string())?;
-        let mut r = stream;
+        let (mut r, mut w) = self.connect()?.split();
         let mut scratch = Vec::new();
         let hello = TargetHello {
             protocol: PROTOCOL_VERSION,
@@ -171,19 +177,19 @@ impl Shipper {
                         }
                     }
                     broken.store(true, Ordering::Release);
-                    let _ = r.shutdown(std::net::Shutdown::Both);
+                    r.shutdown();
                 })
                 .map_err(|e| e.to_string())?
         };
 
         let result = self.ship(&mut reader, &mut w, &broken, compress);
-        let _ = w.shutdown(std::net::Shutdown::Both);
+        w.shutdown();
         let _ = confirm_thread.join();
         shared.policy.target_connected(false);
         result
     }
 
-    fn ship(&self, reader: &mut JournalReader, w: &mut TcpStream, broken: &AtomicBool, compress: bool) -> Result<(), String> {
+    fn ship(&self, reader: &mut JournalReader, w: &mut WriteHalf, broken: &AtomicBool, compress: bool) -> Result<(), String> {
         let shared = &self.group.shared;
         let mut frame = Vec::with_capacity(FRAME_TARGET_BYTES + (1 << 20));
         let mut out =
@@ -300,7 +306,7 @@ impl Shipper {
 /// Sends frames of records: compressed when negotiated and worth it, paced by the bandwidth
 /// limit, counted.
 struct Sender<'a> {
-    w: &'a mut TcpStream,
+    w: &'a mut WriteHalf,
     limiter: Option<&'a Limiter>,
     compress: bool,
     scratch: Vec<u8>,

@@ -19,7 +19,7 @@ use hindsight_consistency::WriteKind;
 
 fn engine_config(dir: &Path, target_port: u16, segment: &str) -> EngineConfig {
     let text = format!(
-        "[engine]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nsegment_size = \"{segment}\"\n\n[[group]]\nname = \"erp\"\nmode = \"cdp\"\ntarget = \"127.0.0.1:{target_port}\"\n\n[[group.volume]]\nname = \"db\"\nvm = \"vm1\"\nsize = \"64MiB\"\n\n[[group.volume]]\nname = \"logs\"\nvm = \"vm2\"\nsize = \"64MiB\"\n",
+        "[engine]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nsegment_size = \"{segment}\"\n\n[tls]\ninsecure_plaintext = true\n\n[[group]]\nname = \"erp\"\nmode = \"cdp\"\ntarget = \"127.0.0.1:{target_port}\"\n\n[[group.volume]]\nname = \"db\"\nvm = \"vm1\"\nsize = \"64MiB\"\n\n[[group.volume]]\nname = \"logs\"\nvm = \"vm2\"\nsize = \"64MiB\"\n",
         dir.display()
     );
     EngineConfig::from_str(Path::new("engine.toml"), &text).unwrap()
@@ -242,7 +242,7 @@ fn a_parallel_bookmark_lands_in_every_group_between_acknowledged_writes() {
     let d = tempfile::tempdir().unwrap();
     let unused = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let text = format!(
-        "[engine]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[[group]]\nname = \"erp\"\ntarget = \"127.0.0.1:{unused}\"\n[[group.volume]]\nname = \"db\"\nvm = \"vm1\"\nsize = \"64MiB\"\n\n[[group]]\nname = \"crm\"\ntarget = \"127.0.0.1:{unused}\"\n[[group.volume]]\nname = \"crm-db\"\nvm = \"vm2\"\nsize = \"64MiB\"\n",
+        "[engine]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[tls]\ninsecure_plaintext = true\n\n[[group]]\nname = \"erp\"\ntarget = \"127.0.0.1:{unused}\"\n[[group.volume]]\nname = \"db\"\nvm = \"vm1\"\nsize = \"64MiB\"\n\n[[group]]\nname = \"crm\"\ntarget = \"127.0.0.1:{unused}\"\n[[group.volume]]\nname = \"crm-db\"\nvm = \"vm2\"\nsize = \"64MiB\"\n",
         d.path().display()
     );
     let engine = hindsight_engine::start(EngineConfig::from_str(Path::new("engine.toml"), &text).unwrap()).unwrap();

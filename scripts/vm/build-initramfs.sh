@@ -9,6 +9,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN_DIR=$1
 OUT=$2
+# The agent's CA, certificate and key (ca.pem, agent.pem, agent-key.pem), for /etc/hindsight/tls.
+TLS_DIR=$3
 WORK=${HS_VM_WORK:-/var/tmp/hindsight-vm}
 KVER=$(cat "$WORK/kver")
 MODDIR=$WORK/kernel/lib/modules/$KVER
@@ -28,6 +30,9 @@ make_tree() {
   cp /etc/mke2fs.conf "$ROOT/etc/mke2fs.conf"
   install -m 0755 "$HERE/guest-init.sh" "$ROOT/init"
   install -m 0755 "$HERE/../../tests/vm/guest-test.sh" "$ROOT/guest-test.sh"
+  mkdir -p "$ROOT/etc/hindsight/tls"
+  install -m 0644 "$TLS_DIR/ca.pem" "$TLS_DIR/agent.pem" "$ROOT/etc/hindsight/tls/"
+  install -m 0600 "$TLS_DIR/agent-key.pem" "$ROOT/etc/hindsight/tls/"
 }
 
 # The path of module $1 relative to $MODDIR as modules.dep writes it, or nothing.

@@ -1,4 +1,5 @@
-//! The agent's one connection to the engine: the hello, then pipelined writes and their
+//! The agent's one connection to the engine: the TLS handshake (or loopback plaintext, see
+//! `hindsight_consistency::transport`), the hello, then pipelined writes and their
 //! acknowledgements (docs/wire-protocol.md).
 //!
 //! ```text
@@ -7,8 +8,13 @@
 //! ```
 //!
 //! [`EngineLink::submit`] gives each write the next `req_id`, keeps it (data included) in the
-//! pending map, and sends it as one frame under the writer mutex. An ack-reader thread takes
-//! each `WriteAck`, removes the write from the pending map and runs its completion.
+//! pending map, and sends it as one frame under the writer mutex, on the connection's write
+//! half. An ack-reader thread reads the read half: it takes each `WriteAck`, removes the write
+//! from the pending map and runs its completion.
+//!
+//! A refusal of TLS (a certificate the engine does not accept, or an engine whose certificate
+//! this agent does not accept) makes `connect` fail at once, like a refusal of the hello: the
+//! files must be fixed. Once running, it is logged and retried like any lost connection.
 //!
 //! When the connection is lost, a supervisor thread reconnects with backoff (100 ms doubling
 //! to 5 s) and redoes the hello. Until then new writes only join the pending map; once the
@@ -20,7 +26,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -28,6 +34,7 @@ use std::time::{Duration, Instant};
 use crate::quiesce::Quiescer;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hindsight_consistency::record::MAX_WRITE_LEN;
+use hindsight_consistency::transport::{is_refusal_io, Connection, ReadHalf, Role, Security, WriteHalf};
 use hindsight_consistency::wire::frame::{encode_header, FRAME_HEADER_LEN};
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, DiskHello, ErrorMessage, FrameError, FrameType,
@@ -60,6 +67,10 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct LinkConfig {
     /// Engine address, `host:port`.
     pub engine: String,
+    /// How the link is protected (TLS, or plaintext on loopback).
+    pub security: Security,
+    /// The name the engine's certificate must be valid for.
+    pub server_name: String,
     /// This VM's name, sent in the hello.
     pub vm: String,
     /// The disks, in disk-number order.
@@ -102,6 +113,14 @@ pub enum LinkError {
         /// What went wrong.
         #[source]
         source: FrameError,
+    },
+    /// TLS could not be set up: a certificate was refused, by the engine or by this agent.
+    #[error("TLS with the engine at {engine} failed: {reason}; check [tls] in agent.toml (docs/security.md)")]
+    Tls {
+        /// The address.
+        engine: String,
+        /// Why.
+        reason: String,
     },
     /// The engine refused this agent (its configuration does not match).
     #[error("the engine at {engine} refused this agent: {message}")]
@@ -180,7 +199,7 @@ struct Pending {
 /// Where the connection stands; changes only under the writer mutex.
 enum State {
     /// Connected: writes are sent at once.
-    Up(TcpStream),
+    Up(WriteHalf),
     /// Lost at `since`: writes wait in the pending map for the reconnection.
     Reconnecting { since: Instant },
     /// Unreachable for longer than the engine timeout: writes fail at once.
@@ -198,6 +217,8 @@ struct Writer {
 
 struct Inner {
     engine: String,
+    security: Security,
+    server_name: String,
     hello: Vec<u8>,
     volumes: Vec<String>,
     engine_timeout: Duration,
@@ -235,11 +256,10 @@ impl EngineLink {
         let volumes: Vec<String> = config.disks.iter().map(|d| d.volume.clone()).collect();
         let hello = encode_message(&AgentHello { protocol: PROTOCOL_VERSION, vm: config.vm.clone(), disks: config.disks.clone() });
         let (stream, state) = match first_connection(&config, &hello) {
-            Ok(stream) => {
-                let writer =
-                    stream.try_clone().map_err(|e| LinkError::Handshake { engine: config.engine.clone(), source: FrameError::Io(e) })?;
-                info!("engine link to {} up; replicating volumes {}", config.engine, volumes.join(", "));
-                (Some(stream), State::Up(writer))
+            Ok(conn) => {
+                info!("engine link to {} up ({}); replicating volumes {}", config.engine, conn.peer(), volumes.join(", "));
+                let (reader, writer) = conn.split();
+                (Some(reader), State::Up(writer))
             }
             Err(e @ (LinkError::Unreachable { .. } | LinkError::Handshake { .. })) if config.start_offline => {
                 warn!(
@@ -253,6 +273,8 @@ impl EngineLink {
         };
         let inner = Arc::new(Inner {
             engine: config.engine,
+            security: config.security,
+            server_name: config.server_name,
             hello,
             volumes,
             engine_timeout: config.engine_timeout,
@@ -342,7 +364,7 @@ impl Drop for EngineLink {
         let mut w = lock(&self.inner.writer);
         if let State::Up(stream) = &w.state {
             // Ends the ack reader; the supervisor then sees the link closed.
-            let _ = stream.shutdown(Shutdown::Both);
+            stream.shutdown();
         }
         w.state = State::Closed;
     }
@@ -350,15 +372,17 @@ impl Drop for EngineLink {
 
 /// Connects at start, retrying with backoff for up to `config.connect_wait`; a refusal by
 /// the engine is returned at once.
-fn first_connection(config: &LinkConfig, hello: &[u8]) -> Result<TcpStream, LinkError> {
+fn first_connection(config: &LinkConfig, hello: &[u8]) -> Result<Connection, LinkError> {
     let engine = config.engine.clone();
     let started = Instant::now();
     let mut backoff = FIRST_BACKOFF;
     let mut last_failure = String::new();
+    let to = Destination { engine: &config.engine, security: &config.security, server_name: &config.server_name };
     loop {
-        let failure = match hello_exchange(&config.engine, hello, config.engine_timeout) {
+        let failure = match hello_exchange(&to, hello, config.engine_timeout) {
             Ok(stream) => return Ok(stream),
             Err(Attempt::Refused(message)) => return Err(LinkError::Refused { engine, message }),
+            Err(Attempt::Tls(reason)) => return Err(LinkError::Tls { engine, reason }),
             Err(failure) => failure,
         };
         let waited = started.elapsed();
@@ -367,6 +391,7 @@ fn first_connection(config: &LinkConfig, hello: &[u8]) -> Result<TcpStream, Link
                 Attempt::Connect(source) => LinkError::Unreachable { engine, waited, source },
                 Attempt::Hello(source) => LinkError::Handshake { engine, source },
                 Attempt::Refused(message) => LinkError::Refused { engine, message },
+                Attempt::Tls(reason) => LinkError::Tls { engine, reason },
             });
         }
         let failure = failure.to_string();
@@ -385,6 +410,8 @@ enum Attempt {
     Connect(io::Error),
     Hello(FrameError),
     Refused(String),
+    /// A certificate was refused (by either side): retrying cannot help.
+    Tls(String),
 }
 
 impl std::fmt::Display for Attempt {
@@ -393,12 +420,21 @@ impl std::fmt::Display for Attempt {
             Attempt::Connect(e) => write!(f, "connecting: {e}"),
             Attempt::Hello(e) => write!(f, "hello: {e}"),
             Attempt::Refused(m) => write!(f, "refused: {m}"),
+            Attempt::Tls(m) => write!(f, "TLS: {m}"),
         }
     }
 }
 
-/// Connects, sends the hello and waits for the welcome.
-fn hello_exchange(engine: &str, hello: &[u8], write_timeout: Duration) -> Result<TcpStream, Attempt> {
+/// Where the link goes and how.
+struct Destination<'a> {
+    engine: &'a str,
+    security: &'a Security,
+    server_name: &'a str,
+}
+
+/// Connects, runs the TLS handshake, sends the hello and waits for the welcome.
+fn hello_exchange(to: &Destination<'_>, hello: &[u8], write_timeout: Duration) -> Result<Connection, Attempt> {
+    let engine = to.engine;
     let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
     let mut stream = None;
     for addr in engine.to_socket_addrs().map_err(Attempt::Connect)? {
@@ -410,14 +446,25 @@ fn hello_exchange(engine: &str, hello: &[u8], write_timeout: Duration) -> Result
             Err(e) => last = e,
         }
     }
-    let mut stream = stream.ok_or(Attempt::Connect(last))?;
-    let io_err = |e: io::Error| Attempt::Hello(FrameError::Io(e));
+    let stream: TcpStream = stream.ok_or(Attempt::Connect(last))?;
+    let io_err = |e: io::Error| if is_refusal_io(&e) { Attempt::Tls(e.to_string()) } else { Attempt::Hello(FrameError::Io(e)) };
     // Writes are small and latency-bound; do not let Nagle hold them back.
     stream.set_nodelay(true).map_err(io_err)?;
+    let mut stream = to.security.connect(stream, to.server_name, Role::Engine).map_err(|e| {
+        if e.is_refusal() {
+            Attempt::Tls(e.to_string())
+        } else {
+            Attempt::Hello(FrameError::Io(io::Error::other(e.to_string())))
+        }
+    })?;
     stream.set_read_timeout(Some(HELLO_TIMEOUT)).map_err(io_err)?;
     write_frame(&mut stream, FrameType::AgentHello, hello, &mut Vec::new()).map_err(io_err)?;
     let mut payload = Vec::new();
-    match read_frame(&mut stream, &mut payload).map_err(Attempt::Hello)? {
+    let frame = read_frame(&mut stream, &mut payload).map_err(|e| match e {
+        FrameError::Io(e) => io_err(e),
+        other => Attempt::Hello(other),
+    })?;
+    match frame {
         FrameType::AgentWelcome => {
             let welcome: AgentWelcome = decode_message("AgentWelcome", &payload).map_err(Attempt::Hello)?;
             debug!("engine {engine} ({}) speaks protocol {}", welcome.engine, welcome.protocol);
@@ -448,9 +495,9 @@ fn encode_write(scratch: &mut Vec<u8>, req_id: u64, p: &Outgoing) {
 
 /// Owns the connection's life: runs an ack reader per connection, and reconnects when it
 /// ends, until the link is dropped. `reader` reads the first connection, which is up already.
-fn supervise(inner: &Arc<Inner>, first: Option<TcpStream>, closed: &Receiver<()>) {
+fn supervise(inner: &Arc<Inner>, first: Option<ReadHalf>, closed: &Receiver<()>) {
     // A new connection, to bring up once its ack reader runs.
-    let mut fresh: Option<TcpStream> = None;
+    let mut fresh: Option<WriteHalf> = None;
     let mut reader = match first {
         Some(stream) => stream,
         None => match next_connection(inner, closed) {
@@ -494,16 +541,10 @@ fn supervise(inner: &Arc<Inner>, first: Option<TcpStream>, closed: &Receiver<()>
     finish(inner);
 }
 
-/// Reconnects; returns the reader half and the stream to bring up, or `None` once the link
-/// is closed.
-fn next_connection(inner: &Inner, closed: &Receiver<()>) -> Option<(TcpStream, TcpStream)> {
-    loop {
-        let stream = reconnect(inner, closed)?;
-        match stream.try_clone() {
-            Ok(r) => return Some((r, stream)),
-            Err(e) => warn!("engine {}: {e}", inner.engine),
-        }
-    }
+/// Reconnects; returns the reader half and the writer half to bring up, or `None` once the
+/// link is closed.
+fn next_connection(inner: &Inner, closed: &Receiver<()>) -> Option<(ReadHalf, WriteHalf)> {
+    reconnect(inner, closed).map(Connection::split)
 }
 
 /// The link is closed: fails every write still waiting.
@@ -518,7 +559,7 @@ fn finish(inner: &Inner) {
 }
 
 /// Reads acknowledgements until the connection ends; returns why it ended.
-fn read_acks(inner: &Arc<Inner>, stream: TcpStream) -> FrameError {
+fn read_acks(inner: &Arc<Inner>, stream: ReadHalf) -> FrameError {
     let mut payload = Vec::new();
     // Acknowledgements arrive in batches: one read takes many of them.
     let mut stream = std::io::BufReader::with_capacity(64 << 10, stream);
@@ -599,7 +640,7 @@ impl Inner {
 
 /// Tries to reconnect, with backoff, until it succeeds or the link is dropped (`None`).
 /// Fails the pending writes once the engine has been unreachable for the engine timeout.
-fn reconnect(inner: &Inner, closed: &Receiver<()>) -> Option<TcpStream> {
+fn reconnect(inner: &Inner, closed: &Receiver<()>) -> Option<Connection> {
     let mut backoff = FIRST_BACKOFF;
     let mut last_failure = String::new();
     loop {
@@ -611,7 +652,8 @@ fn reconnect(inner: &Inner, closed: &Receiver<()>) -> Option<TcpStream> {
             Err(RecvTimeoutError::Timeout) => {}
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return None,
         }
-        match hello_exchange(&inner.engine, &inner.hello, inner.engine_timeout) {
+        let to = Destination { engine: &inner.engine, security: &inner.security, server_name: &inner.server_name };
+        match hello_exchange(&to, &inner.hello, inner.engine_timeout) {
             Ok(stream) => return Some(stream),
             Err(failure) => {
                 let failure = failure.to_string();
@@ -630,7 +672,7 @@ impl Inner {
     /// reader. The pending writes stay, to be sent again.
     fn lose(&self, state: &mut State, reason: &str) {
         if let State::Up(stream) = &*state {
-            let _ = stream.shutdown(Shutdown::Both);
+            stream.shutdown();
             warn!(
                 "engine link to {} lost: {reason}; reconnecting, {} write(s) in flight will be sent again",
                 self.engine,
@@ -642,11 +684,11 @@ impl Inner {
 
     /// On a fresh connection: sends every pending write again in its original order, then
     /// lets new writes through.
-    fn go_up(&self, mut stream: TcpStream) {
+    fn go_up(&self, mut stream: WriteHalf) {
         let mut w = lock(&self.writer);
         let w = &mut *w;
         if matches!(w.state, State::Closed) {
-            let _ = stream.shutdown(Shutdown::Both);
+            stream.shutdown();
             return;
         }
         // Later writes cannot be submitted while the writer mutex is held, so this is every
@@ -666,7 +708,7 @@ impl Inner {
             if let Err(e) = stream.write_all(&w.scratch) {
                 warn!("engine {}: sending writes again failed: {e}", self.engine);
                 // The ack reader ends and the supervisor reconnects; the state stays down.
-                let _ = stream.shutdown(Shutdown::Both);
+                stream.shutdown();
                 return;
             }
         }

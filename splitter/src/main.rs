@@ -115,6 +115,15 @@ fn run(args: &Args) -> Result<(), Failure> {
     let disks = open_disks(file, &config)?;
     if args.check {
         println!("{}: vm {:?}, engine {}, {} disk(s):", file.display(), config.vm, config.engine, disks.len());
+        match config.security.tls() {
+            Some(t) => println!(
+                "  TLS as {}; the engine's certificate must be issued by {} and valid for {}",
+                t.own(),
+                t.files().ca.display(),
+                config.engine_server_name
+            ),
+            None => println!("  plaintext (tls.insecure_plaintext = true): nothing is encrypted or authenticated"),
+        }
         for d in &disks {
             let mut served = Vec::new();
             if let Some(f) = &d.config.frontend {
@@ -145,6 +154,8 @@ fn run(args: &Args) -> Result<(), Failure> {
     let signals = stop_signals()?;
     let link = EngineLink::connect(LinkConfig {
         engine: config.engine.clone(),
+        security: config.security.clone(),
+        server_name: config.engine_server_name.clone(),
         vm: config.vm.clone(),
         disks: disks
             .iter()

@@ -4,7 +4,8 @@
 //!
 //! # How a write flows through the target
 //!
-//! 1. An engine connects and sends a `TargetHello` for one group; the target answers
+//! 1. An engine connects over TLS (its certificate must name an engine this target trusts,
+//!    `tls.engines`) and sends a `TargetHello` for one group; the target answers
 //!    `TargetWelcome { durable_seq }` (docs/wire-protocol.md), creating the group at its first
 //!    hello. One engine connection per group at a time.
 //! 2. Each `Records` frame is checked whole (records decode, name a volume of the group, lie

@@ -10,8 +10,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use hindsight_consistency::config::{check_name, TargetConfig};
+use hindsight_consistency::config::{check_name, EngineTrust, TargetConfig};
 use hindsight_consistency::storage::Storage;
+use hindsight_consistency::transport::{AcceptError, Peer, ReadHalf, Role, TransportError, WriteHalf};
 use hindsight_consistency::wire::frame::{decode_header, FRAME_HEADER_LEN};
 use hindsight_consistency::wire::{
     decode_message, decompress_records, encode_confirm, encode_message, read_frame, write_frame, ErrorMessage, FrameError, FrameType,
@@ -208,6 +209,13 @@ pub(crate) fn start(config: TargetConfig, fs: Arc<dyn Storage>) -> Result<Target
         .spawn(move || accept_loop(&s, &listener))
         .map_err(|source| TargetError::Spawn { what: "accept", source })?;
     log::info!("target listening on {local_addr}, data in {}", shared.config.data_dir.display());
+    match (shared.config.security.tls(), &shared.config.engines) {
+        (Some(t), EngineTrust::AnyCertified) => {
+            log::info!("TLS as {}; every engine certified by {} may ship here", t.own(), t.files().ca.display())
+        }
+        (Some(t), EngineTrust::Named(names)) => log::info!("TLS as {}; engines allowed to ship here: {}", t.own(), names.join(", ")),
+        (None, _) => log::warn!("plaintext (tls.insecure_plaintext = true): engines are not authenticated"),
+    }
     Ok(TargetHandle {
         shared,
         local_addr,
@@ -301,24 +309,67 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
 }
 
 /// Sends an `Error` frame (best effort): the peer learns why before the connection closes.
-fn send_error(stream: &mut TcpStream, message: &str) {
+fn send_error(stream: &mut impl Write, message: &str) {
     let mut scratch = Vec::new();
     let payload = encode_message(&ErrorMessage { message: message.to_owned() });
     let _ = write_frame(stream, FrameType::Error, &payload, &mut scratch);
     let _ = stream.flush();
 }
 
+/// Which engine a connection is, if its certificate lets it ship here: `Ok(None)` on
+/// plaintext (nobody is authenticated), `Ok(Some(name))` for a trusted engine.
+fn authorise_engine(peer: &Peer, trust: &EngineTrust) -> Result<Option<String>, String> {
+    let Peer::Certified(id) = peer else { return Ok(None) };
+    let mut names = id.names(Role::Engine);
+    let Some(first) = names.next() else {
+        return Err(format!("its certificate names {id}, not an engine (a name ending in .engine.hindsight); nothing was written"));
+    };
+    match trust {
+        EngineTrust::AnyCertified => Ok(Some(first.to_owned())),
+        EngineTrust::Named(allowed) => match std::iter::once(first).chain(names).find(|n| allowed.iter().any(|a| a == n)) {
+            Some(n) => Ok(Some(n.to_owned())),
+            None => Err(format!(
+                "engine {first} is not trusted here: tls.engines in target.toml lists {}; add it there to let it ship \
+                 (nothing was written)",
+                allowed.join(", ")
+            )),
+        },
+    }
+}
+
 fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
-    let mut writer = stream;
-    let setup = writer
-        .set_nonblocking(false)
-        .and_then(|()| writer.set_nodelay(true))
-        .and_then(|()| writer.set_write_timeout(Some(WRITE_TIMEOUT)))
-        .and_then(|()| writer.try_clone());
-    let read_half = match setup {
-        Ok(r) => r,
-        Err(e) => {
-            log::warn!("engine connection from {peer}: socket setup failed: {e}");
+    let setup =
+        stream.set_nonblocking(false).and_then(|()| stream.set_nodelay(true)).and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)));
+    if let Err(e) = setup {
+        log::warn!("engine connection from {peer}: socket setup failed: {e}");
+        return;
+    }
+    let conn = match shared.config.security.accept(stream) {
+        Ok(c) => c,
+        Err(AcceptError::Plaintext(mut c)) => {
+            log::warn!("engine connection from {peer} refused: it does not use TLS, and this target requires it; nothing it sent is read");
+            send_error(&mut c, "this target requires TLS: give [tls] ca, cert and key in engine.toml (docs/security.md)");
+            c.close();
+            return;
+        }
+        Err(AcceptError::Failed(TransportError::ClosedEarly)) => return,
+        Err(AcceptError::Failed(e)) => {
+            log::warn!("engine connection from {peer} refused: {e}; nothing is accepted from it");
+            return;
+        }
+    };
+    let certified = conn.peer().clone();
+    let (read_half, mut writer) = conn.split();
+    if let Err(e) = writer.set_write_timeout(Some(WRITE_TIMEOUT)) {
+        log::warn!("engine connection from {peer}: socket setup failed: {e}");
+        return;
+    }
+    let engine_name = match authorise_engine(&certified, &shared.config.engines) {
+        Ok(n) => n,
+        Err(why) => {
+            log::warn!("engine connection from {peer} refused: {why}");
+            send_error(&mut writer, &why);
+            writer.close();
             return;
         }
     };
@@ -346,6 +397,14 @@ fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
+    if let Some(name) = &engine_name {
+        if &hello.engine != name {
+            let why = format!("the hello names engine {:?} but its certificate names engine {name:?}; nothing was written", hello.engine);
+            log::warn!("engine connection from {peer} refused: {why}");
+            send_error(&mut writer, &why);
+            return;
+        }
+    }
     let volumes = match check_hello(&hello) {
         Ok(v) => v,
         Err(why) => {
@@ -386,7 +445,7 @@ fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
         return;
     }
     let how = if compression.is_empty() { String::new() } else { format!(", {compression}") };
-    log::info!("engine {} at {peer} ships group {:?}; resuming after seq {durable}{how}", hello.engine, hello.group);
+    log::info!("engine {} at {peer} ({certified}) ships group {:?}; resuming after seq {durable}{how}", hello.engine, hello.group);
 
     let ctx = format!("engine {} at {peer}, group {:?}", hello.engine, hello.group);
     receive_loop(shared, &group, &mut reader, &mut writer, &ctx);
@@ -431,7 +490,7 @@ fn whole_frame_buffered(buf: &[u8]) -> bool {
 
 /// Reads `Records` frames, journals them in batches (one commit for the frames that have
 /// already arrived together) and confirms each batch.
-fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReader<TcpStream>, writer: &mut TcpStream, ctx: &str) {
+fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReader<ReadHalf>, writer: &mut WriteHalf, ctx: &str) {
     let mut batch: Vec<Vec<u8>> = Vec::new();
     let mut spare: Vec<Vec<u8>> = Vec::new();
     let mut scratch = Vec::new();

@@ -43,6 +43,26 @@ pub fn have_tools(tools: &[&str]) -> bool {
     true
 }
 
+/// Runs `hindsight certs` with these arguments; panics if it fails.
+pub fn certs(args: &[&str], dir: &Path) -> String {
+    run_ok(Command::new(hindsight_bin()).arg("certs").args(args).arg("--dir").arg(dir))
+}
+
+/// The `[tls]` section for the certificate of `role` `name` issued in `pki` by `hindsight
+/// certs issue` (its default file names).
+pub fn tls_section(pki: &Path, role: &str, name: &str) -> String {
+    format!(
+        "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        pki.join("ca.pem").display(),
+        pki.join(format!("{role}-{name}.pem")).display(),
+        pki.join(format!("{role}-{name}-key.pem")).display()
+    )
+}
+
+/// The engine's and the target's names in the test cluster's certificates.
+pub const ENGINE_NAME: &str = "primary";
+pub const TARGET_NAME: &str = "dr";
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -174,6 +194,8 @@ pub struct Cluster {
     engine: Option<Child>,
     agents: BTreeMap<String, Child>,
     pub target_extra: String,
+    /// Extra lines for the target's [tls] section (e.g. `engines = [...]`).
+    pub target_tls_extra: String,
     /// Extra lines for the group's section of engine.toml (e.g. `mode = "sync"`).
     pub group_extra: String,
     /// The port the engine ships to, when not the target's own (a WAN proxy in between).
@@ -209,14 +231,20 @@ impl Cluster {
     }
 
     fn start_servers_with(vols: &[Vol], target_extra: &str) -> Cluster {
-        let mut c = Self::prepare(vols, target_extra);
-        c.launch();
+        Self::start_servers_tls(vols, target_extra, "")
+    }
+
+    /// Like `start_servers`, with extra lines for the [target] and the target's [tls] section.
+    pub fn start_servers_tls(vols: &[Vol], target_extra: &str, target_tls_extra: &str) -> Cluster {
+        let mut c = Self::prepare(vols, target_extra, target_tls_extra);
+        c.start_target();
+        c.start_engine();
         c
     }
 
-    /// The directory, the disk files and the ports, with nothing started: set `group_extra`
-    /// or `ship_port`, then `launch`.
-    pub fn prepare(vols: &[Vol], target_extra: &str) -> Cluster {
+    /// Writes the certificates, the configs and the disk files; starts nothing. Set
+    /// `group_extra`, `engine_extra` or `ship_port` then, and `launch`.
+    pub fn prepare(vols: &[Vol], target_extra: &str, target_tls_extra: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let c = Cluster {
             dir,
@@ -228,6 +256,7 @@ impl Cluster {
             engine: None,
             agents: BTreeMap::new(),
             target_extra: target_extra.into(),
+            target_tls_extra: target_tls_extra.into(),
             group_extra: String::new(),
             ship_port: None,
             engine_extra: String::new(),
@@ -236,10 +265,13 @@ impl Cluster {
             let f = std::fs::File::create(c.disk(&v.name)).unwrap();
             f.set_len(v.size).unwrap();
         }
+        c.make_certs();
+        c.write_configs();
         c
     }
 
-    /// Writes the configs and starts the target and the engine.
+    /// Writes the configs again (with `group_extra`, `engine_extra`, `ship_port`) and starts
+    /// the target and the engine.
     pub fn launch(&mut self) {
         self.write_configs();
         self.start_target();
@@ -257,6 +289,50 @@ impl Cluster {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// The CA and the certificates (`hindsight certs`).
+    pub fn pki(&self) -> PathBuf {
+        self.path("pki")
+    }
+
+    /// Issues a certificate in the cluster's CA (`["--role", "agent", "--name", "vm1"]`, ...).
+    pub fn issue(&self, args: &[&str]) -> String {
+        let mut all = vec!["issue"];
+        all.extend_from_slice(args);
+        certs(&all, &self.pki())
+    }
+
+    /// The [tls] section of a certificate issued in the cluster's CA.
+    pub fn tls_section(&self, role: &str, name: &str) -> String {
+        tls_section(&self.pki(), role, name)
+    }
+
+    /// A CA, the engine's and the target's certificates (for 127.0.0.1), one per VM.
+    fn make_certs(&self) {
+        certs(&["init"], &self.pki());
+        self.issue(&["--role", "engine", "--name", ENGINE_NAME, "--host", "127.0.0.1"]);
+        self.issue(&["--role", "target", "--name", TARGET_NAME, "--host", "127.0.0.1"]);
+        let mut vms: Vec<&str> = self.vols.iter().map(|v| v.vm.as_str()).collect();
+        vms.sort_unstable();
+        vms.dedup();
+        for vm in vms {
+            self.issue(&["--role", "agent", "--name", vm]);
+        }
+    }
+
+    /// Every record in the engine's journal of the group (0 when it has none).
+    pub fn engine_records(&self) -> usize {
+        let dir = self.path("engine").join("groups").join(&self.group).join("journal");
+        let Ok(mut r) = hindsight_consistency::journal::JournalReader::open(hindsight_consistency::storage::StdStorage::shared(), &dir, 1)
+        else {
+            return 0;
+        };
+        let mut n = 0;
+        while r.next().unwrap().is_some() {
+            n += 1;
+        }
+        n
     }
 
     /// The agent's local disk of a volume.
@@ -314,19 +390,22 @@ impl Cluster {
         std::fs::write(
             self.target_toml(),
             format!(
-                "[target]\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n{}\n",
+                "[target]\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n{}\n\n{}{}\n",
                 self.tport,
                 d.join("target").display(),
-                self.target_extra
+                self.target_extra,
+                self.tls_section("target", TARGET_NAME),
+                self.target_tls_extra
             ),
         )
         .unwrap();
         let mode = if self.group_extra.contains("mode =") { String::new() } else { "mode = \"cdp\"\n".to_string() };
         let mut e = format!(
-            "[engine]\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n{}\n\n[[group]]\nname = \"{}\"\n{mode}target = \"127.0.0.1:{}\"\n{}\n",
+            "[engine]\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n{}\n\n{}\n[[group]]\nname = \"{}\"\n{mode}target = \"127.0.0.1:{}\"\n{}\n",
             self.eport,
             d.join("engine").display(),
             self.engine_extra,
+            self.tls_section("engine", ENGINE_NAME),
             self.group,
             self.ship_port.unwrap_or(self.tport),
             self.group_extra
@@ -338,7 +417,7 @@ impl Cluster {
         let mut vms: Vec<&str> = self.vols.iter().map(|v| v.vm.as_str()).collect();
         vms.dedup();
         for vm in vms {
-            let mut a = format!("[agent]\nengine = \"127.0.0.1:{}\"\nvm = \"{vm}\"\n", self.eport);
+            let mut a = format!("[agent]\nengine = \"127.0.0.1:{}\"\nvm = \"{vm}\"\n\n{}", self.eport, self.tls_section("agent", vm));
             for v in self.vols.iter().filter(|v| v.vm == vm) {
                 a += &format!(
                     "\n[[disk]]\ngroup = \"{}\"\nvolume = \"{}\"\npath = \"{}\"\nlisten = \"unix:{}\"\n",

@@ -15,6 +15,8 @@
 
 BIN=/usr/local/bin
 CONFIG=/etc/hindsight/agent.toml
+# The agent's certificate (VM "guest"), its key and the CA, put there by the host.
+TLS=/etc/hindsight/tls
 AGENT_LOG=/tmp/agent.log
 ENGINE=$(sed -n 's/.*hs\.engine=\([^ ]*\).*/\1/p' /proc/cmdline)
 GROUP=vmtier
@@ -76,6 +78,11 @@ write_config() {
 engine = "$ENGINE"
 vm = "guest"
 freeze = ["$UBLK_MNT", "$NBD_MNT"]
+
+[tls]
+ca = "$TLS/ca.pem"
+cert = "$TLS/agent.pem"
+key = "$TLS/agent-key.pem"
 
 [[disk]]
 group = "$GROUP"
@@ -183,7 +190,7 @@ files() {
 # The engine asks this agent to freeze both mount points, places the bookmark and thaws.
 quiesced_bookmark() {
   local out rc
-  out=$(timeout 90 "$BIN/hindsight" bookmark --engine "$ENGINE" --group "$GROUP" --quiesce --json vm-bookmark 2>&1)
+  out=$(timeout 90 "$BIN/hindsight" bookmark --engine "$ENGINE" --ca "$TLS/ca.pem" --cert "$TLS/agent.pem" --key "$TLS/agent-key.pem" --group "$GROUP" --quiesce --json vm-bookmark 2>&1)
   rc=$?
   echo "$out" | sed 's/^/GVM-INFO bookmark: /'
   if [ "$rc" = 0 ] && echo "$out" | grep -Eq '"consistency": *"app-consistent"'; then

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use hindsight_consistency::storage::StdStorage;
+use hindsight_consistency::transport::Security;
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, DiskHello, ErrorMessage, FrameType, WriteAck,
     WriteMsg, PROTOCOL_VERSION,
@@ -305,6 +306,8 @@ impl InProcessAgent {
         let link = Arc::new(
             EngineLink::connect(LinkConfig {
                 engine: engine.to_string(),
+                security: Security::InsecurePlaintext,
+                server_name: engine.ip().to_string(),
                 vm: "vm1".into(),
                 disks: volumes.iter().map(|(name, size)| DiskHello { group: "g".into(), volume: (*name).into(), size: *size }).collect(),
                 connect_wait: if start_offline { Duration::from_millis(300) } else { Duration::from_secs(5) },
@@ -350,7 +353,7 @@ impl Drop for InProcessAgent {
 
 /// Writes an agent.toml serving `volumes` (name, path) of group "g" on one unix socket.
 pub fn write_agent_toml(dir: &Path, engine: &str, volumes: &[(&str, &Path)], socket: &Path) -> PathBuf {
-    let mut text = format!("[agent]\nengine = \"{engine}\"\nvm = \"vm1\"\n");
+    let mut text = format!("[agent]\nengine = \"{engine}\"\nvm = \"vm1\"\n\n[tls]\ninsecure_plaintext = true\n");
     for (name, path) in volumes {
         text.push_str(&format!(
             "\n[[disk]]\ngroup = \"g\"\nvolume = \"{name}\"\npath = \"{}\"\nlisten = \"unix:{}\"\n",

@@ -8,9 +8,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hindsight_consistency::config::TargetConfig;
+use hindsight_consistency::config::{EngineTrust, TargetConfig};
 use hindsight_consistency::record::encode_record;
 use hindsight_consistency::time::now_ns;
+use hindsight_consistency::transport::Security;
 use hindsight_consistency::wire::{
     decode_confirm, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameError, FrameType, TargetHello,
     TargetWelcome, VolumeInfo,
@@ -29,6 +30,8 @@ pub fn config(data_dir: &Path) -> TargetConfig {
         retention: None,
         journal_size: None,
         segment_size: 1 << 20,
+        security: Security::InsecurePlaintext,
+        engines: EngineTrust::AnyCertified,
     }
 }
 

@@ -1,0 +1,457 @@
+//! The read half and the write half of one connection, for two threads.
+//!
+//! A plaintext connection is a `TcpStream` shared by both halves. A TLS connection is one
+//! rustls state machine for both directions, so the halves share it under a mutex and keep
+//! every blocking socket call outside it:
+//!
+//! ```text
+//!  ReadHalf (one thread)                               WriteHalf (one sender at a time)
+//!  socket ─read, no lock─▶ raw bytes                    plaintext
+//!                             │                            │
+//!                             ▼                            ▼
+//!               ┌──────── conn: Mutex<rustls::Connection> ────────┐
+//!               │ read_tls + process_new_packets ▶ plaintext out   │ writer().write ▶ records
+//!               └──────────────────────────────────────────────────┘
+//!                  records the reader's processing made │          │ drained under `outbox`
+//!                  (alerts): flag + try_lock            ▼          ▼
+//!                              outbox: Mutex<Outbox> ──write──▶ socket
+//! ```
+//!
+//! Rules that keep the two threads from blocking each other:
+//!
+//! - Lock order is `outbox`, then `conn`. `conn` is held only to encrypt or decrypt bytes
+//!   already in memory, never across a socket call.
+//! - `outbox` orders the records on the socket: a sender encrypts under `conn` into the
+//!   outbox buffer, releases `conn`, then writes the buffer to the socket, still holding
+//!   `outbox`, so records reach the socket in the order they were made.
+//! - The reader reads raw socket bytes with no lock held, then takes `conn` briefly to feed
+//!   them in and take the plaintext out. If that processing made records to send (a fatal
+//!   alert; rustls sends a key-update answer with the next data record), the reader raises
+//!   `flush_wanted` and only *tries* `outbox`: if a sender holds it, that sender flushes them
+//!   after its own bytes; if not, the reader sends them without blocking (`MSG_DONTWAIT`) and
+//!   leaves what the socket would not take for the next sender. The reader therefore never
+//!   waits for a socket write, which could otherwise deadlock two peers that both write.
+//! - A sender writes one socket call per batch it is given (split at [`SEND_CHUNK`]), so
+//!   batched frames stay batched.
+//!
+//! A TCP close without a TLS `close_notify` reads as end of stream, as on plaintext: frames
+//! carry their own lengths, so a truncated frame is still detected by the frame reader.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+
+use nix::errno::Errno;
+use nix::sys::socket::{recv, send, MsgFlags};
+
+use super::tls::{explain, is_refusal};
+
+/// Raw bytes read from the socket at once on a TLS connection.
+const RAW_BUFFER: usize = 256 << 10;
+/// Most plaintext encrypted for one socket write.
+pub const SEND_CHUNK: usize = 256 << 10;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Encrypted bytes on their way to the socket, in record order.
+#[derive(Default)]
+struct Outbox {
+    bytes: Vec<u8>,
+    /// How much of `bytes` the socket has taken.
+    sent: usize,
+    /// A socket write failed part way: the record stream is cut, nothing more may be sent.
+    broken: bool,
+}
+
+/// What both halves of a TLS connection share.
+pub(super) struct TlsShared {
+    socket: TcpStream,
+    conn: Mutex<rustls::Connection>,
+    outbox: Mutex<Outbox>,
+    /// The reader made records that must go out (set before it tries `outbox`).
+    flush_wanted: AtomicBool,
+}
+
+impl TlsShared {
+    pub(super) fn new(socket: TcpStream, conn: rustls::Connection) -> Arc<TlsShared> {
+        Arc::new(TlsShared { socket, conn: Mutex::new(conn), outbox: Mutex::new(Outbox::default()), flush_wanted: AtomicBool::new(false) })
+    }
+
+    /// Sends records the reader made, if no sender is busy (it will send them otherwise),
+    /// without ever blocking on the socket.
+    fn try_flush(&self) {
+        while self.flush_wanted.load(Ordering::SeqCst) {
+            let mut outbox = match self.outbox.try_lock() {
+                Ok(g) => g,
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(TryLockError::WouldBlock) => return,
+            };
+            self.flush_wanted.store(false, Ordering::SeqCst);
+            let ob = &mut *outbox;
+            if ob.broken {
+                return;
+            }
+            {
+                let mut conn = lock(&self.conn);
+                while conn.wants_write() {
+                    if conn.write_tls(&mut ob.bytes).is_err() {
+                        break;
+                    }
+                }
+            }
+            while ob.sent < ob.bytes.len() {
+                match send(self.socket.as_raw_fd(), &ob.bytes[ob.sent..], MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL) {
+                    Ok(n) => ob.sent += n,
+                    Err(Errno::EINTR) => {}
+                    Err(Errno::EAGAIN) => break,
+                    Err(_) => {
+                        ob.broken = true;
+                        break;
+                    }
+                }
+            }
+            if ob.sent == ob.bytes.len() {
+                ob.bytes.clear();
+                ob.sent = 0;
+            }
+        }
+    }
+
+    /// Encrypts `buf` and writes it to the socket, after anything still waiting.
+    fn send(&self, buf: &[u8]) -> io::Result<()> {
+        let mut outbox = lock(&self.outbox);
+        let ob = &mut *outbox;
+        let result = self.send_locked(ob, buf);
+        if result.is_err() {
+            ob.broken = true;
+        }
+        drop(outbox);
+        // The reader may have made records while this sender held the outbox.
+        self.try_flush();
+        result
+    }
+
+    fn send_locked(&self, ob: &mut Outbox, mut rest: &[u8]) -> io::Result<()> {
+        if ob.broken {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "an earlier write on this connection failed"));
+        }
+        loop {
+            {
+                let mut conn = lock(&self.conn);
+                while !rest.is_empty() && ob.bytes.len() - ob.sent < SEND_CHUNK {
+                    let n = conn.writer().write(rest)?;
+                    rest = &rest[n..];
+                    while conn.wants_write() {
+                        conn.write_tls(&mut ob.bytes)?;
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                }
+                while conn.wants_write() {
+                    conn.write_tls(&mut ob.bytes)?;
+                }
+            }
+            if ob.sent < ob.bytes.len() {
+                (&self.socket).write_all(&ob.bytes[ob.sent..])?;
+            } else if !rest.is_empty() {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "the TLS connection takes no more data"));
+            }
+            ob.bytes.clear();
+            ob.sent = 0;
+            if rest.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends a TLS `close_notify`, then ends the socket's sending direction.
+    fn close(&self) {
+        let mut outbox = lock(&self.outbox);
+        if !outbox.broken {
+            lock(&self.conn).send_close_notify();
+            let _ = self.send_locked(&mut outbox, &[]);
+        }
+        outbox.broken = true;
+        let _ = self.socket.shutdown(Shutdown::Write);
+    }
+}
+
+/// The reading side of a TLS connection.
+struct TlsReader {
+    shared: Arc<TlsShared>,
+    raw: Box<[u8]>,
+    /// `raw[start..end]` is received but not yet given to rustls.
+    start: usize,
+    end: usize,
+    /// The socket reached end of file.
+    socket_eof: bool,
+    /// A TLS error ended the stream: every later read returns it again (kind, message).
+    failed: Option<(io::ErrorKind, String)>,
+}
+
+impl TlsReader {
+    /// Moves plaintext into `dst` from what has already been received, feeding raw bytes to
+    /// rustls as room allows. Returns how many bytes, and whether the stream has ended.
+    fn drain(&mut self, dst: &mut [u8]) -> io::Result<(usize, bool)> {
+        let mut conn = lock(&self.shared.conn);
+        let mut filled = 0;
+        let mut made_records = false;
+        let result = loop {
+            match conn.reader().read(&mut dst[filled..]) {
+                Ok(0) => break Ok((filled, true)),
+                Ok(n) => {
+                    filled += n;
+                    if filled == dst.len() {
+                        break Ok((filled, false));
+                    }
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // A TCP close without close_notify: the end of the stream, as on plaintext.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok((filled, true)),
+                Err(e) => break Err(e),
+            }
+            if self.start == self.end {
+                if !self.socket_eof {
+                    break Ok((filled, false));
+                }
+                if let Err(e) = conn.read_tls(&mut io::empty()) {
+                    break Err(e);
+                }
+                continue;
+            }
+            let n = match conn.read_tls(&mut &self.raw[self.start..self.end]) {
+                Ok(n) => n,
+                Err(e) => break Err(e),
+            };
+            if n == 0 {
+                // After close_notify rustls takes nothing more.
+                self.start = self.end;
+                continue;
+            }
+            self.start += n;
+            let processed = conn.process_new_packets();
+            made_records |= conn.wants_write();
+            if let Err(e) = processed {
+                break Err(tls_error(e));
+            }
+        };
+        drop(conn);
+        if made_records {
+            self.shared.flush_wanted.store(true, Ordering::SeqCst);
+            self.shared.try_flush();
+        }
+        match result {
+            Err(e) => {
+                // The bytes before an error are delivered; the error comes with the next read.
+                self.failed = Some((e.kind(), e.to_string()));
+                if filled > 0 {
+                    Ok((filled, false))
+                } else {
+                    Err(e)
+                }
+            }
+            ok => ok,
+        }
+    }
+
+    /// Reads raw bytes from the socket without blocking; `Ok(None)` if none are there.
+    fn read_ready(&mut self) -> io::Result<Option<usize>> {
+        loop {
+            match recv(self.shared.socket.as_raw_fd(), &mut self.raw, MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => return Ok(Some(n)),
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl Read for TlsReader {
+    /// Fills `dst` with what has arrived, like a socket read: blocks only while nothing at all
+    /// is available.
+    fn read(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        if let Some((kind, message)) = &self.failed {
+            return Err(io::Error::new(*kind, message.clone()));
+        }
+        if dst.is_empty() {
+            return Ok(0);
+        }
+        let mut filled = 0;
+        loop {
+            let (n, ended) = self.drain(&mut dst[filled..])?;
+            filled += n;
+            if ended || filled == dst.len() {
+                return Ok(filled);
+            }
+            let got = if filled > 0 {
+                match self.read_ready() {
+                    Ok(Some(n)) => n,
+                    Ok(None) | Err(_) => return Ok(filled),
+                }
+            } else {
+                loop {
+                    match (&self.shared.socket).read(&mut self.raw) {
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        other => break other?,
+                    }
+                }
+            };
+            self.start = 0;
+            self.end = got;
+            if got == 0 {
+                self.socket_eof = true;
+            }
+        }
+    }
+}
+
+/// A rustls error as an I/O error whose message says what to look at.
+fn tls_error(e: rustls::Error) -> io::Error {
+    let kind = if is_refusal(&e) { io::ErrorKind::PermissionDenied } else { io::ErrorKind::InvalidData };
+    io::Error::new(kind, explain(&e))
+}
+
+/// The reading half of a connection. Only one thread reads.
+pub struct ReadHalf(ReadKind);
+
+enum ReadKind {
+    Plain(Arc<TcpStream>),
+    Tls(Box<TlsReader>),
+}
+
+/// The writing half of a connection. Each `write` sends the whole buffer (one socket write
+/// per [`SEND_CHUNK`]); concurrent writers are served one at a time.
+pub struct WriteHalf(WriteKind);
+
+#[derive(Clone)]
+enum WriteKind {
+    Plain(Arc<TcpStream>),
+    Tls(Arc<TlsShared>),
+}
+
+/// Closes a connection from any thread (both directions): the reader sees the end of the
+/// stream, writers get errors.
+#[derive(Clone)]
+pub struct Closer(WriteKind);
+
+impl WriteKind {
+    fn socket(&self) -> &TcpStream {
+        match self {
+            WriteKind::Plain(s) => s,
+            WriteKind::Tls(t) => &t.socket,
+        }
+    }
+}
+
+/// Makes the two halves of a plaintext connection.
+pub(super) fn plain(socket: TcpStream) -> (ReadHalf, WriteHalf) {
+    let s = Arc::new(socket);
+    (ReadHalf(ReadKind::Plain(Arc::clone(&s))), WriteHalf(WriteKind::Plain(s)))
+}
+
+/// Makes the two halves of a TLS connection whose handshake is done.
+pub(super) fn tls(socket: TcpStream, conn: rustls::Connection) -> (ReadHalf, WriteHalf) {
+    let shared = TlsShared::new(socket, conn);
+    let reader = TlsReader {
+        shared: Arc::clone(&shared),
+        raw: vec![0; RAW_BUFFER].into_boxed_slice(),
+        start: 0,
+        end: 0,
+        socket_eof: false,
+        failed: None,
+    };
+    (ReadHalf(ReadKind::Tls(Box::new(reader))), WriteHalf(WriteKind::Tls(shared)))
+}
+
+impl Read for ReadHalf {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.0 {
+            ReadKind::Plain(s) => (&**s).read(buf),
+            ReadKind::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl ReadHalf {
+    /// Sets the socket's read timeout (a read then fails with `WouldBlock` or `TimedOut`).
+    pub fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        match &self.0 {
+            ReadKind::Plain(s) => s.set_read_timeout(timeout),
+            ReadKind::Tls(t) => t.shared.socket.set_read_timeout(timeout),
+        }
+    }
+
+    /// Shuts the connection down in both directions.
+    pub fn shutdown(&self) {
+        let _ = match &self.0 {
+            ReadKind::Plain(s) => s.shutdown(Shutdown::Both),
+            ReadKind::Tls(t) => t.shared.socket.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+impl WriteHalf {
+    /// Sends all of `buf`.
+    pub fn send(&self, buf: &[u8]) -> io::Result<()> {
+        match &self.0 {
+            WriteKind::Plain(s) => (&**s).write_all(buf),
+            WriteKind::Tls(t) => t.send(buf),
+        }
+    }
+
+    /// Ends the stream cleanly (TLS `close_notify`, then the socket's sending direction): the
+    /// peer reads everything sent so far, then the end.
+    pub fn close(&self) {
+        match &self.0 {
+            WriteKind::Plain(s) => {
+                let _ = s.shutdown(Shutdown::Write);
+            }
+            WriteKind::Tls(t) => t.close(),
+        }
+    }
+
+    /// Shuts the connection down in both directions at once (the reader sees the end).
+    pub fn shutdown(&self) {
+        let _ = self.0.socket().shutdown(Shutdown::Both);
+    }
+
+    /// Sets the socket's write timeout. A timed-out write leaves a TLS stream cut: the
+    /// connection must then be closed.
+    pub fn set_write_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        self.0.socket().set_write_timeout(timeout)
+    }
+
+    /// A handle that closes the connection from another thread.
+    pub fn closer(&self) -> Closer {
+        Closer(self.0.clone())
+    }
+}
+
+impl Write for WriteHalf {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.send(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.send(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Closer {
+    /// Shuts the connection down in both directions.
+    pub fn shutdown(&self) {
+        let _ = self.0.socket().shutdown(Shutdown::Both);
+    }
+}
