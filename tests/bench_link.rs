@@ -5,7 +5,7 @@
 //! - bytes on the wire per GiB written by an ext4 workload, per mode and compression;
 //! - sync QD1 write latency against the link's delay (0, 1, 5 ms), with cdp beside it;
 //! - cdp lag p50/p99 under a sustained load at 80 % of a capped link;
-//! - engine and target CPU per GiB shipped, compressed or not.
+//! - engine and target CPU per GiB shipped: plaintext, TLS, TLS with lz4.
 
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap, clippy::cast_precision_loss)]
 
@@ -19,7 +19,13 @@ use common::wan::WanProxy;
 use common::*;
 
 fn cluster(size: u64, group_extra: &str) -> (Cluster, WanProxy) {
+    cluster_with(size, group_extra, false)
+}
+
+/// A cluster of one volume shipping through a WAN proxy; `plaintext`: no TLS on any link.
+fn cluster_with(size: u64, group_extra: &str, plaintext: bool) -> (Cluster, WanProxy) {
     let mut c = Cluster::prepare(&[Vol::new("vm1", "data", size)], "", "");
+    c.plaintext = plaintext;
     let proxy = WanProxy::start(format!("127.0.0.1:{}", c.tport).parse().unwrap());
     c.ship_port = Some(proxy.port());
     c.group_extra = group_extra.to_string();
@@ -196,12 +202,12 @@ fn bench_cdp_lag_at_80_percent_of_the_link() {
 
 #[test]
 #[ignore = "benchmark: scripts/bench.sh link"]
-fn bench_cpu_per_gib_of_compression() {
+fn bench_cpu_per_gib_of_tls_and_compression() {
     if !have_tools(&["fio"]) {
         return;
     }
-    for compression in ["off", "lz4"] {
-        let (c, _proxy) = cluster(1 << 30, &format!("mode = \"cdp\"\ncompression = \"{compression}\""));
+    for (link, compression) in [("plaintext", "off"), ("tls", "off"), ("tls", "lz4")] {
+        let (c, _proxy) = cluster_with(1 << 30, &format!("mode = \"cdp\"\ncompression = \"{compression}\""), link == "plaintext");
         let (engine, target) = (c.pid("engine").unwrap(), c.pid("target").unwrap());
         let (e0, t0) = (cpu_seconds(engine), cpu_seconds(target));
         fio_json(&[
@@ -219,7 +225,7 @@ fn bench_cpu_per_gib_of_compression() {
         let (e1, t1) = (cpu_seconds(engine), cpu_seconds(target));
         let s = status(&c);
         println!(
-            "BENCH cpu-per-gib compression={compression} engine_cpu_s={:.2} target_cpu_s={:.2} ratio={:.2}",
+            "BENCH cpu-per-gib link={link} compression={compression} engine_cpu_s={:.2} target_cpu_s={:.2} ratio={:.2}",
             e1 - e0,
             t1 - t0,
             s["shipped_bytes"].as_f64().unwrap() / s["wire_bytes"].as_f64().unwrap()

@@ -202,6 +202,9 @@ pub struct Cluster {
     pub ship_port: Option<u16>,
     /// Extra lines for the [engine] section.
     pub engine_extra: String,
+    /// Every link in plaintext (`insecure_plaintext`, loopback) instead of TLS, for the
+    /// benchmark that measures what TLS costs.
+    pub plaintext: bool,
 }
 
 impl Cluster {
@@ -260,6 +263,7 @@ impl Cluster {
             group_extra: String::new(),
             ship_port: None,
             engine_extra: String::new(),
+            plaintext: false,
         };
         for v in vols {
             let f = std::fs::File::create(c.disk(&v.name)).unwrap();
@@ -305,6 +309,9 @@ impl Cluster {
 
     /// The [tls] section of a certificate issued in the cluster's CA.
     pub fn tls_section(&self, role: &str, name: &str) -> String {
+        if self.plaintext {
+            return "[tls]\ninsecure_plaintext = true\n".to_string();
+        }
         tls_section(&self.pki(), role, name)
     }
 
@@ -456,7 +463,16 @@ impl Cluster {
             self.spawn(&format!("agent-{vm}"), Command::new(agent_bin()).arg("--config").arg(self.path(&format!("agent-{vm}.toml"))));
         self.agents.insert(vm.to_owned(), child);
         for v in self.vols.iter().filter(|v| v.vm == vm) {
-            wait_path(&self.sock(&v.name), &format!("agent {vm}"));
+            let start = Instant::now();
+            while !self.sock(&v.name).exists() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "agent {vm} does not serve {} after 30 s; its log:\n{}",
+                    v.name,
+                    self.log(&format!("agent-{vm}"))
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 
