@@ -377,3 +377,52 @@ fn async_sends_far_fewer_bytes_and_every_interval_point_recovers_its_image() {
     }
     assert!(bytes[1] * 5 <= bytes[0], "async sent {} bytes, cdp {}: not 5x fewer", bytes[1], bytes[0]);
 }
+
+#[test]
+fn regulation_slows_acknowledgements_to_keep_the_lag_near_the_rpo() {
+    if !have_tools(&["qemu-io"]) {
+        return;
+    }
+    // A 256 KiB/s link and a writer that could go much faster: without regulation the lag
+    // would grow for as long as it writes.
+    let (c, proxy) = cluster("rpo = \"1s\"\nregulate = true\ncompression = \"off\"");
+    proxy.set_rate(256 << 10);
+    let uri = c.uri("data");
+    let src = c.path("big.bin");
+    std::fs::write(&src, random_bytes(&mut seeded_rng(), 64 << 10)).unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut session = QemuIoSession::start(&uri);
+        // First a light load, below the link's rate, while the engine learns that rate from
+        // the target's confirmations; then as fast as the acknowledgements allow.
+        for n in 0..8 {
+            session.write_file(&src, n * (64 << 10), 64 << 10);
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        let started = Instant::now();
+        let mut n = 0u64;
+        while started.elapsed() < Duration::from_secs(8) {
+            session.write_file(&src, (n % 16) * (64 << 10), 64 << 10);
+            n += 1;
+        }
+        session.finish();
+        n
+    });
+    std::thread::sleep(Duration::from_millis(3200));
+    let mut regulating = false;
+    let mut worst = 0;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(8) {
+        let s = status(&c);
+        regulating |= s["regulating"] == true;
+        if started.elapsed() > Duration::from_secs(4) {
+            worst = worst.max(s["lag_ms"].as_u64().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let writes = writer.join().unwrap();
+    eprintln!("{writes} writes of 64 KiB in 8 s; worst lag after 4 s: {worst} ms");
+    assert!(regulating, "status never showed regulation");
+    assert!(c.log("engine").contains("slowing acknowledgements"), "the engine logs it");
+    // Unregulated, 8 s of writes at local speed would leave tens of seconds of lag on this link.
+    assert!(worst < 4000, "the lag reached {worst} ms with a 1 s RPO");
+}

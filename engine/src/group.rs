@@ -340,11 +340,11 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
         match result {
             Ok(durable) => {
                 shared.publish_durable(durable);
-                let delay = shared.policy.regulation_delay();
+                let bytes = batch.iter().filter(|w| w.kind == WriteKind::Data).map(|w| u64::from(w.length)).sum();
+                let delay = shared.policy.regulation_delay(bytes);
                 if !delay.is_zero() {
                     std::thread::sleep(delay);
                 }
-                let bytes = batch.iter().filter(|w| w.kind == WriteKind::Data).map(|w| u64::from(w.length)).sum();
                 let acks = batch.drain(..).zip(seqs).map(|(w, seq)| (w.ack, WriteAck { req_id: w.req_id, seq, status: 0 })).collect();
                 shared.policy.committed(acks, durable, bytes, now, shared.confirmed.load(Ordering::Acquire));
                 if let (Some(b), Some(seq)) = (bookmark.take(), bookmark_seq) {

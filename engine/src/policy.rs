@@ -26,7 +26,9 @@ use hindsight_consistency::time::now_ns;
 use hindsight_consistency::wire::WriteAck;
 
 /// Longest pause put before one commit's acknowledgements when regulating.
-const MAX_REGULATION_DELAY: Duration = Duration::from_millis(100);
+const MAX_REGULATION_DELAY: Duration = Duration::from_secs(1);
+/// Pause when regulating before the link's rate is known.
+const FIRST_REGULATION_DELAY: Duration = Duration::from_millis(100);
 
 /// One acknowledgement held until the target confirms its write.
 struct Held {
@@ -59,6 +61,10 @@ struct LagBook {
     confirmed_bytes: u64,
     committed_seq: Seq,
     confirmed_seq: Seq,
+    /// Bytes per second the target confirms (moving average), 0 until measured.
+    rate: f64,
+    /// When the last confirmation that moved the bytes came, and the bytes confirmed then.
+    last_confirm: Option<(Instant, u64)>,
 }
 
 /// The lag of the target behind the engine.
@@ -176,6 +182,17 @@ impl Policy {
                 let (_, total, _) = lag.commits.pop_front().expect("front exists");
                 lag.confirmed_bytes = total;
             }
+            let now = Instant::now();
+            match lag.last_confirm {
+                Some((at, bytes)) if lag.confirmed_bytes > bytes => {
+                    let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+                    let rate = (lag.confirmed_bytes - bytes) as f64 / secs;
+                    lag.rate = if lag.rate == 0.0 { rate } else { 0.7 * lag.rate + 0.3 * rate };
+                    lag.last_confirm = Some((now, lag.confirmed_bytes));
+                }
+                Some(_) => {}
+                None => lag.last_confirm = Some((now, lag.confirmed_bytes)),
+            }
         }
         release_through(&mut lock(&self.held), seq);
         let mut st = lock(&self.state);
@@ -270,16 +287,27 @@ impl Policy {
         }
     }
 
-    /// How long to hold one commit's acknowledgements so that the lag stays inside the RPO:
-    /// nothing below half the RPO, growing to [`MAX_REGULATION_DELAY`] at the RPO. Only while
-    /// the target is connected (a slower guest cannot bring a disconnected target closer).
-    pub fn regulation_delay(&self) -> Duration {
-        let age = self.lag().age;
+    /// How long to hold the acknowledgements of a commit of `bytes` so that the lag stays
+    /// inside the RPO. The lag is the larger of the age of the oldest unconfirmed record and
+    /// the time the link needs for the backlog at the rate the target confirms. Below half the
+    /// RPO nothing is held; above it each commit waits for the link to carry it (up to 3× its
+    /// time as the lag nears and passes the RPO), so the guest writes no faster than the link
+    /// drains. Only while the target is connected (a slower guest cannot bring a disconnected
+    /// target closer).
+    pub fn regulation_delay(&self, bytes: u64) -> Duration {
+        let lag = self.lag();
+        let rate = lock(&self.lag).rate;
+        let backlog = if rate > 0.0 { Duration::from_secs_f64(lag.bytes as f64 / rate) } else { Duration::ZERO };
+        let behind = lag.age.max(backlog);
         let mut st = lock(&self.state);
         let delay = match st.rpo {
-            Some(rpo) if st.regulate && self.connected.load(Ordering::Acquire) && age > rpo / 2 => {
-                let over = (age - rpo / 2).as_secs_f64() / (rpo / 2).as_secs_f64();
-                MAX_REGULATION_DELAY.mul_f64(over.min(1.0))
+            Some(rpo) if st.regulate && self.connected.load(Ordering::Acquire) && behind > rpo / 2 => {
+                let over = ((behind - rpo / 2).as_secs_f64() / (rpo / 2).as_secs_f64()).min(2.0);
+                if rate > 0.0 {
+                    Duration::from_secs_f64(bytes as f64 / rate * (1.0 + over)).min(MAX_REGULATION_DELAY)
+                } else {
+                    FIRST_REGULATION_DELAY
+                }
             }
             _ => Duration::ZERO,
         };
@@ -290,7 +318,7 @@ impl Policy {
                 log::warn!(
                     "group {}: the target lags {:.1}s: slowing acknowledgements to stay inside the RPO",
                     self.group,
-                    age.as_secs_f64()
+                    behind.as_secs_f64()
                 );
             } else {
                 log::info!("group {}: no longer slowing acknowledgements", self.group);
