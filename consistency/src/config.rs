@@ -628,6 +628,8 @@ struct AgentSection {
     freeze: Vec<PathBuf>,
     pre_quiesce: Option<PathBuf>,
     post_quiesce: Option<PathBuf>,
+    on_engine_loss: Option<String>,
+    engine_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -639,7 +641,20 @@ struct DiskSection {
     listen: Option<String>,
     frontend: Option<String>,
     device: Option<PathBuf>,
+    dirty_map: Option<PathBuf>,
 }
+
+/// What the agent does with guest writes when the engine does not take them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineLoss {
+    /// Complete them after the local write and mark their regions for a resync.
+    Track,
+    /// Fail them (EIO): no write is acknowledged that the engine does not hold.
+    Fail,
+}
+
+/// Default `engine_timeout`: how long writes wait for an unreachable engine.
+pub const DEFAULT_ENGINE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A validated agent configuration.
 #[derive(Debug, Clone)]
@@ -657,6 +672,10 @@ pub struct AgentConfig {
     /// The name the engine's certificate must be valid for: `tls.server_name`, or the host of
     /// `engine`.
     pub engine_server_name: String,
+    /// What happens to writes the engine does not take.
+    pub on_engine_loss: EngineLoss,
+    /// How long writes wait for an unreachable engine before `on_engine_loss` applies.
+    pub engine_timeout: Duration,
 }
 
 /// How an agent quiesces its VM: a user script, or `fsfreeze` on mount points.
@@ -685,6 +704,25 @@ pub struct DiskConfig {
     pub listen: Option<String>,
     /// The kernel block device the agent creates for this disk, if any.
     pub frontend: Option<FrontendConfig>,
+    /// Where the disk's dirty map is kept (`None`: the default place, see
+    /// [`DiskConfig::dirty_map_path`]).
+    pub dirty_map: Option<PathBuf>,
+}
+
+impl DiskConfig {
+    /// The dirty map's file: `dirty_map`, else next to a disk that is a regular file
+    /// (`<path>.hsmap`), else `/var/lib/hindsight-agent/<volume>.hsmap`.
+    pub fn dirty_map_path(&self) -> PathBuf {
+        if let Some(p) = &self.dirty_map {
+            return p.clone();
+        }
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.is_file()) {
+            let mut s = self.path.as_os_str().to_owned();
+            s.push(".hsmap");
+            return s.into();
+        }
+        Path::new("/var/lib/hindsight-agent").join(format!("{}.hsmap", self.volume))
+    }
 }
 
 /// Which kernel block device the agent creates for a disk.
@@ -752,7 +790,7 @@ impl AgentConfig {
                 }
             }
             let frontend = frontend_config(&d.volume, d.listen.is_some(), d.frontend.as_deref(), d.device)?;
-            disks.push(DiskConfig { group: d.group, volume: d.volume, path: d.path, listen: d.listen, frontend });
+            disks.push(DiskConfig { group: d.group, volume: d.volume, path: d.path, listen: d.listen, frontend, dirty_map: d.dirty_map });
         }
         for m in &raw.agent.freeze {
             if !m.is_absolute() {
@@ -772,7 +810,19 @@ impl AgentConfig {
             check_identity_name("vm", &raw.agent.vm).map_err(|e| format!("agent.vm: {e} (the agent's certificate names it)"))?;
         }
         let security = link_security(tls, Role::Agent, Some(&raw.agent.vm), &[("agent.engine".to_owned(), raw.agent.engine.clone())])?;
-        Ok(AgentConfig { engine: raw.agent.engine, vm: raw.agent.vm, disks, quiesce, security, engine_server_name })
+        let on_engine_loss = match raw.agent.on_engine_loss.as_deref().unwrap_or("track") {
+            "track" => EngineLoss::Track,
+            "fail" => EngineLoss::Fail,
+            other => return Err(format!("agent.on_engine_loss = {other:?} is not known; use \"track\" or \"fail\"")),
+        };
+        let engine_timeout = match raw.agent.engine_timeout.as_deref() {
+            Some(t) => parse_duration(t).map_err(|e| format!("agent.engine_timeout: {e}"))?,
+            None => DEFAULT_ENGINE_TIMEOUT,
+        };
+        if engine_timeout.is_zero() {
+            return Err("agent.engine_timeout must be more than 0, e.g. engine_timeout = \"30s\"".into());
+        }
+        Ok(AgentConfig { engine: raw.agent.engine, vm: raw.agent.vm, disks, quiesce, security, engine_server_name, on_engine_loss, engine_timeout })
     }
 }
 

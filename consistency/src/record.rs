@@ -51,6 +51,9 @@ pub enum WriteKind {
     /// A write an async delta left out because a later write of the same interval covers it:
     /// its header without data. It changes no volume.
     Superseded,
+    /// Resync data: bytes the agent re-sends from its local disk after a cut or a crash, not
+    /// in the guest's write order. Applied like data.
+    Resync,
 }
 
 impl WriteKind {
@@ -63,6 +66,7 @@ impl WriteKind {
             WriteKind::Bookmark => 4,
             WriteKind::Point => 5,
             WriteKind::Superseded => 6,
+            WriteKind::Resync => 7,
         }
     }
 
@@ -75,18 +79,19 @@ impl WriteKind {
             4 => Some(WriteKind::Bookmark),
             5 => Some(WriteKind::Point),
             6 => Some(WriteKind::Superseded),
+            7 => Some(WriteKind::Resync),
             _ => None,
         }
     }
 
     /// True for the kinds that carry `length` bytes of data.
     pub fn carries_data(self) -> bool {
-        matches!(self, WriteKind::Data | WriteKind::Bookmark | WriteKind::Point)
+        matches!(self, WriteKind::Data | WriteKind::Bookmark | WriteKind::Point | WriteKind::Resync)
     }
 
     /// True for the kinds that change a volume (data, zeroes, trim).
     pub fn changes_volume(self) -> bool {
-        matches!(self, WriteKind::Data | WriteKind::Zeroes | WriteKind::Trim)
+        matches!(self, WriteKind::Data | WriteKind::Zeroes | WriteKind::Trim | WriteKind::Resync)
     }
 
     /// Short lower-case name, for logs and JSON.
@@ -98,6 +103,7 @@ impl WriteKind {
             WriteKind::Bookmark => "bookmark",
             WriteKind::Point => "point",
             WriteKind::Superseded => "superseded",
+            WriteKind::Resync => "resync",
         }
     }
 }

@@ -38,7 +38,7 @@ use hindsight_consistency::transport::{is_refusal_io, Connection, ReadHalf, Role
 use hindsight_consistency::wire::frame::{encode_header, FRAME_HEADER_LEN};
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, DiskHello, ErrorMessage, FrameError, FrameType,
-    QuiesceMsg, QuiescedMsg, ThawMsg, WriteAck, WriteMsg, PROTOCOL_VERSION,
+    QuiesceMsg, QuiescedMsg, ResyncDoneMsg, ThawMsg, WriteAck, WriteMsg, PROTOCOL_VERSION,
 };
 use hindsight_consistency::{Seq, WriteKind};
 use log::{debug, error, info, warn};
@@ -148,6 +148,8 @@ pub enum WriteBody {
     Zeroes(u32),
     /// This many bytes are discarded.
     Trim(u32),
+    /// These bytes, re-sent from the local disk by a resync (not in the guest's order).
+    Resync(Arc<Vec<u8>>),
 }
 
 impl WriteBody {
@@ -157,20 +159,21 @@ impl WriteBody {
             WriteBody::Data(_) => WriteKind::Data,
             WriteBody::Zeroes(_) => WriteKind::Zeroes,
             WriteBody::Trim(_) => WriteKind::Trim,
+            WriteBody::Resync(_) => WriteKind::Resync,
         }
     }
 
     /// Bytes of the volume covered (`None` when too many for one write).
     fn length(&self) -> Option<u32> {
         match self {
-            WriteBody::Data(d) => u32::try_from(d.len()).ok(),
+            WriteBody::Data(d) | WriteBody::Resync(d) => u32::try_from(d.len()).ok(),
             WriteBody::Zeroes(len) | WriteBody::Trim(len) => Some(*len),
         }
     }
 
     fn data(&self) -> &[u8] {
         match self {
-            WriteBody::Data(d) => d,
+            WriteBody::Data(d) | WriteBody::Resync(d) => d,
             WriteBody::Zeroes(_) | WriteBody::Trim(_) => &[],
         }
     }
@@ -350,6 +353,13 @@ impl EngineLink {
     /// Writes sent or waiting to be sent, not yet acknowledged.
     pub fn in_flight(&self) -> usize {
         lock(&self.inner.pending).len()
+    }
+
+    /// Tells the engine that every dirty region of `disks` has been re-sent and acknowledged
+    /// (the end of their resync). Dropped if the link is down: the next resync ends with it.
+    pub fn resync_done(&self, disks: &[u16]) {
+        let msg = encode_message(&ResyncDoneMsg { disks: disks.to_vec() });
+        self.inner.send_control(FrameType::ResyncDone, &msg);
     }
 
     /// Volumes whose replica lacks writes (failed while the engine was unreachable, or

@@ -28,10 +28,12 @@
 //! - [`replicated`]: the replicating device
 
 pub mod block;
+pub mod dirty;
 pub mod engine_link;
 pub mod frontend;
 pub mod nbd;
 pub mod nbd_file;
 pub mod quiesce;
 pub mod replicated;
+pub mod resync;
 pub mod ublk;

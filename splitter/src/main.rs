@@ -20,7 +20,11 @@ use hindsight_consistency::config::{AgentConfig, DiskConfig};
 use hindsight_consistency::storage::StdStorage;
 use hindsight_consistency::wire::DiskHello;
 use hindsight_splitter::block::BlockDevice;
-use hindsight_splitter::engine_link::{EngineLink, LinkConfig, ENGINE_TIMEOUT};
+use hindsight_consistency::config::EngineLoss;
+use hindsight_splitter::dirty::DirtyMap;
+use hindsight_splitter::engine_link::{EngineLink, LinkConfig};
+use hindsight_splitter::replicated::Tracking;
+use hindsight_splitter::resync;
 use hindsight_splitter::frontend::{self, Attached};
 use hindsight_splitter::nbd::{Listen, NbdServer};
 use hindsight_splitter::replicated::{LocalDisk, ReplicatedDisk};
@@ -162,7 +166,7 @@ fn run(args: &Args) -> Result<(), Failure> {
             .map(|d| DiskHello { group: d.config.group.clone(), volume: d.config.volume.clone(), size: d.local.size() })
             .collect(),
         connect_wait: STARTUP_CONNECT_WAIT,
-        engine_timeout: ENGINE_TIMEOUT,
+        engine_timeout: config.engine_timeout,
         quiescer: Some(hindsight_splitter::quiesce::Quiescer::new(config.quiesce.clone())),
         // The guest's own devices must come up, or be recovered after a crash, even while the
         // engine is away; an NBD server alone can wait for it.
@@ -177,11 +181,22 @@ fn run(args: &Args) -> Result<(), Failure> {
     type Served = Vec<(String, String, u64)>; // volume, group, size
     let mut servers: Vec<(Listen, Exports, Served)> = Vec::new();
     let mut attached: Vec<(String, Attached)> = Vec::new();
+    let mut tracked: Vec<Arc<ReplicatedDisk>> = Vec::new();
+    let mut initial: Vec<Arc<ReplicatedDisk>> = Vec::new();
     for (number, d) in disks.into_iter().enumerate() {
         let number = u16::try_from(number).expect("disk count checked in open_disks");
         let size = d.local.size();
         let volume = d.config.volume.clone();
-        let device: Arc<dyn BlockDevice> = Arc::new(ReplicatedDisk::new(d.local, Arc::clone(&link), number, volume.clone()));
+        let map_path = d.config.dirty_map_path();
+        let (map, fresh) = DirtyMap::open(&StdStorage, &map_path, size)
+            .map_err(|e| Failure::Runtime(format!("volume {volume}: cannot open its dirty map {}: {e}", map_path.display())))?;
+        let tracking = Tracking { map: Arc::new(map), keep_serving: config.on_engine_loss == EngineLoss::Track };
+        let replicated = Arc::new(ReplicatedDisk::with_tracking(d.local, Arc::clone(&link), number, volume.clone(), tracking));
+        if fresh {
+            initial.push(Arc::clone(&replicated));
+        }
+        tracked.push(Arc::clone(&replicated));
+        let device: Arc<dyn BlockDevice> = replicated;
         if let Some(frontend) = &d.config.frontend {
             match frontend::attach(frontend, Arc::clone(&device), &volume) {
                 Ok(a) => {
@@ -206,6 +221,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         }
     }
 
+    resync::spawn(tracked, initial, Arc::clone(&link)).map_err(|e| Failure::Runtime(format!("cannot start the resync thread: {e}")))?;
     let (stopped_tx, stopped_rx) = crossbeam_channel::unbounded();
     let server_count = servers.len();
     for (listen, exports, lines) in servers {

@@ -20,6 +20,7 @@ use log::error;
 use thiserror::Error;
 
 use crate::block::{BlockDevice, BlockError, Completion, WriteKind, WriteOp};
+use crate::dirty::DirtyMap;
 use crate::engine_link::{EngineLink, WriteBody};
 
 /// Why a local disk cannot be used.
@@ -90,7 +91,22 @@ pub struct ReplicatedDisk {
     disk: u16,
     /// Into the disk's local writer threads (None if they could not be started).
     writers: Option<Sender<LocalJob>>,
+    /// Dirty tracking, when configured.
+    tracking: Option<Tracking>,
 }
+
+/// How a disk tracks what the replica lacks.
+pub struct Tracking {
+    /// The disk's dirty map.
+    pub map: Arc<DirtyMap>,
+    /// When the engine does not take a write: complete it for the guest anyway (the local
+    /// disk holds it) and mark its regions for a resync (`on_engine_loss = "track"`), or fail
+    /// it with the engine's error (`"fail"`).
+    pub keep_serving: bool,
+}
+
+/// Regions of a resync sent before waiting for the oldest one's acknowledgement.
+const RESYNC_WINDOW: usize = 16;
 
 /// Local writes of at least this many bytes run on the disk's writer threads, so that the
 /// front end reads and forwards the next request meanwhile; smaller ones run inline, where a
@@ -169,7 +185,80 @@ impl ReplicatedDisk {
                 Err(e) => error!("volume {}: cannot start a local writer thread ({e}); large writes run inline", local.volume),
             }
         }
-        ReplicatedDisk { local, link, disk, writers: (started > 0).then_some(tx) }
+        ReplicatedDisk { local, link, disk, writers: (started > 0).then_some(tx), tracking: None }
+    }
+
+    /// As [`ReplicatedDisk::new`], with dirty tracking.
+    pub fn with_tracking(local: LocalDisk, link: Arc<EngineLink>, disk: u16, volume: String, tracking: Tracking) -> Self {
+        let mut d = Self::new(local, link, disk, volume);
+        d.tracking = Some(tracking);
+        d
+    }
+
+    /// The dirty map, when tracking.
+    pub fn dirty_map(&self) -> Option<&Arc<DirtyMap>> {
+        self.tracking.as_ref().map(|t| &t.map)
+    }
+
+    /// The disk number on the link.
+    pub fn disk_number(&self) -> u16 {
+        self.disk
+    }
+
+    /// Reads region `r` of the local disk.
+    pub fn read_region(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.local.disk.file.read_exact_at(buf, offset)
+    }
+
+    /// Re-sends the given regions from the local disk as resync writes, up to
+    /// [`RESYNC_WINDOW`] at a time. Each region's range is held like a write's while it is read
+    /// and sent, so a guest write to it is numbered after the resync of its old bytes. Returns
+    /// the regions the engine acknowledged (those are no longer dirty).
+    pub fn resync(&self, regions: &[u64]) -> Vec<u64> {
+        let Some(t) = &self.tracking else { return Vec::new() };
+        let mut waiting: std::collections::VecDeque<(u64, crossbeam_channel::Receiver<bool>)> = std::collections::VecDeque::new();
+        let mut done = Vec::new();
+        let settle = |(r, rx): (u64, crossbeam_channel::Receiver<bool>), done: &mut Vec<u64>| {
+            let (start, end) = t.map.range(r);
+            let ok = rx.recv().unwrap_or(false);
+            t.map.end(start, end - start, ok);
+            if ok {
+                t.map.resynced(r);
+                done.push(r);
+            }
+        };
+        for &r in regions {
+            let (start, end) = t.map.range(r);
+            let len = end - start;
+            let mut data = vec![0u8; usize::try_from(len).expect("a region fits in memory")];
+            {
+                let mut in_flight = self.local.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                while in_flight.iter().any(|&(s, e)| s < end && start < e) {
+                    in_flight = self.local.range_done.wait(in_flight).unwrap_or_else(|e| e.into_inner());
+                }
+                if let Err(e) = self.local.disk.file.read_exact_at(&mut data, start) {
+                    error!("volume {}: reading region {r} for its resync failed: {e}", self.local.volume);
+                    continue;
+                }
+                if t.map.begin(start, len).is_err() {
+                    continue;
+                }
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                // Sent with the range held (the lock): no guest write to it can be numbered
+                // before this resync.
+                self.link.submit(self.disk, start, WriteBody::Resync(Arc::new(data)), Box::new(move |r| {
+                    let _ = tx.send(r.is_ok());
+                }));
+                waiting.push_back((r, rx));
+            }
+            if waiting.len() >= RESYNC_WINDOW {
+                settle(waiting.pop_front().expect("not empty"), &mut done);
+            }
+        }
+        while let Some(w) = waiting.pop_front() {
+            settle(w, &mut done);
+        }
+        done
     }
 
     pub fn volume(&self) -> &str {
@@ -183,10 +272,19 @@ impl ReplicatedDisk {
         }
     }
 
-    /// Sends one write to the engine; its acknowledgement finishes one count of `join`.
+    /// Sends one write to the engine; its acknowledgement finishes one count of `join`. With
+    /// dirty tracking that keeps serving, an engine failure completes the part anyway and
+    /// notes that the write was not replicated.
     fn send(&self, offset: u64, body: WriteBody, join: &Arc<Join>) {
         let j = Arc::clone(join);
-        let done = Box::new(move |r: Result<_, BlockError>| j.finish(r.map(|_seq| ())));
+        let keep_serving = self.tracking.as_ref().is_some_and(|t| t.keep_serving);
+        let done = Box::new(move |r: Result<_, BlockError>| match r {
+            Err(_) if keep_serving => {
+                j.unreplicated.store(true, Ordering::Release);
+                j.finish(Ok(()));
+            }
+            r => j.finish(r.map(|_seq| ())),
+        });
         self.link.submit(self.disk, offset, body, done);
     }
 
@@ -238,8 +336,43 @@ impl BlockDevice for ReplicatedDisk {
         if len > u64::from(MAX_WRITE_LEN) && matches!(kind, WriteKind::Data(_)) {
             return done(Err(BlockError::Overflow));
         }
+        // With tracking, the regions are marked on disk before the write goes anywhere, and
+        // unmarked (or left for a resync) when it has finished.
+        let done: Completion = match &self.tracking {
+            Some(t) => {
+                if let Err(e) = t.map.begin(offset, len) {
+                    error!("volume {}: cannot mark the dirty map {}: {e}; the write is refused", self.local.volume, t.map.path().display());
+                    return done(Err(BlockError::Io));
+                }
+                let map = Arc::clone(&t.map);
+                let unreplicated = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let flag = Arc::clone(&unreplicated);
+                let join_done = done;
+                let wrapped: Completion = Box::new(move |r: Result<(), BlockError>| {
+                    map.end(offset, len, r.is_ok() && !flag.load(Ordering::Acquire));
+                    join_done(r);
+                });
+                return self.submit_parts(offset, kind, fua, len, wrapped, Some(unreplicated));
+            }
+            None => done,
+        };
+        self.submit_parts(offset, kind, fua, len, done, None);
+    }
+
+    fn flush(&self) -> Result<(), BlockError> {
+        self.flush_local()
+    }
+}
+
+impl ReplicatedDisk {
+    /// Sends the engine's parts and applies the local one; `done` runs once all are done.
+    fn submit_parts(&self, offset: u64, kind: WriteKind, fua: bool, len: u64, done: Completion, unreplicated: Option<Arc<std::sync::atomic::AtomicBool>>) {
         // The engine's parts, then the local one.
-        let join = Arc::new(Join::new(parts(len) + 1, done));
+        let mut join = Join::new(parts(len) + 1, done);
+        if let Some(flag) = unreplicated {
+            join.unreplicated = flag;
+        }
+        let join = Arc::new(join);
         let end = offset + len;
         let body = {
             let mut in_flight = self.local.in_flight.lock().unwrap_or_else(|e| e.into_inner());
@@ -275,8 +408,10 @@ impl BlockDevice for ReplicatedDisk {
             _ => self.local.run(job),
         }
     }
+}
 
-    fn flush(&self) -> Result<(), BlockError> {
+impl ReplicatedDisk {
+    fn flush_local(&self) -> Result<(), BlockError> {
         self.local.disk.file.sync_data().map_err(|e| {
             error!("volume {}: flushing {} failed: {e}", self.local.volume, self.local.disk.path.display());
             BlockError::from_io(&e)
@@ -290,11 +425,18 @@ struct Join {
     left: AtomicU32,
     error: OnceLock<BlockError>,
     done: Mutex<Option<Completion>>,
+    /// Set when an engine part failed but the guest is served anyway (dirty tracking).
+    unreplicated: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Join {
     fn new(parts: u32, done: Completion) -> Join {
-        Join { left: AtomicU32::new(parts), error: OnceLock::new(), done: Mutex::new(Some(done)) }
+        Join {
+            left: AtomicU32::new(parts),
+            error: OnceLock::new(),
+            done: Mutex::new(Some(done)),
+            unreplicated: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
     }
 
     fn finish(&self, result: Result<(), BlockError>) {

@@ -20,7 +20,7 @@ use crate::Volume;
 pub(crate) fn apply_record(file: &dyn StorageFile, rec: &RecordRef<'_>) -> io::Result<()> {
     let h = &rec.header;
     match h.kind {
-        WriteKind::Data => file.write_all_at(rec.data, h.offset),
+        WriteKind::Data | WriteKind::Resync => file.write_all_at(rec.data, h.offset),
         WriteKind::Zeroes | WriteKind::Trim => file.zero_range(h.offset, u64::from(h.length)),
         WriteKind::Bookmark | WriteKind::Point | WriteKind::Superseded => Ok(()),
     }

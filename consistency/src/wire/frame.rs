@@ -59,6 +59,8 @@ pub enum FrameType {
     Quiesced,
     /// Engine asks an agent to thaw.
     Thaw,
+    /// Agent says its resync of some disks is complete.
+    ResyncDone,
     /// An operator asks the engine for the state of its groups.
     StatusRequest,
     /// The engine's answer.
@@ -88,6 +90,7 @@ impl FrameType {
             FrameType::Quiesce => 0x32,
             FrameType::Quiesced => 0x33,
             FrameType::Thaw => 0x34,
+            FrameType::ResyncDone => 0x35,
             FrameType::StatusRequest => 0x40,
             FrameType::StatusReply => 0x41,
             FrameType::SetModeRequest => 0x42,
@@ -113,6 +116,7 @@ impl FrameType {
             0x32 => FrameType::Quiesce,
             0x33 => FrameType::Quiesced,
             0x34 => FrameType::Thaw,
+            0x35 => FrameType::ResyncDone,
             0x40 => FrameType::StatusRequest,
             0x41 => FrameType::StatusReply,
             0x42 => FrameType::SetModeRequest,

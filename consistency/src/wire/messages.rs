@@ -154,6 +154,13 @@ pub struct ThawMsg {
     pub id: u64,
 }
 
+/// Agent → engine: every dirty region of these disks has been re-sent and acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncDoneMsg {
+    /// Disk numbers of the hello.
+    pub disks: Vec<u16>,
+}
+
 /// Operator → engine: the state of every group (or of the named ones).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusRequest {

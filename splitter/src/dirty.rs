@@ -1,0 +1,336 @@
+//! The dirty map: which regions of a disk may differ from the replica, kept on disk so that a
+//! crash or a power loss never loses the knowledge (docs/failure-handling.md).
+//!
+//! Activity-log style: a region (1 MiB by default) is marked *on disk* (`fdatasync`) before the
+//! first write to it is sent anywhere, and stays marked while it is being written; once no
+//! write is in flight in it and none came for [`CLEAN_AFTER`], a background pass clears it
+//! lazily. A region whose write the engine did not take (the engine away past its timeout,
+//! or refusing) stays marked and *needs a resync*. After a crash every region the file says
+//! is marked needs a resync: a write may have reached the local disk and not the engine.
+//!
+//! File layout (little-endian, rewritten in place; a torn file fails its checksum and then
+//! counts as every region dirty):
+//!
+//! ```text
+//!   0  | magic "HSDM" | version u8 = 1 | region_shift u8 | reserved u16 = 0 |
+//!   8  | disk size u64                                                     |
+//!  16  | bitmap, ceil(regions / 8) bytes, bit r of byte r/8 = region r      |
+//!      | crc32c u32 of everything before it                                 |
+//! ```
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hindsight_consistency::storage::{OpenMode, Storage, StorageFile};
+use log::{info, warn};
+
+/// Regions are 2^20 bytes by default.
+pub const DEFAULT_REGION_SHIFT: u8 = 20;
+/// A region with nothing in flight is cleared after this long without writes.
+pub const CLEAN_AFTER: Duration = Duration::from_secs(2);
+
+const MAGIC: &[u8; 4] = b"HSDM";
+const VERSION: u8 = 1;
+const HEADER_LEN: usize = 16;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct State {
+    /// Durable marks (what the file says).
+    marked: Vec<u8>,
+    /// Writes in flight per region.
+    in_flight: HashMap<u64, u32>,
+    /// Regions that must be re-sent.
+    resync: Vec<u8>,
+    /// When each marked region was last written.
+    touched: HashMap<u64, Instant>,
+}
+
+/// The dirty map of one disk.
+pub struct DirtyMap {
+    file: Box<dyn StorageFile>,
+    path: PathBuf,
+    shift: u8,
+    regions: u64,
+    size: u64,
+    state: Mutex<State>,
+}
+
+fn bit(map: &[u8], r: u64) -> bool {
+    map[usize::try_from(r / 8).expect("region index fits")] & (1 << (r % 8)) != 0
+}
+
+fn set(map: &mut [u8], r: u64, on: bool) {
+    let byte = &mut map[usize::try_from(r / 8).expect("region index fits")];
+    if on {
+        *byte |= 1 << (r % 8);
+    } else {
+        *byte &= !(1 << (r % 8));
+    }
+}
+
+impl DirtyMap {
+    /// Opens (or creates) the map of a disk of `size` bytes. Regions marked in an existing
+    /// map need a resync (the agent stopped with writes that may not have reached the
+    /// engine). A new map (`fresh` = true in the result) means the agent has never served this
+    /// disk here: the caller decides what the initial sync is.
+    pub fn open(fs: &dyn Storage, path: &Path, size: u64) -> std::io::Result<(DirtyMap, bool)> {
+        let shift = DEFAULT_REGION_SHIFT;
+        let regions = size.div_ceil(1 << shift);
+        let bytes = usize::try_from(regions.div_ceil(8)).map_err(|_| std::io::Error::other("disk too large for a dirty map"))?;
+        let exists = fs.exists(path);
+        if let Some(dir) = path.parent() {
+            fs.create_dir_all(dir)?;
+        }
+        let file = fs.open(path, OpenMode::Create)?;
+        let mut marked = vec![0u8; bytes];
+        let mut fresh = !exists;
+        if exists {
+            let len = usize::try_from(file.len()?).unwrap_or(usize::MAX);
+            let mut buf = vec![0u8; len.min(HEADER_LEN + bytes + 4)];
+            file.read_exact_at(&mut buf, 0)?;
+            match decode(&buf, shift, size, bytes) {
+                Some(m) => marked = m,
+                None if len == 0 => fresh = true,
+                None => {
+                    warn!("{}: the dirty map is damaged or for another disk size; every region will be resynced", path.display());
+                    marked.fill(0xff);
+                }
+            }
+        }
+        let map = DirtyMap {
+            file,
+            path: path.to_owned(),
+            shift,
+            regions,
+            size,
+            state: Mutex::new(State { resync: marked.clone(), marked, in_flight: HashMap::new(), touched: HashMap::new() }),
+        };
+        {
+            let st = lock(&map.state);
+            map.persist(&st.marked)?;
+            let n = (0..regions).filter(|&r| bit(&st.resync, r)).count();
+            if n > 0 {
+                info!("{}: {n} region(s) were dirty when the agent stopped; they will be resynced", path.display());
+            }
+        }
+        Ok((map, fresh))
+    }
+
+    /// Region size in bytes.
+    pub fn region_size(&self) -> u64 {
+        1 << self.shift
+    }
+
+    /// Number of regions.
+    pub fn regions(&self) -> u64 {
+        self.regions
+    }
+
+    /// The byte range of region `r`.
+    pub fn range(&self, r: u64) -> (u64, u64) {
+        let start = r << self.shift;
+        (start, (start + self.region_size()).min(self.size))
+    }
+
+    fn span(&self, offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+        (offset >> self.shift)..=((offset + len.max(1) - 1) >> self.shift)
+    }
+
+    fn persist(&self, marked: &[u8]) -> std::io::Result<()> {
+        let mut buf = Vec::with_capacity(HEADER_LEN + marked.len() + 4);
+        buf.extend_from_slice(MAGIC);
+        buf.push(VERSION);
+        buf.push(self.shift);
+        buf.extend_from_slice(&[0, 0]);
+        buf.extend_from_slice(&self.size.to_le_bytes());
+        buf.extend_from_slice(marked);
+        let crc = crc32c::crc32c(&buf);
+        buf.extend_from_slice(&crc.to_le_bytes());
+        self.file.write_all_at(&buf, 0)?;
+        self.file.sync_data()
+    }
+
+    /// Before a write of `len` bytes at `offset` is sent: marks its regions on disk (one
+    /// `fdatasync` when a region was clean) and counts the write in flight.
+    pub fn begin(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let mut st = lock(&self.state);
+        let mut newly = false;
+        let now = Instant::now();
+        for r in self.span(offset, len) {
+            *st.in_flight.entry(r).or_insert(0) += 1;
+            st.touched.insert(r, now);
+            if !bit(&st.marked, r) {
+                set(&mut st.marked, r, true);
+                newly = true;
+            }
+        }
+        if newly {
+            self.persist(&st.marked)?;
+        }
+        Ok(())
+    }
+
+    /// After the write has finished: `replicated` says whether the engine took it; if not,
+    /// its regions need a resync.
+    pub fn end(&self, offset: u64, len: u64, replicated: bool) {
+        let mut st = lock(&self.state);
+        for r in self.span(offset, len) {
+            if let Some(n) = st.in_flight.get_mut(&r) {
+                *n -= 1;
+                if *n == 0 {
+                    st.in_flight.remove(&r);
+                }
+            }
+            if !replicated {
+                set(&mut st.resync, r, true);
+            }
+        }
+    }
+
+    /// Regions that need a resync, lowest first.
+    pub fn needing_resync(&self) -> Vec<u64> {
+        let st = lock(&self.state);
+        (0..self.regions).filter(|&r| bit(&st.resync, r)).collect()
+    }
+
+    /// Marks every region that holds data (not all zeroes) as needing a resync: the initial
+    /// sync of a disk the agent has never served. `read` reads a region's bytes.
+    pub fn mark_nonzero(&self, mut read: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>) -> std::io::Result<u64> {
+        let mut buf = vec![0u8; usize::try_from(self.region_size()).expect("region fits in memory")];
+        let mut n = 0;
+        for r in 0..self.regions {
+            let (start, end) = self.range(r);
+            let part = &mut buf[..usize::try_from(end - start).expect("region fits")];
+            read(start, part)?;
+            if part.iter().any(|&b| b != 0) {
+                let mut st = lock(&self.state);
+                set(&mut st.resync, r, true);
+                set(&mut st.marked, r, true);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.persist(&lock(&self.state).marked)?;
+        }
+        Ok(n)
+    }
+
+    /// A resync of region `r` was acknowledged by the engine: it no longer needs one (it is
+    /// cleared from the file by the next [`DirtyMap::clean`] when idle).
+    pub fn resynced(&self, r: u64) {
+        set(&mut lock(&self.state).resync, r, false);
+    }
+
+    /// Clears, in the file, regions with nothing in flight, no resync pending and no write for
+    /// [`CLEAN_AFTER`]. Returns how many were cleared.
+    pub fn clean(&self) -> std::io::Result<usize> {
+        let mut st = lock(&self.state);
+        let now = Instant::now();
+        let mut cleared = 0;
+        for r in 0..self.regions {
+            if !bit(&st.marked, r) || bit(&st.resync, r) || st.in_flight.contains_key(&r) {
+                continue;
+            }
+            if st.touched.get(&r).is_some_and(|t| now.duration_since(*t) < CLEAN_AFTER) {
+                continue;
+            }
+            set(&mut st.marked, r, false);
+            st.touched.remove(&r);
+            cleared += 1;
+        }
+        if cleared > 0 {
+            self.persist(&st.marked)?;
+        }
+        Ok(cleared)
+    }
+
+    /// Where the map is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The bitmap of a valid file for this disk, or `None`.
+fn decode(buf: &[u8], shift: u8, size: u64, bytes: usize) -> Option<Vec<u8>> {
+    if buf.len() != HEADER_LEN + bytes + 4 || &buf[..4] != MAGIC || buf[4] != VERSION || buf[5] != shift {
+        return None;
+    }
+    if u64::from_le_bytes(buf[8..16].try_into().ok()?) != size {
+        return None;
+    }
+    let (body, crc) = buf.split_at(HEADER_LEN + bytes);
+    (crc32c::crc32c(body) == u32::from_le_bytes(crc.try_into().ok()?)).then(|| body[HEADER_LEN..].to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hindsight_consistency::storage::StdStorage;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn marks_survive_a_restart_and_clean_only_when_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.map");
+        let (m, fresh) = DirtyMap::open(&StdStorage, &path, 10 * MIB).unwrap();
+        assert!(fresh);
+        m.begin(3 * MIB + 10, 2 * MIB).unwrap(); // regions 3, 4, 5
+        assert!(m.needing_resync().is_empty());
+        drop(m);
+        // "Crash" with the write in flight: the regions need a resync.
+        let (m, fresh) = DirtyMap::open(&StdStorage, &path, 10 * MIB).unwrap();
+        assert!(!fresh);
+        assert_eq!(m.needing_resync(), vec![3, 4, 5]);
+        for r in [3, 4, 5] {
+            m.resynced(r);
+        }
+        // A write the engine did not take.
+        m.begin(0, 4096).unwrap();
+        m.end(0, 4096, false);
+        m.begin(8 * MIB, 4096).unwrap();
+        m.end(8 * MIB, 4096, true);
+        assert_eq!(m.needing_resync(), vec![0]);
+        // Region 8 was just written: kept until idle.
+        let cleared = m.clean().unwrap();
+        assert!(cleared >= 3, "resynced regions are cleared: {cleared}");
+        drop(m);
+        let (m, _) = DirtyMap::open(&StdStorage, &path, 10 * MIB).unwrap();
+        assert_eq!(m.needing_resync(), vec![0, 8]);
+    }
+
+    #[test]
+    fn a_damaged_map_means_everything_is_dirty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.map");
+        drop(DirtyMap::open(&StdStorage, &path, 4 * MIB).unwrap());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[16] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let (m, _) = DirtyMap::open(&StdStorage, &path, 4 * MIB).unwrap();
+        assert_eq!(m.needing_resync(), vec![0, 1, 2, 3]);
+        // Another disk size: the same.
+        let (m, _) = DirtyMap::open(&StdStorage, &path, 2 * MIB).unwrap();
+        assert_eq!(m.needing_resync(), vec![0, 1]);
+    }
+
+    #[test]
+    fn initial_sync_marks_regions_with_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, _) = DirtyMap::open(&StdStorage, &dir.path().join("d.map"), 4 * MIB).unwrap();
+        let n = m.mark_nonzero(|off, buf| {
+            buf.fill(0);
+            if off == 2 * MIB {
+                buf[100] = 1;
+            }
+            Ok(())
+        });
+        assert_eq!(n.unwrap(), 1);
+        assert_eq!(m.needing_resync(), vec![2]);
+    }
+}
