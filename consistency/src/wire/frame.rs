@@ -59,6 +59,8 @@ pub enum FrameType {
     Quiesced,
     /// Engine asks an agent to thaw.
     Thaw,
+    /// Agent has re-sent every dirty region of some disks.
+    ResyncDone,
     /// An operator asks the engine for the state of its groups.
     StatusRequest,
     /// The engine's answer.
@@ -88,6 +90,7 @@ impl FrameType {
             FrameType::Quiesce => 0x32,
             FrameType::Quiesced => 0x33,
             FrameType::Thaw => 0x34,
+            FrameType::ResyncDone => 0x35,
             FrameType::StatusRequest => 0x40,
             FrameType::StatusReply => 0x41,
             FrameType::SetModeRequest => 0x42,
@@ -113,6 +116,7 @@ impl FrameType {
             0x32 => FrameType::Quiesce,
             0x33 => FrameType::Quiesced,
             0x34 => FrameType::Thaw,
+            0x35 => FrameType::ResyncDone,
             0x40 => FrameType::StatusRequest,
             0x41 => FrameType::StatusReply,
             0x42 => FrameType::SetModeRequest,
@@ -301,6 +305,16 @@ mod tests {
                 assert!(read_frame(&mut &b[..], &mut payload).is_err(), "byte {byte} bit {bit}");
             }
         }
+    }
+
+    #[test]
+    fn every_type_code_round_trips() {
+        for code in 0..=u8::MAX {
+            if let Some(t) = FrameType::from_code(code) {
+                assert_eq!(t.code(), code, "{t:?}");
+            }
+        }
+        assert_eq!(FrameType::from_code(0x35), Some(FrameType::ResyncDone));
     }
 
     #[test]

@@ -170,7 +170,7 @@ impl FakeEngine {
             let start = usize::try_from(w.offset).unwrap();
             let end = start + w.length as usize;
             match w.kind {
-                WriteKind::Data => image[start..end].copy_from_slice(&w.data),
+                WriteKind::Data | WriteKind::Resync => image[start..end].copy_from_slice(&w.data),
                 WriteKind::Zeroes | WriteKind::Trim => image[start..end].fill(0),
                 k => panic!("a Write message can never carry a {} record", k.as_str()),
             }
