@@ -422,6 +422,7 @@ fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
 
 /// The human form of `hindsight history`.
 fn format_history(h: &hindsight_target::History) -> String {
+    use hindsight_target::spans::SpanKind;
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(s, "group {} (shipped by {})", h.group, h.engine);
@@ -446,14 +447,13 @@ fn format_history(h: &hindsight_target::History) -> String {
         let spans: Vec<String> = h
             .inconsistent
             .iter()
-            .map(|sp| format!("{}..{}", sp.from, sp.to.map_or_else(|| "(arriving)".to_string(), |t| (t - 1).to_string())))
+            .map(|sp| match (sp.to, sp.kind) {
+                (Some(t), kind) => format!("{}..{} ({})", sp.from, t - 1, kind.as_str()),
+                (None, SpanKind::Delta) => format!("{}.. (async delta, arriving)", sp.from),
+                (None, SpanKind::Resync) => format!("{}.. (resync, not completed yet)", sp.from),
+            })
             .collect();
-        let _ = writeln!(
-            s,
-            "  not consistent (async deltas; recover at interval points or bookmarks): seq {}; newest consistent point: seq {}",
-            spans.join(", "),
-            h.last_consistent_seq
-        );
+        let _ = writeln!(s, "  not consistent: seq {}; newest consistent point: seq {}", spans.join(", "), h.last_consistent_seq);
     }
     for b in &h.bookmarks {
         let note = if b.note.is_empty() { String::new() } else { format!(" ({})", b.note) };
@@ -472,5 +472,53 @@ fn humanize_duration(ns: u64) -> String {
         s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
         s if s > 0 => format!("{s}s"),
         _ => format!("{}ms", ns / 1_000_000),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hindsight_target::spans::{Span, SpanKind};
+
+    fn history(inconsistent: Vec<Span>, last_consistent_seq: u64) -> hindsight_target::History {
+        hindsight_target::History {
+            group: "erp".into(),
+            engine: "engine-a".into(),
+            volumes: vec![],
+            first_seq: 0,
+            first_time_ns: 0,
+            last_seq: 30,
+            last_time_ns: 0,
+            applied_seq: 30,
+            journal_bytes: 0,
+            segments: 1,
+            retention_ns: None,
+            journal_size: None,
+            bookmarks: vec![],
+            inconsistent,
+            last_consistent_seq,
+        }
+    }
+
+    #[test]
+    fn history_names_the_kind_of_each_inconsistent_span() {
+        let h = history(
+            vec![
+                Span { from: 5, to: Some(8), kind: SpanKind::Delta },
+                Span { from: 11, to: Some(18), kind: SpanKind::Resync },
+                Span { from: 25, to: None, kind: SpanKind::Resync },
+                Span { from: 27, to: None, kind: SpanKind::Delta },
+            ],
+            24,
+        );
+        let text = format_history(&h);
+        assert!(
+            text.contains(
+                "  not consistent: seq 5..7 (async delta), 11..17 (resync), 25.. (resync, not completed yet), 27.. (async delta, arriving); \
+                 newest consistent point: seq 24\n"
+            ),
+            "{text}"
+        );
+        assert!(!format_history(&history(vec![], 30)).contains("not consistent"));
     }
 }

@@ -32,6 +32,11 @@ pub const MAX_NAME_LEN: usize = 64;
 /// Largest `body_len` a valid record can have.
 pub const MAX_BODY_LEN: usize = MAX_NAME_LEN + MAX_WRITE_LEN as usize;
 
+/// Name of a point record that ends an async interval.
+pub const INTERVAL_POINT_NAME: &str = "interval";
+/// Name of a point record that ends a resync.
+pub const RESYNC_POINT_NAME: &str = "resync";
+
 /// What a write does to its range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WriteKind {
@@ -45,14 +50,16 @@ pub enum WriteKind {
     /// Its name travels in the volume field and its [`BookmarkBody`] as data; it changes no
     /// volume.
     Bookmark,
-    /// Not a write: the end of an async interval, placed by the engine (name `interval`, data
-    /// the interval's first sequence number). It changes no volume.
+    /// Not a write: the end of an async interval (name [`INTERVAL_POINT_NAME`]) or of a
+    /// resync (name [`RESYNC_POINT_NAME`]), placed by the engine; its data is the first
+    /// sequence number of what it ends. It changes no volume.
     Point,
     /// A write an async delta left out because a later write of the same interval covers it:
     /// its header without data. It changes no volume.
     Superseded,
-    /// Resync data: bytes the agent re-sends from its local disk after a cut or a crash, not
-    /// in the guest's write order. Applied like data.
+    /// A dirty region an agent re-sends from its local disk after an outage or a crash:
+    /// written like [`WriteKind::Data`], but not in the guest's write order, so no point
+    /// between the first resync record and the next resync point is consistent.
     Resync,
 }
 
@@ -89,8 +96,13 @@ impl WriteKind {
         matches!(self, WriteKind::Data | WriteKind::Bookmark | WriteKind::Point | WriteKind::Resync)
     }
 
-    /// True for the kinds that change a volume (data, zeroes, trim).
+    /// True for the kinds that change a volume (data, zeroes, trim, resync).
     pub fn changes_volume(self) -> bool {
+        matches!(self, WriteKind::Data | WriteKind::Zeroes | WriteKind::Trim | WriteKind::Resync)
+    }
+
+    /// True for the kinds an agent may send in a `Write` (the others are placed by the engine).
+    pub fn from_agent(self) -> bool {
         matches!(self, WriteKind::Data | WriteKind::Zeroes | WriteKind::Trim | WriteKind::Resync)
     }
 
@@ -375,7 +387,7 @@ mod tests {
 
     fn sample(kind: WriteKind) -> Record {
         let length = 4096;
-        let data = if kind == WriteKind::Data { (0..length).map(|i| (i * 7) as u8).collect() } else { vec![] };
+        let data = if kind.carries_data() { (0..length).map(|i| (i * 7) as u8).collect() } else { vec![] };
         Record {
             header: RecordHeader { seq: 42, time_ns: 1_700_000_000_123_456_789, kind, offset: 8192, length: length as u32 },
             volume: "db-data".into(),
@@ -391,7 +403,7 @@ mod tests {
 
     #[test]
     fn round_trip_every_kind() {
-        for kind in [WriteKind::Data, WriteKind::Zeroes, WriteKind::Trim] {
+        for kind in [WriteKind::Data, WriteKind::Zeroes, WriteKind::Trim, WriteKind::Superseded, WriteKind::Resync] {
             let r = sample(kind);
             let buf = encode(&r);
             let (got, used) = decode_record(&buf).unwrap();
@@ -418,8 +430,35 @@ mod tests {
     }
 
     #[test]
+    fn resync_records_carry_data_and_change_the_volume() {
+        let r = sample(WriteKind::Resync);
+        let buf = encode(&r);
+        assert_eq!((buf[5], WriteKind::from_code(7)), (7, Some(WriteKind::Resync)));
+        let (got, _) = decode_record(&buf).unwrap();
+        assert_eq!(got.to_owned(), r);
+        assert_eq!(got.data.len(), 4096);
+        assert!(WriteKind::Resync.changes_volume() && WriteKind::Resync.from_agent());
+        assert_eq!(WriteKind::Resync.as_str(), "resync");
+        // A kind 7 header that claims no data is corrupt, like a data record's.
+        let mut short = buf.clone();
+        short[8..12].copy_from_slice(&7u32.to_le_bytes());
+        assert!(matches!(decode_record(&short), Err(DecodeError::Corrupt(_))));
+    }
+
+    #[test]
+    fn resync_points_round_trip_with_their_first_seq() {
+        let h = RecordHeader { seq: 18, time_ns: 5, kind: WriteKind::Point, offset: 0, length: 8 };
+        let mut buf = Vec::new();
+        encode_record(&h, RESYNC_POINT_NAME, &11u64.to_le_bytes(), &mut buf);
+        let (got, used) = decode_record(&buf).unwrap();
+        assert_eq!(used, buf.len());
+        assert_eq!((got.header, got.volume, read_u64(got.data, 0)), (h, "resync", 11));
+        assert!(!WriteKind::Point.changes_volume() && !WriteKind::Point.from_agent());
+    }
+
+    #[test]
     fn every_truncation_is_incomplete() {
-        for kind in [WriteKind::Data, WriteKind::Trim] {
+        for kind in [WriteKind::Data, WriteKind::Trim, WriteKind::Resync] {
             let buf = encode(&sample(kind));
             for cut in 0..buf.len() {
                 match decode_record(&buf[..cut]) {

@@ -14,12 +14,12 @@ use hindsight_consistency::config::{check_name, ReplicationMode};
 use hindsight_consistency::transport::{AcceptError, Peer, ReadHalf, Role, Security, TransportError, WriteHalf};
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, BookmarkPoint, BookmarkReply, BookmarkRequest,
-    ErrorMessage, FrameError, FrameType, GroupStatus, QuiesceMsg, QuiescedMsg, SetModeReply, SetModeRequest, StatusReply, StatusRequest,
-    ThawMsg, WriteAck, WriteMsg, PROTOCOL_VERSION, WRITE_HEADER_LEN,
+    ErrorMessage, FrameError, FrameType, GroupStatus, QuiesceMsg, QuiescedMsg, ResyncDoneMsg, SetModeReply, SetModeRequest, StatusReply,
+    StatusRequest, ThawMsg, WriteAck, WriteMsg, PROTOCOL_VERSION, WRITE_HEADER_LEN,
 };
 use hindsight_consistency::{BookmarkBody, PointConsistency};
 
-use crate::group::{BookmarkPlacement, GroupHandle, GroupItem, Latch, WriteRequest};
+use crate::group::{BookmarkPlacement, GroupHandle, GroupItem, Latch, ResyncDone, WriteRequest};
 
 /// Read buffer of an agent connection.
 const READ_BUFFER: usize = 256 << 10;
@@ -31,6 +31,8 @@ const ATTACH_WAIT: Duration = Duration::from_secs(5);
 const EINVAL: u32 = 22;
 /// errno when the group cannot take writes.
 const EIO: u32 = 5;
+/// How long a session refused mid-way waits for its `Error` frame to go out before closing.
+const REFUSAL_FLUSH: Duration = Duration::from_secs(2);
 
 /// What every session needs: the groups and which volumes are attached right now.
 pub struct Registry {
@@ -134,16 +136,38 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
     let (control_tx, control_rx) = crossbeam_channel::unbounded::<(FrameType, Vec<u8>)>();
     let session_id = reg.next_id.fetch_add(1, AtomicOrdering::Relaxed);
     let groups = disks.iter().map(|d| d.group.config.name.clone()).collect();
+    let control = control_tx.clone();
     reg.sessions.lock().expect("sessions lock").insert(session_id, Session { vm: hello.vm.clone(), groups, control: control_tx });
-    let ack_thread = std::thread::Builder::new().name(format!("acks-{peer}")).spawn(move || ack_loop(writer, ack_rx, control_rx, peer));
+    let (ack_done_tx, ack_done) = crossbeam_channel::bounded::<()>(0);
+    let ack_thread = std::thread::Builder::new().name(format!("acks-{peer}")).spawn(move || {
+        ack_loop(writer, ack_rx, control_rx, peer);
+        drop(ack_done_tx);
+    });
     let end = read_loop(&mut reader, &disks, &ack_tx, &mut payload, &reg, &hello.vm);
     reg.sessions.lock().expect("sessions lock").remove(&session_id);
-    match end {
-        Ok(()) | Err(FrameError::Closed) => log::info!("agent {peer} (vm {}) disconnected", hello.vm),
-        Err(e) => log::warn!("agent {peer} (vm {}): connection closed: {e}", hello.vm),
-    }
+    let refused = match end {
+        Ok(()) | Err(SessionEnd::Frame(FrameError::Closed)) => {
+            log::info!("agent {peer} (vm {}) disconnected", hello.vm);
+            false
+        }
+        Err(SessionEnd::Frame(e)) => {
+            log::warn!("agent {peer} (vm {}): connection closed: {e}", hello.vm);
+            false
+        }
+        Err(SessionEnd::Refused(why)) => {
+            log::warn!("agent {peer} (vm {}) refused: {why}", hello.vm);
+            let _ = control.send((FrameType::Error, encode_message(&ErrorMessage { message: why })));
+            true
+        }
+    };
+    drop(control);
     drop(ack_tx);
     drop(disks);
+    if refused {
+        // The acknowledgement writer sends the Error and closes; give it a moment before the
+        // socket goes.
+        let _ = ack_done.recv_timeout(REFUSAL_FLUSH);
+    }
     reader.get_ref().shutdown();
     if let Ok(t) = ack_thread {
         let _ = t.join();
@@ -482,6 +506,20 @@ fn detach(reg: &Registry, names: &[String]) {
     reg.detached.notify_all();
 }
 
+/// Why an agent session's reader stopped.
+enum SessionEnd {
+    /// The connection ended or a frame was malformed.
+    Frame(FrameError),
+    /// The agent sent something the engine refuses: it is told why (`Error`) and closed.
+    Refused(String),
+}
+
+impl From<FrameError> for SessionEnd {
+    fn from(e: FrameError) -> SessionEnd {
+        SessionEnd::Frame(e)
+    }
+}
+
 fn read_loop(
     reader: &mut BufReader<ReadHalf>,
     disks: &[Disk],
@@ -489,7 +527,7 @@ fn read_loop(
     payload: &mut Vec<u8>,
     reg: &Registry,
     vm: &str,
-) -> Result<(), FrameError> {
+) -> Result<(), SessionEnd> {
     loop {
         match read_frame(reader, payload)? {
             FrameType::Write => {}
@@ -500,7 +538,12 @@ fn read_loop(
                 }
                 continue;
             }
-            other => return Err(FrameError::Unexpected { got: other, expected: "Write" }),
+            FrameType::ResyncDone => {
+                let m: ResyncDoneMsg = decode_message("ResyncDone", payload)?;
+                resync_done(&m, disks)?;
+                continue;
+            }
+            other => return Err(FrameError::Unexpected { got: other, expected: "Write, Quiesced or ResyncDone" }.into()),
         }
         let (msg, _) = WriteMsg::decode(payload)?;
         let Some(disk) = disks.get(usize::from(msg.disk)) else {
@@ -528,23 +571,67 @@ fn read_loop(
             ack: ack_tx.clone(),
         };
         if disk.group.tx.send(GroupItem::Write(req)).is_err() {
-            return Err(FrameError::Peer("the engine is shutting down".into()));
+            return Err(FrameError::Peer("the engine is shutting down".into()).into());
         }
     }
 }
 
+/// Passes the end of a resync to the group of each disk named, once per group, on the same
+/// channel as the session's writes: the resync point follows every write read before it.
+/// Nothing is passed on if any disk number is not one of the hello's.
+fn resync_done(m: &ResyncDoneMsg, disks: &[Disk]) -> Result<(), SessionEnd> {
+    if m.disks.is_empty() {
+        return Err(SessionEnd::Refused("ResyncDone names no disk; name the disk numbers of the hello whose resync completed".into()));
+    }
+    let mut groups: Vec<(&GroupHandle, Vec<Arc<str>>)> = Vec::new();
+    for &n in &m.disks {
+        let Some(disk) = disks.get(usize::from(n)) else {
+            return Err(SessionEnd::Refused(format!(
+                "ResyncDone names disk number {n}, but the hello had {} disk(s) (numbers 0 to {}); no resync point was placed",
+                disks.len(),
+                disks.len() - 1
+            )));
+        };
+        match groups.iter_mut().find(|(g, _)| g.config.name == disk.group.config.name) {
+            Some((_, volumes)) if volumes.contains(&disk.volume) => {}
+            Some((_, volumes)) => volumes.push(Arc::clone(&disk.volume)),
+            None => groups.push((&disk.group, vec![Arc::clone(&disk.volume)])),
+        }
+    }
+    for (group, volumes) in groups {
+        if group.tx.send(GroupItem::ResyncDone(ResyncDone { volumes })).is_err() {
+            return Err(FrameError::Peer("the engine is shutting down".into()).into());
+        }
+    }
+    Ok(())
+}
+
 /// Writes acknowledgements, batching whatever is queued into one socket write, and the
-/// session's control frames between them: the only writer of the socket.
+/// session's control frames between them: the only writer of the socket. An `Error` control
+/// frame is the last thing sent: the connection is closed after it.
 fn ack_loop(w: WriteHalf, rx: Receiver<WriteAck>, control: Receiver<(FrameType, Vec<u8>)>, peer: SocketAddr) {
     let mut buf = Vec::with_capacity(64 << 10);
     let mut scratch = Vec::new();
     loop {
         buf.clear();
         let first = crossbeam_channel::select! {
-            recv(rx) -> a => match a { Ok(a) => Some(a), Err(_) => return },
+            recv(rx) -> a => match a {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    // The session ended: a refusal may still wait in the control queue.
+                    if let Some((FrameType::Error, payload)) = control.try_iter().find(|(t, _)| *t == FrameType::Error) {
+                        send_error(&w, &payload, peer);
+                    }
+                    return;
+                }
+            },
             recv(control) -> c => {
-                if let Ok((ftype, payload)) = c {
-                    let _ = write_frame(&mut buf, ftype, &payload, &mut scratch);
+                match c {
+                    Ok((FrameType::Error, payload)) => return send_error(&w, &payload, peer),
+                    Ok((ftype, payload)) => {
+                        let _ = write_frame(&mut buf, ftype, &payload, &mut scratch);
+                    }
+                    Err(_) => {}
                 }
                 None
             }
@@ -563,4 +650,14 @@ fn ack_loop(w: WriteHalf, rx: Receiver<WriteAck>, control: Receiver<(FrameType, 
             return;
         }
     }
+}
+
+/// Sends an `Error` frame and closes the connection (the agent reads everything before it).
+fn send_error(w: &WriteHalf, payload: &[u8], peer: SocketAddr) {
+    let mut frame = Vec::new();
+    let _ = write_frame(&mut frame, FrameType::Error, payload, &mut Vec::new());
+    if let Err(e) = w.send(&frame) {
+        log::debug!("agent {peer}: cannot send the refusal: {e}");
+    }
+    w.close();
 }

@@ -4,7 +4,9 @@
 //!
 //! The shipper scans the journal from where the target is to the next interval point or
 //! bookmark, noting each record's range ([`DeltaScan`]); then, newest first, a write whose
-//! whole range is already covered by newer writes of its volume is left out.
+//! whole range is already covered by newer writes of its volume is left out. Resync records
+//! (kind 7) cover older writes like any write but are never left out themselves: the target
+//! learns from them that a resync began, and no image is consistent until its resync point.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -18,6 +20,8 @@ struct Entry {
     volume: u16,
     offset: u64,
     end: u64,
+    /// A resync record: shipped whole even when covered.
+    keep: bool,
 }
 
 /// Disjoint byte ranges of one volume, merged.
@@ -100,7 +104,8 @@ impl DeltaScan {
                         }
                     };
                     let volume = u16::try_from(volume).unwrap_or(u16::MAX);
-                    self.entries.push(Entry { seq: h.seq, volume, offset: h.offset, end: h.offset + u64::from(h.length) });
+                    let end = h.offset + u64::from(h.length);
+                    self.entries.push(Entry { seq: h.seq, volume, offset: h.offset, end, keep: h.kind == WriteKind::Resync });
                 }
                 _ => {}
             }
@@ -116,7 +121,9 @@ fn superseded(entries: &[Entry]) -> HashSet<Seq> {
     for e in entries.iter().rev() {
         let set = covered.entry(e.volume).or_default();
         if set.covers(e.offset, e.end) {
-            out.insert(e.seq);
+            if !e.keep {
+                out.insert(e.seq);
+            }
         } else {
             set.insert(e.offset, e.end);
         }
@@ -129,7 +136,7 @@ mod tests {
     use super::*;
 
     fn e(seq: Seq, volume: u16, offset: u64, len: u64) -> Entry {
-        Entry { seq, volume, offset, end: offset + len }
+        Entry { seq, volume, offset, end: offset + len, keep: false }
     }
 
     #[test]
@@ -153,6 +160,16 @@ mod tests {
         got.sort_unstable();
         // 3 covers 1 and 2; 4 is newest; 3 itself is only half covered by 4.
         assert_eq!(got, vec![1, 2]);
+    }
+
+    #[test]
+    fn resync_records_cover_older_writes_but_are_never_left_out() {
+        let resync = |seq, offset, len| Entry { keep: true, ..e(seq, 0, offset, len) };
+        let entries = [e(1, 0, 0, 4096), resync(2, 0, 8192), resync(3, 8192, 4096), e(4, 0, 0, 16384)];
+        let mut got: Vec<Seq> = superseded(&entries).into_iter().collect();
+        got.sort_unstable();
+        // 4 covers 1, 2 and 3; 2 also covers 1; the resync records 2 and 3 are kept.
+        assert_eq!(got, vec![1]);
     }
 
     #[test]

@@ -15,10 +15,12 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hindsight_consistency::config::{GroupConfig, ReplicationMode};
 use hindsight_consistency::journal::Journal;
 use hindsight_consistency::record::{RecordHeader, Seq, WriteKind};
+pub use hindsight_consistency::record::{INTERVAL_POINT_NAME, RESYNC_POINT_NAME};
 use hindsight_consistency::time::now_ns;
 use hindsight_consistency::wire::WriteAck;
 
 use crate::policy::Policy;
+use crate::resync::{ResyncOutcome, Resyncs};
 
 /// errno sent to an agent when the group cannot take writes.
 const EIO: u32 = 5;
@@ -54,6 +56,15 @@ pub enum GroupItem {
     Write(WriteRequest),
     /// A bookmark to place.
     Bookmark(BookmarkPlacement),
+    /// An agent re-sent every dirty region of these volumes of the group.
+    ResyncDone(ResyncDone),
+}
+
+/// The end of the resync of some volumes of a group, on its way to the journal thread behind
+/// every resync write of the same agent connection.
+pub struct ResyncDone {
+    /// The volumes whose resync completed.
+    pub volumes: Vec<Arc<str>>,
 }
 
 /// A bookmark on its way into a group's journal.
@@ -216,9 +227,6 @@ pub fn start(config: GroupConfig, journal: Journal) -> std::io::Result<(GroupHan
     Ok((GroupHandle { config: Arc::new(config), shared, tx }, join))
 }
 
-/// Name of an interval point record.
-pub const INTERVAL_POINT_NAME: &str = "interval";
-
 /// The async interval being filled: when it started and its first sequence number.
 struct OpenInterval {
     since: Instant,
@@ -229,6 +237,7 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
     let mut batch: Vec<WriteRequest> = Vec::with_capacity(256);
     let mut last_time = journal.last_time_ns();
     let mut trimmed_through = 0;
+    let mut resyncs = Resyncs::default();
     // A journal tail written before a restart gets its interval point too.
     let mut open: Option<OpenInterval> =
         (journal.durable_seq() > 0).then(|| OpenInterval { since: Instant::now(), first: journal.durable_seq() });
@@ -281,9 +290,10 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
         if open.is_none() && shared.policy.effective() == ReplicationMode::Async {
             open = Some(OpenInterval { since: Instant::now(), first: journal.next_seq() });
         }
-        // A batch ends at a bookmark: nothing after it is taken before every group of the
-        // request has placed its own.
+        // A batch ends at a bookmark (nothing after it is taken before every group of the
+        // request has placed its own) or at the end of a resync (its point follows the batch).
         let mut bookmark = None;
+        let mut resync_done = None;
         let mut bytes = 0;
         let mut next = Some(first);
         while let Some(item) = next.take() {
@@ -296,6 +306,10 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
                     bookmark = Some(b);
                     break;
                 }
+                GroupItem::ResyncDone(r) => {
+                    resync_done = Some(r);
+                    break;
+                }
             }
             if bytes < MAX_BATCH_BYTES {
                 next = rx.try_recv().ok();
@@ -305,6 +319,13 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
             fail_all(&mut batch);
             if let Some(b) = bookmark {
                 b.answer(Err(format!("group {} is stopped after a journal failure", shared.name)), &shared.name);
+            }
+            if let Some(r) = resync_done {
+                log::warn!(
+                    "group {}: resync of volume(s) {} complete, but the group is stopped after a journal failure: no resync point",
+                    shared.name,
+                    join_names(&r.volumes)
+                );
             }
             continue;
         }
@@ -321,6 +342,9 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
                 result = Err(e);
                 break;
             }
+            if w.kind == WriteKind::Resync {
+                resyncs.record(&w.volume, seq);
+            }
             seqs.push(seq);
         }
         let mut bookmark_seq = None;
@@ -336,11 +360,30 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
             result = journal.append(&h, &b.name, &b.body);
             bookmark_seq = Some(seq);
         }
+        // The resync point follows every resync write the agent sent before `ResyncDone`:
+        // they came earlier on the same connection, so they are in this batch or an earlier one.
+        let mut resync_point = None;
+        if let (Ok(()), Some(r)) = (&result, &resync_done) {
+            match resyncs.done(&r.volumes) {
+                ResyncOutcome::Point { first } => {
+                    let seq = journal.next_seq();
+                    let h = RecordHeader { seq, time_ns: now, kind: WriteKind::Point, offset: 0, length: 8 };
+                    result = journal.append(&h, RESYNC_POINT_NAME, &first.to_le_bytes());
+                    resync_point = Some(seq);
+                }
+                ResyncOutcome::Waiting { others } => log::info!(
+                    "group {}: resync of volume(s) {} complete; the resync point waits for volume(s) {} still resyncing",
+                    shared.name,
+                    join_names(&r.volumes),
+                    join_names(&others)
+                ),
+            }
+        }
         let result = result.and_then(|()| journal.commit());
         match result {
             Ok(durable) => {
                 shared.publish_durable(durable);
-                let bytes = batch.iter().filter(|w| w.kind == WriteKind::Data).map(|w| u64::from(w.length)).sum();
+                let bytes = batch.iter().filter(|w| w.kind.carries_data()).map(|w| u64::from(w.length)).sum();
                 let delay = shared.policy.regulation_delay(bytes);
                 if !delay.is_zero() {
                     std::thread::sleep(delay);
@@ -352,6 +395,11 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
                     // A bookmark ends an async interval as a point does.
                     open = None;
                     b.answer(Ok((seq, now)), &shared.name);
+                }
+                if let (Some(r), Some(seq)) = (resync_done.take(), resync_point) {
+                    log::info!("group {}: resync of volume(s) {} complete at seq {seq}", shared.name, join_names(&r.volumes));
+                    // The shipper ends an async delta at any point.
+                    open = None;
                 }
             }
             Err(e) => {
@@ -376,6 +424,10 @@ fn place_point(journal: &mut Journal, first: Seq, time_ns: u64) -> Result<(Seq, 
     let h = RecordHeader { seq, time_ns, kind: WriteKind::Point, offset: 0, length: 8 };
     journal.append(&h, INTERVAL_POINT_NAME, &first.to_le_bytes())?;
     Ok((seq, journal.commit()?))
+}
+
+fn join_names(names: &[Arc<str>]) -> String {
+    names.iter().map(|n| &**n).collect::<Vec<_>>().join(", ")
 }
 
 fn fail_all(batch: &mut Vec<WriteRequest>) {

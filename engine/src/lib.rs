@@ -27,6 +27,7 @@ pub mod error;
 pub mod group;
 pub mod limiter;
 pub mod policy;
+pub mod resync;
 pub mod shipper;
 
 use std::collections::{HashMap, HashSet};

@@ -1,7 +1,8 @@
 //! The engine between a fake agent and a fake target, both speaking the wire protocol over
 //! 127.0.0.1: acknowledgements come after the journal holds the write, numbers follow arrival
-//! order, shipping resumes where the target's journal ends, confirmed segments go, and agents
-//! whose disks do not match the configuration are refused.
+//! order, shipping resumes where the target's journal ends, confirmed segments go, agents
+//! whose disks do not match the configuration are refused, and the end of a resync places a
+//! resync point behind the resync writes.
 
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 
@@ -37,12 +38,18 @@ impl FakeAgent {
     }
 
     fn connect_group(addr: std::net::SocketAddr, group: &str, vm: &str, disks: &[(&str, u64)]) -> Result<FakeAgent, String> {
+        let disks: Vec<(&str, &str, u64)> = disks.iter().map(|(v, size)| (group, *v, *size)).collect();
+        Self::connect_disks(addr, vm, &disks)
+    }
+
+    /// Connects with disks of any groups: `(group, volume, size)`, numbered in this order.
+    fn connect_disks(addr: std::net::SocketAddr, vm: &str, disks: &[(&str, &str, u64)]) -> Result<FakeAgent, String> {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let hello = AgentHello {
             protocol: PROTOCOL_VERSION,
             vm: vm.into(),
-            disks: disks.iter().map(|(v, size)| DiskHello { group: group.into(), volume: (*v).into(), size: *size }).collect(),
+            disks: disks.iter().map(|(g, v, size)| DiskHello { group: (*g).into(), volume: (*v).into(), size: *size }).collect(),
         };
         let mut scratch = Vec::new();
         write_frame(&mut s, FrameType::AgentHello, &encode_message(&hello), &mut scratch).unwrap();
@@ -55,10 +62,20 @@ impl FakeAgent {
     }
 
     fn send_write(&mut self, req_id: u64, offset: u64, data: &[u8]) {
-        let m = WriteMsg { req_id, offset, length: data.len() as u32, disk: 0, kind: WriteKind::Data };
+        self.send_kind(req_id, 0, WriteKind::Data, offset, data);
+    }
+
+    /// A write of any kind an agent may send, to disk number `disk`.
+    fn send_kind(&mut self, req_id: u64, disk: u16, kind: WriteKind, offset: u64, data: &[u8]) {
+        let m = WriteMsg { req_id, offset, length: data.len() as u32, disk, kind };
         let mut p = m.encode_header().to_vec();
         p.extend_from_slice(data);
         write_frame(&mut self.s, FrameType::Write, &p, &mut self.scratch).unwrap();
+    }
+
+    fn send_resync_done(&mut self, disks: &[u16]) {
+        let m = encode_message(&ResyncDoneMsg { disks: disks.to_vec() });
+        write_frame(&mut self.s, FrameType::ResyncDone, &m, &mut self.scratch).unwrap();
     }
 
     fn ack(&mut self) -> WriteAck {
@@ -330,6 +347,153 @@ fn wait_agent(addr: std::net::SocketAddr) -> FakeAgent {
     let start = std::time::Instant::now();
     loop {
         match FakeAgent::connect(addr, "vm1", &[("db", 64 << 20)]) {
+            Ok(a) => return a,
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(15), "agent refused: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Two groups: erp holds db (vm1) and logs (vm2), crm holds crm-db (vm1).
+fn two_group_config(dir: &Path) -> EngineConfig {
+    let unused = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let text = format!(
+        "[engine]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[tls]\ninsecure_plaintext = true\n\n[[group]]\nname = \"erp\"\ntarget = \"127.0.0.1:{unused}\"\n[[group.volume]]\nname = \"db\"\nvm = \"vm1\"\nsize = \"64MiB\"\n[[group.volume]]\nname = \"logs\"\nvm = \"vm2\"\nsize = \"64MiB\"\n\n[[group]]\nname = \"crm\"\ntarget = \"127.0.0.1:{unused}\"\n[[group.volume]]\nname = \"crm-db\"\nvm = \"vm1\"\nsize = \"64MiB\"\n",
+        dir.display()
+    );
+    EngineConfig::from_str(Path::new("engine.toml"), &text).unwrap()
+}
+
+/// Every record of a group's journal from `from` on: (seq, kind, volume or name, data).
+fn group_records(dir: &Path, group: &str, from: u64) -> Vec<(u64, WriteKind, String, Vec<u8>)> {
+    let jdir = dir.join("groups").join(group).join("journal");
+    let mut r = JournalReader::open(StdStorage::shared(), &jdir, from).unwrap();
+    let mut out = Vec::new();
+    while let Some(rec) = r.next().unwrap() {
+        out.push((rec.header.seq, rec.header.kind, rec.volume.to_owned(), rec.data.to_vec()));
+    }
+    out
+}
+
+/// Polls a group's journal until it holds `seq`.
+fn wait_record(dir: &Path, group: &str, seq: u64) -> (u64, WriteKind, String, Vec<u8>) {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(r) = group_records(dir, group, 1).into_iter().find(|r| r.0 == seq) {
+            return r;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "group {group}: seq {seq} never journaled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn resync_point(first: u64) -> (WriteKind, String, Vec<u8>) {
+    (WriteKind::Point, "resync".to_owned(), first.to_le_bytes().to_vec())
+}
+
+#[test]
+fn resync_writes_are_journaled_with_their_data_and_resync_done_places_a_point_behind_them_in_each_group() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = hindsight_engine::start(two_group_config(d.path())).unwrap();
+    let mut a = FakeAgent::connect_disks(engine.local_addr(), "vm1", &[("erp", "db", 64 << 20), ("crm", "crm-db", 64 << 20)]).unwrap();
+    a.send_kind(1, 0, WriteKind::Data, 0, &[1; 4096]);
+    assert_eq!(a.ack().seq, 1);
+    // The resync: dirty regions of both disks, pipelined, with a guest write among them.
+    a.send_kind(2, 0, WriteKind::Resync, 8192, &[2; 4096]);
+    a.send_kind(3, 1, WriteKind::Resync, 0, &[3; 8192]);
+    a.send_kind(4, 0, WriteKind::Data, 0, &[4; 512]);
+    a.send_kind(5, 0, WriteKind::Resync, 1 << 20, &[5; 4096]);
+    a.send_kind(6, 1, WriteKind::Resync, 1 << 21, &[6; 4096]);
+    let mut acks: Vec<(u64, u64)> = (0..5).map(|_| a.ack()).map(|k| (k.req_id, k.seq)).collect();
+    acks.sort_unstable();
+    assert_eq!(acks, [(2, 2), (3, 1), (4, 3), (5, 4), (6, 2)]);
+    a.send_resync_done(&[0, 1]);
+    // Behind every resync write, in each group: a point named resync whose data is the first
+    // resync record of the resync.
+    let erp = wait_record(d.path(), "erp", 5);
+    assert_eq!((erp.1, erp.2, erp.3), resync_point(2));
+    let crm = wait_record(d.path(), "crm", 3);
+    assert_eq!((crm.1, crm.2, crm.3), resync_point(1));
+    let erp: Vec<(u64, WriteKind, String, Vec<u8>)> = group_records(d.path(), "erp", 1);
+    let kinds: Vec<(u64, WriteKind, &str)> = erp.iter().map(|r| (r.0, r.1, r.2.as_str())).collect();
+    assert_eq!(
+        kinds,
+        [
+            (1, WriteKind::Data, "db"),
+            (2, WriteKind::Resync, "db"),
+            (3, WriteKind::Data, "db"),
+            (4, WriteKind::Resync, "db"),
+            (5, WriteKind::Point, "resync")
+        ]
+    );
+    assert_eq!((erp[1].3.clone(), erp[3].3.clone()), (vec![2; 4096], vec![5; 4096]), "resync records carry their data");
+    let crm = group_records(d.path(), "crm", 1);
+    assert_eq!((crm[0].1, crm[0].3.clone()), (WriteKind::Resync, vec![3; 8192]));
+    assert_eq!(crm.len(), 3);
+    // Writes after it are numbered after the point.
+    a.send_kind(7, 0, WriteKind::Data, 0, &[7; 512]);
+    assert_eq!(a.ack().seq, 6);
+    a.send_kind(8, 1, WriteKind::Data, 0, &[8; 512]);
+    assert_eq!(a.ack().seq, 4);
+    engine.shutdown();
+}
+
+#[test]
+fn the_resync_point_waits_until_no_volume_of_the_group_is_resyncing() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = hindsight_engine::start(two_group_config(d.path())).unwrap();
+    let mut a = FakeAgent::connect_disks(engine.local_addr(), "vm1", &[("erp", "db", 64 << 20)]).unwrap();
+    let mut b = FakeAgent::connect_disks(engine.local_addr(), "vm2", &[("erp", "logs", 64 << 20)]).unwrap();
+    b.send_kind(1, 0, WriteKind::Resync, 0, &[1; 4096]);
+    assert_eq!(b.ack().seq, 1);
+    a.send_kind(1, 0, WriteKind::Resync, 0, &[2; 4096]);
+    assert_eq!(a.ack().seq, 2);
+    a.send_resync_done(&[0]);
+    // vm2's logs is still resyncing: no point yet (the next write of the same connection
+    // follows the ResyncDone, so it would be numbered after a point).
+    a.send_kind(2, 0, WriteKind::Data, 0, &[3; 512]);
+    assert_eq!(a.ack().seq, 3);
+    assert_eq!(group_records(d.path(), "erp", 1).iter().filter(|r| r.1 == WriteKind::Point).count(), 0);
+    b.send_resync_done(&[0]);
+    let p = wait_record(d.path(), "erp", 4);
+    assert_eq!((p.1, p.2, p.3), resync_point(1));
+    engine.shutdown();
+}
+
+#[test]
+fn resync_done_naming_a_disk_the_hello_did_not_have_is_refused_with_an_error_naming_it() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = hindsight_engine::start(two_group_config(d.path())).unwrap();
+    let mut a = FakeAgent::connect_disks(engine.local_addr(), "vm1", &[("erp", "db", 64 << 20), ("crm", "crm-db", 64 << 20)]).unwrap();
+    a.send_kind(1, 0, WriteKind::Resync, 0, &[1; 4096]);
+    assert_eq!(a.ack().seq, 1);
+    // Disk 0 is known, disk 2 is not: nothing of it is placed.
+    a.send_resync_done(&[0, 2]);
+    assert_eq!(read_frame(&mut a.s, &mut a.payload).unwrap(), FrameType::Error);
+    let e = decode_message::<ErrorMessage>("Error", &a.payload).unwrap().message;
+    assert!(e.contains("disk number 2") && e.contains("2 disk(s)"), "{e}");
+    assert!(matches!(read_frame(&mut a.s, &mut a.payload), Err(FrameError::Closed | FrameError::Io(_))), "the session ends");
+    // An empty list is refused too.
+    let mut a = wait_disks(engine.local_addr());
+    a.send_resync_done(&[]);
+    assert_eq!(read_frame(&mut a.s, &mut a.payload).unwrap(), FrameType::Error);
+    let e = decode_message::<ErrorMessage>("Error", &a.payload).unwrap().message;
+    assert!(e.contains("names no disk"), "{e}");
+    // The volumes are free again, and the resync is still open: no point was placed.
+    let mut a = wait_disks(engine.local_addr());
+    a.send_kind(2, 0, WriteKind::Data, 0, &[2; 512]);
+    assert_eq!(a.ack().seq, 2);
+    a.send_resync_done(&[0]);
+    let p = wait_record(d.path(), "erp", 3);
+    assert_eq!((p.1, p.2, p.3), resync_point(1));
+    engine.shutdown();
+}
+
+/// Connects vm1 with erp/db and crm/crm-db, waiting for an earlier session to be let go.
+fn wait_disks(addr: std::net::SocketAddr) -> FakeAgent {
+    let start = std::time::Instant::now();
+    loop {
+        match FakeAgent::connect_disks(addr, "vm1", &[("erp", "db", 64 << 20), ("crm", "crm-db", 64 << 20)]) {
             Ok(a) => return a,
             Err(e) => assert!(start.elapsed() < Duration::from_secs(15), "agent refused: {e}"),
         }

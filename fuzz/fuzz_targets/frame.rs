@@ -42,6 +42,9 @@ fuzz_target!(|data: &[u8]| {
             FrameType::Quiesce => {
                 let _ = decode_message::<QuiesceMsg>("Quiesce", &payload);
             }
+            FrameType::ResyncDone => {
+                let _ = decode_message::<ResyncDoneMsg>("ResyncDone", &payload);
+            }
             _ => {
                 let _ = decode_message::<ErrorMessage>("Error", &payload);
             }

@@ -15,11 +15,12 @@ use crate::error::TargetError;
 use crate::layout::image_name;
 use crate::Volume;
 
-/// Applies one record to the image of its volume: data is written, zeroes and trims make the
-/// range read back as zeroes (punching a hole where the file system can).
+/// Applies one record to the image of its volume: data and resync data are written, zeroes
+/// and trims make the range read back as zeroes (punching a hole where the file system can).
 pub(crate) fn apply_record(file: &dyn StorageFile, rec: &RecordRef<'_>) -> io::Result<()> {
     let h = &rec.header;
     match h.kind {
+        // Resync data is the agent's disk content: written like data.
         WriteKind::Data | WriteKind::Resync => file.write_all_at(rec.data, h.offset),
         WriteKind::Zeroes | WriteKind::Trim => file.zero_range(h.offset, u64::from(h.length)),
         WriteKind::Bookmark | WriteKind::Point | WriteKind::Superseded => Ok(()),

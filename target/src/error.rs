@@ -168,23 +168,16 @@ pub enum TargetError {
         /// Its time.
         last_time_ns: u64,
     },
-    /// The requested sequence number lies inside an async delta that left writes out: the
-    /// image there is not consistent.
-    #[error(
-        "group {group:?}: seq {requested} is not a consistent point: it lies inside an async delta (seq {from} to {}); recover at seq {} or {}",
-        to.map_or_else(|| "the next interval point".to_string(), |t| t.to_string()),
-        from - 1,
-        to.map_or_else(|| "--latest".to_string(), |t| format!("seq {t}"))
-    )]
+    /// The requested sequence number lies inside a stretch that is not consistent (an async
+    /// delta that left writes out, or a resync).
+    #[error("group {group:?}: seq {requested} is not a consistent point: {why}")]
     NotConsistent {
         /// The group.
         group: String,
         /// The requested sequence number.
         requested: Seq,
-        /// First sequence number of the delta's inconsistent stretch.
-        from: Seq,
-        /// The interval point that ends it, if it has arrived.
-        to: Option<Seq>,
+        /// The spans that hold it and the consistent points around them.
+        why: crate::spans::Inconsistency,
     },
     /// The recovery output path is not acceptable.
     #[error("{}: {reason}", path.display())]

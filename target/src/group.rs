@@ -654,7 +654,7 @@ fn validate_frame(group: &str, meta: &GroupMeta, payload: &[u8], mut next: Seq, 
                 .map_err(|e| format!("group {group:?}: bookmark {:?} at seq {} is invalid ({e})", rec.volume, h.seq))?;
         } else if h.kind == WriteKind::Point {
             if rec.data.len() != 8 {
-                return Err(format!("group {group:?}: interval point at seq {} carries {} bytes, not 8", h.seq, rec.data.len()));
+                return Err(format!("group {group:?}: point {:?} at seq {} carries {} bytes, not 8", rec.volume, h.seq, rec.data.len()));
             }
         } else {
             let Some(vol) = meta.volume(rec.volume) else {

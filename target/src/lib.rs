@@ -39,6 +39,7 @@
 //!     state                 { "HSTS" | version | applied_seq | base_seq | base_time_ns | crc32c }
 //!     state.next            present only while the base images are rolled forward
 //!     bookmarks.toml        index of the bookmarks in the journal (see `bookmarks`)
+//!     spans.toml            index of the stretches that are not consistent points (`spans`)
 //!     lock                  flock: shared by readers, exclusive while retention works
 //! ```
 //!
@@ -207,9 +208,11 @@ pub struct History {
     /// The bookmarks inside the recoverable window, oldest first.
     pub bookmarks: Vec<Bookmark>,
     /// Stretches inside the window that are not consistent points (async deltas that left
-    /// writes out), oldest first: seq `from` up to, not including, `to`.
+    /// writes out, resyncs), by `from`: seq `from` up to, not including, `to`. Spans may
+    /// overlap; the inconsistent sequence numbers are their union.
     pub inconsistent: Vec<spans::Span>,
-    /// The newest consistent point (`last_seq` unless a delta is still arriving).
+    /// The newest consistent point (`last_seq` unless a delta is still arriving or a resync
+    /// has not completed).
     pub last_consistent_seq: Seq,
 }
 

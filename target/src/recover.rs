@@ -253,12 +253,12 @@ pub fn recover(config: &TargetConfig, req: &RecoverRequest) -> Result<RecoverRep
                 last_time_ns: view.last.1,
             })
         }
-        Point::Seq(n) => match crate::spans::holding(&spans, n) {
-            Some(s) => return Err(TargetError::NotConsistent { group: view.name.clone(), requested: n, from: s.from, to: s.to }),
+        Point::Seq(n) => match crate::spans::inconsistency(&spans, n) {
+            Some(why) => return Err(TargetError::NotConsistent { group: view.name.clone(), requested: n, why }),
             None => (n, None),
         },
         Point::Time(t) if t < view.first.1 => return Err(not_retained(req.point.to_string())),
-        // Async deltas: the last consistent point at or before the time.
+        // Async deltas and resyncs: the last consistent point at or before the time.
         Point::Time(t) if !spans.is_empty() => (crate::spans::consistent_at_or_before(&spans, seq_at_time(&fs, &view, t)?), None),
         Point::Time(t) => (view.last.0, Some(t)),
         Point::Latest => (crate::spans::consistent_at_or_before(&spans, view.last.0), None),

@@ -59,7 +59,7 @@ pub enum FrameType {
     Quiesced,
     /// Engine asks an agent to thaw.
     Thaw,
-    /// Agent says its resync of some disks is complete.
+    /// Agent has re-sent every dirty region of some disks.
     ResyncDone,
     /// An operator asks the engine for the state of its groups.
     StatusRequest,
@@ -305,6 +305,16 @@ mod tests {
                 assert!(read_frame(&mut &b[..], &mut payload).is_err(), "byte {byte} bit {bit}");
             }
         }
+    }
+
+    #[test]
+    fn every_type_code_round_trips() {
+        for code in 0..=u8::MAX {
+            if let Some(t) = FrameType::from_code(code) {
+                assert_eq!(t.code(), code, "{t:?}");
+            }
+        }
+        assert_eq!(FrameType::from_code(0x35), Some(FrameType::ResyncDone));
     }
 
     #[test]

@@ -154,10 +154,11 @@ pub struct ThawMsg {
     pub id: u64,
 }
 
-/// Agent → engine: every dirty region of these disks has been re-sent and acknowledged.
+/// Agent → engine: every dirty region of these disks has been re-sent (as resync writes,
+/// kind 7) and acknowledged; the engine places a resync point in each of their groups.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResyncDoneMsg {
-    /// Disk numbers of the hello.
+    /// Disk numbers of the hello whose resync completed.
     pub disks: Vec<u16>,
 }
 
@@ -294,10 +295,8 @@ impl WriteMsg {
             return Err(bad("shorter than its header"));
         }
         let kind = match WriteKind::from_code(payload[22]) {
-            Some(WriteKind::Bookmark | WriteKind::Point | WriteKind::Superseded) => {
-                return Err(bad("bookmarks, interval points and superseded records come from the engine, not from agents"))
-            }
-            Some(k) => k,
+            Some(k) if k.from_agent() => k,
+            Some(_) => return Err(bad("bookmarks, points and superseded records come from the engine, not from agents")),
             None => return Err(bad("unknown kind")),
         };
         if payload[23] != 0 {
@@ -314,7 +313,7 @@ impl WriteMsg {
             return Err(bad("length out of range"));
         }
         let data = &payload[WRITE_HEADER_LEN..];
-        let want = if kind == WriteKind::Data { msg.length as usize } else { 0 };
+        let want = if kind.carries_data() { msg.length as usize } else { 0 };
         if data.len() != want {
             return Err(bad("data length does not match kind and length"));
         }
@@ -392,6 +391,34 @@ mod tests {
         assert!(WriteMsg::decode(&p).is_ok());
         p.push(0);
         assert!(WriteMsg::decode(&p).is_err());
+    }
+
+    #[test]
+    fn agents_may_send_resync_writes_but_no_engine_kinds() {
+        let m = WriteMsg { req_id: 3, offset: 8192, length: 4, disk: 1, kind: WriteKind::Resync };
+        let mut p = m.encode_header().to_vec();
+        assert_eq!(p[22], 7);
+        assert!(WriteMsg::decode(&p).is_err(), "a resync write carries its data");
+        p.extend_from_slice(b"wxyz");
+        let (got, data) = WriteMsg::decode(&p).unwrap();
+        assert_eq!((got, data), (m, &b"wxyz"[..]));
+        for code in [4u8, 5, 6] {
+            let mut q = p.clone();
+            q[22] = code;
+            let e = WriteMsg::decode(&q).unwrap_err().to_string();
+            assert!(e.contains("come from the engine"), "kind {code}: {e}");
+        }
+        let mut q = p.clone();
+        q[22] = 8;
+        assert!(WriteMsg::decode(&q).unwrap_err().to_string().contains("unknown kind"));
+    }
+
+    #[test]
+    fn resync_done_round_trip() {
+        let m = ResyncDoneMsg { disks: vec![0, 2, 65535] };
+        let b = encode_message(&m);
+        assert_eq!(decode_message::<ResyncDoneMsg>("ResyncDone", &b).unwrap(), m);
+        assert!(decode_message::<ResyncDoneMsg>("ResyncDone", &b[..b.len() - 1]).is_err());
     }
 
     #[test]

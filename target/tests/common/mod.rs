@@ -225,8 +225,9 @@ pub fn model_image(history: &[Record], volume: &str, size: u64, include: impl Fn
         let a = usize::try_from(r.header.offset).unwrap();
         let b = a + r.header.length as usize;
         match r.header.kind {
-            WriteKind::Data => img[a..b].copy_from_slice(&r.data),
-            _ => img[a..b].fill(0),
+            WriteKind::Data | WriteKind::Resync => img[a..b].copy_from_slice(&r.data),
+            WriteKind::Zeroes | WriteKind::Trim => img[a..b].fill(0),
+            WriteKind::Bookmark | WriteKind::Point | WriteKind::Superseded => {}
         }
     }
     img
