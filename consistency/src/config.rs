@@ -822,7 +822,16 @@ impl AgentConfig {
         if engine_timeout.is_zero() {
             return Err("agent.engine_timeout must be more than 0, e.g. engine_timeout = \"30s\"".into());
         }
-        Ok(AgentConfig { engine: raw.agent.engine, vm: raw.agent.vm, disks, quiesce, security, engine_server_name, on_engine_loss, engine_timeout })
+        Ok(AgentConfig {
+            engine: raw.agent.engine,
+            vm: raw.agent.vm,
+            disks,
+            quiesce,
+            security,
+            engine_server_name,
+            on_engine_loss,
+            engine_timeout,
+        })
     }
 }
 

@@ -16,18 +16,18 @@ use std::thread;
 use std::time::Duration;
 
 use clap::Parser;
+use hindsight_consistency::config::EngineLoss;
 use hindsight_consistency::config::{AgentConfig, DiskConfig};
 use hindsight_consistency::storage::StdStorage;
 use hindsight_consistency::wire::DiskHello;
 use hindsight_splitter::block::BlockDevice;
-use hindsight_consistency::config::EngineLoss;
 use hindsight_splitter::dirty::DirtyMap;
 use hindsight_splitter::engine_link::{EngineLink, LinkConfig};
-use hindsight_splitter::replicated::Tracking;
-use hindsight_splitter::resync;
 use hindsight_splitter::frontend::{self, Attached};
 use hindsight_splitter::nbd::{Listen, NbdServer};
+use hindsight_splitter::replicated::Tracking;
 use hindsight_splitter::replicated::{LocalDisk, ReplicatedDisk};
+use hindsight_splitter::resync;
 use log::{error, info};
 use nix::sys::signal::{SigSet, Signal};
 
@@ -182,7 +182,6 @@ fn run(args: &Args) -> Result<(), Failure> {
     let mut servers: Vec<(Listen, Exports, Served)> = Vec::new();
     let mut attached: Vec<(String, Attached)> = Vec::new();
     let mut tracked: Vec<Arc<ReplicatedDisk>> = Vec::new();
-    let mut initial: Vec<Arc<ReplicatedDisk>> = Vec::new();
     for (number, d) in disks.into_iter().enumerate() {
         let number = u16::try_from(number).expect("disk count checked in open_disks");
         let size = d.local.size();
@@ -193,7 +192,9 @@ fn run(args: &Args) -> Result<(), Failure> {
         let tracking = Tracking { map: Arc::new(map), keep_serving: config.on_engine_loss == EngineLoss::Track };
         let replicated = Arc::new(ReplicatedDisk::with_tracking(d.local, Arc::clone(&link), number, volume.clone(), tracking));
         if fresh {
-            initial.push(Arc::clone(&replicated));
+            // A disk this agent has never served here: send what it already holds.
+            resync::initial_scan(&replicated);
+            replicated.set_resyncing(!replicated.dirty_map().is_some_and(|m| m.needing_resync().is_empty()));
         }
         tracked.push(Arc::clone(&replicated));
         let device: Arc<dyn BlockDevice> = replicated;
@@ -221,7 +222,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         }
     }
 
-    resync::spawn(tracked, initial, Arc::clone(&link)).map_err(|e| Failure::Runtime(format!("cannot start the resync thread: {e}")))?;
+    resync::spawn(tracked, Arc::clone(&link)).map_err(|e| Failure::Runtime(format!("cannot start the resync thread: {e}")))?;
     let (stopped_tx, stopped_rx) = crossbeam_channel::unbounded();
     let server_count = servers.len();
     for (listen, exports, lines) in servers {

@@ -93,6 +93,12 @@ pub struct ReplicatedDisk {
     writers: Option<Sender<LocalJob>>,
     /// Dirty tracking, when configured.
     tracking: Option<Tracking>,
+    /// The replica lacks writes of this disk (a cut, a crash, the initial sync): until the
+    /// resync is complete every write is sent as resync data (kind 7), so that the recovery
+    /// site counts nothing from here to the resync point as consistent.
+    resyncing: Arc<std::sync::atomic::AtomicBool>,
+    /// Resync data went to the engine since the last resync point was asked for.
+    sent_resync: std::sync::atomic::AtomicBool,
 }
 
 /// How a disk tracks what the replica lacks.
@@ -185,14 +191,38 @@ impl ReplicatedDisk {
                 Err(e) => error!("volume {}: cannot start a local writer thread ({e}); large writes run inline", local.volume),
             }
         }
-        ReplicatedDisk { local, link, disk, writers: (started > 0).then_some(tx), tracking: None }
+        ReplicatedDisk {
+            local,
+            link,
+            disk,
+            writers: (started > 0).then_some(tx),
+            tracking: None,
+            resyncing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            sent_resync: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     /// As [`ReplicatedDisk::new`], with dirty tracking.
     pub fn with_tracking(local: LocalDisk, link: Arc<EngineLink>, disk: u16, volume: String, tracking: Tracking) -> Self {
         let mut d = Self::new(local, link, disk, volume);
+        d.resyncing.store(!tracking.map.needing_resync().is_empty(), Ordering::Release);
         d.tracking = Some(tracking);
         d
+    }
+
+    /// Whether writes go as resync data (the replica lacks some of this disk's writes).
+    pub fn resyncing(&self) -> bool {
+        self.resyncing.load(Ordering::Acquire)
+    }
+
+    /// Marks the disk as lacking writes at the replica (an initial sync is due), or no longer.
+    pub fn set_resyncing(&self, on: bool) {
+        self.resyncing.store(on, Ordering::Release);
+    }
+
+    /// True (once) if resync data was sent since the last call.
+    pub fn take_sent_resync(&self) -> bool {
+        self.sent_resync.swap(false, Ordering::AcqRel)
     }
 
     /// The dirty map, when tracking.
@@ -244,11 +274,17 @@ impl ReplicatedDisk {
                     continue;
                 }
                 let (tx, rx) = crossbeam_channel::bounded(1);
+                self.sent_resync.store(true, Ordering::Release);
                 // Sent with the range held (the lock): no guest write to it can be numbered
                 // before this resync.
-                self.link.submit(self.disk, start, WriteBody::Resync(Arc::new(data)), Box::new(move |r| {
-                    let _ = tx.send(r.is_ok());
-                }));
+                self.link.submit(
+                    self.disk,
+                    start,
+                    WriteBody::Resync(Arc::new(data)),
+                    Box::new(move |r| {
+                        let _ = tx.send(r.is_ok());
+                    }),
+                );
                 waiting.push_back((r, rx));
             }
             if waiting.len() >= RESYNC_WINDOW {
@@ -294,6 +330,21 @@ impl ReplicatedDisk {
         while len > 0 {
             let part = len.min(MAX_WRITE_LEN);
             self.send(offset, body(part), join);
+            offset += u64::from(part);
+            len -= part;
+        }
+    }
+}
+
+impl ReplicatedDisk {
+    /// Sends `len` bytes of zeroes at `offset` as resync data, in writes of at most
+    /// `MAX_WRITE_LEN` bytes (one zero buffer shared by every part).
+    fn send_zero_data(&self, mut offset: u64, mut len: u32, join: &Arc<Join>) {
+        let zeroes = Arc::new(vec![0u8; len.min(MAX_WRITE_LEN) as usize]);
+        while len > 0 {
+            let part = len.min(MAX_WRITE_LEN);
+            let data = if part as usize == zeroes.len() { Arc::clone(&zeroes) } else { Arc::new(vec![0u8; part as usize]) };
+            self.send(offset, WriteBody::Resync(data), join);
             offset += u64::from(part);
             len -= part;
         }
@@ -347,9 +398,14 @@ impl BlockDevice for ReplicatedDisk {
                 let map = Arc::clone(&t.map);
                 let unreplicated = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let flag = Arc::clone(&unreplicated);
+                let resyncing = Arc::clone(&self.resyncing);
                 let join_done = done;
                 let wrapped: Completion = Box::new(move |r: Result<(), BlockError>| {
-                    map.end(offset, len, r.is_ok() && !flag.load(Ordering::Acquire));
+                    let replicated = r.is_ok() && !flag.load(Ordering::Acquire);
+                    if !replicated {
+                        resyncing.store(true, Ordering::Release);
+                    }
+                    map.end(offset, len, replicated);
                     join_done(r);
                 });
                 return self.submit_parts(offset, kind, fua, len, wrapped, Some(unreplicated));
@@ -366,7 +422,15 @@ impl BlockDevice for ReplicatedDisk {
 
 impl ReplicatedDisk {
     /// Sends the engine's parts and applies the local one; `done` runs once all are done.
-    fn submit_parts(&self, offset: u64, kind: WriteKind, fua: bool, len: u64, done: Completion, unreplicated: Option<Arc<std::sync::atomic::AtomicBool>>) {
+    fn submit_parts(
+        &self,
+        offset: u64,
+        kind: WriteKind,
+        fua: bool,
+        len: u64,
+        done: Completion,
+        unreplicated: Option<Arc<std::sync::atomic::AtomicBool>>,
+    ) {
         // The engine's parts, then the local one.
         let mut join = Join::new(parts(len) + 1, done);
         if let Some(flag) = unreplicated {
@@ -382,11 +446,25 @@ impl ReplicatedDisk {
             in_flight.push((offset, end));
             // Sent while the range is held: the engine numbers overlapping writes in the
             // order they are applied locally.
+            let resyncing = self.resyncing();
             match kind {
                 WriteKind::Data(data) => {
                     let data = Arc::new(data);
-                    self.send(offset, WriteBody::Data(Arc::clone(&data)), &join);
+                    let body = if resyncing {
+                        self.sent_resync.store(true, Ordering::Release);
+                        WriteBody::Resync(Arc::clone(&data))
+                    } else {
+                        WriteBody::Data(Arc::clone(&data))
+                    };
+                    self.send(offset, body, &join);
                     LocalBody::Data(data)
+                }
+                // While resyncing, zeroing goes as resync data too (zeroes), so that it is
+                // inside the resync like every other write.
+                WriteKind::Zeroes { len } | WriteKind::Trim { len } if resyncing => {
+                    self.sent_resync.store(true, Ordering::Release);
+                    self.send_zero_data(offset, len, &join);
+                    LocalBody::Zeroes(u64::from(len))
                 }
                 WriteKind::Zeroes { len } => {
                     self.send_split(offset, len, WriteBody::Zeroes, &join);

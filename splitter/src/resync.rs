@@ -19,23 +19,18 @@ use crate::replicated::ReplicatedDisk;
 const BATCH: usize = 64;
 const TICK: Duration = Duration::from_millis(500);
 
-/// Starts the resync thread over the disks that track (`initial`: the disks whose maps are
-/// new, to scan first).
-pub fn spawn(disks: Vec<Arc<ReplicatedDisk>>, initial: Vec<Arc<ReplicatedDisk>>, link: Arc<EngineLink>) -> std::io::Result<()> {
-    std::thread::Builder::new().name("resync".into()).spawn(move || {
-        for d in &initial {
-            initial_scan(d);
-        }
-        loop {
-            run_once(&disks, &link);
-            std::thread::sleep(TICK);
-        }
+/// Starts the resync thread over the disks that track.
+pub fn spawn(disks: Vec<Arc<ReplicatedDisk>>, link: Arc<EngineLink>) -> std::io::Result<()> {
+    std::thread::Builder::new().name("resync".into()).spawn(move || loop {
+        run_once(&disks, &link);
+        std::thread::sleep(TICK);
     })?;
     Ok(())
 }
 
-/// Marks every region of a new disk that holds data.
-fn initial_scan(d: &ReplicatedDisk) {
+/// Marks every region of a new disk that holds data (run before the disk is served, so that
+/// no guest write can come before the scan has decided whether a resync is due).
+pub fn initial_scan(d: &ReplicatedDisk) {
     let Some(map) = d.dirty_map() else { return };
     let started = Instant::now();
     match map.mark_nonzero(|off, buf| d.read_region(off, buf)) {
@@ -59,12 +54,21 @@ pub fn run_once(disks: &[Arc<ReplicatedDisk>], link: &EngineLink) {
             warn!("volume {}: cleaning the dirty map {}: {e}", d.volume(), map.path().display());
         }
         let todo = map.needing_resync();
+        if todo.is_empty() && d.resyncing() && link.is_connected() {
+            // Every region is back: writes go as plain data again, and, if resync data went
+            // out, the engine places the resync point after the last of it.
+            d.set_resyncing(false);
+            if d.take_sent_resync() {
+                completed.push(d.disk_number());
+            }
+            continue;
+        }
         if todo.is_empty() || !link.is_connected() {
             continue;
         }
         let total = todo.len();
         let bytes_per_region = map.region_size();
-        info!("volume {}: resync of {total} region(s) ({} MiB) starts", d.volume(), total as u64 * bytes_per_region >> 20);
+        info!("volume {}: resync of {total} region(s) ({} MiB) starts", d.volume(), (total as u64 * bytes_per_region) >> 20);
         let started = Instant::now();
         let mut sent = 0usize;
         for batch in todo.chunks(BATCH) {
@@ -85,7 +89,10 @@ pub fn run_once(disks: &[Arc<ReplicatedDisk>], link: &EngineLink) {
         }
         if map.needing_resync().is_empty() {
             info!("volume {}: resync complete in {:.1?}", d.volume(), started.elapsed());
-            completed.push(d.disk_number());
+            d.set_resyncing(false);
+            if d.take_sent_resync() {
+                completed.push(d.disk_number());
+            }
         }
     }
     if !completed.is_empty() {

@@ -202,6 +202,8 @@ pub struct Cluster {
     pub ship_port: Option<u16>,
     /// Extra lines for the [engine] section.
     pub engine_extra: String,
+    /// Extra lines for every [agent] section.
+    pub agent_extra: String,
     /// Every link in plaintext (`insecure_plaintext`, loopback) instead of TLS, for the
     /// benchmark that measures what TLS costs.
     pub plaintext: bool,
@@ -263,6 +265,7 @@ impl Cluster {
             group_extra: String::new(),
             ship_port: None,
             engine_extra: String::new(),
+            agent_extra: String::new(),
             plaintext: false,
         };
         for v in vols {
@@ -424,7 +427,12 @@ impl Cluster {
         let mut vms: Vec<&str> = self.vols.iter().map(|v| v.vm.as_str()).collect();
         vms.dedup();
         for vm in vms {
-            let mut a = format!("[agent]\nengine = \"127.0.0.1:{}\"\nvm = \"{vm}\"\n\n{}", self.eport, self.tls_section("agent", vm));
+            let mut a = format!(
+                "[agent]\nengine = \"127.0.0.1:{}\"\nvm = \"{vm}\"\n{}\n\n{}",
+                self.eport,
+                self.agent_extra,
+                self.tls_section("agent", vm)
+            );
             for v in self.vols.iter().filter(|v| v.vm == vm) {
                 a += &format!(
                     "\n[[disk]]\ngroup = \"{}\"\nvolume = \"{}\"\npath = \"{}\"\nlisten = \"unix:{}\"\n",
