@@ -232,3 +232,79 @@ fn bench_cpu_per_gib_of_tls_and_compression() {
         );
     }
 }
+
+/// A cluster without the WAN proxy, with extra lines for the agent and its disks.
+fn plain_cluster(size: u64, agent_extra: &str, disk_extra: &str) -> Cluster {
+    let mut c = Cluster::prepare(&[Vol::new("vm1", "data", size)], "", "");
+    c.agent_extra = agent_extra.to_string();
+    c.disk_extra = disk_extra.to_string();
+    c.launch();
+    c.start_agents();
+    c
+}
+
+#[test]
+#[ignore = "benchmark: scripts/bench.sh link"]
+fn bench_dirty_tracking_cost() {
+    if !have_tools(&["fio"]) {
+        return;
+    }
+    let runtime = std::env::var("HS_BENCH_RUNTIME").unwrap_or_else(|_| "10".into());
+    let shm = format!("dirty_map = \"/dev/shm/hindsight-bench-{}.hsmap\"", std::process::id());
+    for (map, extra) in [("on", ""), ("on-tmpfs", shm.as_str()), ("off", "dirty_map = \"none\"")] {
+        let c = plain_cluster(1 << 30, "", extra);
+        for (job, qd) in [("4k-randwrite-qd32", 32), ("4k-randwrite-qd1", 1)] {
+            let v = fio_json(&[
+                format!("--name={job}"),
+                "--ioengine=nbd".into(),
+                format!("--uri={}", c.uri("data")),
+                "--rw=randwrite".into(),
+                "--bs=4k".into(),
+                format!("--iodepth={qd}"),
+                "--size=1g".into(),
+                "--time_based".into(),
+                format!("--runtime={runtime}"),
+            ]);
+            let w = &v["jobs"][0]["write"];
+            println!(
+                "BENCH dirty-map map={map} job={job} iops={:.0} p50_us={:.0}",
+                w["iops"].as_f64().unwrap(),
+                w["clat_ns"]["percentile"]["50.000000"].as_f64().unwrap() / 1000.0
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "benchmark: scripts/bench.sh link"]
+fn bench_resync_rate() {
+    if !have_tools(&["fio"]) {
+        return;
+    }
+    let mut c = plain_cluster(1 << 30, "engine_timeout = \"1s\"", "");
+    c.kill_engine();
+    // 512 MiB written while the engine is away: tracked, acknowledged from the local disk.
+    fio_json(&[
+        "--name=outage".into(),
+        "--ioengine=nbd".into(),
+        format!("--uri={}", c.uri("data")),
+        "--rw=write".into(),
+        "--bs=1m".into(),
+        "--iodepth=8".into(),
+        "--size=512m".into(),
+    ]);
+    let started = Instant::now();
+    c.start_engine();
+    while !c.log("agent-vm1").contains("resync complete") {
+        assert!(started.elapsed() < Duration::from_secs(600), "the resync never completed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = started.elapsed();
+    c.wait_shipped();
+    let line = c.log("agent-vm1").lines().find(|l| l.contains("resync of")).unwrap_or_default().to_owned();
+    println!(
+        "BENCH resync bytes=536870912 seconds={:.2} mb_per_s={:.0} ({line})",
+        took.as_secs_f64(),
+        536_870_912.0 / took.as_secs_f64() / 1e6
+    );
+}

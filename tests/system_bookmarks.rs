@@ -45,7 +45,9 @@ fn bookmarks_survive_restarts_and_recover_exactly_the_writes_before_them() {
     let first = bookmark(&c, "before-upgrade");
     assert_eq!(first["seq"], 11, "the bookmark takes the sequence number after the 10 acknowledged writes");
 
-    // Every process is restarted between writes and bookmarks.
+    // Every process is restarted between writes and bookmarks (the agent idle, its dirty map
+    // clean, so that it has nothing to resync).
+    c.wait_map_clean("disk1");
     c.kill_agent("vm1");
     c.kill_engine();
     c.kill_target();

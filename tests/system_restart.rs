@@ -164,6 +164,9 @@ fn agent_killed_and_restarted_keeps_old_points_and_replicates_new_writes() {
     let a = h.write_batch(&c, &mut rng);
     assert_eq!(c.wait_target_seq_settled(a), a);
 
+    // Killed idle, once its dirty map is clean: nothing to resync (the resync after a kill
+    // with writes in flight is tests/system_resync.rs).
+    c.wait_map_clean(VOL);
     c.kill_agent("vm1");
     // Everything acknowledged before the kill is recoverable while the agent is gone.
     assert_latest(&c, &h.model_at(a), "agent down after batch A");
@@ -191,6 +194,8 @@ fn every_process_restarted_between_batches_keeps_every_boundary() {
         let n = h.write_batch(&c, &mut rng);
         assert_eq!(c.wait_target_seq_settled(n), n, "round {round}");
         boundaries.push(n);
+        // Killed idle, with a clean dirty map: the restarts add no resync records.
+        c.wait_map_clean(VOL);
 
         // A different kill order each round; the start order is the one the agent needs
         // (its engine up before it serves).

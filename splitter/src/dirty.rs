@@ -40,8 +40,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 struct State {
-    /// Durable marks (what the file says).
+    /// Marks (what the file says once `persisted` reaches `generation`).
     marked: Vec<u8>,
+    /// Bumped by every change of `marked`.
+    generation: u64,
+    /// The generation the file holds.
+    persisted: u64,
+    /// A thread is writing the file.
+    persisting: bool,
     /// Writes in flight per region.
     in_flight: HashMap<u64, u32>,
     /// Regions that must be re-sent.
@@ -58,6 +64,8 @@ pub struct DirtyMap {
     regions: u64,
     size: u64,
     state: Mutex<State>,
+    /// Signalled when a write of the file finishes.
+    written: std::sync::Condvar,
 }
 
 fn bit(map: &[u8], r: u64) -> bool {
@@ -108,7 +116,16 @@ impl DirtyMap {
             shift,
             regions,
             size,
-            state: Mutex::new(State { resync: marked.clone(), marked, in_flight: HashMap::new(), touched: HashMap::new() }),
+            state: Mutex::new(State {
+                resync: marked.clone(),
+                marked,
+                generation: 0,
+                persisted: 0,
+                persisting: false,
+                in_flight: HashMap::new(),
+                touched: HashMap::new(),
+            }),
+            written: std::sync::Condvar::new(),
         };
         {
             let st = lock(&map.state);
@@ -155,8 +172,9 @@ impl DirtyMap {
         self.file.sync_data()
     }
 
-    /// Before a write of `len` bytes at `offset` is sent: marks its regions on disk (one
-    /// `fdatasync` when a region was clean) and counts the write in flight.
+    /// Before a write of `len` bytes at `offset` is sent: marks its regions on disk (when a
+    /// region was clean: the file is written and synced, one sync shared by every write that
+    /// marked a region meanwhile, with no lock held during it) and counts the write in flight.
     pub fn begin(&self, offset: u64, len: u64) -> std::io::Result<()> {
         let mut st = lock(&self.state);
         let mut newly = false;
@@ -169,10 +187,37 @@ impl DirtyMap {
                 newly = true;
             }
         }
-        if newly {
-            self.persist(&st.marked)?;
+        if !newly {
+            return Ok(());
         }
-        Ok(())
+        st.generation += 1;
+        let mine = st.generation;
+        self.sync_through(st, mine)
+    }
+
+    /// Returns once the file holds generation `mine` of the marks: writes it (this thread) or
+    /// waits for the thread writing it.
+    fn sync_through<'a>(&'a self, mut st: MutexGuard<'a, State>, mine: u64) -> std::io::Result<()> {
+        loop {
+            if st.persisted >= mine {
+                return Ok(());
+            }
+            if st.persisting {
+                st = self.written.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            st.persisting = true;
+            let (marks, generation) = (st.marked.clone(), st.generation);
+            drop(st);
+            let res = self.persist(&marks);
+            st = lock(&self.state);
+            st.persisting = false;
+            if res.is_ok() {
+                st.persisted = st.persisted.max(generation);
+            }
+            self.written.notify_all();
+            res?;
+        }
     }
 
     /// After the write has finished: `replicated` says whether the engine took it; if not,
@@ -199,12 +244,21 @@ impl DirtyMap {
     }
 
     /// Marks every region that holds data (not all zeroes) as needing a resync: the initial
-    /// sync of a disk the agent has never served. `read` reads a region's bytes.
-    pub fn mark_nonzero(&self, mut read: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>) -> std::io::Result<u64> {
+    /// sync of a disk the agent has never served. `may_hold_data(start, end)` says whether a
+    /// range can hold data at all (false for a hole of a sparse file: not read); `read` reads
+    /// a region's bytes.
+    pub fn mark_nonzero(
+        &self,
+        mut may_hold_data: impl FnMut(u64, u64) -> bool,
+        mut read: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<u64> {
         let mut buf = vec![0u8; usize::try_from(self.region_size()).expect("region fits in memory")];
         let mut n = 0;
         for r in 0..self.regions {
             let (start, end) = self.range(r);
+            if !may_hold_data(start, end) {
+                continue;
+            }
             let part = &mut buf[..usize::try_from(end - start).expect("region fits")];
             read(start, part)?;
             if part.iter().any(|&b| b != 0) {
@@ -215,7 +269,10 @@ impl DirtyMap {
             }
         }
         if n > 0 {
-            self.persist(&lock(&self.state).marked)?;
+            let mut st = lock(&self.state);
+            st.generation += 1;
+            let mine = st.generation;
+            self.sync_through(st, mine)?;
         }
         Ok(n)
     }
@@ -244,7 +301,9 @@ impl DirtyMap {
             cleared += 1;
         }
         if cleared > 0 {
-            self.persist(&st.marked)?;
+            st.generation += 1;
+            let mine = st.generation;
+            self.sync_through(st, mine)?;
         }
         Ok(cleared)
     }
@@ -323,13 +382,16 @@ mod tests {
     fn initial_sync_marks_regions_with_data() {
         let dir = tempfile::tempdir().unwrap();
         let (m, _) = DirtyMap::open(&StdStorage, &dir.path().join("d.map"), 4 * MIB).unwrap();
-        let n = m.mark_nonzero(|off, buf| {
-            buf.fill(0);
-            if off == 2 * MIB {
-                buf[100] = 1;
-            }
-            Ok(())
-        });
+        let n = m.mark_nonzero(
+            |_, _| true,
+            |off, buf| {
+                buf.fill(0);
+                if off == 2 * MIB {
+                    buf[100] = 1;
+                }
+                Ok(())
+            },
+        );
         assert_eq!(n.unwrap(), 1);
         assert_eq!(m.needing_resync(), vec![2]);
     }

@@ -82,6 +82,48 @@ fn open_disks<'a>(file: &Path, config: &'a AgentConfig) -> Result<Vec<Opened<'a>
     Ok(opened)
 }
 
+type Exports = Vec<(String, Arc<dyn BlockDevice>)>;
+/// Volume, group, size.
+type Served = Vec<(String, String, u64)>;
+/// One NBD server: its address, its exports, and what it serves (for the log).
+type Server = (Listen, Exports, Served);
+
+/// Gives one disk its kernel device (if configured) and its place on an NBD server (if it
+/// listens). On failure every kernel device made so far is removed.
+fn serve_disk(
+    attached: &mut Vec<(String, Attached)>,
+    servers: &mut Vec<Server>,
+    config: &DiskConfig,
+    listen: Option<Listen>,
+    volume: &str,
+    size: u64,
+    device: Arc<dyn BlockDevice>,
+) -> Result<(), Failure> {
+    if let Some(frontend) = &config.frontend {
+        match frontend::attach(frontend, Arc::clone(&device), volume) {
+            Ok(a) => {
+                info!("volume {volume} of group {} attached as {} ({}, size {size})", config.group, a.path().display(), a.kind());
+                attached.push((volume.to_owned(), a));
+            }
+            Err(e) => {
+                release(std::mem::take(attached));
+                return Err(Failure::Runtime(format!("volume {volume}: cannot create its {} device: {e}", frontend.kind)));
+            }
+        }
+    }
+    let Some(listen) = listen else { return Ok(()) };
+    let line = (volume.to_owned(), config.group.clone(), size);
+    let export = (volume.to_owned(), device);
+    match servers.iter_mut().find(|(l, _, _)| *l == listen) {
+        Some((_, exports, lines)) => {
+            exports.push(export);
+            lines.push(line);
+        }
+        None => servers.push((listen, vec![export], vec![line])),
+    }
+    Ok(())
+}
+
 /// Removes the kernel devices, each after its requests in flight.
 fn release(attached: Vec<(String, Attached)>) {
     for (volume, device) in attached {
@@ -177,9 +219,7 @@ fn run(args: &Args) -> Result<(), Failure> {
 
     // One server per distinct listen address, in the order first named; kernel devices
     // attached one by one.
-    type Exports = Vec<(String, Arc<dyn BlockDevice>)>;
-    type Served = Vec<(String, String, u64)>; // volume, group, size
-    let mut servers: Vec<(Listen, Exports, Served)> = Vec::new();
+    let mut servers: Vec<Server> = Vec::new();
     let mut attached: Vec<(String, Attached)> = Vec::new();
     let mut tracked: Vec<Arc<ReplicatedDisk>> = Vec::new();
     for (number, d) in disks.into_iter().enumerate() {
@@ -187,6 +227,12 @@ fn run(args: &Args) -> Result<(), Failure> {
         let size = d.local.size();
         let volume = d.config.volume.clone();
         let map_path = d.config.dirty_map_path();
+        if map_path == std::path::Path::new("none") {
+            // No tracking: writes the engine does not take fail, and nothing is resynced.
+            let device: Arc<dyn BlockDevice> = Arc::new(ReplicatedDisk::new(d.local, Arc::clone(&link), number, volume.clone()));
+            serve_disk(&mut attached, &mut servers, d.config, d.listen, &volume, size, device)?;
+            continue;
+        }
         let (map, fresh) = DirtyMap::open(&StdStorage, &map_path, size)
             .map_err(|e| Failure::Runtime(format!("volume {volume}: cannot open its dirty map {}: {e}", map_path.display())))?;
         let tracking = Tracking { map: Arc::new(map), keep_serving: config.on_engine_loss == EngineLoss::Track };
@@ -198,28 +244,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         }
         tracked.push(Arc::clone(&replicated));
         let device: Arc<dyn BlockDevice> = replicated;
-        if let Some(frontend) = &d.config.frontend {
-            match frontend::attach(frontend, Arc::clone(&device), &volume) {
-                Ok(a) => {
-                    info!("volume {volume} of group {} attached as {} ({}, size {size})", d.config.group, a.path().display(), a.kind());
-                    attached.push((volume.clone(), a));
-                }
-                Err(e) => {
-                    release(attached);
-                    return Err(Failure::Runtime(format!("volume {volume}: cannot create its {} device: {e}", frontend.kind)));
-                }
-            }
-        }
-        let Some(listen) = d.listen else { continue };
-        let line = (volume.clone(), d.config.group.clone(), size);
-        let export = (volume, device);
-        match servers.iter_mut().find(|(l, _, _)| *l == listen) {
-            Some((_, exports, lines)) => {
-                exports.push(export);
-                lines.push(line);
-            }
-            None => servers.push((listen, vec![export], vec![line])),
-        }
+        serve_disk(&mut attached, &mut servers, d.config, d.listen, &volume, size, device)?;
     }
 
     resync::spawn(tracked, Arc::clone(&link)).map_err(|e| Failure::Runtime(format!("cannot start the resync thread: {e}")))?;

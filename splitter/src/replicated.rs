@@ -240,6 +240,11 @@ impl ReplicatedDisk {
         self.local.disk.file.read_exact_at(buf, offset)
     }
 
+    /// The local disk's path.
+    pub fn local_path(&self) -> &Path {
+        &self.local.disk.path
+    }
+
     /// Re-sends the given regions from the local disk as resync writes, up to
     /// [`RESYNC_WINDOW`] at a time. Each region's range is held like a write's while it is read
     /// and sent, so a guest write to it is numbered after the resync of its old bytes. Returns

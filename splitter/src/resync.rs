@@ -33,7 +33,21 @@ pub fn spawn(disks: Vec<Arc<ReplicatedDisk>>, link: Arc<EngineLink>) -> std::io:
 pub fn initial_scan(d: &ReplicatedDisk) {
     let Some(map) = d.dirty_map() else { return };
     let started = Instant::now();
-    match map.mark_nonzero(|off, buf| d.read_region(off, buf)) {
+    // Holes of a sparse file are zeroes: skipped without reading. Regions read are dropped
+    // from the page cache afterwards (the scan must not leave the disk's cache full of them).
+    let file = std::fs::File::open(d.local_path()).ok();
+    let may_hold_data = |start: u64, end: u64| match &file {
+        Some(f) => holds_data(f, start, end),
+        None => true,
+    };
+    let read = |off: u64, buf: &mut [u8]| {
+        let r = d.read_region(off, buf);
+        if let Some(f) = &file {
+            drop_cache(f, off, buf.len() as u64);
+        }
+        r
+    };
+    match map.mark_nonzero(may_hold_data, read) {
         Ok(0) => info!("volume {}: initial sync: the disk holds no data; nothing to send", d.volume()),
         Ok(n) => info!(
             "volume {}: initial sync: {n} of {} region(s) hold data and will be sent (scanned in {:.1?})",
@@ -97,5 +111,28 @@ pub fn run_once(disks: &[Arc<ReplicatedDisk>], link: &EngineLink) {
     }
     if !completed.is_empty() {
         link.resync_done(&completed);
+    }
+}
+
+/// False when `start..end` of `f` is a hole (`SEEK_DATA` finds no data before `end`); true
+/// when it may hold data, or when the file system cannot tell (a block device).
+fn holds_data(f: &std::fs::File, start: u64, end: u64) -> bool {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    let Ok(from) = i64::try_from(start) else { return true };
+    match lseek(f.as_raw_fd(), from, Whence::SeekData) {
+        Ok(data) => u64::try_from(data).map_or(true, |d| d < end),
+        // ENXIO: no data at or after `start`.
+        Err(nix::errno::Errno::ENXIO) => false,
+        Err(_) => true,
+    }
+}
+
+/// Asks the kernel to drop `len` bytes at `off` of `f` from the page cache.
+fn drop_cache(f: &std::fs::File, off: u64, len: u64) {
+    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+    use std::os::fd::AsRawFd;
+    if let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) {
+        let _ = posix_fadvise(f.as_raw_fd(), off, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
     }
 }

@@ -204,6 +204,8 @@ pub struct Cluster {
     pub engine_extra: String,
     /// Extra lines for every [agent] section.
     pub agent_extra: String,
+    /// Extra lines for every [[disk]] section.
+    pub disk_extra: String,
     /// Every link in plaintext (`insecure_plaintext`, loopback) instead of TLS, for the
     /// benchmark that measures what TLS costs.
     pub plaintext: bool,
@@ -266,6 +268,7 @@ impl Cluster {
             ship_port: None,
             engine_extra: String::new(),
             agent_extra: String::new(),
+            disk_extra: String::new(),
             plaintext: false,
         };
         for v in vols {
@@ -435,11 +438,12 @@ impl Cluster {
             );
             for v in self.vols.iter().filter(|v| v.vm == vm) {
                 a += &format!(
-                    "\n[[disk]]\ngroup = \"{}\"\nvolume = \"{}\"\npath = \"{}\"\nlisten = \"unix:{}\"\n",
+                    "\n[[disk]]\ngroup = \"{}\"\nvolume = \"{}\"\npath = \"{}\"\nlisten = \"unix:{}\"\n{}\n",
                     self.group,
                     v.name,
                     self.disk(&v.name).display(),
-                    self.sock(&v.name).display()
+                    self.sock(&v.name).display(),
+                    self.disk_extra
                 );
             }
             std::fs::write(self.path(&format!("agent-{vm}.toml")), a).unwrap();
@@ -501,6 +505,23 @@ impl Cluster {
     /// kill -9 the engine.
     pub fn kill_engine(&mut self) {
         kill(self.engine.take());
+    }
+
+    /// Waits until the agent's dirty map of `volume` is clean on disk (every region written
+    /// is confirmed and idle, so a kill now leaves nothing to resync): bytes 16.. of the map,
+    /// up to its checksum, all zero.
+    pub fn wait_map_clean(&self, volume: &str) {
+        let mut path = self.disk(volume).into_os_string();
+        path.push(".hsmap");
+        let start = Instant::now();
+        loop {
+            let bytes = std::fs::read(&path).unwrap_or_default();
+            if bytes.len() > 20 && bytes[16..bytes.len() - 4].iter().all(|&b| b == 0) {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(15), "the dirty map of {volume} never became clean");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// kill -9 an agent.
