@@ -24,14 +24,10 @@ fn cluster(size: u64, group_extra: &str) -> (Cluster, WanProxy) {
 
 /// A cluster of one volume shipping through a WAN proxy; `plaintext`: no TLS on any link.
 fn cluster_with(size: u64, group_extra: &str, plaintext: bool) -> (Cluster, WanProxy) {
-    let mut c = Cluster::prepare(&[Vol::new("vm1", "data", size)], "", "");
-    c.plaintext = plaintext;
-    let proxy = WanProxy::start(format!("127.0.0.1:{}", c.tport).parse().unwrap());
-    c.ship_port = Some(proxy.port());
-    c.group_extra = group_extra.to_string();
-    c.launch();
-    c.start_agents();
-    (c, proxy)
+    cluster_via_wan(size, |c| {
+        c.plaintext = plaintext;
+        c.group_extra = group_extra.to_string();
+    })
 }
 
 /// CPU seconds (user + system) a process has used.

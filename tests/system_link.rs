@@ -18,14 +18,10 @@ const VOLUME_SIZE: u64 = 32 << 20;
 /// A cluster of one volume shipping through a proxy, with extra lines for the group and the
 /// engine sections.
 fn cluster(group_extra: &str, engine_extra: &str) -> (Cluster, WanProxy) {
-    let mut c = Cluster::prepare(&[Vol::new("vm1", "data", VOLUME_SIZE)], "", "");
-    let proxy = WanProxy::start(format!("127.0.0.1:{}", c.tport).parse().unwrap());
-    c.ship_port = Some(proxy.port());
-    c.group_extra = group_extra.to_string();
-    c.engine_extra = engine_extra.to_string();
-    c.launch();
-    c.start_agents();
-    (c, proxy)
+    cluster_via_wan(VOLUME_SIZE, |c| {
+        c.group_extra = group_extra.to_string();
+        c.engine_extra = engine_extra.to_string();
+    })
 }
 
 /// Writes `image` to the volume with qemu-img (a real NBD client), waits until the target

@@ -110,13 +110,7 @@ fn wait_status(c: &Cluster, what: &str, timeout: Duration, cond: impl Fn(&serde_
 
 /// A cluster with one volume whose engine ships through a WAN proxy.
 fn cluster(group_extra: &str) -> (Cluster, WanProxy) {
-    let mut c = Cluster::prepare(&[Vol::new("vm1", "data", VOLUME_SIZE)], "", "");
-    let proxy = WanProxy::start(format!("127.0.0.1:{}", c.tport).parse().unwrap());
-    c.ship_port = Some(proxy.port());
-    c.group_extra = group_extra.to_string();
-    c.launch();
-    c.start_agents();
-    (c, proxy)
+    cluster_via_wan(VOLUME_SIZE, |c| c.group_extra = group_extra.to_string())
 }
 
 /// The target holds every acknowledged write: its latest image is the model, or the model

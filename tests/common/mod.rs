@@ -690,6 +690,19 @@ pub fn wait_path(p: &Path, what: &str) {
     }
 }
 
+/// A cluster of one volume, "data" of VM "vm1", whose engine ships to the target through a
+/// WAN emulator; `setup` sets the extra configuration (`group_extra`, `engine_extra`,
+/// `plaintext`, ...) before the processes start.
+pub fn cluster_via_wan(size: u64, setup: impl FnOnce(&mut Cluster)) -> (Cluster, wan::WanProxy) {
+    let mut c = Cluster::prepare(&[Vol::new("vm1", "data", size)], "", "");
+    let proxy = wan::WanProxy::start(format!("127.0.0.1:{}", c.tport).parse().unwrap());
+    c.ship_port = Some(proxy.port());
+    setup(&mut c);
+    c.launch();
+    c.start_agents();
+    (c, proxy)
+}
+
 /// A model of a volume: what every acknowledged write made of it.
 #[derive(Clone)]
 pub struct Model {
