@@ -163,6 +163,17 @@ fn format_group(g: &GroupStatus) -> String {
             g.shipped_bytes.saturating_sub(g.wire_bytes)
         ));
     }
+    for r in &g.resyncing {
+        lines.push(format!(
+            "  resync of {}: {:.0}% ({}/{} regions, {:.1} MB/s, about {}s left)",
+            r.volume,
+            r.done as f64 * 100.0 / r.total.max(1) as f64,
+            r.done,
+            r.total,
+            r.bytes_per_s as f64 / 1e6,
+            r.eta_s
+        ));
+    }
     if g.poisoned {
         lines.push("  STOPPED: the journal failed; fix the cause and restart the engine".into());
     }

@@ -14,8 +14,8 @@ use hindsight_consistency::config::{check_name, ReplicationMode};
 use hindsight_consistency::transport::{AcceptError, Peer, ReadHalf, Role, Security, TransportError, WriteHalf};
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, BookmarkPoint, BookmarkReply, BookmarkRequest,
-    ErrorMessage, FrameError, FrameType, GroupStatus, QuiesceMsg, QuiescedMsg, ResyncDoneMsg, SetModeReply, SetModeRequest, StatusReply,
-    StatusRequest, ThawMsg, WriteAck, WriteMsg, PROTOCOL_VERSION, WRITE_HEADER_LEN,
+    ErrorMessage, FrameError, FrameType, GroupStatus, QuiesceMsg, QuiescedMsg, ResyncDoneMsg, ResyncProgressMsg, ResyncStatus,
+    SetModeReply, SetModeRequest, StatusReply, StatusRequest, ThawMsg, WriteAck, WriteMsg, PROTOCOL_VERSION, WRITE_HEADER_LEN,
 };
 use hindsight_consistency::{BookmarkBody, PointConsistency};
 
@@ -50,6 +50,8 @@ pub struct Registry {
     pub quiesce_waits: Mutex<HashMap<u64, crossbeam_channel::Sender<(String, QuiescedMsg)>>>,
     /// The engine's name for peers.
     pub name: String,
+    /// Resyncs under way, by volume, as their agents report them.
+    pub resync_progress: Mutex<HashMap<String, ResyncStatus>>,
     /// The engine name its certificate carries (TLS only).
     pub own_name: Option<String>,
     /// How connections are protected.
@@ -238,6 +240,10 @@ fn status(req: &StatusRequest, reg: &Registry) -> Result<StatusReply, String> {
             compression: g.shared.link.compression().to_owned(),
             shipped_bytes: g.shared.link.records.load(Ordering::Relaxed),
             wire_bytes: g.shared.link.wire.load(Ordering::Relaxed),
+            resyncing: {
+                let progress = reg.resync_progress.lock().expect("progress lock");
+                g.config.volumes.iter().filter_map(|v| progress.get(&v.name).cloned()).collect()
+            },
             attached: g.config.volumes.iter().filter(|v| attached.contains(&v.name)).map(|v| v.name.clone()).collect(),
         });
     }
@@ -541,9 +547,25 @@ fn read_loop(
             FrameType::ResyncDone => {
                 let m: ResyncDoneMsg = decode_message("ResyncDone", payload)?;
                 resync_done(&m, disks)?;
+                for &n in &m.disks {
+                    if let Some(d) = disks.get(usize::from(n)) {
+                        reg.resync_progress.lock().expect("progress lock").remove(&*d.volume);
+                    }
+                }
                 continue;
             }
-            other => return Err(FrameError::Unexpected { got: other, expected: "Write, Quiesced or ResyncDone" }.into()),
+            FrameType::ResyncProgress => {
+                let m: ResyncProgressMsg = decode_message("ResyncProgress", payload)?;
+                if let Some(d) = disks.get(usize::from(m.disk)) {
+                    let left_bytes = (m.total - m.done.min(m.total)) << 20;
+                    let eta_s = left_bytes.checked_div(m.bytes_per_s).unwrap_or(0);
+                    let status =
+                        ResyncStatus { volume: d.volume.to_string(), done: m.done, total: m.total, bytes_per_s: m.bytes_per_s, eta_s };
+                    reg.resync_progress.lock().expect("progress lock").insert(d.volume.to_string(), status);
+                }
+                continue;
+            }
+            other => return Err(FrameError::Unexpected { got: other, expected: "Write, Quiesced, ResyncDone or ResyncProgress" }.into()),
         }
         let (msg, _) = WriteMsg::decode(payload)?;
         let Some(disk) = disks.get(usize::from(msg.disk)) else {

@@ -119,6 +119,7 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
         next_id: std::sync::atomic::AtomicU64::new(1),
         quiesce_waits: Mutex::new(HashMap::new()),
         name: engine_name,
+        resync_progress: Mutex::new(HashMap::new()),
         own_name,
         security: config.security.clone(),
     });

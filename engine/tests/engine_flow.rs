@@ -317,14 +317,7 @@ fn journal_failure_stops_the_group_with_eio_until_the_engine_restarts() {
     plan.clear();
     a.send_write(6, 6 * 4096, &[9; 4096]);
     assert_eq!(a.ack().status, 5, "a stopped group stays stopped");
-    let status: StatusReply = {
-        let mut s = TcpStream::connect(engine.local_addr()).unwrap();
-        write_frame(&mut s, FrameType::StatusRequest, &encode_message(&StatusRequest { protocol: 1, groups: vec![] }), &mut Vec::new())
-            .unwrap();
-        let mut p = Vec::new();
-        assert_eq!(read_frame(&mut s, &mut p).unwrap(), FrameType::StatusReply);
-        decode_message("StatusReply", &p).unwrap()
-    };
+    let status = status(engine.local_addr());
     assert!(status.groups[0].poisoned, "status shows the stopped group");
     drop(a);
     engine.shutdown();
@@ -339,6 +332,45 @@ fn journal_failure_stops_the_group_with_eio_until_the_engine_restarts() {
     let recs = journal_records(d.path(), 1);
     assert_eq!(recs.iter().map(|r| r.0).collect::<Vec<_>>(), (1..=6).collect::<Vec<_>>());
     assert_eq!(recs[5].3, 7);
+    engine.shutdown();
+}
+
+/// The engine's status.
+fn status(addr: std::net::SocketAddr) -> StatusReply {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write_frame(&mut s, FrameType::StatusRequest, &encode_message(&StatusRequest { protocol: 1, groups: vec![] }), &mut Vec::new())
+        .unwrap();
+    let mut p = Vec::new();
+    assert_eq!(read_frame(&mut s, &mut p).unwrap(), FrameType::StatusReply);
+    decode_message("StatusReply", &p).unwrap()
+}
+
+#[test]
+fn resync_progress_shows_in_status_until_the_resync_is_done() {
+    let d = tempfile::tempdir().unwrap();
+    let unused = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let engine = hindsight_engine::start(engine_config(d.path(), unused, "1MiB")).unwrap();
+    let mut a = FakeAgent::connect(engine.local_addr(), "vm1", &[("db", 64 << 20)]).unwrap();
+    let m = encode_message(&ResyncProgressMsg { disk: 0, done: 16, total: 64, bytes_per_s: 8 << 20 });
+    write_frame(&mut a.s, FrameType::ResyncProgress, &m, &mut a.scratch).unwrap();
+    let start = std::time::Instant::now();
+    let r = loop {
+        if let Some(r) = status(engine.local_addr()).groups[0].resyncing.first().cloned() {
+            break r;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "status never showed the resync");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // 48 regions of 1 MiB left at 8 MiB/s.
+    assert_eq!((r.volume.as_str(), r.done, r.total, r.eta_s), ("db", 16, 64, 6));
+    a.send_write(1, 0, &[1; 4096]);
+    assert_eq!(a.ack().status, 0);
+    a.send_resync_done(&[0]);
+    let start = std::time::Instant::now();
+    while !status(engine.local_addr()).groups[0].resyncing.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(10), "the finished resync stayed in status");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     engine.shutdown();
 }
 

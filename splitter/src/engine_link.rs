@@ -38,7 +38,7 @@ use hindsight_consistency::transport::{is_refusal_io, Connection, ReadHalf, Role
 use hindsight_consistency::wire::frame::{encode_header, FRAME_HEADER_LEN};
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, DiskHello, ErrorMessage, FrameError, FrameType,
-    QuiesceMsg, QuiescedMsg, ResyncDoneMsg, ThawMsg, WriteAck, WriteMsg, PROTOCOL_VERSION,
+    QuiesceMsg, QuiescedMsg, ResyncDoneMsg, ResyncProgressMsg, ThawMsg, WriteAck, WriteMsg, PROTOCOL_VERSION,
 };
 use hindsight_consistency::{Seq, WriteKind};
 use log::{debug, error, info, warn};
@@ -360,6 +360,12 @@ impl EngineLink {
     pub fn resync_done(&self, disks: &[u16]) {
         let msg = encode_message(&ResyncDoneMsg { disks: disks.to_vec() });
         self.inner.send_control(FrameType::ResyncDone, &msg);
+    }
+
+    /// Tells the engine how far the resync of disk number `disk` has come (for its status).
+    pub fn resync_progress(&self, disk: u16, done: u64, total: u64, bytes_per_s: u64) {
+        let msg = encode_message(&ResyncProgressMsg { disk, done, total, bytes_per_s });
+        self.inner.send_control(FrameType::ResyncProgress, &msg);
     }
 
     /// Volumes whose replica lacks writes (failed while the engine was unreachable, or

@@ -85,6 +85,7 @@ pub fn run_once(disks: &[Arc<ReplicatedDisk>], link: &EngineLink) {
         info!("volume {}: resync of {total} region(s) ({} MiB) starts", d.volume(), (total as u64 * bytes_per_region) >> 20);
         let started = Instant::now();
         let mut sent = 0usize;
+        link.resync_progress(d.disk_number(), 0, total as u64, 0);
         for batch in todo.chunks(BATCH) {
             if !link.is_connected() {
                 break;
@@ -93,6 +94,7 @@ pub fn run_once(disks: &[Arc<ReplicatedDisk>], link: &EngineLink) {
             let secs = started.elapsed().as_secs_f64().max(1e-3);
             let rate = sent as f64 * bytes_per_region as f64 / secs;
             let left = total - sent.min(total);
+            link.resync_progress(d.disk_number(), sent as u64, total as u64, rate as u64);
             info!(
                 "volume {}: resync {:.0}% ({sent}/{total} regions, {:.1} MB/s, about {:.0}s left)",
                 d.volume(),

@@ -61,6 +61,8 @@ pub enum FrameType {
     Thaw,
     /// Agent has re-sent every dirty region of some disks.
     ResyncDone,
+    /// Agent reports how far a disk's resync has come.
+    ResyncProgress,
     /// An operator asks the engine for the state of its groups.
     StatusRequest,
     /// The engine's answer.
@@ -91,6 +93,7 @@ impl FrameType {
             FrameType::Quiesced => 0x33,
             FrameType::Thaw => 0x34,
             FrameType::ResyncDone => 0x35,
+            FrameType::ResyncProgress => 0x36,
             FrameType::StatusRequest => 0x40,
             FrameType::StatusReply => 0x41,
             FrameType::SetModeRequest => 0x42,
@@ -117,6 +120,7 @@ impl FrameType {
             0x33 => FrameType::Quiesced,
             0x34 => FrameType::Thaw,
             0x35 => FrameType::ResyncDone,
+            0x36 => FrameType::ResyncProgress,
             0x40 => FrameType::StatusRequest,
             0x41 => FrameType::StatusReply,
             0x42 => FrameType::SetModeRequest,

@@ -162,6 +162,34 @@ pub struct ResyncDoneMsg {
     pub disks: Vec<u16>,
 }
 
+/// Agent → engine: how far the resync (or initial sync) of one disk has come.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncProgressMsg {
+    /// Disk number of the hello.
+    pub disk: u16,
+    /// Regions re-sent and acknowledged.
+    pub done: u64,
+    /// Regions to re-send in this resync.
+    pub total: u64,
+    /// Bytes per second so far.
+    pub bytes_per_s: u64,
+}
+
+/// One volume's resync, as status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncStatus {
+    /// The volume.
+    pub volume: String,
+    /// Regions re-sent and acknowledged.
+    pub done: u64,
+    /// Regions in this resync.
+    pub total: u64,
+    /// Bytes per second so far.
+    pub bytes_per_s: u64,
+    /// Seconds left at that rate (0 when unknown).
+    pub eta_s: u64,
+}
+
 /// Operator → engine: the state of every group (or of the named ones).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusRequest {
@@ -221,6 +249,8 @@ pub struct GroupStatus {
     pub shipped_bytes: u64,
     /// Bytes sent on the wire for them (frames, after compression).
     pub wire_bytes: u64,
+    /// Volumes being resynced by their agent (after a cut, a crash, or the initial sync).
+    pub resyncing: Vec<ResyncStatus>,
     /// Volumes whose agent is connected.
     pub attached: Vec<String>,
 }
