@@ -94,7 +94,8 @@ pub fn run_once(disks: &[Arc<ReplicatedDisk>], link: &EngineLink) {
             let secs = started.elapsed().as_secs_f64().max(1e-3);
             let rate = sent as f64 * bytes_per_region as f64 / secs;
             let left = total - sent.min(total);
-            link.resync_progress(d.disk_number(), sent as u64, total as u64, rate as u64);
+            let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX).max(1);
+            link.resync_progress(d.disk_number(), sent as u64, total as u64, sent as u64 * bytes_per_region * 1000 / millis);
             info!(
                 "volume {}: resync {:.0}% ({sent}/{total} regions, {:.1} MB/s, about {:.0}s left)",
                 d.volume(),
