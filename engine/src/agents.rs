@@ -171,10 +171,13 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
         let _ = ack_done.recv_timeout(REFUSAL_FLUSH);
     }
     reader.get_ref().shutdown();
+    // The volumes are free for the next agent now: every write read from this one is numbered
+    // already. (The acknowledgement writer may still wait for sync acknowledgements held until
+    // the target confirms; they go nowhere once the socket is shut.)
+    detach(&reg, &names);
     if let Ok(t) = ack_thread {
         let _ = t.join();
     }
-    detach(&reg, &names);
 }
 
 /// Answers an operator's request (bookmark, status, mode): decodes it, runs `handle`, and
@@ -631,7 +634,7 @@ fn resync_done(m: &ResyncDoneMsg, disks: &[Disk]) -> Result<(), SessionEnd> {
 /// Writes acknowledgements, batching whatever is queued into one socket write, and the
 /// session's control frames between them: the only writer of the socket. An `Error` control
 /// frame is the last thing sent: the connection is closed after it.
-fn ack_loop(w: WriteHalf, rx: Receiver<WriteAck>, control: Receiver<(FrameType, Vec<u8>)>, peer: SocketAddr) {
+fn ack_loop(w: WriteHalf, rx: Receiver<WriteAck>, mut control: Receiver<(FrameType, Vec<u8>)>, peer: SocketAddr) {
     let mut buf = Vec::with_capacity(64 << 10);
     let mut scratch = Vec::new();
     loop {
@@ -653,7 +656,9 @@ fn ack_loop(w: WriteHalf, rx: Receiver<WriteAck>, control: Receiver<(FrameType, 
                     Ok((ftype, payload)) => {
                         let _ = write_frame(&mut buf, ftype, &payload, &mut scratch);
                     }
-                    Err(_) => {}
+                    // The session is gone: stop selecting on it (a closed channel is always
+                    // ready), and wait for the acknowledgements still due.
+                    Err(_) => control = crossbeam_channel::never(),
                 }
                 None
             }

@@ -99,6 +99,10 @@ pub struct ReplicatedDisk {
     resyncing: Arc<std::sync::atomic::AtomicBool>,
     /// Resync data went to the engine since the last resync point was asked for.
     sent_resync: std::sync::atomic::AtomicBool,
+    /// Held (shared) by a guest write from reading `resyncing` until it is on the link, and
+    /// (exclusive) by the end of a resync: no write decided as resync data can reach the
+    /// engine after the request for the resync point.
+    resync_gate: std::sync::RwLock<()>,
 }
 
 /// How a disk tracks what the replica lacks.
@@ -199,6 +203,7 @@ impl ReplicatedDisk {
             tracking: None,
             resyncing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             sent_resync: std::sync::atomic::AtomicBool::new(false),
+            resync_gate: std::sync::RwLock::new(()),
         }
     }
 
@@ -220,9 +225,17 @@ impl ReplicatedDisk {
         self.resyncing.store(on, Ordering::Release);
     }
 
-    /// True (once) if resync data was sent since the last call.
-    pub fn take_sent_resync(&self) -> bool {
-        self.sent_resync.swap(false, Ordering::AcqRel)
+    /// Ends the resync: writes go as plain data from now on. If resync data went out since
+    /// the last time, runs `ask_point` (which asks the engine for the resync point) before any
+    /// later write can reach the link, and returns true.
+    pub fn finish_resync(&self, ask_point: impl FnOnce()) -> bool {
+        let _gate = self.resync_gate.write().unwrap_or_else(|e| e.into_inner());
+        self.resyncing.store(false, Ordering::Release);
+        let sent = self.sent_resync.swap(false, Ordering::AcqRel);
+        if sent {
+            ask_point();
+        }
+        sent
     }
 
     /// The dirty map, when tracking.
@@ -451,6 +464,8 @@ impl ReplicatedDisk {
             in_flight.push((offset, end));
             // Sent while the range is held: the engine numbers overlapping writes in the
             // order they are applied locally.
+            // Held until the write is on the link (see `finish_resync`).
+            let _gate = self.resync_gate.read().unwrap_or_else(|e| e.into_inner());
             let resyncing = self.resyncing();
             match kind {
                 WriteKind::Data(data) => {

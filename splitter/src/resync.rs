@@ -61,7 +61,6 @@ pub fn initial_scan(d: &ReplicatedDisk) {
 
 /// One pass: clean the maps, then resync what needs it while the link is up.
 pub fn run_once(disks: &[Arc<ReplicatedDisk>], link: &EngineLink) {
-    let mut completed = Vec::new();
     for d in disks {
         let Some(map) = d.dirty_map() else { continue };
         if let Err(e) = map.clean() {
@@ -71,10 +70,7 @@ pub fn run_once(disks: &[Arc<ReplicatedDisk>], link: &EngineLink) {
         if todo.is_empty() && d.resyncing() && link.is_connected() {
             // Every region is back: writes go as plain data again, and, if resync data went
             // out, the engine places the resync point after the last of it.
-            d.set_resyncing(false);
-            if d.take_sent_resync() {
-                completed.push(d.disk_number());
-            }
+            d.finish_resync(|| link.resync_done(&[d.disk_number()]));
             continue;
         }
         if todo.is_empty() || !link.is_connected() {
@@ -106,14 +102,8 @@ pub fn run_once(disks: &[Arc<ReplicatedDisk>], link: &EngineLink) {
         }
         if map.needing_resync().is_empty() {
             info!("volume {}: resync complete in {:.1?}", d.volume(), started.elapsed());
-            d.set_resyncing(false);
-            if d.take_sent_resync() {
-                completed.push(d.disk_number());
-            }
+            d.finish_resync(|| link.resync_done(&[d.disk_number()]));
         }
-    }
-    if !completed.is_empty() {
-        link.resync_done(&completed);
     }
 }
 

@@ -646,6 +646,45 @@ impl Cluster {
         std::fs::remove_file(&out).unwrap();
         bytes
     }
+
+    /// Starts the agent of `vm` like `start_agent`, but if it exits before it serves its
+    /// volumes (the engine refuses it while it still holds the attachment of a killed agent),
+    /// starts it again, for up to `within` in all. Returns how many starts it took.
+    pub fn start_agent_retrying(&mut self, vm: &str, within: Duration) -> usize {
+        let start = Instant::now();
+        let mut starts = 0;
+        loop {
+            starts += 1;
+            for v in self.vols.iter().filter(|v| v.vm == vm) {
+                let _ = std::fs::remove_file(self.sock(&v.name));
+            }
+            let child =
+                self.spawn(&format!("agent-{vm}"), Command::new(agent_bin()).arg("--config").arg(self.path(&format!("agent-{vm}.toml"))));
+            self.agents.insert(vm.to_owned(), child);
+            loop {
+                if self.vols.iter().filter(|v| v.vm == vm).all(|v| self.sock(&v.name).exists()) {
+                    return starts;
+                }
+                let exited = self.agents.get_mut(vm).and_then(|c| c.try_wait().ok().flatten());
+                if exited.is_some() {
+                    self.agents.remove(vm);
+                    break;
+                }
+                assert!(
+                    start.elapsed() < within,
+                    "agent {vm} does not serve after {within:?} ({starts} start(s)); its log:\n{}",
+                    self.log(&format!("agent-{vm}"))
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(
+                start.elapsed() < within,
+                "agent {vm} exited before serving, {starts} time(s) in {within:?}; its log:\n{}",
+                self.log(&format!("agent-{vm}"))
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 }
 
 impl Drop for Cluster {
