@@ -59,6 +59,19 @@ hs_wait_sock() {
 # hs_json_field JSON KEY: prints a top-level field of a JSON object.
 hs_json_field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
 
+# hs_make_pki PKI VM ENGINE_HOSTS: makes, with `hindsight certs` ($HS, default $BIN/hindsight),
+# a CA in PKI and the certificates of the target ("dr", for 127.0.0.1), the engine ("primary",
+# for ENGINE_HOSTS, comma separated) and the agent of VM (files named as `certs issue` names
+# them: PKI/target-dr.pem, PKI/engine-primary.pem, PKI/agent-VM.pem, and their -key.pem).
+hs_make_pki() {
+  local pki=$1 vm=$2 engine_hosts=$3 hs=${HS:-$BIN/hindsight}
+  rm -rf "$pki"
+  "$hs" certs init --dir "$pki" >/dev/null
+  "$hs" certs issue --dir "$pki" --role target --name dr --host 127.0.0.1 >/dev/null
+  "$hs" certs issue --dir "$pki" --role engine --name primary --host "$engine_hosts" >/dev/null
+  "$hs" certs issue --dir "$pki" --role agent --name "$vm" >/dev/null
+}
+
 # hs_write_configs DIR GROUP VM VOLUME SIZE DISK SOCKET TARGET_LINE: makes a CA and the
 # certificates of the target ("dr"), the engine ("primary", both for 127.0.0.1) and the agent
 # (VM) in DIR/pki with `hindsight certs` ($HS, default $BIN/hindsight), and writes
@@ -67,12 +80,8 @@ hs_json_field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys
 # the retention setting, e.g. 'retention = "24h"'.
 hs_write_configs() {
   local dir=$1 group=$2 vm=$3 volume=$4 size=$5 disk=$6 sock=$7 target_line=$8
-  local hs=${HS:-$BIN/hindsight} pki=$dir/pki
-  rm -rf "$pki"
-  "$hs" certs init --dir "$pki" >/dev/null
-  "$hs" certs issue --dir "$pki" --role target --name dr --host 127.0.0.1 >/dev/null
-  "$hs" certs issue --dir "$pki" --role engine --name primary --host 127.0.0.1 >/dev/null
-  "$hs" certs issue --dir "$pki" --role agent --name "$vm" >/dev/null
+  local pki=$dir/pki
+  hs_make_pki "$pki" "$vm" 127.0.0.1
   cat >"$dir/target.toml" <<EOT
 [target]
 listen = "127.0.0.1:$TPORT"

@@ -94,12 +94,8 @@ stale_check() {
 # ("primary", also valid for the guest's address of the host, 10.0.2.100) on the host, and the
 # agent of the VM "guest", whose files go into the initramfs (GUEST_TLS).
 make_pki() {
-  local hs=$BIN/hindsight
   PKI=$RUN/pki
-  "$hs" certs init --dir "$PKI" >/dev/null
-  "$hs" certs issue --dir "$PKI" --role target --name dr --host 127.0.0.1 >/dev/null
-  "$hs" certs issue --dir "$PKI" --role engine --name primary --host 127.0.0.1,10.0.2.100 >/dev/null
-  "$hs" certs issue --dir "$PKI" --role agent --name guest >/dev/null
+  HS=$BIN/hindsight hs_make_pki "$PKI" guest 127.0.0.1,10.0.2.100
   GUEST_TLS=$RUN/guest-tls
   mkdir -p "$GUEST_TLS"
   cp "$PKI/ca.pem" "$GUEST_TLS/ca.pem"
