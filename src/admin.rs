@@ -129,6 +129,10 @@ pub fn format_status(reply: &StatusReply) -> String {
     out
 }
 
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1u32 << 20)
+}
+
 fn format_group(g: &GroupStatus) -> String {
     let mode = if g.mode == g.effective_mode { g.mode.clone() } else { format!("{} (configured {})", g.effective_mode, g.mode) };
     let mut lines = vec![format!("group {}: mode {mode}", g.name)];
@@ -176,6 +180,14 @@ fn format_group(g: &GroupStatus) -> String {
     }
     if g.poisoned {
         lines.push("  STOPPED: the journal failed; fix the cause and restart the engine".into());
+    }
+    let size = if g.journal_size == 0 { "no journal_size".to_string() } else { format!("of {:.1} MiB", mib(g.journal_size)) };
+    lines.push(format!("  journal: {:.1} MiB {size}, on_journal_full = {}", mib(g.journal_bytes), g.on_journal_full));
+    if g.paused {
+        lines.push("  PAUSED: writes are tracked by the agents, not journaled".into());
+    }
+    if !g.journal_state.is_empty() {
+        lines.push(format!("  {}", g.journal_state));
     }
     let attached = if g.attached.is_empty() { "(none)".to_string() } else { g.attached.join(", ") };
     lines.push(format!("  volumes with a connected agent: {attached}"));

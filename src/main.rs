@@ -442,6 +442,13 @@ fn format_history(h: &hindsight_target::History) -> String {
         limits.push(format!("journal_size {j} bytes"));
     }
     let _ = writeln!(s, "  journal: {} segments, {} bytes; {}", h.segments, h.journal_bytes, limits.join(", "));
+    if h.journal_size.is_some_and(|max| h.journal_bytes >= max) {
+        let _ = writeln!(
+            s,
+            "  journal FULL: the group's on_journal_full decides: trim_history folds the oldest points away (even inside \
+             retention); block and pause_and_track take nothing more until they leave the retention (hindsight status)"
+        );
+    }
     let _ = writeln!(s, "  replicas applied up to seq {}", h.applied_seq);
     if !h.inconsistent.is_empty() {
         let spans: Vec<String> = h

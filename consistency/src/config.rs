@@ -218,6 +218,8 @@ struct GroupSection {
     regulate: bool,
     interval: Option<String>,
     compression: Option<String>,
+    journal_size: Option<String>,
+    on_journal_full: Option<String>,
     #[serde(default)]
     volume: Vec<VolumeSection>,
 }
@@ -274,6 +276,41 @@ pub struct GroupConfig {
     pub interval: Duration,
     /// Whether the link to the target is compressed.
     pub compression: Compression,
+    /// The most bytes the engine's journal of this group may hold (`None`: what the file
+    /// system has).
+    pub journal_size: Option<u64>,
+    /// What happens when a journal of the group (the engine's or the target's) is full.
+    pub on_journal_full: JournalFull,
+}
+
+/// What a group does when a journal is full (docs/failure-handling.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalFull {
+    /// The target folds its oldest points into the base images, even inside `retention`,
+    /// and says so; the engine, which holds no history, pauses and tracks.
+    TrimHistory,
+    /// Nothing is dropped: the target takes no more records until retention frees room, and
+    /// the engine, once its own journal is full, holds the guests' writes.
+    Block,
+    /// Nothing is dropped and the guests keep running: the group pauses, the agents track
+    /// the regions written, and resync them once there is room again.
+    PauseAndTrack,
+}
+
+impl JournalFull {
+    /// The name as written in config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JournalFull::TrimHistory => "trim_history",
+            JournalFull::Block => "block",
+            JournalFull::PauseAndTrack => "pause_and_track",
+        }
+    }
+
+    /// Parses the name written in config.
+    pub fn parse(s: &str) -> Option<JournalFull> {
+        [JournalFull::TrimHistory, JournalFull::Block, JournalFull::PauseAndTrack].into_iter().find(|p| p.as_str() == s)
+    }
 }
 
 /// Compression of the engine → target link.
@@ -425,6 +462,21 @@ impl EngineConfig {
             if interval < Duration::from_secs(1) {
                 return Err(format!("{ctx}: interval must be at least 1s, e.g. interval = \"30s\""));
             }
+            let on_journal_full = match g.on_journal_full.as_deref() {
+                None => JournalFull::TrimHistory,
+                Some(p) => JournalFull::parse(p).ok_or_else(|| {
+                    format!("{ctx}: on_journal_full = {p:?} is not a policy; use \"trim_history\", \"block\" or \"pause_and_track\"")
+                })?,
+            };
+            let journal_size = g.journal_size.as_deref().map(parse_size).transpose().map_err(|e| format!("{ctx}: journal_size: {e}"))?;
+            if let Some(js) = journal_size {
+                if js < 2 * segment_size {
+                    return Err(format!(
+                        "{ctx}: journal_size must be at least two journal segments ({} bytes, engine.segment_size twice); give e.g. journal_size = \"20GiB\"",
+                        2 * segment_size
+                    ));
+                }
+            }
             check_host_port(&format!("{ctx}: target"), &g.target)?;
             let target_server_name = match &g.target_server_name {
                 Some(n) => server_name_key(&format!("{ctx}: target_server_name"), n)?,
@@ -465,6 +517,8 @@ impl EngineConfig {
                 regulate: g.regulate,
                 interval,
                 compression,
+                journal_size,
+                on_journal_full,
             });
         }
         let mut addresses = vec![("engine.listen".to_owned(), raw.engine.listen.clone())];
@@ -929,6 +983,21 @@ size = "1GiB"
         assert_eq!(with("50MiB/s").unwrap().max_bandwidth, Some(50 << 20));
         assert!(with("50MiB").unwrap_err().contains("\"50MiB/s\""));
         assert!(with("1KiB/s").unwrap_err().contains("smallest rate"));
+    }
+
+    #[test]
+    fn journal_full_keys() {
+        let c = engine(ENGINE).unwrap();
+        assert_eq!((c.groups[0].on_journal_full, c.groups[0].journal_size), (JournalFull::TrimHistory, None));
+        let with = |extra: &str| engine(&ENGINE.replace("mode = \"cdp\"", &format!("mode = \"cdp\"\n{extra}")));
+        let c = with("on_journal_full = \"pause_and_track\"\njournal_size = \"1GiB\"").unwrap();
+        assert_eq!((c.groups[0].on_journal_full, c.groups[0].journal_size), (JournalFull::PauseAndTrack, Some(1 << 30)));
+        assert_eq!(with("on_journal_full = \"block\"").unwrap().groups[0].on_journal_full, JournalFull::Block);
+        let e = with("on_journal_full = \"drop\"").unwrap_err();
+        assert!(e.contains("on_journal_full = \"drop\"") && e.contains("pause_and_track"), "{e}");
+        let e = with("journal_size = \"64MiB\"").unwrap_err();
+        assert!(e.contains("journal_size must be at least two journal segments"), "{e}");
+        assert!(with("journal_size = \"lots\"").unwrap_err().contains("journal_size"));
     }
 
     #[test]

@@ -164,6 +164,8 @@ pub struct SegmentInfo {
     pub first_seq: Seq,
     /// Its file.
     pub path: PathBuf,
+    /// Its size in bytes once sealed (the active segment's size is kept by the journal).
+    pub bytes: u64,
 }
 
 /// The appending side of a journal.
@@ -216,7 +218,16 @@ impl Journal {
                 }
             }
         }
-        let mut segments: VecDeque<SegmentInfo> = segs.into_iter().map(|(first_seq, path)| SegmentInfo { first_seq, path }).collect();
+        let mut segments = VecDeque::with_capacity(segs.len());
+        for (i, (first_seq, path)) in segs.iter().cloned().enumerate() {
+            // Sealed segments are sized once here; the active one is scanned below.
+            let bytes = if i + 1 < segs.len() {
+                fs.open(&path, OpenMode::Read).and_then(|f| f.len()).map_err(io_err(&path, "stat segment"))?
+            } else {
+                0
+            };
+            segments.push_back(SegmentInfo { first_seq, path, bytes });
+        }
         for w in segments.make_contiguous().windows(2) {
             if w[0].first_seq >= w[1].first_seq {
                 return Err(JournalError::Corrupt { path: w[1].path.clone(), offset: 0, reason: "segments out of order".into() });
@@ -295,15 +306,10 @@ impl Journal {
         self.segments.iter()
     }
 
-    /// Bytes held in all segments (approximate for the older ones: read from the file system).
+    /// Bytes held in all segments, committed records only.
     pub fn size_bytes(&self) -> u64 {
-        let old: u64 = self
-            .segments
-            .iter()
-            .take(self.segments.len().saturating_sub(1))
-            .filter_map(|s| self.fs.open(&s.path, OpenMode::Read).ok().and_then(|f| f.len().ok()))
-            .sum();
-        old + self.active_len
+        let sealed: u64 = self.segments.iter().take(self.segments.len().saturating_sub(1)).map(|s| s.bytes).sum();
+        sealed + self.active_len
     }
 
     /// Buffers a record; its `seq` must be [`Journal::next_seq`]. Durable after
@@ -365,6 +371,9 @@ impl Journal {
             let first = self.durable_seq + 1;
             let info = create_segment(self.fs.as_ref(), &self.dir, first)?;
             self.active = self.fs.open(&info.path, OpenMode::ReadWrite).map_err(io_err(&info.path, "open segment"))?;
+            if let Some(sealed) = self.segments.back_mut() {
+                sealed.bytes = self.active_len;
+            }
             self.active_len = SEGMENT_HEADER_LEN as u64;
             self.segments.push_back(info);
         }
@@ -403,7 +412,7 @@ fn create_segment(fs: &dyn Storage, dir: &Path, first_seq: Seq) -> Result<Segmen
     f.write_all_at(&encode_segment_header(first_seq), 0).map_err(io_err(&path, "write segment header"))?;
     f.sync_data().map_err(io_err(&path, "sync segment header"))?;
     fs.sync_dir(dir).map_err(io_err(dir, "sync directory"))?;
-    Ok(SegmentInfo { first_seq, path })
+    Ok(SegmentInfo { first_seq, path, bytes: 0 })
 }
 
 fn read_fully(f: &dyn StorageFile, buf: &mut [u8], offset: u64) -> io::Result<usize> {

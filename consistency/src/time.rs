@@ -18,6 +18,11 @@ pub fn format_rfc3339(ns: u64) -> String {
     }
 }
 
+/// Formats a duration for people, to the second (`1h 30m 5s`).
+pub fn format_duration(d: std::time::Duration) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string()
+}
+
 /// Parses an RFC 3339 time with any offset (`2026-11-22T06:01:02+01:00`, fractions allowed).
 pub fn parse_rfc3339(s: &str) -> Result<u64, String> {
     let t = DateTime::parse_from_rfc3339(s.trim())

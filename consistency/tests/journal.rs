@@ -154,3 +154,25 @@ fn half_created_segment_is_removed_on_open() {
     assert_eq!(j.next_seq(), 4);
     assert_eq!(list_segments(fs().as_ref(), d.path()).unwrap().len(), 1);
 }
+
+/// Bytes in every segment file of `dir`.
+fn bytes_on_disk(dir: &Path) -> u64 {
+    list_segments(fs().as_ref(), dir).unwrap().iter().map(|(_, p)| std::fs::metadata(p).unwrap().len()).sum()
+}
+
+#[test]
+fn size_bytes_follows_rolls_trims_and_reopens() {
+    let d = tempfile::tempdir().unwrap();
+    let mut j = Journal::open(fs(), d.path(), SMALL).unwrap();
+    assert_eq!(j.size_bytes(), bytes_on_disk(d.path()));
+    for _ in 0..12 {
+        append_n(&mut j, 5, 4096);
+        assert_eq!(j.size_bytes(), bytes_on_disk(d.path()));
+    }
+    assert!(j.segments().count() > 2);
+    j.trim_through(30).unwrap();
+    assert_eq!(j.size_bytes(), bytes_on_disk(d.path()));
+    drop(j);
+    let j = Journal::open(fs(), d.path(), SMALL).unwrap();
+    assert_eq!(j.size_bytes(), bytes_on_disk(d.path()));
+}

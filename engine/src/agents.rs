@@ -248,6 +248,11 @@ fn status(req: &StatusRequest, reg: &Registry) -> Result<StatusReply, String> {
                 g.config.volumes.iter().filter_map(|v| progress.get(&v.name).cloned()).collect()
             },
             attached: g.config.volumes.iter().filter(|v| attached.contains(&v.name)).map(|v| v.name.clone()).collect(),
+            on_journal_full: g.shared.journal.policy().as_str().to_owned(),
+            journal_bytes: g.shared.journal.bytes(),
+            journal_size: g.shared.journal.max().unwrap_or(0),
+            paused: g.shared.journal.paused(),
+            journal_state: g.shared.journal.describe(),
         });
     }
     Ok(StatusReply { engine: reg.name.clone(), groups })

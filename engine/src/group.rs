@@ -19,11 +19,17 @@ pub use hindsight_consistency::record::{INTERVAL_POINT_NAME, RESYNC_POINT_NAME};
 use hindsight_consistency::time::now_ns;
 use hindsight_consistency::wire::WriteAck;
 
+use crate::journal_watch::{Action, JournalWatch};
 use crate::policy::Policy;
 use crate::resync::{ResyncOutcome, Resyncs};
 
 /// errno sent to an agent when the group cannot take writes.
 const EIO: u32 = 5;
+/// errno sent to an agent while the group is paused because a journal is full: the agent
+/// tracks the write and resyncs it later.
+pub const ENOSPC: u32 = 28;
+/// How often a journal thread holding writes (`block`) looks for room.
+const HOLD_WAKE: Duration = Duration::from_millis(20);
 /// Most bytes put into one commit.
 const MAX_BATCH_BYTES: usize = 8 << 20;
 /// How often an idle journal thread wakes to trim confirmed segments and check for shutdown.
@@ -137,6 +143,8 @@ pub struct GroupShared {
     pub policy: Policy,
     /// What the link to the target carries.
     pub link: LinkStats,
+    /// What a full journal does to the group.
+    pub journal: JournalWatch,
 }
 
 /// Bytes shipped to the target: the records, and what went on the wire for them.
@@ -176,6 +184,7 @@ impl GroupShared {
             stopping: AtomicBool::new(false),
             policy: Policy::new(config, durable, last_time_ns),
             link: LinkStats::default(),
+            journal: JournalWatch::new(&config.name, config.on_journal_full, config.journal_size),
         }
     }
 
@@ -184,6 +193,7 @@ impl GroupShared {
     pub fn confirm(&self, seq: Seq) {
         self.confirmed.fetch_max(seq, Ordering::AcqRel);
         self.policy.confirmed(seq, self.durable());
+        self.journal.target_confirmed(seq);
     }
 
     /// The last durable sequence number.
@@ -268,6 +278,17 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
         } else {
             open = None;
         }
+        let action = shared.journal.update(journal.size_bytes());
+        if action == Action::Hold {
+            // `block`: nothing is taken until the target confirms and segments go.
+            std::thread::sleep(HOLD_WAKE);
+            if shared.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            shared.policy.tick();
+            trim_confirmed(&mut journal, &shared, &mut trimmed_through);
+            continue;
+        }
         let first = match rx.recv_timeout(IDLE_WAKE) {
             Ok(w) => Some(w),
             Err(RecvTimeoutError::Timeout) => None,
@@ -277,15 +298,7 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
             return;
         }
         shared.policy.tick();
-        let confirmed = shared.confirmed.load(Ordering::Acquire);
-        if confirmed > trimmed_through {
-            match journal.trim_through(confirmed) {
-                Ok(n) if n > 0 => log::debug!("group {}: removed {n} journal segments confirmed by the target", shared.name),
-                Ok(_) => {}
-                Err(e) => log::warn!("group {}: cannot trim the journal: {e}", shared.name),
-            }
-            trimmed_through = confirmed;
-        }
+        trim_confirmed(&mut journal, &shared, &mut trimmed_through);
         let Some(first) = first else { continue };
         if open.is_none() && shared.policy.effective() == ReplicationMode::Async {
             open = Some(OpenInterval { since: Instant::now(), first: journal.next_seq() });
@@ -313,6 +326,23 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
             }
             if bytes < MAX_BATCH_BYTES {
                 next = rx.try_recv().ok();
+            }
+        }
+        if action == Action::Refuse {
+            // Paused: the agents track these writes and resync them later.
+            refuse_all(&mut batch, ENOSPC);
+            if let Some(b) = bookmark.take() {
+                b.answer(
+                    Err(format!(
+                        "group {} is paused because a journal is full: its agents track writes the target lacks, so a bookmark \
+                         now would not hold them; try again once `hindsight status` no longer shows it paused",
+                        shared.name
+                    )),
+                    &shared.name,
+                );
+            }
+            if resync_done.is_none() {
+                continue;
             }
         }
         if shared.poisoned.load(Ordering::Relaxed) {
@@ -431,7 +461,24 @@ fn join_names(names: &[Arc<str>]) -> String {
 }
 
 fn fail_all(batch: &mut Vec<WriteRequest>) {
+    refuse_all(batch, EIO);
+}
+
+fn refuse_all(batch: &mut Vec<WriteRequest>, status: u32) {
     for w in batch.drain(..) {
-        let _ = w.ack.send(WriteAck { req_id: w.req_id, seq: 0, status: EIO });
+        let _ = w.ack.send(WriteAck { req_id: w.req_id, seq: 0, status });
+    }
+}
+
+/// Deletes the journal segments the target has confirmed.
+fn trim_confirmed(journal: &mut Journal, shared: &GroupShared, trimmed_through: &mut Seq) {
+    let confirmed = shared.confirmed.load(Ordering::Acquire);
+    if confirmed > *trimmed_through {
+        match journal.trim_through(confirmed) {
+            Ok(n) if n > 0 => log::debug!("group {}: removed {n} journal segments confirmed by the target", shared.name),
+            Ok(_) => {}
+            Err(e) => log::warn!("group {}: cannot trim the journal: {e}", shared.name),
+        }
+        *trimmed_through = confirmed;
     }
 }

@@ -25,6 +25,7 @@ pub mod agents;
 pub mod delta;
 pub mod error;
 pub mod group;
+pub mod journal_watch;
 pub mod limiter;
 pub mod policy;
 pub mod resync;

@@ -20,8 +20,8 @@ use hindsight_consistency::storage::Storage;
 use hindsight_consistency::transport::{Connection, Role, Security, WriteHalf};
 use hindsight_consistency::wire::frame::FRAME_HEADER_LEN;
 use hindsight_consistency::wire::{
-    compress_records, decode_confirm, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, TargetHello,
-    TargetWelcome, VolumeInfo, LZ4, PROTOCOL_VERSION,
+    compress_records, decode_confirm, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, JournalStateMsg,
+    TargetHello, TargetWelcome, VolumeInfo, LZ4, PROTOCOL_VERSION,
 };
 use hindsight_consistency::WriteKind;
 
@@ -107,6 +107,7 @@ impl Shipper {
             group: cfg.name.clone(),
             volumes: cfg.volumes.iter().map(|v| VolumeInfo { name: v.name.clone(), vm: v.vm.clone(), size: v.size }).collect(),
             compression: if cfg.compression.offer_lz4(&cfg.target) { vec![LZ4.to_string()] } else { Vec::new() },
+            on_journal_full: cfg.on_journal_full.as_str().to_owned(),
         };
         write_frame(&mut w, FrameType::TargetHello, &encode_message(&hello), &mut scratch).map_err(|e| e.to_string())?;
         let mut payload = Vec::new();
@@ -144,9 +145,11 @@ impl Shipper {
         );
 
         let broken = Arc::new(AtomicBool::new(false));
+        let target_full = Arc::new(AtomicBool::new(false));
         let confirm_thread = {
             let shared = shared.clone();
             let broken = broken.clone();
+            let target_full = target_full.clone();
             let group = cfg.name.clone();
             std::thread::Builder::new()
                 .name(format!("confirm-{group}"))
@@ -158,6 +161,21 @@ impl Shipper {
                                 Ok(seq) => shared.confirm(seq),
                                 Err(e) => {
                                     log::warn!("group {group}: bad confirmation: {e}");
+                                    break;
+                                }
+                            },
+                            Ok(FrameType::JournalState) => match decode_message::<JournalStateMsg>("JournalState", &payload) {
+                                Ok(m) => {
+                                    let full = m.full;
+                                    shared.journal.target_state(m, shared.confirmed.load(Ordering::Acquire));
+                                    if full {
+                                        // The target closes; the records are shipped again later.
+                                        target_full.store(true, Ordering::Release);
+                                        break;
+                                    }
+                                }
+                                Err(e) => {
+                                    log::warn!("group {group}: bad JournalState: {e}");
                                     break;
                                 }
                             },
@@ -186,6 +204,10 @@ impl Shipper {
         w.shutdown();
         let _ = confirm_thread.join();
         shared.policy.target_connected(false);
+        if target_full.load(Ordering::Acquire) {
+            // Said once by the journal watch; the same words each retry keep the log quiet.
+            return Err("the target's journal is full".to_string());
+        }
         result
     }
 

@@ -56,6 +56,9 @@ pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest pause between reconnection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// WriteAck status of a write the engine did not journal because the group is paused.
+const ENOSPC: u32 = 28;
+
 /// How long one TCP connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -231,6 +234,9 @@ struct Inner {
     pending: Mutex<BTreeMap<u64, Pending>>,
     /// Disk numbers whose replica lacks writes that failed or were refused by the engine.
     diverged: Mutex<BTreeSet<u16>>,
+    /// Disk numbers whose group the engine paused (a full journal), and when it last
+    /// refused one of their writes.
+    paused: Mutex<BTreeMap<u16, Instant>>,
     quiescer: Option<Arc<Quiescer>>,
 }
 
@@ -289,6 +295,7 @@ impl EngineLink {
             }),
             pending: Mutex::new(BTreeMap::new()),
             diverged: Mutex::new(BTreeSet::new()),
+            paused: Mutex::new(BTreeMap::new()),
             quiescer: config.quiescer,
         });
         let (close, closed) = crossbeam_channel::bounded(0);
@@ -366,6 +373,12 @@ impl EngineLink {
     pub fn resync_progress(&self, disk: u16, done: u64, total: u64, bytes_per_s: u64) {
         let msg = encode_message(&ResyncProgressMsg { disk, done, total, bytes_per_s });
         self.inner.send_control(FrameType::ResyncProgress, &msg);
+    }
+
+    /// When the engine last refused a write of disk number `disk` because its group is
+    /// paused (a full journal); `None` once it takes that disk's writes again.
+    pub fn paused_since(&self, disk: u16) -> Option<Instant> {
+        lock(&self.inner.paused).get(&disk).copied()
     }
 
     /// Volumes whose replica lacks writes (failed while the engine was unreachable, or
@@ -737,11 +750,26 @@ impl Inner {
             warn!("engine {} acknowledged unknown write {}; ignored", self.engine, ack.req_id);
             return;
         };
+        let w = &p.write;
         if ack.status == 0 {
+            if lock(&self.paused).remove(&w.disk).is_some() {
+                info!("engine {} takes the writes of volume {} again", self.engine, self.volumes[usize::from(w.disk)]);
+            }
             return (p.done)(Ok(ack.seq));
         }
-        let w = &p.write;
         lock(&self.diverged).insert(w.disk);
+        if ack.status == ENOSPC {
+            // The group is paused: said once, not for every write.
+            if lock(&self.paused).insert(w.disk, Instant::now()).is_none() {
+                warn!(
+                    "engine {} paused the group of volume {} (a journal is full): its writes are kept on the local disk and \
+                     tracked for a resync (or fail, with on_engine_loss = \"fail\")",
+                    self.engine,
+                    self.volumes[usize::from(w.disk)]
+                );
+            }
+            return (p.done)(Err(BlockError::Io));
+        }
         error!(
             "engine {} failed the write to volume {} at offset {} ({} bytes, {}): errno {}",
             self.engine,

@@ -18,6 +18,8 @@ use crate::replicated::ReplicatedDisk;
 /// Regions resynced between progress lines and link checks.
 const BATCH: usize = 64;
 const TICK: Duration = Duration::from_millis(500);
+/// While the engine has paused a disk's group, how often one region is tried.
+const PAUSE_PROBE: Duration = Duration::from_secs(2);
 
 /// Starts the resync thread over the disks that track.
 pub fn spawn(disks: Vec<Arc<ReplicatedDisk>>, link: Arc<EngineLink>) -> std::io::Result<()> {
@@ -66,7 +68,7 @@ pub fn run_once(disks: &[Arc<ReplicatedDisk>], link: &EngineLink) {
         if let Err(e) = map.clean() {
             warn!("volume {}: cleaning the dirty map {}: {e}", d.volume(), map.path().display());
         }
-        let todo = map.needing_resync();
+        let mut todo = map.needing_resync();
         if todo.is_empty() && d.resyncing() && link.is_connected() {
             // Every region is back: writes go as plain data again, and, if resync data went
             // out, the engine places the resync point after the last of it.
@@ -76,6 +78,21 @@ pub fn run_once(disks: &[Arc<ReplicatedDisk>], link: &EngineLink) {
         if todo.is_empty() || !link.is_connected() {
             continue;
         }
+        if let Some(since) = link.paused_since(d.disk_number()) {
+            // The engine paused the group (a full journal): one region now and then finds out
+            // when it takes writes again, without reading the whole backlog each time.
+            if since.elapsed() < PAUSE_PROBE {
+                continue;
+            }
+            d.resync(&todo[..1]);
+            if link.paused_since(d.disk_number()).is_some() {
+                continue;
+            }
+            todo = map.needing_resync();
+            if todo.is_empty() {
+                continue; // the next pass ends the resync
+            }
+        }
         let total = todo.len();
         let bytes_per_region = map.region_size();
         info!("volume {}: resync of {total} region(s) ({} MiB) starts", d.volume(), (total as u64 * bytes_per_region) >> 20);
@@ -83,7 +100,7 @@ pub fn run_once(disks: &[Arc<ReplicatedDisk>], link: &EngineLink) {
         let mut sent = 0usize;
         link.resync_progress(d.disk_number(), 0, total as u64, 0);
         for batch in todo.chunks(BATCH) {
-            if !link.is_connected() {
+            if !link.is_connected() || link.paused_since(d.disk_number()).is_some() {
                 break;
             }
             sent += d.resync(batch).len();

@@ -6,13 +6,16 @@
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use hindsight_consistency::config::JournalFull;
 use hindsight_consistency::journal::{Journal, JournalOptions, JournalReader};
 use hindsight_consistency::record::{decode_record, DecodeError};
 use hindsight_consistency::storage::{write_file_atomic, OpenMode, Storage};
-use hindsight_consistency::time::{format_rfc3339, now_ns};
+use hindsight_consistency::time::{format_duration, format_rfc3339, now_ns};
+use hindsight_consistency::wire::JournalStateMsg;
 use hindsight_consistency::{BookmarkBody, Seq, WriteKind};
 
 use crate::apply::{for_each_record, in_bounds, Image, ImageSet};
@@ -48,6 +51,10 @@ pub(crate) struct Group {
     persist: Mutex<Persist>,
     inner: Mutex<Inner>,
     shipper: Mutex<Option<String>>,
+    /// Time of the oldest recoverable point (the base images'), for `JournalState`.
+    oldest_ns: AtomicU64,
+    /// A trim of history inside retention not yet told to the engine.
+    notice: Mutex<Option<JournalStateMsg>>,
 }
 
 /// What the maintenance thread owns.
@@ -69,6 +76,10 @@ struct Inner {
     applied_seq: Seq,
     /// Why the group stopped, if it did.
     poisoned: Option<String>,
+    /// What to do when the journal is full (from the engine's hello).
+    on_journal_full: JournalFull,
+    /// Since when batches are refused because the journal is full.
+    full_since: Option<Instant>,
 }
 
 /// The outcome of one batch of `Records` frames.
@@ -77,6 +88,9 @@ pub(crate) struct Receipt {
     pub durable_seq: Seq,
     /// A reason to send an `Error` frame and close (protocol violation or poisoning).
     pub error: Option<String>,
+    /// Set when nothing was taken because the journal is full: sent as `JournalState`
+    /// before the connection closes.
+    pub full: Option<JournalStateMsg>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -134,7 +148,15 @@ impl Group {
             meta.volumes.iter().map(|v| format!("{} ({} bytes, vm {})", v.name, v.size, v.vm)).collect::<Vec<_>>().join(", ")
         );
         let applied_seq = journal.durable_seq();
-        let inner = Inner { meta, journal, replicas: Arc::new(replicas), applied_seq, poisoned: None };
+        let inner = Inner {
+            meta,
+            journal,
+            replicas: Arc::new(replicas),
+            applied_seq,
+            poisoned: None,
+            on_journal_full: JournalFull::TrimHistory,
+            full_since: None,
+        };
         Ok(Group::assemble(fs, paths, name, opts, state, inner))
     }
 
@@ -144,9 +166,11 @@ impl Group {
             paths,
             fs,
             opts,
+            oldest_ns: AtomicU64::new(state.base_time_ns),
             persist: Mutex::new(Persist { state, last_checkpoint: Instant::now(), first_time_cache: None }),
             inner: Mutex::new(inner),
             shipper: Mutex::new(None),
+            notice: Mutex::new(None),
         }
     }
 
@@ -269,7 +293,15 @@ impl Group {
             format_rfc3339(state.base_time_ns)
         );
         let applied_seq = journal.durable_seq();
-        let inner = Inner { meta, journal, replicas: Arc::new(replicas), applied_seq, poisoned: None };
+        let inner = Inner {
+            meta,
+            journal,
+            replicas: Arc::new(replicas),
+            applied_seq,
+            poisoned: None,
+            on_journal_full: JournalFull::TrimHistory,
+            full_since: None,
+        };
         Ok(Group::assemble(fs, paths, name, opts, state, inner))
     }
 
@@ -284,11 +316,24 @@ impl Group {
     }
 
     /// Checks an engine's hello against what is stored and returns the durable seq to resume
-    /// after. New volumes are added; a volume whose size changed is refused.
-    pub fn accept_hello(&self, engine: &str, volumes: &[Volume]) -> Result<Seq, String> {
+    /// after. New volumes are added; a volume whose size changed is refused. `on_journal_full`
+    /// is the group's policy, which the engine's configuration holds.
+    pub fn accept_hello(&self, engine: &str, volumes: &[Volume], on_journal_full: JournalFull) -> Result<Seq, String> {
         let mut inner = lock(&self.inner);
         if let Some(cause) = &inner.poisoned {
             return Err(poisoned_message(&self.name, cause));
+        }
+        if inner.on_journal_full != on_journal_full {
+            log::info!("group {:?}: on_journal_full = {:?}", self.name, on_journal_full.as_str());
+            if on_journal_full != JournalFull::TrimHistory && self.opts.journal_size.is_some() && self.opts.retention.is_none() {
+                log::warn!(
+                    "group {:?}: on_journal_full = {:?} keeps every point while target.retention is not set: once journal_size \
+                     is reached this target takes nothing more for the group until journal_size is raised",
+                    self.name,
+                    on_journal_full.as_str()
+                );
+            }
+            inner.on_journal_full = on_journal_full;
         }
         for v in volumes {
             if let Some(old) = inner.meta.volume(&v.name) {
@@ -361,9 +406,12 @@ impl Group {
         let mut inner = lock(&self.inner);
         let inner = &mut *inner;
         if let Some(cause) = &inner.poisoned {
-            return Receipt { durable_seq: inner.journal.durable_seq(), error: Some(poisoned_message(&self.name, cause)) };
+            return Receipt { durable_seq: inner.journal.durable_seq(), error: Some(poisoned_message(&self.name, cause)), full: None };
         }
         let old_durable = inner.journal.durable_seq();
+        if let Some(full) = self.refuse_when_full(inner) {
+            return Receipt { durable_seq: old_durable, error: None, full: Some(full) };
+        }
         let mut error = None;
         let mut taken = 0;
         for payload in frames {
@@ -382,7 +430,7 @@ impl Group {
                 // Validation leaves only a poisoned journal to fail here.
                 let cause = format!("journal append: {e}");
                 self.poison_locked(inner, cause.clone());
-                return Receipt { durable_seq: old_durable, error: Some(poisoned_message(&self.name, &cause)) };
+                return Receipt { durable_seq: old_durable, error: Some(poisoned_message(&self.name, &cause)), full: None };
             }
             taken += 1;
         }
@@ -392,7 +440,7 @@ impl Group {
                 Err(e) => {
                     let cause = format!("journal commit: {}", error_chain(&e));
                     self.poison_locked(inner, cause.clone());
-                    return Receipt { durable_seq: old_durable, error: Some(poisoned_message(&self.name, &cause)) };
+                    return Receipt { durable_seq: old_durable, error: Some(poisoned_message(&self.name, &cause)), full: None };
                 }
             };
             let replicas = Arc::clone(&inner.replicas);
@@ -407,18 +455,66 @@ impl Group {
                 });
                 if let Err(cause) = res {
                     self.poison_locked(inner, cause.clone());
-                    return Receipt { durable_seq: durable, error: Some(poisoned_message(&self.name, &cause)) };
+                    return Receipt { durable_seq: durable, error: Some(poisoned_message(&self.name, &cause)), full: None };
                 }
             }
             // Indexed before `applied_seq` passes them: a crash before this is repaired by the
             // start-up replay.
             if let Err(cause) = marks.save(self.fs.as_ref(), &self.paths) {
                 self.poison_locked(inner, cause.clone());
-                return Receipt { durable_seq: durable, error: Some(poisoned_message(&self.name, &cause)) };
+                return Receipt { durable_seq: durable, error: Some(poisoned_message(&self.name, &cause)), full: None };
             }
             inner.applied_seq = durable;
         }
-        Receipt { durable_seq: inner.journal.durable_seq(), error }
+        Receipt { durable_seq: inner.journal.durable_seq(), error, full: None }
+    }
+
+    /// With `block` or `pause_and_track`, a journal at `journal_size` takes nothing more
+    /// until retention frees room: returns what to tell the engine. Logs when it starts and
+    /// ends.
+    fn refuse_when_full(&self, inner: &mut Inner) -> Option<JournalStateMsg> {
+        let max = self.opts.journal_size.filter(|_| inner.on_journal_full != JournalFull::TrimHistory)?;
+        let bytes = inner.journal.size_bytes();
+        if bytes < max {
+            if let Some(since) = inner.full_since.take() {
+                log::info!(
+                    "group {:?}: the journal has room again ({} of {max} bytes) after {:.0?}; taking records",
+                    self.name,
+                    bytes,
+                    since.elapsed()
+                );
+            }
+            return None;
+        }
+        if inner.full_since.is_none() {
+            inner.full_since = Some(Instant::now());
+            log::warn!(
+                "group {:?}: the journal is full ({bytes} of journal_size {max} bytes) and on_journal_full = {:?} keeps every point \
+                 inside retention ({}): no more records are taken until the oldest ones age out of it (or journal_size is raised); \
+                 the history kept is from {}",
+                self.name,
+                inner.on_journal_full.as_str(),
+                self.opts.retention.map_or_else(|| "none set".to_string(), format_duration),
+                format_rfc3339(self.oldest_ns.load(Ordering::Relaxed))
+            );
+        }
+        Some(self.journal_state(true, false, bytes))
+    }
+
+    fn journal_state(&self, full: bool, trimmed: bool, journal_bytes: u64) -> JournalStateMsg {
+        JournalStateMsg {
+            full,
+            trimmed,
+            journal_bytes,
+            journal_size: self.opts.journal_size.unwrap_or(0),
+            first_time_ns: self.oldest_ns.load(Ordering::Relaxed),
+            retention_s: self.opts.retention.map_or(0, |r| r.as_secs()),
+        }
+    }
+
+    /// A trim of history inside retention that the engine has not been told of.
+    pub fn take_notice(&self) -> Option<JournalStateMsg> {
+        lock(&self.notice).take()
     }
 
     fn poison_locked(&self, inner: &mut Inner, cause: String) {
@@ -475,20 +571,19 @@ impl Group {
     /// retention time or the journal is larger than `journal_size`.
     fn retain(&self, p: &mut Persist) -> Result<(), TargetError> {
         loop {
-            let (segs, volumes, last) = {
+            let (segs, volumes, last, policy, bytes) = {
                 let inner = lock(&self.inner);
                 let segs: Vec<(Seq, PathBuf)> = inner.journal.segments().map(|s| (s.first_seq, s.path.clone())).collect();
-                (segs, inner.meta.volumes.clone(), (inner.journal.durable_seq(), inner.journal.last_time_ns()))
+                let last = (inner.journal.durable_seq(), inner.journal.last_time_ns());
+                (segs, inner.meta.volumes.clone(), last, inner.on_journal_full, inner.journal.size_bytes())
             };
             if segs.len() < 2 {
                 return Ok(());
             }
             let (first, through) = (segs[0].0, segs[1].0 - 1);
-            let over_size = match self.opts.journal_size {
-                // Sized outside `inner`: a stat per segment is no reason to hold up the stream.
-                Some(max) => self.journal_bytes(&segs)? > max,
-                None => false,
-            };
+            // Only `trim_history` folds points away for room; the other policies keep them
+            // until they leave the retention window, and refuse records meanwhile.
+            let over_size = policy == JournalFull::TrimHistory && self.opts.journal_size.is_some_and(|max| bytes > max);
             let too_old = match self.opts.retention {
                 Some(keep) => {
                     let cutoff = now_ns().saturating_sub(u64::try_from(keep.as_nanos()).unwrap_or(u64::MAX));
@@ -535,12 +630,24 @@ impl Group {
             finish_roll(self.fs.as_ref(), &self.paths, &next)?;
             p.state = next;
             lock(&self.inner).journal.trim_through(through).map_err(self.journal_err("trim"))?;
-            let why = if over_size { "journal_size" } else { "retention" };
-            log::info!(
-                "group {:?}: folded seq {first}..={through} ({n} records) into the base images ({why}); recoverable window is now {}",
-                self.name,
-                window(through, base_time, last.0.max(through), last.1.max(base_time))
-            );
+            self.oldest_ns.store(base_time, Ordering::Relaxed);
+            let window = window(through, base_time, last.0.max(through), last.1.max(base_time));
+            if over_size && !too_old && self.opts.retention.is_some() {
+                // History the retention promised is gone: never silently.
+                let retention = self.opts.retention.map(format_duration).unwrap_or_default();
+                log::warn!(
+                    "group {:?}: the journal reached journal_size ({} bytes) and on_journal_full = \"trim_history\" folded seq \
+                     {first}..={through} ({n} records), younger than the retention ({retention}), into the base images: \
+                     history now covers {window} only; raise journal_size to keep the whole retention",
+                    self.name,
+                    self.opts.journal_size.unwrap_or(0)
+                );
+                let bytes = lock(&self.inner).journal.size_bytes();
+                *lock(&self.notice) = Some(self.journal_state(false, true, bytes));
+            } else {
+                let why = if over_size { "journal_size" } else { "retention" };
+                log::info!("group {:?}: folded seq {first}..={through} ({n} records) into the base images ({why}); recoverable window is now {window}", self.name);
+            }
         }
     }
 
@@ -559,16 +666,6 @@ impl Group {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-    }
-
-    /// Bytes held by the given journal segments.
-    fn journal_bytes(&self, segs: &[(Seq, PathBuf)]) -> Result<u64, TargetError> {
-        let mut total = 0;
-        for (_, path) in segs {
-            let f = self.fs.open(path, OpenMode::Read).map_err(data_dir_err(path, "open segment"))?;
-            total += f.len().map_err(data_dir_err(path, "stat segment"))?;
-        }
-        Ok(total)
     }
 
     /// Time of the first record of the segment starting at `first_seq`, `None` if it has no
@@ -711,6 +808,7 @@ mod tests {
     use hindsight_consistency::record::encode_record;
     use hindsight_consistency::storage::StdStorage;
     use hindsight_consistency::{RecordHeader, WriteKind};
+    use std::time::Duration;
 
     const SIZE: u64 = 256 << 10;
 
@@ -821,6 +919,75 @@ mod tests {
         assert!(std::fs::read(paths.replica_dir().join("v.img")).unwrap() == model(&recs, 5));
     }
 
+    /// Records 1..=n of 64 KiB each, stamped now.
+    fn big_records(n: u64) -> Vec<(RecordHeader, Vec<u8>)> {
+        let t0 = now_ns();
+        (1..=n)
+            .map(|seq| {
+                let h =
+                    RecordHeader { seq, time_ns: t0 + seq, kind: WriteKind::Data, offset: (seq * 4096) % (SIZE - 65536), length: 65536 };
+                (h, vec![u8::try_from(seq % 251).unwrap() + 1; 65536])
+            })
+            .collect()
+    }
+
+    fn full_group(dir: &std::path::Path, policy: JournalFull) -> (GroupPaths, Group) {
+        let paths = GroupPaths::new(dir, "g");
+        let opts = GroupOptions { segment_size: 1 << 20, retention: Some(Duration::from_secs(3600)), journal_size: Some(2 << 20) };
+        let vols = [Volume { name: "v".into(), vm: "vm".into(), size: SIZE }];
+        let g = Group::create(StdStorage::shared(), paths.clone(), "g", GroupMeta::new("e".into(), vols.to_vec()), opts).unwrap();
+        assert_eq!(g.accept_hello("e", &vols, policy), Ok(0));
+        (paths, g)
+    }
+
+    #[test]
+    fn a_full_journal_that_keeps_history_refuses_records_and_folds_nothing() {
+        for policy in [JournalFull::Block, JournalFull::PauseAndTrack] {
+            let dir = tempfile::tempdir().unwrap();
+            let (paths, g) = full_group(dir.path(), policy);
+            let recs = big_records(80);
+            let mut durable = 0;
+            let mut refused = None;
+            for chunk in recs.chunks(4) {
+                let r = g.receive(&[frame(chunk)]);
+                g.maintain(false);
+                if r.full.is_some() {
+                    assert_eq!(r.durable_seq, durable, "nothing of a refused batch is taken");
+                    refused = r.full;
+                    break;
+                }
+                assert_eq!(r.error, None);
+                durable = r.durable_seq;
+            }
+            let full = refused.unwrap_or_else(|| panic!("{policy:?}: the journal never filled"));
+            assert!(full.full && !full.trimmed && full.journal_bytes >= 2 << 20 && full.journal_size == 2 << 20, "{full:?}");
+            assert_eq!(full.retention_s, 3600);
+            // Every point inside the retention is kept: nothing was folded.
+            g.maintain(false);
+            assert_eq!(lock(&g.persist).state.base_seq, 0, "{policy:?}");
+            assert!(g.receive(&[frame(&recs[us(durable)..us(durable) + 1])]).full.is_some(), "still full");
+            assert!(std::fs::read(paths.replica_dir().join("v.img")).unwrap() == model(&recs, durable));
+        }
+    }
+
+    #[test]
+    fn trim_history_folds_points_inside_retention_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, g) = full_group(dir.path(), JournalFull::TrimHistory);
+        let recs = big_records(120);
+        let mut notice = None;
+        for chunk in recs.chunks(4) {
+            let r = g.receive(&[frame(chunk)]);
+            assert!(r.full.is_none() && r.error.is_none());
+            g.maintain(false);
+            notice = notice.or_else(|| g.take_notice());
+        }
+        let n = notice.expect("a trim inside retention is told to the engine");
+        assert!(n.trimmed && !n.full && n.first_time_ns > recs[0].0.time_ns, "{n:?}");
+        assert!(lock(&g.persist).state.base_seq > 0);
+        assert!(std::fs::read(paths.replica_dir().join("v.img")).unwrap() == model(&recs, 120));
+    }
+
     #[test]
     fn failed_commit_stops_the_group_without_retrying() {
         let dir = tempfile::tempdir().unwrap();
@@ -841,7 +1008,10 @@ mod tests {
         // The disk "recovers", but the group does not try again: its page cache state is unknown.
         plan.clear();
         assert!(g.receive(&[frame(&recs[5..])]).error.unwrap().contains("stopped"));
-        assert!(g.accept_hello("e", &[Volume { name: "v".into(), vm: "vm".into(), size: SIZE }]).unwrap_err().contains("restart"));
+        assert!(g
+            .accept_hello("e", &[Volume { name: "v".into(), vm: "vm".into(), size: SIZE }], JournalFull::TrimHistory)
+            .unwrap_err()
+            .contains("restart"));
         assert!(std::fs::read(paths.replica_dir().join("v.img")).unwrap() == model(&recs, 5), "nothing after the failure applied");
         drop(g);
 
@@ -849,7 +1019,7 @@ mod tests {
         // written, only its sync failed, so it is there (and synced at load), and the replicas
         // are brought up to it. The engine never saw it confirmed and resumes after it.
         let g = Group::load(StdStorage::shared(), paths.clone(), "g", opts()).unwrap();
-        assert_eq!(g.accept_hello("e", &[Volume { name: "v".into(), vm: "vm".into(), size: SIZE }]), Ok(10));
+        assert_eq!(g.accept_hello("e", &[Volume { name: "v".into(), vm: "vm".into(), size: SIZE }], JournalFull::TrimHistory), Ok(10));
         assert!(std::fs::read(paths.replica_dir().join("v.img")).unwrap() == model(&recs, 10));
     }
 }

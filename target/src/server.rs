@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use hindsight_consistency::config::{check_name, EngineTrust, TargetConfig};
+use hindsight_consistency::config::{check_name, EngineTrust, JournalFull, TargetConfig};
 use hindsight_consistency::storage::Storage;
 use hindsight_consistency::transport::{AcceptError, Peer, ReadHalf, Role, TransportError, WriteHalf};
 use hindsight_consistency::wire::frame::{decode_header, FRAME_HEADER_LEN};
@@ -428,7 +428,19 @@ fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let durable = match group.accept_hello(&hello.engine, &volumes) {
+    let policy = match JournalFull::parse(&hello.on_journal_full) {
+        Some(p) => p,
+        None => {
+            let why = format!(
+                "group {:?}: on_journal_full {:?} is not a policy this target knows; run matching hindsight versions",
+                hello.group, hello.on_journal_full
+            );
+            log::warn!("engine {} at {peer}: hello refused: {why}", hello.engine);
+            send_error(&mut writer, &why);
+            return;
+        }
+    };
+    let durable = match group.accept_hello(&hello.engine, &volumes, policy) {
         Ok(d) => d,
         Err(why) => {
             log::warn!("engine {} at {peer}: hello for group {:?} refused: {why}", hello.engine, hello.group);
@@ -542,6 +554,19 @@ fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReader<ReadHalf>
                 log::error!("{ctx}: {why}; closing the connection");
                 send_error(writer, &why);
                 return;
+            }
+            if let Some(full) = receipt.full {
+                // The engine keeps the records and tries again later.
+                let _ = write_frame(writer, FrameType::JournalState, &encode_message(&full), &mut scratch);
+                let _ = writer.flush();
+                log::debug!("{ctx}: journal full; told the engine and closed the connection");
+                return;
+            }
+            if let Some(notice) = group.take_notice() {
+                if let Err(e) = write_frame(writer, FrameType::JournalState, &encode_message(&notice), &mut scratch) {
+                    log::warn!("{ctx}: sending JournalState: {e}; closing");
+                    return;
+                }
             }
         }
         match pending_error {

@@ -49,6 +49,8 @@ pub enum FrameType {
     Confirm,
     /// Records compressed with LZ4.
     RecordsLz4,
+    /// The target's journal is full, or its history was trimmed.
+    JournalState,
     /// An operator asks the engine to place a bookmark.
     BookmarkRequest,
     /// The engine says where it placed it.
@@ -87,6 +89,7 @@ impl FrameType {
             FrameType::Records => 0x22,
             FrameType::Confirm => 0x23,
             FrameType::RecordsLz4 => 0x24,
+            FrameType::JournalState => 0x27,
             FrameType::BookmarkRequest => 0x30,
             FrameType::BookmarkReply => 0x31,
             FrameType::Quiesce => 0x32,
@@ -114,6 +117,7 @@ impl FrameType {
             0x22 => FrameType::Records,
             0x23 => FrameType::Confirm,
             0x24 => FrameType::RecordsLz4,
+            0x27 => FrameType::JournalState,
             0x30 => FrameType::BookmarkRequest,
             0x31 => FrameType::BookmarkReply,
             0x32 => FrameType::Quiesce,

@@ -63,6 +63,25 @@ pub struct TargetHello {
     pub volumes: Vec<VolumeInfo>,
     /// Compressions the engine can send, best first (`["lz4"]`, or empty for none).
     pub compression: Vec<String>,
+    /// The group's `on_journal_full` policy: `trim_history`, `block` or `pause_and_track`.
+    pub on_journal_full: String,
+}
+
+/// Target → engine: the target's journal is full, or history inside retention was trimmed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalStateMsg {
+    /// The target took nothing of the last batch and closes the connection.
+    pub full: bool,
+    /// Points younger than the retention were folded into the base images.
+    pub trimmed: bool,
+    /// Bytes the group's journal holds.
+    pub journal_bytes: u64,
+    /// The target's `journal_size` (0: none).
+    pub journal_size: u64,
+    /// Time of the oldest point the target can recover (0: unknown).
+    pub first_time_ns: u64,
+    /// The target's `retention`, seconds (0: none).
+    pub retention_s: u64,
 }
 
 /// A volume of a group.
@@ -253,6 +272,17 @@ pub struct GroupStatus {
     pub resyncing: Vec<ResyncStatus>,
     /// Volumes whose agent is connected.
     pub attached: Vec<String>,
+    /// The group's `on_journal_full` policy.
+    pub on_journal_full: String,
+    /// Bytes in the engine's journal of the group.
+    pub journal_bytes: u64,
+    /// The group's `journal_size` at the engine (0: none).
+    pub journal_size: u64,
+    /// True while the group is paused because a journal is full: the agents track.
+    pub paused: bool,
+    /// What a full journal (the engine's or the target's) is doing to the group, in words
+    /// (empty when nothing is full).
+    pub journal_state: String,
 }
 
 /// Operator → engine: set a group's mode.
