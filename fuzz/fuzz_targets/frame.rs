@@ -45,6 +45,9 @@ fuzz_target!(|data: &[u8]| {
             FrameType::ResyncDone => {
                 let _ = decode_message::<ResyncDoneMsg>("ResyncDone", &payload);
             }
+            FrameType::JournalState => {
+                let _ = decode_message::<JournalStateMsg>("JournalState", &payload);
+            }
             _ => {
                 let _ = decode_message::<ErrorMessage>("Error", &payload);
             }
