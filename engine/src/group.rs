@@ -65,7 +65,10 @@ pub enum GroupItem {
 
 /// Passes the durable sequence number that covers everything queued before it, once; if the
 /// group drops it uncommitted (stopped, shutting down), passes why instead.
-pub struct Barrier(Option<Box<dyn FnOnce(Result<Seq, String>) + Send>>);
+pub struct Barrier(Option<BarrierThen>);
+
+/// What a barrier runs: the durable sequence number, or why there is none.
+type BarrierThen = Box<dyn FnOnce(Result<Seq, String>) + Send>;
 
 impl Barrier {
     /// A barrier that runs `then`.
