@@ -53,3 +53,67 @@ pub(crate) fn answer(group: &Group, req: &TargetHashRequest) -> HashReply {
     });
     hashed.unwrap_or_else(|why| HashReply::unavailable(id, why))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::group::GroupOptions;
+    use crate::layout::GroupPaths;
+    use crate::meta::GroupMeta;
+    use crate::Volume;
+    use hindsight_consistency::record::{encode_record, RecordHeader};
+    use hindsight_consistency::region_hash::zero_hash;
+    use hindsight_consistency::storage::StdStorage;
+    use hindsight_consistency::WriteKind;
+
+    const MIB: u64 = 1 << 20;
+
+    fn request(regions: Vec<u64>, through_seq: u64) -> TargetHashRequest {
+        TargetHashRequest { id: 3, volume: "v".into(), region_shift: 20, regions, through_seq }
+    }
+
+    #[test]
+    fn hashes_are_of_the_replica_at_the_applied_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let vol = Volume { name: "v".into(), vm: "vm".into(), size: 3 * MIB + 100 };
+        let opts = GroupOptions { segment_size: 64 << 20, retention: None, journal_size: None };
+        let paths = GroupPaths::new(dir.path(), "g");
+        let g = Group::create(StdStorage::shared(), paths, "g", GroupMeta::new("e".into(), vec![vol]), opts).unwrap();
+        let full = zero_hash(1 << 20);
+        // A blank replica; the last region is 100 bytes.
+        let r = answer(&g, &request(vec![0, 1, 2, 3], 0));
+        assert_eq!((r.id, r.status, r.seq), (3, HashStatus::Ok, 0), "{}", r.message);
+        assert_eq!(r.hashes, vec![full, full, full, zero_hash(100)]);
+
+        let mut frame = Vec::new();
+        let h = RecordHeader { seq: 1, time_ns: 1, kind: WriteKind::Data, offset: MIB + 10, length: 4 };
+        encode_record(&h, "v", b"abcd", &mut frame);
+        assert!(g.receive(&[frame]).error.is_none());
+        let mut region = vec![0u8; MIB as usize];
+        region[10..14].copy_from_slice(b"abcd");
+        let r = answer(&g, &request(vec![1, 0], 1));
+        assert_eq!((r.status, r.seq), (HashStatus::Ok, 1), "{}", r.message);
+        assert_eq!(r.hashes, vec![region_hash(&region), full]);
+    }
+
+    #[test]
+    fn what_cannot_be_hashed_is_unavailable_never_guessed() {
+        let dir = tempfile::tempdir().unwrap();
+        let vol = Volume { name: "v".into(), vm: "vm".into(), size: 2 * MIB };
+        let opts = GroupOptions { segment_size: 64 << 20, retention: None, journal_size: None };
+        let g = Group::create(StdStorage::shared(), GroupPaths::new(dir.path(), "g"), "g", GroupMeta::new("e".into(), vec![vol]), opts)
+            .unwrap();
+        let unavailable = |req: TargetHashRequest| {
+            let r = answer(&g, &req);
+            assert_eq!((r.status, r.hashes.len()), (HashStatus::Unavailable, 0), "{req:?}");
+            r.message
+        };
+        assert!(unavailable(request(vec![0], 5)).contains("holds seq 0"));
+        assert!(unavailable(request(vec![2], 0)).contains("past the end"));
+        assert!(unavailable(request(vec![u64::MAX], 0)).contains("past the end"));
+        assert!(unavailable(request(vec![], 0)).contains("1 to"));
+        assert!(unavailable(request(vec![0; MAX_HASH_REGIONS + 1], 0)).contains("1 to"));
+        assert!(unavailable(TargetHashRequest { region_shift: 63, ..request(vec![0], 0) }).contains("region_shift"));
+        assert!(unavailable(TargetHashRequest { volume: "w".into(), ..request(vec![0], 0) }).contains("no volume"));
+    }
+}
