@@ -89,7 +89,7 @@ mod tests {
         let h = RecordHeader { seq: 1, time_ns: 1, kind: WriteKind::Data, offset: MIB + 10, length: 4 };
         encode_record(&h, "v", b"abcd", &mut frame);
         assert!(g.receive(&[frame]).error.is_none());
-        let mut region = vec![0u8; MIB as usize];
+        let mut region = vec![0u8; 1 << 20];
         region[10..14].copy_from_slice(b"abcd");
         let r = answer(&g, &request(vec![1, 0], 1));
         assert_eq!((r.status, r.seq), (HashStatus::Ok, 1), "{}", r.message);
