@@ -11,7 +11,7 @@ use hindsight_consistency::config::EngineConfig;
 use hindsight_consistency::transport::identity::server_name_of;
 use hindsight_consistency::transport::{Role, Security, TlsEndpoint, TlsFiles};
 use hindsight_consistency::wire::{
-    decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, GroupStatus, StatusReply,
+    decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, GroupStatus, ResyncStatus, StatusReply,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -133,6 +133,21 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / f64::from(1u32 << 20)
 }
 
+/// A compare sweep (initial sync): how far, what differed, the rate and what is left.
+fn format_sweep(r: &ResyncStatus) -> String {
+    let sent = if r.done >= r.differ { "differ and were sent".to_string() } else { format!("differ, {} sent so far", r.done) };
+    format!(
+        "  initial sync of {}: compared {}/{} regions ({:.0}%), {} {sent}, {:.0} MB/s, about {}s left",
+        r.volume,
+        r.compared,
+        r.compare_total,
+        r.compared as f64 * 100.0 / r.compare_total.max(1) as f64,
+        r.differ,
+        r.bytes_per_s as f64 / 1e6,
+        r.eta_s
+    )
+}
+
 fn format_group(g: &GroupStatus) -> String {
     let mode = if g.mode == g.effective_mode { g.mode.clone() } else { format!("{} (configured {})", g.effective_mode, g.mode) };
     let mut lines = vec![format!("group {}: mode {mode}", g.name)];
@@ -168,6 +183,10 @@ fn format_group(g: &GroupStatus) -> String {
         ));
     }
     for r in &g.resyncing {
+        if r.compare_total > 0 {
+            lines.push(format_sweep(r));
+            continue;
+        }
         lines.push(format!(
             "  resync of {}: {:.0}% ({}/{} regions, {:.1} MB/s, about {}s left)",
             r.volume,
@@ -192,4 +211,25 @@ fn format_group(g: &GroupStatus) -> String {
     let attached = if g.attached.is_empty() { "(none)".to_string() } else { g.attached.join(", ") };
     lines.push(format!("  volumes with a connected agent: {attached}"));
     lines.join("\n") + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resync(compare_total: u64, compared: u64, differ: u64, done: u64) -> ResyncStatus {
+        ResyncStatus { volume: "db".into(), done, total: differ, bytes_per_s: 300_000_000, eta_s: 2, compare_total, compared, differ }
+    }
+
+    #[test]
+    fn an_initial_sync_shows_what_was_compared_and_sent() {
+        assert_eq!(
+            format_sweep(&resync(1024, 512, 12, 12)),
+            "  initial sync of db: compared 512/1024 regions (50%), 12 differ and were sent, 300 MB/s, about 2s left"
+        );
+        assert_eq!(
+            format_sweep(&resync(1024, 512, 12, 10)),
+            "  initial sync of db: compared 512/1024 regions (50%), 12 differ, 10 sent so far, 300 MB/s, about 2s left"
+        );
+    }
 }

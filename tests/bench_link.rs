@@ -304,3 +304,52 @@ fn bench_resync_rate() {
         536_870_912.0 / took.as_secs_f64() / 1e6
     );
 }
+
+#[test]
+#[ignore = "benchmark: scripts/bench.sh link"]
+fn bench_initial_sync_compare_rate() {
+    // A 1 GiB disk of random data, replicated once (its initial sync sends every region);
+    // then its map is deleted and the agent restarted: the second initial sync compares 1024
+    // regions that are all equal and sends nothing. The rate is the compared bytes per second.
+    const SIZE: u64 = 1 << 30;
+    let mut c = Cluster::prepare(&[Vol::new("vm1", "data", SIZE)], "", "");
+    {
+        use std::io::Write;
+        let mut rng = seeded_rng();
+        let mut f = std::io::BufWriter::new(std::fs::OpenOptions::new().write(true).open(c.disk("data")).unwrap());
+        for _ in 0..SIZE >> 20 {
+            f.write_all(&random_bytes(&mut rng, 1 << 20)).unwrap();
+        }
+        f.flush().unwrap();
+    }
+    c.launch();
+    c.start_agents();
+    let done = "initial sync compared 1024 region(s)";
+    let started = Instant::now();
+    while !c.log("agent-vm1").contains(done) {
+        assert!(started.elapsed() < Duration::from_secs(900), "the first initial sync never completed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.wait_shipped();
+    c.kill_agent("vm1");
+    let mut map = c.disk("data").into_os_string();
+    map.push(".hsmap");
+    std::fs::remove_file(map).unwrap();
+    // Neither the source's nor the replica's pages cached: both sides read from the disk.
+    let _ = Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
+    let started = Instant::now();
+    c.start_agent("vm1");
+    while c.log("agent-vm1").matches(done).count() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(900), "the second initial sync never completed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = started.elapsed();
+    let line = c.log("agent-vm1").lines().filter(|l| l.contains(done)).nth(1).unwrap_or_default().to_owned();
+    assert!(line.contains("1024 equal, 0 differ"), "{line}");
+    println!(
+        "BENCH initial_sync_compare bytes={SIZE} seconds={:.2} mb_per_s={:.0} (from agent start; the agent's own: {line})",
+        took.as_secs_f64(),
+        SIZE as f64 / took.as_secs_f64() / 1e6
+    );
+}

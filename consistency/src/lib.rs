@@ -10,6 +10,7 @@
 //! - [`record`] — write records and their encoding (docs/journal-format.md)
 //! - [`journal`] — segmented journal: group-commit writer, torn-tail recovery, tailing reader
 //! - [`wire`] — frames and messages (docs/wire-protocol.md)
+//! - [`region_hash`] — the region hashes an initial sync compares (BLAKE3)
 //! - [`storage`] — the file-system trait all journal and replica I/O goes through
 //! - [`config`] — engine, target and agent configuration
 //! - [`transport`] — TLS (or loopback plaintext) under the frames: handshakes, peer identities,
@@ -23,6 +24,7 @@ pub mod config;
 pub mod faults;
 pub mod journal;
 pub mod record;
+pub mod region_hash;
 pub mod storage;
 pub mod time;
 pub mod transport;

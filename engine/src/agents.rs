@@ -11,15 +11,18 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use hindsight_consistency::config::{check_name, ReplicationMode};
+use hindsight_consistency::region_hash::MAX_HASH_REGIONS;
 use hindsight_consistency::transport::{AcceptError, Peer, ReadHalf, Role, Security, TransportError, WriteHalf};
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, BookmarkPoint, BookmarkReply, BookmarkRequest,
-    ErrorMessage, FrameError, FrameType, GroupStatus, QuiesceMsg, QuiescedMsg, ResyncDoneMsg, ResyncProgressMsg, ResyncStatus,
-    SetModeReply, SetModeRequest, StatusReply, StatusRequest, ThawMsg, WriteAck, WriteMsg, PROTOCOL_VERSION, WRITE_HEADER_LEN,
+    ErrorMessage, FrameError, FrameType, GroupStatus, HashReply, HashRequest, QuiesceMsg, QuiescedMsg, ResyncDoneMsg, ResyncProgressMsg,
+    ResyncStatus, SetModeReply, SetModeRequest, StatusReply, StatusRequest, TargetHashRequest, ThawMsg, WriteAck, WriteMsg,
+    PROTOCOL_VERSION, WRITE_HEADER_LEN,
 };
 use hindsight_consistency::{BookmarkBody, PointConsistency};
 
-use crate::group::{BookmarkPlacement, GroupHandle, GroupItem, Latch, ResyncDone, WriteRequest};
+use crate::group::{Barrier, BookmarkPlacement, GroupHandle, GroupItem, Latch, ResyncDone, WriteRequest};
+use crate::hashes::{HashBroker, HashReplyTo};
 
 /// Read buffer of an agent connection.
 const READ_BUFFER: usize = 256 << 10;
@@ -52,6 +55,8 @@ pub struct Registry {
     pub name: String,
     /// Resyncs under way, by volume, as their agents report them.
     pub resync_progress: Mutex<HashMap<String, ResyncStatus>>,
+    /// Each group's hash requests, by group name.
+    pub hashes: HashMap<String, Arc<HashBroker>>,
     /// The engine name its certificate carries (TLS only).
     pub own_name: Option<String>,
     /// How connections are protected.
@@ -145,7 +150,8 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
         ack_loop(writer, ack_rx, control_rx, peer);
         drop(ack_done_tx);
     });
-    let end = read_loop(&mut reader, &disks, &ack_tx, &mut payload, &reg, &hello.vm);
+    let out = SessionOut { acks: &ack_tx, control: &control, vm: &hello.vm };
+    let end = read_loop(&mut reader, &disks, &out, &mut payload, &reg);
     reg.sessions.lock().expect("sessions lock").remove(&session_id);
     let refused = match end {
         Ok(()) | Err(SessionEnd::Frame(FrameError::Closed)) => {
@@ -534,14 +540,24 @@ impl From<FrameError> for SessionEnd {
     }
 }
 
+/// Where a session's answers go.
+struct SessionOut<'a> {
+    /// Acknowledgements.
+    acks: &'a crossbeam_channel::Sender<WriteAck>,
+    /// Other frames to the agent (sent between acknowledgements).
+    control: &'a crossbeam_channel::Sender<(FrameType, Vec<u8>)>,
+    /// The agent's VM.
+    vm: &'a str,
+}
+
 fn read_loop(
     reader: &mut BufReader<ReadHalf>,
     disks: &[Disk],
-    ack_tx: &crossbeam_channel::Sender<WriteAck>,
+    out: &SessionOut<'_>,
     payload: &mut Vec<u8>,
     reg: &Registry,
-    vm: &str,
 ) -> Result<(), SessionEnd> {
+    let (ack_tx, vm) = (out.acks, out.vm);
     loop {
         match read_frame(reader, payload)? {
             FrameType::Write => {}
@@ -565,15 +581,41 @@ fn read_loop(
             FrameType::ResyncProgress => {
                 let m: ResyncProgressMsg = decode_message("ResyncProgress", payload)?;
                 if let Some(d) = disks.get(usize::from(m.disk)) {
-                    let left_bytes = (m.total - m.done.min(m.total)) << 20;
-                    let eta_s = left_bytes.checked_div(m.bytes_per_s).unwrap_or(0);
-                    let status =
-                        ResyncStatus { volume: d.volume.to_string(), done: m.done, total: m.total, bytes_per_s: m.bytes_per_s, eta_s };
-                    reg.resync_progress.lock().expect("progress lock").insert(d.volume.to_string(), status);
+                    // While regions are being compared, what is left is the compare sweep.
+                    let left_regions =
+                        if m.compare_total > m.compared { m.compare_total - m.compared } else { m.total - m.done.min(m.total) };
+                    let eta_s = (left_regions << 20).checked_div(m.bytes_per_s).unwrap_or(0);
+                    let status = ResyncStatus {
+                        volume: d.volume.to_string(),
+                        done: m.done,
+                        total: m.total,
+                        bytes_per_s: m.bytes_per_s,
+                        eta_s,
+                        compare_total: m.compare_total,
+                        compared: m.compared,
+                        differ: m.differ,
+                    };
+                    let mut progress = reg.resync_progress.lock().expect("progress lock");
+                    if m.compare_total > 0 && m.compared >= m.compare_total && m.done >= m.total {
+                        // A compare sweep that is done and sent everything that differed: a
+                        // resync point follows only if something was sent.
+                        progress.remove(&*d.volume);
+                    } else {
+                        progress.insert(d.volume.to_string(), status);
+                    }
                 }
                 continue;
             }
-            other => return Err(FrameError::Unexpected { got: other, expected: "Write, Quiesced, ResyncDone or ResyncProgress" }.into()),
+            FrameType::HashRequest => {
+                let m: HashRequest = decode_message("HashRequest", payload)?;
+                hash_request(m, disks, out.control, reg)?;
+                continue;
+            }
+            other => {
+                return Err(
+                    FrameError::Unexpected { got: other, expected: "Write, Quiesced, ResyncDone, ResyncProgress or HashRequest" }.into()
+                )
+            }
         }
         let (msg, _) = WriteMsg::decode(payload)?;
         let Some(disk) = disks.get(usize::from(msg.disk)) else {
@@ -604,6 +646,50 @@ fn read_loop(
             return Err(FrameError::Peer("the engine is shutting down".into()).into());
         }
     }
+}
+
+/// Passes an agent's hash request on: through the group's journal channel (a barrier, which
+/// gives the `through_seq` every record sent before it is under), then to the group's
+/// shipper. The answer, or `Unavailable` with the reason, goes back on `control`.
+fn hash_request(
+    m: HashRequest,
+    disks: &[Disk],
+    control: &crossbeam_channel::Sender<(FrameType, Vec<u8>)>,
+    reg: &Registry,
+) -> Result<(), SessionEnd> {
+    let id = m.id;
+    let control = control.clone();
+    let reply: HashReplyTo = Box::new(move |r: HashReply| {
+        let _ = control.send((FrameType::HashReply, encode_message(&HashReply { id, ..r })));
+    });
+    let Some(disk) = disks.get(usize::from(m.disk)) else {
+        reply(HashReply::unavailable(id, format!("the hello has no disk number {}", m.disk)));
+        return Ok(());
+    };
+    if m.regions.is_empty() || m.regions.len() > MAX_HASH_REGIONS {
+        reply(HashReply::unavailable(id, format!("a hash request names 1 to {MAX_HASH_REGIONS} regions, not {}", m.regions.len())));
+        return Ok(());
+    }
+    let broker = match reg.hashes.get(&disk.group.config.name) {
+        Some(b) if b.is_connected() => Arc::clone(b),
+        _ => {
+            reply(HashReply::unavailable(id, format!("group {}: the engine is not connected to the target", disk.group.config.name)));
+            return Ok(());
+        }
+    };
+    let mut req =
+        TargetHashRequest { id, volume: disk.volume.to_string(), region_shift: m.region_shift, regions: m.regions, through_seq: 0 };
+    let barrier = Barrier::new(move |through| match through {
+        Ok(seq) => {
+            req.through_seq = seq;
+            broker.submit(req, reply);
+        }
+        Err(why) => reply(HashReply::unavailable(id, why)),
+    });
+    if disk.group.tx.send(GroupItem::Barrier(barrier)).is_err() {
+        return Err(FrameError::Peer("the engine is shutting down".into()).into());
+    }
+    Ok(())
 }
 
 /// Passes the end of a resync to the group of each disk named, once per group, on the same

@@ -64,6 +64,37 @@ pub enum GroupItem {
     Bookmark(BookmarkPlacement),
     /// An agent re-sent every dirty region of these volumes of the group.
     ResyncDone(ResyncDone),
+    /// Answered with the durable sequence number once everything queued before it is
+    /// committed (a hash request's `through_seq`).
+    Barrier(Barrier),
+}
+
+/// Passes the durable sequence number that covers everything queued before it, once; if the
+/// group drops it uncommitted (stopped, shutting down), passes why instead.
+pub struct Barrier(Option<BarrierThen>);
+
+/// What a barrier runs: the durable sequence number, or why there is none.
+type BarrierThen = Box<dyn FnOnce(Result<Seq, String>) + Send>;
+
+impl Barrier {
+    /// A barrier that runs `then`.
+    pub fn new(then: impl FnOnce(Result<Seq, String>) + Send + 'static) -> Barrier {
+        Barrier(Some(Box::new(then)))
+    }
+
+    fn pass(mut self, durable: Seq) {
+        if let Some(then) = self.0.take() {
+            then(Ok(durable));
+        }
+    }
+}
+
+impl Drop for Barrier {
+    fn drop(&mut self) {
+        if let Some(then) = self.0.take() {
+            then(Err("the group is stopped or shutting down".into()));
+        }
+    }
 }
 
 /// The end of the resync of some volumes of a group, on its way to the journal thread behind
@@ -307,6 +338,7 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
         // request has placed its own) or at the end of a resync (its point follows the batch).
         let mut bookmark = None;
         let mut resync_done = None;
+        let mut barriers = Vec::new();
         let mut bytes = 0;
         let mut next = Some(first);
         while let Some(item) = next.take() {
@@ -323,14 +355,19 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
                     resync_done = Some(r);
                     break;
                 }
+                GroupItem::Barrier(b) => barriers.push(b),
             }
             if bytes < MAX_BATCH_BYTES {
                 next = rx.try_recv().ok();
             }
         }
         if action == Action::Refuse {
-            // Paused: the agents track these writes and resync them later.
+            // Paused: the agents track these writes and resync them later. Nothing queued is
+            // journaled, so the durable sequence number covers what came before a barrier.
             refuse_all(&mut batch, ENOSPC);
+            for b in barriers.drain(..) {
+                b.pass(journal.durable_seq());
+            }
             if let Some(b) = bookmark.take() {
                 b.answer(
                     Err(format!(
@@ -412,6 +449,11 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
         let result = result.and_then(|()| journal.commit());
         match result {
             Ok(durable) => {
+                // Before the shipper can see `durable`, so that a hash request is queued when
+                // it looks.
+                for b in barriers.drain(..) {
+                    b.pass(durable);
+                }
                 shared.publish_durable(durable);
                 let bytes = batch.iter().filter(|w| w.kind.carries_data()).map(|w| u64::from(w.length)).sum();
                 let delay = shared.policy.regulation_delay(bytes);

@@ -25,6 +25,7 @@ pub mod agents;
 pub mod delta;
 pub mod error;
 pub mod group;
+pub mod hashes;
 pub mod journal_watch;
 pub mod limiter;
 pub mod policy;
@@ -76,6 +77,7 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
     let own_name = config.security.tls().and_then(|t| t.own().name(Role::Engine)).map(str::to_owned);
     let engine_name = own_name.clone().unwrap_or_else(|| format!("engine@{}", config.listen));
     let mut groups = HashMap::new();
+    let mut hash_brokers = HashMap::new();
     // One limiter per target address, shared by the groups shipping there.
     let mut limiters: HashMap<String, Arc<limiter::Limiter>> = HashMap::new();
     for g in &config.groups {
@@ -96,6 +98,8 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
         let limiter = config
             .max_bandwidth
             .map(|rate| Arc::clone(limiters.entry(g.target.clone()).or_insert_with(|| Arc::new(limiter::Limiter::new(rate)))));
+        let broker = Arc::new(hashes::HashBroker::default());
+        hash_brokers.insert(g.name.clone(), Arc::clone(&broker));
         let shipper = shipper::Shipper {
             group: handle.clone(),
             journal_dir: dir,
@@ -103,6 +107,7 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
             engine_name: engine_name.clone(),
             security: config.security.clone(),
             limiter,
+            hashes: broker,
         };
         std::thread::Builder::new()
             .name(format!("ship-{}", g.name))
@@ -121,6 +126,7 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
         quiesce_waits: Mutex::new(HashMap::new()),
         name: engine_name,
         resync_progress: Mutex::new(HashMap::new()),
+        hashes: hash_brokers,
         own_name,
         security: config.security.clone(),
     });

@@ -4,7 +4,9 @@
 //! and resumes right after it, reading the engine's own journal (never past what is durable
 //! here: the target must never hold a write the engine could lose). A second thread per
 //! connection reads the target's confirmations; the journal thread deletes segments once
-//! they are confirmed.
+//! they are confirmed. Between frames it also sends the group's hash requests
+//! ([`crate::hashes`]) once it has shipped their prefix; the confirmation reader passes the
+//! answers back.
 
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -20,13 +22,14 @@ use hindsight_consistency::storage::Storage;
 use hindsight_consistency::transport::{Connection, Role, Security, WriteHalf};
 use hindsight_consistency::wire::frame::FRAME_HEADER_LEN;
 use hindsight_consistency::wire::{
-    compress_records, decode_confirm, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, JournalStateMsg,
-    TargetHello, TargetWelcome, VolumeInfo, LZ4, PROTOCOL_VERSION,
+    compress_records, decode_confirm, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, HashReply,
+    JournalStateMsg, TargetHello, TargetWelcome, VolumeInfo, LZ4, PROTOCOL_VERSION,
 };
 use hindsight_consistency::WriteKind;
 
 use crate::delta::{Delta, DeltaScan};
 use crate::group::{GroupHandle, LinkStats};
+use crate::hashes::HashBroker;
 use crate::limiter::{Limiter, Paced};
 
 /// Records are packed into frames of about this size.
@@ -54,7 +57,13 @@ pub struct Shipper {
     /// The bandwidth limit of the link to this group's target, shared with the other groups
     /// shipping there.
     pub limiter: Option<Arc<Limiter>>,
+    /// The group's hash requests, sent on this shipper's connection.
+    pub hashes: Arc<HashBroker>,
 }
+
+/// How long an idle shipper waits for new records; shorter while hash requests wait.
+const IDLE_WAIT: Duration = Duration::from_millis(200);
+const IDLE_WAIT_HASHING: Duration = Duration::from_millis(2);
 
 impl Shipper {
     /// Ships until the group stops.
@@ -146,7 +155,9 @@ impl Shipper {
 
         let broken = Arc::new(AtomicBool::new(false));
         let target_full = Arc::new(AtomicBool::new(false));
+        self.hashes.connected();
         let confirm_thread = {
+            let hashes = Arc::clone(&self.hashes);
             let shared = shared.clone();
             let broken = broken.clone();
             let target_full = target_full.clone();
@@ -179,6 +190,13 @@ impl Shipper {
                                     break;
                                 }
                             },
+                            Ok(FrameType::TargetHashReply) => match decode_message::<HashReply>("TargetHashReply", &payload) {
+                                Ok(reply) => hashes.answer(reply),
+                                Err(e) => {
+                                    log::warn!("group {group}: bad hash reply: {e}");
+                                    break;
+                                }
+                            },
                             Ok(FrameType::Error) => {
                                 let m = decode_message::<ErrorMessage>("Error", &payload).map(|m| m.message).unwrap_or_default();
                                 log::error!("group {group}: the target reported: {m}");
@@ -203,6 +221,7 @@ impl Shipper {
         let result = self.ship(&mut reader, &mut w, &broken, compress);
         w.shutdown();
         let _ = confirm_thread.join();
+        self.hashes.disconnected();
         shared.policy.target_connected(false);
         if target_full.load(Ordering::Acquire) {
             // Said once by the journal watch; the same words each retry keep the log quiet.
@@ -225,6 +244,8 @@ impl Shipper {
             if shared.stopping.load(Ordering::Relaxed) {
                 return Ok(());
             }
+            // Every record read so far is shipped: hash requests of that prefix may go.
+            self.send_hash_requests(reader.next_seq() - 1, &mut *out.w)?;
             let durable = shared.durable();
             if shared.policy.effective() == ReplicationMode::Async {
                 let s = match &mut scan {
@@ -240,7 +261,7 @@ impl Shipper {
                         self.ship_delta(reader, &delta, &mut frame, &mut out)?;
                     }
                     None => {
-                        shared.wait_durable_after(durable, Duration::from_millis(200));
+                        shared.wait_durable_after(durable, self.idle_wait());
                     }
                 }
                 continue;
@@ -259,7 +280,7 @@ impl Shipper {
                     // Durable but not readable yet: a segment is being created right now.
                     std::thread::sleep(Duration::from_millis(1));
                 } else {
-                    shared.wait_durable_after(durable, Duration::from_millis(200));
+                    shared.wait_durable_after(durable, self.idle_wait());
                 }
                 continue;
             }
@@ -285,6 +306,24 @@ impl Shipper {
                 }
             }
             out.send(&frame, &shared.link)?;
+        }
+    }
+
+    /// Sends the hash requests whose prefix is shipped, and answers those waiting too long.
+    fn send_hash_requests(&self, shipped_through: u64, w: &mut WriteHalf) -> Result<(), String> {
+        self.hashes.expire();
+        let mut scratch = Vec::new();
+        for req in self.hashes.take_ready(shipped_through) {
+            write_frame(w, FrameType::TargetHashRequest, &encode_message(&req), &mut scratch).map_err(|e| format!("sending: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn idle_wait(&self) -> Duration {
+        if self.hashes.busy() {
+            IDLE_WAIT_HASHING
+        } else {
+            IDLE_WAIT
         }
     }
 

@@ -351,7 +351,8 @@ fn resync_progress_shows_in_status_until_the_resync_is_done() {
     let unused = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let engine = hindsight_engine::start(engine_config(d.path(), unused, "1MiB")).unwrap();
     let mut a = FakeAgent::connect(engine.local_addr(), "vm1", &[("db", 64 << 20)]).unwrap();
-    let m = encode_message(&ResyncProgressMsg { disk: 0, done: 16, total: 64, bytes_per_s: 8 << 20 });
+    let m =
+        encode_message(&ResyncProgressMsg { disk: 0, done: 16, total: 64, bytes_per_s: 8 << 20, compare_total: 0, compared: 0, differ: 0 });
     write_frame(&mut a.s, FrameType::ResyncProgress, &m, &mut a.scratch).unwrap();
     let start = std::time::Instant::now();
     let r = loop {

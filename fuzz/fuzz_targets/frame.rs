@@ -48,6 +48,18 @@ fuzz_target!(|data: &[u8]| {
             FrameType::JournalState => {
                 let _ = decode_message::<JournalStateMsg>("JournalState", &payload);
             }
+            FrameType::ResyncProgress => {
+                let _ = decode_message::<ResyncProgressMsg>("ResyncProgress", &payload);
+            }
+            FrameType::HashRequest => {
+                let _ = decode_message::<HashRequest>("HashRequest", &payload);
+            }
+            FrameType::TargetHashRequest => {
+                let _ = decode_message::<TargetHashRequest>("TargetHashRequest", &payload);
+            }
+            FrameType::HashReply | FrameType::TargetHashReply => {
+                let _ = decode_message::<HashReply>("HashReply", &payload);
+            }
             _ => {
                 let _ = decode_message::<ErrorMessage>("Error", &payload);
             }

@@ -8,15 +8,23 @@
 //! or refusing) stays marked and *needs a resync*. After a crash every region the file says
 //! is marked needs a resync: a write may have reached the local disk and not the engine.
 //!
+//! An initial sync (no map yet) and a damaged map mark every region *to be compared*: the
+//! resync first compares each with the replica's hash and sends only those that differ
+//! (`crate::resync`). The file says so in its flags while any region is still to be compared,
+//! so that a restart compares again instead of re-sending everything.
+//!
 //! File layout (little-endian, rewritten in place; a torn file fails its checksum and then
-//! counts as every region dirty):
+//! counts as every region dirty, to be compared):
 //!
 //! ```text
-//!   0  | magic "HSDM" | version u8 = 1 | region_shift u8 | reserved u16 = 0 |
+//!   0  | magic "HSDM" | version u8 = 1 | region_shift u8 | flags u16         |
 //!   8  | disk size u64                                                     |
 //!  16  | bitmap, ceil(regions / 8) bytes, bit r of byte r/8 = region r      |
 //!      | crc32c u32 of everything before it                                 |
 //! ```
+//!
+//! `{ "HSDM" | version | region_shift | flags | size | bitmap | crc32c }`; flags bit 0
+//! ([`FLAG_COMPARE`]): the marked regions are to be compared before they are sent; other bits 0.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +38,9 @@ use log::{info, warn};
 pub const DEFAULT_REGION_SHIFT: u8 = 20;
 /// A region with nothing in flight is cleared after this long without writes.
 pub const CLEAN_AFTER: Duration = Duration::from_secs(2);
+
+/// Flags bit 0: the marked regions are to be compared with the replica before being sent.
+pub const FLAG_COMPARE: u16 = 1;
 
 const MAGIC: &[u8; 4] = b"HSDM";
 const VERSION: u8 = 1;
@@ -52,6 +63,8 @@ struct State {
     in_flight: HashMap<u64, u32>,
     /// Regions that must be re-sent.
     resync: Vec<u8>,
+    /// Regions to compare with the replica's hash before re-sending (a subset of `resync`).
+    compare: Vec<u8>,
     /// When each marked region was last written.
     touched: HashMap<u64, Instant>,
 }
@@ -96,17 +109,27 @@ impl DirtyMap {
         }
         let file = fs.open(path, OpenMode::Create)?;
         let mut marked = vec![0u8; bytes];
+        let mut compare = vec![0u8; bytes];
         let mut fresh = !exists;
         if exists {
             let len = usize::try_from(file.len()?).unwrap_or(usize::MAX);
             let mut buf = vec![0u8; len.min(HEADER_LEN + bytes + 4)];
             file.read_exact_at(&mut buf, 0)?;
             match decode(&buf, shift, size, bytes) {
-                Some(m) => marked = m,
+                Some((m, flags)) => {
+                    if flags & FLAG_COMPARE != 0 {
+                        compare.clone_from(&m);
+                    }
+                    marked = m;
+                }
                 None if len == 0 => fresh = true,
                 None => {
-                    warn!("{}: the dirty map is damaged or for another disk size; every region will be resynced", path.display());
+                    warn!(
+                        "{}: the dirty map is damaged or for another disk size; every region will be compared with the replica and resynced if it differs",
+                        path.display()
+                    );
                     marked.fill(0xff);
+                    compare.fill(0xff);
                 }
             }
         }
@@ -118,6 +141,7 @@ impl DirtyMap {
             size,
             state: Mutex::new(State {
                 resync: marked.clone(),
+                compare,
                 marked,
                 generation: 0,
                 persisted: 0,
@@ -129,9 +153,15 @@ impl DirtyMap {
         };
         {
             let st = lock(&map.state);
-            map.persist(&st.marked)?;
+            map.persist(&st.marked, any(&st.compare))?;
             let n = (0..regions).filter(|&r| bit(&st.resync, r)).count();
-            if n > 0 {
+            let compare = (0..regions).filter(|&r| bit(&st.compare, r)).count();
+            if compare > 0 && exists {
+                info!(
+                    "{}: {compare} region(s) are to be compared with the replica (an initial sync not finished, or a damaged map)",
+                    path.display()
+                );
+            } else if n > 0 {
                 info!("{}: {n} region(s) were dirty when the agent stopped; they will be resynced", path.display());
             }
         }
@@ -141,6 +171,11 @@ impl DirtyMap {
     /// Region size in bytes.
     pub fn region_size(&self) -> u64 {
         1 << self.shift
+    }
+
+    /// Region size as a power of two.
+    pub fn region_shift(&self) -> u8 {
+        self.shift
     }
 
     /// Number of regions.
@@ -158,12 +193,12 @@ impl DirtyMap {
         (offset >> self.shift)..=((offset + len.max(1) - 1) >> self.shift)
     }
 
-    fn persist(&self, marked: &[u8]) -> std::io::Result<()> {
+    fn persist(&self, marked: &[u8], compare: bool) -> std::io::Result<()> {
         let mut buf = Vec::with_capacity(HEADER_LEN + marked.len() + 4);
         buf.extend_from_slice(MAGIC);
         buf.push(VERSION);
         buf.push(self.shift);
-        buf.extend_from_slice(&[0, 0]);
+        buf.extend_from_slice(&(if compare { FLAG_COMPARE } else { 0 }).to_le_bytes());
         buf.extend_from_slice(&self.size.to_le_bytes());
         buf.extend_from_slice(marked);
         let crc = crc32c::crc32c(&buf);
@@ -207,9 +242,9 @@ impl DirtyMap {
                 continue;
             }
             st.persisting = true;
-            let (marks, generation) = (st.marked.clone(), st.generation);
+            let (marks, compare, generation) = (st.marked.clone(), any(&st.compare), st.generation);
             drop(st);
-            let res = self.persist(&marks);
+            let res = self.persist(&marks, compare);
             st = lock(&self.state);
             st.persisting = false;
             if res.is_ok() {
@@ -243,38 +278,35 @@ impl DirtyMap {
         (0..self.regions).filter(|&r| bit(&st.resync, r)).collect()
     }
 
-    /// Marks every region that holds data (not all zeroes) as needing a resync: the initial
-    /// sync of a disk the agent has never served. `may_hold_data(start, end)` says whether a
-    /// range can hold data at all (false for a hole of a sparse file: not read); `read` reads
-    /// a region's bytes.
-    pub fn mark_nonzero(
-        &self,
-        mut may_hold_data: impl FnMut(u64, u64) -> bool,
-        mut read: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
-    ) -> std::io::Result<u64> {
-        let mut buf = vec![0u8; usize::try_from(self.region_size()).expect("region fits in memory")];
-        let mut n = 0;
+    /// Marks every region as needing a resync after a compare with the replica (the initial
+    /// sync of a disk the agent has never served here), on disk.
+    pub fn mark_all_for_compare(&self) -> std::io::Result<()> {
+        let mut st = lock(&self.state);
         for r in 0..self.regions {
-            let (start, end) = self.range(r);
-            if !may_hold_data(start, end) {
-                continue;
-            }
-            let part = &mut buf[..usize::try_from(end - start).expect("region fits")];
-            read(start, part)?;
-            if part.iter().any(|&b| b != 0) {
-                let mut st = lock(&self.state);
-                set(&mut st.resync, r, true);
-                set(&mut st.marked, r, true);
-                n += 1;
-            }
+            set(&mut st.marked, r, true);
+            set(&mut st.resync, r, true);
+            set(&mut st.compare, r, true);
         }
-        if n > 0 {
-            let mut st = lock(&self.state);
-            st.generation += 1;
-            let mine = st.generation;
-            self.sync_through(st, mine)?;
+        st.generation += 1;
+        let mine = st.generation;
+        self.sync_through(st, mine)
+    }
+
+    /// Regions still to be compared with the replica, lowest first.
+    pub fn needing_compare(&self) -> Vec<u64> {
+        let st = lock(&self.state);
+        (0..self.regions).filter(|&r| bit(&st.compare, r)).collect()
+    }
+
+    /// Region `r` was compared with the replica: if `equal`, it needs no resync any more (it
+    /// is cleared from the file by the next [`DirtyMap::clean`] when idle); if not, it stays
+    /// to be re-sent. The file's compare flag goes with the last region compared.
+    pub fn compared(&self, r: u64, equal: bool) {
+        let mut st = lock(&self.state);
+        set(&mut st.compare, r, false);
+        if equal {
+            set(&mut st.resync, r, false);
         }
-        Ok(n)
     }
 
     /// A resync of region `r` was acknowledged by the engine: it no longer needs one (it is
@@ -314,16 +346,21 @@ impl DirtyMap {
     }
 }
 
-/// The bitmap of a valid file for this disk, or `None`.
-fn decode(buf: &[u8], shift: u8, size: u64, bytes: usize) -> Option<Vec<u8>> {
+fn any(map: &[u8]) -> bool {
+    map.iter().any(|&b| b != 0)
+}
+
+/// The bitmap and the flags of a valid file for this disk, or `None`.
+fn decode(buf: &[u8], shift: u8, size: u64, bytes: usize) -> Option<(Vec<u8>, u16)> {
     if buf.len() != HEADER_LEN + bytes + 4 || &buf[..4] != MAGIC || buf[4] != VERSION || buf[5] != shift {
         return None;
     }
+    let flags = u16::from_le_bytes([buf[6], buf[7]]);
     if u64::from_le_bytes(buf[8..16].try_into().ok()?) != size {
         return None;
     }
     let (body, crc) = buf.split_at(HEADER_LEN + bytes);
-    (crc32c::crc32c(body) == u32::from_le_bytes(crc.try_into().ok()?)).then(|| body[HEADER_LEN..].to_vec())
+    (crc32c::crc32c(body) == u32::from_le_bytes(crc.try_into().ok()?)).then(|| (body[HEADER_LEN..].to_vec(), flags))
 }
 
 #[cfg(test)]
@@ -379,20 +416,46 @@ mod tests {
     }
 
     #[test]
-    fn initial_sync_marks_regions_with_data() {
+    fn a_damaged_map_is_compared_before_it_is_resent() {
         let dir = tempfile::tempdir().unwrap();
-        let (m, _) = DirtyMap::open(&StdStorage, &dir.path().join("d.map"), 4 * MIB).unwrap();
-        let n = m.mark_nonzero(
-            |_, _| true,
-            |off, buf| {
-                buf.fill(0);
-                if off == 2 * MIB {
-                    buf[100] = 1;
-                }
-                Ok(())
-            },
-        );
-        assert_eq!(n.unwrap(), 1);
-        assert_eq!(m.needing_resync(), vec![2]);
+        let path = dir.path().join("d.map");
+        drop(DirtyMap::open(&StdStorage, &path, 4 * MIB).unwrap());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[16] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let (m, _) = DirtyMap::open(&StdStorage, &path, 4 * MIB).unwrap();
+        assert_eq!(m.needing_compare(), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn initial_sync_compares_every_region_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.map");
+        let (m, fresh) = DirtyMap::open(&StdStorage, &path, 4 * MIB + 5).unwrap();
+        assert!(fresh);
+        m.mark_all_for_compare().unwrap();
+        assert_eq!(m.needing_compare(), vec![0, 1, 2, 3, 4]);
+        assert_eq!(m.needing_resync(), vec![0, 1, 2, 3, 4]);
+        m.compared(0, true);
+        m.compared(1, false);
+        assert_eq!(m.needing_compare(), vec![2, 3, 4]);
+        assert_eq!(m.needing_resync(), vec![1, 2, 3, 4], "an equal region is done, a differing one waits to be sent");
+        m.clean().unwrap();
+        drop(m);
+        // Stopped halfway: the rest is compared again, not re-sent blindly.
+        let (m, fresh) = DirtyMap::open(&StdStorage, &path, 4 * MIB + 5).unwrap();
+        assert!(!fresh);
+        assert_eq!(m.needing_compare(), vec![1, 2, 3, 4]);
+        for r in 1..5 {
+            m.compared(r, r != 3);
+        }
+        m.resynced(3);
+        assert!(m.needing_compare().is_empty() && m.needing_resync().is_empty());
+        assert_eq!(m.clean().unwrap(), 4);
+        drop(m);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(u16::from_le_bytes([bytes[6], bytes[7]]), 0, "the compare flag is cleared with the last region");
+        let (m, _) = DirtyMap::open(&StdStorage, &path, 4 * MIB + 5).unwrap();
+        assert!(m.needing_compare().is_empty() && m.needing_resync().is_empty());
     }
 }

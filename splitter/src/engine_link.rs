@@ -23,6 +23,10 @@
 //! engine timeout, every pending write fails with EIO, new writes fail at once until the link
 //! is back, and the volumes concerned are remembered as lacking writes on the replica: they
 //! need a resync.
+//!
+//! Hash requests of an initial sync ([`EngineLink::request_hashes`]) go as control frames;
+//! the ack reader hands each `HashReply` to the channel its request waits on. A lost
+//! connection drops every waiting request (its channel closes): the resync asks again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
@@ -38,7 +42,7 @@ use hindsight_consistency::transport::{is_refusal_io, Connection, ReadHalf, Role
 use hindsight_consistency::wire::frame::{encode_header, FRAME_HEADER_LEN};
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, DiskHello, ErrorMessage, FrameError, FrameType,
-    QuiesceMsg, QuiescedMsg, ResyncDoneMsg, ResyncProgressMsg, ThawMsg, WriteAck, WriteMsg, PROTOCOL_VERSION,
+    HashReply, HashRequest, QuiesceMsg, QuiescedMsg, ResyncDoneMsg, ResyncProgressMsg, ThawMsg, WriteAck, WriteMsg, PROTOCOL_VERSION,
 };
 use hindsight_consistency::{Seq, WriteKind};
 use log::{debug, error, info, warn};
@@ -238,6 +242,9 @@ struct Inner {
     /// refused one of their writes.
     paused: Mutex<BTreeMap<u16, Instant>>,
     quiescer: Option<Arc<Quiescer>>,
+    /// Hash requests waiting for their reply, by id.
+    hash_waits: Mutex<std::collections::HashMap<u64, Sender<HashReply>>>,
+    next_hash_id: std::sync::atomic::AtomicU64,
 }
 
 /// The agent's connection to the engine, shared by all its disks. Dropping it closes the
@@ -297,6 +304,8 @@ impl EngineLink {
             diverged: Mutex::new(BTreeSet::new()),
             paused: Mutex::new(BTreeMap::new()),
             quiescer: config.quiescer,
+            hash_waits: Mutex::new(std::collections::HashMap::new()),
+            next_hash_id: std::sync::atomic::AtomicU64::new(1),
         });
         let (close, closed) = crossbeam_channel::bounded(0);
         let supervised = Arc::clone(&inner);
@@ -369,10 +378,25 @@ impl EngineLink {
         self.inner.send_control(FrameType::ResyncDone, &msg);
     }
 
-    /// Tells the engine how far the resync of disk number `disk` has come (for its status).
-    pub fn resync_progress(&self, disk: u16, done: u64, total: u64, bytes_per_s: u64) {
-        let msg = encode_message(&ResyncProgressMsg { disk, done, total, bytes_per_s });
-        self.inner.send_control(FrameType::ResyncProgress, &msg);
+    /// Tells the engine how far the resync of a disk has come (for its status).
+    pub fn resync_progress(&self, progress: &ResyncProgressMsg) {
+        self.inner.send_control(FrameType::ResyncProgress, &encode_message(progress));
+    }
+
+    /// Asks for the replica's hashes of `regions` (of `1 << region_shift` bytes) of disk number
+    /// `disk`. The reply comes on the returned channel, which closes without one if the link
+    /// is lost meanwhile; `None` when the link is down now.
+    pub fn request_hashes(&self, disk: u16, region_shift: u8, regions: Vec<u64>) -> Option<Receiver<HashReply>> {
+        let id = self.inner.next_hash_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        lock(&self.inner.hash_waits).insert(id, tx);
+        let msg = encode_message(&HashRequest { id, disk, region_shift, regions });
+        if self.inner.send_control(FrameType::HashRequest, &msg) {
+            Some(rx)
+        } else {
+            lock(&self.inner.hash_waits).remove(&id);
+            None
+        }
     }
 
     /// When the engine last refused a write of disk number `disk` because its group is
@@ -611,6 +635,17 @@ fn read_acks(inner: &Arc<Inner>, stream: ReadHalf) -> FrameError {
                 }
                 continue;
             }
+            Ok(FrameType::HashReply) => {
+                match decode_message::<HashReply>("HashReply", &payload) {
+                    Ok(r) => {
+                        if let Some(tx) = lock(&inner.hash_waits).remove(&r.id) {
+                            let _ = tx.send(r);
+                        }
+                    }
+                    Err(e) => return e,
+                }
+                continue;
+            }
             Ok(FrameType::Thaw) => {
                 match decode_message::<ThawMsg>("Thaw", &payload) {
                     Ok(t) => {
@@ -654,16 +689,18 @@ impl Inner {
     }
 
     /// Sends a control frame if the link is up (dropped otherwise: the engine's wait for it
-    /// times out).
-    fn send_control(&self, ftype: FrameType, payload: &[u8]) {
+    /// times out). True if it went out.
+    fn send_control(&self, ftype: FrameType, payload: &[u8]) -> bool {
         let mut guard = lock(&self.writer);
         let w = &mut *guard;
         if let State::Up(stream) = &mut w.state {
             let mut frame = Vec::new();
-            if let Err(e) = write_frame(stream, ftype, payload, &mut frame) {
-                warn!("sending {ftype:?} to the engine failed: {e}");
+            match write_frame(stream, ftype, payload, &mut frame) {
+                Ok(()) => return true,
+                Err(e) => warn!("sending {ftype:?} to the engine failed: {e}"),
             }
         }
+        false
     }
 }
 
@@ -708,6 +745,8 @@ impl Inner {
                 lock(&self.pending).len()
             );
             *state = State::Reconnecting { since: Instant::now() };
+            // Their replies would come on the lost connection: the requesters ask again.
+            lock(&self.hash_waits).clear();
         }
     }
 

@@ -222,6 +222,7 @@ fn run(args: &Args) -> Result<(), Failure> {
     let mut servers: Vec<Server> = Vec::new();
     let mut attached: Vec<(String, Attached)> = Vec::new();
     let mut tracked: Vec<Arc<ReplicatedDisk>> = Vec::new();
+    let mut sweeps = std::collections::HashMap::new();
     for (number, d) in disks.into_iter().enumerate() {
         let number = u16::try_from(number).expect("disk count checked in open_disks");
         let size = d.local.size();
@@ -238,16 +239,18 @@ fn run(args: &Args) -> Result<(), Failure> {
         let tracking = Tracking { map: Arc::new(map), keep_serving: config.on_engine_loss == EngineLoss::Track };
         let replicated = Arc::new(ReplicatedDisk::with_tracking(d.local, Arc::clone(&link), number, volume.clone(), tracking));
         if fresh {
-            // A disk this agent has never served here: send what it already holds.
-            resync::initial_scan(&replicated);
-            replicated.set_resyncing(!replicated.dirty_map().is_some_and(|m| m.needing_resync().is_empty()));
+            // A disk this agent has never served here: compare it with the replica and send
+            // what differs (the start of it before the disk is served).
+            if let Some(sweep) = resync::initial_sync(&replicated, &link) {
+                sweeps.insert(number, sweep);
+            }
         }
         tracked.push(Arc::clone(&replicated));
         let device: Arc<dyn BlockDevice> = replicated;
         serve_disk(&mut attached, &mut servers, d.config, d.listen, &volume, size, device)?;
     }
 
-    resync::spawn(tracked, Arc::clone(&link)).map_err(|e| Failure::Runtime(format!("cannot start the resync thread: {e}")))?;
+    resync::spawn(tracked, Arc::clone(&link), sweeps).map_err(|e| Failure::Runtime(format!("cannot start the resync thread: {e}")))?;
     let (stopped_tx, stopped_rx) = crossbeam_channel::unbounded();
     let server_count = servers.len();
     for (listen, exports, lines) in servers {

@@ -15,6 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use crossbeam_channel::Sender;
 
 use hindsight_consistency::record::MAX_WRITE_LEN;
+use hindsight_consistency::region_hash::{region_hash, zero_hash, RegionHash};
 use hindsight_consistency::storage::{OpenMode, Storage, StorageFile};
 use log::error;
 use thiserror::Error;
@@ -251,6 +252,34 @@ impl ReplicatedDisk {
     /// Reads region `r` of the local disk.
     pub fn read_region(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         self.local.disk.file.read_exact_at(buf, offset)
+    }
+
+    /// The hash of bytes `start..end` of the local disk as they are at one instant with no
+    /// write of the range in flight (the range is held like a write's while it is read, so
+    /// every write of it either reached the local disk before or is numbered after).
+    /// `is_hole(start, end)` says whether the range is a hole, hashed as zeroes without
+    /// reading; `buf` is reused between calls.
+    pub fn hash_range(
+        &self,
+        start: u64,
+        end: u64,
+        buf: &mut Vec<u8>,
+        is_hole: impl FnOnce(u64, u64) -> bool,
+    ) -> std::io::Result<RegionHash> {
+        let len = usize::try_from(end - start).map_err(|_| std::io::Error::other("range too large"))?;
+        {
+            let mut in_flight = self.local.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            while in_flight.iter().any(|&(s, e)| s < end && start < e) {
+                in_flight = self.local.range_done.wait(in_flight).unwrap_or_else(|e| e.into_inner());
+            }
+            if is_hole(start, end) {
+                return Ok(zero_hash(len));
+            }
+            buf.resize(len, 0);
+            self.local.disk.file.read_exact_at(&mut buf[..len], start)?;
+        }
+        // Hashed without the range held: the bytes are already those of the instant read.
+        Ok(region_hash(&buf[..len]))
     }
 
     /// The local disk's path.

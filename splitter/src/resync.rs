@@ -4,14 +4,25 @@
 //!
 //! One thread for the agent. Every half second it cleans the maps (idle regions are unmarked
 //! on disk) and, with the link up, resyncs what needs it, in batches, logging progress
-//! (regions, MB/s, what is left). At its start it runs the initial sync of disks the agent
-//! has never served here: every region that holds data is sent once.
+//! (regions, MB/s, what is left).
+//!
+//! A disk the agent has never served here (no dirty map yet), or whose map is damaged, has
+//! every region marked *to be compared*: the compare sweep asks the target, through the
+//! engine, for the replica's hash of each region (`HashRequest`, 64 regions a request, a few
+//! requests in flight), hashes its own copy, unmarks the regions that are equal and sends the
+//! others as resync data. docs/consistency.md says why that is exact. A sweep whose answers
+//! are unavailable (the target away) waits and asks again; it never sends everything instead.
 
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use hindsight_consistency::wire::{HashReply, HashStatus, ResyncProgressMsg};
 use log::{info, warn};
 
+use crate::dirty::DirtyMap;
 use crate::engine_link::EngineLink;
 use crate::replicated::ReplicatedDisk;
 
@@ -20,53 +31,170 @@ const BATCH: usize = 64;
 const TICK: Duration = Duration::from_millis(500);
 /// While the engine has paused a disk's group, how often one region is tried.
 const PAUSE_PROBE: Duration = Duration::from_secs(2);
+/// Regions one hash request names.
+const HASH_BATCH: usize = 64;
+/// Hash requests in flight during a sweep (the target hashes one while this side hashes the
+/// one before).
+const HASH_WINDOW: usize = 4;
+/// Longest wait for one answer (the engine answers every request within 30 s).
+const HASH_REPLY_WAIT: Duration = Duration::from_secs(40);
+/// Pause before asking again after an unavailable answer; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How long the sweep of a new disk runs before the disk is served (the rest runs in the
+/// background): a small or blank disk is compared before the guest's first write, so it needs
+/// no resync at all.
+pub const STARTUP_SWEEP: Duration = Duration::from_secs(5);
+/// How long the start-up sweep waits for a target that is not connected yet.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(2);
 
-/// Starts the resync thread over the disks that track.
-pub fn spawn(disks: Vec<Arc<ReplicatedDisk>>, link: Arc<EngineLink>) -> std::io::Result<()> {
+/// A compare sweep of one disk, across the passes of the resync thread.
+#[derive(Debug)]
+pub struct Sweep {
+    /// Regions to compare when the sweep started.
+    total: u64,
+    /// Compared so far.
+    compared: u64,
+    /// Found different.
+    differ: u64,
+    /// Of those, sent and acknowledged.
+    sent: u64,
+    /// Time spent comparing (waits for an unavailable target excluded).
+    busy: Duration,
+    /// When to ask again after an unavailable answer.
+    retry_at: Option<Instant>,
+    retry_pause: Duration,
+    /// The wait was logged (once per wait).
+    waiting_logged: bool,
+}
+
+impl Sweep {
+    fn new(total: u64) -> Sweep {
+        Sweep {
+            total,
+            compared: 0,
+            differ: 0,
+            sent: 0,
+            busy: Duration::ZERO,
+            retry_at: None,
+            retry_pause: RETRY_FIRST,
+            waiting_logged: false,
+        }
+    }
+
+    /// Compared bytes per second so far.
+    fn rate(&self, region: u64) -> u64 {
+        let millis = u64::try_from(self.busy.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.compared.saturating_mul(region).saturating_mul(1000) / millis
+    }
+
+    fn progress(&self, disk: u16, region: u64) -> ResyncProgressMsg {
+        ResyncProgressMsg {
+            disk,
+            done: self.sent,
+            total: self.differ,
+            bytes_per_s: self.rate(region),
+            compare_total: self.total,
+            compared: self.compared,
+            differ: self.differ,
+        }
+    }
+}
+
+/// How one run of a sweep ended.
+#[derive(Debug)]
+enum SweepEnd {
+    /// Every region is compared.
+    Done,
+    /// The time given ran out.
+    TimeUp,
+    /// The link went down.
+    LinkDown,
+    /// The target cannot answer now: why.
+    Unavailable(String),
+}
+
+/// Starts the resync thread over the disks that track; `sweeps` are the compare sweeps begun
+/// before the disks were served.
+pub fn spawn(disks: Vec<Arc<ReplicatedDisk>>, link: Arc<EngineLink>, sweeps: HashMap<u16, Sweep>) -> std::io::Result<()> {
+    let mut sweeps = sweeps;
     std::thread::Builder::new().name("resync".into()).spawn(move || loop {
-        run_once(&disks, &link);
+        run_once(&disks, &link, &mut sweeps);
         std::thread::sleep(TICK);
     })?;
     Ok(())
 }
 
-/// Marks every region of a new disk that holds data (run before the disk is served, so that
-/// no guest write can come before the scan has decided whether a resync is due).
-pub fn initial_scan(d: &ReplicatedDisk) {
-    let Some(map) = d.dirty_map() else { return };
+/// The initial sync of a disk the agent has never served here: marks every region to be
+/// compared with the replica, then (before the disk is served) compares for up to
+/// [`STARTUP_SWEEP`]. Returns the sweep, for the resync thread to go on with.
+pub fn initial_sync(d: &ReplicatedDisk, link: &EngineLink) -> Option<Sweep> {
+    let map = d.dirty_map()?;
+    if let Err(e) = map.mark_all_for_compare() {
+        warn!("volume {}: initial sync: cannot mark the dirty map {}: {e}", d.volume(), map.path().display());
+    }
+    d.set_resyncing(true);
+    info!(
+        "volume {}: initial sync: {} region(s) of {} MiB will be compared with the replica; only those that differ are sent",
+        d.volume(),
+        map.regions(),
+        map.region_size() >> 20
+    );
+    Some(startup_sweep(d, map, link))
+}
+
+/// Compares before serving, for up to [`STARTUP_SWEEP`], waiting up to [`STARTUP_PATIENCE`] for
+/// a target that is not connected yet (the engine may have just started).
+fn startup_sweep(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink) -> Sweep {
     let started = Instant::now();
-    // Holes of a sparse file are zeroes: skipped without reading. Regions read are dropped
-    // from the page cache afterwards (the scan must not leave the disk's cache full of them).
-    let file = std::fs::File::open(d.local_path()).ok();
-    let may_hold_data = |start: u64, end: u64| match &file {
-        Some(f) => holds_data(f, start, end),
-        None => true,
-    };
-    let read = |off: u64, buf: &mut [u8]| {
-        let r = d.read_region(off, buf);
-        if let Some(f) = &file {
-            drop_cache(f, off, buf.len() as u64);
+    let mut sweep = Sweep::new(map.needing_compare().len() as u64);
+    loop {
+        let end = run_sweep(d, map, link, &mut sweep, Some(started + STARTUP_SWEEP));
+        match end {
+            SweepEnd::Done => {
+                finish_sweep(d, map, link, &sweep);
+                return sweep;
+            }
+            SweepEnd::TimeUp => {
+                info!("volume {}: initial sync goes on in the background while the disk is served", d.volume());
+                return sweep;
+            }
+            SweepEnd::LinkDown | SweepEnd::Unavailable(_) if started.elapsed() < STARTUP_PATIENCE => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            SweepEnd::LinkDown => return sweep,
+            SweepEnd::Unavailable(why) => {
+                note_unavailable(d, &mut sweep, &why);
+                return sweep;
+            }
         }
-        r
-    };
-    match map.mark_nonzero(may_hold_data, read) {
-        Ok(0) => info!("volume {}: initial sync: the disk holds no data; nothing to send", d.volume()),
-        Ok(n) => info!(
-            "volume {}: initial sync: {n} of {} region(s) hold data and will be sent (scanned in {:.1?})",
-            d.volume(),
-            map.regions(),
-            started.elapsed()
-        ),
-        Err(e) => warn!("volume {}: initial sync: scanning the disk failed: {e}; every region will be sent", d.volume()),
     }
 }
 
-/// One pass: clean the maps, then resync what needs it while the link is up.
-pub fn run_once(disks: &[Arc<ReplicatedDisk>], link: &EngineLink) {
+/// One pass: clean the maps, then compare and resync what needs it while the link is up.
+fn run_once(disks: &[Arc<ReplicatedDisk>], link: &EngineLink, sweeps: &mut HashMap<u16, Sweep>) {
     for d in disks {
         let Some(map) = d.dirty_map() else { continue };
         if let Err(e) = map.clean() {
             warn!("volume {}: cleaning the dirty map {}: {e}", d.volume(), map.path().display());
+        }
+        let compare = map.needing_compare();
+        if !compare.is_empty() {
+            // Nothing is re-sent unread while regions wait to be compared: they would be sent
+            // whether they differ or not.
+            let sweep = sweeps.entry(d.disk_number()).or_insert_with(|| Sweep::new(compare.len() as u64));
+            if !link.is_connected() || sweep.retry_at.is_some_and(|t| Instant::now() < t) {
+                continue;
+            }
+            match run_sweep(d, map, link, sweep, None) {
+                SweepEnd::Done => {
+                    finish_sweep(d, map, link, sweep);
+                    sweeps.remove(&d.disk_number());
+                }
+                SweepEnd::Unavailable(why) => note_unavailable(d, sweep, &why),
+                SweepEnd::LinkDown | SweepEnd::TimeUp => {}
+            }
+            continue;
         }
         let mut todo = map.needing_resync();
         if todo.is_empty() && d.resyncing() && link.is_connected() {
@@ -93,40 +221,174 @@ pub fn run_once(disks: &[Arc<ReplicatedDisk>], link: &EngineLink) {
                 continue; // the next pass ends the resync
             }
         }
-        let total = todo.len();
-        let bytes_per_region = map.region_size();
-        info!("volume {}: resync of {total} region(s) ({} MiB) starts", d.volume(), (total as u64 * bytes_per_region) >> 20);
-        let started = Instant::now();
-        let mut sent = 0usize;
-        link.resync_progress(d.disk_number(), 0, total as u64, 0);
-        for batch in todo.chunks(BATCH) {
-            if !link.is_connected() || link.paused_since(d.disk_number()).is_some() {
-                break;
-            }
-            sent += d.resync(batch).len();
-            let secs = started.elapsed().as_secs_f64().max(1e-3);
-            let rate = sent as f64 * bytes_per_region as f64 / secs;
-            let left = total - sent.min(total);
-            let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX).max(1);
-            link.resync_progress(d.disk_number(), sent as u64, total as u64, sent as u64 * bytes_per_region * 1000 / millis);
-            info!(
-                "volume {}: resync {:.0}% ({sent}/{total} regions, {:.1} MB/s, about {:.0}s left)",
-                d.volume(),
-                sent as f64 * 100.0 / total as f64,
-                rate / 1e6,
-                left as f64 * bytes_per_region as f64 / rate.max(1.0)
-            );
+        resend(d, map, link, &todo);
+    }
+}
+
+/// Re-sends `todo` (regions not to be compared) in batches, with progress.
+fn resend(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, todo: &[u64]) {
+    let total = todo.len();
+    let bytes_per_region = map.region_size();
+    info!("volume {}: resync of {total} region(s) ({} MiB) starts", d.volume(), (total as u64 * bytes_per_region) >> 20);
+    let started = Instant::now();
+    let mut sent = 0usize;
+    let progress = |done: u64, bytes_per_s: u64| ResyncProgressMsg {
+        disk: d.disk_number(),
+        done,
+        total: total as u64,
+        bytes_per_s,
+        compare_total: 0,
+        compared: 0,
+        differ: 0,
+    };
+    link.resync_progress(&progress(0, 0));
+    for batch in todo.chunks(BATCH) {
+        if !link.is_connected() || link.paused_since(d.disk_number()).is_some() {
+            break;
         }
-        if map.needing_resync().is_empty() {
-            info!("volume {}: resync complete in {:.1?}", d.volume(), started.elapsed());
-            d.finish_resync(|| link.resync_done(&[d.disk_number()]));
+        sent += d.resync(batch).len();
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        let rate = sent as f64 * bytes_per_region as f64 / secs;
+        let left = total - sent.min(total);
+        let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX).max(1);
+        link.resync_progress(&progress(sent as u64, sent as u64 * bytes_per_region * 1000 / millis));
+        info!(
+            "volume {}: resync {:.0}% ({sent}/{total} regions, {:.1} MB/s, about {:.0}s left)",
+            d.volume(),
+            sent as f64 * 100.0 / total as f64,
+            rate / 1e6,
+            left as f64 * bytes_per_region as f64 / rate.max(1.0)
+        );
+    }
+    if map.needing_resync().is_empty() {
+        info!("volume {}: resync complete in {:.1?}", d.volume(), started.elapsed());
+        d.finish_resync(|| link.resync_done(&[d.disk_number()]));
+    }
+}
+
+/// Logs (once per wait) that the sweep waits for the target, and when it asks again.
+fn note_unavailable(d: &ReplicatedDisk, sweep: &mut Sweep, why: &str) {
+    if !sweep.waiting_logged {
+        warn!(
+            "initial sync of {} waits for the target to compare chunk hashes ({why}); {} region(s) stay marked and the guest is served meanwhile",
+            d.volume(),
+            sweep.total - sweep.compared
+        );
+        sweep.waiting_logged = true;
+    }
+    sweep.retry_at = Some(Instant::now() + sweep.retry_pause);
+    sweep.retry_pause = (sweep.retry_pause * 2).min(RETRY_MAX);
+}
+
+/// Every region is compared: the differing ones are sent (or left to the plain resync if a
+/// send failed), and if nothing is left the resync ends.
+fn finish_sweep(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, sweep: &Sweep) {
+    info!(
+        "volume {}: initial sync compared {} region(s) in {:.1?} ({:.1} MB/s): {} equal, {} differ, {} sent",
+        d.volume(),
+        sweep.compared,
+        sweep.busy,
+        sweep.rate(map.region_size()) as f64 / 1e6,
+        sweep.compared - sweep.differ,
+        sweep.differ,
+        sweep.sent
+    );
+    // With nothing sent and no guest write meanwhile there is no resync to end.
+    if map.needing_resync().is_empty() && link.is_connected() && d.finish_resync(|| link.resync_done(&[d.disk_number()])) {
+        info!("volume {}: resync complete", d.volume());
+    }
+}
+
+/// Compares the regions still to be compared, batch by batch, until done, the deadline, the
+/// link lost, or an unavailable answer. Differing regions of a batch are sent before the next
+/// batch is compared.
+fn run_sweep(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, sweep: &mut Sweep, deadline: Option<Instant>) -> SweepEnd {
+    let todo = map.needing_compare();
+    if todo.is_empty() {
+        return SweepEnd::Done;
+    }
+    let region = map.region_size();
+    // Holes of a sparse file hash as zeroes without reading; what is read is dropped from the
+    // page cache afterwards (a sweep must not leave the disk's cache full of it).
+    let file = File::open(d.local_path()).ok();
+    let mut batches = todo.chunks(HASH_BATCH);
+    let mut waiting: VecDeque<(&[u64], Receiver<HashReply>)> = VecDeque::new();
+    let mut buf = Vec::new();
+    let mut last_line = Instant::now();
+    loop {
+        let started = Instant::now();
+        while waiting.len() < HASH_WINDOW && deadline.is_none_or(|t| started < t) {
+            let Some(batch) = batches.next() else { break };
+            match link.request_hashes(d.disk_number(), map.region_shift(), batch.to_vec()) {
+                Some(rx) => waiting.push_back((batch, rx)),
+                None => return SweepEnd::LinkDown,
+            }
+        }
+        let Some((batch, rx)) = waiting.pop_front() else {
+            return if batches.len() == 0 { SweepEnd::Done } else { SweepEnd::TimeUp };
+        };
+        let reply = match rx.recv_timeout(HASH_REPLY_WAIT) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => return SweepEnd::Unavailable(format!("no answer within {HASH_REPLY_WAIT:?}")),
+            Err(RecvTimeoutError::Disconnected) => return SweepEnd::LinkDown,
+        };
+        if reply.status != HashStatus::Ok {
+            return SweepEnd::Unavailable(reply.message);
+        }
+        if reply.hashes.len() != batch.len() {
+            return SweepEnd::Unavailable(format!("{} hashes for {} regions", reply.hashes.len(), batch.len()));
+        }
+        let mut differ = Vec::new();
+        for (&r, theirs) in batch.iter().zip(&reply.hashes) {
+            let (start, end) = map.range(r);
+            let is_hole = |s: u64, e: u64| file.as_ref().is_some_and(|f| !holds_data(f, s, e));
+            let equal = match d.hash_range(start, end, &mut buf, is_hole) {
+                Ok(mine) => mine == *theirs,
+                Err(e) => {
+                    warn!("volume {}: reading region {r} to compare it failed: {e}; it will be sent", d.volume());
+                    false
+                }
+            };
+            if let Some(f) = &file {
+                drop_cache(f, start, end - start);
+            }
+            map.compared(r, equal);
+            if !equal {
+                differ.push(r);
+            }
+        }
+        sweep.compared += batch.len() as u64;
+        sweep.differ += differ.len() as u64;
+        if !differ.is_empty() {
+            sweep.sent += d.resync(&differ).len() as u64;
+        }
+        sweep.busy += started.elapsed();
+        // Answered: a later wait is a new one.
+        sweep.waiting_logged = false;
+        sweep.retry_pause = RETRY_FIRST;
+        sweep.retry_at = None;
+        link.resync_progress(&sweep.progress(d.disk_number(), region));
+        if last_line.elapsed() >= Duration::from_secs(1) || (batches.len() == 0 && waiting.is_empty()) {
+            last_line = Instant::now();
+            let rate = sweep.rate(region);
+            let left = (sweep.total.saturating_sub(sweep.compared)).saturating_mul(region);
+            info!(
+                "initial sync of {}: compare {:.0}% ({}/{} regions, {} differ and were sent, {:.1} MB/s, about {}s left)",
+                d.volume(),
+                sweep.compared as f64 * 100.0 / sweep.total.max(1) as f64,
+                sweep.compared,
+                sweep.total,
+                sweep.sent,
+                rate as f64 / 1e6,
+                left.checked_div(rate).unwrap_or(0)
+            );
         }
     }
 }
 
 /// False when `start..end` of `f` is a hole (`SEEK_DATA` finds no data before `end`); true
 /// when it may hold data, or when the file system cannot tell (a block device).
-fn holds_data(f: &std::fs::File, start: u64, end: u64) -> bool {
+fn holds_data(f: &File, start: u64, end: u64) -> bool {
     use nix::unistd::{lseek, Whence};
     use std::os::fd::AsRawFd;
     let Ok(from) = i64::try_from(start) else { return true };
@@ -139,7 +401,7 @@ fn holds_data(f: &std::fs::File, start: u64, end: u64) -> bool {
 }
 
 /// Asks the kernel to drop `len` bytes at `off` of `f` from the page cache.
-fn drop_cache(f: &std::fs::File, off: u64, len: u64) {
+fn drop_cache(f: &File, off: u64, len: u64) {
     use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
     use std::os::fd::AsRawFd;
     if let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) {

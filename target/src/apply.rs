@@ -137,6 +137,11 @@ impl ImageSet {
         self.images.insert(image.volume.clone(), Arc::new(image));
     }
 
+    /// The image of a volume.
+    pub fn image(&self, volume: &str) -> Option<&Image> {
+        self.images.get(volume).map(|i| &**i)
+    }
+
     /// Applies a record to the image of its volume.
     pub fn apply(&self, rec: &RecordRef<'_>) -> Result<(), TargetError> {
         if !rec.header.kind.changes_volume() {

@@ -517,6 +517,16 @@ impl Group {
         lock(&self.notice).take()
     }
 
+    /// Runs `f` on the replicas and the last sequence number they hold, under `inner`:
+    /// between two batches, so the replicas are exactly that prefix of the sequence.
+    pub fn with_replicas<T>(&self, f: impl FnOnce(&ImageSet, Seq) -> T) -> Result<T, String> {
+        let inner = lock(&self.inner);
+        match &inner.poisoned {
+            Some(cause) => Err(poisoned_message(&self.name, cause)),
+            None => Ok(f(&inner.replicas, inner.applied_seq)),
+        }
+    }
+
     fn poison_locked(&self, inner: &mut Inner, cause: String) {
         if inner.poisoned.is_none() {
             log::error!("group {:?}: stopped: {cause}; it accepts nothing more until the target is restarted", self.name);

@@ -23,6 +23,10 @@
 //!    point; [`history`] reports the window. Both only read, and may run in another process
 //!    beside the daemon.
 //!
+//! Between two batches the connection thread may be asked for the hashes of some regions of a
+//! replica ([`hashes`](crate::hashes), an initial sync comparing instead of re-sending): they
+//! are taken under the group's lock, so at an exact prefix of the sequence.
+//!
 //! One function applies records to an image (data written, zeroes and trims punched), for
 //! the replicas, the base images and recovered images alike.
 //!
@@ -65,6 +69,7 @@ mod apply;
 mod bookmarks;
 mod error;
 mod group;
+mod hashes;
 mod layout;
 mod lock;
 mod marks;

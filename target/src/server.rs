@@ -16,7 +16,7 @@ use hindsight_consistency::transport::{AcceptError, Peer, ReadHalf, Role, Transp
 use hindsight_consistency::wire::frame::{decode_header, FRAME_HEADER_LEN};
 use hindsight_consistency::wire::{
     decode_message, decompress_records, encode_confirm, encode_message, read_frame, write_frame, ErrorMessage, FrameError, FrameType,
-    TargetHello, TargetWelcome, LZ4, PROTOCOL_VERSION,
+    TargetHashRequest, TargetHello, TargetWelcome, LZ4, PROTOCOL_VERSION,
 };
 
 use crate::error::{data_dir_err, TargetError};
@@ -501,7 +501,8 @@ fn whole_frame_buffered(buf: &[u8]) -> bool {
 }
 
 /// Reads `Records` frames, journals them in batches (one commit for the frames that have
-/// already arrived together) and confirms each batch.
+/// already arrived together) and confirms each batch. A `TargetHashRequest` ends a batch and
+/// is answered after it is applied.
 fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReader<ReadHalf>, writer: &mut WriteHalf, ctx: &str) {
     let mut batch: Vec<Vec<u8>> = Vec::new();
     let mut spare: Vec<Vec<u8>> = Vec::new();
@@ -510,6 +511,7 @@ fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReader<ReadHalf>
     loop {
         // One frame, waiting for it; then any that are already here.
         let mut pending_error: Option<(FrameError, bool)> = None;
+        let mut hash_request: Option<Vec<u8>> = None;
         let mut bytes = 0;
         loop {
             let mut payload = spare.pop().unwrap_or_default();
@@ -532,10 +534,12 @@ fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReader<ReadHalf>
                     let msg = decode_message::<ErrorMessage>("Error", &payload).map(|m| m.message).unwrap_or_else(|e| e.to_string());
                     pending_error = Some((FrameError::Peer(msg), false));
                 }
+                Ok(FrameType::TargetHashRequest) => hash_request = Some(payload),
                 Ok(other) => pending_error = Some((FrameError::Unexpected { got: other, expected: "Records" }, true)),
                 Err(e) => pending_error = Some((e, false)),
             }
             if pending_error.is_some()
+                || hash_request.is_some()
                 || batch.len() >= MAX_BATCH_FRAMES
                 || bytes >= MAX_BATCH_BYTES
                 || !whole_frame_buffered(reader.buffer())
@@ -567,6 +571,21 @@ fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReader<ReadHalf>
                     log::warn!("{ctx}: sending JournalState: {e}; closing");
                     return;
                 }
+            }
+        }
+        if let Some(payload) = hash_request.take() {
+            // Every record sent before the request is applied: the hashes are of that prefix.
+            let reply = match decode_message::<TargetHashRequest>("TargetHashRequest", &payload) {
+                Ok(req) => crate::hashes::answer(group, &req),
+                Err(e) => {
+                    log::warn!("{ctx}: {e}; closing the connection");
+                    send_error(writer, &e.to_string());
+                    return;
+                }
+            };
+            if let Err(e) = write_frame(writer, FrameType::TargetHashReply, &encode_message(&reply), &mut scratch) {
+                log::warn!("{ctx}: sending TargetHashReply: {e}; closing");
+                return;
             }
         }
         match pending_error {

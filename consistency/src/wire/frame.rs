@@ -51,6 +51,10 @@ pub enum FrameType {
     RecordsLz4,
     /// The target's journal is full, or its history was trimmed.
     JournalState,
+    /// Engine asks the target for the hashes of some regions of a replica.
+    TargetHashRequest,
+    /// The target's hashes.
+    TargetHashReply,
     /// An operator asks the engine to place a bookmark.
     BookmarkRequest,
     /// The engine says where it placed it.
@@ -65,6 +69,10 @@ pub enum FrameType {
     ResyncDone,
     /// Agent reports how far a disk's resync has come.
     ResyncProgress,
+    /// Agent asks for the replica's hashes of some regions of a disk.
+    HashRequest,
+    /// The engine's answer.
+    HashReply,
     /// An operator asks the engine for the state of its groups.
     StatusRequest,
     /// The engine's answer.
@@ -90,6 +98,8 @@ impl FrameType {
             FrameType::Confirm => 0x23,
             FrameType::RecordsLz4 => 0x24,
             FrameType::JournalState => 0x27,
+            FrameType::TargetHashRequest => 0x25,
+            FrameType::TargetHashReply => 0x26,
             FrameType::BookmarkRequest => 0x30,
             FrameType::BookmarkReply => 0x31,
             FrameType::Quiesce => 0x32,
@@ -97,6 +107,8 @@ impl FrameType {
             FrameType::Thaw => 0x34,
             FrameType::ResyncDone => 0x35,
             FrameType::ResyncProgress => 0x36,
+            FrameType::HashRequest => 0x37,
+            FrameType::HashReply => 0x38,
             FrameType::StatusRequest => 0x40,
             FrameType::StatusReply => 0x41,
             FrameType::SetModeRequest => 0x42,
@@ -118,6 +130,8 @@ impl FrameType {
             0x23 => FrameType::Confirm,
             0x24 => FrameType::RecordsLz4,
             0x27 => FrameType::JournalState,
+            0x25 => FrameType::TargetHashRequest,
+            0x26 => FrameType::TargetHashReply,
             0x30 => FrameType::BookmarkRequest,
             0x31 => FrameType::BookmarkReply,
             0x32 => FrameType::Quiesce,
@@ -125,6 +139,8 @@ impl FrameType {
             0x34 => FrameType::Thaw,
             0x35 => FrameType::ResyncDone,
             0x36 => FrameType::ResyncProgress,
+            0x37 => FrameType::HashRequest,
+            0x38 => FrameType::HashReply,
             0x40 => FrameType::StatusRequest,
             0x41 => FrameType::StatusReply,
             0x42 => FrameType::SetModeRequest,
@@ -323,6 +339,11 @@ mod tests {
             }
         }
         assert_eq!(FrameType::from_code(0x35), Some(FrameType::ResyncDone));
+        assert_eq!(FrameType::from_code(0x25), Some(FrameType::TargetHashRequest));
+        assert_eq!(FrameType::from_code(0x26), Some(FrameType::TargetHashReply));
+        assert_eq!(FrameType::from_code(0x37), Some(FrameType::HashRequest));
+        assert_eq!(FrameType::from_code(0x38), Some(FrameType::HashReply));
+        assert_eq!(FrameType::from_code(0x27), None, "reserved");
     }
 
     #[test]

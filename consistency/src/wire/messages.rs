@@ -190,8 +190,14 @@ pub struct ResyncProgressMsg {
     pub done: u64,
     /// Regions to re-send in this resync.
     pub total: u64,
-    /// Bytes per second so far.
+    /// Bytes per second so far (compared bytes during a compare sweep).
     pub bytes_per_s: u64,
+    /// Regions the compare sweep compares (0: no sweep, every region is re-sent).
+    pub compare_total: u64,
+    /// Regions compared so far.
+    pub compared: u64,
+    /// Regions found to differ (and sent) so far.
+    pub differ: u64,
 }
 
 /// One volume's resync, as status shows it.
@@ -207,6 +213,72 @@ pub struct ResyncStatus {
     pub bytes_per_s: u64,
     /// Seconds left at that rate (0 when unknown).
     pub eta_s: u64,
+    /// Regions the compare sweep compares (0: no sweep).
+    pub compare_total: u64,
+    /// Regions compared so far.
+    pub compared: u64,
+    /// Regions found to differ (and sent) so far.
+    pub differ: u64,
+}
+
+/// Agent → engine: the replica's hashes of some regions of a disk, please.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HashRequest {
+    /// Chosen by the agent, echoed in the reply.
+    pub id: u64,
+    /// Disk number of the hello.
+    pub disk: u16,
+    /// Regions are `1 << region_shift` bytes (20 in version 1).
+    pub region_shift: u8,
+    /// The regions, at most [`crate::region_hash::MAX_HASH_REGIONS`].
+    pub regions: Vec<u64>,
+}
+
+/// Engine → target: the replica's hashes of some regions of a volume, at a prefix of the
+/// sequence that holds every record through `through_seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetHashRequest {
+    /// Chosen by the engine, echoed in the reply.
+    pub id: u64,
+    /// The volume.
+    pub volume: String,
+    /// Regions are `1 << region_shift` bytes.
+    pub region_shift: u8,
+    /// The regions, at most [`crate::region_hash::MAX_HASH_REGIONS`].
+    pub regions: Vec<u64>,
+    /// The hashed prefix must hold every record up to here.
+    pub through_seq: u64,
+}
+
+/// Whether a hash request was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HashStatus {
+    /// `hashes` holds one hash per region asked for.
+    Ok,
+    /// No hashes: the target cannot answer now (`message` says why); ask again later.
+    Unavailable,
+}
+
+/// Target → engine (`TargetHashReply`) and engine → agent (`HashReply`): the hashes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HashReply {
+    /// The request's id.
+    pub id: u64,
+    /// Answered or not.
+    pub status: HashStatus,
+    /// The last record the replica held when it was hashed.
+    pub seq: u64,
+    /// The BLAKE3 hash of each region, in the order asked.
+    pub hashes: Vec<[u8; 32]>,
+    /// Why not, when unavailable.
+    pub message: String,
+}
+
+impl HashReply {
+    /// An unavailable answer to request `id`.
+    pub fn unavailable(id: u64, message: impl Into<String>) -> HashReply {
+        HashReply { id, status: HashStatus::Unavailable, seq: 0, hashes: Vec::new(), message: message.into() }
+    }
 }
 
 /// Operator → engine: the state of every group (or of the named ones).
@@ -479,6 +551,74 @@ mod tests {
         let b = encode_message(&m);
         assert_eq!(decode_message::<ResyncDoneMsg>("ResyncDone", &b).unwrap(), m);
         assert!(decode_message::<ResyncDoneMsg>("ResyncDone", &b[..b.len() - 1]).is_err());
+    }
+
+    fn hash_reply() -> HashReply {
+        HashReply { id: 7, status: HashStatus::Ok, seq: 1234, hashes: vec![[0xab; 32], [0; 32], [0xff; 32]], message: String::new() }
+    }
+
+    #[test]
+    fn hash_messages_round_trip() {
+        let q = HashRequest { id: u64::MAX, disk: 3, region_shift: 20, regions: vec![0, 1, 2, 1 << 40] };
+        let b = encode_message(&q);
+        assert_eq!(decode_message::<HashRequest>("HashRequest", &b).unwrap(), q);
+        let t = TargetHashRequest { id: 9, volume: "db".into(), region_shift: 20, regions: (0..64).collect(), through_seq: 77 };
+        let b = encode_message(&t);
+        assert_eq!(decode_message::<TargetHashRequest>("TargetHashRequest", &b).unwrap(), t);
+        let r = hash_reply();
+        let b = encode_message(&r);
+        // A hash is 32 raw bytes on the wire, not 32 varints.
+        assert!(b.len() < 3 * 32 + 16, "{} bytes", b.len());
+        assert_eq!(decode_message::<HashReply>("HashReply", &b).unwrap(), r);
+        let u = HashReply::unavailable(8, "the target is not connected");
+        assert_eq!(decode_message::<HashReply>("HashReply", &encode_message(&u)).unwrap(), u);
+    }
+
+    #[test]
+    fn truncated_hash_messages_are_errors() {
+        let r = encode_message(&hash_reply());
+        for cut in 0..r.len() {
+            assert!(decode_message::<HashReply>("HashReply", &r[..cut]).is_err(), "cut {cut}");
+        }
+        let q = encode_message(&HashRequest { id: 1, disk: 0, region_shift: 20, regions: vec![5, 6, 300] });
+        for cut in 0..q.len() {
+            assert!(decode_message::<HashRequest>("HashRequest", &q[..cut]).is_err(), "cut {cut}");
+        }
+        let t = encode_message(&TargetHashRequest { id: 1, volume: "v".into(), region_shift: 20, regions: vec![1], through_seq: 3 });
+        for cut in 0..t.len() {
+            assert!(decode_message::<TargetHashRequest>("TargetHashRequest", &t[..cut]).is_err(), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn garbage_hash_messages_are_errors_not_panics() {
+        // An unknown status, a region count far beyond the bytes, random bytes.
+        let mut bad_status = encode_message(&hash_reply());
+        bad_status[1] = 9;
+        let e = decode_message::<HashReply>("HashReply", &bad_status).unwrap_err();
+        assert!(matches!(e, FrameError::BadMessage { what: "HashReply", .. }), "{e}");
+        let huge = [1u8, 0, 20, 0xff, 0xff, 0xff, 0xff, 0x0f];
+        assert!(decode_message::<HashRequest>("HashRequest", &huge).is_err());
+        let mut x: u32 = 0x9e37_79b9;
+        for len in 0..200 {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x.to_le_bytes()[0]
+                })
+                .collect();
+            let _ = decode_message::<HashReply>("HashReply", &bytes);
+            let _ = decode_message::<HashRequest>("HashRequest", &bytes);
+            let _ = decode_message::<TargetHashRequest>("TargetHashRequest", &bytes);
+        }
+    }
+
+    #[test]
+    fn progress_carries_the_compare_counts() {
+        let m = ResyncProgressMsg { disk: 1, done: 3, total: 12, bytes_per_s: 5 << 20, compare_total: 1024, compared: 512, differ: 12 };
+        assert_eq!(decode_message::<ResyncProgressMsg>("ResyncProgress", &encode_message(&m)).unwrap(), m);
     }
 
     #[test]

@@ -15,11 +15,12 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use hindsight_consistency::region_hash::region_hash;
 use hindsight_consistency::storage::StdStorage;
 use hindsight_consistency::transport::Security;
 use hindsight_consistency::wire::{
-    decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, DiskHello, ErrorMessage, FrameType, WriteAck,
-    WriteMsg, PROTOCOL_VERSION,
+    decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, DiskHello, ErrorMessage, FrameType, HashReply,
+    HashRequest, HashStatus, WriteAck, WriteMsg, PROTOCOL_VERSION,
 };
 use hindsight_consistency::WriteKind;
 use hindsight_splitter::block::BlockDevice;
@@ -86,6 +87,9 @@ struct Shared {
     conns: AtomicUsize,
     dropped: AtomicBool,
     stopping: AtomicBool,
+    /// Held while a frame is written to an agent (acknowledgements and hash replies come
+    /// from two threads).
+    sending: Mutex<()>,
 }
 
 /// An engine stand-in on 127.0.0.1: answers the hello, records every write in the order
@@ -115,6 +119,7 @@ impl FakeEngine {
             conns: AtomicUsize::new(0),
             dropped: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            sending: Mutex::new(()),
         });
         let s = Arc::clone(&shared);
         let accept = thread::spawn(move || {
@@ -165,17 +170,7 @@ impl FakeEngine {
 
     /// Applies every received write of `disk`, in order, to a zeroed image of `size` bytes.
     pub fn replay(&self, disk: u16, size: u64) -> Vec<u8> {
-        let mut image = vec![0u8; usize::try_from(size).unwrap()];
-        for w in lock(&self.shared.writes).iter().filter(|w| w.disk == disk) {
-            let start = usize::try_from(w.offset).unwrap();
-            let end = start + w.length as usize;
-            match w.kind {
-                WriteKind::Data | WriteKind::Resync => image[start..end].copy_from_slice(&w.data),
-                WriteKind::Zeroes | WriteKind::Trim => image[start..end].fill(0),
-                k => panic!("a Write message can never carry a {} record", k.as_str()),
-            }
-        }
-        image
+        replay(&lock(&self.shared.writes), disk, size)
     }
 }
 
@@ -206,6 +201,7 @@ fn serve(s: &Arc<Shared>, mut stream: TcpStream) {
         return;
     };
     let hello: AgentHello = decode_message("AgentHello", &payload).unwrap();
+    let sizes: Vec<u64> = hello.disks.iter().map(|d| d.size).collect();
     lock(&s.hellos).push(hello);
     let behaviour = lock(&s.behaviour).clone();
     if let Some(message) = behaviour.refuse {
@@ -227,6 +223,29 @@ fn serve(s: &Arc<Shared>, mut stream: TcpStream) {
     };
     let mut count = 0;
     while let Ok(ftype) = read_frame(&mut stream, &mut payload) {
+        if ftype == FrameType::HashRequest {
+            // Answered as a target would: the hashes of what this engine holds, which is
+            // shipped at once.
+            let req: HashRequest = decode_message("HashRequest", &payload).unwrap();
+            let size = sizes[usize::from(req.disk)];
+            let image = replay(&lock(&s.writes), req.disk, size);
+            let hashes = req
+                .regions
+                .iter()
+                .map(|&r| {
+                    let start = usize::try_from(r << req.region_shift).unwrap();
+                    let end = usize::try_from(((r + 1) << req.region_shift).min(size)).unwrap();
+                    region_hash(&image[start..end])
+                })
+                .collect();
+            let reply = HashReply { id: req.id, status: HashStatus::Ok, seq: 0, hashes, message: String::new() };
+            let _held = lock(&s.sending);
+            let _ = write_frame(&mut stream, FrameType::HashReply, &encode_message(&reply), &mut scratch);
+            continue;
+        }
+        if ftype == FrameType::ResyncProgress {
+            continue;
+        }
         assert_eq!(ftype, FrameType::Write, "agent sent a {ftype:?} frame");
         let (msg, data) = WriteMsg::decode(&payload).unwrap();
         let WriteMsg { req_id, offset, length, disk, kind } = msg;
@@ -245,6 +264,21 @@ fn serve(s: &Arc<Shared>, mut stream: TcpStream) {
     let _ = acker.join();
 }
 
+/// The image of disk `disk` after `writes`, in order.
+fn replay(writes: &[Received], disk: u16, size: u64) -> Vec<u8> {
+    let mut image = vec![0u8; usize::try_from(size).unwrap()];
+    for w in writes.iter().filter(|w| w.disk == disk) {
+        let start = usize::try_from(w.offset).unwrap();
+        let end = start + w.length as usize;
+        match w.kind {
+            WriteKind::Data | WriteKind::Resync => image[start..end].copy_from_slice(&w.data),
+            WriteKind::Zeroes | WriteKind::Trim => image[start..end].fill(0),
+            k => panic!("a Write message can never carry a {} record", k.as_str()),
+        }
+    }
+    image
+}
+
 /// Sends acknowledgements when they fall due; on a closed connection the rest are dropped.
 fn send_acks(s: &Shared, mut w: TcpStream, rx: &Receiver<(Instant, u64, WriteAck)>, conn: usize) {
     let mut heap: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
@@ -257,9 +291,11 @@ fn send_acks(s: &Shared, mut w: TcpStream, rx: &Receiver<(Instant, u64, WriteAck
             }
             heap.pop();
             let ack: WriteAck = acks.remove(&req_id).unwrap();
+            let held = lock(&s.sending);
             if write_frame(&mut w, FrameType::WriteAck, &ack.encode(), &mut scratch).is_err() {
                 return;
             }
+            drop(held);
             lock(&s.acked).insert((conn, req_id));
         }
         let next = match heap.peek() {
