@@ -213,8 +213,7 @@ fn engine_journal_full_with_pause_and_track_keeps_the_guest_running_then_resyncs
 
     c.start_target();
     wait_log(&c, "engine", "taking writes after a pause", Duration::from_secs(60));
-    wait_log(&c, "agent-vm1", "resync complete", Duration::from_secs(60));
-    wait_log(&c, "engine", "resync of volume(s) data complete", Duration::from_secs(30));
+    wait_log(&c, "engine", "resync of volume(s) data complete", Duration::from_secs(60));
     let model = w.image_after(&base, 80);
     check_latest(&c, &model);
     let k = check_point_before_resync(&c, &w, &base, 40);

@@ -25,7 +25,7 @@ use thiserror::Error;
 use crate::record::{
     decode_record, encode_record, read_u32, read_u64, record_len_from_header, DecodeError, RecordHeader, RecordRef, Seq, RECORD_HEADER_LEN,
 };
-use crate::storage::{OpenMode, Storage, StorageFile};
+use crate::storage::{AlignedBuf, OpenMode, Storage, StorageFile, DIRECT_IO_ALIGN};
 
 /// Magic bytes opening every segment.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"HSJOURNL";
@@ -98,12 +98,23 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Jou
 pub struct JournalOptions {
     /// A new segment is started once the active one reaches this size.
     pub segment_size: u64,
+    /// Write with direct I/O where the file system allows it (docs/journal-format.md,
+    /// "Direct I/O and padding").
+    pub direct: bool,
 }
 
 impl Default for JournalOptions {
     fn default() -> Self {
-        JournalOptions { segment_size: DEFAULT_SEGMENT_SIZE }
+        JournalOptions { segment_size: DEFAULT_SEGMENT_SIZE, direct: true }
     }
+}
+
+/// Direct-I/O commits start on multiples of this; a record position inside a block that holds
+/// zero bytes is padding up to the block's end.
+pub const BLOCK: u64 = DIRECT_IO_ALIGN as u64;
+
+fn align_up(n: u64) -> u64 {
+    n.div_ceil(BLOCK) * BLOCK
 }
 
 /// File name of the segment starting at `first_seq`.
@@ -175,7 +186,12 @@ pub struct Journal {
     opts: JournalOptions,
     segments: VecDeque<SegmentInfo>,
     active: Box<dyn StorageFile>,
+    /// Where the next commit goes in the active segment.
     active_len: u64,
+    /// The active segment is open for direct I/O: commits are padded to whole blocks.
+    direct: bool,
+    /// The padded copy of a direct-I/O commit.
+    staging: AlignedBuf,
     /// Next sequence number to append.
     next_seq: Seq,
     /// Sequence number up to which everything is durable.
@@ -242,6 +258,7 @@ impl Journal {
             }
             Some(last) => {
                 let f = fs.open(&last.path, OpenMode::ReadWrite).map_err(io_err(&last.path, "open segment"))?;
+                let last = last.clone();
                 let scan = scan_segment(f.as_ref(), last.first_seq, &last.path)?;
                 let len = f.len().map_err(io_err(&last.path, "stat segment"))?;
                 // Records written before a crash or a failed flush may still sit in the page
@@ -261,6 +278,12 @@ impl Journal {
                 (f, scan.end, scan.next_seq, scan.last_time_ns)
             }
         };
+        let active_path = segments.back().expect("there is always an active segment").path.clone();
+        let (active, active_len, direct) = match open_direct(fs.as_ref(), &active_path, opts)? {
+            // Never into a block that holds records: the next commit starts at the next one.
+            Some(d) => (d, align_up(active_len), true),
+            None => (active, active_len, false),
+        };
         Ok(Journal {
             fs,
             dir: dir.to_owned(),
@@ -268,6 +291,8 @@ impl Journal {
             segments,
             active,
             active_len,
+            direct,
+            staging: AlignedBuf::default(),
             next_seq,
             durable_seq: next_seq - 1,
             last_time_ns,
@@ -375,12 +400,19 @@ impl Journal {
                 sealed.bytes = self.active_len;
             }
             self.active_len = SEGMENT_HEADER_LEN as u64;
+            self.direct = false;
+            if let Some(d) = open_direct(self.fs.as_ref(), &info.path, self.opts)? {
+                self.active = d;
+                self.active_len = BLOCK;
+                self.direct = true;
+            }
             self.segments.push_back(info);
         }
         let path = &self.segments.back().expect("there is always an active segment").path;
-        self.active.write_all_at(&self.pending, self.active_len).map_err(io_err(path, "append"))?;
+        let bytes = if self.direct { self.staging.padded(&self.pending) } else { &self.pending[..] };
+        self.active.write_all_at(bytes, self.active_len).map_err(io_err(path, "append"))?;
         self.active.sync_data().map_err(io_err(path, "fdatasync"))?;
-        self.active_len += self.pending.len() as u64;
+        self.active_len += bytes.len() as u64;
         self.pending.clear();
         self.durable_seq = self.next_seq - 1;
         Ok(self.durable_seq)
@@ -413,6 +445,14 @@ fn create_segment(fs: &dyn Storage, dir: &Path, first_seq: Seq) -> Result<Segmen
     f.sync_data().map_err(io_err(&path, "sync segment header"))?;
     fs.sync_dir(dir).map_err(io_err(dir, "sync directory"))?;
     Ok(SegmentInfo { first_seq, path, bytes: 0 })
+}
+
+/// The segment opened for direct I/O, if the options ask for it and the file system can.
+fn open_direct(fs: &dyn Storage, path: &Path, opts: JournalOptions) -> Result<Option<Box<dyn StorageFile>>, JournalError> {
+    if !opts.direct {
+        return Ok(None);
+    }
+    fs.open_direct(path).map_err(io_err(path, "open segment for direct I/O"))
 }
 
 fn read_fully(f: &dyn StorageFile, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -505,9 +545,28 @@ impl SegmentCursor {
 
     /// The next record, `None` at the clean end of the written data.
     fn next(&mut self, f: &dyn StorageFile, path: &Path) -> Result<Option<RecordRef<'_>>, CursorStop> {
-        let avail = self.fill(f, RECORD_HEADER_LEN, path).map_err(CursorStop::Io)?;
+        let mut avail = self.fill(f, RECORD_HEADER_LEN, path).map_err(CursorStop::Io)?;
         if avail == 0 {
             return Ok(None);
+        }
+        if !self.pos.is_multiple_of(BLOCK) && avail >= 4 {
+            let start = usize::try_from(self.pos - self.buf_off).expect("buffer offset fits");
+            if self.buf[start..start + 4] == [0; 4] {
+                // Padding after a direct-I/O commit: zeroes to the end of the block.
+                let rest = usize::try_from(BLOCK - self.pos % BLOCK).expect("below a block");
+                if self.fill(f, rest, path).map_err(CursorStop::Io)? < rest {
+                    return Err(CursorStop::Invalid("zero bytes up to the end of the file"));
+                }
+                let start = usize::try_from(self.pos - self.buf_off).expect("buffer offset fits");
+                if self.buf[start..start + rest].iter().any(|&b| b != 0) {
+                    return Err(CursorStop::Invalid("padding holds non-zero bytes"));
+                }
+                self.pos += rest as u64;
+                avail = self.fill(f, RECORD_HEADER_LEN, path).map_err(CursorStop::Io)?;
+                if avail == 0 {
+                    return Ok(None);
+                }
+            }
         }
         if avail < RECORD_HEADER_LEN {
             return Err(CursorStop::Invalid("incomplete record header"));

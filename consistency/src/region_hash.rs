@@ -1,5 +1,5 @@
 //! The hash of a region, as an initial sync compares it between the agent's disk and the
-//! target's replica (docs/wire-protocol.md, session 6): the 32-byte BLAKE3 hash of the
+//! target's replica (docs/wire-protocol.md, "Sessions", item 6): the 32-byte BLAKE3 hash of the
 //! region's bytes. A region that is all zeroes (a hole reads as zeroes) hashes as such without
 //! running the hash over it: checking for zeroes is several times faster than hashing, and
 //! blank regions are the common case of a new disk or replica.

@@ -78,6 +78,40 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
     /// True if the path exists.
     fn exists(&self, path: &Path) -> bool;
+    /// Opens an existing file for reading and writing with direct I/O (`O_DIRECT`: writes go
+    /// to the device without the page cache; buffers, offsets and lengths must be multiples
+    /// of [`DIRECT_IO_ALIGN`]). `None` where direct I/O is not available (tmpfs, or a backend
+    /// that models the page cache, like the fault-injecting one of the tests).
+    fn open_direct(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>> {
+        let _ = path;
+        Ok(None)
+    }
+}
+
+/// Alignment of buffers, offsets and lengths of direct I/O.
+pub const DIRECT_IO_ALIGN: usize = 4096;
+
+/// A reusable buffer whose contents start at a [`DIRECT_IO_ALIGN`]-aligned address, for direct
+/// I/O writes (the global allocator does not promise that alignment for a `Vec<u8>`).
+#[derive(Debug, Default)]
+pub struct AlignedBuf {
+    buf: Vec<u8>,
+}
+
+impl AlignedBuf {
+    /// `bytes` followed by zeroes up to the next multiple of [`DIRECT_IO_ALIGN`], at an
+    /// aligned address.
+    pub fn padded(&mut self, bytes: &[u8]) -> &[u8] {
+        let len = bytes.len().div_ceil(DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN;
+        if self.buf.len() < len + DIRECT_IO_ALIGN {
+            self.buf = vec![0; len + DIRECT_IO_ALIGN];
+        }
+        let at = self.buf.as_ptr().align_offset(DIRECT_IO_ALIGN);
+        let out = &mut self.buf[at..at + len];
+        out[..bytes.len()].copy_from_slice(bytes);
+        out[bytes.len()..].fill(0);
+        out
+    }
 }
 
 /// The real file system.
@@ -187,6 +221,15 @@ impl Storage for StdStorage {
     }
     fn exists(&self, path: &Path) -> bool {
         path.exists()
+    }
+    fn open_direct(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        match OpenOptions::new().read(true).write(true).custom_flags(nix::fcntl::OFlag::O_DIRECT.bits()).open(path) {
+            Ok(f) => Ok(Some(Box::new(StdFile(f)))),
+            // The file system does not do direct I/O.
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -40,7 +40,9 @@ fn read_all(dir: &Path, from: u64) -> Vec<u64> {
     seqs
 }
 
-const SMALL: JournalOptions = JournalOptions { segment_size: 64 << 10 };
+const SMALL: JournalOptions = JournalOptions { segment_size: 64 << 10, direct: true };
+/// Without direct I/O: records back to back from offset 32, for tests that compute offsets.
+const BUFFERED: JournalOptions = JournalOptions { segment_size: 64 << 20, direct: false };
 
 #[test]
 fn append_commit_reopen_read_back_across_segments() {
@@ -61,7 +63,7 @@ fn append_commit_reopen_read_back_across_segments() {
 #[test]
 fn replay_torn_tail_keeps_prefix() {
     let d = tempfile::tempdir().unwrap();
-    let mut j = Journal::open(fs(), d.path(), JournalOptions::default()).unwrap();
+    let mut j = Journal::open(fs(), d.path(), BUFFERED).unwrap();
     append_n(&mut j, 5, 1000);
     drop(j);
     let seg = list_segments(fs().as_ref(), d.path()).unwrap().pop().unwrap().1;
@@ -71,7 +73,7 @@ fn replay_torn_tail_keeps_prefix() {
     let rec_len = 44 + 3 + 1000;
     for cut in ((full.len() - 2 * rec_len)..full.len()).step_by(13).chain([full.len() - rec_len, full.len() - 1]) {
         std::fs::write(&seg, &full[..cut]).unwrap();
-        let j = Journal::open(fs(), d.path(), JournalOptions::default()).unwrap();
+        let j = Journal::open(fs(), d.path(), BUFFERED).unwrap();
         let whole = ((cut - 32) / rec_len) as u64;
         assert_eq!(j.next_seq(), whole + 1, "cut at {cut}");
         assert_eq!(std::fs::metadata(&seg).unwrap().len() as usize, 32 + whole as usize * rec_len);
@@ -81,7 +83,7 @@ fn replay_torn_tail_keeps_prefix() {
 #[test]
 fn flipped_bit_in_tail_record_drops_it_and_what_follows() {
     let d = tempfile::tempdir().unwrap();
-    let mut j = Journal::open(fs(), d.path(), JournalOptions::default()).unwrap();
+    let mut j = Journal::open(fs(), d.path(), BUFFERED).unwrap();
     append_n(&mut j, 4, 100);
     drop(j);
     let seg = list_segments(fs().as_ref(), d.path()).unwrap().pop().unwrap().1;
@@ -89,7 +91,7 @@ fn flipped_bit_in_tail_record_drops_it_and_what_follows() {
     let rec_len = 44 + 3 + 100;
     bytes[32 + 2 * rec_len + 60] ^= 0x10; // inside record 3's data
     std::fs::write(&seg, &bytes).unwrap();
-    let mut j = Journal::open(fs(), d.path(), JournalOptions::default()).unwrap();
+    let mut j = Journal::open(fs(), d.path(), BUFFERED).unwrap();
     assert_eq!(j.next_seq(), 3);
     append_n(&mut j, 2, 100);
     assert_eq!(read_all(d.path(), 1), vec![1, 2, 3, 4]);
@@ -164,7 +166,6 @@ fn bytes_on_disk(dir: &Path) -> u64 {
 fn size_bytes_follows_rolls_trims_and_reopens() {
     let d = tempfile::tempdir().unwrap();
     let mut j = Journal::open(fs(), d.path(), SMALL).unwrap();
-    assert_eq!(j.size_bytes(), bytes_on_disk(d.path()));
     for _ in 0..12 {
         append_n(&mut j, 5, 4096);
         assert_eq!(j.size_bytes(), bytes_on_disk(d.path()));
@@ -175,4 +176,81 @@ fn size_bytes_follows_rolls_trims_and_reopens() {
     drop(j);
     let j = Journal::open(fs(), d.path(), SMALL).unwrap();
     assert_eq!(j.size_bytes(), bytes_on_disk(d.path()));
+}
+
+/// Start offsets of the records of a segment, by reading it back record by record.
+fn record_offsets(seg: &Path) -> Vec<u64> {
+    let bytes = std::fs::read(seg).unwrap();
+    let mut out = Vec::new();
+    let mut at = 32usize;
+    while at + 4 <= bytes.len() {
+        if bytes[at..at + 4] == [0; 4] {
+            at = at.div_ceil(4096) * 4096; // padding
+            continue;
+        }
+        let (_, used) = hindsight_consistency::record::decode_record(&bytes[at..]).unwrap();
+        out.push(at as u64);
+        at += used;
+    }
+    out
+}
+
+#[test]
+fn direct_commits_start_on_blocks_and_read_back_across_reopens() {
+    let d = tempfile::tempdir().unwrap();
+    let mut j = Journal::open(fs(), d.path(), JournalOptions::default()).unwrap();
+    append_n(&mut j, 3, 1000); // one commit of 3 records, padded
+    append_n(&mut j, 1, 5000); // one record spanning two blocks
+    append_n(&mut j, 2, 10);
+    drop(j);
+    let seg = list_segments(fs().as_ref(), d.path()).unwrap().pop().unwrap().1;
+    let len = std::fs::metadata(&seg).unwrap().len();
+    assert_eq!(len % 4096, 0, "the file ends on a block");
+    let offsets = record_offsets(&seg);
+    // Each commit's first record starts on a block of its own.
+    assert_eq!(offsets.len(), 6);
+    assert_eq!((offsets[0], offsets[3] % 4096, offsets[4] % 4096), (4096, 0, 0), "{offsets:?}");
+    let mut j = Journal::open(fs(), d.path(), JournalOptions::default()).unwrap();
+    assert_eq!(j.next_seq(), 7);
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), len, "padding is not a torn tail");
+    append_n(&mut j, 2, 700);
+    drop(j);
+    assert_eq!(read_all(d.path(), 1), (1..=8).collect::<Vec<_>>());
+    // A journal written without direct I/O goes on with it, and the other way round.
+    let mut j = Journal::open(fs(), d.path(), BUFFERED).unwrap();
+    append_n(&mut j, 2, 300);
+    drop(j);
+    let mut j = Journal::open(fs(), d.path(), JournalOptions::default()).unwrap();
+    append_n(&mut j, 1, 300);
+    drop(j);
+    assert_eq!(read_all(d.path(), 1), (1..=11).collect::<Vec<_>>());
+    assert_eq!(read_all(d.path(), 9), (9..=11).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_torn_direct_commit_keeps_every_earlier_commit() {
+    let d = tempfile::tempdir().unwrap();
+    let mut j = Journal::open(fs(), d.path(), JournalOptions::default()).unwrap();
+    append_n(&mut j, 2, 1000); // commit A: seq 1, 2 in block 1
+    append_n(&mut j, 6, 3000); // commit B: seq 3..=8 over blocks 2..=6
+    drop(j);
+    let seg = list_segments(fs().as_ref(), d.path()).unwrap().pop().unwrap().1;
+    let full = std::fs::read(&seg).unwrap();
+    let offsets = record_offsets(&seg);
+    // For each block of commit B that a crash did not write (zeroes, the rest written):
+    // every record before that block is kept, none after it.
+    for missing in 2..(full.len() / 4096) {
+        let mut bytes = full.clone();
+        bytes[missing * 4096..(missing + 1) * 4096].fill(0);
+        std::fs::write(&seg, &bytes).unwrap();
+        let j = Journal::open(fs(), d.path(), JournalOptions::default()).unwrap();
+        let whole = offsets
+            .iter()
+            .zip(offsets.iter().skip(1).chain([&(full.len() as u64)]))
+            .filter(|(_, end)| **end <= (missing * 4096) as u64)
+            .count();
+        assert_eq!(j.next_seq(), whole as u64 + 1, "block {missing} missing");
+        drop(j);
+        assert_eq!(read_all(d.path(), 1), (1..=whole as u64).collect::<Vec<_>>());
+    }
 }

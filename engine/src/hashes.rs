@@ -1,5 +1,5 @@
 //! Routing region-hash requests from agents to a group's target and the answers back
-//! (docs/wire-protocol.md, session 6).
+//! (docs/wire-protocol.md, "Sessions", item 6).
 //!
 //! ```text
 //! agent ──HashRequest──▶ session reader ──Barrier──▶ journal thread (through_seq = durable

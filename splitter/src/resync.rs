@@ -200,6 +200,7 @@ fn run_once(disks: &[Arc<ReplicatedDisk>], link: &EngineLink, sweeps: &mut HashM
         if todo.is_empty() && d.resyncing() && link.is_connected() {
             // Every region is back: writes go as plain data again, and, if resync data went
             // out, the engine places the resync point after the last of it.
+            info!("volume {}: every dirty region is back at the engine; the resync ends", d.volume());
             d.finish_resync(|| link.resync_done(&[d.disk_number()]));
             continue;
         }

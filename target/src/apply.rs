@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::io;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use hindsight_consistency::journal::JournalReader;
-use hindsight_consistency::storage::{OpenMode, Storage, StorageFile};
+use hindsight_consistency::storage::{AlignedBuf, OpenMode, Storage, StorageFile, DIRECT_IO_ALIGN};
 use hindsight_consistency::{RecordRef, Seq, WriteKind};
 
 use crate::error::TargetError;
@@ -32,12 +32,20 @@ pub(crate) fn in_bounds(rec: &RecordRef<'_>, size: u64) -> bool {
     rec.header.offset.checked_add(u64::from(rec.header.length)).is_some_and(|end| end <= size)
 }
 
+/// Writes of at least this many bytes go to a replica with direct I/O (when aligned and the
+/// file system allows it): copying them through the page cache was most of the target's CPU
+/// for large writes. Smaller ones stay buffered, where the page cache gathers them and a
+/// direct write each would wait for the device.
+const DIRECT_MIN: usize = 64 << 10;
+
 /// One volume image file.
 pub(crate) struct Image {
     pub volume: String,
     pub size: u64,
     pub path: PathBuf,
     pub file: Box<dyn StorageFile>,
+    /// The same file opened for direct I/O, for large aligned writes (replicas only).
+    direct: Option<(Box<dyn StorageFile>, Mutex<AlignedBuf>)>,
 }
 
 impl Image {
@@ -55,7 +63,7 @@ impl Image {
             file.set_len(vol.size).map_err(|e| err("set the size of", e))?;
         }
         file.sync_data().map_err(|e| err("sync", e))?;
-        Ok(Image { volume: vol.name.clone(), size: vol.size, path, file })
+        Ok(Image { volume: vol.name.clone(), size: vol.size, path, file, direct: None })
     }
 
     /// Opens an existing image for reading (and writing if `write`).
@@ -77,7 +85,35 @@ impl Image {
             );
             file.set_len(vol.size).map_err(|e| err("resize", e))?;
         }
-        Ok(Image { volume: vol.name.clone(), size: vol.size, path, file })
+        Ok(Image { volume: vol.name.clone(), size: vol.size, path, file, direct: None })
+    }
+
+    /// Also opens the image for direct I/O, if the file system allows it, so that large
+    /// aligned writes bypass the page cache.
+    pub fn with_direct_io(mut self, fs: &dyn Storage, group: &str) -> Result<Image, TargetError> {
+        let d = fs.open_direct(&self.path).map_err(|source| TargetError::Image {
+            group: group.to_owned(),
+            volume: self.volume.clone(),
+            step: "open for direct I/O",
+            path: self.path.clone(),
+            source,
+        })?;
+        self.direct = d.map(|f| (f, Mutex::new(AlignedBuf::default())));
+        Ok(self)
+    }
+
+    /// Writes a record's data with direct I/O if it is large and aligned; false if it must
+    /// take the buffered path.
+    fn write_direct(&self, rec: &RecordRef<'_>) -> io::Result<bool> {
+        let Some((file, staging)) = &self.direct else { return Ok(false) };
+        let align = DIRECT_IO_ALIGN as u64;
+        let aligned = rec.header.offset.is_multiple_of(align) && rec.data.len().is_multiple_of(DIRECT_IO_ALIGN);
+        if !matches!(rec.header.kind, WriteKind::Data | WriteKind::Resync) || rec.data.len() < DIRECT_MIN || !aligned {
+            return Ok(false);
+        }
+        let mut staging = staging.lock().unwrap_or_else(|e| e.into_inner());
+        file.write_all_at(staging.padded(rec.data), rec.header.offset)?;
+        Ok(true)
     }
 
     /// Applies a record of this image's volume.
@@ -91,7 +127,12 @@ impl Image {
                 ),
             });
         }
-        apply_record(self.file.as_ref(), rec).map_err(|source| TargetError::Apply {
+        let res = match self.write_direct(rec) {
+            Ok(true) => Ok(()),
+            Ok(false) => apply_record(self.file.as_ref(), rec),
+            Err(e) => Err(e),
+        };
+        res.map_err(|source| TargetError::Apply {
             group: group.to_owned(),
             volume: self.volume.clone(),
             seq: rec.header.seq,
@@ -129,6 +170,16 @@ impl ImageSet {
         let mut set = ImageSet::empty(group);
         for v in volumes {
             set.insert(Image::open(fs, group, dir, v, true)?);
+        }
+        Ok(set)
+    }
+
+    /// Opens the replicas of `volumes` in `dir`: for writing, and large writes with direct
+    /// I/O where the file system allows it.
+    pub fn open_replicas(fs: &dyn Storage, group: &str, dir: &Path, volumes: &[Volume]) -> Result<ImageSet, TargetError> {
+        let mut set = ImageSet::empty(group);
+        for v in volumes {
+            set.insert(Image::open(fs, group, dir, v, true)?.with_direct_io(fs, group)?);
         }
         Ok(set)
     }

@@ -115,8 +115,12 @@ impl Group {
             fs.sync_dir(parent).map_err(data_dir_err(parent, "sync directory"))?;
         }
         fs.open(&paths.lock(), OpenMode::Create).map_err(data_dir_err(&paths.lock(), "create lock file"))?;
-        let journal = Journal::open(Arc::clone(&fs), &paths.journal(), JournalOptions { segment_size: opts.segment_size })
-            .map_err(|source| TargetError::Journal { group: name.to_owned(), step: "create", source })?;
+        let journal = Journal::open(
+            Arc::clone(&fs),
+            &paths.journal(),
+            JournalOptions { segment_size: opts.segment_size, ..JournalOptions::default() },
+        )
+        .map_err(|source| TargetError::Journal { group: name.to_owned(), step: "create", source })?;
         if journal.durable_seq() > 0 {
             return Err(TargetError::Inconsistent {
                 group: name.to_owned(),
@@ -130,7 +134,7 @@ impl Group {
         }
         let mut replicas = ImageSet::empty(name);
         for v in &meta.volumes {
-            replicas.insert(Image::create(fs.as_ref(), name, &paths.replica_dir(), v, true)?);
+            replicas.insert(Image::create(fs.as_ref(), name, &paths.replica_dir(), v, true)?.with_direct_io(fs.as_ref(), name)?);
             Image::create(fs.as_ref(), name, &paths.base_dir(), v, false)?;
         }
         for dir in [paths.replica_dir(), paths.base_dir()] {
@@ -183,8 +187,12 @@ impl Group {
             reason: format!("{} is missing", paths.state().display()),
         })?;
         let jerr = |step| move |source| TargetError::Journal { group: name.to_owned(), step, source };
-        let mut journal =
-            Journal::open(Arc::clone(&fs), &paths.journal(), JournalOptions { segment_size: opts.segment_size }).map_err(jerr("open"))?;
+        let mut journal = Journal::open(
+            Arc::clone(&fs),
+            &paths.journal(),
+            JournalOptions { segment_size: opts.segment_size, ..JournalOptions::default() },
+        )
+        .map_err(jerr("open"))?;
         // Journal::open takes every record it finds in the active segment as durable, but a
         // previous run may have stopped after a failed fdatasync with some of them only in the
         // page cache. Sync them before the engine is told they are held.
@@ -266,7 +274,7 @@ impl Group {
             }
             log::info!("group {name:?}: rebuilt the bookmark and span indexes from the journal ({} bookmark(s))", marks.bookmark_count());
         }
-        let replicas = ImageSet::open(fs.as_ref(), name, &paths.replica_dir(), &meta.volumes)?;
+        let replicas = ImageSet::open_replicas(fs.as_ref(), name, &paths.replica_dir(), &meta.volumes)?;
         if durable > state.applied_seq {
             let started = Instant::now();
             let mut n = 0u64;
@@ -374,7 +382,10 @@ impl Group {
             let res = (|| {
                 let mut replicas = (*inner.replicas).clone();
                 for v in &added {
-                    replicas.insert(Image::create(self.fs.as_ref(), &self.name, &self.paths.replica_dir(), v, true)?);
+                    replicas.insert(
+                        Image::create(self.fs.as_ref(), &self.name, &self.paths.replica_dir(), v, true)?
+                            .with_direct_io(self.fs.as_ref(), &self.name)?,
+                    );
                     Image::create(self.fs.as_ref(), &self.name, &self.paths.base_dir(), v, false)?;
                     log::info!("group {:?}: added volume {:?} ({} bytes, vm {})", self.name, v.name, v.size, v.vm);
                 }

@@ -1,5 +1,5 @@
 //! Region hashes of a replica, for an engine comparing an initial sync
-//! (docs/wire-protocol.md, session 6; docs/consistency.md says why the prefix makes it exact).
+//! (docs/wire-protocol.md, "Sessions", item 6; docs/consistency.md says why the prefix makes it exact).
 //!
 //! ```text
 //! engine → target:  TargetHashRequest { id | volume | region_shift | regions | through_seq }

@@ -343,7 +343,8 @@ mod tests {
         assert_eq!(FrameType::from_code(0x26), Some(FrameType::TargetHashReply));
         assert_eq!(FrameType::from_code(0x37), Some(FrameType::HashRequest));
         assert_eq!(FrameType::from_code(0x38), Some(FrameType::HashReply));
-        assert_eq!(FrameType::from_code(0x27), None, "reserved");
+        assert_eq!(FrameType::from_code(0x27), Some(FrameType::JournalState));
+        assert_eq!(FrameType::from_code(0x28), None, "unassigned");
     }
 
     #[test]
