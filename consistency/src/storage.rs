@@ -46,6 +46,17 @@ pub trait StorageFile: Send + Sync {
     fn allocate(&self, len: u64) -> io::Result<()> {
         self.set_len(len)
     }
+    /// False when `start..end` is known to read back as zeroes without being read (a hole,
+    /// or space reserved and never written); true when it may hold data or nobody can tell.
+    fn may_hold_data(&self, start: u64, end: u64) -> bool {
+        let _ = (start, end);
+        true
+    }
+    /// Drops `len` bytes at `offset` from the page cache (after reading them once, so that a
+    /// scan does not fill the cache); the default does nothing.
+    fn drop_cached(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_exact_at(&self, buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         let mut done = 0;
@@ -151,6 +162,22 @@ impl StorageFile for StdFile {
     }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         zero_range(&self.0, offset, len)
+    }
+    fn may_hold_data(&self, start: u64, end: u64) -> bool {
+        use nix::unistd::{lseek, Whence};
+        let Ok(from) = i64::try_from(start) else { return true };
+        match lseek(std::os::fd::AsRawFd::as_raw_fd(&self.0), from, Whence::SeekData) {
+            Ok(data) => u64::try_from(data).map_or(true, |d| d < end),
+            // ENXIO: no data at or after `start`.
+            Err(nix::errno::Errno::ENXIO) => false,
+            Err(_) => true,
+        }
+    }
+    fn drop_cached(&self, offset: u64, len: u64) {
+        use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+        if let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) {
+            let _ = posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&self.0), off, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+        }
     }
     fn allocate(&self, len: u64) -> io::Result<()> {
         use nix::fcntl::{fallocate, FallocateFlags};
