@@ -5,7 +5,8 @@
 # with fio's nbd engine. Prints IOPS, MB/s, p50/p99 completion latency and the ratios.
 #
 #   HS_BENCH_RUNTIME=20   seconds per fio job      HS_BENCH_SIZE=1G   backing file size
-#   HS_BENCH_DIR=dir      where files go (default: a new temporary directory)
+#   HS_BENCH_DIR=dir      where files go, kept afterwards (default: a new temporary directory,
+#                         removed at the end: the images and journals take many GiB)
 #
 # `scripts/bench.sh link` runs the benchmarks of the modes and the link instead
 # (tests/bench_link.rs: bytes on the wire per GiB by mode, sync QD1 latency against the link's
@@ -130,3 +131,7 @@ for j in jobs:
         ratio = "" if s.startswith("hindsight") or not h else "%.2f" % (float(h[2]) / max(float(r[2]), 1))
         print(f"| {j} | {s} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {ratio} |")
 PY
+# The images and journals take many GiB: kept only in a directory the caller chose.
+if [ -z "${HS_BENCH_DIR:-}" ]; then
+  rm -rf "$WORK"
+fi
