@@ -124,6 +124,13 @@ enum Command {
         /// Print JSON
         #[arg(long)]
         json: bool,
+        /// Print it again every SECS seconds (follow a resync or an initial sync) until
+        /// interrupted, or `--count` times
+        #[arg(long, value_name = "SECS")]
+        watch: Option<u64>,
+        /// With --watch: stop after this many reports
+        #[arg(long, requires = "watch")]
+        count: Option<u64>,
     },
     /// Change a group on the running engine.
     Group {
@@ -361,14 +368,28 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
-        Command::Status { at, group, json } => {
+        Command::Status { at, group, json, watch, count } => {
             let to = at.resolve().map_err(Failure::Config)?;
             let req = StatusRequest { protocol: PROTOCOL_VERSION, groups: group.into_iter().collect() };
-            let reply: StatusReply = admin::request(&to, FrameType::StatusRequest, FrameType::StatusReply, &req)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&reply)?);
-            } else {
-                print!("{}", admin::format_status(&reply));
+            let mut reports = 0u64;
+            loop {
+                let reply: StatusReply = admin::request(&to, FrameType::StatusRequest, FrameType::StatusReply, &req)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&reply)?);
+                } else {
+                    if watch.is_some() {
+                        println!("-- {}", format_rfc3339(hindsight_consistency::time::now_ns()));
+                    }
+                    print!("{}", admin::format_status(&reply));
+                }
+                reports += 1;
+                match watch {
+                    Some(secs) if count.is_none_or(|c| reports < c) => {
+                        std::io::Write::flush(&mut std::io::stdout())?;
+                        std::thread::sleep(std::time::Duration::from_secs(secs.max(1)));
+                    }
+                    _ => break,
+                }
             }
         }
         Command::Group { command: GroupCommand::SetMode { at, group, mode } } => {

@@ -243,6 +243,10 @@ fn target_journal_full_with_trim_history_folds_points_inside_retention_and_says_
     wait_log(&c, "engine", "trimmed history inside its retention", Duration::from_secs(5));
     let h = c.history();
     assert!(h["first_seq"].as_u64().unwrap() > 0, "history was not trimmed: {h:#}");
+    // `status --watch` reports again and again (here twice), each with the journal's state.
+    let out = run_ok(Command::new(hindsight_bin()).args(["status", "--watch", "1", "--count", "2", "--config"]).arg(c.engine_toml()));
+    assert_eq!(out.matches("\n-- ").count() + usize::from(out.starts_with("-- ")), 2, "{out}");
+    assert_eq!(out.matches("target trimmed history inside its retention").count(), 2, "{out}");
 }
 
 #[test]
