@@ -24,21 +24,9 @@ const DATA_REGIONS: [u64; 8] = [0, 1, 2, 5, 8, 13, 21, 31];
 /// A region written with zeroes (allocated, but blank): equal to a blank replica.
 const ZERO_REGION: u64 = 20;
 
-/// The target journal's records: (seq, kind, length).
-fn target_records(c: &Cluster) -> Vec<(u64, WriteKind, u32)> {
-    let dir = c.path("target").join("groups").join(&c.group).join("journal");
-    let fs = hindsight_consistency::storage::StdStorage::shared();
-    let mut reader = hindsight_consistency::journal::JournalReader::open(fs, &dir, 1).unwrap();
-    let mut out = Vec::new();
-    while let Some(rec) = reader.next().unwrap() {
-        out.push((rec.header.seq, rec.header.kind, rec.header.length));
-    }
-    out
-}
-
 /// Bytes of resync records the target holds after `after`.
 fn resync_bytes_after(c: &Cluster, after: u64) -> u64 {
-    target_records(c).iter().filter(|r| r.0 > after && r.1 == WriteKind::Resync).map(|r| u64::from(r.2)).sum()
+    c.target_records().iter().filter(|r| r.0 > after && r.1 == WriteKind::Resync).map(|r| u64::from(r.2)).sum()
 }
 
 fn wait_log(c: &Cluster, name: &str, needle: &str, timeout: Duration) {

@@ -52,19 +52,6 @@ fn wait_log(c: &Cluster, name: &str, needle: &str, timeout: Duration) {
     }
 }
 
-/// The target journal's record kinds.
-fn target_kinds(c: &Cluster) -> Vec<WriteKind> {
-    let dir = c.path("target").join("groups").join(&c.group).join("journal");
-    let fs = hindsight_consistency::storage::StdStorage::shared();
-    let first = c.history()["first_seq"].as_u64().unwrap() + 1;
-    let mut reader = hindsight_consistency::journal::JournalReader::open(fs, &dir, first).unwrap();
-    let mut out = Vec::new();
-    while let Some(rec) = reader.next().unwrap() {
-        out.push(rec.header.kind);
-    }
-    out
-}
-
 /// `n` writes of 64 KiB, write `i` at `(i * 64 KiB) % SIZE` filled with `first + i`: the
 /// model after each prefix is known.
 struct Writes {
@@ -185,7 +172,7 @@ fn engine_journal_full_with_block_holds_the_writes_until_the_target_takes_them()
     wait_log(&c, "engine", "has room again", Duration::from_secs(30));
     let model = w.image_after(&vec![0; SIZE as usize], 80);
     check_latest(&c, &model);
-    assert!(!target_kinds(&c).contains(&WriteKind::Resync), "block never tracks, so nothing is resynced");
+    assert!(!c.target_records().iter().any(|r| r.1 == WriteKind::Resync), "block never tracks, so nothing is resynced");
     assert_eq!(status(&c)["journal_state"], "");
 }
 
@@ -278,7 +265,7 @@ fn target_journal_full_with_block_keeps_history_and_backs_up_into_the_engine() {
     assert!(started.elapsed() >= Duration::from_secs(RETENTION - 1), "the writes did not wait for the retention");
     let model = w.image_after(&vec![0; SIZE as usize], 96);
     check_latest(&c, &model);
-    assert!(!target_kinds(&c).contains(&WriteKind::Resync), "block never tracks");
+    assert!(!c.target_records().iter().any(|r| r.1 == WriteKind::Resync), "block never tracks");
     wait_log(&c, "engine", "the target's journal takes records again", Duration::from_secs(5));
 }
 
@@ -308,5 +295,5 @@ fn target_journal_full_with_pause_and_track_pauses_at_once_and_resyncs_after_ret
     wait_log(&c, "engine", "resync of volume(s) data complete", Duration::from_secs(60));
     let model = w.image_after(&base, 96);
     check_latest(&c, &model);
-    assert!(target_kinds(&c).contains(&WriteKind::Resync) || c.history()["first_seq"].as_u64().unwrap() > 0);
+    assert!(c.target_records().iter().any(|r| r.1 == WriteKind::Resync) || c.history()["first_seq"].as_u64().unwrap() > 0);
 }

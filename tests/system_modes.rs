@@ -132,7 +132,7 @@ fn assert_target_holds(c: &Cluster, writes: &Writes, in_flight: Option<&(u64, Ve
 /// and superseded records come from the target's journal.
 fn assert_prefixes(c: &Cluster, writes: &Writes, rng: &mut impl Rng, points: usize) {
     c.settle();
-    let records = target_records(c);
+    let records: Vec<_> = c.target_records().into_iter().map(|(seq, kind, _)| (seq, kind)).collect();
     use hindsight_consistency::WriteKind;
     // Guest writes (a resync's records re-send what is on the local disk; they are not).
     let is_write = |k: &WriteKind| matches!(k, WriteKind::Data | WriteKind::Zeroes | WriteKind::Trim | WriteKind::Superseded);
@@ -197,7 +197,7 @@ fn sync_acknowledged_writes_survive_losing_the_source_site() {
         c.settle();
         let latest = c.recover("data", &["--latest"]);
         if latest != writes.image_after(writes.acked.len()) {
-            let guest_records = target_records(&c).iter().filter(|(_, k)| matches!(k, hindsight_consistency::WriteKind::Data)).count();
+            let guest_records = c.target_records().iter().filter(|(_, k, _)| matches!(k, hindsight_consistency::WriteKind::Data)).count();
             // Each earlier write that came with a resync has no record of its own.
             if guest_records == writes.acked.len() - writes.via_resync.len() {
                 // Not numbered as a guest write: it came with the resync, before its point.
@@ -328,18 +328,6 @@ fn write_hot_blocks(c: &Cluster, rng: &mut impl Rng, count: usize, hot: u64, wri
     session.finish();
 }
 
-/// The target journal's records: (seq, kind).
-fn target_records(c: &Cluster) -> Vec<(u64, hindsight_consistency::WriteKind)> {
-    let dir = c.path("target").join("groups").join(&c.group).join("journal");
-    let fs = hindsight_consistency::storage::StdStorage::shared();
-    let mut reader = hindsight_consistency::journal::JournalReader::open(fs, &dir, 1).unwrap();
-    let mut out = Vec::new();
-    while let Some(rec) = reader.next().unwrap() {
-        out.push((rec.header.seq, rec.header.kind));
-    }
-    out
-}
-
 #[test]
 fn async_sends_far_fewer_bytes_and_every_interval_point_recovers_its_image() {
     if !have_tools(&["qemu-io"]) {
@@ -363,7 +351,7 @@ fn async_sends_far_fewer_bytes_and_every_interval_point_recovers_its_image() {
             continue;
         }
         // Every interval point recovers to the model after the writes before it.
-        let records = target_records(&c);
+        let records: Vec<_> = c.target_records().into_iter().map(|(seq, kind, _)| (seq, kind)).collect();
         let points: Vec<u64> = records.iter().filter(|(_, k)| *k == hindsight_consistency::WriteKind::Point).map(|(s, _)| *s).collect();
         let superseded = records.iter().filter(|(_, k)| *k == hindsight_consistency::WriteKind::Superseded).count();
         assert!(points.len() >= 3, "interval points: {points:?}");

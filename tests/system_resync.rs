@@ -16,18 +16,6 @@ use rand::Rng;
 
 const BLOCK: u64 = 4096;
 
-/// The target journal's records: (seq, kind, length).
-fn target_records(c: &Cluster) -> Vec<(u64, WriteKind, u32)> {
-    let dir = c.path("target").join("groups").join(&c.group).join("journal");
-    let fs = hindsight_consistency::storage::StdStorage::shared();
-    let mut reader = hindsight_consistency::journal::JournalReader::open(fs, &dir, 1).unwrap();
-    let mut out = Vec::new();
-    while let Some(rec) = reader.next().unwrap() {
-        out.push((rec.header.seq, rec.header.kind, rec.header.length));
-    }
-    out
-}
-
 /// Writes `count` random 4 KiB blocks inside the first `span` bytes; returns them in order.
 fn write_blocks(c: &Cluster, rng: &mut impl Rng, count: usize, span: u64, model: &mut [u8]) {
     let mut session = QemuIoSession::start(&c.uri("data"));
@@ -103,7 +91,7 @@ fn engine_outage_is_served_tracked_and_resynced_with_the_last_consistent_point_k
     let source = std::fs::read(c.disk("data")).unwrap();
     assert!(latest == source, "replica and source differ: {}", first_difference(&latest, &source));
     // Only the regions the outage dirtied were sent again.
-    let resync_records = target_records(&c).iter().filter(|r| r.1 == WriteKind::Resync).count();
+    let resync_records = c.target_records().iter().filter(|r| r.1 == WriteKind::Resync).count();
     assert!(resync_records > 0 && resync_records < 30 + 10 + 8, "{resync_records} resync records");
 }
 
@@ -146,7 +134,7 @@ fn agent_killed_with_writes_in_flight_resends_only_its_dirty_regions() {
         .unwrap_or_else(|| panic!("no dirty count in the log:\n{log}"));
     assert!((1..=HOT >> 20).contains(&dirty), "{dirty} dirty regions; only {} were written", HOT >> 20);
     // Exactly those regions were sent again, nothing more.
-    let resync_bytes: u64 = target_records(&c).iter().filter(|r| r.1 == WriteKind::Resync).map(|r| u64::from(r.2)).sum();
+    let resync_bytes: u64 = c.target_records().iter().filter(|r| r.1 == WriteKind::Resync).map(|r| u64::from(r.2)).sum();
     assert_eq!(resync_bytes, dirty << 20, "resync sent {resync_bytes} bytes for {dirty} dirty region(s)");
     let latest = c.recover("data", &["--latest"]);
     let source = std::fs::read(c.disk("data")).unwrap();

@@ -82,6 +82,22 @@ struct Inner {
     full_since: Option<Instant>,
 }
 
+impl Inner {
+    /// The state of a group just opened: everything durable is applied.
+    fn new(meta: GroupMeta, journal: Journal, replicas: ImageSet) -> Inner {
+        let applied_seq = journal.durable_seq();
+        Inner {
+            meta,
+            journal,
+            replicas: Arc::new(replicas),
+            applied_seq,
+            poisoned: None,
+            on_journal_full: JournalFull::TrimHistory,
+            full_since: None,
+        }
+    }
+}
+
 /// The outcome of one batch of `Records` frames.
 pub(crate) struct Receipt {
     /// Durable seq after the batch (sent back in `Confirm`).
@@ -151,16 +167,7 @@ impl Group {
             meta.engine,
             meta.volumes.iter().map(|v| format!("{} ({} bytes, vm {})", v.name, v.size, v.vm)).collect::<Vec<_>>().join(", ")
         );
-        let applied_seq = journal.durable_seq();
-        let inner = Inner {
-            meta,
-            journal,
-            replicas: Arc::new(replicas),
-            applied_seq,
-            poisoned: None,
-            on_journal_full: JournalFull::TrimHistory,
-            full_since: None,
-        };
+        let inner = Inner::new(meta, journal, replicas);
         Ok(Group::assemble(fs, paths, name, opts, state, inner))
     }
 
@@ -300,16 +307,7 @@ impl Group {
             state.base_seq,
             format_rfc3339(state.base_time_ns)
         );
-        let applied_seq = journal.durable_seq();
-        let inner = Inner {
-            meta,
-            journal,
-            replicas: Arc::new(replicas),
-            applied_seq,
-            poisoned: None,
-            on_journal_full: JournalFull::TrimHistory,
-            full_since: None,
-        };
+        let inner = Inner::new(meta, journal, replicas);
         Ok(Group::assemble(fs, paths, name, opts, state, inner))
     }
 
@@ -486,7 +484,10 @@ impl Group {
     fn refuse_when_full(&self, inner: &mut Inner) -> Option<JournalStateMsg> {
         let max = self.opts.journal_size.filter(|_| inner.on_journal_full != JournalFull::TrimHistory)?;
         let bytes = inner.journal.size_bytes();
-        if bytes < max {
+        // Retention folds whole sealed segments only: with the active segment alone over the
+        // size (one large commit), waiting would never free anything; it is taken, and the
+        // next segment brings the journal back under the size once retention folds this one.
+        if bytes < max || inner.journal.segments().count() < 2 {
             if let Some(since) = inner.full_since.take() {
                 log::info!(
                     "group {:?}: the journal has room again ({} of {max} bytes) after {:.0?}; taking records",

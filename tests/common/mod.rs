@@ -334,6 +334,20 @@ impl Cluster {
         }
     }
 
+    /// The records of the target's journal of the group, oldest retained first:
+    /// (seq, kind, length).
+    pub fn target_records(&self) -> Vec<(u64, hindsight_consistency::WriteKind, u32)> {
+        let dir = self.path("target").join("groups").join(&self.group).join("journal");
+        let fs = hindsight_consistency::storage::StdStorage::shared();
+        let first = hindsight_consistency::journal::list_segments(fs.as_ref(), &dir).unwrap().first().map_or(1, |s| s.0);
+        let mut reader = hindsight_consistency::journal::JournalReader::open(fs, &dir, first).unwrap();
+        let mut out = Vec::new();
+        while let Some(rec) = reader.next().unwrap() {
+            out.push((rec.header.seq, rec.header.kind, rec.header.length));
+        }
+        out
+    }
+
     /// Every record in the engine's journal of the group (0 when it has none).
     pub fn engine_records(&self) -> usize {
         let dir = self.path("engine").join("groups").join(&self.group).join("journal");
