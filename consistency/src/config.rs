@@ -202,6 +202,12 @@ struct EngineSection {
     data_dir: PathBuf,
     segment_size: Option<String>,
     max_bandwidth: Option<String>,
+    #[serde(default = "yes")]
+    direct_io: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Deserialize)]
@@ -241,6 +247,8 @@ pub struct EngineConfig {
     pub data_dir: PathBuf,
     /// Journal segment size.
     pub segment_size: u64,
+    /// Write the journals with direct I/O where the file system allows it (default true).
+    pub direct_io: bool,
     /// Most bytes per second shipped to each target address, shared fairly by the groups
     /// that ship there (`None`: no limit).
     pub max_bandwidth: Option<u64>,
@@ -533,7 +541,15 @@ impl EngineConfig {
                 }
             }
         }
-        Ok(EngineConfig { listen, data_dir: raw.engine.data_dir, segment_size, max_bandwidth, groups, security })
+        Ok(EngineConfig {
+            listen,
+            data_dir: raw.engine.data_dir,
+            segment_size,
+            direct_io: raw.engine.direct_io,
+            max_bandwidth,
+            groups,
+            security,
+        })
     }
 }
 
@@ -574,6 +590,8 @@ struct TargetSection {
     retention: Option<String>,
     journal_size: Option<String>,
     segment_size: Option<String>,
+    #[serde(default = "yes")]
+    direct_io: bool,
 }
 
 /// A validated target configuration.
@@ -589,6 +607,9 @@ pub struct TargetConfig {
     pub journal_size: Option<u64>,
     /// Journal segment size.
     pub segment_size: u64,
+    /// Write the journals and large replica writes with direct I/O where the file system
+    /// allows it (default true).
+    pub direct_io: bool,
     /// How the links from engines are protected (`[tls]`).
     pub security: Security,
     /// Which engines may ship groups here.
@@ -647,7 +668,7 @@ impl TargetConfig {
         };
         let tls = tls.map(|t| TlsKeys { ca: t.ca, cert: t.cert, key: t.key, insecure_plaintext: t.insecure_plaintext });
         let security = link_security(tls, Role::Target, None, &[("target.listen".to_owned(), t.listen.clone())])?;
-        Ok(TargetConfig { listen, data_dir: t.data_dir, retention, journal_size, segment_size, security, engines })
+        Ok(TargetConfig { listen, data_dir: t.data_dir, retention, journal_size, segment_size, direct_io: t.direct_io, security, engines })
     }
 }
 
@@ -1116,6 +1137,19 @@ size = "1GiB"
         assert!(parse("insecure_plaintext = true\nengines = [\"a\"]").unwrap_err().contains("tls.engines needs TLS"));
         assert!(parse("engines = []").unwrap_err().contains("tls.engines is empty"));
         assert!(parse("engines = [\"-a\"]").unwrap_err().contains("tls.engines"));
+    }
+
+    #[test]
+    fn direct_io_is_on_unless_turned_off() {
+        assert!(engine(ENGINE).unwrap().direct_io);
+        assert!(!engine(&ENGINE.replace("[tls]", "direct_io = false\n[tls]")).unwrap().direct_io);
+        let target = |extra: &str| {
+            let text = format!("[target]\nlisten = \"127.0.0.1:7500\"\ndata_dir = \"/d\"\n{extra}\n[tls]\ninsecure_plaintext = true");
+            let raw: TargetFile = toml::from_str(&text).unwrap();
+            TargetConfig::validate(raw.target, raw.tls).unwrap()
+        };
+        assert!(target("").direct_io);
+        assert!(!target("direct_io = false").direct_io);
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
     let mut limiters: HashMap<String, Arc<limiter::Limiter>> = HashMap::new();
     for g in &config.groups {
         let dir = config.data_dir.join("groups").join(&g.name).join("journal");
-        let journal = Journal::open(fs.clone(), &dir, JournalOptions { segment_size: config.segment_size, ..JournalOptions::default() })
+        let journal = Journal::open(fs.clone(), &dir, JournalOptions { segment_size: config.segment_size, direct: config.direct_io })
             .map_err(|source| EngineError::OpenJournal { group: g.name.clone(), source })?;
         log::info!(
             "group {} ({}, {} volumes): journal at {} holds seq {}..={}",

@@ -88,9 +88,12 @@ impl Image {
         Ok(Image { volume: vol.name.clone(), size: vol.size, path, file, direct: None })
     }
 
-    /// Also opens the image for direct I/O, if the file system allows it, so that large
-    /// aligned writes bypass the page cache.
-    pub fn with_direct_io(mut self, fs: &dyn Storage, group: &str) -> Result<Image, TargetError> {
+    /// Also opens the image for direct I/O (when `on` and the file system allows it), so
+    /// that large aligned writes bypass the page cache.
+    pub fn with_direct_io(mut self, fs: &dyn Storage, group: &str, on: bool) -> Result<Image, TargetError> {
+        if !on {
+            return Ok(self);
+        }
         let d = fs.open_direct(&self.path).map_err(|source| TargetError::Image {
             group: group.to_owned(),
             volume: self.volume.clone(),
@@ -176,10 +179,10 @@ impl ImageSet {
 
     /// Opens the replicas of `volumes` in `dir`: for writing, and large writes with direct
     /// I/O where the file system allows it.
-    pub fn open_replicas(fs: &dyn Storage, group: &str, dir: &Path, volumes: &[Volume]) -> Result<ImageSet, TargetError> {
+    pub fn open_replicas(fs: &dyn Storage, group: &str, dir: &Path, volumes: &[Volume], direct_io: bool) -> Result<ImageSet, TargetError> {
         let mut set = ImageSet::empty(group);
         for v in volumes {
-            set.insert(Image::open(fs, group, dir, v, true)?.with_direct_io(fs, group)?);
+            set.insert(Image::open(fs, group, dir, v, true)?.with_direct_io(fs, group, direct_io)?);
         }
         Ok(set)
     }

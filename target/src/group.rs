@@ -40,6 +40,8 @@ pub(crate) struct GroupOptions {
     pub segment_size: u64,
     pub retention: Option<Duration>,
     pub journal_size: Option<u64>,
+    /// Direct I/O for the journal and large replica writes, where the file system allows it.
+    pub direct_io: bool,
 }
 
 /// A group served by the daemon.
@@ -131,12 +133,9 @@ impl Group {
             fs.sync_dir(parent).map_err(data_dir_err(parent, "sync directory"))?;
         }
         fs.open(&paths.lock(), OpenMode::Create).map_err(data_dir_err(&paths.lock(), "create lock file"))?;
-        let journal = Journal::open(
-            Arc::clone(&fs),
-            &paths.journal(),
-            JournalOptions { segment_size: opts.segment_size, ..JournalOptions::default() },
-        )
-        .map_err(|source| TargetError::Journal { group: name.to_owned(), step: "create", source })?;
+        let journal =
+            Journal::open(Arc::clone(&fs), &paths.journal(), JournalOptions { segment_size: opts.segment_size, direct: opts.direct_io })
+                .map_err(|source| TargetError::Journal { group: name.to_owned(), step: "create", source })?;
         if journal.durable_seq() > 0 {
             return Err(TargetError::Inconsistent {
                 group: name.to_owned(),
@@ -150,7 +149,11 @@ impl Group {
         }
         let mut replicas = ImageSet::empty(name);
         for v in &meta.volumes {
-            replicas.insert(Image::create(fs.as_ref(), name, &paths.replica_dir(), v, true)?.with_direct_io(fs.as_ref(), name)?);
+            replicas.insert(Image::create(fs.as_ref(), name, &paths.replica_dir(), v, true)?.with_direct_io(
+                fs.as_ref(),
+                name,
+                opts.direct_io,
+            )?);
             Image::create(fs.as_ref(), name, &paths.base_dir(), v, false)?;
         }
         for dir in [paths.replica_dir(), paths.base_dir()] {
@@ -194,12 +197,9 @@ impl Group {
             reason: format!("{} is missing", paths.state().display()),
         })?;
         let jerr = |step| move |source| TargetError::Journal { group: name.to_owned(), step, source };
-        let mut journal = Journal::open(
-            Arc::clone(&fs),
-            &paths.journal(),
-            JournalOptions { segment_size: opts.segment_size, ..JournalOptions::default() },
-        )
-        .map_err(jerr("open"))?;
+        let mut journal =
+            Journal::open(Arc::clone(&fs), &paths.journal(), JournalOptions { segment_size: opts.segment_size, direct: opts.direct_io })
+                .map_err(jerr("open"))?;
         // Journal::open takes every record it finds in the active segment as durable, but a
         // previous run may have stopped after a failed fdatasync with some of them only in the
         // page cache. Sync them before the engine is told they are held.
@@ -281,7 +281,7 @@ impl Group {
             }
             log::info!("group {name:?}: rebuilt the bookmark and span indexes from the journal ({} bookmark(s))", marks.bookmark_count());
         }
-        let replicas = ImageSet::open_replicas(fs.as_ref(), name, &paths.replica_dir(), &meta.volumes)?;
+        let replicas = ImageSet::open_replicas(fs.as_ref(), name, &paths.replica_dir(), &meta.volumes, opts.direct_io)?;
         if durable > state.applied_seq {
             let started = Instant::now();
             let mut n = 0u64;
@@ -380,10 +380,11 @@ impl Group {
             let res = (|| {
                 let mut replicas = (*inner.replicas).clone();
                 for v in &added {
-                    replicas.insert(
-                        Image::create(self.fs.as_ref(), &self.name, &self.paths.replica_dir(), v, true)?
-                            .with_direct_io(self.fs.as_ref(), &self.name)?,
-                    );
+                    replicas.insert(Image::create(self.fs.as_ref(), &self.name, &self.paths.replica_dir(), v, true)?.with_direct_io(
+                        self.fs.as_ref(),
+                        &self.name,
+                        self.opts.direct_io,
+                    )?);
                     Image::create(self.fs.as_ref(), &self.name, &self.paths.base_dir(), v, false)?;
                     log::info!("group {:?}: added volume {:?} ({} bytes, vm {})", self.name, v.name, v.size, v.vm);
                 }
@@ -839,7 +840,7 @@ mod tests {
     }
 
     fn opts() -> GroupOptions {
-        GroupOptions { segment_size: 1 << 20, retention: None, journal_size: None }
+        GroupOptions { segment_size: 1 << 20, retention: None, journal_size: None, direct_io: true }
     }
 
     /// Records 1..=n, each a 4 KiB write of its own pattern at an overlapping offset.
@@ -955,7 +956,12 @@ mod tests {
 
     fn full_group(dir: &std::path::Path, policy: JournalFull) -> (GroupPaths, Group) {
         let paths = GroupPaths::new(dir, "g");
-        let opts = GroupOptions { segment_size: 1 << 20, retention: Some(Duration::from_secs(3600)), journal_size: Some(2 << 20) };
+        let opts = GroupOptions {
+            segment_size: 1 << 20,
+            retention: Some(Duration::from_secs(3600)),
+            journal_size: Some(2 << 20),
+            direct_io: true,
+        };
         let vols = [Volume { name: "v".into(), vm: "vm".into(), size: SIZE }];
         let g = Group::create(StdStorage::shared(), paths.clone(), "g", GroupMeta::new("e".into(), vols.to_vec()), opts).unwrap();
         assert_eq!(g.accept_hello("e", &vols, policy), Ok(0));

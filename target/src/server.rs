@@ -184,7 +184,12 @@ pub(crate) fn start(config: TargetConfig, fs: Arc<dyn Storage>) -> Result<Target
     let local_addr = listener.local_addr().map_err(|source| TargetError::Bind { addr: config.listen, source })?;
     listener.set_nonblocking(true).map_err(|source| TargetError::Bind { addr: config.listen, source })?;
 
-    let opts = GroupOptions { segment_size: config.segment_size, retention: config.retention, journal_size: config.journal_size };
+    let opts = GroupOptions {
+        segment_size: config.segment_size,
+        retention: config.retention,
+        journal_size: config.journal_size,
+        direct_io: config.direct_io,
+    };
     let groups = load_groups(&fs, &config, opts)?;
     let shared = Arc::new(Shared {
         config,

@@ -30,6 +30,7 @@ pub fn config(data_dir: &Path) -> TargetConfig {
         retention: None,
         journal_size: None,
         segment_size: 1 << 20,
+        direct_io: true,
         security: Security::InsecurePlaintext,
         engines: EngineTrust::AnyCertified,
     }
