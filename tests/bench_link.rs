@@ -46,11 +46,6 @@ fn fio_json(args: &[String]) -> serde_json::Value {
     serde_json::from_str(&out[start..]).unwrap()
 }
 
-fn status(c: &Cluster) -> serde_json::Value {
-    let out = run_ok(Command::new(hindsight_bin()).args(["status", "--json", "--config"]).arg(c.engine_toml()));
-    serde_json::from_str::<serde_json::Value>(&out).unwrap()["groups"][0].clone()
-}
-
 /// Mounts ext4 on the volume through nbdfuse and a loop device.
 fn mount_ext4(c: &Cluster) -> Option<(Ext4Stack, std::path::PathBuf)> {
     let mut stack = start_nbdfuse(c.dir.path(), &c.uri("data"))?;
@@ -102,7 +97,7 @@ fn bench_bytes_on_the_wire_per_gib_by_mode() {
         }
         c.wait_shipped();
         let wire = proxy.bytes_up() - before;
-        let s = status(&c);
+        let s = c.status();
         let written = s["shipped_bytes"].as_u64().unwrap();
         // fio writes 1 GiB through the file system; the wire carries the data, ext4's metadata
         // and journal, and the frames.
@@ -143,7 +138,7 @@ fn bench_sync_qd1_latency_against_link_delay() {
             pct["50.000000"].as_f64().unwrap() / 1000.0,
             pct["99.000000"].as_f64().unwrap() / 1000.0
         );
-        assert_eq!(status(&c)["effective_mode"], mode);
+        assert_eq!(c.status()["effective_mode"], mode);
     }
 }
 
@@ -177,7 +172,7 @@ fn bench_cdp_lag_at_80_percent_of_the_link() {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(runtime) {
         // Skip the first seconds (the link's queues filling).
-        let s = status(&c);
+        let s = c.status();
         if start.elapsed() > Duration::from_secs(2) {
             lags.push(s["lag_ms"].as_u64().unwrap());
         }
@@ -219,7 +214,7 @@ fn bench_cpu_per_gib_of_tls_and_compression() {
         ]);
         c.wait_shipped();
         let (e1, t1) = (cpu_seconds(engine), cpu_seconds(target));
-        let s = status(&c);
+        let s = c.status();
         println!(
             "BENCH cpu-per-gib link={link} compression={compression} engine_cpu_s={:.2} target_cpu_s={:.2} ratio={:.2}",
             e1 - e0,

@@ -29,14 +29,6 @@ fn resync_bytes_after(c: &Cluster, after: u64) -> u64 {
     c.target_records().iter().filter(|r| r.0 > after && r.1 == WriteKind::Resync).map(|r| u64::from(r.2)).sum()
 }
 
-fn wait_log(c: &Cluster, name: &str, needle: &str, timeout: Duration) {
-    let start = Instant::now();
-    while !c.log(name).contains(needle) {
-        assert!(start.elapsed() < timeout, "{name}.log never said {needle:?}:\n{}", c.log(name));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Writes `bytes` at `off` of the disk file directly (not through the agent).
 fn write_at(c: &Cluster, off: u64, bytes: &[u8]) {
     let f = std::fs::OpenOptions::new().write(true).open(c.disk("data")).unwrap();
@@ -79,8 +71,8 @@ fn initial_sync_sends_every_region_holding_data() -> Cluster {
     fill_disk(&c);
     c.launch();
     c.start_agents();
-    wait_log(&c, "agent-vm1", "initial sync compared 32 region(s)", Duration::from_secs(60));
-    wait_log(&c, "engine", "resync of volume(s) data complete", Duration::from_secs(30));
+    c.wait_log_within("agent-vm1", "initial sync compared 32 region(s)", Duration::from_secs(60));
+    c.wait_log_within("engine", "resync of volume(s) data complete", Duration::from_secs(30));
     c.wait_shipped();
     let n = DATA_REGIONS.len() as u64;
     assert!(
@@ -160,7 +152,7 @@ fn initial_sync_waits_for_an_absent_target_and_compares_when_it_comes() {
     // The engine without its target.
     c.start_engine();
     c.start_agents();
-    wait_log(&c, "agent-vm1", "initial sync of data waits for the target to compare chunk hashes", Duration::from_secs(30));
+    c.wait_log_within("agent-vm1", "initial sync of data waits for the target to compare chunk hashes", Duration::from_secs(30));
     // The guest is served meanwhile: its writes go (as resync data) and complete.
     let src = c.path("block.bin");
     let mut rng = seeded_rng();
@@ -177,8 +169,8 @@ fn initial_sync_waits_for_an_absent_target_and_compares_when_it_comes() {
     assert_eq!(c.log("agent-vm1").matches("waits for the target to compare").count(), 1, "the wait is logged once");
 
     c.start_target();
-    wait_log(&c, "agent-vm1", "initial sync compared 32 region(s)", Duration::from_secs(90));
-    wait_log(&c, "engine", "resync of volume(s) data complete", Duration::from_secs(30));
+    c.wait_log_within("agent-vm1", "initial sync compared 32 region(s)", Duration::from_secs(90));
+    c.wait_log_within("engine", "resync of volume(s) data complete", Duration::from_secs(30));
     c.wait_shipped();
     // The regions with data differ. The guest's writes reached the replica before it was
     // hashed, so the blank regions they went to compare equal (region 5 held data: it

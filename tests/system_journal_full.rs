@@ -25,33 +25,6 @@ use hindsight_consistency::WriteKind;
 const SIZE: u64 = 16 << 20;
 const WRITE: u64 = 64 << 10;
 
-fn status(c: &Cluster) -> serde_json::Value {
-    let out = run_ok(Command::new(hindsight_bin()).args(["status", "--json", "--config"]).arg(c.engine_toml()));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"));
-    v["groups"][0].clone()
-}
-
-/// Waits until the group's status satisfies `ok`; returns it.
-fn wait_status(c: &Cluster, what: &str, timeout: Duration, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let g = status(c);
-        if ok(&g) {
-            return g;
-        }
-        assert!(start.elapsed() < timeout, "status never showed {what}: {g:#}\nengine log:\n{}", c.log("engine"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn wait_log(c: &Cluster, name: &str, needle: &str, timeout: Duration) {
-    let start = Instant::now();
-    while !c.log(name).contains(needle) {
-        assert!(start.elapsed() < timeout, "{name}.log never said {needle:?}:\n{}", c.log(name));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// `n` writes of 64 KiB, write `i` at `(i * 64 KiB) % SIZE` filled with `first + i`: the
 /// model after each prefix is known.
 struct Writes {
@@ -157,23 +130,23 @@ fn engine_journal_full_with_block_holds_the_writes_until_the_target_takes_them()
     // 5 MiB of writes: the engine's journal holds 3 MiB, then the guest waits.
     let w = Writes { first: 0, n: 80 };
     let done = w.spawn(&c);
-    let g = wait_status(&c, "writes held", Duration::from_secs(60), |g| g["journal_state"].as_str().unwrap_or("").contains("writes held"));
+    let g = c.wait_status("writes held", Duration::from_secs(60), |g| g["journal_state"].as_str().unwrap_or("").contains("writes held"));
     assert!(g["journal_bytes"].as_u64().unwrap() >= 3 << 20 && !g["paused"].as_bool().unwrap(), "{g:#}");
     assert_eq!(g["on_journal_full"], "block");
     std::thread::sleep(Duration::from_secs(1));
     assert!(done.try_recv().is_err(), "the writes finished although the journal was full");
-    wait_log(&c, "engine", "on_journal_full = \"block\"", Duration::from_secs(5));
+    c.wait_log_within("engine", "on_journal_full = \"block\"", Duration::from_secs(5));
 
     c.start_target();
     match done.recv_timeout(Duration::from_secs(120)) {
         Ok(r) => assert_eq!(r, Ok(80)),
         Err(_) => panic!("the writes never finished after the target came back"),
     }
-    wait_log(&c, "engine", "has room again", Duration::from_secs(30));
+    c.wait_log_within("engine", "has room again", Duration::from_secs(30));
     let model = w.image_after(&vec![0; SIZE as usize], 80);
     check_latest(&c, &model);
     assert!(!c.target_records().iter().any(|r| r.1 == WriteKind::Resync), "block never tracks, so nothing is resynced");
-    assert_eq!(status(&c)["journal_state"], "");
+    assert_eq!(c.status()["journal_state"], "");
 }
 
 #[test]
@@ -187,9 +160,9 @@ fn engine_journal_full_with_pause_and_track_keeps_the_guest_running_then_resyncs
     let w = Writes { first: 0, n: 80 };
     // The guest is never held: the writes past the journal's room are tracked.
     w.run(&c, Duration::from_secs(60));
-    let g = wait_status(&c, "paused", Duration::from_secs(10), |g| g["paused"] == true);
+    let g = c.wait_status("paused", Duration::from_secs(10), |g| g["paused"] == true);
     assert!(g["journal_state"].as_str().unwrap().contains("engine's journal is full"), "{g:#}");
-    wait_log(&c, "agent-vm1", "paused the group of volume data", Duration::from_secs(5));
+    c.wait_log_within("agent-vm1", "paused the group of volume data", Duration::from_secs(5));
     // A bookmark now would not hold the tracked writes.
     let (code, _, err) = run_code(
         Command::new(hindsight_bin()).args(["bookmark", "during-pause", "--group", "erp", "--config"]).arg(c.engine_toml()),
@@ -199,13 +172,13 @@ fn engine_journal_full_with_pause_and_track_keeps_the_guest_running_then_resyncs
     assert!(err.contains("paused"), "{err}");
 
     c.start_target();
-    wait_log(&c, "engine", "taking writes after a pause", Duration::from_secs(60));
-    wait_log(&c, "engine", "resync of volume(s) data complete", Duration::from_secs(60));
+    c.wait_log_within("engine", "taking writes after a pause", Duration::from_secs(60));
+    c.wait_log_within("engine", "resync of volume(s) data complete", Duration::from_secs(60));
     let model = w.image_after(&base, 80);
     check_latest(&c, &model);
     let k = check_point_before_resync(&c, &w, &base, 40);
     assert!(k < 80, "every write made it before the pause: the journal never filled");
-    assert_eq!(status(&c)["paused"], false);
+    assert_eq!(c.status()["paused"], false);
 }
 
 #[test]
@@ -219,15 +192,15 @@ fn target_journal_full_with_trim_history_folds_points_inside_retention_and_says_
     let model = w.image_after(&vec![0; SIZE as usize], 96);
     check_latest(&c, &model);
     // The target says it folded history with its next confirmation: one more write.
-    wait_log(&c, "target", "younger than the retention", Duration::from_secs(10));
+    c.wait_log_within("target", "younger than the retention", Duration::from_secs(10));
     let more = Writes { first: 96, n: 1 };
     more.run(&c, Duration::from_secs(30));
-    let g = wait_status(&c, "the trim", Duration::from_secs(30), |g| {
+    let g = c.wait_status("the trim", Duration::from_secs(30), |g| {
         g["journal_state"].as_str().unwrap_or("").contains("target trimmed history inside its retention")
     });
     assert_eq!(g["on_journal_full"], "trim_history");
-    wait_log(&c, "target", "younger than the retention", Duration::from_secs(5));
-    wait_log(&c, "engine", "trimmed history inside its retention", Duration::from_secs(5));
+    c.wait_log_within("target", "younger than the retention", Duration::from_secs(5));
+    c.wait_log_within("engine", "trimmed history inside its retention", Duration::from_secs(5));
     let h = c.history();
     assert!(h["first_seq"].as_u64().unwrap() > 0, "history was not trimmed: {h:#}");
     // `status --watch` reports again and again (here twice), each with the journal's state.
@@ -249,7 +222,7 @@ fn target_journal_full_with_block_keeps_history_and_backs_up_into_the_engine() {
     // retention to free room at the target.
     let w = Writes { first: 0, n: 96 };
     let done = w.spawn(&c);
-    let g = wait_status(&c, "the target full", Duration::from_secs(60), |g| {
+    let g = c.wait_status("the target full", Duration::from_secs(60), |g| {
         g["journal_state"].as_str().unwrap_or("").contains("target journal full")
     });
     assert!(!g["paused"].as_bool().unwrap(), "{g:#}");
@@ -257,7 +230,7 @@ fn target_journal_full_with_block_keeps_history_and_backs_up_into_the_engine() {
     if started.elapsed() < Duration::from_secs(RETENTION - 2) {
         assert_eq!(h["first_seq"].as_u64().unwrap(), 0, "a point inside the retention was folded away: {h:#}");
     }
-    wait_log(&c, "target", "no more records are taken", Duration::from_secs(5));
+    c.wait_log_within("target", "no more records are taken", Duration::from_secs(5));
     match done.recv_timeout(Duration::from_secs(120)) {
         Ok(r) => assert_eq!(r, Ok(96)),
         Err(_) => panic!("the writes never finished; engine log:\n{}", c.log("engine")),
@@ -266,7 +239,7 @@ fn target_journal_full_with_block_keeps_history_and_backs_up_into_the_engine() {
     let model = w.image_after(&vec![0; SIZE as usize], 96);
     check_latest(&c, &model);
     assert!(!c.target_records().iter().any(|r| r.1 == WriteKind::Resync), "block never tracks");
-    wait_log(&c, "engine", "the target's journal takes records again", Duration::from_secs(5));
+    c.wait_log_within("engine", "the target's journal takes records again", Duration::from_secs(5));
 }
 
 #[test]
@@ -278,7 +251,7 @@ fn target_journal_full_with_pause_and_track_pauses_at_once_and_resyncs_after_ret
     let base = vec![0u8; SIZE as usize];
     let w = Writes { first: 0, n: 96 };
     w.run(&c, Duration::from_secs(60));
-    let g = wait_status(&c, "paused", Duration::from_secs(30), |g| g["paused"] == true);
+    let g = c.wait_status("paused", Duration::from_secs(30), |g| g["paused"] == true);
     assert!(g["journal_state"].as_str().unwrap().contains("target journal full"), "{g:#}");
     // Meanwhile the target's newest point is an image of a prefix of the writes.
     let paused_at = c.recover("data", &["--latest"]);
@@ -291,8 +264,8 @@ fn target_journal_full_with_pause_and_track_pauses_at_once_and_resyncs_after_ret
     }
     assert!((16..96).contains(&k), "{k} writes at the target when it paused");
     // The retention frees room; the group takes writes again and the agent resyncs.
-    wait_log(&c, "engine", "taking writes after a pause", Duration::from_secs(60));
-    wait_log(&c, "engine", "resync of volume(s) data complete", Duration::from_secs(60));
+    c.wait_log_within("engine", "taking writes after a pause", Duration::from_secs(60));
+    c.wait_log_within("engine", "resync of volume(s) data complete", Duration::from_secs(60));
     let model = w.image_after(&base, 96);
     check_latest(&c, &model);
     assert!(c.target_records().iter().any(|r| r.1 == WriteKind::Resync) || c.history()["first_seq"].as_u64().unwrap() > 0);

@@ -35,11 +35,6 @@ fn ship_image(c: &Cluster, proxy: &WanProxy, image: &Path) -> u64 {
     proxy.bytes_up()
 }
 
-fn status(c: &Cluster) -> serde_json::Value {
-    let out = run_ok(Command::new(hindsight_bin()).args(["status", "--json", "--config"]).arg(c.engine_toml()));
-    serde_json::from_str::<serde_json::Value>(&out).unwrap()["groups"][0].clone()
-}
-
 /// An ext4 image of `size` bytes holding real files of this machine (documentation, licences,
 /// configuration; files that are already compressed are left out, as a database or a source
 /// tree would mostly hold uncompressed data).
@@ -96,7 +91,7 @@ fn lz4_cuts_the_bytes_of_real_files_and_does_not_grow_random_data() {
         let (c, proxy) = cluster(&format!("compression = \"{compression}\""), "");
         let fs_bytes = ship_image(&c, &proxy, &ext4);
         let random_bytes = ship_image(&c, &proxy, &random) - fs_bytes;
-        let s = status(&c);
+        let s = c.status();
         eprintln!("compression {compression}: ext4 {fs_bytes} bytes on the wire, random {random_bytes}; status {s}");
         bytes.push((fs_bytes, random_bytes, s));
     }

@@ -90,24 +90,6 @@ fn write_blocks(c: &Cluster, rng: &mut impl Rng, count: usize, writes: &mut Writ
     writes.acked.extend(acked);
 }
 
-fn status(c: &Cluster) -> serde_json::Value {
-    let out = run_ok(Command::new(hindsight_bin()).args(["status", "--json", "--config"]).arg(c.engine_toml()));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"));
-    v["groups"][0].clone()
-}
-
-fn wait_status(c: &Cluster, what: &str, timeout: Duration, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let s = status(c);
-        if cond(&s) {
-            return s;
-        }
-        assert!(start.elapsed() < timeout, "waited {timeout:?} for {what}; status: {s:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// A cluster with one volume whose engine ships through a WAN proxy.
 fn cluster(group_extra: &str) -> (Cluster, WanProxy) {
     cluster_via_wan(VOLUME_SIZE, |c| c.group_extra = group_extra.to_string())
@@ -214,7 +196,7 @@ fn sync_acknowledged_writes_survive_losing_the_source_site() {
         }
     }
     assert_prefixes(&c, &writes, &mut rng, 5);
-    let s = status(&c);
+    let s = c.status();
     assert_eq!((s["mode"].as_str(), s["effective_mode"].as_str()), (Some("sync"), Some("sync")), "{s:#}");
 }
 
@@ -227,7 +209,7 @@ fn degrade_policy_switches_to_cdp_on_a_cut_and_back_to_sync_after_catching_up() 
     let mut rng = seeded_rng();
     let mut writes = Writes { acked: Vec::new(), via_resync: Vec::new() };
     write_blocks(&c, &mut rng, 20, &mut writes);
-    let s = status(&c);
+    let s = c.status();
     assert_eq!(s["effective_mode"], "sync", "{s:#}");
     assert!(s["target_connected"].as_bool().unwrap(), "{s:#}");
 
@@ -236,14 +218,14 @@ fn degrade_policy_switches_to_cdp_on_a_cut_and_back_to_sync_after_catching_up() 
     let started = Instant::now();
     write_blocks(&c, &mut rng, 30, &mut writes);
     assert!(started.elapsed() < Duration::from_secs(20), "writes stalled after the cut: {:?}", started.elapsed());
-    let s = wait_status(&c, "degraded status", Duration::from_secs(10), |s| s["effective_mode"] == "cdp");
+    let s = c.wait_status("degraded status", Duration::from_secs(10), |s| s["effective_mode"] == "cdp");
     assert_eq!(s["mode"], "sync");
     assert!(s["reason"].as_str().unwrap().contains("degraded to cdp"), "{s:#}");
     assert!(s["lag_writes"].as_u64().unwrap() > 0, "{s:#}");
     assert!(c.log("engine").contains("degraded to cdp"), "the engine logs the degradation");
 
     proxy.restore();
-    let s = wait_status(&c, "back to sync", Duration::from_secs(30), |s| s["effective_mode"] == "sync");
+    let s = c.wait_status("back to sync", Duration::from_secs(30), |s| s["effective_mode"] == "sync");
     assert_eq!(s["lag_writes"], 0, "{s:#}");
     write_blocks(&c, &mut rng, 10, &mut writes);
     assert_prefixes(&c, &writes, &mut rng, 6);
@@ -273,7 +255,7 @@ fn mode_change_under_load_keeps_every_write_in_order() {
     });
     write_blocks(&c, &mut rng, 200, &mut writes);
     changer.join().unwrap();
-    assert_eq!(status(&c)["mode"], "sync");
+    assert_eq!(c.status()["mode"], "sync");
     set_mode("cdp");
     write_blocks(&c, &mut rng, 10, &mut writes);
     assert_prefixes(&c, &writes, &mut rng, 8);
@@ -294,12 +276,12 @@ fn status_shows_the_lag_and_raises_the_rpo_alert() {
     let mut rng = seeded_rng();
     let mut writes = Writes { acked: Vec::new(), via_resync: Vec::new() };
     write_blocks(&c, &mut rng, 5, &mut writes);
-    let s = wait_status(&c, "caught up", Duration::from_secs(10), |s| s["lag_writes"] == 0);
+    let s = c.wait_status("caught up", Duration::from_secs(10), |s| s["lag_writes"] == 0);
     assert!(s["rpo_ok"].as_bool().unwrap() && s["rpo_ms"] == 1000, "{s:#}");
 
     proxy.stall(true);
     write_blocks(&c, &mut rng, 5, &mut writes);
-    let s = wait_status(&c, "the RPO alert", Duration::from_secs(10), |s| s["rpo_ok"] == false);
+    let s = c.wait_status("the RPO alert", Duration::from_secs(10), |s| s["rpo_ok"] == false);
     assert_eq!(s["lag_writes"], 5, "{s:#}");
     assert_eq!(s["lag_bytes"], 5 * BLOCK, "{s:#}");
     assert!(s["lag_ms"].as_u64().unwrap() >= 1000, "{s:#}");
@@ -308,7 +290,7 @@ fn status_shows_the_lag_and_raises_the_rpo_alert() {
     assert!(human.contains("EXCEEDED") && human.contains("5 records"), "{human}");
 
     proxy.stall(false);
-    let s = wait_status(&c, "the RPO to hold again", Duration::from_secs(10), |s| s["rpo_ok"] == true);
+    let s = c.wait_status("the RPO to hold again", Duration::from_secs(10), |s| s["rpo_ok"] == true);
     assert_eq!(s["lag_writes"], 0, "{s:#}");
     assert_eq!(c.recover("data", &["--latest"]), writes.image_after(writes.acked.len()));
 }
@@ -380,7 +362,7 @@ fn async_sends_far_fewer_bytes_and_every_interval_point_recovers_its_image() {
         assert_eq!(c.recover("data", &["--latest"]), writes.image_after(writes.acked.len()));
         let h = c.history();
         assert!(!h["inconsistent"].as_array().unwrap().is_empty(), "{h:#}");
-        let s = status(&c);
+        let s = c.status();
         assert_eq!(s["mode"], "async", "{s:#}");
     }
     assert!(bytes[1] * 5 <= bytes[0], "async sent {} bytes, cdp {}: not 5x fewer", bytes[1], bytes[0]);
@@ -420,7 +402,7 @@ fn regulation_slows_acknowledgements_to_keep_the_lag_near_the_rpo() {
     let mut worst = 0;
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(8) {
-        let s = status(&c);
+        let s = c.status();
         regulating |= s["regulating"] == true;
         if started.elapsed() > Duration::from_secs(4) {
             worst = worst.max(s["lag_ms"].as_u64().unwrap());

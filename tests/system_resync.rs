@@ -30,14 +30,6 @@ fn write_blocks(c: &Cluster, rng: &mut impl Rng, count: usize, span: u64, model:
     session.finish();
 }
 
-fn wait_log(c: &Cluster, name: &str, needle: &str, timeout: Duration) {
-    let start = Instant::now();
-    while !c.log(name).contains(needle) {
-        assert!(start.elapsed() < timeout, "{name}.log never said {needle:?}:\n{}", c.log(name));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn engine_outage_is_served_tracked_and_resynced_with_the_last_consistent_point_kept() {
     if !have_tools(&["qemu-io"]) {
@@ -63,8 +55,8 @@ fn engine_outage_is_served_tracked_and_resynced_with_the_last_consistent_point_k
     // It comes back: the agent resyncs the dirty regions, the guest writing all along.
     c.start_engine();
     write_blocks(&c, &mut rng, 10, SIZE, &mut model);
-    wait_log(&c, "agent-vm1", "resync complete", Duration::from_secs(60));
-    wait_log(&c, "engine", "resync of volume(s) data complete", Duration::from_secs(30));
+    c.wait_log_within("agent-vm1", "resync complete", Duration::from_secs(60));
+    c.wait_log_within("engine", "resync of volume(s) data complete", Duration::from_secs(30));
     write_blocks(&c, &mut rng, 5, SIZE, &mut model);
     c.wait_shipped();
 
@@ -122,8 +114,8 @@ fn agent_killed_with_writes_in_flight_resends_only_its_dirty_regions() {
     c.kill_agent("vm1");
     writer.join().unwrap();
     c.start_agent("vm1");
-    wait_log(&c, "agent-vm1", "were dirty when the agent stopped", Duration::from_secs(10));
-    wait_log(&c, "agent-vm1", "resync complete", Duration::from_secs(60));
+    c.wait_log_within("agent-vm1", "were dirty when the agent stopped", Duration::from_secs(10));
+    c.wait_log_within("agent-vm1", "resync complete", Duration::from_secs(60));
     c.wait_shipped();
     let log = c.log("agent-vm1");
     let dirty: u64 = log

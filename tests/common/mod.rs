@@ -395,6 +395,35 @@ impl Cluster {
         std::fs::read_to_string(self.path(&format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// `hindsight status --json` of the (first) group.
+    pub fn status(&self) -> serde_json::Value {
+        let out = run_ok(Command::new(hindsight_bin()).args(["status", "--json", "--config"]).arg(self.engine_toml()));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"));
+        v["groups"][0].clone()
+    }
+
+    /// Waits until the group's status satisfies `cond`; returns it.
+    pub fn wait_status(&self, what: &str, timeout: Duration, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let g = self.status();
+            if cond(&g) {
+                return g;
+            }
+            assert!(start.elapsed() < timeout, "status never showed {what} within {timeout:?}: {g:#}\nengine log:\n{}", self.log("engine"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits up to `timeout` until a process's log holds `needle`.
+    pub fn wait_log_within(&self, name: &str, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        while !self.log(name).contains(needle) {
+            assert!(start.elapsed() < timeout, "{name}.log never said {needle:?}:\n{}", self.log(name));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits until a process's log holds `needle` at least `count` times.
     pub fn wait_log(&self, name: &str, needle: &str, count: usize) {
         let start = Instant::now();
