@@ -258,7 +258,6 @@ impl Journal {
             }
             Some(last) => {
                 let f = fs.open(&last.path, OpenMode::ReadWrite).map_err(io_err(&last.path, "open segment"))?;
-                let last = last.clone();
                 let scan = scan_segment(f.as_ref(), last.first_seq, &last.path)?;
                 let len = f.len().map_err(io_err(&last.path, "stat segment"))?;
                 // Records written before a crash or a failed flush may still sit in the page

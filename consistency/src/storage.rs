@@ -164,20 +164,10 @@ impl StorageFile for StdFile {
         zero_range(&self.0, offset, len)
     }
     fn may_hold_data(&self, start: u64, end: u64) -> bool {
-        use nix::unistd::{lseek, Whence};
-        let Ok(from) = i64::try_from(start) else { return true };
-        match lseek(std::os::fd::AsRawFd::as_raw_fd(&self.0), from, Whence::SeekData) {
-            Ok(data) => u64::try_from(data).map_or(true, |d| d < end),
-            // ENXIO: no data at or after `start`.
-            Err(nix::errno::Errno::ENXIO) => false,
-            Err(_) => true,
-        }
+        may_hold_data(&self.0, start, end)
     }
     fn drop_cached(&self, offset: u64, len: u64) {
-        use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
-        if let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) {
-            let _ = posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&self.0), off, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
-        }
+        drop_cached(&self.0, offset, len)
     }
     fn allocate(&self, len: u64) -> io::Result<()> {
         use nix::fcntl::{fallocate, FallocateFlags};
@@ -189,6 +179,28 @@ impl StorageFile for StdFile {
             Err(nix::errno::Errno::EOPNOTSUPP) => self.0.set_len(len),
             Err(e) => Err(io::Error::from(e)),
         }
+    }
+}
+
+/// False when `start..end` of `file` is known to read back as zeroes without being read
+/// (`SEEK_DATA` finds no data before `end`: a hole, or space reserved and never written); true
+/// when it may hold data, or when the file system cannot tell (a block device).
+pub fn may_hold_data(file: &File, start: u64, end: u64) -> bool {
+    use nix::unistd::{lseek, Whence};
+    let Ok(from) = i64::try_from(start) else { return true };
+    match lseek(std::os::fd::AsRawFd::as_raw_fd(file), from, Whence::SeekData) {
+        Ok(data) => u64::try_from(data).map_or(true, |d| d < end),
+        // ENXIO: no data at or after `start`.
+        Err(nix::errno::Errno::ENXIO) => false,
+        Err(_) => true,
+    }
+}
+
+/// Asks the kernel to drop `len` bytes at `offset` of `file` from the page cache.
+pub fn drop_cached(file: &File, offset: u64, len: u64) {
+    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+    if let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) {
+        let _ = posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(file), off, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
     }
 }
 

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use hindsight_consistency::storage::{drop_cached, may_hold_data};
 use hindsight_consistency::wire::{HashReply, HashStatus, ResyncProgressMsg};
 use log::{info, warn};
 
@@ -342,7 +343,7 @@ fn run_sweep(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, sweep: &mut 
         let mut differ = Vec::new();
         for (&r, theirs) in batch.iter().zip(&reply.hashes) {
             let (start, end) = map.range(r);
-            let is_hole = |s: u64, e: u64| file.as_ref().is_some_and(|f| !holds_data(f, s, e));
+            let is_hole = |s: u64, e: u64| file.as_ref().is_some_and(|f| !may_hold_data(f, s, e));
             let equal = match d.hash_range(start, end, &mut buf, is_hole) {
                 Ok(mine) => mine == *theirs,
                 Err(e) => {
@@ -351,7 +352,7 @@ fn run_sweep(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, sweep: &mut 
                 }
             };
             if let Some(f) = &file {
-                drop_cache(f, start, end - start);
+                drop_cached(f, start, end - start);
             }
             map.compared(r, equal);
             if !equal {
@@ -384,28 +385,5 @@ fn run_sweep(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, sweep: &mut 
                 left.checked_div(rate).unwrap_or(0)
             );
         }
-    }
-}
-
-/// False when `start..end` of `f` is a hole (`SEEK_DATA` finds no data before `end`); true
-/// when it may hold data, or when the file system cannot tell (a block device).
-fn holds_data(f: &File, start: u64, end: u64) -> bool {
-    use nix::unistd::{lseek, Whence};
-    use std::os::fd::AsRawFd;
-    let Ok(from) = i64::try_from(start) else { return true };
-    match lseek(f.as_raw_fd(), from, Whence::SeekData) {
-        Ok(data) => u64::try_from(data).map_or(true, |d| d < end),
-        // ENXIO: no data at or after `start`.
-        Err(nix::errno::Errno::ENXIO) => false,
-        Err(_) => true,
-    }
-}
-
-/// Asks the kernel to drop `len` bytes at `off` of `f` from the page cache.
-fn drop_cache(f: &File, off: u64, len: u64) {
-    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
-    use std::os::fd::AsRawFd;
-    if let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) {
-        let _ = posix_fadvise(f.as_raw_fd(), off, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
     }
 }
