@@ -22,8 +22,13 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+mod tail;
+pub use tail::Tail;
+use tail::TailChunk;
+
 use crate::record::{
-    decode_record, encode_record, read_u32, read_u64, record_len_from_header, DecodeError, RecordHeader, RecordRef, Seq, RECORD_HEADER_LEN,
+    decode_record, decode_record_trusted, encode_record, read_u32, read_u64, record_len_from_header, DecodeError, RecordHeader, RecordRef,
+    Seq, RECORD_HEADER_LEN,
 };
 use crate::storage::{AlignedBuf, OpenMode, Storage, StorageFile, DIRECT_IO_ALIGN};
 
@@ -200,6 +205,8 @@ pub struct Journal {
     last_time_ns: u64,
     pending: Vec<u8>,
     poisoned: bool,
+    /// Where each commit's records go for a reader following the writer, if one does.
+    tail: Option<Arc<Tail>>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -297,7 +304,16 @@ impl Journal {
             last_time_ns,
             pending: Vec::with_capacity(1 << 20),
             poisoned: false,
+            tail: None,
         })
+    }
+
+    /// Keeps up to `limit` bytes of the newest commits in memory from now on, for one
+    /// [`JournalReader`] given the returned tail ([`JournalReader::with_tail`]).
+    pub fn keep_tail(&mut self, limit: usize) -> Arc<Tail> {
+        let tail = Arc::new(Tail::new(limit));
+        self.tail = Some(Arc::clone(&tail));
+        tail
     }
 
     /// The journal directory.
@@ -407,13 +423,22 @@ impl Journal {
             }
             self.segments.push_back(info);
         }
-        let path = &self.segments.back().expect("there is always an active segment").path;
+        let active = self.segments.back().expect("there is always an active segment");
         let bytes = if self.direct { self.staging.padded(&self.pending) } else { &self.pending[..] };
-        self.active.write_all_at(bytes, self.active_len).map_err(io_err(path, "append"))?;
-        self.active.sync_data().map_err(io_err(path, "fdatasync"))?;
+        self.active.write_all_at(bytes, self.active_len).map_err(io_err(&active.path, "append"))?;
+        self.active.sync_data().map_err(io_err(&active.path, "fdatasync"))?;
+        let start = self.active_len;
         self.active_len += bytes.len() as u64;
-        self.pending.clear();
+        let first_seq = self.durable_seq + 1;
         self.durable_seq = self.next_seq - 1;
+        match &self.tail {
+            Some(tail) => {
+                let records = std::mem::replace(&mut self.pending, tail.buffer());
+                let end = start + records.len() as u64;
+                tail.push(TailChunk { first_seq, next_seq: self.next_seq, segment: active.first_seq, end, bytes: records });
+            }
+            None => self.pending.clear(),
+        }
         Ok(self.durable_seq)
     }
 
@@ -595,6 +620,15 @@ impl SegmentCursor {
         Ok(Some(rec))
     }
 
+    /// Continues at file offset `pos` with record `next_seq` (both known to be right: the
+    /// end of a commit read from memory), forgetting what is buffered.
+    fn jump(&mut self, pos: u64, next_seq: Seq) {
+        self.pos = pos;
+        self.buf_off = pos;
+        self.valid = 0;
+        self.next_seq = next_seq;
+    }
+
     /// Drops buffered bytes past the read position, so that bytes of a record that was being
     /// written when they were read are read again next time.
     fn forget_unread(&mut self) {
@@ -616,6 +650,20 @@ pub struct JournalReader {
     seg_path: PathBuf,
     file: Box<dyn StorageFile>,
     cursor: SegmentCursor,
+    /// The writer's newest commits in memory, if it keeps them for this reader.
+    tail: Option<Arc<Tail>>,
+    /// The commit being read from memory, and where its next record starts.
+    chunk: Option<(TailChunk, usize)>,
+    /// Where in `chunk` the record returned last lies.
+    chunk_last: (usize, usize),
+    /// Bytes of records read from the tail rather than the file.
+    from_memory: u64,
+}
+
+/// Where the record a reader returns next comes from.
+enum Source {
+    File,
+    Memory,
 }
 
 impl JournalReader {
@@ -635,13 +683,36 @@ impl JournalReader {
             Ok(_) => return Err(JournalError::Corrupt { path, offset: 16, reason: "first_seq does not match the file name".into() }),
             Err(why) => return Err(JournalError::Corrupt { path, offset: 0, reason: why.into() }),
         }
-        let mut r = JournalReader { fs, dir: dir.to_owned(), seg_path: path, file, cursor: SegmentCursor::new(seg_first) };
+        let mut r = JournalReader {
+            fs,
+            dir: dir.to_owned(),
+            seg_path: path,
+            file,
+            cursor: SegmentCursor::new(seg_first),
+            tail: None,
+            chunk: None,
+            chunk_last: (0, 0),
+            from_memory: 0,
+        };
         while r.cursor.next_seq < from {
             if r.next()?.is_none() {
                 break;
             }
         }
         Ok(r)
+    }
+
+    /// Reads the commits the writer keeps in `tail` from memory when this reader reaches
+    /// them (see [`Journal::keep_tail`]); everything else still comes from the files. One
+    /// reader per tail: it takes the commits it reads.
+    pub fn with_tail(mut self, tail: Arc<Tail>) -> JournalReader {
+        self.tail = Some(tail);
+        self
+    }
+
+    /// Bytes of records this reader took from the writer's tail in memory.
+    pub fn bytes_from_memory(&self) -> u64 {
+        self.from_memory
     }
 
     /// Sequence number of the next record this reader will return.
@@ -651,14 +722,77 @@ impl JournalReader {
 
     /// The next record and its raw encoding, or `None` when nothing more is written yet.
     pub fn next_raw(&mut self) -> Result<Option<(RecordRef<'_>, &[u8])>, JournalError> {
-        if !self.advance()? {
-            return Ok(None);
-        }
-        // Decode again from the buffer so that one borrow covers both views (cheap: the
-        // checksum runs at over 10 GB/s).
-        let raw = self.cursor.last_raw();
-        let (rec, _) = decode_record(raw).expect("record was just validated");
+        let raw = match self.step()? {
+            None => return Ok(None),
+            Some(Source::File) => self.cursor.last_raw(),
+            Some(Source::Memory) => {
+                let (chunk, _) = self.chunk.as_ref().expect("reading a chunk");
+                &chunk.bytes[self.chunk_last.0..self.chunk_last.1]
+            }
+        };
+        // Decode again from the buffer so that one borrow covers both views; the record was
+        // validated (or, from memory, encoded here) a moment ago.
+        let (rec, _) = decode_record_trusted(raw).expect("record was just validated");
         Ok(Some((rec, raw)))
+    }
+
+    /// Moves past the next record, from the tail in memory when this reader is at the start
+    /// of a commit kept there, else from the file.
+    fn step(&mut self) -> Result<Option<Source>, JournalError> {
+        loop {
+            if let Some((chunk, at)) = &mut self.chunk {
+                if *at < chunk.bytes.len() {
+                    let rest = &chunk.bytes[*at..];
+                    let (rec, len) = decode_record_trusted(rest).map_err(|e| JournalError::Corrupt {
+                        path: self.dir.join(segment_name(chunk.segment)),
+                        offset: 0,
+                        reason: format!("a record kept in memory does not decode: {e:?}"),
+                    })?;
+                    if rec.header.seq != self.cursor.next_seq {
+                        return Err(JournalError::Corrupt {
+                            path: self.dir.join(segment_name(chunk.segment)),
+                            offset: 0,
+                            reason: "a record kept in memory is out of order".into(),
+                        });
+                    }
+                    self.chunk_last = (*at, *at + len);
+                    *at += len;
+                    self.cursor.next_seq += 1;
+                    self.from_memory += len as u64;
+                    return Ok(Some(Source::Memory));
+                }
+                let (chunk, _) = self.chunk.take().expect("checked above");
+                self.resume_file_after(&chunk)?;
+                if let Some(tail) = &self.tail {
+                    tail.recycle(chunk.bytes);
+                }
+            }
+            if let Some(chunk) = self.tail.as_ref().and_then(|t| t.take(self.cursor.next_seq)) {
+                self.chunk = Some((chunk, 0));
+                continue;
+            }
+            return Ok(self.advance()?.then_some(Source::File));
+        }
+    }
+
+    /// Points the file cursor just past a commit read from memory.
+    fn resume_file_after(&mut self, chunk: &TailChunk) -> Result<(), JournalError> {
+        let path = self.dir.join(segment_name(chunk.segment));
+        if path == self.seg_path {
+            self.cursor.jump(chunk.end, chunk.next_seq);
+            return Ok(());
+        }
+        if self.fs.exists(&path) {
+            self.file = self.fs.open(&path, OpenMode::Read).map_err(io_err(&path, "open segment"))?;
+            self.seg_path = path;
+            self.cursor.jump(chunk.end, chunk.next_seq);
+            return Ok(());
+        }
+        // Trimmed already: every record in it was confirmed, so it was sealed and the next
+        // segment starts right after the chunk (`advance` opens it).
+        self.cursor.forget_unread();
+        self.cursor.next_seq = chunk.next_seq;
+        Ok(())
     }
 
     /// Like [`JournalReader::next_raw`] but never returns a record past `limit` (for

@@ -368,6 +368,22 @@ pub fn decode_record(buf: &[u8]) -> Result<(RecordRef<'_>, usize), DecodeError> 
     if crc32c::crc32c(&buf[..crc_at]) != read_u32(buf, crc_at) {
         return Err(DecodeError::Corrupt("record checksum mismatch"));
     }
+    decode_fields(buf, total)
+}
+
+/// Like [`decode_record`] without the checksum, for bytes already verified or encoded by this
+/// process (a reader decoding again what it validated, the journal's tail in memory). The
+/// layout is still checked.
+pub fn decode_record_trusted(buf: &[u8]) -> Result<(RecordRef<'_>, usize), DecodeError> {
+    let total = record_len_from_header(buf)?;
+    if buf.len() < total {
+        return Err(DecodeError::Incomplete { needed: total });
+    }
+    decode_fields(buf, total)
+}
+
+fn decode_fields(buf: &[u8], total: usize) -> Result<(RecordRef<'_>, usize), DecodeError> {
+    let crc_at = total - RECORD_CRC_LEN;
     let name_len = usize::from(buf[6]);
     let volume = std::str::from_utf8(&buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + name_len])
         .map_err(|_| DecodeError::Corrupt("volume name is not UTF-8"))?;

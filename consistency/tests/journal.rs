@@ -254,3 +254,86 @@ fn a_torn_direct_commit_keeps_every_earlier_commit() {
         assert_eq!(read_all(d.path(), 1), (1..=whole as u64).collect::<Vec<_>>());
     }
 }
+
+/// Reads with `r` up to `limit`, checking order and contents; returns how many.
+fn follow(r: &mut JournalReader, limit: u64) -> u64 {
+    let mut n = 0;
+    let mut expect = r.next_seq();
+    while let Some((rec, raw)) = r.next_raw_upto(limit).unwrap() {
+        assert_eq!(rec.header.seq, expect);
+        expect += 1;
+        assert_eq!(rec.data, &data_for(rec.header.seq, rec.header.length)[..]);
+        assert_eq!(raw.len(), rec.encoded_len());
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn a_reader_following_the_tail_takes_commits_from_memory_across_segments() {
+    for opts in [SMALL, JournalOptions { segment_size: 64 << 10, direct: false }] {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(fs(), d.path(), opts).unwrap();
+        // Some records before the tail exists: read from the file first.
+        append_n(&mut j, 5, 3000);
+        let tail = j.keep_tail(1 << 20);
+        let mut r = JournalReader::open(fs(), d.path(), 1).unwrap().with_tail(Arc::clone(&tail));
+        let mut seen = follow(&mut r, j.durable_seq());
+        assert_eq!((seen, r.bytes_from_memory()), (5, 0));
+        for round in 0..40u64 {
+            append_n(&mut j, 1 + round % 4, 3000);
+            seen += follow(&mut r, j.durable_seq());
+            assert_eq!(seen, j.durable_seq(), "round {round}, {opts:?}");
+        }
+        assert!(list_segments(fs().as_ref(), d.path()).unwrap().len() > 3, "segments should roll");
+        let records = j.durable_seq() - 5;
+        assert!(r.bytes_from_memory() >= records * 3000, "every commit after keep_tail came from memory: {}", r.bytes_from_memory());
+        assert_eq!(tail.held_bytes(), 0);
+        // What it read equals what a plain reader reads from the files.
+        assert_eq!(read_all(d.path(), 1), (1..=j.durable_seq()).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn a_reader_behind_the_tail_reads_the_files_then_joins_the_tail() {
+    let d = tempfile::tempdir().unwrap();
+    let mut j = Journal::open(fs(), d.path(), SMALL).unwrap();
+    let tail = j.keep_tail(20_000);
+    let mut r = JournalReader::open(fs(), d.path(), 1).unwrap().with_tail(tail);
+    // Far more than the tail keeps: the oldest commits are dropped from memory.
+    for _ in 0..30 {
+        append_n(&mut j, 2, 3000);
+    }
+    // Part of the way from the file, stopping inside a commit.
+    assert_eq!(follow(&mut r, 11), 11);
+    assert_eq!(r.bytes_from_memory(), 0);
+    assert_eq!(follow(&mut r, j.durable_seq()), 49);
+    let from_memory = r.bytes_from_memory();
+    assert!(from_memory > 0 && from_memory <= 20_000, "the kept commits came from memory: {from_memory}");
+    // And it keeps following, from memory and then the file where the writer is next.
+    append_n(&mut j, 3, 3000);
+    assert_eq!(follow(&mut r, j.durable_seq()), 3);
+    assert!(r.bytes_from_memory() > from_memory);
+}
+
+#[test]
+fn a_reader_in_memory_survives_the_trim_of_the_segment_it_read() {
+    let d = tempfile::tempdir().unwrap();
+    // A segment per commit: the reader never opened the segment of the commit it read.
+    let mut j = Journal::open(fs(), d.path(), JournalOptions { segment_size: 8192, direct: true }).unwrap();
+    let tail = j.keep_tail(1 << 20);
+    let mut r = JournalReader::open(fs(), d.path(), 1).unwrap().with_tail(tail);
+    let mut seen = 0;
+    for _ in 0..60 {
+        append_n(&mut j, 2, 3000);
+        // Everything read so far is confirmed before the reader looks again: a segment the
+        // reader finished in memory is deleted before it moves on.
+        j.trim_through(seen).unwrap();
+        seen += follow(&mut r, j.durable_seq());
+    }
+    assert_eq!(seen, j.durable_seq());
+    assert_eq!(list_segments(fs().as_ref(), d.path()).unwrap().len(), 1);
+    // A new reader (a reconnect) starts from the file.
+    let mut again = JournalReader::open(fs(), d.path(), j.first_seq()).unwrap();
+    assert!(follow(&mut again, j.durable_seq()) > 0);
+}

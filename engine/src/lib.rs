@@ -82,8 +82,9 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
     let mut limiters: HashMap<String, Arc<limiter::Limiter>> = HashMap::new();
     for g in &config.groups {
         let dir = config.data_dir.join("groups").join(&g.name).join("journal");
-        let journal = Journal::open(fs.clone(), &dir, JournalOptions { segment_size: config.segment_size, direct: config.direct_io })
+        let mut journal = Journal::open(fs.clone(), &dir, JournalOptions { segment_size: config.segment_size, direct: config.direct_io })
             .map_err(|source| EngineError::OpenJournal { group: g.name.clone(), source })?;
+        let tail = journal.keep_tail(shipper::SHIP_FROM_MEMORY);
         log::info!(
             "group {} ({}, {} volumes): journal at {} holds seq {}..={}",
             g.name,
@@ -103,6 +104,7 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
         let shipper = shipper::Shipper {
             group: handle.clone(),
             journal_dir: dir,
+            tail,
             fs: fs.clone(),
             engine_name: engine_name.clone(),
             security: config.security.clone(),
