@@ -497,7 +497,10 @@ struct Chaos {
 impl Chaos {
     fn new(test: &'static str, sync: bool) -> Chaos {
         let mut rng = chaos_rng(test);
-        let mut c = Cluster::prepare(&[Vol::new("vm1", "data", VOLUME_SIZE)], "", "");
+        // Small segments: the journals roll, and the engine's reuses trimmed segment files,
+        // many times a run, so kills land during rolls and in reused files too.
+        let mut c = Cluster::prepare(&[Vol::new("vm1", "data", VOLUME_SIZE)], "segment_size = \"1MiB\"", "");
+        c.engine_extra = "segment_size = \"1MiB\"".into();
         if sync {
             // RPO 0 against the engine too: a write the engine does not take fails rather than
             // complete from the local disk alone (failure-handling.md).

@@ -122,6 +122,24 @@ fn align_up(n: u64) -> u64 {
     n.div_ceil(BLOCK) * BLOCK
 }
 
+/// Suffix of a spare: a trimmed segment's file kept for reuse.
+pub const SPARE_SUFFIX: &str = ".hsj.spare";
+/// Most spares a journal keeps.
+const MAX_SPARES: usize = 2;
+
+/// File name of the spare that held records up to `last_seq`.
+fn spare_name(last_seq: Seq) -> String {
+    format!("{last_seq:020}{SPARE_SUFFIX}")
+}
+
+fn parse_spare_name(name: &str) -> Option<Seq> {
+    let digits = name.strip_suffix(SPARE_SUFFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 /// File name of the segment starting at `first_seq`.
 pub fn segment_name(first_seq: Seq) -> String {
     format!("{first_seq:020}{SEGMENT_SUFFIX}")
@@ -207,6 +225,8 @@ pub struct Journal {
     poisoned: bool,
     /// Where each commit's records go for a reader following the writer, if one does.
     tail: Option<Arc<Tail>>,
+    /// Trimmed segment files kept for reuse, as `(last_seq they held, path)`, newest first.
+    spares: Vec<(Seq, PathBuf)>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -221,6 +241,7 @@ impl Journal {
     pub fn open(fs: Arc<dyn Storage>, dir: &Path, opts: JournalOptions) -> Result<Journal, JournalError> {
         fs.create_dir_all(dir).map_err(io_err(dir, "create directory"))?;
         let mut segs = list_segments(fs.as_ref(), dir)?;
+        let spares = Self::find_spares(fs.as_ref(), dir, segs.is_empty())?;
         // A crash while a segment was created can leave it short or with a bad header; it
         // holds nothing acknowledged, so it goes.
         while let Some((first, path)) = segs.last().cloned() {
@@ -271,11 +292,13 @@ impl Journal {
                 // cache only: make them durable before they are counted as such.
                 f.sync_data().map_err(io_err(&last.path, "fdatasync on open"))?;
                 if scan.end < len {
-                    log::warn!(
-                        "journal {}: dropping torn tail of {} bytes after seq {} ({})",
+                    // Nothing after the last good record was acknowledged: a commit torn by a
+                    // crash, or bytes of a reused file's earlier life.
+                    log::info!(
+                        "journal {}: cutting the active segment after seq {}: {} bytes follow that are no record of it ({})",
                         dir.display(),
-                        len - scan.end,
                         scan.next_seq - 1,
+                        len - scan.end,
                         scan.stop_reason.unwrap_or("trailing bytes")
                     );
                     f.set_len(scan.end).map_err(io_err(&last.path, "truncate torn tail"))?;
@@ -305,7 +328,30 @@ impl Journal {
             pending: Vec::with_capacity(1 << 20),
             poisoned: false,
             tail: None,
+            spares,
         })
+    }
+
+    /// The spares of `dir`, newest first; all are deleted when the journal has no segment
+    /// (it starts a new numbering), and any beyond [`MAX_SPARES`].
+    fn find_spares(fs: &dyn Storage, dir: &Path, fresh: bool) -> Result<Vec<(Seq, PathBuf)>, JournalError> {
+        let mut spares: Vec<(Seq, PathBuf)> = fs
+            .list(dir)
+            .map_err(io_err(dir, "list directory"))?
+            .into_iter()
+            .filter_map(|n| parse_spare_name(&n).map(|s| (s, dir.join(n))))
+            .collect();
+        spares.sort_by_key(|s| std::cmp::Reverse(s.0));
+        let keep = if fresh { 0 } else { MAX_SPARES };
+        for (_, path) in spares.drain(keep.min(spares.len())..) {
+            fs.remove_file(&path).map_err(io_err(&path, "remove spare segment file"))?;
+        }
+        Ok(spares)
+    }
+
+    /// Trimmed segment files kept for reuse.
+    pub fn spare_count(&self) -> usize {
+        self.spares.len()
     }
 
     /// Keeps up to `limit` bytes of the newest commits in memory from now on, for one
@@ -409,11 +455,13 @@ impl Journal {
     fn commit_inner(&mut self) -> Result<Seq, JournalError> {
         if self.active_len >= self.opts.segment_size {
             let first = self.durable_seq + 1;
-            let info = create_segment(self.fs.as_ref(), &self.dir, first)?;
-            self.active = self.fs.open(&info.path, OpenMode::ReadWrite).map_err(io_err(&info.path, "open segment"))?;
             if let Some(sealed) = self.segments.back_mut() {
+                // A reused file may hold bytes of its earlier life past the last commit.
+                self.active.set_len(self.active_len).map_err(io_err(&sealed.path, "cut sealed segment"))?;
                 sealed.bytes = self.active_len;
             }
+            let info = self.new_segment(first)?;
+            self.active = self.fs.open(&info.path, OpenMode::ReadWrite).map_err(io_err(&info.path, "open segment"))?;
             self.active_len = SEGMENT_HEADER_LEN as u64;
             self.direct = false;
             if let Some(d) = open_direct(self.fs.as_ref(), &info.path, self.opts)? {
@@ -442,8 +490,30 @@ impl Journal {
         Ok(self.durable_seq)
     }
 
-    /// Deletes the oldest segments whose records all have `seq <= through`; never the active
-    /// one. Returns how many were deleted.
+    /// A new segment starting at `first`: a spare reused when one fits (its commits then
+    /// overwrite written blocks, and `fdatasync` writes no metadata), else a new file.
+    fn new_segment(&mut self, first: Seq) -> Result<SegmentInfo, JournalError> {
+        while let Some((last, spare)) = self.spares.pop() {
+            if last >= first {
+                // From another numbering: its records could carry sequence numbers to come.
+                self.fs.remove_file(&spare).map_err(io_err(&spare, "remove spare segment file"))?;
+                continue;
+            }
+            let path = self.dir.join(segment_name(first));
+            let f = self.fs.open(&spare, OpenMode::ReadWrite).map_err(io_err(&spare, "open spare segment file"))?;
+            let mut block = [0u8; DIRECT_IO_ALIGN];
+            block[..SEGMENT_HEADER_LEN].copy_from_slice(&encode_segment_header(first));
+            f.write_all_at(&block, 0).map_err(io_err(&spare, "write segment header"))?;
+            f.sync_data().map_err(io_err(&spare, "sync segment header"))?;
+            self.fs.rename(&spare, &path).map_err(io_err(&spare, "rename spare to segment"))?;
+            self.fs.sync_dir(&self.dir).map_err(io_err(&self.dir, "sync directory"))?;
+            return Ok(SegmentInfo { first_seq: first, path, bytes: 0 });
+        }
+        create_segment(self.fs.as_ref(), &self.dir, first)
+    }
+
+    /// Trims the oldest segments whose records all have `seq <= through`; never the active
+    /// one. Their files become spares for reuse, or are deleted. Returns how many were trimmed.
     pub fn trim_through(&mut self, through: Seq) -> Result<usize, JournalError> {
         let mut removed = 0;
         while self.segments.len() > 1 {
@@ -452,7 +522,14 @@ impl Journal {
                 break;
             }
             let seg = self.segments.pop_front().expect("len > 1");
-            self.fs.remove_file(&seg.path).map_err(io_err(&seg.path, "remove trimmed segment"))?;
+            if self.spares.len() < MAX_SPARES {
+                let spare = self.dir.join(spare_name(next_first - 1));
+                self.fs.rename(&seg.path, &spare).map_err(io_err(&seg.path, "keep trimmed segment as a spare"))?;
+                // Newest first, as `find_spares` orders them.
+                self.spares.insert(0, (next_first - 1, spare));
+            } else {
+                self.fs.remove_file(&seg.path).map_err(io_err(&seg.path, "remove trimmed segment"))?;
+            }
             removed += 1;
         }
         if removed > 0 {

@@ -183,12 +183,18 @@ fn record_offsets(seg: &Path) -> Vec<u64> {
     let bytes = std::fs::read(seg).unwrap();
     let mut out = Vec::new();
     let mut at = 32usize;
+    let mut next = None;
     while at + 4 <= bytes.len() {
         if bytes[at..at + 4] == [0; 4] {
             at = at.div_ceil(4096) * 4096; // padding
             continue;
         }
-        let (_, used) = hindsight_consistency::record::decode_record(&bytes[at..]).unwrap();
+        // The end of this segment's records: a reused file's earlier life may follow.
+        let Ok((rec, used)) = hindsight_consistency::record::decode_record(&bytes[at..]) else { break };
+        if next.is_some_and(|n| n != rec.header.seq) {
+            break;
+        }
+        next = Some(rec.header.seq + 1);
         out.push(at as u64);
         at += used;
     }
@@ -336,4 +342,123 @@ fn a_reader_in_memory_survives_the_trim_of_the_segment_it_read() {
     // A new reader (a reconnect) starts from the file.
     let mut again = JournalReader::open(fs(), d.path(), j.first_seq()).unwrap();
     assert!(follow(&mut again, j.durable_seq()) > 0);
+}
+
+fn spares(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(hindsight_consistency::journal::SPARE_SUFFIX))
+        .collect();
+    v.sort();
+    v
+}
+
+fn inode(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().ino()
+}
+
+#[test]
+fn trimmed_segment_files_are_reused_and_read_back_only_their_new_records() {
+    for opts in [SMALL, JournalOptions { segment_size: 64 << 10, direct: false }] {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(fs(), d.path(), opts).unwrap();
+        // Big records first, so that each file's earlier life reaches further than its next.
+        for _ in 0..8 {
+            append_n(&mut j, 3, 16 << 10);
+        }
+        assert!(j.segments().count() >= 4, "{opts:?}");
+        j.trim_through(j.durable_seq()).unwrap();
+        assert_eq!(j.spare_count(), 2);
+        assert_eq!(spares(d.path()).len(), 2, "at most two spares; the rest deleted");
+        let spare_files: Vec<u64> = spares(d.path()).iter().map(|n| inode(&d.path().join(n))).collect();
+        // Small records into the reused files: they roll into both spares.
+        for _ in 0..40 {
+            append_n(&mut j, 2, 1000);
+        }
+        assert_eq!(j.spare_count(), 0, "{opts:?}");
+        let reused = j.segments().filter(|s| spare_files.contains(&inode(&s.path))).count();
+        assert_eq!(reused, 2, "both spares became segments again ({opts:?})");
+        // Sealed segments are cut to their records.
+        let sealed: Vec<_> = j.segments().take(j.segments().count() - 1).map(|s| (s.path.clone(), s.bytes)).collect();
+        for (p, bytes) in sealed {
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), bytes, "{}", p.display());
+        }
+        // Exactly the records written since: nothing of the files' earlier lives.
+        let expect: Vec<u64> = (j.first_seq()..=j.durable_seq()).collect();
+        assert_eq!(read_all(d.path(), j.first_seq()), expect);
+        // A restart cuts the active (possibly reused) segment after its last record and goes on.
+        let durable = j.durable_seq();
+        drop(j);
+        let mut j = Journal::open(fs(), d.path(), opts).unwrap();
+        assert_eq!(j.durable_seq(), durable);
+        append_n(&mut j, 2, 1000);
+        assert_eq!(read_all(d.path(), j.first_seq()), (j.first_seq()..=durable + 2).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn a_reused_segment_torn_at_its_tail_keeps_every_earlier_commit() {
+    let d = tempfile::tempdir().unwrap();
+    let mut j = Journal::open(fs(), d.path(), SMALL).unwrap();
+    for _ in 0..6 {
+        append_n(&mut j, 3, 16 << 10);
+    }
+    j.trim_through(j.durable_seq()).unwrap();
+    // Roll into a spare, then three small commits into it.
+    while j.spare_count() == 2 {
+        append_n(&mut j, 1, 1000);
+    }
+    let active = j.segments().last().unwrap().path.clone();
+    for _ in 0..3 {
+        append_n(&mut j, 1, 1000);
+    }
+    let durable = j.durable_seq();
+    drop(j);
+    // The last commit torn: its record's checksum no longer matches.
+    let offsets = record_offsets(&active);
+    let last = *offsets.last().unwrap();
+    let mut bytes = std::fs::read(&active).unwrap();
+    bytes[usize::try_from(last).unwrap() + 100] ^= 0xff;
+    std::fs::write(&active, &bytes).unwrap();
+    let j = Journal::open(fs(), d.path(), SMALL).unwrap();
+    assert_eq!(j.durable_seq(), durable - 1);
+    assert_eq!(*read_all(d.path(), j.first_seq()).last().unwrap(), durable - 1);
+}
+
+#[test]
+fn spares_of_another_numbering_are_never_reused() {
+    let d = tempfile::tempdir().unwrap();
+    let mut j = Journal::open(fs(), d.path(), SMALL).unwrap();
+    for _ in 0..6 {
+        append_n(&mut j, 3, 16 << 10);
+    }
+    j.trim_through(j.durable_seq()).unwrap();
+    assert_eq!(spares(d.path()).len(), 2);
+    drop(j);
+    // The journal lost every segment (a new numbering from 1): the spares go at once.
+    for (_, p) in list_segments(fs().as_ref(), d.path()).unwrap() {
+        std::fs::remove_file(p).unwrap();
+    }
+    let mut j = Journal::open(fs(), d.path(), SMALL).unwrap();
+    assert_eq!((j.next_seq(), j.spare_count()), (1, 0));
+    assert!(spares(d.path()).is_empty());
+    // A spare whose records reach past the next segment's first seq is deleted, not reused.
+    let seg = list_segments(fs().as_ref(), d.path()).unwrap()[0].1.clone();
+    append_n(&mut j, 3, 16 << 10);
+    drop(j);
+    let foreign = d.path().join(format!("{:020}{}", 1_000_000, hindsight_consistency::journal::SPARE_SUFFIX));
+    std::fs::copy(&seg, &foreign).unwrap();
+    let foreign_inode = inode(&foreign);
+    // Held open, so that its inode number is not given to a new file once it is deleted.
+    let _held = std::fs::File::open(&foreign).unwrap();
+    let mut j = Journal::open(fs(), d.path(), SMALL).unwrap();
+    assert_eq!(j.spare_count(), 1);
+    for _ in 0..6 {
+        append_n(&mut j, 3, 16 << 10);
+    }
+    assert!(spares(d.path()).is_empty(), "the foreign spare is gone");
+    assert!(j.segments().all(|s| inode(&s.path) != foreign_inode), "and was not reused");
+    assert_eq!(read_all(d.path(), 1), (1..=j.durable_seq()).collect::<Vec<_>>());
 }
