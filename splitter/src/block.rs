@@ -115,6 +115,15 @@ pub trait BlockDevice: Send + Sync {
     /// Submits a write, write-zeroes or trim; `done` runs when it has completed everywhere it
     /// must (possibly on another thread, possibly before `submit` returns).
     fn submit(&self, op: WriteOp, done: Completion);
+    /// Like [`BlockDevice::submit`], when the front end has more requests ready: what the
+    /// device sends to a peer may be held back, to go with theirs in one message, until
+    /// [`BlockDevice::send_held`] or the next plain `submit`.
+    fn submit_held(&self, op: WriteOp, done: Completion) {
+        self.submit(op, done);
+    }
+    /// Sends what [`BlockDevice::submit_held`] held back. A front end calls it whenever it has
+    /// no request ready and before it waits for anything.
+    fn send_held(&self) {}
     /// Makes every completed write durable on the local disk.
     fn flush(&self) -> Result<(), BlockError>;
 }

@@ -223,7 +223,12 @@ struct Writer {
     next_req: u64,
     /// The frame being sent, reused from one write to the next.
     scratch: Vec<u8>,
+    /// Frames of writes submitted held, not yet on the wire (in submission order).
+    held: Vec<u8>,
 }
+
+/// Held frames are sent once they reach this size, whatever follows.
+const HELD_MAX: usize = 256 << 10;
 
 struct Inner {
     engine: String,
@@ -299,6 +304,7 @@ impl EngineLink {
                 state,
                 next_req: 1,
                 scratch: Vec::new(),
+                held: Vec::new(),
             }),
             pending: Mutex::new(BTreeMap::new()),
             diverged: Mutex::new(BTreeSet::new()),
@@ -320,6 +326,23 @@ impl EngineLink {
     /// acknowledged it (in cdp mode: it is durable in the engine's journal) or the write has
     /// failed. `done` may run on this thread before `submit` returns.
     pub fn submit(&self, disk: u16, offset: u64, body: WriteBody, done: LinkDone) {
+        self.submit_inner(disk, offset, body, done, false);
+    }
+
+    /// Like [`EngineLink::submit`], but the frame may wait for the next writes to go with
+    /// them in one send, until [`EngineLink::send_held`] or a plain submit or control frame.
+    /// The caller has more writes ready and calls `send_held` before it waits for anything.
+    pub fn submit_held(&self, disk: u16, offset: u64, body: WriteBody, done: LinkDone) {
+        self.submit_inner(disk, offset, body, done, true);
+    }
+
+    /// Sends the frames held by [`EngineLink::submit_held`].
+    pub fn send_held(&self) {
+        let mut guard = lock(&self.inner.writer);
+        self.inner.send_held_locked(&mut guard);
+    }
+
+    fn submit_inner(&self, disk: u16, offset: u64, body: WriteBody, done: LinkDone, hold: bool) {
         let length = match body.length() {
             Some(len) if len > 0 && len <= MAX_WRITE_LEN && usize::from(disk) < self.inner.volumes.len() => len,
             _ => return done(Err(BlockError::Invalid)),
@@ -339,15 +362,13 @@ impl EngineLink {
                 let write = Outgoing { disk, offset, length, body };
                 let up = matches!(w.state, State::Up(_));
                 if up {
-                    encode_write(&mut w.scratch, req_id, &write);
+                    encode_write(&mut w.held, req_id, &write);
                 }
                 // In the map before it is on the wire, so that its ack finds it. While the
                 // link is down it waits there, to be sent by `go_up`.
                 lock(&inner.pending).insert(req_id, Pending { write, done });
-                if let State::Up(stream) = &mut w.state {
-                    if let Err(e) = stream.write_all(&w.scratch) {
-                        inner.lose(&mut w.state, &format!("sending a write failed: {e}"));
-                    }
+                if up && (!hold || w.held.len() >= HELD_MAX) {
+                    inner.send_held_locked(w);
                 }
                 return;
             }
@@ -535,15 +556,15 @@ fn hello_exchange(to: &Destination<'_>, hello: &[u8], write_timeout: Duration) -
     Ok(stream)
 }
 
-/// Builds the whole `Write` frame of `p` in `scratch`.
-fn encode_write(scratch: &mut Vec<u8>, req_id: u64, p: &Outgoing) {
+/// Appends the whole `Write` frame of `p` to `out`.
+fn encode_write(out: &mut Vec<u8>, req_id: u64, p: &Outgoing) {
     let msg = WriteMsg { req_id, offset: p.offset, length: p.length, disk: p.disk, kind: p.body.kind() };
-    scratch.clear();
-    scratch.resize(FRAME_HEADER_LEN, 0);
-    scratch.extend_from_slice(&msg.encode_header());
-    scratch.extend_from_slice(p.body.data());
-    let header = encode_header(FrameType::Write, &scratch[FRAME_HEADER_LEN..]);
-    scratch[..FRAME_HEADER_LEN].copy_from_slice(&header);
+    let start = out.len();
+    out.resize(start + FRAME_HEADER_LEN, 0);
+    out.extend_from_slice(&msg.encode_header());
+    out.extend_from_slice(p.body.data());
+    let header = encode_header(FrameType::Write, &out[start + FRAME_HEADER_LEN..]);
+    out[start..start + FRAME_HEADER_LEN].copy_from_slice(&header);
 }
 
 /// Owns the connection's life: runs an ack reader per connection, and reconnects when it
@@ -690,9 +711,26 @@ impl Inner {
 
     /// Sends a control frame if the link is up (dropped otherwise: the engine's wait for it
     /// times out). True if it went out.
+    /// Writes the held frames, if the link is up. On failure the link is lost, and the
+    /// writes are sent again from the pending map with the others.
+    fn send_held_locked(&self, w: &mut Writer) {
+        if w.held.is_empty() {
+            return;
+        }
+        if let State::Up(stream) = &mut w.state {
+            if let Err(e) = stream.write_all(&w.held) {
+                self.lose(&mut w.state, &format!("sending a write failed: {e}"));
+            }
+        }
+        w.held.clear();
+    }
+
     fn send_control(&self, ftype: FrameType, payload: &[u8]) -> bool {
         let mut guard = lock(&self.writer);
         let w = &mut *guard;
+        // The writes held so far go first: a control frame (a resync's end, a bookmark's
+        // reply) must follow every write submitted before it.
+        self.send_held_locked(w);
         if let State::Up(stream) = &mut w.state {
             let mut frame = Vec::new();
             match write_frame(stream, ftype, payload, &mut frame) {
@@ -761,6 +799,8 @@ impl Inner {
         }
         // Later writes cannot be submitted while the writer mutex is held, so this is every
         // write that must go before them.
+        // Held frames were for the lost connection; they are in the pending map.
+        w.held.clear();
         let resend: Vec<(u64, Outgoing)> = lock(&self.pending).iter().map(|(&req_id, p)| (req_id, p.write.clone())).collect();
         if matches!(w.state, State::Failed) {
             error!(
@@ -772,6 +812,7 @@ impl Inner {
             info!("engine link to {} is back; sending the {} write(s) waiting for it, in their original order", self.engine, resend.len());
         }
         for (req_id, p) in &resend {
+            w.scratch.clear();
             encode_write(&mut w.scratch, *req_id, p);
             if let Err(e) = stream.write_all(&w.scratch) {
                 warn!("engine {}: sending writes again failed: {e}", self.engine);
@@ -882,12 +923,29 @@ mod tests {
     #[test]
     fn zeroes_frame_carries_no_data() {
         let p = Outgoing { disk: 0, offset: 0, length: 1 << 20, body: WriteBody::Trim(1 << 20) };
-        let mut scratch = vec![0xaa; 100];
+        let mut scratch = Vec::new();
         encode_write(&mut scratch, 7, &p);
         assert_eq!(scratch.len(), FRAME_HEADER_LEN + 24);
         let mut payload = Vec::new();
         read_frame(&mut &scratch[..], &mut payload).unwrap();
         let (msg, data) = WriteMsg::decode(&payload).unwrap();
         assert_eq!((msg.kind, msg.length, data.len()), (WriteKind::Trim, 1 << 20, 0));
+    }
+
+    #[test]
+    fn held_frames_follow_each_other_in_order() {
+        let mut held = Vec::new();
+        for (req_id, byte) in [(1u64, b'a'), (2, b'b'), (3, b'c')] {
+            let p = Outgoing { disk: 0, offset: req_id * 4096, length: 3, body: WriteBody::Data(Arc::new(vec![byte; 3])) };
+            encode_write(&mut held, req_id, &p);
+        }
+        let mut stream = &held[..];
+        let mut payload = Vec::new();
+        for (req_id, byte) in [(1u64, b'a'), (2, b'b'), (3, b'c')] {
+            assert_eq!(read_frame(&mut stream, &mut payload).unwrap(), FrameType::Write);
+            let (msg, data) = WriteMsg::decode(&payload).unwrap();
+            assert_eq!((msg.req_id, msg.offset, data), (req_id, req_id * 4096, &[byte; 3][..]));
+        }
+        assert!(stream.is_empty());
     }
 }

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use crossbeam_channel::Sender;
 
@@ -133,8 +133,48 @@ struct Local {
     /// Ranges whose local write is under way. A write that overlaps one waits for it before
     /// it is sent anywhere, so overlapping writes reach the local disk in the order the engine
     /// numbers them, and the replica ends equal to the source.
-    in_flight: Mutex<Vec<(u64, u64)>>,
-    range_done: Condvar,
+    in_flight: Ranges,
+}
+
+/// The ranges whose local write is under way, and the threads waiting for one to finish.
+#[derive(Default)]
+struct Ranges {
+    state: Mutex<RangesState>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct RangesState {
+    ranges: Vec<(u64, u64)>,
+    /// Threads waiting in `clear`: a finished write wakes them only when there are some
+    /// (a wake-up is a system call, and almost no write overlaps one in flight).
+    waiting: usize,
+}
+
+impl Ranges {
+    /// Waits until no write under way overlaps `start..end`; returns with the ranges locked,
+    /// so that the caller can act (read, or add its own range) before another write starts.
+    fn clear(&self, start: u64, end: u64) -> MutexGuard<'_, RangesState> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while st.ranges.iter().any(|&(s, e)| s < end && start < e) {
+            st.waiting += 1;
+            st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.waiting -= 1;
+        }
+        st
+    }
+
+    /// The write of `start..end` has finished.
+    fn finish(&self, start: u64, end: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = st.ranges.iter().position(|&r| r == (start, end)) {
+            st.ranges.swap_remove(i);
+        }
+        if st.waiting > 0 {
+            drop(st);
+            self.done.notify_all();
+        }
+    }
 }
 
 /// What the local disk must do for one request.
@@ -163,13 +203,7 @@ impl Local {
             LocalBody::Zeroes(n) => file.zero_range(offset, *n),
         };
         let res = res.and_then(|()| if fua { file.sync_data() } else { Ok(()) });
-        {
-            let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(i) = in_flight.iter().position(|&r| r == (offset, offset + len)) {
-                in_flight.swap_remove(i);
-            }
-        }
-        self.range_done.notify_all();
+        self.in_flight.finish(offset, offset + len);
         join.finish(res.map_err(|e| {
             error!("volume {}: local write of {len} bytes at offset {offset} to {} failed: {e}", self.volume, self.disk.path.display());
             BlockError::from_io(&e)
@@ -181,7 +215,7 @@ impl ReplicatedDisk {
     /// A replicating device over `local`, sending its writes on `link` as disk number `disk`;
     /// starts the disk's local writer threads.
     pub fn new(local: LocalDisk, link: Arc<EngineLink>, disk: u16, volume: String) -> Self {
-        let local = Arc::new(Local { disk: local, volume, in_flight: Mutex::new(Vec::new()), range_done: Condvar::new() });
+        let local = Arc::new(Local { disk: local, volume, in_flight: Ranges::default() });
         let (tx, rx) = crossbeam_channel::unbounded::<LocalJob>();
         let mut started = 0;
         for i in 0..LOCAL_WRITERS {
@@ -268,10 +302,7 @@ impl ReplicatedDisk {
     ) -> std::io::Result<RegionHash> {
         let len = usize::try_from(end - start).map_err(|_| std::io::Error::other("range too large"))?;
         {
-            let mut in_flight = self.local.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            while in_flight.iter().any(|&(s, e)| s < end && start < e) {
-                in_flight = self.local.range_done.wait(in_flight).unwrap_or_else(|e| e.into_inner());
-            }
+            let _held = self.local.in_flight.clear(start, end);
             if is_hole(start, end) {
                 return Ok(zero_hash(len));
             }
@@ -309,10 +340,7 @@ impl ReplicatedDisk {
             let len = end - start;
             let mut data = vec![0u8; usize::try_from(len).expect("a region fits in memory")];
             {
-                let mut in_flight = self.local.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                while in_flight.iter().any(|&(s, e)| s < end && start < e) {
-                    in_flight = self.local.range_done.wait(in_flight).unwrap_or_else(|e| e.into_inner());
-                }
+                let _held = self.local.in_flight.clear(start, end);
                 if let Err(e) = self.local.disk.file.read_exact_at(&mut data, start) {
                     error!("volume {}: reading region {r} for its resync failed: {e}", self.local.volume);
                     continue;
@@ -358,7 +386,7 @@ impl ReplicatedDisk {
     /// Sends one write to the engine; its acknowledgement finishes one count of `join`. With
     /// dirty tracking that keeps serving, an engine failure completes the part anyway and
     /// notes that the write was not replicated.
-    fn send(&self, offset: u64, body: WriteBody, join: &Arc<Join>) {
+    fn send(&self, offset: u64, body: WriteBody, join: &Arc<Join>, hold: bool) {
         let j = Arc::clone(join);
         let keep_serving = self.tracking.as_ref().is_some_and(|t| t.keep_serving);
         let done = Box::new(move |r: Result<_, BlockError>| match r {
@@ -368,7 +396,11 @@ impl ReplicatedDisk {
             }
             r => j.finish(r.map(|_seq| ())),
         });
-        self.link.submit(self.disk, offset, body, done);
+        if hold {
+            self.link.submit_held(self.disk, offset, body, done);
+        } else {
+            self.link.submit(self.disk, offset, body, done);
+        }
     }
 
     /// Sends a write-zeroes or trim of `len` bytes as writes of at most `MAX_WRITE_LEN`
@@ -376,7 +408,7 @@ impl ReplicatedDisk {
     fn send_split(&self, mut offset: u64, mut len: u32, body: fn(u32) -> WriteBody, join: &Arc<Join>) {
         while len > 0 {
             let part = len.min(MAX_WRITE_LEN);
-            self.send(offset, body(part), join);
+            self.send(offset, body(part), join, false);
             offset += u64::from(part);
             len -= part;
         }
@@ -391,7 +423,7 @@ impl ReplicatedDisk {
         while len > 0 {
             let part = len.min(MAX_WRITE_LEN);
             let data = if part as usize == zeroes.len() { Arc::clone(&zeroes) } else { Arc::new(vec![0u8; part as usize]) };
-            self.send(offset, WriteBody::Resync(data), join);
+            self.send(offset, WriteBody::Resync(data), join, false);
             offset += u64::from(part);
             len -= part;
         }
@@ -423,6 +455,26 @@ impl BlockDevice for ReplicatedDisk {
     }
 
     fn submit(&self, op: WriteOp, done: Completion) {
+        self.submit_op(op, done, false);
+    }
+
+    fn submit_held(&self, op: WriteOp, done: Completion) {
+        self.submit_op(op, done, true);
+    }
+
+    fn send_held(&self) {
+        self.link.send_held();
+    }
+
+    fn flush(&self) -> Result<(), BlockError> {
+        self.flush_local()
+    }
+}
+
+impl ReplicatedDisk {
+    /// A write, write-zeroes or trim; with `hold`, its frame to the engine may wait for the
+    /// next ones (see [`BlockDevice::submit_held`]).
+    fn submit_op(&self, op: WriteOp, done: Completion, hold: bool) {
         let WriteOp { offset, kind, fua } = op;
         let len = kind.len();
         if let Err(e) = self.check(offset, len) {
@@ -455,29 +507,16 @@ impl BlockDevice for ReplicatedDisk {
                     map.end(offset, len, replicated);
                     join_done(r);
                 });
-                return self.submit_parts(offset, kind, fua, len, wrapped, Some(unreplicated));
+                return self.submit_parts(WriteOp { offset, kind, fua }, len, wrapped, Some(unreplicated), hold);
             }
             None => done,
         };
-        self.submit_parts(offset, kind, fua, len, done, None);
+        self.submit_parts(WriteOp { offset, kind, fua }, len, done, None, hold);
     }
 
-    fn flush(&self) -> Result<(), BlockError> {
-        self.flush_local()
-    }
-}
-
-impl ReplicatedDisk {
     /// Sends the engine's parts and applies the local one; `done` runs once all are done.
-    fn submit_parts(
-        &self,
-        offset: u64,
-        kind: WriteKind,
-        fua: bool,
-        len: u64,
-        done: Completion,
-        unreplicated: Option<Arc<std::sync::atomic::AtomicBool>>,
-    ) {
+    fn submit_parts(&self, op: WriteOp, len: u64, done: Completion, unreplicated: Option<Arc<std::sync::atomic::AtomicBool>>, hold: bool) {
+        let WriteOp { offset, kind, fua } = op;
         // The engine's parts, then the local one.
         let mut join = Join::new(parts(len) + 1, done);
         if let Some(flag) = unreplicated {
@@ -486,11 +525,8 @@ impl ReplicatedDisk {
         let join = Arc::new(join);
         let end = offset + len;
         let body = {
-            let mut in_flight = self.local.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            while in_flight.iter().any(|&(s, e)| s < end && offset < e) {
-                in_flight = self.local.range_done.wait(in_flight).unwrap_or_else(|e| e.into_inner());
-            }
-            in_flight.push((offset, end));
+            let mut in_flight = self.local.in_flight.clear(offset, end);
+            in_flight.ranges.push((offset, end));
             // Sent while the range is held: the engine numbers overlapping writes in the
             // order they are applied locally.
             // Held until the write is on the link (see `finish_resync`).
@@ -505,7 +541,7 @@ impl ReplicatedDisk {
                     } else {
                         WriteBody::Data(Arc::clone(&data))
                     };
-                    self.send(offset, body, &join);
+                    self.send(offset, body, &join, hold);
                     LocalBody::Data(data)
                 }
                 // While resyncing, zeroing goes as resync data too (zeroes), so that it is

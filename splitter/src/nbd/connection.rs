@@ -9,7 +9,7 @@
 //! A per-connection in-flight count lets FLUSH and DISC wait for every write this connection
 //! submitted earlier, and bounds how much write data one client can have queued.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::Shutdown;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -30,6 +30,10 @@ use super::stream::{read_or_eof, Stream};
 /// reading requests at this point until one completes. Above the queue depth of common
 /// clients (the Linux kernel uses 128, nbdcopy 64, fio what it is told).
 pub const MAX_IN_FLIGHT_REQUESTS: usize = 256;
+
+/// Buffer of the request reader: several small requests arrive in one system call, while
+/// large write payloads bypass it.
+pub(crate) const REQUEST_READ_BUFFER: usize = 64 * 1024;
 
 /// Most write payload bytes one connection may have submitted and not yet completed.
 pub const MAX_IN_FLIGHT_BYTES: u64 = 256 * 1024 * 1024;
@@ -56,6 +60,9 @@ struct Writer {
 struct InFlight {
     requests: usize,
     bytes: u64,
+    /// Threads waiting for a request to finish: only then does a finish wake anyone (a
+    /// wake-up is a system call per request otherwise).
+    waiting: usize,
 }
 
 /// State shared between the reader thread and the completions of one connection.
@@ -93,10 +100,20 @@ impl Shared {
     }
 
     /// Waits for room for one more request carrying `bytes` of payload, then counts it.
-    fn begin(&self, bytes: u64) {
+    /// `before_waiting` runs first if it has to wait (what the device holds must go out, or
+    /// the requests it waits for may never complete).
+    fn begin(&self, bytes: u64, before_waiting: impl Fn()) {
         let mut f = lock(&self.in_flight);
-        while f.requests > 0 && (f.requests >= MAX_IN_FLIGHT_REQUESTS || f.bytes + bytes > MAX_IN_FLIGHT_BYTES) {
+        let full = |f: &InFlight| f.requests > 0 && (f.requests >= MAX_IN_FLIGHT_REQUESTS || f.bytes + bytes > MAX_IN_FLIGHT_BYTES);
+        if full(&f) {
+            drop(f);
+            before_waiting();
+            f = lock(&self.in_flight);
+        }
+        while full(&f) {
+            f.waiting += 1;
             f = self.changed.wait(f).unwrap_or_else(|e| e.into_inner());
+            f.waiting -= 1;
         }
         f.requests += 1;
         f.bytes += bytes;
@@ -106,15 +123,20 @@ impl Shared {
         let mut f = lock(&self.in_flight);
         f.requests -= 1;
         f.bytes -= bytes;
+        let wake = f.waiting > 0;
         drop(f);
-        self.changed.notify_all();
+        if wake {
+            self.changed.notify_all();
+        }
     }
 
     /// Waits until every submitted request has completed and its reply has been written.
     fn wait_idle(&self) {
         let mut f = lock(&self.in_flight);
         while f.requests > 0 {
+            f.waiting += 1;
             f = self.changed.wait(f).unwrap_or_else(|e| e.into_inner());
+            f.waiting -= 1;
         }
     }
 }
@@ -160,7 +182,7 @@ pub fn check(req: &Request, export_size: u64) -> Result<(), u32> {
 
 /// Serves requests until the client disconnects, breaks the protocol, or the socket fails.
 /// Returns only once every write this connection submitted has completed.
-pub fn serve<R: Read>(reader: &mut R, writer: Stream, device: &Arc<dyn BlockDevice>, peer: &str) -> End {
+pub fn serve<S: Read>(reader: &mut BufReader<S>, writer: Stream, device: &Arc<dyn BlockDevice>, peer: &str) -> End {
     let shared = Arc::new(Shared {
         writer: Mutex::new(Writer { stream: writer, failed: false }),
         in_flight: Mutex::new(InFlight::default()),
@@ -170,6 +192,7 @@ pub fn serve<R: Read>(reader: &mut R, writer: Stream, device: &Arc<dyn BlockDevi
     let end = Transmission { device, shared: &shared, read_buf: Vec::new() }.run(reader);
     // Completions still running hold `shared`; let them deliver their replies (the spec
     // wants outstanding requests handled before the connection closes).
+    device.send_held();
     shared.wait_idle();
     // Close now rather than when the last handle to the socket is dropped.
     let _ = lock(&shared.writer).stream.shutdown(Shutdown::Both);
@@ -185,10 +208,14 @@ struct Transmission<'a> {
 }
 
 impl Transmission<'_> {
-    fn run<R: Read>(&mut self, reader: &mut R) -> End {
+    fn run<S: Read>(&mut self, reader: &mut BufReader<S>) -> End {
         let size = self.device.size();
         let mut header = [0u8; REQUEST_LEN];
         loop {
+            if !request_ready(reader.buffer()) {
+                // The read below may wait for the client: nothing may stay held meanwhile.
+                self.device.send_held();
+            }
             match read_or_eof(reader, &mut header) {
                 Ok(true) => {}
                 Ok(false) => return End::Closed,
@@ -267,7 +294,7 @@ impl Transmission<'_> {
         }
     }
 
-    fn write<R: Read>(&mut self, reader: &mut R, req: Request, size: u64) -> Result<(), NbdError> {
+    fn write<S: Read>(&mut self, reader: &mut BufReader<S>, req: Request, size: u64) -> Result<(), NbdError> {
         let len = u64::from(req.length);
         if req.length > MAX_BLOCK_SIZE {
             // The payload follows whatever we answer; skip it through a fixed-size buffer so
@@ -287,7 +314,9 @@ impl Transmission<'_> {
             self.refuse(&req, error);
             return Ok(());
         }
-        self.submit(&req, WriteKind::Data(data), len);
+        // The next request already here: this write's frame to the engine may go with its.
+        let more = request_ready(reader.buffer());
+        self.submit(&req, WriteKind::Data(data), len, more);
         Ok(())
     }
 
@@ -297,18 +326,21 @@ impl Transmission<'_> {
         }
         // NBD_CMD_FLAG_NO_HOLE needs nothing: the device writes zeroes, it does not punch.
         let kind = if req.command == CMD_TRIM { WriteKind::Trim { len: req.length } } else { WriteKind::Zeroes { len: req.length } };
-        self.submit(req, kind, 0);
+        self.submit(req, kind, 0, false);
     }
 
-    /// Submits a data-modifying request; its completion sends the reply.
-    fn submit(&mut self, req: &Request, kind: WriteKind, payload: u64) {
-        self.shared.begin(payload);
+    /// Submits a data-modifying request; its completion sends the reply. With `more`, the
+    /// device may hold it back to send it with the next ones.
+    fn submit(&mut self, req: &Request, kind: WriteKind, payload: u64, more: bool) {
+        self.shared.begin(payload, || self.device.send_held());
         let shared = Arc::clone(self.shared);
         let handle = req.handle;
         let (offset, length, command) = (req.offset, req.length, req.command);
         let op = WriteOp { offset, kind, fua: req.flags & CMD_FLAG_FUA != 0 };
         // The completion may run on this thread before submit returns: no lock is held here.
-        self.device.submit(
+        let submit = if more { BlockDevice::submit_held } else { BlockDevice::submit };
+        submit(
+            &**self.device,
             op,
             Box::new(move |result| {
                 let error = match result {
@@ -332,6 +364,7 @@ impl Transmission<'_> {
         }
         // The device flush covers completed writes; wait until every write this connection
         // submitted before the flush has completed.
+        self.device.send_held();
         self.shared.wait_idle();
         let error = match self.device.flush() {
             Ok(()) => 0,
@@ -341,6 +374,16 @@ impl Transmission<'_> {
             }
         };
         self.shared.send(&encode::simple_reply(error, req.handle));
+    }
+}
+
+/// True if `buf` starts with a whole request, payload included (or with bytes that cannot
+/// start one, which the next read reports): reading it will not wait for the client.
+fn request_ready(buf: &[u8]) -> bool {
+    let Some(header) = buf.get(..REQUEST_LEN) else { return false };
+    match decode::request(header) {
+        Ok(req) if req.command == CMD_WRITE => buf.len() >= REQUEST_LEN + req.length as usize,
+        _ => true,
     }
 }
 
@@ -354,6 +397,29 @@ mod tests {
     }
 
     const SIZE: u64 = 1 << 20;
+
+    fn request_bytes(command: u16, length: u32) -> Vec<u8> {
+        let mut b = super::super::proto::REQUEST_MAGIC.to_be_bytes().to_vec();
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&command.to_be_bytes());
+        b.extend_from_slice(&7u64.to_be_bytes());
+        b.extend_from_slice(&4096u64.to_be_bytes());
+        b.extend_from_slice(&length.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn a_request_is_ready_only_when_whole_in_the_buffer() {
+        let mut write = request_bytes(CMD_WRITE, 4096);
+        assert!(!request_ready(&write[..REQUEST_LEN - 1]), "part of a header");
+        assert!(!request_ready(&write), "a write without its payload");
+        write.extend_from_slice(&[1; 4095]);
+        assert!(!request_ready(&write), "a write without all its payload");
+        write.push(1);
+        assert!(request_ready(&write));
+        assert!(request_ready(&request_bytes(CMD_READ, 4096)), "a read has no payload");
+        assert!(request_ready(&[0xff; REQUEST_LEN]), "garbage: the next read reports it at once");
+    }
 
     #[test]
     fn requests_inside_the_export_pass() {

@@ -107,7 +107,7 @@ impl KernelNbd {
         sys::set_sock(&dev, kernels.as_raw_fd()).map_err(ctx("hand the socket to the driver"))?;
 
         let label = format!("{name} on {}", path.display());
-        let mut reader = ours.try_clone()?;
+        let mut reader = std::io::BufReader::with_capacity(connection::REQUEST_READ_BUFFER, ours.try_clone()?);
         let server = thread::Builder::new().name(format!("{base}-serve")).spawn(move || {
             let end = connection::serve(&mut reader, Stream::Unix(ours), &disk, &label);
             drop(kernels);

@@ -40,10 +40,6 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// not spin while the condition lasts.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-/// Buffer of the request reader: several small requests arrive in one system call, while
-/// large write payloads bypass it.
-const REQUEST_READ_BUFFER: usize = 64 * 1024;
-
 /// Where the server listens.
 ///
 /// Written `unix:/path/to.sock` or `tcp:127.0.0.1:10809` (`tcp:[::1]:10809` for IPv6).
@@ -417,7 +413,7 @@ fn serve_client(stream: Stream, peer: &str, exports: &[Export]) -> Result<(), Nb
     let mut writer = stream.try_clone().map_err(NbdError::HandshakeIo)?;
     // The same buffered reader carries over into transmission: it may already hold the
     // first request.
-    let mut reader = BufReader::with_capacity(REQUEST_READ_BUFFER, stream);
+    let mut reader = BufReader::with_capacity(connection::REQUEST_READ_BUFFER, stream);
     let infos: Vec<ExportInfo> = exports.iter().map(|e| ExportInfo { name: e.name.clone(), size: e.device.size() }).collect();
     let index = match handshake::negotiate(&mut reader, &mut writer, &infos, peer)? {
         Outcome::Closed => {
