@@ -6,7 +6,9 @@
 //! local disk and the engine). The front end replies to its client from the completion, so
 //! many writes are in flight at once and replies may go out of order.
 
+use std::cell::RefCell;
 use std::fmt;
+use std::sync::Arc;
 
 /// An error a block client understands: each maps to one errno value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,4 +128,94 @@ pub trait BlockDevice: Send + Sync {
     fn send_held(&self) {}
     /// Makes every completed write durable on the local disk.
     fn flush(&self) -> Result<(), BlockError>;
+}
+
+/// Replies held back by completions that run under a [`Cork`], sent when it goes.
+pub trait Deferred: Send + Sync {
+    /// Sends what was held back.
+    fn send_deferred(&self);
+}
+
+thread_local! {
+    /// This thread's cork depth, and what to send when the outermost cork goes.
+    static CORK: RefCell<(usize, Vec<Arc<dyn Deferred>>)> = const { RefCell::new((0, Vec::new())) };
+}
+
+/// While a `Cork` lives, completions running on this thread may hold their client replies
+/// back ([`defer`]) and send them together when it is dropped: one system call for a batch
+/// of acknowledgements instead of one each. Whoever holds one drops it before it waits for
+/// anything.
+#[must_use = "the cork lasts as long as the value"]
+pub struct Cork(());
+
+/// Corks this thread until the returned value is dropped.
+pub fn cork() -> Cork {
+    CORK.with(|c| c.borrow_mut().0 += 1);
+    Cork(())
+}
+
+impl Drop for Cork {
+    fn drop(&mut self) {
+        let due = CORK.with(|c| {
+            let mut c = c.borrow_mut();
+            c.0 -= 1;
+            if c.0 == 0 {
+                std::mem::take(&mut c.1)
+            } else {
+                Vec::new()
+            }
+        });
+        for d in due {
+            d.send_deferred();
+        }
+    }
+}
+
+/// If this thread is corked, registers `d` to send its held replies when the cork goes and
+/// returns true; else returns false (send now).
+pub fn defer(d: &Arc<dyn Deferred>) -> bool {
+    CORK.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 == 0 {
+            return false;
+        }
+        if !c.1.iter().any(|x| std::ptr::addr_eq(Arc::as_ptr(x), Arc::as_ptr(d))) {
+            c.1.push(Arc::clone(d));
+        }
+        true
+    })
+}
+
+#[cfg(test)]
+mod cork_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Default)]
+    struct Counter(AtomicUsize);
+
+    impl Deferred for Counter {
+        fn send_deferred(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn corked_replies_go_once_when_the_outermost_cork_goes() {
+        let (a, b) = (Arc::new(Counter::default()), Arc::new(Counter::default()));
+        let (da, db): (Arc<dyn Deferred>, Arc<dyn Deferred>) = (Arc::clone(&a) as _, Arc::clone(&b) as _);
+        assert!(!defer(&da), "no cork: send now");
+        {
+            let _outer = cork();
+            assert!(defer(&da));
+            {
+                let _inner = cork();
+                assert!(defer(&da), "registered once however often");
+                assert!(defer(&db));
+            }
+            assert_eq!(a.0.load(Ordering::SeqCst), 0, "the inner cork sends nothing");
+        }
+        assert_eq!((a.0.load(Ordering::SeqCst), b.0.load(Ordering::SeqCst)), (1, 1));
+        assert!(!defer(&da), "uncorked again");
+    }
 }

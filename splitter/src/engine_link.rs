@@ -39,7 +39,7 @@ use crate::quiesce::Quiescer;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hindsight_consistency::record::MAX_WRITE_LEN;
 use hindsight_consistency::transport::{is_refusal_io, Connection, ReadHalf, Role, Security, WriteHalf};
-use hindsight_consistency::wire::frame::{encode_header, FRAME_HEADER_LEN};
+use hindsight_consistency::wire::frame::{encode_header, whole_frame_buffered, FRAME_HEADER_LEN};
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, DiskHello, ErrorMessage, FrameError, FrameType,
     HashReply, HashRequest, QuiesceMsg, QuiescedMsg, ResyncDoneMsg, ResyncProgressMsg, ThawMsg, WriteAck, WriteMsg, PROTOCOL_VERSION,
@@ -48,7 +48,7 @@ use hindsight_consistency::{Seq, WriteKind};
 use log::{debug, error, info, warn};
 use thiserror::Error;
 
-use crate::block::BlockError;
+use crate::block::{self, BlockError};
 
 /// How long the engine may stay unreachable before pending and new writes fail with EIO.
 /// (An `agent.toml` key in a later version.)
@@ -635,9 +635,15 @@ fn finish(inner: &Inner) {
 /// Reads acknowledgements until the connection ends; returns why it ended.
 fn read_acks(inner: &Arc<Inner>, stream: ReadHalf) -> FrameError {
     let mut payload = Vec::new();
-    // Acknowledgements arrive in batches: one read takes many of them.
+    // Acknowledgements arrive in batches: one read takes many of them, and the guests'
+    // replies to a batch go out together (one send per client connection) under a cork,
+    // dropped before this thread waits for more.
     let mut stream = std::io::BufReader::with_capacity(64 << 10, stream);
+    let mut cork: Option<block::Cork> = None;
     loop {
+        if !whole_frame_buffered(stream.buffer()) {
+            cork = None;
+        }
         let ack = match read_frame(&mut stream, &mut payload) {
             Ok(FrameType::WriteAck) => match WriteAck::decode(&payload) {
                 Ok(ack) => ack,
@@ -681,6 +687,7 @@ fn read_acks(inner: &Arc<Inner>, stream: ReadHalf) -> FrameError {
             Ok(got) => return FrameError::Unexpected { got, expected: "WriteAck" },
             Err(e) => return e,
         };
+        cork.get_or_insert_with(block::cork);
         inner.complete(ack);
     }
 }

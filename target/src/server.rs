@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hindsight_consistency::config::{check_name, EngineTrust, JournalFull, TargetConfig};
 use hindsight_consistency::storage::Storage;
 use hindsight_consistency::transport::{AcceptError, Peer, ReadHalf, Role, TransportError, WriteHalf};
-use hindsight_consistency::wire::frame::{decode_header, FRAME_HEADER_LEN};
+use hindsight_consistency::wire::frame::whole_frame_buffered;
 use hindsight_consistency::wire::{
     decode_message, decompress_records, encode_confirm, encode_message, read_frame, write_frame, ErrorMessage, FrameError, FrameType,
     TargetHashRequest, TargetHello, TargetWelcome, LZ4, PROTOCOL_VERSION,
@@ -492,17 +492,6 @@ fn check_hello(h: &TargetHello) -> Result<Vec<Volume>, String> {
         out.push(Volume { name: v.name.clone(), vm: v.vm.clone(), size: v.size });
     }
     Ok(out)
-}
-
-/// True if `buf` starts with a whole frame (or with bytes that cannot start one, which the
-/// next read reports).
-fn whole_frame_buffered(buf: &[u8]) -> bool {
-    let Some(h) = buf.get(..FRAME_HEADER_LEN) else { return false };
-    let h: &[u8; FRAME_HEADER_LEN] = h.try_into().expect("slice of header length");
-    match decode_header(h) {
-        Ok(hdr) => buf.len() >= FRAME_HEADER_LEN + hdr.len as usize,
-        Err(_) => true,
-    }
 }
 
 /// Reads `Records` frames, journals them in batches (one commit for the frames that have

@@ -231,6 +231,17 @@ pub fn decode_header(h: &[u8; FRAME_HEADER_LEN]) -> Result<FrameHeader, FrameErr
     Ok(FrameHeader { ftype, flags, len, crc: read_u32(h, 12) })
 }
 
+/// True if `buf` starts with a whole frame (or with bytes that cannot start one, which the
+/// next read reports): reading it from a buffered reader will not wait for the peer.
+pub fn whole_frame_buffered(buf: &[u8]) -> bool {
+    let Some(h) = buf.get(..FRAME_HEADER_LEN) else { return false };
+    let h: &[u8; FRAME_HEADER_LEN] = h.try_into().expect("slice of header length");
+    match decode_header(h) {
+        Ok(hdr) => buf.len() >= FRAME_HEADER_LEN + hdr.len as usize,
+        Err(_) => true,
+    }
+}
+
 /// Checks a payload against its header's checksum.
 pub fn verify_payload(raw_header: &[u8; FRAME_HEADER_LEN], payload: &[u8]) -> Result<(), FrameError> {
     let crc = crc32c::crc32c_append(crc32c::crc32c(&raw_header[0..12]), payload);

@@ -4,7 +4,9 @@
 //! synchronously). Writes, write-zeroes and trims are submitted to the device and answered
 //! from their completion, whichever thread runs it, so many writes are in flight at once and
 //! their replies may go out of order. Every reply goes through one mutex-protected writer,
-//! in a single `write_all`, so replies never interleave on the wire.
+//! in a single `write_all`, so replies never interleave on the wire. Completions that run
+//! under a [`block::Cork`] (the engine link's acknowledgement reader, while it holds more
+//! acknowledgements) add their replies to a buffer sent in one `write_all` when it goes.
 //!
 //! A per-connection in-flight count lets FLUSH and DISC wait for every write this connection
 //! submitted earlier, and bounds how much write data one client can have queued.
@@ -15,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use log::{debug, warn};
 
-use crate::block::{BlockDevice, BlockError, WriteKind, WriteOp};
+use crate::block::{self, BlockDevice, BlockError, Deferred, WriteKind, WriteOp};
 
 use super::error::NbdError;
 use super::proto::decode::{self, Request};
@@ -54,6 +56,11 @@ pub enum End {
 struct Writer {
     stream: Stream,
     failed: bool,
+    /// Replies held back under a [`block::Cork`], and the requests and payload bytes they
+    /// finish once sent.
+    held: Vec<u8>,
+    held_requests: usize,
+    held_bytes: u64,
 }
 
 #[derive(Default)]
@@ -95,6 +102,23 @@ impl Shared {
         }
     }
 
+    /// Sends a completed request's reply (now, or with the others of a cork on this thread),
+    /// then counts the request finished.
+    fn reply_and_finish(self: &Arc<Self>, reply: &[u8], payload: u64) {
+        {
+            let mut w = lock(&self.writer);
+            let me: Arc<dyn Deferred> = Arc::clone(self) as Arc<dyn Deferred>;
+            if !w.failed && block::defer(&me) {
+                w.held.extend_from_slice(reply);
+                w.held_requests += 1;
+                w.held_bytes += payload;
+                return;
+            }
+        }
+        self.send(reply);
+        self.finish_many(1, payload);
+    }
+
     fn failed(&self) -> bool {
         lock(&self.writer).failed
     }
@@ -119,9 +143,9 @@ impl Shared {
         f.bytes += bytes;
     }
 
-    fn finish(&self, bytes: u64) {
+    fn finish_many(&self, requests: usize, bytes: u64) {
         let mut f = lock(&self.in_flight);
-        f.requests -= 1;
+        f.requests -= requests;
         f.bytes -= bytes;
         let wake = f.waiting > 0;
         drop(f);
@@ -184,7 +208,7 @@ pub fn check(req: &Request, export_size: u64) -> Result<(), u32> {
 /// Returns only once every write this connection submitted has completed.
 pub fn serve<S: Read>(reader: &mut BufReader<S>, writer: Stream, device: &Arc<dyn BlockDevice>, peer: &str) -> End {
     let shared = Arc::new(Shared {
-        writer: Mutex::new(Writer { stream: writer, failed: false }),
+        writer: Mutex::new(Writer { stream: writer, failed: false, held: Vec::new(), held_requests: 0, held_bytes: 0 }),
         in_flight: Mutex::new(InFlight::default()),
         changed: Condvar::new(),
         peer: peer.to_string(),
@@ -350,10 +374,9 @@ impl Transmission<'_> {
                         reply_error(e)
                     }
                 };
-                shared.send(&encode::simple_reply(error, handle));
                 // Counted down only after the reply is out, so that FLUSH and DISC, which
                 // wait for the count to reach zero, come after these replies.
-                shared.finish(payload);
+                shared.reply_and_finish(&encode::simple_reply(error, handle), payload);
             }),
         );
     }
@@ -374,6 +397,27 @@ impl Transmission<'_> {
             }
         };
         self.shared.send(&encode::simple_reply(error, req.handle));
+    }
+}
+
+impl Deferred for Shared {
+    fn send_deferred(&self) {
+        let (requests, bytes) = {
+            let mut w = lock(&self.writer);
+            let held = std::mem::take(&mut w.held);
+            if !w.failed && !held.is_empty() {
+                if let Err(e) = w.stream.write_all(&held) {
+                    w.failed = true;
+                    warn!("nbd {}: writing replies failed: {e}", self.peer);
+                    let _ = w.stream.shutdown(Shutdown::Both);
+                }
+            }
+            // Keeps the buffer for the next batch.
+            w.held = held;
+            w.held.clear();
+            (std::mem::take(&mut w.held_requests), std::mem::take(&mut w.held_bytes))
+        };
+        self.finish_many(requests, bytes);
     }
 }
 
