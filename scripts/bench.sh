@@ -7,6 +7,8 @@
 #   HS_BENCH_RUNTIME=20   seconds per fio job      HS_BENCH_SIZE=1G   backing file size
 #   HS_BENCH_DIR=dir      where files go, kept afterwards (default: a new temporary directory,
 #                         removed at the end: the images and journals take many GiB)
+#   HS_BENCH_JOBS="4k-randwrite-qd32 1m-seqwrite-qd8"   only these jobs (default: all)
+#   HS_BENCH_SERVERS="qemu-nbd hindsight"                only these servers (default: all)
 #
 # `scripts/bench.sh link` runs the benchmarks of the modes and the link instead
 # (tests/bench_link.rs: bytes on the wire per GiB by mode, sync QD1 latency against the link's
@@ -57,60 +59,78 @@ PY
 
 bench_server() { # NAME URI
   local j
-  for j in "${JOBS[@]}"; do fio_run "$1" "$2" "${j%%|*}" "${j#*|}"; done
+  for j in "${JOBS[@]}"; do
+    if [ -n "${HS_BENCH_JOBS:-}" ] && [[ " $HS_BENCH_JOBS " != *" ${j%%|*} "* ]]; then continue; fi
+    fio_run "$1" "$2" "${j%%|*}" "${j#*|}"
+  done
 }
+
+# wanted NAME: is this server to be measured?
+wanted() { [ -z "${HS_BENCH_SERVERS:-}" ] || [[ " $HS_BENCH_SERVERS " == *" $1 "* ]]; }
 
 fresh_file() { rm -f "$1"; truncate -s "$SIZE" "$1"; }
 
-echo "== qemu-nbd (default cache: writeback)"
-fresh_file "$WORK/qemu.img"
-hs_spawn qemu-nbd "$WORK/qemu-nbd.log" qemu-nbd -t -e 8 -f raw -k "$WORK/qemu.sock" "$WORK/qemu.img"
-QPID=$HS_PID
-hs_wait_sock "$WORK/qemu.sock"
-bench_server qemu-nbd "nbd+unix:///?socket=$WORK/qemu.sock"
-kill "$QPID"; wait "$QPID" 2>/dev/null || true
+if wanted qemu-nbd; then
+  echo "== qemu-nbd (default cache: writeback)"
+  fresh_file "$WORK/qemu.img"
+  hs_spawn qemu-nbd "$WORK/qemu-nbd.log" qemu-nbd -t -e 8 -f raw -k "$WORK/qemu.sock" "$WORK/qemu.img"
+  QPID=$HS_PID
+  hs_wait_sock "$WORK/qemu.sock"
+  bench_server qemu-nbd "nbd+unix:///?socket=$WORK/qemu.sock"
+  kill "$QPID"; wait "$QPID" 2>/dev/null || true
+fi
 
-echo "== qemu-nbd --cache=none (O_DIRECT: every write reaches the disk before its reply)"
-fresh_file "$WORK/qemu-direct.img"
-hs_spawn qemu-nbd-direct "$WORK/qemu-nbd-direct.log" qemu-nbd -t -e 8 --cache=none --aio=threads -f raw -k "$WORK/qemu-direct.sock" "$WORK/qemu-direct.img"
-QPID=$HS_PID
-hs_wait_sock "$WORK/qemu-direct.sock"
-bench_server qemu-nbd-direct "nbd+unix:///?socket=$WORK/qemu-direct.sock"
-kill "$QPID"; wait "$QPID" 2>/dev/null || true
+if wanted qemu-nbd-direct; then
+  echo "== qemu-nbd --cache=none (O_DIRECT: every write reaches the disk before its reply)"
+  fresh_file "$WORK/qemu-direct.img"
+  hs_spawn qemu-nbd-direct "$WORK/qemu-nbd-direct.log" qemu-nbd -t -e 8 --cache=none --aio=threads -f raw -k "$WORK/qemu-direct.sock" "$WORK/qemu-direct.img"
+  QPID=$HS_PID
+  hs_wait_sock "$WORK/qemu-direct.sock"
+  bench_server qemu-nbd-direct "nbd+unix:///?socket=$WORK/qemu-direct.sock"
+  kill "$QPID"; wait "$QPID" 2>/dev/null || true
+fi
 
-echo "== nbdkit file plugin"
-fresh_file "$WORK/nbdkit.img"
-hs_spawn nbdkit "$WORK/nbdkit.log" nbdkit -f -U "$WORK/nbdkit.sock" file "$WORK/nbdkit.img"
-NPID=$HS_PID
-hs_wait_sock "$WORK/nbdkit.sock"
-bench_server nbdkit "nbd+unix:///?socket=$WORK/nbdkit.sock"
-kill "$NPID"; wait "$NPID" 2>/dev/null || true
+if wanted nbdkit; then
+  echo "== nbdkit file plugin"
+  fresh_file "$WORK/nbdkit.img"
+  hs_spawn nbdkit "$WORK/nbdkit.log" nbdkit -f -U "$WORK/nbdkit.sock" file "$WORK/nbdkit.img"
+  NPID=$HS_PID
+  hs_wait_sock "$WORK/nbdkit.sock"
+  bench_server nbdkit "nbd+unix:///?socket=$WORK/nbdkit.sock"
+  kill "$NPID"; wait "$NPID" 2>/dev/null || true
+fi
 
-echo "== hindsight-agent, replicating (cdp) to an engine and a target on this machine"
 EPORT=$(hs_free_port); TPORT=$(hs_free_port)
 fresh_file "$WORK/agent.img"
-rm -rf "$WORK/engine" "$WORK/target"
 BYTES=$(stat -c %s "$WORK/agent.img")
 hs_write_configs "$WORK" bench bench-vm vol "$BYTES" "$WORK/agent.img" "$WORK/agent.sock" 'journal_size = "4GiB"'
-hs_spawn target "$WORK/target.log" "$BIN/hindsight" target --config "$WORK/target.toml"
-hs_wait_tcp "$TPORT"
-hs_spawn engine "$WORK/engine.log" "$BIN/hindsight" engine --config "$WORK/engine.toml"
-hs_wait_tcp "$EPORT"
-hs_spawn agent "$WORK/agent.log" "$BIN/hindsight-agent" --config "$WORK/agent.toml"
-hs_wait_sock "$WORK/agent.sock"
-bench_server hindsight "nbd+unix:///vol?socket=$WORK/agent.sock"
-hs_cleanup
 
-echo "== hindsight-agent and engine only (target not running: the engine journals and acks, ships nothing)"
-echo "   shows what the co-located recovery site costs on this machine; not a replicating figure"
-fresh_file "$WORK/agent.img"
-rm -rf "$WORK/engine" "$WORK/target"
-hs_spawn engine "$WORK/engine-only.log" "$BIN/hindsight" engine --config "$WORK/engine.toml"
-hs_wait_tcp "$EPORT"
-hs_spawn agent "$WORK/agent-only.log" "$BIN/hindsight-agent" --config "$WORK/agent.toml"
-hs_wait_sock "$WORK/agent.sock"
-bench_server hindsight-no-target "nbd+unix:///vol?socket=$WORK/agent.sock"
-hs_cleanup
+if wanted hindsight; then
+  echo "== hindsight-agent, replicating (cdp) to an engine and a target on this machine"
+  fresh_file "$WORK/agent.img"
+  rm -rf "$WORK/engine" "$WORK/target"
+  hs_spawn target "$WORK/target.log" "$BIN/hindsight" target --config "$WORK/target.toml"
+  hs_wait_tcp "$TPORT"
+  hs_spawn engine "$WORK/engine.log" "$BIN/hindsight" engine --config "$WORK/engine.toml"
+  hs_wait_tcp "$EPORT"
+  hs_spawn agent "$WORK/agent.log" "$BIN/hindsight-agent" --config "$WORK/agent.toml"
+  hs_wait_sock "$WORK/agent.sock"
+  bench_server hindsight "nbd+unix:///vol?socket=$WORK/agent.sock"
+  hs_cleanup
+fi
+
+if wanted hindsight-no-target; then
+  echo "== hindsight-agent and engine only (target not running: the engine journals and acks, ships nothing)"
+  echo "   shows what the co-located recovery site costs on this machine; not a replicating figure"
+  fresh_file "$WORK/agent.img"
+  rm -rf "$WORK/engine" "$WORK/target"
+  hs_spawn engine "$WORK/engine-only.log" "$BIN/hindsight" engine --config "$WORK/engine.toml"
+  hs_wait_tcp "$EPORT"
+  hs_spawn agent "$WORK/agent-only.log" "$BIN/hindsight-agent" --config "$WORK/agent.toml"
+  hs_wait_sock "$WORK/agent.sock"
+  bench_server hindsight-no-target "nbd+unix:///vol?socket=$WORK/agent.sock"
+  hs_cleanup
+fi
 
 echo
 echo "== results ($(nproc) vCPU, $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ), runtime ${RUNTIME}s per job, file $SIZE)"
