@@ -6,8 +6,10 @@
 //! target → engine:  TargetHashReply   { id | status | seq | hashes | message }   (HashReply)
 //! ```
 //!
-//! The connection thread answers between two batches of records, holding the group's `inner`
-//! lock while it reads: the hashes are of the replicas at exactly the prefix `seq`.
+//! The connection thread answers between two batches of records, once the group's applier has
+//! applied every record received before the request, holding the replicas while it reads
+//! (the applier holds them for a whole batch): the hashes are of the replicas at exactly the
+//! prefix `seq`.
 
 use hindsight_consistency::region_hash::{region_hash, zero_hash, MAX_HASH_REGIONS};
 use hindsight_consistency::wire::{HashReply, HashStatus, TargetHashRequest};
@@ -96,7 +98,7 @@ mod tests {
         let mut frame = Vec::new();
         let h = RecordHeader { seq: 1, time_ns: 1, kind: WriteKind::Data, offset: MIB + 10, length: 4 };
         encode_record(&h, "v", b"abcd", &mut frame);
-        assert!(g.receive(&[frame]).error.is_none());
+        assert!(g.receive(&mut vec![frame]).error.is_none());
         let mut region = vec![0u8; 1 << 20];
         region[10..14].copy_from_slice(b"abcd");
         let r = answer(&g, &request(vec![1, 0], 1));

@@ -12,10 +12,13 @@
 //!    inside it, and continue the sequence; resent records are skipped), then appended
 //!    verbatim to the group's [`Journal`](hindsight_consistency::journal::Journal). The frames
 //!    that have arrived together are committed with one write and one fdatasync, and a
-//!    `Confirm(durable_seq)` goes back.
-//! 3. After the commit the records are applied to the replica images. Replicas are synced and
-//!    `state.applied_seq` advanced every couple of seconds, not per record; after a crash the
-//!    records after `applied_seq` are applied again at start-up (applying is idempotent).
+//!    `Confirm(durable_seq)` goes back at once.
+//! 3. The committed batch is queued (bounded) for the group's applier thread
+//!    ([`applier`](crate::applier)), which applies the records to the replica images in
+//!    commit order while the connection thread receives the next batch. Replicas are synced
+//!    and `state.applied_seq` advanced every couple of seconds, not per record; after a crash
+//!    or a stop the records after `applied_seq` are applied again at start-up (applying is
+//!    idempotent).
 //! 4. Retention folds the oldest journal segment into the base images (the oldest point that
 //!    can be recovered) once it is older than `retention` or the journal is larger than
 //!    `journal_size`, then deletes it.
@@ -24,8 +27,9 @@
 //!    beside the daemon.
 //!
 //! Between two batches the connection thread may be asked for the hashes of some regions of a
-//! replica ([`hashes`](crate::hashes), an initial sync comparing instead of re-sending): they
-//! are taken under the group's lock, so at an exact prefix of the sequence.
+//! replica ([`hashes`](crate::hashes), an initial sync comparing instead of re-sending): it
+//! waits until the applier has applied every record received before, and hashes holding the
+//! replicas between two applied batches, so at an exact prefix of the sequence.
 //!
 //! One function applies records to an image (data written, zeroes and trims punched), for
 //! the replicas, the base images and recovered images alike.
@@ -65,6 +69,7 @@
 //! - A failed fdatasync (journal, replica, base or state) stops the group: it refuses its
 //!   engine until the target is restarted, and is never retried.
 
+mod applier;
 mod apply;
 mod bookmarks;
 mod error;

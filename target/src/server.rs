@@ -343,6 +343,14 @@ fn authorise_engine(peer: &Peer, trust: &EngineTrust) -> Result<Option<String>, 
 }
 
 fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
+    // Shuts the reading side to wake the receive loop if the group is poisoned meanwhile.
+    let waker = match stream.try_clone() {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("engine connection from {peer}: {e}; closing it");
+            return;
+        }
+    };
     let setup =
         stream.set_nonblocking(false).and_then(|()| stream.set_nodelay(true)).and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)));
     if let Err(e) = setup {
@@ -433,6 +441,10 @@ fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
+    // Cleared when the claim is dropped.
+    group.on_poison(Some(Box::new(move || {
+        let _ = waker.shutdown(Shutdown::Read);
+    })));
     let policy = match JournalFull::parse(&hello.on_journal_full) {
         Some(p) => p,
         None => {
@@ -495,11 +507,11 @@ fn check_hello(h: &TargetHello) -> Result<Vec<Volume>, String> {
 }
 
 /// Reads `Records` frames, journals them in batches (one commit for the frames that have
-/// already arrived together) and confirms each batch. A `TargetHashRequest` ends a batch and
-/// is answered after it is applied.
+/// already arrived together) and confirms each batch as soon as it is committed; the group's
+/// applier applies it to the replicas meanwhile. A `TargetHashRequest` ends a batch and is
+/// answered once every record before it is applied.
 fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReader<ReadHalf>, writer: &mut WriteHalf, ctx: &str) {
     let mut batch: Vec<Vec<u8>> = Vec::new();
-    let mut spare: Vec<Vec<u8>> = Vec::new();
     let mut scratch = Vec::new();
     let mut packed = Vec::new();
     loop {
@@ -508,7 +520,7 @@ fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReader<ReadHalf>
         let mut hash_request: Option<Vec<u8>> = None;
         let mut bytes = 0;
         loop {
-            let mut payload = spare.pop().unwrap_or_default();
+            let mut payload = group.buffer();
             match read_frame(reader, &mut payload) {
                 Ok(FrameType::Records) => {
                     bytes += payload.len();
@@ -542,8 +554,7 @@ fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReader<ReadHalf>
             }
         }
         if !batch.is_empty() {
-            let receipt = group.receive(&batch);
-            spare.append(&mut batch);
+            let receipt = group.receive(&mut batch);
             if let Err(e) = write_frame(writer, FrameType::Confirm, &encode_confirm(receipt.durable_seq), &mut scratch) {
                 log::warn!("{ctx}: sending Confirm({}): {e}; closing", receipt.durable_seq);
                 return;
@@ -568,7 +579,8 @@ fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReader<ReadHalf>
             }
         }
         if let Some(payload) = hash_request.take() {
-            // Every record sent before the request is applied: the hashes are of that prefix.
+            // Answered once every record sent before the request is applied (`with_replicas`
+            // waits for the applier): the hashes are of that prefix.
             let reply = match decode_message::<TargetHashRequest>("TargetHashRequest", &payload) {
                 Ok(req) => crate::hashes::answer(group, &req),
                 Err(e) => {
@@ -581,6 +593,12 @@ fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReader<ReadHalf>
                 log::warn!("{ctx}: sending TargetHashReply: {e}; closing");
                 return;
             }
+        }
+        if let (Some(_), Some(why)) = (&pending_error, group.stopped()) {
+            // The applier failed while the loop waited for frames (and woke it).
+            log::error!("{ctx}: {why}; closing the connection");
+            send_error(writer, &why);
+            return;
         }
         match pending_error {
             None => {}
@@ -604,7 +622,5 @@ fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReader<ReadHalf>
                 return;
             }
         }
-        // Keep the reuse pool small.
-        spare.truncate(4);
     }
 }

@@ -26,8 +26,7 @@ fn target(dir: &std::path::Path, plan: &Arc<FaultPlan>) -> (hindsight_target::Ta
 fn assert_image(dir: &std::path::Path, recs: &[Record], upto: u64) {
     for (vol, size) in VOLS {
         let want = model_image(recs, vol, size, |r| r.header.seq <= upto);
-        let got = std::fs::read(replica_path(dir, "g", vol)).unwrap();
-        assert_same_image(&got, &want, &format!("replica {vol} at seq {upto}"));
+        assert_replica(dir, "g", vol, &want, &format!("replica {vol} at seq {upto}"));
         let out = dir.join(format!("recovered-{vol}-{upto}.img"));
         let _ = std::fs::remove_file(&out);
         let r = recover(&config(dir), &RecoverRequest { group: "g".into(), volume: vol.into(), point: Point::Latest, out: out.clone() })

@@ -54,8 +54,7 @@ fn recovered_seq_and_time_points_equal_the_model() {
         assert_eq!((report.seq, report.time_ns, report.bytes), (last.seq, last.time_ns, size));
         assert_eq!(report.records_applied, history_recs.iter().filter(|r| r.volume == vol).count() as u64);
         assert_same_image(&got, &want, &format!("{vol} latest"));
-        let replica = std::fs::read(replica_path(dir.path(), "erp", vol)).unwrap();
-        assert_same_image(&replica, &want, &format!("{vol} replica"));
+        assert_replica(dir.path(), "erp", vol, &want, &format!("{vol} replica"));
     }
 
     // Random sequence points, 0 and the last included.

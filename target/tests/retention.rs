@@ -78,8 +78,7 @@ fn journal_size_limit_trims_old_segments_and_keeps_the_window_exact() {
     }
     for (vol, _) in VOLS {
         assert_eq!(check_point(&cfg, &recs, vol, Point::Latest), last);
-        let replica = std::fs::read(replica_path(dir.path(), "g", vol)).unwrap();
-        assert_same_image(&replica, &model_image(&recs, vol, size_of(vol), |_| true), "replica");
+        assert_replica(dir.path(), "g", vol, &model_image(&recs, vol, size_of(vol), |_| true), "replica");
     }
 
     // The trimmed state survives a restart, and shipping goes on from it.

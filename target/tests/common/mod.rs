@@ -247,6 +247,22 @@ pub fn replica_path(data_dir: &Path, group: &str, volume: &str) -> PathBuf {
     data_dir.join("groups").join(group).join("replica").join(format!("{volume}.img"))
 }
 
+/// Asserts that the replica of `volume` equals `want` once the target's applier has caught up
+/// (the target confirms records when they are journaled, and applies them to the replicas
+/// after): polls for a few seconds, then names the first differing byte.
+pub fn assert_replica(data_dir: &Path, group: &str, volume: &str, want: &[u8], what: &str) {
+    let path = replica_path(data_dir, group, volume);
+    let start = Instant::now();
+    loop {
+        let got = std::fs::read(&path).unwrap();
+        if got == want || start.elapsed() > Duration::from_secs(10) {
+            assert_same_image(&got, want, what);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Polls `f` until it returns `Some`, failing the test after `limit`.
 pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();

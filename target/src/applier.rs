@@ -1,0 +1,339 @@
+//! The group's applier thread: applies committed batches of records to the replicas, in
+//! commit order, while the connection thread receives and commits the next batch.
+//!
+//! ```text
+//! connection thread                            applier thread
+//!   validate · append · commit (fdatasync)
+//!   save the marks (bookmarks, spans)
+//!   Confirm(durable_seq) ──▶ engine
+//!   Batch { frames | after | through } ──queue──▶ apply records after..=through
+//!   read the next frames                          applied_seq = through
+//!        ▲                                            │
+//!        └────────────── frame buffers ◀── pool ◀─┘
+//! ```
+//!
+//! Durability is the journal's: a record is confirmed once it is committed, and a crash before
+//! it is applied is repaired by the start-up replay from the checkpointed `applied_seq`. The
+//! queue holds at most [`MAX_QUEUED_BYTES`] of frame buffers (the connection thread waits for
+//! room), so memory stays bounded whatever the replicas' speed.
+//!
+//! Whoever reads the replicas and names a sequence number takes [`ApplyShared::replicas`]:
+//! the applier holds it for a whole batch, so a reader sees the replicas exactly at the
+//! `applied_seq` beside them, never half a batch.
+//!
+//! Locks, in the order they may be taken after the group's: `replicas`, then `poisoned`,
+//! `on_poison`, then the leaves `queued` and `pool` (never held while taking another).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use hindsight_consistency::record::decode_record;
+use hindsight_consistency::{RecordRef, Seq};
+
+use crate::apply::ImageSet;
+use crate::error::TargetError;
+use crate::group::{error_chain, poisoned_message};
+
+/// Most bytes of frame buffers queued for the applier (a batch larger than this is queued
+/// alone).
+pub(crate) const MAX_QUEUED_BYTES: usize = 64 << 20;
+/// Most batches queued for the applier (many small batches cost little memory each, but
+/// bound them anyway).
+const MAX_QUEUED_BATCHES: usize = 256;
+/// Most bytes of spare frame buffers kept for reuse (fresh memory is slow to touch first),
+/// per group even when idle: enough for the frames of a few batches.
+const MAX_POOL_BYTES: usize = 16 << 20;
+
+/// Records committed together, for the applier: those with `after < seq <= through`
+/// (earlier ones in the frames are resends, already applied).
+pub(crate) struct Batch {
+    pub frames: Vec<Vec<u8>>,
+    pub after: Seq,
+    pub through: Seq,
+}
+
+impl Batch {
+    /// The memory the batch holds.
+    fn bytes(&self) -> usize {
+        self.frames.iter().map(Vec::capacity).sum()
+    }
+}
+
+/// The replicas and how far they are applied.
+pub(crate) struct Replicas {
+    pub images: Arc<ImageSet>,
+    /// The replicas hold every record up to here (synced or not).
+    pub applied_seq: Seq,
+}
+
+/// Spare frame buffers.
+#[derive(Default)]
+struct Pool {
+    bufs: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+/// What the group and its applier thread share.
+pub(crate) struct ApplyShared {
+    group: String,
+    /// Held by the applier for a whole batch, and by readers of the replicas.
+    pub replicas: Mutex<Replicas>,
+    /// Signalled when `applied_seq` advances, the group is poisoned or the applier stops.
+    progress: Condvar,
+    /// Why the group stopped, if it did.
+    poisoned: Mutex<Option<String>>,
+    /// Called once when the group is poisoned: wakes the connection thread, which may be
+    /// waiting for frames while the applier fails, so that it tells the engine.
+    on_poison: Mutex<Option<Box<dyn Fn() + Send>>>,
+    /// Bytes queued for the applier.
+    queued: Mutex<usize>,
+    /// Signalled when queued bytes are released or the applier stops.
+    room: Condvar,
+    pool: Mutex<Pool>,
+    /// Set when the applier is asked to stop (or has ended): it finishes the batch in hand and
+    /// drops the rest, which the journal holds.
+    stop: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Calls `f` with every record of a payload that `validate_frame` accepted.
+pub(crate) fn each_record<E>(payload: &[u8], mut f: impl FnMut(&RecordRef<'_>, &[u8]) -> Result<(), E>) -> Result<(), E> {
+    let mut at = 0;
+    while at < payload.len() {
+        let (rec, used) = decode_record(&payload[at..]).expect("validated before");
+        f(&rec, &payload[at..at + used])?;
+        at += used;
+    }
+    Ok(())
+}
+
+impl ApplyShared {
+    pub fn new(group: &str, images: ImageSet, applied_seq: Seq) -> ApplyShared {
+        ApplyShared {
+            group: group.to_owned(),
+            replicas: Mutex::new(Replicas { images: Arc::new(images), applied_seq }),
+            progress: Condvar::new(),
+            poisoned: Mutex::new(None),
+            on_poison: Mutex::new(None),
+            queued: Mutex::new(0),
+            room: Condvar::new(),
+            pool: Mutex::new(Pool::default()),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    /// Why the group stopped, if it did.
+    pub fn poisoned(&self) -> Option<String> {
+        lock(&self.poisoned).clone()
+    }
+
+    /// Stops the group for good (the first cause is kept) and wakes whoever waits on the
+    /// applier. Must not be called with `replicas` held.
+    pub fn poison(&self, cause: String) {
+        {
+            let mut p = lock(&self.poisoned);
+            if p.is_some() {
+                return;
+            }
+            log::error!("group {:?}: stopped: {cause}; it accepts nothing more until the target is restarted", self.group);
+            *p = Some(cause);
+        }
+        if let Some(f) = lock(&self.on_poison).as_ref() {
+            f();
+        }
+        self.wake();
+    }
+
+    /// True once the applier is asked to stop.
+    #[cfg(test)]
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Sets (or clears) what to call when the group is poisoned.
+    pub fn on_poison(&self, f: Option<Box<dyn Fn() + Send>>) {
+        *lock(&self.on_poison) = f;
+    }
+
+    fn wake(&self) {
+        drop(lock(&self.replicas));
+        self.progress.notify_all();
+        drop(lock(&self.queued));
+        self.room.notify_all();
+    }
+
+    /// A buffer for the next frame: a spare one if there is one.
+    pub fn buffer(&self) -> Vec<u8> {
+        let mut pool = lock(&self.pool);
+        match pool.bufs.pop() {
+            Some(b) => {
+                pool.bytes -= b.capacity();
+                b
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Keeps buffers for reuse, up to [`MAX_POOL_BYTES`].
+    pub fn recycle(&self, bufs: impl IntoIterator<Item = Vec<u8>>) {
+        let mut pool = lock(&self.pool);
+        for b in bufs {
+            if b.capacity() > 0 && pool.bytes + b.capacity() <= MAX_POOL_BYTES {
+                pool.bytes += b.capacity();
+                pool.bufs.push(b);
+            }
+        }
+    }
+
+    /// Waits for room in the queue for `bytes` (always room when it is empty) and takes it.
+    fn reserve(&self, bytes: usize) {
+        let mut q = lock(&self.queued);
+        while *q > 0 && *q + bytes > MAX_QUEUED_BYTES && !self.stop.load(Ordering::SeqCst) {
+            q = self.room.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        *q += bytes;
+    }
+
+    fn release(&self, bytes: usize) {
+        let mut q = lock(&self.queued);
+        *q = q.saturating_sub(bytes);
+        drop(q);
+        self.room.notify_all();
+    }
+
+    /// Runs `f` on the replicas once every record up to `seq` is applied, holding them so
+    /// that they are exactly at the `applied_seq` given to `f`. Fails if the group is
+    /// poisoned or the applier stopped short of `seq`.
+    pub fn with_applied<T>(&self, seq: Seq, f: impl FnOnce(&ImageSet, Seq) -> T) -> Result<T, String> {
+        let mut r = lock(&self.replicas);
+        loop {
+            if let Some(cause) = self.poisoned() {
+                return Err(poisoned_message(&self.group, &cause));
+            }
+            if r.applied_seq >= seq {
+                return Ok(f(&r.images, r.applied_seq));
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                return Err(format!("group {:?} is stopping; the replicas hold seq {}, not seq {seq}", self.group, r.applied_seq));
+            }
+            r = self.progress.wait(r).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Applies one batch, then moves `applied_seq`, under `replicas`. A failure poisons the
+    /// group and leaves `applied_seq` before the batch.
+    fn apply(&self, batch: &Batch) {
+        let mut r = lock(&self.replicas);
+        debug_assert!(batch.after <= r.applied_seq, "batches are applied in commit order");
+        let images = Arc::clone(&r.images);
+        let res = batch.frames.iter().try_for_each(|payload| {
+            each_record(payload, |rec, _| {
+                let seq = rec.header.seq;
+                if seq > batch.after && seq <= batch.through {
+                    images.apply(rec).map_err(|e: TargetError| error_chain(&e))?;
+                }
+                Ok::<_, String>(())
+            })
+        });
+        match res {
+            Ok(()) => {
+                r.applied_seq = r.applied_seq.max(batch.through);
+                drop(r);
+                self.progress.notify_all();
+            }
+            Err(cause) => {
+                drop(r);
+                self.poison(cause);
+            }
+        }
+    }
+}
+
+/// The group's side of its applier thread.
+pub(crate) struct Applier {
+    shared: Arc<ApplyShared>,
+    tx: Mutex<Option<Sender<Batch>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Marks the applier stopped however its thread ends, so that nobody waits on it forever.
+struct Ended<'a>(&'a ApplyShared);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.poison("the replicas' applier panicked".to_owned());
+        }
+        self.0.stop.store(true, Ordering::SeqCst);
+        self.0.wake();
+    }
+}
+
+fn run(shared: &ApplyShared, rx: &Receiver<Batch>) {
+    let _ended = Ended(shared);
+    for batch in rx {
+        if !shared.stop.load(Ordering::SeqCst) && shared.poisoned().is_none() {
+            shared.apply(&batch);
+        }
+        let bytes = batch.bytes();
+        shared.recycle(batch.frames);
+        shared.release(bytes);
+    }
+}
+
+impl Applier {
+    /// Starts the applier thread of a group.
+    pub fn start(shared: Arc<ApplyShared>) -> Result<Applier, TargetError> {
+        let (tx, rx) = crossbeam_channel::bounded::<Batch>(MAX_QUEUED_BATCHES);
+        let s = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name(format!("target-apply-{}", shared.group))
+            .spawn(move || run(&s, &rx))
+            .map_err(|source| TargetError::Spawn { what: "applier", source })?;
+        Ok(Applier { shared, tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
+    }
+
+    pub fn shared(&self) -> &ApplyShared {
+        &self.shared
+    }
+
+    /// Queues a committed batch, waiting for room. The caller holds the group's `inner` lock,
+    /// which keeps batches in commit order. Fails if the applier has stopped.
+    pub fn queue(&self, batch: Batch) -> Result<(), String> {
+        let bytes = batch.bytes();
+        self.shared.reserve(bytes);
+        let sent = match lock(&self.tx).as_ref() {
+            Some(tx) => tx.send(batch).map_err(|e| e.into_inner()),
+            None => Err(batch),
+        };
+        sent.map_err(|batch| {
+            self.shared.recycle(batch.frames);
+            self.shared.release(bytes);
+            format!("group {:?}: the replicas' applier has stopped", self.shared.group)
+        })
+    }
+
+    /// Stops the applier: it finishes the batch in hand and drops those queued (the journal
+    /// holds them; start-up applies them). Waits for its thread. Idempotent.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.wake();
+        drop(lock(&self.tx).take());
+        if let Some(t) = lock(&self.thread).take() {
+            if t.join().is_err() {
+                log::error!("group {:?}: the replicas' applier panicked", self.shared.group);
+            }
+        }
+    }
+}
+
+impl Drop for Applier {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
