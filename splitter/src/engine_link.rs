@@ -39,7 +39,7 @@ use crate::quiesce::Quiescer;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hindsight_consistency::record::MAX_WRITE_LEN;
 use hindsight_consistency::transport::{is_refusal_io, Connection, ReadHalf, Role, Security, WriteHalf};
-use hindsight_consistency::wire::frame::{encode_header, whole_frame_buffered, FRAME_HEADER_LEN};
+use hindsight_consistency::wire::frame::{encode_header_parts, whole_frame_buffered};
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, DiskHello, ErrorMessage, FrameError, FrameType,
     HashReply, HashRequest, QuiesceMsg, QuiescedMsg, ResyncDoneMsg, ResyncProgressMsg, ThawMsg, WriteAck, WriteMsg, PROTOCOL_VERSION,
@@ -361,13 +361,25 @@ impl EngineLink {
                 w.next_req += 1;
                 let write = Outgoing { disk, offset, length, body };
                 let up = matches!(w.state, State::Up(_));
-                if up {
+                let in_place = up && write.body.data().len() >= SEND_IN_PLACE;
+                if in_place {
+                    encode_write_head(&mut w.held, req_id, &write);
+                } else if up {
                     encode_write(&mut w.held, req_id, &write);
                 }
                 // In the map before it is on the wire, so that its ack finds it. While the
                 // link is down it waits there, to be sent by `go_up`.
+                let data = in_place.then(|| write.body.clone());
                 lock(&inner.pending).insert(req_id, Pending { write, done });
-                if up && (!hold || w.held.len() >= HELD_MAX) {
+                if let Some(data) = data {
+                    // The head (after any frames held before it), then the data itself.
+                    inner.send_held_locked(w);
+                    if let State::Up(stream) = &mut w.state {
+                        if let Err(e) = stream.write_all(data.data()) {
+                            inner.lose(&mut w.state, &format!("sending a write failed: {e}"));
+                        }
+                    }
+                } else if up && (!hold || w.held.len() >= HELD_MAX) {
                     inner.send_held_locked(w);
                 }
                 return;
@@ -558,14 +570,20 @@ fn hello_exchange(to: &Destination<'_>, hello: &[u8], write_timeout: Duration) -
 
 /// Appends the whole `Write` frame of `p` to `out`.
 fn encode_write(out: &mut Vec<u8>, req_id: u64, p: &Outgoing) {
-    let msg = WriteMsg { req_id, offset: p.offset, length: p.length, disk: p.disk, kind: p.body.kind() };
-    let start = out.len();
-    out.resize(start + FRAME_HEADER_LEN, 0);
-    out.extend_from_slice(&msg.encode_header());
+    encode_write_head(out, req_id, p);
     out.extend_from_slice(p.body.data());
-    let header = encode_header(FrameType::Write, &out[start + FRAME_HEADER_LEN..]);
-    out[start..start + FRAME_HEADER_LEN].copy_from_slice(&header);
 }
+
+/// Appends the `Write` frame of `p` up to its data (which follows it on the wire).
+fn encode_write_head(out: &mut Vec<u8>, req_id: u64, p: &Outgoing) {
+    let msg = WriteMsg { req_id, offset: p.offset, length: p.length, disk: p.disk, kind: p.body.kind() }.encode_header();
+    out.extend_from_slice(&encode_header_parts(FrameType::Write, &[&msg, p.body.data()]));
+    out.extend_from_slice(&msg);
+}
+
+/// Writes of at least this many bytes go on the wire from their own buffer, after their
+/// frame's head, instead of being copied into the frames held for sending.
+const SEND_IN_PLACE: usize = 64 << 10;
 
 /// Owns the connection's life: runs an ack reader per connection, and reconnects when it
 /// ends, until the link is dropped. `reader` reads the first connection, which is up already.
@@ -913,6 +931,19 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hindsight_consistency::wire::frame::FRAME_HEADER_LEN;
+
+    #[test]
+    fn a_write_sent_in_place_is_the_same_frame_on_the_wire() {
+        let data: Vec<u8> = (0..SEND_IN_PLACE + 3).map(|i| u8::try_from(i % 251).unwrap()).collect();
+        let p = Outgoing { disk: 1, offset: 1 << 20, length: u32::try_from(data.len()).unwrap(), body: WriteBody::Data(Arc::new(data)) };
+        let mut joined = Vec::new();
+        encode_write(&mut joined, 9, &p);
+        let mut split = Vec::new();
+        encode_write_head(&mut split, 9, &p);
+        split.extend_from_slice(p.body.data());
+        assert_eq!(split, joined);
+    }
 
     #[test]
     fn write_frame_decodes_back() {

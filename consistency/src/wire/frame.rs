@@ -199,14 +199,20 @@ pub struct FrameHeader {
 
 /// Encodes a frame header for `payload`.
 pub fn encode_header(ftype: FrameType, payload: &[u8]) -> [u8; FRAME_HEADER_LEN] {
+    encode_header_parts(ftype, &[payload])
+}
+
+/// Encodes a frame header for a payload made of `parts` one after the other, for a sender
+/// that writes them without joining them first.
+pub fn encode_header_parts(ftype: FrameType, parts: &[&[u8]]) -> [u8; FRAME_HEADER_LEN] {
     let mut h = [0u8; FRAME_HEADER_LEN];
     h[0..4].copy_from_slice(&FRAME_MAGIC);
     h[4] = FRAME_VERSION;
     h[5] = ftype.code();
     h[6..8].copy_from_slice(&0u16.to_le_bytes());
-    let len = u32::try_from(payload.len()).expect("payload length checked by caller");
+    let len = u32::try_from(parts.iter().map(|p| p.len()).sum::<usize>()).expect("payload length checked by caller");
     h[8..12].copy_from_slice(&len.to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[0..12]), payload);
+    let crc = parts.iter().fold(crc32c::crc32c(&h[0..12]), |crc, p| crc32c::crc32c_append(crc, p));
     h[12..16].copy_from_slice(&crc.to_le_bytes());
     h
 }
