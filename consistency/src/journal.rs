@@ -133,11 +133,7 @@ fn spare_name(last_seq: Seq) -> String {
 }
 
 fn parse_spare_name(name: &str) -> Option<Seq> {
-    let digits = name.strip_suffix(SPARE_SUFFIX)?;
-    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
+    parse_seq_name(name, SPARE_SUFFIX)
 }
 
 /// File name of the segment starting at `first_seq`.
@@ -146,7 +142,12 @@ pub fn segment_name(first_seq: Seq) -> String {
 }
 
 fn parse_segment_name(name: &str) -> Option<Seq> {
-    let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
+    parse_seq_name(name, SEGMENT_SUFFIX)
+}
+
+/// The sequence number of a name of 20 digits and `suffix`.
+fn parse_seq_name(name: &str, suffix: &str) -> Option<Seq> {
+    let digits = name.strip_suffix(suffix)?;
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }

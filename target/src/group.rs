@@ -1034,14 +1034,20 @@ mod tests {
         assert!(std::fs::read(paths.replica_dir().join("v.img")).unwrap() == model(&recs, 120));
     }
 
+    /// A group on a file system that fails where its plan says.
+    fn faulty_group(dir: &std::path::Path) -> (Arc<FaultPlan>, GroupPaths, Group) {
+        let plan = Arc::new(FaultPlan::default());
+        let fs: Arc<dyn Storage> = Arc::new(FaultyStorage::new(StdStorage::shared(), Arc::clone(&plan)));
+        let paths = GroupPaths::new(dir, "g");
+        let meta = GroupMeta::new("e".into(), vec![Volume { name: "v".into(), vm: "vm".into(), size: SIZE }]);
+        let g = Group::create(Arc::clone(&fs), paths.clone(), "g", meta, opts()).unwrap();
+        (plan, paths, g)
+    }
+
     #[test]
     fn failed_commit_stops_the_group_without_retrying() {
         let dir = tempfile::tempdir().unwrap();
-        let plan = Arc::new(FaultPlan::default());
-        let fs: Arc<dyn Storage> = Arc::new(FaultyStorage::new(StdStorage::shared(), Arc::clone(&plan)));
-        let paths = GroupPaths::new(dir.path(), "g");
-        let meta = GroupMeta::new("e".into(), vec![Volume { name: "v".into(), vm: "vm".into(), size: SIZE }]);
-        let g = Group::create(Arc::clone(&fs), paths.clone(), "g", meta, opts()).unwrap();
+        let (plan, paths, g) = faulty_group(dir.path());
         let recs = records(10);
         assert_eq!(g.receive(&mut vec![frame(&recs[..5])]).durable_seq, 5);
         assert_eq!(applied(&g), 5);
@@ -1124,11 +1130,7 @@ mod tests {
     #[test]
     fn a_failed_replica_write_poisons_the_group_and_wakes_its_connection() {
         let dir = tempfile::tempdir().unwrap();
-        let plan = Arc::new(FaultPlan::default());
-        let fs: Arc<dyn Storage> = Arc::new(FaultyStorage::new(StdStorage::shared(), Arc::clone(&plan)));
-        let paths = GroupPaths::new(dir.path(), "g");
-        let meta = GroupMeta::new("e".into(), vec![Volume { name: "v".into(), vm: "vm".into(), size: SIZE }]);
-        let g = Group::create(Arc::clone(&fs), paths.clone(), "g", meta, opts()).unwrap();
+        let (plan, paths, g) = faulty_group(dir.path());
         let (woken_tx, woken) = crossbeam_channel::bounded(1);
         g.on_poison(Some(Box::new(move || {
             let _ = woken_tx.try_send(());
