@@ -109,12 +109,7 @@ if wanted hindsight; then
   echo "== hindsight-agent, replicating (cdp) to an engine and a target on this machine"
   fresh_file "$WORK/agent.img"
   rm -rf "$WORK/engine" "$WORK/target"
-  hs_spawn target "$WORK/target.log" "$BIN/hindsight" target --config "$WORK/target.toml"
-  hs_wait_tcp "$TPORT"
-  hs_spawn engine "$WORK/engine.log" "$BIN/hindsight" engine --config "$WORK/engine.toml"
-  hs_wait_tcp "$EPORT"
-  hs_spawn agent "$WORK/agent.log" "$BIN/hindsight-agent" --config "$WORK/agent.toml"
-  hs_wait_sock "$WORK/agent.sock"
+  hs_start_cluster "$WORK" "$BIN" "$WORK/agent.sock"
   bench_server hindsight "nbd+unix:///vol?socket=$WORK/agent.sock"
   hs_cleanup
 fi

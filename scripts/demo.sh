@@ -32,12 +32,7 @@ echo "TLS on both links, certificates made by hindsight certs in $WORK/pki:"
 ls "$WORK/pki" | sed 's/^/  /'
 
 step "starting target, engine and agent (files in $WORK)"
-hs_spawn target "$WORK/target.log" "$HS" target --config "$WORK/target.toml"
-hs_wait_tcp "$TPORT"
-hs_spawn engine "$WORK/engine.log" "$HS" engine --config "$WORK/engine.toml"
-hs_wait_tcp "$EPORT"
-hs_spawn agent "$WORK/agent.log" "$BIN/hindsight-agent" --config "$WORK/agent.toml"
-hs_wait_sock "$SOCK"
+hs_start_cluster "$WORK" "$BIN" "$SOCK"
 URI="nbd+unix:///db-data?socket=$SOCK"
 nbdinfo "$URI" | sed 's/^/  /'
 
