@@ -66,6 +66,8 @@ pub(crate) struct Replicas {
     pub images: Arc<ImageSet>,
     /// The replicas hold every record up to here (synced or not).
     pub applied_seq: Seq,
+    /// Bytes of records applied since the applier started (to checkpoint by volume too).
+    pub applied_bytes: u64,
 }
 
 /// Spare frame buffers.
@@ -117,7 +119,7 @@ impl ApplyShared {
     pub fn new(group: &str, images: ImageSet, applied_seq: Seq) -> ApplyShared {
         ApplyShared {
             group: group.to_owned(),
-            replicas: Mutex::new(Replicas { images: Arc::new(images), applied_seq }),
+            replicas: Mutex::new(Replicas { images: Arc::new(images), applied_seq, applied_bytes: 0 }),
             progress: Condvar::new(),
             poisoned: Mutex::new(None),
             on_poison: Mutex::new(None),
@@ -244,6 +246,7 @@ impl ApplyShared {
         match res {
             Ok(()) => {
                 r.applied_seq = r.applied_seq.max(batch.through);
+                r.applied_bytes += batch.frames.iter().map(|f| f.len() as u64).sum::<u64>();
                 drop(r);
                 self.progress.notify_all();
             }
