@@ -63,6 +63,21 @@ struct Writer {
     held_bytes: u64,
 }
 
+impl Writer {
+    /// Writes whole replies. After the first failure every later reply is dropped and the
+    /// socket is shut down, which also ends the reader blocked on it.
+    fn write(&mut self, bytes: &[u8], peer: &str) {
+        if self.failed {
+            return;
+        }
+        if let Err(e) = self.stream.write_all(bytes) {
+            self.failed = true;
+            warn!("nbd {peer}: writing reply failed: {e}");
+            let _ = self.stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
 #[derive(Default)]
 struct InFlight {
     requests: usize,
@@ -87,19 +102,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Writes one whole reply. After the first failure every later reply is dropped and the
-    /// socket is shut down, which also ends the reader.
+    /// Writes one whole reply (see [`Writer::write`]).
     fn send(&self, bytes: &[u8]) {
-        let mut w = lock(&self.writer);
-        if w.failed {
-            return;
-        }
-        if let Err(e) = w.stream.write_all(bytes) {
-            w.failed = true;
-            warn!("nbd {}: writing reply failed: {e}", self.peer);
-            // Wakes the reader blocked on the same socket.
-            let _ = w.stream.shutdown(Shutdown::Both);
-        }
+        lock(&self.writer).write(bytes, &self.peer);
     }
 
     /// Sends a completed request's reply (now, or with the others of a cork on this thread),
@@ -405,12 +410,8 @@ impl Deferred for Shared {
         let (requests, bytes) = {
             let mut w = lock(&self.writer);
             let held = std::mem::take(&mut w.held);
-            if !w.failed && !held.is_empty() {
-                if let Err(e) = w.stream.write_all(&held) {
-                    w.failed = true;
-                    warn!("nbd {}: writing replies failed: {e}", self.peer);
-                    let _ = w.stream.shutdown(Shutdown::Both);
-                }
+            if !held.is_empty() {
+                w.write(&held, &self.peer);
             }
             // Keeps the buffer for the next batch.
             w.held = held;
