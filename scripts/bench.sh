@@ -41,9 +41,12 @@ JOBS=(
   "4k-randread-qd32|--rw=randread --bs=4k --iodepth=32"
 )
 
-# fio_run NAME URI JOBNAME FIO-ARGS: one fio run, one line of results.
+# fio_run NAME URI JOBNAME FIO-ARGS: one fio run, one line of results. Each run starts with
+# nothing dirty in the page cache: what an earlier run left to write back would otherwise be
+# written during this one, on the same disk.
 fio_run() {
   local server=$1 uri=$2 job=$3 args=$4 json=$WORK/$1-$3.json
+  sync
   # shellcheck disable=SC2086
   fio --name="$job" --ioengine=nbd --uri="$uri" $args --size="$SIZE" --time_based --runtime="$RUNTIME" \
       --ramp_time=2 --numjobs=1 --group_reporting --output-format=json --output="$json" >/dev/null

@@ -21,7 +21,7 @@ use hindsight_consistency::wire::{
 };
 use hindsight_consistency::{BookmarkBody, PointConsistency};
 
-use crate::group::{Barrier, BookmarkPlacement, GroupHandle, GroupItem, Latch, ResyncDone, WriteRequest};
+use crate::group::{Acks, Barrier, BookmarkPlacement, GroupHandle, GroupItem, Latch, ResyncDone, WriteRequest};
 use crate::hashes::{HashBroker, HashReplyTo};
 
 /// Read buffer of an agent connection.
@@ -139,7 +139,7 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
     }
     log::info!("agent {peer} (vm {}, {certified}) attached volumes {}", hello.vm, names.join(", "));
 
-    let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<WriteAck>();
+    let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<Acks>();
     let (control_tx, control_rx) = crossbeam_channel::unbounded::<(FrameType, Vec<u8>)>();
     let session_id = reg.next_id.fetch_add(1, AtomicOrdering::Relaxed);
     let groups = disks.iter().map(|d| d.group.config.name.clone()).collect();
@@ -543,7 +543,7 @@ impl From<FrameError> for SessionEnd {
 /// Where a session's answers go.
 struct SessionOut<'a> {
     /// Acknowledgements.
-    acks: &'a crossbeam_channel::Sender<WriteAck>,
+    acks: &'a crossbeam_channel::Sender<Acks>,
     /// Other frames to the agent (sent between acknowledgements).
     control: &'a crossbeam_channel::Sender<(FrameType, Vec<u8>)>,
     /// The agent's VM.
@@ -620,16 +620,16 @@ fn read_loop(
         let (msg, _) = WriteMsg::decode(payload)?;
         let Some(disk) = disks.get(usize::from(msg.disk)) else {
             log::warn!("write to unknown disk number {}", msg.disk);
-            let _ = ack_tx.send(WriteAck { req_id: msg.req_id, seq: 0, status: EINVAL });
+            let _ = ack_tx.send(vec![WriteAck { req_id: msg.req_id, seq: 0, status: EINVAL }]);
             continue;
         };
         if msg.offset.checked_add(u64::from(msg.length)).is_none_or(|end| end > disk.size) {
             log::warn!("volume {}: write at {} length {} is past the end ({})", disk.volume, msg.offset, msg.length, disk.size);
-            let _ = ack_tx.send(WriteAck { req_id: msg.req_id, seq: 0, status: EINVAL });
+            let _ = ack_tx.send(vec![WriteAck { req_id: msg.req_id, seq: 0, status: EINVAL }]);
             continue;
         }
         if disk.group.shared.poisoned.load(Ordering::Relaxed) {
-            let _ = ack_tx.send(WriteAck { req_id: msg.req_id, seq: 0, status: EIO });
+            let _ = ack_tx.send(vec![WriteAck { req_id: msg.req_id, seq: 0, status: EIO }]);
             continue;
         }
         let req = WriteRequest {
@@ -725,7 +725,7 @@ fn resync_done(m: &ResyncDoneMsg, disks: &[Disk]) -> Result<(), SessionEnd> {
 /// Writes acknowledgements, batching whatever is queued into one socket write, and the
 /// session's control frames between them: the only writer of the socket. An `Error` control
 /// frame is the last thing sent: the connection is closed after it.
-fn ack_loop(w: WriteHalf, rx: Receiver<WriteAck>, mut control: Receiver<(FrameType, Vec<u8>)>, peer: SocketAddr) {
+fn ack_loop(w: WriteHalf, rx: Receiver<Acks>, mut control: Receiver<(FrameType, Vec<u8>)>, peer: SocketAddr) {
     let mut buf = Vec::with_capacity(64 << 10);
     let mut scratch = Vec::new();
     loop {
@@ -754,7 +754,7 @@ fn ack_loop(w: WriteHalf, rx: Receiver<WriteAck>, mut control: Receiver<(FrameTy
                 None
             }
         };
-        for ack in first.into_iter().chain(rx.try_iter().take(1024)) {
+        for ack in first.into_iter().chain(rx.try_iter().take(64)).flatten() {
             if write_frame(&mut buf, FrameType::WriteAck, &ack.encode(), &mut scratch).is_err() {
                 return;
             }

@@ -25,6 +25,8 @@ use hindsight_consistency::record::Seq;
 use hindsight_consistency::time::now_ns;
 use hindsight_consistency::wire::WriteAck;
 
+use crate::group::{send_acks, Acks};
+
 /// Longest pause put before one commit's acknowledgements when regulating.
 const MAX_REGULATION_DELAY: Duration = Duration::from_secs(1);
 /// Pause when regulating before the link's rate is known.
@@ -34,7 +36,7 @@ const FIRST_REGULATION_DELAY: Duration = Duration::from_millis(100);
 struct Held {
     seq: Seq,
     since: Instant,
-    to: Sender<WriteAck>,
+    to: Sender<Acks>,
     ack: WriteAck,
 }
 
@@ -146,7 +148,7 @@ impl Policy {
     /// After a commit whose last record is `last_seq`, with `bytes` of data, at `time_ns`:
     /// records it for the lag, then sends the acknowledgements (cdp) or holds them until the
     /// target confirms (sync). `confirmed` is what the target holds now.
-    pub fn committed(&self, acks: Vec<(Sender<WriteAck>, WriteAck)>, last_seq: Seq, bytes: u64, time_ns: u64, confirmed: Seq) {
+    pub fn committed(&self, acks: Vec<(Sender<Acks>, WriteAck)>, last_seq: Seq, bytes: u64, time_ns: u64, confirmed: Seq) {
         {
             let mut lag = lock(&self.lag);
             lag.committed_bytes += bytes;
@@ -159,10 +161,7 @@ impl Policy {
             }
         }
         if self.effective() != ReplicationMode::Sync {
-            for (to, ack) in acks {
-                // A closed agent connection just drops its acks.
-                let _ = to.send(ack);
-            }
+            send_acks(acks);
             return;
         }
         let now = Instant::now();
@@ -345,8 +344,6 @@ impl Policy {
 
 /// Sends every held acknowledgement through `seq`, in order.
 fn release_through(held: &mut VecDeque<Held>, seq: Seq) {
-    while held.front().is_some_and(|h| h.seq <= seq) {
-        let h = held.pop_front().expect("front exists");
-        let _ = h.to.send(h.ack);
-    }
+    let through = held.partition_point(|h| h.seq <= seq);
+    send_acks(held.drain(..through).map(|h| (h.to, h.ack)));
 }
