@@ -3,8 +3,12 @@
 # machine) against qemu-nbd (page cache, and --cache=none) and nbdkit serving the same kind of
 # backing file, in the same run,
 # with fio's nbd engine. Prints IOPS, MB/s, p50/p99 completion latency and the ratios.
+# The servers take turns, round after round, each starting fresh; every figure is the median
+# of the rounds (a machine shared with other work varies by a fifth from one run to the next),
+# and the IOPS column shows the lowest and highest round too.
 #
 #   HS_BENCH_RUNTIME=20   seconds per fio job      HS_BENCH_SIZE=1G   backing file size
+#   HS_BENCH_ROUNDS=3     rounds (1 for a quick look)
 #   HS_BENCH_DIR=dir      where files go, kept afterwards (default: a new temporary directory,
 #                         removed at the end: the images and journals take many GiB)
 #   HS_BENCH_JOBS="4k-randwrite-qd32 1m-seqwrite-qd8"   only these jobs (default: all)
@@ -41,11 +45,14 @@ JOBS=(
   "4k-randread-qd32|--rw=randread --bs=4k --iodepth=32"
 )
 
+ROUNDS=${HS_BENCH_ROUNDS:-3}
+ROUND=1
+
 # fio_run NAME URI JOBNAME FIO-ARGS: one fio run, one line of results. Each run starts with
 # nothing dirty in the page cache: what an earlier run left to write back would otherwise be
 # written during this one, on the same disk.
 fio_run() {
-  local server=$1 uri=$2 job=$3 args=$4 json=$WORK/$1-$3.json
+  local server=$1 uri=$2 job=$3 args=$4 json=$WORK/$1-$3-round$ROUND.json
   sync
   # shellcheck disable=SC2086
   fio --name="$job" --ioengine=nbd --uri="$uri" $args --size="$SIZE" --time_based --runtime="$RUNTIME" \
@@ -73,81 +80,88 @@ wanted() { [ -z "${HS_BENCH_SERVERS:-}" ] || [[ " $HS_BENCH_SERVERS " == *" $1 "
 
 fresh_file() { rm -f "$1"; truncate -s "$SIZE" "$1"; }
 
-if wanted qemu-nbd; then
-  echo "== qemu-nbd (default cache: writeback)"
-  fresh_file "$WORK/qemu.img"
-  hs_spawn qemu-nbd "$WORK/qemu-nbd.log" qemu-nbd -t -e 8 -f raw -k "$WORK/qemu.sock" "$WORK/qemu.img"
-  QPID=$HS_PID
-  hs_wait_sock "$WORK/qemu.sock"
-  bench_server qemu-nbd "nbd+unix:///?socket=$WORK/qemu.sock"
-  kill "$QPID"; wait "$QPID" 2>/dev/null || true
-fi
-
-if wanted qemu-nbd-direct; then
-  echo "== qemu-nbd --cache=none (O_DIRECT: every write reaches the disk before its reply)"
-  fresh_file "$WORK/qemu-direct.img"
-  hs_spawn qemu-nbd-direct "$WORK/qemu-nbd-direct.log" qemu-nbd -t -e 8 --cache=none --aio=threads -f raw -k "$WORK/qemu-direct.sock" "$WORK/qemu-direct.img"
-  QPID=$HS_PID
-  hs_wait_sock "$WORK/qemu-direct.sock"
-  bench_server qemu-nbd-direct "nbd+unix:///?socket=$WORK/qemu-direct.sock"
-  kill "$QPID"; wait "$QPID" 2>/dev/null || true
-fi
-
-if wanted nbdkit; then
-  echo "== nbdkit file plugin"
-  fresh_file "$WORK/nbdkit.img"
-  hs_spawn nbdkit "$WORK/nbdkit.log" nbdkit -f -U "$WORK/nbdkit.sock" file "$WORK/nbdkit.img"
-  NPID=$HS_PID
-  hs_wait_sock "$WORK/nbdkit.sock"
-  bench_server nbdkit "nbd+unix:///?socket=$WORK/nbdkit.sock"
-  kill "$NPID"; wait "$NPID" 2>/dev/null || true
-fi
-
 EPORT=$(hs_free_port); TPORT=$(hs_free_port)
 fresh_file "$WORK/agent.img"
 BYTES=$(stat -c %s "$WORK/agent.img")
 hs_write_configs "$WORK" bench bench-vm vol "$BYTES" "$WORK/agent.img" "$WORK/agent.sock" 'journal_size = "4GiB"'
 
-if wanted hindsight; then
-  echo "== hindsight-agent, replicating (cdp) to an engine and a target on this machine"
-  fresh_file "$WORK/agent.img"
-  rm -rf "$WORK/engine" "$WORK/target"
-  hs_start_cluster "$WORK" "$BIN" "$WORK/agent.sock"
-  bench_server hindsight "nbd+unix:///vol?socket=$WORK/agent.sock"
-  hs_cleanup
-fi
+for ROUND in $(seq "$ROUNDS"); do
+  echo "==== round $ROUND of $ROUNDS"
+  if wanted qemu-nbd; then
+    echo "== qemu-nbd (default cache: writeback)"
+    fresh_file "$WORK/qemu.img"
+    hs_spawn qemu-nbd "$WORK/qemu-nbd.log" qemu-nbd -t -e 8 -f raw -k "$WORK/qemu.sock" "$WORK/qemu.img"
+    QPID=$HS_PID
+    hs_wait_sock "$WORK/qemu.sock"
+    bench_server qemu-nbd "nbd+unix:///?socket=$WORK/qemu.sock"
+    kill "$QPID"; wait "$QPID" 2>/dev/null || true
+  fi
 
-if wanted hindsight-no-target; then
-  echo "== hindsight-agent and engine only (target not running: the engine journals and acks, ships nothing)"
-  echo "   shows what the co-located recovery site costs on this machine; not a replicating figure"
-  fresh_file "$WORK/agent.img"
-  rm -rf "$WORK/engine" "$WORK/target"
-  hs_spawn engine "$WORK/engine-only.log" "$BIN/hindsight" engine --config "$WORK/engine.toml"
-  hs_wait_tcp "$EPORT"
-  hs_spawn agent "$WORK/agent-only.log" "$BIN/hindsight-agent" --config "$WORK/agent.toml"
-  hs_wait_sock "$WORK/agent.sock"
-  bench_server hindsight-no-target "nbd+unix:///vol?socket=$WORK/agent.sock"
-  hs_cleanup
-fi
+  if wanted qemu-nbd-direct; then
+    echo "== qemu-nbd --cache=none (O_DIRECT: every write reaches the disk before its reply)"
+    fresh_file "$WORK/qemu-direct.img"
+    hs_spawn qemu-nbd-direct "$WORK/qemu-nbd-direct.log" qemu-nbd -t -e 8 --cache=none --aio=threads -f raw -k "$WORK/qemu-direct.sock" "$WORK/qemu-direct.img"
+    QPID=$HS_PID
+    hs_wait_sock "$WORK/qemu-direct.sock"
+    bench_server qemu-nbd-direct "nbd+unix:///?socket=$WORK/qemu-direct.sock"
+    kill "$QPID"; wait "$QPID" 2>/dev/null || true
+  fi
+
+  if wanted nbdkit; then
+    echo "== nbdkit file plugin"
+    fresh_file "$WORK/nbdkit.img"
+    hs_spawn nbdkit "$WORK/nbdkit.log" nbdkit -f -U "$WORK/nbdkit.sock" file "$WORK/nbdkit.img"
+    NPID=$HS_PID
+    hs_wait_sock "$WORK/nbdkit.sock"
+    bench_server nbdkit "nbd+unix:///?socket=$WORK/nbdkit.sock"
+    kill "$NPID"; wait "$NPID" 2>/dev/null || true
+  fi
+
+  if wanted hindsight; then
+    echo "== hindsight-agent, replicating (cdp) to an engine and a target on this machine"
+    fresh_file "$WORK/agent.img"
+    rm -rf "$WORK/engine" "$WORK/target"
+    hs_start_cluster "$WORK" "$BIN" "$WORK/agent.sock"
+    bench_server hindsight "nbd+unix:///vol?socket=$WORK/agent.sock"
+    hs_cleanup
+  fi
+
+  if wanted hindsight-no-target; then
+    echo "== hindsight-agent and engine only (target not running: the engine journals and acks, ships nothing)"
+    echo "   shows what the co-located recovery site costs on this machine; not a replicating figure"
+    fresh_file "$WORK/agent.img"
+    rm -rf "$WORK/engine" "$WORK/target"
+    hs_spawn engine "$WORK/engine-only.log" "$BIN/hindsight" engine --config "$WORK/engine.toml"
+    hs_wait_tcp "$EPORT"
+    hs_spawn agent "$WORK/agent-only.log" "$BIN/hindsight-agent" --config "$WORK/agent.toml"
+    hs_wait_sock "$WORK/agent.sock"
+    bench_server hindsight-no-target "nbd+unix:///vol?socket=$WORK/agent.sock"
+    hs_cleanup
+  fi
+done
 
 echo
-echo "== results ($(nproc) vCPU, $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ), runtime ${RUNTIME}s per job, file $SIZE)"
+echo "== results ($(nproc) vCPU, $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ), runtime ${RUNTIME}s per job, file $SIZE, median of $ROUNDS round(s))"
 python3 - "$RESULTS" <<'PY'
 import sys
+from statistics import median
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-res = {(r[0], r[1]): r for r in rows}
-jobs = []
+runs, jobs = {}, []
 for r in rows:
+    runs.setdefault((r[0], r[1]), []).append([float(x) for x in r[2:6]])
     if r[1] not in jobs: jobs.append(r[1])
-print("| job | server | IOPS | MB/s | p50 µs | p99 µs | hindsight / this |")
-print("|---|---|---:|---:|---:|---:|---:|")
+# The median of each column over the rounds.
+res = {k: [median(col) for col in zip(*v)] for k, v in runs.items()}
+print("| job | server | IOPS (median) | IOPS (lowest-highest) | MB/s | p50 µs | p99 µs | hindsight / this |")
+print("|---|---|---:|---:|---:|---:|---:|---:|")
 for j in jobs:
     h = res.get(("hindsight", j))
     for s in ("hindsight", "hindsight-no-target", "qemu-nbd", "qemu-nbd-direct", "nbdkit"):
         r = res.get((s, j))
         if not r: continue
-        ratio = "" if s.startswith("hindsight") or not h else "%.2f" % (float(h[2]) / max(float(r[2]), 1))
-        print(f"| {j} | {s} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {ratio} |")
+        iops = [x[0] for x in runs[(s, j)]]
+        ratio = "" if s.startswith("hindsight") or not h else "%.2f" % (h[0] / max(r[0], 1))
+        print(f"| {j} | {s} | {r[0]:.0f} | {min(iops):.0f}-{max(iops):.0f} | {r[1]:.1f} | {r[2]:.0f} | {r[3]:.0f} | {ratio} |")
 PY
 # The images and journals take many GiB: kept only in a directory the caller chose.
 if [ -z "${HS_BENCH_DIR:-}" ]; then

@@ -78,19 +78,6 @@ hs_make_pki() {
 # DIR/target.toml, DIR/engine.toml and DIR/agent.toml for one group with one volume, over TLS,
 # the target listening on 127.0.0.1:$TPORT and the engine on 127.0.0.1:$EPORT. TARGET_LINE is
 # the retention setting, e.g. 'retention = "24h"'.
-# hs_start_cluster DIR BIN SOCK: starts the target, the engine and the agent of the
-# configurations hs_write_configs wrote in DIR (binaries in BIN), logs in DIR, and waits until
-# the agent's socket SOCK is there.
-hs_start_cluster() {
-  local dir=$1 bin=$2 sock=$3
-  hs_spawn target "$dir/target.log" "$bin/hindsight" target --config "$dir/target.toml"
-  hs_wait_tcp "$TPORT"
-  hs_spawn engine "$dir/engine.log" "$bin/hindsight" engine --config "$dir/engine.toml"
-  hs_wait_tcp "$EPORT"
-  hs_spawn agent "$dir/agent.log" "$bin/hindsight-agent" --config "$dir/agent.toml"
-  hs_wait_sock "$sock"
-}
-
 hs_write_configs() {
   local dir=$1 group=$2 vm=$3 volume=$4 size=$5 disk=$6 sock=$7 target_line=$8
   local pki=$dir/pki
@@ -143,4 +130,17 @@ volume = "$volume"
 path = "$disk"
 listen = "unix:$sock"
 EOT
+}
+
+# hs_start_cluster DIR BIN SOCK: starts the target, the engine and the agent of the
+# configurations hs_write_configs wrote in DIR (binaries in BIN), logs in DIR, and waits until
+# the agent's socket SOCK is there.
+hs_start_cluster() {
+  local dir=$1 bin=$2 sock=$3
+  hs_spawn target "$dir/target.log" "$bin/hindsight" target --config "$dir/target.toml"
+  hs_wait_tcp "$TPORT"
+  hs_spawn engine "$dir/engine.log" "$bin/hindsight" engine --config "$dir/engine.toml"
+  hs_wait_tcp "$EPORT"
+  hs_spawn agent "$dir/agent.log" "$bin/hindsight-agent" --config "$dir/agent.toml"
+  hs_wait_sock "$sock"
 }
