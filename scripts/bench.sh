@@ -80,6 +80,10 @@ wanted() { [ -z "${HS_BENCH_SERVERS:-}" ] || [[ " $HS_BENCH_SERVERS " == *" $1 "
 
 fresh_file() { rm -f "$1"; truncate -s "$SIZE" "$1"; }
 
+# A stopped server may leave its socket behind, and waiting for the socket would then not wait
+# for the next server: each is removed once its server stopped.
+rm_sockets() { rm -f "$WORK/qemu.sock" "$WORK/qemu-direct.sock" "$WORK/nbdkit.sock" "$WORK/agent.sock"; }
+
 EPORT=$(hs_free_port); TPORT=$(hs_free_port)
 fresh_file "$WORK/agent.img"
 BYTES=$(stat -c %s "$WORK/agent.img")
@@ -94,7 +98,7 @@ for ROUND in $(seq "$ROUNDS"); do
     QPID=$HS_PID
     hs_wait_sock "$WORK/qemu.sock"
     bench_server qemu-nbd "nbd+unix:///?socket=$WORK/qemu.sock"
-    kill "$QPID"; wait "$QPID" 2>/dev/null || true
+    kill "$QPID"; wait "$QPID" 2>/dev/null || true; rm_sockets
   fi
 
   if wanted qemu-nbd-direct; then
@@ -104,7 +108,7 @@ for ROUND in $(seq "$ROUNDS"); do
     QPID=$HS_PID
     hs_wait_sock "$WORK/qemu-direct.sock"
     bench_server qemu-nbd-direct "nbd+unix:///?socket=$WORK/qemu-direct.sock"
-    kill "$QPID"; wait "$QPID" 2>/dev/null || true
+    kill "$QPID"; wait "$QPID" 2>/dev/null || true; rm_sockets
   fi
 
   if wanted nbdkit; then
@@ -114,7 +118,7 @@ for ROUND in $(seq "$ROUNDS"); do
     NPID=$HS_PID
     hs_wait_sock "$WORK/nbdkit.sock"
     bench_server nbdkit "nbd+unix:///?socket=$WORK/nbdkit.sock"
-    kill "$NPID"; wait "$NPID" 2>/dev/null || true
+    kill "$NPID"; wait "$NPID" 2>/dev/null || true; rm_sockets
   fi
 
   if wanted hindsight; then
@@ -123,7 +127,7 @@ for ROUND in $(seq "$ROUNDS"); do
     rm -rf "$WORK/engine" "$WORK/target"
     hs_start_cluster "$WORK" "$BIN" "$WORK/agent.sock"
     bench_server hindsight "nbd+unix:///vol?socket=$WORK/agent.sock"
-    hs_cleanup
+    hs_cleanup; rm_sockets
   fi
 
   if wanted hindsight-no-target; then
@@ -136,7 +140,7 @@ for ROUND in $(seq "$ROUNDS"); do
     hs_spawn agent "$WORK/agent-only.log" "$BIN/hindsight-agent" --config "$WORK/agent.toml"
     hs_wait_sock "$WORK/agent.sock"
     bench_server hindsight-no-target "nbd+unix:///vol?socket=$WORK/agent.sock"
-    hs_cleanup
+    hs_cleanup; rm_sockets
   fi
 done
 
