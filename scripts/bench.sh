@@ -30,6 +30,11 @@ fi
 source "$ROOT/scripts/lib.sh"
 RUNTIME=${HS_BENCH_RUNTIME:-20}
 SIZE=${HS_BENCH_SIZE:-1G}
+ROUNDS=${HS_BENCH_ROUNDS:-3}
+if ! [[ $ROUNDS =~ ^[1-9][0-9]*$ ]]; then
+  echo "HS_BENCH_ROUNDS=$ROUNDS: give a number of rounds, 1 or more" >&2
+  exit 2
+fi
 "$ROOT/scripts/install-deps.sh"
 (cd "$ROOT" && cargo build --release --workspace --bins -q)
 BIN=$ROOT/build/release
@@ -44,9 +49,6 @@ JOBS=(
   "1m-seqwrite-qd8|--rw=write --bs=1m --iodepth=8"
   "4k-randread-qd32|--rw=randread --bs=4k --iodepth=32"
 )
-
-ROUNDS=${HS_BENCH_ROUNDS:-3}
-ROUND=1
 
 # fio_run NAME URI JOBNAME FIO-ARGS: one fio run, one line of results. Each run starts with
 # nothing dirty in the page cache: what an earlier run left to write back would otherwise be
