@@ -82,9 +82,25 @@ wanted() { [ -z "${HS_BENCH_SERVERS:-}" ] || [[ " $HS_BENCH_SERVERS " == *" $1 "
 
 fresh_file() { rm -f "$1"; truncate -s "$SIZE" "$1"; }
 
-# A stopped server may leave its socket behind, and waiting for the socket would then not wait
-# for the next server: each is removed once its server stopped.
-rm_sockets() { rm -f "$WORK/qemu.sock" "$WORK/qemu-direct.sock" "$WORK/nbdkit.sock" "$WORK/agent.sock"; }
+# bench_peer NAME IMAGE SOCKET CMD...: measures a peer server CMD that serves IMAGE (made
+# fresh) on SOCKET, then stops it. A socket left by an earlier round is removed first, so
+# that waiting for it waits for this server.
+bench_peer() {
+  local name=$1 image=$2 sock=$3 pid; shift 3
+  fresh_file "$image"
+  rm -f "$sock"
+  hs_spawn "$name" "$WORK/$name.log" "$@"
+  pid=$HS_PID
+  hs_wait_sock "$sock"
+  bench_server "$name" "nbd+unix:///?socket=$sock"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+}
+
+# fresh_cluster: a fresh local disk for the agent, no journals, no socket of an earlier round.
+fresh_cluster() {
+  fresh_file "$WORK/agent.img"
+  rm -rf "$WORK/engine" "$WORK/target" "$WORK/agent.sock"
+}
 
 EPORT=$(hs_free_port); TPORT=$(hs_free_port)
 fresh_file "$WORK/agent.img"
@@ -95,54 +111,40 @@ for ROUND in $(seq "$ROUNDS"); do
   echo "==== round $ROUND of $ROUNDS"
   if wanted qemu-nbd; then
     echo "== qemu-nbd (default cache: writeback)"
-    fresh_file "$WORK/qemu.img"
-    hs_spawn qemu-nbd "$WORK/qemu-nbd.log" qemu-nbd -t -e 8 -f raw -k "$WORK/qemu.sock" "$WORK/qemu.img"
-    QPID=$HS_PID
-    hs_wait_sock "$WORK/qemu.sock"
-    bench_server qemu-nbd "nbd+unix:///?socket=$WORK/qemu.sock"
-    kill "$QPID"; wait "$QPID" 2>/dev/null || true; rm_sockets
+    bench_peer qemu-nbd "$WORK/qemu.img" "$WORK/qemu.sock" \
+      qemu-nbd -t -e 8 -f raw -k "$WORK/qemu.sock" "$WORK/qemu.img"
   fi
 
   if wanted qemu-nbd-direct; then
     echo "== qemu-nbd --cache=none (O_DIRECT: every write reaches the disk before its reply)"
-    fresh_file "$WORK/qemu-direct.img"
-    hs_spawn qemu-nbd-direct "$WORK/qemu-nbd-direct.log" qemu-nbd -t -e 8 --cache=none --aio=threads -f raw -k "$WORK/qemu-direct.sock" "$WORK/qemu-direct.img"
-    QPID=$HS_PID
-    hs_wait_sock "$WORK/qemu-direct.sock"
-    bench_server qemu-nbd-direct "nbd+unix:///?socket=$WORK/qemu-direct.sock"
-    kill "$QPID"; wait "$QPID" 2>/dev/null || true; rm_sockets
+    bench_peer qemu-nbd-direct "$WORK/qemu-direct.img" "$WORK/qemu-direct.sock" \
+      qemu-nbd -t -e 8 --cache=none --aio=threads -f raw -k "$WORK/qemu-direct.sock" "$WORK/qemu-direct.img"
   fi
 
   if wanted nbdkit; then
     echo "== nbdkit file plugin"
-    fresh_file "$WORK/nbdkit.img"
-    hs_spawn nbdkit "$WORK/nbdkit.log" nbdkit -f -U "$WORK/nbdkit.sock" file "$WORK/nbdkit.img"
-    NPID=$HS_PID
-    hs_wait_sock "$WORK/nbdkit.sock"
-    bench_server nbdkit "nbd+unix:///?socket=$WORK/nbdkit.sock"
-    kill "$NPID"; wait "$NPID" 2>/dev/null || true; rm_sockets
+    bench_peer nbdkit "$WORK/nbdkit.img" "$WORK/nbdkit.sock" \
+      nbdkit -f -U "$WORK/nbdkit.sock" file "$WORK/nbdkit.img"
   fi
 
   if wanted hindsight; then
     echo "== hindsight-agent, replicating (cdp) to an engine and a target on this machine"
-    fresh_file "$WORK/agent.img"
-    rm -rf "$WORK/engine" "$WORK/target"
+    fresh_cluster
     hs_start_cluster "$WORK" "$BIN" "$WORK/agent.sock"
     bench_server hindsight "nbd+unix:///vol?socket=$WORK/agent.sock"
-    hs_cleanup; rm_sockets
+    hs_cleanup
   fi
 
   if wanted hindsight-no-target; then
     echo "== hindsight-agent and engine only (target not running: the engine journals and acks, ships nothing)"
     echo "   shows what the co-located recovery site costs on this machine; not a replicating figure"
-    fresh_file "$WORK/agent.img"
-    rm -rf "$WORK/engine" "$WORK/target"
+    fresh_cluster
     hs_spawn engine "$WORK/engine-only.log" "$BIN/hindsight" engine --config "$WORK/engine.toml"
     hs_wait_tcp "$EPORT"
     hs_spawn agent "$WORK/agent-only.log" "$BIN/hindsight-agent" --config "$WORK/agent.toml"
     hs_wait_sock "$WORK/agent.sock"
     bench_server hindsight-no-target "nbd+unix:///vol?socket=$WORK/agent.sock"
-    hs_cleanup; rm_sockets
+    hs_cleanup
   fi
 done
 
