@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use crate::sync::lock;
 
 use crate::storage::{OpenMode, Storage, StorageFile};
 
@@ -70,10 +72,6 @@ struct Armed {
 pub struct FaultPlan {
     rules: Mutex<Vec<Armed>>,
     fired: Mutex<u64>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl FaultPlan {

@@ -26,6 +26,7 @@ pub mod journal;
 pub mod record;
 pub mod region_hash;
 pub mod storage;
+pub mod sync;
 pub mod time;
 pub mod transport;
 pub mod wire;

@@ -30,10 +30,6 @@ const READ_BUFFER: usize = 256 << 10;
 /// restarted right after it died can arrive before the engine has seen the old connection
 /// close).
 const ATTACH_WAIT: Duration = Duration::from_secs(5);
-/// errno for a write outside its volume.
-const EINVAL: u32 = 22;
-/// errno when the group cannot take writes.
-const EIO: u32 = 5;
 /// How long a session refused mid-way waits for its `Error` frame to go out before closing.
 const REFUSAL_FLUSH: Duration = Duration::from_secs(2);
 
@@ -620,16 +616,16 @@ fn read_loop(
         let (msg, _) = WriteMsg::decode(payload)?;
         let Some(disk) = disks.get(usize::from(msg.disk)) else {
             log::warn!("write to unknown disk number {}", msg.disk);
-            let _ = ack_tx.send(vec![WriteAck { req_id: msg.req_id, seq: 0, status: EINVAL }]);
+            let _ = ack_tx.send(vec![WriteAck { req_id: msg.req_id, seq: 0, status: WriteAck::EINVAL }]);
             continue;
         };
         if msg.offset.checked_add(u64::from(msg.length)).is_none_or(|end| end > disk.size) {
             log::warn!("volume {}: write at {} length {} is past the end ({})", disk.volume, msg.offset, msg.length, disk.size);
-            let _ = ack_tx.send(vec![WriteAck { req_id: msg.req_id, seq: 0, status: EINVAL }]);
+            let _ = ack_tx.send(vec![WriteAck { req_id: msg.req_id, seq: 0, status: WriteAck::EINVAL }]);
             continue;
         }
         if disk.group.shared.poisoned.load(Ordering::Relaxed) {
-            let _ = ack_tx.send(vec![WriteAck { req_id: msg.req_id, seq: 0, status: EIO }]);
+            let _ = ack_tx.send(vec![WriteAck { req_id: msg.req_id, seq: 0, status: WriteAck::EIO }]);
             continue;
         }
         let req = WriteRequest {

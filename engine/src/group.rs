@@ -23,11 +23,6 @@ use crate::journal_watch::{Action, JournalWatch};
 use crate::policy::Policy;
 use crate::resync::{ResyncOutcome, Resyncs};
 
-/// errno sent to an agent when the group cannot take writes.
-const EIO: u32 = 5;
-/// errno sent to an agent while the group is paused because a journal is full: the agent
-/// tracks the write and resyncs it later.
-pub const ENOSPC: u32 = 28;
 /// How often a journal thread holding writes (`block`) looks for room.
 const HOLD_WAKE: Duration = Duration::from_millis(20);
 /// Most bytes put into one commit.
@@ -388,7 +383,7 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
         if action == Action::Refuse {
             // Paused: the agents track these writes and resync them later. Nothing queued is
             // journaled, so the durable sequence number covers what came before a barrier.
-            refuse_all(&mut batch, ENOSPC);
+            refuse_all(&mut batch, WriteAck::ENOSPC);
             for b in barriers.drain(..) {
                 b.pass(journal.durable_seq());
             }
@@ -484,7 +479,8 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
                 if !delay.is_zero() {
                     std::thread::sleep(delay);
                 }
-                let acks = batch.drain(..).zip(seqs).map(|(w, seq)| (w.ack, WriteAck { req_id: w.req_id, seq, status: 0 })).collect();
+                let acks =
+                    batch.drain(..).zip(seqs).map(|(w, seq)| (w.ack, WriteAck { req_id: w.req_id, seq, status: WriteAck::OK })).collect();
                 shared.policy.committed(acks, durable, bytes, now, shared.confirmed.load(Ordering::Acquire));
                 if let (Some(b), Some(seq)) = (bookmark.take(), bookmark_seq) {
                     log::info!("group {}: bookmark {:?} placed at seq {seq}", shared.name, b.name);
@@ -527,7 +523,7 @@ fn join_names(names: &[Arc<str>]) -> String {
 }
 
 fn fail_all(batch: &mut Vec<WriteRequest>) {
-    refuse_all(batch, EIO);
+    refuse_all(batch, WriteAck::EIO);
 }
 
 fn refuse_all(batch: &mut Vec<WriteRequest>, status: u32) {
@@ -552,7 +548,7 @@ mod tests {
     use super::*;
 
     fn ack(req_id: u64) -> WriteAck {
-        WriteAck { req_id, seq: req_id + 100, status: 0 }
+        WriteAck { req_id, seq: req_id + 100, status: WriteAck::OK }
     }
 
     #[test]

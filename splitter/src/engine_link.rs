@@ -60,9 +60,6 @@ pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest pause between reconnection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// WriteAck status of a write the engine did not journal because the group is paused.
-const ENOSPC: u32 = 28;
-
 /// How long one TCP connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -856,14 +853,14 @@ impl Inner {
             return;
         };
         let w = &p.write;
-        if ack.status == 0 {
+        if ack.status == WriteAck::OK {
             if lock(&self.paused).remove(&w.disk).is_some() {
                 info!("engine {} takes the writes of volume {} again", self.engine, self.volumes[usize::from(w.disk)]);
             }
             return (p.done)(Ok(ack.seq));
         }
         lock(&self.diverged).insert(w.disk);
-        if ack.status == ENOSPC {
+        if ack.status == WriteAck::ENOSPC {
             // The group is paused: said once, not for every write.
             if lock(&self.paused).insert(w.disk, Instant::now()).is_none() {
                 warn!(

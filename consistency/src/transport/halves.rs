@@ -41,7 +41,9 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, TryLockError};
+
+use crate::sync::lock;
 
 use nix::errno::Errno;
 use nix::sys::socket::{recv, send, MsgFlags};
@@ -52,10 +54,6 @@ use super::tls::{explain, is_refusal};
 const RAW_BUFFER: usize = 256 << 10;
 /// Most plaintext encrypted for one socket write.
 pub const SEND_CHUNK: usize = 256 << 10;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Encrypted bytes on their way to the socket, in record order.
 #[derive(Default)]

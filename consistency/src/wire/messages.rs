@@ -463,11 +463,22 @@ pub struct WriteAck {
     pub req_id: u64,
     /// Its group sequence number (0 on error).
     pub seq: Seq,
-    /// 0 for success, else an errno value.
+    /// [`WriteAck::OK`], else an errno value ([`WriteAck::EIO`], [`WriteAck::EINVAL`],
+    /// [`WriteAck::ENOSPC`]).
     pub status: u32,
 }
 
 impl WriteAck {
+    /// Status: the write is journaled under `seq`.
+    pub const OK: u32 = 0;
+    /// Status: the group cannot take writes (it stopped, or the engine is shutting down).
+    pub const EIO: u32 = 5;
+    /// Status: the write names an unknown disk or reaches past the end of its volume.
+    pub const EINVAL: u32 = 22;
+    /// Status: the group is paused because a journal is full; the write was not journaled,
+    /// and the agent tracks its regions for a resync.
+    pub const ENOSPC: u32 = 28;
+
     /// Encodes the message.
     pub fn encode(&self) -> [u8; WRITE_ACK_LEN] {
         let mut b = [0u8; WRITE_ACK_LEN];
