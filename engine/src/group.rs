@@ -481,7 +481,7 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
                 }
                 let acks =
                     batch.drain(..).zip(seqs).map(|(w, seq)| (w.ack, WriteAck { req_id: w.req_id, seq, status: WriteAck::OK })).collect();
-                shared.policy.committed(acks, durable, bytes, now, shared.confirmed.load(Ordering::Acquire));
+                shared.policy.committed(acks, durable, bytes, now);
                 if let (Some(b), Some(seq)) = (bookmark.take(), bookmark_seq) {
                     log::info!("group {}: bookmark {:?} placed at seq {seq}", shared.name, b.name);
                     // A bookmark ends an async interval as a point does.

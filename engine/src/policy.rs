@@ -147,14 +147,20 @@ impl Policy {
 
     /// After a commit whose last record is `last_seq`, with `bytes` of data, at `time_ns`:
     /// records it for the lag, then sends the acknowledgements (cdp) or holds them until the
-    /// target confirms (sync). `confirmed` is what the target holds now.
-    pub fn committed(&self, acks: Vec<(Sender<Acks>, WriteAck)>, last_seq: Seq, bytes: u64, time_ns: u64, confirmed: Seq) {
+    /// target confirms (sync).
+    ///
+    /// The target may confirm the commit before this runs (the shipper sends it as soon as
+    /// it is durable), so what the target holds is read under the locks [`Policy::confirmed`]
+    /// updates it under, never before them: a confirmation read earlier could be older than
+    /// one that then found nothing held to release, and the acknowledgements would wait for
+    /// the next confirmation (a whole write later, or `sync_timeout` if none comes).
+    pub fn committed(&self, acks: Vec<(Sender<Acks>, WriteAck)>, last_seq: Seq, bytes: u64, time_ns: u64) {
         {
             let mut lag = lock(&self.lag);
             lag.committed_bytes += bytes;
             lag.committed_seq = lag.committed_seq.max(last_seq);
             let total = lag.committed_bytes;
-            if last_seq > confirmed {
+            if last_seq > lag.confirmed_seq {
                 lag.commits.push_back((last_seq, total, time_ns));
             } else {
                 lag.confirmed_bytes = total;
@@ -167,8 +173,10 @@ impl Policy {
         let now = Instant::now();
         let mut held = lock(&self.held);
         held.extend(acks.into_iter().map(|(to, ack)| Held { seq: ack.seq, since: now, to, ack }));
-        // The target may have confirmed these already (the shipper reads the journal as soon
-        // as the commit is durable): release under the same lock the confirmation takes.
+        // `confirmed` records the seq in the lag book before it takes `held` to release: read
+        // under `held`, the seq is at least that of every confirmation whose release has
+        // already run (lock order: `held`, then `lag`; `confirmed` never holds both).
+        let confirmed = lock(&self.lag).confirmed_seq;
         release_through(&mut held, confirmed);
     }
 
@@ -346,4 +354,50 @@ impl Policy {
 fn release_through(held: &mut VecDeque<Held>, seq: Seq) {
     let through = held.partition_point(|h| h.seq <= seq);
     send_acks(held.drain(..through).map(|h| (h.to, h.ack)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hindsight_consistency::config::EngineConfig;
+
+    fn sync_group() -> GroupConfig {
+        let text = "[engine]\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"/nonexistent\"\n[tls]\ninsecure_plaintext = true\n\
+                    [[group]]\nname = \"erp\"\nmode = \"sync\"\ntarget = \"127.0.0.1:7500\"\n\
+                    [[group.volume]]\nname = \"db\"\nvm = \"vm1\"\nsize = \"1MiB\"\n";
+        EngineConfig::from_str(std::path::Path::new("engine.toml"), text).unwrap().groups.remove(0)
+    }
+
+    fn ack(seq: Seq) -> WriteAck {
+        WriteAck { req_id: seq, seq, status: WriteAck::OK }
+    }
+
+    #[test]
+    fn sync_ack_committed_after_its_confirmation_is_released_at_once() {
+        let p = Policy::new(&sync_group(), 0, 0);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        p.committed(vec![(tx.clone(), ack(1))], 1, 4096, 1);
+        p.confirmed(1, 1);
+        assert_eq!(rx.try_recv().unwrap(), vec![ack(1)]);
+        // The shipper sends a commit once it is durable: the target's confirmation of seq 2
+        // can arrive before the journal thread hands the commit's acknowledgements over.
+        p.confirmed(2, 2);
+        p.committed(vec![(tx, ack(2))], 2, 4096, 2);
+        assert_eq!(rx.try_recv().ok(), Some(vec![ack(2)]), "the acknowledgement waits for a confirmation that already came");
+        assert_eq!(p.lag(), Lag { writes: 0, bytes: 0, age: Duration::ZERO }, "a commit confirmed before it was counted still lags");
+    }
+
+    #[test]
+    fn sync_ack_waits_for_its_confirmation() {
+        let p = Policy::new(&sync_group(), 0, 0);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        p.committed(vec![(tx.clone(), ack(1)), (tx, ack(2))], 2, 8192, 1);
+        assert!(rx.try_recv().is_err(), "held until the target confirms");
+        p.confirmed(1, 2);
+        assert_eq!(rx.try_recv().unwrap(), vec![ack(1)]);
+        assert_eq!(p.lag().writes, 1);
+        p.confirmed(2, 2);
+        assert_eq!(rx.try_recv().unwrap(), vec![ack(2)]);
+        assert_eq!(p.lag().writes, 0);
+    }
 }
