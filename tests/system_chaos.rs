@@ -368,7 +368,8 @@ fn wait_caught_up(c: &Cluster) {
     loop {
         let h = history(c);
         let lag = engine_lag(c);
-        let idle = map_clean(c) && lag == Some(0);
+        let clean = map_clean(c);
+        let idle = clean && lag == Some(0);
         if idle && h.last_consistent_seq == h.last_seq {
             good += 1;
             if good >= 3 {
@@ -397,8 +398,8 @@ fn wait_caught_up(c: &Cluster) {
         }
         assert!(
             start.elapsed() < Duration::from_secs(90),
-            "never caught up: map clean {}, engine lag {lag:?}, target last seq {}, last consistent {}, spans {:?}",
-            map_clean(c),
+            // The values of this sample: read again, the map may have been cleaned meanwhile.
+            "never caught up: map clean {clean}, engine lag {lag:?}, target last seq {}, last consistent {}, spans {:?}",
             h.last_seq,
             h.last_consistent_seq,
             h.spans
