@@ -3,6 +3,7 @@
 
 mod admin;
 mod certs;
+mod signals;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -256,11 +257,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Engine { config } => {
             let cfg = EngineConfig::load(&config).map_err(|e| Failure::Config(e.to_string()))?;
             init_logging();
+            signals::stop_on_signals("engine")?;
             hindsight_engine::run(cfg)?;
         }
         Command::Target { config } => {
             let cfg = TargetConfig::load(&config).map_err(|e| Failure::Config(e.to_string()))?;
             init_logging();
+            signals::stop_on_signals("target")?;
             hindsight_target::run(cfg)?;
         }
         Command::Recover { config, group, volume, vm, all, seq, time, bookmark, latest, out, out_dir, json } => {

@@ -152,6 +152,34 @@ fn engine_killed_between_batches_continues_the_sequence() {
     assert_latest(&c, &h.model_at(ab), "after batch B");
 }
 
+/// SIGTERM, as a service manager stops a daemon: the engine and the target say in their logs
+/// that they stop and why, exit with status 0, and start again with nothing lost.
+#[test]
+fn engine_and_target_stopped_with_sigterm_say_so_and_lose_nothing() {
+    if !have_tools(&["qemu-io"]) {
+        return;
+    }
+    let mut rng = seeded_rng();
+    let mut c = Cluster::start(&[Vol::new("vm1", VOL, SIZE)]);
+    let mut h = History::default();
+    let a = h.write_batch(&c, &mut rng);
+    assert_eq!(c.wait_target_seq_settled(a), a);
+
+    for which in ["engine", "target"] {
+        let status = c.stop(which);
+        assert!(status.success(), "the {which} stopped on SIGTERM with {status}");
+        let log = c.log(which);
+        assert!(log.contains("SIGTERM received: stopping"), "the {which} logged nothing of its stop:\n{log}");
+    }
+    c.start_target();
+    c.start_engine();
+    c.wait_log("engine", "attached volumes", 2);
+    let ab = h.write_batch(&c, &mut rng);
+    assert_eq!(c.wait_target_seq_settled(ab), ab);
+    assert_whole_history(&c, ab);
+    assert_latest(&c, &h.model_at(ab), "after the restart");
+}
+
 #[test]
 fn agent_killed_and_restarted_keeps_old_points_and_replicates_new_writes() {
     if !have_tools(&["qemu-io"]) {

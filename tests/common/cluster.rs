@@ -325,6 +325,30 @@ impl Cluster {
         }
     }
 
+    /// Stops the running "engine" or "target" with SIGTERM, as a service manager does, and
+    /// returns how it exited (within 10 s, or the test fails).
+    pub fn stop(&mut self, which: &str) -> std::process::ExitStatus {
+        let child = match which {
+            "engine" => &mut self.engine,
+            "target" => &mut self.target,
+            _ => panic!("stop takes \"engine\" or \"target\", not {which:?}"),
+        };
+        let mut child = child.take().unwrap_or_else(|| panic!("the {which} is not running"));
+        let (ok, _, err) = run_timeout(Command::new("kill").args(["-TERM", &child.id().to_string()]), Duration::from_secs(10));
+        assert!(ok, "kill -TERM the {which}: {err}");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                kill(Some(child));
+                panic!("the {which} was still running 10 s after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// kill -9 the engine.
     pub fn kill_engine(&mut self) {
         kill(self.engine.take());
