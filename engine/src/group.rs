@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hindsight_consistency::config::{GroupConfig, ReplicationMode};
-use hindsight_consistency::journal::Journal;
+use hindsight_consistency::journal::{Journal, JournalError};
 use hindsight_consistency::record::{RecordHeader, Seq, WriteKind};
 pub use hindsight_consistency::record::{INTERVAL_POINT_NAME, RESYNC_POINT_NAME};
 use hindsight_consistency::time::now_ns;
@@ -293,27 +293,134 @@ struct OpenInterval {
     first: Seq,
 }
 
-fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<GroupShared>, interval: Duration) {
-    let mut batch: Vec<WriteRequest> = Vec::with_capacity(256);
-    let mut last_time = journal.last_time_ns();
-    let mut trimmed_through = 0;
-    let mut resyncs = Resyncs::default();
-    // A journal tail written before a restart gets its interval point too.
-    let mut open: Option<OpenInterval> =
-        (journal.durable_seq() > 0).then(|| OpenInterval { since: Instant::now(), first: journal.durable_seq() });
+/// The journal thread: each round places a due interval point, then takes a batch, numbers,
+/// appends and commits it, and answers everything in it.
+fn journal_loop(journal: Journal, rx: Receiver<GroupItem>, shared: Arc<GroupShared>, interval: Duration) {
+    let mut t = JournalThread::new(journal, rx, shared, interval);
     loop {
+        t.interval_point();
+        let action = t.shared.journal.update(t.journal.size_bytes());
+        if action == Action::Hold {
+            if t.hold() == Run::Stop {
+                return;
+            }
+            continue;
+        }
+        let first = match t.wait() {
+            Woken::Item(first) => first,
+            Woken::Idle => continue,
+            Woken::Stop => return,
+        };
+        t.open_interval();
+        let mut taken = t.take_batch(first);
+        if action == Action::Refuse {
+            t.refuse(&mut taken);
+            if taken.resync_done.is_none() {
+                continue;
+            }
+        }
+        if t.shared.poisoned.load(Ordering::Relaxed) {
+            t.fail(taken);
+            continue;
+        }
+        let now = t.stamp();
+        match t.append(&taken, now).and_then(|appended| Ok((appended, t.journal.commit()?))) {
+            Ok((appended, durable)) => t.acknowledge(taken, appended, durable, now),
+            Err(e) => t.poison(taken, &e),
+        }
+    }
+}
+
+/// Whether the journal thread goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    On,
+    Stop,
+}
+
+/// What the journal thread woke up to.
+enum Woken {
+    /// The first item of a batch.
+    Item(GroupItem),
+    /// Nothing queued: the idle wake.
+    Idle,
+    /// The group stops (shutting down, or every sender gone).
+    Stop,
+}
+
+/// What a batch took from the channel besides its writes (those are in
+/// [`JournalThread::batch`]).
+struct Taken {
+    /// The bookmark that ended the batch.
+    bookmark: Option<BookmarkPlacement>,
+    /// The end of a resync that ended the batch.
+    resync_done: Option<ResyncDone>,
+    /// Barriers queued among the writes.
+    barriers: Vec<Barrier>,
+}
+
+/// The sequence numbers a batch's records got in the journal.
+struct Appended {
+    /// One per write of the batch, in order.
+    seqs: Vec<Seq>,
+    /// The bookmark record's.
+    bookmark_seq: Option<Seq>,
+    /// The resync point's.
+    resync_point: Option<Seq>,
+}
+
+/// The state the journal thread keeps from one batch to the next.
+struct JournalThread {
+    journal: Journal,
+    rx: Receiver<GroupItem>,
+    shared: Arc<GroupShared>,
+    /// The async interval.
+    interval: Duration,
+    /// The writes of the batch being journaled (kept for its capacity).
+    batch: Vec<WriteRequest>,
+    /// The time of the last record: times never decrease along the sequence.
+    last_time: u64,
+    /// Confirmed sequence number the journal was last trimmed to.
+    trimmed_through: Seq,
+    resyncs: Resyncs,
+    open: Option<OpenInterval>,
+}
+
+impl JournalThread {
+    /// The thread's state over an opened journal.
+    fn new(journal: Journal, rx: Receiver<GroupItem>, shared: Arc<GroupShared>, interval: Duration) -> JournalThread {
+        let last_time = journal.last_time_ns();
+        // A journal tail written before a restart gets its interval point too.
+        let open = (journal.durable_seq() > 0).then(|| OpenInterval { since: Instant::now(), first: journal.durable_seq() });
+        JournalThread {
+            journal,
+            rx,
+            shared,
+            interval,
+            batch: Vec::with_capacity(256),
+            last_time,
+            trimmed_through: 0,
+            resyncs: Resyncs::default(),
+            open,
+        }
+    }
+
+    /// In async mode, places the interval point once the open interval is `interval` old;
+    /// in any other mode, forgets the open interval. A failure poisons the group.
+    fn interval_point(&mut self) {
+        let shared = &self.shared;
         if shared.policy.effective() == ReplicationMode::Async {
-            if let Some(o) = open.as_ref().filter(|o| o.since.elapsed() >= interval) {
+            if let Some(o) = self.open.as_ref().filter(|o| o.since.elapsed() >= self.interval) {
                 if shared.poisoned.load(Ordering::Relaxed) {
-                    open = None;
+                    self.open = None;
                 } else {
                     let first = o.first;
-                    last_time = now_ns().max(last_time);
-                    match place_point(&mut journal, first, last_time) {
+                    self.last_time = now_ns().max(self.last_time);
+                    match place_point(&mut self.journal, first, self.last_time) {
                         Ok((seq, durable)) => {
                             shared.publish_durable(durable);
                             log::debug!("group {}: interval point at seq {seq} (interval from seq {first})", shared.name);
-                            open = None;
+                            self.open = None;
                         }
                         Err(e) => {
                             log::error!(
@@ -326,115 +433,139 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
                 }
             }
         } else {
-            open = None;
+            self.open = None;
         }
-        let action = shared.journal.update(journal.size_bytes());
-        if action == Action::Hold {
-            // `block`: nothing is taken until the target confirms and segments go.
-            std::thread::sleep(HOLD_WAKE);
-            if shared.stopping.load(Ordering::Relaxed) {
-                return;
-            }
-            shared.policy.tick();
-            trim_confirmed(&mut journal, &shared, &mut trimmed_through);
-            continue;
-        }
-        let first = match rx.recv_timeout(IDLE_WAKE) {
+    }
+
+    /// `block` with a full journal: takes nothing for a while, until the target confirms and
+    /// segments go.
+    fn hold(&mut self) -> Run {
+        std::thread::sleep(HOLD_WAKE);
+        self.housekeeping()
+    }
+
+    /// Waits (at most [`IDLE_WAKE`]) for the first item of the next batch, then does the
+    /// housekeeping.
+    fn wait(&mut self) -> Woken {
+        let first = match self.rx.recv_timeout(IDLE_WAKE) {
             Ok(w) => Some(w),
             Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Disconnected) => return Woken::Stop,
         };
-        if shared.stopping.load(Ordering::Relaxed) {
-            return;
+        if self.housekeeping() == Run::Stop {
+            return Woken::Stop;
         }
-        shared.policy.tick();
-        trim_confirmed(&mut journal, &shared, &mut trimmed_through);
-        let Some(first) = first else { continue };
-        if open.is_none() && shared.policy.effective() == ReplicationMode::Async {
-            open = Some(OpenInterval { since: Instant::now(), first: journal.next_seq() });
+        first.map_or(Woken::Idle, Woken::Item)
+    }
+
+    /// Between batches: stops if the group is stopping, else runs the policy's periodic checks
+    /// and deletes the segments the target confirmed.
+    fn housekeeping(&mut self) -> Run {
+        if self.shared.stopping.load(Ordering::Relaxed) {
+            return Run::Stop;
         }
-        // A batch ends at a bookmark (nothing after it is taken before every group of the
-        // request has placed its own) or at the end of a resync (its point follows the batch).
-        let mut bookmark = None;
-        let mut resync_done = None;
-        let mut barriers = Vec::new();
+        self.shared.policy.tick();
+        trim_confirmed(&mut self.journal, &self.shared, &mut self.trimmed_through);
+        Run::On
+    }
+
+    /// In async mode, opens an interval at the next sequence number if none is open.
+    fn open_interval(&mut self) {
+        if self.open.is_none() && self.shared.policy.effective() == ReplicationMode::Async {
+            self.open = Some(OpenInterval { since: Instant::now(), first: self.journal.next_seq() });
+        }
+    }
+
+    /// Takes `first` and whatever is queued behind it, up to [`MAX_BATCH_BYTES`] of writes.
+    /// A batch ends at a bookmark (nothing after it is taken before every group of the
+    /// request has placed its own) or at the end of a resync (its point follows the batch).
+    fn take_batch(&mut self, first: GroupItem) -> Taken {
+        let mut taken = Taken { bookmark: None, resync_done: None, barriers: Vec::new() };
         let mut bytes = 0;
         let mut next = Some(first);
         while let Some(item) = next.take() {
             match item {
                 GroupItem::Write(w) => {
                     bytes += w.length as usize;
-                    batch.push(w);
+                    self.batch.push(w);
                 }
                 GroupItem::Bookmark(b) => {
-                    bookmark = Some(b);
+                    taken.bookmark = Some(b);
                     break;
                 }
                 GroupItem::ResyncDone(r) => {
-                    resync_done = Some(r);
+                    taken.resync_done = Some(r);
                     break;
                 }
-                GroupItem::Barrier(b) => barriers.push(b),
+                GroupItem::Barrier(b) => taken.barriers.push(b),
             }
             if bytes < MAX_BATCH_BYTES {
-                next = rx.try_recv().ok();
+                next = self.rx.try_recv().ok();
             }
         }
-        if action == Action::Refuse {
-            // Paused: the agents track these writes and resync them later. Nothing queued is
-            // journaled, so the durable sequence number covers what came before a barrier.
-            refuse_all(&mut batch, WriteAck::ENOSPC);
-            for b in barriers.drain(..) {
-                b.pass(journal.durable_seq());
-            }
-            if let Some(b) = bookmark.take() {
-                b.answer(
-                    Err(format!(
-                        "group {} is paused because a journal is full: its agents track writes the target lacks, so a bookmark \
-                         now would not hold them; try again once `hindsight status` no longer shows it paused",
-                        shared.name
-                    )),
-                    &shared.name,
-                );
-            }
-            if resync_done.is_none() {
-                continue;
-            }
+        taken
+    }
+
+    /// Paused: the agents track these writes and resync them later. Nothing queued is
+    /// journaled, so the durable sequence number covers what came before a barrier. A
+    /// resync's end is left in `taken`: its point still goes in.
+    fn refuse(&mut self, taken: &mut Taken) {
+        refuse_all(&mut self.batch, WriteAck::ENOSPC);
+        for b in taken.barriers.drain(..) {
+            b.pass(self.journal.durable_seq());
         }
-        if shared.poisoned.load(Ordering::Relaxed) {
-            fail_all(&mut batch);
-            if let Some(b) = bookmark {
-                b.answer(Err(format!("group {} is stopped after a journal failure", shared.name)), &shared.name);
-            }
-            if let Some(r) = resync_done {
-                log::warn!(
-                    "group {}: resync of volume(s) {} complete, but the group is stopped after a journal failure: no resync point",
-                    shared.name,
-                    join_names(&r.volumes)
-                );
-            }
-            continue;
+        if let Some(b) = taken.bookmark.take() {
+            b.answer(
+                Err(format!(
+                    "group {} is paused because a journal is full: its agents track writes the target lacks, so a bookmark \
+                     now would not hold them; try again once `hindsight status` no longer shows it paused",
+                    self.shared.name
+                )),
+                &self.shared.name,
+            );
         }
-        // Times never decrease along the sequence, even if the clock steps back, so that
-        // "every write received at or before T" is always a prefix.
-        let now = now_ns().max(last_time);
-        last_time = now;
-        let mut seqs = Vec::with_capacity(batch.len());
-        let mut result = Ok(());
-        for w in &batch {
+    }
+
+    /// Poisoned: fails everything taken (barriers say why when they drop).
+    fn fail(&mut self, taken: Taken) {
+        let shared = &self.shared;
+        fail_all(&mut self.batch);
+        if let Some(b) = taken.bookmark {
+            b.answer(Err(format!("group {} is stopped after a journal failure", shared.name)), &shared.name);
+        }
+        if let Some(r) = taken.resync_done {
+            log::warn!(
+                "group {}: resync of volume(s) {} complete, but the group is stopped after a journal failure: no resync point",
+                shared.name,
+                join_names(&r.volumes)
+            );
+        }
+    }
+
+    /// The batch's timestamp. Times never decrease along the sequence, even if the clock
+    /// steps back, so that "every write received at or before T" is always a prefix.
+    fn stamp(&mut self) -> u64 {
+        let now = now_ns().max(self.last_time);
+        self.last_time = now;
+        now
+    }
+
+    /// Numbers the batch's writes and appends them, then the bookmark and the resync point if
+    /// one is due, all at `now`. Stops at the first failure.
+    fn append(&mut self, taken: &Taken, now: u64) -> Result<Appended, JournalError> {
+        let journal = &mut self.journal;
+        let mut seqs = Vec::with_capacity(self.batch.len());
+        for w in &self.batch {
             let seq = journal.next_seq();
             let h = RecordHeader { seq, time_ns: now, kind: w.kind, offset: w.offset, length: w.length };
-            if let Err(e) = journal.append(&h, &w.volume, &w.payload[w.data_at..]) {
-                result = Err(e);
-                break;
-            }
+            journal.append(&h, &w.volume, &w.payload[w.data_at..])?;
             if w.kind == WriteKind::Resync {
-                resyncs.record(&w.volume, seq);
+                self.resyncs.record(&w.volume, seq);
             }
             seqs.push(seq);
         }
         let mut bookmark_seq = None;
-        if let (Ok(()), Some(b)) = (&result, &bookmark) {
+        if let Some(b) = &taken.bookmark {
             let seq = journal.next_seq();
             let h = RecordHeader {
                 seq,
@@ -443,75 +574,85 @@ fn journal_loop(mut journal: Journal, rx: Receiver<GroupItem>, shared: Arc<Group
                 offset: 0,
                 length: u32::try_from(b.body.len()).unwrap_or(u32::MAX),
             };
-            result = journal.append(&h, &b.name, &b.body);
+            journal.append(&h, &b.name, &b.body)?;
             bookmark_seq = Some(seq);
         }
         // The resync point follows every resync write the agent sent before `ResyncDone`:
         // they came earlier on the same connection, so they are in this batch or an earlier one.
         let mut resync_point = None;
-        if let (Ok(()), Some(r)) = (&result, &resync_done) {
-            match resyncs.done(&r.volumes) {
+        if let Some(r) = &taken.resync_done {
+            match self.resyncs.done(&r.volumes) {
                 ResyncOutcome::Point { first } => {
                     let seq = journal.next_seq();
                     let h = RecordHeader { seq, time_ns: now, kind: WriteKind::Point, offset: 0, length: 8 };
-                    result = journal.append(&h, RESYNC_POINT_NAME, &first.to_le_bytes());
+                    journal.append(&h, RESYNC_POINT_NAME, &first.to_le_bytes())?;
                     resync_point = Some(seq);
                 }
                 ResyncOutcome::Waiting { others } => log::info!(
                     "group {}: resync of volume(s) {} complete; the resync point waits for volume(s) {} still resyncing",
-                    shared.name,
+                    self.shared.name,
                     join_names(&r.volumes),
                     join_names(&others)
                 ),
             }
         }
-        let result = result.and_then(|()| journal.commit());
-        match result {
-            Ok(durable) => {
-                // Before the shipper can see `durable`, so that a hash request is queued when
-                // it looks.
-                for b in barriers.drain(..) {
-                    b.pass(durable);
-                }
-                shared.publish_durable(durable);
-                let bytes = batch.iter().filter(|w| w.kind.carries_data()).map(|w| u64::from(w.length)).sum();
-                let delay = shared.policy.regulation_delay(bytes);
-                if !delay.is_zero() {
-                    std::thread::sleep(delay);
-                }
-                let acks =
-                    batch.drain(..).zip(seqs).map(|(w, seq)| (w.ack, WriteAck { req_id: w.req_id, seq, status: WriteAck::OK })).collect();
-                shared.policy.committed(acks, durable, bytes, now, shared.confirmed.load(Ordering::Acquire));
-                if let (Some(b), Some(seq)) = (bookmark.take(), bookmark_seq) {
-                    log::info!("group {}: bookmark {:?} placed at seq {seq}", shared.name, b.name);
-                    // A bookmark ends an async interval as a point does.
-                    open = None;
-                    b.answer(Ok((seq, now)), &shared.name);
-                }
-                if let (Some(r), Some(seq)) = (resync_done.take(), resync_point) {
-                    log::info!("group {}: resync of volume(s) {} complete at seq {seq}", shared.name, join_names(&r.volumes));
-                    // The shipper ends an async delta at any point.
-                    open = None;
-                }
-            }
-            Err(e) => {
-                log::error!(
-                    "group {}: the journal failed and the group is stopped: {e}. Writes are refused until the cause is fixed and the engine restarted",
-                    shared.name
-                );
-                shared.poisoned.store(true, Ordering::Relaxed);
-                fail_all(&mut batch);
-                if let Some(b) = bookmark.take() {
-                    b.answer(Err(format!("group {}: the journal failed: {e}", shared.name)), &shared.name);
-                }
-            }
+        Ok(Appended { seqs, bookmark_seq, resync_point })
+    }
+
+    /// The batch is durable through `durable`: passes the barriers, publishes `durable`,
+    /// regulates, acknowledges the writes (or holds them, sync) and answers the bookmark.
+    fn acknowledge(&mut self, mut taken: Taken, appended: Appended, durable: Seq, now: u64) {
+        let shared = &self.shared;
+        // Before the shipper can see `durable`, so that a hash request is queued when
+        // it looks.
+        for b in taken.barriers.drain(..) {
+            b.pass(durable);
+        }
+        shared.publish_durable(durable);
+        let bytes = self.batch.iter().filter(|w| w.kind.carries_data()).map(|w| u64::from(w.length)).sum();
+        let delay = shared.policy.regulation_delay(bytes);
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
+        let acks = self
+            .batch
+            .drain(..)
+            .zip(appended.seqs)
+            .map(|(w, seq)| (w.ack, WriteAck { req_id: w.req_id, seq, status: WriteAck::OK }))
+            .collect();
+        shared.policy.committed(acks, durable, bytes, now, shared.confirmed.load(Ordering::Acquire));
+        if let (Some(b), Some(seq)) = (taken.bookmark.take(), appended.bookmark_seq) {
+            log::info!("group {}: bookmark {:?} placed at seq {seq}", shared.name, b.name);
+            // A bookmark ends an async interval as a point does.
+            self.open = None;
+            b.answer(Ok((seq, now)), &shared.name);
+        }
+        if let (Some(r), Some(seq)) = (taken.resync_done.take(), appended.resync_point) {
+            log::info!("group {}: resync of volume(s) {} complete at seq {seq}", shared.name, join_names(&r.volumes));
+            // The shipper ends an async delta at any point.
+            self.open = None;
+        }
+    }
+
+    /// The journal failed: the group is poisoned and everything taken fails (barriers say
+    /// why when they drop).
+    fn poison(&mut self, mut taken: Taken, e: &JournalError) {
+        let shared = &self.shared;
+        log::error!(
+            "group {}: the journal failed and the group is stopped: {e}. Writes are refused until the cause is fixed and the engine restarted",
+            shared.name
+        );
+        shared.poisoned.store(true, Ordering::Relaxed);
+        fail_all(&mut self.batch);
+        if let Some(b) = taken.bookmark.take() {
+            b.answer(Err(format!("group {}: the journal failed: {e}", shared.name)), &shared.name);
         }
     }
 }
 
 /// Appends and commits an interval point record; returns its sequence number and the new
 /// durable sequence number.
-fn place_point(journal: &mut Journal, first: Seq, time_ns: u64) -> Result<(Seq, Seq), hindsight_consistency::journal::JournalError> {
+fn place_point(journal: &mut Journal, first: Seq, time_ns: u64) -> Result<(Seq, Seq), JournalError> {
     let seq = journal.next_seq();
     let h = RecordHeader { seq, time_ns, kind: WriteKind::Point, offset: 0, length: 8 };
     journal.append(&h, INTERVAL_POINT_NAME, &first.to_le_bytes())?;
