@@ -1,18 +1,18 @@
 //! Agent sessions: the handshake, then one thread reading writes into the group journals and
 //! one thread writing acknowledgements back.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::BufReader;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use hindsight_consistency::config::{check_name, ReplicationMode};
 use hindsight_consistency::region_hash::MAX_HASH_REGIONS;
-use hindsight_consistency::transport::{AcceptError, Peer, ReadHalf, Role, Security, TransportError, WriteHalf};
+use hindsight_consistency::transport::{AcceptError, Peer, ReadHalf, Role, TransportError, WriteHalf};
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, BookmarkPoint, BookmarkReply, BookmarkRequest,
     ErrorMessage, FrameError, FrameType, GroupStatus, HashReply, HashRequest, QuiesceMsg, QuiescedMsg, ResyncDoneMsg, ResyncProgressMsg,
@@ -21,8 +21,9 @@ use hindsight_consistency::wire::{
 };
 use hindsight_consistency::{BookmarkBody, PointConsistency};
 
+use crate::connection::{refuse, Registry, Session};
 use crate::group::{Acks, Barrier, BookmarkPlacement, GroupHandle, GroupItem, Latch, ResyncDone, WriteRequest};
-use crate::hashes::{HashBroker, HashReplyTo};
+use crate::hashes::HashReplyTo;
 
 /// Read buffer of an agent connection.
 const READ_BUFFER: usize = 256 << 10;
@@ -32,42 +33,6 @@ const READ_BUFFER: usize = 256 << 10;
 const ATTACH_WAIT: Duration = Duration::from_secs(5);
 /// How long a session refused mid-way waits for its `Error` frame to go out before closing.
 const REFUSAL_FLUSH: Duration = Duration::from_secs(2);
-
-/// What every session needs: the groups and which volumes are attached right now.
-pub struct Registry {
-    /// Groups by name.
-    pub groups: HashMap<String, GroupHandle>,
-    /// Volumes currently served by a connected agent.
-    pub attached: Mutex<HashSet<String>>,
-    /// Signalled when a session detaches its volumes.
-    pub detached: Condvar,
-    /// Connected agent sessions, for quiesce requests.
-    pub sessions: Mutex<HashMap<u64, Session>>,
-    /// Numbers sessions and quiesce requests.
-    pub next_id: AtomicU64,
-    /// Where each quiesce request's answers go, by quiesce id.
-    pub quiesce_waits: Mutex<HashMap<u64, crossbeam_channel::Sender<(String, QuiescedMsg)>>>,
-    /// The engine's name for peers.
-    pub name: String,
-    /// Resyncs under way, by volume, as their agents report them.
-    pub resync_progress: Mutex<HashMap<String, ResyncStatus>>,
-    /// Each group's hash requests, by group name.
-    pub hashes: HashMap<String, Arc<HashBroker>>,
-    /// The engine name its certificate carries (TLS only).
-    pub own_name: Option<String>,
-    /// How connections are protected.
-    pub security: Security,
-}
-
-/// A connected agent, as quiesce requests see it.
-pub struct Session {
-    /// Its VM.
-    pub vm: String,
-    /// The groups of its volumes.
-    pub groups: HashSet<String>,
-    /// Control frames to it (sent by its acknowledgement writer, between acknowledgements).
-    pub control: crossbeam_channel::Sender<(FrameType, Vec<u8>)>,
-}
 
 /// One disk of a session, by its number in the hello.
 struct Disk {
@@ -271,13 +236,6 @@ fn set_mode(req: &SetModeRequest, reg: &Registry) -> Result<SetModeReply, String
     };
     let previous = g.shared.policy.set_mode(mode).map_err(|e| format!("group {}: {e}", req.group))?;
     Ok(SetModeReply { group: req.group.clone(), previous: previous.as_str().to_owned(), mode: mode.as_str().to_owned() })
-}
-
-fn refuse(w: &mut WriteHalf, peer: SocketAddr, why: &str) {
-    log::warn!("agent {peer} refused: {why}");
-    let msg = encode_message(&ErrorMessage { message: why.to_owned() });
-    let _ = write_frame(w, FrameType::Error, &msg, &mut Vec::new());
-    w.close();
 }
 
 /// An agent may only present the VM its certificate names: the volumes it may write are

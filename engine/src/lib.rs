@@ -22,6 +22,7 @@
 #![cfg_attr(test, allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap))]
 
 pub mod agents;
+pub mod connection;
 pub mod delta;
 pub mod error;
 pub mod group;
@@ -47,7 +48,7 @@ pub use error::EngineError;
 /// A running engine.
 pub struct EngineHandle {
     local_addr: SocketAddr,
-    registry: Arc<agents::Registry>,
+    registry: Arc<connection::Registry>,
 }
 
 impl EngineHandle {
@@ -119,7 +120,7 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
     }
     let listener = TcpListener::bind(config.listen).map_err(|source| EngineError::Bind { addr: config.listen, source })?;
     let local_addr = listener.local_addr().map_err(|source| EngineError::Bind { addr: config.listen, source })?;
-    let registry = Arc::new(agents::Registry {
+    let registry = Arc::new(connection::Registry {
         groups,
         attached: Mutex::new(HashSet::new()),
         detached: std::sync::Condvar::new(),
