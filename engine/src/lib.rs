@@ -8,6 +8,8 @@
 //! after the group commit's fdatasync, acknowledges it to the agent (`cdp` mode). A shipper
 //! per group ([`shipper`]) reads the journal in order and sends it to the target, resuming
 //! where the target's journal ends; confirmed segments are deleted from the engine's journal.
+//! The operator's requests (status, set-mode, bookmark) come in on the same port
+//! ([`operator`]).
 //!
 //! ```text
 //! agent ──Write──▶ session reader ──▶ group channel ──▶ journal thread (seq, time, append,
@@ -29,6 +31,7 @@ pub mod group;
 pub mod hashes;
 pub mod journal_watch;
 pub mod limiter;
+pub mod operator;
 pub mod policy;
 pub mod resync;
 pub mod shipper;
