@@ -17,8 +17,9 @@ use hindsight_consistency::wire::{
     TargetHashRequest, WriteAck, WriteMsg, PROTOCOL_VERSION, WRITE_HEADER_LEN,
 };
 
+use crate::acks::Acks;
 use crate::connection::{refuse, Registry, Session};
-use crate::group::{Acks, Barrier, GroupHandle, GroupItem, ResyncDone, WriteRequest};
+use crate::group::{Barrier, GroupHandle, GroupItem, ResyncDone, WriteRequest};
 use crate::hashes::HashReplyTo;
 use crate::operator::{answer, authorise_bookmark, authorise_operator, place_bookmark, set_mode, status};
 

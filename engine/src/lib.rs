@@ -23,6 +23,7 @@
 // Casts in tests build fixtures from small literals.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap))]
 
+pub mod acks;
 pub mod agents;
 pub mod connection;
 pub mod delta;

@@ -25,7 +25,7 @@ use hindsight_consistency::record::Seq;
 use hindsight_consistency::time::now_ns;
 use hindsight_consistency::wire::WriteAck;
 
-use crate::group::{send_acks, Acks};
+use crate::acks::{send_acks, Acks};
 
 /// Longest pause put before one commit's acknowledgements when regulating.
 const MAX_REGULATION_DELAY: Duration = Duration::from_secs(1);
