@@ -5,11 +5,12 @@ use std::io::BufReader;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::atomic::Ordering as AtomicOrdering;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use hindsight_consistency::region_hash::MAX_HASH_REGIONS;
+use hindsight_consistency::sync::lock;
 use hindsight_consistency::transport::{AcceptError, Peer, ReadHalf, Role, TransportError, WriteHalf};
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, BookmarkRequest, ErrorMessage, FrameError,
@@ -103,7 +104,7 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
     let session_id = reg.next_id.fetch_add(1, AtomicOrdering::Relaxed);
     let groups = disks.iter().map(|d| d.group.config.name.clone()).collect();
     let control = control_tx.clone();
-    reg.sessions.lock().expect("sessions lock").insert(session_id, Session { vm: hello.vm.clone(), groups, control: control_tx });
+    lock(&reg.sessions).insert(session_id, Session { vm: hello.vm.clone(), groups, control: control_tx });
     let (ack_done_tx, ack_done) = crossbeam_channel::bounded::<()>(0);
     let ack_thread = std::thread::Builder::new().name(format!("acks-{peer}")).spawn(move || {
         ack_loop(writer, ack_rx, control_rx, peer);
@@ -111,7 +112,7 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
     });
     let out = SessionOut { acks: &ack_tx, control: &control, vm: &hello.vm };
     let end = read_loop(&mut reader, &disks, &out, &mut payload, &reg);
-    reg.sessions.lock().expect("sessions lock").remove(&session_id);
+    lock(&reg.sessions).remove(&session_id);
     let refused = match end {
         Ok(()) | Err(SessionEnd::Frame(FrameError::Closed)) => {
             log::info!("agent {peer} (vm {}) disconnected", hello.vm);
@@ -193,7 +194,7 @@ fn attach(hello: &AgentHello, reg: &Registry) -> Result<Vec<Disk>, String> {
         disks.push(Disk { group: group.clone(), volume: Arc::from(d.volume.as_str()), size: vol.size });
     }
     let deadline = Instant::now() + ATTACH_WAIT;
-    let mut attached = reg.attached.lock().expect("attached lock");
+    let mut attached = lock(&reg.attached);
     while let Some(busy) = disks.iter().find(|d| attached.contains(&*d.volume)) {
         let now = Instant::now();
         if now >= deadline {
@@ -202,7 +203,7 @@ fn attach(hello: &AgentHello, reg: &Registry) -> Result<Vec<Disk>, String> {
                 busy.volume, hello.vm
             ));
         }
-        attached = reg.detached.wait_timeout(attached, deadline - now).expect("attached lock").0;
+        attached = reg.detached.wait_timeout(attached, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
     }
     for d in &disks {
         attached.insert(d.volume.to_string());
@@ -211,7 +212,7 @@ fn attach(hello: &AgentHello, reg: &Registry) -> Result<Vec<Disk>, String> {
 }
 
 fn detach(reg: &Registry, names: &[String]) {
-    let mut attached = reg.attached.lock().expect("attached lock");
+    let mut attached = lock(&reg.attached);
     for n in names {
         attached.remove(n);
     }
@@ -255,7 +256,7 @@ fn read_loop(
             FrameType::Write => {}
             FrameType::Quiesced => {
                 let m: QuiescedMsg = decode_message("Quiesced", payload)?;
-                if let Some(tx) = reg.quiesce_waits.lock().expect("quiesce lock").get(&m.id) {
+                if let Some(tx) = lock(&reg.quiesce_waits).get(&m.id) {
                     let _ = tx.send((vm.to_owned(), m));
                 }
                 continue;
@@ -265,7 +266,7 @@ fn read_loop(
                 resync_done(&m, disks)?;
                 for &n in &m.disks {
                     if let Some(d) = disks.get(usize::from(n)) {
-                        reg.resync_progress.lock().expect("progress lock").remove(&*d.volume);
+                        lock(&reg.resync_progress).remove(&*d.volume);
                     }
                 }
                 continue;
@@ -287,7 +288,7 @@ fn read_loop(
                         compared: m.compared,
                         differ: m.differ,
                     };
-                    let mut progress = reg.resync_progress.lock().expect("progress lock");
+                    let mut progress = lock(&reg.resync_progress);
                     if m.compare_total > 0 && m.compared >= m.compare_total && m.done >= m.total {
                         // A compare sweep that is done and sent everything that differed: a
                         // resync point follows only if something was sent.

@@ -8,7 +8,7 @@
 //! crash-consistent image of all the group's volumes.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -16,6 +16,7 @@ use hindsight_consistency::config::{GroupConfig, ReplicationMode};
 use hindsight_consistency::journal::{Journal, JournalError};
 use hindsight_consistency::record::{RecordHeader, Seq, WriteKind};
 pub use hindsight_consistency::record::{INTERVAL_POINT_NAME, RESYNC_POINT_NAME};
+use hindsight_consistency::sync::lock;
 use hindsight_consistency::time::now_ns;
 use hindsight_consistency::wire::WriteAck;
 
@@ -139,13 +140,13 @@ impl Latch {
 
     /// Counts one group down and waits (bounded) for the others.
     fn arrive_and_wait(&self, group: &str) {
-        let mut left = self.left.lock().expect("latch lock");
+        let mut left = lock(&self.left);
         *left = left.saturating_sub(1);
         if *left == 0 {
             self.zero.notify_all();
             return;
         }
-        let (left, timeout) = self.zero.wait_timeout_while(left, LATCH_WAIT, |l| *l > 0).expect("latch lock");
+        let (left, timeout) = self.zero.wait_timeout_while(left, LATCH_WAIT, |l| *l > 0).unwrap_or_else(PoisonError::into_inner);
         if timeout.timed_out() {
             log::warn!("group {group}: {} other group(s) did not place their bookmark within {LATCH_WAIT:?}; going on", *left);
         }
@@ -186,12 +187,12 @@ pub struct LinkStats {
 
 impl LinkStats {
     pub(crate) fn set_compression(&self, name: &'static str) {
-        *self.compression.lock().unwrap_or_else(|e| e.into_inner()) = name;
+        *lock(&self.compression) = name;
     }
 
     /// The compression of the current (or last) connection, `""` for none.
     pub fn compression(&self) -> &'static str {
-        *self.compression.lock().unwrap_or_else(|e| e.into_inner())
+        *lock(&self.compression)
     }
 
     pub(crate) fn count(&self, records: usize, wire: usize) {
@@ -225,18 +226,18 @@ impl GroupShared {
 
     /// The last durable sequence number.
     pub fn durable(&self) -> Seq {
-        *self.durable.lock().expect("durable lock")
+        *lock(&self.durable)
     }
 
     /// Waits until the durable sequence number exceeds `seen`, or `timeout` passes.
     pub fn wait_durable_after(&self, seen: Seq, timeout: Duration) -> Seq {
-        let g = self.durable.lock().expect("durable lock");
-        let (g, _) = self.durable_changed.wait_timeout_while(g, timeout, |d| *d <= seen).expect("durable lock");
+        let g = lock(&self.durable);
+        let (g, _) = self.durable_changed.wait_timeout_while(g, timeout, |d| *d <= seen).unwrap_or_else(PoisonError::into_inner);
         *g
     }
 
     fn publish_durable(&self, seq: Seq) {
-        *self.durable.lock().expect("durable lock") = seq;
+        *lock(&self.durable) = seq;
         self.durable_changed.notify_all();
     }
 }

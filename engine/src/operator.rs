@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hindsight_consistency::config::{check_name, ReplicationMode};
+use hindsight_consistency::sync::lock;
 use hindsight_consistency::transport::{Peer, Role, WriteHalf};
 use hindsight_consistency::wire::{
     decode_message, encode_message, write_frame, BookmarkPoint, BookmarkReply, BookmarkRequest, FrameType, GroupStatus, QuiesceMsg,
@@ -55,7 +56,7 @@ pub(crate) fn authorise_operator(peer: &Peer, reg: &Registry, what: &str) -> Res
 pub(crate) fn status(req: &StatusRequest, reg: &Registry) -> Result<StatusReply, String> {
     let mut names: Vec<&String> = if req.groups.is_empty() { reg.groups.keys().collect() } else { req.groups.iter().collect() };
     names.sort();
-    let attached = reg.attached.lock().expect("attached lock").clone();
+    let attached = lock(&reg.attached).clone();
     let mut groups = Vec::new();
     for name in names {
         let g = reg.groups.get(name).ok_or_else(|| format!("no group {name:?} on this engine"))?;
@@ -84,7 +85,7 @@ pub(crate) fn status(req: &StatusRequest, reg: &Registry) -> Result<StatusReply,
             shipped_bytes: g.shared.link.records.load(Ordering::Relaxed),
             wire_bytes: g.shared.link.wire.load(Ordering::Relaxed),
             resyncing: {
-                let progress = reg.resync_progress.lock().expect("progress lock");
+                let progress = lock(&reg.resync_progress);
                 g.config.volumes.iter().filter_map(|v| progress.get(&v.name).cloned()).collect()
             },
             attached: g.config.volumes.iter().filter(|v| attached.contains(&v.name)).map(|v| v.name.clone()).collect(),
@@ -224,11 +225,11 @@ impl Quiesce {
     fn begin(reg: &Registry, groups: &HashSet<String>, timeout: Duration) -> Quiesce {
         let id = reg.next_id.fetch_add(1, AtomicOrdering::Relaxed);
         let (tx, rx) = crossbeam_channel::unbounded();
-        reg.quiesce_waits.lock().expect("quiesce lock").insert(id, tx);
+        lock(&reg.quiesce_waits).insert(id, tx);
         let mut asked = Vec::new();
         let mut vms = Vec::new();
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        for s in reg.sessions.lock().expect("sessions lock").values() {
+        for s in lock(&reg.sessions).values() {
             if s.groups.is_disjoint(groups) {
                 continue;
             }
@@ -276,6 +277,6 @@ impl Quiesce {
         for c in &self.asked {
             let _ = c.send((FrameType::Thaw, msg.clone()));
         }
-        reg.quiesce_waits.lock().expect("quiesce lock").remove(&self.id);
+        lock(&reg.quiesce_waits).remove(&self.id);
     }
 }

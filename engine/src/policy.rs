@@ -16,12 +16,13 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use hindsight_consistency::config::{GroupConfig, ReplicationMode, SyncLoss};
 use hindsight_consistency::record::Seq;
+use hindsight_consistency::sync::lock;
 use hindsight_consistency::time::now_ns;
 use hindsight_consistency::wire::WriteAck;
 
@@ -107,10 +108,6 @@ impl std::fmt::Debug for Held {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Held(seq {})", self.seq)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Policy {
