@@ -20,6 +20,7 @@ use hindsight_consistency::wire::{
 
 use crate::acks::Acks;
 use crate::connection::{refuse, Registry, Session};
+use crate::error::HelloError;
 use crate::group::{Barrier, GroupHandle, GroupItem, ResyncDone, WriteRequest};
 use crate::hashes::HashReplyTo;
 use crate::operator::{answer, authorise_bookmark, authorise_operator, place_bookmark, set_mode, status};
@@ -85,11 +86,11 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
         Err(e) => return log::warn!("agent {peer}: handshake failed: {e}"),
     };
     if let Err(why) = authorise_agent(&certified, &hello.vm) {
-        return refuse(&mut writer, peer, &why);
+        return refuse(&mut writer, peer, &why.to_string());
     }
     let disks = match attach(&hello, &reg) {
         Ok(d) => d,
-        Err(why) => return refuse(&mut writer, peer, &why),
+        Err(why) => return refuse(&mut writer, peer, &why.to_string()),
     };
     let names: Vec<String> = disks.iter().map(|d| d.volume.to_string()).collect();
     let welcome = encode_message(&AgentWelcome { protocol: PROTOCOL_VERSION, engine: reg.name.clone() });
@@ -148,48 +149,36 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
 
 /// An agent may only present the VM its certificate names: the volumes it may write are
 /// then those of that VM in engine.toml (checked by `attach`).
-fn authorise_agent(peer: &Peer, vm: &str) -> Result<(), String> {
+fn authorise_agent(peer: &Peer, vm: &str) -> Result<(), HelloError> {
     match peer {
         Peer::Plaintext => Ok(()),
         Peer::Certified(id) if id.is(Role::Agent, vm) => Ok(()),
-        Peer::Certified(id) => Err(format!(
-            "its certificate names {id}, but its hello claims vm {vm:?} ({vm}.agent.hindsight): an agent may only write the \
-             volumes of its own VM; nothing was written"
-        )),
+        Peer::Certified(id) => Err(HelloError::WrongCertificate { certificate: id.to_string(), vm: vm.to_owned() }),
     }
 }
 
 /// Checks every disk of the hello against the configuration and marks them attached.
-fn attach(hello: &AgentHello, reg: &Registry) -> Result<Vec<Disk>, String> {
+fn attach(hello: &AgentHello, reg: &Registry) -> Result<Vec<Disk>, HelloError> {
     if hello.protocol != PROTOCOL_VERSION {
-        return Err(format!("agent speaks protocol {}, this engine speaks {PROTOCOL_VERSION}; upgrade the older side", hello.protocol));
+        return Err(HelloError::Protocol { got: hello.protocol });
     }
     if hello.disks.is_empty() || hello.disks.len() > usize::from(u16::MAX) {
-        return Err("the agent offers no disks".into());
+        return Err(HelloError::NoDisks);
     }
     let mut disks = Vec::new();
     for d in &hello.disks {
         let Some(group) = reg.groups.get(&d.group) else {
             let known: Vec<&str> = reg.groups.keys().map(String::as_str).collect();
-            return Err(format!("disk {:?}: group {:?} is not configured on the engine (groups: {})", d.volume, d.group, known.join(", ")));
+            return Err(HelloError::UnknownGroup { volume: d.volume.clone(), group: d.group.clone(), known: known.join(", ") });
         };
         let Some(vol) = group.config.volumes.iter().find(|v| v.name == d.volume) else {
-            return Err(format!(
-                "disk {:?}: group {:?} has no volume {:?}; add it to engine.toml or fix agent.toml",
-                d.volume, d.group, d.volume
-            ));
+            return Err(HelloError::UnknownVolume { volume: d.volume.clone(), group: d.group.clone() });
         };
         if vol.vm != hello.vm {
-            return Err(format!(
-                "disk {:?}: volume belongs to vm {:?} in engine.toml, but this agent is vm {:?}",
-                d.volume, vol.vm, hello.vm
-            ));
+            return Err(HelloError::OtherVm { volume: d.volume.clone(), owner: vol.vm.clone(), vm: hello.vm.clone() });
         }
         if vol.size != d.size {
-            return Err(format!(
-                "disk {:?}: the local disk has {} bytes but engine.toml says size = {} bytes; make them equal (nothing was replicated)",
-                d.volume, d.size, vol.size
-            ));
+            return Err(HelloError::Size { volume: d.volume.clone(), local: d.size, configured: vol.size });
         }
         disks.push(Disk { group: group.clone(), volume: Arc::from(d.volume.as_str()), size: vol.size });
     }
@@ -198,10 +187,7 @@ fn attach(hello: &AgentHello, reg: &Registry) -> Result<Vec<Disk>, String> {
     while let Some(busy) = disks.iter().find(|d| attached.contains(&*d.volume)) {
         let now = Instant::now();
         if now >= deadline {
-            return Err(format!(
-                "volume {:?} is already attached by another agent of vm {:?}; stop the other agent (or wait until the engine sees it gone)",
-                busy.volume, hello.vm
-            ));
+            return Err(HelloError::AlreadyAttached { volume: busy.volume.to_string(), vm: hello.vm.clone() });
         }
         attached = reg.detached.wait_timeout(attached, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
     }
@@ -377,7 +363,7 @@ fn hash_request(
             req.through_seq = seq;
             broker.submit(req, reply);
         }
-        Err(why) => reply(HashReply::unavailable(id, why)),
+        Err(why) => reply(HashReply::unavailable(id, why.to_string())),
     });
     if disk.group.tx.send(GroupItem::Barrier(barrier)).is_err() {
         return Err(FrameError::Peer("the engine is shutting down".into()).into());

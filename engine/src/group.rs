@@ -21,6 +21,7 @@ use hindsight_consistency::time::now_ns;
 use hindsight_consistency::wire::WriteAck;
 
 use crate::acks::{send_acks, Acks};
+use crate::error::GroupError;
 use crate::journal_watch::{Action, JournalWatch};
 use crate::policy::Policy;
 use crate::resync::{ResyncOutcome, Resyncs};
@@ -71,11 +72,11 @@ pub enum GroupItem {
 pub struct Barrier(Option<BarrierThen>);
 
 /// What a barrier runs: the durable sequence number, or why there is none.
-type BarrierThen = Box<dyn FnOnce(Result<Seq, String>) + Send>;
+type BarrierThen = Box<dyn FnOnce(Result<Seq, GroupError>) + Send>;
 
 impl Barrier {
     /// A barrier that runs `then`.
-    pub fn new(then: impl FnOnce(Result<Seq, String>) + Send + 'static) -> Barrier {
+    pub fn new(then: impl FnOnce(Result<Seq, GroupError>) + Send + 'static) -> Barrier {
         Barrier(Some(Box::new(then)))
     }
 
@@ -89,7 +90,7 @@ impl Barrier {
 impl Drop for Barrier {
     fn drop(&mut self) {
         if let Some(then) = self.0.take() {
-            then(Err("the group is stopped or shutting down".into()));
+            then(Err(GroupError::Stopped));
         }
     }
 }
@@ -111,13 +112,13 @@ pub struct BookmarkPlacement {
     /// thread takes nothing numbered after its bookmark until it reaches zero.
     pub latch: Arc<Latch>,
     /// Where the group's bookmark sequence number and time (or an error) go.
-    pub reply: Sender<Result<(Seq, u64), String>>,
+    pub reply: Sender<Result<(Seq, u64), GroupError>>,
 }
 
 impl BookmarkPlacement {
     /// Answers the request, then waits for the other groups of it: nothing after the bookmark
     /// is numbered before every group has placed (or failed to place) its own.
-    fn answer(self, result: Result<(Seq, u64), String>, group: &str) {
+    fn answer(self, result: Result<(Seq, u64), GroupError>, group: &str) {
         let _ = self.reply.send(result);
         self.latch.arrive_and_wait(group);
     }
@@ -304,7 +305,7 @@ fn journal_loop(journal: Journal, rx: Receiver<GroupItem>, shared: Arc<GroupShar
         let now = t.stamp();
         match t.append(&taken, now).and_then(|appended| Ok((appended, t.journal.commit()?))) {
             Ok((appended, durable)) => t.acknowledge(taken, appended, durable, now),
-            Err(e) => t.poison(taken, &e),
+            Err(e) => t.poison(taken, e),
         }
     }
 }
@@ -493,14 +494,7 @@ impl JournalThread {
             b.pass(self.journal.durable_seq());
         }
         if let Some(b) = taken.bookmark.take() {
-            b.answer(
-                Err(format!(
-                    "group {} is paused because a journal is full: its agents track writes the target lacks, so a bookmark \
-                     now would not hold them; try again once `hindsight status` no longer shows it paused",
-                    self.shared.name
-                )),
-                &self.shared.name,
-            );
+            b.answer(Err(GroupError::Paused { group: self.shared.name.clone() }), &self.shared.name);
         }
     }
 
@@ -509,7 +503,7 @@ impl JournalThread {
         let shared = &self.shared;
         fail_all(&mut self.batch);
         if let Some(b) = taken.bookmark {
-            b.answer(Err(format!("group {} is stopped after a journal failure", shared.name)), &shared.name);
+            b.answer(Err(GroupError::Poisoned { group: shared.name.clone() }), &shared.name);
         }
         if let Some(r) = taken.resync_done {
             log::warn!(
@@ -614,7 +608,7 @@ impl JournalThread {
 
     /// The journal failed: the group is poisoned and everything taken fails (barriers say
     /// why when they drop).
-    fn poison(&mut self, mut taken: Taken, e: &JournalError) {
+    fn poison(&mut self, mut taken: Taken, e: JournalError) {
         let shared = &self.shared;
         log::error!(
             "group {}: the journal failed and the group is stopped: {e}. Writes are refused until the cause is fixed and the engine restarted",
@@ -623,7 +617,7 @@ impl JournalThread {
         shared.poisoned.store(true, Ordering::Relaxed);
         fail_all(&mut self.batch);
         if let Some(b) = taken.bookmark.take() {
-            b.answer(Err(format!("group {}: the journal failed: {e}", shared.name)), &shared.name);
+            b.answer(Err(GroupError::Journal { group: shared.name.clone(), source: e }), &shared.name);
         }
     }
 }

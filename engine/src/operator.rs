@@ -19,6 +19,7 @@ use hindsight_consistency::wire::{
 use hindsight_consistency::{BookmarkBody, PointConsistency};
 
 use crate::connection::{refuse, Registry};
+use crate::error::RequestError;
 use crate::group::{BookmarkPlacement, GroupHandle, GroupItem, Latch};
 
 /// Answers an operator's request (bookmark, status, mode): decodes it, runs `handle`, and
@@ -28,38 +29,36 @@ pub(crate) fn answer<Q: serde::de::DeserializeOwned, R: serde::Serialize>(
     peer: SocketAddr,
     payload: &[u8],
     reply: FrameType,
-    handle: impl FnOnce(&Q) -> Result<R, String>,
+    handle: impl FnOnce(&Q) -> Result<R, RequestError>,
 ) {
-    match decode_message::<Q>("request", payload).map_err(|e| e.to_string()).and_then(|req| handle(&req)) {
+    match decode_message::<Q>("request", payload).map_err(|source| RequestError::Decode { source }).and_then(|req| handle(&req)) {
         Ok(r) => {
             let _ = write_frame(writer, reply, &encode_message(&r), &mut Vec::new());
             writer.close();
         }
-        Err(why) => refuse(writer, peer, &why),
+        Err(why) => refuse(writer, peer, &why.to_string()),
     }
 }
 
 /// An operator certificate or this engine's own.
-pub(crate) fn authorise_operator(peer: &Peer, reg: &Registry, what: &str) -> Result<(), String> {
+pub(crate) fn authorise_operator(peer: &Peer, reg: &Registry, what: &'static str) -> Result<(), RequestError> {
     match peer {
         Peer::Plaintext => Ok(()),
         Peer::Certified(id) if id.name(Role::Operator).is_some() || reg.own_name.as_deref().is_some_and(|own| id.is(Role::Engine, own)) => {
             Ok(())
         }
-        Peer::Certified(id) => Err(format!(
-            "its certificate names {id}: only an operator certificate (hindsight certs issue --role operator) or the engine's own {what}"
-        )),
+        Peer::Certified(id) => Err(RequestError::NotOperator { certificate: id.to_string(), what }),
     }
 }
 
 /// The state of the requested groups (all when none is named).
-pub(crate) fn status(req: &StatusRequest, reg: &Registry) -> Result<StatusReply, String> {
+pub(crate) fn status(req: &StatusRequest, reg: &Registry) -> Result<StatusReply, RequestError> {
     let mut names: Vec<&String> = if req.groups.is_empty() { reg.groups.keys().collect() } else { req.groups.iter().collect() };
     names.sort();
     let attached = lock(&reg.attached).clone();
     let mut groups = Vec::new();
     for name in names {
-        let g = reg.groups.get(name).ok_or_else(|| format!("no group {name:?} on this engine"))?;
+        let g = reg.groups.get(name).ok_or_else(|| RequestError::NoGroup { group: name.clone() })?;
         let p = g.shared.policy.status();
         let lag = g.shared.policy.lag();
         let durable = g.shared.durable();
@@ -100,31 +99,28 @@ pub(crate) fn status(req: &StatusRequest, reg: &Registry) -> Result<StatusReply,
 }
 
 /// Changes a group's mode on the running engine.
-pub(crate) fn set_mode(req: &SetModeRequest, reg: &Registry) -> Result<SetModeReply, String> {
-    let g = reg.groups.get(&req.group).ok_or_else(|| format!("no group {:?} on this engine", req.group))?;
+pub(crate) fn set_mode(req: &SetModeRequest, reg: &Registry) -> Result<SetModeReply, RequestError> {
+    let g = reg.groups.get(&req.group).ok_or_else(|| RequestError::NoGroup { group: req.group.clone() })?;
     let mode = match req.mode.as_str() {
         "sync" => ReplicationMode::Sync,
         "cdp" => ReplicationMode::Cdp,
         "async" => ReplicationMode::Async,
-        other => return Err(format!("{other:?} is not a mode; use sync, cdp or async")),
+        other => return Err(RequestError::NotAMode { mode: other.to_owned() }),
     };
-    let previous = g.shared.policy.set_mode(mode).map_err(|e| format!("group {}: {e}", req.group))?;
+    let previous = g.shared.policy.set_mode(mode);
     Ok(SetModeReply { group: req.group.clone(), previous: previous.as_str().to_owned(), mode: mode.as_str().to_owned() })
 }
 
 /// Who may place bookmarks: an operator certificate, this engine's own, or an agent for the
 /// groups that hold volumes of its VM.
-pub(crate) fn authorise_bookmark(peer: &Peer, req: &BookmarkRequest, reg: &Registry) -> Result<(), String> {
+pub(crate) fn authorise_bookmark(peer: &Peer, req: &BookmarkRequest, reg: &Registry) -> Result<(), RequestError> {
     let Peer::Certified(id) = peer else { return Ok(()) };
     if authorise_operator(peer, reg, "").is_ok() {
         return Ok(());
     }
     let vms: HashSet<&str> = id.names(Role::Agent).collect();
     if vms.is_empty() {
-        return Err(format!(
-            "its certificate names {id}: bookmarks are placed with an operator certificate (hindsight certs issue --role \
-             operator), the engine's own, or an agent's for the groups of its VM"
-        ));
+        return Err(RequestError::BookmarkNotAllowed { certificate: id.to_string() });
     }
     let own: HashSet<&str> = reg
         .groups
@@ -133,18 +129,18 @@ pub(crate) fn authorise_bookmark(peer: &Peer, req: &BookmarkRequest, reg: &Regis
         .map(|g| g.config.name.as_str())
         .collect();
     if req.groups.is_empty() {
-        return Err(format!("{id} may only bookmark the groups of its own volumes; name them (--group or --groups)"));
+        return Err(RequestError::BookmarkGroupsUnnamed { certificate: id.to_string() });
     }
     match req.groups.iter().find(|g| !own.contains(g.as_str())) {
-        Some(g) => Err(format!("{id} may only bookmark the groups of its own volumes, and group {g:?} holds none of them")),
+        Some(g) => Err(RequestError::BookmarkForeignGroup { certificate: id.to_string(), group: g.clone() }),
         None => Ok(()),
     }
 }
 
 /// Places one bookmark in each requested group (every group if none is named) at one
 /// instant, and waits until each is durable.
-pub(crate) fn place_bookmark(req: &BookmarkRequest, reg: &Registry) -> Result<BookmarkReply, String> {
-    check_name("bookmark", &req.name)?;
+pub(crate) fn place_bookmark(req: &BookmarkRequest, reg: &Registry) -> Result<BookmarkReply, RequestError> {
+    check_name("bookmark", &req.name).map_err(|reason| RequestError::BookmarkName { reason })?;
     let mut names: Vec<&String> = if req.groups.is_empty() { reg.groups.keys().collect() } else { req.groups.iter().collect() };
     names.sort();
     names.dedup();
@@ -153,7 +149,7 @@ pub(crate) fn place_bookmark(req: &BookmarkRequest, reg: &Registry) -> Result<Bo
         let Some(g) = reg.groups.get(n) else {
             let mut known: Vec<&str> = reg.groups.keys().map(String::as_str).collect();
             known.sort_unstable();
-            return Err(format!("group {n:?} is not configured on this engine (groups: {})", known.join(", ")));
+            return Err(RequestError::UnknownGroup { group: n.clone(), known: known.join(", ") });
         };
         groups.push(g);
     }
@@ -186,7 +182,7 @@ fn place_in_groups(
     consistency: PointConsistency,
     note: &str,
     reason: &str,
-) -> Result<BookmarkReply, String> {
+) -> Result<BookmarkReply, RequestError> {
     let body = BookmarkBody { consistency, note: note.to_owned() }.encode();
     let latch = Arc::new(Latch::new(groups.len()));
     let mut waiting = Vec::new();
@@ -194,7 +190,7 @@ fn place_in_groups(
         let (tx, rx) = crossbeam_channel::bounded(1);
         let item = GroupItem::Bookmark(BookmarkPlacement { name: req.name.clone(), body: body.clone(), latch: latch.clone(), reply: tx });
         if g.tx.send(item).is_err() {
-            return Err(format!("group {} is shutting down", g.config.name));
+            return Err(RequestError::ShuttingDown { group: g.config.name.clone() });
         }
         waiting.push((g.config.name.clone(), rx));
     }
@@ -204,8 +200,8 @@ fn place_in_groups(
             Ok(Ok((seq, time_ns))) => {
                 points.push(BookmarkPoint { group, seq, time_ns, consistency: consistency.as_str().to_owned(), reason: reason.to_owned() })
             }
-            Ok(Err(why)) => return Err(why),
-            Err(_) => return Err(format!("group {group} did not place the bookmark within 30 s")),
+            Ok(Err(why)) => return Err(why.into()),
+            Err(_) => return Err(RequestError::PlacementTimeout { group }),
         }
     }
     Ok(BookmarkReply { points })

@@ -260,7 +260,7 @@ impl Policy {
     }
 
     /// Sets the mode on the running group. Returns the previous mode.
-    pub fn set_mode(&self, mode: ReplicationMode) -> Result<ReplicationMode, String> {
+    pub fn set_mode(&self, mode: ReplicationMode) -> ReplicationMode {
         let mut st = lock(&self.state);
         let previous = st.mode;
         st.mode = mode;
@@ -270,7 +270,7 @@ impl Policy {
         if mode != ReplicationMode::Sync {
             release_through(&mut lock(&self.held), Seq::MAX);
         }
-        Ok(previous)
+        previous
     }
 
     /// The target's lag.
