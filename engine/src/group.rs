@@ -238,7 +238,11 @@ impl GroupShared {
     }
 
     fn publish_durable(&self, seq: Seq) {
-        *lock(&self.durable) = seq;
+        {
+            let mut durable = lock(&self.durable);
+            debug_assert!(seq >= *durable, "group {}: the durable seq went back from {} to {seq}", self.name, *durable);
+            *durable = seq;
+        }
         self.durable_changed.notify_all();
     }
 }
@@ -359,6 +363,8 @@ struct JournalThread {
     batch: Vec<WriteRequest>,
     /// The time of the last record: times never decrease along the sequence.
     last_time: u64,
+    /// The last sequence number appended: numbers strictly increase.
+    last_seq: Seq,
     /// Confirmed sequence number the journal was last trimmed to.
     trimmed_through: Seq,
     resyncs: Resyncs,
@@ -369,6 +375,7 @@ impl JournalThread {
     /// The thread's state over an opened journal.
     fn new(journal: Journal, rx: Receiver<GroupItem>, shared: Arc<GroupShared>, interval: Duration) -> JournalThread {
         let last_time = journal.last_time_ns();
+        let last_seq = journal.durable_seq();
         // A journal tail written before a restart gets its interval point too.
         let open = (journal.durable_seq() > 0).then(|| OpenInterval { since: Instant::now(), first: journal.durable_seq() });
         JournalThread {
@@ -378,6 +385,7 @@ impl JournalThread {
             interval,
             batch: Vec::with_capacity(256),
             last_time,
+            last_seq,
             trimmed_through: 0,
             resyncs: Resyncs::default(),
             open,
@@ -395,8 +403,11 @@ impl JournalThread {
                 } else {
                     let first = o.first;
                     self.last_time = now_ns().max(self.last_time);
+                    debug_assert!(self.last_time >= self.journal.last_time_ns(), "group {}: time went back", shared.name);
                     match place_point(&mut self.journal, first, self.last_time) {
                         Ok((seq, durable)) => {
+                            debug_assert!(seq > self.last_seq, "group {}: seq {seq} after seq {}", shared.name, self.last_seq);
+                            self.last_seq = seq;
                             shared.publish_durable(durable);
                             log::debug!("group {}: interval point at seq {seq} (interval from seq {first})", shared.name);
                             self.open = None;
@@ -530,7 +541,9 @@ impl JournalThread {
         for w in &self.batch {
             let seq = journal.next_seq();
             let h = RecordHeader { seq, time_ns: now, kind: w.kind, offset: w.offset, length: w.length };
+            check_order(journal, self.last_seq, &h, &self.shared.name);
             journal.append(&h, &w.volume, &w.payload[w.data_at..])?;
+            self.last_seq = seq;
             if w.kind == WriteKind::Resync {
                 self.resyncs.record(&w.volume, seq);
             }
@@ -546,7 +559,9 @@ impl JournalThread {
                 offset: 0,
                 length: u32::try_from(b.body.len()).unwrap_or(u32::MAX),
             };
+            check_order(journal, self.last_seq, &h, &self.shared.name);
             journal.append(&h, &b.name, &b.body)?;
+            self.last_seq = seq;
             bookmark_seq = Some(seq);
         }
         // The resync point follows every resync write the agent sent before `ResyncDone`:
@@ -557,7 +572,9 @@ impl JournalThread {
                 ResyncOutcome::Point { first } => {
                     let seq = journal.next_seq();
                     let h = RecordHeader { seq, time_ns: now, kind: WriteKind::Point, offset: 0, length: 8 };
+                    check_order(journal, self.last_seq, &h, &self.shared.name);
                     journal.append(&h, RESYNC_POINT_NAME, &first.to_le_bytes())?;
+                    self.last_seq = seq;
                     resync_point = Some(seq);
                 }
                 ResyncOutcome::Waiting { others } => log::info!(
@@ -620,6 +637,20 @@ impl JournalThread {
             b.answer(Err(GroupError::Journal { group: shared.name.clone(), source: e }), &shared.name);
         }
     }
+}
+
+/// What the journal thread promises of a record it is about to append after `last_seq`
+/// (checked in debug builds): its number follows every earlier record's, and its time is not
+/// before theirs, so that the records received at or before any time are a prefix.
+fn check_order(journal: &Journal, last_seq: Seq, h: &RecordHeader, group: &str) {
+    debug_assert!(h.seq > last_seq, "group {group}: seq {} numbered after seq {last_seq}", h.seq);
+    debug_assert!(
+        h.time_ns >= journal.last_time_ns(),
+        "group {group}: seq {} at time {} is before the last record's time {}",
+        h.seq,
+        h.time_ns,
+        journal.last_time_ns()
+    );
 }
 
 /// Appends and commits an interval point record; returns its sequence number and the new

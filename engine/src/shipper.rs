@@ -25,7 +25,7 @@ use hindsight_consistency::wire::{
     compress_records, decode_confirm, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, HashReply,
     JournalStateMsg, TargetHello, TargetWelcome, VolumeInfo, LZ4, PROTOCOL_VERSION,
 };
-use hindsight_consistency::WriteKind;
+use hindsight_consistency::{Seq, WriteKind};
 
 use crate::delta::{Delta, DeltaScan};
 use crate::error::ShipError;
@@ -246,8 +246,15 @@ impl Shipper {
     fn ship(&self, reader: &mut JournalReader, w: &mut WriteHalf, broken: &AtomicBool, compress: bool) -> Result<(), ShipError> {
         let shared = &self.group.shared;
         let mut frame = Vec::with_capacity(FRAME_TARGET_BYTES + (1 << 20));
-        let mut out =
-            Sender { w, limiter: self.limiter.as_deref(), compress, scratch: Vec::new(), packed: Vec::new(), last_incompressible: false };
+        let mut out = Sender {
+            w,
+            limiter: self.limiter.as_deref(),
+            compress,
+            scratch: Vec::new(),
+            packed: Vec::new(),
+            last_incompressible: false,
+            shipped: reader.next_seq().saturating_sub(1),
+        };
         // Async: the journal scanned ahead to the next interval point.
         let mut scan: Option<DeltaScan> = None;
         loop {
@@ -284,7 +291,10 @@ impl Shipper {
             frame.clear();
             while frame.len() < FRAME_TARGET_BYTES {
                 match reader.next_raw_upto(durable).map_err(|source| ShipError::ReadJournal { source })? {
-                    Some((_, raw)) => frame.extend_from_slice(raw),
+                    Some((rec, raw)) => {
+                        out.ships(rec.header.seq);
+                        frame.extend_from_slice(raw);
+                    }
                     None => break,
                 }
             }
@@ -312,7 +322,10 @@ impl Shipper {
                     seen = shared.wait_durable_after(seen, deadline - now);
                     while frame.len() < FRAME_TARGET_BYTES {
                         match reader.next_raw_upto(seen).map_err(|source| ShipError::ReadJournal { source })? {
-                            Some((_, raw)) => frame.extend_from_slice(raw),
+                            Some((rec, raw)) => {
+                                out.ships(rec.header.seq);
+                                frame.extend_from_slice(raw);
+                            }
                             None => break,
                         }
                     }
@@ -352,6 +365,7 @@ impl Shipper {
                 std::thread::sleep(Duration::from_millis(1));
                 continue;
             };
+            out.ships(rec.header.seq);
             if delta.superseded.contains(&rec.header.seq) {
                 let h = RecordHeader { kind: WriteKind::Superseded, ..rec.header };
                 encode_record(&h, rec.volume, &[], frame);
@@ -387,9 +401,18 @@ struct Sender<'a> {
     scratch: Vec<u8>,
     packed: Vec<u8>,
     last_incompressible: bool,
+    /// The last record put into a frame: records go out in sequence order.
+    shipped: Seq,
 }
 
 impl Sender<'_> {
+    /// Notes that record `seq` goes into the next frame (checked in debug builds: each record
+    /// shipped is numbered after the one before).
+    fn ships(&mut self, seq: Seq) {
+        debug_assert!(seq > self.shipped, "shipping seq {seq} after seq {}", self.shipped);
+        self.shipped = seq;
+    }
+
     fn send(&mut self, frame: &[u8], link: &LinkStats) -> Result<(), ShipError> {
         // After a frame that did not shrink, a frame is first tried on a sample, so a stream of
         // incompressible data costs a few percent of the compressor's work, and compressible
