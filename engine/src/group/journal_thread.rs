@@ -1,29 +1,23 @@
-//! One consistency group: its sequencer and journal, run by one thread.
-//!
-//! Writes of every agent of the group arrive on one channel. The journal thread takes what is
-//! queued, gives each write the next sequence number in arrival order and a timestamp,
-//! appends the batch to the journal and commits it with one fdatasync (group commit), and only
-//! then acknowledges each write to its agent. A write sent after another was acknowledged is
-//! therefore always queued after it and gets a later number: every prefix of the sequence is a
-//! crash-consistent image of all the group's volumes.
+//! A group's journal thread: each round it places a due interval point, takes what is queued,
+//! numbers and timestamps the writes, appends them (with a bookmark or resync point that ends
+//! the batch), commits with one fdatasync, and only then acknowledges.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use hindsight_consistency::config::{GroupConfig, ReplicationMode};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use hindsight_consistency::config::ReplicationMode;
 use hindsight_consistency::journal::{Journal, JournalError};
-use hindsight_consistency::record::{RecordHeader, Seq, WriteKind};
-pub use hindsight_consistency::record::{INTERVAL_POINT_NAME, RESYNC_POINT_NAME};
-use hindsight_consistency::sync::lock;
+use hindsight_consistency::record::{RecordHeader, Seq, WriteKind, INTERVAL_POINT_NAME, RESYNC_POINT_NAME};
 use hindsight_consistency::time::now_ns;
 use hindsight_consistency::wire::WriteAck;
 
-use crate::acks::{send_acks, Acks};
+use super::items::{Barrier, BookmarkPlacement, GroupItem, ResyncDone, WriteRequest};
+use super::shared::GroupShared;
+use crate::acks::send_acks;
 use crate::error::GroupError;
-use crate::journal_watch::{Action, JournalWatch};
-use crate::policy::Policy;
+use crate::journal_watch::Action;
 use crate::resync::{ResyncOutcome, Resyncs};
 
 /// How often a journal thread holding writes (`block`) looks for room.
@@ -33,243 +27,6 @@ const MAX_BATCH_BYTES: usize = 8 << 20;
 /// How often an idle journal thread wakes to trim confirmed segments and check for shutdown.
 const IDLE_WAKE: Duration = Duration::from_millis(200);
 
-/// One write on its way into the journal.
-pub struct WriteRequest {
-    /// Agent's id for the write.
-    pub req_id: u64,
-    /// Volume name.
-    pub volume: Arc<str>,
-    /// What it does.
-    pub kind: WriteKind,
-    /// Byte offset.
-    pub offset: u64,
-    /// Bytes covered.
-    pub length: u32,
-    /// The frame payload holding the data at `data_at..` (moved, not copied, from the socket
-    /// buffer).
-    pub payload: Vec<u8>,
-    /// Where the data starts in `payload`.
-    pub data_at: usize,
-    /// Where the acknowledgement goes.
-    pub ack: Sender<Acks>,
-}
-
-/// What a group's journal thread takes from its channel.
-pub enum GroupItem {
-    /// A guest write.
-    Write(WriteRequest),
-    /// A bookmark to place.
-    Bookmark(BookmarkPlacement),
-    /// An agent re-sent every dirty region of these volumes of the group.
-    ResyncDone(ResyncDone),
-    /// Answered with the durable sequence number once everything queued before it is
-    /// committed (a hash request's `through_seq`).
-    Barrier(Barrier),
-}
-
-/// Passes the durable sequence number that covers everything queued before it, once; if the
-/// group drops it uncommitted (stopped, shutting down), passes why instead.
-pub struct Barrier(Option<BarrierThen>);
-
-/// What a barrier runs: the durable sequence number, or why there is none.
-type BarrierThen = Box<dyn FnOnce(Result<Seq, GroupError>) + Send>;
-
-impl Barrier {
-    /// A barrier that runs `then`.
-    pub fn new(then: impl FnOnce(Result<Seq, GroupError>) + Send + 'static) -> Barrier {
-        Barrier(Some(Box::new(then)))
-    }
-
-    fn pass(mut self, durable: Seq) {
-        if let Some(then) = self.0.take() {
-            then(Ok(durable));
-        }
-    }
-}
-
-impl Drop for Barrier {
-    fn drop(&mut self) {
-        if let Some(then) = self.0.take() {
-            then(Err(GroupError::Stopped));
-        }
-    }
-}
-
-/// The end of the resync of some volumes of a group, on its way to the journal thread behind
-/// every resync write of the same agent connection.
-pub struct ResyncDone {
-    /// The volumes whose resync completed.
-    pub volumes: Vec<Arc<str>>,
-}
-
-/// A bookmark on its way into a group's journal.
-pub struct BookmarkPlacement {
-    /// The bookmark's name.
-    pub name: String,
-    /// Its record data (an encoded [`hindsight_consistency::BookmarkBody`]).
-    pub body: Vec<u8>,
-    /// Counted down by every group of the request once its bookmark is durable; the journal
-    /// thread takes nothing numbered after its bookmark until it reaches zero.
-    pub latch: Arc<Latch>,
-    /// Where the group's bookmark sequence number and time (or an error) go.
-    pub reply: Sender<Result<(Seq, u64), GroupError>>,
-}
-
-impl BookmarkPlacement {
-    /// Answers the request, then waits for the other groups of it: nothing after the bookmark
-    /// is numbered before every group has placed (or failed to place) its own.
-    fn answer(self, result: Result<(Seq, u64), GroupError>, group: &str) {
-        let _ = self.reply.send(result);
-        self.latch.arrive_and_wait(group);
-    }
-}
-
-/// A countdown the groups of one bookmark request wait on together.
-pub struct Latch {
-    left: Mutex<usize>,
-    zero: Condvar,
-}
-
-/// How long a group waits for the other groups of a bookmark request.
-const LATCH_WAIT: Duration = Duration::from_secs(10);
-
-impl Latch {
-    /// A latch for `n` groups.
-    pub fn new(n: usize) -> Latch {
-        Latch { left: Mutex::new(n), zero: Condvar::new() }
-    }
-
-    /// Counts one group down and waits (bounded) for the others.
-    fn arrive_and_wait(&self, group: &str) {
-        let mut left = lock(&self.left);
-        *left = left.saturating_sub(1);
-        if *left == 0 {
-            self.zero.notify_all();
-            return;
-        }
-        let (left, timeout) = self.zero.wait_timeout_while(left, LATCH_WAIT, |l| *l > 0).unwrap_or_else(PoisonError::into_inner);
-        if timeout.timed_out() {
-            log::warn!("group {group}: {} other group(s) did not place their bookmark within {LATCH_WAIT:?}; going on", *left);
-        }
-    }
-}
-
-/// What the shipper and the status of a group share with its journal thread.
-#[derive(Debug)]
-pub struct GroupShared {
-    /// Group name.
-    pub name: String,
-    /// Everything up to here is durable in the engine's journal.
-    durable: Mutex<Seq>,
-    durable_changed: Condvar,
-    /// Everything up to here is durable at the target.
-    pub confirmed: AtomicU64,
-    /// Set when the journal failed: the group takes no more writes.
-    pub poisoned: AtomicBool,
-    /// Set to stop the group's threads.
-    pub stopping: AtomicBool,
-    /// Mode, held sync acknowledgements, lag and RPO.
-    pub policy: Policy,
-    /// What the link to the target carries.
-    pub link: LinkStats,
-    /// What a full journal does to the group.
-    pub journal: JournalWatch,
-}
-
-/// Bytes shipped to the target: the records, and what went on the wire for them.
-#[derive(Debug, Default)]
-pub struct LinkStats {
-    compression: Mutex<&'static str>,
-    /// Record bytes shipped.
-    pub records: AtomicU64,
-    /// Frame bytes sent for them (after compression).
-    pub wire: AtomicU64,
-}
-
-impl LinkStats {
-    pub(crate) fn set_compression(&self, name: &'static str) {
-        *lock(&self.compression) = name;
-    }
-
-    /// The compression of the current (or last) connection, `""` for none.
-    pub fn compression(&self) -> &'static str {
-        *lock(&self.compression)
-    }
-
-    pub(crate) fn count(&self, records: usize, wire: usize) {
-        self.records.fetch_add(records as u64, Ordering::Relaxed);
-        self.wire.fetch_add(wire as u64, Ordering::Relaxed);
-    }
-}
-
-impl GroupShared {
-    fn new(config: &GroupConfig, durable: Seq, last_time_ns: u64) -> GroupShared {
-        GroupShared {
-            name: config.name.clone(),
-            durable: Mutex::new(durable),
-            durable_changed: Condvar::new(),
-            confirmed: AtomicU64::new(0),
-            poisoned: AtomicBool::new(false),
-            stopping: AtomicBool::new(false),
-            policy: Policy::new(config, durable, last_time_ns),
-            link: LinkStats::default(),
-            journal: JournalWatch::new(&config.name, config.on_journal_full, config.journal_size),
-        }
-    }
-
-    /// The target confirmed everything through `seq`: trims what the lag counts, releases the
-    /// sync acknowledgements it covers.
-    pub fn confirm(&self, seq: Seq) {
-        self.confirmed.fetch_max(seq, Ordering::AcqRel);
-        self.policy.confirmed(seq, self.durable());
-        self.journal.target_confirmed(seq);
-    }
-
-    /// The last durable sequence number.
-    pub fn durable(&self) -> Seq {
-        *lock(&self.durable)
-    }
-
-    /// Waits until the durable sequence number exceeds `seen`, or `timeout` passes.
-    pub fn wait_durable_after(&self, seen: Seq, timeout: Duration) -> Seq {
-        let g = lock(&self.durable);
-        let (g, _) = self.durable_changed.wait_timeout_while(g, timeout, |d| *d <= seen).unwrap_or_else(PoisonError::into_inner);
-        *g
-    }
-
-    fn publish_durable(&self, seq: Seq) {
-        {
-            let mut durable = lock(&self.durable);
-            debug_assert!(seq >= *durable, "group {}: the durable seq went back from {} to {seq}", self.name, *durable);
-            *durable = seq;
-        }
-        self.durable_changed.notify_all();
-    }
-}
-
-/// A running group: the sender into its journal thread and the shared state.
-#[derive(Clone)]
-pub struct GroupHandle {
-    /// The configuration.
-    pub config: Arc<GroupConfig>,
-    /// Shared state.
-    pub shared: Arc<GroupShared>,
-    /// Into the journal thread.
-    pub tx: Sender<GroupItem>,
-}
-
-/// Starts the journal thread of a group over an opened journal.
-pub fn start(config: GroupConfig, journal: Journal) -> std::io::Result<(GroupHandle, std::thread::JoinHandle<()>)> {
-    let shared = Arc::new(GroupShared::new(&config, journal.durable_seq(), journal.last_time_ns()));
-    // Bounded: a stalled disk pushes back on the agents instead of growing memory.
-    let (tx, rx) = crossbeam_channel::bounded(4096);
-    let s = shared.clone();
-    let interval = config.interval;
-    let join =
-        std::thread::Builder::new().name(format!("journal-{}", config.name)).spawn(move || journal_loop(journal, rx, s, interval))?;
-    Ok((GroupHandle { config: Arc::new(config), shared, tx }, join))
-}
-
 /// The async interval being filled: when it started and its first sequence number.
 struct OpenInterval {
     since: Instant,
@@ -278,7 +35,7 @@ struct OpenInterval {
 
 /// The journal thread: each round places a due interval point, then takes a batch, numbers,
 /// appends and commits it, and answers everything in it.
-fn journal_loop(journal: Journal, rx: Receiver<GroupItem>, shared: Arc<GroupShared>, interval: Duration) {
+pub(super) fn journal_loop(journal: Journal, rx: Receiver<GroupItem>, shared: Arc<GroupShared>, interval: Duration) {
     let mut t = JournalThread::new(journal, rx, shared, interval);
     loop {
         t.interval_point();
