@@ -4,7 +4,6 @@
 use std::io::BufReader;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
-use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -102,7 +101,7 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
 
     let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<Acks>();
     let (control_tx, control_rx) = crossbeam_channel::unbounded::<(FrameType, Vec<u8>)>();
-    let session_id = reg.next_id.fetch_add(1, AtomicOrdering::Relaxed);
+    let session_id = reg.next_id.fetch_add(1, Ordering::Relaxed);
     let groups = disks.iter().map(|d| d.group.config.name.clone()).collect();
     let control = control_tx.clone();
     lock(&reg.sessions).insert(session_id, Session { vm: hello.vm.clone(), groups, control: control_tx });

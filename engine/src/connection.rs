@@ -1,5 +1,5 @@
 //! What every connection to the engine shares, an agent's session or an operator's request:
-//! the [`Registry`] of groups, attached volumes and sessions, and [`refuse`], which ends a
+//! the [`Registry`] of groups, attached volumes and sessions, and `refuse`, which ends a
 //! connection with an `Error` frame naming why.
 
 use std::collections::{HashMap, HashSet};

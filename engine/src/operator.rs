@@ -5,7 +5,6 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -219,7 +218,7 @@ struct Quiesce {
 impl Quiesce {
     /// Asks every agent of the groups to quiesce and waits for all of them, at most `timeout`.
     fn begin(reg: &Registry, groups: &HashSet<String>, timeout: Duration) -> Quiesce {
-        let id = reg.next_id.fetch_add(1, AtomicOrdering::Relaxed);
+        let id = reg.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = crossbeam_channel::unbounded();
         lock(&reg.quiesce_waits).insert(id, tx);
         let mut asked = Vec::new();
