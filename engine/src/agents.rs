@@ -1,28 +1,28 @@
 //! Agent sessions: the handshake, then one thread reading writes into the group journals and
 //! one thread writing acknowledgements back.
 
-use std::collections::{HashMap, HashSet};
 use std::io::BufReader;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use hindsight_consistency::config::{check_name, ReplicationMode};
 use hindsight_consistency::region_hash::MAX_HASH_REGIONS;
-use hindsight_consistency::transport::{AcceptError, Peer, ReadHalf, Role, Security, TransportError, WriteHalf};
+use hindsight_consistency::sync::lock;
+use hindsight_consistency::transport::{AcceptError, Peer, ReadHalf, Role, TransportError, WriteHalf};
 use hindsight_consistency::wire::{
-    decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, BookmarkPoint, BookmarkReply, BookmarkRequest,
-    ErrorMessage, FrameError, FrameType, GroupStatus, HashReply, HashRequest, QuiesceMsg, QuiescedMsg, ResyncDoneMsg, ResyncProgressMsg,
-    ResyncStatus, SetModeReply, SetModeRequest, StatusReply, StatusRequest, TargetHashRequest, ThawMsg, WriteAck, WriteMsg,
-    PROTOCOL_VERSION, WRITE_HEADER_LEN,
+    decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, BookmarkRequest, ErrorMessage, FrameError,
+    FrameType, HashReply, HashRequest, QuiescedMsg, ResyncDoneMsg, ResyncProgressMsg, ResyncStatus, SetModeRequest, StatusRequest,
+    TargetHashRequest, WriteAck, WriteMsg, PROTOCOL_VERSION, WRITE_HEADER_LEN,
 };
-use hindsight_consistency::{BookmarkBody, PointConsistency};
 
-use crate::group::{Acks, Barrier, BookmarkPlacement, GroupHandle, GroupItem, Latch, ResyncDone, WriteRequest};
-use crate::hashes::{HashBroker, HashReplyTo};
+use crate::acks::Acks;
+use crate::connection::{refuse, Registry, Session};
+use crate::error::HelloError;
+use crate::group::{Barrier, GroupHandle, GroupItem, ResyncDone, WriteRequest};
+use crate::hashes::HashReplyTo;
+use crate::operator::{answer, authorise_bookmark, authorise_operator, place_bookmark, set_mode, status};
 
 /// Read buffer of an agent connection.
 const READ_BUFFER: usize = 256 << 10;
@@ -32,42 +32,6 @@ const READ_BUFFER: usize = 256 << 10;
 const ATTACH_WAIT: Duration = Duration::from_secs(5);
 /// How long a session refused mid-way waits for its `Error` frame to go out before closing.
 const REFUSAL_FLUSH: Duration = Duration::from_secs(2);
-
-/// What every session needs: the groups and which volumes are attached right now.
-pub struct Registry {
-    /// Groups by name.
-    pub groups: HashMap<String, GroupHandle>,
-    /// Volumes currently served by a connected agent.
-    pub attached: Mutex<HashSet<String>>,
-    /// Signalled when a session detaches its volumes.
-    pub detached: Condvar,
-    /// Connected agent sessions, for quiesce requests.
-    pub sessions: Mutex<HashMap<u64, Session>>,
-    /// Numbers sessions and quiesce requests.
-    pub next_id: AtomicU64,
-    /// Where each quiesce request's answers go, by quiesce id.
-    pub quiesce_waits: Mutex<HashMap<u64, crossbeam_channel::Sender<(String, QuiescedMsg)>>>,
-    /// The engine's name for peers.
-    pub name: String,
-    /// Resyncs under way, by volume, as their agents report them.
-    pub resync_progress: Mutex<HashMap<String, ResyncStatus>>,
-    /// Each group's hash requests, by group name.
-    pub hashes: HashMap<String, Arc<HashBroker>>,
-    /// The engine name its certificate carries (TLS only).
-    pub own_name: Option<String>,
-    /// How connections are protected.
-    pub security: Security,
-}
-
-/// A connected agent, as quiesce requests see it.
-pub struct Session {
-    /// Its VM.
-    pub vm: String,
-    /// The groups of its volumes.
-    pub groups: HashSet<String>,
-    /// Control frames to it (sent by its acknowledgement writer, between acknowledgements).
-    pub control: crossbeam_channel::Sender<(FrameType, Vec<u8>)>,
-}
 
 /// One disk of a session, by its number in the hello.
 struct Disk {
@@ -121,11 +85,11 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
         Err(e) => return log::warn!("agent {peer}: handshake failed: {e}"),
     };
     if let Err(why) = authorise_agent(&certified, &hello.vm) {
-        return refuse(&mut writer, peer, &why);
+        return refuse(&mut writer, peer, &why.to_string());
     }
     let disks = match attach(&hello, &reg) {
         Ok(d) => d,
-        Err(why) => return refuse(&mut writer, peer, &why),
+        Err(why) => return refuse(&mut writer, peer, &why.to_string()),
     };
     let names: Vec<String> = disks.iter().map(|d| d.volume.to_string()).collect();
     let welcome = encode_message(&AgentWelcome { protocol: PROTOCOL_VERSION, engine: reg.name.clone() });
@@ -137,10 +101,10 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
 
     let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<Acks>();
     let (control_tx, control_rx) = crossbeam_channel::unbounded::<(FrameType, Vec<u8>)>();
-    let session_id = reg.next_id.fetch_add(1, AtomicOrdering::Relaxed);
+    let session_id = reg.next_id.fetch_add(1, Ordering::Relaxed);
     let groups = disks.iter().map(|d| d.group.config.name.clone()).collect();
     let control = control_tx.clone();
-    reg.sessions.lock().expect("sessions lock").insert(session_id, Session { vm: hello.vm.clone(), groups, control: control_tx });
+    lock(&reg.sessions).insert(session_id, Session { vm: hello.vm.clone(), groups, control: control_tx });
     let (ack_done_tx, ack_done) = crossbeam_channel::bounded::<()>(0);
     let ack_thread = std::thread::Builder::new().name(format!("acks-{peer}")).spawn(move || {
         ack_loop(writer, ack_rx, control_rx, peer);
@@ -148,7 +112,7 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
     });
     let out = SessionOut { acks: &ack_tx, control: &control, vm: &hello.vm };
     let end = read_loop(&mut reader, &disks, &out, &mut payload, &reg);
-    reg.sessions.lock().expect("sessions lock").remove(&session_id);
+    lock(&reg.sessions).remove(&session_id);
     let refused = match end {
         Ok(()) | Err(SessionEnd::Frame(FrameError::Closed)) => {
             log::info!("agent {peer} (vm {}) disconnected", hello.vm);
@@ -182,331 +146,49 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
     }
 }
 
-/// Answers an operator's request (bookmark, status, mode): decodes it, runs `handle`, and
-/// sends its reply, or an `Error` naming why not.
-fn answer<Q: serde::de::DeserializeOwned, R: serde::Serialize>(
-    writer: &mut WriteHalf,
-    peer: SocketAddr,
-    payload: &[u8],
-    reply: FrameType,
-    handle: impl FnOnce(&Q) -> Result<R, String>,
-) {
-    match decode_message::<Q>("request", payload).map_err(|e| e.to_string()).and_then(|req| handle(&req)) {
-        Ok(r) => {
-            let _ = write_frame(writer, reply, &encode_message(&r), &mut Vec::new());
-            writer.close();
-        }
-        Err(why) => refuse(writer, peer, &why),
-    }
-}
-
-/// An operator certificate or this engine's own.
-fn authorise_operator(peer: &Peer, reg: &Registry, what: &str) -> Result<(), String> {
-    match peer {
-        Peer::Plaintext => Ok(()),
-        Peer::Certified(id) if id.name(Role::Operator).is_some() || reg.own_name.as_deref().is_some_and(|own| id.is(Role::Engine, own)) => {
-            Ok(())
-        }
-        Peer::Certified(id) => Err(format!(
-            "its certificate names {id}: only an operator certificate (hindsight certs issue --role operator) or the engine's own {what}"
-        )),
-    }
-}
-
-/// The state of the requested groups (all when none is named).
-fn status(req: &StatusRequest, reg: &Registry) -> Result<StatusReply, String> {
-    let mut names: Vec<&String> = if req.groups.is_empty() { reg.groups.keys().collect() } else { req.groups.iter().collect() };
-    names.sort();
-    let attached = reg.attached.lock().expect("attached lock").clone();
-    let mut groups = Vec::new();
-    for name in names {
-        let g = reg.groups.get(name).ok_or_else(|| format!("no group {name:?} on this engine"))?;
-        let p = g.shared.policy.status();
-        let lag = g.shared.policy.lag();
-        let durable = g.shared.durable();
-        let confirmed = g.shared.confirmed.load(Ordering::Acquire);
-        groups.push(GroupStatus {
-            name: name.clone(),
-            mode: p.mode.as_str().to_owned(),
-            effective_mode: p.effective.as_str().to_owned(),
-            reason: p.reason,
-            on_sync_loss: p.on_sync_loss.as_str().to_owned(),
-            target: g.config.target.clone(),
-            target_connected: p.target_connected,
-            durable_seq: durable,
-            confirmed_seq: confirmed,
-            lag_writes: durable.saturating_sub(confirmed),
-            lag_bytes: lag.bytes,
-            lag_ms: u64::try_from(lag.age.as_millis()).unwrap_or(u64::MAX),
-            rpo_ms: p.rpo.map_or(0, |r| u64::try_from(r.as_millis()).unwrap_or(u64::MAX)),
-            rpo_ok: p.rpo_ok,
-            regulating: p.regulating,
-            poisoned: g.shared.poisoned.load(Ordering::Relaxed),
-            compression: g.shared.link.compression().to_owned(),
-            shipped_bytes: g.shared.link.records.load(Ordering::Relaxed),
-            wire_bytes: g.shared.link.wire.load(Ordering::Relaxed),
-            resyncing: {
-                let progress = reg.resync_progress.lock().expect("progress lock");
-                g.config.volumes.iter().filter_map(|v| progress.get(&v.name).cloned()).collect()
-            },
-            attached: g.config.volumes.iter().filter(|v| attached.contains(&v.name)).map(|v| v.name.clone()).collect(),
-            on_journal_full: g.shared.journal.policy().as_str().to_owned(),
-            journal_bytes: g.shared.journal.bytes(),
-            journal_size: g.shared.journal.max().unwrap_or(0),
-            paused: g.shared.journal.paused(),
-            journal_state: g.shared.journal.describe(),
-        });
-    }
-    Ok(StatusReply { engine: reg.name.clone(), groups })
-}
-
-/// Changes a group's mode on the running engine.
-fn set_mode(req: &SetModeRequest, reg: &Registry) -> Result<SetModeReply, String> {
-    let g = reg.groups.get(&req.group).ok_or_else(|| format!("no group {:?} on this engine", req.group))?;
-    let mode = match req.mode.as_str() {
-        "sync" => ReplicationMode::Sync,
-        "cdp" => ReplicationMode::Cdp,
-        "async" => ReplicationMode::Async,
-        other => return Err(format!("{other:?} is not a mode; use sync, cdp or async")),
-    };
-    let previous = g.shared.policy.set_mode(mode).map_err(|e| format!("group {}: {e}", req.group))?;
-    Ok(SetModeReply { group: req.group.clone(), previous: previous.as_str().to_owned(), mode: mode.as_str().to_owned() })
-}
-
-fn refuse(w: &mut WriteHalf, peer: SocketAddr, why: &str) {
-    log::warn!("agent {peer} refused: {why}");
-    let msg = encode_message(&ErrorMessage { message: why.to_owned() });
-    let _ = write_frame(w, FrameType::Error, &msg, &mut Vec::new());
-    w.close();
-}
-
 /// An agent may only present the VM its certificate names: the volumes it may write are
 /// then those of that VM in engine.toml (checked by `attach`).
-fn authorise_agent(peer: &Peer, vm: &str) -> Result<(), String> {
+fn authorise_agent(peer: &Peer, vm: &str) -> Result<(), HelloError> {
     match peer {
         Peer::Plaintext => Ok(()),
         Peer::Certified(id) if id.is(Role::Agent, vm) => Ok(()),
-        Peer::Certified(id) => Err(format!(
-            "its certificate names {id}, but its hello claims vm {vm:?} ({vm}.agent.hindsight): an agent may only write the \
-             volumes of its own VM; nothing was written"
-        )),
-    }
-}
-
-/// Who may place bookmarks: an operator certificate, this engine's own, or an agent for the
-/// groups that hold volumes of its VM.
-fn authorise_bookmark(peer: &Peer, req: &BookmarkRequest, reg: &Registry) -> Result<(), String> {
-    let Peer::Certified(id) = peer else { return Ok(()) };
-    if authorise_operator(peer, reg, "").is_ok() {
-        return Ok(());
-    }
-    let vms: HashSet<&str> = id.names(Role::Agent).collect();
-    if vms.is_empty() {
-        return Err(format!(
-            "its certificate names {id}: bookmarks are placed with an operator certificate (hindsight certs issue --role \
-             operator), the engine's own, or an agent's for the groups of its VM"
-        ));
-    }
-    let own: HashSet<&str> = reg
-        .groups
-        .values()
-        .filter(|g| g.config.volumes.iter().any(|v| vms.contains(v.vm.as_str())))
-        .map(|g| g.config.name.as_str())
-        .collect();
-    if req.groups.is_empty() {
-        return Err(format!("{id} may only bookmark the groups of its own volumes; name them (--group or --groups)"));
-    }
-    match req.groups.iter().find(|g| !own.contains(g.as_str())) {
-        Some(g) => Err(format!("{id} may only bookmark the groups of its own volumes, and group {g:?} holds none of them")),
-        None => Ok(()),
-    }
-}
-
-/// Places one bookmark in each requested group (every group if none is named) at one
-/// instant, and waits until each is durable.
-fn place_bookmark(req: &BookmarkRequest, reg: &Registry) -> Result<BookmarkReply, String> {
-    check_name("bookmark", &req.name)?;
-    let mut names: Vec<&String> = if req.groups.is_empty() { reg.groups.keys().collect() } else { req.groups.iter().collect() };
-    names.sort();
-    names.dedup();
-    let mut groups = Vec::new();
-    for n in names {
-        let Some(g) = reg.groups.get(n) else {
-            let mut known: Vec<&str> = reg.groups.keys().map(String::as_str).collect();
-            known.sort_unstable();
-            return Err(format!("group {n:?} is not configured on this engine (groups: {})", known.join(", ")));
-        };
-        groups.push(g);
-    }
-    let names: HashSet<String> = groups.iter().map(|g| g.config.name.clone()).collect();
-    let quiesce = if req.quiesce { Some(Quiesce::begin(reg, &names, Duration::from_millis(req.quiesce_timeout_ms.max(1)))) } else { None };
-    let (consistency, reason) = match &quiesce {
-        Some(q) => match &q.failure {
-            None => (PointConsistency::Application, String::new()),
-            Some(why) => (PointConsistency::Crash, why.clone()),
-        },
-        None => (PointConsistency::Crash, String::new()),
-    };
-    let note = match (req.note.is_empty(), reason.is_empty()) {
-        (_, true) => req.note.clone(),
-        (true, false) => format!("quiesce failed: {reason}"),
-        (false, false) => format!("{} (quiesce failed: {reason})", req.note),
-    };
-    let placed = place_in_groups(req, &groups, consistency, &note, &reason);
-    // Thaw whatever happened: a guest never stays frozen.
-    if let Some(q) = quiesce {
-        q.end(reg);
-    }
-    placed
-}
-
-/// Places the bookmark records and waits until each group has made its own durable.
-fn place_in_groups(
-    req: &BookmarkRequest,
-    groups: &[&GroupHandle],
-    consistency: PointConsistency,
-    note: &str,
-    reason: &str,
-) -> Result<BookmarkReply, String> {
-    let body = BookmarkBody { consistency, note: note.to_owned() }.encode();
-    let latch = Arc::new(Latch::new(groups.len()));
-    let mut waiting = Vec::new();
-    for g in groups {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let item = GroupItem::Bookmark(BookmarkPlacement { name: req.name.clone(), body: body.clone(), latch: latch.clone(), reply: tx });
-        if g.tx.send(item).is_err() {
-            return Err(format!("group {} is shutting down", g.config.name));
-        }
-        waiting.push((g.config.name.clone(), rx));
-    }
-    let mut points = Vec::new();
-    for (group, rx) in waiting {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Ok((seq, time_ns))) => {
-                points.push(BookmarkPoint { group, seq, time_ns, consistency: consistency.as_str().to_owned(), reason: reason.to_owned() })
-            }
-            Ok(Err(why)) => return Err(why),
-            Err(_) => return Err(format!("group {group} did not place the bookmark within 30 s")),
-        }
-    }
-    Ok(BookmarkReply { points })
-}
-
-/// One quiesce of every agent serving some volume of a set of groups.
-struct Quiesce {
-    id: u64,
-    /// The sessions asked, to be thawed.
-    asked: Vec<crossbeam_channel::Sender<(FrameType, Vec<u8>)>>,
-    /// Why the point is not application-consistent (`None`: every agent quiesced).
-    failure: Option<String>,
-}
-
-impl Quiesce {
-    /// Asks every agent of the groups to quiesce and waits for all of them, at most `timeout`.
-    fn begin(reg: &Registry, groups: &HashSet<String>, timeout: Duration) -> Quiesce {
-        let id = reg.next_id.fetch_add(1, AtomicOrdering::Relaxed);
-        let (tx, rx) = crossbeam_channel::unbounded();
-        reg.quiesce_waits.lock().expect("quiesce lock").insert(id, tx);
-        let mut asked = Vec::new();
-        let mut vms = Vec::new();
-        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        for s in reg.sessions.lock().expect("sessions lock").values() {
-            if s.groups.is_disjoint(groups) {
-                continue;
-            }
-            let msg = encode_message(&QuiesceMsg { id, timeout_ms });
-            if s.control.send((FrameType::Quiesce, msg)).is_ok() {
-                asked.push(s.control.clone());
-                vms.push(s.vm.clone());
-            }
-        }
-        let mut q = Quiesce { id, asked, failure: None };
-        if vms.is_empty() {
-            q.failure = Some("no agent of these groups is connected".into());
-            return q;
-        }
-        log::info!("quiesce {id}: asking vm(s) {} to quiesce (timeout {timeout:?})", vms.join(", "));
-        let deadline = Instant::now() + timeout;
-        let mut waiting: HashSet<String> = vms.into_iter().collect();
-        let mut failures = Vec::new();
-        while !waiting.is_empty() {
-            match rx.recv_deadline(deadline) {
-                Ok((vm, m)) => {
-                    waiting.remove(&vm);
-                    if !m.ok {
-                        failures.push(format!("vm {vm}: {}", m.message));
-                    }
-                }
-                Err(_) => {
-                    let mut late: Vec<String> = waiting.drain().collect();
-                    late.sort();
-                    failures.push(format!("vm(s) {} did not quiesce within {timeout:?}", late.join(", ")));
-                }
-            }
-        }
-        if !failures.is_empty() {
-            let why = failures.join("; ");
-            log::warn!("quiesce {id}: {why}; the bookmark is crash-consistent");
-            q.failure = Some(why);
-        }
-        q
-    }
-
-    /// Thaws every agent asked, and forgets the quiesce.
-    fn end(self, reg: &Registry) {
-        let msg = encode_message(&ThawMsg { id: self.id });
-        for c in &self.asked {
-            let _ = c.send((FrameType::Thaw, msg.clone()));
-        }
-        reg.quiesce_waits.lock().expect("quiesce lock").remove(&self.id);
+        Peer::Certified(id) => Err(HelloError::WrongCertificate { certificate: id.to_string(), vm: vm.to_owned() }),
     }
 }
 
 /// Checks every disk of the hello against the configuration and marks them attached.
-fn attach(hello: &AgentHello, reg: &Registry) -> Result<Vec<Disk>, String> {
+fn attach(hello: &AgentHello, reg: &Registry) -> Result<Vec<Disk>, HelloError> {
     if hello.protocol != PROTOCOL_VERSION {
-        return Err(format!("agent speaks protocol {}, this engine speaks {PROTOCOL_VERSION}; upgrade the older side", hello.protocol));
+        return Err(HelloError::Protocol { got: hello.protocol });
     }
     if hello.disks.is_empty() || hello.disks.len() > usize::from(u16::MAX) {
-        return Err("the agent offers no disks".into());
+        return Err(HelloError::NoDisks);
     }
     let mut disks = Vec::new();
     for d in &hello.disks {
         let Some(group) = reg.groups.get(&d.group) else {
             let known: Vec<&str> = reg.groups.keys().map(String::as_str).collect();
-            return Err(format!("disk {:?}: group {:?} is not configured on the engine (groups: {})", d.volume, d.group, known.join(", ")));
+            return Err(HelloError::UnknownGroup { volume: d.volume.clone(), group: d.group.clone(), known: known.join(", ") });
         };
         let Some(vol) = group.config.volumes.iter().find(|v| v.name == d.volume) else {
-            return Err(format!(
-                "disk {:?}: group {:?} has no volume {:?}; add it to engine.toml or fix agent.toml",
-                d.volume, d.group, d.volume
-            ));
+            return Err(HelloError::UnknownVolume { volume: d.volume.clone(), group: d.group.clone() });
         };
         if vol.vm != hello.vm {
-            return Err(format!(
-                "disk {:?}: volume belongs to vm {:?} in engine.toml, but this agent is vm {:?}",
-                d.volume, vol.vm, hello.vm
-            ));
+            return Err(HelloError::OtherVm { volume: d.volume.clone(), owner: vol.vm.clone(), vm: hello.vm.clone() });
         }
         if vol.size != d.size {
-            return Err(format!(
-                "disk {:?}: the local disk has {} bytes but engine.toml says size = {} bytes; make them equal (nothing was replicated)",
-                d.volume, d.size, vol.size
-            ));
+            return Err(HelloError::Size { volume: d.volume.clone(), local: d.size, configured: vol.size });
         }
         disks.push(Disk { group: group.clone(), volume: Arc::from(d.volume.as_str()), size: vol.size });
     }
     let deadline = Instant::now() + ATTACH_WAIT;
-    let mut attached = reg.attached.lock().expect("attached lock");
+    let mut attached = lock(&reg.attached);
     while let Some(busy) = disks.iter().find(|d| attached.contains(&*d.volume)) {
         let now = Instant::now();
         if now >= deadline {
-            return Err(format!(
-                "volume {:?} is already attached by another agent of vm {:?}; stop the other agent (or wait until the engine sees it gone)",
-                busy.volume, hello.vm
-            ));
+            return Err(HelloError::AlreadyAttached { volume: busy.volume.to_string(), vm: hello.vm.clone() });
         }
-        attached = reg.detached.wait_timeout(attached, deadline - now).expect("attached lock").0;
+        attached = reg.detached.wait_timeout(attached, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
     }
     for d in &disks {
         attached.insert(d.volume.to_string());
@@ -515,7 +197,7 @@ fn attach(hello: &AgentHello, reg: &Registry) -> Result<Vec<Disk>, String> {
 }
 
 fn detach(reg: &Registry, names: &[String]) {
-    let mut attached = reg.attached.lock().expect("attached lock");
+    let mut attached = lock(&reg.attached);
     for n in names {
         attached.remove(n);
     }
@@ -559,7 +241,7 @@ fn read_loop(
             FrameType::Write => {}
             FrameType::Quiesced => {
                 let m: QuiescedMsg = decode_message("Quiesced", payload)?;
-                if let Some(tx) = reg.quiesce_waits.lock().expect("quiesce lock").get(&m.id) {
+                if let Some(tx) = lock(&reg.quiesce_waits).get(&m.id) {
                     let _ = tx.send((vm.to_owned(), m));
                 }
                 continue;
@@ -569,7 +251,7 @@ fn read_loop(
                 resync_done(&m, disks)?;
                 for &n in &m.disks {
                     if let Some(d) = disks.get(usize::from(n)) {
-                        reg.resync_progress.lock().expect("progress lock").remove(&*d.volume);
+                        lock(&reg.resync_progress).remove(&*d.volume);
                     }
                 }
                 continue;
@@ -591,7 +273,7 @@ fn read_loop(
                         compared: m.compared,
                         differ: m.differ,
                     };
-                    let mut progress = reg.resync_progress.lock().expect("progress lock");
+                    let mut progress = lock(&reg.resync_progress);
                     if m.compare_total > 0 && m.compared >= m.compare_total && m.done >= m.total {
                         // A compare sweep that is done and sent everything that differed: a
                         // resync point follows only if something was sent.
@@ -680,7 +362,7 @@ fn hash_request(
             req.through_seq = seq;
             broker.submit(req, reply);
         }
-        Err(why) => reply(HashReply::unavailable(id, why)),
+        Err(why) => reply(HashReply::unavailable(id, why.to_string())),
     });
     if disk.group.tx.send(GroupItem::Barrier(barrier)).is_err() {
         return Err(FrameError::Peer("the engine is shutting down".into()).into());

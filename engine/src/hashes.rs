@@ -17,9 +17,10 @@
 //! asks again later.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use hindsight_consistency::sync::lock;
 use hindsight_consistency::wire::{HashReply, HashStatus, TargetHashRequest};
 use hindsight_consistency::Seq;
 
@@ -49,10 +50,6 @@ struct State {
 #[derive(Default)]
 pub struct HashBroker {
     state: Mutex<State>,
-}
-
-fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl HashBroker {

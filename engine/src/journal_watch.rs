@@ -17,11 +17,12 @@
 //! Every change is logged once, and `hindsight status` shows the state in words.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use hindsight_consistency::config::JournalFull;
 use hindsight_consistency::record::Seq;
+use hindsight_consistency::sync::lock;
 use hindsight_consistency::time::{format_duration, format_rfc3339, now_ns};
 use hindsight_consistency::wire::JournalStateMsg;
 
@@ -65,10 +66,6 @@ pub struct JournalWatch {
     /// Bytes in the engine's journal, as of the journal thread's last look.
     bytes: AtomicU64,
     state: Mutex<State>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn mib(bytes: u64) -> String {

@@ -8,6 +8,8 @@
 //! after the group commit's fdatasync, acknowledges it to the agent (`cdp` mode). A shipper
 //! per group ([`shipper`]) reads the journal in order and sends it to the target, resuming
 //! where the target's journal ends; confirmed segments are deleted from the engine's journal.
+//! The operator's requests (status, set-mode, bookmark) come in on the same port
+//! ([`operator`]).
 //!
 //! ```text
 //! agent ──Write──▶ session reader ──▶ group channel ──▶ journal thread (seq, time, append,
@@ -21,13 +23,16 @@
 // Casts in tests build fixtures from small literals.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap))]
 
+pub mod acks;
 pub mod agents;
+pub mod connection;
 pub mod delta;
 pub mod error;
 pub mod group;
 pub mod hashes;
 pub mod journal_watch;
 pub mod limiter;
+pub mod operator;
 pub mod policy;
 pub mod resync;
 pub mod shipper;
@@ -47,7 +52,7 @@ pub use error::EngineError;
 /// A running engine.
 pub struct EngineHandle {
     local_addr: SocketAddr,
-    registry: Arc<agents::Registry>,
+    registry: Arc<connection::Registry>,
 }
 
 impl EngineHandle {
@@ -119,7 +124,7 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
     }
     let listener = TcpListener::bind(config.listen).map_err(|source| EngineError::Bind { addr: config.listen, source })?;
     let local_addr = listener.local_addr().map_err(|source| EngineError::Bind { addr: config.listen, source })?;
-    let registry = Arc::new(agents::Registry {
+    let registry = Arc::new(connection::Registry {
         groups,
         attached: Mutex::new(HashSet::new()),
         detached: std::sync::Condvar::new(),

@@ -12,6 +12,8 @@ use std::io::{self, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use hindsight_consistency::sync::lock;
+
 /// Largest piece sent under one reservation.
 pub const CHUNK: usize = 64 << 10;
 
@@ -39,7 +41,7 @@ impl Limiter {
     pub fn acquire(&self, n: usize) {
         let cost = Duration::from_secs_f64(n as f64 / self.rate as f64);
         let start = {
-            let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
+            let mut next = lock(&self.next_free);
             let now = Instant::now();
             let start = (*next).max(now.checked_sub(BURST).unwrap_or(now));
             *next = start + cost;

@@ -16,16 +16,17 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use hindsight_consistency::config::{GroupConfig, ReplicationMode, SyncLoss};
 use hindsight_consistency::record::Seq;
+use hindsight_consistency::sync::lock;
 use hindsight_consistency::time::now_ns;
 use hindsight_consistency::wire::WriteAck;
 
-use crate::group::{send_acks, Acks};
+use crate::acks::{send_acks, Acks};
 
 /// Longest pause put before one commit's acknowledgements when regulating.
 const MAX_REGULATION_DELAY: Duration = Duration::from_secs(1);
@@ -107,10 +108,6 @@ impl std::fmt::Debug for Held {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Held(seq {})", self.seq)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Policy {
@@ -271,7 +268,7 @@ impl Policy {
     }
 
     /// Sets the mode on the running group. Returns the previous mode.
-    pub fn set_mode(&self, mode: ReplicationMode) -> Result<ReplicationMode, String> {
+    pub fn set_mode(&self, mode: ReplicationMode) -> ReplicationMode {
         let mut st = lock(&self.state);
         let previous = st.mode;
         st.mode = mode;
@@ -281,7 +278,7 @@ impl Policy {
         if mode != ReplicationMode::Sync {
             release_through(&mut lock(&self.held), Seq::MAX);
         }
-        Ok(previous)
+        previous
     }
 
     /// The target's lag.

@@ -25,9 +25,10 @@ use hindsight_consistency::wire::{
     compress_records, decode_confirm, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, HashReply,
     JournalStateMsg, TargetHello, TargetWelcome, VolumeInfo, LZ4, PROTOCOL_VERSION,
 };
-use hindsight_consistency::WriteKind;
+use hindsight_consistency::{Seq, WriteKind};
 
 use crate::delta::{Delta, DeltaScan};
+use crate::error::ShipError;
 use crate::group::{GroupHandle, LinkStats};
 use crate::hashes::HashBroker;
 use crate::limiter::{Limiter, Paced};
@@ -79,6 +80,7 @@ impl Shipper {
             match self.session() {
                 Ok(()) => backoff = BACKOFF_MIN,
                 Err(problem) => {
+                    let problem = problem.to_string();
                     // Say it once, not every retry.
                     if problem != last_problem {
                         log::warn!("group {}: shipping to {}: {problem}; retrying", self.group.config.name, self.group.config.target);
@@ -93,25 +95,31 @@ impl Shipper {
 
     /// Connects and runs the TLS handshake: the target's certificate must be valid for the
     /// group's `target_server_name` and name a target.
-    fn connect(&self) -> Result<Connection, String> {
+    fn connect(&self) -> Result<Connection, ShipError> {
         let cfg = &self.group.config;
         let target = &cfg.target;
-        let addrs = target.to_socket_addrs().map_err(|e| format!("cannot resolve {target}: {e}"))?;
-        let mut last = String::from("no address");
+        let addrs = target.to_socket_addrs().map_err(|source| ShipError::Resolve { target: target.clone(), source })?;
+        let mut last = None;
         for a in addrs {
             match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
-                    return self.security.connect(s, &cfg.target_server_name, Role::Target).map_err(|e| e.to_string());
+                    return self
+                        .security
+                        .connect(s, &cfg.target_server_name, Role::Target)
+                        .map_err(|source| ShipError::Handshake { source });
                 }
-                Err(e) => last = e.to_string(),
+                Err(e) => last = Some(e),
             }
         }
-        Err(format!("cannot connect: {last}"))
+        Err(match last {
+            Some(source) => ShipError::Connect { source },
+            None => ShipError::NoAddress,
+        })
     }
 
     /// One connection: handshake, then ship until it breaks.
-    fn session(&self) -> Result<(), String> {
+    fn session(&self) -> Result<(), ShipError> {
         let cfg = &self.group.config;
         let (mut r, mut w) = self.connect()?.split();
         let mut scratch = Vec::new();
@@ -123,31 +131,28 @@ impl Shipper {
             compression: if cfg.compression.offer_lz4(&cfg.target) { vec![LZ4.to_string()] } else { Vec::new() },
             on_journal_full: cfg.on_journal_full.as_str().to_owned(),
         };
-        write_frame(&mut w, FrameType::TargetHello, &encode_message(&hello), &mut scratch).map_err(|e| e.to_string())?;
+        write_frame(&mut w, FrameType::TargetHello, &encode_message(&hello), &mut scratch)
+            .map_err(|source| ShipError::SendHello { source })?;
         let mut payload = Vec::new();
-        let welcome: TargetWelcome = match read_frame(&mut r, &mut payload).map_err(|e| e.to_string())? {
-            FrameType::TargetWelcome => decode_message("TargetWelcome", &payload).map_err(|e| e.to_string())?,
+        let read_welcome = |source| ShipError::ReadWelcome { source };
+        let welcome: TargetWelcome = match read_frame(&mut r, &mut payload).map_err(read_welcome)? {
+            FrameType::TargetWelcome => decode_message("TargetWelcome", &payload).map_err(read_welcome)?,
             FrameType::Error => {
-                let m: ErrorMessage = decode_message("Error", &payload).map_err(|e| e.to_string())?;
-                return Err(format!("target refused: {}", m.message));
+                let m: ErrorMessage = decode_message("Error", &payload).map_err(read_welcome)?;
+                return Err(ShipError::Refused { message: m.message });
             }
-            other => return Err(format!("unexpected {other:?} frame in handshake")),
+            other => return Err(ShipError::UnexpectedFrame { got: other }),
         };
         let shared = &self.group.shared;
         let durable_here = shared.durable();
         if welcome.durable_seq > durable_here {
-            let msg = format!(
-                "the target holds up to seq {} but this engine only up to seq {durable_here}: the engine's journal was lost or replaced; nothing is shipped",
-                welcome.durable_seq
-            );
+            let msg = ShipError::TargetAhead { target_seq: welcome.durable_seq, durable: durable_here };
             log::error!("group {}: {msg}", cfg.name);
             return Err(msg);
         }
         let from = welcome.durable_seq + 1;
         let mut reader = JournalReader::open(self.fs.clone(), &self.journal_dir, from)
-            .map_err(|e| {
-                format!("the target needs seq {from} on, but the engine no longer has it ({e}); the target must be resynchronised")
-            })?
+            .map_err(|source| ShipError::NotRetained { from, source })?
             .with_tail(Arc::clone(&self.tail));
         shared.confirm(welcome.durable_seq);
         shared.policy.target_connected(true);
@@ -222,7 +227,7 @@ impl Shipper {
                     broken.store(true, Ordering::Release);
                     r.shutdown();
                 })
-                .map_err(|e| e.to_string())?
+                .map_err(|source| ShipError::SpawnReader { source })?
         };
 
         let result = self.ship(&mut reader, &mut w, &broken, compress);
@@ -233,21 +238,28 @@ impl Shipper {
         shared.policy.target_connected(false);
         if target_full.load(Ordering::Acquire) {
             // Said once by the journal watch; the same words each retry keep the log quiet.
-            return Err("the target's journal is full".to_string());
+            return Err(ShipError::TargetFull);
         }
         result
     }
 
-    fn ship(&self, reader: &mut JournalReader, w: &mut WriteHalf, broken: &AtomicBool, compress: bool) -> Result<(), String> {
+    fn ship(&self, reader: &mut JournalReader, w: &mut WriteHalf, broken: &AtomicBool, compress: bool) -> Result<(), ShipError> {
         let shared = &self.group.shared;
         let mut frame = Vec::with_capacity(FRAME_TARGET_BYTES + (1 << 20));
-        let mut out =
-            Sender { w, limiter: self.limiter.as_deref(), compress, scratch: Vec::new(), packed: Vec::new(), last_incompressible: false };
+        let mut out = Sender {
+            w,
+            limiter: self.limiter.as_deref(),
+            compress,
+            scratch: Vec::new(),
+            packed: Vec::new(),
+            last_incompressible: false,
+            shipped: reader.next_seq().saturating_sub(1),
+        };
         // Async: the journal scanned ahead to the next interval point.
         let mut scan: Option<DeltaScan> = None;
         loop {
             if broken.load(Ordering::Acquire) {
-                return Err("the target closed the connection".into());
+                return Err(ShipError::TargetClosed);
             }
             if shared.stopping.load(Ordering::Relaxed) {
                 return Ok(());
@@ -260,10 +272,10 @@ impl Shipper {
                     Some(s) => s,
                     None => scan.insert(DeltaScan::new(
                         JournalReader::open(self.fs.clone(), &self.journal_dir, reader.next_seq())
-                            .map_err(|e| format!("reading the journal: {e}"))?,
+                            .map_err(|source| ShipError::ReadJournal { source })?,
                     )),
                 };
-                match s.advance(durable).map_err(|e| format!("reading the journal: {e}"))? {
+                match s.advance(durable).map_err(|source| ShipError::ReadJournal { source })? {
                     Some(delta) => {
                         scan = None;
                         self.ship_delta(reader, &delta, &mut frame, &mut out)?;
@@ -278,8 +290,11 @@ impl Shipper {
             scan = None;
             frame.clear();
             while frame.len() < FRAME_TARGET_BYTES {
-                match reader.next_raw_upto(durable).map_err(|e| format!("reading the journal: {e}"))? {
-                    Some((_, raw)) => frame.extend_from_slice(raw),
+                match reader.next_raw_upto(durable).map_err(|source| ShipError::ReadJournal { source })? {
+                    Some((rec, raw)) => {
+                        out.ships(rec.header.seq);
+                        frame.extend_from_slice(raw);
+                    }
                     None => break,
                 }
             }
@@ -306,8 +321,11 @@ impl Shipper {
                     }
                     seen = shared.wait_durable_after(seen, deadline - now);
                     while frame.len() < FRAME_TARGET_BYTES {
-                        match reader.next_raw_upto(seen).map_err(|e| format!("reading the journal: {e}"))? {
-                            Some((_, raw)) => frame.extend_from_slice(raw),
+                        match reader.next_raw_upto(seen).map_err(|source| ShipError::ReadJournal { source })? {
+                            Some((rec, raw)) => {
+                                out.ships(rec.header.seq);
+                                frame.extend_from_slice(raw);
+                            }
                             None => break,
                         }
                     }
@@ -318,11 +336,12 @@ impl Shipper {
     }
 
     /// Sends the hash requests whose prefix is shipped, and answers those waiting too long.
-    fn send_hash_requests(&self, shipped_through: u64, w: &mut WriteHalf) -> Result<(), String> {
+    fn send_hash_requests(&self, shipped_through: u64, w: &mut WriteHalf) -> Result<(), ShipError> {
         self.hashes.expire();
         let mut scratch = Vec::new();
         for req in self.hashes.take_ready(shipped_through) {
-            write_frame(w, FrameType::TargetHashRequest, &encode_message(&req), &mut scratch).map_err(|e| format!("sending: {e}"))?;
+            write_frame(w, FrameType::TargetHashRequest, &encode_message(&req), &mut scratch)
+                .map_err(|source| ShipError::Send { source })?;
         }
         Ok(())
     }
@@ -337,15 +356,16 @@ impl Shipper {
 
     /// Ships one async delta: every record through its point, the superseded writes as headers
     /// without data.
-    fn ship_delta(&self, reader: &mut JournalReader, delta: &Delta, frame: &mut Vec<u8>, out: &mut Sender<'_>) -> Result<(), String> {
+    fn ship_delta(&self, reader: &mut JournalReader, delta: &Delta, frame: &mut Vec<u8>, out: &mut Sender<'_>) -> Result<(), ShipError> {
         let shared = &self.group.shared;
         frame.clear();
         while reader.next_seq() <= delta.point {
-            let Some((rec, raw)) = reader.next_raw_upto(delta.point).map_err(|e| format!("reading the journal: {e}"))? else {
+            let Some((rec, raw)) = reader.next_raw_upto(delta.point).map_err(|source| ShipError::ReadJournal { source })? else {
                 // Durable but not readable yet (a segment being created).
                 std::thread::sleep(Duration::from_millis(1));
                 continue;
             };
+            out.ships(rec.header.seq);
             if delta.superseded.contains(&rec.header.seq) {
                 let h = RecordHeader { kind: WriteKind::Superseded, ..rec.header };
                 encode_record(&h, rec.volume, &[], frame);
@@ -381,10 +401,19 @@ struct Sender<'a> {
     scratch: Vec<u8>,
     packed: Vec<u8>,
     last_incompressible: bool,
+    /// The last record put into a frame: records go out in sequence order.
+    shipped: Seq,
 }
 
 impl Sender<'_> {
-    fn send(&mut self, frame: &[u8], link: &LinkStats) -> Result<(), String> {
+    /// Notes that record `seq` goes into the next frame (checked in debug builds: each record
+    /// shipped is numbered after the one before).
+    fn ships(&mut self, seq: Seq) {
+        debug_assert!(seq > self.shipped, "shipping seq {seq} after seq {}", self.shipped);
+        self.shipped = seq;
+    }
+
+    fn send(&mut self, frame: &[u8], link: &LinkStats) -> Result<(), ShipError> {
         // After a frame that did not shrink, a frame is first tried on a sample, so a stream of
         // incompressible data costs a few percent of the compressor's work, and compressible
         // data is not missed.
@@ -398,8 +427,8 @@ impl Sender<'_> {
             (FrameType::Records, frame)
         };
         let mut paced = Paced { inner: &mut *self.w, limiter: self.limiter };
-        write_frame(&mut paced, ftype, payload, &mut self.scratch).map_err(|e| format!("sending: {e}"))?;
-        paced.flush().map_err(|e| e.to_string())?;
+        write_frame(&mut paced, ftype, payload, &mut self.scratch).map_err(|source| ShipError::Send { source })?;
+        paced.flush().map_err(|source| ShipError::Flush { source })?;
         link.count(frame.len(), payload.len() + FRAME_HEADER_LEN);
         Ok(())
     }

@@ -1,0 +1,58 @@
+//! What every connection to the engine shares, an agent's session or an operator's request:
+//! the [`Registry`] of groups, attached volumes and sessions, and `refuse`, which ends a
+//! connection with an `Error` frame naming why.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Condvar, Mutex};
+
+use hindsight_consistency::transport::{Security, WriteHalf};
+use hindsight_consistency::wire::{encode_message, write_frame, ErrorMessage, FrameType, QuiescedMsg, ResyncStatus};
+
+use crate::group::GroupHandle;
+use crate::hashes::HashBroker;
+
+/// What every session needs: the groups and which volumes are attached right now.
+pub struct Registry {
+    /// Groups by name.
+    pub groups: HashMap<String, GroupHandle>,
+    /// Volumes currently served by a connected agent.
+    pub attached: Mutex<HashSet<String>>,
+    /// Signalled when a session detaches its volumes.
+    pub detached: Condvar,
+    /// Connected agent sessions, for quiesce requests.
+    pub sessions: Mutex<HashMap<u64, Session>>,
+    /// Numbers sessions and quiesce requests.
+    pub next_id: AtomicU64,
+    /// Where each quiesce request's answers go, by quiesce id.
+    pub quiesce_waits: Mutex<HashMap<u64, crossbeam_channel::Sender<(String, QuiescedMsg)>>>,
+    /// The engine's name for peers.
+    pub name: String,
+    /// Resyncs under way, by volume, as their agents report them.
+    pub resync_progress: Mutex<HashMap<String, ResyncStatus>>,
+    /// Each group's hash requests, by group name.
+    pub hashes: HashMap<String, Arc<HashBroker>>,
+    /// The engine name its certificate carries (TLS only).
+    pub own_name: Option<String>,
+    /// How connections are protected.
+    pub security: Security,
+}
+
+/// A connected agent, as quiesce requests see it.
+pub struct Session {
+    /// Its VM.
+    pub vm: String,
+    /// The groups of its volumes.
+    pub groups: HashSet<String>,
+    /// Control frames to it (sent by its acknowledgement writer, between acknowledgements).
+    pub control: crossbeam_channel::Sender<(FrameType, Vec<u8>)>,
+}
+
+/// Refuses a connection: logs why, tells the peer in an `Error` frame and closes.
+pub(crate) fn refuse(w: &mut WriteHalf, peer: SocketAddr, why: &str) {
+    log::warn!("agent {peer} refused: {why}");
+    let msg = encode_message(&ErrorMessage { message: why.to_owned() });
+    let _ = write_frame(w, FrameType::Error, &msg, &mut Vec::new());
+    w.close();
+}

@@ -1,0 +1,445 @@
+//! A group's journal thread: each round it places a due interval point, takes what is queued,
+//! numbers and timestamps the writes, appends them (with a bookmark or resync point that ends
+//! the batch), commits with one fdatasync, and only then acknowledges.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use hindsight_consistency::config::ReplicationMode;
+use hindsight_consistency::journal::{Journal, JournalError};
+use hindsight_consistency::record::{RecordHeader, Seq, WriteKind, INTERVAL_POINT_NAME, RESYNC_POINT_NAME};
+use hindsight_consistency::time::now_ns;
+use hindsight_consistency::wire::WriteAck;
+
+use super::items::{Barrier, BookmarkPlacement, GroupItem, ResyncDone, WriteRequest};
+use super::shared::GroupShared;
+use crate::acks::send_acks;
+use crate::error::GroupError;
+use crate::journal_watch::Action;
+use crate::resync::{ResyncOutcome, Resyncs};
+
+/// How often a journal thread holding writes (`block`) looks for room.
+const HOLD_WAKE: Duration = Duration::from_millis(20);
+/// Most bytes put into one commit.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+/// How often an idle journal thread wakes to trim confirmed segments and check for shutdown.
+const IDLE_WAKE: Duration = Duration::from_millis(200);
+
+/// The async interval being filled: when it started and its first sequence number.
+struct OpenInterval {
+    since: Instant,
+    first: Seq,
+}
+
+/// The journal thread: each round places a due interval point, then takes a batch, numbers,
+/// appends and commits it, and answers everything in it.
+pub(super) fn journal_loop(journal: Journal, rx: Receiver<GroupItem>, shared: Arc<GroupShared>, interval: Duration) {
+    let mut t = JournalThread::new(journal, rx, shared, interval);
+    loop {
+        t.interval_point();
+        let action = t.shared.journal.update(t.journal.size_bytes());
+        if action == Action::Hold {
+            if t.hold() == Run::Stop {
+                return;
+            }
+            continue;
+        }
+        let first = match t.wait() {
+            Woken::Item(first) => first,
+            Woken::Idle => continue,
+            Woken::Stop => return,
+        };
+        t.open_interval();
+        let mut taken = t.take_batch(first);
+        if action == Action::Refuse {
+            t.refuse(&mut taken);
+            if taken.resync_done.is_none() {
+                continue;
+            }
+        }
+        if t.shared.poisoned.load(Ordering::Relaxed) {
+            t.fail(taken);
+            continue;
+        }
+        let now = t.stamp();
+        match t.append(&taken, now).and_then(|appended| Ok((appended, t.journal.commit()?))) {
+            Ok((appended, durable)) => t.acknowledge(taken, appended, durable, now),
+            Err(e) => t.poison(taken, e),
+        }
+    }
+}
+
+/// Whether the journal thread goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    On,
+    Stop,
+}
+
+/// What the journal thread woke up to.
+enum Woken {
+    /// The first item of a batch.
+    Item(GroupItem),
+    /// Nothing queued: the idle wake.
+    Idle,
+    /// The group stops (shutting down, or every sender gone).
+    Stop,
+}
+
+/// What a batch took from the channel besides its writes (those are in
+/// [`JournalThread::batch`]).
+struct Taken {
+    /// The bookmark that ended the batch.
+    bookmark: Option<BookmarkPlacement>,
+    /// The end of a resync that ended the batch.
+    resync_done: Option<ResyncDone>,
+    /// Barriers queued among the writes.
+    barriers: Vec<Barrier>,
+}
+
+/// The sequence numbers a batch's records got in the journal.
+struct Appended {
+    /// One per write of the batch, in order.
+    seqs: Vec<Seq>,
+    /// The bookmark record's.
+    bookmark_seq: Option<Seq>,
+    /// The resync point's.
+    resync_point: Option<Seq>,
+}
+
+/// The state the journal thread keeps from one batch to the next.
+struct JournalThread {
+    journal: Journal,
+    rx: Receiver<GroupItem>,
+    shared: Arc<GroupShared>,
+    /// The async interval.
+    interval: Duration,
+    /// The writes of the batch being journaled (kept for its capacity).
+    batch: Vec<WriteRequest>,
+    /// The time of the last record: times never decrease along the sequence.
+    last_time: u64,
+    /// The last sequence number appended: numbers strictly increase.
+    last_seq: Seq,
+    /// Confirmed sequence number the journal was last trimmed to.
+    trimmed_through: Seq,
+    resyncs: Resyncs,
+    open: Option<OpenInterval>,
+}
+
+impl JournalThread {
+    /// The thread's state over an opened journal.
+    fn new(journal: Journal, rx: Receiver<GroupItem>, shared: Arc<GroupShared>, interval: Duration) -> JournalThread {
+        let last_time = journal.last_time_ns();
+        let last_seq = journal.durable_seq();
+        // A journal tail written before a restart gets its interval point too.
+        let open = (journal.durable_seq() > 0).then(|| OpenInterval { since: Instant::now(), first: journal.durable_seq() });
+        JournalThread {
+            journal,
+            rx,
+            shared,
+            interval,
+            batch: Vec::with_capacity(256),
+            last_time,
+            last_seq,
+            trimmed_through: 0,
+            resyncs: Resyncs::default(),
+            open,
+        }
+    }
+
+    /// In async mode, places the interval point once the open interval is `interval` old;
+    /// in any other mode, forgets the open interval. A failure poisons the group.
+    fn interval_point(&mut self) {
+        let shared = &self.shared;
+        if shared.policy.effective() == ReplicationMode::Async {
+            if let Some(o) = self.open.as_ref().filter(|o| o.since.elapsed() >= self.interval) {
+                if shared.poisoned.load(Ordering::Relaxed) {
+                    self.open = None;
+                } else {
+                    let first = o.first;
+                    self.last_time = now_ns().max(self.last_time);
+                    debug_assert!(self.last_time >= self.journal.last_time_ns(), "group {}: time went back", shared.name);
+                    match place_point(&mut self.journal, first, self.last_time) {
+                        Ok((seq, durable)) => {
+                            debug_assert!(seq > self.last_seq, "group {}: seq {seq} after seq {}", shared.name, self.last_seq);
+                            self.last_seq = seq;
+                            shared.publish_durable(durable);
+                            log::debug!("group {}: interval point at seq {seq} (interval from seq {first})", shared.name);
+                            self.open = None;
+                        }
+                        Err(e) => {
+                            log::error!(
+                                "group {}: the journal failed placing an interval point and the group is stopped: {e}",
+                                shared.name
+                            );
+                            shared.poisoned.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        } else {
+            self.open = None;
+        }
+    }
+
+    /// `block` with a full journal: takes nothing for a while, until the target confirms and
+    /// segments go.
+    fn hold(&mut self) -> Run {
+        std::thread::sleep(HOLD_WAKE);
+        self.housekeeping()
+    }
+
+    /// Waits (at most [`IDLE_WAKE`]) for the first item of the next batch, then does the
+    /// housekeeping.
+    fn wait(&mut self) -> Woken {
+        let first = match self.rx.recv_timeout(IDLE_WAKE) {
+            Ok(w) => Some(w),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return Woken::Stop,
+        };
+        if self.housekeeping() == Run::Stop {
+            return Woken::Stop;
+        }
+        first.map_or(Woken::Idle, Woken::Item)
+    }
+
+    /// Between batches: stops if the group is stopping, else runs the policy's periodic checks
+    /// and deletes the segments the target confirmed.
+    fn housekeeping(&mut self) -> Run {
+        if self.shared.stopping.load(Ordering::Relaxed) {
+            return Run::Stop;
+        }
+        self.shared.policy.tick();
+        trim_confirmed(&mut self.journal, &self.shared, &mut self.trimmed_through);
+        Run::On
+    }
+
+    /// In async mode, opens an interval at the next sequence number if none is open.
+    fn open_interval(&mut self) {
+        if self.open.is_none() && self.shared.policy.effective() == ReplicationMode::Async {
+            self.open = Some(OpenInterval { since: Instant::now(), first: self.journal.next_seq() });
+        }
+    }
+
+    /// Takes `first` and whatever is queued behind it, up to [`MAX_BATCH_BYTES`] of writes.
+    /// A batch ends at a bookmark (nothing after it is taken before every group of the
+    /// request has placed its own) or at the end of a resync (its point follows the batch).
+    fn take_batch(&mut self, first: GroupItem) -> Taken {
+        let mut taken = Taken { bookmark: None, resync_done: None, barriers: Vec::new() };
+        let mut bytes = 0;
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                GroupItem::Write(w) => {
+                    bytes += w.length as usize;
+                    self.batch.push(w);
+                }
+                GroupItem::Bookmark(b) => {
+                    taken.bookmark = Some(b);
+                    break;
+                }
+                GroupItem::ResyncDone(r) => {
+                    taken.resync_done = Some(r);
+                    break;
+                }
+                GroupItem::Barrier(b) => taken.barriers.push(b),
+            }
+            if bytes < MAX_BATCH_BYTES {
+                next = self.rx.try_recv().ok();
+            }
+        }
+        taken
+    }
+
+    /// Paused: the agents track these writes and resync them later. Nothing queued is
+    /// journaled, so the durable sequence number covers what came before a barrier. A
+    /// resync's end is left in `taken`: its point still goes in.
+    fn refuse(&mut self, taken: &mut Taken) {
+        refuse_all(&mut self.batch, WriteAck::ENOSPC);
+        for b in taken.barriers.drain(..) {
+            b.pass(self.journal.durable_seq());
+        }
+        if let Some(b) = taken.bookmark.take() {
+            b.answer(Err(GroupError::Paused { group: self.shared.name.clone() }), &self.shared.name);
+        }
+    }
+
+    /// Poisoned: fails everything taken (barriers say why when they drop).
+    fn fail(&mut self, taken: Taken) {
+        let shared = &self.shared;
+        fail_all(&mut self.batch);
+        if let Some(b) = taken.bookmark {
+            b.answer(Err(GroupError::Poisoned { group: shared.name.clone() }), &shared.name);
+        }
+        if let Some(r) = taken.resync_done {
+            log::warn!(
+                "group {}: resync of volume(s) {} complete, but the group is stopped after a journal failure: no resync point",
+                shared.name,
+                join_names(&r.volumes)
+            );
+        }
+    }
+
+    /// The batch's timestamp. Times never decrease along the sequence, even if the clock
+    /// steps back, so that "every write received at or before T" is always a prefix.
+    fn stamp(&mut self) -> u64 {
+        let now = now_ns().max(self.last_time);
+        self.last_time = now;
+        now
+    }
+
+    /// Numbers the batch's writes and appends them, then the bookmark and the resync point if
+    /// one is due, all at `now`. Stops at the first failure.
+    fn append(&mut self, taken: &Taken, now: u64) -> Result<Appended, JournalError> {
+        let journal = &mut self.journal;
+        let mut seqs = Vec::with_capacity(self.batch.len());
+        for w in &self.batch {
+            let seq = journal.next_seq();
+            let h = RecordHeader { seq, time_ns: now, kind: w.kind, offset: w.offset, length: w.length };
+            check_order(journal, self.last_seq, &h, &self.shared.name);
+            journal.append(&h, &w.volume, &w.payload[w.data_at..])?;
+            self.last_seq = seq;
+            if w.kind == WriteKind::Resync {
+                self.resyncs.record(&w.volume, seq);
+            }
+            seqs.push(seq);
+        }
+        let mut bookmark_seq = None;
+        if let Some(b) = &taken.bookmark {
+            let seq = journal.next_seq();
+            let h = RecordHeader {
+                seq,
+                time_ns: now,
+                kind: WriteKind::Bookmark,
+                offset: 0,
+                length: u32::try_from(b.body.len()).unwrap_or(u32::MAX),
+            };
+            check_order(journal, self.last_seq, &h, &self.shared.name);
+            journal.append(&h, &b.name, &b.body)?;
+            self.last_seq = seq;
+            bookmark_seq = Some(seq);
+        }
+        // The resync point follows every resync write the agent sent before `ResyncDone`:
+        // they came earlier on the same connection, so they are in this batch or an earlier one.
+        let mut resync_point = None;
+        if let Some(r) = &taken.resync_done {
+            match self.resyncs.done(&r.volumes) {
+                ResyncOutcome::Point { first } => {
+                    let seq = journal.next_seq();
+                    let h = RecordHeader { seq, time_ns: now, kind: WriteKind::Point, offset: 0, length: 8 };
+                    check_order(journal, self.last_seq, &h, &self.shared.name);
+                    journal.append(&h, RESYNC_POINT_NAME, &first.to_le_bytes())?;
+                    self.last_seq = seq;
+                    resync_point = Some(seq);
+                }
+                ResyncOutcome::Waiting { others } => log::info!(
+                    "group {}: resync of volume(s) {} complete; the resync point waits for volume(s) {} still resyncing",
+                    self.shared.name,
+                    join_names(&r.volumes),
+                    join_names(&others)
+                ),
+            }
+        }
+        Ok(Appended { seqs, bookmark_seq, resync_point })
+    }
+
+    /// The batch is durable through `durable`: passes the barriers, publishes `durable`,
+    /// regulates, acknowledges the writes (or holds them, sync) and answers the bookmark.
+    fn acknowledge(&mut self, mut taken: Taken, appended: Appended, durable: Seq, now: u64) {
+        let shared = &self.shared;
+        // Before the shipper can see `durable`, so that a hash request is queued when
+        // it looks.
+        for b in taken.barriers.drain(..) {
+            b.pass(durable);
+        }
+        shared.publish_durable(durable);
+        let bytes = self.batch.iter().filter(|w| w.kind.carries_data()).map(|w| u64::from(w.length)).sum();
+        let delay = shared.policy.regulation_delay(bytes);
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
+        let acks = self
+            .batch
+            .drain(..)
+            .zip(appended.seqs)
+            .map(|(w, seq)| (w.ack, WriteAck { req_id: w.req_id, seq, status: WriteAck::OK }))
+            .collect();
+        shared.policy.committed(acks, durable, bytes, now);
+        if let (Some(b), Some(seq)) = (taken.bookmark.take(), appended.bookmark_seq) {
+            log::info!("group {}: bookmark {:?} placed at seq {seq}", shared.name, b.name);
+            // A bookmark ends an async interval as a point does.
+            self.open = None;
+            b.answer(Ok((seq, now)), &shared.name);
+        }
+        if let (Some(r), Some(seq)) = (taken.resync_done.take(), appended.resync_point) {
+            log::info!("group {}: resync of volume(s) {} complete at seq {seq}", shared.name, join_names(&r.volumes));
+            // The shipper ends an async delta at any point.
+            self.open = None;
+        }
+    }
+
+    /// The journal failed: the group is poisoned and everything taken fails (barriers say
+    /// why when they drop).
+    fn poison(&mut self, mut taken: Taken, e: JournalError) {
+        let shared = &self.shared;
+        log::error!(
+            "group {}: the journal failed and the group is stopped: {e}. Writes are refused until the cause is fixed and the engine restarted",
+            shared.name
+        );
+        shared.poisoned.store(true, Ordering::Relaxed);
+        fail_all(&mut self.batch);
+        if let Some(b) = taken.bookmark.take() {
+            b.answer(Err(GroupError::Journal { group: shared.name.clone(), source: e }), &shared.name);
+        }
+    }
+}
+
+/// What the journal thread promises of a record it is about to append after `last_seq`
+/// (checked in debug builds): its number follows every earlier record's, and its time is not
+/// before theirs, so that the records received at or before any time are a prefix.
+fn check_order(journal: &Journal, last_seq: Seq, h: &RecordHeader, group: &str) {
+    debug_assert!(h.seq > last_seq, "group {group}: seq {} numbered after seq {last_seq}", h.seq);
+    debug_assert!(
+        h.time_ns >= journal.last_time_ns(),
+        "group {group}: seq {} at time {} is before the last record's time {}",
+        h.seq,
+        h.time_ns,
+        journal.last_time_ns()
+    );
+}
+
+/// Appends and commits an interval point record; returns its sequence number and the new
+/// durable sequence number.
+fn place_point(journal: &mut Journal, first: Seq, time_ns: u64) -> Result<(Seq, Seq), JournalError> {
+    let seq = journal.next_seq();
+    let h = RecordHeader { seq, time_ns, kind: WriteKind::Point, offset: 0, length: 8 };
+    journal.append(&h, INTERVAL_POINT_NAME, &first.to_le_bytes())?;
+    Ok((seq, journal.commit()?))
+}
+
+fn join_names(names: &[Arc<str>]) -> String {
+    names.iter().map(|n| &**n).collect::<Vec<_>>().join(", ")
+}
+
+fn fail_all(batch: &mut Vec<WriteRequest>) {
+    refuse_all(batch, WriteAck::EIO);
+}
+
+fn refuse_all(batch: &mut Vec<WriteRequest>, status: u32) {
+    send_acks(batch.drain(..).map(|w| (w.ack, WriteAck { req_id: w.req_id, seq: 0, status })));
+}
+
+/// Deletes the journal segments the target has confirmed.
+fn trim_confirmed(journal: &mut Journal, shared: &GroupShared, trimmed_through: &mut Seq) {
+    let confirmed = shared.confirmed.load(Ordering::Acquire);
+    if confirmed > *trimmed_through {
+        match journal.trim_through(confirmed) {
+            Ok(n) if n > 0 => log::debug!("group {}: removed {n} journal segments confirmed by the target", shared.name),
+            Ok(_) => {}
+            Err(e) => log::warn!("group {}: cannot trim the journal: {e}", shared.name),
+        }
+        *trimmed_through = confirmed;
+    }
+}

@@ -1,0 +1,107 @@
+//! What a group's shipper and status requests share with its journal thread: the durable and
+//! confirmed sequence numbers, the poisoned and stopping flags, the policy, the link's counts and
+//! the journal watch.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::Duration;
+
+use hindsight_consistency::config::GroupConfig;
+use hindsight_consistency::record::Seq;
+use hindsight_consistency::sync::lock;
+
+use crate::journal_watch::JournalWatch;
+use crate::policy::Policy;
+
+/// What the shipper and the status of a group share with its journal thread.
+#[derive(Debug)]
+pub struct GroupShared {
+    /// Group name.
+    pub name: String,
+    /// Everything up to here is durable in the engine's journal.
+    durable: Mutex<Seq>,
+    durable_changed: Condvar,
+    /// Everything up to here is durable at the target.
+    pub confirmed: AtomicU64,
+    /// Set when the journal failed: the group takes no more writes.
+    pub poisoned: AtomicBool,
+    /// Set to stop the group's threads.
+    pub stopping: AtomicBool,
+    /// Mode, held sync acknowledgements, lag and RPO.
+    pub policy: Policy,
+    /// What the link to the target carries.
+    pub link: LinkStats,
+    /// What a full journal does to the group.
+    pub journal: JournalWatch,
+}
+
+/// Bytes shipped to the target: the records, and what went on the wire for them.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    compression: Mutex<&'static str>,
+    /// Record bytes shipped.
+    pub records: AtomicU64,
+    /// Frame bytes sent for them (after compression).
+    pub wire: AtomicU64,
+}
+
+impl LinkStats {
+    pub(crate) fn set_compression(&self, name: &'static str) {
+        *lock(&self.compression) = name;
+    }
+
+    /// The compression of the current (or last) connection, `""` for none.
+    pub fn compression(&self) -> &'static str {
+        *lock(&self.compression)
+    }
+
+    pub(crate) fn count(&self, records: usize, wire: usize) {
+        self.records.fetch_add(records as u64, Ordering::Relaxed);
+        self.wire.fetch_add(wire as u64, Ordering::Relaxed);
+    }
+}
+
+impl GroupShared {
+    pub(super) fn new(config: &GroupConfig, durable: Seq, last_time_ns: u64) -> GroupShared {
+        GroupShared {
+            name: config.name.clone(),
+            durable: Mutex::new(durable),
+            durable_changed: Condvar::new(),
+            confirmed: AtomicU64::new(0),
+            poisoned: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            policy: Policy::new(config, durable, last_time_ns),
+            link: LinkStats::default(),
+            journal: JournalWatch::new(&config.name, config.on_journal_full, config.journal_size),
+        }
+    }
+
+    /// The target confirmed everything through `seq`: trims what the lag counts, releases the
+    /// sync acknowledgements it covers.
+    pub fn confirm(&self, seq: Seq) {
+        self.confirmed.fetch_max(seq, Ordering::AcqRel);
+        self.policy.confirmed(seq, self.durable());
+        self.journal.target_confirmed(seq);
+    }
+
+    /// The last durable sequence number.
+    pub fn durable(&self) -> Seq {
+        *lock(&self.durable)
+    }
+
+    /// Waits until the durable sequence number exceeds `seen`, or `timeout` passes.
+    pub fn wait_durable_after(&self, seen: Seq, timeout: Duration) -> Seq {
+        let g = lock(&self.durable);
+        let (g, _) = self.durable_changed.wait_timeout_while(g, timeout, |d| *d <= seen).unwrap_or_else(PoisonError::into_inner);
+        *g
+    }
+
+    pub(super) fn publish_durable(&self, seq: Seq) {
+        {
+            let mut durable = lock(&self.durable);
+            debug_assert!(seq >= *durable, "group {}: the durable seq went back from {} to {seq}", self.name, *durable);
+            *durable = seq;
+        }
+        self.durable_changed.notify_all();
+    }
+}
