@@ -294,3 +294,14 @@ fn certs_never_overwrite_a_ca_or_a_key_and_check_names_and_roles() {
     );
     assert!(code != Some(0) && err.contains("hindsight certs init"), "{err}");
 }
+
+#[test]
+fn status_in_plaintext_against_a_tls_engine_is_told_what_to_give_it() {
+    let c = Cluster::start_servers(&[Vol::new("vm1", "disk1", SIZE)]);
+    let engine = format!("127.0.0.1:{}", c.eport);
+    let (code, out, err) = run_code(Command::new(hindsight_bin()).args(["status", "--engine", &engine, "--insecure-plaintext"]), WITHIN);
+    assert!(code.is_some_and(|c| c != 0), "status should fail (exit {code:?}):\nstdout: {out}\nstderr: {err}");
+    assert!(err.contains("this engine requires TLS"), "{err}");
+    // The operator is told about the command's own options, not only about agent.toml.
+    assert!(err.contains("hindsight status") && err.contains("instead of --insecure-plaintext"), "{err}");
+}

@@ -48,7 +48,10 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
         Ok(c) => c,
         Err(AcceptError::Plaintext(mut c)) => {
             log::warn!("connection from {peer} refused: it does not use TLS, and this engine requires it; nothing it sent is read");
-            let why = "this engine requires TLS: give [tls] ca, cert and key in agent.toml (or hindsight bookmark --ca, --cert and --key); docs/security.md";
+            // Agents and operator commands both come here, and neither is known before the hello.
+            let why = "this engine requires TLS: an agent needs [tls] ca, cert and key in its agent.toml; hindsight status, \
+                       set-mode and bookmark need --ca, --cert and --key (or --config engine.toml) instead of \
+                       --insecure-plaintext; docs/security.md";
             let _ = write_frame(&mut c, FrameType::Error, &encode_message(&ErrorMessage { message: why.into() }), &mut Vec::new());
             c.close();
             return;

@@ -253,6 +253,13 @@ impl Policy {
             }
             st.rpo_alert = over;
         }
+        // Regulation is decided per commit; once the writes stop, no commit would say that the
+        // target has caught up.
+        if st.regulating {
+            let (behind, _) = self.behind();
+            let still = self.regulates(&st, behind);
+            self.set_regulating(&mut st, still, behind);
+        }
     }
 
     /// Switches to cdp and releases every held acknowledgement. Called with the state locked.
@@ -299,36 +306,54 @@ impl Policy {
     /// drains. Only while the target is connected (a slower guest cannot bring a disconnected
     /// target closer).
     pub fn regulation_delay(&self, bytes: u64) -> Duration {
+        let (behind, rate) = self.behind();
+        let mut st = lock(&self.state);
+        let delay = if !self.regulates(&st, behind) {
+            Duration::ZERO
+        } else if let Some(rpo) = st.rpo {
+            let over = ((behind - rpo / 2).as_secs_f64() / (rpo / 2).as_secs_f64()).min(2.0);
+            if rate > 0.0 {
+                Duration::from_secs_f64(bytes as f64 / rate * (1.0 + over)).min(MAX_REGULATION_DELAY)
+            } else {
+                FIRST_REGULATION_DELAY
+            }
+        } else {
+            Duration::ZERO
+        };
+        self.set_regulating(&mut st, !delay.is_zero(), behind);
+        delay
+    }
+
+    /// How far the target is behind (the larger of the oldest unconfirmed record's age and the
+    /// time the link needs for the backlog), and the rate it confirms at (0 until measured).
+    fn behind(&self) -> (Duration, f64) {
         let lag = self.lag();
         let rate = lock(&self.lag).rate;
         let backlog = if rate > 0.0 { Duration::from_secs_f64(lag.bytes as f64 / rate) } else { Duration::ZERO };
-        let behind = lag.age.max(backlog);
-        let mut st = lock(&self.state);
-        let delay = match st.rpo {
-            Some(rpo) if st.regulate && self.connected.load(Ordering::Acquire) && behind > rpo / 2 => {
-                let over = ((behind - rpo / 2).as_secs_f64() / (rpo / 2).as_secs_f64()).min(2.0);
-                if rate > 0.0 {
-                    Duration::from_secs_f64(bytes as f64 / rate * (1.0 + over)).min(MAX_REGULATION_DELAY)
-                } else {
-                    FIRST_REGULATION_DELAY
-                }
-            }
-            _ => Duration::ZERO,
-        };
-        let regulating = !delay.is_zero();
-        if st.regulating != regulating {
-            st.regulating = regulating;
-            if st.regulating {
-                log::warn!(
-                    "group {}: the target lags {:.1}s: slowing acknowledgements to stay inside the RPO",
-                    self.group,
-                    behind.as_secs_f64()
-                );
-            } else {
-                log::info!("group {}: no longer slowing acknowledgements", self.group);
-            }
+        (lag.age.max(backlog), rate)
+    }
+
+    /// Whether acknowledgements must be slowed with the target `behind`: past half the RPO,
+    /// with regulation on and the target connected.
+    fn regulates(&self, st: &State, behind: Duration) -> bool {
+        st.rpo.is_some_and(|rpo| st.regulate && self.connected.load(Ordering::Acquire) && behind > rpo / 2)
+    }
+
+    /// Records whether acknowledgements are being slowed, and logs each change.
+    fn set_regulating(&self, st: &mut State, regulating: bool, behind: Duration) {
+        if st.regulating == regulating {
+            return;
         }
-        delay
+        st.regulating = regulating;
+        if regulating {
+            log::warn!(
+                "group {}: the target lags {:.1}s: slowing acknowledgements to stay inside the RPO",
+                self.group,
+                behind.as_secs_f64()
+            );
+        } else {
+            log::info!("group {}: no longer slowing acknowledgements", self.group);
+        }
     }
 
     /// The state for status.
@@ -382,6 +407,24 @@ mod tests {
         p.committed(vec![(tx, ack(2))], 2, 4096, 2);
         assert_eq!(rx.try_recv().ok(), Some(vec![ack(2)]), "the acknowledgement waits for a confirmation that already came");
         assert_eq!(p.lag(), Lag { writes: 0, bytes: 0, age: Duration::ZERO }, "a commit confirmed before it was counted still lags");
+    }
+
+    #[test]
+    fn regulation_ends_once_the_target_catches_up_without_further_writes() {
+        let mut config = sync_group();
+        config.rpo = Some(Duration::from_secs(2));
+        config.regulate = true;
+        let p = Policy::new(&config, 0, 0);
+        p.target_connected(true);
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        // A commit written 10 s ago that the target has not confirmed: far past half the RPO.
+        let long_ago = now_ns() - 10_000_000_000;
+        p.committed(vec![(tx, ack(1))], 1, 1 << 20, long_ago);
+        assert!(!p.regulation_delay(1 << 20).is_zero());
+        assert!(p.status().regulating);
+        p.confirmed(1, 1);
+        p.tick();
+        assert!(!p.status().regulating, "still regulating with nothing left to ship");
     }
 
     #[test]
