@@ -79,6 +79,7 @@ mod layout;
 mod lock;
 mod marks;
 mod meta;
+pub mod point_index;
 mod recover;
 mod recover_set;
 mod server;

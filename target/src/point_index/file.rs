@@ -1,0 +1,211 @@
+//! The index file of a sealed journal segment (docs/point-index.md, "One index file per sealed
+//! segment"):
+//!
+//! ```text
+//!         0        1        2        3        4        5        6        7
+//!    0  | magic "HSINDEX1"                                                  |
+//!    8  | version (u32) = 1                 | volume_count (u16)| reserved  |
+//!   16  | first_seq (u64)                                                   |
+//!   24  | last_seq (u64)                                                    |
+//!   32  | segment_len (u64)                                                 |
+//!   40  | extent_count (u64)                                                |
+//!   48  | max_length (u32)                  | reserved (u32) = 0            |
+//!   56  | volume table: volume_count × { name_len (u8) | name (UTF-8) }      |
+//!       | extents: extent_count × { offset | seq | data_pos | length | volume | kind | 0 } |
+//!       | crc32c (u32) of every byte before it                               |
+//! ```
+//!
+//! Grammar: `{ magic | version | volume_count | reserved | first_seq | last_seq | segment_len |
+//! extent_count | max_length | reserved | volumes | extents | crc32c }`. A decoder checks the
+//! size against the counts and the checksum before it uses anything, and never allocates from
+//! an unchecked count.
+
+use hindsight_consistency::WriteKind;
+use thiserror::Error;
+
+use super::{Extent, Run, EXTENT_LEN};
+
+/// The file's first eight bytes.
+pub const MAGIC: &[u8; 8] = b"HSINDEX1";
+/// The version this code writes and reads.
+pub const VERSION: u32 = 1;
+/// Bytes before the volume table.
+const HEADER_LEN: usize = 56;
+
+/// Why bytes are not a valid index file.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IndexFileError {
+    #[error("too short for an index file ({0} bytes)")]
+    Short(usize),
+    #[error("not an index file (bad magic)")]
+    Magic,
+    #[error("index file version {0}, this build reads version {VERSION}")]
+    Version(u32),
+    #[error("the checksum does not match")]
+    Checksum,
+    #[error("the size does not match the counts in the header")]
+    Size,
+    #[error("a volume name is not valid UTF-8")]
+    VolumeName,
+    #[error("extent {0} is not valid: {1}")]
+    Extent(u64, &'static str),
+}
+
+/// Encodes a run as its index file.
+pub fn encode(run: &Run) -> Vec<u8> {
+    let extents = run.extents();
+    let mut out = Vec::with_capacity(HEADER_LEN + 65 * run.volumes.len() + EXTENT_LEN * extents.len() + 4);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    let count = u16::try_from(run.volumes.len()).expect("a group has fewer than 65536 volumes");
+    out.extend_from_slice(&count.to_le_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&run.first_seq.to_le_bytes());
+    out.extend_from_slice(&run.last_seq.to_le_bytes());
+    out.extend_from_slice(&run.segment_len.to_le_bytes());
+    out.extend_from_slice(&(extents.len() as u64).to_le_bytes());
+    out.extend_from_slice(&run.max_length().to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    for v in &run.volumes {
+        out.push(u8::try_from(v.len()).expect("volume names are at most 64 bytes"));
+        out.extend_from_slice(v.as_bytes());
+    }
+    for e in extents {
+        out.extend_from_slice(&e.offset.to_le_bytes());
+        out.extend_from_slice(&e.seq.to_le_bytes());
+        out.extend_from_slice(&e.data_pos.to_le_bytes());
+        out.extend_from_slice(&e.length.to_le_bytes());
+        out.extend_from_slice(&e.volume.to_le_bytes());
+        out.push(e.kind.code());
+        out.push(0);
+    }
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Decodes an index file, checking everything the reading rule asks (but not whether it
+/// belongs to a given segment: the caller compares `first_seq`, `last_seq` and `segment_len`).
+pub fn decode(b: &[u8]) -> Result<Run, IndexFileError> {
+    if b.len() < HEADER_LEN + 4 {
+        return Err(IndexFileError::Short(b.len()));
+    }
+    if &b[..8] != MAGIC {
+        return Err(IndexFileError::Magic);
+    }
+    let version = u32_at(b, 8);
+    if version != VERSION {
+        return Err(IndexFileError::Version(version));
+    }
+    let body = b.len() - 4;
+    if crc32c::crc32c(&b[..body]) != u32_at(b, body) {
+        return Err(IndexFileError::Checksum);
+    }
+    let volume_count = usize::from(u16_at(b, 12));
+    let (first_seq, last_seq, segment_len) = (u64_at(b, 16), u64_at(b, 24), u64_at(b, 32));
+    let extent_count = u64_at(b, 40);
+    let max_length = u32_at(b, 48);
+    let mut at = HEADER_LEN;
+    let mut volumes = Vec::with_capacity(volume_count.min(body / 2));
+    for _ in 0..volume_count {
+        let len = usize::from(*b.get(at).ok_or(IndexFileError::Size)?);
+        let name = b.get(at + 1..at + 1 + len).ok_or(IndexFileError::Size)?;
+        volumes.push(std::str::from_utf8(name).map_err(|_| IndexFileError::VolumeName)?.to_owned());
+        at += 1 + len;
+    }
+    let want = usize::try_from(extent_count).ok().and_then(|n| n.checked_mul(EXTENT_LEN)).and_then(|n| n.checked_add(at));
+    if want != Some(body) {
+        return Err(IndexFileError::Size);
+    }
+    let mut extents = Vec::with_capacity((body - at) / EXTENT_LEN);
+    for (i, e) in b[at..body].chunks_exact(EXTENT_LEN).enumerate() {
+        let bad = |why| IndexFileError::Extent(i as u64, why);
+        let kind = WriteKind::from_code(e[30]).filter(|k| k.changes_volume()).ok_or(bad("kind"))?;
+        let ext =
+            Extent { offset: u64_at(e, 0), seq: u64_at(e, 8), data_pos: u64_at(e, 16), length: u32_at(e, 24), volume: u16_at(e, 28), kind };
+        if usize::from(ext.volume) >= volumes.len() {
+            return Err(bad("volume number"));
+        }
+        if !(first_seq..=last_seq).contains(&ext.seq) {
+            return Err(bad("sequence number outside the segment"));
+        }
+        if ext.length == 0 || ext.length > max_length || ext.offset.checked_add(u64::from(ext.length)).is_none() {
+            return Err(bad("length"));
+        }
+        if e[31] != 0 {
+            return Err(bad("reserved byte"));
+        }
+        extents.push(ext);
+    }
+    let run = Run::new(first_seq, last_seq, segment_len, volumes, extents);
+    if run.max_length() != max_length && !run.extents().is_empty() {
+        return Err(IndexFileError::Extent(0, "max_length"));
+    }
+    Ok(run)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::point_index::tests::data;
+
+    fn run() -> Run {
+        let mut zero = data(1, 8192, 4096, 12);
+        zero.kind = WriteKind::Trim;
+        zero.data_pos = 0;
+        Run::new(
+            10,
+            14,
+            1 << 20,
+            vec!["db".into(), "logs".into()],
+            vec![data(0, 0, 4096, 10), data(0, 0, 65536, 11), zero, data(1, 0, 512, 14)],
+        )
+    }
+
+    #[test]
+    fn an_index_file_decodes_to_the_run_it_was_encoded_from() {
+        let r = run();
+        assert_eq!(decode(&encode(&r)).unwrap(), r);
+        let empty = Run::new(5, 5, 4096, vec!["db".into()], Vec::new());
+        assert_eq!(decode(&encode(&empty)).unwrap(), empty);
+    }
+
+    #[test]
+    fn a_torn_or_flipped_index_file_is_refused() {
+        let bytes = encode(&run());
+        for cut in [0, 10, HEADER_LEN, bytes.len() - 33, bytes.len() - 1] {
+            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        for at in [0, 9, 20, 60, bytes.len() - 10, bytes.len() - 1] {
+            let mut b = bytes.clone();
+            b[at] ^= 0x40;
+            assert!(decode(&b).is_err(), "flip at {at}");
+        }
+        let mut v2 = bytes.clone();
+        v2[8] = 2;
+        assert!(matches!(decode(&v2), Err(IndexFileError::Version(2))));
+    }
+
+    #[test]
+    fn a_checksummed_file_with_a_bad_count_is_refused_before_allocating() {
+        let mut b = encode(&run());
+        b[40..48].copy_from_slice(&u64::MAX.to_le_bytes());
+        let body = b.len() - 4;
+        let crc = crc32c::crc32c(&b[..body]);
+        b[body..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode(&b), Err(IndexFileError::Size));
+    }
+}
