@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every fuzz target of fuzz/ for a bounded time (HS_FUZZ_SECONDS each, default 20) from
-# the kept corpus: the frame and message decoders, journal replay, the NBD request decoders.
+# the kept corpus: the frame and message decoders, journal replay, the NBD request decoders and
+# the point-in-time index file.
 # A crash fails the script and leaves the input in fuzz/artifacts/. Installs cargo-fuzz if
 # missing. Runs on the stable toolchain, without a sanitizer (a Rust panic is the crash).
 set -euo pipefail
@@ -8,7 +9,7 @@ cd "$(dirname "$0")/../fuzz"
 SECONDS_EACH=${HS_FUZZ_SECONDS:-20}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked -q
 cargo fuzz build -O --sanitizer none
-for t in frame journal_replay nbd_request; do
+for t in frame journal_replay nbd_request point_index; do
   # Work on a copy so that CI runs do not grow the kept corpus.
   work=$(mktemp -d)
   cp -r "corpus/$t/." "$work/"

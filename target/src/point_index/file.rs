@@ -8,15 +8,17 @@
 //!   16  | first_seq (u64)                                                   |
 //!   24  | last_seq (u64)                                                    |
 //!   32  | segment_len (u64)                                                 |
-//!   40  | extent_count (u64)                                                |
-//!   48  | max_length (u32)                  | reserved (u32) = 0            |
-//!   56  | volume table: volume_count × { name_len (u8) | name (UTF-8) }      |
+//!   40  | first_time_ns (u64)                                               |
+//!   48  | last_time_ns (u64)                                                |
+//!   56  | extent_count (u64)                                                |
+//!   64  | max_length (u32)                  | reserved (u32) = 0            |
+//!   72  | volume table: volume_count × { name_len (u8) | name (UTF-8) }      |
 //!       | extents: extent_count × { offset | seq | data_pos | length | volume | kind | 0 } |
 //!       | crc32c (u32) of every byte before it                               |
 //! ```
 //!
 //! Grammar: `{ magic | version | volume_count | reserved | first_seq | last_seq | segment_len |
-//! extent_count | max_length | reserved | volumes | extents | crc32c }`. A decoder checks the
+//! first_time_ns | last_time_ns | extent_count | max_length | reserved | volumes | extents | crc32c }`. A decoder checks the
 //! size against the counts and the checksum before it uses anything, and never allocates from
 //! an unchecked count.
 
@@ -30,7 +32,7 @@ pub const MAGIC: &[u8; 8] = b"HSINDEX1";
 /// The version this code writes and reads.
 pub const VERSION: u32 = 1;
 /// Bytes before the volume table.
-const HEADER_LEN: usize = 56;
+const HEADER_LEN: usize = 72;
 
 /// Why bytes are not a valid index file.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -64,6 +66,8 @@ pub fn encode(run: &Run) -> Vec<u8> {
     out.extend_from_slice(&run.first_seq.to_le_bytes());
     out.extend_from_slice(&run.last_seq.to_le_bytes());
     out.extend_from_slice(&run.segment_len.to_le_bytes());
+    out.extend_from_slice(&run.first_time_ns.to_le_bytes());
+    out.extend_from_slice(&run.last_time_ns.to_le_bytes());
     out.extend_from_slice(&(extents.len() as u64).to_le_bytes());
     out.extend_from_slice(&run.max_length().to_le_bytes());
     out.extend_from_slice(&[0; 4]);
@@ -116,8 +120,9 @@ pub fn decode(b: &[u8]) -> Result<Run, IndexFileError> {
     }
     let volume_count = usize::from(u16_at(b, 12));
     let (first_seq, last_seq, segment_len) = (u64_at(b, 16), u64_at(b, 24), u64_at(b, 32));
-    let extent_count = u64_at(b, 40);
-    let max_length = u32_at(b, 48);
+    let (first_time_ns, last_time_ns) = (u64_at(b, 40), u64_at(b, 48));
+    let extent_count = u64_at(b, 56);
+    let max_length = u32_at(b, 64);
     let mut at = HEADER_LEN;
     let mut volumes = Vec::with_capacity(volume_count.min(body / 2));
     for _ in 0..volume_count {
@@ -150,7 +155,9 @@ pub fn decode(b: &[u8]) -> Result<Run, IndexFileError> {
         }
         extents.push(ext);
     }
-    let run = Run::new(first_seq, last_seq, segment_len, volumes, extents);
+    let mut run = Run::new(first_seq, last_seq, segment_len, volumes, extents);
+    run.first_time_ns = first_time_ns;
+    run.last_time_ns = last_time_ns;
     if run.max_length() != max_length && !run.extents().is_empty() {
         return Err(IndexFileError::Extent(0, "max_length"));
     }
@@ -202,10 +209,24 @@ mod tests {
     #[test]
     fn a_checksummed_file_with_a_bad_count_is_refused_before_allocating() {
         let mut b = encode(&run());
-        b[40..48].copy_from_slice(&u64::MAX.to_le_bytes());
+        b[56..64].copy_from_slice(&u64::MAX.to_le_bytes());
         let body = b.len() - 4;
         let crc = crc32c::crc32c(&b[..body]);
         b[body..].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(decode(&b), Err(IndexFileError::Size));
+    }
+
+    /// The file of version 1, as written by the first release of the format: it must always
+    /// decode to the same run, and its torn or flipped variants never.
+    const FIXTURE_V1: &[u8] = include_bytes!("../../tests/fixtures/index-v1.hsx");
+
+    #[test]
+    fn the_version_1_fixture_decodes_and_its_corrupt_variants_do_not() {
+        assert_eq!(decode(FIXTURE_V1), Ok(run()));
+        assert_eq!(encode(&run()), FIXTURE_V1);
+        assert!(matches!(decode(&FIXTURE_V1[..FIXTURE_V1.len() - 1]), Err(IndexFileError::Checksum)));
+        let mut flipped = FIXTURE_V1.to_vec();
+        flipped[HEADER_LEN + 3] ^= 1;
+        assert!(matches!(decode(&flipped), Err(IndexFileError::Checksum)));
     }
 }

@@ -54,6 +54,9 @@ pub struct Run {
     pub last_seq: Seq,
     /// Bytes of the segment file the run was built from (0 for the active segment).
     pub segment_len: u64,
+    /// Times of the first and last records (0 until set).
+    pub first_time_ns: u64,
+    pub last_time_ns: u64,
     /// Volume names, by number.
     pub volumes: Vec<String>,
     /// Sorted by volume, then offset, then newest first.
@@ -69,7 +72,7 @@ impl Run {
         let max_length = extents.iter().map(|e| e.length).max().unwrap_or(0);
         debug_assert!(extents.iter().all(|e| usize::from(e.volume) < volumes.len()), "an extent names no volume of its run");
         debug_assert!(extents.iter().all(|e| (first_seq..=last_seq).contains(&e.seq)), "an extent outside its run's records");
-        Run { first_seq, last_seq, segment_len, volumes, extents, max_length }
+        Run { first_seq, last_seq, segment_len, first_time_ns: 0, last_time_ns: 0, volumes, extents, max_length }
     }
 
     /// The extents, sorted.
