@@ -610,6 +610,8 @@ struct SegmentCursor {
     next_seq: Seq,
     /// Encoded length of the record `next` returned last.
     last_len: usize,
+    /// First sequence number of the segment this cursor reads.
+    segment: Seq,
 }
 
 const READ_CHUNK: usize = 1 << 20;
@@ -623,6 +625,7 @@ impl SegmentCursor {
             pos: SEGMENT_HEADER_LEN as u64,
             next_seq: first_seq,
             last_len: 0,
+            segment: first_seq,
         }
     }
 
@@ -736,6 +739,8 @@ pub struct JournalReader {
     chunk_last: (usize, usize),
     /// Bytes of records read from the tail rather than the file.
     from_memory: u64,
+    /// Whether the record returned last came from the file.
+    last_from_file: bool,
 }
 
 /// Where the record a reader returns next comes from.
@@ -771,6 +776,7 @@ impl JournalReader {
             chunk: None,
             chunk_last: (0, 0),
             from_memory: 0,
+            last_from_file: false,
         };
         while r.cursor.next_seq < from {
             if r.next()?.is_none() {
@@ -798,9 +804,18 @@ impl JournalReader {
         self.cursor.next_seq
     }
 
+    /// Where the record returned last lies: the first sequence number of its segment and the
+    /// record's byte position in the segment file. `None` before the first record and for a
+    /// record taken from the writer's tail in memory.
+    pub fn last_position(&self) -> Option<(Seq, u64)> {
+        self.last_from_file.then(|| (self.cursor.segment, self.cursor.pos - self.cursor.last_len as u64))
+    }
+
     /// The next record and its raw encoding, or `None` when nothing more is written yet.
     pub fn next_raw(&mut self) -> Result<Option<(RecordRef<'_>, &[u8])>, JournalError> {
-        let raw = match self.step()? {
+        let step = self.step()?;
+        self.last_from_file = matches!(step, Some(Source::File));
+        let raw = match step {
             None => return Ok(None),
             Some(Source::File) => self.cursor.last_raw(),
             Some(Source::Memory) => {

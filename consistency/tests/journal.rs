@@ -462,3 +462,29 @@ fn spares_of_another_numbering_are_never_reused() {
     assert!(j.segments().all(|s| inode(&s.path) != foreign_inode), "and was not reused");
     assert_eq!(read_all(d.path(), 1), (1..=j.durable_seq()).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_readers_last_position_locates_each_record_in_its_segment_file() {
+    let d = tempfile::tempdir().unwrap();
+    let mut j = Journal::open(fs(), d.path(), SMALL).unwrap();
+    for _ in 0..12 {
+        append_n(&mut j, 5, 3000);
+    }
+    drop(j);
+    let mut r = JournalReader::open(fs(), d.path(), 1).unwrap();
+    assert_eq!(r.last_position(), None);
+    let segments = list_segments(fs().as_ref(), d.path()).unwrap();
+    assert!(segments.len() > 2, "segments should roll");
+    let mut seen = 0;
+    while let Some((rec, raw)) = r.next_raw().unwrap() {
+        let (seq, raw) = (rec.header.seq, raw.to_vec());
+        let (segment, pos) = r.last_position().expect("read from the file");
+        let path = &segments.iter().find(|s| s.0 == segment).expect("a segment of the journal").1;
+        assert!(segments.iter().rfind(|s| s.0 <= seq).map(|s| s.0) == Some(segment), "seq {seq} in segment {segment}");
+        let file = std::fs::read(path).unwrap();
+        let at = usize::try_from(pos).unwrap();
+        assert_eq!(&file[at..at + raw.len()], &raw[..], "seq {seq} at {pos}");
+        seen += 1;
+    }
+    assert_eq!(seen, 60);
+}
