@@ -60,6 +60,11 @@ impl GroupPaths {
         self.dir.join("spans.toml")
     }
 
+    /// `index/`: the point-in-time index, one file per sealed journal segment.
+    pub fn index_dir(&self) -> PathBuf {
+        self.dir.join("index")
+    }
+
     /// `lock`: shared by readers, exclusive while retention changes base/ and the journal.
     pub fn lock(&self) -> PathBuf {
         self.dir.join("lock")

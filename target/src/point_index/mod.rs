@@ -8,6 +8,7 @@
 //! file and checks one read back; [`resolve`] paints a range from the runs at a point, newest
 //! version first, leaving what no run holds to the base image.
 
+pub mod build;
 pub mod file;
 pub mod resolve;
 
