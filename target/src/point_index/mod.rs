@@ -11,6 +11,7 @@
 pub mod build;
 pub mod file;
 pub mod resolve;
+pub mod store;
 
 use hindsight_consistency::{Seq, WriteKind};
 
