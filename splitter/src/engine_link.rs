@@ -31,13 +31,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::quiesce::Quiescer;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hindsight_consistency::record::MAX_WRITE_LEN;
+use hindsight_consistency::sync::lock;
 use hindsight_consistency::transport::{is_refusal_io, Connection, ReadHalf, Role, Security, WriteHalf};
 use hindsight_consistency::wire::frame::{encode_header_parts, whole_frame_buffered};
 use hindsight_consistency::wire::{
@@ -255,12 +256,6 @@ pub struct EngineLink {
     inner: Arc<Inner>,
     /// Dropped with the link, which wakes the supervisor out of its backoff sleep.
     _close: Sender<()>,
-}
-
-/// Takes a lock even if a thread panicked while holding it: the guarded state (a map, a
-/// socket and counters) stays consistent between statements.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl EngineLink {

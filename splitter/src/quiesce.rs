@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hindsight_consistency::config::QuiesceConfig;
+use hindsight_consistency::sync::lock;
 use log::{info, warn};
 
 /// How long one freeze or thaw command may run.
@@ -37,7 +38,7 @@ impl Quiescer {
     /// Quiesces for quiesce `id`; on success the VM stays frozen until [`Quiescer::thaw`]
     /// or `engine_timeout` plus a margin, whichever comes first.
     pub fn freeze(self: &Arc<Self>, id: u64, engine_timeout: Duration) -> Result<(), String> {
-        let mut frozen = self.frozen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut frozen = lock(&self.frozen);
         if let Some(other) = *frozen {
             return Err(format!("already quiesced for another bookmark (quiesce {other})"));
         }
@@ -62,7 +63,7 @@ impl Quiescer {
         let limit = engine_timeout + SELF_THAW_MARGIN;
         let _ = std::thread::Builder::new().name("self-thaw".into()).spawn(move || {
             std::thread::sleep(limit);
-            if *me.frozen.lock().unwrap_or_else(|e| e.into_inner()) == Some(id) {
+            if *lock(&me.frozen) == Some(id) {
                 warn!("no thaw from the engine within {limit:?} after quiesce {id}; thawing now");
                 me.thaw(id);
             }
@@ -72,7 +73,7 @@ impl Quiescer {
 
     /// Ends quiesce `id` (nothing if it is not the one holding the VM).
     pub fn thaw(&self, id: u64) {
-        let mut frozen = self.frozen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut frozen = lock(&self.frozen);
         if *frozen != Some(id) {
             return;
         }

@@ -17,6 +17,7 @@ use crossbeam_channel::Sender;
 use hindsight_consistency::record::MAX_WRITE_LEN;
 use hindsight_consistency::region_hash::{region_hash, zero_hash, RegionHash};
 use hindsight_consistency::storage::{OpenMode, Storage, StorageFile};
+use hindsight_consistency::sync::lock;
 use log::error;
 use thiserror::Error;
 
@@ -155,7 +156,7 @@ impl Ranges {
     /// Waits until no write under way overlaps `start..end`; returns with the ranges locked,
     /// so that the caller can act (read, or add its own range) before another write starts.
     fn clear(&self, start: u64, end: u64) -> MutexGuard<'_, RangesState> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = lock(&self.state);
         while st.ranges.iter().any(|&(s, e)| s < end && start < e) {
             st.waiting += 1;
             st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -166,7 +167,7 @@ impl Ranges {
 
     /// The write of `start..end` has finished.
     fn finish(&self, start: u64, end: u64) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = lock(&self.state);
         if let Some(i) = st.ranges.iter().position(|&r| r == (start, end)) {
             st.ranges.swap_remove(i);
         }
@@ -610,7 +611,7 @@ impl Join {
         if self.left.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
-        let done = self.done.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let done = lock(&self.done).take();
         if let Some(done) = done {
             done(match self.error.get() {
                 Some(&e) => Err(e),
@@ -629,7 +630,7 @@ mod tests {
     fn recorder() -> (Results, Completion) {
         let got = Arc::new(Mutex::new(Vec::new()));
         let g = Arc::clone(&got);
-        (got, Box::new(move |r| g.lock().unwrap().push(r)))
+        (got, Box::new(move |r| lock(&g).push(r)))
     }
 
     #[test]
@@ -637,9 +638,9 @@ mod tests {
         let (got, done) = recorder();
         let j = Join::new(2, done);
         j.finish(Ok(()));
-        assert!(got.lock().unwrap().is_empty());
+        assert!(lock(&got).is_empty());
         j.finish(Ok(()));
-        assert_eq!(*got.lock().unwrap(), vec![Ok(())]);
+        assert_eq!(*lock(&got), vec![Ok(())]);
     }
 
     #[test]
@@ -649,7 +650,7 @@ mod tests {
         j.finish(Err(BlockError::NoSpace));
         j.finish(Err(BlockError::Io));
         j.finish(Ok(()));
-        assert_eq!(*got.lock().unwrap(), vec![Err(BlockError::NoSpace)]);
+        assert_eq!(*lock(&got), vec![Err(BlockError::NoSpace)]);
     }
 
     #[test]
