@@ -23,16 +23,16 @@
 //!
 //! - [`block`]: the block trait the front ends serve
 //! - [`nbd`]: the NBD front end
-//! - [`nbd_file`]: a plain file as a device, without replication (tests and baselines)
+//! - [`file_device`]: a plain file as a device, without replication (tests and baselines)
 //! - [`engine_link`]: the connection to the engine
 //! - [`replicated`]: the replicating device
 
 pub mod block;
 pub mod dirty;
 pub mod engine_link;
+pub mod file_device;
 pub mod frontend;
 pub mod nbd;
-pub mod nbd_file;
 pub mod quiesce;
 pub mod replicated;
 pub mod resync;
