@@ -320,7 +320,7 @@ impl ReplicatedDisk {
     }
 
     /// Re-sends the given regions from the local disk as resync writes, up to
-    /// [`RESYNC_WINDOW`] at a time. Each region's range is held like a write's while it is read
+    /// `RESYNC_WINDOW` at a time. Each region's range is held like a write's while it is read
     /// and sent, so a guest write to it is numbered after the resync of its old bytes. Returns
     /// the regions the engine acknowledged (those are no longer dirty).
     pub fn resync(&self, regions: &[u64]) -> Vec<u64> {
