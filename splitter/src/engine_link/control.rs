@@ -29,7 +29,7 @@ impl Inner {
                 Ok(()) => reply(true, String::new()),
                 Err(e) => {
                     warn!("quiesce {} failed: {e}", q.id);
-                    reply(false, e)
+                    reply(false, e.to_string())
                 }
             };
             me.send_control(FrameType::Quiesced, &msg);
