@@ -1,4 +1,4 @@
-//! The block trait every front end (NBD today, ublk next) serves.
+//! The block trait every front end (ublk, the kernel nbd driver, the NBD server) serves.
 //!
 //! A front end parses its protocol, then calls a [`BlockDevice`]: reads are answered
 //! synchronously from the local disk; data-modifying requests are *submitted* and complete

@@ -32,6 +32,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hindsight_consistency::storage::{OpenMode, Storage, StorageFile};
+use hindsight_consistency::sync::lock;
 use log::{info, warn};
 
 /// Regions are 2^20 bytes by default.
@@ -45,10 +46,6 @@ pub const FLAG_COMPARE: u16 = 1;
 const MAGIC: &[u8; 4] = b"HSDM";
 const VERSION: u8 = 1;
 const HEADER_LEN: usize = 16;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 struct State {
     /// Marks (what the file says once `persisted` reaches `generation`).

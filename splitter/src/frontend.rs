@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use hindsight_consistency::config::{FrontendConfig, FrontendKind};
 use log::{info, warn};
+use thiserror::Error;
 
 use crate::block::BlockDevice;
 use crate::nbd::kernel::{self, KernelNbd};
@@ -106,20 +107,54 @@ pub fn attach(config: &FrontendConfig, disk: Arc<dyn BlockDevice>, volume: &str)
     }
 }
 
+/// Why the front end a disk asks for cannot be had on this kernel.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum UnavailableError {
+    /// `frontend = "ublk"`, and the kernel has no ublk.
+    #[error("frontend \"ublk\": this kernel offers no ublk ({} is missing; `modprobe ublk_drv`, Linux 6.0 or later)", ublk::CONTROL_PATH)]
+    NoUblk,
+    /// `frontend = "nbd"`, and the kernel has no nbd driver.
+    #[error("frontend \"nbd\": this kernel offers no nbd driver (/sys/block/nbd0 is missing; `modprobe nbd`)")]
+    NoNbd,
+    /// `frontend = "auto"`, and the kernel has neither.
+    #[error("frontend \"auto\": this kernel offers neither ublk nor nbd (`modprobe ublk_drv` or `modprobe nbd`)")]
+    Neither,
+}
+
 /// Checks that the kernel offers the front end (`auto`: either), loading its module if
 /// needed.
-pub fn check_available(kind: FrontendKind) -> Result<(), String> {
+pub fn check_available(kind: FrontendKind) -> Result<(), UnavailableError> {
     match resolve(kind) {
-        FrontendKind::Ublk if !ublk::available() => Err(format!(
-            "frontend \"ublk\": this kernel offers no ublk ({} is missing; `modprobe ublk_drv`, Linux 6.0 or later)",
-            ublk::CONTROL_PATH
-        )),
+        FrontendKind::Ublk if !ublk::available() => Err(UnavailableError::NoUblk),
         FrontendKind::Nbd if !kernel::available() => Err(match kind {
-            FrontendKind::Auto => {
-                "frontend \"auto\": this kernel offers neither ublk nor nbd (`modprobe ublk_drv` or `modprobe nbd`)".to_string()
-            }
-            _ => "frontend \"nbd\": this kernel offers no nbd driver (/sys/block/nbd0 is missing; `modprobe nbd`)".to_string(),
+            FrontendKind::Auto => UnavailableError::Neither,
+            _ => UnavailableError::NoNbd,
         }),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_front_ends_say_what_to_load() {
+        assert_eq!(
+            UnavailableError::NoUblk.to_string(),
+            format!(
+                "frontend \"ublk\": this kernel offers no ublk ({} is missing; `modprobe ublk_drv`, Linux 6.0 or later)",
+                ublk::CONTROL_PATH
+            )
+        );
+        assert_eq!(
+            UnavailableError::NoNbd.to_string(),
+            "frontend \"nbd\": this kernel offers no nbd driver (/sys/block/nbd0 is missing; `modprobe nbd`)"
+        );
+        assert_eq!(
+            UnavailableError::Neither.to_string(),
+            "frontend \"auto\": this kernel offers neither ublk nor nbd (`modprobe ublk_drv` or `modprobe nbd`)"
+        );
     }
 }

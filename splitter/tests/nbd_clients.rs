@@ -7,7 +7,7 @@ use std::fs;
 use std::process::Command;
 use std::time::Duration;
 
-use hindsight_splitter::nbd_file::CompletionMode;
+use hindsight_splitter::file_device::CompletionMode;
 use nbd_support::*;
 use rand::RngCore;
 

@@ -11,8 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hindsight_splitter::block::BlockDevice;
+use hindsight_splitter::file_device::{CompletionMode, FileDevice};
 use hindsight_splitter::nbd::{Listen, NbdError, NbdServer};
-use hindsight_splitter::nbd_file::{CompletionMode, FileDevice};
 use nbd_support::*;
 
 const MIB: u64 = 1024 * 1024;

@@ -13,8 +13,9 @@
 
 use std::io::{self, BufReader, Read, Write};
 use std::net::Shutdown;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 
+use hindsight_consistency::sync::lock;
 use log::{debug, warn};
 
 use crate::block::{self, BlockDevice, BlockError, Deferred, WriteKind, WriteOp};
@@ -93,12 +94,6 @@ struct Shared {
     in_flight: Mutex<InFlight>,
     changed: Condvar,
     peer: String,
-}
-
-/// Takes a lock even if a thread panicked while holding it: the guarded state stays
-/// consistent (counters and a socket), and a front end must keep serving.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {

@@ -3,7 +3,7 @@
 //! The agent makes a unix socket pair, configures the kernel's nbd driver with the ioctl
 //! family (`NBD_SET_BLKSIZE`, `NBD_SET_SIZE`, `NBD_SET_FLAGS`, `NBD_SET_TIMEOUT`,
 //! `NBD_SET_SOCK` with one end), and serves the other end with the same transmission code as
-//! the NBD server ([`super::connection::serve`]), minus the handshake: the driver starts in
+//! the NBD server (`connection::serve`), minus the handshake: the driver starts in
 //! the transmission phase. A thread sits in `NBD_DO_IT` for as long as the device runs.
 //!
 //! A dead agent: its sockets close with it, and the driver fails every request with EIO at

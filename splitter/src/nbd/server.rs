@@ -10,10 +10,11 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use hindsight_consistency::sync::lock;
 use log::{debug, info, warn};
 
 use crate::block::BlockDevice;
@@ -228,11 +229,6 @@ struct State {
     stopping: AtomicBool,
     conns: Mutex<Conns>,
     closed: Condvar,
-}
-
-/// Takes a lock even if a thread panicked while holding it: the registry stays consistent.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 enum Listener {

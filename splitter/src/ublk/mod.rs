@@ -3,7 +3,7 @@
 //! docs/decisions.md says why not libublk).
 //!
 //! Core type: [`UblkDisk`], made by [`UblkDisk::attach`] over any
-//! [`BlockDevice`](crate::block::BlockDevice) and released by [`UblkDisk::stop`].
+//! [`BlockDevice`] and released by [`UblkDisk::stop`].
 //!
 //! How a guest write flows through the front end:
 //!
@@ -11,7 +11,7 @@
 //!    user recovery), sets its parameters (`SET_PARAMS`: size, 512-byte logical and 4 KiB
 //!    physical blocks, a volatile cache with FUA so the kernel sends flushes, discard and
 //!    write-zeroes limits), starts one thread per queue and then `START_DEV`.
-//! 2. Each queue thread fetches all its tags ([`queue`]). The kernel puts a write's data in
+//! 2. Each queue thread fetches all its tags (`queue`). The kernel puts a write's data in
 //!    the tag's buffer and completes the tag's fetch.
 //! 3. The thread submits the write to the device (the splitter core: engine, then local
 //!    disk), whose completion wakes the thread, which commits the result and fetches again.

@@ -10,13 +10,14 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use hindsight_consistency::region_hash::region_hash;
 use hindsight_consistency::storage::StdStorage;
+use hindsight_consistency::sync::lock;
 use hindsight_consistency::transport::Security;
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, AgentHello, AgentWelcome, DiskHello, ErrorMessage, FrameType, HashReply,
@@ -33,10 +34,6 @@ pub const MIB: u64 = 1024 * KIB;
 
 pub fn init_logging() {
     let _ = env_logger::builder().is_test(true).try_init();
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Polls `cond` every 10 ms until it holds; panics naming `what` after `timeout`.

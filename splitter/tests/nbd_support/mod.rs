@@ -13,8 +13,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hindsight_splitter::block::BlockDevice;
+use hindsight_splitter::file_device::{CompletionMode, FileDevice};
 use hindsight_splitter::nbd::{Listen, NbdServer, ServerHandle};
-use hindsight_splitter::nbd_file::{CompletionMode, FileDevice};
 
 /// Longest any one client program may run.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);

@@ -7,82 +7,33 @@
 //! completion, exactly once, failing it if any part failed. Reads and flushes touch only the
 //! local disk: the engine's acknowledgement already means the write is durable there (cdp
 //! mode).
+//!
+//! The parts: `local` holds the local disk (opening it, the ranges under way, applying a
+//! write, the writer threads) and `join` counts a request's parts down. This module is the
+//! write path itself, and with it the disk's side of a resync (hashing and re-sending
+//! regions, ending the resync): those read the local disk under the same range holds and
+//! resync gate as the guest's writes, and their correctness is the ordering between the two,
+//! so they stay next to each other.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+mod join;
+mod local;
 
-use crossbeam_channel::Sender;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use hindsight_consistency::record::MAX_WRITE_LEN;
 use hindsight_consistency::region_hash::{region_hash, zero_hash, RegionHash};
-use hindsight_consistency::storage::{OpenMode, Storage, StorageFile};
 use log::error;
-use thiserror::Error;
 
 use crate::block::{BlockDevice, BlockError, Completion, WriteKind, WriteOp};
 use crate::dirty::DirtyMap;
 use crate::engine_link::{EngineLink, WriteBody};
 
-/// Why a local disk cannot be used.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum DiskError {
-    /// Opening it read-write failed.
-    #[error("cannot open {} read-write (check the path and the agent's permissions)", path.display())]
-    Open {
-        /// The disk's path.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Its size could not be read.
-    #[error("cannot read the size of {}", path.display())]
-    Size {
-        /// The disk's path.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// It is empty.
-    #[error("{} has size 0; give a block device or a file of the volume's size", path.display())]
-    Empty {
-        /// The disk's path.
-        path: PathBuf,
-    },
-}
+pub use local::{DiskError, LocalDisk};
 
-/// A local disk (a block device or a regular file), opened read-write.
-pub struct LocalDisk {
-    file: Box<dyn StorageFile>,
-    size: u64,
-    path: PathBuf,
-}
-
-impl LocalDisk {
-    /// Opens the disk at `path` read-write and reads its size (for a block device, by
-    /// seeking to its end).
-    pub fn open(fs: &dyn Storage, path: &Path) -> Result<LocalDisk, DiskError> {
-        let file = fs.open(path, OpenMode::ReadWrite).map_err(|source| DiskError::Open { path: path.to_owned(), source })?;
-        let size = file.len().map_err(|source| DiskError::Size { path: path.to_owned(), source })?;
-        if size == 0 {
-            return Err(DiskError::Empty { path: path.to_owned() });
-        }
-        Ok(LocalDisk { file, size, path: path.to_owned() })
-    }
-
-    /// Size in bytes.
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    /// Where it is.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
+use join::Join;
+use local::{Local, LocalBody, LocalJob, Ranges, Writers};
 
 /// A local disk whose every write is also sent to the engine, as disk number `disk` of the
 /// link.
@@ -91,7 +42,7 @@ pub struct ReplicatedDisk {
     link: Arc<EngineLink>,
     disk: u16,
     /// Into the disk's local writer threads (None if they could not be started).
-    writers: Option<Sender<LocalJob>>,
+    writers: Writers,
     /// Dirty tracking, when configured.
     tracking: Option<Tracking>,
     /// The replica lacks writes of this disk (a cut, a crash, the initial sync): until the
@@ -119,122 +70,17 @@ pub struct Tracking {
 /// Regions of a resync sent before waiting for the oldest one's acknowledgement.
 const RESYNC_WINDOW: usize = 16;
 
-/// Local writes of at least this many bytes run on the disk's writer threads, so that the
-/// front end reads and forwards the next request meanwhile; smaller ones run inline, where a
-/// thread hand-off would cost more than the write.
-const OFFLOAD_MIN: u64 = 128 << 10;
-/// Writer threads per disk.
-const LOCAL_WRITERS: usize = 2;
-
-/// The local half of a disk, shared with its writer threads.
-struct Local {
-    disk: LocalDisk,
-    volume: String,
-    /// Ranges whose local write is under way. A write that overlaps one waits for it before
-    /// it is sent anywhere, so overlapping writes reach the local disk in the order the engine
-    /// numbers them, and the replica ends equal to the source.
-    in_flight: Ranges,
-}
-
-/// The ranges whose local write is under way, and the threads waiting for one to finish.
-#[derive(Default)]
-struct Ranges {
-    state: Mutex<RangesState>,
-    done: Condvar,
-}
-
-#[derive(Default)]
-struct RangesState {
-    ranges: Vec<(u64, u64)>,
-    /// Threads waiting in `clear`: a finished write wakes them only when there are some
-    /// (a wake-up is a system call, and almost no write overlaps one in flight).
-    waiting: usize,
-}
-
-impl Ranges {
-    /// Waits until no write under way overlaps `start..end`; returns with the ranges locked,
-    /// so that the caller can act (read, or add its own range) before another write starts.
-    fn clear(&self, start: u64, end: u64) -> MutexGuard<'_, RangesState> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        while st.ranges.iter().any(|&(s, e)| s < end && start < e) {
-            st.waiting += 1;
-            st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
-            st.waiting -= 1;
-        }
-        st
-    }
-
-    /// The write of `start..end` has finished.
-    fn finish(&self, start: u64, end: u64) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = st.ranges.iter().position(|&r| r == (start, end)) {
-            st.ranges.swap_remove(i);
-        }
-        if st.waiting > 0 {
-            drop(st);
-            self.done.notify_all();
-        }
-    }
-}
-
-/// What the local disk must do for one request.
-enum LocalBody {
-    Data(Arc<Vec<u8>>),
-    Zeroes(u64),
-}
-
-struct LocalJob {
-    offset: u64,
-    body: LocalBody,
-    fua: bool,
-    join: Arc<Join>,
-}
-
-impl Local {
-    fn run(&self, job: LocalJob) {
-        let LocalJob { offset, body, fua, join } = job;
-        let len = match &body {
-            LocalBody::Data(d) => d.len() as u64,
-            LocalBody::Zeroes(n) => *n,
-        };
-        let file = &self.disk.file;
-        let res = match &body {
-            LocalBody::Data(d) => file.write_all_at(d, offset),
-            LocalBody::Zeroes(n) => file.zero_range(offset, *n),
-        };
-        let res = res.and_then(|()| if fua { file.sync_data() } else { Ok(()) });
-        self.in_flight.finish(offset, offset + len);
-        join.finish(res.map_err(|e| {
-            error!("volume {}: local write of {len} bytes at offset {offset} to {} failed: {e}", self.volume, self.disk.path.display());
-            BlockError::from_io(&e)
-        }));
-    }
-}
-
 impl ReplicatedDisk {
     /// A replicating device over `local`, sending its writes on `link` as disk number `disk`;
     /// starts the disk's local writer threads.
     pub fn new(local: LocalDisk, link: Arc<EngineLink>, disk: u16, volume: String) -> Self {
         let local = Arc::new(Local { disk: local, volume, in_flight: Ranges::default() });
-        let (tx, rx) = crossbeam_channel::unbounded::<LocalJob>();
-        let mut started = 0;
-        for i in 0..LOCAL_WRITERS {
-            let (l, rx) = (Arc::clone(&local), rx.clone());
-            let spawned = std::thread::Builder::new().name(format!("local-{}-{i}", local.volume)).spawn(move || {
-                for job in rx {
-                    l.run(job);
-                }
-            });
-            match spawned {
-                Ok(_) => started += 1,
-                Err(e) => error!("volume {}: cannot start a local writer thread ({e}); large writes run inline", local.volume),
-            }
-        }
+        let writers = Writers::start(&local);
         ReplicatedDisk {
             local,
             link,
             disk,
-            writers: (started > 0).then_some(tx),
+            writers,
             tracking: None,
             resyncing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             sent_resync: std::sync::atomic::AtomicBool::new(false),
@@ -319,7 +165,7 @@ impl ReplicatedDisk {
     }
 
     /// Re-sends the given regions from the local disk as resync writes, up to
-    /// [`RESYNC_WINDOW`] at a time. Each region's range is held like a write's while it is read
+    /// `RESYNC_WINDOW` at a time. Each region's range is held like a write's while it is read
     /// and sent, so a guest write to it is numbered after the resync of its old bytes. Returns
     /// the regions the engine acknowledged (those are no longer dirty).
     pub fn resync(&self, regions: &[u64]) -> Vec<u64> {
@@ -562,14 +408,7 @@ impl ReplicatedDisk {
             }
         };
         let job = LocalJob { offset, body, fua, join };
-        match &self.writers {
-            Some(tx) if len >= OFFLOAD_MIN => {
-                if let Err(crossbeam_channel::SendError(job)) = tx.send(job) {
-                    self.local.run(job);
-                }
-            }
-            _ => self.local.run(job),
-        }
+        self.writers.apply(&self.local, job, len);
     }
 }
 
@@ -582,75 +421,9 @@ impl ReplicatedDisk {
     }
 }
 
-/// Joins the parts of one request: counts them down and keeps the first error; the part that
-/// finishes last runs the completion.
-struct Join {
-    left: AtomicU32,
-    error: OnceLock<BlockError>,
-    done: Mutex<Option<Completion>>,
-    /// Set when an engine part failed but the guest is served anyway (dirty tracking).
-    unreplicated: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Join {
-    fn new(parts: u32, done: Completion) -> Join {
-        Join {
-            left: AtomicU32::new(parts),
-            error: OnceLock::new(),
-            done: Mutex::new(Some(done)),
-            unreplicated: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        }
-    }
-
-    fn finish(&self, result: Result<(), BlockError>) {
-        if let Err(e) = result {
-            let _ = self.error.set(e);
-        }
-        // AcqRel: the last part sees every earlier part's error.
-        if self.left.fetch_sub(1, Ordering::AcqRel) != 1 {
-            return;
-        }
-        let done = self.done.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(done) = done {
-            done(match self.error.get() {
-                Some(&e) => Err(e),
-                None => Ok(()),
-            });
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    type Results = Arc<Mutex<Vec<Result<(), BlockError>>>>;
-
-    fn recorder() -> (Results, Completion) {
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let g = Arc::clone(&got);
-        (got, Box::new(move |r| g.lock().unwrap().push(r)))
-    }
-
-    #[test]
-    fn join_completes_once_after_the_last_part() {
-        let (got, done) = recorder();
-        let j = Join::new(2, done);
-        j.finish(Ok(()));
-        assert!(got.lock().unwrap().is_empty());
-        j.finish(Ok(()));
-        assert_eq!(*got.lock().unwrap(), vec![Ok(())]);
-    }
-
-    #[test]
-    fn join_reports_the_first_error_whichever_part_is_last() {
-        let (got, done) = recorder();
-        let j = Join::new(3, done);
-        j.finish(Err(BlockError::NoSpace));
-        j.finish(Err(BlockError::Io));
-        j.finish(Ok(()));
-        assert_eq!(*got.lock().unwrap(), vec![Err(BlockError::NoSpace)]);
-    }
 
     #[test]
     fn long_zeroing_splits_into_engine_sized_parts() {

@@ -192,6 +192,8 @@ impl BlockDevice for FileDevice {
 mod tests {
     use std::sync::{Arc, Mutex};
 
+    use hindsight_consistency::sync::lock;
+
     use super::*;
 
     fn device(mode: CompletionMode) -> (tempfile::NamedTempFile, FileDevice) {
@@ -207,8 +209,8 @@ mod tests {
         let got = Arc::new(Mutex::new(None));
         let g = Arc::clone(&got);
         let op = WriteOp { offset: 4096, kind: WriteKind::Data(vec![7; 512]), fua: true };
-        d.submit(op, Box::new(move |r| *g.lock().unwrap() = Some(r)));
-        assert_eq!(*got.lock().unwrap(), Some(Ok(())));
+        d.submit(op, Box::new(move |r| *lock(&g) = Some(r)));
+        assert_eq!(*lock(&got), Some(Ok(())));
         let mut buf = [0u8; 512];
         d.read(4096, &mut buf).unwrap();
         assert!(buf.iter().all(|&b| b == 7));
@@ -222,8 +224,8 @@ mod tests {
         let got = Arc::new(Mutex::new(None));
         let g = Arc::clone(&got);
         let op = WriteOp { offset: 1 << 20, kind: WriteKind::Zeroes { len: 1 }, fua: false };
-        d.submit(op, Box::new(move |r| *g.lock().unwrap() = Some(r)));
-        assert_eq!(*got.lock().unwrap(), Some(Err(BlockError::Invalid)));
+        d.submit(op, Box::new(move |r| *lock(&g) = Some(r)));
+        assert_eq!(*lock(&got), Some(Err(BlockError::Invalid)));
     }
 
     #[test]
@@ -233,14 +235,14 @@ mod tests {
         for i in 0..64u64 {
             let o = Arc::clone(&order);
             let op = WriteOp { offset: i * 512, kind: WriteKind::Trim { len: 512 }, fua: false };
-            d.submit(op, Box::new(move |r| o.lock().unwrap().push((i, r))));
+            d.submit(op, Box::new(move |r| lock(&o).push((i, r))));
         }
         drop(d); // the timer thread still runs everything pending
         let deadline = Instant::now() + Duration::from_secs(5);
-        while order.lock().unwrap().len() < 64 && Instant::now() < deadline {
+        while lock(&order).len() < 64 && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(5));
         }
-        let order = order.lock().unwrap();
+        let order = lock(&order);
         assert_eq!(order.len(), 64);
         assert!(order.iter().all(|(_, r)| r.is_ok()));
         assert!(order.windows(2).any(|w| w[0].0 > w[1].0), "completions came in order");
