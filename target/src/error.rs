@@ -209,6 +209,12 @@ pub enum TargetError {
         known: Vec<String>,
     },
     /// A thread could not be started.
+    #[error("group {group:?}: point-in-time index")]
+    Index {
+        group: String,
+        #[source]
+        source: crate::point_index::store::StoreError,
+    },
     #[error("cannot start the {what} thread")]
     Spawn {
         /// Which thread.

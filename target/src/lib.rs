@@ -80,6 +80,7 @@ mod lock;
 mod marks;
 mod meta;
 pub mod point_index;
+mod point_view;
 mod recover;
 mod recover_set;
 mod server;
@@ -95,6 +96,7 @@ use hindsight_consistency::Seq;
 use serde::{Deserialize, Serialize};
 
 pub use error::TargetError;
+pub use point_view::PointView;
 pub use recover::{groups, history, recover};
 pub use recover_set::{recover_set, Manifest, ManifestVolume, RecoverSetRequest, Selection, MANIFEST_NAME};
 pub use server::TargetHandle;

@@ -52,16 +52,16 @@ pub fn groups(config: &TargetConfig) -> Result<Vec<String>, TargetError> {
 }
 
 /// A consistent view of a group's recoverable window, taken under the shared lock.
-struct GroupView {
-    name: String,
-    paths: GroupPaths,
-    meta: GroupMeta,
+pub(crate) struct GroupView {
+    pub name: String,
+    pub paths: GroupPaths,
+    pub meta: GroupMeta,
     /// The state as written; records from `state.base_seq + 1` on are applied on the base.
-    state: GroupState,
+    pub state: GroupState,
     /// The oldest recoverable point (the base, or the base being rolled to).
-    first: (Seq, u64),
+    pub first: (Seq, u64),
     /// The newest point the journal holds.
-    last: (Seq, u64),
+    pub last: (Seq, u64),
     segments: usize,
     journal_bytes: u64,
     _lock: FileLock,
@@ -73,7 +73,7 @@ fn unknown_group(config: &TargetConfig, group: &str) -> TargetError {
 
 /// Checks that the group exists and reads its description (no lock needed: `group.toml`
 /// is replaced atomically).
-fn find_group(config: &TargetConfig, fs: &dyn Storage, group: &str) -> Result<(GroupPaths, GroupMeta), TargetError> {
+pub(crate) fn find_group(config: &TargetConfig, fs: &dyn Storage, group: &str) -> Result<(GroupPaths, GroupMeta), TargetError> {
     if check_name("group", group).is_err() {
         return Err(unknown_group(config, group));
     }
@@ -90,7 +90,7 @@ pub(crate) fn group_volumes(config: &TargetConfig, group: &str) -> Result<Vec<cr
     Ok(find_group(config, &StdStorage, group)?.1.volumes)
 }
 
-fn open_view(fs: &Arc<dyn Storage>, paths: GroupPaths, meta: GroupMeta, group: &str) -> Result<GroupView, TargetError> {
+pub(crate) fn open_view(fs: &Arc<dyn Storage>, paths: GroupPaths, meta: GroupMeta, group: &str) -> Result<GroupView, TargetError> {
     let lock = lock_file(&paths.lock(), LockKind::Shared, true, true)
         .map_err(data_dir_err(&paths.lock(), "lock"))?
         .expect("a waiting lock is always taken");
@@ -232,40 +232,7 @@ pub fn recover(config: &TargetConfig, req: &RecoverRequest) -> Result<RecoverRep
     };
     let output = check_output(config, &req.out, vol.size)?;
     let view = open_view(&fs, paths, meta, &req.group)?;
-    let not_retained = |requested: String| TargetError::NotRetained {
-        group: view.name.clone(),
-        requested,
-        first_seq: view.first.0,
-        first_time_ns: view.first.1,
-        last_seq: view.last.0,
-        last_time_ns: view.last.1,
-    };
-    let spans = crate::spans::load(&view.paths.spans())
-        .map_err(|reason| TargetError::Inconsistent { group: view.name.clone(), reason: format!("span index: {reason}") })?;
-    let spans: Vec<crate::spans::Span> = spans.into_iter().filter(|s| s.to.is_none_or(|t| t > view.first.0)).collect();
-    let (through, until_time) = match req.point {
-        Point::Seq(n) if n < view.first.0 => return Err(not_retained(req.point.to_string())),
-        Point::Seq(n) if n > view.last.0 => {
-            return Err(TargetError::NotReceived {
-                group: view.name.clone(),
-                requested: n,
-                last_seq: view.last.0,
-                last_time_ns: view.last.1,
-            })
-        }
-        Point::Seq(n) => match crate::spans::inconsistency(&spans, n) {
-            Some(why) => return Err(TargetError::NotConsistent { group: view.name.clone(), requested: n, why }),
-            None => (n, None),
-        },
-        Point::Time(t) if t < view.first.1 => return Err(not_retained(req.point.to_string())),
-        // Async deltas and resyncs: the last consistent point at or before the time.
-        Point::Time(t) if !spans.is_empty() => (crate::spans::consistent_at_or_before(&spans, seq_at_time(&fs, &view, t)?), None),
-        Point::Time(t) => (view.last.0, Some(t)),
-        Point::Latest => (crate::spans::consistent_at_or_before(&spans, view.last.0), None),
-    };
-    if through < view.first.0 {
-        return Err(not_retained(format!("{} (its last consistent point is seq {through})", req.point)));
-    }
+    let (through, until_time) = resolve_point(&fs, &view, &req.point)?;
 
     let (file_path, dst) = match &output {
         Output::NewFile { tmp } => {
@@ -337,8 +304,50 @@ pub fn recover(config: &TargetConfig, req: &RecoverRequest) -> Result<RecoverRep
     })
 }
 
+/// The point `point` of the group in `view` stands for: the sequence number to go through,
+/// and for a time in a stretch where every point is consistent, that time (the records after
+/// it are left out as they are read). Refuses points outside the window and points that are
+/// not consistent.
+pub(crate) fn resolve_point(fs: &Arc<dyn Storage>, view: &GroupView, point: &Point) -> Result<(Seq, Option<u64>), TargetError> {
+    let not_retained = |requested: String| TargetError::NotRetained {
+        group: view.name.clone(),
+        requested,
+        first_seq: view.first.0,
+        first_time_ns: view.first.1,
+        last_seq: view.last.0,
+        last_time_ns: view.last.1,
+    };
+    let spans = crate::spans::load(&view.paths.spans())
+        .map_err(|reason| TargetError::Inconsistent { group: view.name.clone(), reason: format!("span index: {reason}") })?;
+    let spans: Vec<crate::spans::Span> = spans.into_iter().filter(|s| s.to.is_none_or(|t| t > view.first.0)).collect();
+    let (through, until_time) = match *point {
+        Point::Seq(n) if n < view.first.0 => return Err(not_retained(point.to_string())),
+        Point::Seq(n) if n > view.last.0 => {
+            return Err(TargetError::NotReceived {
+                group: view.name.clone(),
+                requested: n,
+                last_seq: view.last.0,
+                last_time_ns: view.last.1,
+            })
+        }
+        Point::Seq(n) => match crate::spans::inconsistency(&spans, n) {
+            Some(why) => return Err(TargetError::NotConsistent { group: view.name.clone(), requested: n, why }),
+            None => (n, None),
+        },
+        Point::Time(t) if t < view.first.1 => return Err(not_retained(point.to_string())),
+        // Async deltas and resyncs: the last consistent point at or before the time.
+        Point::Time(t) if !spans.is_empty() => (crate::spans::consistent_at_or_before(&spans, seq_at_time(fs, view, t)?), None),
+        Point::Time(t) => (view.last.0, Some(t)),
+        Point::Latest => (crate::spans::consistent_at_or_before(&spans, view.last.0), None),
+    };
+    if through < view.first.0 {
+        return Err(not_retained(format!("{point} (its last consistent point is seq {through})")));
+    }
+    Ok((through, until_time))
+}
+
 /// The last sequence number whose time is at or before `t` (by reading the journal).
-fn seq_at_time(fs: &Arc<dyn Storage>, view: &GroupView, t: u64) -> Result<Seq, TargetError> {
+pub(crate) fn seq_at_time(fs: &Arc<dyn Storage>, view: &GroupView, t: u64) -> Result<Seq, TargetError> {
     let mut seq = view.state.base_seq;
     for_each_record(fs, &view.name, &view.paths.journal(), view.state.base_seq + 1, view.last.0, |rec| {
         if rec.header.time_ns > t {
@@ -353,7 +362,7 @@ fn seq_at_time(fs: &Arc<dyn Storage>, view: &GroupView, t: u64) -> Result<Seq, T
 /// How consistent the point after `seq` is: a point exactly at a bookmark has the bookmark's
 /// kind (an application-consistent bookmark was placed with the file systems frozen); every
 /// other point is crash-consistent.
-fn point_consistency(view: &GroupView, seq: Seq) -> String {
+pub(crate) fn point_consistency(view: &GroupView, seq: Seq) -> String {
     crate::bookmarks::load(&view.paths.bookmarks())
         .unwrap_or_default()
         .into_iter()

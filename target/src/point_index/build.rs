@@ -66,7 +66,7 @@ pub fn build_runs(fs: &Arc<dyn Storage>, dir: &Path, volumes: &[String], from: S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::point_index::resolve::{resolve, Source};
+    use crate::point_index::resolve::{resolve, Source, Window};
     use hindsight_consistency::journal::{Journal, JournalOptions};
     use hindsight_consistency::record::RecordHeader;
     use hindsight_consistency::storage::StdStorage;
@@ -111,7 +111,7 @@ mod tests {
         assert!(runs.windows(2).all(|w| w[0].last_seq + 1 == w[1].first_seq));
         let refs: Vec<&Run> = runs.iter().collect();
         let mut got = vec![0u8; want.len()];
-        for p in resolve(&refs, "db", 0, want.len() as u64, 60) {
+        for p in resolve(&refs, "db", 0, want.len() as u64, Window { after: 0, point: 60 }) {
             let at = usize::try_from(p.offset).unwrap();
             let n = usize::try_from(p.len).unwrap();
             match p.source {

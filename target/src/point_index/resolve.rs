@@ -25,9 +25,19 @@ pub struct Piece {
     pub source: Source,
 }
 
-/// The pieces of `[from, to)` of `volume` at `point`, in offset order, from `runs` (oldest
-/// first, as the journal's segments are). Every byte of the range is in exactly one piece.
-pub fn resolve(runs: &[&Run], volume: &str, from: u64, to: u64, point: Seq) -> Vec<Piece> {
+/// The sequence numbers a resolution looks at: after the base (whose image holds every record
+/// through `after`) and through the point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub after: Seq,
+    pub point: Seq,
+}
+
+/// The pieces of `[from, to)` of `volume` at `w.point`, in offset order, from `runs` (oldest
+/// first, as the journal's segments are); records through `w.after` are in the base image and
+/// are left out. Every byte of the range is in exactly one piece.
+pub fn resolve(runs: &[&Run], volume: &str, from: u64, to: u64, w: Window) -> Vec<Piece> {
+    let point = w.point;
     let mut unfilled = vec![(from, to)];
     let mut pieces = Vec::new();
     for run in runs.iter().rev() {
@@ -37,9 +47,13 @@ pub fn resolve(runs: &[&Run], volume: &str, from: u64, to: u64, point: Seq) -> V
         if run.first_seq > point {
             continue;
         }
+        if run.last_seq <= w.after {
+            break;
+        }
         let Some(v) = run.volume_number(volume) else { continue };
         let (lo, hi) = (unfilled[0].0, unfilled[unfilled.len() - 1].1);
         let mut candidates = run.candidates(v, lo, hi, point);
+        candidates.retain(|e| e.seq > w.after);
         candidates.sort_unstable_by_key(|e| std::cmp::Reverse(e.seq));
         for e in candidates {
             paint(&mut unfilled, &mut pieces, run.first_seq, &e);
@@ -137,7 +151,7 @@ mod tests {
             for point in 0..seq {
                 let from = rng.gen_range(0..size);
                 let to = rng.gen_range(from + 1..=size);
-                let pieces = resolve(&refs, "v", from, to, point);
+                let pieces = resolve(&refs, "v", from, to, Window { after: 0, point });
                 let want = model(&writes, size, point);
                 let got = painted(&pieces, from, to);
                 let want = &want[usize::try_from(from).unwrap()..usize::try_from(to).unwrap()];
@@ -161,7 +175,7 @@ mod tests {
             vec!["v".into()],
             vec![Extent { offset: 100, seq: 1, data_pos: 5000, length: 10, volume: 0, kind: WriteKind::Data }],
         );
-        let pieces = resolve(&[&run], "v", 0, 200, 1);
+        let pieces = resolve(&[&run], "v", 0, 200, Window { after: 0, point: 1 });
         assert_eq!(
             pieces,
             vec![
@@ -170,6 +184,8 @@ mod tests {
                 Piece { offset: 110, len: 90, source: Source::Base },
             ]
         );
-        assert_eq!(resolve(&[&run], "other", 0, 200, 1), vec![Piece { offset: 0, len: 200, source: Source::Base }]);
+        let all_base = vec![Piece { offset: 0, len: 200, source: Source::Base }];
+        assert_eq!(resolve(&[&run], "other", 0, 200, Window { after: 0, point: 1 }), all_base);
+        assert_eq!(resolve(&[&run], "v", 0, 200, Window { after: 1, point: 1 }), all_base, "seq 1 is in the base already");
     }
 }

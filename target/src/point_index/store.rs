@@ -29,6 +29,8 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    #[error("indexing the journal")]
+    Journal(#[from] BuildError),
     #[error("indexing segment {segment} of the journal")]
     Build {
         segment: Seq,

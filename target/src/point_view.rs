@@ -1,0 +1,183 @@
+//! A group as it was at one point, readable at once: every volume's bytes resolved through the
+//! point-in-time index (docs/point-index.md) from the journal's segments and the base images,
+//! with nothing copied first. `hindsight export` serves it over NBD; it holds the group's lock
+//! shared for as long as it lives, so retention folds nothing while a point is served (the
+//! point is *pinned*).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::Arc;
+
+use hindsight_consistency::config::TargetConfig;
+use hindsight_consistency::journal::list_segments;
+use hindsight_consistency::storage::{OpenMode, StdStorage, Storage, StorageFile};
+use hindsight_consistency::Seq;
+
+use crate::error::{data_dir_err, TargetError};
+use crate::layout::image_name;
+use crate::point_index::resolve::{resolve, Source, Window};
+use crate::point_index::store::{sealed_run, Segment};
+use crate::point_index::Run;
+use crate::recover::{find_group, open_view, point_consistency, resolve_point, seq_at_time, GroupView};
+use crate::{Point, Volume};
+
+/// One volume of a [`PointView`].
+struct ViewVolume {
+    volume: Volume,
+    base: Box<dyn StorageFile>,
+}
+
+/// A group at one point.
+pub struct PointView {
+    group: String,
+    seq: Seq,
+    time_ns: u64,
+    consistency: String,
+    window: Window,
+    volumes: Vec<ViewVolume>,
+    /// The runs of the segments the point needs, oldest first.
+    runs: Vec<Run>,
+    /// Their segment files, by first sequence number.
+    segments: BTreeMap<Seq, Box<dyn StorageFile>>,
+    /// How many runs had to be built from the journal (no index file, or a damaged one).
+    rebuilt: usize,
+    /// Holds the group's lock shared: the pin.
+    _view: GroupView,
+}
+
+impl PointView {
+    /// Opens group `group` of the target at `point`; refuses a point outside the window or
+    /// one that is not consistent, as `recover` does.
+    pub fn open(config: &TargetConfig, group: &str, point: &Point) -> Result<PointView, TargetError> {
+        let fs: Arc<dyn Storage> = StdStorage::shared();
+        let (paths, meta) = find_group(config, fs.as_ref(), group)?;
+        let view = open_view(&fs, paths, meta, group)?;
+        let (through, until_time) = resolve_point(&fs, &view, point)?;
+        let seq = match until_time {
+            Some(t) => seq_at_time(&fs, &view, t)?.min(through),
+            None => through,
+        };
+        let jerr = |step| move |source| TargetError::Journal { group: group.to_owned(), step, source };
+        let journal_dir = view.paths.journal();
+        let listed = list_segments(fs.as_ref(), &journal_dir).map_err(jerr("list segments"))?;
+        let names: Vec<String> = view.meta.volumes.iter().map(|v| v.name.clone()).collect();
+        let after = view.state.base_seq;
+        let mut runs = Vec::new();
+        let mut segments = BTreeMap::new();
+        let mut rebuilt = 0;
+        for (i, (first_seq, path)) in listed.iter().enumerate() {
+            let last = listed.get(i + 1).map(|next| next.0 - 1);
+            if *first_seq > seq || last.is_some_and(|l| l <= after) {
+                continue;
+            }
+            let seg = Segment { first_seq: *first_seq, path: path.clone() };
+            let run = match last {
+                Some(last) => {
+                    let (run, built) = sealed_run(&fs, &journal_dir, &view.paths.index_dir(), &names, &seg, last)
+                        .map_err(|source| TargetError::Index { group: group.to_owned(), source })?;
+                    rebuilt += usize::from(built);
+                    run
+                }
+                // The active segment has no index file: read it up to the point.
+                None => {
+                    let built = crate::point_index::build::build_runs(&fs, &journal_dir, &names, *first_seq, seq)
+                        .map_err(|source| TargetError::Index { group: group.to_owned(), source: source.into() })?;
+                    match built.into_iter().next() {
+                        Some(run) => run,
+                        None => continue,
+                    }
+                }
+            };
+            let file = fs.open(path, OpenMode::Read).map_err(data_dir_err(path, "open segment"))?;
+            segments.insert(*first_seq, file);
+            runs.push(run);
+        }
+        let time_ns = if seq == view.last.0 { view.last.1 } else { time_at(&fs, &view, seq)? };
+        let mut volumes = Vec::with_capacity(view.meta.volumes.len());
+        for v in &view.meta.volumes {
+            let path = view.paths.base_dir().join(image_name(&v.name));
+            let base = fs.open(&path, OpenMode::Read).map_err(data_dir_err(&path, "open base image"))?;
+            volumes.push(ViewVolume { volume: v.clone(), base });
+        }
+        let consistency = point_consistency(&view, seq);
+        Ok(PointView {
+            group: group.to_owned(),
+            seq,
+            time_ns,
+            consistency,
+            window: Window { after, point: seq },
+            volumes,
+            runs,
+            segments,
+            rebuilt,
+            _view: view,
+        })
+    }
+
+    /// The group's name.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// The point: after the record with this sequence number.
+    pub fn seq(&self) -> Seq {
+        self.seq
+    }
+
+    /// The time of that record (of the base, at the oldest point).
+    pub fn time_ns(&self) -> u64 {
+        self.time_ns
+    }
+
+    /// `crash` or `application`, as `recover` reports it.
+    pub fn consistency(&self) -> &str {
+        &self.consistency
+    }
+
+    /// The group's volumes, in its order.
+    pub fn volumes(&self) -> impl Iterator<Item = &Volume> {
+        self.volumes.iter().map(|v| &v.volume)
+    }
+
+    /// How many segments had no index file that checked out and were read to index them.
+    pub fn rebuilt_runs(&self) -> usize {
+        self.rebuilt
+    }
+
+    /// Reads `buf.len()` bytes of volume number `volume` at `offset`, as they were at the
+    /// point.
+    pub fn read(&self, volume: usize, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let v = self.volumes.get(volume).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no such volume"))?;
+        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= v.volume.size);
+        let Some(end) = end else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "read past the end of the volume"));
+        };
+        let runs: Vec<&Run> = self.runs.iter().collect();
+        for p in resolve(&runs, &v.volume.name, offset, end, self.window) {
+            let at = usize::try_from(p.offset - offset).expect("inside the buffer");
+            let out = &mut buf[at..at + usize::try_from(p.len).expect("inside the buffer")];
+            match p.source {
+                Source::Base => v.base.read_exact_at(out, p.offset)?,
+                Source::Zero => out.fill(0),
+                Source::Journal { segment, pos } => {
+                    let file = self.segments.get(&segment).ok_or_else(|| io::Error::other("a segment the index names is not open"))?;
+                    file.read_exact_at(out, pos)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The time of record `seq` (the base's time for the base point).
+fn time_at(fs: &Arc<dyn Storage>, view: &GroupView, seq: Seq) -> Result<u64, TargetError> {
+    if seq <= view.state.base_seq {
+        return Ok(view.first.1);
+    }
+    let mut time = view.first.1;
+    crate::apply::for_each_record(fs, &view.name, &view.paths.journal(), seq, seq, |rec| {
+        time = rec.header.time_ns;
+        Ok(std::ops::ControlFlow::Break(()))
+    })?;
+    Ok(time)
+}
