@@ -3,6 +3,10 @@
 
 mod admin;
 mod certs;
+mod export;
+mod failure;
+mod overlay;
+mod point_args;
 mod signals;
 
 use std::path::PathBuf;
@@ -10,12 +14,14 @@ use std::process::ExitCode;
 
 use clap::{ArgGroup, Parser, Subcommand};
 use hindsight_consistency::config::{EngineConfig, TargetConfig};
-use hindsight_consistency::time::{format_rfc3339, parse_rfc3339};
+use hindsight_consistency::time::format_rfc3339;
 use hindsight_consistency::transport::Role;
 use hindsight_consistency::wire::{
     BookmarkReply, BookmarkRequest, FrameType, SetModeReply, SetModeRequest, StatusReply, StatusRequest, PROTOCOL_VERSION,
 };
-use hindsight_target::{Point, RecoverRequest, RecoverSetRequest, Selection};
+use hindsight_target::{RecoverRequest, RecoverSetRequest, Selection};
+
+use failure::Failure;
 
 #[derive(Parser)]
 #[command(name = "hindsight", version, about = "Block-level replication and continuous data protection")]
@@ -40,7 +46,6 @@ enum Command {
     },
     /// Write raw images of a volume, of every volume of a VM, or of the whole group, as they
     /// were at one point in time.
-    #[command(group(ArgGroup::new("point").required(true).args(["seq", "time", "bookmark", "latest"])))]
     #[command(group(ArgGroup::new("what").required(true).args(["volume", "vm", "all"])))]
     Recover {
         /// target.toml of the target holding the data
@@ -58,18 +63,8 @@ enum Command {
         /// Every volume of the group (written to --out-dir with a manifest)
         #[arg(long, requires = "out_dir")]
         all: bool,
-        /// The point: after the write with this group sequence number
-        #[arg(long)]
-        seq: Option<u64>,
-        /// The point: every write the engine received at or before this RFC 3339 time
-        #[arg(long)]
-        time: Option<String>,
-        /// The point: the newest bookmark of this name (every write before it)
-        #[arg(long)]
-        bookmark: Option<String>,
-        /// The point: the newest write the target holds
-        #[arg(long)]
-        latest: bool,
+        #[command(flatten)]
+        point: point_args::PointArgs,
         /// The raw image to write (with --volume)
         #[arg(long, conflicts_with = "out_dir")]
         out: Option<PathBuf>,
@@ -138,6 +133,9 @@ enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
+    /// Serve volumes of a group as they were at one point over NBD, at once (nothing is
+    /// copied first), while the group goes on replicating; stop with Ctrl-C or SIGTERM.
+    Export(export::ExportArgs),
     /// Make a CA and the certificates of agents, engines, targets and operators
     /// (docs/security.md).
     Certs {
@@ -222,7 +220,7 @@ fn parse_role(s: &str) -> Result<Role, String> {
     Role::parse(s).ok_or_else(|| format!("{s:?} is not a role; use agent, engine, target or operator"))
 }
 
-fn init_logging() {
+pub(crate) fn init_logging() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_timestamp_millis().init();
 }
 
@@ -241,17 +239,6 @@ fn main() -> ExitCode {
     }
 }
 
-enum Failure {
-    Config(String),
-    Runtime(anyhow::Error),
-}
-
-impl<E: Into<anyhow::Error>> From<E> for Failure {
-    fn from(e: E) -> Self {
-        Failure::Runtime(e.into())
-    }
-}
-
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Engine { config } => {
@@ -266,26 +253,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             signals::stop_on_signals("target")?;
             hindsight_target::run(cfg)?;
         }
-        Command::Recover { config, group, volume, vm, all, seq, time, bookmark, latest, out, out_dir, json } => {
+        Command::Recover { config, group, volume, vm, all, point, out, out_dir, json } => {
             let cfg = TargetConfig::load(&config).map_err(|e| Failure::Config(e.to_string()))?;
-            let point = match (seq, time, bookmark, latest) {
-                (Some(n), ..) => Point::Seq(n),
-                (_, Some(t), ..) => Point::Time(parse_rfc3339(&t).map_err(|e| Failure::Config(format!("--time: {e}")))?),
-                (_, _, Some(name), _) => {
-                    let h = hindsight_target::history(&cfg, &group)?;
-                    match h.bookmarks.iter().rev().find(|b| b.name == name) {
-                        Some(b) => Point::Seq(b.seq),
-                        None => {
-                            let known: Vec<&str> = h.bookmarks.iter().map(|b| b.name.as_str()).collect();
-                            return Err(Failure::Runtime(anyhow::anyhow!(
-                                "group {group:?} has no bookmark {name:?} in its recoverable window; its bookmarks are: {}",
-                                if known.is_empty() { "(none)".to_owned() } else { known.join(", ") }
-                            )));
-                        }
-                    }
-                }
-                _ => Point::Latest,
-            };
+            let point = point.resolve(&cfg, &group)?;
             match (volume, out, out_dir) {
                 (Some(volume), Some(out), _) => {
                     let report =
@@ -331,6 +301,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 _ => return Err(Failure::Config("--volume needs --out FILE; --vm and --all need --out-dir DIR".into())),
             }
         }
+        Command::Export(args) => export::run(&args)?,
         Command::Certs { action } => match action {
             CertsAction::Init { dir, days } => print!("{}", certs::init(&dir, days)?),
             CertsAction::Issue { dir, role, name, hosts, days, not_after, out_dir, force } => {

@@ -26,6 +26,8 @@ pub enum BlockError {
     NotSupported,
     /// The device is shutting down (ESHUTDOWN).
     Shutdown,
+    /// The device only reads (EPERM): a point in time exported without an overlay.
+    ReadOnly,
 }
 
 impl BlockError {
@@ -38,6 +40,7 @@ impl BlockError {
             BlockError::Overflow => 75,     // EOVERFLOW
             BlockError::NotSupported => 95, // ENOTSUP
             BlockError::Shutdown => 108,    // ESHUTDOWN
+            BlockError::ReadOnly => 1,      // EPERM
         }
     }
 
@@ -60,6 +63,7 @@ impl fmt::Display for BlockError {
             BlockError::Overflow => "request too large",
             BlockError::NotSupported => "operation not supported",
             BlockError::Shutdown => "device shutting down",
+            BlockError::ReadOnly => "read-only device",
         };
         f.write_str(s)
     }
@@ -112,6 +116,11 @@ pub type Completion = Box<dyn FnOnce(Result<(), BlockError>) + Send + 'static>;
 pub trait BlockDevice: Send + Sync {
     /// Size in bytes.
     fn size(&self) -> u64;
+    /// True if the device refuses every data-modifying request (with
+    /// [`BlockError::ReadOnly`]); front ends say so to their clients.
+    fn read_only(&self) -> bool {
+        false
+    }
     /// Reads `buf.len()` bytes at `offset` from the local disk.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError>;
     /// Submits a write, write-zeroes or trim; `done` runs when it has completed everywhere it

@@ -42,7 +42,7 @@ pub struct PointView {
     /// How many runs had to be built from the journal (no index file, or a damaged one).
     rebuilt: usize,
     /// Holds the group's lock shared: the pin.
-    _view: GroupView,
+    view: GroupView,
 }
 
 impl PointView {
@@ -110,7 +110,7 @@ impl PointView {
             runs,
             segments,
             rebuilt,
-            _view: view,
+            view,
         })
     }
 
@@ -137,6 +137,11 @@ impl PointView {
     /// The group's volumes, in its order.
     pub fn volumes(&self) -> impl Iterator<Item = &Volume> {
         self.volumes.iter().map(|v| &v.volume)
+    }
+
+    /// The group's `exports/` directory: scratch space of writable exports, beside the journal.
+    pub fn scratch_dir(&self) -> std::path::PathBuf {
+        self.view.paths.dir.join("exports")
     }
 
     /// How many segments had no index file that checked out and were read to index them.

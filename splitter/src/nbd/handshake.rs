@@ -13,10 +13,10 @@ use super::error::NbdError;
 use super::proto::decode;
 use super::proto::encode;
 use super::proto::{
-    option_name, CLIENT_FLAGS_LEN, FLAG_CAN_MULTI_CONN, FLAG_FIXED_NEWSTYLE, FLAG_HAS_FLAGS, FLAG_NO_ZEROES, FLAG_SEND_FLUSH,
-    FLAG_SEND_FUA, FLAG_SEND_TRIM, FLAG_SEND_WRITE_ZEROES, INFO_NAME, MAX_BLOCK_SIZE, MAX_OPTION_LEN, MAX_STRING_LEN, MIN_BLOCK_SIZE,
-    OPTION_HEADER_LEN, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST, PREFERRED_BLOCK_SIZE, REP_ACK, REP_ERR_INVALID,
-    REP_ERR_TOO_BIG, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO, REP_SERVER,
+    option_name, CLIENT_FLAGS_LEN, FLAG_CAN_MULTI_CONN, FLAG_FIXED_NEWSTYLE, FLAG_HAS_FLAGS, FLAG_NO_ZEROES, FLAG_READ_ONLY,
+    FLAG_SEND_FLUSH, FLAG_SEND_FUA, FLAG_SEND_TRIM, FLAG_SEND_WRITE_ZEROES, INFO_NAME, MAX_BLOCK_SIZE, MAX_OPTION_LEN, MAX_STRING_LEN,
+    MIN_BLOCK_SIZE, OPTION_HEADER_LEN, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST, PREFERRED_BLOCK_SIZE, REP_ACK,
+    REP_ERR_INVALID, REP_ERR_TOO_BIG, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO, REP_SERVER,
 };
 use super::stream::read_or_eof;
 
@@ -35,6 +35,19 @@ pub struct ExportInfo {
     pub name: String,
     /// Size in bytes.
     pub size: u64,
+    /// Refuses writes: advertised with `NBD_FLAG_READ_ONLY`.
+    pub read_only: bool,
+}
+
+impl ExportInfo {
+    /// The transmission flags of this export.
+    pub fn flags(&self) -> u16 {
+        if self.read_only {
+            TRANSMISSION_FLAGS | FLAG_READ_ONLY
+        } else {
+            TRANSMISSION_FLAGS
+        }
+    }
 }
 
 /// How a handshake ended without error.
@@ -115,7 +128,7 @@ pub fn negotiate<R: Read, W: Write>(reader: &mut R, writer: &mut W, exports: &[E
                 let Some(index) = find_export(exports, &data) else {
                     return Err(NbdError::UnknownExport(String::from_utf8_lossy(&data).into_owned()));
                 };
-                encode::export_name_reply(&mut out, exports[index].size, TRANSMISSION_FLAGS, client.no_zeroes);
+                encode::export_name_reply(&mut out, exports[index].size, exports[index].flags(), client.no_zeroes);
                 send(writer, &out)?;
                 return Ok(Outcome::Transmission { export: index });
             }
@@ -176,7 +189,7 @@ fn info_or_go(out: &mut Vec<u8>, option: u32, data: &[u8], exports: &[ExportInfo
         return Ok(None);
     };
     let export = &exports[index];
-    reply(out, option, REP_INFO, &encode::info_export(export.size, TRANSMISSION_FLAGS))?;
+    reply(out, option, REP_INFO, &encode::info_export(export.size, export.flags()))?;
     // Sent whether asked for or not: a client that did ask must then honour it, and the
     // 32 MiB maximum bounds every buffer a request makes this server allocate.
     reply(out, option, REP_INFO, &encode::info_block_size(MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_BLOCK_SIZE))?;
@@ -208,7 +221,7 @@ mod tests {
     use super::*;
 
     fn exports(names: &[&str]) -> Vec<ExportInfo> {
-        names.iter().enumerate().map(|(i, n)| ExportInfo { name: (*n).to_string(), size: (i as u64 + 1) << 20 }).collect()
+        names.iter().enumerate().map(|(i, n)| ExportInfo { name: (*n).to_string(), size: (i as u64 + 1) << 20, read_only: false }).collect()
     }
 
     /// Bytes a client sends: flags, then options.

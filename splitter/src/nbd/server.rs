@@ -410,7 +410,8 @@ fn serve_client(stream: Stream, peer: &str, exports: &[Export]) -> Result<(), Nb
     // The same buffered reader carries over into transmission: it may already hold the
     // first request.
     let mut reader = BufReader::with_capacity(connection::REQUEST_READ_BUFFER, stream);
-    let infos: Vec<ExportInfo> = exports.iter().map(|e| ExportInfo { name: e.name.clone(), size: e.device.size() }).collect();
+    let infos: Vec<ExportInfo> =
+        exports.iter().map(|e| ExportInfo { name: e.name.clone(), size: e.device.size(), read_only: e.device.read_only() }).collect();
     let index = match handshake::negotiate(&mut reader, &mut writer, &infos, peer)? {
         Outcome::Closed => {
             info!("nbd {peer}: disconnected during negotiation");

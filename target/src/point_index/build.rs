@@ -64,6 +64,7 @@ pub fn build_runs(fs: &Arc<dyn Storage>, dir: &Path, volumes: &[String], from: S
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::point_index::resolve::{resolve, Source, Window};

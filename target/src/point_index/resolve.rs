@@ -90,6 +90,7 @@ fn paint(unfilled: &mut Vec<(u64, u64)>, pieces: &mut Vec<Piece>, segment: Seq, 
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use hindsight_consistency::WriteKind;

@@ -154,6 +154,7 @@ fn read_file(fs: &dyn Storage, path: &Path) -> io::Result<Option<Vec<u8>>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use hindsight_consistency::journal::{list_segments, Journal, JournalOptions};

@@ -1,0 +1,285 @@
+//! Instant access: `hindsight export` serves a group's volumes at a point over NBD at once,
+//! through the point-in-time index, while the group keeps replicating. Two VMs' volumes are
+//! written at random (data, zero writes, trims) through their agents with qemu-io; at points
+//! chosen by seq, time and bookmark the exported images, read with nbdcopy, qemu-img and
+//! qemu-io, equal the model of the acknowledged writes and the image `recover` writes. A
+//! read-only export refuses writes; a writable one keeps them in its overlay and leaves the
+//! history and the replicas as they were.
+
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{first_difference, have_tools, hindsight_bin, run_ok, run_timeout, Cluster, Model, Vol};
+use hindsight_consistency::time::{format_rfc3339, now_ns};
+use rand::{Rng, SeedableRng};
+
+const SIZE: u64 = 4 << 20;
+const BLOCK: u64 = 4096;
+
+/// A running `hindsight export`, stopped with SIGTERM when dropped.
+struct Export {
+    child: Child,
+    sock: PathBuf,
+    ready: String,
+}
+
+impl Export {
+    fn start(c: &Cluster, name: &str, args: &[&str]) -> Export {
+        let sock = c.path(&format!("{name}.sock"));
+        let mut child = Command::new(hindsight_bin())
+            .args(["export", "--group", "erp", "--config"])
+            .arg(c.target_toml())
+            .args(args)
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let ready = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("export {args:?} printed no ready line within 30 s (exit {:?})", child.wait());
+            }
+        };
+        assert!(ready.starts_with("exporting group erp at seq "), "{ready}");
+        Export { child, sock, ready }
+    }
+
+    fn uri(&self, volume: &str) -> String {
+        format!("nbd+unix:///{volume}?socket={}", self.sock.display())
+    }
+
+    /// The seq the ready line names.
+    fn seq(&self) -> u64 {
+        self.ready["exporting group erp at seq ".len()..].split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    /// Reads a whole export with nbdcopy.
+    fn read(&self, dir: &Path, volume: &str) -> Vec<u8> {
+        let out = dir.join(format!("read-{volume}.img"));
+        let _ = std::fs::remove_file(&out);
+        run_ok(Command::new("nbdcopy").arg(self.uri(volume)).arg(&out));
+        let bytes = std::fs::read(&out).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        bytes
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let status = self.child.wait().unwrap();
+        self.sock.clear();
+        status
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        if !self.sock.as_os_str().is_empty() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn random_ops(rng: &mut impl Rng, n: usize) -> Vec<(String, u64, u64, Option<u8>)> {
+    (0..n)
+        .map(|_| {
+            let blocks = rng.gen_range(1..=32u64);
+            let off = rng.gen_range(0..SIZE / BLOCK - blocks) * BLOCK;
+            let len = blocks * BLOCK;
+            match rng.gen_range(0..8) {
+                0 => (format!("write -z {off} {len}"), off, len, None),
+                1 => (format!("discard {off} {len}"), off, len, None),
+                _ => {
+                    let byte = rng.gen_range(1..=255u8);
+                    (format!("write -P {byte} {off} {len}"), off, len, Some(byte))
+                }
+            }
+        })
+        .collect()
+}
+
+/// Runs the operations on `volume` with one qemu-io (acknowledged in order) and applies them
+/// to its model.
+fn write(c: &Cluster, volume: &str, model: &mut Model, ops: &[(String, u64, u64, Option<u8>)]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", &c.uri(volume)]);
+    for (op, ..) in ops {
+        cmd.arg("-c").arg(op);
+    }
+    let out = run_ok(&mut cmd);
+    assert!(!out.contains("failed"), "qemu-io: {out}");
+    for &(_, off, len, byte) in ops {
+        model.fill(off, len, byte.unwrap_or(0));
+    }
+}
+
+fn assert_same(what: &str, got: &[u8], want: &[u8]) {
+    assert!(got == want, "{what}: {}", first_difference(got, want));
+}
+
+#[test]
+fn exported_points_equal_the_model_while_replication_goes_on() {
+    if !have_tools(&["qemu-io", "qemu-img", "nbdcopy"]) {
+        return;
+    }
+    let seed: u64 = std::env::var("HS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::thread_rng().gen());
+    eprintln!("seed {seed} (HS_SEED={seed} repeats this run)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // Small segments, so that the points span sealed segments and the active one.
+    let vols = [Vol::new("vm1", "db", SIZE), Vol::new("vm2", "app", SIZE)];
+    let c = Cluster::start_with(&vols, "segment_size = \"1MiB\"\n");
+    let (mut db, mut app) = (Model::new(SIZE), Model::new(SIZE));
+
+    // Point 1, by seq.
+    for _ in 0..3 {
+        write(&c, "db", &mut db, &random_ops(&mut rng, 20));
+        write(&c, "app", &mut app, &random_ops(&mut rng, 20));
+    }
+    let seq1 = c.settle();
+    let (db1, app1) = (db.bytes.clone(), app.bytes.clone());
+    std::thread::sleep(Duration::from_millis(20));
+    let time1 = now_ns();
+    std::thread::sleep(Duration::from_millis(20));
+
+    // Point 2, by time (after more writes of both VMs).
+    for _ in 0..3 {
+        write(&c, "db", &mut db, &random_ops(&mut rng, 25));
+        write(&c, "app", &mut app, &random_ops(&mut rng, 25));
+    }
+    let seq2 = c.settle();
+    assert!(seq2 > seq1);
+
+    let dir = c.path("reads");
+    std::fs::create_dir_all(&dir).unwrap();
+    let e1 = Export::start(&c, "e1", &["--all", "--seq", &seq1.to_string()]);
+    assert_eq!(e1.seq(), seq1);
+    let e2 = Export::start(&c, "e2", &["--vm", "vm1", "--time", &format_rfc3339(time1)]);
+    assert_eq!(e2.seq(), seq1, "the time between the two batches is seq {seq1}");
+
+    // More writes stream in while the points are exported: they change nothing exported.
+    for _ in 0..2 {
+        write(&c, "db", &mut db, &random_ops(&mut rng, 20));
+        write(&c, "app", &mut app, &random_ops(&mut rng, 20));
+    }
+    assert_same("db at seq1 (nbdcopy)", &e1.read(&dir, "db"), &db1);
+    assert_same("app at seq1 (nbdcopy)", &e1.read(&dir, "app"), &app1);
+    assert_same("db at time1 (nbdcopy)", &e2.read(&dir, "db"), &db1);
+    let seq3 = c.settle();
+
+    // qemu-img compares the export with the image recover writes of the same point.
+    let recovered = c.path("db-seq1.img");
+    std::fs::write(&recovered, c.recover("db", &["--seq", &seq1.to_string()])).unwrap();
+    run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&recovered).arg(e1.uri("db")));
+
+    // The latest point: the source disks.
+    let latest = Export::start(&c, "latest", &["--all", "--latest"]);
+    assert_eq!(latest.seq(), seq3);
+    assert_same("db latest", &latest.read(&dir, "db"), &db.bytes);
+    assert_same("app latest", &latest.read(&dir, "app"), &app.bytes);
+    assert_same("db latest = its source disk", &db.bytes, &std::fs::read(c.disk("db")).unwrap());
+
+    // A read-only export refuses writes.
+    let (_, out, err) =
+        run_timeout(Command::new("qemu-io").args(["-f", "raw", &e1.uri("db"), "-c", "write -P 7 0 4096"]), Duration::from_secs(30));
+    // The export says it is read-only (NBD_FLAG_READ_ONLY): qemu-io will not open it to write.
+    let said = format!("{out}{err}");
+    assert!(said.contains("Permission denied") || said.contains("read-only") || said.contains("not permitted"), "{said}");
+    assert_same("db at seq1 after a refused write", &e1.read(&dir, "db"), &db1);
+
+    for e in [e1, e2, latest] {
+        assert!(e.stop().success());
+    }
+}
+
+#[test]
+fn a_writable_export_keeps_writes_in_its_overlay_and_changes_no_history() {
+    if !have_tools(&["qemu-io", "nbdcopy"]) {
+        return;
+    }
+    let vols = [Vol::new("vm1", "db", SIZE)];
+    let c = Cluster::start(&vols);
+    let mut db = Model::new(SIZE);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    write(&c, "db", &mut db, &random_ops(&mut rng, 40));
+    let seq = c.settle();
+    let replica = std::fs::read(c.path("target/groups/erp/replica/db.img")).unwrap_or_default();
+    let before = c.recover("db", &["--seq", &seq.to_string()]);
+    assert_same("recovered = model", &before, &db.bytes);
+
+    let e = Export::start(&c, "w", &["--volume", "db", "--seq", &seq.to_string(), "--writable"]);
+    // Writes of every shape: unaligned, crossing blocks, zeroes.
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &e.uri("db"),
+        "-c",
+        "write -P 171 100 5000",
+        "-c",
+        "write -z 65536 8192",
+        "-c",
+        "write -P 172 1048575 2",
+    ]));
+    let mut written = Model::new(SIZE);
+    written.bytes.copy_from_slice(&db.bytes);
+    written.fill(100, 5000, 171);
+    written.fill(65536, 8192, 0);
+    written.fill(1_048_575, 2, 172);
+    let dir = c.path("reads");
+    std::fs::create_dir_all(&dir).unwrap();
+    assert_same("the export after its writes", &e.read(&dir, "db"), &written.bytes);
+    let overlay_dir = c.path("target/groups/erp/exports");
+    assert!(overlay_dir.exists(), "the overlay lives beside the journal");
+    assert!(e.stop().success());
+    assert!(std::fs::read_dir(&overlay_dir).map(|d| d.count()).unwrap_or(0) == 0, "the overlay is discarded at the end");
+
+    // The history and the replica are as they were.
+    assert_same("the point after the writable export", &c.recover("db", &["--seq", &seq.to_string()]), &before);
+    if !replica.is_empty() {
+        assert_same("the replica", &std::fs::read(c.path("target/groups/erp/replica/db.img")).unwrap(), &replica);
+    }
+}
+
+#[test]
+fn bad_exports_are_refused_with_what_to_do() {
+    let vols = [Vol::new("vm1", "db", SIZE)];
+    let c = Cluster::start_servers(&vols);
+    let export = |args: &[&str]| {
+        run_timeout(
+            Command::new(hindsight_bin())
+                .args(["export", "--group", "erp", "--config"])
+                .arg(c.target_toml())
+                .args(args)
+                .args(["--listen", &format!("unix:{}", c.path("bad.sock").display())]),
+            Duration::from_secs(30),
+        )
+    };
+    let (ok, _, err) = export(&["--all", "--seq", "999"]);
+    assert!(!ok, "a point not received is refused");
+    assert!(err.contains("is not known") || err.contains("not received"), "{err}");
+    let (ok, _, err) = export(&["--volume", "nope", "--latest"]);
+    assert!(!ok && (err.contains("is not known") || err.contains("\"db\"")), "{err}");
+    let (ok, _, err) = run_timeout(
+        Command::new(hindsight_bin())
+            .args(["export", "--group", "erp", "--all", "--latest", "--listen", "nowhere", "--config"])
+            .arg(c.target_toml()),
+        Duration::from_secs(30),
+    );
+    assert!(!ok && err.contains("unix:"), "{err}");
+}
