@@ -29,12 +29,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
-use hindsight_consistency::record::decode_record_trusted;
-use hindsight_consistency::{RecordRef, Seq};
+use hindsight_consistency::error_chain;
+use hindsight_consistency::Seq;
 
 use crate::apply::ImageSet;
-use crate::error::TargetError;
-use crate::group::{error_chain, poisoned_message};
+use crate::error::{poisoned_message, TargetError};
+use crate::records::each_record;
 
 /// Most bytes of frame buffers queued for the applier (a batch larger than this is queued
 /// alone).
@@ -101,18 +101,6 @@ pub(crate) struct ApplyShared {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Calls `f` with every record of a payload that `validate_frame` accepted.
-pub(crate) fn each_record<E>(payload: &[u8], mut f: impl FnMut(&RecordRef<'_>, &[u8]) -> Result<(), E>) -> Result<(), E> {
-    let mut at = 0;
-    while at < payload.len() {
-        // Checksums were verified by `validate_frame`: only the layout is decoded again.
-        let (rec, used) = decode_record_trusted(&payload[at..]).expect("validated before");
-        f(&rec, &payload[at..at + used])?;
-        at += used;
-    }
-    Ok(())
 }
 
 impl ApplyShared {

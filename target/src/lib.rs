@@ -79,6 +79,7 @@ mod layout;
 mod lock;
 mod marks;
 mod meta;
+mod records;
 mod recover;
 mod recover_set;
 mod server;

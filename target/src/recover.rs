@@ -17,12 +17,13 @@ use hindsight_consistency::journal::{list_segments, JournalReader};
 use hindsight_consistency::storage::{OpenMode, StdStorage, Storage, StorageFile};
 use hindsight_consistency::{PointConsistency, Seq};
 
-use crate::apply::{apply_record, for_each_record, Image};
+use crate::apply::{apply_record, Image};
 use crate::error::{data_dir_err, TargetError};
 use crate::group::load_state;
 use crate::layout::{groups_dir, GroupPaths};
 use crate::lock::{lock_file, FileLock, LockKind};
 use crate::meta::GroupMeta;
+use crate::records::for_each_record;
 use crate::state::GroupState;
 use crate::{History, Point, RecoverReport, RecoverRequest};
 

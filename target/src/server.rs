@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hindsight_consistency::config::{check_name, EngineTrust, JournalFull, TargetConfig};
+use hindsight_consistency::error_chain;
 use hindsight_consistency::storage::Storage;
 use hindsight_consistency::transport::{AcceptError, Peer, ReadHalf, Role, TransportError, WriteHalf};
 use hindsight_consistency::wire::frame::whole_frame_buffered;
@@ -20,7 +21,7 @@ use hindsight_consistency::wire::{
 };
 
 use crate::error::{data_dir_err, TargetError};
-use crate::group::{error_chain, Group, GroupOptions};
+use crate::group::{Group, GroupOptions};
 use crate::layout::{groups_dir, GroupPaths, DAEMON_LOCK};
 use crate::lock::{lock_file, FileLock, LockKind};
 use crate::meta::GroupMeta;

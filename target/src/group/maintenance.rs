@@ -9,16 +9,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hindsight_consistency::config::JournalFull;
+use hindsight_consistency::error_chain;
 use hindsight_consistency::journal::JournalReader;
 use hindsight_consistency::sync::lock;
 use hindsight_consistency::time::{format_duration, now_ns};
 use hindsight_consistency::Seq;
 
 use super::open::finish_roll;
-use super::{error_chain, Group, Persist};
-use crate::apply::{for_each_record, ImageSet};
+use super::{Group, Persist};
+use crate::apply::ImageSet;
 use crate::error::{data_dir_err, window, TargetError};
 use crate::lock::{lock_file, FileLock, LockKind};
+use crate::records::for_each_record;
 use crate::state::{write_state, GroupState};
 
 /// Replicas are synced and `state.applied_seq` advanced this often while data flows, or once

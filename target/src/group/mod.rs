@@ -35,7 +35,7 @@ use hindsight_consistency::Seq;
 
 use crate::applier::Applier;
 use crate::apply::ImageSet;
-use crate::error::TargetError;
+use crate::error::{poisoned_message, TargetError};
 use crate::layout::GroupPaths;
 use crate::meta::GroupMeta;
 use crate::state::{read_state, GroupState, StateReadError};
@@ -143,12 +143,6 @@ pub(crate) fn load_state(fs: &dyn Storage, group: &str, path: &std::path::Path) 
         StateReadError::Corrupt(reason) => TargetError::StateCorrupt { group: group.to_owned(), path: path.to_owned(), reason },
     })
 }
-
-pub(crate) fn poisoned_message(group: &str, cause: &str) -> String {
-    TargetError::Poisoned { group: group.to_owned(), cause: cause.to_owned() }.to_string()
-}
-
-pub(crate) use hindsight_consistency::error_chain;
 
 #[cfg(test)]
 mod tests {

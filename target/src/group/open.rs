@@ -13,12 +13,13 @@ use hindsight_consistency::time::{format_rfc3339, now_ns};
 
 use super::{load_state, Group, GroupOptions, Inner, Persist};
 use crate::applier::{Applier, ApplyShared};
-use crate::apply::{for_each_record, Image, ImageSet};
+use crate::apply::{Image, ImageSet};
 use crate::error::{data_dir_err, TargetError};
 use crate::layout::GroupPaths;
 use crate::lock::{lock_file, LockKind};
 use crate::marks::Marks;
 use crate::meta::GroupMeta;
+use crate::records::for_each_record;
 use crate::state::{write_state, GroupState};
 
 impl Group {

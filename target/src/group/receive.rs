@@ -7,18 +7,20 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hindsight_consistency::config::JournalFull;
+use hindsight_consistency::error_chain;
 use hindsight_consistency::record::{decode_record, DecodeError};
 use hindsight_consistency::sync::lock;
 use hindsight_consistency::time::{format_duration, format_rfc3339};
 use hindsight_consistency::wire::JournalStateMsg;
 use hindsight_consistency::{BookmarkBody, Seq, WriteKind};
 
-use super::{error_chain, poisoned_message, Group, Inner};
-use crate::applier::{each_record, Batch};
+use super::{Group, Inner};
+use crate::applier::Batch;
 use crate::apply::{in_bounds, Image};
-use crate::error::{data_dir_err, TargetError};
+use crate::error::{data_dir_err, poisoned_message, TargetError};
 use crate::marks::Marks;
 use crate::meta::GroupMeta;
+use crate::records::each_record;
 use crate::Volume;
 
 /// The outcome of one batch of `Records` frames.
