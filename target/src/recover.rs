@@ -19,12 +19,11 @@ use hindsight_consistency::{PointConsistency, Seq};
 
 use crate::apply::{apply_record, Image};
 use crate::error::{data_dir_err, TargetError};
-use crate::group::load_state;
 use crate::layout::{groups_dir, GroupPaths};
 use crate::lock::{lock_file, FileLock, LockKind};
 use crate::meta::GroupMeta;
 use crate::records::for_each_record;
-use crate::state::GroupState;
+use crate::state::{load_state, GroupState};
 use crate::{History, Point, RecoverReport, RecoverRequest};
 
 /// Copy and zero-detection granularity of recovery.

@@ -38,7 +38,7 @@ use crate::apply::ImageSet;
 use crate::error::{poisoned_message, TargetError};
 use crate::layout::GroupPaths;
 use crate::meta::GroupMeta;
-use crate::state::{read_state, GroupState, StateReadError};
+use crate::state::GroupState;
 
 /// The retention settings of the target, applied to every group.
 #[derive(Debug, Clone, Copy)]
@@ -136,14 +136,6 @@ impl Group {
     }
 }
 
-/// Reads `state` or `state.next`.
-pub(crate) fn load_state(fs: &dyn Storage, group: &str, path: &std::path::Path) -> Result<Option<GroupState>, TargetError> {
-    read_state(fs, path).map_err(|e| match e {
-        StateReadError::Io(source) => TargetError::DataDir { path: path.to_owned(), step: "read state", source },
-        StateReadError::Corrupt(reason) => TargetError::StateCorrupt { group: group.to_owned(), path: path.to_owned(), reason },
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -153,6 +145,7 @@ mod tests {
 
     use super::testing::*;
     use super::*;
+    use crate::state::read_state;
 
     #[test]
     fn readers_of_the_replicas_never_see_part_of_a_batch() {

@@ -11,7 +11,7 @@ use hindsight_consistency::journal::{Journal, JournalOptions};
 use hindsight_consistency::storage::{write_file_atomic, OpenMode, Storage};
 use hindsight_consistency::time::{format_rfc3339, now_ns};
 
-use super::{load_state, Group, GroupOptions, Inner, Persist};
+use super::{Group, GroupOptions, Inner, Persist};
 use crate::applier::{Applier, ApplyShared};
 use crate::apply::{Image, ImageSet};
 use crate::error::{data_dir_err, TargetError};
@@ -20,7 +20,7 @@ use crate::lock::{lock_file, LockKind};
 use crate::marks::Marks;
 use crate::meta::GroupMeta;
 use crate::records::for_each_record;
-use crate::state::{write_state, GroupState};
+use crate::state::{load_state, write_state, GroupState};
 
 impl Group {
     /// Creates a new group at the engine's first hello. `group.toml` is written last: until
