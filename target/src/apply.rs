@@ -11,7 +11,7 @@ use hindsight_consistency::{RecordRef, WriteKind};
 
 use crate::error::TargetError;
 use crate::layout::image_name;
-use crate::Volume;
+use crate::model::Volume;
 
 /// Applies one record to the image of its volume: data and resync data are written, zeroes
 /// and trims make the range read back as zeroes (punching a hole where the file system can).

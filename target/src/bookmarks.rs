@@ -22,7 +22,7 @@ use hindsight_consistency::storage::{write_file_atomic, Storage};
 use hindsight_consistency::{BookmarkBody, RecordRef, WriteKind};
 use serde::{Deserialize, Serialize};
 
-use crate::Bookmark;
+use crate::model::Bookmark;
 
 #[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]

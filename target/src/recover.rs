@@ -22,9 +22,9 @@ use crate::error::{data_dir_err, TargetError};
 use crate::layout::{groups_dir, GroupPaths};
 use crate::lock::{lock_file, FileLock, LockKind};
 use crate::meta::GroupMeta;
+use crate::model::{Bookmark, History, Point, RecoverReport, RecoverRequest, Volume};
 use crate::records::for_each_record;
 use crate::state::{load_state, GroupState};
-use crate::{History, Point, RecoverReport, RecoverRequest};
 
 /// Copy and zero-detection granularity of recovery.
 const CHUNK: usize = 1 << 20;
@@ -86,7 +86,7 @@ fn find_group(config: &TargetConfig, fs: &dyn Storage, group: &str) -> Result<(G
 }
 
 /// The volumes of a group, from its `group.toml` (no journal is read).
-pub(crate) fn group_volumes(config: &TargetConfig, group: &str) -> Result<Vec<crate::Volume>, TargetError> {
+pub(crate) fn group_volumes(config: &TargetConfig, group: &str) -> Result<Vec<Volume>, TargetError> {
     Ok(find_group(config, &StdStorage, group)?.1.volumes)
 }
 
@@ -140,7 +140,7 @@ pub fn history(config: &TargetConfig, group: &str) -> Result<History, TargetErro
     let v = open_view(&fs, paths, meta, group)?;
     // Bookmarks come from the index the receiver keeps, never from reading the journal;
     // those outside the recoverable window are left out.
-    let bookmarks: Vec<crate::Bookmark> = crate::bookmarks::load(&v.paths.bookmarks())
+    let bookmarks: Vec<Bookmark> = crate::bookmarks::load(&v.paths.bookmarks())
         .map_err(|reason| TargetError::Inconsistent { group: group.to_owned(), reason: format!("bookmark index: {reason}") })?
         .into_iter()
         .filter(|b| b.seq > v.first.0 && b.seq <= v.last.0)
@@ -375,7 +375,7 @@ struct OutFile {
 fn build(
     fs: &Arc<dyn Storage>,
     view: &GroupView,
-    vol: &crate::Volume,
+    vol: &Volume,
     out: &OutFile,
     through: Seq,
     until_time: Option<u64>,

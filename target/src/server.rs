@@ -25,7 +25,7 @@ use crate::group::{Group, GroupOptions};
 use crate::layout::{groups_dir, GroupPaths, DAEMON_LOCK};
 use crate::lock::{lock_file, FileLock, LockKind};
 use crate::meta::GroupMeta;
-use crate::Volume;
+use crate::model::Volume;
 
 /// How often the maintenance thread runs (checkpoints, retention).
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);

@@ -20,8 +20,8 @@ use crate::apply::{in_bounds, Image};
 use crate::error::{data_dir_err, poisoned_message, TargetError};
 use crate::marks::Marks;
 use crate::meta::GroupMeta;
+use crate::model::Volume;
 use crate::records::each_record;
-use crate::Volume;
 
 /// The outcome of one batch of `Records` frames.
 pub(crate) struct Receipt {

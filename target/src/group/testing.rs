@@ -14,7 +14,7 @@ use hindsight_consistency::{RecordHeader, Seq, WriteKind};
 use super::{Group, GroupOptions};
 use crate::layout::GroupPaths;
 use crate::meta::GroupMeta;
-use crate::Volume;
+use crate::model::Volume;
 
 pub(super) const SIZE: u64 = 256 << 10;
 
