@@ -14,11 +14,11 @@
 //!    that have arrived together are committed with one write and one fdatasync, and a
 //!    `Confirm(durable_seq)` goes back at once.
 //! 3. The committed batch is queued (bounded) for the group's applier thread
-//!    ([`applier`](crate::applier)), which applies the records to the replica images in
+//!    (the `applier` module), which applies the records to the replica images in
 //!    commit order while the connection thread receives the next batch. Replicas are synced
-//!    and `state.applied_seq` advanced every couple of seconds, not per record; after a crash
-//!    or a stop the records after `applied_seq` are applied again at start-up (applying is
-//!    idempotent).
+//!    and `state.applied_seq` advanced every 10 s (or after each GiB applied), not per
+//!    record; after a crash or a stop the records after `applied_seq` are applied again at
+//!    start-up (applying is idempotent).
 //! 4. Retention folds the oldest journal segment into the base images (the oldest point that
 //!    can be recovered) once it is older than `retention` or the journal is larger than
 //!    `journal_size`, then deletes it.
@@ -27,7 +27,7 @@
 //!    beside the daemon.
 //!
 //! Between two batches the connection thread may be asked for the hashes of some regions of a
-//! replica ([`hashes`](crate::hashes), an initial sync comparing instead of re-sending): it
+//! replica (the `hashes` module, an initial sync comparing instead of re-sending): it
 //! waits until the applier has applied every record received before, and hashes holding the
 //! replicas between two applied batches, so at an exact prefix of the sequence.
 //!
