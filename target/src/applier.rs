@@ -32,8 +32,8 @@ use crossbeam_channel::{Receiver, Sender};
 use hindsight_consistency::error_chain;
 use hindsight_consistency::Seq;
 
-use crate::apply::ImageSet;
 use crate::error::{poisoned_message, TargetError};
+use crate::image::ImageSet;
 use crate::records::each_record;
 
 /// Most bytes of frame buffers queued for the applier (a batch larger than this is queued

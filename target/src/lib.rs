@@ -70,11 +70,11 @@
 //!   engine until the target is restarted, and is never retried.
 
 mod applier;
-mod apply;
 mod bookmarks;
 mod error;
 mod group;
 mod hashes;
+mod image;
 mod layout;
 mod lock;
 mod marks;

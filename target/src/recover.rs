@@ -17,8 +17,8 @@ use hindsight_consistency::journal::{list_segments, JournalReader};
 use hindsight_consistency::storage::{OpenMode, StdStorage, Storage, StorageFile};
 use hindsight_consistency::{PointConsistency, Seq};
 
-use crate::apply::{apply_record, Image};
 use crate::error::{data_dir_err, TargetError};
+use crate::image::{apply_record, Image};
 use crate::layout::{groups_dir, GroupPaths};
 use crate::lock::{lock_file, FileLock, LockKind};
 use crate::meta::GroupMeta;

@@ -17,8 +17,8 @@ use hindsight_consistency::Seq;
 
 use super::open::finish_roll;
 use super::{Group, Persist};
-use crate::apply::ImageSet;
 use crate::error::{data_dir_err, window, TargetError};
+use crate::image::ImageSet;
 use crate::lock::{lock_file, FileLock, LockKind};
 use crate::records::for_each_record;
 use crate::state::{write_state, GroupState};

@@ -34,8 +34,8 @@ use hindsight_consistency::wire::JournalStateMsg;
 use hindsight_consistency::Seq;
 
 use crate::applier::Applier;
-use crate::apply::ImageSet;
 use crate::error::{poisoned_message, TargetError};
+use crate::image::ImageSet;
 use crate::layout::GroupPaths;
 use crate::meta::GroupMeta;
 use crate::state::GroupState;

@@ -13,8 +13,8 @@ use hindsight_consistency::time::{format_rfc3339, now_ns};
 
 use super::{Group, GroupOptions, Inner, Persist};
 use crate::applier::{Applier, ApplyShared};
-use crate::apply::{Image, ImageSet};
 use crate::error::{data_dir_err, TargetError};
+use crate::image::{Image, ImageSet};
 use crate::layout::GroupPaths;
 use crate::lock::{lock_file, LockKind};
 use crate::marks::Marks;

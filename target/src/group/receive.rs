@@ -16,8 +16,8 @@ use hindsight_consistency::{BookmarkBody, Seq, WriteKind};
 
 use super::{Group, Inner};
 use crate::applier::Batch;
-use crate::apply::{in_bounds, Image};
 use crate::error::{data_dir_err, poisoned_message, TargetError};
+use crate::image::{in_bounds, Image};
 use crate::marks::Marks;
 use crate::meta::GroupMeta;
 use crate::model::Volume;

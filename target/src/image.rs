@@ -1,4 +1,4 @@
-//! Applying journal records to volume images: the one code path that keeps the replicas
+//! Volume images, and applying journal records to them: the one code path that keeps the replicas
 //! current, rolls the base images forward and builds recovered images.
 
 use std::collections::BTreeMap;
