@@ -25,11 +25,12 @@
 //! `on_poison`, then the leaves `queued` and `pool` (never held while taking another).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 use hindsight_consistency::error_chain;
+use hindsight_consistency::sync::lock;
 use hindsight_consistency::Seq;
 
 use crate::error::{poisoned_message, TargetError};
@@ -97,10 +98,6 @@ pub(crate) struct ApplyShared {
     /// Set when the applier is asked to stop (or has ended): it finishes the batch in hand and
     /// drops the rest, which the journal holds.
     stop: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ApplyShared {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use hindsight_consistency::storage::{AlignedBuf, OpenMode, Storage, StorageFile, DIRECT_IO_ALIGN};
+use hindsight_consistency::sync::lock;
 use hindsight_consistency::{RecordRef, WriteKind};
 
 use crate::error::TargetError;
@@ -112,7 +113,7 @@ impl Image {
         if !matches!(rec.header.kind, WriteKind::Data | WriteKind::Resync) || rec.data.len() < DIRECT_MIN || !aligned {
             return Ok(false);
         }
-        let mut staging = staging.lock().unwrap_or_else(|e| e.into_inner());
+        let mut staging = lock(staging);
         file.write_all_at(staging.padded(rec.data), rec.header.offset)?;
         Ok(true)
     }
