@@ -75,6 +75,7 @@ mod error;
 mod group;
 mod hashes;
 mod image;
+mod index_file;
 mod layout;
 mod lock;
 mod marks;

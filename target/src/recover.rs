@@ -140,12 +140,12 @@ pub fn history(config: &TargetConfig, group: &str) -> Result<History, TargetErro
     let v = open_view(&fs, paths, meta, group)?;
     // Bookmarks come from the index the receiver keeps, never from reading the journal;
     // those outside the recoverable window are left out.
-    let bookmarks: Vec<Bookmark> = crate::bookmarks::load(&v.paths.bookmarks())
+    let bookmarks: Vec<Bookmark> = crate::bookmarks::load(fs.as_ref(), &v.paths.bookmarks())
         .map_err(|reason| TargetError::Inconsistent { group: group.to_owned(), reason: format!("bookmark index: {reason}") })?
         .into_iter()
         .filter(|b| b.seq > v.first.0 && b.seq <= v.last.0)
         .collect();
-    let inconsistent: Vec<crate::spans::Span> = crate::spans::load(&v.paths.spans())
+    let inconsistent: Vec<crate::spans::Span> = crate::spans::load(fs.as_ref(), &v.paths.spans())
         .map_err(|reason| TargetError::Inconsistent { group: group.to_owned(), reason: format!("span index: {reason}") })?
         .into_iter()
         .filter(|s| s.to.is_none_or(|t| t > v.first.0) && s.from <= v.last.0)
@@ -240,7 +240,7 @@ pub fn recover(config: &TargetConfig, req: &RecoverRequest) -> Result<RecoverRep
         last_seq: view.last.0,
         last_time_ns: view.last.1,
     };
-    let spans = crate::spans::load(&view.paths.spans())
+    let spans = crate::spans::load(fs.as_ref(), &view.paths.spans())
         .map_err(|reason| TargetError::Inconsistent { group: view.name.clone(), reason: format!("span index: {reason}") })?;
     let spans: Vec<crate::spans::Span> = spans.into_iter().filter(|s| s.to.is_none_or(|t| t > view.first.0)).collect();
     let (through, until_time) = match req.point {
@@ -295,7 +295,7 @@ pub fn recover(config: &TargetConfig, req: &RecoverRequest) -> Result<RecoverRep
         }
     };
     let base_seq = view.state.base_seq;
-    let consistency = point_consistency(&view, point.0);
+    let consistency = point_consistency(fs.as_ref(), &view, point.0);
     drop(view);
     let out_err = |step| {
         let path = req.out.clone();
@@ -353,8 +353,8 @@ fn seq_at_time(fs: &Arc<dyn Storage>, view: &GroupView, t: u64) -> Result<Seq, T
 /// How consistent the point after `seq` is: a point exactly at a bookmark has the bookmark's
 /// kind (an application-consistent bookmark was placed with the file systems frozen); every
 /// other point is crash-consistent.
-fn point_consistency(view: &GroupView, seq: Seq) -> String {
-    crate::bookmarks::load(&view.paths.bookmarks())
+fn point_consistency(fs: &dyn Storage, view: &GroupView, seq: Seq) -> String {
+    crate::bookmarks::load(fs, &view.paths.bookmarks())
         .unwrap_or_default()
         .into_iter()
         .rev()
