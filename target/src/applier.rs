@@ -25,16 +25,17 @@
 //! `on_poison`, then the leaves `queued` and `pool` (never held while taking another).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
-use hindsight_consistency::record::decode_record_trusted;
-use hindsight_consistency::{RecordRef, Seq};
+use hindsight_consistency::error_chain;
+use hindsight_consistency::sync::lock;
+use hindsight_consistency::Seq;
 
-use crate::apply::ImageSet;
-use crate::error::TargetError;
-use crate::group::{error_chain, poisoned_message};
+use crate::error::{poisoned_message, TargetError};
+use crate::image::ImageSet;
+use crate::records::each_record;
 
 /// Most bytes of frame buffers queued for the applier (a batch larger than this is queued
 /// alone).
@@ -97,22 +98,6 @@ pub(crate) struct ApplyShared {
     /// Set when the applier is asked to stop (or has ended): it finishes the batch in hand and
     /// drops the rest, which the journal holds.
     stop: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Calls `f` with every record of a payload that `validate_frame` accepted.
-pub(crate) fn each_record<E>(payload: &[u8], mut f: impl FnMut(&RecordRef<'_>, &[u8]) -> Result<(), E>) -> Result<(), E> {
-    let mut at = 0;
-    while at < payload.len() {
-        // Checksums were verified by `validate_frame`: only the layout is decoded again.
-        let (rec, used) = decode_record_trusted(&payload[at..]).expect("validated before");
-        f(&rec, &payload[at..at + used])?;
-        at += used;
-    }
-    Ok(())
 }
 
 impl ApplyShared {

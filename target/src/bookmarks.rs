@@ -22,7 +22,8 @@ use hindsight_consistency::storage::{write_file_atomic, Storage};
 use hindsight_consistency::{BookmarkBody, RecordRef, WriteKind};
 use serde::{Deserialize, Serialize};
 
-use crate::Bookmark;
+use crate::index_file::read_text;
+use crate::model::Bookmark;
 
 #[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -47,13 +48,13 @@ pub(crate) fn from_record(rec: &RecordRef<'_>) -> Option<Bookmark> {
 }
 
 /// Every bookmark of the index, oldest first (none if there is no index yet).
-pub(crate) fn load(path: &Path) -> Result<Vec<Bookmark>, String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
+pub(crate) fn load(fs: &dyn Storage, path: &Path) -> Result<Vec<Bookmark>, String> {
+    match read_text(fs, path) {
+        Ok(Some(text)) => {
             let i: Index = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
             Ok(i.bookmark)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Ok(None) => Ok(Vec::new()),
         Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
@@ -64,7 +65,7 @@ pub(crate) fn add(fs: &dyn Storage, path: &Path, new: &[Bookmark]) -> Result<(),
     if new.is_empty() {
         return Ok(());
     }
-    let mut all = load(path)?;
+    let mut all = load(fs, path)?;
     let before = all.len();
     for b in new {
         if !all.iter().any(|o| o.seq == b.seq) {

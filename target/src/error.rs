@@ -243,3 +243,8 @@ pub(crate) fn data_dir_err(path: &std::path::Path, step: &'static str) -> impl F
     let path = path.to_owned();
     move |source| TargetError::DataDir { path, step, source }
 }
+
+/// What the engine is told while a group is stopped after an I/O failure.
+pub(crate) fn poisoned_message(group: &str, cause: &str) -> String {
+    TargetError::Poisoned { group: group.to_owned(), cause: cause.to_owned() }.to_string()
+}

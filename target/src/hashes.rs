@@ -70,7 +70,7 @@ mod tests {
     use crate::group::GroupOptions;
     use crate::layout::GroupPaths;
     use crate::meta::GroupMeta;
-    use crate::Volume;
+    use crate::model::Volume;
     use hindsight_consistency::record::{encode_record, RecordHeader};
     use hindsight_consistency::region_hash::zero_hash;
     use hindsight_consistency::storage::StdStorage;

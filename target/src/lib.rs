@@ -14,11 +14,11 @@
 //!    that have arrived together are committed with one write and one fdatasync, and a
 //!    `Confirm(durable_seq)` goes back at once.
 //! 3. The committed batch is queued (bounded) for the group's applier thread
-//!    ([`applier`](crate::applier)), which applies the records to the replica images in
+//!    (the `applier` module), which applies the records to the replica images in
 //!    commit order while the connection thread receives the next batch. Replicas are synced
-//!    and `state.applied_seq` advanced every couple of seconds, not per record; after a crash
-//!    or a stop the records after `applied_seq` are applied again at start-up (applying is
-//!    idempotent).
+//!    and `state.applied_seq` advanced every 10 s (or after each GiB applied), not per
+//!    record; after a crash or a stop the records after `applied_seq` are applied again at
+//!    start-up (applying is idempotent).
 //! 4. Retention folds the oldest journal segment into the base images (the oldest point that
 //!    can be recovered) once it is older than `retention` or the journal is larger than
 //!    `journal_size`, then deletes it.
@@ -27,7 +27,7 @@
 //!    beside the daemon.
 //!
 //! Between two batches the connection thread may be asked for the hashes of some regions of a
-//! replica ([`hashes`](crate::hashes), an initial sync comparing instead of re-sending): it
+//! replica (the `hashes` module, an initial sync comparing instead of re-sending): it
 //! waits until the applier has applied every record received before, and hashes holding the
 //! replicas between two applied batches, so at an exact prefix of the sequence.
 //!
@@ -70,32 +70,30 @@
 //!   engine until the target is restarted, and is never retried.
 
 mod applier;
-mod apply;
 mod bookmarks;
 mod error;
 mod group;
 mod hashes;
+mod image;
+mod index_file;
 mod layout;
 mod lock;
 mod marks;
 mod meta;
+mod model;
 pub mod point_index;
 mod point_view;
+mod records;
 mod recover;
 mod recover_set;
 mod server;
 pub mod spans;
 mod state;
 
-use std::fmt;
-use std::path::PathBuf;
-
 use hindsight_consistency::config::TargetConfig;
-use hindsight_consistency::time::format_rfc3339;
-use hindsight_consistency::Seq;
-use serde::{Deserialize, Serialize};
 
 pub use error::TargetError;
+pub use model::{Bookmark, History, Point, RecoverReport, RecoverRequest, Volume};
 pub use point_view::PointView;
 pub use recover::{groups, history, recover};
 pub use recover_set::{recover_set, Manifest, ManifestVolume, RecoverSetRequest, Selection, MANIFEST_NAME};
@@ -122,124 +120,4 @@ pub fn start_with_storage(
     fs: std::sync::Arc<dyn hindsight_consistency::storage::Storage>,
 ) -> Result<TargetHandle, TargetError> {
     server::start(config, fs)
-}
-
-/// A point in a group's history.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Point {
-    /// Right after the record with this sequence number (0: before the first write).
-    Seq(u64),
-    /// Every write the engine received at or before this time (ns since the Unix epoch).
-    Time(u64),
-    /// The newest point the target holds.
-    Latest,
-}
-
-impl fmt::Display for Point {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Point::Seq(s) => write!(f, "seq {s}"),
-            Point::Time(t) => write!(f, "time {}", format_rfc3339(*t)),
-            Point::Latest => f.write_str("the latest point"),
-        }
-    }
-}
-
-/// What to recover, and where to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecoverRequest {
-    /// The consistency group.
-    pub group: String,
-    /// The volume of that group.
-    pub volume: String,
-    /// The point in time.
-    pub point: Point,
-    /// The image to create: a new file (refused if it exists), or an existing block device at
-    /// least as large as the volume. Never inside the target's group directories.
-    pub out: PathBuf,
-}
-
-/// What a recovery produced.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct RecoverReport {
-    /// The group.
-    pub group: String,
-    /// The volume.
-    pub volume: String,
-    /// The point actually recovered: the last record of the group included (the base point
-    /// if none was).
-    pub seq: Seq,
-    /// That record's time (or the base point's).
-    pub time_ns: u64,
-    /// `crash-consistent`, or `app-consistent` for a point at such a bookmark.
-    pub consistency: String,
-    /// How many records of the volume were applied on top of the base image.
-    pub records_applied: u64,
-    /// Size of the recovered image (the volume size).
-    pub bytes: u64,
-}
-
-/// A volume of a group, as the target stores it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Volume {
-    /// Volume name, unique in the group.
-    pub name: String,
-    /// The VM whose disk it is.
-    pub vm: String,
-    /// Size in bytes.
-    pub size: u64,
-}
-
-/// The history of a group: what it holds and which points can be recovered.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct History {
-    /// The group.
-    pub group: String,
-    /// The engine that ships it.
-    pub engine: String,
-    /// Its volumes.
-    pub volumes: Vec<Volume>,
-    /// The oldest recoverable point (the base images; 0 = blank volumes).
-    pub first_seq: Seq,
-    /// Its time (for 0: when the target first saw the group).
-    pub first_time_ns: u64,
-    /// The newest point held (the last record in the journal, or the base point).
-    pub last_seq: Seq,
-    /// Its time.
-    pub last_time_ns: u64,
-    /// The replicas are synced up to here.
-    pub applied_seq: Seq,
-    /// Bytes of journal held.
-    pub journal_bytes: u64,
-    /// Journal segments held.
-    pub segments: usize,
-    /// The configured retention time, in ns, if any.
-    pub retention_ns: Option<u64>,
-    /// The configured journal size limit, in bytes, if any.
-    pub journal_size: Option<u64>,
-    /// The bookmarks inside the recoverable window, oldest first.
-    pub bookmarks: Vec<Bookmark>,
-    /// Stretches inside the window that are not consistent points (async deltas that left
-    /// writes out, resyncs), by `from`: seq `from` up to, not including, `to`. Spans may
-    /// overlap; the inconsistent sequence numbers are their union.
-    pub inconsistent: Vec<spans::Span>,
-    /// The newest consistent point (`last_seq` unless a delta is still arriving or a resync
-    /// has not completed).
-    pub last_consistent_seq: Seq,
-}
-
-/// A named point of a group, placed with `hindsight bookmark`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Bookmark {
-    /// Its name.
-    pub name: String,
-    /// The bookmark record's sequence number; recovering at it gives every write before it.
-    pub seq: Seq,
-    /// Engine time of the bookmark.
-    pub time_ns: u64,
-    /// `crash-consistent` or `app-consistent`.
-    pub consistency: String,
-    /// The note given with it.
-    pub note: String,
 }

@@ -8,7 +8,8 @@ use hindsight_consistency::storage::Storage;
 use hindsight_consistency::{RecordRef, Seq};
 
 use crate::layout::GroupPaths;
-use crate::{bookmarks, spans, Bookmark};
+use crate::model::Bookmark;
+use crate::{bookmarks, spans};
 
 /// The marks of a run of committed records.
 #[derive(Default)]

@@ -20,7 +20,7 @@ use hindsight_consistency::storage::{write_file_atomic, OpenMode, Storage};
 use serde::{Deserialize, Serialize};
 
 use crate::error::TargetError;
-use crate::Volume;
+use crate::model::Volume;
 
 /// Version of the `group.toml` layout.
 const META_VERSION: u32 = 1;

@@ -15,11 +15,11 @@ use hindsight_consistency::Seq;
 
 use crate::error::{data_dir_err, TargetError};
 use crate::layout::image_name;
+use crate::model::{Point, Volume};
 use crate::point_index::resolve::{resolve, Source, Window};
 use crate::point_index::store::{sealed_run, Segment};
 use crate::point_index::Run;
 use crate::recover::{find_group, open_view, point_consistency, resolve_point, seq_at_time, GroupView};
-use crate::{Point, Volume};
 
 /// One volume of a [`PointView`].
 struct ViewVolume {
@@ -99,7 +99,7 @@ impl PointView {
             let base = fs.open(&path, OpenMode::Read).map_err(data_dir_err(&path, "open base image"))?;
             volumes.push(ViewVolume { volume: v.clone(), base });
         }
-        let consistency = point_consistency(&view, seq);
+        let consistency = point_consistency(fs.as_ref(), &view, seq);
         Ok(PointView {
             group: group.to_owned(),
             seq,
@@ -180,7 +180,7 @@ fn time_at(fs: &Arc<dyn Storage>, view: &GroupView, seq: Seq) -> Result<u64, Tar
         return Ok(view.first.1);
     }
     let mut time = view.first.1;
-    crate::apply::for_each_record(fs, &view.name, &view.paths.journal(), seq, seq, |rec| {
+    crate::records::for_each_record(fs, &view.name, &view.paths.journal(), seq, seq, |rec| {
         time = rec.header.time_ns;
         Ok(std::ops::ControlFlow::Break(()))
     })?;

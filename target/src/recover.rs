@@ -17,14 +17,14 @@ use hindsight_consistency::journal::{list_segments, JournalReader};
 use hindsight_consistency::storage::{OpenMode, StdStorage, Storage, StorageFile};
 use hindsight_consistency::{PointConsistency, Seq};
 
-use crate::apply::{apply_record, for_each_record, Image};
 use crate::error::{data_dir_err, TargetError};
-use crate::group::load_state;
+use crate::image::{apply_record, Image};
 use crate::layout::{groups_dir, GroupPaths};
 use crate::lock::{lock_file, FileLock, LockKind};
 use crate::meta::GroupMeta;
-use crate::state::GroupState;
-use crate::{History, Point, RecoverReport, RecoverRequest};
+use crate::model::{Bookmark, History, Point, RecoverReport, RecoverRequest, Volume};
+use crate::records::for_each_record;
+use crate::state::{load_state, GroupState};
 
 /// Copy and zero-detection granularity of recovery.
 const CHUNK: usize = 1 << 20;
@@ -86,7 +86,7 @@ pub(crate) fn find_group(config: &TargetConfig, fs: &dyn Storage, group: &str) -
 }
 
 /// The volumes of a group, from its `group.toml` (no journal is read).
-pub(crate) fn group_volumes(config: &TargetConfig, group: &str) -> Result<Vec<crate::Volume>, TargetError> {
+pub(crate) fn group_volumes(config: &TargetConfig, group: &str) -> Result<Vec<Volume>, TargetError> {
     Ok(find_group(config, &StdStorage, group)?.1.volumes)
 }
 
@@ -140,12 +140,12 @@ pub fn history(config: &TargetConfig, group: &str) -> Result<History, TargetErro
     let v = open_view(&fs, paths, meta, group)?;
     // Bookmarks come from the index the receiver keeps, never from reading the journal;
     // those outside the recoverable window are left out.
-    let bookmarks: Vec<crate::Bookmark> = crate::bookmarks::load(&v.paths.bookmarks())
+    let bookmarks: Vec<Bookmark> = crate::bookmarks::load(fs.as_ref(), &v.paths.bookmarks())
         .map_err(|reason| TargetError::Inconsistent { group: group.to_owned(), reason: format!("bookmark index: {reason}") })?
         .into_iter()
         .filter(|b| b.seq > v.first.0 && b.seq <= v.last.0)
         .collect();
-    let inconsistent: Vec<crate::spans::Span> = crate::spans::load(&v.paths.spans())
+    let inconsistent: Vec<crate::spans::Span> = crate::spans::load(fs.as_ref(), &v.paths.spans())
         .map_err(|reason| TargetError::Inconsistent { group: group.to_owned(), reason: format!("span index: {reason}") })?
         .into_iter()
         .filter(|s| s.to.is_none_or(|t| t > v.first.0) && s.from <= v.last.0)
@@ -262,7 +262,7 @@ pub fn recover(config: &TargetConfig, req: &RecoverRequest) -> Result<RecoverRep
         }
     };
     let base_seq = view.state.base_seq;
-    let consistency = point_consistency(&view, point.0);
+    let consistency = point_consistency(fs.as_ref(), &view, point.0);
     drop(view);
     let out_err = |step| {
         let path = req.out.clone();
@@ -317,7 +317,7 @@ pub(crate) fn resolve_point(fs: &Arc<dyn Storage>, view: &GroupView, point: &Poi
         last_seq: view.last.0,
         last_time_ns: view.last.1,
     };
-    let spans = crate::spans::load(&view.paths.spans())
+    let spans = crate::spans::load(fs.as_ref(), &view.paths.spans())
         .map_err(|reason| TargetError::Inconsistent { group: view.name.clone(), reason: format!("span index: {reason}") })?;
     let spans: Vec<crate::spans::Span> = spans.into_iter().filter(|s| s.to.is_none_or(|t| t > view.first.0)).collect();
     let (through, until_time) = match *point {
@@ -362,8 +362,8 @@ pub(crate) fn seq_at_time(fs: &Arc<dyn Storage>, view: &GroupView, t: u64) -> Re
 /// How consistent the point after `seq` is: a point exactly at a bookmark has the bookmark's
 /// kind (an application-consistent bookmark was placed with the file systems frozen); every
 /// other point is crash-consistent.
-pub(crate) fn point_consistency(view: &GroupView, seq: Seq) -> String {
-    crate::bookmarks::load(&view.paths.bookmarks())
+pub(crate) fn point_consistency(fs: &dyn Storage, view: &GroupView, seq: Seq) -> String {
+    crate::bookmarks::load(fs, &view.paths.bookmarks())
         .unwrap_or_default()
         .into_iter()
         .rev()
@@ -384,7 +384,7 @@ struct OutFile {
 fn build(
     fs: &Arc<dyn Storage>,
     view: &GroupView,
-    vol: &crate::Volume,
+    vol: &Volume,
     out: &OutFile,
     through: Seq,
     until_time: Option<u64>,

@@ -14,8 +14,9 @@ use hindsight_consistency::time::format_rfc3339;
 use hindsight_consistency::Seq;
 use serde::{Deserialize, Serialize};
 
-use crate::recover::group_volumes;
-use crate::{recover, Point, RecoverRequest, TargetError};
+use crate::error::TargetError;
+use crate::model::{Point, RecoverRequest};
+use crate::recover::{group_volumes, recover};
 
 /// Name of the manifest written beside the images.
 pub const MANIFEST_NAME: &str = "manifest.json";

@@ -5,13 +5,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hindsight_consistency::config::{check_name, EngineTrust, JournalFull, TargetConfig};
+use hindsight_consistency::error_chain;
 use hindsight_consistency::storage::Storage;
+use hindsight_consistency::sync::lock;
 use hindsight_consistency::transport::{AcceptError, Peer, ReadHalf, Role, TransportError, WriteHalf};
 use hindsight_consistency::wire::frame::whole_frame_buffered;
 use hindsight_consistency::wire::{
@@ -20,11 +22,11 @@ use hindsight_consistency::wire::{
 };
 
 use crate::error::{data_dir_err, TargetError};
-use crate::group::{error_chain, Group, GroupOptions};
+use crate::group::{Group, GroupOptions};
 use crate::layout::{groups_dir, GroupPaths, DAEMON_LOCK};
 use crate::lock::{lock_file, FileLock, LockKind};
 use crate::meta::GroupMeta;
-use crate::Volume;
+use crate::model::Volume;
 
 /// How often the maintenance thread runs (checkpoints, retention).
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
@@ -56,10 +58,6 @@ struct Shared {
     conns: Mutex<HashMap<u64, TcpStream>>,
     conn_threads: Mutex<Vec<JoinHandle<()>>>,
     next_conn: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A running target daemon, started by [`start`](crate::start). Dropping it shuts it down

@@ -31,6 +31,8 @@ use hindsight_consistency::storage::{write_file_atomic, Storage};
 use hindsight_consistency::{RecordRef, Seq, WriteKind};
 use serde::{Deserialize, Serialize};
 
+use crate::index_file::read_text;
+
 /// Why a span is not consistent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -116,17 +118,17 @@ pub(crate) fn event(rec: &RecordRef<'_>) -> Option<Event> {
     }
 }
 
-fn load_index(path: &Path) -> Result<Index, String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Index::default()),
+fn load_index(fs: &dyn Storage, path: &Path) -> Result<Index, String> {
+    match read_text(fs, path) {
+        Ok(Some(text)) => toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
+        Ok(None) => Ok(Index::default()),
         Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
 
 /// Every span of the index, by `from`.
-pub(crate) fn load(path: &Path) -> Result<Vec<Span>, String> {
-    load_index(path).map(|i| i.span)
+pub(crate) fn load(fs: &dyn Storage, path: &Path) -> Result<Vec<Span>, String> {
+    load_index(fs, path).map(|i| i.span)
 }
 
 /// Applies one event to the spans; true if a span opened or closed.
@@ -162,7 +164,7 @@ pub(crate) fn update(fs: &dyn Storage, path: &Path, events: &[Event], last: Seq)
     if events.is_empty() && fs.exists(path) {
         return Ok(());
     }
-    let mut index = load_index(path)?;
+    let mut index = load_index(fs, path)?;
     let mut changed = false;
     for e in events.iter().filter(|e| e.seq() > index.through) {
         changed |= apply(&mut index.span, *e);
@@ -273,12 +275,12 @@ mod tests {
         let fs = StdStorage;
         use Event::*;
         update(&fs, &path, &[Point(3)], 3).unwrap();
-        assert_eq!(load(&path).unwrap(), vec![]);
+        assert_eq!(load(&fs, &path).unwrap(), vec![]);
         update(&fs, &path, &[Superseded(5), Superseded(6)], 7).unwrap();
-        assert_eq!(load(&path).unwrap(), vec![delta(5, None)]);
+        assert_eq!(load(&fs, &path).unwrap(), vec![delta(5, None)]);
         // A replay of what was seen changes nothing; the point closes the span.
         update(&fs, &path, &[Superseded(5), Point(8)], 9).unwrap();
-        let spans = load(&path).unwrap();
+        let spans = load(&fs, &path).unwrap();
         assert_eq!(spans, vec![delta(5, Some(8))]);
         assert_eq!((consistent_at_or_before(&spans, 4), consistent_at_or_before(&spans, 5)), (4, 4));
         assert_eq!((consistent_at_or_before(&spans, 7), consistent_at_or_before(&spans, 8)), (4, 8));
@@ -297,10 +299,10 @@ mod tests {
         // Resync records from 11; a bookmark at 15 and an interval point at 17 end nothing of
         // it; a delta that left a write out (16) opens inside it and ends at 17.
         update(&fs, &path, &[Resync(11), Resync(12), Point(15)], 15).unwrap();
-        assert_eq!(load(&path).unwrap(), vec![resync(11, None)]);
+        assert_eq!(load(&fs, &path).unwrap(), vec![resync(11, None)]);
         update(&fs, &path, &[Superseded(16), Point(17)], 17).unwrap();
-        assert_eq!(load(&path).unwrap(), vec![resync(11, None), delta(16, Some(17))]);
-        let spans = load(&path).unwrap();
+        assert_eq!(load(&fs, &path).unwrap(), vec![resync(11, None), delta(16, Some(17))]);
+        let spans = load(&fs, &path).unwrap();
         for seq in [11, 15, 16, 17, 30] {
             assert_eq!(consistent_at_or_before(&spans, seq), 10, "seq {seq}");
         }
@@ -312,7 +314,7 @@ mod tests {
         );
         // Another delta opens; the resync point ends both.
         update(&fs, &path, &[Superseded(19), ResyncPoint(20)], 21).unwrap();
-        let spans = load(&path).unwrap();
+        let spans = load(&fs, &path).unwrap();
         assert_eq!(spans, vec![resync(11, Some(20)), delta(16, Some(17)), delta(19, Some(20))]);
         assert_eq!((consistent_at_or_before(&spans, 19), consistent_at_or_before(&spans, 20)), (10, 20));
         let i = inconsistency(&spans, 12).unwrap();
@@ -323,7 +325,7 @@ mod tests {
         assert!(i.to_string().ends_with("the resync point after it is seq 20"), "{i}");
         // A resync point with no resync open is harmless; a new resync opens a new span.
         update(&fs, &path, &[ResyncPoint(25), Resync(30)], 30).unwrap();
-        assert_eq!(load(&path).unwrap().last(), Some(&resync(30, None)));
+        assert_eq!(load(&fs, &path).unwrap().last(), Some(&resync(30, None)));
     }
 
     #[test]
@@ -349,10 +351,11 @@ mod tests {
     fn an_index_without_kinds_loads_as_delta_spans() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spans.toml");
+        let fs = StdStorage;
         std::fs::write(&path, "through = 40\n\n[[span]]\nfrom = 5\nto = 8\n\n[[span]]\nfrom = 30\n").unwrap();
-        assert_eq!(load(&path).unwrap(), vec![delta(5, Some(8)), delta(30, None)]);
+        assert_eq!(load(&fs, &path).unwrap(), vec![delta(5, Some(8)), delta(30, None)]);
         // Written back with the kind.
-        update(&StdStorage, &path, &[Event::Resync(41)], 41).unwrap();
+        update(&fs, &path, &[Event::Resync(41)], 41).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("kind = \"delta\"") && text.contains("kind = \"resync\""), "{text}");
     }

@@ -29,6 +29,8 @@ use std::path::Path;
 use hindsight_consistency::storage::{write_file_atomic, OpenMode, Storage};
 use hindsight_consistency::Seq;
 
+use crate::error::TargetError;
+
 /// Magic bytes opening a state file.
 pub(crate) const STATE_MAGIC: [u8; 4] = *b"HSTS";
 /// State format version.
@@ -121,6 +123,14 @@ pub(crate) fn read_state(fs: &dyn Storage, path: &Path) -> Result<Option<GroupSt
 /// Replaces a state file atomically and durably.
 pub(crate) fn write_state(fs: &dyn Storage, path: &Path, s: &GroupState) -> io::Result<()> {
     write_file_atomic(fs, path, &s.encode())
+}
+
+/// Reads `state` or `state.next`.
+pub(crate) fn load_state(fs: &dyn Storage, group: &str, path: &Path) -> Result<Option<GroupState>, TargetError> {
+    read_state(fs, path).map_err(|e| match e {
+        StateReadError::Io(source) => TargetError::DataDir { path: path.to_owned(), step: "read state", source },
+        StateReadError::Corrupt(reason) => TargetError::StateCorrupt { group: group.to_owned(), path: path.to_owned(), reason },
+    })
 }
 
 #[cfg(test)]

@@ -1,19 +1,18 @@
-//! Applying journal records to volume images: the one code path that keeps the replicas
+//! Volume images, and applying journal records to them: the one code path that keeps the replicas
 //! current, rolls the base images forward and builds recovered images.
 
 use std::collections::BTreeMap;
 use std::io;
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use hindsight_consistency::journal::JournalReader;
 use hindsight_consistency::storage::{AlignedBuf, OpenMode, Storage, StorageFile, DIRECT_IO_ALIGN};
-use hindsight_consistency::{RecordRef, Seq, WriteKind};
+use hindsight_consistency::sync::lock;
+use hindsight_consistency::{RecordRef, WriteKind};
 
 use crate::error::TargetError;
 use crate::layout::image_name;
-use crate::Volume;
+use crate::model::Volume;
 
 /// Applies one record to the image of its volume: data and resync data are written, zeroes
 /// and trims make the range read back as zeroes (punching a hole where the file system can).
@@ -114,7 +113,7 @@ impl Image {
         if !matches!(rec.header.kind, WriteKind::Data | WriteKind::Resync) || rec.data.len() < DIRECT_MIN || !aligned {
             return Ok(false);
         }
-        let mut staging = staging.lock().unwrap_or_else(|e| e.into_inner());
+        let mut staging = lock(staging);
         file.write_all_at(staging.padded(rec.data), rec.header.offset)?;
         Ok(true)
     }
@@ -215,48 +214,4 @@ impl ImageSet {
     pub fn sync(&self) -> Result<(), TargetError> {
         self.images.values().try_for_each(|img| img.sync(&self.group))
     }
-}
-
-/// Reads the journal from `from` through `through` (inclusive) in order and hands every record
-/// to `f`, which may stop early (the record it stops at does not count as handed over).
-/// Every record of the range must be present: a missing one is
-/// an inconsistency between the journal and the state that asked for it. Returns the sequence
-/// number and time of the last record handed over (or `(from - 1, 0)` if none).
-pub(crate) fn for_each_record(
-    fs: &Arc<dyn Storage>,
-    group: &str,
-    journal_dir: &Path,
-    from: Seq,
-    through: Seq,
-    mut f: impl FnMut(&RecordRef<'_>) -> Result<ControlFlow<()>, TargetError>,
-) -> Result<(Seq, u64), TargetError> {
-    let mut last = (from.saturating_sub(1), 0);
-    if from > through {
-        return Ok(last);
-    }
-    let jerr = |step| move |source| TargetError::Journal { group: group.to_owned(), step, source };
-    let mut reader = JournalReader::open(Arc::clone(fs), journal_dir, from).map_err(jerr("open a reader"))?;
-    let mut expect = from;
-    while expect <= through {
-        let Some(rec) = reader.next().map_err(jerr("read"))? else {
-            return Err(TargetError::Inconsistent {
-                group: group.to_owned(),
-                reason: format!(
-                    "the journal ends before seq {expect}, but seq {from}..={through} is needed; a journal segment is damaged or was removed"
-                ),
-            });
-        };
-        if rec.header.seq != expect {
-            return Err(TargetError::Inconsistent {
-                group: group.to_owned(),
-                reason: format!("the journal holds seq {} where seq {expect} was expected", rec.header.seq),
-            });
-        }
-        if f(&rec)?.is_break() {
-            break;
-        }
-        last = (rec.header.seq, rec.header.time_ns);
-        expect += 1;
-    }
-    Ok(last)
 }

@@ -1,0 +1,211 @@
+//! One consistency group inside the daemon: its journal, replicas, state and retention.
+//!
+//! The connection thread validates, journals and commits each batch of frames and confirms
+//! it; the group's applier thread ([`crate::applier`]) applies committed batches to the
+//! replicas in commit order meanwhile.
+//!
+//! Locks, always taken in this order: `persist` (held by the maintenance thread while it
+//! checkpoints or trims), then `inner` (held by the connection thread for one batch of frames:
+//! validate, append, commit, queue for the applier), then the applier's `replicas` (held by
+//! the applier for one batch, and by readers of the replicas), then its leaf locks.
+//! `shipper` and `notice` are independent.
+//!
+//! - `open`: creating a group at its first hello, loading it at start-up (finishing an
+//!   interrupted roll of the base images, replaying the journal into the replicas);
+//! - `receive`: the engine connection's side: the claim, the hello, each batch of frames
+//!   validated, journaled, committed and queued for the applier;
+//! - `maintenance`: the maintenance thread's side: replica checkpoints and retention.
+
+mod maintenance;
+mod open;
+mod receive;
+#[cfg(test)]
+mod testing;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hindsight_consistency::config::JournalFull;
+use hindsight_consistency::journal::Journal;
+use hindsight_consistency::storage::Storage;
+use hindsight_consistency::sync::lock;
+use hindsight_consistency::wire::JournalStateMsg;
+use hindsight_consistency::Seq;
+
+use crate::applier::Applier;
+use crate::error::{poisoned_message, TargetError};
+use crate::image::ImageSet;
+use crate::layout::GroupPaths;
+use crate::meta::GroupMeta;
+use crate::state::GroupState;
+
+/// The retention settings of the target, applied to every group.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GroupOptions {
+    pub segment_size: u64,
+    pub retention: Option<Duration>,
+    pub journal_size: Option<u64>,
+    /// Direct I/O for the journal and large replica writes, where the file system allows it.
+    pub direct_io: bool,
+}
+
+/// A group served by the daemon.
+pub(crate) struct Group {
+    pub name: String,
+    paths: GroupPaths,
+    fs: Arc<dyn Storage>,
+    opts: GroupOptions,
+    persist: Mutex<Persist>,
+    inner: Mutex<Inner>,
+    shipper: Mutex<Option<String>>,
+    /// Time of the oldest recoverable point (the base images'), for `JournalState`.
+    oldest_ns: AtomicU64,
+    /// A trim of history inside retention not yet told to the engine.
+    notice: Mutex<Option<JournalStateMsg>>,
+    /// Applies committed batches to the replicas; holds them and the poisoning.
+    applier: Applier,
+}
+
+/// What the maintenance thread owns.
+struct Persist {
+    /// The state as it is on disk.
+    state: GroupState,
+    last_checkpoint: Instant,
+    /// The applier's `applied_bytes` at the last checkpoint.
+    checkpointed_bytes: u64,
+    /// Time of the first record of a segment, by the segment's first seq (looked up once).
+    first_time_cache: Option<(Seq, u64)>,
+}
+
+/// What the connection thread works on.
+struct Inner {
+    meta: GroupMeta,
+    journal: Journal,
+    /// What to do when the journal is full (from the engine's hello).
+    on_journal_full: JournalFull,
+    /// Since when batches are refused because the journal is full.
+    full_since: Option<Instant>,
+}
+
+impl Inner {
+    fn new(meta: GroupMeta, journal: Journal) -> Inner {
+        Inner { meta, journal, on_journal_full: JournalFull::TrimHistory, full_since: None }
+    }
+}
+
+impl Group {
+    fn journal_err(&self, step: &'static str) -> impl FnOnce(hindsight_consistency::journal::JournalError) -> TargetError + '_ {
+        move |source| TargetError::Journal { group: self.name.clone(), step, source }
+    }
+    /// A buffer for the next frame to receive (one that a received frame used, if there is
+    /// one: fresh memory is slow to touch the first time).
+    pub fn buffer(&self) -> Vec<u8> {
+        self.applier.shared().buffer()
+    }
+    /// A trim of history inside retention that the engine has not been told of.
+    pub fn take_notice(&self) -> Option<JournalStateMsg> {
+        lock(&self.notice).take()
+    }
+    /// Runs `f` on the replicas and the last sequence number they hold, once every record
+    /// committed before the call is applied: the replicas are held meanwhile, so they are
+    /// exactly that prefix of the sequence (never part of a batch).
+    pub fn with_replicas<T>(&self, f: impl FnOnce(&ImageSet, Seq) -> T) -> Result<T, String> {
+        let durable = lock(&self.inner).journal.durable_seq();
+        self.applier.shared().with_applied(durable, f)
+    }
+
+    /// Why the group stopped, if it did.
+    fn poisoned(&self) -> Option<String> {
+        self.applier.shared().poisoned()
+    }
+
+    /// The message for the engine if the group is stopped.
+    pub fn stopped(&self) -> Option<String> {
+        self.poisoned().map(|cause| poisoned_message(&self.name, &cause))
+    }
+
+    /// Sets what to call if the group is poisoned while its connection waits for frames (a
+    /// replica write failing on the applier thread); cleared with `None`.
+    pub fn on_poison(&self, f: Option<Box<dyn Fn() + Send>>) {
+        self.applier.shared().on_poison(f);
+    }
+
+    fn poison(&self, cause: String) {
+        self.applier.shared().poison(cause);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use hindsight_consistency::faults::{Fault, Op, Rule};
+    use hindsight_consistency::storage::StdStorage;
+
+    use super::testing::*;
+    use super::*;
+    use crate::state::read_state;
+
+    #[test]
+    fn readers_of_the_replicas_never_see_part_of_a_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_fs, _paths, g) = new_group(dir.path());
+        let recs = records(600);
+        let models: Vec<Vec<u8>> = (0..=600).map(|n| model(&recs, n)).collect();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for chunk in recs.chunks(20) {
+                    assert_eq!(g.receive(&mut vec![frame(&chunk[..10]), frame(&chunk[10..])]).error, None);
+                }
+            });
+            let mut seen = 0;
+            while seen < 600 {
+                let (seq, img) = g
+                    .with_replicas(|set, seq| {
+                        let mut img = vec![0u8; us(SIZE)];
+                        set.image("v").unwrap().file.read_exact_at(&mut img, 0).unwrap();
+                        (seq, img)
+                    })
+                    .unwrap();
+                assert_eq!(seq % 20, 0, "whole batches only");
+                assert!(img == models[us(seq)], "the replica is exactly at seq {seq}");
+                assert!(seq >= seen);
+                seen = seq;
+            }
+        });
+    }
+
+    #[test]
+    fn a_failed_replica_write_poisons_the_group_and_wakes_its_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let (plan, paths, g) = faulty_group(dir.path());
+        let (woken_tx, woken) = crossbeam_channel::bounded(1);
+        g.on_poison(Some(Box::new(move || {
+            let _ = woken_tx.try_send(());
+        })));
+        let recs = records(20);
+        assert_eq!(g.receive(&mut vec![frame(&recs[..5])]).durable_seq, 5);
+        assert_eq!(applied(&g), 5);
+
+        plan.add(Rule::always("replica", Op::Write, Fault::Eio));
+        // Durable, so confirmed; the applier fails after.
+        let r = g.receive(&mut vec![frame(&recs[5..10])]);
+        assert_eq!((r.durable_seq, r.error), (10, None));
+        woken.recv_timeout(Duration::from_secs(10)).expect("the connection is woken");
+        let msg = g.with_replicas(|_, seq| seq).unwrap_err();
+        assert!(msg.contains("is stopped after an I/O failure") && msg.contains("seq 6"), "{msg}");
+        assert_eq!(g.stopped(), Some(msg));
+        plan.clear();
+        let r = g.receive(&mut vec![frame(&recs[10..])]);
+        assert_eq!(r.durable_seq, 10, "nothing more is taken");
+        assert!(r.error.unwrap().contains("stopped"));
+        g.maintain(true);
+        drop(g);
+        assert_eq!(read_state(StdStorage::shared().as_ref(), &paths.state()).unwrap().unwrap().applied_seq, 0, "no checkpoint");
+
+        let g = Group::load(StdStorage::shared(), paths.clone(), "g", opts()).unwrap();
+        assert!(replica(&paths) == model(&recs, 10), "start-up applies what the applier could not");
+        drop(g);
+    }
+}
