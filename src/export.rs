@@ -158,7 +158,7 @@ pub fn run(args: &ExportArgs) -> Result<(), Failure> {
     let stop = signals::block_stop_signals()?;
     let view = Arc::new(PointView::open(&cfg, &args.group, &point)?);
     if view.rebuilt_runs() > 0 {
-        log::info!("export: {} journal segment(s) had no index file yet and were read to index them", view.rebuilt_runs());
+        log::info!("export: {} journal segment(s) had no index file that checked out and were read to index them", view.rebuilt_runs());
     }
     let scratch = view.scratch_dir().join(std::process::id().to_string());
     let mut exports: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();

@@ -168,6 +168,24 @@ fn exported_points_equal_the_model_while_replication_goes_on() {
 
     let dir = c.path("reads");
     std::fs::create_dir_all(&dir).unwrap();
+    // The target indexes each sealed segment; a damaged index file is never trusted: the
+    // export indexes that segment from the journal instead.
+    let index_dir = c.path("target/groups/erp/index");
+    let index_files = || -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&index_dir).map(|d| d.map(|e| e.unwrap().path()).collect()).unwrap_or_default();
+        v.sort();
+        v
+    };
+    let started = std::time::Instant::now();
+    while index_files().len() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(30), "the target wrote no index files: {:?}", index_files());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let damaged = index_files()[0].clone();
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(&damaged, &bytes).unwrap();
     let e1 = Export::start(&c, "e1", &["--all", "--seq", &seq1.to_string()]);
     assert_eq!(e1.seq(), seq1);
     let e2 = Export::start(&c, "e2", &["--vm", "vm1", "--time", &format_rfc3339(time1)]);

@@ -1,6 +1,6 @@
-//! The maintenance thread's side of a group: replica checkpoints (sync, then `state`) and
+//! The maintenance thread's side of a group: replica checkpoints (sync, then `state`),
 //! retention, which folds the oldest journal segments into the base images under the group's
-//! exclusive lock.
+//! exclusive lock, and the point-in-time index files of sealed segments.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -20,6 +20,7 @@ use super::{Group, Persist};
 use crate::error::{data_dir_err, window, TargetError};
 use crate::image::ImageSet;
 use crate::lock::{lock_file, FileLock, LockKind};
+use crate::point_index::store::{write_sealed, Segment};
 use crate::records::for_each_record;
 use crate::state::{write_state, GroupState};
 
@@ -57,6 +58,31 @@ impl Group {
         let res = res.and_then(|()| if final_checkpoint { Ok(()) } else { self.retain(&mut p) });
         if let Err(e) = res {
             self.poison(error_chain(&e));
+            return;
+        }
+        if !final_checkpoint {
+            self.index_sealed(&mut p);
+        }
+    }
+
+    /// Writes the index file of each sealed segment that has none (at the first round, of
+    /// each that has none that checks out). The index only speeds up reads of points; a
+    /// failure here is logged and tried again next round, and readers index such a segment
+    /// themselves meanwhile.
+    fn index_sealed(&self, p: &mut Persist) {
+        let (segments, volumes) = {
+            let inner = lock(&self.inner);
+            let segs: Vec<Segment> = inner.journal.segments().map(|s| Segment { first_seq: s.first_seq, path: s.path.clone() }).collect();
+            (segs, inner.meta.volume_names())
+        };
+        match write_sealed(&self.fs, &self.paths.journal(), &self.paths.index_dir(), &volumes, &segments, !p.index_verified) {
+            Ok(n) => {
+                if n > 0 {
+                    log::debug!("group {:?}: indexed {n} sealed journal segment(s)", self.name);
+                }
+                p.index_verified = true;
+            }
+            Err(e) => log::warn!("group {:?}: cannot write the point-in-time index: {}", self.name, error_chain(&e)),
         }
     }
 

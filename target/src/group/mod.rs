@@ -76,6 +76,9 @@ struct Persist {
     checkpointed_bytes: u64,
     /// Time of the first record of a segment, by the segment's first seq (looked up once).
     first_time_cache: Option<(Seq, u64)>,
+    /// Whether the index files of the sealed segments were checked since start-up (after
+    /// that, only newly sealed segments get theirs).
+    index_verified: bool,
 }
 
 /// What the connection thread works on.
