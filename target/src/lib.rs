@@ -73,6 +73,7 @@ mod applier;
 mod bookmarks;
 mod error;
 mod group;
+mod group_view;
 mod hashes;
 mod image;
 mod index_file;
@@ -93,9 +94,10 @@ mod state;
 use hindsight_consistency::config::TargetConfig;
 
 pub use error::TargetError;
+pub use group_view::groups;
 pub use model::{Bookmark, History, Point, RecoverReport, RecoverRequest, Volume};
 pub use point_view::PointView;
-pub use recover::{groups, history, recover};
+pub use recover::{history, recover, recover_with};
 pub use recover_set::{recover_set, Manifest, ManifestVolume, RecoverSetRequest, Selection, MANIFEST_NAME};
 pub use server::TargetHandle;
 

@@ -14,12 +14,12 @@ use hindsight_consistency::storage::{OpenMode, StdStorage, Storage, StorageFile}
 use hindsight_consistency::Seq;
 
 use crate::error::{data_dir_err, TargetError};
+use crate::group_view::{find_group, open_view, point_consistency, resolve_point, seq_at_time, GroupView};
 use crate::layout::image_name;
 use crate::model::{Point, Volume};
 use crate::point_index::resolve::{resolve, Source, Window};
 use crate::point_index::store::{sealed_run, Segment};
 use crate::point_index::Run;
-use crate::recover::{find_group, open_view, point_consistency, resolve_point, seq_at_time, GroupView};
 
 /// One volume of a [`PointView`].
 struct ViewVolume {
@@ -142,6 +142,17 @@ impl PointView {
     /// The group's `exports/` directory: scratch space of writable exports, beside the journal.
     pub fn scratch_dir(&self) -> std::path::PathBuf {
         self.view.paths.dir.join("exports")
+    }
+
+    /// How many records of volume number `volume` lie between the base and the point.
+    pub fn records_of(&self, volume: usize) -> u64 {
+        let Some(v) = self.volumes.get(volume) else { return 0 };
+        let w = self.window;
+        self.runs
+            .iter()
+            .filter_map(|r| r.volume_number(&v.volume.name).map(|n| (r, n)))
+            .map(|(r, n)| r.extents().iter().filter(|e| e.volume == n && e.seq > w.after && e.seq <= w.point).count() as u64)
+            .sum()
     }
 
     /// How many segments had no index file that checked out and were read to index them.

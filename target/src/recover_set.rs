@@ -15,8 +15,9 @@ use hindsight_consistency::Seq;
 use serde::{Deserialize, Serialize};
 
 use crate::error::TargetError;
+use crate::group_view::group_volumes;
 use crate::model::{Point, RecoverRequest};
-use crate::recover::{group_volumes, recover};
+use crate::recover::recover;
 
 /// Name of the manifest written beside the images.
 pub const MANIFEST_NAME: &str = "manifest.json";
