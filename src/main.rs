@@ -7,6 +7,7 @@ mod export;
 mod failure;
 mod overlay;
 mod point_args;
+mod progress;
 mod signals;
 
 use std::path::PathBuf;
@@ -258,8 +259,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let point = point.resolve(&cfg, &group)?;
             match (volume, out, out_dir) {
                 (Some(volume), Some(out), _) => {
-                    let report =
-                        hindsight_target::recover(&cfg, &RecoverRequest { group: group.clone(), volume, point, out: out.clone() })?;
+                    let mut progress = progress::Progress::new(&format!("recover {volume}"));
+                    let req = RecoverRequest { group: group.clone(), volume, point, out: out.clone() };
+                    let report = hindsight_target::recover_with(&cfg, &req, &mut |done, total| progress.update(done, total))?;
+                    let took = progress.finish();
                     let consistency = &report.consistency;
                     if json {
                         let v = serde_json::json!({
@@ -269,15 +272,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         });
                         println!("{v}");
                     } else {
+                        let rate = report.bytes as f64 / took.as_secs_f64().max(1e-3);
                         println!(
-                            "recovered volume {} of group {} at seq {} ({}, {consistency}): {} ({} bytes, {} journal records applied)",
+                            "recovered volume {} of group {} at seq {} ({}, {consistency}): {} ({} bytes, {} journal records of \
+                             the volume; {:.1}s, {}/s)",
                             report.volume,
                             report.group,
                             report.seq,
                             format_rfc3339(report.time_ns),
                             out.display(),
                             report.bytes,
-                            report.records_applied
+                            report.records_applied,
+                            took.as_secs_f64(),
+                            progress::human(rate as u64)
                         );
                     }
                 }
