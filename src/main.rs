@@ -284,7 +284,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                             report.bytes,
                             report.records_applied,
                             took.as_secs_f64(),
-                            progress::human(rate as u64)
+                            progress::human_f64(rate)
                         );
                     }
                 }

@@ -51,7 +51,7 @@ impl Progress {
                 human(done),
                 human(total),
                 done as f64 * 100.0 / total.max(1) as f64,
-                human(rate as u64)
+                human_f64(rate)
             );
         }
     }
@@ -67,15 +67,20 @@ impl Progress {
 
 /// A size for people: `1.4 GiB`, `512 KiB`, `17 B`.
 pub fn human(bytes: u64) -> String {
+    human_f64(bytes as f64)
+}
+
+/// A rate or a size given as a float (bytes), in the same form as [`human`].
+pub fn human_f64(bytes: f64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
+    let mut v = bytes;
     let mut unit = 0;
     while v >= 1024.0 && unit < UNITS.len() - 1 {
         v /= 1024.0;
         unit += 1;
     }
     if unit == 0 {
-        format!("{bytes} B")
+        format!("{v:.0} B")
     } else {
         format!("{v:.1} {}", UNITS[unit])
     }
