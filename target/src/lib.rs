@@ -22,9 +22,11 @@
 //! 4. Retention folds the oldest journal segment into the base images (the oldest point that
 //!    can be recovered) once it is older than `retention` or the journal is larger than
 //!    `journal_size`, then deletes it.
-//! 5. [`recover`] copies a base image and applies the volume's records up to the requested
-//!    point; [`history`] reports the window. Both only read, and may run in another process
-//!    beside the daemon.
+//! 5. Once a segment is sealed, the maintenance thread writes its point-in-time index file
+//!    ([`point_index`], docs/point-index.md). A [`PointView`] resolves any range of a volume at
+//!    any point from those runs and the base image, with nothing copied first: `hindsight
+//!    export` serves one over NBD, and [`recover`] copies one out; [`history`] reports the
+//!    window. They only read, and may run in another process beside the daemon.
 //!
 //! Between two batches the connection thread may be asked for the hashes of some regions of a
 //! replica (the `hashes` module, an initial sync comparing instead of re-sending): it
@@ -48,6 +50,8 @@
 //!     state.next            present only while the base images are rolled forward
 //!     bookmarks.toml        index of the bookmarks in the journal (see `bookmarks`)
 //!     spans.toml            index of the stretches that are not consistent points (`spans`)
+//!     index/<first>.hsx     point-in-time index of each sealed journal segment
+//!     exports/<pid>/        scratch overlays of a writable export while it runs
 //!     lock                  flock: shared by readers, exclusive while retention works
 //! ```
 //!
