@@ -4,7 +4,7 @@
 //! range by range without replaying the journal.
 //!
 //! Core types: a [`Run`] holds the extents of one journal segment, sorted so that the versions
-//! of a range are found by binary search; [`file`] encodes a sealed segment's run as its index
+//! of a range are found by binary search; [`file`](mod@file) encodes a sealed segment's run as its index
 //! file and checks one read back; [`resolve`] paints a range from the runs at a point, newest
 //! version first, leaving what no run holds to the base image.
 
