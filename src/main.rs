@@ -185,7 +185,7 @@ enum CertsAction {
         days: u32,
     },
     /// Issue a key and a certificate signed by the CA in DIR, written as
-    /// DIR/<role>-<name>.pem and DIR/<role>-<name>-key.pem.
+    /// `DIR/<role>-<name>.pem` and `DIR/<role>-<name>-key.pem`.
     Issue {
         /// The CA's directory (from `certs init`)
         #[arg(long)]
