@@ -33,7 +33,7 @@ use hindsight_consistency::error_chain;
 use hindsight_consistency::sync::lock;
 use hindsight_consistency::Seq;
 
-use crate::error::{poisoned_message, TargetError};
+use crate::error::{ApplierError, TargetError};
 use crate::image::ImageSet;
 use crate::records::each_record;
 
@@ -197,17 +197,17 @@ impl ApplyShared {
     /// Runs `f` on the replicas once every record up to `seq` is applied, holding them so
     /// that they are exactly at the `applied_seq` given to `f`. Fails if the group is
     /// poisoned or the applier stopped short of `seq`.
-    pub fn with_applied<T>(&self, seq: Seq, f: impl FnOnce(&ImageSet, Seq) -> T) -> Result<T, String> {
+    pub fn with_applied<T>(&self, seq: Seq, f: impl FnOnce(&ImageSet, Seq) -> T) -> Result<T, ApplierError> {
         let mut r = lock(&self.replicas);
         loop {
             if let Some(cause) = self.poisoned() {
-                return Err(poisoned_message(&self.group, &cause));
+                return Err(ApplierError::Poisoned { group: self.group.clone(), cause });
             }
             if r.applied_seq >= seq {
                 return Ok(f(&r.images, r.applied_seq));
             }
             if self.stop.load(Ordering::SeqCst) {
-                return Err(format!("group {:?} is stopping; the replicas hold seq {}, not seq {seq}", self.group, r.applied_seq));
+                return Err(ApplierError::Stopping { group: self.group.clone(), applied_seq: r.applied_seq, seq });
             }
             r = self.progress.wait(r).unwrap_or_else(|p| p.into_inner());
         }
@@ -223,9 +223,9 @@ impl ApplyShared {
             each_record(payload, |rec, _| {
                 let seq = rec.header.seq;
                 if seq > batch.after && seq <= batch.through {
-                    images.apply(rec).map_err(|e: TargetError| error_chain(&e))?;
+                    images.apply(rec)?;
                 }
-                Ok::<_, String>(())
+                Ok::<_, TargetError>(())
             })
         });
         match res {
@@ -235,9 +235,9 @@ impl ApplyShared {
                 drop(r);
                 self.progress.notify_all();
             }
-            Err(cause) => {
+            Err(e) => {
                 drop(r);
-                self.poison(cause);
+                self.poison(error_chain(&e));
             }
         }
     }
@@ -293,7 +293,7 @@ impl Applier {
 
     /// Queues a committed batch, waiting for room. The caller holds the group's `inner` lock,
     /// which keeps batches in commit order. Fails if the applier has stopped.
-    pub fn queue(&self, batch: Batch) -> Result<(), String> {
+    pub fn queue(&self, batch: Batch) -> Result<(), ApplierError> {
         let bytes = batch.bytes();
         self.shared.reserve(bytes);
         let sent = match lock(&self.tx).as_ref() {
@@ -303,7 +303,7 @@ impl Applier {
         sent.map_err(|batch| {
             self.shared.recycle(batch.frames);
             self.shared.release(bytes);
-            format!("group {:?}: the replicas' applier has stopped", self.shared.group)
+            ApplierError::Stopped { group: self.shared.group.clone() }
         })
     }
 

@@ -21,7 +21,7 @@ use hindsight_consistency::wire::{
     TargetHashRequest, TargetHello, TargetWelcome, LZ4, PROTOCOL_VERSION,
 };
 
-use crate::error::{data_dir_err, TargetError};
+use crate::error::{data_dir_err, AuthoriseError, CheckHelloError, GroupForHelloError, TargetError};
 use crate::group::{Group, GroupOptions};
 use crate::layout::{groups_dir, GroupPaths, DAEMON_LOCK};
 use crate::lock::{lock_file, FileLock, LockKind};
@@ -144,13 +144,11 @@ impl Shared {
     }
 
     /// The group named in a hello, created if it is new.
-    fn group_for_hello(&self, hello: &TargetHello, volumes: &[Volume]) -> Result<Arc<Group>, String> {
+    fn group_for_hello(&self, hello: &TargetHello, volumes: &[Volume]) -> Result<Arc<Group>, GroupForHelloError> {
         let mut groups = lock(&self.groups);
         match groups.get(&hello.group) {
             Some(GroupEntry::Ready(g)) => return Ok(Arc::clone(g)),
-            Some(GroupEntry::Broken(why)) => {
-                return Err(format!("group {:?} could not be loaded at start-up ({why}); fix it and restart the target", hello.group))
-            }
+            Some(GroupEntry::Broken(why)) => return Err(GroupForHelloError::Broken { group: hello.group.clone(), why: why.clone() }),
             None => {}
         }
         let paths = GroupPaths::new(&self.config.data_dir, &hello.group);
@@ -161,10 +159,9 @@ impl Shared {
                 groups.insert(hello.group.clone(), GroupEntry::Ready(Arc::clone(&g)));
                 Ok(g)
             }
-            Err(e) => {
-                let why = error_chain(&e);
-                log::error!("group {:?}: cannot be created: {why}", hello.group);
-                Err(format!("group {:?} cannot be created at the target: {why}", hello.group))
+            Err(source) => {
+                log::error!("group {:?}: cannot be created: {}", hello.group, error_chain(&source));
+                Err(GroupForHelloError::Create { group: hello.group.clone(), source: Box::new(source) })
             }
         }
     }
@@ -321,21 +318,17 @@ fn send_error(stream: &mut impl Write, message: &str) {
 
 /// Which engine a connection is, if its certificate lets it ship here: `Ok(None)` on
 /// plaintext (nobody is authenticated), `Ok(Some(name))` for a trusted engine.
-fn authorise_engine(peer: &Peer, trust: &EngineTrust) -> Result<Option<String>, String> {
+fn authorise_engine(peer: &Peer, trust: &EngineTrust) -> Result<Option<String>, AuthoriseError> {
     let Peer::Certified(id) = peer else { return Ok(None) };
     let mut names = id.names(Role::Engine);
     let Some(first) = names.next() else {
-        return Err(format!("its certificate names {id}, not an engine (a name ending in .engine.hindsight); nothing was written"));
+        return Err(AuthoriseError::NotAnEngine { certificate: id.to_string() });
     };
     match trust {
         EngineTrust::AnyCertified => Ok(Some(first.to_owned())),
         EngineTrust::Named(allowed) => match std::iter::once(first).chain(names).find(|n| allowed.iter().any(|a| a == n)) {
             Some(n) => Ok(Some(n.to_owned())),
-            None => Err(format!(
-                "engine {first} is not trusted here: tls.engines in target.toml lists {}; add it there to let it ship \
-                 (nothing was written)",
-                allowed.join(", ")
-            )),
+            None => Err(AuthoriseError::NotTrusted { engine: first.to_owned(), allowed: allowed.clone() }),
         },
     }
 }
@@ -379,7 +372,7 @@ fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
         Ok(n) => n,
         Err(why) => {
             log::warn!("engine connection from {peer} refused: {why}");
-            send_error(&mut writer, &why);
+            send_error(&mut writer, &why.to_string());
             writer.close();
             return;
         }
@@ -420,14 +413,14 @@ fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
         Ok(v) => v,
         Err(why) => {
             log::warn!("engine {} at {peer}: hello refused: {why}", hello.engine);
-            send_error(&mut writer, &why);
+            send_error(&mut writer, &why.to_string());
             return;
         }
     };
     let group = match shared.group_for_hello(&hello, &volumes) {
         Ok(g) => g,
         Err(why) => {
-            send_error(&mut writer, &why);
+            send_error(&mut writer, &why.to_string());
             return;
         }
     };
@@ -435,7 +428,7 @@ fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
         Ok(c) => c,
         Err(why) => {
             log::warn!("engine {} at {peer}: {why}; refused", hello.engine);
-            send_error(&mut writer, &why);
+            send_error(&mut writer, &why.to_string());
             return;
         }
     };
@@ -459,7 +452,7 @@ fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
         Ok(d) => d,
         Err(why) => {
             log::warn!("engine {} at {peer}: hello for group {:?} refused: {why}", hello.engine, hello.group);
-            send_error(&mut writer, &why);
+            send_error(&mut writer, &why.to_string());
             return;
         }
     };
@@ -479,25 +472,22 @@ fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
 }
 
 /// Checks what a hello says before anything is created from it.
-fn check_hello(h: &TargetHello) -> Result<Vec<Volume>, String> {
+fn check_hello(h: &TargetHello) -> Result<Vec<Volume>, CheckHelloError> {
     if h.protocol != PROTOCOL_VERSION {
-        return Err(format!(
-            "the engine speaks protocol version {}, this target speaks {PROTOCOL_VERSION}; run matching hindsight versions",
-            h.protocol
-        ));
+        return Err(CheckHelloError::Protocol { got: h.protocol });
     }
-    check_name("group", &h.group)?;
+    check_name("group", &h.group).map_err(|reason| CheckHelloError::GroupName { reason })?;
     if h.volumes.is_empty() {
-        return Err(format!("group {:?}: the hello lists no volumes", h.group));
+        return Err(CheckHelloError::NoVolumes { group: h.group.clone() });
     }
     let mut out: Vec<Volume> = Vec::with_capacity(h.volumes.len());
     for v in &h.volumes {
-        check_name("volume", &v.name).map_err(|e| format!("group {:?}: {e}", h.group))?;
+        check_name("volume", &v.name).map_err(|reason| CheckHelloError::VolumeName { group: h.group.clone(), reason })?;
         if v.size == 0 {
-            return Err(format!("group {:?}: volume {:?} has size 0", h.group, v.name));
+            return Err(CheckHelloError::EmptyVolume { group: h.group.clone(), volume: v.name.clone() });
         }
         if out.iter().any(|o| o.name == v.name) {
-            return Err(format!("group {:?}: volume {:?} is listed twice", h.group, v.name));
+            return Err(CheckHelloError::DuplicateVolume { group: h.group.clone(), volume: v.name.clone() });
         }
         out.push(Volume { name: v.name.clone(), vm: v.vm.clone(), size: v.size });
     }
