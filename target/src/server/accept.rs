@@ -9,7 +9,7 @@ use std::time::Duration;
 use hindsight_consistency::sync::lock;
 
 use super::connection::serve_connection;
-use super::Shared;
+use super::shared::Shared;
 
 /// How often the accept loop looks at the stop flag.
 const ACCEPT_POLL: Duration = Duration::from_millis(50);

@@ -15,8 +15,8 @@ use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, FrameError, FrameType, TargetHello, TargetWelcome, LZ4, PROTOCOL_VERSION,
 };
 
+use super::shared::{GroupEntry, Shared};
 use super::stream::{receive_loop, send_error};
-use super::{GroupEntry, Shared};
 use crate::error::{AuthoriseError, CheckHelloError, GroupForHelloError};
 use crate::group::Group;
 use crate::layout::GroupPaths;

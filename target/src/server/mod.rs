@@ -1,7 +1,7 @@
-//! The daemon: its handle, the state its threads share, start-up (every stored group loaded
-//! before engines are accepted) and the maintenance thread that checkpoints replicas and
-//! applies retention.
+//! The daemon: its handle, start-up (every stored group loaded before engines are accepted),
+//! shutdown, and the maintenance thread that checkpoints replicas and applies retention.
 //!
+//! - `shared`: the state the daemon's threads share (its groups, its connections);
 //! - `accept`: the listener's thread, one thread per engine connection;
 //! - `connection`: a connection's handshake: TLS, the engine's certificate, its hello, the
 //!   group claimed;
@@ -9,10 +9,11 @@
 
 mod accept;
 mod connection;
+mod shared;
 mod stream;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -25,6 +26,7 @@ use hindsight_consistency::storage::Storage;
 use hindsight_consistency::sync::lock;
 
 use self::accept::accept_loop;
+use self::shared::{GroupEntry, Shared};
 use crate::error::{data_dir_err, TargetError};
 use crate::group::{Group, GroupOptions};
 use crate::layout::{groups_dir, GroupPaths, DAEMON_LOCK};
@@ -32,26 +34,6 @@ use crate::lock::{lock_file, FileLock, LockKind};
 
 /// How often the maintenance thread runs (checkpoints, retention).
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
-
-/// A group as the daemon holds it.
-enum GroupEntry {
-    Ready(Arc<Group>),
-    /// It could not be loaded at start-up; engines are told why.
-    Broken(String),
-}
-
-/// State shared by the daemon's threads.
-struct Shared {
-    config: TargetConfig,
-    fs: Arc<dyn Storage>,
-    opts: GroupOptions,
-    groups: Mutex<BTreeMap<String, GroupEntry>>,
-    stop: AtomicBool,
-    /// Open engine connections, so that shutdown can close them.
-    conns: Mutex<HashMap<u64, TcpStream>>,
-    conn_threads: Mutex<Vec<JoinHandle<()>>>,
-    next_conn: AtomicU64,
-}
 
 /// A running target daemon, started by [`start`](crate::start). Dropping it shuts it down
 /// like [`TargetHandle::shutdown`].
@@ -122,18 +104,6 @@ impl TargetHandle {
 impl Drop for TargetHandle {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-impl Shared {
-    fn ready_groups(&self) -> Vec<Arc<Group>> {
-        lock(&self.groups)
-            .values()
-            .filter_map(|e| match e {
-                GroupEntry::Ready(g) => Some(Arc::clone(g)),
-                GroupEntry::Broken(_) => None,
-            })
-            .collect()
     }
 }
 

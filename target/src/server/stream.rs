@@ -12,7 +12,7 @@ use hindsight_consistency::wire::{
     TargetHashRequest,
 };
 
-use super::Shared;
+use super::shared::Shared;
 use crate::group::Group;
 
 /// Most frames and bytes journaled with one commit.
