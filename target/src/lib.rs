@@ -22,8 +22,8 @@
 //! 4. Retention folds the oldest journal segment into the base images (the oldest point that
 //!    can be recovered) once it is older than `retention` or the journal is larger than
 //!    `journal_size`, then deletes it.
-//! 5. [`recover`] copies a base image and applies the volume's records up to the requested
-//!    point; [`history`] reports the window. Both only read, and may run in another process
+//! 5. [`recover()`] copies a base image and applies the volume's records up to the requested
+//!    point; [`history()`] reports the window. Both only read, and may run in another process
 //!    beside the daemon.
 //!
 //! Between two batches the connection thread may be asked for the hashes of some regions of a
