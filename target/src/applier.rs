@@ -33,7 +33,7 @@ use hindsight_consistency::error_chain;
 use hindsight_consistency::sync::lock;
 use hindsight_consistency::Seq;
 
-use crate::error::{poisoned_message, TargetError};
+use crate::error::{ApplierError, TargetError};
 use crate::image::ImageSet;
 use crate::records::each_record;
 
@@ -69,6 +69,9 @@ pub(crate) struct Replicas {
     pub applied_seq: Seq,
     /// Bytes of records applied since the applier started (to checkpoint by volume too).
     pub applied_bytes: u64,
+    /// Time of the last record applied since the applier started (0 before the first), to
+    /// check that times never decrease.
+    last_time_ns: u64,
 }
 
 /// Spare frame buffers.
@@ -104,7 +107,7 @@ impl ApplyShared {
     pub fn new(group: &str, images: ImageSet, applied_seq: Seq) -> ApplyShared {
         ApplyShared {
             group: group.to_owned(),
-            replicas: Mutex::new(Replicas { images: Arc::new(images), applied_seq, applied_bytes: 0 }),
+            replicas: Mutex::new(Replicas { images: Arc::new(images), applied_seq, applied_bytes: 0, last_time_ns: 0 }),
             progress: Condvar::new(),
             poisoned: Mutex::new(None),
             on_poison: Mutex::new(None),
@@ -197,17 +200,17 @@ impl ApplyShared {
     /// Runs `f` on the replicas once every record up to `seq` is applied, holding them so
     /// that they are exactly at the `applied_seq` given to `f`. Fails if the group is
     /// poisoned or the applier stopped short of `seq`.
-    pub fn with_applied<T>(&self, seq: Seq, f: impl FnOnce(&ImageSet, Seq) -> T) -> Result<T, String> {
+    pub fn with_applied<T>(&self, seq: Seq, f: impl FnOnce(&ImageSet, Seq) -> T) -> Result<T, ApplierError> {
         let mut r = lock(&self.replicas);
         loop {
             if let Some(cause) = self.poisoned() {
-                return Err(poisoned_message(&self.group, &cause));
+                return Err(ApplierError::Poisoned { group: self.group.clone(), cause });
             }
             if r.applied_seq >= seq {
                 return Ok(f(&r.images, r.applied_seq));
             }
             if self.stop.load(Ordering::SeqCst) {
-                return Err(format!("group {:?} is stopping; the replicas hold seq {}, not seq {seq}", self.group, r.applied_seq));
+                return Err(ApplierError::Stopping { group: self.group.clone(), applied_seq: r.applied_seq, seq });
             }
             r = self.progress.wait(r).unwrap_or_else(|p| p.into_inner());
         }
@@ -218,26 +221,37 @@ impl ApplyShared {
     fn apply(&self, batch: &Batch) {
         let mut r = lock(&self.replicas);
         debug_assert!(batch.after <= r.applied_seq, "batches are applied in commit order");
+        debug_assert!(batch.through >= r.applied_seq, "applied_seq never goes back");
         let images = Arc::clone(&r.images);
+        let (applied_before, mut next, mut last_time) = (r.applied_seq, batch.after + 1, r.last_time_ns);
         let res = batch.frames.iter().try_for_each(|payload| {
             each_record(payload, |rec, _| {
                 let seq = rec.header.seq;
                 if seq > batch.after && seq <= batch.through {
-                    images.apply(rec).map_err(|e: TargetError| error_chain(&e))?;
+                    // The frames hold the batch's records once each, in order (validated
+                    // and journaled so), all after what the replicas already hold.
+                    debug_assert!(seq > applied_before, "seq {seq} applied again (the replicas hold seq {applied_before})");
+                    debug_assert_eq!(seq, next, "the records of a batch are applied in sequence");
+                    debug_assert!(rec.header.time_ns >= last_time, "seq {seq} is stamped before the record applied before it");
+                    next = seq + 1;
+                    last_time = rec.header.time_ns;
+                    images.apply(rec)?;
                 }
-                Ok::<_, String>(())
+                Ok::<_, TargetError>(())
             })
         });
         match res {
             Ok(()) => {
+                debug_assert_eq!(next, batch.through + 1, "every record of the batch is applied");
+                r.last_time_ns = last_time;
                 r.applied_seq = r.applied_seq.max(batch.through);
                 r.applied_bytes += batch.frames.iter().map(|f| f.len() as u64).sum::<u64>();
                 drop(r);
                 self.progress.notify_all();
             }
-            Err(cause) => {
+            Err(e) => {
                 drop(r);
-                self.poison(cause);
+                self.poison(error_chain(&e));
             }
         }
     }
@@ -293,7 +307,8 @@ impl Applier {
 
     /// Queues a committed batch, waiting for room. The caller holds the group's `inner` lock,
     /// which keeps batches in commit order. Fails if the applier has stopped.
-    pub fn queue(&self, batch: Batch) -> Result<(), String> {
+    pub fn queue(&self, batch: Batch) -> Result<(), ApplierError> {
+        debug_assert!(batch.after < batch.through, "a batch holds at least one committed record");
         let bytes = batch.bytes();
         self.shared.reserve(bytes);
         let sent = match lock(&self.tx).as_ref() {
@@ -303,7 +318,7 @@ impl Applier {
         sent.map_err(|batch| {
             self.shared.recycle(batch.frames);
             self.shared.release(bytes);
-            format!("group {:?}: the replicas' applier has stopped", self.shared.group)
+            ApplierError::Stopped { group: self.shared.group.clone() }
         })
     }
 

@@ -22,7 +22,7 @@ use hindsight_consistency::storage::{write_file_atomic, Storage};
 use hindsight_consistency::{BookmarkBody, RecordRef, WriteKind};
 use serde::{Deserialize, Serialize};
 
-use crate::index_file::read_text;
+use crate::index_file::{read_text, IndexError};
 use crate::model::Bookmark;
 
 #[derive(Serialize, Deserialize, Default)]
@@ -48,20 +48,20 @@ pub(crate) fn from_record(rec: &RecordRef<'_>) -> Option<Bookmark> {
 }
 
 /// Every bookmark of the index, oldest first (none if there is no index yet).
-pub(crate) fn load(fs: &dyn Storage, path: &Path) -> Result<Vec<Bookmark>, String> {
+pub(crate) fn load(fs: &dyn Storage, path: &Path) -> Result<Vec<Bookmark>, IndexError> {
     match read_text(fs, path) {
         Ok(Some(text)) => {
-            let i: Index = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let i: Index = toml::from_str(&text).map_err(|source| IndexError::Parse { path: path.to_owned(), source })?;
             Ok(i.bookmark)
         }
         Ok(None) => Ok(Vec::new()),
-        Err(e) => Err(format!("{}: {e}", path.display())),
+        Err(source) => Err(IndexError::Read { path: path.to_owned(), source }),
     }
 }
 
 /// Adds bookmarks to the index (those already there, by sequence number, are kept as they
 /// are) and replaces the file atomically.
-pub(crate) fn add(fs: &dyn Storage, path: &Path, new: &[Bookmark]) -> Result<(), String> {
+pub(crate) fn add(fs: &dyn Storage, path: &Path, new: &[Bookmark]) -> Result<(), IndexError> {
     if new.is_empty() {
         return Ok(());
     }
@@ -76,6 +76,6 @@ pub(crate) fn add(fs: &dyn Storage, path: &Path, new: &[Bookmark]) -> Result<(),
         return Ok(());
     }
     all.sort_by_key(|b| b.seq);
-    let text = toml::to_string(&Index { bookmark: all }).map_err(|e| e.to_string())?;
-    write_file_atomic(fs, path, text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
+    let text = toml::to_string(&Index { bookmark: all }).map_err(|source| IndexError::Encode { source })?;
+    write_file_atomic(fs, path, text.as_bytes()).map_err(|source| IndexError::Write { path: path.to_owned(), source })
 }

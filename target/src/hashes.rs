@@ -61,7 +61,7 @@ pub(crate) fn answer(group: &Group, req: &TargetHashRequest) -> HashReply {
         }
         HashReply { id, status: HashStatus::Ok, seq, hashes, message: String::new() }
     });
-    hashed.unwrap_or_else(|why| HashReply::unavailable(id, why))
+    hashed.unwrap_or_else(|why| HashReply::unavailable(id, why.to_string()))
 }
 
 #[cfg(test)]

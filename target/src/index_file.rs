@@ -1,13 +1,54 @@
 //! Reading a group's small index files (`bookmarks.toml`, `spans.toml`) whole, through
-//! [`Storage`] like every other file of the data directory.
+//! [`Storage`] like every other file of the data directory, and what can go wrong with them.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use hindsight_consistency::storage::{OpenMode, Storage};
+use thiserror::Error;
 
 /// Read size; an index is a few KiB.
 const CHUNK: usize = 64 << 10;
+
+/// Why a group's bookmark or span index could not be read or replaced.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub(crate) enum IndexError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The index file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not a valid index.
+    #[error("{}: {source}", path.display())]
+    Parse {
+        /// The index file.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// The new index could not be encoded.
+    #[error("{source}")]
+    Encode {
+        /// The cause.
+        #[source]
+        source: toml::ser::Error,
+    },
+    /// The new index could not be written in place of the old one.
+    #[error("{}: {source}", path.display())]
+    Write {
+        /// The index file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
 
 /// The text of the file at `path`, or `None` if there is none. Its errors read like those of
 /// `std::fs::read_to_string`.

@@ -25,7 +25,7 @@
 //! 5. Once a segment is sealed, the maintenance thread writes its point-in-time index file
 //!    ([`point_index`], docs/point-index.md). A [`PointView`] resolves any range of a volume at
 //!    any point from those runs and the base image, with nothing copied first: `hindsight
-//!    export` serves one over NBD, and [`recover`] copies one out; [`history`] reports the
+//!    export` serves one over NBD, and [`recover()`] copies one out; [`history()`] reports the
 //!    window. They only read, and may run in another process beside the daemon.
 //!
 //! Between two batches the connection thread may be asked for the hashes of some regions of a

@@ -7,6 +7,7 @@
 use hindsight_consistency::storage::Storage;
 use hindsight_consistency::{RecordRef, Seq};
 
+use crate::error::MarksError;
 use crate::layout::GroupPaths;
 use crate::model::Bookmark;
 use crate::{bookmarks, spans};
@@ -33,10 +34,10 @@ impl Marks {
     }
 
     /// Adds what was seen to the indexes.
-    pub(crate) fn save(&self, fs: &dyn Storage, paths: &GroupPaths) -> Result<(), String> {
-        bookmarks::add(fs, &paths.bookmarks(), &self.bookmarks).map_err(|e| format!("bookmark index: {e}"))?;
+    pub(crate) fn save(&self, fs: &dyn Storage, paths: &GroupPaths) -> Result<(), MarksError> {
+        bookmarks::add(fs, &paths.bookmarks(), &self.bookmarks).map_err(|source| MarksError::BookmarkIndex { source })?;
         if self.last > 0 {
-            spans::update(fs, &paths.spans(), &self.events, self.last).map_err(|e| format!("span index: {e}"))?;
+            spans::update(fs, &paths.spans(), &self.events, self.last).map_err(|source| MarksError::SpanIndex { source })?;
         }
         Ok(())
     }

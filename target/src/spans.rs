@@ -31,7 +31,7 @@ use hindsight_consistency::storage::{write_file_atomic, Storage};
 use hindsight_consistency::{RecordRef, Seq, WriteKind};
 use serde::{Deserialize, Serialize};
 
-use crate::index_file::read_text;
+use crate::index_file::{read_text, IndexError};
 
 /// Why a span is not consistent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -118,16 +118,16 @@ pub(crate) fn event(rec: &RecordRef<'_>) -> Option<Event> {
     }
 }
 
-fn load_index(fs: &dyn Storage, path: &Path) -> Result<Index, String> {
+fn load_index(fs: &dyn Storage, path: &Path) -> Result<Index, IndexError> {
     match read_text(fs, path) {
-        Ok(Some(text)) => toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
+        Ok(Some(text)) => toml::from_str(&text).map_err(|source| IndexError::Parse { path: path.to_owned(), source }),
         Ok(None) => Ok(Index::default()),
-        Err(e) => Err(format!("{}: {e}", path.display())),
+        Err(source) => Err(IndexError::Read { path: path.to_owned(), source }),
     }
 }
 
 /// Every span of the index, by `from`.
-pub(crate) fn load(fs: &dyn Storage, path: &Path) -> Result<Vec<Span>, String> {
+pub(crate) fn load(fs: &dyn Storage, path: &Path) -> Result<Vec<Span>, IndexError> {
     load_index(fs, path).map(|i| i.span)
 }
 
@@ -160,7 +160,7 @@ fn apply(spans: &mut Vec<Span>, e: Event) -> bool {
 /// Applies the events of newly committed records up to `last` (in sequence order; those at or
 /// below the index's `through` were seen before and are skipped) and replaces the file
 /// atomically when a span opened or closed.
-pub(crate) fn update(fs: &dyn Storage, path: &Path, events: &[Event], last: Seq) -> Result<(), String> {
+pub(crate) fn update(fs: &dyn Storage, path: &Path, events: &[Event], last: Seq) -> Result<(), IndexError> {
     if events.is_empty() && fs.exists(path) {
         return Ok(());
     }
@@ -175,8 +175,8 @@ pub(crate) fn update(fs: &dyn Storage, path: &Path, events: &[Event], last: Seq)
         return Ok(());
     }
     index.through = index.through.max(last);
-    let text = toml::to_string(&index).map_err(|e| e.to_string())?;
-    write_file_atomic(fs, path, text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
+    let text = toml::to_string(&index).map_err(|source| IndexError::Encode { source })?;
+    write_file_atomic(fs, path, text.as_bytes()).map_err(|source| IndexError::Write { path: path.to_owned(), source })
 }
 
 /// The consistent point for a request that lands on `seq`: `seq` itself, or the last point

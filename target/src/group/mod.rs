@@ -34,7 +34,7 @@ use hindsight_consistency::wire::JournalStateMsg;
 use hindsight_consistency::Seq;
 
 use crate::applier::Applier;
-use crate::error::{poisoned_message, TargetError};
+use crate::error::{poisoned_message, ApplierError, TargetError};
 use crate::image::ImageSet;
 use crate::layout::GroupPaths;
 use crate::meta::GroupMeta;
@@ -113,7 +113,7 @@ impl Group {
     /// Runs `f` on the replicas and the last sequence number they hold, once every record
     /// committed before the call is applied: the replicas are held meanwhile, so they are
     /// exactly that prefix of the sequence (never part of a batch).
-    pub fn with_replicas<T>(&self, f: impl FnOnce(&ImageSet, Seq) -> T) -> Result<T, String> {
+    pub fn with_replicas<T>(&self, f: impl FnOnce(&ImageSet, Seq) -> T) -> Result<T, ApplierError> {
         let durable = lock(&self.inner).journal.durable_seq();
         self.applier.shared().with_applied(durable, f)
     }
@@ -196,7 +196,7 @@ mod tests {
         let r = g.receive(&mut vec![frame(&recs[5..10])]);
         assert_eq!((r.durable_seq, r.error), (10, None));
         woken.recv_timeout(Duration::from_secs(10)).expect("the connection is woken");
-        let msg = g.with_replicas(|_, seq| seq).unwrap_err();
+        let msg = g.with_replicas(|_, seq| seq).unwrap_err().to_string();
         assert!(msg.contains("is stopped after an I/O failure") && msg.contains("seq 6"), "{msg}");
         assert_eq!(g.stopped(), Some(msg));
         plan.clear();

@@ -190,7 +190,7 @@ impl Group {
                 Ok(ControlFlow::Continue(()))
             })?;
             let text_err = |reason| TargetError::Inconsistent { group: name.to_owned(), reason };
-            marks.save(fs.as_ref(), &paths).map_err(text_err)?;
+            marks.save(fs.as_ref(), &paths).map_err(|e| text_err(e.to_string()))?;
             for index in [paths.bookmarks(), paths.spans()] {
                 if !fs.exists(&index) {
                     write_file_atomic(fs.as_ref(), &index, b"").map_err(|e| text_err(e.to_string()))?;
@@ -209,7 +209,7 @@ impl Group {
                 n += 1;
                 Ok(ControlFlow::Continue(()))
             })?;
-            marks.save(fs.as_ref(), &paths).map_err(|reason| TargetError::Inconsistent { group: name.to_owned(), reason })?;
+            marks.save(fs.as_ref(), &paths).map_err(|e| TargetError::Inconsistent { group: name.to_owned(), reason: e.to_string() })?;
             replicas.sync()?;
             log::info!(
                 "group {name:?}: replayed {n} record(s), seq {}..={durable}, into the replicas in {:.1?}",

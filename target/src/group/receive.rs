@@ -16,7 +16,7 @@ use hindsight_consistency::{BookmarkBody, Seq, WriteKind};
 
 use super::{Group, Inner};
 use crate::applier::Batch;
-use crate::error::{data_dir_err, poisoned_message, TargetError};
+use crate::error::{data_dir_err, poisoned_message, AcceptHelloError, ClaimError, FrameRefused, TargetError};
 use crate::image::{in_bounds, Image};
 use crate::marks::Marks;
 use crate::meta::GroupMeta;
@@ -36,10 +36,10 @@ pub(crate) struct Receipt {
 
 impl Group {
     /// Takes the group for one engine connection; refused while another is active.
-    pub fn claim(self: &Arc<Self>, engine: &str) -> Result<ShipperClaim, String> {
+    pub fn claim(self: &Arc<Self>, engine: &str) -> Result<ShipperClaim, ClaimError> {
         let mut s = lock(&self.shipper);
         if let Some(other) = s.as_ref() {
-            return Err(format!("group {:?} is already being shipped by {other}", self.name));
+            return Err(ClaimError::AlreadyShipped { group: self.name.clone(), engine: other.clone() });
         }
         *s = Some(engine.to_owned());
         Ok(ShipperClaim { group: Arc::clone(self) })
@@ -48,10 +48,10 @@ impl Group {
     /// Checks an engine's hello against what is stored and returns the durable seq to resume
     /// after. New volumes are added; a volume whose size changed is refused. `on_journal_full`
     /// is the group's policy, which the engine's configuration holds.
-    pub fn accept_hello(&self, engine: &str, volumes: &[Volume], on_journal_full: JournalFull) -> Result<Seq, String> {
+    pub fn accept_hello(&self, engine: &str, volumes: &[Volume], on_journal_full: JournalFull) -> Result<Seq, AcceptHelloError> {
         let mut inner = lock(&self.inner);
         if let Some(cause) = self.poisoned() {
-            return Err(poisoned_message(&self.name, &cause));
+            return Err(AcceptHelloError::Poisoned { group: self.name.clone(), cause });
         }
         if inner.on_journal_full != on_journal_full {
             log::info!("group {:?}: on_journal_full = {:?}", self.name, on_journal_full.as_str());
@@ -68,11 +68,12 @@ impl Group {
         for v in volumes {
             if let Some(old) = inner.meta.volume(&v.name) {
                 if old.size != v.size {
-                    return Err(format!(
-                        "group {:?}: volume {:?} is {} bytes here but {} bytes at the engine; a replicated volume cannot change size. \
-                         Give it its old size again, or replicate it as a new volume (or a new group)",
-                        self.name, v.name, old.size, v.size
-                    ));
+                    return Err(AcceptHelloError::VolumeResized {
+                        group: self.name.clone(),
+                        volume: v.name.clone(),
+                        stored: old.size,
+                        offered: v.size,
+                    });
                 }
             }
         }
@@ -127,7 +128,7 @@ impl Group {
                 Err(e) => {
                     let cause = error_chain(&e);
                     self.poison(cause.clone());
-                    return Err(poisoned_message(&self.name, &cause));
+                    return Err(AcceptHelloError::Poisoned { group: self.name.clone(), cause });
                 }
             }
         }
@@ -159,7 +160,7 @@ impl Group {
         let mut marks = Marks::default();
         for payload in frames.iter() {
             if let Err(why) = validate_frame(&self.name, &inner.meta, payload, inner.journal.next_seq(), inner.journal.last_time_ns()) {
-                error = Some(why);
+                error = Some(why.to_string());
                 break;
             }
             let next = inner.journal.next_seq();
@@ -193,14 +194,16 @@ impl Group {
         // Indexed before the records are confirmed (a recovery may ask for them at once) and
         // before `applied_seq` passes them: a crash before this is repaired by the start-up
         // replay.
-        if let Err(cause) = marks.save(self.fs.as_ref(), &self.paths) {
+        if let Err(e) = marks.save(self.fs.as_ref(), &self.paths) {
+            let cause = e.to_string();
             self.poison(cause.clone());
             return refuse(frames, durable, Some(poisoned_message(&self.name, &cause)), None);
         }
         shared.recycle(frames.drain(taken..));
         let batch = Batch { frames: std::mem::take(frames), after: old_durable, through: durable };
-        if let Err(cause) = self.applier.queue(batch) {
+        if let Err(e) = self.applier.queue(batch) {
             // Committed (and confirmed with the error): start-up applies it.
+            let cause = e.to_string();
             self.poison(cause.clone());
             return Receipt { durable_seq: durable, error: Some(poisoned_message(&self.name, &cause)), full: None };
         }
@@ -269,64 +272,67 @@ impl Drop for ShipperClaim {
 /// names a volume of the group, lies inside it, the records are consecutive, and the first
 /// one not yet held is exactly `next` (older ones are resends, skipped). Returns what is
 /// wrong, for the log and the `Error` frame.
-fn validate_frame(group: &str, meta: &GroupMeta, payload: &[u8], mut next: Seq, mut last_time: u64) -> Result<(), String> {
+fn validate_frame(group: &str, meta: &GroupMeta, payload: &[u8], mut next: Seq, mut last_time: u64) -> Result<(), FrameRefused> {
     if payload.is_empty() {
-        return Err(format!("group {group:?}: a Records frame carries no record"));
+        return Err(FrameRefused::Empty { group: group.to_owned() });
     }
     let mut at = 0;
     let mut prev: Option<Seq> = None;
     while at < payload.len() {
         let (rec, used) = decode_record(&payload[at..]).map_err(|e| match e {
-            DecodeError::Incomplete { .. } => format!("group {group:?}: the record at byte {at} of a Records frame is truncated"),
-            e => format!("group {group:?}: the record at byte {at} of a Records frame is invalid ({e})"),
+            DecodeError::Incomplete { .. } => FrameRefused::Truncated { group: group.to_owned(), at },
+            source => FrameRefused::Invalid { group: group.to_owned(), at, source },
         })?;
         let h = rec.header;
         if h.kind == WriteKind::Bookmark {
             // A named point: no volume, but its body must be readable.
-            BookmarkBody::decode(rec.data)
-                .map_err(|e| format!("group {group:?}: bookmark {:?} at seq {} is invalid ({e})", rec.volume, h.seq))?;
+            BookmarkBody::decode(rec.data).map_err(|source| FrameRefused::Bookmark {
+                group: group.to_owned(),
+                name: rec.volume.to_owned(),
+                seq: h.seq,
+                source,
+            })?;
         } else if h.kind == WriteKind::Point {
             if rec.data.len() != 8 {
-                return Err(format!("group {group:?}: point {:?} at seq {} carries {} bytes, not 8", rec.volume, h.seq, rec.data.len()));
+                return Err(FrameRefused::Point { group: group.to_owned(), name: rec.volume.to_owned(), seq: h.seq, len: rec.data.len() });
             }
         } else {
             let Some(vol) = meta.volume(rec.volume) else {
-                return Err(format!(
-                    "group {group:?}: seq {} is for volume {:?}, which the group does not have (volumes: {}); \
-                     the engine must announce it in its hello",
-                    h.seq,
-                    rec.volume,
-                    meta.volume_names().join(", ")
-                ));
+                return Err(FrameRefused::UnknownVolume {
+                    group: group.to_owned(),
+                    seq: h.seq,
+                    volume: rec.volume.to_owned(),
+                    volumes: meta.volume_names(),
+                });
             };
             if !in_bounds(&rec, vol.size) {
-                return Err(format!(
-                    "group {group:?}: seq {} writes {} bytes at offset {}, past the end of volume {:?} ({} bytes)",
-                    h.seq, h.length, h.offset, vol.name, vol.size
-                ));
+                return Err(FrameRefused::PastEnd {
+                    group: group.to_owned(),
+                    seq: h.seq,
+                    length: h.length,
+                    offset: h.offset,
+                    volume: vol.name.clone(),
+                    size: vol.size,
+                });
             }
         }
         if let Some(p) = prev {
             if h.seq != p + 1 {
-                return Err(format!("group {group:?}: a Records frame holds seq {} after seq {p}; records must be consecutive", h.seq));
+                return Err(FrameRefused::NotConsecutive { group: group.to_owned(), seq: h.seq, prev: p });
             }
         }
         prev = Some(h.seq);
         if h.seq > next {
-            return Err(format!(
-                "group {group:?}: gap in the stream: received seq {} but the target expects seq {next}; \
-                 the engine must resend from seq {next}",
-                h.seq
-            ));
+            return Err(FrameRefused::Gap { group: group.to_owned(), seq: h.seq, next });
         }
         if h.seq == next {
             if h.time_ns < last_time {
-                return Err(format!(
-                    "group {group:?}: seq {} is stamped {}, before the previous record ({}); record times must never decrease",
-                    h.seq,
-                    format_rfc3339(h.time_ns),
-                    format_rfc3339(last_time)
-                ));
+                return Err(FrameRefused::TimeBackwards {
+                    group: group.to_owned(),
+                    seq: h.seq,
+                    time_ns: h.time_ns,
+                    last_time_ns: last_time,
+                });
             }
             last_time = h.time_ns;
             next += 1;
@@ -410,6 +416,7 @@ mod tests {
         assert!(g
             .accept_hello("e", &[Volume { name: "v".into(), vm: "vm".into(), size: SIZE }], JournalFull::TrimHistory)
             .unwrap_err()
+            .to_string()
             .contains("restart"));
         assert!(std::fs::read(paths.replica_dir().join("v.img")).unwrap() == model(&recs, 5), "nothing after the failure applied");
         drop(g);

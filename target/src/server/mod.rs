@@ -1,0 +1,213 @@
+//! The daemon: its handle, start-up (every stored group loaded before engines are accepted),
+//! shutdown, and the maintenance thread that checkpoints replicas and applies retention.
+//!
+//! - `shared`: the state the daemon's threads share (its groups, its connections);
+//! - `accept`: the listener's thread, one thread per engine connection;
+//! - `connection`: a connection's handshake: TLS, the engine's certificate, its hello, the
+//!   group claimed;
+//! - `stream`: the records that follow, journaled and confirmed batch by batch.
+
+mod accept;
+mod connection;
+mod shared;
+mod stream;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use hindsight_consistency::config::{check_name, EngineTrust, TargetConfig};
+use hindsight_consistency::error_chain;
+use hindsight_consistency::storage::Storage;
+use hindsight_consistency::sync::lock;
+
+use self::accept::accept_loop;
+use self::shared::{GroupEntry, Shared};
+use crate::error::{data_dir_err, TargetError};
+use crate::group::{Group, GroupOptions};
+use crate::layout::{groups_dir, GroupPaths, DAEMON_LOCK};
+use crate::lock::{lock_file, FileLock, LockKind};
+
+/// How often the maintenance thread runs (checkpoints, retention).
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A running target daemon, started by [`start`](crate::start). Dropping it shuts it down
+/// like [`TargetHandle::shutdown`].
+pub struct TargetHandle {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    accept: Option<JoinHandle<()>>,
+    maintenance: Option<JoinHandle<()>>,
+    stop_maintenance: Option<Sender<()>>,
+    daemon_lock: Option<FileLock>,
+}
+
+impl std::fmt::Debug for TargetHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetHandle").field("local_addr", &self.local_addr).finish()
+    }
+}
+
+impl TargetHandle {
+    /// The address engines connect to (useful when the configured port was 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, closes engine connections, waits for their threads, checkpoints every
+    /// group (replicas synced, state written) and releases the data directory.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    /// Blocks until the daemon stops (it stops only on shutdown from another thread or a
+    /// fatal error of the listener).
+    pub(crate) fn wait(mut self) {
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if self.daemon_lock.is_none() {
+            return; // already stopped
+        }
+        let shared = &self.shared;
+        shared.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        for s in lock(&shared.conns).values() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        let threads = std::mem::take(&mut *lock(&shared.conn_threads));
+        for t in threads {
+            let _ = t.join();
+        }
+        drop(self.stop_maintenance.take());
+        if let Some(t) = self.maintenance.take() {
+            let _ = t.join();
+        }
+        for g in shared.ready_groups() {
+            g.maintain(true);
+        }
+        log::info!("target on {} stopped", self.local_addr);
+        self.daemon_lock = None;
+    }
+}
+
+impl Drop for TargetHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts the daemon in background threads.
+pub(crate) fn start(config: TargetConfig, fs: Arc<dyn Storage>) -> Result<TargetHandle, TargetError> {
+    let gdir = groups_dir(&config.data_dir);
+    fs.create_dir_all(&gdir).map_err(data_dir_err(&gdir, "create directory"))?;
+    let lock_path = config.data_dir.join(DAEMON_LOCK);
+    let daemon_lock = lock_file(&lock_path, LockKind::Exclusive, false, true)
+        .map_err(data_dir_err(&lock_path, "lock"))?
+        .ok_or_else(|| TargetError::DataDirInUse { data_dir: config.data_dir.clone() })?;
+    let listener = TcpListener::bind(config.listen).map_err(|source| TargetError::Bind { addr: config.listen, source })?;
+    let local_addr = listener.local_addr().map_err(|source| TargetError::Bind { addr: config.listen, source })?;
+    listener.set_nonblocking(true).map_err(|source| TargetError::Bind { addr: config.listen, source })?;
+
+    let opts = GroupOptions {
+        segment_size: config.segment_size,
+        retention: config.retention,
+        journal_size: config.journal_size,
+        direct_io: config.direct_io,
+    };
+    let groups = load_groups(&fs, &config, opts)?;
+    let shared = Arc::new(Shared {
+        config,
+        fs,
+        opts,
+        groups: Mutex::new(groups),
+        stop: AtomicBool::new(false),
+        conns: Mutex::new(HashMap::new()),
+        conn_threads: Mutex::new(Vec::new()),
+        next_conn: AtomicU64::new(1),
+    });
+
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+    let s = Arc::clone(&shared);
+    let maintenance = std::thread::Builder::new()
+        .name("target-maint".into())
+        .spawn(move || maintenance_loop(&s, &stop_rx))
+        .map_err(|source| TargetError::Spawn { what: "maintenance", source })?;
+    let s = Arc::clone(&shared);
+    let accept = std::thread::Builder::new()
+        .name("target-accept".into())
+        .spawn(move || accept_loop(&s, &listener))
+        .map_err(|source| TargetError::Spawn { what: "accept", source })?;
+    log::info!("target listening on {local_addr}, data in {}", shared.config.data_dir.display());
+    match (shared.config.security.tls(), &shared.config.engines) {
+        (Some(t), EngineTrust::AnyCertified) => {
+            log::info!("TLS as {}; every engine certified by {} may ship here", t.own(), t.files().ca.display())
+        }
+        (Some(t), EngineTrust::Named(names)) => log::info!("TLS as {}; engines allowed to ship here: {}", t.own(), names.join(", ")),
+        (None, _) => log::warn!("plaintext (tls.insecure_plaintext = true): engines are not authenticated"),
+    }
+    Ok(TargetHandle {
+        shared,
+        local_addr,
+        accept: Some(accept),
+        maintenance: Some(maintenance),
+        stop_maintenance: Some(stop_tx),
+        daemon_lock: Some(daemon_lock),
+    })
+}
+
+/// Loads every group of the data directory. A group that fails to load is kept as broken
+/// (logged, and engines shipping it are told why); the others are served.
+fn load_groups(fs: &Arc<dyn Storage>, config: &TargetConfig, opts: GroupOptions) -> Result<BTreeMap<String, GroupEntry>, TargetError> {
+    let gdir = groups_dir(&config.data_dir);
+    let mut names = fs.list(&gdir).map_err(data_dir_err(&gdir, "list groups"))?;
+    names.sort();
+    let mut out = BTreeMap::new();
+    for name in names {
+        if check_name("group", &name).is_err() {
+            log::warn!("ignoring {}: not a group directory", gdir.join(&name).display());
+            continue;
+        }
+        let paths = GroupPaths::new(&config.data_dir, &name);
+        if !fs.exists(&paths.meta()) {
+            log::warn!(
+                "ignoring {}: its creation was interrupted (no group.toml); it holds nothing acknowledged and is recreated at the engine's next hello",
+                paths.dir.display()
+            );
+            continue;
+        }
+        match Group::load(Arc::clone(fs), paths, &name, opts) {
+            Ok(g) => {
+                out.insert(name, GroupEntry::Ready(Arc::new(g)));
+            }
+            Err(e) => {
+                let why = error_chain(&e);
+                log::error!("group {name:?} cannot be loaded and will not be served: {why}");
+                out.insert(name, GroupEntry::Broken(why));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn maintenance_loop(shared: &Shared, stop: &Receiver<()>) {
+    loop {
+        match stop.recv_timeout(MAINTENANCE_INTERVAL) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        for g in shared.ready_groups() {
+            g.maintain(false);
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! What the daemon's threads share: the configuration, the groups (ready, or broken at
+//! start-up), the stop flag and the open engine connections.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use hindsight_consistency::config::TargetConfig;
+use hindsight_consistency::storage::Storage;
+use hindsight_consistency::sync::lock;
+
+use crate::group::{Group, GroupOptions};
+
+/// A group as the daemon holds it.
+pub(super) enum GroupEntry {
+    Ready(Arc<Group>),
+    /// It could not be loaded at start-up; engines are told why.
+    Broken(String),
+}
+
+/// State shared by the daemon's threads.
+pub(super) struct Shared {
+    pub(super) config: TargetConfig,
+    pub(super) fs: Arc<dyn Storage>,
+    pub(super) opts: GroupOptions,
+    pub(super) groups: Mutex<BTreeMap<String, GroupEntry>>,
+    pub(super) stop: AtomicBool,
+    /// Open engine connections, so that shutdown can close them.
+    pub(super) conns: Mutex<HashMap<u64, TcpStream>>,
+    pub(super) conn_threads: Mutex<Vec<JoinHandle<()>>>,
+    pub(super) next_conn: AtomicU64,
+}
+
+impl Shared {
+    pub(super) fn ready_groups(&self) -> Vec<Arc<Group>> {
+        lock(&self.groups)
+            .values()
+            .filter_map(|e| match e {
+                GroupEntry::Ready(g) => Some(Arc::clone(g)),
+                GroupEntry::Broken(_) => None,
+            })
+            .collect()
+    }
+}
