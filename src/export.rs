@@ -26,6 +26,9 @@ use crate::overlay::Overlay;
 use crate::point_args::PointArgs;
 use crate::signals;
 
+/// How often the registration is brought up to date (clients, overlay size).
+const REGISTRATION_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// `hindsight export` options.
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["volume", "vm", "all"])))]
@@ -187,10 +190,29 @@ pub fn run(args: &ExportArgs) -> Result<(), Failure> {
         server.listen(),
         names.iter().map(|n| format!("export {n:?}")).collect::<Vec<_>>().join(", "),
     );
+    let mut registration = view
+        .register(&server.listen().to_string(), names.clone(), args.writable)
+        .context("register the export in the group's exports/ directory")?;
     log::info!("{ready}");
     println!("{ready}");
-    let signal = stop.wait().context("wait for SIGINT or SIGTERM")?;
+    let (tx, signals) = crossbeam_channel::bounded(1);
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let _ = tx.send(stop.wait());
+    })?;
+    let signal = loop {
+        match signals.recv_timeout(REGISTRATION_EVERY) {
+            Ok(signal) => break signal.context("wait for SIGINT or SIGTERM")?,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                let overlay: u64 = devices.iter().filter_map(|d| d.overlay.as_ref()).map(Overlay::bytes).sum();
+                if let Err(e) = registration.update(server.connections(), overlay) {
+                    log::warn!("export: cannot update its registration: {e}");
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(anyhow::anyhow!("the signal thread ended").into()),
+        }
+    };
     log::info!("export of group {} at seq {}: {signal} received: stopping", view.group(), view.seq());
+    drop(registration);
     server.shutdown().context("stop the NBD server")?;
     for device in devices {
         let device = Arc::into_inner(device).expect("the server has stopped: nothing else holds the device");

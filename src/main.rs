@@ -471,6 +471,20 @@ fn format_history(h: &hindsight_target::History) -> String {
     for v in &h.volumes {
         let _ = writeln!(s, "  volume {:<24} vm {:<16} {} bytes", v.name, v.vm, v.size);
     }
+    for e in &h.exports {
+        let overlay = if e.writable { format!(", overlay {}", progress::human(e.overlay_bytes)) } else { String::new() };
+        let _ = writeln!(
+            s,
+            "  exported: seq {} ({}) on {} by pid {} since {}: {}; {} client(s){overlay}; pinned: retention folds nothing meanwhile",
+            e.seq,
+            format_rfc3339(e.time_ns),
+            e.listen,
+            e.pid,
+            format_rfc3339(e.started_ns),
+            e.volumes.join(", "),
+            e.clients
+        );
+    }
     s
 }
 
@@ -506,6 +520,7 @@ mod tests {
             bookmarks: vec![],
             inconsistent,
             last_consistent_seq,
+            exports: vec![],
         }
     }
 

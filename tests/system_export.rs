@@ -301,3 +301,54 @@ fn bad_exports_are_refused_with_what_to_do() {
     );
     assert!(!ok && err.contains("unix:"), "{err}");
 }
+
+/// The group's history as JSON.
+fn history(c: &Cluster) -> serde_json::Value {
+    let out = run_ok(Command::new(hindsight_bin()).args(["history", "--json", "--group", "erp", "--config"]).arg(c.target_toml()));
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn an_export_pins_its_point_until_it_stops() {
+    if !have_tools(&["qemu-io", "nbdcopy"]) {
+        return;
+    }
+    // Retention of 2 s over 1 MiB segments: without the export, everything sealed is folded.
+    let c = Cluster::start_with(&[Vol::new("vm1", "db", SIZE)], "segment_size = \"1MiB\"\nretention = \"2s\"\n");
+    let mut db = Model::new(SIZE);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    write(&c, "db", &mut db, &random_ops(&mut rng, 30));
+    let seq = c.settle();
+    let at_seq = db.bytes.clone();
+    let e = Export::start(&c, "pinned", &["--all", "--seq", &seq.to_string()]);
+    let first = history(&c)["first_seq"].as_u64().unwrap();
+    // Several segments more, all older than the retention soon.
+    for _ in 0..4 {
+        write(&c, "db", &mut db, &random_ops(&mut rng, 30));
+    }
+    c.settle();
+    std::thread::sleep(Duration::from_secs(4));
+    c.wait_log_within("target", &format!("retention waits: seq {seq} is exported on unix:"), Duration::from_secs(20));
+    let h = history(&c);
+    assert_eq!(h["first_seq"].as_u64().unwrap(), first, "retention folded history an export pins");
+    let exports = h["exports"].as_array().unwrap();
+    assert_eq!(exports.len(), 1, "{h}");
+    assert_eq!(exports[0]["seq"].as_u64().unwrap(), seq);
+    let human = run_ok(Command::new(hindsight_bin()).args(["history", "--group", "erp", "--config"]).arg(c.target_toml()));
+    assert!(human.contains(&format!("exported: seq {seq} (")) && human.contains("pinned"), "{human}");
+    let dir = c.path("reads");
+    std::fs::create_dir_all(&dir).unwrap();
+    assert_same("the pinned point", &e.read(&dir, "db"), &at_seq);
+
+    assert!(e.stop().success());
+    let started = std::time::Instant::now();
+    loop {
+        let h = history(&c);
+        if h["first_seq"].as_u64().unwrap() > first && h["exports"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "retention did not go on after the export stopped: {h}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.wait_log_within("target", "that pinned the history has stopped; retention goes on", Duration::from_secs(10));
+}

@@ -65,6 +65,11 @@ impl GroupPaths {
         self.dir.join("index")
     }
 
+    /// `exports/`: the registrations of running exports and their scratch overlays.
+    pub fn exports_dir(&self) -> PathBuf {
+        self.dir.join("exports")
+    }
+
     /// `lock`: shared by readers, exclusive while retention changes base/ and the journal.
     pub fn lock(&self) -> PathBuf {
         self.dir.join("lock")

@@ -76,6 +76,7 @@
 mod applier;
 mod bookmarks;
 mod error;
+mod exports;
 mod group;
 mod group_view;
 mod hashes;
@@ -98,6 +99,7 @@ mod state;
 use hindsight_consistency::config::TargetConfig;
 
 pub use error::TargetError;
+pub use exports::{ActiveExport, Registration};
 pub use group_view::groups;
 pub use model::{Bookmark, History, Point, RecoverReport, RecoverRequest, Volume};
 pub use point_view::PointView;

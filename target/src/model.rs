@@ -113,6 +113,9 @@ pub struct History {
     /// The newest consistent point (`last_seq` unless a delta is still arriving or a resync
     /// has not completed).
     pub last_consistent_seq: Seq,
+    /// The exports of the group running now (each pins its point: retention folds nothing
+    /// while one runs).
+    pub exports: Vec<crate::exports::ActiveExport>,
 }
 
 /// A named point of a group, placed with `hindsight bookmark`.

@@ -141,7 +141,7 @@ impl PointView {
 
     /// The group's `exports/` directory: scratch space of writable exports, beside the journal.
     pub fn scratch_dir(&self) -> std::path::PathBuf {
-        self.view.paths.dir.join("exports")
+        self.view.paths.exports_dir()
     }
 
     /// How many records of volume number `volume` lie between the base and the point.
@@ -153,6 +153,23 @@ impl PointView {
             .filter_map(|r| r.volume_number(&v.volume.name).map(|n| (r, n)))
             .map(|(r, n)| r.extents().iter().filter(|e| e.volume == n && e.seq > w.after && e.seq <= w.point).count() as u64)
             .sum()
+    }
+
+    /// Registers a running export of this point in the group's `exports/` directory, for
+    /// `history` and the retention log; the registration is removed when dropped.
+    pub fn register(&self, listen: &str, volumes: Vec<String>, writable: bool) -> std::io::Result<crate::exports::Registration> {
+        let export = crate::exports::ActiveExport {
+            pid: std::process::id(),
+            seq: self.seq,
+            time_ns: self.time_ns,
+            listen: listen.to_owned(),
+            volumes,
+            writable,
+            clients: 0,
+            overlay_bytes: 0,
+            started_ns: hindsight_consistency::time::now_ns(),
+        };
+        crate::exports::Registration::create(&StdStorage, &self.scratch_dir(), export)
     }
 
     /// How many segments had no index file that checked out and were read to index them.

@@ -57,6 +57,7 @@ pub fn history(config: &TargetConfig, group: &str) -> Result<History, TargetErro
         bookmarks,
         inconsistent,
         last_consistent_seq,
+        exports: crate::exports::active(fs.as_ref(), &v.paths.exports_dir()),
     })
 }
 

@@ -151,9 +151,12 @@ impl Group {
             }
             let lock_path = self.paths.lock();
             let Some(_lock) = self.lock_for_retention()? else {
-                log::debug!("group {:?}: recovery or history readers hold {}; retention tries again later", self.name, lock_path.display());
+                self.report_pin(p, &lock_path);
                 return Ok(());
             };
+            if let Some(pid) = p.pinned_by.take() {
+                log::info!("group {:?}: the export (pid {pid}) that pinned the history has stopped; retention goes on", self.name);
+            }
             // The time of the new base point, before anything changes.
             let (_, base_time) =
                 for_each_record(&self.fs, &self.name, &self.paths.journal(), first, through, |_| Ok(ControlFlow::Continue(())))?;
@@ -187,6 +190,29 @@ impl Group {
             } else {
                 let why = if over_size { "journal_size" } else { "retention" };
                 log::info!("group {:?}: folded seq {first}..={through} ({n} records) into the base images ({why}); recoverable window is now {window}", self.name);
+            }
+        }
+    }
+
+    /// Retention could not take the group's lock: says so once per export that holds it
+    /// (other readers, `recover` and `history`, hold it only for a while).
+    fn report_pin(&self, p: &mut Persist, lock_path: &std::path::Path) {
+        let exports = crate::exports::active(self.fs.as_ref(), &self.paths.exports_dir());
+        match exports.first() {
+            Some(e) if p.pinned_by != Some(e.pid) => {
+                log::info!(
+                    "group {:?}: retention waits: seq {} is exported on {} (pid {}) and pinned; nothing is folded into the \
+                     base images until the export stops (the journal grows meanwhile)",
+                    self.name,
+                    e.seq,
+                    e.listen,
+                    e.pid
+                );
+                p.pinned_by = Some(e.pid);
+            }
+            Some(_) => {}
+            None => {
+                log::debug!("group {:?}: recovery or history readers hold {}; retention tries again later", self.name, lock_path.display())
             }
         }
     }

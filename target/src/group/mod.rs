@@ -79,6 +79,8 @@ struct Persist {
     /// Whether the index files of the sealed segments were checked since start-up (after
     /// that, only newly sealed segments get theirs).
     index_verified: bool,
+    /// The export whose pin retention last reported waiting for (its pid).
+    pinned_by: Option<u32>,
 }
 
 /// What the connection thread works on.

@@ -97,6 +97,7 @@ impl Group {
                 checkpointed_bytes: 0,
                 first_time_cache: None,
                 index_verified: false,
+                pinned_by: None,
             }),
             inner: Mutex::new(Inner::new(meta, journal)),
             shipper: Mutex::new(None),
