@@ -352,3 +352,34 @@ fn an_export_pins_its_point_until_it_stops() {
     }
     c.wait_log_within("target", "that pinned the history has stopped; retention goes on", Duration::from_secs(10));
 }
+
+#[test]
+fn an_export_keeps_serving_its_point_across_a_kill_of_the_target() {
+    if !have_tools(&["qemu-io", "nbdcopy"]) {
+        return;
+    }
+    let mut c = Cluster::start_with(&[Vol::new("vm1", "db", SIZE)], "segment_size = \"1MiB\"\n");
+    let mut db = Model::new(SIZE);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for _ in 0..3 {
+        write(&c, "db", &mut db, &random_ops(&mut rng, 30));
+    }
+    let seq = c.settle();
+    let at_seq = db.bytes.clone();
+    let e = Export::start(&c, "k9", &["--volume", "db", "--seq", &seq.to_string()]);
+    let dir = c.path("reads");
+    std::fs::create_dir_all(&dir).unwrap();
+    c.kill_target();
+    assert_same("the point with the target killed", &e.read(&dir, "db"), &at_seq);
+    c.start_target();
+    for _ in 0..2 {
+        write(&c, "db", &mut db, &random_ops(&mut rng, 30));
+    }
+    assert!(c.settle() > seq);
+    assert_same("the point after the target's restart", &e.read(&dir, "db"), &at_seq);
+    assert!(e.stop().success());
+    // A new export of the same point after the restart reads the same.
+    let again = Export::start(&c, "k9-again", &["--volume", "db", "--seq", &seq.to_string()]);
+    assert_same("the point exported again", &again.read(&dir, "db"), &at_seq);
+    assert!(again.stop().success());
+}
