@@ -20,6 +20,9 @@
 # suite's WAN emulator; each result line starts with BENCH.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+if [ "${1:-}" = recovery ]; then
+  exec "$ROOT/scripts/bench-recovery.sh"
+fi
 if [ "${1:-}" = link ]; then
   "$ROOT/scripts/install-deps.sh"
   cd "$ROOT"

@@ -41,6 +41,11 @@ pub trait StorageFile: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes a range read back as zeroes, freeing space where the file system can.
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Makes `offset..offset + len` read back as zeroes and keeps its space reserved (a
+    /// preallocated replica stays preallocated). The default is [`StorageFile::zero_range`].
+    fn zero_range_reserved(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.zero_range(offset, len)
+    }
     /// Sets the length to `len` and reserves disk space for all of it, so that later writes
     /// neither allocate nor run out of space. The default only sets the length.
     fn allocate(&self, len: u64) -> io::Result<()> {
@@ -163,6 +168,9 @@ impl StorageFile for StdFile {
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         zero_range(&self.0, offset, len)
     }
+    fn zero_range_reserved(&self, offset: u64, len: u64) -> io::Result<()> {
+        zero_range_reserved(&self.0, offset, len)
+    }
     fn may_hold_data(&self, start: u64, end: u64) -> bool {
         may_hold_data(&self.0, start, end)
     }
@@ -226,6 +234,25 @@ pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes a range of `file` read back as zeroes with its space still allocated: zeroed extents
+/// where the file system has them (`FALLOC_FL_ZERO_RANGE`), else a punched hole allocated
+/// again (tmpfs), else written zeroes.
+pub fn zero_range_reserved(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(io::ErrorKind::InvalidInput.into());
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    if fallocate(fd, FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE, off, l).is_ok() {
+        return Ok(());
+    }
+    let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    if fallocate(fd, punch, off, l).is_ok() {
+        return fallocate(fd, FallocateFlags::FALLOC_FL_KEEP_SIZE, off, l).map_err(io::Error::from);
+    }
+    zero_range(file, offset, len)
+}
+
 impl Storage for StdStorage {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn StorageFile>> {
         let mut o = OpenOptions::new();
@@ -286,4 +313,30 @@ pub fn write_file_atomic(fs: &dyn Storage, path: &Path, bytes: &[u8]) -> io::Res
     drop(f);
     fs.rename(&tmp, path)?;
     fs.sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn zeroing_a_reserved_range_keeps_its_space_and_reads_back_zeroes() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("replica.img");
+        let f = StdStorage.open(&path, OpenMode::Truncate).unwrap();
+        f.allocate(1 << 20).unwrap();
+        f.write_all_at(&[7u8; 1 << 20], 0).unwrap();
+        f.sync_data().unwrap();
+        let reserved = std::fs::metadata(&path).unwrap().blocks();
+        f.zero_range_reserved(4096, 512 << 10).unwrap();
+        let mut buf = vec![1u8; 1 << 20];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert!(buf[4096..4096 + (512 << 10)].iter().all(|&b| b == 0));
+        assert!(buf[..4096].iter().all(|&b| b == 7) && buf[4096 + (512 << 10)..].iter().all(|&b| b == 7));
+        assert_eq!(std::fs::metadata(&path).unwrap().blocks(), reserved, "the zeroed range gave its space back");
+        // A plain zero_range punches a hole: the space goes (where the file system can).
+        f.zero_range(4096, 512 << 10).unwrap();
+        assert!(std::fs::metadata(&path).unwrap().blocks() <= reserved);
+    }
 }

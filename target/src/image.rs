@@ -16,11 +16,14 @@ use crate::model::Volume;
 
 /// Applies one record to the image of its volume: data and resync data are written, zeroes
 /// and trims make the range read back as zeroes (punching a hole where the file system can).
-pub(crate) fn apply_record(file: &dyn StorageFile, rec: &RecordRef<'_>) -> io::Result<()> {
+pub(crate) fn apply_record(file: &dyn StorageFile, rec: &RecordRef<'_>, reserved: bool) -> io::Result<()> {
     let h = &rec.header;
     match h.kind {
         // Resync data is the agent's disk content: written like data.
         WriteKind::Data | WriteKind::Resync => file.write_all_at(rec.data, h.offset),
+        // A replica keeps its space reserved (it must not run out halfway); other images stay
+        // sparse.
+        WriteKind::Zeroes | WriteKind::Trim if reserved => file.zero_range_reserved(h.offset, u64::from(h.length)),
         WriteKind::Zeroes | WriteKind::Trim => file.zero_range(h.offset, u64::from(h.length)),
         WriteKind::Bookmark | WriteKind::Point | WriteKind::Superseded => Ok(()),
     }
@@ -45,6 +48,8 @@ pub(crate) struct Image {
     pub file: Box<dyn StorageFile>,
     /// The same file opened for direct I/O, for large aligned writes (replicas only).
     direct: Option<(Box<dyn StorageFile>, Mutex<AlignedBuf>)>,
+    /// All its space is reserved and stays so: zeroes and trims keep it allocated (replicas).
+    reserved: bool,
 }
 
 impl Image {
@@ -62,7 +67,7 @@ impl Image {
             file.set_len(vol.size).map_err(|e| err("set the size of", e))?;
         }
         file.sync_data().map_err(|e| err("sync", e))?;
-        Ok(Image { volume: vol.name.clone(), size: vol.size, path, file, direct: None })
+        Ok(Image { volume: vol.name.clone(), size: vol.size, path, file, direct: None, reserved: preallocate })
     }
 
     /// Opens an existing image for reading (and writing if `write`).
@@ -84,7 +89,7 @@ impl Image {
             );
             file.set_len(vol.size).map_err(|e| err("resize", e))?;
         }
-        Ok(Image { volume: vol.name.clone(), size: vol.size, path, file, direct: None })
+        Ok(Image { volume: vol.name.clone(), size: vol.size, path, file, direct: None, reserved: false })
     }
 
     /// Also opens the image for direct I/O (when `on` and the file system allows it), so
@@ -131,7 +136,7 @@ impl Image {
         }
         let res = match self.write_direct(rec) {
             Ok(true) => Ok(()),
-            Ok(false) => apply_record(self.file.as_ref(), rec),
+            Ok(false) => apply_record(self.file.as_ref(), rec, self.reserved),
             Err(e) => Err(e),
         };
         res.map_err(|source| TargetError::Apply {
@@ -181,7 +186,18 @@ impl ImageSet {
     pub fn open_replicas(fs: &dyn Storage, group: &str, dir: &Path, volumes: &[Volume], direct_io: bool) -> Result<ImageSet, TargetError> {
         let mut set = ImageSet::empty(group);
         for v in volumes {
-            set.insert(Image::open(fs, group, dir, v, true)?.with_direct_io(fs, group, direct_io)?);
+            let mut image = Image::open(fs, group, dir, v, true)?.with_direct_io(fs, group, direct_io)?;
+            // Holes a replica may have from an earlier version (which punched trims) are
+            // reserved again; allocated space is left as it is.
+            if let Err(e) = image.file.allocate(v.size) {
+                log::warn!(
+                    "group {group:?}: volume {:?}: cannot reserve the space of {} ({e}); it may run out of space",
+                    v.name,
+                    image.path.display()
+                );
+            }
+            image.reserved = true;
+            set.insert(image);
         }
         Ok(set)
     }
@@ -213,5 +229,47 @@ impl ImageSet {
     /// fdatasync of every image.
     pub fn sync(&self) -> Result<(), TargetError> {
         self.images.values().try_for_each(|img| img.sync(&self.group))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hindsight_consistency::record::RecordHeader;
+    use hindsight_consistency::storage::StdStorage;
+    use std::os::unix::fs::MetadataExt;
+
+    fn record<'a>(seq: u64, kind: WriteKind, offset: u64, length: u32, data: &'a [u8]) -> RecordRef<'a> {
+        RecordRef { header: RecordHeader { seq, time_ns: seq, kind, offset, length }, volume: "db", data }
+    }
+
+    fn blocks(path: &Path) -> u64 {
+        std::fs::metadata(path).unwrap().blocks()
+    }
+
+    #[test]
+    fn a_trim_keeps_a_replicas_space_and_frees_a_base_images() {
+        let d = tempfile::tempdir().unwrap();
+        let vol = Volume { name: "db".into(), vm: "vm1".into(), size: 1 << 20 };
+        let (rdir, bdir) = (d.path().join("replica"), d.path().join("base"));
+        std::fs::create_dir_all(&rdir).unwrap();
+        std::fs::create_dir_all(&bdir).unwrap();
+        let replica = Image::create(&StdStorage, "erp", &rdir, &vol, true).unwrap();
+        let base = Image::create(&StdStorage, "erp", &bdir, &vol, false).unwrap();
+        let data = vec![9u8; 1 << 20];
+        for image in [&replica, &base] {
+            image.apply("erp", &record(1, WriteKind::Data, 0, 1 << 20, &data)).unwrap();
+            image.sync("erp").unwrap();
+        }
+        let (r_before, b_before) = (blocks(&replica.path), blocks(&base.path));
+        for image in [&replica, &base] {
+            image.apply("erp", &record(2, WriteKind::Trim, 0, 512 << 10, &[])).unwrap();
+            image.apply("erp", &record(3, WriteKind::Zeroes, 512 << 10, 256 << 10, &[])).unwrap();
+            let mut buf = vec![1u8; 1 << 20];
+            image.file.read_exact_at(&mut buf, 0).unwrap();
+            assert!(buf[..768 << 10].iter().all(|&b| b == 0) && buf[768 << 10..].iter().all(|&b| b == 9));
+        }
+        assert_eq!(blocks(&replica.path), r_before, "the replica gave space back");
+        assert!(blocks(&base.path) < b_before, "the base image stays sparse");
     }
 }
