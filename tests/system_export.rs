@@ -383,3 +383,70 @@ fn an_export_keeps_serving_its_point_across_a_kill_of_the_target() {
     assert_same("the point exported again", &again.read(&dir, "db"), &at_seq);
     assert!(again.stop().success());
 }
+
+/// nbdfuse on `uri`, a loop device on its file and, unless `mkfs` is false, a fresh ext4 on
+/// it, mounted; `None` where FUSE or loop devices are not available here.
+fn ext4_on(dir: &Path, uri: &str, mkfs: bool) -> Option<(common::Ext4Stack, PathBuf)> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut stack = common::start_nbdfuse(dir, uri)?;
+    let (ok, out, err) =
+        run_timeout(Command::new("losetup").args(["-f", "--show"]).arg(stack.fuse_dir.join("disk")), Duration::from_secs(30));
+    if !ok && (err.contains("No such device") || err.contains("cannot find an unused loop device")) {
+        eprintln!("SKIPPED: no loop device available: {err}");
+        return None;
+    }
+    assert!(ok, "losetup failed: {err}");
+    let dev = out.trim().to_owned();
+    stack.loop_dev = Some(dev.clone());
+    if mkfs {
+        run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]).arg(&dev));
+    }
+    let mnt = dir.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    run_ok(Command::new("mount").args(["-t", "ext4"]).arg(&dev).arg(&mnt));
+    stack.mount_dir = Some(mnt.clone());
+    Some((stack, mnt))
+}
+
+fn unmount(mut stack: common::Ext4Stack) {
+    stack.unmount();
+    stack.detach_loop();
+    stack.stop_nbdfuse();
+}
+
+fn sha(path: &Path) -> String {
+    run_ok(Command::new("sha256sum").arg(path)).split_whitespace().next().unwrap().to_owned()
+}
+
+#[test]
+fn ext4_on_a_writable_export_takes_new_files_and_leaves_history_and_replica_as_they_were() {
+    if !have_tools(&["nbdfuse", "mkfs.ext4", "losetup", "sha256sum"]) {
+        return;
+    }
+    let c = Cluster::start(&[Vol::new("vm1", "db", 32 << 20)]);
+    // ext4 with a file, through the agent.
+    let Some((stack, mnt)) = ext4_on(&c.path("source"), &c.uri("db"), true) else { return };
+    std::fs::write(mnt.join("before.txt"), b"written before the point\n").unwrap();
+    unmount(stack);
+    let seq = c.settle();
+    let recovered = c.path("point.img");
+    std::fs::write(&recovered, c.recover("db", &["--seq", &seq.to_string()])).unwrap();
+    let (point_hash, replica) = (sha(&recovered), c.path("target/groups/erp/replica/db.img"));
+    let replica_hash = sha(&replica);
+
+    let e = Export::start(&c, "ext4", &["--volume", "db", "--seq", &seq.to_string(), "--writable"]);
+    let Some((stack, mnt)) = ext4_on(&c.path("exported"), &e.uri("db"), false) else { return };
+    assert_eq!(std::fs::read(mnt.join("before.txt")).unwrap(), b"written before the point\n");
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(mnt.join("tested.bin"), &big).unwrap();
+    std::fs::remove_file(mnt.join("before.txt")).unwrap();
+    unmount(stack);
+    let h = history(&c);
+    assert!(h["exports"][0]["overlay_bytes"].as_u64().unwrap_or(0) > 0 || h["exports"][0]["writable"] == true, "{h}");
+    assert!(e.stop().success());
+
+    // The history and the replica are as they were.
+    std::fs::write(&recovered, c.recover("db", &["--seq", &seq.to_string()])).unwrap();
+    assert_eq!(sha(&recovered), point_hash, "the point changed");
+    assert_eq!(sha(&replica), replica_hash, "the replica changed");
+}
