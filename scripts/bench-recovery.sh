@@ -26,6 +26,8 @@ mkdir -p "$WORK"
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"
 now() { date +%s.%N; }
+# Empties the page cache (root only; elsewhere the figures are of a warm cache).
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
 bytes_of() { numfmt --from=iec "$1"; }
 
 fio_read() { # URI NAME: 4 KiB random reads, QD32; prints IOPS
@@ -70,16 +72,18 @@ for J in $JOURNALS; do
   t1=$(now)
   first_byte=$(python3 -c "print('%.3f' % ($t1 - $t0))")
   rss=$(awk '/VmRSS/ {print $2 * 1024}' "/proc/$epid/status")
-  echo "== 4 KiB random reads of the export, then of qemu-nbd on the same image"
+  echo "== 4 KiB random reads of the export, then of qemu-nbd on the same image (both read once first: warm)"
+  nbdcopy "nbd+unix:///vol?socket=$D/export.sock" null:
   export_iops=$(fio_read "nbd+unix:///vol?socket=$D/export.sock" "export-$J")
-  echo "== recover --latest, then qemu-img convert of the same image"
+  echo "== recover --latest, then qemu-img convert of the same image (both from a cold page cache)"
+  drop_caches
   t0=$(now)
   "$BIN/hindsight" recover --config "$D/target.toml" --group bench --volume vol --latest --out "$D/recovered.img" >/dev/null
   t1=$(now)
   recover_s=$(python3 -c "print('%.3f' % ($t1 - $t0))")
   kill "$epid"; wait "$epid" 2>/dev/null || true
   cmp "$D/recovered.img" "$D/agent.img" || { echo "the recovered image differs from the agent's disk" >&2; exit 1; }
-  sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+  drop_caches
   t0=$(now)
   qemu-img convert -f raw -O raw "$D/recovered.img" "$D/converted.img"
   t1=$(now)
@@ -88,6 +92,7 @@ for J in $JOURNALS; do
   hs_spawn qemu-nbd "$D/qemu-nbd.log" qemu-nbd -t -r -e 8 -f raw -k "$D/qemu.sock" "$D/recovered.img"
   qpid=$HS_PID
   hs_wait_sock "$D/qemu.sock"
+  cat "$D/recovered.img" >/dev/null
   qemu_iops=$(fio_read "nbd+unix:///?socket=$D/qemu.sock" "qemu-$J")
   kill "$qpid"; wait "$qpid" 2>/dev/null || true
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$J" "$journal" "$index" "$first_byte" "$rss" "$export_iops" "$qemu_iops" \

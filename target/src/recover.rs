@@ -9,10 +9,12 @@
 use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use hindsight_consistency::config::TargetConfig;
 use hindsight_consistency::storage::{OpenMode, StdStorage, Storage, StorageFile};
+use hindsight_consistency::sync::lock;
 
 use crate::error::TargetError;
 use crate::group_view::{find_group, open_view};
@@ -22,6 +24,8 @@ use crate::point_view::PointView;
 
 /// Copy and zero-detection granularity of recovery.
 const CHUNK: usize = 4 << 20;
+/// Chunks of a recovery read and written at once.
+const COPY_THREADS: usize = 4;
 
 /// The history of a group: its volumes and the window of points that can be recovered.
 pub fn history(config: &TargetConfig, group: &str) -> Result<History, TargetError> {
@@ -192,24 +196,65 @@ pub fn recover_with(config: &TargetConfig, req: &RecoverRequest, progress: &mut 
     Ok(RecoverReport { group: req.group.clone(), volume: req.volume.clone(), seq, time_ns, consistency, records_applied, bytes: vol.size })
 }
 
-/// Copies volume `index` of the view in chunks; chunks of zeroes are skipped (the new file
-/// reads back zeroes there) or, on a device, zeroed.
+/// Copies volume `index` of the view in chunks, [`COPY_THREADS`] at a time (a chunk's pieces are
+/// reads scattered over the journal's segments: several in flight keep the disk busy); chunks
+/// of zeroes are skipped (the new file reads back zeroes there) or, on a device, zeroed.
 fn copy_volume(view: &PointView, index: usize, dst: &dyn StorageFile, device: bool, progress: &mut dyn FnMut(u64, u64)) -> io::Result<()> {
     let size = view.volumes().nth(index).map_or(0, |v| v.size);
-    let mut buf = vec![0u8; CHUNK];
-    let mut off = 0u64;
-    while off < size {
-        let n = usize::try_from((size - off).min(CHUNK as u64)).expect("at most CHUNK");
-        view.read(index, off, &mut buf[..n])?;
-        if buf[..n].iter().all(|&b| b == 0) {
-            if device {
-                dst.zero_range(off, n as u64)?;
-            }
-        } else {
-            dst.write_all_at(&buf[..n], off)?;
+    let chunks = size.div_ceil(CHUNK as u64);
+    let next = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let failed: Mutex<Option<io::Error>> = Mutex::new(None);
+    let finished = AtomicU64::new(0);
+    /// Counts a copying thread out however it ends (a panic included).
+    struct Finished<'a>(&'a AtomicU64);
+    impl Drop for Finished<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::Release);
         }
-        off += n as u64;
-        progress(off, size);
     }
+    std::thread::scope(|scope| {
+        for _ in 0..COPY_THREADS {
+            scope.spawn(|| {
+                let _finished = Finished(&finished);
+                let mut buf = vec![0u8; CHUNK];
+                loop {
+                    let c = next.fetch_add(1, Ordering::Relaxed);
+                    if c >= chunks || lock(&failed).is_some() {
+                        return;
+                    }
+                    let off = c * CHUNK as u64;
+                    let n = usize::try_from((size - off).min(CHUNK as u64)).expect("at most CHUNK");
+                    let res = view.read(index, off, &mut buf[..n]).and_then(|()| {
+                        if buf[..n].iter().all(|&b| b == 0) {
+                            if device {
+                                dst.zero_range(off, n as u64)?;
+                            }
+                            Ok(())
+                        } else {
+                            dst.write_all_at(&buf[..n], off)
+                        }
+                    });
+                    match res {
+                        Ok(()) => {
+                            done.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            lock(&failed).get_or_insert(e);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        while finished.load(Ordering::Acquire) < COPY_THREADS as u64 {
+            progress(done.load(Ordering::Relaxed), size);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
+    if let Some(e) = failed.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+        return Err(e);
+    }
+    progress(size, size);
     Ok(())
 }
