@@ -241,6 +241,19 @@ fn a_writable_export_keeps_writes_in_its_overlay_and_changes_no_history() {
     let before = c.recover("db", &["--seq", &seq.to_string()]);
     assert_same("recovered = model", &before, &db.bytes);
 
+    // A time before the group existed is not "no longer retained": there never was a point.
+    let out = c.path("before-creation.img");
+    let out = format!("{}", out.display());
+    for cmd in ["recover", "export"] {
+        let (ok, _, err) = run_timeout(
+            Command::new(hindsight_bin())
+                .args([cmd, "--group", "erp", "--volume", "db", "--time", "2025-01-01T00:00:00Z", "--config"])
+                .arg(c.target_toml())
+                .args(if cmd == "recover" { ["--out", out.as_str()] } else { ["--listen", "unix:/tmp/never.sock"] }),
+            Duration::from_secs(30),
+        );
+        assert!(!ok && err.contains("is before the group was created at") && !err.contains("no longer retained"), "{cmd}: {err}");
+    }
     let e = Export::start(&c, "w", &["--volume", "db", "--seq", &seq.to_string(), "--writable"]);
     // Writes of every shape: unaligned, crossing blocks, zeroes.
     run_ok(Command::new("qemu-io").args([

@@ -167,6 +167,21 @@ pub enum TargetError {
         /// Its time.
         last_time_ns: u64,
     },
+    /// The requested time is before the group existed (nothing was ever folded away).
+    #[error(
+        "group {group:?}: {requested} is before the group was created at {}: there is no point before it; the recoverable \
+         window is {}",
+        format_rfc3339(*created_ns),
+        window(0, *created_ns, *last_seq, *last_time_ns)
+    )]
+    BeforeCreation {
+        group: String,
+        requested: String,
+        /// When the target first saw the group (its blank first point).
+        created_ns: u64,
+        last_seq: Seq,
+        last_time_ns: u64,
+    },
     /// The requested sequence number has not reached the target yet.
     #[error("group {group:?}: seq {requested} is not received yet; the latest point is seq {last_seq} ({})", format_rfc3339(*last_time_ns))]
     NotReceived {

@@ -154,6 +154,15 @@ pub(crate) fn resolve_point(fs: &Arc<dyn Storage>, view: &GroupView, point: &Poi
             Some(why) => return Err(TargetError::NotConsistent { group: view.name.clone(), requested: n, why }),
             None => (n, None),
         },
+        Point::Time(t) if t < view.first.1 && view.first.0 == 0 => {
+            return Err(TargetError::BeforeCreation {
+                group: view.name.clone(),
+                requested: point.to_string(),
+                created_ns: view.first.1,
+                last_seq: view.last.0,
+                last_time_ns: view.last.1,
+            })
+        }
         Point::Time(t) if t < view.first.1 => return Err(not_retained(point.to_string())),
         // Async deltas and resyncs: the last consistent point at or before the time.
         Point::Time(t) if !spans.is_empty() => (crate::spans::consistent_at_or_before(&spans, seq_at_time(fs, view, t)?), None),
