@@ -17,7 +17,7 @@ use crate::error::{data_dir_err, TargetError};
 use crate::group_view::{find_group, open_view, point_consistency, resolve_point, seq_at_time, GroupView};
 use crate::layout::image_name;
 use crate::model::{Point, Volume};
-use crate::point_index::resolve::{resolve, Source, Window};
+use crate::point_index::resolve::{resolve, Piece, Source, Window};
 use crate::point_index::store::{sealed_run, Segment};
 use crate::point_index::Run;
 
@@ -177,26 +177,45 @@ impl PointView {
         self.rebuilt
     }
 
+    /// Where each stretch of `[from, to)` of volume number `volume` comes from, in offset
+    /// order (see [`resolve`]).
+    pub fn pieces(&self, volume: usize, from: u64, to: u64) -> io::Result<Vec<Piece>> {
+        let v = self.volumes.get(volume).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no such volume"))?;
+        if from > to || to > v.volume.size {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "read past the end of the volume"));
+        }
+        let runs: Vec<&Run> = self.runs.iter().collect();
+        Ok(resolve(&runs, &v.volume.name, from, to, self.window))
+    }
+
+    /// Reads the bytes of one piece of volume number `volume` into `out` (`piece.len` bytes).
+    pub fn read_piece(&self, volume: usize, piece: &Piece, out: &mut [u8]) -> io::Result<()> {
+        let v = self.volumes.get(volume).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no such volume"))?;
+        match piece.source {
+            Source::Base => v.base.read_exact_at(out, piece.offset),
+            Source::Zero => {
+                out.fill(0);
+                Ok(())
+            }
+            Source::Journal { segment, pos } => {
+                let file = self.segments.get(&segment).ok_or_else(|| io::Error::other("a segment the index names is not open"))?;
+                file.read_exact_at(out, pos)
+            }
+        }
+    }
+
+    /// False if the base image of volume number `volume` is known to hold only zeroes in
+    /// `[from, to)` (a hole), so that reading it can be skipped.
+    pub fn base_may_hold_data(&self, volume: usize, from: u64, to: u64) -> bool {
+        self.volumes.get(volume).is_none_or(|v| v.base.may_hold_data(from, to))
+    }
+
     /// Reads `buf.len()` bytes of volume number `volume` at `offset`, as they were at the
     /// point.
     pub fn read(&self, volume: usize, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let v = self.volumes.get(volume).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no such volume"))?;
-        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= v.volume.size);
-        let Some(end) = end else {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "read past the end of the volume"));
-        };
-        let runs: Vec<&Run> = self.runs.iter().collect();
-        for p in resolve(&runs, &v.volume.name, offset, end, self.window) {
+        for p in self.pieces(volume, offset, offset + buf.len() as u64)? {
             let at = usize::try_from(p.offset - offset).expect("inside the buffer");
-            let out = &mut buf[at..at + usize::try_from(p.len).expect("inside the buffer")];
-            match p.source {
-                Source::Base => v.base.read_exact_at(out, p.offset)?,
-                Source::Zero => out.fill(0),
-                Source::Journal { segment, pos } => {
-                    let file = self.segments.get(&segment).ok_or_else(|| io::Error::other("a segment the index names is not open"))?;
-                    file.read_exact_at(out, pos)?;
-                }
-            }
+            self.read_piece(volume, &p, &mut buf[at..at + usize::try_from(p.len).expect("inside the buffer")])?;
         }
         Ok(())
     }

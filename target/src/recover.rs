@@ -9,23 +9,22 @@
 use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use hindsight_consistency::config::TargetConfig;
 use hindsight_consistency::storage::{OpenMode, StdStorage, Storage, StorageFile};
-use hindsight_consistency::sync::lock;
 
 use crate::error::TargetError;
 use crate::group_view::{find_group, open_view};
 use crate::layout::groups_dir;
 use crate::model::{Bookmark, History, RecoverReport, RecoverRequest};
+use crate::point_index::resolve::{Piece, Source};
 use crate::point_view::PointView;
 
 /// Copy and zero-detection granularity of recovery.
 const CHUNK: usize = 4 << 20;
-/// Chunks of a recovery read and written at once.
-const COPY_THREADS: usize = 4;
+/// How much of a volume recovery resolves at once (its pieces are held in memory meanwhile).
+const WINDOW: u64 = 1 << 30;
 
 /// The history of a group: its volumes and the window of points that can be recovered.
 pub fn history(config: &TargetConfig, group: &str) -> Result<History, TargetError> {
@@ -196,65 +195,60 @@ pub fn recover_with(config: &TargetConfig, req: &RecoverRequest, progress: &mut 
     Ok(RecoverReport { group: req.group.clone(), volume: req.volume.clone(), seq, time_ns, consistency, records_applied, bytes: vol.size })
 }
 
-/// Copies volume `index` of the view in chunks, [`COPY_THREADS`] at a time (a chunk's pieces are
-/// reads scattered over the journal's segments: several in flight keep the disk busy); chunks
-/// of zeroes are skipped (the new file reads back zeroes there) or, on a device, zeroed.
+/// Copies volume `index` of the view, a window of [`WINDOW`] bytes at a time: first what comes
+/// from the base image, in offset order (its holes skipped), then what comes from the journal,
+/// in the order it lies in the segment files, so that the journal is read front to back
+/// rather than in the volume's order (which would be a random read of it). Every block is
+/// read once. Zeroes are left as holes in a new file, or written on a device.
 fn copy_volume(view: &PointView, index: usize, dst: &dyn StorageFile, device: bool, progress: &mut dyn FnMut(u64, u64)) -> io::Result<()> {
     let size = view.volumes().nth(index).map_or(0, |v| v.size);
-    let chunks = size.div_ceil(CHUNK as u64);
-    let next = AtomicU64::new(0);
-    let done = AtomicU64::new(0);
-    let failed: Mutex<Option<io::Error>> = Mutex::new(None);
-    let finished = AtomicU64::new(0);
-    /// Counts a copying thread out however it ends (a panic included).
-    struct Finished<'a>(&'a AtomicU64);
-    impl Drop for Finished<'_> {
-        fn drop(&mut self) {
-            self.0.fetch_add(1, Ordering::Release);
+    let mut buf = vec![0u8; CHUNK];
+    let mut start = 0u64;
+    while start < size {
+        let end = (start + WINDOW).min(size);
+        let pieces = view.pieces(index, start, end)?;
+        let mut journal = Vec::new();
+        for p in &pieces {
+            match p.source {
+                Source::Journal { segment, pos } => journal.push((segment, pos, p)),
+                Source::Zero if device => dst.zero_range(p.offset, p.len)?,
+                Source::Zero => {}
+                Source::Base => copy_base(view, index, p, dst, device, &mut buf)?,
+            }
         }
+        journal.sort_unstable_by_key(|&(segment, pos, _)| (segment, pos));
+        for (_, _, p) in journal {
+            let n = usize::try_from(p.len).expect("a record's length");
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
+            view.read_piece(index, p, &mut buf[..n])?;
+            dst.write_all_at(&buf[..n], p.offset)?;
+        }
+        progress(end, size);
+        start = end;
     }
-    std::thread::scope(|scope| {
-        for _ in 0..COPY_THREADS {
-            scope.spawn(|| {
-                let _finished = Finished(&finished);
-                let mut buf = vec![0u8; CHUNK];
-                loop {
-                    let c = next.fetch_add(1, Ordering::Relaxed);
-                    if c >= chunks || lock(&failed).is_some() {
-                        return;
-                    }
-                    let off = c * CHUNK as u64;
-                    let n = usize::try_from((size - off).min(CHUNK as u64)).expect("at most CHUNK");
-                    let res = view.read(index, off, &mut buf[..n]).and_then(|()| {
-                        if buf[..n].iter().all(|&b| b == 0) {
-                            if device {
-                                dst.zero_range(off, n as u64)?;
-                            }
-                            Ok(())
-                        } else {
-                            dst.write_all_at(&buf[..n], off)
-                        }
-                    });
-                    match res {
-                        Ok(()) => {
-                            done.fetch_add(n as u64, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            lock(&failed).get_or_insert(e);
-                            return;
-                        }
-                    }
-                }
-            });
+    Ok(())
+}
+
+/// Copies a stretch that comes from the base image, in chunks; chunks the base image holds no
+/// data in are not read.
+fn copy_base(view: &PointView, index: usize, p: &Piece, dst: &dyn StorageFile, device: bool, buf: &mut [u8]) -> io::Result<()> {
+    let end = p.offset + p.len;
+    let mut off = p.offset;
+    while off < end {
+        let n = usize::try_from((end - off).min(CHUNK as u64)).expect("at most CHUNK");
+        let chunk = Piece { offset: off, len: n as u64, source: Source::Base };
+        let zero = !view.base_may_hold_data(index, off, off + n as u64) || {
+            view.read_piece(index, &chunk, &mut buf[..n])?;
+            buf[..n].iter().all(|&b| b == 0)
+        };
+        if !zero {
+            dst.write_all_at(&buf[..n], off)?;
+        } else if device {
+            dst.zero_range(off, n as u64)?;
         }
-        while finished.load(Ordering::Acquire) < COPY_THREADS as u64 {
-            progress(done.load(Ordering::Relaxed), size);
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    });
-    if let Some(e) = failed.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
-        return Err(e);
+        off += n as u64;
     }
-    progress(size, size);
     Ok(())
 }
