@@ -7,7 +7,8 @@
 //!
 //! Exit codes: 0 after `--check` succeeds or after a stop signal, 2 when the configuration or
 //! a local disk is unusable, 1 when running fails (engine unreachable or refusing, a device
-//! that cannot be created, listener failure).
+//! that cannot be created, listener failure), 3 when `--check` finds that this kernel lacks a
+//! front end the configuration asks for (the start would fail until it is loaded).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -52,6 +53,8 @@ enum Failure {
     Config(String),
     /// Running failed (exit 1).
     Runtime(String),
+    /// `--check`: a kernel front end the configuration asks for is missing here (exit 3).
+    Unavailable(String),
 }
 
 /// One configured disk, checked and opened.
@@ -170,11 +173,19 @@ fn run(args: &Args) -> Result<(), Failure> {
             ),
             None => println!("  plaintext (tls.insecure_plaintext = true): nothing is encrypted or authenticated"),
         }
+        let mut unavailable = Vec::new();
         for d in &disks {
             let mut served = Vec::new();
             if let Some(f) = &d.config.frontend {
                 let device = f.device.as_ref().map_or_else(|| "first free device".to_string(), |p| p.display().to_string());
-                served.push(format!("{} device ({device})", f.kind));
+                // What the start would do: a front end this kernel lacks stops it.
+                match frontend::check_available(f.kind) {
+                    Ok(()) => served.push(format!("{} device ({device})", frontend::resolve(f.kind))),
+                    Err(e) => {
+                        served.push(format!("{} device ({device}): NOT AVAILABLE on this kernel", f.kind));
+                        unavailable.push(format!("volume {}: {e}", d.config.volume));
+                    }
+                }
             }
             if let Some(l) = &d.listen {
                 served.push(format!("NBD on {l}"));
@@ -187,6 +198,9 @@ fn run(args: &Args) -> Result<(), Failure> {
                 d.local.size(),
                 served.join(" and ")
             );
+        }
+        if !unavailable.is_empty() {
+            return Err(Failure::Unavailable(format!("the agent would not start here: {}", unavailable.join("; "))));
         }
         return Ok(());
     }
@@ -305,6 +319,10 @@ fn main() -> ExitCode {
         Err(Failure::Runtime(message)) => {
             eprintln!("error: {message}");
             ExitCode::from(1)
+        }
+        Err(Failure::Unavailable(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(3)
         }
     }
 }

@@ -122,7 +122,7 @@ fn engine_that_starts_late_is_waited_for() {
 }
 
 #[test]
-fn kernel_front_end_the_kernel_lacks_is_a_clear_error_before_anything_starts() {
+fn kernel_front_end_the_kernel_lacks_is_a_clear_error_before_anything_starts_and_in_check() {
     // Runs where the kernel lacks the front end (as on a build host without nbd or ublk).
     for (frontend, probe, needle) in
         [("ublk", "/dev/ublk-control", "this kernel offers no ublk"), ("nbd", "/sys/block/nbd0", "this kernel offers no nbd")]
@@ -142,6 +142,13 @@ fn kernel_front_end_the_kernel_lacks_is_a_clear_error_before_anything_starts() {
         assert!(t.contains("volume v: ") && t.contains(needle) && t.contains("modprobe"), "{t}");
         // Failed before waiting for the (absent) engine.
         assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        // --check says so too, instead of promising a device the start cannot make.
+        let mut check = config_args(&config).to_vec();
+        check.push("--check".as_ref());
+        let out = agent(&check);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(3), "{t}");
+        assert!(t.contains("NOT AVAILABLE on this kernel") && t.contains("the agent would not start here") && t.contains(needle), "{t}");
         drop(dir);
     }
 }
