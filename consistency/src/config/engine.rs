@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 use super::parse::{check_host_port, parse_duration, parse_size, parse_socket_addr};
 use super::tls::{link_security, server_name_key, TlsKeys};
-use super::{check_name, read_toml, yes, ConfigError, JournalFull};
-use crate::transport::identity::{check_identity_name, server_name_of};
+use super::{read_toml, yes, ConfigError, JournalFull};
+use crate::transport::identity::{check_identity_name, check_name, server_name_of};
 use crate::transport::{Role, Security};
 
 /// How a group replicates (docs/modes.md).

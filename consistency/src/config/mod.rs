@@ -17,8 +17,6 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::record::MAX_NAME_LEN;
-
 mod agent;
 mod engine;
 mod parse;
@@ -32,6 +30,9 @@ pub use engine::{
 };
 pub use parse::{parse_duration, parse_size};
 pub use target::{EngineTrust, TargetConfig, DEFAULT_RETENTION};
+// Names are checked where certificate identities are (transport uses it, and config uses
+// transport); config::check_name stays the path its callers know.
+pub use crate::transport::identity::check_name;
 
 /// A configuration problem.
 #[derive(Debug, Error)]
@@ -41,19 +42,6 @@ pub struct ConfigError {
     pub file: PathBuf,
     /// What is wrong, naming the key, and what to do.
     pub message: String,
-}
-
-/// Checks a group, volume or VM name: 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with `.`.
-pub fn check_name(what: &str, name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("{what} name {name:?} is not valid; use 1 to {MAX_NAME_LEN} letters, digits, '.', '_' or '-'"))
-    }
 }
 
 fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {

@@ -19,7 +19,7 @@ use std::fmt;
 
 use rustls::pki_types::{CertificateDer, DnsName, ServerName};
 
-use crate::config::check_name;
+use crate::record::MAX_NAME_LEN;
 
 /// The domain under which every identity lives.
 pub const IDENTITY_DOMAIN: &str = "hindsight";
@@ -123,8 +123,21 @@ impl fmt::Display for Identity {
     }
 }
 
+/// Checks a group, volume or VM name: 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with `.`.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{what} name {name:?} is not valid; use 1 to {MAX_NAME_LEN} letters, digits, '.', '_' or '-'"))
+    }
+}
+
 /// Checks that a name (VM, engine, target or operator) can be part of a certificate identity:
-/// a valid Hindsight name (`config::check_name`) whose parts between dots are DNS labels
+/// a valid Hindsight name ([`check_name`]) whose parts between dots are DNS labels
 /// (1 to 63 characters, not starting or ending with '-').
 pub fn check_identity_name(what: &str, name: &str) -> Result<(), String> {
     check_name(what, name)?;
