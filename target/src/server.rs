@@ -488,7 +488,7 @@ fn check_hello(h: &TargetHello) -> Result<Vec<Volume>, String> {
             h.protocol
         ));
     }
-    check_name("group", &h.group)?;
+    check_name("group", &h.group).map_err(|e| e.to_string())?;
     if h.volumes.is_empty() {
         return Err(format!("group {:?}: the hello lists no volumes", h.group));
     }

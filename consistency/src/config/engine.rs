@@ -255,7 +255,7 @@ impl EngineConfig {
         let mut group_names = HashSet::new();
         let mut volume_owner: BTreeMap<String, String> = BTreeMap::new();
         for g in raw.group {
-            check_name("group", &g.name)?;
+            check_name("group", &g.name).map_err(|e| e.to_string())?;
             if !group_names.insert(g.name.clone()) {
                 return Err(format!("group {:?} is defined twice; group names must be unique", g.name));
             }

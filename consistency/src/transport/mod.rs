@@ -26,7 +26,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use halves::{Closer, ReadHalf, WriteHalf};
-pub use identity::{Identity, PeerIdentity, Role};
+pub use identity::{Identity, NameError, PeerIdentity, Role};
 pub use tls::{TlsEndpoint, TlsFiles, TlsSetupError};
 
 /// How a daemon protects its links.
@@ -80,7 +80,7 @@ pub enum TransportError {
     },
     /// The name to check the server's certificate against is not usable.
     #[error("cannot check the server's certificate: {0}")]
-    BadServerName(String),
+    BadServerName(#[source] NameError),
     /// A TLS client connected to a plaintext port.
     #[error("a TLS client connected, but this side has tls.insecure_plaintext = true; configure [tls] with ca, cert and key here too")]
     TlsClientOnPlaintextPort,
