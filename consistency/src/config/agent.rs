@@ -10,15 +10,12 @@ use serde::Deserialize;
 
 use super::parse::{check_host_port, parse_duration};
 use super::tls::{link_security, server_name_key, TlsKeys};
-use super::{read_toml, ConfigError};
 use crate::transport::identity::{check_identity_name, check_name, server_name_of};
 use crate::transport::{Role, Security};
 
-// ---------------------------------------------------------------- agent
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AgentFile {
+pub(super) struct AgentFile {
     agent: AgentSection,
     tls: Option<AgentTlsSection>,
     #[serde(default)]
@@ -173,13 +170,7 @@ pub struct FrontendConfig {
 }
 
 impl AgentConfig {
-    /// Reads and validates an agent configuration file.
-    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let raw: AgentFile = read_toml(path)?;
-        Self::validate(raw).map_err(|message| ConfigError { file: path.to_owned(), message })
-    }
-
-    fn validate(raw: AgentFile) -> Result<AgentConfig, String> {
+    pub(super) fn validate(raw: AgentFile) -> Result<AgentConfig, String> {
         check_host_port("agent.engine", &raw.agent.engine)?;
         check_name("vm", &raw.agent.vm).map_err(|e| format!("agent.vm: {e}"))?;
         if raw.disk.is_empty() {

@@ -3,14 +3,13 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::parse::{check_host_port, parse_duration, parse_size, parse_socket_addr};
+use super::parse::{check_host_port, parse_duration, parse_size, parse_socket_addr, yes};
 use super::tls::{link_security, server_name_key, TlsKeys};
-use super::{read_toml, yes, ConfigError, JournalFull};
 use crate::transport::identity::{check_identity_name, check_name, server_name_of};
 use crate::transport::{Role, Security};
 
@@ -36,11 +35,9 @@ impl ReplicationMode {
     }
 }
 
-// ---------------------------------------------------------------- engine
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct EngineFile {
+pub(super) struct EngineFile {
     engine: EngineSection,
     tls: Option<EngineTlsSection>,
     #[serde(default)]
@@ -149,6 +146,36 @@ pub struct GroupConfig {
     pub on_journal_full: JournalFull,
 }
 
+/// What a group does when a journal is full (docs/failure-handling.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalFull {
+    /// The target folds its oldest points into the base images, even inside `retention`,
+    /// and says so; the engine, which holds no history, pauses and tracks.
+    TrimHistory,
+    /// Nothing is dropped: the target takes no more records until retention frees room, and
+    /// the engine, once its own journal is full, holds the guests' writes.
+    Block,
+    /// Nothing is dropped and the guests keep running: the group pauses, the agents track
+    /// the regions written, and resync them once there is room again.
+    PauseAndTrack,
+}
+
+impl JournalFull {
+    /// The name as written in config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JournalFull::TrimHistory => "trim_history",
+            JournalFull::Block => "block",
+            JournalFull::PauseAndTrack => "pause_and_track",
+        }
+    }
+
+    /// Parses the name written in config.
+    pub fn parse(s: &str) -> Option<JournalFull> {
+        [JournalFull::TrimHistory, JournalFull::Block, JournalFull::PauseAndTrack].into_iter().find(|p| p.as_str() == s)
+    }
+}
+
 /// Compression of the engine → target link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -214,20 +241,7 @@ pub struct VolumeConfig {
 }
 
 impl EngineConfig {
-    /// Reads and validates an engine configuration file.
-    pub fn load(path: &Path) -> Result<EngineConfig, ConfigError> {
-        let raw: EngineFile = read_toml(path)?;
-        Self::validate(raw).map_err(|message| ConfigError { file: path.to_owned(), message })
-    }
-
-    /// Parses and validates engine configuration text (`file` names it in errors).
-    pub fn from_str(file: &Path, text: &str) -> Result<EngineConfig, ConfigError> {
-        let raw: EngineFile =
-            toml::from_str(text).map_err(|e| ConfigError { file: file.to_owned(), message: e.to_string().trim_end().to_owned() })?;
-        Self::validate(raw).map_err(|message| ConfigError { file: file.to_owned(), message })
-    }
-
-    fn validate(raw: EngineFile) -> Result<EngineConfig, String> {
+    pub(super) fn validate(raw: EngineFile) -> Result<EngineConfig, String> {
         let listen = parse_socket_addr("engine.listen", &raw.engine.listen)?;
         let segment_size = match &raw.engine.segment_size {
             Some(s) => parse_size(s).map_err(|e| format!("engine.segment_size: {e}"))?,

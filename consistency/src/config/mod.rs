@@ -9,13 +9,17 @@
 //! - `agent.rs` — `agent.toml`: the agent, its disks and its quiesce scripts
 //! - `tls.rs` — the `[tls]` section every file has
 //!
-//! This module holds what they share: the error, the file reading, the journal-full policy
-//! that both engine and target apply. Every public item is reached as `config::Item`.
+//! This module holds the entry points, which read a file and hand it to its section's
+//! `validate`, and the error they return. Every public item is reached as `config::Item`.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use thiserror::Error;
+
+use agent::AgentFile;
+use engine::EngineFile;
+use target::TargetFile;
 
 mod agent;
 mod engine;
@@ -25,8 +29,8 @@ mod tls;
 
 pub use agent::{AgentConfig, DiskConfig, EngineLoss, FrontendConfig, FrontendKind, QuiesceConfig, DEFAULT_ENGINE_TIMEOUT};
 pub use engine::{
-    Compression, EngineConfig, GroupConfig, ReplicationMode, SyncLoss, VolumeConfig, DEFAULT_BLOCK_TIMEOUT, DEFAULT_DEGRADE_TIMEOUT,
-    DEFAULT_INTERVAL,
+    Compression, EngineConfig, GroupConfig, JournalFull, ReplicationMode, SyncLoss, VolumeConfig, DEFAULT_BLOCK_TIMEOUT,
+    DEFAULT_DEGRADE_TIMEOUT, DEFAULT_INTERVAL,
 };
 pub use parse::{parse_duration, parse_size};
 pub use target::{EngineTrust, TargetConfig, DEFAULT_RETENTION};
@@ -50,37 +54,34 @@ fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError
     toml::from_str(&text).map_err(|e| ConfigError { file: path.to_owned(), message: e.to_string().trim_end().replace('\n', "\n  ") })
 }
 
-fn yes() -> bool {
-    true
-}
-
-/// What a group does when a journal is full (docs/failure-handling.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JournalFull {
-    /// The target folds its oldest points into the base images, even inside `retention`,
-    /// and says so; the engine, which holds no history, pauses and tracks.
-    TrimHistory,
-    /// Nothing is dropped: the target takes no more records until retention frees room, and
-    /// the engine, once its own journal is full, holds the guests' writes.
-    Block,
-    /// Nothing is dropped and the guests keep running: the group pauses, the agents track
-    /// the regions written, and resync them once there is room again.
-    PauseAndTrack,
-}
-
-impl JournalFull {
-    /// The name as written in config.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JournalFull::TrimHistory => "trim_history",
-            JournalFull::Block => "block",
-            JournalFull::PauseAndTrack => "pause_and_track",
-        }
+impl EngineConfig {
+    /// Reads and validates an engine configuration file.
+    pub fn load(path: &Path) -> Result<EngineConfig, ConfigError> {
+        let raw: EngineFile = read_toml(path)?;
+        Self::validate(raw).map_err(|message| ConfigError { file: path.to_owned(), message })
     }
 
-    /// Parses the name written in config.
-    pub fn parse(s: &str) -> Option<JournalFull> {
-        [JournalFull::TrimHistory, JournalFull::Block, JournalFull::PauseAndTrack].into_iter().find(|p| p.as_str() == s)
+    /// Parses and validates engine configuration text (`file` names it in errors).
+    pub fn from_str(file: &Path, text: &str) -> Result<EngineConfig, ConfigError> {
+        let raw: EngineFile =
+            toml::from_str(text).map_err(|e| ConfigError { file: file.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+        Self::validate(raw).map_err(|message| ConfigError { file: file.to_owned(), message })
+    }
+}
+
+impl TargetConfig {
+    /// Reads and validates a target configuration file.
+    pub fn load(path: &Path) -> Result<TargetConfig, ConfigError> {
+        let raw: TargetFile = read_toml(path)?;
+        Self::validate(raw.target, raw.tls).map_err(|message| ConfigError { file: path.to_owned(), message })
+    }
+}
+
+impl AgentConfig {
+    /// Reads and validates an agent configuration file.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let raw: AgentFile = read_toml(path)?;
+        Self::validate(raw).map_err(|message| ConfigError { file: path.to_owned(), message })
     }
 }
 

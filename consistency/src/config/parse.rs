@@ -43,6 +43,11 @@ pub(super) fn parse_socket_addr(key: &str, s: &str) -> Result<SocketAddr, String
     s.parse().map_err(|_| format!("{key} = {s:?} is not an address; write ip:port, e.g. \"127.0.0.1:7400\""))
 }
 
+/// The serde default of the keys that are on unless turned off (`direct_io`).
+pub(super) fn yes() -> bool {
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

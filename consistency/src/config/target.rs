@@ -2,29 +2,26 @@
 //! it retains, and which engines may ship to it.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::parse::{parse_duration, parse_size, parse_socket_addr};
+use super::parse::{parse_duration, parse_size, parse_socket_addr, yes};
 use super::tls::{link_security, TlsKeys};
-use super::{read_toml, yes, ConfigError};
 use crate::transport::identity::check_identity_name;
 use crate::transport::{Role, Security};
 
-// ---------------------------------------------------------------- target
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TargetFile {
-    target: TargetSection,
-    tls: Option<TargetTlsSection>,
+pub(super) struct TargetFile {
+    pub(super) target: TargetSection,
+    pub(super) tls: Option<TargetTlsSection>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TargetTlsSection {
+pub(super) struct TargetTlsSection {
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
@@ -44,7 +41,7 @@ pub enum EngineTrust {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TargetSection {
+pub(super) struct TargetSection {
     listen: String,
     data_dir: PathBuf,
     retention: Option<String>,
@@ -80,13 +77,7 @@ pub struct TargetConfig {
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 impl TargetConfig {
-    /// Reads and validates a target configuration file.
-    pub fn load(path: &Path) -> Result<TargetConfig, ConfigError> {
-        let raw: TargetFile = read_toml(path)?;
-        Self::validate(raw.target, raw.tls).map_err(|message| ConfigError { file: path.to_owned(), message })
-    }
-
-    fn validate(t: TargetSection, tls: Option<TargetTlsSection>) -> Result<TargetConfig, String> {
+    pub(super) fn validate(t: TargetSection, tls: Option<TargetTlsSection>) -> Result<TargetConfig, String> {
         let listen = parse_socket_addr("target.listen", &t.listen)?;
         let retention = t.retention.as_deref().map(parse_duration).transpose().map_err(|e| format!("target.retention: {e}"))?;
         let journal_size = t.journal_size.as_deref().map(parse_size).transpose().map_err(|e| format!("target.journal_size: {e}"))?;
