@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::parse::{check_host_port, parse_duration};
-use super::tls::{link_security, server_name_key, TlsKeys};
-use crate::transport::identity::{check_identity_name, check_name, server_name_of};
+use thiserror::Error;
+
+use super::parse::{check_host_port, note, parse_duration, ValueError};
+use super::tls::{link_security, server_name_key, TlsKeys, TlsMistake};
+use crate::transport::identity::{check_identity_name, check_name, server_name_of, NameError};
 use crate::transport::{Role, Security};
 
 #[derive(Deserialize)]
@@ -170,19 +172,25 @@ pub struct FrontendConfig {
 }
 
 impl AgentConfig {
-    pub(super) fn validate(raw: AgentFile) -> Result<AgentConfig, String> {
-        check_host_port("agent.engine", &raw.agent.engine)?;
-        check_name("vm", &raw.agent.vm).map_err(|e| format!("agent.vm: {e}"))?;
+    /// Checks every key of an agent file and gives the configuration, or every mistake found
+    /// (in the order of the checks).
+    pub(super) fn validate(raw: AgentFile) -> Result<AgentConfig, Vec<AgentMistake>> {
+        let mut mistakes: Vec<AgentMistake> = Vec::new();
+        let m = &mut mistakes;
+        note(m, check_host_port("agent.engine", &raw.agent.engine).map_err(|source| AgentMistake::Engine { source }));
+        let vm_ok = note(m, check_name("vm", &raw.agent.vm).map_err(|source| AgentMistake::VmName { source })).is_some();
         if raw.disk.is_empty() {
-            return Err("no [[disk]] is configured; add one with group, volume, path and frontend (or listen)".into());
+            m.push(AgentMistake::NoDisks);
         }
         let mut seen = HashSet::new();
         let mut disks = Vec::new();
         for d in raw.disk {
-            check_name("group", &d.group).map_err(|e| format!("disk {:?}: {e}", d.volume))?;
-            check_name("volume", &d.volume).map_err(|e| format!("disk: {e}"))?;
+            let volume = || d.volume.clone();
+            note(m, check_name("group", &d.group).map_err(|source| AgentMistake::GroupName { volume: volume(), source }));
+            note(m, check_name("volume", &d.volume).map_err(|source| AgentMistake::VolumeName { source }));
             if !seen.insert(d.volume.clone()) {
-                return Err(format!("disk {:?} is listed twice; each volume is served once", d.volume));
+                m.push(AgentMistake::DiskTwice { volume: volume() });
+                continue;
             }
             if let Some(l) = d.listen.as_deref() {
                 let listen_ok = match l.split_once(':') {
@@ -191,67 +199,81 @@ impl AgentConfig {
                     _ => false,
                 };
                 if !listen_ok {
-                    return Err(format!(
-                        "disk {:?}: listen = {l:?} is not valid; write \"unix:/run/hindsight/{}.sock\" or \"tcp:127.0.0.1:10809\"",
-                        d.volume, d.volume
-                    ));
+                    m.push(AgentMistake::Listen { volume: volume(), listen: l.to_owned() });
                 }
             }
-            let frontend = frontend_config(&d.volume, d.listen.is_some(), d.frontend.as_deref(), d.device)?;
+            let frontend = note(m, frontend_config(&d.volume, d.listen.is_some(), d.frontend.as_deref(), d.device)).flatten();
             disks.push(DiskConfig { group: d.group, volume: d.volume, path: d.path, listen: d.listen, frontend, dirty_map: d.dirty_map });
         }
-        for m in &raw.agent.freeze {
-            if !m.is_absolute() {
-                return Err(format!("agent.freeze: {:?} is not an absolute mount point; write e.g. freeze = [\"/var/lib/db\"]", m));
+        for mount in &raw.agent.freeze {
+            if !mount.is_absolute() {
+                m.push(AgentMistake::FreezeNotAbsolute { mount: mount.clone() });
             }
         }
         if raw.agent.pre_quiesce.is_some() != raw.agent.post_quiesce.is_some() {
-            return Err("agent.pre_quiesce and agent.post_quiesce go together: give both scripts, or neither (to use freeze)".into());
+            m.push(AgentMistake::QuiesceScriptAlone);
         }
         let quiesce = QuiesceConfig { freeze: raw.agent.freeze, pre: raw.agent.pre_quiesce, post: raw.agent.post_quiesce };
         let engine_server_name = match raw.tls.as_ref().and_then(|t| t.server_name.as_deref()) {
-            Some(n) => server_name_key("tls.server_name", n)?,
-            None => server_name_of(&raw.agent.engine),
+            Some(n) => note(m, server_name_key("tls.server_name", n).map_err(|source| AgentMistake::Tls { source })),
+            None => Some(server_name_of(&raw.agent.engine)),
         };
         let tls = raw.tls.map(|t| TlsKeys { ca: t.ca, cert: t.cert, key: t.key, insecure_plaintext: t.insecure_plaintext });
-        if tls.as_ref().is_some_and(|t| !t.insecure_plaintext) {
-            check_identity_name("vm", &raw.agent.vm).map_err(|e| format!("agent.vm: {e} (the agent's certificate names it)"))?;
+        if vm_ok && tls.as_ref().is_some_and(|t| !t.insecure_plaintext) {
+            note(m, check_identity_name("vm", &raw.agent.vm).map_err(|source| AgentMistake::VmIdentity { source }));
         }
-        let security = link_security(tls, Role::Agent, Some(&raw.agent.vm), &[("agent.engine".to_owned(), raw.agent.engine.clone())])?;
+        let security = link_security(tls, Role::Agent, Some(&raw.agent.vm), &[("agent.engine".to_owned(), raw.agent.engine.clone())]);
+        let security = note(m, security.map_err(|source| AgentMistake::Tls { source }));
         let on_engine_loss = match raw.agent.on_engine_loss.as_deref().unwrap_or("track") {
-            "track" => EngineLoss::Track,
-            "fail" => EngineLoss::Fail,
-            other => return Err(format!("agent.on_engine_loss = {other:?} is not known; use \"track\" or \"fail\"")),
+            "track" => Some(EngineLoss::Track),
+            "fail" => Some(EngineLoss::Fail),
+            other => {
+                m.push(AgentMistake::OnEngineLoss { policy: other.to_owned() });
+                None
+            }
         };
         let engine_timeout = match raw.agent.engine_timeout.as_deref() {
-            Some(t) => parse_duration(t).map_err(|e| format!("agent.engine_timeout: {e}"))?,
-            None => DEFAULT_ENGINE_TIMEOUT,
+            Some(t) => note(m, parse_duration(t).map_err(|source| AgentMistake::EngineTimeout { source })),
+            None => Some(DEFAULT_ENGINE_TIMEOUT),
         };
-        if engine_timeout.is_zero() {
-            return Err("agent.engine_timeout must be more than 0, e.g. engine_timeout = \"30s\"".into());
+        if engine_timeout.is_some_and(|t| t.is_zero()) {
+            m.push(AgentMistake::EngineTimeoutZero);
         }
-        Ok(AgentConfig {
-            engine: raw.agent.engine,
-            vm: raw.agent.vm,
-            disks,
-            quiesce,
-            security,
-            engine_server_name,
-            on_engine_loss,
-            engine_timeout,
-        })
+        match (security, engine_server_name, on_engine_loss, engine_timeout) {
+            (Some(security), Some(engine_server_name), Some(on_engine_loss), Some(engine_timeout)) if mistakes.is_empty() => {
+                Ok(AgentConfig {
+                    engine: raw.agent.engine,
+                    vm: raw.agent.vm,
+                    disks,
+                    quiesce,
+                    security,
+                    engine_server_name,
+                    on_engine_loss,
+                    engine_timeout,
+                })
+            }
+            _ => {
+                debug_assert!(!mistakes.is_empty(), "a value is missing only after its mistake was noted");
+                Err(mistakes)
+            }
+        }
     }
 }
 
 /// Checks a disk's `frontend` and `device`. With neither `frontend` nor `listen` the disk gets
 /// `auto`: a disk nothing serves would be useless.
-fn frontend_config(volume: &str, has_listen: bool, kind: Option<&str>, device: Option<PathBuf>) -> Result<Option<FrontendConfig>, String> {
+fn frontend_config(
+    volume: &str,
+    has_listen: bool,
+    kind: Option<&str>,
+    device: Option<PathBuf>,
+) -> Result<Option<FrontendConfig>, AgentMistake> {
     let kind = match kind {
         None if has_listen && device.is_none() => return Ok(None),
         None | Some("auto") => FrontendKind::Auto,
         Some("ublk") => FrontendKind::Ublk,
         Some("nbd") => FrontendKind::Nbd,
-        Some(other) => return Err(format!("disk {volume:?}: frontend = {other:?} is not known; write \"auto\", \"ublk\" or \"nbd\"")),
+        Some(other) => return Err(AgentMistake::Frontend { volume: volume.to_owned(), frontend: other.to_owned() }),
     };
     if let Some(dev) = &device {
         let name = dev.to_str().and_then(|s| s.strip_prefix("/dev/")).unwrap_or("");
@@ -262,27 +284,142 @@ fn frontend_config(volume: &str, has_listen: bool, kind: Option<&str>, device: O
             FrontendKind::Auto => false,
         };
         if !ok {
-            let hint = match kind {
-                FrontendKind::Ublk => "write e.g. device = \"/dev/ublkb0\"".to_string(),
-                FrontendKind::Nbd => "write e.g. device = \"/dev/nbd0\"".to_string(),
-                FrontendKind::Auto => "a device can only be named with frontend = \"ublk\" or \"nbd\"".to_string(),
-            };
-            return Err(format!("disk {volume:?}: device = {:?} does not fit frontend = \"{kind}\"; {hint}", dev.display().to_string()));
+            return Err(AgentMistake::Device { volume: volume.to_owned(), device: dev.display().to_string(), kind });
         }
     }
     Ok(Some(FrontendConfig { kind, device }))
 }
 
+/// What to write instead of a device that does not fit the front end.
+fn device_hint(kind: &FrontendKind) -> &'static str {
+    match kind {
+        FrontendKind::Ublk => "write e.g. device = \"/dev/ublkb0\"",
+        FrontendKind::Nbd => "write e.g. device = \"/dev/nbd0\"",
+        FrontendKind::Auto => "a device can only be named with frontend = \"ublk\" or \"nbd\"",
+    }
+}
+
+/// A mistake in an agent file.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum AgentMistake {
+    /// `agent.engine` is not `host:port`.
+    #[error("{source}")]
+    Engine {
+        /// The cause.
+        #[source]
+        source: ValueError,
+    },
+    /// `agent.vm` is not a valid name.
+    #[error("agent.vm: {source}")]
+    VmName {
+        /// The cause.
+        #[source]
+        source: NameError,
+    },
+    /// No `[[disk]]`.
+    #[error("no [[disk]] is configured; add one with group, volume, path and frontend (or listen)")]
+    NoDisks,
+    /// A disk's `group` is not a valid name.
+    #[error("disk {volume:?}: {source}")]
+    GroupName {
+        /// The disk's volume.
+        volume: String,
+        /// The cause.
+        #[source]
+        source: NameError,
+    },
+    /// A disk's `volume` is not a valid name.
+    #[error("disk: {source}")]
+    VolumeName {
+        /// The cause.
+        #[source]
+        source: NameError,
+    },
+    /// Two disks of one volume.
+    #[error("disk {volume:?} is listed twice; each volume is served once")]
+    DiskTwice {
+        /// The volume.
+        volume: String,
+    },
+    /// A disk's `listen` is neither `unix:/path` nor `tcp:host:port`.
+    #[error("disk {volume:?}: listen = {listen:?} is not valid; write \"unix:/run/hindsight/{volume}.sock\" or \"tcp:127.0.0.1:10809\"")]
+    Listen {
+        /// The disk's volume.
+        volume: String,
+        /// The value.
+        listen: String,
+    },
+    /// A disk's `frontend` is not known.
+    #[error("disk {volume:?}: frontend = {frontend:?} is not known; write \"auto\", \"ublk\" or \"nbd\"")]
+    Frontend {
+        /// The disk's volume.
+        volume: String,
+        /// The value.
+        frontend: String,
+    },
+    /// A disk's `device` does not fit its front end.
+    #[error("disk {volume:?}: device = {device:?} does not fit frontend = \"{kind}\"; {}", device_hint(.kind))]
+    Device {
+        /// The disk's volume.
+        volume: String,
+        /// The device.
+        device: String,
+        /// The front end.
+        kind: FrontendKind,
+    },
+    /// A mount point in `agent.freeze` that is not absolute.
+    #[error("agent.freeze: {mount:?} is not an absolute mount point; write e.g. freeze = [\"/var/lib/db\"]")]
+    FreezeNotAbsolute {
+        /// The mount point.
+        mount: PathBuf,
+    },
+    /// One of `pre_quiesce` and `post_quiesce` without the other.
+    #[error("agent.pre_quiesce and agent.post_quiesce go together: give both scripts, or neither (to use freeze)")]
+    QuiesceScriptAlone,
+    /// With TLS, an `agent.vm` that cannot be written in the agent's certificate.
+    #[error("agent.vm: {source} (the agent's certificate names it)")]
+    VmIdentity {
+        /// The cause.
+        #[source]
+        source: NameError,
+    },
+    /// The `[tls]` section, or `tls.server_name`.
+    #[error("{source}")]
+    Tls {
+        /// The cause.
+        #[source]
+        source: TlsMistake,
+    },
+    /// `agent.on_engine_loss` is not known.
+    #[error("agent.on_engine_loss = {policy:?} is not known; use \"track\" or \"fail\"")]
+    OnEngineLoss {
+        /// The value.
+        policy: String,
+    },
+    /// `agent.engine_timeout` is not a duration.
+    #[error("agent.engine_timeout: {source}")]
+    EngineTimeout {
+        /// The cause.
+        #[source]
+        source: ValueError,
+    },
+    /// `agent.engine_timeout` is 0.
+    #[error("agent.engine_timeout must be more than 0, e.g. engine_timeout = \"30s\"")]
+    EngineTimeoutZero,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::parse::lines;
 
     #[test]
     fn agent_quiesce_keys_are_checked() {
         let base = "[agent]\nengine = \"127.0.0.1:7400\"\nvm = \"erp-db\"\n{}\n[tls]\ninsecure_plaintext = true\n[[disk]]\ngroup = \"erp\"\nvolume = \"db\"\npath = \"/dev/vdb\"\nlisten = \"unix:/run/db.sock\"\n";
         let parse = |extra: &str| -> Result<AgentConfig, String> {
             let raw: AgentFile = toml::from_str(&base.replace("{}", extra)).map_err(|e| e.to_string())?;
-            AgentConfig::validate(raw)
+            AgentConfig::validate(raw).map_err(|m| lines(&m))
         };
         assert_eq!(parse("freeze = [\"/data\"]").unwrap().quiesce.freeze, vec![PathBuf::from("/data")]);
         assert!(parse("freeze = [\"data\"]").unwrap_err().contains("absolute"));
@@ -297,7 +434,7 @@ mod tests {
             "[agent]\nengine = \"127.0.0.1:7400\"\nvm = \"erp-db\"\n[tls]\ninsecure_plaintext = true\n[[disk]]\ngroup = \"erp\"\nvolume = \"db\"\npath = \"/dev/vdb\"\n";
         let parse = |extra: &str| -> Result<DiskConfig, String> {
             let raw: AgentFile = toml::from_str(&format!("{base}{extra}")).map_err(|e| e.to_string())?;
-            AgentConfig::validate(raw).map(|c| c.disks[0].clone())
+            AgentConfig::validate(raw).map(|c| c.disks[0].clone()).map_err(|m| lines(&m))
         };
         let auto = FrontendConfig { kind: FrontendKind::Auto, device: None };
         // Nothing named: the agent creates a device (auto); only a listen: NBD socket only.
@@ -320,13 +457,36 @@ mod tests {
         let base = "[agent]\nengine = \"127.0.0.1:7400\"\nvm = \"erp-db\"\n[tls]\ninsecure_plaintext = true\n{}\n[[disk]]\ngroup = \"erp\"\nvolume = \"db\"\npath = \"/dev/vdb\"\n";
         let parse = |extra: &str| -> Result<AgentConfig, String> {
             let raw: AgentFile = toml::from_str(&base.replace("{}", extra)).map_err(|e| e.to_string())?;
-            AgentConfig::validate(raw)
+            AgentConfig::validate(raw).map_err(|m| lines(&m))
         };
         assert_eq!(parse("").unwrap().engine_server_name, "127.0.0.1");
         assert_eq!(parse("server_name = \"site-a.engine.hindsight\"").unwrap().engine_server_name, "site-a.engine.hindsight");
         assert!(parse("server_name = \"a b\"").unwrap_err().contains("tls.server_name"));
         let far = base.replace("127.0.0.1:7400", "10.0.0.5:7400").replace("{}", "");
-        let e = AgentConfig::validate(toml::from_str(&far).unwrap()).unwrap_err();
+        let e = lines(&AgentConfig::validate(toml::from_str(&far).unwrap()).unwrap_err());
         assert!(e.contains("agent.engine = \"10.0.0.5:7400\"") && e.contains("--role agent --name erp-db"), "{e}");
+    }
+
+    #[test]
+    fn every_mistake_of_a_file_is_reported() {
+        let disk = "[[disk]]\ngroup = \"erp\"\nvolume = \"db\"\npath = \"/dev/vdb\"\n";
+        let text = format!(
+            "[agent]\nengine = \"127.0.0.1:7400\"\nvm = \"erp-db\"\nfreeze = [\"data\"]\non_engine_loss = \"panic\"\n\
+             [tls]\ninsecure_plaintext = true\n{disk}{disk}"
+        );
+        let mistakes = AgentConfig::validate(toml::from_str(&text).unwrap()).unwrap_err();
+        assert!(
+            matches!(
+                mistakes[..],
+                [AgentMistake::DiskTwice { .. }, AgentMistake::FreezeNotAbsolute { .. }, AgentMistake::OnEngineLoss { .. }]
+            ),
+            "{mistakes:?}"
+        );
+        assert_eq!(
+            lines(&mistakes),
+            "disk \"db\" is listed twice; each volume is served once\n\
+             agent.freeze: \"data\" is not an absolute mount point; write e.g. freeze = [\"/var/lib/db\"]\n\
+             agent.on_engine_loss = \"panic\" is not known; use \"track\" or \"fail\""
+        );
     }
 }

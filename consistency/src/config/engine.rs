@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::parse::{check_host_port, parse_duration, parse_size, parse_socket_addr, yes};
-use super::tls::{link_security, server_name_key, TlsKeys};
-use crate::transport::identity::{check_identity_name, check_name, server_name_of};
+use thiserror::Error;
+
+use super::parse::{check_host_port, note, parse_duration, parse_size, parse_socket_addr, yes, ValueError};
+use super::tls::{link_security, server_name_key, TlsKeys, TlsMistake};
+use crate::transport::identity::{check_identity_name, check_name, server_name_of, NameError};
 use crate::transport::{Role, Security};
 
 /// How a group replicates (docs/modes.md).
@@ -241,119 +243,146 @@ pub struct VolumeConfig {
 }
 
 impl EngineConfig {
-    pub(super) fn validate(raw: EngineFile) -> Result<EngineConfig, String> {
-        let listen = parse_socket_addr("engine.listen", &raw.engine.listen)?;
+    /// Checks every key of an engine file and gives the configuration, or every mistake found
+    /// (in the order of the checks).
+    pub(super) fn validate(raw: EngineFile) -> Result<EngineConfig, Vec<EngineMistake>> {
+        let mut mistakes: Vec<EngineMistake> = Vec::new();
+        let m = &mut mistakes;
+        let listen = note(m, parse_socket_addr("engine.listen", &raw.engine.listen).map_err(|source| EngineMistake::Listen { source }));
         let segment_size = match &raw.engine.segment_size {
-            Some(s) => parse_size(s).map_err(|e| format!("engine.segment_size: {e}"))?,
-            None => crate::journal::DEFAULT_SEGMENT_SIZE,
+            Some(s) => note(m, parse_size(s).map_err(|source| EngineMistake::SegmentSize { source })),
+            None => Some(crate::journal::DEFAULT_SEGMENT_SIZE),
         };
-        if segment_size < (1 << 20) {
-            return Err("engine.segment_size must be at least \"1MiB\"".into());
+        if segment_size.is_some_and(|s| s < (1 << 20)) {
+            m.push(EngineMistake::SegmentSizeTooSmall);
         }
         let max_bandwidth = match &raw.engine.max_bandwidth {
-            Some(s) => {
-                let per_second =
-                    s.strip_suffix("/s").ok_or_else(|| format!("engine.max_bandwidth = {s:?}: write a rate such as \"50MiB/s\""))?;
-                let rate = parse_size(per_second).map_err(|e| format!("engine.max_bandwidth: {e}"))?;
-                if rate < 64 << 10 {
-                    return Err(format!("engine.max_bandwidth = {s:?} is below the smallest rate, \"64KiB/s\""));
-                }
-                Some(rate)
-            }
-            None => None,
+            Some(s) => note(m, max_bandwidth(s)).map(Some),
+            None => Some(None),
         };
         if raw.group.is_empty() {
-            return Err("no [[group]] is configured; add one with name, mode, target and [[group.volume]] entries".into());
+            m.push(EngineMistake::NoGroups);
         }
         let mut groups = Vec::new();
         let mut group_names = HashSet::new();
         let mut volume_owner: BTreeMap<String, String> = BTreeMap::new();
+        let mut addresses = vec![("engine.listen".to_owned(), raw.engine.listen.clone())];
+        // The (group, volume, vm) of every volume whose vm is a valid name.
+        let mut vms: Vec<(String, String, String)> = Vec::new();
+        // After a mistake a group goes on with a stand-in value, so that its other keys are
+        // checked too; a group with mistakes is never returned.
         for g in raw.group {
-            check_name("group", &g.name).map_err(|e| e.to_string())?;
+            note(m, check_name("group", &g.name).map_err(|source| EngineMistake::GroupName { source }));
             if !group_names.insert(g.name.clone()) {
-                return Err(format!("group {:?} is defined twice; group names must be unique", g.name));
+                m.push(EngineMistake::GroupTwice { group: g.name });
+                continue;
             }
-            let ctx = format!("group {:?}", g.name);
+            let group = || g.name.clone();
             let mode = match g.mode.as_deref().unwrap_or("cdp") {
                 "cdp" => ReplicationMode::Cdp,
                 "sync" => ReplicationMode::Sync,
                 "async" => ReplicationMode::Async,
-                m => return Err(format!("{ctx}: mode = {m:?} is not a mode; use \"sync\", \"cdp\" or \"async\"")),
+                mode => {
+                    m.push(EngineMistake::Mode { group: group(), mode: mode.to_owned() });
+                    ReplicationMode::Cdp
+                }
             };
             let on_sync_loss = match g.on_sync_loss.as_deref().unwrap_or("degrade") {
                 "block" => SyncLoss::Block,
                 "degrade" => SyncLoss::Degrade,
-                other => return Err(format!("{ctx}: on_sync_loss = {other:?} is not a policy; use \"block\" or \"degrade\"")),
+                policy => {
+                    m.push(EngineMistake::OnSyncLoss { group: group(), policy: policy.to_owned() });
+                    SyncLoss::Degrade
+                }
             };
-            let duration = |key: &str, value: &Option<String>| -> Result<Option<Duration>, String> {
-                value.as_deref().map(|v| parse_duration(v).map_err(|e| format!("{ctx}: {key}: {e}"))).transpose()
+            // Some(None): not given; None: not a duration.
+            let duration = |key: &'static str, value: &Option<String>| {
+                value.as_deref().map(parse_duration).transpose().map_err(|source| EngineMistake::Duration { group: group(), key, source })
             };
-            let sync_timeout = duration("sync_timeout", &g.sync_timeout)?.unwrap_or(match on_sync_loss {
+            let sync_timeout = note(m, duration("sync_timeout", &g.sync_timeout)).flatten().unwrap_or(match on_sync_loss {
                 SyncLoss::Block => DEFAULT_BLOCK_TIMEOUT,
                 SyncLoss::Degrade => DEFAULT_DEGRADE_TIMEOUT,
             });
             if sync_timeout.is_zero() {
-                return Err(format!("{ctx}: sync_timeout must be more than 0, e.g. sync_timeout = \"30s\""));
+                m.push(EngineMistake::SyncTimeoutZero { group: group() });
             }
-            let rpo = duration("rpo", &g.rpo)?;
-            if rpo.is_some_and(|r| r.is_zero()) {
-                return Err(format!("{ctx}: rpo must be more than 0 (for no data loss at all use mode = \"sync\"), e.g. rpo = \"10s\""));
+            let rpo = note(m, duration("rpo", &g.rpo));
+            if rpo.flatten().is_some_and(|r| r.is_zero()) {
+                m.push(EngineMistake::RpoZero { group: group() });
             }
-            if g.regulate && rpo.is_none() {
-                return Err(format!("{ctx}: regulate = true needs an rpo to regulate to, e.g. rpo = \"10s\""));
+            if g.regulate && rpo == Some(None) {
+                m.push(EngineMistake::RegulateWithoutRpo { group: group() });
             }
             let compression = match g.compression.as_deref().unwrap_or("auto") {
                 "auto" => Compression::Auto,
                 "lz4" => Compression::Lz4,
                 "off" => Compression::Off,
-                other => return Err(format!("{ctx}: compression = {other:?} is not known; use \"auto\", \"lz4\" or \"off\"")),
+                other => {
+                    m.push(EngineMistake::Compression { group: group(), compression: other.to_owned() });
+                    Compression::Auto
+                }
             };
-            let interval = duration("interval", &g.interval)?.unwrap_or(DEFAULT_INTERVAL);
+            let interval = note(m, duration("interval", &g.interval)).flatten().unwrap_or(DEFAULT_INTERVAL);
             if interval < Duration::from_secs(1) {
-                return Err(format!("{ctx}: interval must be at least 1s, e.g. interval = \"30s\""));
+                m.push(EngineMistake::IntervalTooShort { group: group() });
             }
             let on_journal_full = match g.on_journal_full.as_deref() {
                 None => JournalFull::TrimHistory,
-                Some(p) => JournalFull::parse(p).ok_or_else(|| {
-                    format!("{ctx}: on_journal_full = {p:?} is not a policy; use \"trim_history\", \"block\" or \"pause_and_track\"")
-                })?,
+                Some(p) => JournalFull::parse(p).unwrap_or_else(|| {
+                    m.push(EngineMistake::OnJournalFull { group: group(), policy: p.to_owned() });
+                    JournalFull::TrimHistory
+                }),
             };
-            let journal_size = g.journal_size.as_deref().map(parse_size).transpose().map_err(|e| format!("{ctx}: journal_size: {e}"))?;
-            if let Some(js) = journal_size {
+            let journal_size = g.journal_size.as_deref().map(parse_size).transpose();
+            let journal_size = note(m, journal_size.map_err(|source| EngineMistake::JournalSize { group: group(), source })).flatten();
+            if let (Some(js), Some(segment_size)) = (journal_size, segment_size) {
                 if js < 2 * segment_size {
-                    return Err(format!(
-                        "{ctx}: journal_size must be at least two journal segments ({} bytes, engine.segment_size twice); give e.g. journal_size = \"20GiB\"",
-                        2 * segment_size
-                    ));
+                    m.push(EngineMistake::JournalSizeTooSmall { group: group(), least: 2 * segment_size });
                 }
             }
-            check_host_port(&format!("{ctx}: target"), &g.target)?;
+            let target_key = format!("group {:?}: target", g.name);
+            if note(m, check_host_port(&target_key, &g.target).map_err(|source| EngineMistake::Target { source })).is_some() {
+                addresses.push((target_key, g.target.clone()));
+            }
             let target_server_name = match &g.target_server_name {
-                Some(n) => server_name_key(&format!("{ctx}: target_server_name"), n)?,
+                Some(n) => {
+                    let key = format!("group {:?}: target_server_name", g.name);
+                    note(m, server_name_key(&key, n).map_err(|source| EngineMistake::TargetServerName { source })).unwrap_or_default()
+                }
                 None => server_name_of(&g.target),
             };
             if g.volume.is_empty() {
-                return Err(format!("{ctx} has no volumes; add [[group.volume]] with name, vm and size"));
+                m.push(EngineMistake::NoVolumes { group: group() });
             }
             let mut volumes = Vec::new();
             for v in g.volume {
-                check_name("volume", &v.name).map_err(|e| format!("{ctx}: {e}"))?;
-                check_name("vm", &v.vm).map_err(|e| format!("{ctx}: volume {:?}: {e}", v.name))?;
-                let Some(size) = v.size.as_deref() else {
-                    return Err(format!("{ctx}: volume {:?} has no size; give size = \"100GiB\"", v.name));
+                let volume = || v.name.clone();
+                note(m, check_name("volume", &v.name).map_err(|source| EngineMistake::VolumeName { group: group(), source }));
+                let vm = check_name("vm", &v.vm).map_err(|source| EngineMistake::VmName { group: group(), volume: volume(), source });
+                if note(m, vm).is_some() {
+                    vms.push((group(), volume(), v.vm.clone()));
+                }
+                let size = match v.size.as_deref() {
+                    None => {
+                        m.push(EngineMistake::NoSize { group: group(), volume: volume() });
+                        None
+                    }
+                    Some(size) => {
+                        let size = parse_size(size).map_err(|source| EngineMistake::Size { group: group(), volume: volume(), source });
+                        note(m, size)
+                    }
                 };
-                let size = parse_size(size).map_err(|e| format!("{ctx}: volume {:?}: size: {e}", v.name))?;
-                if size == 0 {
-                    return Err(format!("{ctx}: volume {:?} has size 0; give size = \"100GiB\"", v.name));
+                if size == Some(0) {
+                    m.push(EngineMistake::SizeZero { group: group(), volume: volume() });
                 }
                 if let Some(other) = volume_owner.insert(v.name.clone(), g.name.clone()) {
-                    return Err(if other == g.name {
-                        format!("{ctx}: volume {:?} is listed twice; volume names must be unique", v.name)
+                    m.push(if other == g.name {
+                        EngineMistake::VolumeTwice { group: group(), volume: volume() }
                     } else {
-                        format!("volume {:?} is in group {other:?} and group {:?}; a volume belongs to one group", v.name, g.name)
+                        EngineMistake::VolumeInTwoGroups { volume: volume(), first: other, second: group() }
                     });
                 }
-                volumes.push(VolumeConfig { name: v.name, vm: v.vm, size });
+                volumes.push(VolumeConfig { name: v.name, vm: v.vm, size: size.unwrap_or(0) });
             }
             groups.push(GroupConfig {
                 name: g.name,
@@ -363,7 +392,7 @@ impl EngineConfig {
                 volumes,
                 on_sync_loss,
                 sync_timeout,
-                rpo,
+                rpo: rpo.flatten(),
                 regulate: g.regulate,
                 interval,
                 compression,
@@ -371,34 +400,293 @@ impl EngineConfig {
                 on_journal_full,
             });
         }
-        let mut addresses = vec![("engine.listen".to_owned(), raw.engine.listen.clone())];
-        addresses.extend(groups.iter().map(|g| (format!("group {:?}: target", g.name), g.target.clone())));
         let tls = raw.tls.map(|t| TlsKeys { ca: t.ca, cert: t.cert, key: t.key, insecure_plaintext: t.insecure_plaintext });
-        let security = link_security(tls, Role::Engine, None, &addresses)?;
-        if security.is_tls() {
-            for g in &groups {
-                for v in &g.volumes {
-                    check_identity_name("agent", &v.vm)
-                        .map_err(|e| format!("group {:?}: volume {:?}: vm: {e} (its agent's certificate names it)", g.name, v.name))?;
-                }
+        let security = note(m, link_security(tls, Role::Engine, None, &addresses).map_err(|source| EngineMistake::Tls { source }));
+        if security.as_ref().is_some_and(Security::is_tls) {
+            for (group, volume, vm) in vms {
+                note(m, check_identity_name("agent", &vm).map_err(|source| EngineMistake::VmIdentity { group, volume, source }));
             }
         }
-        Ok(EngineConfig {
-            listen,
-            data_dir: raw.engine.data_dir,
-            segment_size,
-            direct_io: raw.engine.direct_io,
-            max_bandwidth,
-            groups,
-            security,
-        })
+        match (listen, segment_size, max_bandwidth, security) {
+            (Some(listen), Some(segment_size), Some(max_bandwidth), Some(security)) if mistakes.is_empty() => Ok(EngineConfig {
+                listen,
+                data_dir: raw.engine.data_dir,
+                segment_size,
+                direct_io: raw.engine.direct_io,
+                max_bandwidth,
+                groups,
+                security,
+            }),
+            _ => {
+                debug_assert!(!mistakes.is_empty(), "a value is missing only after its mistake was noted");
+                Err(mistakes)
+            }
+        }
     }
+}
+
+/// Parses `engine.max_bandwidth`, a rate such as `"50MiB/s"`.
+fn max_bandwidth(s: &str) -> Result<u64, EngineMistake> {
+    let per_second = s.strip_suffix("/s").ok_or_else(|| EngineMistake::MaxBandwidthNotARate { rate: s.to_owned() })?;
+    let rate = parse_size(per_second).map_err(|source| EngineMistake::MaxBandwidth { source })?;
+    if rate < 64 << 10 {
+        return Err(EngineMistake::MaxBandwidthTooLow { rate: s.to_owned() });
+    }
+    Ok(rate)
+}
+
+/// A mistake in an engine file.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum EngineMistake {
+    /// `engine.listen` is not an address.
+    #[error("{source}")]
+    Listen {
+        /// The cause.
+        #[source]
+        source: ValueError,
+    },
+    /// `engine.segment_size` is not a size.
+    #[error("engine.segment_size: {source}")]
+    SegmentSize {
+        /// The cause.
+        #[source]
+        source: ValueError,
+    },
+    /// `engine.segment_size` is below 1 MiB.
+    #[error("engine.segment_size must be at least \"1MiB\"")]
+    SegmentSizeTooSmall,
+    /// `engine.max_bandwidth` is not written as a rate.
+    #[error("engine.max_bandwidth = {rate:?}: write a rate such as \"50MiB/s\"")]
+    MaxBandwidthNotARate {
+        /// The value.
+        rate: String,
+    },
+    /// `engine.max_bandwidth` is not a size per second.
+    #[error("engine.max_bandwidth: {source}")]
+    MaxBandwidth {
+        /// The cause.
+        #[source]
+        source: ValueError,
+    },
+    /// `engine.max_bandwidth` is below 64 KiB/s.
+    #[error("engine.max_bandwidth = {rate:?} is below the smallest rate, \"64KiB/s\"")]
+    MaxBandwidthTooLow {
+        /// The value.
+        rate: String,
+    },
+    /// No `[[group]]`.
+    #[error("no [[group]] is configured; add one with name, mode, target and [[group.volume]] entries")]
+    NoGroups,
+    /// A group's name is not valid.
+    #[error("{source}")]
+    GroupName {
+        /// The cause.
+        #[source]
+        source: NameError,
+    },
+    /// Two groups of one name.
+    #[error("group {group:?} is defined twice; group names must be unique")]
+    GroupTwice {
+        /// The group.
+        group: String,
+    },
+    /// `mode` is not a mode.
+    #[error("group {group:?}: mode = {mode:?} is not a mode; use \"sync\", \"cdp\" or \"async\"")]
+    Mode {
+        /// The group.
+        group: String,
+        /// The value.
+        mode: String,
+    },
+    /// `on_sync_loss` is not a policy.
+    #[error("group {group:?}: on_sync_loss = {policy:?} is not a policy; use \"block\" or \"degrade\"")]
+    OnSyncLoss {
+        /// The group.
+        group: String,
+        /// The value.
+        policy: String,
+    },
+    /// `sync_timeout`, `rpo` or `interval` is not a duration.
+    #[error("group {group:?}: {key}: {source}")]
+    Duration {
+        /// The group.
+        group: String,
+        /// The key.
+        key: &'static str,
+        /// The cause.
+        #[source]
+        source: ValueError,
+    },
+    /// `sync_timeout` is 0.
+    #[error("group {group:?}: sync_timeout must be more than 0, e.g. sync_timeout = \"30s\"")]
+    SyncTimeoutZero {
+        /// The group.
+        group: String,
+    },
+    /// `rpo` is 0.
+    #[error("group {group:?}: rpo must be more than 0 (for no data loss at all use mode = \"sync\"), e.g. rpo = \"10s\"")]
+    RpoZero {
+        /// The group.
+        group: String,
+    },
+    /// `regulate = true` without an `rpo`.
+    #[error("group {group:?}: regulate = true needs an rpo to regulate to, e.g. rpo = \"10s\"")]
+    RegulateWithoutRpo {
+        /// The group.
+        group: String,
+    },
+    /// `compression` is not known.
+    #[error("group {group:?}: compression = {compression:?} is not known; use \"auto\", \"lz4\" or \"off\"")]
+    Compression {
+        /// The group.
+        group: String,
+        /// The value.
+        compression: String,
+    },
+    /// `interval` is below 1 s.
+    #[error("group {group:?}: interval must be at least 1s, e.g. interval = \"30s\"")]
+    IntervalTooShort {
+        /// The group.
+        group: String,
+    },
+    /// `on_journal_full` is not a policy.
+    #[error("group {group:?}: on_journal_full = {policy:?} is not a policy; use \"trim_history\", \"block\" or \"pause_and_track\"")]
+    OnJournalFull {
+        /// The group.
+        group: String,
+        /// The value.
+        policy: String,
+    },
+    /// `journal_size` is not a size.
+    #[error("group {group:?}: journal_size: {source}")]
+    JournalSize {
+        /// The group.
+        group: String,
+        /// The cause.
+        #[source]
+        source: ValueError,
+    },
+    /// `journal_size` holds fewer than two segments.
+    #[error(
+        "group {group:?}: journal_size must be at least two journal segments ({least} bytes, engine.segment_size twice); give e.g. journal_size = \"20GiB\""
+    )]
+    JournalSizeTooSmall {
+        /// The group.
+        group: String,
+        /// Two segments, in bytes.
+        least: u64,
+    },
+    /// `target` is not `host:port`.
+    #[error("{source}")]
+    Target {
+        /// The cause.
+        #[source]
+        source: ValueError,
+    },
+    /// `target_server_name` is not a server name.
+    #[error("{source}")]
+    TargetServerName {
+        /// The cause.
+        #[source]
+        source: TlsMistake,
+    },
+    /// A group without volumes.
+    #[error("group {group:?} has no volumes; add [[group.volume]] with name, vm and size")]
+    NoVolumes {
+        /// The group.
+        group: String,
+    },
+    /// A volume's name is not valid.
+    #[error("group {group:?}: {source}")]
+    VolumeName {
+        /// The group.
+        group: String,
+        /// The cause.
+        #[source]
+        source: NameError,
+    },
+    /// A volume's `vm` is not a valid name.
+    #[error("group {group:?}: volume {volume:?}: {source}")]
+    VmName {
+        /// The group.
+        group: String,
+        /// The volume.
+        volume: String,
+        /// The cause.
+        #[source]
+        source: NameError,
+    },
+    /// A volume without `size`.
+    #[error("group {group:?}: volume {volume:?} has no size; give size = \"100GiB\"")]
+    NoSize {
+        /// The group.
+        group: String,
+        /// The volume.
+        volume: String,
+    },
+    /// A volume's `size` is not a size.
+    #[error("group {group:?}: volume {volume:?}: size: {source}")]
+    Size {
+        /// The group.
+        group: String,
+        /// The volume.
+        volume: String,
+        /// The cause.
+        #[source]
+        source: ValueError,
+    },
+    /// A volume of size 0.
+    #[error("group {group:?}: volume {volume:?} has size 0; give size = \"100GiB\"")]
+    SizeZero {
+        /// The group.
+        group: String,
+        /// The volume.
+        volume: String,
+    },
+    /// A volume listed twice in its group.
+    #[error("group {group:?}: volume {volume:?} is listed twice; volume names must be unique")]
+    VolumeTwice {
+        /// The group.
+        group: String,
+        /// The volume.
+        volume: String,
+    },
+    /// A volume in two groups.
+    #[error("volume {volume:?} is in group {first:?} and group {second:?}; a volume belongs to one group")]
+    VolumeInTwoGroups {
+        /// The volume.
+        volume: String,
+        /// The group that lists it first.
+        first: String,
+        /// The other group.
+        second: String,
+    },
+    /// The `[tls]` section.
+    #[error("{source}")]
+    Tls {
+        /// The cause.
+        #[source]
+        source: TlsMistake,
+    },
+    /// With TLS, a volume's `vm` that cannot be written in an agent's certificate.
+    #[error("group {group:?}: volume {volume:?}: vm: {source} (its agent's certificate names it)")]
+    VmIdentity {
+        /// The group.
+        group: String,
+        /// The volume.
+        volume: String,
+        /// The cause.
+        #[source]
+        source: NameError,
+    },
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::testing::{engine, ENGINE};
+    use crate::config::{ConfigError, Mistake};
 
     #[test]
     fn example_engine_config_parses() {
@@ -491,5 +779,38 @@ mod tests {
         assert!(e.contains("\"db-data\"") && e.contains("\"erp\"") && e.contains("\"crm\""), "{e}");
         let e = engine(&format!("{ENGINE}{}", second.replace("name = \"db-data\"", "name = \"other\""))).unwrap_err();
         assert!(e.contains("group \"erp\" is defined twice"), "{e}");
+    }
+
+    #[test]
+    fn every_mistake_of_a_file_is_reported() {
+        let text = ENGINE.replace("mode = \"cdp\"", "mode = \"fast\"\ncompression = \"zip\"").replace("\"1GiB\"", "\"0\"");
+        let e = EngineConfig::from_str(std::path::Path::new("engine.toml"), &text).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "engine.toml: group \"erp\": mode = \"fast\" is not a mode; use \"sync\", \"cdp\" or \"async\"\n\
+             engine.toml: group \"erp\": compression = \"zip\" is not known; use \"auto\", \"lz4\" or \"off\"\n\
+             engine.toml: group \"erp\": volume \"db-data\" has size 0; give size = \"100GiB\""
+        );
+        let ConfigError::Invalid { mistakes, .. } = e else { panic!("{e}") };
+        assert!(
+            matches!(
+                mistakes[..],
+                [
+                    Mistake::Engine(EngineMistake::Mode { .. }),
+                    Mistake::Engine(EngineMistake::Compression { .. }),
+                    Mistake::Engine(EngineMistake::SizeZero { .. })
+                ]
+            ),
+            "{mistakes:?}"
+        );
+        // Across groups and sections: a second group's target and volume, the engine's segments.
+        let crm = "[[group]]\nname = \"crm\"\ntarget = \"nowhere\"\n[[group.volume]]\nname = \"db-data\"\nvm = \"crm\"\nsize = \"1G\"\n";
+        let text = format!("{}{crm}", ENGINE.replace("[tls]", "segment_size = \"1KiB\"\n[tls]"));
+        let e = engine(&text).unwrap_err();
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(lines.len(), 3, "{e}");
+        assert!(lines[0].starts_with("engine.toml: engine.segment_size must be at least"), "{e}");
+        assert!(lines[1].starts_with("engine.toml: group \"crm\": target = \"nowhere\" is not an address"), "{e}");
+        assert!(lines[2].starts_with("engine.toml: volume \"db-data\" is in group \"erp\" and group \"crm\""), "{e}");
     }
 }

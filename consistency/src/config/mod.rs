@@ -12,6 +12,7 @@
 //! This module holds the entry points, which read a file and hand it to its section's
 //! `validate`, and the error they return. Every public item is reached as `config::Item`.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -27,45 +28,113 @@ mod parse;
 mod target;
 mod tls;
 
-pub use agent::{AgentConfig, DiskConfig, EngineLoss, FrontendConfig, FrontendKind, QuiesceConfig, DEFAULT_ENGINE_TIMEOUT};
+pub use agent::{AgentConfig, AgentMistake, DiskConfig, EngineLoss, FrontendConfig, FrontendKind, QuiesceConfig, DEFAULT_ENGINE_TIMEOUT};
 pub use engine::{
-    Compression, EngineConfig, GroupConfig, JournalFull, ReplicationMode, SyncLoss, VolumeConfig, DEFAULT_BLOCK_TIMEOUT,
+    Compression, EngineConfig, EngineMistake, GroupConfig, JournalFull, ReplicationMode, SyncLoss, VolumeConfig, DEFAULT_BLOCK_TIMEOUT,
     DEFAULT_DEGRADE_TIMEOUT, DEFAULT_INTERVAL,
 };
-pub use parse::{parse_duration, parse_size};
-pub use target::{EngineTrust, TargetConfig, DEFAULT_RETENTION};
+pub use parse::{parse_duration, parse_size, ValueError};
+pub use target::{EngineTrust, TargetConfig, TargetMistake, DEFAULT_RETENTION};
+pub use tls::TlsMistake;
 // Names are checked where certificate identities are (transport uses it, and config uses
 // transport); config::check_name stays the path its callers know.
 pub use crate::transport::identity::check_name;
 
-/// A configuration problem.
+/// A configuration file that cannot be used. Shown as `file: what is wrong`, naming the key
+/// and what to write; a file with several mistakes shows each on its own line.
 #[derive(Debug, Error)]
-#[error("{}: {message}", file.display())]
-pub struct ConfigError {
-    /// The file.
-    pub file: PathBuf,
-    /// What is wrong, naming the key, and what to do.
-    pub message: String,
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: cannot read the file: {source}", file.display())]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not TOML, or has a key of the wrong type or an unknown key (the first
+    /// such problem only: the parser stops there).
+    #[error("{}: {message}", file.display())]
+    Toml {
+        /// The file.
+        file: PathBuf,
+        /// The parser's message, as shown.
+        message: String,
+        /// The cause.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// The file parses, but keys have values that cannot be used: every one found.
+    #[error("{}", Lines(file, mistakes))]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// Each mistake, in the order of the checks (never empty).
+        mistakes: Vec<Mistake>,
+    },
+}
+
+/// One mistake in a file: a key, and what to write.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Mistake {
+    /// In an engine file.
+    #[error(transparent)]
+    Engine(#[from] EngineMistake),
+    /// In a target file.
+    #[error(transparent)]
+    Target(#[from] TargetMistake),
+    /// In an agent file.
+    #[error(transparent)]
+    Agent(#[from] AgentMistake),
+}
+
+/// `file: mistake`, one a line.
+struct Lines<'a>(&'a Path, &'a [Mistake]);
+
+impl fmt::Display for Lines<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, mistake) in self.1.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{}: {mistake}", self.0.display())?;
+        }
+        Ok(())
+    }
 }
 
 fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| ConfigError { file: path.to_owned(), message: format!("cannot read the file: {e}") })?;
-    toml::from_str(&text).map_err(|e| ConfigError { file: path.to_owned(), message: e.to_string().trim_end().replace('\n', "\n  ") })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Toml {
+        file: path.to_owned(),
+        message: source.to_string().trim_end().replace('\n', "\n  "),
+        source: Box::new(source),
+    })
+}
+
+fn invalid<M: Into<Mistake>>(file: &Path, mistakes: Vec<M>) -> ConfigError {
+    debug_assert!(!mistakes.is_empty(), "a file is invalid for at least one mistake");
+    ConfigError::Invalid { file: file.to_owned(), mistakes: mistakes.into_iter().map(Into::into).collect() }
 }
 
 impl EngineConfig {
     /// Reads and validates an engine configuration file.
     pub fn load(path: &Path) -> Result<EngineConfig, ConfigError> {
         let raw: EngineFile = read_toml(path)?;
-        Self::validate(raw).map_err(|message| ConfigError { file: path.to_owned(), message })
+        Self::validate(raw).map_err(|mistakes| invalid(path, mistakes))
     }
 
     /// Parses and validates engine configuration text (`file` names it in errors).
     pub fn from_str(file: &Path, text: &str) -> Result<EngineConfig, ConfigError> {
-        let raw: EngineFile =
-            toml::from_str(text).map_err(|e| ConfigError { file: file.to_owned(), message: e.to_string().trim_end().to_owned() })?;
-        Self::validate(raw).map_err(|message| ConfigError { file: file.to_owned(), message })
+        let raw: EngineFile = toml::from_str(text).map_err(|source| ConfigError::Toml {
+            file: file.to_owned(),
+            message: source.to_string().trim_end().to_owned(),
+            source: Box::new(source),
+        })?;
+        Self::validate(raw).map_err(|mistakes| invalid(file, mistakes))
     }
 }
 
@@ -73,7 +142,7 @@ impl TargetConfig {
     /// Reads and validates a target configuration file.
     pub fn load(path: &Path) -> Result<TargetConfig, ConfigError> {
         let raw: TargetFile = read_toml(path)?;
-        Self::validate(raw.target, raw.tls).map_err(|message| ConfigError { file: path.to_owned(), message })
+        Self::validate(raw.target, raw.tls).map_err(|mistakes| invalid(path, mistakes))
     }
 }
 
@@ -81,7 +150,19 @@ impl AgentConfig {
     /// Reads and validates an agent configuration file.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         let raw: AgentFile = read_toml(path)?;
-        Self::validate(raw).map_err(|message| ConfigError { file: path.to_owned(), message })
+        Self::validate(raw).map_err(|mistakes| invalid(path, mistakes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_cannot_be_read_says_so() {
+        let e = AgentConfig::load(Path::new("/nonexistent/agent.toml")).unwrap_err();
+        assert!(e.to_string().starts_with("/nonexistent/agent.toml: cannot read the file: "), "{e}");
+        assert!(matches!(e, ConfigError::Read { .. }), "{e:?}");
     }
 }
 

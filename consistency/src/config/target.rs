@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::parse::{parse_duration, parse_size, parse_socket_addr, yes};
-use super::tls::{link_security, TlsKeys};
-use crate::transport::identity::check_identity_name;
+use thiserror::Error;
+
+use super::parse::{note, parse_duration, parse_size, parse_socket_addr, yes, ValueError};
+use super::tls::{link_security, TlsKeys, TlsMistake};
+use crate::transport::identity::{check_identity_name, NameError};
 use crate::transport::{Role, Security};
 
 #[derive(Deserialize)]
@@ -77,55 +79,140 @@ pub struct TargetConfig {
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 impl TargetConfig {
-    pub(super) fn validate(t: TargetSection, tls: Option<TargetTlsSection>) -> Result<TargetConfig, String> {
-        let listen = parse_socket_addr("target.listen", &t.listen)?;
-        let retention = t.retention.as_deref().map(parse_duration).transpose().map_err(|e| format!("target.retention: {e}"))?;
-        let journal_size = t.journal_size.as_deref().map(parse_size).transpose().map_err(|e| format!("target.journal_size: {e}"))?;
+    /// Checks every key of a target file and gives the configuration, or every mistake found
+    /// (in the order of the checks).
+    pub(super) fn validate(t: TargetSection, tls: Option<TargetTlsSection>) -> Result<TargetConfig, Vec<TargetMistake>> {
+        let mut mistakes: Vec<TargetMistake> = Vec::new();
+        let m = &mut mistakes;
+        let listen = note(m, parse_socket_addr("target.listen", &t.listen).map_err(|source| TargetMistake::Listen { source }));
+        let retention =
+            note(m, t.retention.as_deref().map(parse_duration).transpose().map_err(|source| TargetMistake::Retention { source }));
+        let journal_size =
+            note(m, t.journal_size.as_deref().map(parse_size).transpose().map_err(|source| TargetMistake::JournalSize { source }));
         let segment_size = match &t.segment_size {
-            Some(s) => parse_size(s).map_err(|e| format!("target.segment_size: {e}"))?,
-            None => crate::journal::DEFAULT_SEGMENT_SIZE,
+            Some(s) => note(m, parse_size(s).map_err(|source| TargetMistake::SegmentSize { source })),
+            None => Some(crate::journal::DEFAULT_SEGMENT_SIZE),
         };
-        if segment_size < (1 << 20) {
-            return Err("target.segment_size must be at least \"1MiB\"".into());
+        if segment_size.is_some_and(|s| s < (1 << 20)) {
+            m.push(TargetMistake::SegmentSizeTooSmall);
         }
-        if let Some(js) = journal_size {
+        if let (Some(Some(js)), Some(segment_size)) = (journal_size, segment_size) {
             if js < 2 * segment_size {
-                return Err(format!(
-                    "target.journal_size must be at least two segments ({} bytes); give e.g. journal_size = \"20GiB\"",
-                    2 * segment_size
-                ));
+                m.push(TargetMistake::JournalSizeTooSmall { least: 2 * segment_size });
             }
         }
         let retention = match (retention, journal_size) {
-            (None, None) => Some(DEFAULT_RETENTION),
+            (Some(None), Some(None)) => Some(Some(DEFAULT_RETENTION)),
             (r, _) => r,
         };
         let engines = match tls.as_ref().and_then(|t| t.engines.clone()) {
             None => EngineTrust::AnyCertified,
             Some(names) => {
                 if tls.as_ref().is_some_and(|t| t.insecure_plaintext) {
-                    return Err(
-                        "tls.engines needs TLS: with insecure_plaintext = true no engine is authenticated; remove one of them".into()
-                    );
+                    m.push(TargetMistake::EnginesWithoutTls);
                 }
                 if names.is_empty() {
-                    return Err("tls.engines is empty, so no engine could ship here; name them, e.g. engines = [\"site-a\"], or remove the key to trust every engine of the CA".into());
+                    m.push(TargetMistake::NoEngines);
                 }
                 for n in &names {
-                    check_identity_name("engine", n).map_err(|e| format!("tls.engines: {e}"))?;
+                    note(m, check_identity_name("engine", n).map_err(|source| TargetMistake::EngineName { source }));
                 }
                 EngineTrust::Named(names)
             }
         };
         let tls = tls.map(|t| TlsKeys { ca: t.ca, cert: t.cert, key: t.key, insecure_plaintext: t.insecure_plaintext });
-        let security = link_security(tls, Role::Target, None, &[("target.listen".to_owned(), t.listen.clone())])?;
-        Ok(TargetConfig { listen, data_dir: t.data_dir, retention, journal_size, segment_size, direct_io: t.direct_io, security, engines })
+        let security = link_security(tls, Role::Target, None, &[("target.listen".to_owned(), t.listen.clone())]);
+        let security = note(m, security.map_err(|source| TargetMistake::Tls { source }));
+        match (listen, retention, journal_size, segment_size, security) {
+            (Some(listen), Some(retention), Some(journal_size), Some(segment_size), Some(security)) if mistakes.is_empty() => {
+                Ok(TargetConfig {
+                    listen,
+                    data_dir: t.data_dir,
+                    retention,
+                    journal_size,
+                    segment_size,
+                    direct_io: t.direct_io,
+                    security,
+                    engines,
+                })
+            }
+            _ => {
+                debug_assert!(!mistakes.is_empty(), "a value is missing only after its mistake was noted");
+                Err(mistakes)
+            }
+        }
     }
+}
+
+/// A mistake in a target file.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum TargetMistake {
+    /// `target.listen` is not an address.
+    #[error("{source}")]
+    Listen {
+        /// The cause.
+        #[source]
+        source: ValueError,
+    },
+    /// `target.retention` is not a duration.
+    #[error("target.retention: {source}")]
+    Retention {
+        /// The cause.
+        #[source]
+        source: ValueError,
+    },
+    /// `target.journal_size` is not a size.
+    #[error("target.journal_size: {source}")]
+    JournalSize {
+        /// The cause.
+        #[source]
+        source: ValueError,
+    },
+    /// `target.segment_size` is not a size.
+    #[error("target.segment_size: {source}")]
+    SegmentSize {
+        /// The cause.
+        #[source]
+        source: ValueError,
+    },
+    /// `target.segment_size` is below 1 MiB.
+    #[error("target.segment_size must be at least \"1MiB\"")]
+    SegmentSizeTooSmall,
+    /// `target.journal_size` holds fewer than two segments.
+    #[error("target.journal_size must be at least two segments ({least} bytes); give e.g. journal_size = \"20GiB\"")]
+    JournalSizeTooSmall {
+        /// Two segments, in bytes.
+        least: u64,
+    },
+    /// `tls.engines` with `insecure_plaintext`.
+    #[error("tls.engines needs TLS: with insecure_plaintext = true no engine is authenticated; remove one of them")]
+    EnginesWithoutTls,
+    /// `tls.engines = []`.
+    #[error(
+        "tls.engines is empty, so no engine could ship here; name them, e.g. engines = [\"site-a\"], or remove the key to trust every engine of the CA"
+    )]
+    NoEngines,
+    /// A name in `tls.engines` that cannot be an engine's identity.
+    #[error("tls.engines: {source}")]
+    EngineName {
+        /// The cause.
+        #[source]
+        source: NameError,
+    },
+    /// The `[tls]` section.
+    #[error("{source}")]
+    Tls {
+        /// The cause.
+        #[source]
+        source: TlsMistake,
+    },
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::parse::lines;
     use crate::config::testing::{engine, ENGINE};
 
     #[test]
@@ -133,7 +220,7 @@ mod tests {
         let parse = |tls: &str| -> Result<TargetConfig, String> {
             let raw: TargetFile = toml::from_str(&format!("[target]\nlisten = \"127.0.0.1:7500\"\ndata_dir = \"/d\"\n[tls]\n{tls}"))
                 .map_err(|e| e.to_string())?;
-            TargetConfig::validate(raw.target, raw.tls)
+            TargetConfig::validate(raw.target, raw.tls).map_err(|m| lines(&m))
         };
         assert_eq!(parse("insecure_plaintext = true").unwrap().engines, EngineTrust::AnyCertified);
         assert!(parse("insecure_plaintext = true\nengines = [\"a\"]").unwrap_err().contains("tls.engines needs TLS"));
@@ -152,5 +239,29 @@ mod tests {
         };
         assert!(target("").direct_io);
         assert!(!target("direct_io = false").direct_io);
+    }
+
+    #[test]
+    fn every_mistake_of_a_file_is_reported() {
+        let text = "[target]\nlisten = \"127.0.0.1:7500\"\ndata_dir = \"/d\"\nretention = \"soon\"\nsegment_size = \"1KiB\"\n\
+                    [tls]\ninsecure_plaintext = true\nengines = []";
+        let raw: TargetFile = toml::from_str(text).unwrap();
+        let mistakes = TargetConfig::validate(raw.target, raw.tls).unwrap_err();
+        assert!(
+            matches!(
+                mistakes[..],
+                [
+                    TargetMistake::Retention { .. },
+                    TargetMistake::SegmentSizeTooSmall,
+                    TargetMistake::EnginesWithoutTls,
+                    TargetMistake::NoEngines
+                ]
+            ),
+            "{mistakes:?}"
+        );
+        let e = lines(&mistakes);
+        assert!(e.starts_with("target.retention: \"soon\" is not a duration"), "{e}");
+        assert!(e.contains("\ntarget.segment_size must be at least \"1MiB\"\ntls.engines needs TLS"), "{e}");
+        assert!(e.ends_with("\ntls.engines is empty, so no engine could ship here; name them, e.g. engines = [\"site-a\"], or remove the key to trust every engine of the CA"), "{e}");
     }
 }

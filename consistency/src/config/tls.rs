@@ -5,8 +5,73 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::transport::identity::{check_server_name, server_name_of};
-use crate::transport::{Role, Security, TlsEndpoint, TlsFiles};
+use thiserror::Error;
+
+use crate::transport::identity::{check_server_name, server_name_of, NameError};
+use crate::transport::{Role, Security, TlsEndpoint, TlsFiles, TlsSetupError};
+
+/// A mistake in a `[tls]` section, or in a server name a link is checked against.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum TlsMistake {
+    /// No `[tls]` section.
+    #[error(
+        "no [tls] section: the links between agents, engines and targets are authenticated with certificates \
+         (docs/security.md). Make them with `hindsight certs init --dir /etc/hindsight/pki` and `{issue}`, then add \
+         [tls] with ca, cert and key; on one machine, with every address on loopback, `insecure_plaintext = true` in \
+         [tls] is allowed instead"
+    )]
+    NoSection {
+        /// The `hindsight certs issue` command for this daemon's certificate.
+        issue: String,
+    },
+    /// `insecure_plaintext` together with a certificate file.
+    #[error("tls.insecure_plaintext = true cannot go with tls.{key}: remove insecure_plaintext to use TLS, or remove ca, cert and key")]
+    PlaintextWithFiles {
+        /// `ca`, `cert` or `key`.
+        key: &'static str,
+    },
+    /// `insecure_plaintext` with an address that is not loopback.
+    #[error(
+        "tls.insecure_plaintext = true is only allowed when every address is loopback, and {key} = {address:?} is not; \
+         remove insecure_plaintext and give ca, cert and key (`{issue}`, docs/security.md)"
+    )]
+    PlaintextNotLoopback {
+        /// The key of the address.
+        key: String,
+        /// The address.
+        address: String,
+        /// The `hindsight certs issue` command for this daemon's certificate.
+        issue: String,
+    },
+    /// One of `ca`, `cert` and `key` without the others.
+    #[error(
+        "tls.{key} is missing: give ca, cert and key together (made by `hindsight certs init` and `{issue}`), or \
+         insecure_plaintext = true when every address is loopback"
+    )]
+    FileMissing {
+        /// `ca`, `cert` or `key`.
+        key: &'static str,
+        /// The `hindsight certs issue` command for this daemon's certificate.
+        issue: String,
+    },
+    /// The files could not be loaded, or do not fit together.
+    #[error("{source}")]
+    Load {
+        /// The cause, naming the file.
+        #[source]
+        source: TlsSetupError,
+    },
+    /// A server name that is neither a DNS name nor an IP address.
+    #[error("{key}: {source}; write e.g. \"site-a.engine.hindsight\" or an IP address")]
+    ServerName {
+        /// The key, with its context (`group "erp": target_server_name`).
+        key: String,
+        /// The cause.
+        #[source]
+        source: NameError,
+    },
+}
 
 /// The keys every `[tls]` section has.
 pub(super) struct TlsKeys {
@@ -35,46 +100,33 @@ pub(super) fn link_security(
     role: Role,
     name: Option<&str>,
     addresses: &[(String, String)],
-) -> Result<Security, String> {
+) -> Result<Security, TlsMistake> {
     let own_host = addresses.first().map(|(_, a)| server_name_of(a));
     let issue = issue_command(role, name.unwrap_or("NAME"), own_host.as_deref().filter(|_| role.serves()));
     let Some(tls) = tls else {
-        return Err(format!(
-            "no [tls] section: the links between agents, engines and targets are authenticated with certificates \
-             (docs/security.md). Make them with `hindsight certs init --dir /etc/hindsight/pki` and `{issue}`, then add \
-             [tls] with ca, cert and key; on one machine, with every address on loopback, `insecure_plaintext = true` in \
-             [tls] is allowed instead"
-        ));
+        return Err(TlsMistake::NoSection { issue });
     };
     let given = [("ca", &tls.ca), ("cert", &tls.cert), ("key", &tls.key)];
     if tls.insecure_plaintext {
         if let Some((key, _)) = given.iter().find(|(_, v)| v.is_some()) {
-            return Err(format!(
-                "tls.insecure_plaintext = true cannot go with tls.{key}: remove insecure_plaintext to use TLS, or remove ca, cert and key"
-            ));
+            return Err(TlsMistake::PlaintextWithFiles { key });
         }
         if let Some((key, addr)) = addresses.iter().find(|(_, a)| !is_loopback_host(&server_name_of(a))) {
-            return Err(format!(
-                "tls.insecure_plaintext = true is only allowed when every address is loopback, and {key} = {addr:?} is not; \
-                 remove insecure_plaintext and give ca, cert and key (`{issue}`, docs/security.md)"
-            ));
+            return Err(TlsMistake::PlaintextNotLoopback { key: key.clone(), address: addr.clone(), issue });
         }
         return Ok(Security::InsecurePlaintext);
     }
     if let Some((key, _)) = given.iter().find(|(_, v)| v.is_none()) {
-        return Err(format!(
-            "tls.{key} is missing: give ca, cert and key together (made by `hindsight certs init` and `{issue}`), or \
-             insecure_plaintext = true when every address is loopback"
-        ));
+        return Err(TlsMistake::FileMissing { key, issue });
     }
     let files = TlsFiles { ca: tls.ca.unwrap_or_default(), cert: tls.cert.unwrap_or_default(), key: tls.key.unwrap_or_default() };
-    let endpoint = TlsEndpoint::load(&files, role, name).map_err(|e| e.to_string())?;
+    let endpoint = TlsEndpoint::load(&files, role, name).map_err(|source| TlsMistake::Load { source })?;
     Ok(Security::Tls(Arc::new(endpoint)))
 }
 
 /// Checks an expected server name (`key` names it in the error).
-pub(super) fn server_name_key(key: &str, name: &str) -> Result<String, String> {
-    check_server_name(name).map_err(|e| format!("{key}: {e}; write e.g. \"site-a.engine.hindsight\" or an IP address"))?;
+pub(super) fn server_name_key(key: &str, name: &str) -> Result<String, TlsMistake> {
+    check_server_name(name).map_err(|source| TlsMistake::ServerName { key: key.to_owned(), source })?;
     Ok(name.to_owned())
 }
 
