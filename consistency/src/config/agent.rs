@@ -177,7 +177,8 @@ impl AgentConfig {
     pub(super) fn validate(raw: AgentFile) -> Result<AgentConfig, Vec<AgentMistake>> {
         let mut mistakes: Vec<AgentMistake> = Vec::new();
         let m = &mut mistakes;
-        note(m, check_host_port("agent.engine", &raw.agent.engine).map_err(|source| AgentMistake::Engine { source }));
+        let engine_ok =
+            note(m, check_host_port("agent.engine", &raw.agent.engine).map_err(|source| AgentMistake::Engine { source })).is_some();
         let vm_ok = note(m, check_name("vm", &raw.agent.vm).map_err(|source| AgentMistake::VmName { source })).is_some();
         if raw.disk.is_empty() {
             m.push(AgentMistake::NoDisks);
@@ -222,7 +223,8 @@ impl AgentConfig {
         if vm_ok && tls.as_ref().is_some_and(|t| !t.insecure_plaintext) {
             note(m, check_identity_name("vm", &raw.agent.vm).map_err(|source| AgentMistake::VmIdentity { source }));
         }
-        let security = link_security(tls, Role::Agent, Some(&raw.agent.vm), &[("agent.engine".to_owned(), raw.agent.engine.clone())]);
+        let addresses = if engine_ok { vec![("agent.engine".to_owned(), raw.agent.engine.clone())] } else { Vec::new() };
+        let security = link_security(tls, Role::Agent, Some(&raw.agent.vm), None, &addresses);
         let security = note(m, security.map_err(|source| AgentMistake::Tls { source }));
         let on_engine_loss = match raw.agent.on_engine_loss.as_deref().unwrap_or("track") {
             "track" => Some(EngineLoss::Track),

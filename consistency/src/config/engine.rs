@@ -249,6 +249,12 @@ impl EngineConfig {
         let mut mistakes: Vec<EngineMistake> = Vec::new();
         let m = &mut mistakes;
         let listen = note(m, parse_socket_addr("engine.listen", &raw.engine.listen).map_err(|source| EngineMistake::Listen { source }));
+        // The addresses the [tls] section must find loopback for insecure_plaintext: those
+        // well formed (a malformed one has its own mistake).
+        let mut addresses = Vec::new();
+        if listen.is_some() {
+            addresses.push(("engine.listen".to_owned(), raw.engine.listen.clone()));
+        }
         let segment_size = match &raw.engine.segment_size {
             Some(s) => note(m, parse_size(s).map_err(|source| EngineMistake::SegmentSize { source })),
             None => Some(crate::journal::DEFAULT_SEGMENT_SIZE),
@@ -266,7 +272,6 @@ impl EngineConfig {
         let mut groups = Vec::new();
         let mut group_names = HashSet::new();
         let mut volume_owner: BTreeMap<String, String> = BTreeMap::new();
-        let mut addresses = vec![("engine.listen".to_owned(), raw.engine.listen.clone())];
         // The (group, volume, vm) of every volume whose vm is a valid name.
         let mut vms: Vec<(String, String, String)> = Vec::new();
         // After a mistake a group goes on with a stand-in value, so that its other keys are
@@ -401,7 +406,10 @@ impl EngineConfig {
             });
         }
         let tls = raw.tls.map(|t| TlsKeys { ca: t.ca, cert: t.cert, key: t.key, insecure_plaintext: t.insecure_plaintext });
-        let security = note(m, link_security(tls, Role::Engine, None, &addresses).map_err(|source| EngineMistake::Tls { source }));
+        let security = note(
+            m,
+            link_security(tls, Role::Engine, None, Some(&raw.engine.listen), &addresses).map_err(|source| EngineMistake::Tls { source }),
+        );
         if security.as_ref().is_some_and(Security::is_tls) {
             for (group, volume, vm) in vms {
                 note(m, check_identity_name("agent", &vm).map_err(|source| EngineMistake::VmIdentity { group, volume, source }));

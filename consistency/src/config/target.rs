@@ -121,7 +121,8 @@ impl TargetConfig {
             }
         };
         let tls = tls.map(|t| TlsKeys { ca: t.ca, cert: t.cert, key: t.key, insecure_plaintext: t.insecure_plaintext });
-        let security = link_security(tls, Role::Target, None, &[("target.listen".to_owned(), t.listen.clone())]);
+        let addresses = if listen.is_some() { vec![("target.listen".to_owned(), t.listen.clone())] } else { Vec::new() };
+        let security = link_security(tls, Role::Target, None, Some(&t.listen), &addresses);
         let security = note(m, security.map_err(|source| TargetMistake::Tls { source }));
         match (listen, retention, journal_size, segment_size, security) {
             (Some(listen), Some(retention), Some(journal_size), Some(segment_size), Some(security)) if mistakes.is_empty() => {

@@ -92,16 +92,19 @@ fn issue_command(role: Role, name: &str, host: Option<&str>) -> String {
     format!("hindsight certs issue --dir /etc/hindsight/pki --role {role} --name {name}{host}")
 }
 
-/// Validates a `[tls]` section and loads its files. `addresses` are the (key, address) pairs
-/// of every link of this daemon, all of which must be loopback for `insecure_plaintext`;
-/// `name` is the name the certificate must carry, if fixed (an agent's VM).
+/// Validates a `[tls]` section and loads its files. `listen` is where this daemon listens, if
+/// it serves (its host goes in the `hindsight certs issue` hint); `addresses` are the (key,
+/// address) pairs of every link of this daemon whose address is well formed, all of which
+/// must be loopback for `insecure_plaintext`; `name` is the name the certificate must carry,
+/// if fixed (an agent's VM).
 pub(super) fn link_security(
     tls: Option<TlsKeys>,
     role: Role,
     name: Option<&str>,
+    listen: Option<&str>,
     addresses: &[(String, String)],
 ) -> Result<Security, TlsMistake> {
-    let own_host = addresses.first().map(|(_, a)| server_name_of(a));
+    let own_host = listen.map(server_name_of);
     let issue = issue_command(role, name.unwrap_or("NAME"), own_host.as_deref().filter(|_| role.serves()));
     let Some(tls) = tls else {
         return Err(TlsMistake::NoSection { issue });
@@ -163,5 +166,13 @@ mod tests {
         assert!(e.starts_with("engine.toml: tls.ca = \"/nonexistent/ca.pem\""), "{e}");
         let e = engine(&ENGINE.replace("[tls]", "[tls]\nengines = [\"a\"]")).unwrap_err();
         assert!(e.contains("unknown field `engines`"), "{e}");
+    }
+
+    #[test]
+    fn a_malformed_address_is_not_also_called_not_loopback() {
+        let e = engine(&ENGINE.replace("\"127.0.0.1:7500\"", "\"nowhere\"")).unwrap_err();
+        assert!(!e.contains('\n') && e.contains("not an address"), "{e}");
+        let e = engine(&ENGINE.replace("127.0.0.1:7400", "nowhere")).unwrap_err();
+        assert!(!e.contains('\n') && e.contains("engine.listen"), "{e}");
     }
 }
