@@ -5,6 +5,7 @@
 //!
 //! - `parse.rs` — sizes, durations and addresses, as every section writes them
 //! - `engine.rs` — `engine.toml`: the engine, its groups and their volumes
+//! - `policy.rs` — a group's mode and policies (sync loss, compression, full journal)
 //! - `target.rs` — `target.toml`
 //! - `agent.rs` — `agent.toml`: the agent, its disks and its quiesce scripts
 //! - `tls.rs` — the `[tls]` section every file has
@@ -25,15 +26,14 @@ use target::TargetFile;
 mod agent;
 mod engine;
 mod parse;
+mod policy;
 mod target;
 mod tls;
 
 pub use agent::{AgentConfig, AgentMistake, DiskConfig, EngineLoss, FrontendConfig, FrontendKind, QuiesceConfig, DEFAULT_ENGINE_TIMEOUT};
-pub use engine::{
-    Compression, EngineConfig, EngineMistake, GroupConfig, JournalFull, ReplicationMode, SyncLoss, VolumeConfig, DEFAULT_BLOCK_TIMEOUT,
-    DEFAULT_DEGRADE_TIMEOUT, DEFAULT_INTERVAL,
-};
+pub use engine::{EngineConfig, EngineMistake, GroupConfig, VolumeConfig};
 pub use parse::{parse_duration, parse_size, ValueError};
+pub use policy::{Compression, JournalFull, ReplicationMode, SyncLoss, DEFAULT_BLOCK_TIMEOUT, DEFAULT_DEGRADE_TIMEOUT, DEFAULT_INTERVAL};
 pub use target::{EngineTrust, TargetConfig, TargetMistake, DEFAULT_RETENTION};
 pub use tls::TlsMistake;
 // Names are checked where certificate identities are (transport uses it, and config uses
