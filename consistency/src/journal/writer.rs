@@ -39,7 +39,19 @@ impl Journal {
         Ok(())
     }
 
+    /// Counts a record `check_append` let through. The journal relies on both orders: readers
+    /// and recovery find records by number (each one more than the last), and a point in time
+    /// is the prefix of records stamped at or before it.
     fn appended(&mut self, h: &RecordHeader) {
+        debug_assert_eq!(h.seq, self.next_seq, "journal {}: seq {} appended where {} is next", self.dir.display(), h.seq, self.next_seq);
+        debug_assert!(
+            h.time_ns >= self.last_time_ns,
+            "journal {}: seq {} at time {} is before the last record's time {}",
+            self.dir.display(),
+            h.seq,
+            h.time_ns,
+            self.last_time_ns
+        );
         self.next_seq += 1;
         self.last_time_ns = self.last_time_ns.max(h.time_ns);
     }
@@ -91,6 +103,7 @@ impl Journal {
         let start = self.active_len;
         self.active_len += bytes.len() as u64;
         let first_seq = self.durable_seq + 1;
+        debug_assert!(self.next_seq > first_seq, "journal {}: a commit of bytes but no record", self.dir.display());
         self.durable_seq = self.next_seq - 1;
         match &self.tail {
             Some(tail) => {
