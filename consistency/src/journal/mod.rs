@@ -15,29 +15,30 @@
 //! a torn tail on open. [`JournalReader`] reads records from any retained sequence number on,
 //! following the writer as it grows, from the same process or another.
 //!
+//! - `error.rs` — [`JournalError`]
 //! - `segment.rs` — segment files: names, header, listing, creation
 //! - `writer.rs` — appending and group commit, new segments, trimming
 //! - `reader.rs` — the segment cursor and [`JournalReader`]
 //! - `tail.rs` — the newest commits in memory, for the reader following the writer
 //!
 //! This module holds the [`Journal`] itself (opening it, recovering the tail, what it
-//! holds), its options and its errors.
+//! holds) and its options.
 
 use std::collections::VecDeque;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use thiserror::Error;
-
+mod error;
 mod reader;
 mod segment;
 mod tail;
 mod writer;
 
+use error::io_err;
+pub use error::JournalError;
 use reader::scan_segment;
 pub use reader::JournalReader;
-use segment::{align_up, create_segment, decode_segment_header, open_direct, parse_spare_name, read_fully, MAX_SPARES};
+use segment::{align_up, create_segment, decode_segment_header, parse_spare_name, read_fully, MAX_SPARES};
 pub use segment::{
     list_segments, segment_name, SegmentInfo, BLOCK, SEGMENT_HEADER_LEN, SEGMENT_MAGIC, SEGMENT_SUFFIX, SEGMENT_VERSION, SPARE_SUFFIX,
 };
@@ -48,61 +49,6 @@ use crate::storage::{AlignedBuf, OpenMode, Storage, StorageFile};
 
 /// Default segment size.
 pub const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;
-
-/// Journal errors.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum JournalError {
-    /// I/O on a journal file failed.
-    #[error("journal {path}: {op}")]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// What was being done.
-        op: &'static str,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
-    /// A journal file is damaged somewhere other than the tail.
-    #[error("journal {path} is corrupt at offset {offset}: {reason}")]
-    Corrupt {
-        /// The segment.
-        path: PathBuf,
-        /// Byte offset in it.
-        offset: u64,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A sequence number that is no longer (or not yet) in the journal was asked for.
-    #[error("sequence number {requested} is not in the journal (it holds {first}..={last})")]
-    NotRetained {
-        /// The requested number.
-        requested: Seq,
-        /// First retained.
-        first: Seq,
-        /// Last written.
-        last: Seq,
-    },
-    /// A record was appended out of order.
-    #[error("append of seq {got} but the journal expects {expected}")]
-    OutOfOrder {
-        /// What was appended.
-        got: Seq,
-        /// What was expected.
-        expected: Seq,
-    },
-    /// An earlier write or flush failed; the journal accepts nothing more.
-    #[error("journal {path} is stopped after an earlier I/O failure; fix the cause and restart")]
-    Poisoned {
-        /// The journal directory.
-        path: PathBuf,
-    },
-}
-
-fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> JournalError + 'a {
-    move |source| JournalError::Io { path: path.to_owned(), op, source }
-}
 
 /// Journal tuning.
 #[derive(Debug, Clone, Copy)]
@@ -315,4 +261,12 @@ impl Journal {
         let sealed: u64 = self.segments.iter().take(self.segments.len().saturating_sub(1)).map(|s| s.bytes).sum();
         sealed + self.active_len
     }
+}
+
+/// The segment opened for direct I/O, if the options ask for it and the file system can.
+fn open_direct(fs: &dyn Storage, path: &Path, opts: JournalOptions) -> Result<Option<Box<dyn StorageFile>>, JournalError> {
+    if !opts.direct {
+        return Ok(None);
+    }
+    fs.open_direct(path).map_err(io_err(path, "open segment for direct I/O"))
 }

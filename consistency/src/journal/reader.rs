@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::error::{io_err, JournalError};
 use super::segment::{decode_segment_header, list_segments, read_fully, segment_name, BLOCK, SEGMENT_HEADER_LEN};
 use super::tail::{Tail, TailChunk};
-use super::{io_err, JournalError};
 use crate::record::{decode_record, decode_record_trusted, record_len_from_header, DecodeError, RecordRef, Seq, RECORD_HEADER_LEN};
 use crate::storage::{OpenMode, Storage, StorageFile};
 

@@ -5,7 +5,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::{io_err, JournalError, JournalOptions};
+use super::error::{io_err, JournalError};
 use crate::record::{read_u32, read_u64, Seq};
 use crate::storage::{OpenMode, Storage, StorageFile, DIRECT_IO_ALIGN};
 
@@ -114,14 +114,6 @@ pub(super) fn create_segment(fs: &dyn Storage, dir: &Path, first_seq: Seq) -> Re
     f.sync_data().map_err(io_err(&path, "sync segment header"))?;
     fs.sync_dir(dir).map_err(io_err(dir, "sync directory"))?;
     Ok(SegmentInfo { first_seq, path, bytes: 0 })
-}
-
-/// The segment opened for direct I/O, if the options ask for it and the file system can.
-pub(super) fn open_direct(fs: &dyn Storage, path: &Path, opts: JournalOptions) -> Result<Option<Box<dyn StorageFile>>, JournalError> {
-    if !opts.direct {
-        return Ok(None);
-    }
-    fs.open_direct(path).map_err(io_err(path, "open segment for direct I/O"))
 }
 
 pub(super) fn read_fully(f: &dyn StorageFile, buf: &mut [u8], offset: u64) -> io::Result<usize> {

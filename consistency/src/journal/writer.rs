@@ -2,11 +2,10 @@
 //! one fdatasync per commit (group commit), into a new or reused segment once the active one
 //! is full; the oldest segments are trimmed once no longer needed.
 
-use super::segment::{
-    create_segment, encode_segment_header, open_direct, segment_name, spare_name, SegmentInfo, BLOCK, MAX_SPARES, SEGMENT_HEADER_LEN,
-};
+use super::error::{io_err, JournalError};
+use super::segment::{create_segment, encode_segment_header, segment_name, spare_name, SegmentInfo, BLOCK, MAX_SPARES, SEGMENT_HEADER_LEN};
 use super::tail::TailChunk;
-use super::{io_err, Journal, JournalError};
+use super::{open_direct, Journal};
 use crate::record::{encode_record, RecordHeader, RecordRef, Seq};
 use crate::storage::{OpenMode, DIRECT_IO_ALIGN};
 
