@@ -20,8 +20,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
 use thiserror::Error;
 
+use super::error::TransportError;
 use super::identity::{check_server_name, identities_in, Identity, PeerIdentity, Role};
-use super::TransportError;
 
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
