@@ -419,7 +419,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
-    hindsight_consistency::config::parse_duration(s)
+    hindsight_consistency::config::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// The human form of `hindsight history`.

@@ -16,11 +16,14 @@
 //! - [`transport`] — TLS (or loopback plaintext) under the frames: handshakes, peer identities,
 //!   a read half and a write half per connection
 //! - [`time`] — timestamps
+//! - `faults` — a storage that injects I/O errors, for tests (in this crate's tests, and for
+//!   other crates with the cargo feature `faults`)
 
 // Casts in tests build fixtures from small literals.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap))]
 
 pub mod config;
+#[cfg(any(test, feature = "faults"))]
 pub mod faults;
 pub mod journal;
 pub mod record;

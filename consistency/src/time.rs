@@ -1,6 +1,7 @@
 //! Wall-clock time as the engine stamps it: nanoseconds since the Unix epoch, UTC.
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use thiserror::Error;
 
 /// Now, in ns since the Unix epoch.
 pub fn now_ns() -> u64 {
@@ -24,11 +25,37 @@ pub fn format_duration(d: std::time::Duration) -> String {
 }
 
 /// Parses an RFC 3339 time with any offset (`2026-11-22T06:01:02+01:00`, fractions allowed).
-pub fn parse_rfc3339(s: &str) -> Result<u64, String> {
-    let t = DateTime::parse_from_rfc3339(s.trim())
-        .map_err(|e| format!("{s:?} is not an RFC 3339 time ({e}); write e.g. 2026-11-22T05:01:02Z"))?;
-    let ns = t.timestamp_nanos_opt().ok_or_else(|| format!("{s:?} is out of range"))?;
-    u64::try_from(ns).map_err(|_| format!("{s:?} is before 1970"))
+pub fn parse_rfc3339(s: &str) -> Result<u64, TimeError> {
+    let t = DateTime::parse_from_rfc3339(s.trim()).map_err(|source| TimeError::NotRfc3339 { text: s.to_owned(), source })?;
+    let ns = t.timestamp_nanos_opt().ok_or_else(|| TimeError::OutOfRange { text: s.to_owned() })?;
+    u64::try_from(ns).map_err(|_| TimeError::Before1970 { text: s.to_owned() })
+}
+
+/// Why [`parse_rfc3339`] refused a time.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum TimeError {
+    /// Not RFC 3339.
+    #[error("{text:?} is not an RFC 3339 time ({source}); write e.g. 2026-11-22T05:01:02Z")]
+    NotRfc3339 {
+        /// The text given.
+        text: String,
+        /// What chrono found wrong.
+        #[source]
+        source: chrono::ParseError,
+    },
+    /// Beyond what nanoseconds in an i64 can hold.
+    #[error("{text:?} is out of range")]
+    OutOfRange {
+        /// The text given.
+        text: String,
+    },
+    /// Before the Unix epoch.
+    #[error("{text:?} is before 1970")]
+    Before1970 {
+        /// The text given.
+        text: String,
+    },
 }
 
 #[cfg(test)]
@@ -41,5 +68,6 @@ mod tests {
         assert_eq!(parse_rfc3339(&format_rfc3339(ns)).unwrap(), ns);
         assert_eq!(parse_rfc3339("1970-01-01T01:00:00+01:00").unwrap(), 0);
         assert!(parse_rfc3339("yesterday").is_err());
+        assert_eq!(parse_rfc3339("1969-12-31T23:59:59Z").unwrap_err().to_string(), "\"1969-12-31T23:59:59Z\" is before 1970");
     }
 }

@@ -76,7 +76,7 @@ pub fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
 }
 
 /// Like [`start`], with every journal file going through `fs` (tests use a
-/// [`hindsight_consistency::faults::FaultyStorage`] to inject I/O errors).
+/// `FaultyStorage` of `hindsight_consistency::faults` to inject I/O errors).
 pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<EngineHandle, EngineError> {
     // With TLS the engine is who its certificate says; targets check that name.
     let own_name = config.security.tls().and_then(|t| t.own().name(Role::Engine)).map(str::to_owned);

@@ -139,7 +139,7 @@ pub(crate) fn authorise_bookmark(peer: &Peer, req: &BookmarkRequest, reg: &Regis
 /// Places one bookmark in each requested group (every group if none is named) at one
 /// instant, and waits until each is durable.
 pub(crate) fn place_bookmark(req: &BookmarkRequest, reg: &Registry) -> Result<BookmarkReply, RequestError> {
-    check_name("bookmark", &req.name).map_err(|reason| RequestError::BookmarkName { reason })?;
+    check_name("bookmark", &req.name).map_err(|e| RequestError::BookmarkName { reason: e.to_string() })?;
     let mut names: Vec<&String> = if req.groups.is_empty() { reg.groups.keys().collect() } else { req.groups.iter().collect() };
     names.sort();
     names.dedup();

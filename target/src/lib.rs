@@ -122,7 +122,7 @@ pub fn start(config: TargetConfig) -> Result<TargetHandle, TargetError> {
 }
 
 /// Like [`start`], with every journal, replica and index file going through `fs` (tests use a
-/// [`hindsight_consistency::faults::FaultyStorage`] to inject I/O errors).
+/// `FaultyStorage` of `hindsight_consistency::faults` to inject I/O errors).
 pub fn start_with_storage(
     config: TargetConfig,
     fs: std::sync::Arc<dyn hindsight_consistency::storage::Storage>,

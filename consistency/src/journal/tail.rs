@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use crate::record::Seq;
+use crate::sync::lock;
 
 /// Buffers kept for reuse: fresh memory costs far more to fill than memory touched before.
 const SPARE_BUFFERS: usize = 4;
@@ -55,24 +56,19 @@ impl Tail {
         Tail { inner: Mutex::new(Inner::default()), limit }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // Nothing here can leave the deque half-changed: a panic elsewhere does not poison it.
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// Bytes of records held.
     pub fn held_bytes(&self) -> usize {
-        self.lock().bytes
+        lock(&self.inner).bytes
     }
 
     /// An empty buffer for the journal's next commit.
     pub(crate) fn buffer(&self) -> Vec<u8> {
-        self.lock().spare.pop().unwrap_or_else(|| Vec::with_capacity(BUFFER_CAPACITY))
+        lock(&self.inner).spare.pop().unwrap_or_else(|| Vec::with_capacity(BUFFER_CAPACITY))
     }
 
     /// Keeps a committed chunk, dropping the oldest ones over the limit.
     pub(crate) fn push(&self, chunk: TailChunk) {
-        let mut inner = self.lock();
+        let mut inner = lock(&self.inner);
         inner.bytes += chunk.bytes.len();
         inner.chunks.push_back(chunk);
         while inner.bytes > self.limit {
@@ -85,7 +81,7 @@ impl Tail {
     /// The chunk starting at `seq`, if it is held; chunks wholly before `seq` are dropped
     /// (the reader is past them).
     pub(crate) fn take(&self, seq: Seq) -> Option<TailChunk> {
-        let mut inner = self.lock();
+        let mut inner = lock(&self.inner);
         while let Some(front) = inner.chunks.front() {
             if front.next_seq > seq {
                 break;
@@ -104,7 +100,7 @@ impl Tail {
 
     /// Returns a chunk's buffer once read.
     pub(crate) fn recycle(&self, bytes: Vec<u8>) {
-        keep_spare(&mut self.lock(), bytes);
+        keep_spare(&mut lock(&self.inner), bytes);
     }
 }
 

@@ -18,14 +18,70 @@
 use std::fmt;
 
 use rustls::pki_types::{CertificateDer, DnsName, ServerName};
+use thiserror::Error;
 
-use crate::config::check_name;
+use crate::record::MAX_NAME_LEN;
 
 /// The domain under which every identity lives.
 pub const IDENTITY_DOMAIN: &str = "hindsight";
 
 /// Longest part of a DNS name between two dots.
 const MAX_LABEL_LEN: usize = 63;
+
+/// A name Hindsight cannot use: not a valid name, not writable in a certificate, or not a
+/// server name.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum NameError {
+    /// [`check_name`]: not 1 to 64 of the allowed characters, or starting with `.`.
+    #[error("{what} name {name:?} is not valid; use 1 to {MAX_NAME_LEN} letters, digits, '.', '_' or '-'")]
+    Invalid {
+        /// What the name names (`group`, `volume`, `vm`, a role).
+        what: String,
+        /// The name.
+        name: String,
+    },
+    /// [`check_identity_name`]: a part between dots is not a DNS label.
+    #[error(
+        "{what} name {name:?} cannot be written in a certificate: each part between dots must have 1 to \
+         {MAX_LABEL_LEN} characters and must not start or end with '-'; choose another name"
+    )]
+    Label {
+        /// What the name names.
+        what: String,
+        /// The name.
+        name: String,
+    },
+    /// [`check_identity_name`]: the identity the name makes is not a DNS name.
+    #[error("{what} name {name:?} cannot be written in a certificate ({full:?} is not a DNS name); choose another name")]
+    DnsName {
+        /// What the name names.
+        what: String,
+        /// The name.
+        name: String,
+        /// The identity, `<name>.<what>.hindsight`.
+        full: String,
+    },
+    /// [`check_server_name`]: neither a DNS name nor an IP address.
+    #[error("{name:?} is neither a DNS name nor an IP address")]
+    ServerName {
+        /// The name.
+        name: String,
+    },
+}
+
+/// Why [`identities_in`] could not read a certificate's names.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum IdentitiesError {
+    /// The certificate is not one webpki can parse.
+    #[error("the certificate cannot be parsed: {source}")]
+    Parse {
+        /// The cause.
+        #[source]
+        source: webpki::Error,
+    },
+}
 
 /// What a peer is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -98,7 +154,7 @@ pub struct Identity {
 
 impl Identity {
     /// An identity, if `name` can be written in a certificate.
-    pub fn new(role: Role, name: &str) -> Result<Identity, String> {
+    pub fn new(role: Role, name: &str) -> Result<Identity, NameError> {
         check_identity_name(role.as_str(), name)?;
         Ok(Identity { role, name: name.to_owned() })
     }
@@ -123,22 +179,32 @@ impl fmt::Display for Identity {
     }
 }
 
+/// Checks a group, volume or VM name: 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with `.`.
+pub fn check_name(what: &str, name: &str) -> Result<(), NameError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(NameError::Invalid { what: what.to_owned(), name: name.to_owned() })
+    }
+}
+
 /// Checks that a name (VM, engine, target or operator) can be part of a certificate identity:
-/// a valid Hindsight name (`config::check_name`) whose parts between dots are DNS labels
+/// a valid Hindsight name ([`check_name`]) whose parts between dots are DNS labels
 /// (1 to 63 characters, not starting or ending with '-').
-pub fn check_identity_name(what: &str, name: &str) -> Result<(), String> {
+pub fn check_identity_name(what: &str, name: &str) -> Result<(), NameError> {
     check_name(what, name)?;
     for label in name.split('.') {
         if label.is_empty() || label.len() > MAX_LABEL_LEN || label.starts_with('-') || label.ends_with('-') {
-            return Err(format!(
-                "{what} name {name:?} cannot be written in a certificate: each part between dots must have 1 to \
-                 {MAX_LABEL_LEN} characters and must not start or end with '-'; choose another name"
-            ));
+            return Err(NameError::Label { what: what.to_owned(), name: name.to_owned() });
         }
     }
     let full = format!("{name}.{what}.{IDENTITY_DOMAIN}");
     if DnsName::try_from(full.as_str()).is_err() {
-        return Err(format!("{what} name {name:?} cannot be written in a certificate ({full:?} is not a DNS name); choose another name"));
+        return Err(NameError::DnsName { what: what.to_owned(), name: name.to_owned(), full });
     }
     Ok(())
 }
@@ -146,8 +212,8 @@ pub fn check_identity_name(what: &str, name: &str) -> Result<(), String> {
 /// The identities a certificate names (its dNSName subject alternative names of the form
 /// `<name>.<role>.hindsight`), in the order written. Other names are ignored. The chain must
 /// already have been verified: this only reads the names.
-pub fn identities_in(cert: &CertificateDer<'_>) -> Result<Vec<Identity>, String> {
-    let ee = webpki::EndEntityCert::try_from(cert).map_err(|e| format!("the certificate cannot be parsed: {e}"))?;
+pub fn identities_in(cert: &CertificateDer<'_>) -> Result<Vec<Identity>, IdentitiesError> {
+    let ee = webpki::EndEntityCert::try_from(cert).map_err(|source| IdentitiesError::Parse { source })?;
     Ok(ee.valid_dns_names().filter_map(Identity::from_dns_name).collect())
 }
 
@@ -202,8 +268,8 @@ pub fn server_name_of(address: &str) -> String {
 }
 
 /// Checks that a server name is a DNS name or an IP address.
-pub fn check_server_name(name: &str) -> Result<ServerName<'static>, String> {
-    ServerName::try_from(name.to_owned()).map_err(|_| format!("{name:?} is neither a DNS name nor an IP address"))
+pub fn check_server_name(name: &str) -> Result<ServerName<'static>, NameError> {
+    ServerName::try_from(name.to_owned()).map_err(|_| NameError::ServerName { name: name.to_owned() })
 }
 
 #[cfg(test)]
@@ -237,12 +303,26 @@ mod tests {
     #[test]
     fn names_that_cannot_be_dns_labels_are_refused_with_the_rule() {
         for bad in ["-db", "db-", "a..b", "db.", &"x".repeat(64)] {
-            let e = check_identity_name("vm", bad).unwrap_err();
+            let e = check_identity_name("vm", bad).unwrap_err().to_string();
             assert!(e.contains("name"), "{bad}: {e}");
         }
         for good in ["erp-db", "db_1", "a.b-c", "VM7", &"x".repeat(63)] {
             check_identity_name("vm", good).unwrap();
         }
+    }
+
+    #[test]
+    fn name_errors_say_the_rule() {
+        assert_eq!(
+            check_name("group", "a b").unwrap_err().to_string(),
+            "group name \"a b\" is not valid; use 1 to 64 letters, digits, '.', '_' or '-'"
+        );
+        assert_eq!(
+            check_identity_name("vm", "db-").unwrap_err().to_string(),
+            "vm name \"db-\" cannot be written in a certificate: each part between dots must have 1 to 63 characters and must \
+             not start or end with '-'; choose another name"
+        );
+        assert_eq!(check_server_name("a b").unwrap_err().to_string(), "\"a b\" is neither a DNS name nor an IP address");
     }
 
     #[test]

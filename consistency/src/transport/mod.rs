@@ -14,6 +14,7 @@
 //! writer thread, as the data path uses them (see [`halves`] for how one TLS state machine
 //! serves both without either thread blocking the other).
 
+mod error;
 pub mod halves;
 pub mod identity;
 pub mod tls;
@@ -23,10 +24,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use thiserror::Error;
-
+pub use error::TransportError;
 pub use halves::{Closer, ReadHalf, WriteHalf};
-pub use identity::{Identity, PeerIdentity, Role};
+pub use identity::{Identity, NameError, PeerIdentity, Role};
 pub use tls::{TlsEndpoint, TlsFiles, TlsSetupError};
 
 /// How a daemon protects its links.
@@ -52,54 +52,6 @@ impl std::fmt::Display for Peer {
         match self {
             Peer::Plaintext => f.write_str("plaintext"),
             Peer::Certified(id) => write!(f, "certificate {id}"),
-        }
-    }
-}
-
-/// Why a connection could not be set up.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum TransportError {
-    /// The TLS handshake failed; `reason` says why (an invalid certificate, none, an alert).
-    #[error("TLS handshake failed: {reason}")]
-    Handshake {
-        /// Why, in words that say what to look at.
-        reason: String,
-        /// A certificate was refused (by either side): retrying cannot help.
-        refused: bool,
-    },
-    /// The server's certificate is valid but does not name the role expected there.
-    #[error(
-        "the server's certificate names {presented}, not a {expected} (a name ending in .{expected}.hindsight); is the address right?"
-    )]
-    WrongPeer {
-        /// The role expected.
-        expected: Role,
-        /// What the certificate names.
-        presented: String,
-    },
-    /// The name to check the server's certificate against is not usable.
-    #[error("cannot check the server's certificate: {0}")]
-    BadServerName(String),
-    /// A TLS client connected to a plaintext port.
-    #[error("a TLS client connected, but this side has tls.insecure_plaintext = true; configure [tls] with ca, cert and key here too")]
-    TlsClientOnPlaintextPort,
-    /// The peer closed the connection before saying anything.
-    #[error("the peer closed the connection before the handshake")]
-    ClosedEarly,
-    /// A socket call failed.
-    #[error("connection: {0}")]
-    Io(#[from] io::Error),
-}
-
-impl TransportError {
-    /// True if retrying with the same configuration cannot help: a certificate was refused
-    /// (by either side), or the two sides disagree on TLS.
-    pub fn is_refusal(&self) -> bool {
-        match self {
-            TransportError::Handshake { refused, .. } => *refused,
-            TransportError::WrongPeer { .. } | TransportError::BadServerName(_) => true,
-            TransportError::TlsClientOnPlaintextPort | TransportError::ClosedEarly | TransportError::Io(_) => false,
         }
     }
 }

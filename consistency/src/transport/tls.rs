@@ -20,8 +20,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
 use thiserror::Error;
 
+use super::error::TransportError;
 use super::identity::{check_server_name, identities_in, Identity, PeerIdentity, Role};
-use super::TransportError;
 
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,7 +116,7 @@ impl TlsEndpoint {
         let key = PrivateKeyDer::from_pem_file(&files.key)
             .map_err(|e| setup_err("key", &files.key, format!("cannot read a private key from it: {}", pem_problem(&e))))?;
 
-        let own = PeerIdentity::new(identities_in(&chain[0]).map_err(|e| setup_err("cert", &files.cert, e))?);
+        let own = PeerIdentity::new(identities_in(&chain[0]).map_err(|e| setup_err("cert", &files.cert, e.to_string()))?);
         let role =
             match role {
                 Some(r) => r,
@@ -160,7 +160,7 @@ impl TlsEndpoint {
         let now = UnixTime::now();
         let own_check = if role.serves() {
             let own_name = own.identities().iter().find(|i| i.role == role).map(Identity::dns_name).unwrap_or_default();
-            let sn = check_server_name(&own_name).map_err(|e| setup_err("cert", &files.cert, e))?;
+            let sn = check_server_name(&own_name).map_err(|e| setup_err("cert", &files.cert, e.to_string()))?;
             server_verifier.verify_server_cert(&chain[0], &chain[1..], &sn, &[], now).map(|_| ())
         } else {
             client_verifier.verify_client_cert(&chain[0], &chain[1..], now).map(|_| ())
@@ -275,7 +275,7 @@ fn peer_identity(conn: &rustls::Connection) -> Result<PeerIdentity, TransportErr
         .peer_certificates()
         .and_then(|c| c.first())
         .ok_or_else(|| TransportError::Handshake { reason: "the peer presented no certificate".into(), refused: true })?;
-    identities_in(cert).map(PeerIdentity::new).map_err(|reason| TransportError::Handshake { reason, refused: true })
+    identities_in(cert).map(PeerIdentity::new).map_err(|e| TransportError::Handshake { reason: e.to_string(), refused: true })
 }
 
 /// Why a handshake or a TLS read failed, in words that say what to look at.

@@ -213,13 +213,14 @@ fn check_hello(h: &TargetHello) -> Result<Vec<Volume>, CheckHelloError> {
     if h.protocol != PROTOCOL_VERSION {
         return Err(CheckHelloError::Protocol { got: h.protocol });
     }
-    check_name("group", &h.group).map_err(|reason| CheckHelloError::GroupName { reason })?;
+    check_name("group", &h.group).map_err(|reason| CheckHelloError::GroupName { reason: reason.to_string() })?;
     if h.volumes.is_empty() {
         return Err(CheckHelloError::NoVolumes { group: h.group.clone() });
     }
     let mut out: Vec<Volume> = Vec::with_capacity(h.volumes.len());
     for v in &h.volumes {
-        check_name("volume", &v.name).map_err(|reason| CheckHelloError::VolumeName { group: h.group.clone(), reason })?;
+        check_name("volume", &v.name)
+            .map_err(|reason| CheckHelloError::VolumeName { group: h.group.clone(), reason: reason.to_string() })?;
         if v.size == 0 {
             return Err(CheckHelloError::EmptyVolume { group: h.group.clone(), volume: v.name.clone() });
         }
