@@ -48,6 +48,33 @@ pub struct EngineAt {
     pub insecure_plaintext: bool,
 }
 
+/// Why the engine's address or the client's certificate could not be had from the options.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AddressError {
+    #[error("{0}")]
+    Config(#[from] hindsight_consistency::config::ConfigError),
+    #[error("--engine {engine:?}: {source}; write host:port, e.g. 10.0.0.5:7400")]
+    Resolve {
+        engine: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--engine {0:?} resolves to no address")]
+    NoAddress(String),
+    #[error("--{key} {}: {problem}", path.display())]
+    Certificate { key: &'static str, path: PathBuf, problem: String },
+    #[error("--insecure-plaintext is only allowed for an engine on loopback, not {0}; give --ca, --cert and --key")]
+    PlaintextNotLoopback(String),
+    #[error(
+        "--engine needs --ca, --cert and --key (an operator's certificate: `hindsight certs issue --role operator --name NAME`), \
+         or --insecure-plaintext for an engine on loopback"
+    )]
+    NoCertificate,
+    #[error("give --config engine.toml or --engine host:port")]
+    NoEngine,
+}
+
 /// A resolved engine address with the security to reach it.
 pub struct EngineAddress {
     addr: SocketAddr,
@@ -58,10 +85,10 @@ pub struct EngineAddress {
 
 impl EngineAt {
     /// Resolves the address and loads the client's certificate.
-    pub fn resolve(&self) -> Result<EngineAddress, String> {
+    pub fn resolve(&self) -> Result<EngineAddress, AddressError> {
         match (&self.config, &self.engine) {
             (Some(config), _) => {
-                let cfg = EngineConfig::load(config).map_err(|e| e.to_string())?;
+                let cfg = EngineConfig::load(config)?;
                 // The engine's own certificate, checked against its own name.
                 let own = cfg.security.tls().and_then(|t| t.own().identities().iter().find(|i| i.role == Role::Engine).cloned());
                 let mut addr = cfg.listen;
@@ -74,32 +101,27 @@ impl EngineAt {
             (None, Some(engine)) => {
                 let addr = engine
                     .to_socket_addrs()
-                    .map_err(|e| format!("--engine {engine:?}: {e}; write host:port, e.g. 10.0.0.5:7400"))?
+                    .map_err(|source| AddressError::Resolve { engine: engine.clone(), source })?
                     .next()
-                    .ok_or_else(|| format!("--engine {engine:?} resolves to no address"))?;
+                    .ok_or_else(|| AddressError::NoAddress(engine.clone()))?;
                 let security = match (&self.ca, &self.cert, &self.key) {
                     (Some(ca), Some(cert), Some(key)) => {
                         let files = TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() };
-                        let endpoint =
-                            TlsEndpoint::load_client(&files).map_err(|e| format!("--{} {}: {}", e.key, e.path.display(), e.problem))?;
+                        let endpoint = TlsEndpoint::load_client(&files).map_err(|e| AddressError::Certificate {
+                            key: e.key,
+                            path: e.path.clone(),
+                            problem: e.problem.clone(),
+                        })?;
                         Security::Tls(Arc::new(endpoint))
                     }
                     _ if self.insecure_plaintext && addr.ip().is_loopback() => Security::InsecurePlaintext,
-                    _ if self.insecure_plaintext => {
-                        return Err(format!(
-                            "--insecure-plaintext is only allowed for an engine on loopback, not {engine}; give --ca, --cert and --key"
-                        ))
-                    }
-                    _ => {
-                        return Err("--engine needs --ca, --cert and --key (an operator's certificate: `hindsight certs issue --role \
-                                    operator --name NAME`), or --insecure-plaintext for an engine on loopback"
-                            .into())
-                    }
+                    _ if self.insecure_plaintext => return Err(AddressError::PlaintextNotLoopback(engine.clone())),
+                    _ => return Err(AddressError::NoCertificate),
                 };
                 let server_name = self.server_name.clone().unwrap_or_else(|| server_name_of(engine));
                 Ok(EngineAddress { addr, security, server_name })
             }
-            (None, None) => Err("give --config engine.toml or --engine host:port".into()),
+            (None, None) => Err(AddressError::NoEngine),
         }
     }
 }

@@ -317,7 +317,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         },
         Command::Bookmark { at, group, groups, all_groups, note, quiesce, quiesce_timeout, json, name } => {
-            let to = at.resolve().map_err(Failure::Config)?;
+            let to = at.resolve().map_err(|e| Failure::Config(e.to_string()))?;
             let groups = match (group, all_groups) {
                 (Some(g), _) => vec![g],
                 (None, true) => Vec::new(),
@@ -350,7 +350,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Status { at, group, json, watch, count } => {
-            let to = at.resolve().map_err(Failure::Config)?;
+            let to = at.resolve().map_err(|e| Failure::Config(e.to_string()))?;
             let req = StatusRequest { protocol: PROTOCOL_VERSION, groups: group.into_iter().collect() };
             let mut reports = 0u64;
             loop {
@@ -374,7 +374,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Group { command: GroupCommand::SetMode { at, group, mode } } => {
-            let to = at.resolve().map_err(Failure::Config)?;
+            let to = at.resolve().map_err(|e| Failure::Config(e.to_string()))?;
             let req = SetModeRequest { protocol: PROTOCOL_VERSION, group, mode };
             let reply: SetModeReply = admin::request(&to, FrameType::SetModeRequest, FrameType::SetModeReply, &req)?;
             println!(
