@@ -14,6 +14,8 @@ use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, GroupStatus, ResyncStatus, StatusReply,
 };
 use serde::de::DeserializeOwned;
+
+use crate::progress::human;
 use serde::Serialize;
 
 /// How long a request waits for the engine's answer (a quiesced bookmark may take a while).
@@ -151,10 +153,6 @@ pub fn format_status(reply: &StatusReply) -> String {
     out
 }
 
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / f64::from(1u32 << 20)
-}
-
 /// A compare sweep (initial sync): how far, what differed, the rate and what is left.
 fn format_sweep(r: &ResyncStatus) -> String {
     let sent = if r.done >= r.differ { "differ and were sent".to_string() } else { format!("differ, {} sent so far", r.done) };
@@ -182,10 +180,10 @@ fn format_group(g: &GroupStatus) -> String {
     let link = if g.target_connected { "connected" } else { "NOT connected" };
     lines.push(format!("  target {} ({link})", g.target));
     lines.push(format!(
-        "  lag: {:.1}s, {} records, {} bytes (engine durable seq {}, target seq {})",
+        "  lag: {:.1}s, {} records, {} (engine durable seq {}, target seq {})",
         Duration::from_millis(g.lag_ms).as_secs_f64(),
         g.lag_writes,
-        g.lag_bytes,
+        human(g.lag_bytes),
         g.durable_seq,
         g.confirmed_seq
     ));
@@ -198,10 +196,10 @@ fn format_group(g: &GroupStatus) -> String {
         let compression = if g.compression.is_empty() { "uncompressed".to_string() } else { g.compression.clone() };
         let ratio = g.shipped_bytes as f64 / g.wire_bytes.max(1) as f64;
         lines.push(format!(
-            "  link ({compression}): {} record bytes shipped as {} on the wire, ratio {ratio:.2}, {} bytes saved",
-            g.shipped_bytes,
-            g.wire_bytes,
-            g.shipped_bytes.saturating_sub(g.wire_bytes)
+            "  link ({compression}): {} of records shipped as {} on the wire, ratio {ratio:.2}, {} saved",
+            human(g.shipped_bytes),
+            human(g.wire_bytes),
+            human(g.shipped_bytes.saturating_sub(g.wire_bytes))
         ));
     }
     for r in &g.resyncing {
@@ -222,8 +220,8 @@ fn format_group(g: &GroupStatus) -> String {
     if g.poisoned {
         lines.push("  STOPPED: the journal failed; fix the cause and restart the engine".into());
     }
-    let size = if g.journal_size == 0 { "no journal_size".to_string() } else { format!("of {:.1} MiB", mib(g.journal_size)) };
-    lines.push(format!("  journal: {:.1} MiB {size}, on_journal_full = {}", mib(g.journal_bytes), g.on_journal_full));
+    let size = if g.journal_size == 0 { "no journal_size".to_string() } else { format!("of {}", human(g.journal_size)) };
+    lines.push(format!("  journal: {} {size}, on_journal_full = {}", human(g.journal_bytes), g.on_journal_full));
     if g.paused {
         lines.push("  PAUSED: writes are tracked by the agents, not journaled".into());
     }

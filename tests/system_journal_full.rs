@@ -270,3 +270,35 @@ fn target_journal_full_with_pause_and_track_pauses_at_once_and_resyncs_after_ret
     check_latest(&c, &model);
     assert!(c.target_records().iter().any(|r| r.1 == WriteKind::Resync) || c.history()["first_seq"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn a_pause_ends_once_the_target_holds_the_active_segment_that_kept_the_journal_full() {
+    if !have_tools(&["qemu-io"]) {
+        return;
+    }
+    // First with the default 64 MiB segments and no journal_size: 10 MiB in the active segment.
+    let mut c = Cluster::prepare(&[Vol::new("vm1", "data", SIZE)], "segment_size = \"1MiB\"\n", "");
+    c.agent_extra = "engine_timeout = \"120s\"".into();
+    c.launch();
+    c.start_agents();
+    let w = Writes { first: 0, n: 160 };
+    w.run(&c, Duration::from_secs(60));
+    c.wait_shipped();
+    // Then restarted with a journal of 4 MiB in 1 MiB segments: full at once, and everything
+    // in it is at the target already.
+    assert!(c.stop("engine").success());
+    c.engine_extra = "segment_size = \"1MiB\"".into();
+    c.group_extra = "journal_size = \"4MiB\"\non_journal_full = \"pause_and_track\"".into();
+    c.write_configs();
+    c.start_engine();
+    c.wait_log_within("engine", "sealing it to remove it", Duration::from_secs(30));
+    c.wait_status("the end of the pause", Duration::from_secs(30), |g| g["paused"] == false && g["journal_bytes"].as_u64() < Some(3 << 20));
+    // It takes writes again, and they reach the target.
+    let more = Writes { first: 160, n: 4 };
+    more.run(&c, Duration::from_secs(60));
+    let mut model = w.image_after(&vec![0u8; SIZE as usize], 160);
+    for i in 0..4 {
+        more.apply(&mut model, i);
+    }
+    check_latest(&c, &model);
+}

@@ -172,7 +172,7 @@ fn sync_acknowledged_writes_survive_losing_the_source_site() {
         c.start_agent("vm1");
         // The agent died with a write in flight: it resyncs that region when it is back.
         let start = Instant::now();
-        while c.log("agent-vm1").matches("resync complete").count() <= round {
+        while c.log("agent-vm1").matches("resync sent").count() <= round {
             assert!(start.elapsed() < Duration::from_secs(60), "round {round}: the agent's resync never completed");
             std::thread::sleep(Duration::from_millis(100));
         }

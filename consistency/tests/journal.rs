@@ -488,3 +488,71 @@ fn a_readers_last_position_locates_each_record_in_its_segment_file() {
     }
     assert_eq!(seen, 60);
 }
+
+/// Log lines of this test binary, captured (the journal reports through `log`).
+fn captured_logs() -> &'static std::sync::Mutex<Vec<String>> {
+    struct Capture;
+    static LINES: std::sync::OnceLock<std::sync::Mutex<Vec<String>>> = std::sync::OnceLock::new();
+    static LOGGER: Capture = Capture;
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            if let Some(lines) = LINES.get() {
+                lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(r.args().to_string());
+            }
+        }
+        fn flush(&self) {}
+    }
+    LINES.get_or_init(|| {
+        let _ = log::set_logger(&LOGGER);
+        log::set_max_level(log::LevelFilter::Info);
+        std::sync::Mutex::new(Vec::new())
+    })
+}
+
+#[test]
+fn reopening_a_recycled_active_segment_says_its_old_bytes_are_normal() {
+    let logs = captured_logs();
+    let d = tempfile::tempdir().unwrap();
+    let mut j = Journal::open(fs(), d.path(), SMALL).unwrap();
+    for _ in 0..6 {
+        append_n(&mut j, 20, 4096);
+    }
+    // Trimmed segments become spares; the next segments reuse them with fewer records.
+    j.trim_through(j.durable_seq()).unwrap();
+    assert!(j.spare_count() > 0);
+    while j.segments().count() < 2 {
+        append_n(&mut j, 1, 512);
+    }
+    append_n(&mut j, 1, 512);
+    let last = j.durable_seq();
+    drop(j);
+    let j = Journal::open(fs(), d.path(), SMALL).unwrap();
+    assert_eq!(j.durable_seq(), last);
+    let dir = d.path().display().to_string();
+    let lines: Vec<String> = logs.lock().unwrap().iter().filter(|l| l.contains(&dir)).cloned().collect();
+    let line = lines.iter().find(|l| l.contains("the active segment ends after seq")).unwrap_or_else(|| panic!("{lines:?}"));
+    assert!(line.contains(&format!("ends after seq {last}")) && line.contains("recycled segment file held before (normal)"), "{line}");
+}
+
+#[test]
+fn sealing_the_active_segment_lets_a_confirmed_journal_be_trimmed_to_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let mut j = Journal::open(fs(), d.path(), BUFFERED).unwrap();
+    append_n(&mut j, 30, 4096);
+    let before = j.size_bytes();
+    j.trim_through(j.durable_seq()).unwrap();
+    assert_eq!(j.size_bytes(), before, "the active segment is never trimmed");
+    assert!(j.seal_active().unwrap());
+    assert!(!j.seal_active().unwrap(), "an active segment without records is not sealed again");
+    assert_eq!(j.trim_through(j.durable_seq()).unwrap(), 1);
+    assert!(j.size_bytes() < 4096, "{}", j.size_bytes());
+    // It goes on where it was, and reopens there.
+    append_n(&mut j, 2, 4096);
+    drop(j);
+    let j = Journal::open(fs(), d.path(), BUFFERED).unwrap();
+    assert_eq!((j.first_seq(), j.durable_seq()), (31, 32));
+    assert_eq!(read_all(d.path(), 31), vec![31, 32]);
+}

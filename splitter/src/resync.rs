@@ -263,7 +263,12 @@ fn resend(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, todo: &[u64]) {
         );
     }
     if map.needing_resync().is_empty() {
-        info!("volume {}: resync complete in {:.1?}", d.volume(), started.elapsed());
+        info!(
+            "volume {}: resync sent in {:.1?}: the engine holds every dirty region; the target has a consistent point again once \
+             it has them and the engine's resync point after them",
+            d.volume(),
+            started.elapsed()
+        );
         d.finish_resync(|| link.resync_done(&[d.disk_number()]));
     }
 }
@@ -297,7 +302,11 @@ fn finish_sweep(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, sweep: &S
     );
     // With nothing sent and no guest write meanwhile there is no resync to end.
     if map.needing_resync().is_empty() && link.is_connected() && d.finish_resync(|| link.resync_done(&[d.disk_number()])) {
-        info!("volume {}: resync complete", d.volume());
+        info!(
+            "volume {}: resync sent: the engine holds every region that differed; the target has a consistent point again once \
+             it has them and the engine's resync point after them",
+            d.volume()
+        );
     }
 }
 

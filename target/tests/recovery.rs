@@ -120,7 +120,9 @@ fn recovery_refusals_name_the_problem() {
 
     let h = history(&cfg, "erp").unwrap();
     let e = recover(&cfg, &req("erp", "db", Point::Time(h.first_time_ns - 1), out.clone())).unwrap_err();
-    assert!(e.to_string().contains("no longer retained; the recoverable window is seq 0 ("), "{e}");
+    // Nothing was ever folded away: the time is before the group existed, not "no longer retained".
+    assert!(matches!(e, TargetError::BeforeCreation { .. }), "{e:?}");
+    assert!(e.to_string().contains("is before the group was created at") && e.to_string().contains("window is seq 0 ("), "{e}");
 
     let inside = dir.path().join("groups").join("erp").join("x.img");
     let e = recover(&cfg, &req("erp", "db", Point::Latest, inside.clone())).unwrap_err();

@@ -221,7 +221,7 @@ impl Cluster {
         self.path(&format!("agent-{vm}.toml"))
     }
 
-    fn write_configs(&self) {
+    pub fn write_configs(&self) {
         let d = self.dir.path();
         std::fs::write(
             self.target_toml(),

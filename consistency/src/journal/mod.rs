@@ -156,10 +156,13 @@ impl Journal {
                 // cache only: make them durable before they are counted as such.
                 f.sync_data().map_err(io_err(&last.path, "fdatasync on open"))?;
                 if scan.end < len {
-                    // Nothing after the last good record was acknowledged: a commit torn by a
-                    // crash, or bytes of a reused file's earlier life.
+                    // Nothing after the last good record was acknowledged: bytes of a reused
+                    // file's earlier life (after every restart once segments are recycled), or
+                    // a commit torn by a crash.
                     log::info!(
-                        "journal {}: cutting the active segment after seq {}: {} bytes follow that are no record of it ({})",
+                        "journal {}: the active segment ends after seq {}; the {} bytes after it hold no record of this journal \
+                         ({}): what the recycled segment file held before (normal), or a commit a crash interrupted, which was \
+                         never acknowledged; they are cut",
                         dir.display(),
                         scan.next_seq - 1,
                         len - scan.end,

@@ -78,22 +78,7 @@ impl Journal {
 
     fn commit_inner(&mut self) -> Result<Seq, JournalError> {
         if self.active_len >= self.opts.segment_size {
-            let first = self.durable_seq + 1;
-            if let Some(sealed) = self.segments.back_mut() {
-                // A reused file may hold bytes of its earlier life past the last commit.
-                self.active.set_len(self.active_len).map_err(io_err(&sealed.path, "cut sealed segment"))?;
-                sealed.bytes = self.active_len;
-            }
-            let info = self.new_segment(first)?;
-            self.active = self.fs.open(&info.path, OpenMode::ReadWrite).map_err(io_err(&info.path, "open segment"))?;
-            self.active_len = SEGMENT_HEADER_LEN as u64;
-            self.direct = false;
-            if let Some(d) = open_direct(self.fs.as_ref(), &info.path, self.opts)? {
-                self.active = d;
-                self.active_len = BLOCK;
-                self.direct = true;
-            }
-            self.segments.push_back(info);
+            self.roll()?;
         }
         let active = self.segments.back().expect("there is always an active segment");
         let bytes = if self.direct { self.staging.padded(&self.pending) } else { &self.pending[..] };
@@ -113,6 +98,46 @@ impl Journal {
             None => self.pending.clear(),
         }
         Ok(self.durable_seq)
+    }
+
+    /// Seals the active segment and starts the next one.
+    fn roll(&mut self) -> Result<(), JournalError> {
+        let first = self.durable_seq + 1;
+        if let Some(sealed) = self.segments.back_mut() {
+            // A reused file may hold bytes of its earlier life past the last commit.
+            self.active.set_len(self.active_len).map_err(io_err(&sealed.path, "cut sealed segment"))?;
+            sealed.bytes = self.active_len;
+        }
+        let info = self.new_segment(first)?;
+        self.active = self.fs.open(&info.path, OpenMode::ReadWrite).map_err(io_err(&info.path, "open segment"))?;
+        self.active_len = SEGMENT_HEADER_LEN as u64;
+        self.direct = false;
+        if let Some(d) = open_direct(self.fs.as_ref(), &info.path, self.opts)? {
+            self.active = d;
+            self.active_len = BLOCK;
+            self.direct = true;
+        }
+        self.segments.push_back(info);
+        Ok(())
+    }
+
+    /// Seals the active segment now, if it holds records and nothing is buffered, so that
+    /// [`Journal::trim_through`] can remove it once they are confirmed: a journal that takes
+    /// no records (a paused group) would otherwise keep its active segment, whatever its size,
+    /// for ever. Returns whether it sealed.
+    pub fn seal_active(&mut self) -> Result<bool, JournalError> {
+        if self.poisoned {
+            return Err(JournalError::Poisoned { path: self.dir.clone() });
+        }
+        let holds_records = self.segments.back().is_some_and(|s| s.first_seq <= self.durable_seq);
+        if !self.pending.is_empty() || !holds_records {
+            return Ok(false);
+        }
+        let res = self.roll();
+        if res.is_err() {
+            self.poisoned = true;
+        }
+        res.map(|()| true)
     }
 
     /// A new segment starting at `first`: a spare reused when one fits (its commits then

@@ -435,11 +435,34 @@ fn refuse_all(batch: &mut Vec<WriteRequest>, status: u32) {
 fn trim_confirmed(journal: &mut Journal, shared: &GroupShared, trimmed_through: &mut Seq) {
     let confirmed = shared.confirmed.load(Ordering::Acquire);
     if confirmed > *trimmed_through {
-        match journal.trim_through(confirmed) {
-            Ok(n) if n > 0 => log::debug!("group {}: removed {n} journal segments confirmed by the target", shared.name),
-            Ok(_) => {}
-            Err(e) => log::warn!("group {}: cannot trim the journal: {e}", shared.name),
-        }
+        trim(journal, shared, confirmed);
         *trimmed_through = confirmed;
+    }
+    // Everything confirmed, and still over the size at which a paused group takes writes
+    // again: the active segment alone holds it there (written with a larger segment_size, or
+    // before a restart with a smaller journal_size), and nothing appended will ever roll it.
+    // Seal it, so that it can go.
+    let over = shared.journal.max().is_some_and(|max| journal.size_bytes() > max / 4 * 3);
+    if over && confirmed >= journal.durable_seq() {
+        match journal.seal_active() {
+            Ok(true) => {
+                log::info!(
+                    "group {}: the target holds everything in the engine's journal, whose active segment alone keeps it \
+                     over 3/4 of journal_size: sealing it to remove it",
+                    shared.name
+                );
+                trim(journal, shared, confirmed);
+            }
+            Ok(false) => {}
+            Err(e) => log::warn!("group {}: cannot seal the journal's active segment: {e}", shared.name),
+        }
+    }
+}
+
+fn trim(journal: &mut Journal, shared: &GroupShared, confirmed: Seq) {
+    match journal.trim_through(confirmed) {
+        Ok(n) if n > 0 => log::debug!("group {}: removed {n} journal segments confirmed by the target", shared.name),
+        Ok(_) => {}
+        Err(e) => log::warn!("group {}: cannot trim the journal: {e}", shared.name),
     }
 }
