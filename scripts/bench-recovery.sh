@@ -5,7 +5,8 @@
 #   - the time from starting `hindsight export --latest` to the first 4 KiB read by a client;
 #   - 4 KiB random reads (fio's nbd engine, QD32) of the exported point against qemu-nbd serving
 #     a raw image of the same point;
-#   - `hindsight recover --latest` against `qemu-img convert` of that raw image, in GB/s;
+#   - `hindsight recover --latest` against `qemu-img convert` of that raw image (then synced,
+#     as recover syncs its image), in GB/s, both from a cold page cache;
 #   - the index's size and the export's resident memory, per GiB of journal.
 #
 #   HS_BENCH_JOURNALS="1G 16G"   journal sizes to measure (default)
@@ -85,7 +86,9 @@ for J in $JOURNALS; do
   cmp "$D/recovered.img" "$D/agent.img" || { echo "the recovered image differs from the agent's disk" >&2; exit 1; }
   drop_caches
   t0=$(now)
+  # recover makes its image durable before it names it; so must the peer, to compare alike.
   qemu-img convert -f raw -O raw "$D/recovered.img" "$D/converted.img"
+  sync "$D/converted.img"
   t1=$(now)
   convert_s=$(python3 -c "print('%.3f' % ($t1 - $t0))")
   rm -f "$D/qemu.sock"

@@ -473,3 +473,68 @@ fn ext4_on_a_writable_export_takes_new_files_and_leaves_history_and_replica_as_t
     assert_eq!(sha(&recovered), point_hash, "the point changed");
     assert_eq!(sha(&replica), replica_hash, "the replica changed");
 }
+
+#[test]
+fn points_exported_after_the_target_was_killed_while_indexing_equal_the_model() {
+    if !have_tools(&["qemu-io", "nbdcopy"]) {
+        return;
+    }
+    let seed: u64 = std::env::var("HS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::thread_rng().gen());
+    eprintln!("seed {seed} (HS_SEED={seed} repeats this run)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // 1 MiB segments: the target seals and indexes one every few batches.
+    let mut c = Cluster::start_with(&[Vol::new("vm1", "db", SIZE)], "segment_size = \"1MiB\"\n");
+    let mut model = Model::new(SIZE);
+    let mut states = vec![model.bytes.clone()]; // states[k]: after k records
+    for round in 0..4 {
+        let ops = random_ops(&mut rng, 30);
+        // The target is killed with SIGKILL while the batch streams in (its maintenance
+        // thread writes index files as segments seal), and started again.
+        let killer = {
+            let delay = Duration::from_millis(rng.gen_range(0..300));
+            std::thread::spawn(move || std::thread::sleep(delay))
+        };
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "raw", &c.uri("db")]);
+        for (op, ..) in &ops {
+            cmd.arg("-c").arg(op);
+        }
+        let writer = std::thread::spawn(move || run_ok(&mut cmd));
+        killer.join().unwrap();
+        c.kill_target();
+        c.start_target();
+        let out = writer.join().unwrap();
+        assert!(!out.contains("failed"), "round {round}: {out}");
+        for &(_, off, len, byte) in &ops {
+            model.fill(off, len, byte.unwrap_or(0));
+            states.push(model.bytes.clone());
+        }
+    }
+    let last = c.settle();
+    assert_eq!(last as usize, states.len() - 1, "one record per write");
+    // Every sealed segment is indexed again after the restarts, and no temporary is left.
+    let index_dir = c.path("target/groups/erp/index");
+    let started = std::time::Instant::now();
+    let names = loop {
+        let names: Vec<String> =
+            std::fs::read_dir(&index_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let segments = std::fs::read_dir(c.path("target/groups/erp/journal"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".hsj"))
+            .count();
+        if names.iter().filter(|n| n.ends_with(".hsx")).count() + 1 >= segments && !names.iter().any(|n| n.ends_with(".tmp")) {
+            break names;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "index files {names:?} for {segments} segments");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(names.len() >= 2, "{names:?}");
+    let dir = c.path("reads");
+    std::fs::create_dir_all(&dir).unwrap();
+    for _ in 0..4 {
+        let k = rng.gen_range(0..=last);
+        let e = Export::start(&c, &format!("k{k}"), &["--volume", "db", "--seq", &k.to_string()]);
+        assert_same(&format!("seq {k}"), &e.read(&dir, "db"), &states[k as usize]);
+        assert!(e.stop().success());
+    }
+}

@@ -152,6 +152,26 @@ fn engine_killed_between_batches_continues_the_sequence() {
     assert_latest(&c, &h.model_at(ab), "after batch B");
 }
 
+/// A cluster of one volume with one batch of writes at the target; returns the last seq too.
+fn one_batch_written() -> (Cluster, History, rand::rngs::StdRng, u64) {
+    let mut rng = seeded_rng();
+    let c = Cluster::start(&[Vol::new("vm1", VOL, SIZE)]);
+    let mut h = History::default();
+    let a = h.write_batch(&c, &mut rng);
+    assert_eq!(c.wait_target_seq_settled(a), a);
+    (c, h, rng, a)
+}
+
+/// Writes the next batch, waits until the target holds it, and checks the whole history
+/// there; returns the last seq.
+fn next_batch(c: &Cluster, h: &mut History, rng: &mut rand::rngs::StdRng) -> u64 {
+    let ab = h.write_batch(c, rng);
+    let last = c.wait_target_seq_settled(ab);
+    assert_eq!(last, ab, "the target holds {last} records for {ab} writes");
+    assert_whole_history(c, ab);
+    ab
+}
+
 /// SIGTERM, as a service manager stops a daemon: the engine and the target say in their logs
 /// that they stop and why, exit with status 0, and start again with nothing lost.
 #[test]
@@ -159,12 +179,7 @@ fn engine_and_target_stopped_with_sigterm_say_so_and_lose_nothing() {
     if !have_tools(&["qemu-io"]) {
         return;
     }
-    let mut rng = seeded_rng();
-    let mut c = Cluster::start(&[Vol::new("vm1", VOL, SIZE)]);
-    let mut h = History::default();
-    let a = h.write_batch(&c, &mut rng);
-    assert_eq!(c.wait_target_seq_settled(a), a);
-
+    let (mut c, mut h, mut rng, a) = one_batch_written();
     for which in ["engine", "target"] {
         let status = c.stop(which);
         assert!(status.success(), "the {which} stopped on SIGTERM with {status}");
@@ -174,9 +189,8 @@ fn engine_and_target_stopped_with_sigterm_say_so_and_lose_nothing() {
     c.start_target();
     c.start_engine();
     c.wait_log("engine", "attached volumes", 2);
-    let ab = h.write_batch(&c, &mut rng);
-    assert_eq!(c.wait_target_seq_settled(ab), ab);
-    assert_whole_history(&c, ab);
+    let ab = next_batch(&c, &mut h, &mut rng);
+    assert!(ab > a);
     assert_latest(&c, &h.model_at(ab), "after the restart");
 }
 
@@ -185,12 +199,7 @@ fn agent_killed_and_restarted_keeps_old_points_and_replicates_new_writes() {
     if !have_tools(&["qemu-io"]) {
         return;
     }
-    let mut rng = seeded_rng();
-    let mut c = Cluster::start(&[Vol::new("vm1", VOL, SIZE)]);
-    let mut h = History::default();
-
-    let a = h.write_batch(&c, &mut rng);
-    assert_eq!(c.wait_target_seq_settled(a), a);
+    let (mut c, mut h, mut rng, a) = one_batch_written();
 
     // Killed idle, once its dirty map is clean: nothing to resync (the resync after a kill
     // with writes in flight is tests/system_resync.rs).
@@ -200,10 +209,7 @@ fn agent_killed_and_restarted_keeps_old_points_and_replicates_new_writes() {
     assert_latest(&c, &h.model_at(a), "agent down after batch A");
 
     c.start_agent("vm1");
-    let ab = h.write_batch(&c, &mut rng);
-    let last = c.wait_target_seq_settled(ab);
-    assert_eq!(last, ab, "the target holds {last} records for {ab} writes");
-    assert_whole_history(&c, ab);
+    let ab = next_batch(&c, &mut h, &mut rng);
     h.assert_points(&c, &mut rng, &[(a, "end of batch A"), (a + 1, "first write after the restart")]);
     assert_latest(&c, &h.model_at(ab), "after batch B");
 }
