@@ -6,7 +6,8 @@
 //!
 //! Read-only by default (`NBD_FLAG_READ_ONLY`; a write gets EPERM). With `--writable`, writes
 //! go to a scratch [`Overlay`] per volume under the group's `exports/` directory, deleted when
-//! the export stops. The NBD server is the agent's own ([`hindsight_splitter::nbd`]): the same
+//! the export stops; with `--overlay DIR`, to an overlay kept in DIR and reused by a later
+//! export of the same point. The NBD server is the agent's own ([`hindsight_splitter::nbd`]): the same
 //! handshake, block sizes and checks of every request.
 
 use std::io;
@@ -58,6 +59,72 @@ pub struct ExportArgs {
     /// history or the replicas)
     #[arg(long)]
     pub writable: bool,
+    /// Accept writes into an overlay kept in DIR when the export stops, and reused by a later
+    /// export of the same point with the same DIR
+    #[arg(long, value_name = "DIR")]
+    pub overlay: Option<PathBuf>,
+}
+
+/// What a kept overlay's directory says it belongs to (`overlay.json`).
+#[derive(serde::Serialize, serde::Deserialize, PartialEq, Eq, Debug)]
+struct OverlayManifest {
+    group: String,
+    seq: u64,
+}
+
+/// The overlay of one volume: scratch (in `scratch`), kept in `--overlay DIR`, or none.
+fn overlay_for(args: &ExportArgs, scratch: &std::path::Path, volume: &Volume) -> Result<Option<Overlay>, Failure> {
+    if let Some(dir) = &args.overlay {
+        let data = dir.join(format!("{}.overlay", volume.name));
+        let map = dir.join(format!("{}.map", volume.name));
+        if data.exists() {
+            let o = Overlay::reopen(&data, volume.size, map).with_context(|| format!("reuse the overlay in {}", dir.display()))?;
+            log::info!(
+                "export: volume {}: overlay reused from {} ({} written)",
+                volume.name,
+                dir.display(),
+                crate::progress::human(o.bytes())
+            );
+            return Ok(Some(o));
+        }
+        return Ok(Some(Overlay::create(&data, volume.size, Some(map)).with_context(|| format!("create the overlay {}", data.display()))?));
+    }
+    if !args.writable {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(scratch).with_context(|| format!("create the overlay directory {}", scratch.display()))?;
+    let path = scratch.join(format!("{}.overlay", volume.name));
+    Ok(Some(Overlay::create(&path, volume.size, None).with_context(|| format!("create the overlay {}", path.display()))?))
+}
+
+/// Prepares `--overlay DIR`: a new directory is claimed for this group and point; one that
+/// holds an overlay of another point is refused.
+fn claim_overlay_dir(dir: &std::path::Path, view: &PointView) -> Result<(), Failure> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create the overlay directory {}", dir.display()))?;
+    let path = dir.join("overlay.json");
+    let mine = OverlayManifest { group: view.group().to_owned(), seq: view.seq() };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let theirs: OverlayManifest = serde_json::from_str(&text).map_err(|e| Failure::Config(format!("{}: {e}", path.display())))?;
+            if theirs != mine {
+                return Err(Failure::Config(format!(
+                    "--overlay {}: it holds the overlay of group {:?} at seq {}; export that point (--seq {}) to reuse it, or give \
+                     another directory",
+                    dir.display(),
+                    theirs.group,
+                    theirs.seq,
+                    theirs.seq
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::write(&path, serde_json::to_string_pretty(&mine).expect("serialises") + "\n")
+                .with_context(|| format!("write {}", path.display()))?;
+            Ok(())
+        }
+        Err(e) => Err(anyhow::anyhow!("read {}: {e}", path.display()).into()),
+    }
 }
 
 /// One exported volume: the point, and the overlay of a writable export.
@@ -166,21 +233,23 @@ pub fn run(args: &ExportArgs) -> Result<(), Failure> {
     let scratch = view.scratch_dir().join(std::process::id().to_string());
     let mut exports: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
     let mut devices = Vec::new();
+    if let Some(dir) = &args.overlay {
+        claim_overlay_dir(dir, &view)?;
+    }
+    let writable = args.writable || args.overlay.is_some();
     for (index, volume) in selected(args, &view)? {
-        let overlay = if args.writable {
-            std::fs::create_dir_all(&scratch).with_context(|| format!("create the overlay directory {}", scratch.display()))?;
-            let path = scratch.join(format!("{}.overlay", volume.name));
-            Some(Overlay::create(&path, volume.size).with_context(|| format!("create the overlay {}", path.display()))?)
-        } else {
-            None
-        };
+        let overlay = overlay_for(args, &scratch, volume)?;
         let device = Arc::new(PointDevice { view: Arc::clone(&view), index, size: volume.size, overlay });
         devices.push(Arc::clone(&device));
         exports.push((volume.name.clone(), device));
     }
     let names: Vec<String> = exports.iter().map(|(n, _)| n.clone()).collect();
     let server = NbdServer::new(listen, exports).context("prepare the NBD server")?.spawn().context("start the NBD server")?;
-    let mode = if args.writable { "writable (writes go to a scratch overlay, discarded at the end)" } else { "read-only" };
+    let mode = match &args.overlay {
+        Some(dir) => format!("writable (writes go to the overlay kept in {})", dir.display()),
+        None if args.writable => "writable (writes go to a scratch overlay, discarded at the end)".to_string(),
+        None => "read-only".to_string(),
+    };
     let ready = format!(
         "exporting group {} at seq {} ({}, {}) on {}: {} ({mode}); the point is pinned until the export stops (Ctrl-C)",
         view.group(),
@@ -191,7 +260,7 @@ pub fn run(args: &ExportArgs) -> Result<(), Failure> {
         names.iter().map(|n| format!("export {n:?}")).collect::<Vec<_>>().join(", "),
     );
     let mut registration = view
-        .register(&server.listen().to_string(), names.clone(), args.writable)
+        .register(&server.listen().to_string(), names.clone(), writable)
         .context("register the export in the group's exports/ directory")?;
     log::info!("{ready}");
     println!("{ready}");
@@ -218,8 +287,11 @@ pub fn run(args: &ExportArgs) -> Result<(), Failure> {
         let device = Arc::into_inner(device).expect("the server has stopped: nothing else holds the device");
         if let Some(o) = device.overlay {
             let bytes = o.bytes();
-            o.discard().context("delete the overlay")?;
-            log::info!("export: overlay of {} bytes discarded", bytes);
+            o.finish().context("finish the overlay")?;
+            match &args.overlay {
+                Some(dir) => log::info!("export: overlay of {} kept in {}", crate::progress::human(bytes), dir.display()),
+                None => log::info!("export: overlay of {} discarded", crate::progress::human(bytes)),
+            }
         }
     }
     if args.writable {

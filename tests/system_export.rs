@@ -538,3 +538,39 @@ fn points_exported_after_the_target_was_killed_while_indexing_equal_the_model() 
         assert!(e.stop().success());
     }
 }
+
+#[test]
+fn a_kept_overlay_is_reused_by_the_next_export_of_its_point_and_refused_for_another() {
+    if !have_tools(&["qemu-io", "nbdcopy"]) {
+        return;
+    }
+    let c = Cluster::start(&[Vol::new("vm1", "db", SIZE)]);
+    let mut db = Model::new(SIZE);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    write(&c, "db", &mut db, &random_ops(&mut rng, 20));
+    let seq = c.settle();
+    let dir = c.path("kept-overlay");
+    let dir_arg = dir.display().to_string();
+    let e = Export::start(&c, "kept", &["--volume", "db", "--seq", &seq.to_string(), "--overlay", &dir_arg]);
+    run_ok(Command::new("qemu-io").args(["-f", "raw", &e.uri("db"), "-c", "write -P 77 8192 12288", "-c", "flush"]));
+    assert!(e.stop().success());
+    let mut tested = db.bytes.clone();
+    tested[8192..8192 + 12288].fill(77);
+
+    // The next export of the same point with the same directory has those writes.
+    let reads = c.path("reads");
+    std::fs::create_dir_all(&reads).unwrap();
+    let again = Export::start(&c, "kept-again", &["--volume", "db", "--seq", &seq.to_string(), "--overlay", &dir_arg]);
+    assert_same("the kept overlay over its point", &again.read(&reads, "db"), &tested);
+    assert!(again.stop().success());
+    // The history is as it was, and another point does not take this overlay.
+    assert_same("the point itself", &c.recover("db", &["--seq", &seq.to_string()]), &db.bytes);
+    let (ok, _, err) = run_timeout(
+        Command::new(hindsight_bin())
+            .args(["export", "--group", "erp", "--volume", "db", "--seq", &(seq - 1).to_string(), "--overlay", &dir_arg, "--config"])
+            .arg(c.target_toml())
+            .args(["--listen", &format!("unix:{}", c.path("other.sock").display())]),
+        Duration::from_secs(30),
+    );
+    assert!(!ok && err.contains(&format!("holds the overlay of group \"erp\" at seq {seq}")), "{err}");
+}
