@@ -1,8 +1,8 @@
 //! Instant access: `hindsight export` serves a group's volumes at a point over NBD at once,
 //! through the point-in-time index, while the group keeps replicating. Two VMs' volumes are
 //! written at random (data, zero writes, trims) through their agents with qemu-io; at points
-//! chosen by seq, time and bookmark the exported images, read with nbdcopy, qemu-img and
-//! qemu-io, equal the model of the acknowledged writes and the image `recover` writes. A
+//! chosen by seq, time and bookmark the exported images, read with nbdcopy and qemu-img,
+//! equal the model of the acknowledged writes and the image `recover` writes. A
 //! read-only export refuses writes; a writable one keeps them in its overlay and leaves the
 //! history and the replicas as they were.
 
@@ -154,6 +154,10 @@ fn exported_points_equal_the_model_while_replication_goes_on() {
     }
     let seq1 = c.settle();
     let (db1, app1) = (db.bytes.clone(), app.bytes.clone());
+    // A bookmark right after: the point it names holds the same writes.
+    run_ok(Command::new(hindsight_bin()).args(["bookmark", "before-more", "--group", "erp", "--config"]).arg(c.engine_toml()));
+    let bookmarked = c.settle();
+    assert_eq!(bookmarked, seq1 + 1, "the bookmark takes the next sequence number");
     std::thread::sleep(Duration::from_millis(20));
     let time1 = now_ns();
     std::thread::sleep(Duration::from_millis(20));
@@ -189,7 +193,9 @@ fn exported_points_equal_the_model_while_replication_goes_on() {
     let e1 = Export::start(&c, "e1", &["--all", "--seq", &seq1.to_string()]);
     assert_eq!(e1.seq(), seq1);
     let e2 = Export::start(&c, "e2", &["--vm", "vm1", "--time", &format_rfc3339(time1)]);
-    assert_eq!(e2.seq(), seq1, "the time between the two batches is seq {seq1}");
+    assert_eq!(e2.seq(), bookmarked, "the time between the two batches is seq {bookmarked}");
+    let e3 = Export::start(&c, "e3", &["--vm", "vm2", "--bookmark", "before-more"]);
+    assert_eq!(e3.seq(), bookmarked);
 
     // More writes stream in while the points are exported: they change nothing exported.
     for _ in 0..2 {
@@ -199,6 +205,7 @@ fn exported_points_equal_the_model_while_replication_goes_on() {
     assert_same("db at seq1 (nbdcopy)", &e1.read(&dir, "db"), &db1);
     assert_same("app at seq1 (nbdcopy)", &e1.read(&dir, "app"), &app1);
     assert_same("db at time1 (nbdcopy)", &e2.read(&dir, "db"), &db1);
+    assert_same("app at the bookmark (nbdcopy)", &e3.read(&dir, "app"), &app1);
     let seq3 = c.settle();
 
     // qemu-img compares the export with the image recover writes of the same point.
@@ -221,7 +228,7 @@ fn exported_points_equal_the_model_while_replication_goes_on() {
     assert!(said.contains("Permission denied") || said.contains("read-only") || said.contains("not permitted"), "{said}");
     assert_same("db at seq1 after a refused write", &e1.read(&dir, "db"), &db1);
 
-    for e in [e1, e2, latest] {
+    for e in [e1, e2, e3, latest] {
         assert!(e.stop().success());
     }
 }
