@@ -523,8 +523,10 @@ fn points_exported_after_the_target_was_killed_while_indexing_equal_the_model() 
     let index_dir = c.path("target/groups/erp/index");
     let started = std::time::Instant::now();
     let names = loop {
-        let names: Vec<String> =
-            std::fs::read_dir(&index_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        // Not there at all until the first sealed segment is indexed.
+        let names: Vec<String> = std::fs::read_dir(&index_dir)
+            .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
         let segments = std::fs::read_dir(c.path("target/groups/erp/journal"))
             .unwrap()
             .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".hsj"))
