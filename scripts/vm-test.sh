@@ -3,9 +3,12 @@
 # QEMU (software emulation, no KVM needed) from a small initramfs; the agent serves the guest's
 # two virtio disks as /dev/ublkb0 (ublk) and /dev/nbd0 (kernel nbd) and replicates them to an
 # engine and a target running on this host. The guest (tests/vm/guest-test.sh) puts ext4 on
-# both, places a quiesced bookmark, kills the agent with SIGKILL in the middle of I/O and
-# restarts it, and stops it; this script then recovers the bookmark and the newest point on
-# the host (tests/vm/host-checks.sh) and compares them with the guest's disks and files.
+# both, places a quiesced bookmark, attaches that point of its nbd volume as this script
+# exports it on request (`hindsight export`, forwarded by QEMU, with the guest's nbd-client
+# and kernel nbd driver) and checks its files, kills the agent with SIGKILL in the middle of
+# I/O and restarts it, and stops it; this script then recovers the bookmark and the newest
+# point on the host (tests/vm/host-checks.sh) and compares them with the guest's disks and
+# files.
 #
 # Needs root for apt-get (QEMU's user-mode network needs no privileges). The last line is
 # "N passed, M failed"; the exit status is 0 when nothing failed.
@@ -47,8 +50,9 @@ PHASES=()
 
 step() { printf '\n== %s\n' "$*"; }
 
-# Stops the daemons and QEMU (lib.sh's cleanup), then removes the run directory.
+# Stops the daemons, an export and QEMU (lib.sh's cleanup), then removes the run directory.
 vm_cleanup() {
+  [ -n "$RUN" ] && [ -s "$RUN/export.pid" ] && kill "$(cat "$RUN/export.pid")" 2>/dev/null
   hs_cleanup
   [ -n "$RUN" ] && [ "${HS_VM_KEEP:-0}" != 1 ] && rm -rf "$RUN"
   return 0
@@ -150,6 +154,7 @@ start_servers() {
   mkdir -p "$RUN/target" "$RUN/engine"
   EPORT=$(hs_free_port)
   TPORT=$(hs_free_port)
+  XPORT=$(hs_free_port)
   write_configs
   hs_spawn target "$RUN/target.log" "$BIN/hindsight" target --config "$RUN/target.toml"
   hs_wait_tcp "$TPORT"
@@ -167,21 +172,47 @@ qemu_command() {
     -kernel "$WORK/kernel/boot/vmlinuz-$kver" -initrd "$RUN/initramfs.cpio.gz" -append "$append"
     -drive "file=$RUN/vda.img,format=raw,if=virtio,cache=writeback"
     -drive "file=$RUN/vdb.img,format=raw,if=virtio,cache=writeback"
-    -netdev "user,id=n0,restrict=on,guestfwd=tcp:$GUEST_ENGINE_IP:$EPORT-cmd:socat - TCP:127.0.0.1:$EPORT"
+    -netdev "user,id=n0,restrict=on,guestfwd=tcp:$GUEST_ENGINE_IP:$EPORT-cmd:socat - TCP:127.0.0.1:$EPORT,guestfwd=tcp:$GUEST_ENGINE_IP:$XPORT-cmd:socat - TCP:127.0.0.1:$XPORT"
     -device virtio-net-pci,netdev=n0,romfile=)
+}
+
+# When the guest asks for it ("GVM-WANT-EXPORT BOOKMARK" on its console), serves its nbd-vol
+# at that bookmark with `hindsight export` on 127.0.0.1:$XPORT, which QEMU forwards to the
+# guest, until the run ends. The bookmark may take a moment to reach the target: the export
+# is tried again until it starts.
+export_on_request() {
+  local qemu=$1 name pid
+  # tail ends on SIGPIPE once sed has quit: not an error here.
+  name=$(tail -n +1 -F --pid="$qemu" "$RUN/serial.log" 2>/dev/null |
+    sed -un '/GVM-WANT-EXPORT /{s/\r$//; s/^.*GVM-WANT-EXPORT \([A-Za-z0-9._-]*\).*$/\1/p; q}') || true
+  [ -n "$name" ] || return 0
+  for _ in $(seq 60); do
+    "$BIN/hindsight" export --config "$RUN/target.toml" --group "$GROUP" --volume nbd-vol --bookmark "$name" \
+      --listen "tcp:127.0.0.1:$XPORT" >"$RUN/export.out" 2>"$RUN/export.log" &
+    pid=$!
+    echo "$pid" >"$RUN/export.pid"
+    sleep 1
+    if kill -0 "$pid" 2>/dev/null && grep -q '^exporting group' "$RUN/export.out"; then
+      wait "$pid" || true
+      return 0
+    fi
+    wait "$pid" 2>/dev/null || true
+  done
 }
 
 # Boots the guest under a host timeout (a ublk device whose server is gone makes guest I/O
 # wait, not fail), follows its result lines while it runs, and keeps the serial log.
 boot_guest() {
   step "booting the guest (timeout ${TIMEOUT}s)"
-  local append="console=ttyS0 panic=-1 quiet hs.engine=$GUEST_ENGINE_IP:$EPORT"
+  local append="console=ttyS0 panic=-1 quiet hs.engine=$GUEST_ENGINE_IP:$EPORT hs.export=$GUEST_ENGINE_IP:$XPORT"
   # The guest gives up a little before the host does, so that it can still print its logs.
   qemu_command "$append hs.deadline=$((TIMEOUT > 60 ? TIMEOUT - 20 : TIMEOUT * 2 / 3))"
   # Not hs_spawn: QEMU's stdin must not be the terminal, which -nographic would take over.
   timeout "$TIMEOUT" "${QEMU[@]}" </dev/null >"$RUN/serial.log" 2>&1 &
   local pid=$!
   HS_PIDS+=("$pid")
+  export_on_request "$pid" &
+  HS_PIDS+=("$!")
   tail -n +1 -F --pid="$pid" "$RUN/serial.log" 2>/dev/null |
     sed -un 's/\r$//; s/^.*\(GVM-\(OK\|FAIL\|INFO\|TEST-END\)\)/  \1/p' || true
   QEMU_STATUS=0

@@ -106,8 +106,9 @@ add_binary() {
 }
 
 # The guest's tools come from the host, as a distribution would ship them: e2fsprogs for the
-# file systems, and util-linux's fsfreeze, which the agent runs to quiesce (busybox's applet
-# only takes --freeze/--unfreeze, not util-linux's -f/-u).
+# file systems, util-linux's fsfreeze, which the agent runs to quiesce (busybox's applet
+# only takes --freeze/--unfreeze, not util-linux's -f/-u), and nbd-client, with which the
+# guest attaches a point the host exports.
 host_tool() {
   command -v "$1" || { echo "initramfs: $1 is not installed on this host" >&2; exit 1; }
 }
@@ -115,6 +116,6 @@ host_tool() {
 make_tree
 add_modules
 for b in "$BIN_DIR/hindsight-agent" "$BIN_DIR/hindsight"; do add_binary "$b"; done
-for t in mke2fs e2fsck fsfreeze; do add_binary "$(host_tool "$t")"; done
+for t in mke2fs e2fsck fsfreeze nbd-client; do add_binary "$(host_tool "$t")"; done
 (cd "$ROOT" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 >"$OUT"
 echo "initramfs: $(du -h "$OUT" | cut -f1) (modules: $(tr '\n' ' ' <"$ROOT/lib/modules/load-order"))"

@@ -56,10 +56,11 @@ install_qemu() {
 
 # busybox-static: the guest's userland. kmod: depmod. e2fsprogs: mke2fs and e2fsck for the
 # guest, debugfs and e2fsck for the host checks. cpio, xz-utils: the initramfs and the
-# kernel's .ko.xz modules. socat: carries each guest connection to the engine.
+# kernel's .ko.xz modules. socat: carries each guest connection to the engine (and to an
+# export). nbd-client: the guest attaches an exported point with it.
 install_tools() {
   local need=() p
-  for p in busybox-static kmod e2fsprogs cpio xz-utils socat; do
+  for p in busybox-static kmod e2fsprogs cpio xz-utils socat nbd-client; do
     installed "$p" || need+=("$p")
   done
   command -v python3 >/dev/null || need+=(python3)

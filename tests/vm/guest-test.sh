@@ -2,8 +2,10 @@
 # shellcheck shell=dash
 # The VM tier's test, run by /init inside the guest. hindsight-agent serves the guest's two
 # local disks through the kernel's own block drivers: /dev/vda as /dev/ublkb0 (ublk) and
-# /dev/vdb as /dev/nbd0 (nbd). The test puts ext4 on both, places a quiesced bookmark, kills
-# the agent with SIGKILL in the middle of I/O and restarts it, then stops it cleanly.
+# /dev/vdb as /dev/nbd0 (nbd). The test puts ext4 on both, places a quiesced bookmark,
+# attaches the bookmark of nbd-vol as the host exports it (`hindsight export`, kernel nbd over
+# the network), kills the agent with SIGKILL in the middle of I/O and restarts it, then stops
+# it cleanly.
 #
 # Every result line starts with GVM-OK NAME, GVM-FAIL NAME or GVM-INFO; the host counts them
 # and checks the replicated images against the "GVM-INFO file VOLUME PATH MD5" lines.
@@ -19,6 +21,10 @@ CONFIG=/etc/hindsight/agent.toml
 TLS=/etc/hindsight/tls
 AGENT_LOG=/tmp/agent.log
 ENGINE=$(sed -n 's/.*hs\.engine=\([^ ]*\).*/\1/p' /proc/cmdline)
+# Where the host serves a point it exports when asked (QEMU forwards it): IP:PORT.
+EXPORT=$(sed -n 's/.*hs\.export=\([^ ]*\).*/\1/p' /proc/cmdline)
+EXPORT_DEV=/dev/nbd1
+EXPORT_MNT=/mnt/e
 GROUP=vmtier
 UBLK_DEV=/dev/ublkb0
 NBD_DEV=/dev/nbd0
@@ -303,6 +309,37 @@ stop_agent() {
   fi
 }
 
+# --- an exported point, attached in the guest -------------------------------------------
+
+# The host exports nbd-vol at the bookmark (`hindsight export`, read-only) when asked; the
+# guest attaches it with the kernel's nbd driver over the network, mounts it read-only and
+# finds exactly the files of the bookmark: those written before it, none written after.
+attach_export() {
+  timeout 20 "$BIN/nbd-client" "${EXPORT%:*}" "${EXPORT#*:}" "$EXPORT_DEV" -N nbd-vol -readonly >/tmp/nbd-client.log 2>&1
+}
+export_check() {
+  local problems='' f
+  echo "GVM-WANT-EXPORT vm-bookmark"
+  if ! wait_for 90 attach_export; then
+    sed 's/^/GVM-INFO nbd-client: /' /tmp/nbd-client.log
+    fail export-point-in-guest "nbd-client could not attach the export at $EXPORT"
+    return
+  fi
+  mkdir -p "$EXPORT_MNT"
+  if ! timeout 60 mount -t ext4 -o ro,noload "$EXPORT_DEV" "$EXPORT_MNT"; then
+    fail export-point-in-guest "the exported point does not mount"
+  else
+    grep '/before-' /tmp/nbd-vol.md5 | sed "s|$NBD_MNT/|$EXPORT_MNT/|" >/tmp/export.md5
+    timeout 60 md5sum -c -s /tmp/export.md5 || problems="a file of the bookmark differs or is missing"
+    for f in "$EXPORT_MNT"/after-*; do
+      [ -e "$f" ] && problems="$problems; ${f##*/} was written after the bookmark"
+    done
+    if [ -z "$problems" ]; then ok export-point-in-guest; else fail export-point-in-guest "$problems"; fi
+    timeout 30 umount "$EXPORT_MNT"
+  fi
+  timeout 20 "$BIN/nbd-client" -d "$EXPORT_DEV" >/dev/null 2>&1
+}
+
 main() {
   info "engine at $ENGINE"
   : >"$AGENT_LOG"
@@ -313,6 +350,7 @@ main() {
       files files-before before
       quiesced_bookmark
       files files-after after
+      export_check
       kill_agent_during_io
       unmount_and_check
     fi
