@@ -148,8 +148,17 @@ impl Overlay {
         let end = op.offset.checked_add(len).filter(|&e| e <= self.size).ok_or(BlockError::Invalid)?;
         let mut map = lock(&self.map);
         let io = |e: io::Error| {
-            log::warn!("export overlay {}: {e}", self.path.display());
-            BlockError::from_io(&e)
+            let err = BlockError::from_io(&e);
+            if err == BlockError::NoSpace {
+                log::warn!(
+                    "export overlay {}: the file system holding it is full ({e}); the client's write got ENOSPC and nothing \
+                     else changed: free space there, or export again with --overlay DIR on a larger file system",
+                    self.path.display()
+                );
+            } else {
+                log::warn!("export overlay {}: {e}; the client's write got {err}", self.path.display());
+            }
+            err
         };
         let mut block = vec![0u8; usize::try_from(BLOCK).expect("small")];
         let mut at = op.offset;
