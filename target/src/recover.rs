@@ -24,7 +24,7 @@ use crate::point_view::PointView;
 /// Copy and zero-detection granularity of recovery.
 const CHUNK: usize = 4 << 20;
 /// How much of a volume recovery resolves at once (its pieces are held in memory meanwhile).
-const WINDOW: u64 = 1 << 30;
+const WINDOW: u64 = 128 << 20;
 
 /// The history of a group: its volumes and the window of points that can be recovered.
 pub fn history(config: &TargetConfig, group: &str) -> Result<History, TargetError> {
@@ -202,31 +202,63 @@ pub fn recover_with(config: &TargetConfig, req: &RecoverRequest, progress: &mut 
 /// read once. Zeroes are left as holes in a new file, or written on a device.
 fn copy_volume(view: &PointView, index: usize, dst: &dyn StorageFile, device: bool, progress: &mut dyn FnMut(u64, u64)) -> io::Result<()> {
     let size = view.volumes().nth(index).map_or(0, |v| v.size);
-    let mut buf = vec![0u8; CHUNK];
-    let mut start = 0u64;
-    while start < size {
-        let end = (start + WINDOW).min(size);
-        let pieces = view.pieces(index, start, end)?;
-        let mut journal = Vec::new();
-        for p in &pieces {
-            match p.source {
-                Source::Journal { segment, pos } => journal.push((segment, pos, p)),
-                Source::Zero if device => dst.zero_range(p.offset, p.len)?,
-                Source::Zero => {}
-                Source::Base => copy_base(view, index, p, dst, device, &mut buf)?,
+    // A flusher syncs what the windows before wrote while the next one is copied, so that the
+    // final sync waits for the last window only (writeback overlaps the copy).
+    let (flush_tx, flush_rx) = crossbeam_channel::bounded::<()>(1);
+    std::thread::scope(|scope| {
+        let flusher = scope.spawn(move || -> io::Result<()> {
+            while flush_rx.recv().is_ok() {
+                dst.sync_data()?;
             }
-        }
-        journal.sort_unstable_by_key(|&(segment, pos, _)| (segment, pos));
-        for (_, _, p) in journal {
-            let n = usize::try_from(p.len).expect("a record's length");
-            if buf.len() < n {
-                buf.resize(n, 0);
+            Ok(())
+        });
+        let copied = (|| {
+            let mut buf = vec![0u8; CHUNK];
+            let mut start = 0u64;
+            while start < size {
+                let end = (start + WINDOW).min(size);
+                copy_window(view, index, dst, device, &mut buf, start, end)?;
+                let _ = flush_tx.try_send(());
+                progress(end, size);
+                start = end;
             }
-            view.read_piece(index, p, &mut buf[..n])?;
-            dst.write_all_at(&buf[..n], p.offset)?;
+            Ok(())
+        })();
+        drop(flush_tx);
+        let flushed = flusher.join().unwrap_or_else(|_| Err(io::Error::other("the flusher thread panicked")));
+        copied.and(flushed)
+    })
+}
+
+/// Copies `[start, end)` of the volume: what comes from the base image first, in offset order,
+/// then what comes from the journal, in the order it lies in the segment files.
+fn copy_window(
+    view: &PointView,
+    index: usize,
+    dst: &dyn StorageFile,
+    device: bool,
+    buf: &mut Vec<u8>,
+    start: u64,
+    end: u64,
+) -> io::Result<()> {
+    let pieces = view.pieces(index, start, end)?;
+    let mut journal = Vec::new();
+    for p in &pieces {
+        match p.source {
+            Source::Journal { segment, pos } => journal.push((segment, pos, p)),
+            Source::Zero if device => dst.zero_range(p.offset, p.len)?,
+            Source::Zero => {}
+            Source::Base => copy_base(view, index, p, dst, device, buf)?,
         }
-        progress(end, size);
-        start = end;
+    }
+    journal.sort_unstable_by_key(|&(segment, pos, _)| (segment, pos));
+    for (_, _, p) in journal {
+        let n = usize::try_from(p.len).expect("a record's length");
+        if buf.len() < n {
+            buf.resize(n, 0);
+        }
+        view.read_piece(index, p, &mut buf[..n])?;
+        dst.write_all_at(&buf[..n], p.offset)?;
     }
     Ok(())
 }
