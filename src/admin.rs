@@ -25,7 +25,8 @@ const ANSWER_WAIT: Duration = Duration::from_secs(60);
 /// its own certificate), or an address with a client certificate.
 #[derive(clap::Args, Debug)]
 pub struct EngineAt {
-    /// engine.toml of the running engine (its address, and its own certificate as the client's)
+    /// engine.toml of the running engine (its address, and its own certificate as the client's);
+    /// for `status`, a target.toml gives the recovery site's view
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// The engine's address, host:port (instead of --config; e.g. from inside a guest)

@@ -111,7 +111,9 @@ enum Command {
         name: String,
     },
     /// Show each group's replication state on the running engine: the mode (and the mode in
-    /// force while a sync group is degraded), the target's lag and the RPO.
+    /// force while a sync group is degraded), the target's lag and the RPO. With a target.toml
+    /// as --config, the recovery site's view instead: each group's window, replicas, journal
+    /// and running exports (as `history`).
     #[command(group(ArgGroup::new("where").required(true).args(["config", "engine"])))]
     Status {
         #[command(flatten)]
@@ -351,18 +353,31 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Status { at, group, json, watch, count } => {
-            let to = at.resolve().map_err(|e| Failure::Config(e.to_string()))?;
-            let req = StatusRequest { protocol: PROTOCOL_VERSION, groups: group.into_iter().collect() };
+            // At the recovery site, with its target.toml: each group's window, replicas,
+            // journal and running exports, as `history` gives them.
+            let target = at.config.as_deref().filter(|p| is_target_config(p)).map(TargetConfig::load).transpose();
+            let target = target.map_err(|e| Failure::Config(e.to_string()))?;
+            let to = match &target {
+                Some(_) => None,
+                None => Some(at.resolve().map_err(|e| Failure::Config(e.to_string()))?),
+            };
+            let req = StatusRequest { protocol: PROTOCOL_VERSION, groups: group.clone().into_iter().collect() };
             let mut reports = 0u64;
             loop {
-                let reply: StatusReply = admin::request(&to, FrameType::StatusRequest, FrameType::StatusReply, &req)?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&reply)?);
-                } else {
-                    if watch.is_some() {
-                        println!("-- {}", format_rfc3339(hindsight_consistency::time::now_ns()));
+                if watch.is_some() && !json {
+                    println!("-- {}", format_rfc3339(hindsight_consistency::time::now_ns()));
+                }
+                match (&target, &to) {
+                    (Some(cfg), _) => print_history(cfg, group.clone(), json)?,
+                    (None, Some(to)) => {
+                        let reply: StatusReply = admin::request(to, FrameType::StatusRequest, FrameType::StatusReply, &req)?;
+                        if json {
+                            println!("{}", serde_json::to_string_pretty(&reply)?);
+                        } else {
+                            print!("{}", admin::format_status(&reply));
+                        }
                     }
-                    print!("{}", admin::format_status(&reply));
+                    (None, None) => unreachable!("an engine address is resolved when no target config is given"),
                 }
                 reports += 1;
                 match watch {
@@ -385,38 +400,50 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::History { config, group, json } => {
             let cfg = TargetConfig::load(&config).map_err(|e| Failure::Config(e.to_string()))?;
-            let names = match group {
-                Some(g) => vec![g],
-                None => hindsight_target::groups(&cfg)?,
-            };
-            let mut all = Vec::new();
-            for g in &names {
-                all.push(hindsight_target::history(&cfg, g)?);
-            }
-            if json {
-                let mut values = Vec::new();
-                for h in &all {
-                    let mut v = serde_json::to_value(h)?;
-                    v["first_time"] = format_rfc3339(h.first_time_ns).into();
-                    v["last_time"] = format_rfc3339(h.last_time_ns).into();
-                    for (i, b) in h.bookmarks.iter().enumerate() {
-                        v["bookmarks"][i]["time"] = format_rfc3339(b.time_ns).into();
-                    }
-                    values.push(v);
-                }
-                let v = if values.len() == 1 { values.remove(0) } else { serde_json::Value::Array(values) };
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                for h in &all {
-                    print!("{}", history::format_history(h));
-                }
-                if all.is_empty() {
-                    println!("no groups have been replicated to {} yet", cfg.data_dir.display());
-                }
-            }
+            print_history(&cfg, group, json)?;
         }
     }
     Ok(())
+}
+
+/// Prints the history of one group, or of every group, of a target (`history`, and `status`
+/// at the recovery site).
+fn print_history(cfg: &TargetConfig, group: Option<String>, json: bool) -> Result<(), Failure> {
+    let names = match group {
+        Some(g) => vec![g],
+        None => hindsight_target::groups(cfg)?,
+    };
+    let mut all = Vec::new();
+    for g in &names {
+        all.push(hindsight_target::history(cfg, g)?);
+    }
+    if json {
+        let mut values = Vec::new();
+        for h in &all {
+            let mut v = serde_json::to_value(h)?;
+            v["first_time"] = format_rfc3339(h.first_time_ns).into();
+            v["last_time"] = format_rfc3339(h.last_time_ns).into();
+            for (i, b) in h.bookmarks.iter().enumerate() {
+                v["bookmarks"][i]["time"] = format_rfc3339(b.time_ns).into();
+            }
+            values.push(v);
+        }
+        let v = if values.len() == 1 { values.remove(0) } else { serde_json::Value::Array(values) };
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for h in &all {
+            print!("{}", history::format_history(h));
+        }
+        if all.is_empty() {
+            println!("no groups have been replicated to {} yet", cfg.data_dir.display());
+        }
+    }
+    Ok(())
+}
+
+/// True if `path` is a target's configuration (it has a `[target]` section).
+fn is_target_config(path: &std::path::Path) -> bool {
+    std::fs::read_to_string(path).ok().and_then(|t| t.parse::<toml::Table>().ok()).is_some_and(|t| t.contains_key("target"))
 }
 
 fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {

@@ -376,6 +376,9 @@ fn an_export_pins_its_point_until_it_stops() {
     assert_eq!(exports[0]["seq"].as_u64().unwrap(), seq);
     let human = run_ok(Command::new(hindsight_bin()).args(["history", "--group", "erp", "--config"]).arg(c.target_toml()));
     assert!(human.contains(&format!("exported: seq {seq} (")) && human.contains("pinned"), "{human}");
+    // `status` at the recovery site shows the same.
+    let status = run_ok(Command::new(hindsight_bin()).args(["status", "--group", "erp", "--config"]).arg(c.target_toml()));
+    assert!(status.contains(&format!("exported: seq {seq} (")), "{status}");
     let dir = c.path("reads");
     std::fs::create_dir_all(&dir).unwrap();
     assert_same("the pinned point", &e.read(&dir, "db"), &at_seq);

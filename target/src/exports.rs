@@ -2,7 +2,8 @@
 //! group's `exports/` directory as `<pid>.json` (its point, address, volumes, clients and
 //! overlay size, rewritten as they change) and removes the file when it stops. `history` lists
 //! them, and retention says which export holds it back. A file whose process is gone (an
-//! export killed with SIGKILL) is ignored and removed by the next reader.
+//! export killed with SIGKILL) is ignored and removed by the next reader, with the scratch
+//! overlays that export left in `exports/<pid>/`.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -83,6 +84,13 @@ pub(crate) fn active(fs: &dyn Storage, dir: &Path) -> Vec<ActiveExport> {
     let Ok(names) = fs.list(dir) else { return Vec::new() };
     let mut out = Vec::new();
     for name in names {
+        // The scratch overlays of a writable export killed before it could delete them.
+        if let Ok(pid) = name.parse::<u32>() {
+            if !alive(pid) {
+                let _ = std::fs::remove_dir_all(dir.join(&name));
+            }
+            continue;
+        }
         let Some(pid) = name.strip_suffix(".json").and_then(|p| p.parse::<u32>().ok()) else { continue };
         let path = dir.join(&name);
         if !alive(pid) {
@@ -129,8 +137,11 @@ mod tests {
         // A pid that cannot be running (above the kernel's pid_max).
         let stale = Registration::create(&StdStorage, &dir, export(u32::MAX - 1)).unwrap();
         std::mem::forget(stale);
+        std::fs::create_dir_all(dir.join((u32::MAX - 1).to_string())).unwrap();
+        std::fs::write(dir.join((u32::MAX - 1).to_string()).join("db.overlay"), b"left").unwrap();
         assert_eq!(active(&StdStorage, &dir).len(), 1);
         assert!(!dir.join(file_name(u32::MAX - 1)).exists(), "the stale file is removed");
+        assert!(!dir.join((u32::MAX - 1).to_string()).exists(), "so are its scratch overlays");
         drop(r);
         assert!(active(&StdStorage, &dir).is_empty());
     }
