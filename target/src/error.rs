@@ -27,6 +27,9 @@ use crate::index_file::IndexError;
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum TargetError {
+    /// The metrics address could not be bound.
+    #[error("cannot serve metrics on {addr} ({reason}); is another process using it? Change target.metrics_listen or stop that process")]
+    MetricsBind { addr: std::net::SocketAddr, reason: String },
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}; is another process using it? Change target.listen or stop that process")]
     Bind {

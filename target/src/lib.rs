@@ -86,6 +86,7 @@ mod layout;
 mod lock;
 mod marks;
 mod meta;
+mod metrics;
 mod model;
 pub mod point_index;
 mod point_view;

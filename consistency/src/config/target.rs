@@ -51,6 +51,7 @@ pub(super) struct TargetSection {
     segment_size: Option<String>,
     #[serde(default = "yes")]
     direct_io: bool,
+    metrics_listen: Option<String>,
 }
 
 /// A validated target configuration.
@@ -73,6 +74,8 @@ pub struct TargetConfig {
     pub security: Security,
     /// Which engines may ship groups here.
     pub engines: EngineTrust,
+    /// Where Prometheus scrapes the target's metrics (`/metrics`), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Retention applied when a target config names neither `retention` nor `journal_size`.
@@ -89,6 +92,14 @@ impl TargetConfig {
             note(m, t.retention.as_deref().map(parse_duration).transpose().map_err(|source| TargetMistake::Retention { source }));
         let journal_size =
             note(m, t.journal_size.as_deref().map(parse_size).transpose().map_err(|source| TargetMistake::JournalSize { source }));
+        let metrics_listen = note(
+            m,
+            t.metrics_listen
+                .as_deref()
+                .map(|a| parse_socket_addr("target.metrics_listen", a))
+                .transpose()
+                .map_err(|source| TargetMistake::MetricsListen { source }),
+        );
         let segment_size = match &t.segment_size {
             Some(s) => note(m, parse_size(s).map_err(|source| TargetMistake::SegmentSize { source })),
             None => Some(crate::journal::DEFAULT_SEGMENT_SIZE),
@@ -124,8 +135,10 @@ impl TargetConfig {
         let addresses = if listen.is_some() { vec![("target.listen".to_owned(), t.listen.clone())] } else { Vec::new() };
         let security = link_security(tls, Role::Target, None, Some(&t.listen), &addresses);
         let security = note(m, security.map_err(|source| TargetMistake::Tls { source }));
-        match (listen, retention, journal_size, segment_size, security) {
-            (Some(listen), Some(retention), Some(journal_size), Some(segment_size), Some(security)) if mistakes.is_empty() => {
+        match (listen, retention, journal_size, segment_size, security, metrics_listen) {
+            (Some(listen), Some(retention), Some(journal_size), Some(segment_size), Some(security), Some(metrics_listen))
+                if mistakes.is_empty() =>
+            {
                 Ok(TargetConfig {
                     listen,
                     data_dir: t.data_dir,
@@ -135,6 +148,7 @@ impl TargetConfig {
                     direct_io: t.direct_io,
                     security,
                     engines,
+                    metrics_listen,
                 })
             }
             _ => {
@@ -152,6 +166,13 @@ pub enum TargetMistake {
     /// `target.listen` is not an address.
     #[error("{source}")]
     Listen {
+        /// The cause.
+        #[source]
+        source: ValueError,
+    },
+    /// `target.metrics_listen` is not an address.
+    #[error("{source}")]
+    MetricsListen {
         /// The cause.
         #[source]
         source: ValueError,
@@ -240,6 +261,19 @@ mod tests {
         };
         assert!(target("").direct_io);
         assert!(!target("direct_io = false").direct_io);
+    }
+
+    #[test]
+    fn metrics_listen_is_optional_and_must_be_an_address() {
+        let parse = |extra: &str| -> Result<TargetConfig, String> {
+            let text = format!("[target]\nlisten = \"127.0.0.1:7500\"\ndata_dir = \"/d\"\n{extra}\n[tls]\ninsecure_plaintext = true");
+            let raw: TargetFile = toml::from_str(&text).map_err(|e| e.to_string())?;
+            TargetConfig::validate(raw.target, raw.tls).map_err(|m| lines(&m))
+        };
+        assert_eq!(parse("").unwrap().metrics_listen, None);
+        assert_eq!(parse("metrics_listen = \"127.0.0.1:9200\"").unwrap().metrics_listen, Some("127.0.0.1:9200".parse().unwrap()));
+        let e = parse("metrics_listen = \"nowhere\"").unwrap_err();
+        assert!(e.contains("target.metrics_listen"), "{e}");
     }
 
     #[test]

@@ -67,6 +67,22 @@ pub(crate) struct Group {
     applier: Applier,
 }
 
+/// A group's state as numbers, for the metrics endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GroupGauges {
+    /// The newest record the journal holds.
+    pub last_seq: Seq,
+    /// The replicas hold every record up to here.
+    pub applied_seq: Seq,
+    pub journal_bytes: u64,
+    pub journal_size: Option<u64>,
+    /// Time of the oldest and the newest recoverable point (ns since the epoch).
+    pub oldest_ns: u64,
+    pub newest_ns: u64,
+    pub engine_connected: bool,
+    pub stopped: bool,
+}
+
 /// What the maintenance thread owns.
 struct Persist {
     /// The state as it is on disk.
@@ -118,6 +134,25 @@ impl Group {
     pub fn with_replicas<T>(&self, f: impl FnOnce(&ImageSet, Seq) -> T) -> Result<T, ApplierError> {
         let durable = lock(&self.inner).journal.durable_seq();
         self.applier.shared().with_applied(durable, f)
+    }
+
+    /// What the metrics endpoint shows of the group now.
+    pub fn gauges(&self) -> GroupGauges {
+        let (last_seq, last_time_ns, journal_bytes) = {
+            let inner = lock(&self.inner);
+            (inner.journal.durable_seq(), inner.journal.last_time_ns(), inner.journal.size_bytes())
+        };
+        let oldest_ns = self.oldest_ns.load(std::sync::atomic::Ordering::Relaxed);
+        GroupGauges {
+            last_seq,
+            applied_seq: lock(&self.applier.shared().replicas).applied_seq,
+            journal_bytes,
+            journal_size: self.opts.journal_size,
+            oldest_ns,
+            newest_ns: last_time_ns.max(oldest_ns),
+            engine_connected: lock(&self.shipper).is_some(),
+            stopped: self.poisoned().is_some(),
+        }
     }
 
     /// Why the group stopped, if it did.

@@ -148,6 +148,10 @@ pub(crate) fn start(config: TargetConfig, fs: Arc<dyn Storage>) -> Result<Target
         .name("target-accept".into())
         .spawn(move || accept_loop(&s, &listener))
         .map_err(|source| TargetError::Spawn { what: "accept", source })?;
+    if let Some(addr) = shared.config.metrics_listen {
+        let s = Arc::clone(&shared);
+        crate::metrics::serve(addr, move || s.ready_groups())?;
+    }
     log::info!("target listening on {local_addr}, data in {}", shared.config.data_dir.display());
     match (shared.config.security.tls(), &shared.config.engines) {
         (Some(t), EngineTrust::AnyCertified) => {

@@ -33,6 +33,7 @@ pub fn config(data_dir: &Path) -> TargetConfig {
         direct_io: true,
         security: Security::InsecurePlaintext,
         engines: EngineTrust::AnyCertified,
+        metrics_listen: None,
     }
 }
 

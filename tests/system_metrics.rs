@@ -1,0 +1,65 @@
+//! The target's Prometheus endpoint (`target.metrics_listen`): scraped over HTTP while a group
+//! replicates, its series say what history says (the newest seq, the window, the journal),
+//! and they change when the engine goes away.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{free_port, have_tools, qemu_io, Cluster, Vol};
+
+/// `GET path` on 127.0.0.1:port; returns the status line and the body.
+fn get(port: u16, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.lines().next().unwrap_or("").to_owned(), body.to_owned())
+}
+
+/// The value of `name{group="erp"}` in a scrape.
+fn value(body: &str, name: &str) -> Option<f64> {
+    let prefix = format!("{name}{{group=\"erp\"}} ");
+    body.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn target_metrics_follow_the_group_and_its_engine() {
+    if !have_tools(&["qemu-io"]) {
+        return;
+    }
+    let port = free_port();
+    let mut c = Cluster::start_with(&[Vol::new("vm1", "db", 4 << 20)], &format!("metrics_listen = \"127.0.0.1:{port}\"\n"));
+    let uri = c.uri("db");
+    qemu_io(&uri, &["write -P 7 0 1M".into(), "write -P 8 2M 512k".into()]);
+    let seq = c.settle();
+    let h = c.history();
+
+    let (status, body) = get(port, "/metrics");
+    assert!(status.contains("200"), "{status}\n{body}");
+    assert_eq!(value(&body, "hindsight_target_last_seq"), Some(seq as f64), "{body}");
+    assert_eq!(value(&body, "hindsight_target_journal_bytes"), h["journal_bytes"].as_f64(), "{body}");
+    let (oldest, newest) = (
+        value(&body, "hindsight_target_oldest_point_timestamp_seconds").unwrap(),
+        value(&body, "hindsight_target_newest_point_timestamp_seconds").unwrap(),
+    );
+    let window = value(&body, "hindsight_target_window_seconds").unwrap();
+    assert!(oldest > 1.7e9 && newest >= oldest && (window - (newest - oldest)).abs() < 1e-3, "{body}");
+    assert_eq!(value(&body, "hindsight_target_engine_connected"), Some(1.0), "{body}");
+    assert_eq!(value(&body, "hindsight_target_group_stopped"), Some(0.0), "{body}");
+    assert!(body.contains("# TYPE hindsight_target_last_seq gauge"), "{body}");
+
+    // The engine goes away: the series says so.
+    c.kill_engine();
+    let started = Instant::now();
+    while value(&get(port, "/metrics").1, "hindsight_target_engine_connected") != Some(0.0) {
+        assert!(started.elapsed() < Duration::from_secs(30), "engine_connected stayed 1 with the engine killed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, _) = get(port, "/");
+    assert!(status.contains("404"), "{status}");
+}
