@@ -1,6 +1,7 @@
-//! The target's Prometheus endpoint (`target.metrics_listen`): scraped over HTTP while a group
-//! replicates, its series say what history says (the newest seq, the window, the journal),
-//! and they change when the engine goes away.
+//! The Prometheus endpoints of the target (`target.metrics_listen`) and the engine
+//! (`engine.metrics_listen`): scraped over HTTP while a group replicates, their series say what
+//! history and status say (the newest seq, the window, the journal, the lag), and they change
+//! when the peer goes away.
 
 mod common;
 
@@ -12,7 +13,15 @@ use common::{free_port, have_tools, qemu_io, Cluster, Vol};
 
 /// `GET path` on 127.0.0.1:port; returns the status line and the body.
 fn get(port: u16, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // A daemon just started binds its metrics address once its groups are loaded.
+    let started = Instant::now();
+    let mut s = loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(e) => assert!(started.elapsed() < Duration::from_secs(20), "nothing serves metrics on port {port}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
     let mut text = String::new();
@@ -32,8 +41,11 @@ fn target_metrics_follow_the_group_and_its_engine() {
     if !have_tools(&["qemu-io"]) {
         return;
     }
-    let port = free_port();
-    let mut c = Cluster::start_with(&[Vol::new("vm1", "db", 4 << 20)], &format!("metrics_listen = \"127.0.0.1:{port}\"\n"));
+    let (port, eport) = (free_port(), free_port());
+    let mut c = Cluster::prepare(&[Vol::new("vm1", "db", 4 << 20)], &format!("metrics_listen = \"127.0.0.1:{port}\"\n"), "");
+    c.engine_extra = format!("metrics_listen = \"127.0.0.1:{eport}\"");
+    c.launch();
+    c.start_agents();
     let uri = c.uri("db");
     qemu_io(&uri, &["write -P 7 0 1M".into(), "write -P 8 2M 512k".into()]);
     let seq = c.settle();
@@ -52,6 +64,36 @@ fn target_metrics_follow_the_group_and_its_engine() {
     assert_eq!(value(&body, "hindsight_target_engine_connected"), Some(1.0), "{body}");
     assert_eq!(value(&body, "hindsight_target_group_stopped"), Some(0.0), "{body}");
     assert!(body.contains("# TYPE hindsight_target_last_seq gauge"), "{body}");
+
+    // The engine's: what status says.
+    let started = Instant::now();
+    let body = loop {
+        let (_, body) = get(eport, "/metrics");
+        if value(&body, "hindsight_engine_lag_records") == Some(0.0) {
+            break body;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the engine's lag never reached 0:\n{body}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(value(&body, "hindsight_engine_durable_seq"), Some(seq as f64), "{body}");
+    assert_eq!(value(&body, "hindsight_engine_confirmed_seq"), Some(seq as f64), "{body}");
+    assert_eq!(value(&body, "hindsight_engine_target_connected"), Some(1.0), "{body}");
+    assert_eq!(value(&body, "hindsight_engine_paused"), Some(0.0), "{body}");
+    assert!(value(&body, "hindsight_engine_shipped_record_bytes_total").unwrap() >= (1.5 * 1048576.0), "{body}");
+    assert!(body.contains("# TYPE hindsight_engine_wire_bytes counter"), "{body}");
+    // The target goes away: the engine says so, and the lag grows with the next write.
+    c.kill_target();
+    qemu_io(&uri, &["write -P 9 3M 64k".into()]);
+    let started = Instant::now();
+    loop {
+        let (_, body) = get(eport, "/metrics");
+        if value(&body, "hindsight_engine_target_connected") == Some(0.0) && value(&body, "hindsight_engine_lag_records") >= Some(1.0) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no lag or still connected with the target killed:\n{body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.start_target();
 
     // The engine goes away: the series says so.
     c.kill_engine();

@@ -26,6 +26,7 @@ pub mod config;
 #[cfg(any(test, feature = "faults"))]
 pub mod faults;
 pub mod journal;
+pub mod metrics_http;
 pub mod record;
 pub mod region_hash;
 pub mod storage;

@@ -32,6 +32,7 @@ pub mod group;
 pub mod hashes;
 pub mod journal_watch;
 pub mod limiter;
+mod metrics;
 pub mod operator;
 pub mod policy;
 pub mod resync;
@@ -153,6 +154,9 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
             }
         })
         .map_err(|source| EngineError::Spawn { what: "accept".into(), source })?;
+    if let Some(addr) = config.metrics_listen {
+        metrics::serve(addr, Arc::clone(&registry)).map_err(|source| EngineError::Bind { addr, source })?;
+    }
     match config.security.tls() {
         Some(t) => {
             log::info!("engine listening on {local_addr} (TLS as {}, peers must be certified by {})", t.own(), t.files().ca.display())

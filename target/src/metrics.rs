@@ -1,8 +1,8 @@
 //! The target's Prometheus metrics (`target.metrics_listen`): `GET /metrics` answers, in the
 //! OpenMetrics text format, each group's journal, window and replicas as they are at the
 //! scrape. Names follow Prometheus conventions (units in the name, `group` as the label); the
-//! list is in docs/operations.md, "Monitoring". A small synchronous HTTP server (tiny_http) on
-//! a thread of its own; nothing but `/metrics` is served.
+//! list is in docs/operations.md, "Monitoring". The HTTP side is
+//! `hindsight_consistency::metrics_http`, shared with the engine.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -67,28 +67,14 @@ pub(crate) fn render(groups: &[(String, GroupGauges)]) -> String {
     out
 }
 
-/// Serves `/metrics` on `addr` from a thread of its own, with the groups `groups` gives at
-/// each scrape. Returns the address bound.
+/// Serves `/metrics` on `addr`, with the groups `groups` gives at each scrape. Returns the
+/// address bound.
 pub(crate) fn serve(addr: SocketAddr, groups: impl Fn() -> Vec<Arc<Group>> + Send + 'static) -> Result<SocketAddr, TargetError> {
-    let server = tiny_http::Server::http(addr).map_err(|e| TargetError::MetricsBind { addr, reason: e.to_string() })?;
-    let bound = server.server_addr().to_ip().unwrap_or(addr);
-    std::thread::Builder::new()
-        .name("target-metrics".into())
-        .spawn(move || {
-            for request in server.incoming_requests() {
-                let response = if request.url() == "/metrics" {
-                    let gauges: Vec<(String, GroupGauges)> = groups().iter().map(|g| (g.name.clone(), g.gauges())).collect();
-                    let header =
-                        tiny_http::Header::from_bytes("Content-Type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
-                            .expect("a valid header");
-                    tiny_http::Response::from_string(render(&gauges)).with_header(header)
-                } else {
-                    tiny_http::Response::from_string("hindsight target: metrics are at /metrics\n").with_status_code(404)
-                };
-                let _ = request.respond(response);
-            }
-        })
-        .map_err(|source| TargetError::Spawn { what: "metrics", source })?;
+    let bound = hindsight_consistency::metrics_http::serve(addr, "target-metrics", move || {
+        let gauges: Vec<(String, GroupGauges)> = groups().iter().map(|g| (g.name.clone(), g.gauges())).collect();
+        render(&gauges)
+    })
+    .map_err(|e| TargetError::MetricsBind { addr, reason: e.to_string() })?;
     log::info!("target metrics on http://{bound}/metrics");
     Ok(bound)
 }

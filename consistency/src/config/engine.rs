@@ -46,6 +46,7 @@ struct EngineSection {
     max_bandwidth: Option<String>,
     #[serde(default = "yes")]
     direct_io: bool,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -94,6 +95,8 @@ pub struct EngineConfig {
     pub groups: Vec<GroupConfig>,
     /// How the links to agents and targets are protected (`[tls]`).
     pub security: Security,
+    /// Where Prometheus scrapes the engine's metrics (`/metrics`), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// One consistency group.
@@ -147,6 +150,15 @@ impl EngineConfig {
         let mut mistakes: Vec<EngineMistake> = Vec::new();
         let m = &mut mistakes;
         let listen = note(m, parse_socket_addr("engine.listen", &raw.engine.listen).map_err(|source| EngineMistake::Listen { source }));
+        let metrics_listen = note(
+            m,
+            raw.engine
+                .metrics_listen
+                .as_deref()
+                .map(|a| parse_socket_addr("engine.metrics_listen", a))
+                .transpose()
+                .map_err(|source| EngineMistake::MetricsListen { source }),
+        );
         // The addresses the [tls] section must find loopback for insecure_plaintext: those
         // well formed (a malformed one has its own mistake).
         let mut addresses = Vec::new();
@@ -313,16 +325,19 @@ impl EngineConfig {
                 note(m, check_identity_name("agent", &vm).map_err(|source| EngineMistake::VmIdentity { group, volume, source }));
             }
         }
-        match (listen, segment_size, max_bandwidth, security) {
-            (Some(listen), Some(segment_size), Some(max_bandwidth), Some(security)) if mistakes.is_empty() => Ok(EngineConfig {
-                listen,
-                data_dir: raw.engine.data_dir,
-                segment_size,
-                direct_io: raw.engine.direct_io,
-                max_bandwidth,
-                groups,
-                security,
-            }),
+        match (listen, segment_size, max_bandwidth, security, metrics_listen) {
+            (Some(listen), Some(segment_size), Some(max_bandwidth), Some(security), Some(metrics_listen)) if mistakes.is_empty() => {
+                Ok(EngineConfig {
+                    listen,
+                    data_dir: raw.engine.data_dir,
+                    segment_size,
+                    direct_io: raw.engine.direct_io,
+                    max_bandwidth,
+                    groups,
+                    security,
+                    metrics_listen,
+                })
+            }
             _ => {
                 debug_assert!(!mistakes.is_empty(), "a value is missing only after its mistake was noted");
                 Err(mistakes)
@@ -348,6 +363,13 @@ pub enum EngineMistake {
     /// `engine.listen` is not an address.
     #[error("{source}")]
     Listen {
+        /// The cause.
+        #[source]
+        source: ValueError,
+    },
+    /// `engine.metrics_listen` is not an address.
+    #[error("{source}")]
+    MetricsListen {
         /// The cause.
         #[source]
         source: ValueError,

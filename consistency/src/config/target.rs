@@ -264,6 +264,15 @@ mod tests {
     }
 
     #[test]
+    fn engine_metrics_listen_is_optional_and_must_be_an_address() {
+        assert_eq!(engine(ENGINE).unwrap().metrics_listen, None);
+        let with = |a: &str| engine(&ENGINE.replace("[tls]", &format!("metrics_listen = \"{a}\"\n[tls]")));
+        assert_eq!(with("127.0.0.1:9201").unwrap().metrics_listen, Some("127.0.0.1:9201".parse().unwrap()));
+        let e = with("nowhere").unwrap_err();
+        assert!(e.contains("engine.metrics_listen"), "{e}");
+    }
+
+    #[test]
     fn metrics_listen_is_optional_and_must_be_an_address() {
         let parse = |extra: &str| -> Result<TargetConfig, String> {
             let text = format!("[target]\nlisten = \"127.0.0.1:7500\"\ndata_dir = \"/d\"\n{extra}\n[tls]\ninsecure_plaintext = true");

@@ -300,7 +300,7 @@ pub struct StatusReply {
 }
 
 /// One group's replication state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupStatus {
     /// The group.
     pub name: String,
