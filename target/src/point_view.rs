@@ -14,7 +14,7 @@ use hindsight_consistency::storage::{OpenMode, StdStorage, Storage, StorageFile}
 use hindsight_consistency::Seq;
 
 use crate::error::{data_dir_err, TargetError};
-use crate::group_view::{find_group, open_view, point_consistency, resolve_point, seq_at_time, GroupView};
+use crate::group_view::{find_group, open_view, point_consistency, resolve_point, GroupView};
 use crate::layout::image_name;
 use crate::model::{Point, Volume};
 use crate::point_index::resolve::{resolve, Piece, Source, Window};
@@ -53,10 +53,6 @@ impl PointView {
         let (paths, meta) = find_group(config, fs.as_ref(), group)?;
         let view = open_view(&fs, paths, meta, group)?;
         let (through, until_time) = resolve_point(&fs, &view, point)?;
-        let seq = match until_time {
-            Some(t) => seq_at_time(&fs, &view, t)?.min(through),
-            None => through,
-        };
         let jerr = |step| move |source| TargetError::Journal { group: group.to_owned(), step, source };
         let journal_dir = view.paths.journal();
         let listed = list_segments(fs.as_ref(), &journal_dir).map_err(jerr("list segments"))?;
@@ -67,7 +63,7 @@ impl PointView {
         let mut rebuilt = 0;
         for (i, (first_seq, path)) in listed.iter().enumerate() {
             let last = listed.get(i + 1).map(|next| next.0 - 1);
-            if *first_seq > seq || last.is_some_and(|l| l <= after) {
+            if *first_seq > through || last.is_some_and(|l| l <= after) {
                 continue;
             }
             let seg = Segment { first_seq: *first_seq, path: path.clone() };
@@ -80,7 +76,7 @@ impl PointView {
                 }
                 // The active segment has no index file: read it up to the point.
                 None => {
-                    let built = crate::point_index::build::build_runs(&fs, &journal_dir, &names, *first_seq, seq)
+                    let built = crate::point_index::build::build_runs(&fs, &journal_dir, &names, *first_seq, through)
                         .map_err(|source| TargetError::Index { group: group.to_owned(), source: source.into() })?;
                     match built.into_iter().next() {
                         Some(run) => run,
@@ -92,6 +88,11 @@ impl PointView {
             segments.insert(*first_seq, file);
             runs.push(run);
         }
+        // A time is found from the runs' times: only the segment that holds it is read.
+        let seq = match until_time {
+            Some(t) => seq_at_time_in(&fs, &view, &runs, t)?.min(through),
+            None => through,
+        };
         let time_ns = if seq == view.last.0 { view.last.1 } else { time_at(&fs, &view, seq)? };
         let mut volumes = Vec::with_capacity(view.meta.volumes.len());
         for v in &view.meta.volumes {
@@ -219,6 +220,24 @@ impl PointView {
         }
         Ok(())
     }
+}
+
+/// The last sequence number whose time is at or before `t`: the run whose records span `t` is
+/// found by the times its index holds, and only its segment is read.
+fn seq_at_time_in(fs: &Arc<dyn Storage>, view: &GroupView, runs: &[Run], t: u64) -> Result<Seq, TargetError> {
+    let Some(run) = runs.iter().rev().find(|r| r.first_time_ns <= t) else { return Ok(view.state.base_seq) };
+    if run.last_time_ns <= t {
+        return Ok(run.last_seq);
+    }
+    let mut seq = run.first_seq.saturating_sub(1).max(view.state.base_seq);
+    crate::records::for_each_record(fs, &view.name, &view.paths.journal(), run.first_seq, run.last_seq, |rec| {
+        if rec.header.time_ns > t {
+            return Ok(std::ops::ControlFlow::Break(()));
+        }
+        seq = rec.header.seq;
+        Ok(std::ops::ControlFlow::Continue(()))
+    })?;
+    Ok(seq)
 }
 
 /// The time of record `seq` (the base's time for the base point).
