@@ -112,10 +112,10 @@ mod tests {
     fn history_names_the_kind_of_each_inconsistent_span() {
         let h = history(
             vec![
-                Span { from: 5, to: Some(8), kind: SpanKind::Delta },
-                Span { from: 11, to: Some(18), kind: SpanKind::Resync },
-                Span { from: 25, to: None, kind: SpanKind::Resync },
-                Span { from: 27, to: None, kind: SpanKind::Delta },
+                Span { from: 5, to: Some(8), kind: SpanKind::Delta, from_time_ns: 0, to_time_ns: None },
+                Span { from: 11, to: Some(18), kind: SpanKind::Resync, from_time_ns: 0, to_time_ns: None },
+                Span { from: 25, to: None, kind: SpanKind::Resync, from_time_ns: 0, to_time_ns: None },
+                Span { from: 27, to: None, kind: SpanKind::Delta, from_time_ns: 0, to_time_ns: None },
             ],
             24,
         );

@@ -102,6 +102,8 @@ fn target_metrics_follow_the_group_and_its_engine() {
         assert!(started.elapsed() < Duration::from_secs(30), "engine_connected stayed 1 with the engine killed");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (status, _) = get(port, "/");
+    let (status, body) = get(port, "/api/dashboard");
+    assert!(status.contains("200") && body.contains("\"daemon\":\"target\""), "{status}\n{body}");
+    let (status, _) = get(port, "/nothing-here");
     assert!(status.contains("404"), "{status}");
 }

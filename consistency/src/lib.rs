@@ -16,6 +16,8 @@
 //! - [`transport`] — TLS (or loopback plaintext) under the frames: handshakes, peer identities,
 //!   a read half and a write half per connection
 //! - [`time`] — timestamps
+//! - [`metrics_http`] and [`dashboard`] — the daemons' metrics address: `/metrics`, and the
+//!   web page at `/` with the document it draws (docs/dashboard.md)
 //! - `faults` — a storage that injects I/O errors, for tests (in this crate's tests, and for
 //!   other crates with the cargo feature `faults`)
 
@@ -23,6 +25,7 @@
 #![cfg_attr(test, allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap))]
 
 pub mod config;
+pub mod dashboard;
 #[cfg(any(test, feature = "faults"))]
 pub mod faults;
 pub mod journal;

@@ -1,29 +1,66 @@
-//! The HTTP side of the daemons' Prometheus endpoints: `GET /metrics` answers with the text a
-//! daemon renders at each scrape (OpenMetrics), anything else with 404. A small synchronous
-//! server (tiny_http) on a thread of its own, like the rest of the daemons; no async runtime.
+//! The HTTP side of the daemons' metrics address: `GET /metrics` answers with the text a daemon
+//! renders at each scrape (OpenMetrics), `GET /api/dashboard` with its dashboard document, and
+//! `/` with the dashboard page that draws it (docs/dashboard.md); anything else is 404, any
+//! method but GET and HEAD 405. Read-only. A small synchronous server (tiny_http) on a thread
+//! of its own, like the rest of the daemons; no async runtime.
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tiny_http::{Header, Method, Request, Response};
+
+use crate::dashboard;
 
 /// The content type of the OpenMetrics text format.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Serves `/metrics` on `addr` from a thread named `thread`, with `render`'s text at each
-/// scrape; returns the address bound (port 0 picks one).
-pub fn serve(addr: SocketAddr, thread: &str, render: impl Fn() -> String + Send + 'static) -> io::Result<SocketAddr> {
+/// What a daemon answers with: its series and its dashboard document, made at each request.
+pub trait Source: Send + Sync + 'static {
+    /// The OpenMetrics text of one scrape.
+    fn metrics(&self) -> String;
+    /// The dashboard document.
+    fn dashboard(&self) -> dashboard::Document;
+    /// Called every [`dashboard::SAMPLE_EVERY`] from a thread of its own: records what the
+    /// dashboard charts over time (the lag).
+    fn sample(&self);
+}
+
+/// Serves the metrics address `addr` from a thread named `thread` (and samples `source` from
+/// `thread`-sample); returns the address bound (port 0 picks one).
+pub fn serve(addr: SocketAddr, thread: &str, source: Arc<impl Source>) -> io::Result<SocketAddr> {
     let server = tiny_http::Server::http(addr).map_err(|e| io::Error::new(io::ErrorKind::AddrInUse, e.to_string()))?;
     let bound = server.server_addr().to_ip().unwrap_or(addr);
     let owner = thread.to_owned();
+    let sampled = Arc::clone(&source);
+    std::thread::Builder::new().name(format!("{thread}-sample")).spawn(move || loop {
+        sampled.sample();
+        std::thread::sleep(dashboard::SAMPLE_EVERY);
+    })?;
     std::thread::Builder::new().name(thread.into()).spawn(move || {
         for request in server.incoming_requests() {
-            let response = if request.url() == "/metrics" {
-                let header = tiny_http::Header::from_bytes("Content-Type", CONTENT_TYPE).expect("a valid header");
-                tiny_http::Response::from_string(render()).with_header(header)
-            } else {
-                tiny_http::Response::from_string(format!("{owner}: metrics are at /metrics\n")).with_status_code(404)
-            };
+            let response = answer(&request, &owner, source.as_ref());
             let _ = request.respond(response);
         }
     })?;
     Ok(bound)
+}
+
+fn answer(request: &Request, owner: &str, source: &impl Source) -> Response<io::Cursor<Vec<u8>>> {
+    let with = |r: Response<io::Cursor<Vec<u8>>>, content_type: &str| {
+        let header = Header::from_bytes("Content-Type", content_type).expect("a valid header");
+        r.with_header(header).with_header(Header::from_bytes("Cache-Control", "no-store").expect("a valid header"))
+    };
+    if !matches!(request.method(), Method::Get | Method::Head) {
+        return Response::from_string(format!("{owner}: read-only, GET only\n")).with_status_code(405);
+    }
+    let path = request.url().split('?').next().unwrap_or("");
+    match path {
+        "/metrics" => with(Response::from_string(source.metrics()), CONTENT_TYPE),
+        "/api/dashboard" => with(Response::from_string(dashboard::to_json(&source.dashboard())), "application/json"),
+        _ => match dashboard::asset(path) {
+            Some((content_type, body)) => with(Response::from_string(body), content_type),
+            None => Response::from_string(format!("{owner}: the dashboard is at /, the metrics at /metrics\n")).with_status_code(404),
+        },
+    }
 }

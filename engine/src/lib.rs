@@ -26,6 +26,7 @@
 pub mod acks;
 pub mod agents;
 pub mod connection;
+mod dashboard;
 pub mod delta;
 pub mod error;
 pub mod group;

@@ -64,6 +64,8 @@ struct LagBook {
     confirmed_bytes: u64,
     committed_seq: Seq,
     confirmed_seq: Seq,
+    /// Engine time of the newest commit the target confirmed (0: none since start).
+    confirmed_time_ns: u64,
     /// Bytes per second the target confirms (moving average), 0 until measured.
     rate: f64,
     /// When the last confirmation that moved the bytes came, and the bytes confirmed then.
@@ -79,6 +81,9 @@ pub struct Lag {
     pub bytes: u64,
     /// Age of the oldest unconfirmed record.
     pub age: Duration,
+    /// Engine time of the newest write the target confirmed (0: none since the engine
+    /// started).
+    pub confirmed_time_ns: u64,
 }
 
 /// What status shows of the policy.
@@ -161,6 +166,7 @@ impl Policy {
                 lag.commits.push_back((last_seq, total, time_ns));
             } else {
                 lag.confirmed_bytes = total;
+                lag.confirmed_time_ns = time_ns;
             }
         }
         if self.effective() != ReplicationMode::Sync {
@@ -183,8 +189,9 @@ impl Policy {
             let mut lag = lock(&self.lag);
             lag.confirmed_seq = lag.confirmed_seq.max(seq);
             while lag.commits.front().is_some_and(|&(s, _, _)| s <= seq) {
-                let (_, total, _) = lag.commits.pop_front().expect("front exists");
+                let (_, total, time_ns) = lag.commits.pop_front().expect("front exists");
                 lag.confirmed_bytes = total;
+                lag.confirmed_time_ns = time_ns;
             }
             let now = Instant::now();
             match lag.last_confirm {
@@ -295,6 +302,7 @@ impl Policy {
             writes: lag.committed_seq.saturating_sub(lag.confirmed_seq),
             bytes: lag.committed_bytes.saturating_sub(lag.confirmed_bytes),
             age: lag.commits.front().map_or(Duration::ZERO, |&(_, _, t)| Duration::from_nanos(now_ns().saturating_sub(t))),
+            confirmed_time_ns: lag.confirmed_time_ns,
         }
     }
 
@@ -406,7 +414,11 @@ mod tests {
         p.confirmed(2, 2);
         p.committed(vec![(tx, ack(2))], 2, 4096, 2);
         assert_eq!(rx.try_recv().ok(), Some(vec![ack(2)]), "the acknowledgement waits for a confirmation that already came");
-        assert_eq!(p.lag(), Lag { writes: 0, bytes: 0, age: Duration::ZERO }, "a commit confirmed before it was counted still lags");
+        assert_eq!(
+            p.lag(),
+            Lag { writes: 0, bytes: 0, age: Duration::ZERO, confirmed_time_ns: 2 },
+            "a commit confirmed before it was counted still lags"
+        );
     }
 
     #[test]

@@ -75,6 +75,7 @@
 
 mod applier;
 mod bookmarks;
+mod dashboard;
 mod error;
 mod exports;
 mod group;

@@ -16,7 +16,8 @@ use crate::{bookmarks, spans};
 #[derive(Default)]
 pub(crate) struct Marks {
     bookmarks: Vec<Bookmark>,
-    events: Vec<spans::Event>,
+    /// Each event with the time of its record.
+    events: Vec<(spans::Event, u64)>,
     last: Seq,
 }
 
@@ -24,7 +25,7 @@ impl Marks {
     /// Notes one record (in sequence order).
     pub(crate) fn see(&mut self, rec: &RecordRef<'_>) {
         self.bookmarks.extend(bookmarks::from_record(rec));
-        self.events.extend(spans::event(rec));
+        self.events.extend(spans::event(rec).map(|e| (e, rec.header.time_ns)));
         self.last = self.last.max(rec.header.seq);
     }
 

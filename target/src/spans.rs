@@ -21,6 +21,8 @@
 //! from = 1100             # first superseded (or resync) record
 //! to = 1180               # the point that ends it (consistent); absent while it is open
 //! kind = "delta"          # "delta" or "resync"; absent (files written before resyncs): "delta"
+//! from_time_ns = 1764...  # times of the records `from` and `to` (ns since the epoch), for
+//! to_time_ns = 1764...    # the dashboard; absent in files written before them
 //! ```
 
 use std::fmt;
@@ -66,6 +68,16 @@ pub struct Span {
     /// What made it inconsistent.
     #[serde(default)]
     pub kind: SpanKind,
+    /// Time of the record `from` (ns since the epoch; 0: not recorded).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub from_time_ns: u64,
+    /// Time of the point `to`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_time_ns: Option<u64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Span {
@@ -131,11 +143,13 @@ pub(crate) fn load(fs: &dyn Storage, path: &Path) -> Result<Vec<Span>, IndexErro
     load_index(fs, path).map(|i| i.span)
 }
 
-/// Applies one event to the spans; true if a span opened or closed.
-fn apply(spans: &mut Vec<Span>, e: Event) -> bool {
+/// Applies one event, its record's time `time_ns`, to the spans; true if a span opened or
+/// closed.
+fn apply(spans: &mut Vec<Span>, e: Event, time_ns: u64) -> bool {
     let mut close = |kind: SpanKind, at: Seq| match spans.iter_mut().rev().find(|s| s.kind == kind && s.to.is_none()) {
         Some(open) => {
             open.to = Some(at);
+            open.to_time_ns = Some(time_ns);
             true
         }
         None => false,
@@ -151,7 +165,7 @@ fn apply(spans: &mut Vec<Span>, e: Event) -> bool {
             if spans.iter().any(|o| o.kind == kind && o.to.is_none()) {
                 return false;
             }
-            spans.push(Span { from: s, to: None, kind });
+            spans.push(Span { from: s, to: None, kind, from_time_ns: time_ns, to_time_ns: None });
             true
         }
     }
@@ -160,14 +174,14 @@ fn apply(spans: &mut Vec<Span>, e: Event) -> bool {
 /// Applies the events of newly committed records up to `last` (in sequence order; those at or
 /// below the index's `through` were seen before and are skipped) and replaces the file
 /// atomically when a span opened or closed.
-pub(crate) fn update(fs: &dyn Storage, path: &Path, events: &[Event], last: Seq) -> Result<(), IndexError> {
+pub(crate) fn update(fs: &dyn Storage, path: &Path, events: &[(Event, u64)], last: Seq) -> Result<(), IndexError> {
     if events.is_empty() && fs.exists(path) {
         return Ok(());
     }
     let mut index = load_index(fs, path)?;
     let mut changed = false;
-    for e in events.iter().filter(|e| e.seq() > index.through) {
-        changed |= apply(&mut index.span, *e);
+    for (e, time_ns) in events.iter().filter(|(e, _)| e.seq() > index.through) {
+        changed |= apply(&mut index.span, *e, *time_ns);
     }
     if !changed && fs.exists(path) {
         // Only `through` moved: rewriting the file for that alone would cost a write per
@@ -260,12 +274,17 @@ mod tests {
     use super::*;
     use hindsight_consistency::storage::StdStorage;
 
+    // Record `n` is at time n * 1000 in these tests.
     fn delta(from: Seq, to: Option<Seq>) -> Span {
-        Span { from, to, kind: SpanKind::Delta }
+        Span { from, to, kind: SpanKind::Delta, from_time_ns: from * 1000, to_time_ns: to.map(|t| t * 1000) }
     }
 
     fn resync(from: Seq, to: Option<Seq>) -> Span {
-        Span { from, to, kind: SpanKind::Resync }
+        Span { kind: SpanKind::Resync, ..delta(from, to) }
+    }
+
+    fn timed(events: &[Event]) -> Vec<(Event, u64)> {
+        events.iter().map(|e| (*e, e.seq() * 1000)).collect()
     }
 
     #[test]
@@ -274,12 +293,12 @@ mod tests {
         let path = dir.path().join("spans.toml");
         let fs = StdStorage;
         use Event::*;
-        update(&fs, &path, &[Point(3)], 3).unwrap();
+        update(&fs, &path, &timed(&[Point(3)]), 3).unwrap();
         assert_eq!(load(&fs, &path).unwrap(), vec![]);
-        update(&fs, &path, &[Superseded(5), Superseded(6)], 7).unwrap();
+        update(&fs, &path, &timed(&[Superseded(5), Superseded(6)]), 7).unwrap();
         assert_eq!(load(&fs, &path).unwrap(), vec![delta(5, None)]);
         // A replay of what was seen changes nothing; the point closes the span.
-        update(&fs, &path, &[Superseded(5), Point(8)], 9).unwrap();
+        update(&fs, &path, &timed(&[Superseded(5), Point(8)]), 9).unwrap();
         let spans = load(&fs, &path).unwrap();
         assert_eq!(spans, vec![delta(5, Some(8))]);
         assert_eq!((consistent_at_or_before(&spans, 4), consistent_at_or_before(&spans, 5)), (4, 4));
@@ -298,9 +317,9 @@ mod tests {
         use Event::*;
         // Resync records from 11; a bookmark at 15 and an interval point at 17 end nothing of
         // it; a delta that left a write out (16) opens inside it and ends at 17.
-        update(&fs, &path, &[Resync(11), Resync(12), Point(15)], 15).unwrap();
+        update(&fs, &path, &timed(&[Resync(11), Resync(12), Point(15)]), 15).unwrap();
         assert_eq!(load(&fs, &path).unwrap(), vec![resync(11, None)]);
-        update(&fs, &path, &[Superseded(16), Point(17)], 17).unwrap();
+        update(&fs, &path, &timed(&[Superseded(16), Point(17)]), 17).unwrap();
         assert_eq!(load(&fs, &path).unwrap(), vec![resync(11, None), delta(16, Some(17))]);
         let spans = load(&fs, &path).unwrap();
         for seq in [11, 15, 16, 17, 30] {
@@ -313,7 +332,7 @@ mod tests {
             "it lies inside an async delta and a resync (seq 11 to now); the last consistent point before it is seq 10, and the resync has not completed yet"
         );
         // Another delta opens; the resync point ends both.
-        update(&fs, &path, &[Superseded(19), ResyncPoint(20)], 21).unwrap();
+        update(&fs, &path, &timed(&[Superseded(19), ResyncPoint(20)]), 21).unwrap();
         let spans = load(&fs, &path).unwrap();
         assert_eq!(spans, vec![resync(11, Some(20)), delta(16, Some(17)), delta(19, Some(20))]);
         assert_eq!((consistent_at_or_before(&spans, 19), consistent_at_or_before(&spans, 20)), (10, 20));
@@ -324,7 +343,7 @@ mod tests {
         );
         assert!(i.to_string().ends_with("the resync point after it is seq 20"), "{i}");
         // A resync point with no resync open is harmless; a new resync opens a new span.
-        update(&fs, &path, &[ResyncPoint(25), Resync(30)], 30).unwrap();
+        update(&fs, &path, &timed(&[ResyncPoint(25), Resync(30)]), 30).unwrap();
         assert_eq!(load(&fs, &path).unwrap().last(), Some(&resync(30, None)));
     }
 
@@ -353,9 +372,10 @@ mod tests {
         let path = dir.path().join("spans.toml");
         let fs = StdStorage;
         std::fs::write(&path, "through = 40\n\n[[span]]\nfrom = 5\nto = 8\n\n[[span]]\nfrom = 30\n").unwrap();
-        assert_eq!(load(&fs, &path).unwrap(), vec![delta(5, Some(8)), delta(30, None)]);
+        let untimed = |s: Span| Span { from_time_ns: 0, to_time_ns: None, ..s };
+        assert_eq!(load(&fs, &path).unwrap(), vec![untimed(delta(5, Some(8))), untimed(delta(30, None))]);
         // Written back with the kind.
-        update(&fs, &path, &[Event::Resync(41)], 41).unwrap();
+        update(&fs, &path, &timed(&[Event::Resync(41)]), 41).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("kind = \"delta\"") && text.contains("kind = \"resync\""), "{text}");
     }

@@ -93,7 +93,10 @@ fn a_resync_is_not_consistent_until_its_resync_point_even_at_a_bookmark() {
     engine.send_records(&recs[..17]);
     engine.wait_confirm(17);
     let h = history(&cfg, "erp").unwrap();
-    assert_eq!(h.inconsistent, vec![Span { from: 11, to: None, kind: SpanKind::Resync }]);
+    assert_eq!(
+        h.inconsistent,
+        vec![Span { from: 11, to: None, kind: SpanKind::Resync, from_time_ns: recs[10].header.time_ns, to_time_ns: None }]
+    );
     assert_eq!((h.last_seq, h.last_consistent_seq), (17, 10));
     assert_eq!(h.bookmarks.iter().map(|b| b.seq).collect::<Vec<_>>(), [15]);
     assert_point(&cfg, &recs, Point::Latest, 10);
@@ -104,7 +107,13 @@ fn a_resync_is_not_consistent_until_its_resync_point_even_at_a_bookmark() {
     // The resync point arrives: consistent again from it on.
     engine.send_records(&recs[17..]);
     engine.wait_confirm(20);
-    let resync_span = vec![Span { from: 11, to: Some(18), kind: SpanKind::Resync }];
+    let resync_span = vec![Span {
+        from: 11,
+        to: Some(18),
+        kind: SpanKind::Resync,
+        from_time_ns: recs[10].header.time_ns,
+        to_time_ns: Some(recs[17].header.time_ns),
+    }];
     let h = history(&cfg, "erp").unwrap();
     assert_eq!(h.inconsistent, resync_span);
     assert_eq!((h.last_seq, h.last_consistent_seq), (20, 20));

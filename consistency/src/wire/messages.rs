@@ -201,7 +201,7 @@ pub struct ResyncProgressMsg {
 }
 
 /// One volume's resync, as status shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResyncStatus {
     /// The volume.
     pub volume: String,

@@ -295,6 +295,7 @@ impl JournalThread {
     fn append(&mut self, taken: &Taken, now: u64) -> Result<Appended, JournalError> {
         let journal = &mut self.journal;
         let mut seqs = Vec::with_capacity(self.batch.len());
+        let mut per_volume: Vec<(&str, u64, u64)> = Vec::new();
         for w in &self.batch {
             let seq = journal.next_seq();
             let h = RecordHeader { seq, time_ns: now, kind: w.kind, offset: w.offset, length: w.length };
@@ -305,7 +306,12 @@ impl JournalThread {
                 self.resyncs.record(&w.volume, seq);
             }
             seqs.push(seq);
+            match per_volume.iter_mut().find(|(v, _, _)| *v == &*w.volume) {
+                Some(v) => (v.1, v.2) = (v.1 + 1, v.2 + u64::from(w.length)),
+                None => per_volume.push((&w.volume, 1, u64::from(w.length))),
+            }
         }
+        self.shared.writes.add(&per_volume);
         let mut bookmark_seq = None;
         if let Some(b) = &taken.bookmark {
             let seq = journal.next_seq();

@@ -31,6 +31,8 @@ pub struct GroupShared {
     pub policy: Policy,
     /// What the link to the target carries.
     pub link: LinkStats,
+    /// What each volume's agents wrote.
+    pub writes: WriteStats,
     /// What a full journal does to the group.
     pub journal: JournalWatch,
 }
@@ -61,6 +63,32 @@ impl LinkStats {
     }
 }
 
+/// The writes journaled for each volume since the engine started (for the metrics).
+#[derive(Debug, Default)]
+pub struct WriteStats {
+    volumes: Mutex<std::collections::BTreeMap<String, (u64, u64)>>,
+}
+
+impl WriteStats {
+    /// Adds a batch's writes: (volume, writes, bytes covered).
+    pub(crate) fn add(&self, batch: &[(&str, u64, u64)]) {
+        let mut volumes = lock(&self.volumes);
+        for &(volume, writes, bytes) in batch {
+            let v = match volumes.get_mut(volume) {
+                Some(v) => v,
+                None => volumes.entry(volume.to_owned()).or_default(),
+            };
+            v.0 += writes;
+            v.1 += bytes;
+        }
+    }
+
+    /// Writes and bytes of a volume so far.
+    pub fn of(&self, volume: &str) -> (u64, u64) {
+        lock(&self.volumes).get(volume).copied().unwrap_or_default()
+    }
+}
+
 impl GroupShared {
     pub(super) fn new(config: &GroupConfig, durable: Seq, last_time_ns: u64) -> GroupShared {
         GroupShared {
@@ -72,6 +100,7 @@ impl GroupShared {
             stopping: AtomicBool::new(false),
             policy: Policy::new(config, durable, last_time_ns),
             link: LinkStats::default(),
+            writes: WriteStats::default(),
             journal: JournalWatch::new(&config.name, config.on_journal_full, config.journal_size),
         }
     }

@@ -16,6 +16,7 @@
 //!   validated, journaled, committed and queued for the applier;
 //! - `maintenance`: the maintenance thread's side: replica checkpoints and retention.
 
+mod counters;
 mod maintenance;
 mod open;
 mod receive;
@@ -33,6 +34,7 @@ use hindsight_consistency::sync::lock;
 use hindsight_consistency::wire::JournalStateMsg;
 use hindsight_consistency::Seq;
 
+pub(crate) use self::counters::{Counters, VolumeCounts};
 use crate::applier::Applier;
 use crate::error::{poisoned_message, ApplierError, TargetError};
 use crate::image::ImageSet;
@@ -65,10 +67,12 @@ pub(crate) struct Group {
     notice: Mutex<Option<JournalStateMsg>>,
     /// Applies committed batches to the replicas; holds them and the poisoning.
     applier: Applier,
+    /// What the metrics and the dashboard count (since start).
+    pub counters: Counters,
 }
 
-/// A group's state as numbers, for the metrics endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A group as the metrics endpoint and the dashboard show it.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct GroupGauges {
     /// The newest record the journal holds.
     pub last_seq: Seq,
@@ -81,6 +85,23 @@ pub(crate) struct GroupGauges {
     pub newest_ns: u64,
     pub engine_connected: bool,
     pub stopped: bool,
+    /// The lag as the recovery site knows it ([`Counters::lag_ns`]).
+    pub lag_ns: Option<u64>,
+    /// Records and record bytes taken since start.
+    pub received_records: u64,
+    pub received_bytes: u64,
+    /// Each volume, with its writes since start.
+    pub volumes: Vec<(crate::model::Volume, VolumeCounts)>,
+}
+
+/// What the group's index files say of its window now: bookmarks, spans that are not
+/// consistent points, running exports (read without the group's lock: each file is replaced
+/// atomically).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct GroupMarks {
+    pub bookmarks: Vec<crate::model::Bookmark>,
+    pub spans: Vec<crate::spans::Span>,
+    pub exports: Vec<crate::exports::ActiveExport>,
 }
 
 /// What the maintenance thread owns.
@@ -138,11 +159,14 @@ impl Group {
 
     /// What the metrics endpoint shows of the group now.
     pub fn gauges(&self) -> GroupGauges {
-        let (last_seq, last_time_ns, journal_bytes) = {
+        let (last_seq, last_time_ns, journal_bytes, meta_volumes) = {
             let inner = lock(&self.inner);
-            (inner.journal.durable_seq(), inner.journal.last_time_ns(), inner.journal.size_bytes())
+            (inner.journal.durable_seq(), inner.journal.last_time_ns(), inner.journal.size_bytes(), inner.meta.volumes.clone())
         };
         let oldest_ns = self.oldest_ns.load(std::sync::atomic::Ordering::Relaxed);
+        let engine_connected = lock(&self.shipper).is_some();
+        let (received_records, received_bytes) = self.counters.taken();
+        let counts = self.counters.volumes();
         GroupGauges {
             last_seq,
             applied_seq: lock(&self.applier.shared().replicas).applied_seq,
@@ -150,8 +174,37 @@ impl Group {
             journal_size: self.opts.journal_size,
             oldest_ns,
             newest_ns: last_time_ns.max(oldest_ns),
-            engine_connected: lock(&self.shipper).is_some(),
+            engine_connected,
             stopped: self.poisoned().is_some(),
+            lag_ns: self.counters.lag_ns(engine_connected),
+            received_records,
+            received_bytes,
+            volumes: meta_volumes
+                .into_iter()
+                .map(|v| {
+                    let c = counts.get(&v.name).copied().unwrap_or_default();
+                    (v, c)
+                })
+                .collect(),
+        }
+    }
+
+    /// The bookmarks, spans and exports of the window that starts at `oldest_ns`. A file
+    /// that cannot be read counts as empty here (history and recover report it).
+    pub fn marks(&self, oldest_ns: u64) -> GroupMarks {
+        let fs = self.fs.as_ref();
+        GroupMarks {
+            bookmarks: crate::bookmarks::load(fs, &self.paths.bookmarks())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|b| b.time_ns > oldest_ns)
+                .collect(),
+            spans: crate::spans::load(fs, &self.paths.spans())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|s| s.to_time_ns.is_none_or(|t| t > oldest_ns))
+                .collect(),
+            exports: crate::exports::active(fs, &self.paths.exports_dir()),
         }
     }
 

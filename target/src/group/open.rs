@@ -11,7 +11,7 @@ use hindsight_consistency::journal::{Journal, JournalOptions};
 use hindsight_consistency::storage::{write_file_atomic, OpenMode, Storage};
 use hindsight_consistency::time::{format_rfc3339, now_ns};
 
-use super::{Group, GroupOptions, Inner, Persist};
+use super::{Counters, Group, GroupOptions, Inner, Persist};
 use crate::applier::{Applier, ApplyShared};
 use crate::error::{data_dir_err, TargetError};
 use crate::image::{Image, ImageSet};
@@ -103,6 +103,7 @@ impl Group {
             shipper: Mutex::new(None),
             notice: Mutex::new(None),
             applier,
+            counters: Counters::default(),
         })
     }
 

@@ -14,6 +14,7 @@ use hindsight_consistency::time::{format_duration, format_rfc3339};
 use hindsight_consistency::wire::JournalStateMsg;
 use hindsight_consistency::{BookmarkBody, Seq, WriteKind};
 
+use super::counters::Tally;
 use super::{Group, Inner};
 use crate::applier::Batch;
 use crate::error::{data_dir_err, poisoned_message, AcceptHelloError, ClaimError, FrameRefused, TargetError};
@@ -42,6 +43,7 @@ impl Group {
             return Err(ClaimError::AlreadyShipped { group: self.name.clone(), engine: other.clone() });
         }
         *s = Some(engine.to_owned());
+        self.counters.engine(true);
         Ok(ShipperClaim { group: Arc::clone(self) })
     }
 
@@ -158,6 +160,7 @@ impl Group {
         let mut error = None;
         let mut taken = 0;
         let mut marks = Marks::default();
+        let mut tally = Tally::default();
         for payload in frames.iter() {
             if let Err(why) = validate_frame(&self.name, &inner.meta, payload, inner.journal.next_seq(), inner.journal.last_time_ns()) {
                 error = Some(why.to_string());
@@ -168,6 +171,7 @@ impl Group {
                 if rec.header.seq >= next {
                     inner.journal.append_encoded(rec, raw)?;
                     marks.see(rec);
+                    tally.see(rec);
                 }
                 Ok(())
             });
@@ -199,6 +203,7 @@ impl Group {
             self.poison(cause.clone());
             return refuse(frames, durable, Some(poisoned_message(&self.name, &cause)), None);
         }
+        self.counters.add(tally);
         shared.recycle(frames.drain(taken..));
         let batch = Batch { frames: std::mem::take(frames), after: old_durable, through: durable };
         if let Err(e) = self.applier.queue(batch) {
@@ -265,6 +270,7 @@ impl Drop for ShipperClaim {
     fn drop(&mut self) {
         self.group.on_poison(None);
         *lock(&self.group.shipper) = None;
+        self.group.counters.engine(false);
     }
 }
 

@@ -1,0 +1,1 @@
+// The dashboard page: draws /api/dashboard (docs/dashboard.md).
