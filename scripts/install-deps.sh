@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs the system packages Hindsight's demo, tests and benchmarks use: the NBD clients
 # (libnbd-bin: nbdinfo, nbdcopy, nbdfuse), nbdkit and qemu-utils (peers and clients), fio,
-# e2fsprogs and fuse3. Idempotent; needs root (apt-get).
+# e2fsprogs and fuse3, Prometheus (a real server scraping the daemons, promtool for lints and
+# alert rules) and Chromium (the dashboard's headless browser test). Idempotent; needs root
+# (apt-get).
 set -euo pipefail
-pkgs=(libnbd-bin nbdkit qemu-utils fio e2fsprogs fuse3 util-linux)
+pkgs=(libnbd-bin nbdkit qemu-utils fio e2fsprogs fuse3 util-linux prometheus chromium)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -14,7 +16,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q >/dev/null
   apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
-for t in nbdinfo nbdcopy nbdfuse nbdkit qemu-nbd qemu-io qemu-img fio mkfs.ext4 e2fsck debugfs losetup; do
+for t in nbdinfo nbdcopy nbdfuse nbdkit qemu-nbd qemu-io qemu-img fio mkfs.ext4 e2fsck debugfs losetup prometheus promtool chromium; do
   command -v "$t" >/dev/null || { echo "install-deps: $t is still missing after installing packages" >&2; exit 1; }
 done
 # cargo must exist: Hindsight builds from source.
