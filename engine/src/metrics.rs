@@ -12,31 +12,15 @@ use std::sync::Arc;
 
 use hindsight_consistency::config::VolumeConfig;
 use hindsight_consistency::dashboard::{self, LagHistory};
-use hindsight_consistency::metrics_http::Source;
+use hindsight_consistency::metrics_http::{encode, int as n, register as add, GroupLabel, Source, VolumeLabel};
 use hindsight_consistency::time::now_ns;
 use hindsight_consistency::wire::{GroupStatus, StatusRequest, PROTOCOL_VERSION};
-use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::connection::Registry as Engine;
-
-/// The label of every per-group series.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct GroupLabel {
-    group: String,
-}
-
-/// The labels of every per-volume series.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct VolumeLabel {
-    group: String,
-    vm: String,
-    volume: String,
-}
 
 type Int = Family<GroupLabel, Gauge>;
 type Float = Family<GroupLabel, Gauge<f64, AtomicU64>>;
@@ -52,23 +36,6 @@ pub(crate) struct Scrape {
     pub confirmed_time_ns: u64,
     /// Each volume with its writes and bytes since start.
     pub volumes: Vec<(VolumeConfig, u64, u64)>,
-}
-
-/// Registers a family under `name` and returns it.
-fn add<M>(r: &mut Registry, name: &str, help: &str) -> M
-where
-    M: prometheus_client::metrics::TypedMetric
-        + prometheus_client::encoding::EncodeMetric
-        + Clone
-        + Default
-        + Send
-        + Sync
-        + std::fmt::Debug
-        + 'static,
-{
-    let m = M::default();
-    r.register(name, help, m.clone());
-    m
 }
 
 /// The text of one scrape of these groups.
@@ -104,7 +71,6 @@ pub(crate) fn render(groups: &[Scrape]) -> String {
     let resync_done: VolumeInt =
         add(&mut r, "hindsight_engine_resync_done_regions", "Regions of 1 MiB re-sent and acknowledged in the volume's resync");
     let resync_total: VolumeInt = add(&mut r, "hindsight_engine_resync_total_regions", "Regions of 1 MiB in the volume's resync");
-    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     for s in groups {
         let g = &s.status;
         let l = GroupLabel { group: g.name.clone() };
@@ -143,9 +109,7 @@ pub(crate) fn render(groups: &[Scrape]) -> String {
             }
         }
     }
-    let mut out = String::new();
-    encode(&mut out, &r).expect("writing to a String cannot fail");
-    out
+    encode(&r)
 }
 
 /// What the metrics address answers from: the running engine, and its groups' lag over time.
@@ -191,8 +155,8 @@ impl Source for EngineSource {
         }
     }
 
-    fn dashboard(&self) -> dashboard::Document {
-        crate::dashboard::document(&self.engine.name, &self.scrape().unwrap_or_default(), &self.lag, now_ns())
+    fn dashboard(&self) -> Option<dashboard::Document> {
+        Some(crate::dashboard::document(&self.engine.name, &self.scrape().unwrap_or_default(), &self.lag, now_ns()))
     }
 
     fn sample(&self) {

@@ -49,12 +49,14 @@
 //! - [`ublk`]: the ublk front end
 //! - [`nbd`]: the NBD front end (server and kernel nbd driver)
 //! - [`file_device`]: a plain file as a device, without replication (tests and baselines)
+//! - [`metrics`]: the agent's Prometheus metrics (`agent.metrics_listen`)
 
 pub mod block;
 pub mod dirty;
 pub mod engine_link;
 pub mod file_device;
 pub mod frontend;
+pub mod metrics;
 pub mod nbd;
 pub mod quiesce;
 pub mod replicated;

@@ -236,6 +236,7 @@ fn run(args: &Args) -> Result<(), Failure> {
     let mut servers: Vec<Server> = Vec::new();
     let mut attached: Vec<(String, Attached)> = Vec::new();
     let mut tracked: Vec<Arc<ReplicatedDisk>> = Vec::new();
+    let mut measured: Vec<(String, Arc<ReplicatedDisk>)> = Vec::new();
     let mut sweeps = std::collections::HashMap::new();
     for (number, d) in disks.into_iter().enumerate() {
         let number = u16::try_from(number).expect("disk count checked in open_disks");
@@ -244,7 +245,9 @@ fn run(args: &Args) -> Result<(), Failure> {
         let map_path = d.config.dirty_map_path();
         if map_path == std::path::Path::new("none") {
             // No tracking: writes the engine does not take fail, and nothing is resynced.
-            let device: Arc<dyn BlockDevice> = Arc::new(ReplicatedDisk::new(d.local, Arc::clone(&link), number, volume.clone()));
+            let replicated = Arc::new(ReplicatedDisk::new(d.local, Arc::clone(&link), number, volume.clone()));
+            measured.push((d.config.group.clone(), Arc::clone(&replicated)));
+            let device: Arc<dyn BlockDevice> = replicated;
             serve_disk(&mut attached, &mut servers, d.config, d.listen, &volume, size, device)?;
             continue;
         }
@@ -260,10 +263,15 @@ fn run(args: &Args) -> Result<(), Failure> {
             }
         }
         tracked.push(Arc::clone(&replicated));
+        measured.push((d.config.group.clone(), Arc::clone(&replicated)));
         let device: Arc<dyn BlockDevice> = replicated;
         serve_disk(&mut attached, &mut servers, d.config, d.listen, &volume, size, device)?;
     }
 
+    if let Some(addr) = config.metrics_listen {
+        hindsight_splitter::metrics::serve(addr, config.vm.clone(), Arc::clone(&link), measured)
+            .map_err(|e| Failure::Runtime(format!("agent.metrics_listen {addr}: cannot serve metrics there: {e}")))?;
+    }
     resync::spawn(tracked, Arc::clone(&link), sweeps).map_err(|e| Failure::Runtime(format!("cannot start the resync thread: {e}")))?;
     let (stopped_tx, stopped_rx) = crossbeam_channel::unbounded();
     let server_count = servers.len();

@@ -10,10 +10,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use hindsight_consistency::dashboard::{self, LagHistory};
-use hindsight_consistency::metrics_http::Source;
+use hindsight_consistency::metrics_http::{encode, int as n, register as add, GroupLabel, Source, VolumeLabel};
 use hindsight_consistency::time::now_ns;
-use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -21,20 +19,6 @@ use prometheus_client::registry::Registry;
 
 use crate::error::TargetError;
 use crate::group::{Group, GroupGauges, GroupMarks};
-
-/// The label of every per-group series.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct GroupLabel {
-    group: String,
-}
-
-/// The labels of every per-volume series.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct VolumeLabel {
-    group: String,
-    vm: String,
-    volume: String,
-}
 
 type Int = Family<GroupLabel, Gauge>;
 type Float = Family<GroupLabel, Gauge<f64, AtomicU64>>;
@@ -46,23 +30,6 @@ pub(crate) struct Scrape {
     pub name: String,
     pub gauges: GroupGauges,
     pub marks: GroupMarks,
-}
-
-/// Registers a family under `name` and returns it.
-fn add<M>(r: &mut Registry, name: &str, help: &str) -> M
-where
-    M: prometheus_client::metrics::TypedMetric
-        + prometheus_client::encoding::EncodeMetric
-        + Clone
-        + Default
-        + Send
-        + Sync
-        + std::fmt::Debug
-        + 'static,
-{
-    let m = M::default();
-    r.register(name, help, m.clone());
-    m
 }
 
 /// The text of one scrape of these groups, at `now_ns`.
@@ -100,7 +67,6 @@ pub(crate) fn render(groups: &[Scrape], now_ns: u64) -> String {
         add(&mut r, "hindsight_target_volume_writes", "Writes (data, zeroes, trims, resync data) to the volume since the target started");
     let vol_bytes: VolumeTotal = add(&mut r, "hindsight_target_volume_written_bytes", "Bytes those writes cover, since the target started");
     let vol_size: Family<VolumeLabel, Gauge> = add(&mut r, "hindsight_target_volume_size_bytes", "Size of the volume");
-    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let secs = |ns: u64| ns as f64 / 1e9;
     for Scrape { name, gauges: g, marks } in groups {
         let l = GroupLabel { group: name.clone() };
@@ -134,9 +100,7 @@ pub(crate) fn render(groups: &[Scrape], now_ns: u64) -> String {
             vol_size.get_or_create(&vl).set(n(v.size));
         }
     }
-    let mut out = String::new();
-    encode(&mut out, &r).expect("writing to a String cannot fail");
-    out
+    encode(&r)
 }
 
 /// What the metrics address answers from: the daemon's groups, and their lag over time.
@@ -164,8 +128,8 @@ impl<F: Fn() -> Vec<Arc<Group>> + Send + Sync + 'static> Source for TargetSource
         render(&self.scrape(), now_ns())
     }
 
-    fn dashboard(&self) -> dashboard::Document {
-        crate::dashboard::document(&self.name, &self.scrape(), &self.lag, now_ns())
+    fn dashboard(&self) -> Option<dashboard::Document> {
+        Some(crate::dashboard::document(&self.name, &self.scrape(), &self.lag, now_ns()))
     }
 
     fn sample(&self) {

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use serde::Deserialize;
 
 use thiserror::Error;
 
-use super::parse::{check_host_port, note, parse_duration, ValueError};
+use super::parse::{check_host_port, note, parse_duration, parse_socket_addr, ValueError};
 use super::tls::{link_security, server_name_key, TlsKeys, TlsMistake};
 use crate::transport::identity::{check_identity_name, check_name, server_name_of, NameError};
 use crate::transport::{Role, Security};
@@ -46,6 +47,7 @@ struct AgentSection {
     post_quiesce: Option<PathBuf>,
     on_engine_loss: Option<String>,
     engine_timeout: Option<String>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -92,6 +94,8 @@ pub struct AgentConfig {
     pub on_engine_loss: EngineLoss,
     /// How long writes wait for an unreachable engine before `on_engine_loss` applies.
     pub engine_timeout: Duration,
+    /// Where the agent serves its Prometheus metrics (`/metrics`), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How an agent quiesces its VM: a user script, or `fsfreeze` on mount points.
@@ -241,8 +245,19 @@ impl AgentConfig {
         if engine_timeout.is_some_and(|t| t.is_zero()) {
             m.push(AgentMistake::EngineTimeoutZero);
         }
-        match (security, engine_server_name, on_engine_loss, engine_timeout) {
-            (Some(security), Some(engine_server_name), Some(on_engine_loss), Some(engine_timeout)) if mistakes.is_empty() => {
+        let metrics_listen = note(
+            m,
+            raw.agent
+                .metrics_listen
+                .as_deref()
+                .map(|a| parse_socket_addr("agent.metrics_listen", a))
+                .transpose()
+                .map_err(|source| AgentMistake::MetricsListen { source }),
+        );
+        match (security, engine_server_name, on_engine_loss, engine_timeout, metrics_listen) {
+            (Some(security), Some(engine_server_name), Some(on_engine_loss), Some(engine_timeout), Some(metrics_listen))
+                if mistakes.is_empty() =>
+            {
                 Ok(AgentConfig {
                     engine: raw.agent.engine,
                     vm: raw.agent.vm,
@@ -252,6 +267,7 @@ impl AgentConfig {
                     engine_server_name,
                     on_engine_loss,
                     engine_timeout,
+                    metrics_listen,
                 })
             }
             _ => {
@@ -308,6 +324,13 @@ pub enum AgentMistake {
     /// `agent.engine` is not `host:port`.
     #[error("{source}")]
     Engine {
+        /// The cause.
+        #[source]
+        source: ValueError,
+    },
+    /// `agent.metrics_listen` is not an address.
+    #[error("{source}")]
+    MetricsListen {
         /// The cause.
         #[source]
         source: ValueError,

@@ -55,6 +55,9 @@ pub struct ReplicatedDisk {
     /// (exclusive) by the end of a resync: no write decided as resync data can reach the
     /// engine after the request for the resync point.
     resync_gate: std::sync::RwLock<()>,
+    /// Guest writes taken (writes, zeroes and trims) and the bytes they cover, since start.
+    writes: std::sync::atomic::AtomicU64,
+    written_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// How a disk tracks what the replica lacks.
@@ -85,6 +88,8 @@ impl ReplicatedDisk {
             resyncing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             sent_resync: std::sync::atomic::AtomicBool::new(false),
             resync_gate: std::sync::RwLock::new(()),
+            writes: std::sync::atomic::AtomicU64::new(0),
+            written_bytes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -127,6 +132,11 @@ impl ReplicatedDisk {
     /// The disk number on the link.
     pub fn disk_number(&self) -> u16 {
         self.disk
+    }
+
+    /// Guest writes taken since start, and the bytes they cover (for the metrics).
+    pub fn written(&self) -> (u64, u64) {
+        (self.writes.load(Ordering::Relaxed), self.written_bytes.load(Ordering::Relaxed))
     }
 
     /// Reads region `r` of the local disk.
@@ -332,6 +342,8 @@ impl ReplicatedDisk {
         if len > u64::from(MAX_WRITE_LEN) && matches!(kind, WriteKind::Data(_)) {
             return done(Err(BlockError::Overflow));
         }
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.written_bytes.fetch_add(len, Ordering::Relaxed);
         // With tracking, the regions are marked on disk before the write goes anywhere, and
         // unmarked (or left for a resync) when it has finished.
         let done: Completion = match &self.tracking {
