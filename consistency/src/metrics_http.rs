@@ -68,17 +68,20 @@ pub trait Source: Send + Sync + 'static {
     fn sample(&self) {}
 }
 
-/// Serves the metrics address `addr` from a thread named `thread` (and samples `source` from
-/// `thread`-sample); returns the address bound (port 0 picks one).
+/// Serves the metrics address `addr` from a thread named `thread` (and, for a daemon with a
+/// dashboard, samples `source` from `thread`-sample); returns the address bound (port 0 picks
+/// one).
 pub fn serve(addr: SocketAddr, thread: &str, source: Arc<impl Source>) -> io::Result<SocketAddr> {
     let server = tiny_http::Server::http(addr).map_err(|e| io::Error::new(io::ErrorKind::AddrInUse, e.to_string()))?;
     let bound = server.server_addr().to_ip().unwrap_or(addr);
     let owner = thread.to_owned();
-    let sampled = Arc::clone(&source);
-    std::thread::Builder::new().name(format!("{thread}-sample")).spawn(move || loop {
-        sampled.sample();
-        std::thread::sleep(dashboard::SAMPLE_EVERY);
-    })?;
+    if source.dashboard().is_some() {
+        let sampled = Arc::clone(&source);
+        std::thread::Builder::new().name(format!("{thread}-sample")).spawn(move || loop {
+            sampled.sample();
+            std::thread::sleep(dashboard::SAMPLE_EVERY);
+        })?;
+    }
     std::thread::Builder::new().name(thread.into()).spawn(move || {
         for request in server.incoming_requests() {
             let response = answer(&request, &owner, source.as_ref());
