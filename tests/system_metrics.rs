@@ -80,7 +80,9 @@ fn target_metrics_follow_the_group_and_its_engine() {
     assert_eq!(value(&body, "hindsight_engine_target_connected"), Some(1.0), "{body}");
     assert_eq!(value(&body, "hindsight_engine_paused"), Some(0.0), "{body}");
     assert!(value(&body, "hindsight_engine_shipped_record_bytes_total").unwrap() >= (1.5 * 1048576.0), "{body}");
-    assert!(body.contains("# TYPE hindsight_engine_wire_bytes counter"), "{body}");
+    // A client that asks for no format (no `Accept`) is answered in the classic text format,
+    // whose counter families are named with their `_total` suffix.
+    assert!(body.contains("# TYPE hindsight_engine_wire_bytes_total counter"), "{body}");
     // The target goes away: the engine says so, and the lag grows with the next write.
     c.kill_target();
     qemu_io(&uri, &["write -P 9 3M 64k".into()]);
