@@ -170,7 +170,7 @@ fn prometheus_scrapes_both_daemons_and_alerts_while_the_target_is_frozen() {
     prom.wait("the lag grows", &format!("hindsight_engine_lag_seconds{{group=\"erp\"}} >= {}", lag + 2.0), SHOWS, |v| v.len() == 1);
     assert!(trickle.written() > written, "no write was acknowledged with the target frozen ({written} before)");
     // The lag rule's deriv over 5 minutes passes 0.5 once the lag has grown about as long as
-    // the series was flat before (the minute or so since Prometheus started).
+    // the series was flat before (since Prometheus started: seconds here).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let alerts = loop {
         let alerts = prom.alerts();
