@@ -92,7 +92,9 @@ fn target_metrics_follow_the_group_and_its_engine() {
     assert_eq!(value(&body, "hindsight_engine_target_connected"), Some(1.0), "{body}");
     assert_eq!(value(&body, "hindsight_engine_paused"), Some(0.0), "{body}");
     assert!(value(&body, "hindsight_engine_shipped_record_bytes_total").unwrap() >= (1.5 * 1048576.0), "{body}");
-    assert!(body.contains("# TYPE hindsight_engine_wire_bytes counter"), "{body}");
+    // A client that asks for no format (no `Accept`) is answered in the classic text format,
+    // whose counter families are named with their `_total` suffix.
+    assert!(body.contains("# TYPE hindsight_engine_wire_bytes_total counter"), "{body}");
     assert_eq!(labelled(&body, "hindsight_engine_volume_written_bytes_total", DB), Some(1.5 * 1048576.0), "{body}");
     assert_eq!(labelled(&body, "hindsight_engine_volume_attached", DB), Some(1.0), "{body}");
     let confirmed_at = value(&body, "hindsight_engine_last_confirmed_write_timestamp_seconds").unwrap();

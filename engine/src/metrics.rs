@@ -1,10 +1,11 @@
 //! The engine's metrics address (`engine.metrics_listen`): `GET /metrics` answers, in the
-//! OpenMetrics text format, what `hindsight status` shows of each group, read at the scrape
-//! from the same place (`operator::status`): lag, RPO, state, journal and link, and each
-//! volume's writes; `/` is the dashboard ([`crate::dashboard`]). Names follow Prometheus
-//! conventions (units in the name, `_total` for counters, `group`, `vm` and `volume` as
-//! labels); the list is in docs/operations.md, "Monitoring". Counters start again at 0 when
-//! the engine restarts. The HTTP side is `hindsight_consistency::metrics_http`.
+//! OpenMetrics text format (or the classic one, by the request's `Accept`), what `hindsight
+//! status` shows of each group, read at the scrape from the same place (`operator::status`):
+//! lag, RPO, state, journal and link, and each volume's writes; `/` is the dashboard
+//! ([`crate::dashboard`]). Names follow Prometheus conventions (units in the name, `_total` for
+//! counters, `group`, `vm` and `volume` as labels); the list is in docs/operations.md,
+//! "Monitoring". Counters start again at 0 when the engine restarts. The HTTP side is
+//! `hindsight_consistency::metrics_http`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -222,5 +223,8 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
         }
         assert!(!text.contains("hindsight_engine_journal_size_limit_bytes{"), "no journal_size, no series:\n{text}");
+        assert!(text.contains("# TYPE hindsight_engine_wire_bytes counter\n") && text.ends_with("# EOF\n"), "{text}");
+        let classic = hindsight_consistency::metrics_http::classic_text(&text);
+        assert!(classic.contains("# TYPE hindsight_engine_wire_bytes_total counter\n") && !classic.contains("# EOF"), "{classic}");
     }
 }

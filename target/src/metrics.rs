@@ -1,9 +1,10 @@
 //! The target's metrics address (`target.metrics_listen`): `GET /metrics` answers, in the
-//! OpenMetrics text format, each group's journal, window, lag and volumes as they are at the
-//! scrape; `/` is the dashboard ([`crate::dashboard`]). Names follow Prometheus conventions
-//! (units in the name, `_total` for counters, `group`, `volume` and `vm` as labels); the list
-//! is in docs/operations.md, "Monitoring". Counters start again at 0 when the target restarts.
-//! The HTTP side is `hindsight_consistency::metrics_http`, shared with the engine.
+//! OpenMetrics text format (or the classic one, by the request's `Accept`), each group's
+//! journal, window, lag and volumes as they are at the scrape; `/` is the dashboard
+//! ([`crate::dashboard`]). Names follow Prometheus conventions (units in the name, `_total` for
+//! counters, `group`, `volume` and `vm` as labels); the list is in docs/operations.md,
+//! "Monitoring". Counters start again at 0 when the target restarts. The HTTP side is
+//! `hindsight_consistency::metrics_http`, shared with the engine.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -211,5 +212,7 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
         }
         assert!(text.contains("# HELP hindsight_target_window_seconds ") && text.trim_end().ends_with("# EOF"), "{text}");
+        let classic = hindsight_consistency::metrics_http::classic_text(&text);
+        assert!(classic.contains("# TYPE hindsight_target_volume_writes_total counter\n") && !classic.contains("# EOF"), "{classic}");
     }
 }

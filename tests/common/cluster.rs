@@ -325,6 +325,16 @@ impl Cluster {
         }
     }
 
+    /// Freezes the running "engine" or "target" with SIGSTOP, as a hung process or host looks
+    /// to its peers (its sockets stay open, nothing answers); it goes on when the guard is
+    /// dropped or resumed. The guard borrows the cluster, so that it resumes the process before
+    /// the cluster kills it.
+    pub fn pause(&self, which: &str) -> Paused<'_> {
+        let pid = self.pid(which).unwrap_or_else(|| panic!("the {which} is not running"));
+        signal(pid, "STOP");
+        Paused { pid, _cluster: self }
+    }
+
     /// Stops the running "engine" or "target" with SIGTERM, as a service manager does, and
     /// returns how it exited (within 10 s, or the test fails).
     pub fn stop(&mut self, which: &str) -> std::process::ExitStatus {
@@ -414,6 +424,30 @@ impl Drop for Cluster {
             let _ = d.keep();
         }
     }
+}
+
+/// A process of the cluster frozen by [`Cluster::pause`]; SIGCONT when dropped.
+pub struct Paused<'a> {
+    pid: u32,
+    _cluster: &'a Cluster,
+}
+
+impl Paused<'_> {
+    /// Lets the process go on.
+    pub fn resume(self) {}
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        signal(self.pid, "CONT");
+    }
+}
+
+/// Sends a signal (`"STOP"`, `"CONT"`, ...) to a process; panics if `kill` fails, unless the
+/// thread is already panicking.
+fn signal(pid: u32, name: &str) {
+    let (ok, _, err) = run_timeout(Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()), Duration::from_secs(10));
+    assert!(ok || std::thread::panicking(), "kill -{name} {pid}: {err}");
 }
 
 /// A cluster of one volume, "data" of VM "vm1", whose engine ships to the target through a

@@ -9,6 +9,7 @@
 //!   recovering its images;
 //! - `model`: the model of a volume, seeded random data, comparisons;
 //! - `clients`: the real clients the tests drive (qemu-io, nbdfuse + loop + ext4);
+//! - `monitoring`: HTTP GETs of a metrics address, promtool, a real Prometheus server;
 //! - `wan`: a WAN emulator between engine and target.
 
 #![allow(dead_code)]
@@ -16,6 +17,7 @@
 mod clients;
 mod cluster;
 mod model;
+mod monitoring;
 mod observe;
 mod process;
 pub mod wan;
@@ -26,4 +28,6 @@ pub use clients::*;
 pub use cluster::*;
 #[allow(unused_imports)]
 pub use model::*;
+#[allow(unused_imports)]
+pub use monitoring::*;
 pub use process::*;
