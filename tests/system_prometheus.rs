@@ -92,10 +92,11 @@ fn prometheus_scrapes_both_daemons_and_alerts_while_the_target_is_frozen() {
     if !have_tools(&["qemu-io", "prometheus", "promtool"]) {
         return;
     }
-    let (tmetrics, emetrics) = (free_port(), free_port());
+    let (tmetrics, emetrics, ametrics) = (free_port(), free_port(), free_port());
     let size = 4 << 20;
     let mut c = Cluster::prepare(&[Vol::new("vm1", "db", size)], &format!("metrics_listen = \"127.0.0.1:{tmetrics}\"\n"), "");
     c.engine_extra = format!("metrics_listen = \"127.0.0.1:{emetrics}\"");
+    c.agent_extra = format!("metrics_listen = \"127.0.0.1:{ametrics}\"");
     // cdp: the engine acknowledges once its own journal holds a write, so the guest goes on
     // writing while the target is frozen (sync would hold the writes).
     c.group_extra = "mode = \"cdp\"".into();
@@ -103,15 +104,19 @@ fn prometheus_scrapes_both_daemons_and_alerts_while_the_target_is_frozen() {
     c.start_agents();
     let started = now_s();
     let trickle = Trickle::start(c.uri("db"), size);
-    let prom = Prometheus::start(&c.path("prometheus"), &[("hindsight-target", tmetrics), ("hindsight-engine", emetrics)], &[rules()]);
+    let prom = Prometheus::start(
+        &c.path("prometheus"),
+        &[("hindsight-target", tmetrics), ("hindsight-engine", emetrics), ("hindsight-agent", ametrics)],
+        &[rules()],
+    );
 
-    for job in ["hindsight-target", "hindsight-engine"] {
+    for job in ["hindsight-target", "hindsight-engine", "hindsight-agent"] {
         prom.wait(&format!("{job} scraped"), &format!("up{{job=\"{job}\"}} == 1"), SHOWS, |v| v.len() == 1);
     }
 
     // promtool lints each endpoint as curl or promtool fetch it; Prometheus itself, which asks
     // for OpenMetrics, is answered in OpenMetrics (up == 1 says it parsed it).
-    for (name, port) in [("target", tmetrics), ("engine", emetrics)] {
+    for (name, port) in [("target", tmetrics), ("engine", emetrics), ("agent", ametrics)] {
         let text = http_get(port, "/metrics", &[]);
         assert!(text.status.contains("200") && text.head.contains("text/plain; version=0.0.4"), "{}\n{}", text.head, text.body);
         let (code, out) = promtool_check_metrics(&text.body, &c.path(&format!("{name}.metrics")));
@@ -147,7 +152,7 @@ fn prometheus_scrapes_both_daemons_and_alerts_while_the_target_is_frozen() {
         prom.wait(&format!("{series} > 0"), &format!("{series}{{group=\"erp\"}} > 0"), SHOWS, |v| v.len() == 1);
     }
     // Each volume's writes, with its labels, rise with the guest's writes.
-    for series in ["hindsight_engine_volume_writes_total", "hindsight_target_volume_writes_total"] {
+    for series in ["hindsight_engine_volume_writes_total", "hindsight_target_volume_writes_total", "hindsight_agent_guest_writes_total"] {
         let v = prom.wait(series, &format!("{series}{{group=\"erp\"}} > 0"), SHOWS, |v| v.len() == 1);
         let labels = &v[0].labels;
         assert_eq!((labels["vm"].as_str(), labels["volume"].as_str()), ("vm1", "db"), "{v:?}");
