@@ -10,6 +10,7 @@ mod overlay;
 mod point_args;
 mod progress;
 mod signals;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -363,18 +364,27 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             let req = StatusRequest { protocol: PROTOCOL_VERSION, groups: group.clone().into_iter().collect() };
             let mut reports = 0u64;
+            // Watching an engine on a terminal: resyncs as progress bars below the text.
+            let mut bars = (watch.is_some() && !json && to.is_some()).then(watch::ResyncBars::on_terminal).flatten();
             loop {
                 if watch.is_some() && !json {
-                    println!("-- {}", format_rfc3339(hindsight_consistency::time::now_ns()));
+                    let line = format!("-- {}", format_rfc3339(hindsight_consistency::time::now_ns()));
+                    match &bars {
+                        Some(b) => b.print(&line),
+                        None => println!("{line}"),
+                    }
                 }
                 match (&target, &to) {
                     (Some(cfg), _) => print_history(cfg, group.clone(), json)?,
                     (None, Some(to)) => {
                         let reply: StatusReply = admin::request(to, FrameType::StatusRequest, FrameType::StatusReply, &req)?;
-                        if json {
-                            println!("{}", serde_json::to_string_pretty(&reply)?);
-                        } else {
-                            print!("{}", admin::format_status(&reply));
+                        match (&mut bars, json) {
+                            (_, true) => println!("{}", serde_json::to_string_pretty(&reply)?),
+                            (Some(b), false) => {
+                                b.print(&admin::format_status(&reply));
+                                b.update(&reply);
+                            }
+                            (None, false) => print!("{}", admin::format_status(&reply)),
                         }
                     }
                     (None, None) => unreachable!("an engine address is resolved when no target config is given"),

@@ -142,6 +142,28 @@ fn initial_sync_sends_only_regions_that_differ_from_the_replica() {
     assert!(spans[1]["from"].as_u64().unwrap() > before, "{h:#}");
 }
 
+/// While the sweep waits, `status --watch` shows it: as a progress bar on a terminal (run under
+/// `script`, which gives it a pseudo-terminal), as plain lines without escape codes otherwise.
+fn watch_shows_the_waiting_sweep(c: &Cluster) {
+    let g = c.wait_status("the initial sync waiting", Duration::from_secs(30), |g| g["resyncing"][0]["compare_total"] == 32);
+    assert_eq!(g["resyncing"][0]["compared"], 0, "{g:#}");
+    let watch = |bin: &std::path::Path| format!("{} status --config {} --watch 1 --count 2", bin.display(), c.engine_toml().display());
+    let (code, plain, err) = run_code(Command::new("sh").args(["-c", &watch(&hindsight_bin())]), Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{plain}{err}");
+    assert!(plain.contains("initial sync of data: compared 0/32 regions") && !plain.contains('\x1b'), "{plain}");
+    if !have_tools(&["script"]) {
+        return;
+    }
+    let typescript = c.path("watch.typescript");
+    let (code, out, err) = run_code(
+        Command::new("script").args(["-qec", &watch(&hindsight_bin())]).arg(&typescript).env("TERM", "xterm"),
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    let screen = std::fs::read_to_string(&typescript).unwrap_or(out);
+    assert!(screen.contains("initial sync, comparing erp/data [") && screen.contains("0/32 regions (0%)"), "no progress bar:\n{screen}");
+}
+
 #[test]
 fn initial_sync_waits_for_an_absent_target_and_compares_when_it_comes() {
     if !have_tools(&["qemu-io"]) {
@@ -167,6 +189,7 @@ fn initial_sync_waits_for_an_absent_target_and_compares_when_it_comes() {
     // Nothing of the disk was sent blindly: the engine holds the guest's writes alone.
     assert_eq!(c.engine_records(), guest_writes as usize, "records at the engine while the target is away");
     assert_eq!(c.log("agent-vm1").matches("waits for the target to compare").count(), 1, "the wait is logged once");
+    watch_shows_the_waiting_sweep(&c);
 
     c.start_target();
     c.wait_log_within("agent-vm1", "initial sync compared 32 region(s)", Duration::from_secs(90));

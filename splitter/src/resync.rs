@@ -165,7 +165,7 @@ fn startup_sweep(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink) -> Sweep
             }
             SweepEnd::LinkDown => return sweep,
             SweepEnd::Unavailable(why) => {
-                note_unavailable(d, &mut sweep, &why);
+                note_unavailable(d, map, link, &mut sweep, &why);
                 return sweep;
             }
         }
@@ -192,7 +192,7 @@ fn run_once(disks: &[Arc<ReplicatedDisk>], link: &EngineLink, sweeps: &mut HashM
                     finish_sweep(d, map, link, sweep);
                     sweeps.remove(&d.disk_number());
                 }
-                SweepEnd::Unavailable(why) => note_unavailable(d, sweep, &why),
+                SweepEnd::Unavailable(why) => note_unavailable(d, map, link, sweep, &why),
                 SweepEnd::LinkDown | SweepEnd::TimeUp => {}
             }
             continue;
@@ -273,8 +273,10 @@ fn resend(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, todo: &[u64]) {
     }
 }
 
-/// Logs (once per wait) that the sweep waits for the target, and when it asks again.
-fn note_unavailable(d: &ReplicatedDisk, sweep: &mut Sweep, why: &str) {
+/// Logs (once per wait) that the sweep waits for the target, and when it asks again; tells the
+/// engine where the sweep stands, so that its status shows the initial sync waiting.
+fn note_unavailable(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, sweep: &mut Sweep, why: &str) {
+    link.resync_progress(&sweep.progress(d.disk_number(), map.region_size()));
     if !sweep.waiting_logged {
         warn!(
             "initial sync of {} waits for the target to compare chunk hashes ({why}); {} region(s) stay marked and the guest is served meanwhile",
