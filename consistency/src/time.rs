@@ -19,6 +19,15 @@ pub fn format_rfc3339(ns: u64) -> String {
     }
 }
 
+/// Formats a time to the second, for people (`2026-12-02T20:22:27Z`).
+pub fn format_rfc3339_seconds(ns: u64) -> String {
+    let secs = i64::try_from(ns / 1_000_000_000).unwrap_or(i64::MAX);
+    match DateTime::<Utc>::from_timestamp(secs, 0) {
+        Some(t) => t.to_rfc3339_opts(SecondsFormat::Secs, true),
+        None => format!("{ns}ns"),
+    }
+}
+
 /// Formats a duration for people, to the second (`1h 30m 5s`).
 pub fn format_duration(d: std::time::Duration) -> String {
     humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string()

@@ -37,7 +37,8 @@ fn group(s: &Scrape, lag: &LagHistory) -> page::Group {
         "stopped" => "stopped after a journal failure: restart the engine (its log says why)".to_owned(),
         "paused" => format!("paused: {}", g.journal_state),
         "disconnected" => {
-            format!("the target at {} is not connected: {} records ({} bytes) wait to be shipped", g.target, g.lag_writes, g.lag_bytes)
+            let (records, wait) = if g.lag_writes == 1 { ("record", "waits") } else { ("records", "wait") };
+            format!("the target at {} is not connected: {} {records} ({} bytes) {wait} to be shipped", g.target, g.lag_writes, g.lag_bytes)
         }
         "resyncing" => format!("resyncing {} volume(s): points in the resync are not consistent until it ends", g.resyncing.len()),
         "degraded" => format!("degraded: running {} instead of {}: {}", g.effective_mode, g.mode, g.reason),

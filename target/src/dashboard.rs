@@ -4,7 +4,7 @@
 //! `hindsight_consistency::dashboard`'s.
 
 use hindsight_consistency::dashboard::{self as page, seconds, Document, LagHistory, State};
-use hindsight_consistency::time::format_rfc3339;
+use hindsight_consistency::time::format_rfc3339_seconds;
 
 use crate::metrics::Scrape;
 
@@ -27,9 +27,11 @@ fn group(s: &Scrape, lag: &LagHistory) -> page::Group {
     let window = (g.newest_ns > 0).then(|| page::Window { oldest: seconds(g.oldest_ns), newest: seconds(g.newest_ns) });
     let state_words = match word {
         "stopped" => "stopped after an I/O failure: restart the target (its log says why)".to_owned(),
-        "disconnected" => format!("the engine is not connected: the newest point is {} (seq {})", format_rfc3339(g.newest_ns), g.last_seq),
+        "disconnected" => {
+            format!("the engine is not connected: the newest point is {} (seq {})", format_rfc3339_seconds(g.newest_ns), g.last_seq)
+        }
         "resyncing" => "a resync is under way: points after it started are not consistent until it ends".to_owned(),
-        _ => format!("protected: the newest point is {} (seq {})", format_rfc3339(g.newest_ns), g.last_seq),
+        _ => format!("protected: the newest point is {} (seq {})", format_rfc3339_seconds(g.newest_ns), g.last_seq),
     };
     page::Group {
         name: s.name.clone(),
