@@ -219,6 +219,12 @@ fn check_listen(listen: &Listen) -> Result<(), Failure> {
 
 /// Runs the export until SIGINT or SIGTERM.
 pub fn run(args: &ExportArgs) -> Result<(), Failure> {
+    run_with(args, |_, _| Ok(()))
+}
+
+/// Runs the export until SIGINT or SIGTERM; `ready` is called once it serves, with the point
+/// and the address (a test failover records itself there).
+pub fn run_with(args: &ExportArgs, on_ready: impl FnOnce(&PointView, &str) -> Result<(), Failure>) -> Result<(), Failure> {
     let cfg = TargetConfig::load(&args.config).map_err(|e| Failure::Config(e.to_string()))?;
     let listen: Listen = args.listen.parse().map_err(|e: hindsight_splitter::nbd::NbdError| Failure::Config(format!("--listen: {e}")))?;
     check_listen(&listen)?;
@@ -264,6 +270,7 @@ pub fn run(args: &ExportArgs) -> Result<(), Failure> {
         .context("register the export in the group's exports/ directory")?;
     log::info!("{ready}");
     println!("{ready}");
+    on_ready(&view, &server.listen().to_string())?;
     let (tx, signals) = crossbeam_channel::bounded(1);
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         let _ = tx.send(stop.wait());

@@ -2,6 +2,7 @@
 //! consistent point, bookmarks, volumes and running exports, sizes as people read them.
 
 use hindsight_consistency::time::format_rfc3339;
+use hindsight_target::failover::{FailoverState, Stage};
 
 use crate::progress::human;
 
@@ -70,6 +71,25 @@ pub fn format_history(h: &hindsight_target::History) -> String {
         );
     }
     s
+}
+
+/// Which site is production for the group, from its failover state (docs/failover.md).
+pub fn format_role(cfg: &hindsight_consistency::config::TargetConfig, group: &str, state: Option<&FailoverState>) -> String {
+    match state {
+        None => "  production: the source site (this target holds a replica)\n".to_owned(),
+        Some(s) if s.state == Stage::FailedOver => format!(
+            "  production: THE RECOVERY SITE, since {} (failed over to seq {}, epoch {}); volumes in {}\n",
+            format_rfc3339(s.promoted_ns.unwrap_or(s.requested_ns)),
+            s.seq.unwrap_or(0),
+            s.epoch,
+            hindsight_target::failover::promoted_dir(cfg, group).display()
+        ),
+        Some(s) => format!(
+            "  production: a failover is under way since {} ({:?}); the target takes nothing more of the group: run hindsight failover again to finish it\n",
+            format_rfc3339(s.requested_ns),
+            s.state
+        ),
+    }
 }
 
 fn humanize_duration(ns: u64) -> String {

@@ -4,6 +4,7 @@
 mod admin;
 mod certs;
 mod export;
+mod failover;
 mod failure;
 mod history;
 mod overlay;
@@ -22,6 +23,7 @@ use hindsight_consistency::transport::Role;
 use hindsight_consistency::wire::{
     BookmarkReply, BookmarkRequest, FrameType, SetModeReply, SetModeRequest, StatusReply, StatusRequest, PROTOCOL_VERSION,
 };
+use hindsight_target::failover::Stage;
 use hindsight_target::{RecoverRequest, RecoverSetRequest, Selection};
 
 use failure::Failure;
@@ -141,6 +143,9 @@ enum Command {
     /// Serve volumes of a group as they were at one point over NBD, at once (nothing is
     /// copied first), while the group goes on replicating; stop with Ctrl-C or SIGTERM.
     Export(export::ExportArgs),
+    /// Make the recovery site's copy of a group the production copy at one consistent point
+    /// (docs/failover.md); with --test, serve that point writable while replication goes on.
+    Failover(failover::FailoverArgs),
     /// Make a CA and the certificates of agents, engines, targets and operators
     /// (docs/security.md).
     Certs {
@@ -313,6 +318,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Export(args) => export::run(&args)?,
+        Command::Failover(args) => failover::run(&args)?,
         Command::Certs { action } => match action {
             CertsAction::Init { dir, days } => print!("{}", certs::init(&dir, days)?),
             CertsAction::Issue { dir, role, name, hosts, days, not_after, out_dir, force } => {
@@ -436,6 +442,10 @@ fn print_history(cfg: &TargetConfig, group: Option<String>, json: bool) -> Resul
             for (i, b) in h.bookmarks.iter().enumerate() {
                 v["bookmarks"][i]["time"] = format_rfc3339(b.time_ns).into();
             }
+            let state = hindsight_target::failover::state_of(cfg, &h.group)?;
+            v["production"] =
+                if state.as_ref().is_some_and(|s| s.state == Stage::FailedOver) { "recovery site" } else { "source site" }.into();
+            v["failover"] = serde_json::to_value(&state)?;
             values.push(v);
         }
         let v = if values.len() == 1 { values.remove(0) } else { serde_json::Value::Array(values) };
@@ -443,6 +453,7 @@ fn print_history(cfg: &TargetConfig, group: Option<String>, json: bool) -> Resul
     } else {
         for h in &all {
             print!("{}", history::format_history(h));
+            print!("{}", history::format_role(cfg, &h.group, hindsight_target::failover::state_of(cfg, &h.group)?.as_ref()));
         }
         if all.is_empty() {
             println!("no groups have been replicated to {} yet", cfg.data_dir.display());

@@ -130,6 +130,7 @@ impl Shipper {
             volumes: cfg.volumes.iter().map(|v| VolumeInfo { name: v.name.clone(), vm: v.vm.clone(), size: v.size }).collect(),
             compression: if cfg.compression.offer_lz4(&cfg.target) { vec![LZ4.to_string()] } else { Vec::new() },
             on_journal_full: cfg.on_journal_full.as_str().to_owned(),
+            epoch: cfg.epoch,
         };
         write_frame(&mut w, FrameType::TargetHello, &encode_message(&hello), &mut scratch)
             .map_err(|source| ShipError::SendHello { source })?;

@@ -151,6 +151,13 @@ impl ApplyShared {
         *lock(&self.on_poison) = f;
     }
 
+    /// Calls what `on_poison` set (wakes the group's connection) without poisoning.
+    pub fn wake_connection(&self) {
+        if let Some(f) = lock(&self.on_poison).as_ref() {
+            f();
+        }
+    }
+
     fn wake(&self) {
         drop(lock(&self.replicas));
         self.progress.notify_all();

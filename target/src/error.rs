@@ -185,6 +185,56 @@ pub enum TargetError {
         last_seq: Seq,
         last_time_ns: u64,
     },
+    /// `failover.toml` cannot be read or does not check out.
+    #[error("group {group:?}: {}: {reason}; fix or move the file aside (docs/failover.md)", path.display())]
+    FailoverState {
+        /// The group.
+        group: String,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The group is failed over already.
+    #[error(
+        "group {group:?} was failed over already, at {} to seq {seq}; its production volumes are in {}",
+        format_rfc3339(*at_ns),
+        dir.display()
+    )]
+    AlreadyFailedOver {
+        /// The group.
+        group: String,
+        /// When its volumes were promoted.
+        at_ns: u64,
+        /// The point they were promoted at.
+        seq: Seq,
+        /// Where they are.
+        dir: PathBuf,
+    },
+    /// The daemon did not release the group in time.
+    #[error(
+        "group {group:?}: the target daemon has not released the group within {waited:?}; the failover is asked for (failover.toml) and \
+         resumes when the command is run again; the daemon's log says what holds it"
+    )]
+    NotReleased {
+        /// The group.
+        group: String,
+        /// How long the command waited.
+        waited: std::time::Duration,
+    },
+    /// An interrupted failover is resumed at another point than it started with.
+    #[error(
+        "group {group:?}: the failover interrupted earlier was bringing the volumes to seq {recorded}; run it again with --seq {recorded} \
+         (the point seq {requested} cannot be chosen once the promotion has begun)"
+    )]
+    FailoverPointChanged {
+        /// The group.
+        group: String,
+        /// The point recorded in failover.toml.
+        recorded: Seq,
+        /// The point asked for now.
+        requested: Seq,
+    },
     /// The requested sequence number has not reached the target yet.
     #[error("group {group:?}: seq {requested} is not received yet; the latest point is seq {last_seq} ({})", format_rfc3339(*last_time_ns))]
     NotReceived {
@@ -346,6 +396,25 @@ pub(crate) enum ClaimError {
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub(crate) enum AcceptHelloError {
+    /// A failover was asked for: the group takes nothing more from any engine.
+    #[error("{why}")]
+    Fenced {
+        /// What the failover says.
+        why: String,
+    },
+    /// The hello carries another epoch than the group's.
+    #[error(
+        "group {group:?}: the engine ships it at epoch {engine}, but the group is at epoch {target} here: a failover or failback \
+         happened since (docs/failover.md); this engine may not ship it until its engine.toml gives the group's epoch"
+    )]
+    Epoch {
+        /// The group.
+        group: String,
+        /// The engine's epoch.
+        engine: u64,
+        /// The group's.
+        target: u64,
+    },
     /// The group is stopped after an I/O failure (before the hello, or adding its volumes).
     #[error("{}", poisoned_message(group, cause))]
     Poisoned {
@@ -574,6 +643,12 @@ pub(crate) enum AuthoriseError {
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub(crate) enum GroupForHelloError {
+    /// The group was failed over (or a failover is under way).
+    #[error("{why}")]
+    FailedOver {
+        /// What the failover says.
+        why: String,
+    },
     /// The group could not be loaded at start-up.
     #[error("group {group:?} could not be loaded at start-up ({why}); fix it and restart the target")]
     Broken {

@@ -70,6 +70,16 @@ impl GroupPaths {
         self.dir.join("exports")
     }
 
+    /// `failover.toml`: the group's failover state (docs/failover.md); absent for a replica.
+    pub fn failover(&self) -> PathBuf {
+        self.dir.join("failover.toml")
+    }
+
+    /// `promoted/`: the production volumes after a failover.
+    pub fn promoted_dir(&self) -> PathBuf {
+        self.dir.join("promoted")
+    }
+
     /// `lock`: shared by readers, exclusive while retention changes base/ and the journal.
     pub fn lock(&self) -> PathBuf {
         self.dir.join("lock")

@@ -52,6 +52,8 @@
 //!     spans.toml            index of the stretches that are not consistent points (`spans`)
 //!     index/<first>.hsx     point-in-time index of each sealed journal segment
 //!     exports/<pid>/        scratch overlays of a writable export while it runs
+//!     failover.toml         the failover state, once one was asked for (docs/failover.md)
+//!     promoted/<volume>.img the production volumes after a failover
 //!     lock                  flock: shared by readers, exclusive while retention works
 //! ```
 //!
@@ -78,6 +80,7 @@ mod bookmarks;
 mod dashboard;
 mod error;
 mod exports;
+pub mod failover;
 mod group;
 mod group_view;
 mod hashes;

@@ -28,6 +28,10 @@ const META_VERSION: u32 = 1;
 /// Longest `group.toml` read; a real one is a few hundred bytes per volume.
 const MAX_META_LEN: u64 = 4 << 20;
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// The contents of `group.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,6 +40,10 @@ pub(crate) struct GroupMeta {
     pub version: u32,
     /// The engine that ships the group (its name from the hello).
     pub engine: String,
+    /// The group's epoch: an engine's hello must carry it (docs/failover.md, "Fencing"); 0
+    /// until a failover is undone by a failback.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
     /// The volumes, in the order the engine first listed them.
     #[serde(rename = "volume", default)]
     pub volumes: Vec<Volume>,
@@ -43,7 +51,7 @@ pub(crate) struct GroupMeta {
 
 impl GroupMeta {
     pub fn new(engine: String, volumes: Vec<Volume>) -> GroupMeta {
-        GroupMeta { version: META_VERSION, engine, volumes }
+        GroupMeta { version: META_VERSION, engine, epoch: 0, volumes }
     }
 
     pub fn volume(&self, name: &str) -> Option<&Volume> {

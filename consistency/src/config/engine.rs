@@ -66,6 +66,8 @@ struct GroupSection {
     journal_size: Option<String>,
     on_journal_full: Option<String>,
     #[serde(default)]
+    epoch: u64,
+    #[serde(default)]
     volume: Vec<VolumeSection>,
 }
 
@@ -130,6 +132,9 @@ pub struct GroupConfig {
     pub journal_size: Option<u64>,
     /// What happens when a journal of the group (the engine's or the target's) is full.
     pub on_journal_full: JournalFull,
+    /// The group's epoch, sent in the hello: the target takes records only from an engine at
+    /// the group's epoch, which each failover raises (docs/failover.md, "Fencing").
+    pub epoch: u64,
 }
 
 /// One volume of a group.
@@ -313,6 +318,7 @@ impl EngineConfig {
                 compression,
                 journal_size,
                 on_journal_full,
+                epoch: g.epoch,
             });
         }
         let tls = raw.tls.map(|t| TlsKeys { ca: t.ca, cert: t.cert, key: t.key, insecure_plaintext: t.insecure_plaintext });

@@ -65,6 +65,9 @@ pub struct TargetHello {
     pub compression: Vec<String>,
     /// The group's `on_journal_full` policy: `trim_history`, `block` or `pause_and_track`.
     pub on_journal_full: String,
+    /// The group's epoch as the engine knows it (engine.toml, 0 by default); the target refuses
+    /// any other than its own (docs/failover.md).
+    pub epoch: u64,
 }
 
 /// Target → engine: the target's journal is full, or history inside retention was trimmed.

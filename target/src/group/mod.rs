@@ -69,6 +69,8 @@ pub(crate) struct Group {
     applier: Applier,
     /// What the metrics and the dashboard count (since start).
     pub counters: Counters,
+    /// Set once a failover is asked for: why the group takes nothing more (docs/failover.md).
+    fenced: Mutex<Option<String>>,
 }
 
 /// A group as the metrics endpoint and the dashboard show it.
@@ -206,6 +208,28 @@ impl Group {
                 .collect(),
             exports: crate::exports::active(fs, &self.paths.exports_dir()),
         }
+    }
+
+    /// The group's paths.
+    pub fn paths(&self) -> &GroupPaths {
+        &self.paths
+    }
+
+    /// Takes nothing more from any engine from now on (a failover was asked for): the next
+    /// batch and every later hello are refused with `why`, and the connection is woken so that
+    /// an idle one ends too.
+    pub fn fence(&self, why: String) {
+        *lock(&self.fenced) = Some(why);
+        self.applier.shared().wake_connection();
+    }
+
+    /// Why the group refuses its engine, if it does: fenced by a failover, or stopped.
+    pub fn refusal(&self) -> Option<String> {
+        lock(&self.fenced).clone().or_else(|| self.stopped())
+    }
+
+    fn fenced(&self) -> Option<String> {
+        lock(&self.fenced).clone()
     }
 
     /// Why the group stopped, if it did.

@@ -104,6 +104,7 @@ impl Group {
             notice: Mutex::new(None),
             applier,
             counters: Counters::default(),
+            fenced: Mutex::new(None),
         })
     }
 

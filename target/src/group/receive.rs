@@ -50,10 +50,22 @@ impl Group {
     /// Checks an engine's hello against what is stored and returns the durable seq to resume
     /// after. New volumes are added; a volume whose size changed is refused. `on_journal_full`
     /// is the group's policy, which the engine's configuration holds.
-    pub fn accept_hello(&self, engine: &str, volumes: &[Volume], on_journal_full: JournalFull) -> Result<Seq, AcceptHelloError> {
+    pub fn accept_hello(
+        &self,
+        engine: &str,
+        volumes: &[Volume],
+        on_journal_full: JournalFull,
+        epoch: u64,
+    ) -> Result<Seq, AcceptHelloError> {
         let mut inner = lock(&self.inner);
+        if let Some(why) = self.fenced() {
+            return Err(AcceptHelloError::Fenced { why });
+        }
         if let Some(cause) = self.poisoned() {
             return Err(AcceptHelloError::Poisoned { group: self.name.clone(), cause });
+        }
+        if epoch != inner.meta.epoch {
+            return Err(AcceptHelloError::Epoch { group: self.name.clone(), engine: epoch, target: inner.meta.epoch });
         }
         if inner.on_journal_full != on_journal_full {
             log::info!("group {:?}: on_journal_full = {:?}", self.name, on_journal_full.as_str());
@@ -151,6 +163,9 @@ impl Group {
             shared.recycle(frames.drain(..));
             Receipt { durable_seq, error, full }
         };
+        if let Some(why) = self.fenced() {
+            return refuse(frames, old_durable, Some(why), None);
+        }
         if let Some(cause) = self.poisoned() {
             return refuse(frames, old_durable, Some(poisoned_message(&self.name, &cause)), None);
         }
@@ -420,7 +435,7 @@ mod tests {
         plan.clear();
         assert!(g.receive(&mut vec![frame(&recs[5..])]).error.unwrap().contains("stopped"));
         assert!(g
-            .accept_hello("e", &[Volume { name: "v".into(), vm: "vm".into(), size: SIZE }], JournalFull::TrimHistory)
+            .accept_hello("e", &[Volume { name: "v".into(), vm: "vm".into(), size: SIZE }], JournalFull::TrimHistory, 0)
             .unwrap_err()
             .to_string()
             .contains("restart"));
@@ -431,7 +446,7 @@ mod tests {
         // written, only its sync failed, so it is there (and synced at load), and the replicas
         // are brought up to it. The engine never saw it confirmed and resumes after it.
         let g = Group::load(StdStorage::shared(), paths.clone(), "g", opts()).unwrap();
-        assert_eq!(g.accept_hello("e", &[Volume { name: "v".into(), vm: "vm".into(), size: SIZE }], JournalFull::TrimHistory), Ok(10));
+        assert_eq!(g.accept_hello("e", &[Volume { name: "v".into(), vm: "vm".into(), size: SIZE }], JournalFull::TrimHistory, 0), Ok(10));
         assert!(std::fs::read(paths.replica_dir().join("v.img")).unwrap() == model(&recs, 10));
     }
 

@@ -92,7 +92,7 @@ pub(super) fn full_group(dir: &std::path::Path, policy: JournalFull) -> (GroupPa
         GroupOptions { segment_size: 1 << 20, retention: Some(Duration::from_secs(3600)), journal_size: Some(2 << 20), direct_io: true };
     let vols = [Volume { name: "v".into(), vm: "vm".into(), size: SIZE }];
     let g = Group::create(StdStorage::shared(), paths.clone(), "g", GroupMeta::new("e".into(), vols.to_vec()), opts).unwrap();
-    assert_eq!(g.accept_hello("e", &vols, policy), Ok(0));
+    assert_eq!(g.accept_hello("e", &vols, policy, 0), Ok(0));
     (paths, g)
 }
 

@@ -35,6 +35,7 @@ impl Shared {
         match groups.get(&hello.group) {
             Some(GroupEntry::Ready(g)) => return Ok(Arc::clone(g)),
             Some(GroupEntry::Broken(why)) => return Err(GroupForHelloError::Broken { group: hello.group.clone(), why: why.clone() }),
+            Some(GroupEntry::FailedOver(why)) => return Err(GroupForHelloError::FailedOver { why: why.clone() }),
             None => {}
         }
         let paths = GroupPaths::new(&self.config.data_dir, &hello.group);
@@ -185,7 +186,7 @@ pub(super) fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketA
             return;
         }
     };
-    let durable = match group.accept_hello(&hello.engine, &volumes, policy) {
+    let durable = match group.accept_hello(&hello.engine, &volumes, policy, hello.epoch) {
         Ok(d) => d,
         Err(why) => {
             log::warn!("engine {} at {peer}: hello for group {:?} refused: {why}", hello.engine, hello.group);

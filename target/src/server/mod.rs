@@ -5,10 +5,12 @@
 //! - `accept`: the listener's thread, one thread per engine connection;
 //! - `connection`: a connection's handshake: TLS, the engine's certificate, its hello, the
 //!   group claimed;
-//! - `stream`: the records that follow, journaled and confirmed batch by batch.
+//! - `stream`: the records that follow, journaled and confirmed batch by batch;
+//! - `release`: a group whose failover is asked for, fenced and released.
 
 mod accept;
 mod connection;
+mod release;
 mod shared;
 mod stream;
 
@@ -28,6 +30,7 @@ use hindsight_consistency::sync::lock;
 use self::accept::accept_loop;
 use self::shared::{GroupEntry, Shared};
 use crate::error::{data_dir_err, TargetError};
+use crate::failover::{self, Stage};
 use crate::group::{Group, GroupOptions};
 use crate::layout::{groups_dir, GroupPaths, DAEMON_LOCK};
 use crate::lock::{lock_file, FileLock, LockKind};
@@ -190,6 +193,31 @@ fn load_groups(fs: &Arc<dyn Storage>, config: &TargetConfig, opts: GroupOptions)
             );
             continue;
         }
+        match failover::load(fs.as_ref(), &name, &paths) {
+            Ok(None) => {}
+            Ok(Some(state)) => {
+                let why = state.refusal(&name);
+                if state.state == Stage::Requested {
+                    // Asked for while no daemon ran, or the daemon stopped before it released
+                    // the group: release it now, before anything is served.
+                    if let Err(e) = failover::release_offline(fs, paths, &name, opts, state) {
+                        let why = error_chain(&e);
+                        log::error!("group {name:?} cannot be released for its failover and will not be served: {why}");
+                        out.insert(name, GroupEntry::Broken(why));
+                        continue;
+                    }
+                }
+                log::info!("group {name:?} is not served: {why}");
+                out.insert(name, GroupEntry::FailedOver(why));
+                continue;
+            }
+            Err(e) => {
+                let why = error_chain(&e);
+                log::error!("group {name:?} will not be served: {why}");
+                out.insert(name, GroupEntry::Broken(why));
+                continue;
+            }
+        }
         match Group::load(Arc::clone(fs), paths, &name, opts) {
             Ok(g) => {
                 out.insert(name, GroupEntry::Ready(Arc::new(g)));
@@ -204,12 +232,13 @@ fn load_groups(fs: &Arc<dyn Storage>, config: &TargetConfig, opts: GroupOptions)
     Ok(out)
 }
 
-fn maintenance_loop(shared: &Shared, stop: &Receiver<()>) {
+fn maintenance_loop(shared: &Arc<Shared>, stop: &Receiver<()>) {
     loop {
         match stop.recv_timeout(MAINTENANCE_INTERVAL) {
             Err(RecvTimeoutError::Timeout) => {}
             _ => return,
         }
+        release::look_for_failovers(shared);
         for g in shared.ready_groups() {
             g.maintain(false);
         }

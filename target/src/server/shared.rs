@@ -18,6 +18,8 @@ pub(super) enum GroupEntry {
     Ready(Arc<Group>),
     /// It could not be loaded at start-up; engines are told why.
     Broken(String),
+    /// A failover was asked for: it is served no more, and engines are told this.
+    FailedOver(String),
 }
 
 /// State shared by the daemon's threads.
@@ -39,7 +41,7 @@ impl Shared {
             .values()
             .filter_map(|e| match e {
                 GroupEntry::Ready(g) => Some(Arc::clone(g)),
-                GroupEntry::Broken(_) => None,
+                GroupEntry::Broken(_) | GroupEntry::FailedOver(_) => None,
             })
             .collect()
     }

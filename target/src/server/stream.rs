@@ -115,8 +115,9 @@ pub(super) fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReade
                 return;
             }
         }
-        if let (Some(_), Some(why)) = (&pending_error, group.stopped()) {
-            // The applier failed while the loop waited for frames (and woke it).
+        if let (Some(_), Some(why)) = (&pending_error, group.refusal()) {
+            // The applier failed, or a failover fenced the group, while the loop waited for
+            // frames (and woke it).
             log::error!("{ctx}: {why}; closing the connection");
             send_error(writer, &why);
             return;

@@ -74,6 +74,7 @@ impl FakeEngine {
             volumes: volumes.iter().map(|(n, s)| VolumeInfo { name: (*n).to_owned(), vm: "vm1".into(), size: *s }).collect(),
             compression: vec!["lz4".into()],
             on_journal_full: "trim_history".into(),
+            epoch: 0,
         };
         e.send_frame(FrameType::TargetHello, &encode_message(&hello));
         let res = match read_frame(&mut e.reader, &mut e.payload) {
