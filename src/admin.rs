@@ -229,6 +229,12 @@ fn format_group(g: &GroupStatus) -> String {
     if !g.journal_state.is_empty() {
         lines.push(format!("  {}", g.journal_state));
     }
+    if g.handed_over {
+        lines.push("  HANDED OVER for a planned failover: no more writes are acknowledged (restart the engine to take them again)".into());
+    }
+    if !g.target_refused.is_empty() {
+        lines.push(format!("  the target refuses the group: {}", g.target_refused));
+    }
     let attached = if g.attached.is_empty() { "(none)".to_string() } else { g.attached.join(", ") };
     lines.push(format!("  volumes with a connected agent: {attached}"));
     lines.join("\n") + "\n"

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hindsight_consistency::config::TargetConfig;
 use hindsight_consistency::time::{format_rfc3339, now_ns};
+use hindsight_consistency::wire::{BookmarkReply, BookmarkRequest, FrameType, PROTOCOL_VERSION};
 use hindsight_target::failover::{self, FailoverReport};
+use hindsight_target::Point;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -53,6 +55,34 @@ pub struct FailoverArgs {
     /// End the test failover running for the group and print its report
     #[arg(long)]
     pub end_test: bool,
+    /// A planned move (the source site is up): the engine at --engine quiesces the agents,
+    /// bookmarks the group and acknowledges no more of its writes; once the target holds the
+    /// bookmark, the group fails over to it. No acknowledged write is lost in any mode
+    #[arg(long, requires = "engine", conflicts_with_all = ["test", "end_test", "seq", "time", "bookmark", "latest"])]
+    pub planned: bool,
+    /// With --planned: the source engine's address, host:port
+    #[arg(long)]
+    pub engine: Option<String>,
+    /// With --planned: the CA certificate (PEM) the engine's certificate must be issued by
+    #[arg(long, requires_all = ["engine_cert", "engine_key"])]
+    pub engine_ca: Option<PathBuf>,
+    /// With --planned: an operator's certificate
+    #[arg(long, requires_all = ["engine_ca", "engine_key"])]
+    pub engine_cert: Option<PathBuf>,
+    /// With --planned: the private key of --engine-cert
+    #[arg(long, requires_all = ["engine_ca", "engine_cert"])]
+    pub engine_key: Option<PathBuf>,
+    /// With --planned: the name the engine's certificate must be valid for (default: the host
+    /// of --engine)
+    #[arg(long)]
+    pub engine_server_name: Option<String>,
+    /// With --planned and an engine on loopback: no TLS (the engine has tls.insecure_plaintext)
+    #[arg(long, conflicts_with_all = ["engine_ca", "engine_cert", "engine_key"])]
+    pub insecure_plaintext: bool,
+    /// With --planned: do not quiesce the agents' file systems around the bookmark (the point
+    /// is then crash-consistent)
+    #[arg(long)]
+    pub no_quiesce: bool,
     /// How long to wait for the target daemon to release the group
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub wait: Duration,
@@ -106,6 +136,9 @@ pub fn run(args: &FailoverArgs) -> Result<(), Failure> {
     if args.end_test {
         return end_test(&cfg, &args.group, args.json);
     }
+    if args.planned {
+        return run_planned(args, &cfg);
+    }
     let point = args.point()?;
     if args.test {
         return run_test(args, point);
@@ -113,7 +146,80 @@ pub fn run(args: &FailoverArgs) -> Result<(), Failure> {
     let at = point.resolve(&cfg, &args.group)?;
     crate::init_logging();
     let r = failover::failover(&cfg, &args.group, &at, args.wait)?;
-    print_report(&r, args.json);
+    print_report(&r, args.json, None);
+    Ok(())
+}
+
+/// What a planned move adds to the report.
+struct Planned {
+    bookmark: String,
+    /// From the command to the target holding the bookmark.
+    drained: Duration,
+    consistency: String,
+}
+
+/// A planned move: the engine hands the group over after a bookmark; the target drains to it
+/// and fails over there.
+fn run_planned(args: &FailoverArgs, cfg: &TargetConfig) -> Result<(), Failure> {
+    let at = crate::admin::EngineAt {
+        config: None,
+        engine: args.engine.clone(),
+        ca: args.engine_ca.clone(),
+        cert: args.engine_cert.clone(),
+        key: args.engine_key.clone(),
+        server_name: args.engine_server_name.clone(),
+        insecure_plaintext: args.insecure_plaintext,
+    };
+    let to = at.resolve().map_err(|e| Failure::Config(e.to_string()))?;
+    // The group must be here before the engine is asked to hand it over.
+    hindsight_target::history(cfg, &args.group)?;
+    crate::init_logging();
+    let started = Instant::now();
+    let bookmark = format!("planned-failover-{}", now_ns() / 1_000_000_000);
+    let req = BookmarkRequest {
+        protocol: PROTOCOL_VERSION,
+        name: bookmark.clone(),
+        groups: vec![args.group.clone()],
+        note: "planned failover: the engine acknowledges nothing after this point".into(),
+        quiesce: !args.no_quiesce,
+        quiesce_timeout_ms: 10_000,
+        hold: true,
+    };
+    let reply: BookmarkReply = crate::admin::request(&to, FrameType::BookmarkRequest, FrameType::BookmarkReply, &req)
+        .context("ask the engine to hand the group over")?;
+    let point = reply.points.iter().find(|p| p.group == args.group).ok_or_else(|| anyhow::anyhow!("the engine placed no bookmark"))?;
+    log::info!(
+        "planned failover of group {}: bookmark {bookmark} at seq {} ({}); waiting for the target to hold it",
+        args.group,
+        point.seq,
+        point.consistency
+    );
+    let deadline = Instant::now() + args.wait;
+    loop {
+        let h = hindsight_target::history(cfg, &args.group)?;
+        if h.last_seq >= point.seq {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(anyhow::anyhow!(
+                "group {}: the target holds seq {} but the handed-over bookmark is seq {}: the engine did not ship it within {:?}; \
+                 the engine holds the group's writes until it is restarted; run this again, or fail over without --planned",
+                args.group,
+                h.last_seq,
+                point.seq,
+                args.wait
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let drained = started.elapsed();
+    let r = failover::failover(cfg, &args.group, &Point::Seq(point.seq), args.wait)?;
+    if r.last_seq != point.seq {
+        log::warn!("group {}: the target held records after the bookmark (to seq {}); they were undone", args.group, r.last_seq);
+    }
+    let planned = Planned { bookmark, drained, consistency: point.consistency.clone() };
+    print_report(&FailoverReport { took: started.elapsed(), ..r }, args.json, Some(&planned));
     Ok(())
 }
 
@@ -121,7 +227,7 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn print_report(r: &FailoverReport, json: bool) {
+fn print_report(r: &FailoverReport, json: bool, planned: Option<&Planned>) {
     if json {
         let volumes: Vec<_> =
             r.volumes.iter().map(|(v, p)| serde_json::json!({"name": v.name, "vm": v.vm, "size": v.size, "path": p})).collect();
@@ -130,8 +236,20 @@ fn print_report(r: &FailoverReport, json: bool) {
             "last_seq": r.last_seq, "undone_bytes": r.undone_bytes, "release_ms": millis(r.release_took),
             "took_ms": millis(r.took), "volumes": volumes,
         });
+        let mut doc = doc;
+        if let Some(p) = planned {
+            doc["planned"] = serde_json::json!({"bookmark": p.bookmark, "drained_ms": millis(p.drained), "consistency": p.consistency});
+        }
         println!("{doc}");
         return;
+    }
+    if let Some(p) = planned {
+        println!(
+            "planned failover: bookmark {} ({}); the target held it {:.2} s after the command: every write the engine acknowledged is in it",
+            p.bookmark,
+            p.consistency,
+            p.drained.as_secs_f64()
+        );
     }
     println!(
         "group {} failed over to seq {} ({}, {}) in {:.2} s (released in {:.2} s); epoch {}: the target takes nothing more of it \

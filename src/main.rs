@@ -334,7 +334,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 (None, false) => groups,
             };
             let quiesce_timeout_ms = u64::try_from(quiesce_timeout.as_millis()).unwrap_or(u64::MAX);
-            let req = BookmarkRequest { protocol: PROTOCOL_VERSION, name: name.clone(), groups, note, quiesce, quiesce_timeout_ms };
+            let req =
+                BookmarkRequest { protocol: PROTOCOL_VERSION, name: name.clone(), groups, note, quiesce, quiesce_timeout_ms, hold: false };
             let reply: BookmarkReply = admin::request(&to, FrameType::BookmarkRequest, FrameType::BookmarkReply, &req)?;
             if json {
                 let v: Vec<_> = reply

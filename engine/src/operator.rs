@@ -92,6 +92,8 @@ pub(crate) fn status(req: &StatusRequest, reg: &Registry) -> Result<StatusReply,
             journal_size: g.shared.journal.max().unwrap_or(0),
             paused: g.shared.journal.paused(),
             journal_state: g.shared.journal.describe(),
+            handed_over: g.shared.handed_over.load(Ordering::Relaxed),
+            target_refused: lock(&g.shared.target_refused).clone(),
         });
     }
     Ok(StatusReply { engine: reg.name.clone(), groups })
@@ -116,6 +118,9 @@ pub(crate) fn authorise_bookmark(peer: &Peer, req: &BookmarkRequest, reg: &Regis
     let Peer::Certified(id) = peer else { return Ok(()) };
     if authorise_operator(peer, reg, "").is_ok() {
         return Ok(());
+    }
+    if req.hold {
+        return Err(RequestError::NotOperator { certificate: id.to_string(), what: "hand groups over for a planned failover" });
     }
     let vms: HashSet<&str> = id.names(Role::Agent).collect();
     if vms.is_empty() {
@@ -187,7 +192,13 @@ fn place_in_groups(
     let mut waiting = Vec::new();
     for g in groups {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let item = GroupItem::Bookmark(BookmarkPlacement { name: req.name.clone(), body: body.clone(), latch: latch.clone(), reply: tx });
+        let item = GroupItem::Bookmark(BookmarkPlacement {
+            name: req.name.clone(),
+            body: body.clone(),
+            latch: latch.clone(),
+            reply: tx,
+            hold: req.hold,
+        });
         if g.tx.send(item).is_err() {
             return Err(RequestError::ShuttingDown { group: g.config.name.clone() });
         }

@@ -19,6 +19,7 @@ use hindsight_consistency::config::ReplicationMode;
 use hindsight_consistency::journal::{JournalReader, Tail};
 use hindsight_consistency::record::{encode_record, RecordHeader};
 use hindsight_consistency::storage::Storage;
+use hindsight_consistency::sync::lock;
 use hindsight_consistency::transport::{Connection, Role, Security, WriteHalf};
 use hindsight_consistency::wire::frame::FRAME_HEADER_LEN;
 use hindsight_consistency::wire::{
@@ -140,11 +141,13 @@ impl Shipper {
             FrameType::TargetWelcome => decode_message("TargetWelcome", &payload).map_err(read_welcome)?,
             FrameType::Error => {
                 let m: ErrorMessage = decode_message("Error", &payload).map_err(read_welcome)?;
+                *lock(&self.group.shared.target_refused) = m.message.clone();
                 return Err(ShipError::Refused { message: m.message });
             }
             other => return Err(ShipError::UnexpectedFrame { got: other }),
         };
         let shared = &self.group.shared;
+        lock(&shared.target_refused).clear();
         let durable_here = shared.durable();
         if welcome.durable_seq > durable_here {
             let msg = ShipError::TargetAhead { target_seq: welcome.durable_seq, durable: durable_here };
@@ -213,6 +216,7 @@ impl Shipper {
                             Ok(FrameType::Error) => {
                                 let m = decode_message::<ErrorMessage>("Error", &payload).map(|m| m.message).unwrap_or_default();
                                 log::error!("group {group}: the target reported: {m}");
+                                *lock(&shared.target_refused) = m;
                                 break;
                             }
                             Ok(other) => {

@@ -244,6 +244,7 @@ fn request_bookmark(addr: std::net::SocketAddr, name: &str, groups: &[&str]) -> 
         note: "test".into(),
         quiesce: false,
         quiesce_timeout_ms: 0,
+        hold: false,
     };
     write_frame(&mut s, FrameType::BookmarkRequest, &encode_message(&req), &mut Vec::new()).unwrap();
     let mut payload = Vec::new();

@@ -124,6 +124,9 @@ pub struct BookmarkRequest {
     pub quiesce: bool,
     /// How long agents may take to quiesce, in ms; past it the point is crash-consistent.
     pub quiesce_timeout_ms: u64,
+    /// Hand the groups over (a planned failover): after the bookmark the engine numbers and
+    /// acknowledges no more writes of them until it is restarted. Operators only.
+    pub hold: bool,
 }
 
 /// Engine → operator: where the bookmark was placed, per group.
@@ -358,6 +361,10 @@ pub struct GroupStatus {
     /// What a full journal (the engine's or the target's) is doing to the group, in words
     /// (empty when nothing is full).
     pub journal_state: String,
+    /// The group is held after a bookmark for a planned failover: writes wait.
+    pub handed_over: bool,
+    /// What the target said when it last refused the group ("" when it did not).
+    pub target_refused: String,
 }
 
 /// Operator → engine: set a group's mode.

@@ -91,6 +91,8 @@ pub struct BookmarkPlacement {
     pub latch: Arc<Latch>,
     /// Where the group's bookmark sequence number and time (or an error) go.
     pub reply: Sender<Result<(Seq, u64), GroupError>>,
+    /// Hand the group over after the bookmark: number nothing more (a planned failover).
+    pub hold: bool,
 }
 
 impl BookmarkPlacement {

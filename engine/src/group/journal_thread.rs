@@ -40,7 +40,7 @@ pub(super) fn journal_loop(journal: Journal, rx: Receiver<GroupItem>, shared: Ar
     loop {
         t.interval_point();
         let action = t.shared.journal.update(t.journal.size_bytes());
-        if action == Action::Hold {
+        if action == Action::Hold || t.shared.handed_over.load(Ordering::Relaxed) {
             if t.hold() == Run::Stop {
                 return;
             }
@@ -375,6 +375,16 @@ impl JournalThread {
         shared.policy.committed(acks, durable, bytes, now);
         if let (Some(b), Some(seq)) = (taken.bookmark.take(), appended.bookmark_seq) {
             log::info!("group {}: bookmark {:?} placed at seq {seq}", shared.name, b.name);
+            if b.hold {
+                // Before the answer: whoever hears of the bookmark may count on nothing after it.
+                shared.handed_over.store(true, Ordering::Relaxed);
+                log::warn!(
+                    "group {}: handed over after bookmark {:?} (seq {seq}) for a planned failover: no more writes are numbered or \
+                     acknowledged; they wait until the engine is restarted",
+                    shared.name,
+                    b.name
+                );
+            }
             // A bookmark ends an async interval as a point does.
             self.open = None;
             b.answer(Ok((seq, now)), &shared.name);

@@ -35,6 +35,10 @@ pub struct GroupShared {
     pub writes: WriteStats,
     /// What a full journal does to the group.
     pub journal: JournalWatch,
+    /// Set after the bookmark of a planned failover: the group numbers no more writes.
+    pub handed_over: AtomicBool,
+    /// Why the target last refused the group (a failover there), `""` once it accepts it.
+    pub target_refused: Mutex<String>,
 }
 
 /// Bytes shipped to the target: the records, and what went on the wire for them.
@@ -102,6 +106,8 @@ impl GroupShared {
             link: LinkStats::default(),
             writes: WriteStats::default(),
             journal: JournalWatch::new(&config.name, config.on_journal_full, config.journal_size),
+            handed_over: AtomicBool::new(false),
+            target_refused: Mutex::new(String::new()),
         }
     }
 
