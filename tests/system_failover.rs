@@ -97,6 +97,24 @@ fn failover_json(c: &Cluster, args: &[&str]) -> serde_json::Value {
     report
 }
 
+/// A process of the test, killed if the test ends first.
+struct Running(std::process::Child);
+
+impl Running {
+    /// SIGTERM, and waits for it to end.
+    fn stop(&mut self) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn promoted(c: &Cluster, volume: &str) -> PathBuf {
     c.path(&format!("target/groups/erp/promoted/{volume}.img"))
 }
@@ -153,10 +171,33 @@ fn losing_the_source_site_fails_over_to_the_latest_point_and_fences_the_old_engi
     assert!(text.contains("production: THE RECOVERY SITE") && text.contains("epoch 1"), "{text}");
     assert!(!c.path("target/groups/erp/replica/db.img").exists(), "the replica became the production volume");
 
-    // Production runs here now: new writes to the promoted volumes.
-    run_ok(Command::new("qemu-io").args(["-f", "raw"]).arg(promoted(&c, "app")).args(["-c", "write -P 9 0 65536"]));
+    // Production runs here now: an agent at the recovery site serves the promoted volume (no
+    // engine to replicate to yet: it tracks what is written in its dirty map).
+    let sock = c.path("recovery-app.sock");
+    let agent_toml = c.path("recovery-agent.toml");
+    std::fs::write(
+        &agent_toml,
+        format!(
+            "[agent]\nengine = \"127.0.0.1:{}\"\nvm = \"vm2\"\nstart_offline = true\nengine_timeout = \"1s\"\n\n{}\n[[disk]]\ngroup = \"erp\"\nvolume = \"app\"\npath = \"{}\"\nlisten = \"unix:{}\"\n",
+            common::free_port(),
+            c.tls_section("agent", "vm2"),
+            promoted(&c, "app").display(),
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(c.path("recovery-agent.log")).unwrap();
+    let mut agent = Running(
+        Command::new(common::agent_bin()).arg("--config").arg(&agent_toml).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap(),
+    );
+    common::wait_path(&sock, "the recovery site's agent");
+    let uri = format!("nbd+unix:///app?socket={}", sock.display());
+    run_ok(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "write -P 9 0 65536"]));
     app.fill(0, 65536, 9);
+    agent.stop();
     assert_same("app after a write at the recovery site", &std::fs::read(promoted(&c, "app")).unwrap(), &app.bytes);
+    let map = PathBuf::from(format!("{}.hsmap", promoted(&c, "app").display()));
+    assert!(map.exists(), "the agent tracks the writes since promotion in {}", map.display());
 
     // The old engine comes back: the target refuses it, naming the failover, and takes
     // nothing; so after a restart of the target.

@@ -225,8 +225,8 @@ fn run(args: &Args) -> Result<(), Failure> {
         engine_timeout: config.engine_timeout,
         quiescer: Some(hindsight_splitter::quiesce::Quiescer::new(config.quiesce.clone())),
         // The guest's own devices must come up, or be recovered after a crash, even while the
-        // engine is away; an NBD server alone can wait for it.
-        start_offline: disks.iter().any(|d| d.config.frontend.is_some()),
+        // engine is away; an NBD server alone waits for it unless told otherwise.
+        start_offline: config.start_offline || disks.iter().any(|d| d.config.frontend.is_some()),
     })
     .map_err(|e| Failure::Runtime(hindsight_consistency::error_chain(&e)))?;
     let link = Arc::new(link);

@@ -48,6 +48,8 @@ struct AgentSection {
     on_engine_loss: Option<String>,
     engine_timeout: Option<String>,
     metrics_listen: Option<String>,
+    #[serde(default)]
+    start_offline: bool,
 }
 
 #[derive(Deserialize)]
@@ -96,6 +98,10 @@ pub struct AgentConfig {
     pub engine_timeout: Duration,
     /// Where the agent serves its Prometheus metrics (`/metrics`), if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the disks even when the engine cannot be reached at start (as with a kernel
+    /// front end): the volumes at a recovery site after a failover, before any engine
+    /// replicates them.
+    pub start_offline: bool,
 }
 
 /// How an agent quiesces its VM: a user script, or `fsfreeze` on mount points.
@@ -268,6 +274,7 @@ impl AgentConfig {
                     on_engine_loss,
                     engine_timeout,
                     metrics_listen,
+                    start_offline: raw.agent.start_offline,
                 })
             }
             _ => {
