@@ -4,6 +4,7 @@
 mod admin;
 mod certs;
 mod export;
+mod failback;
 mod failover;
 mod failure;
 mod history;
@@ -146,6 +147,12 @@ enum Command {
     /// Make the recovery site's copy of a group the production copy at one consistent point
     /// (docs/failover.md); with --test, serve that point writable while replication goes on.
     Failover(failover::FailoverArgs),
+    /// After a failover: bring production back to the original site, shipping only what
+    /// differs (docs/operations.md, "Failback").
+    Failback {
+        #[command(subcommand)]
+        command: failback::FailbackCommand,
+    },
     /// Make a CA and the certificates of agents, engines, targets and operators
     /// (docs/security.md).
     Certs {
@@ -319,6 +326,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Export(args) => export::run(&args)?,
         Command::Failover(args) => failover::run(&args)?,
+        Command::Failback { command } => failback::run(&command)?,
         Command::Certs { action } => match action {
             CertsAction::Init { dir, days } => print!("{}", certs::init(&dir, days)?),
             CertsAction::Issue { dir, role, name, hosts, days, not_after, out_dir, force } => {

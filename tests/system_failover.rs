@@ -474,3 +474,151 @@ fn a_planned_failover_loses_no_acknowledged_write_while_the_source_writes() {
     let text = run_ok(Command::new(hindsight_bin()).args(["status", "--config"]).arg(c.engine_toml()));
     assert!(text.contains("HANDED OVER for a planned failover") && text.contains("the target refuses the group"), "{text}");
 }
+
+/// Regions of 1 MiB (the agent's resync unit) in which two images differ.
+fn differing_regions(a: &[u8], b: &[u8]) -> usize {
+    a.chunks(1 << 20).zip(b.chunks(1 << 20)).filter(|(x, y)| x != y).count()
+}
+
+/// Bytes of resync records (kind 7) in a target's journal of group erp.
+fn resync_bytes(data_dir: &Path) -> u64 {
+    let dir = data_dir.join("groups/erp/journal");
+    let fs = hindsight_consistency::storage::StdStorage::shared();
+    let mut reader = hindsight_consistency::journal::JournalReader::open(fs, &dir, 1).unwrap();
+    let mut bytes = 0;
+    while let Some(rec) = reader.next().unwrap() {
+        if rec.header.kind == hindsight_consistency::WriteKind::Resync {
+            bytes += u64::from(rec.header.length);
+        }
+    }
+    bytes
+}
+
+#[test]
+fn failback_ships_only_the_regions_that_differ_and_brings_production_home() {
+    if !have_tools(&["qemu-io"]) {
+        return;
+    }
+    let mut rng = rng();
+    let vols = [Vol::new("vm1", "db", SIZE), Vol::new("vm1", "app", SIZE)];
+    let mut c = Cluster::prepare(&vols, "segment_size = \"1MiB\"\n", "");
+    c.launch();
+    c.start_agents();
+    let (mut db, mut app) = (Model::new(SIZE), Model::new(SIZE));
+    write_random(&c, "db", &mut db, &mut rng, 30);
+    write_random(&c, "app", &mut app, &mut rng, 30);
+    let point = c.settle();
+    let (db_at, app_at) = (db.bytes.clone(), app.bytes.clone());
+    // The source writes more after the point the failover will take: those must be undone on
+    // the original disks at failback.
+    write_random(&c, "db", &mut db, &mut rng, 5);
+    c.settle();
+    c.kill_agent("vm1");
+    c.kill_engine();
+    let r = failover_json(&c, &["--seq", &point.to_string()]);
+    assert_eq!(r["epoch"].as_u64(), Some(1));
+
+    // Production at the recovery site, through an agent whose engine is not there yet.
+    c.issue(&["--role", "engine", "--name", "recovery", "--host", "127.0.0.1"]);
+    c.issue(&["--role", "target", "--name", "origin", "--host", "127.0.0.1"]);
+    c.issue(&["--role", "operator", "--name", "alice"]);
+    let (eb_port, ta_port) = (common::free_port(), common::free_port());
+    let mut agent_b = format!(
+        "[agent]\nengine = \"127.0.0.1:{eb_port}\"\nvm = \"vm1\"\nstart_offline = true\nengine_timeout = \"1s\"\n\n{}",
+        c.tls_section("agent", "vm1")
+    );
+    for v in ["db", "app"] {
+        agent_b += &format!(
+            "\n[[disk]]\ngroup = \"erp\"\nvolume = \"{v}\"\npath = \"{}\"\nlisten = \"unix:{}\"\n",
+            promoted(&c, v).display(),
+            c.path(&format!("b-{v}.sock")).display()
+        );
+    }
+    std::fs::write(c.path("agent-b.toml"), agent_b).unwrap();
+    let spawn = |name: &str, cmd: &mut Command| {
+        let log = std::fs::File::create(c.path(&format!("{name}.log"))).unwrap();
+        Running(cmd.env("RUST_LOG", "info").stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap())
+    };
+    let _agent = spawn("agent-b", Command::new(common::agent_bin()).arg("--config").arg(c.path("agent-b.toml")));
+    common::wait_path(&c.path("b-app.sock"), "the recovery site's agent");
+    let (mut db_b, mut app_b) = (Model::new(SIZE), Model::new(SIZE));
+    db_b.bytes = std::fs::read(promoted(&c, "db")).unwrap();
+    app_b.bytes = std::fs::read(promoted(&c, "app")).unwrap();
+    assert_same("db promoted at the point", &db_b.bytes, &db_at);
+    assert_same("app promoted at the point", &app_b.bytes, &app_at);
+    for (v, m) in [("db", &mut db_b), ("app", &mut app_b)] {
+        let uri = format!("nbd+unix:///{v}?socket={}", c.path(&format!("b-{v}.sock")).display());
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "raw", &uri]);
+        for i in 0..3u64 {
+            let off = rng.gen_range(0..SIZE / BLOCK - 4) * BLOCK;
+            cmd.arg("-c").arg(format!("write -P {} {off} 16384", 200 + i));
+            m.fill(off, 16384, (200 + i) as u8);
+        }
+        run_ok(&mut cmd);
+    }
+
+    // The original site returns: its disks become the replicas of its own target's group.
+    let ta_dir = c.path("origin-target");
+    std::fs::write(
+        c.path("ta.toml"),
+        format!("[target]\nlisten = \"127.0.0.1:{ta_port}\"\ndata_dir = \"{}\"\n\n{}", ta_dir.display(), c.tls_section("target", "origin")),
+    )
+    .unwrap();
+    let differ = differing_regions(&std::fs::read(c.disk("db")).unwrap(), &db_b.bytes)
+        + differing_regions(&std::fs::read(c.disk("app")).unwrap(), &app_b.bytes);
+    assert!(differ > 0);
+    let out = run_ok(
+        Command::new(hindsight_bin())
+            .args(["failback", "prepare", "--group", "erp", "--epoch", "1", "--config"])
+            .arg(c.path("ta.toml"))
+            .arg("--agent-config")
+            .arg(c.agent_toml("vm1")),
+    );
+    assert!(out.contains("prepared for failback at epoch 1"), "{out}");
+    let _ta = spawn("target-a", Command::new(hindsight_bin()).arg("target").arg("--config").arg(c.path("ta.toml")));
+    common::wait_tcp(ta_port, "the original site's target");
+    let mut eb = format!(
+        "[engine]\nlisten = \"127.0.0.1:{eb_port}\"\ndata_dir = \"{}\"\n\n{}\n[[group]]\nname = \"erp\"\nmode = \"cdp\"\nepoch = 1\ntarget = \"127.0.0.1:{ta_port}\"\n",
+        c.path("recovery-engine").display(),
+        c.tls_section("engine", "recovery")
+    );
+    for v in ["db", "app"] {
+        eb += &format!("\n[[group.volume]]\nname = \"{v}\"\nvm = \"vm1\"\nsize = \"{SIZE}\"\n");
+    }
+    std::fs::write(c.path("engine-b.toml"), eb).unwrap();
+    let _eb = spawn("engine-b", Command::new(hindsight_bin()).arg("engine").arg("--config").arg(c.path("engine-b.toml")));
+
+    // The recovery site's agent compares every region with the original disks and ships only
+    // those that differ: the original disks become the production volumes.
+    let started = std::time::Instant::now();
+    while std::fs::read(c.disk("db")).unwrap() != db_b.bytes || std::fs::read(c.disk("app")).unwrap() != app_b.bytes {
+        assert!(started.elapsed() < Duration::from_secs(90), "the original disks never became equal:\n{}", c.log("agent-b"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let shipped = resync_bytes(&ta_dir);
+    eprintln!("failback: {differ} regions of 1 MiB differ; {shipped} bytes of resync data shipped");
+    assert_eq!(shipped, differ as u64 * (1 << 20), "only the regions that differ are shipped");
+
+    // Production comes home: a planned move from the recovery site back to the original one.
+    let uri = format!("nbd+unix:///db?socket={}", c.path("b-db.sock").display());
+    run_ok(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "write -P 99 0 8192"]));
+    db_b.fill(0, 8192, 99);
+    let pki = c.pki();
+    let engine = format!("127.0.0.1:{eb_port}");
+    let out = run_ok(
+        Command::new(hindsight_bin())
+            .args(["failover", "--json", "--planned", "--group", "erp", "--config"])
+            .arg(c.path("ta.toml"))
+            .args(["--engine", &engine, "--engine-ca"])
+            .arg(pki.join("ca.pem"))
+            .arg("--engine-cert")
+            .arg(pki.join("operator-alice.pem"))
+            .arg("--engine-key")
+            .arg(pki.join("operator-alice-key.pem")),
+    );
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(r["epoch"].as_u64(), Some(2), "{r}");
+    assert_same("db: the original disk after failback", &std::fs::read(c.disk("db")).unwrap(), &db_b.bytes);
+    assert_same("app: the original disk after failback", &std::fs::read(c.disk("app")).unwrap(), &app_b.bytes);
+}

@@ -185,6 +185,14 @@ pub enum TargetError {
         last_seq: Seq,
         last_time_ns: u64,
     },
+    /// A group cannot be seeded from the volumes given.
+    #[error("group {group:?} cannot be seeded: {reason}")]
+    Seed {
+        /// The group.
+        group: String,
+        /// Why not, and what to do.
+        reason: String,
+    },
     /// `failover.toml` cannot be read or does not check out.
     #[error("group {group:?}: {}: {reason}; fix or move the file aside (docs/failover.md)", path.display())]
     FailoverState {

@@ -44,7 +44,8 @@
 //!   groups/<group>/
 //!     group.toml            volumes (name, vm, size) and engine; written last at creation
 //!     journal/              the group's journal (docs/journal-format.md)
-//!     replica/<volume>.img  the latest image of each volume (sparse)
+//!     replica/<volume>.img  the latest image of each volume (sparse); in a seeded group a
+//!                           link to the volume itself (`seed`)
 //!     base/<volume>.img     each volume at base_seq: the oldest recoverable point
 //!     state                 { "HSTS" | version | applied_seq | base_seq | base_time_ns | crc32c }
 //!     state.next            present only while the base images are rolled forward
@@ -97,6 +98,7 @@ mod point_view;
 mod records;
 mod recover;
 mod recover_set;
+pub mod seed;
 mod server;
 pub mod spans;
 mod state;

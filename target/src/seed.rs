@@ -1,0 +1,130 @@
+//! A group created from volumes that already hold data: the original site's disks before a
+//! failback (docs/failover.md, "Failback"). Its replicas are those volumes themselves (a
+//! symbolic link to each, so that what the stream writes lands on them), its base images a
+//! sparse copy of them (the image at seq 0), its journal empty; the engine that ships to it
+//! must be at the group's epoch.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hindsight_consistency::config::{check_name, TargetConfig};
+use hindsight_consistency::journal::{Journal, JournalOptions};
+use hindsight_consistency::storage::{OpenMode, StdStorage, Storage};
+use hindsight_consistency::time::now_ns;
+
+use crate::error::{data_dir_err, TargetError};
+use crate::layout::{groups_dir, image_name, GroupPaths, DAEMON_LOCK};
+use crate::lock::{lock_file, LockKind};
+use crate::meta::GroupMeta;
+use crate::model::Volume;
+use crate::state::{write_state, GroupState};
+
+/// Bytes copied at a time into a base image; a chunk of zeroes is left a hole.
+const CHUNK: usize = 1 << 20;
+/// How often a long copy says how far it is.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// One volume to seed a group with: its name and VM, and the file that holds it.
+#[derive(Debug, Clone)]
+pub struct SeedVolume {
+    pub name: String,
+    pub vm: String,
+    pub path: PathBuf,
+}
+
+/// Creates group `group` of the target from existing volumes, at `epoch`. No target daemon
+/// may run on the data directory meanwhile, and the group must not exist.
+pub fn seed(config: &TargetConfig, group: &str, volumes: &[SeedVolume], epoch: u64) -> Result<Vec<Volume>, TargetError> {
+    let bad = |reason: String| TargetError::Seed { group: group.to_owned(), reason };
+    check_name("group", group).map_err(|e| bad(e.to_string()))?;
+    if volumes.is_empty() {
+        return Err(bad("no volumes given".to_owned()));
+    }
+    let fs: Arc<dyn Storage> = StdStorage::shared();
+    let gdir = groups_dir(&config.data_dir);
+    fs.create_dir_all(&gdir).map_err(data_dir_err(&gdir, "create directory"))?;
+    let lock_path = config.data_dir.join(DAEMON_LOCK);
+    let _daemon = lock_file(&lock_path, LockKind::Exclusive, false, true)
+        .map_err(data_dir_err(&lock_path, "lock"))?
+        .ok_or_else(|| bad(format!("a target daemon runs on {}: stop it first, then start it again", config.data_dir.display())))?;
+    let paths = GroupPaths::new(&config.data_dir, group);
+    if fs.exists(&paths.meta()) {
+        return Err(bad(format!(
+            "the group exists already in {}; a group is seeded once, before any engine ships it",
+            paths.dir.display()
+        )));
+    }
+    let mut listed = Vec::new();
+    for v in volumes {
+        check_name("volume", &v.name).map_err(|e| bad(e.to_string()))?;
+        if listed.iter().any(|l: &Volume| l.name == v.name) {
+            return Err(bad(format!("volume {:?} is given twice", v.name)));
+        }
+        let meta = std::fs::metadata(&v.path).map_err(|e| bad(format!("volume {:?}: {}: {e}", v.name, v.path.display())))?;
+        if !meta.is_file() {
+            return Err(bad(format!("volume {:?}: {} is not a regular file (block devices are not seeded yet)", v.name, v.path.display())));
+        }
+        if meta.len() == 0 {
+            return Err(bad(format!("volume {:?}: {} is empty", v.name, v.path.display())));
+        }
+        listed.push(Volume { name: v.name.clone(), vm: v.vm.clone(), size: meta.len() });
+    }
+    if fs.exists(&paths.dir) {
+        // An interrupted seed (no group.toml): it holds nothing acknowledged. Its replicas are
+        // links: removing them leaves the volumes as they are.
+        log::warn!("{}: an earlier seed did not finish; starting it again", paths.dir.display());
+        std::fs::remove_dir_all(&paths.dir).map_err(data_dir_err(&paths.dir, "remove the unfinished seed"))?;
+    }
+    for dir in [paths.dir.clone(), paths.replica_dir(), paths.base_dir()] {
+        fs.create_dir_all(&dir).map_err(data_dir_err(&dir, "create directory"))?;
+    }
+    fs.open(&paths.lock(), OpenMode::Create).map_err(data_dir_err(&paths.lock(), "create lock file"))?;
+    Journal::open(Arc::clone(&fs), &paths.journal(), JournalOptions { segment_size: config.segment_size, direct: config.direct_io })
+        .map_err(|source| TargetError::Journal { group: group.to_owned(), step: "create", source })?;
+    for (v, vol) in volumes.iter().zip(&listed) {
+        let original = std::fs::canonicalize(&v.path).map_err(data_dir_err(&v.path, "resolve the volume's path"))?;
+        let link = paths.replica_dir().join(image_name(&v.name));
+        std::os::unix::fs::symlink(&original, &link).map_err(data_dir_err(&link, "link the replica to the volume"))?;
+        let base = paths.base_dir().join(image_name(&v.name));
+        copy_sparse(&original, &base, vol.size, &v.name)?;
+    }
+    for dir in [paths.replica_dir(), paths.base_dir(), paths.dir.clone(), gdir] {
+        fs.sync_dir(&dir).map_err(data_dir_err(&dir, "sync directory"))?;
+    }
+    let state = GroupState { applied_seq: 0, base_seq: 0, base_time_ns: now_ns() };
+    write_state(fs.as_ref(), &paths.state(), &state).map_err(data_dir_err(&paths.state(), "write state"))?;
+    let mut meta = GroupMeta::new(String::new(), listed.clone());
+    meta.epoch = epoch;
+    meta.store(fs.as_ref(), &paths.meta())?;
+    log::info!(
+        "group {group:?}: seeded at epoch {epoch} from {}",
+        volumes.iter().map(|v| v.path.display().to_string()).collect::<Vec<_>>().join(", ")
+    );
+    Ok(listed)
+}
+
+/// Copies `from` (`size` bytes) to a new file `to`, leaving every chunk of zeroes a hole, and
+/// syncs it.
+fn copy_sparse(from: &Path, to: &Path, size: u64, volume: &str) -> Result<(), TargetError> {
+    let mut src = std::fs::File::open(from).map_err(data_dir_err(from, "open the volume"))?;
+    let dst = std::fs::File::create(to).map_err(data_dir_err(to, "create base image"))?;
+    dst.set_len(size).map_err(data_dir_err(to, "size base image"))?;
+    let mut buf = vec![0u8; CHUNK];
+    let (mut at, mut last_line) = (0u64, Instant::now());
+    while at < size {
+        let n = usize::try_from((size - at).min(CHUNK as u64)).expect("at most CHUNK");
+        src.read_exact(&mut buf[..n]).map_err(data_dir_err(from, "read the volume"))?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            std::os::unix::fs::FileExt::write_all_at(&dst, &buf[..n], at).map_err(data_dir_err(to, "write base image"))?;
+        }
+        at += n as u64;
+        if last_line.elapsed() >= PROGRESS_EVERY {
+            last_line = Instant::now();
+            log::info!("seed: volume {volume}: base image {} of {size} bytes", at);
+        }
+    }
+    dst.sync_all().map_err(data_dir_err(to, "sync base image"))?;
+    Ok(())
+}
