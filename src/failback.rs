@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use hindsight_consistency::config::{AgentConfig, TargetConfig};
-use hindsight_target::seed::{seed, SeedVolume};
+use hindsight_target::seed::{reseed_after_failback, seed, Adopt, SeedVolume};
 
 use crate::failure::Failure;
 use crate::progress::human;
@@ -17,6 +17,23 @@ pub enum FailbackCommand {
     /// At the original site, before its target runs: make the group's original disks the
     /// replicas of a new group of this target, at the epoch the failover gave the group
     Prepare(PrepareArgs),
+    /// At the recovery site, once production is back at the original site: keep the group's
+    /// history as <group>.epoch-<E> and protect the group again from its promoted volumes
+    Resume(ResumeArgs),
+}
+
+/// `hindsight failback resume` options.
+#[derive(clap::Args, Debug)]
+pub struct ResumeArgs {
+    /// target.toml of the recovery site's target (stopped meanwhile)
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Consistency group
+    #[arg(long)]
+    pub group: String,
+    /// The epoch the planned failover back to the original site gave the group
+    #[arg(long)]
+    pub epoch: u64,
 }
 
 /// `hindsight failback prepare` options.
@@ -53,7 +70,24 @@ fn parse_volume(s: &str) -> Result<SeedVolume, Failure> {
 pub fn run(command: &FailbackCommand) -> Result<(), Failure> {
     match command {
         FailbackCommand::Prepare(args) => prepare(args),
+        FailbackCommand::Resume(args) => resume(args),
     }
+}
+
+fn resume(args: &ResumeArgs) -> Result<(), Failure> {
+    let cfg = TargetConfig::load(&args.config).map_err(|e| Failure::Config(e.to_string()))?;
+    crate::init_logging();
+    let (archived, seeded) = reseed_after_failback(&cfg, &args.group, args.epoch)?;
+    println!(
+        "group {} protected again at epoch {}: its replicas are the volumes production left here; give the original site's \
+         engine epoch = {} for the group and start it (its journal of the old epoch is set aside); the history up to the \
+         failover is group {archived}",
+        args.group, args.epoch, args.epoch
+    );
+    for s in &seeded {
+        println!("  volume {} (vm {}, {})", s.name, s.vm, human(s.size));
+    }
+    Ok(())
 }
 
 fn prepare(args: &PrepareArgs) -> Result<(), Failure> {
@@ -75,7 +109,7 @@ fn prepare(args: &PrepareArgs) -> Result<(), Failure> {
         )));
     }
     crate::init_logging();
-    let seeded = seed(&cfg, &args.group, &volumes, args.epoch)?;
+    let seeded = seed(&cfg, &args.group, &volumes, args.epoch, Adopt::Link)?;
     println!(
         "group {} prepared for failback at epoch {}: this target's replicas are the original disks; start the target, then the \
          recovery site's engine (group epoch = {}) with its agents: they compare every region and ship those that differ",

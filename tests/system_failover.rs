@@ -539,7 +539,7 @@ fn failback_ships_only_the_regions_that_differ_and_brings_production_home() {
         let log = std::fs::File::create(c.path(&format!("{name}.log"))).unwrap();
         Running(cmd.env("RUST_LOG", "info").stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap())
     };
-    let _agent = spawn("agent-b", Command::new(common::agent_bin()).arg("--config").arg(c.path("agent-b.toml")));
+    let agent_b = spawn("agent-b", Command::new(common::agent_bin()).arg("--config").arg(c.path("agent-b.toml")));
     common::wait_path(&c.path("b-app.sock"), "the recovery site's agent");
     let (mut db_b, mut app_b) = (Model::new(SIZE), Model::new(SIZE));
     db_b.bytes = std::fs::read(promoted(&c, "db")).unwrap();
@@ -587,7 +587,7 @@ fn failback_ships_only_the_regions_that_differ_and_brings_production_home() {
         eb += &format!("\n[[group.volume]]\nname = \"{v}\"\nvm = \"vm1\"\nsize = \"{SIZE}\"\n");
     }
     std::fs::write(c.path("engine-b.toml"), eb).unwrap();
-    let _eb = spawn("engine-b", Command::new(hindsight_bin()).arg("engine").arg("--config").arg(c.path("engine-b.toml")));
+    let engine_b = spawn("engine-b", Command::new(hindsight_bin()).arg("engine").arg("--config").arg(c.path("engine-b.toml")));
 
     // The recovery site's agent compares every region with the original disks and ships only
     // those that differ: the original disks become the production volumes.
@@ -621,4 +621,37 @@ fn failback_ships_only_the_regions_that_differ_and_brings_production_home() {
     assert_eq!(r["epoch"].as_u64(), Some(2), "{r}");
     assert_same("db: the original disk after failback", &std::fs::read(c.disk("db")).unwrap(), &db_b.bytes);
     assert_same("app: the original disk after failback", &std::fs::read(c.disk("app")).unwrap(), &app_b.bytes);
+
+    // The recovery site shuts its VMs down; it protects the group again, from the volumes
+    // production left there, at the new epoch; the original site's engine and agent start again.
+    drop(agent_b);
+    drop(engine_b);
+    c.stop("target");
+    let out = run_ok(
+        Command::new(hindsight_bin()).args(["failback", "resume", "--group", "erp", "--epoch", "2", "--config"]).arg(c.target_toml()),
+    );
+    assert!(out.contains("protected again at epoch 2") && out.contains("erp.epoch-1"), "{out}");
+    c.start_target();
+    c.group_extra = "epoch = 2\n".into();
+    c.write_configs();
+    c.start_engine();
+    c.start_agent("vm1");
+    write_random(&c, "db", &mut db_b, &mut rng, 20);
+    write_random(&c, "app", &mut app_b, &mut rng, 20);
+    c.settle();
+    assert!(c.log("engine").contains("journal of epoch 0 is set aside"), "{}", c.log("engine"));
+    assert_same("db at the recovery site, protected again", &c.recover("db", &["--latest"]), &db_b.bytes);
+    assert_same("app at the recovery site, protected again", &c.recover("app", &["--latest"]), &app_b.bytes);
+    // The history before the failover is kept, and still recovers.
+    let old = run_ok(Command::new(hindsight_bin()).args(["history", "--json", "--group", "erp.epoch-1", "--config"]).arg(c.target_toml()));
+    assert!(old.contains("\"last_seq\""), "{old}");
+    let out = c.path("old-db.img");
+    run_ok(
+        Command::new(hindsight_bin())
+            .args(["recover", "--group", "erp.epoch-1", "--volume", "db", "--seq", &point.to_string(), "--config"])
+            .arg(c.target_toml())
+            .arg("--out")
+            .arg(&out),
+    );
+    assert_same("db at the failover point, from the kept history", &std::fs::read(&out).unwrap(), &db_at);
 }

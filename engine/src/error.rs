@@ -26,6 +26,14 @@ pub enum EngineError {
         #[source]
         source: io::Error,
     },
+    /// The group's epoch in engine.toml does not fit its journal's.
+    #[error("group {group:?}: {reason}")]
+    Epoch {
+        /// The group.
+        group: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A group's journal could not be opened.
     #[error("group {group:?}: cannot open the journal")]
     OpenJournal {

@@ -28,6 +28,7 @@ pub mod agents;
 pub mod connection;
 mod dashboard;
 pub mod delta;
+pub mod epoch;
 pub mod error;
 pub mod group;
 pub mod hashes;
@@ -88,7 +89,9 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
     // One limiter per target address, shared by the groups shipping there.
     let mut limiters: HashMap<String, Arc<limiter::Limiter>> = HashMap::new();
     for g in &config.groups {
-        let dir = config.data_dir.join("groups").join(&g.name).join("journal");
+        let group_dir = config.data_dir.join("groups").join(&g.name);
+        epoch::enter(fs.as_ref(), &g.name, &group_dir, g.epoch)?;
+        let dir = group_dir.join("journal");
         let mut journal = Journal::open(fs.clone(), &dir, JournalOptions { segment_size: config.segment_size, direct: config.direct_io })
             .map_err(|source| EngineError::OpenJournal { group: g.name.clone(), source })?;
         let tail = journal.keep_tail(shipper::SHIP_FROM_MEMORY);

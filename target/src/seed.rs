@@ -26,6 +26,16 @@ const CHUNK: usize = 1 << 20;
 /// How often a long copy says how far it is.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
+/// How a seeded group holds its volumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adopt {
+    /// The replica is a link to the volume, which stays where it is (the original site's disks).
+    Link,
+    /// The volume's file is moved into the group as its replica (a failed-over group's promoted
+    /// images, on the same file system).
+    Move,
+}
+
 /// One volume to seed a group with: its name and VM, and the file that holds it.
 #[derive(Debug, Clone)]
 pub struct SeedVolume {
@@ -36,7 +46,7 @@ pub struct SeedVolume {
 
 /// Creates group `group` of the target from existing volumes, at `epoch`. No target daemon
 /// may run on the data directory meanwhile, and the group must not exist.
-pub fn seed(config: &TargetConfig, group: &str, volumes: &[SeedVolume], epoch: u64) -> Result<Vec<Volume>, TargetError> {
+pub fn seed(config: &TargetConfig, group: &str, volumes: &[SeedVolume], epoch: u64, how: Adopt) -> Result<Vec<Volume>, TargetError> {
     let bad = |reason: String| TargetError::Seed { group: group.to_owned(), reason };
     check_name("group", group).map_err(|e| bad(e.to_string()))?;
     if volumes.is_empty() {
@@ -49,6 +59,14 @@ pub fn seed(config: &TargetConfig, group: &str, volumes: &[SeedVolume], epoch: u
     let _daemon = lock_file(&lock_path, LockKind::Exclusive, false, true)
         .map_err(data_dir_err(&lock_path, "lock"))?
         .ok_or_else(|| bad(format!("a target daemon runs on {}: stop it first, then start it again", config.data_dir.display())))?;
+    seed_locked(config, group, volumes, epoch, how)
+}
+
+/// [`seed`] with the data directory's lock held.
+fn seed_locked(config: &TargetConfig, group: &str, volumes: &[SeedVolume], epoch: u64, how: Adopt) -> Result<Vec<Volume>, TargetError> {
+    let bad = |reason: String| TargetError::Seed { group: group.to_owned(), reason };
+    let fs: Arc<dyn Storage> = StdStorage::shared();
+    let gdir = groups_dir(&config.data_dir);
     let paths = GroupPaths::new(&config.data_dir, group);
     if fs.exists(&paths.meta()) {
         return Err(bad(format!(
@@ -85,10 +103,15 @@ pub fn seed(config: &TargetConfig, group: &str, volumes: &[SeedVolume], epoch: u
         .map_err(|source| TargetError::Journal { group: group.to_owned(), step: "create", source })?;
     for (v, vol) in volumes.iter().zip(&listed) {
         let original = std::fs::canonicalize(&v.path).map_err(data_dir_err(&v.path, "resolve the volume's path"))?;
-        let link = paths.replica_dir().join(image_name(&v.name));
-        std::os::unix::fs::symlink(&original, &link).map_err(data_dir_err(&link, "link the replica to the volume"))?;
         let base = paths.base_dir().join(image_name(&v.name));
         copy_sparse(&original, &base, vol.size, &v.name)?;
+        let replica = paths.replica_dir().join(image_name(&v.name));
+        match how {
+            Adopt::Link => {
+                std::os::unix::fs::symlink(&original, &replica).map_err(data_dir_err(&replica, "link the replica to the volume"))?
+            }
+            Adopt::Move => fs.rename(&original, &replica).map_err(data_dir_err(&original, "move the volume in as the replica"))?,
+        }
     }
     for dir in [paths.replica_dir(), paths.base_dir(), paths.dir.clone(), gdir] {
         fs.sync_dir(&dir).map_err(data_dir_err(&dir, "sync directory"))?;
@@ -103,6 +126,49 @@ pub fn seed(config: &TargetConfig, group: &str, volumes: &[SeedVolume], epoch: u
         volumes.iter().map(|v| v.path.display().to_string()).collect::<Vec<_>>().join(", ")
     );
     Ok(listed)
+}
+
+/// Resumes protection at the recovery site after a failback (docs/failover.md, "Failback"):
+/// the failed-over group `group` is kept, read-only, as `<group>.epoch-<E>` (its history), and
+/// `group` is seeded again at `epoch` from its promoted volumes, which hold what production at
+/// the original site starts from.
+pub fn reseed_after_failback(config: &TargetConfig, group: &str, epoch: u64) -> Result<(String, Vec<Volume>), TargetError> {
+    let bad = |reason: String| TargetError::Seed { group: group.to_owned(), reason };
+    let fs: Arc<dyn Storage> = StdStorage::shared();
+    let lock_path = config.data_dir.join(DAEMON_LOCK);
+    let _daemon = lock_file(&lock_path, LockKind::Exclusive, false, true)
+        .map_err(data_dir_err(&lock_path, "lock"))?
+        .ok_or_else(|| bad(format!("a target daemon runs on {}: stop it first, then start it again", config.data_dir.display())))?;
+    let paths = GroupPaths::new(&config.data_dir, group);
+    let state = crate::failover::load(fs.as_ref(), group, &paths)?;
+    let state = match state {
+        Some(s) if s.state == crate::failover::Stage::FailedOver => s,
+        _ => return Err(bad("it is not failed over here: only a failed-over group resumes its protection after a failback".to_owned())),
+    };
+    if epoch <= state.epoch {
+        return Err(bad(format!(
+            "--epoch {epoch}: the failback's planned failover raised the epoch past {} (it printed the new one)",
+            state.epoch
+        )));
+    }
+    let meta = GroupMeta::load(fs.as_ref(), group, &paths.meta())?;
+    let archived = format!("{group}.epoch-{}", state.epoch);
+    check_name("group", &archived).map_err(|e| bad(e.to_string()))?;
+    let archive = GroupPaths::new(&config.data_dir, &archived);
+    if fs.exists(&archive.dir) {
+        return Err(bad(format!("{} exists already", archive.dir.display())));
+    }
+    fs.rename(&paths.dir, &archive.dir).map_err(data_dir_err(&paths.dir, "keep the group's history aside"))?;
+    let gdir = groups_dir(&config.data_dir);
+    fs.sync_dir(&gdir).map_err(data_dir_err(&gdir, "sync directory"))?;
+    log::info!("group {group:?}: its history up to the failover is kept as group {archived:?}");
+    let volumes: Vec<SeedVolume> = meta
+        .volumes
+        .iter()
+        .map(|v| SeedVolume { name: v.name.clone(), vm: v.vm.clone(), path: archive.promoted_dir().join(image_name(&v.name)) })
+        .collect();
+    let seeded = seed_locked(config, group, &volumes, epoch, Adopt::Move)?;
+    Ok((archived, seeded))
 }
 
 /// Copies `from` (`size` bytes) to a new file `to`, leaving every chunk of zeroes a hole, and
