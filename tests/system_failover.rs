@@ -223,7 +223,8 @@ fn failing_over_to_an_earlier_point_undoes_the_later_writes_while_the_engine_shi
     }
     let mut rng = rng();
     let vols = [Vol::new("vm1", "db", SIZE), Vol::new("vm2", "app", SIZE)];
-    let c = Cluster::start_with(&vols, "segment_size = \"1MiB\"\n");
+    let metrics = common::free_port();
+    let c = Cluster::start_with(&vols, &format!("segment_size = \"1MiB\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n"));
     let (mut db, mut app) = (Model::new(SIZE), Model::new(SIZE));
     for _ in 0..2 {
         write_random(&c, "db", &mut db, &mut rng, 30);
@@ -252,6 +253,16 @@ fn failing_over_to_an_earlier_point_undoes_the_later_writes_while_the_engine_shi
     std::thread::sleep(Duration::from_secs(2));
     assert_same("db promoted, after the source wrote more", &std::fs::read(promoted(&c, "db")).unwrap(), &db_at);
     assert_eq!(c.target_last_seq(), last, "the target took nothing more");
+
+    // Monitoring says so: the target's series and its dashboard, and the engine's status.
+    let scrape = common::http_get(metrics, "/metrics", &[]).body;
+    assert!(scrape.lines().any(|l| l == "hindsight_target_failed_over{group=\"erp\"} 1"), "{scrape}");
+    let doc: serde_json::Value = serde_json::from_str(&common::http_get(metrics, "/api/dashboard", &[]).body).unwrap();
+    let card = &doc["groups"][0];
+    assert_eq!(card["state"], "failed-over", "{doc}");
+    assert!(card["state_words"].as_str().unwrap().contains(&format!("production runs at this site since")), "{doc}");
+    let g = c.wait_status("the refusal", Duration::from_secs(30), |g| g["target_refused"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(g["target_refused"].as_str().unwrap().contains("was failed over"), "{g}");
 }
 
 #[test]

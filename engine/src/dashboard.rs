@@ -23,6 +23,7 @@ fn group(s: &Scrape, lag: &LagHistory) -> page::Group {
     let lag_s = g.lag_ms as f64 / 1e3;
     let rpo = (g.rpo_ms > 0).then(|| g.rpo_ms as f64 / 1e3);
     let state = State {
+        failed_over: g.handed_over || !g.target_refused.is_empty(),
         stopped: g.poisoned,
         paused: g.paused,
         disconnected: !g.target_connected,
@@ -34,6 +35,8 @@ fn group(s: &Scrape, lag: &LagHistory) -> page::Group {
     let word = state.word();
     let rpo_words = rpo.map_or_else(|| "no RPO set".to_owned(), |r| format!("RPO {r:.1} s"));
     let state_words = match word {
+        "failed-over" if !g.target_refused.is_empty() => format!("the target refuses the group: {}", g.target_refused),
+        "failed-over" => "handed over for a planned failover: no more writes are acknowledged until the engine restarts".to_owned(),
         "stopped" => "stopped after a journal failure: restart the engine (its log says why)".to_owned(),
         "paused" => format!("paused: {}", g.journal_state),
         "disconnected" => {

@@ -6,16 +6,48 @@
 use hindsight_consistency::dashboard::{self as page, seconds, Document, LagHistory, State};
 use hindsight_consistency::time::format_rfc3339_seconds;
 
-use crate::metrics::Scrape;
+use crate::failover::Stage;
+use crate::metrics::{FailedOver, Scrape};
 
 /// The document for these groups at `now_ns`; `name` is this target's listen address.
-pub(crate) fn document(name: &str, groups: &[Scrape], lag: &LagHistory, now_ns: u64) -> Document {
-    Document {
-        version: page::VERSION,
-        daemon: "target",
-        name: name.to_owned(),
-        now: seconds(now_ns),
-        groups: groups.iter().map(|s| group(s, lag)).collect(),
+pub(crate) fn document(name: &str, groups: &[Scrape], failed_over: &[FailedOver], lag: &LagHistory, now_ns: u64) -> Document {
+    let mut cards: Vec<page::Group> = groups.iter().map(|s| group(s, lag)).collect();
+    cards.extend(failed_over.iter().map(failed_over_card));
+    cards.sort_by(|a, b| a.name.cmp(&b.name));
+    Document { version: page::VERSION, daemon: "target", name: name.to_owned(), now: seconds(now_ns), groups: cards }
+}
+
+/// The card of a group failed over here: production runs at this site.
+fn failed_over_card(f: &FailedOver) -> page::Group {
+    let state_words = match &f.state {
+        Some(s) if s.state == Stage::FailedOver => format!(
+            "failed over: production runs at this site since {} (seq {}, epoch {}), unprotected until a failback; the history \
+             before it can still be recovered and exported",
+            format_rfc3339_seconds(s.promoted_ns.unwrap_or(s.requested_ns)),
+            s.seq.unwrap_or(0),
+            s.epoch
+        ),
+        Some(s) => format!(
+            "a failover is under way since {}: the target takes nothing more of the group; run hindsight failover again to finish it",
+            format_rfc3339_seconds(s.requested_ns)
+        ),
+        None => "failed over (its failover.toml cannot be read: the target's log says why)".to_owned(),
+    };
+    page::Group {
+        name: f.name.clone(),
+        mode: None,
+        state: State { failed_over: true, ..State::default() }.word(),
+        state_words,
+        rpo_seconds: None,
+        lag_seconds: None,
+        lag_history: Vec::new(),
+        window: None,
+        bookmarks: None,
+        spans: None,
+        exports: None,
+        journal: page::Journal { bytes: 0, limit: None },
+        resync: Vec::new(),
+        volumes: Vec::new(),
     }
 }
 

@@ -33,9 +33,23 @@ pub(crate) struct Scrape {
     pub marks: GroupMarks,
 }
 
+/// A group failed over here: no longer served, its state as `failover.toml` says.
+pub(crate) struct FailedOver {
+    pub name: String,
+    pub state: Option<crate::failover::FailoverState>,
+}
+
 /// The text of one scrape of these groups, at `now_ns`.
-pub(crate) fn render(groups: &[Scrape], now_ns: u64) -> String {
+pub(crate) fn render(groups: &[Scrape], failed_over: &[FailedOver], now_ns: u64) -> String {
     let mut r = Registry::default();
+    let failed: Int = add(
+        &mut r,
+        "hindsight_target_failed_over",
+        "1 once the group is failed over (or a failover is under way): production runs at this site and the group's other series end",
+    );
+    for f in failed_over {
+        failed.get_or_create(&GroupLabel { group: f.name.clone() }).set(1);
+    }
     let last: Int = add(&mut r, "hindsight_target_last_seq", "Sequence number of the newest record the target's journal holds");
     let applied: Int = add(&mut r, "hindsight_target_applied_seq", "The replicas hold every record up to this sequence number");
     let journal: Int = add(&mut r, "hindsight_target_journal_bytes", "Bytes of journal the target holds for the group");
@@ -71,6 +85,7 @@ pub(crate) fn render(groups: &[Scrape], now_ns: u64) -> String {
     let secs = |ns: u64| ns as f64 / 1e9;
     for Scrape { name, gauges: g, marks } in groups {
         let l = GroupLabel { group: name.clone() };
+        failed.get_or_create(&l).set(0);
         last.get_or_create(&l).set(n(g.last_seq));
         applied.get_or_create(&l).set(n(g.applied_seq));
         journal.get_or_create(&l).set(n(g.journal_bytes));
@@ -111,30 +126,38 @@ struct TargetSource<F> {
     lag: LagHistory,
 }
 
-impl<F: Fn() -> Vec<Arc<Group>> + Send + Sync + 'static> TargetSource<F> {
-    fn scrape(&self) -> Vec<Scrape> {
-        (self.groups)()
+/// What the daemon serves: its groups, and those failed over here.
+type Served = (Vec<Arc<Group>>, Vec<FailedOver>);
+
+impl<F: Fn() -> Served + Send + Sync + 'static> TargetSource<F> {
+    fn scrape(&self) -> (Vec<Scrape>, Vec<FailedOver>) {
+        let (ready, failed) = (self.groups)();
+        let scrapes = ready
             .iter()
             .map(|g| {
                 let gauges = g.gauges();
                 let marks = g.marks(gauges.oldest_ns);
                 Scrape { name: g.name.clone(), gauges, marks }
             })
-            .collect()
+            .collect();
+        (scrapes, failed)
     }
 }
 
-impl<F: Fn() -> Vec<Arc<Group>> + Send + Sync + 'static> Source for TargetSource<F> {
+impl<F: Fn() -> Served + Send + Sync + 'static> Source for TargetSource<F> {
     fn metrics(&self) -> String {
-        render(&self.scrape(), now_ns())
+        let (groups, failed) = self.scrape();
+        render(&groups, &failed, now_ns())
     }
 
     fn dashboard(&self) -> Option<dashboard::Document> {
-        Some(crate::dashboard::document(&self.name, &self.scrape(), &self.lag, now_ns()))
+        let (groups, failed) = self.scrape();
+        Some(crate::dashboard::document(&self.name, &groups, &failed, &self.lag, now_ns()))
     }
 
     fn sample(&self) {
         let lags: Vec<(String, f64)> = (self.groups)()
+            .0
             .iter()
             .filter_map(|g| {
                 let connected = g.gauges().engine_connected;
@@ -151,7 +174,7 @@ impl<F: Fn() -> Vec<Arc<Group>> + Send + Sync + 'static> Source for TargetSource
 pub(crate) fn serve(
     addr: SocketAddr,
     name: String,
-    groups: impl Fn() -> Vec<Arc<Group>> + Send + Sync + 'static,
+    groups: impl Fn() -> Served + Send + Sync + 'static,
 ) -> Result<SocketAddr, TargetError> {
     let source = Arc::new(TargetSource { groups, name, lag: LagHistory::default() });
     let bound = hindsight_consistency::metrics_http::serve(addr, "target-metrics", source)
@@ -192,9 +215,15 @@ mod tests {
             }],
             ..GroupMarks::default()
         };
-        let text = render(&[Scrape { name: "erp".into(), gauges: g, marks }], 1_070_000_000_000);
+        let text = render(
+            &[Scrape { name: "erp".into(), gauges: g, marks }],
+            &[FailedOver { name: "crm".into(), state: None }],
+            1_070_000_000_000,
+        );
         for line in [
             "hindsight_target_last_seq{group=\"erp\"} 42",
+            "hindsight_target_failed_over{group=\"erp\"} 0",
+            "hindsight_target_failed_over{group=\"crm\"} 1",
             "hindsight_target_applied_seq{group=\"erp\"} 40",
             "hindsight_target_journal_bytes{group=\"erp\"} 1048576",
             "hindsight_target_journal_size_limit_bytes{group=\"erp\"} 8388608",

@@ -103,6 +103,8 @@ pub struct Volume {
 /// What holds of a group, from which its `state` word follows (the first that holds).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct State {
+    /// Failed over (target), or handed over for a planned failover (engine).
+    pub failed_over: bool,
     pub stopped: bool,
     pub paused: bool,
     pub disconnected: bool,
@@ -116,6 +118,7 @@ impl State {
     /// The state's word (docs/dashboard.md).
     pub fn word(&self) -> &'static str {
         [
+            (self.failed_over, "failed-over"),
             (self.stopped, "stopped"),
             (self.paused, "paused"),
             (self.disconnected, "disconnected"),

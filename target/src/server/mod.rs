@@ -153,7 +153,7 @@ pub(crate) fn start(config: TargetConfig, fs: Arc<dyn Storage>) -> Result<Target
         .map_err(|source| TargetError::Spawn { what: "accept", source })?;
     if let Some(addr) = shared.config.metrics_listen {
         let s = Arc::clone(&shared);
-        crate::metrics::serve(addr, local_addr.to_string(), move || s.ready_groups())?;
+        crate::metrics::serve(addr, local_addr.to_string(), move || (s.ready_groups(), s.failed_over_groups()))?;
     }
     log::info!("target listening on {local_addr}, data in {}", shared.config.data_dir.display());
     match (shared.config.security.tls(), &shared.config.engines) {

@@ -36,6 +36,21 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    /// The groups failed over here (no longer served), with their failover state as
+    /// `failover.toml` says now.
+    pub(super) fn failed_over_groups(&self) -> Vec<crate::metrics::FailedOver> {
+        let names: Vec<String> =
+            lock(&self.groups).iter().filter(|(_, e)| matches!(e, GroupEntry::FailedOver(_))).map(|(n, _)| n.clone()).collect();
+        names
+            .into_iter()
+            .map(|name| {
+                let paths = crate::layout::GroupPaths::new(&self.config.data_dir, &name);
+                let state = crate::failover::load(self.fs.as_ref(), &name, &paths).ok().flatten();
+                crate::metrics::FailedOver { name, state }
+            })
+            .collect()
+    }
+
     pub(super) fn ready_groups(&self) -> Vec<Arc<Group>> {
         lock(&self.groups)
             .values()

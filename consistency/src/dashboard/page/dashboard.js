@@ -20,6 +20,7 @@ const STATE_TONE = {
   disconnected: "bad",
   paused: "bad",
   stopped: "bad",
+  "failed-over": "bad",
 };
 
 // What the page knows between two requests.
@@ -407,6 +408,15 @@ function card(g, doc) {
     g.mode ? el("span", { class: "mode" }, g.mode) : null,
     el("span", { class: `badge tone-${tone}`, "data-state": g.state }, g.state),
   );
+  if (g.state === "failed-over" && doc.daemon === "target") {
+    // Production runs here: the target no longer serves the group, so it has nothing to chart.
+    return el(
+      "article",
+      { class: `group-card tone-${tone}`, "data-group": g.name, "data-state": g.state },
+      el("header", { class: "card-head" }, title),
+      el("p", { class: "state-words" }, g.state_words),
+    );
+  }
   const span = chartSpan(g, doc.now);
   const heading = g.lag_history.length === 0 || span >= 3600 ? "Lag over the last hour" : `Lag over the last ${duration(span)}`;
   const chart = el("section", { class: "lag" }, el("div", { class: "section-head" }, el("h3", {}, heading), lagNow(g)), lagChart(g, doc.now));
