@@ -260,7 +260,7 @@ fn failing_over_to_an_earlier_point_undoes_the_later_writes_while_the_engine_shi
     let doc: serde_json::Value = serde_json::from_str(&common::http_get(metrics, "/api/dashboard", &[]).body).unwrap();
     let card = &doc["groups"][0];
     assert_eq!(card["state"], "failed-over", "{doc}");
-    assert!(card["state_words"].as_str().unwrap().contains(&format!("production runs at this site since")), "{doc}");
+    assert!(card["state_words"].as_str().unwrap().contains("production runs at this site since"), "{doc}");
     let g = c.wait_status("the refusal", Duration::from_secs(30), |g| g["target_refused"].as_str().is_some_and(|s| !s.is_empty()));
     assert!(g["target_refused"].as_str().unwrap().contains("was failed over"), "{g}");
 }
