@@ -17,7 +17,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{first_difference, have_tools, hindsight_bin, run_code, run_ok, Cluster, Model, Vol};
+use common::{
+    differing_regions, first_difference, have_tools, hindsight_bin, resync_bytes, run_code, run_ok, write_random_to, Cluster, Model, Vol,
+};
 use rand::{Rng, SeedableRng};
 
 const SIZE: u64 = 8 << 20;
@@ -27,34 +29,6 @@ fn rng() -> rand::rngs::StdRng {
     let seed: u64 = std::env::var("HS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::thread_rng().gen());
     eprintln!("seed {seed} (HS_SEED={seed} repeats this run)");
     rand::rngs::StdRng::seed_from_u64(seed)
-}
-
-/// Random pattern writes, zero writes and trims of whole blocks on `volume` through its agent
-/// (one qemu-io: acknowledged in order), applied to `model`.
-fn write_random(c: &Cluster, volume: &str, model: &mut Model, rng: &mut impl Rng, n: usize) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", &c.uri(volume)]);
-    let mut ops = Vec::new();
-    for _ in 0..n {
-        let blocks = rng.gen_range(1..=16u64);
-        let off = rng.gen_range(0..SIZE / BLOCK - blocks) * BLOCK;
-        let len = blocks * BLOCK;
-        let (op, byte) = match rng.gen_range(0..8) {
-            0 => (format!("write -z {off} {len}"), 0),
-            1 => (format!("discard {off} {len}"), 0),
-            _ => {
-                let b = rng.gen_range(1..=255u8);
-                (format!("write -P {b} {off} {len}"), b)
-            }
-        };
-        cmd.arg("-c").arg(op);
-        ops.push((off, len, byte));
-    }
-    let out = run_ok(&mut cmd);
-    assert!(!out.contains("failed"), "qemu-io: {out}");
-    for (off, len, byte) in ops {
-        model.fill(off, len, byte);
-    }
 }
 
 /// An ext4 image holding `files`, made with mkfs.ext4 -d, written whole onto `volume` through
@@ -78,49 +52,13 @@ fn assert_same(what: &str, got: &[u8], want: &[u8]) {
     assert!(got == want, "{what}: {}", first_difference(got, want));
 }
 
-/// `hindsight failover` on the cluster's target with `args`: its exit code and output.
-fn failover(c: &Cluster, args: &[&str]) -> (Option<i32>, String, String) {
-    run_code(
-        Command::new(hindsight_bin()).args(["failover", "--group", "erp", "--config"]).arg(c.target_toml()).args(args),
-        Duration::from_secs(120),
-    )
-}
-
-/// A successful failover's JSON report.
-fn failover_json(c: &Cluster, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let (code, out, err) = failover(c, &all);
-    assert_eq!(code, Some(0), "failover {args:?}: {out}{err}");
-    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
-    eprintln!("failover {args:?}: {report}");
-    report
-}
-
-/// A process of the test, killed if the test ends first.
-struct Running(std::process::Child);
-
-impl Running {
-    /// SIGTERM, and waits for it to end.
-    fn stop(&mut self) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Random writes of up to 16 blocks on a volume through its agent at the source site.
+fn write_random(c: &Cluster, volume: &str, model: &mut Model, rng: &mut impl Rng, n: usize) {
+    write_random_to(&c.uri(volume), model, rng, n, 16);
 }
 
 fn promoted(c: &Cluster, volume: &str) -> PathBuf {
-    c.path(&format!("target/groups/erp/promoted/{volume}.img"))
-}
-
-fn history_text(c: &Cluster) -> String {
-    run_ok(Command::new(hindsight_bin()).args(["history", "--group", "erp", "--config"]).arg(c.target_toml()))
+    c.promoted(volume)
 }
 
 /// Checks the promoted ext4 volume: e2fsck clean, each file as written.
@@ -160,41 +98,25 @@ fn losing_the_source_site_fails_over_to_the_latest_point_and_fences_the_old_engi
     c.kill_agent("vm1");
     c.kill_agent("vm2");
     c.kill_engine();
-    assert!(history_text(&c).contains("production: the source site"));
-    let r = failover_json(&c, &["--latest"]);
+    assert!(c.history_text().contains("production: the source site"));
+    let r = c.failover_json(&["--latest"]);
     assert_eq!((r["epoch"].as_u64(), r["undone_bytes"].as_u64()), (Some(1), Some(0)), "{r}");
     assert_eq!(r["seq"], r["last_seq"]);
     assert_same("db promoted", &std::fs::read(promoted(&c, "db")).unwrap(), &db.bytes);
     assert_same("app promoted", &std::fs::read(promoted(&c, "app")).unwrap(), &app.bytes);
     check_ext4(&promoted(&c, "db"), &files);
-    let text = history_text(&c);
+    let text = c.history_text();
     assert!(text.contains("production: THE RECOVERY SITE") && text.contains("epoch 1"), "{text}");
     assert!(!c.path("target/groups/erp/replica/db.img").exists(), "the replica became the production volume");
 
-    // Production runs here now: an agent at the recovery site serves the promoted volume (no
-    // engine to replicate to yet: it tracks what is written in its dirty map).
-    let sock = c.path("recovery-app.sock");
-    let agent_toml = c.path("recovery-agent.toml");
-    std::fs::write(
-        &agent_toml,
-        format!(
-            "[agent]\nengine = \"127.0.0.1:{}\"\nvm = \"vm2\"\nstart_offline = true\nengine_timeout = \"1s\"\n\n{}\n[[disk]]\ngroup = \"erp\"\nvolume = \"app\"\npath = \"{}\"\nlisten = \"unix:{}\"\n",
-            common::free_port(),
-            c.tls_section("agent", "vm2"),
-            promoted(&c, "app").display(),
-            sock.display()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(c.path("recovery-agent.log")).unwrap();
-    let mut agent = Running(
-        Command::new(common::agent_bin()).arg("--config").arg(&agent_toml).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap(),
-    );
-    common::wait_path(&sock, "the recovery site's agent");
-    let uri = format!("nbd+unix:///app?socket={}", sock.display());
-    run_ok(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "write -P 9 0 65536"]));
+    // Production runs here now: agents at the recovery site serve the promoted volumes (no
+    // engine to replicate to yet: they track what is written in their dirty maps).
+    let mut site = c.serve_promoted();
+    run_ok(Command::new("qemu-io").args(["-f", "raw", &site.uri(&c, "app"), "-c", "write -P 9 0 65536"]));
     app.fill(0, 65536, 9);
-    agent.stop();
+    for a in &mut site.agents {
+        a.stop();
+    }
     assert_same("app after a write at the recovery site", &std::fs::read(promoted(&c, "app")).unwrap(), &app.bytes);
     let map = PathBuf::from(format!("{}.hsmap", promoted(&c, "app").display()));
     assert!(map.exists(), "the agent tracks the writes since promotion in {}", map.display());
@@ -210,7 +132,7 @@ fn losing_the_source_site_fails_over_to_the_latest_point_and_fences_the_old_engi
     assert_same("app after the old engine returned", &std::fs::read(promoted(&c, "app")).unwrap(), &app.bytes);
 
     // A second failover is refused; the history is untouched and still recovers.
-    let (code, out, err) = failover(&c, &["--latest"]);
+    let (code, out, err) = c.failover(&["--latest"]);
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(err.contains("was failed over already"), "{err}");
     assert_same("app recovered at an earlier point", &c.recover("app", &["--seq", &early.to_string()]), &app_early);
@@ -240,7 +162,7 @@ fn failing_over_to_an_earlier_point_undoes_the_later_writes_while_the_engine_shi
     assert!(last > point);
 
     // The engine is connected and shipping: the failover fences it.
-    let r = failover_json(&c, &["--seq", &point.to_string()]);
+    let r = c.failover_json(&["--seq", &point.to_string()]);
     assert_eq!((r["seq"].as_u64(), r["last_seq"].as_u64()), (Some(point), Some(last)), "{r}");
     assert!(r["undone_bytes"].as_u64().unwrap() > 0, "{r}");
     assert_same("db promoted at the point", &std::fs::read(promoted(&c, "db")).unwrap(), &db_at);
@@ -283,7 +205,7 @@ fn a_failover_with_no_target_daemon_releases_the_group_itself() {
     c.kill_agent("vm1");
     c.kill_engine();
     c.kill_target();
-    let r = failover_json(&c, &["--latest"]);
+    let r = c.failover_json(&["--latest"]);
     assert_eq!(r["undone_bytes"].as_u64(), Some(0), "{r}");
     assert_same("db promoted", &std::fs::read(promoted(&c, "db")).unwrap(), &db.bytes);
     // The daemon, started again, does not serve the group: the engine is refused.
@@ -355,7 +277,7 @@ fn a_test_failover_serves_a_point_writable_while_replication_goes_on_and_leaves_
 
     let (mut t, ready) = start_test_failover(&c, &["--latest"]);
     assert!(ready.starts_with(&format!("exporting group erp at seq {point} ")), "{ready}");
-    let (code, out, err) = failover(&c, &["--test", "--latest", "--listen", "unix:/nonexistent/x.sock"]);
+    let (code, out, err) = c.failover(&["--test", "--latest", "--listen", "unix:/nonexistent/x.sock"]);
     assert_eq!(code, Some(2), "{out}{err}");
     assert!(err.contains("runs already"), "{err}");
     // The test writes to its volumes; the source goes on writing and replicating.
@@ -387,7 +309,7 @@ fn a_test_failover_serves_a_point_writable_while_replication_goes_on_and_leaves_
     }
     assert_same("db replica", &std::fs::read(c.path("target/groups/erp/replica/db.img")).unwrap(), &db.bytes);
     assert!(!c.path("target/groups/erp/failover-test.toml").exists());
-    assert!(history_text(&c).contains("production: the source site"));
+    assert!(c.history_text().contains("production: the source site"));
     let (code, _, err) = run_code(
         Command::new(hindsight_bin()).args(["failover", "--end-test", "--group", "erp", "--config"]).arg(c.target_toml()),
         Duration::from_secs(30),
@@ -407,7 +329,6 @@ fn a_planned_failover_loses_no_acknowledged_write_while_the_source_writes() {
     c.group_extra = "mode = \"async\"\ninterval = \"3s\"\n".into();
     c.launch();
     c.start_agents();
-    c.issue(&["--role", "operator", "--name", "alice"]);
     // Writes go on during the move, one qemu-io each (block i gets the byte i % 250 + 1);
     // each that returns is acknowledged.
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
@@ -447,22 +368,9 @@ fn a_planned_failover_loses_no_acknowledged_write_while_the_source_writes() {
         })
     };
     std::thread::sleep(Duration::from_secs(2));
-    let pki = c.pki();
-    let eport = c.eport.to_string();
-    let engine = format!("127.0.0.1:{eport}");
-    let (ca, cert, key) = (pki.join("ca.pem"), pki.join("operator-alice.pem"), pki.join("operator-alice-key.pem"));
-    let args: Vec<&str> = vec![
-        "--planned",
-        "--engine",
-        &engine,
-        "--engine-ca",
-        ca.to_str().unwrap(),
-        "--engine-cert",
-        cert.to_str().unwrap(),
-        "--engine-key",
-        key.to_str().unwrap(),
-    ];
-    let r = failover_json(&c, &args);
+    let args = c.planned_args(c.eport);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = c.failover_json(&args);
     // Whatever the writer still has in flight waits at the engine: stop it.
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().unwrap();
@@ -486,35 +394,14 @@ fn a_planned_failover_loses_no_acknowledged_write_while_the_source_writes() {
     assert!(text.contains("HANDED OVER for a planned failover") && text.contains("the target refuses the group"), "{text}");
 }
 
-/// Regions of 1 MiB (the agent's resync unit) in which two images differ.
-fn differing_regions(a: &[u8], b: &[u8]) -> usize {
-    a.chunks(1 << 20).zip(b.chunks(1 << 20)).filter(|(x, y)| x != y).count()
-}
-
-/// Bytes of resync records (kind 7) in a target's journal of group erp.
-fn resync_bytes(data_dir: &Path) -> u64 {
-    let dir = data_dir.join("groups/erp/journal");
-    let fs = hindsight_consistency::storage::StdStorage::shared();
-    let mut reader = hindsight_consistency::journal::JournalReader::open(fs, &dir, 1).unwrap();
-    let mut bytes = 0;
-    while let Some(rec) = reader.next().unwrap() {
-        if rec.header.kind == hindsight_consistency::WriteKind::Resync {
-            bytes += u64::from(rec.header.length);
-        }
-    }
-    bytes
-}
-
 #[test]
 fn failback_ships_only_the_regions_that_differ_and_brings_production_home() {
     if !have_tools(&["qemu-io"]) {
         return;
     }
     let mut rng = rng();
-    let vols = [Vol::new("vm1", "db", SIZE), Vol::new("vm1", "app", SIZE)];
-    let mut c = Cluster::prepare(&vols, "segment_size = \"1MiB\"\n", "");
-    c.launch();
-    c.start_agents();
+    let vols = [Vol::new("vm1", "db", SIZE), Vol::new("vm2", "app", SIZE)];
+    let mut c = Cluster::start_with(&vols, "segment_size = \"1MiB\"\n");
     let (mut db, mut app) = (Model::new(SIZE), Model::new(SIZE));
     write_random(&c, "db", &mut db, &mut rng, 30);
     write_random(&c, "app", &mut app, &mut rng, 30);
@@ -524,110 +411,41 @@ fn failback_ships_only_the_regions_that_differ_and_brings_production_home() {
     // the original disks at failback.
     write_random(&c, "db", &mut db, &mut rng, 5);
     c.settle();
-    c.kill_agent("vm1");
+    for vm in ["vm1", "vm2"] {
+        c.kill_agent(vm);
+    }
     c.kill_engine();
-    let r = failover_json(&c, &["--seq", &point.to_string()]);
+    let r = c.failover_json(&["--seq", &point.to_string()]);
     assert_eq!(r["epoch"].as_u64(), Some(1));
 
-    // Production at the recovery site, through an agent whose engine is not there yet.
-    c.issue(&["--role", "engine", "--name", "recovery", "--host", "127.0.0.1"]);
-    c.issue(&["--role", "target", "--name", "origin", "--host", "127.0.0.1"]);
-    c.issue(&["--role", "operator", "--name", "alice"]);
-    let (eb_port, ta_port) = (common::free_port(), common::free_port());
-    let mut agent_b = format!(
-        "[agent]\nengine = \"127.0.0.1:{eb_port}\"\nvm = \"vm1\"\nstart_offline = true\nengine_timeout = \"1s\"\n\n{}",
-        c.tls_section("agent", "vm1")
-    );
-    for v in ["db", "app"] {
-        agent_b += &format!(
-            "\n[[disk]]\ngroup = \"erp\"\nvolume = \"{v}\"\npath = \"{}\"\nlisten = \"unix:{}\"\n",
-            promoted(&c, v).display(),
-            c.path(&format!("b-{v}.sock")).display()
-        );
-    }
-    std::fs::write(c.path("agent-b.toml"), agent_b).unwrap();
-    let spawn = |name: &str, cmd: &mut Command| {
-        let log = std::fs::File::create(c.path(&format!("{name}.log"))).unwrap();
-        Running(cmd.env("RUST_LOG", "info").stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap())
-    };
-    let agent_b = spawn("agent-b", Command::new(common::agent_bin()).arg("--config").arg(c.path("agent-b.toml")));
-    common::wait_path(&c.path("b-app.sock"), "the recovery site's agent");
+    // Production at the recovery site, through agents whose engine is not there yet.
+    let mut site = c.serve_promoted();
     let (mut db_b, mut app_b) = (Model::new(SIZE), Model::new(SIZE));
     db_b.bytes = std::fs::read(promoted(&c, "db")).unwrap();
     app_b.bytes = std::fs::read(promoted(&c, "app")).unwrap();
     assert_same("db promoted at the point", &db_b.bytes, &db_at);
     assert_same("app promoted at the point", &app_b.bytes, &app_at);
-    for (v, m) in [("db", &mut db_b), ("app", &mut app_b)] {
-        let uri = format!("nbd+unix:///{v}?socket={}", c.path(&format!("b-{v}.sock")).display());
-        let mut cmd = Command::new("qemu-io");
-        cmd.args(["-f", "raw", &uri]);
-        for i in 0..3u64 {
-            let off = rng.gen_range(0..SIZE / BLOCK - 4) * BLOCK;
-            cmd.arg("-c").arg(format!("write -P {} {off} 16384", 200 + i));
-            m.fill(off, 16384, (200 + i) as u8);
-        }
-        run_ok(&mut cmd);
-    }
+    write_random_to(&site.uri(&c, "db"), &mut db_b, &mut rng, 3, 4);
+    write_random_to(&site.uri(&c, "app"), &mut app_b, &mut rng, 3, 4);
 
-    // The original site returns: its disks become the replicas of its own target's group.
-    let ta_dir = c.path("origin-target");
-    std::fs::write(
-        c.path("ta.toml"),
-        format!("[target]\nlisten = \"127.0.0.1:{ta_port}\"\ndata_dir = \"{}\"\n\n{}", ta_dir.display(), c.tls_section("target", "origin")),
-    )
-    .unwrap();
-    let differ = differing_regions(&std::fs::read(c.disk("db")).unwrap(), &db_b.bytes)
-        + differing_regions(&std::fs::read(c.disk("app")).unwrap(), &app_b.bytes);
-    assert!(differ > 0);
-    let out = run_ok(
-        Command::new(hindsight_bin())
-            .args(["failback", "prepare", "--group", "erp", "--epoch", "1", "--config"])
-            .arg(c.path("ta.toml"))
-            .arg("--agent-config")
-            .arg(c.agent_toml("vm1")),
-    );
-    assert!(out.contains("prepared for failback at epoch 1"), "{out}");
-    let _ta = spawn("target-a", Command::new(hindsight_bin()).arg("target").arg("--config").arg(c.path("ta.toml")));
-    common::wait_tcp(ta_port, "the original site's target");
-    let mut eb = format!(
-        "[engine]\nlisten = \"127.0.0.1:{eb_port}\"\ndata_dir = \"{}\"\n\n{}\n[[group]]\nname = \"erp\"\nmode = \"cdp\"\nepoch = 1\ntarget = \"127.0.0.1:{ta_port}\"\n",
-        c.path("recovery-engine").display(),
-        c.tls_section("engine", "recovery")
-    );
-    for v in ["db", "app"] {
-        eb += &format!("\n[[group.volume]]\nname = \"{v}\"\nvm = \"vm1\"\nsize = \"{SIZE}\"\n");
-    }
-    std::fs::write(c.path("engine-b.toml"), eb).unwrap();
-    let engine_b = spawn("engine-b", Command::new(hindsight_bin()).arg("engine").arg("--config").arg(c.path("engine-b.toml")));
-
-    // The recovery site's agent compares every region with the original disks and ships only
+    // The original site returns: its disks become the replicas of its own target's group, and
+    // the recovery site's engine ships to it. Its agents compare every region and ship only
     // those that differ: the original disks become the production volumes.
-    let started = std::time::Instant::now();
-    while std::fs::read(c.disk("db")).unwrap() != db_b.bytes || std::fs::read(c.disk("app")).unwrap() != app_b.bytes {
-        assert!(started.elapsed() < Duration::from_secs(90), "the original disks never became equal:\n{}", c.log("agent-b"));
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let shipped = resync_bytes(&ta_dir);
+    let differ = differing_regions(&c.disk("db"), &promoted(&c, "db")) + differing_regions(&c.disk("app"), &promoted(&c, "app"));
+    assert!(differ > 0);
+    site.fail_back(&c, 1);
+    site.wait_disks_equal(&c, Duration::from_secs(90));
+    let origin = site.origin.as_ref().unwrap();
+    let shipped = resync_bytes(&origin.dir, "erp");
     eprintln!("failback: {differ} regions of 1 MiB differ; {shipped} bytes of resync data shipped");
     assert_eq!(shipped, differ as u64 * (1 << 20), "only the regions that differ are shipped");
 
     // Production comes home: a planned move from the recovery site back to the original one.
-    let uri = format!("nbd+unix:///db?socket={}", c.path("b-db.sock").display());
-    run_ok(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "write -P 99 0 8192"]));
+    run_ok(Command::new("qemu-io").args(["-f", "raw", &site.uri(&c, "db"), "-c", "write -P 99 0 8192"]));
     db_b.fill(0, 8192, 99);
-    let pki = c.pki();
-    let engine = format!("127.0.0.1:{eb_port}");
-    let out = run_ok(
-        Command::new(hindsight_bin())
-            .args(["failover", "--json", "--planned", "--group", "erp", "--config"])
-            .arg(c.path("ta.toml"))
-            .args(["--engine", &engine, "--engine-ca"])
-            .arg(pki.join("ca.pem"))
-            .arg("--engine-cert")
-            .arg(pki.join("operator-alice.pem"))
-            .arg("--engine-key")
-            .arg(pki.join("operator-alice-key.pem")),
-    );
+    let mut args = vec!["--json".to_owned(), "--group".into(), "erp".into(), "--config".into(), origin.toml.display().to_string()];
+    args.extend(c.planned_args(site.engine_port));
+    let out = run_ok(Command::new(hindsight_bin()).arg("failover").args(&args));
     let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(r["epoch"].as_u64(), Some(2), "{r}");
     assert_same("db: the original disk after failback", &std::fs::read(c.disk("db")).unwrap(), &db_b.bytes);
@@ -635,8 +453,7 @@ fn failback_ships_only_the_regions_that_differ_and_brings_production_home() {
 
     // The recovery site shuts its VMs down; it protects the group again, from the volumes
     // production left there, at the new epoch; the original site's engine and agent start again.
-    drop(agent_b);
-    drop(engine_b);
+    drop(site);
     c.stop("target");
     let out = run_ok(
         Command::new(hindsight_bin()).args(["failback", "resume", "--group", "erp", "--epoch", "2", "--config"]).arg(c.target_toml()),
@@ -646,7 +463,7 @@ fn failback_ships_only_the_regions_that_differ_and_brings_production_home() {
     c.group_extra = "epoch = 2\n".into();
     c.write_configs();
     c.start_engine();
-    c.start_agent("vm1");
+    c.start_agents();
     write_random(&c, "db", &mut db_b, &mut rng, 20);
     write_random(&c, "app", &mut app_b, &mut rng, 20);
     c.settle();

@@ -9,6 +9,7 @@
 //!   recovering its images;
 //! - `model`: the model of a volume, seeded random data, comparisons;
 //! - `clients`: the real clients the tests drive (qemu-io, nbdfuse + loop + ext4);
+//! - `failover`: failover and failback across the cluster's two sites;
 //! - `monitoring`: HTTP GETs of a metrics address, promtool, a real Prometheus server;
 //! - `wan`: a WAN emulator between engine and target.
 
@@ -16,6 +17,7 @@
 
 mod clients;
 mod cluster;
+mod failover;
 mod model;
 mod monitoring;
 mod observe;
@@ -26,6 +28,8 @@ pub mod wan;
 #[allow(unused_imports)]
 pub use clients::*;
 pub use cluster::*;
+#[allow(unused_imports)]
+pub use failover::*;
 #[allow(unused_imports)]
 pub use model::*;
 #[allow(unused_imports)]
