@@ -17,11 +17,20 @@
 # `scripts/bench.sh link` runs the benchmarks of the modes and the link instead
 # (tests/bench_link.rs: bytes on the wire per GiB by mode, sync QD1 latency against the link's
 # delay, cdp lag at 80 % of a capped link, CPU per GiB of compression), through the test
-# suite's WAN emulator; each result line starts with BENCH.
+# suite's WAN emulator; each result line starts with BENCH. `scripts/bench.sh failover` runs
+# tests/bench_failover.rs: failover and failback times and bytes (docs/benchmarks.md).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 if [ "${1:-}" = recovery ]; then
   exec "$ROOT/scripts/bench-recovery.sh"
+fi
+if [ "${1:-}" = failover ]; then
+  # tests/bench_failover.rs: failover to the latest point and to an earlier one, a planned move
+  # under a writer, failback's shipped bytes; HS_BENCH_FAILOVER_SIZES="1G 16G" by default.
+  "$ROOT/scripts/install-deps.sh"
+  cd "$ROOT"
+  cargo build --release --workspace --bins -q
+  exec cargo test --release -q --test bench_failover -- --ignored --nocapture --test-threads=1
 fi
 if [ "${1:-}" = link ]; then
   "$ROOT/scripts/install-deps.sh"

@@ -8,7 +8,8 @@
 # and kernel nbd driver) and checks its files, kills the agent with SIGKILL in the middle of
 # I/O and restarts it, and stops it; this script then recovers the bookmark and the newest
 # point on the host (tests/vm/host-checks.sh) and compares them with the guest's disks and
-# files.
+# files. Then it fails the group over, boots a guest on the promoted volumes, fails back to
+# the original disks and boots a guest on them (tests/vm/failover-checks.sh).
 #
 # Needs root for apt-get (QEMU's user-mode network needs no privileges). The last line is
 # "N passed, M failed"; the exit status is 0 when nothing failed.
@@ -36,6 +37,8 @@ fi
 source "$ROOT/scripts/lib.sh"
 # shellcheck source=tests/vm/host-checks.sh
 source "$ROOT/tests/vm/host-checks.sh"
+# shellcheck source=tests/vm/failover-checks.sh
+source "$ROOT/tests/vm/failover-checks.sh"
 
 WORK=${HS_VM_WORK:-/var/tmp/hindsight-vm}
 PROFILE=${HS_VM_PROFILE:-debug}
@@ -162,18 +165,22 @@ start_servers() {
   hs_wait_tcp "$EPORT"
 }
 
-# restrict=on: the guest reaches nothing but the forwarded engine port. QEMU runs the socat
-# once per guest connection, so an agent that reconnects gets a fresh one.
+# qemu_command APPEND [VDA VDB [VDC [ENGINE_PORT]]]: the QEMU command line in QEMU, on the
+# guest's disks (default the run's vda.img and vdb.img) and, for a boot after a failover, a
+# third disk with the files to find. restrict=on: the guest reaches nothing but the forwarded
+# engine port. QEMU runs the socat once per guest connection, so an agent that reconnects gets
+# a fresh one.
 qemu_command() {
-  local append=$1 kver
+  local append=$1 vda=${2:-$RUN/vda.img} vdb=${3:-$RUN/vdb.img} vdc=${4:-} port=${5:-$EPORT} kver
   kver=$(cat "$WORK/kver")
   # shellcheck disable=SC2054 # the commas belong to QEMU's option syntax
   QEMU=(qemu-system-x86_64 -accel tcg -machine q35 -cpu max -smp 2 -m 512M -nographic -no-reboot
     -kernel "$WORK/kernel/boot/vmlinuz-$kver" -initrd "$RUN/initramfs.cpio.gz" -append "$append"
-    -drive "file=$RUN/vda.img,format=raw,if=virtio,cache=writeback"
-    -drive "file=$RUN/vdb.img,format=raw,if=virtio,cache=writeback"
-    -netdev "user,id=n0,restrict=on,guestfwd=tcp:$GUEST_ENGINE_IP:$EPORT-cmd:socat - TCP:127.0.0.1:$EPORT,guestfwd=tcp:$GUEST_ENGINE_IP:$XPORT-cmd:socat - TCP:127.0.0.1:$XPORT"
+    -drive "file=$vda,format=raw,if=virtio,cache=writeback"
+    -drive "file=$vdb,format=raw,if=virtio,cache=writeback"
+    -netdev "user,id=n0,restrict=on,guestfwd=tcp:$GUEST_ENGINE_IP:$port-cmd:socat - TCP:127.0.0.1:$port,guestfwd=tcp:$GUEST_ENGINE_IP:$XPORT-cmd:socat - TCP:127.0.0.1:$XPORT"
     -device virtio-net-pci,netdev=n0,romfile=)
+  [ -z "$vdc" ] || QEMU+=(-drive "file=$vdc,format=raw,if=virtio,readonly=on")
 }
 
 # When the guest asks for it ("GVM-WANT-EXPORT BOOKMARK" on its console), serves its nbd-vol
@@ -246,6 +253,11 @@ host_checks() {
   run_host_checks
 }
 
+failover_checks() {
+  step "failover to the recovery site, a guest there, failback, the original guest"
+  run_failover_checks
+}
+
 show_failure_logs() {
   step "serial log (last 60 lines)"
   serial_text | grep -v '^GVM-LOG ' | tail -n 60
@@ -289,6 +301,7 @@ main() {
   fi
   timed guest boot_guest
   timed host-checks host_checks
+  timed failover failover_checks
   PHASES+=("total $((($(now_us) - t0) / 1000000))s")
   summary
 }

@@ -25,7 +25,7 @@ const END_WAIT: Duration = Duration::from_secs(30);
 
 /// `hindsight failover` options.
 #[derive(clap::Args, Debug)]
-#[command(group(clap::ArgGroup::new("at").multiple(false).args(["seq", "time", "bookmark", "latest"])))]
+#[command(mut_group("point", |g| g.required(false)))]
 pub struct FailoverArgs {
     /// target.toml of the recovery site's target
     #[arg(long)]
@@ -33,18 +33,9 @@ pub struct FailoverArgs {
     /// Consistency group
     #[arg(long)]
     pub group: String,
-    /// The point: after the write with this group sequence number
-    #[arg(long)]
-    pub seq: Option<u64>,
-    /// The point: every write the engine received at or before this RFC 3339 time
-    #[arg(long)]
-    pub time: Option<String>,
-    /// The point: the newest bookmark of this name
-    #[arg(long)]
-    pub bookmark: Option<String>,
-    /// The point: the newest consistent point the target holds
-    #[arg(long)]
-    pub latest: bool,
+    /// The point (none with --planned, which takes the bookmark it places, or --end-test)
+    #[command(flatten)]
+    pub point: Option<PointArgs>,
     /// A test failover: serve every volume of the group at the point, writable into scratch
     /// overlays, while the group goes on replicating; ends with --end-test (or Ctrl-C)
     #[arg(long, requires = "listen", conflicts_with = "end_test")]
@@ -58,7 +49,7 @@ pub struct FailoverArgs {
     /// A planned move (the source site is up): the engine at --engine quiesces the agents,
     /// bookmarks the group and acknowledges no more of its writes; once the target holds the
     /// bookmark, the group fails over to it. No acknowledged write is lost in any mode
-    #[arg(long, requires = "engine", conflicts_with_all = ["test", "end_test", "seq", "time", "bookmark", "latest"])]
+    #[arg(long, requires = "engine", conflicts_with_all = ["test", "end_test", "point"])]
     pub planned: bool,
     /// With --planned: the source engine's address, host:port
     #[arg(long)]
@@ -92,11 +83,8 @@ pub struct FailoverArgs {
 }
 
 impl FailoverArgs {
-    fn point(&self) -> Result<PointArgs, Failure> {
-        if self.seq.is_none() && self.time.is_none() && self.bookmark.is_none() && !self.latest {
-            return Err(Failure::Config("give the point: --latest, --seq N, --time T or --bookmark NAME".into()));
-        }
-        Ok(PointArgs { seq: self.seq, time: self.time.clone(), bookmark: self.bookmark.clone(), latest: self.latest })
+    fn point(&self) -> Result<&PointArgs, Failure> {
+        self.point.as_ref().ok_or_else(|| Failure::Config("give the point: --latest, --seq N, --time T or --bookmark NAME".into()))
     }
 }
 
@@ -289,7 +277,7 @@ fn read_record(path: &Path) -> Result<Option<TestRecord>, Failure> {
     }
 }
 
-fn run_test(args: &FailoverArgs, point: PointArgs) -> Result<(), Failure> {
+fn run_test(args: &FailoverArgs, point: &PointArgs) -> Result<(), Failure> {
     let cfg = TargetConfig::load(&args.config).map_err(|e| Failure::Config(e.to_string()))?;
     let record = failover::test_record(&cfg, &args.group);
     if let Some(r) = read_record(&record)? {
@@ -312,7 +300,7 @@ fn run_test(args: &FailoverArgs, point: PointArgs) -> Result<(), Failure> {
         volume: None,
         vm: None,
         all: true,
-        point,
+        point: point.clone(),
         listen: args.listen.clone().expect("clap requires --listen with --test"),
         writable: true,
         overlay: None,

@@ -8,7 +8,7 @@ use hindsight_target::Point;
 use crate::failure::Failure;
 
 /// Exactly one of the four is given (clap checks it).
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 #[group(id = "point", required = true, multiple = false)]
 pub struct PointArgs {
     /// The point: after the write with this group sequence number

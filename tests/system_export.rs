@@ -10,10 +10,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::{first_difference, have_tools, hindsight_bin, run_ok, run_timeout, Cluster, Model, Vol};
@@ -33,30 +31,15 @@ struct Export {
 impl Export {
     fn start(c: &Cluster, name: &str, args: &[&str]) -> Export {
         let sock = c.path(&format!("{name}.sock"));
-        let mut child = Command::new(hindsight_bin())
-            .args(["export", "--group", "erp", "--config"])
-            .arg(c.target_toml())
-            .args(args)
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let ready = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("export {args:?} printed no ready line within 30 s (exit {:?})", child.wait());
-            }
-        };
+        let (child, ready) = common::spawn_until_line(
+            Command::new(hindsight_bin())
+                .args(["export", "--group", "erp", "--config"])
+                .arg(c.target_toml())
+                .args(args)
+                .arg("--listen")
+                .arg(format!("unix:{}", sock.display())),
+            Duration::from_secs(30),
+        );
         assert!(ready.starts_with("exporting group erp at seq "), "{ready}");
         Export { child, sock, ready }
     }

@@ -11,10 +11,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{
@@ -230,25 +228,16 @@ impl Drop for TestFailover {
 
 fn start_test_failover(c: &Cluster, point: &[&str]) -> (TestFailover, String) {
     let sock = c.path("test-failover.sock");
-    let mut child = Command::new(hindsight_bin())
-        .args(["failover", "--test", "--group", "erp", "--config"])
-        .arg(c.target_toml())
-        .args(point)
-        .arg("--listen")
-        .arg(format!("unix:{}", sock.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (child, ready) = common::spawn_until_line(
+        Command::new(hindsight_bin())
+            .args(["failover", "--test", "--group", "erp", "--config"])
+            .arg(c.target_toml())
+            .args(point)
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display())),
+        Duration::from_secs(30),
+    );
     let t = TestFailover { child, sock };
-    let ready = rx.recv_timeout(Duration::from_secs(30)).expect("the test failover printed no ready line within 30 s");
     assert!(ready.starts_with("exporting group erp at seq "), "{ready}");
     // The record is written right after the ready line.
     let record = c.path("target/groups/erp/failover-test.toml");

@@ -29,7 +29,7 @@ const VERSION: u32 = 1;
 /// Longest `failover.toml` read; a real one is a few hundred bytes.
 const MAX_LEN: u64 = 64 << 10;
 /// How often the command looks whether the daemon has released the group.
-const POLL: Duration = Duration::from_millis(100);
+const POLL: Duration = Duration::from_millis(20);
 /// Bytes read and written at a time when a range is brought back to the point.
 const CHUNK: usize = 1 << 20;
 
@@ -104,15 +104,7 @@ pub(crate) fn load(fs: &dyn Storage, group: &str, paths: &GroupPaths) -> Result<
         return Ok(None);
     }
     let bad = |reason: String| bad_state(group, &path, reason);
-    let f = fs.open(&path, OpenMode::Read).map_err(|e| bad(format!("cannot open: {e}")))?;
-    let len = f.len().map_err(|e| bad(format!("cannot stat: {e}")))?;
-    if len > MAX_LEN {
-        return Err(bad(format!("is {len} bytes, far larger than any failover.toml")));
-    }
-    let mut buf = vec![0u8; usize::try_from(len).expect("capped above")];
-    f.read_exact_at(&mut buf, 0).map_err(|e| bad(format!("cannot read: {e}")))?;
-    let text = String::from_utf8(buf).map_err(|_| bad("is not UTF-8 text".to_owned()))?;
-    let state: FailoverState = toml::from_str(&text).map_err(|e| bad(e.to_string().trim_end().replace('\n', " ")))?;
+    let state: FailoverState = crate::toml_file::read(fs, &path, MAX_LEN, "failover.toml").map_err(bad)?;
     if state.version != VERSION {
         return Err(bad(format!("has version {}, this target reads version {VERSION}; use a matching hindsight", state.version)));
     }

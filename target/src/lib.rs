@@ -102,6 +102,7 @@ pub mod seed;
 mod server;
 pub mod spans;
 mod state;
+mod toml_file;
 
 use hindsight_consistency::config::TargetConfig;
 

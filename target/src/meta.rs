@@ -16,7 +16,7 @@
 
 use std::path::Path;
 
-use hindsight_consistency::storage::{write_file_atomic, OpenMode, Storage};
+use hindsight_consistency::storage::{write_file_atomic, Storage};
 use serde::{Deserialize, Serialize};
 
 use crate::error::TargetError;
@@ -65,15 +65,7 @@ impl GroupMeta {
     /// Reads and checks `group.toml`.
     pub fn load(fs: &dyn Storage, group: &str, path: &Path) -> Result<GroupMeta, TargetError> {
         let bad = |reason: String| TargetError::GroupMeta { group: group.to_owned(), path: path.to_owned(), reason };
-        let f = fs.open(path, OpenMode::Read).map_err(|e| bad(format!("cannot open: {e}")))?;
-        let len = f.len().map_err(|e| bad(format!("cannot stat: {e}")))?;
-        if len > MAX_META_LEN {
-            return Err(bad(format!("is {len} bytes, far larger than any group file; it is not a group.toml")));
-        }
-        let mut buf = vec![0u8; usize::try_from(len).expect("capped above")];
-        f.read_exact_at(&mut buf, 0).map_err(|e| bad(format!("cannot read: {e}")))?;
-        let text = String::from_utf8(buf).map_err(|_| bad("is not UTF-8 text".to_owned()))?;
-        let meta: GroupMeta = toml::from_str(&text).map_err(|e| bad(e.to_string().trim_end().replace('\n', " ")))?;
+        let meta: GroupMeta = crate::toml_file::read(fs, path, MAX_META_LEN, "group.toml").map_err(bad)?;
         if meta.version != META_VERSION {
             return Err(bad(format!("has version {}, this target reads version {META_VERSION}; use a matching hindsight", meta.version)));
         }

@@ -126,3 +126,25 @@ pub(super) fn kill(child: Option<Child>) {
         let _ = c.wait();
     }
 }
+
+/// Spawns `cmd` with its standard output piped and waits up to `within` for its first line
+/// (a server's "ready" line); returns the child and that line. Kills the child and panics if
+/// none comes.
+pub fn spawn_until_line(cmd: &mut Command, within: Duration) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    match rx.recv_timeout(within) {
+        Ok(line) => (child, line),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("{cmd:?} printed no line within {within:?} (exit {:?})", child.wait());
+        }
+    }
+}

@@ -7,6 +7,11 @@
 # the network), kills the agent with SIGKILL in the middle of I/O and restarts it, then stops
 # it cleanly.
 #
+# Booted with hs.site=recovery (the volumes a failover promoted at the recovery site) or
+# hs.site=home (the original disks after failback), it runs site_main instead: the agent serves
+# the disks with no engine to reach, and the test mounts the file systems it finds, checks the
+# files the host lists on /dev/vdc, and at the recovery site writes files of its own.
+#
 # Every result line starts with GVM-OK NAME, GVM-FAIL NAME or GVM-INFO; the host counts them
 # and checks the replicated images against the "GVM-INFO file VOLUME PATH MD5" lines.
 # GVM-TEST-END closes a test that ran to its end.
@@ -23,6 +28,10 @@ AGENT_LOG=/tmp/agent.log
 ENGINE=$(sed -n 's/.*hs\.engine=\([^ ]*\).*/\1/p' /proc/cmdline)
 # Where the host serves a point it exports when asked (QEMU forwards it): IP:PORT.
 EXPORT=$(sed -n 's/.*hs\.export=\([^ ]*\).*/\1/p' /proc/cmdline)
+# Empty for the main test; recovery or home for the boots after a failover (site_main).
+SITE=$(sed -n 's/.*hs\.site=\([a-z]*\).*/\1/p' /proc/cmdline)
+# Extra [agent] lines of the site boots.
+SITE_CONFIG=
 EXPORT_DEV=/dev/nbd1
 EXPORT_MNT=/mnt/e
 GROUP=vmtier
@@ -85,6 +94,7 @@ engine = "$ENGINE"
 vm = "guest"
 freeze = ["$UBLK_MNT", "$NBD_MNT"]
 
+$SITE_CONFIG
 [tls]
 ca = "$TLS/ca.pem"
 cert = "$TLS/agent.pem"
@@ -340,7 +350,60 @@ export_check() {
   timeout 20 "$BIN/nbd-client" -d "$EXPORT_DEV" >/dev/null 2>&1
 }
 
+# --- after a failover --------------------------------------------------------------------
+
+# The files the volumes must hold, as the host lists them on /dev/vdc ("VOLUME /PATH MD5"
+# lines, NUL-padded), each checked through the agent's devices.
+check_listed() {
+  local vol path md5 mnt n=0 rc=0
+  tr -d '\000' </dev/vdc >/tmp/listed
+  while read -r vol path md5; do
+    case $vol in
+      ublk-vol) mnt=$UBLK_MNT ;;
+      nbd-vol) mnt=$NBD_MNT ;;
+      *) continue ;;
+    esac
+    n=$((n + 1))
+    same_md5 "$mnt$path" "$md5" || { info "$SITE: $vol $path differs or is missing"; rc=1; }
+  done </tmp/listed
+  info "$SITE: $n files checked"
+  [ "$n" -gt 0 ] && [ "$rc" = 0 ]
+}
+
+mount_both() {
+  mkdir -p "$UBLK_MNT" "$NBD_MNT"
+  timeout 30 mount -t ext4 "$UBLK_DEV" "$UBLK_MNT" && timeout 30 mount -t ext4 "$NBD_DEV" "$NBD_MNT"
+}
+
+# The recovery site's VM on the promoted volumes, or the original VM on its disks after
+# failback: no engine to reach (the agent serves at once and tracks the writes).
+site_main() {
+  info "site $SITE: the agent serves the disks with no engine to reach"
+  SITE_CONFIG='start_offline = true
+engine_timeout = "1s"'
+  : >"$AGENT_LOG"
+  write_config
+  if start_and_attach; then
+    if mount_both; then
+      ok "$SITE-mount"
+      result "$SITE-files" check_listed
+      [ "$SITE" = recovery ] && files recovery-files-written recovery
+      unmount_and_check
+    else
+      fail "$SITE-mount"
+    fi
+    stop_agent
+  fi
+  sed 's/^/GVM-LOG /' "$AGENT_LOG"
+  echo "GVM-TEST-END fails=$FAILS"
+  [ "$FAILS" = 0 ]
+}
+
 main() {
+  if [ -n "$SITE" ]; then
+    site_main
+    return
+  fi
   info "engine at $ENGINE"
   : >"$AGENT_LOG"
   write_config

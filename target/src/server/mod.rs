@@ -37,6 +37,9 @@ use crate::lock::{lock_file, FileLock, LockKind};
 
 /// How often the maintenance thread runs (checkpoints, retention).
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often it looks for a failover asked for (a `stat` of each group's `failover.toml`):
+/// the release starts within this, and a failover's time is mostly this wait.
+const FAILOVER_LOOK: Duration = Duration::from_millis(100);
 
 /// A running target daemon, started by [`start`](crate::start). Dropping it shuts it down
 /// like [`TargetHandle::shutdown`].
@@ -233,12 +236,17 @@ fn load_groups(fs: &Arc<dyn Storage>, config: &TargetConfig, opts: GroupOptions)
 }
 
 fn maintenance_loop(shared: &Arc<Shared>, stop: &Receiver<()>) {
+    let mut last = std::time::Instant::now();
     loop {
-        match stop.recv_timeout(MAINTENANCE_INTERVAL) {
+        match stop.recv_timeout(FAILOVER_LOOK) {
             Err(RecvTimeoutError::Timeout) => {}
             _ => return,
         }
         release::look_for_failovers(shared);
+        if last.elapsed() < MAINTENANCE_INTERVAL {
+            continue;
+        }
+        last = std::time::Instant::now();
         for g in shared.ready_groups() {
             g.maintain(false);
         }
