@@ -165,20 +165,21 @@ start_servers() {
   hs_wait_tcp "$EPORT"
 }
 
-# qemu_command APPEND [VDA VDB [VDC [ENGINE_PORT]]]: the QEMU command line in QEMU, on the
-# guest's disks (default the run's vda.img and vdb.img) and, for a boot after a failover, a
-# third disk with the files to find. restrict=on: the guest reaches nothing but the forwarded
-# engine port. QEMU runs the socat once per guest connection, so an agent that reconnects gets
-# a fresh one.
+# qemu_command APPEND [VDA VDB [VDC [offline]]]: the QEMU command line in QEMU, on the guest's
+# disks (default the run's vda.img and vdb.img) and, for a boot after a failover, a third disk
+# with the files to find. restrict=on: the guest reaches nothing but the forwarded engine port.
+# QEMU runs the socat once per guest connection, so an agent that reconnects gets a fresh one;
+# with "offline" the engine port closes every connection at once (no engine at this site).
 qemu_command() {
-  local append=$1 vda=${2:-$RUN/vda.img} vdb=${3:-$RUN/vdb.img} vdc=${4:-} port=${5:-$EPORT} kver
+  local append=$1 vda=${2:-$RUN/vda.img} vdb=${3:-$RUN/vdb.img} vdc=${4:-} engine="socat - TCP:127.0.0.1:$EPORT" kver
+  [ "${5:-}" != offline ] || engine=true
   kver=$(cat "$WORK/kver")
   # shellcheck disable=SC2054 # the commas belong to QEMU's option syntax
   QEMU=(qemu-system-x86_64 -accel tcg -machine q35 -cpu max -smp 2 -m 512M -nographic -no-reboot
     -kernel "$WORK/kernel/boot/vmlinuz-$kver" -initrd "$RUN/initramfs.cpio.gz" -append "$append"
     -drive "file=$vda,format=raw,if=virtio,cache=writeback"
     -drive "file=$vdb,format=raw,if=virtio,cache=writeback"
-    -netdev "user,id=n0,restrict=on,guestfwd=tcp:$GUEST_ENGINE_IP:$port-cmd:socat - TCP:127.0.0.1:$port,guestfwd=tcp:$GUEST_ENGINE_IP:$XPORT-cmd:socat - TCP:127.0.0.1:$XPORT"
+    -netdev "user,id=n0,restrict=on,guestfwd=tcp:$GUEST_ENGINE_IP:$EPORT-cmd:$engine,guestfwd=tcp:$GUEST_ENGINE_IP:$XPORT-cmd:socat - TCP:127.0.0.1:$XPORT"
     -device virtio-net-pci,netdev=n0,romfile=)
   [ -z "$vdc" ] || QEMU+=(-drive "file=$vdc,format=raw,if=virtio,readonly=on")
 }
