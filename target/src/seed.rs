@@ -74,6 +74,20 @@ fn seed_locked(config: &TargetConfig, group: &str, volumes: &[SeedVolume], epoch
             paths.dir.display()
         )));
     }
+    if fs.exists(&paths.dir) {
+        // An interrupted seed (no group.toml): it holds nothing acknowledged. Its replicas are
+        // links, or volumes moved in: those go back where they came from first, so that
+        // removing the rest leaves every volume as it was.
+        log::warn!("{}: an earlier seed did not finish; starting it again", paths.dir.display());
+        for v in volumes {
+            let replica = paths.replica_dir().join(image_name(&v.name));
+            let moved_in = std::fs::symlink_metadata(&replica).is_ok_and(|m| m.is_file());
+            if moved_in && !fs.exists(&v.path) {
+                fs.rename(&replica, &v.path).map_err(data_dir_err(&replica, "move the volume back"))?;
+            }
+        }
+        std::fs::remove_dir_all(&paths.dir).map_err(data_dir_err(&paths.dir, "remove the unfinished seed"))?;
+    }
     let mut listed = Vec::new();
     for v in volumes {
         check_name("volume", &v.name).map_err(|e| bad(e.to_string()))?;
@@ -88,12 +102,6 @@ fn seed_locked(config: &TargetConfig, group: &str, volumes: &[SeedVolume], epoch
             return Err(bad(format!("volume {:?}: {} is empty", v.name, v.path.display())));
         }
         listed.push(Volume { name: v.name.clone(), vm: v.vm.clone(), size: meta.len() });
-    }
-    if fs.exists(&paths.dir) {
-        // An interrupted seed (no group.toml): it holds nothing acknowledged. Its replicas are
-        // links: removing them leaves the volumes as they are.
-        log::warn!("{}: an earlier seed did not finish; starting it again", paths.dir.display());
-        std::fs::remove_dir_all(&paths.dir).map_err(data_dir_err(&paths.dir, "remove the unfinished seed"))?;
     }
     for dir in [paths.dir.clone(), paths.replica_dir(), paths.base_dir()] {
         fs.create_dir_all(&dir).map_err(data_dir_err(&dir, "create directory"))?;
@@ -140,28 +148,49 @@ pub fn reseed_after_failback(config: &TargetConfig, group: &str, epoch: u64) -> 
         .map_err(data_dir_err(&lock_path, "lock"))?
         .ok_or_else(|| bad(format!("a target daemon runs on {}: stop it first, then start it again", config.data_dir.display())))?;
     let paths = GroupPaths::new(&config.data_dir, group);
-    let state = crate::failover::load(fs.as_ref(), group, &paths)?;
-    let state = match state {
-        Some(s) if s.state == crate::failover::Stage::FailedOver => s,
-        _ => return Err(bad("it is not failed over here: only a failed-over group resumes its protection after a failback".to_owned())),
-    };
-    if epoch <= state.epoch {
-        return Err(bad(format!(
-            "--epoch {epoch}: the failback's planned failover raised the epoch past {} (it printed the new one)",
-            state.epoch
-        )));
-    }
-    let meta = GroupMeta::load(fs.as_ref(), group, &paths.meta())?;
-    let archived = format!("{group}.epoch-{}", state.epoch);
-    check_name("group", &archived).map_err(|e| bad(e.to_string()))?;
-    let archive = GroupPaths::new(&config.data_dir, &archived);
-    if fs.exists(&archive.dir) {
-        return Err(bad(format!("{} exists already", archive.dir.display())));
-    }
-    fs.rename(&paths.dir, &archive.dir).map_err(data_dir_err(&paths.dir, "keep the group's history aside"))?;
     let gdir = groups_dir(&config.data_dir);
-    fs.sync_dir(&gdir).map_err(data_dir_err(&gdir, "sync directory"))?;
-    log::info!("group {group:?}: its history up to the failover is kept as group {archived:?}");
+    let (archived, archive) = if fs.exists(&paths.meta()) {
+        let state = match crate::failover::load(fs.as_ref(), group, &paths)? {
+            Some(s) if s.state == crate::failover::Stage::FailedOver => s,
+            _ => {
+                return Err(bad("it is not failed over here: only a failed-over group resumes its protection after a failback".to_owned()))
+            }
+        };
+        if epoch <= state.epoch {
+            return Err(bad(format!(
+                "--epoch {epoch}: the failback's planned failover raised the epoch past {} (it printed the new one)",
+                state.epoch
+            )));
+        }
+        let archived = format!("{group}.epoch-{}", state.epoch);
+        check_name("group", &archived).map_err(|e| bad(e.to_string()))?;
+        let archive = GroupPaths::new(&config.data_dir, &archived);
+        if fs.exists(&archive.dir) {
+            return Err(bad(format!("{} exists already", archive.dir.display())));
+        }
+        fs.rename(&paths.dir, &archive.dir).map_err(data_dir_err(&paths.dir, "keep the group's history aside"))?;
+        fs.sync_dir(&gdir).map_err(data_dir_err(&gdir, "sync directory"))?;
+        log::info!("group {group:?}: its history up to the failover is kept as group {archived:?}");
+        (archived, archive)
+    } else {
+        // Interrupted after the history was set aside: the newest archive below the new epoch.
+        let prefix = format!("{group}.epoch-");
+        let found = fs
+            .list(&gdir)
+            .map_err(data_dir_err(&gdir, "list groups"))?
+            .into_iter()
+            .filter_map(|name| name.strip_prefix(&prefix).and_then(|e| e.parse::<u64>().ok()).map(|e| (e, name.clone())))
+            .filter(|(e, name)| *e < epoch && fs.exists(&GroupPaths::new(&config.data_dir, name).meta()))
+            .max()
+            .map(|(_, name)| name);
+        let Some(archived) = found else {
+            return Err(bad("it is not failed over here: only a failed-over group resumes its protection after a failback".to_owned()));
+        };
+        log::warn!("group {group:?}: resuming an interrupted resume from the history kept as {archived:?}");
+        let archive = GroupPaths::new(&config.data_dir, &archived);
+        (archived, archive)
+    };
+    let meta = GroupMeta::load(fs.as_ref(), &archived, &archive.meta())?;
     let volumes: Vec<SeedVolume> = meta
         .volumes
         .iter()
@@ -193,4 +222,62 @@ fn copy_sparse(from: &Path, to: &Path, size: u64, volume: &str) -> Result<(), Ta
     }
     dst.sync_all().map_err(data_dir_err(to, "sync base image"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> TargetConfig {
+        let path = dir.join("target.toml");
+        let text = format!(
+            "[target]\nlisten = \"127.0.0.1:7500\"\ndata_dir = \"{}\"\n[tls]\ninsecure_plaintext = true\n",
+            dir.join("data").display()
+        );
+        std::fs::write(&path, text).unwrap();
+        TargetConfig::load(&path).unwrap()
+    }
+
+    fn volume(dir: &Path, name: &str, byte: u8) -> SeedVolume {
+        let path = dir.join(format!("{name}.disk"));
+        let mut bytes = vec![0u8; 3 << 20];
+        bytes[(1 << 20)..(1 << 20) + 4096].fill(byte);
+        std::fs::write(&path, &bytes).unwrap();
+        SeedVolume { name: name.into(), vm: "vm1".into(), path }
+    }
+
+    #[test]
+    fn a_seeded_group_links_its_volumes_and_copies_them_as_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let v = volume(dir.path(), "db", 7);
+        let seeded = seed(&cfg, "erp", std::slice::from_ref(&v), 3, Adopt::Link).unwrap();
+        assert_eq!(seeded[0].size, 3 << 20);
+        let paths = GroupPaths::new(&cfg.data_dir, "erp");
+        let replica = paths.replica_dir().join("db.img");
+        assert!(std::fs::symlink_metadata(&replica).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read(&replica).unwrap(), std::fs::read(&v.path).unwrap());
+        assert_eq!(std::fs::read(paths.base_dir().join("db.img")).unwrap(), std::fs::read(&v.path).unwrap());
+        let meta = GroupMeta::load(StdStorage::shared().as_ref(), "erp", &paths.meta()).unwrap();
+        assert_eq!(meta.epoch, 3);
+        let e = seed(&cfg, "erp", &[v], 3, Adopt::Link).unwrap_err().to_string();
+        assert!(e.contains("exists already"), "{e}");
+    }
+
+    #[test]
+    fn an_interrupted_move_puts_the_volumes_back_before_it_starts_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (a, b) = (volume(dir.path(), "a", 1), volume(dir.path(), "b", 2));
+        let (want_a, want_b) = (std::fs::read(&a.path).unwrap(), std::fs::read(&b.path).unwrap());
+        // A seed that had moved volume a in when it stopped: no group.toml.
+        let paths = GroupPaths::new(&cfg.data_dir, "erp");
+        std::fs::create_dir_all(paths.replica_dir()).unwrap();
+        std::fs::rename(&a.path, paths.replica_dir().join("a.img")).unwrap();
+        seed(&cfg, "erp", &[a.clone(), b.clone()], 2, Adopt::Move).unwrap();
+        assert_eq!(std::fs::read(paths.replica_dir().join("a.img")).unwrap(), want_a);
+        assert_eq!(std::fs::read(paths.replica_dir().join("b.img")).unwrap(), want_b);
+        assert_eq!(std::fs::read(paths.base_dir().join("a.img")).unwrap(), want_a);
+        assert!(!a.path.exists() && !b.path.exists(), "moved, not copied");
+    }
 }
