@@ -19,10 +19,16 @@
 # delay, cdp lag at 80 % of a capped link, CPU per GiB of compression), through the test
 # suite's WAN emulator; each result line starts with BENCH. `scripts/bench.sh failover` runs
 # tests/bench_failover.rs: failover and failback times and bytes (docs/benchmarks.md).
+# `scripts/bench.sh scale N...` (scripts/bench-scale.sh) prints the threads, the memory and
+# the start-up time of target, engine and agent with N groups of one volume each.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 if [ "${1:-}" = recovery ]; then
   exec "$ROOT/scripts/bench-recovery.sh"
+fi
+if [ "${1:-}" = scale ]; then
+  shift
+  exec "$ROOT/scripts/bench-scale.sh" "$@"
 fi
 if [ "${1:-}" = failover ]; then
   # tests/bench_failover.rs: failover to the latest point and to an earlier one, a planned move

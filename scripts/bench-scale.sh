@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# What many groups cost (`scripts/bench.sh scale N...`): for each N, one target, one engine and
+# one agent on this machine, N consistency groups of one 16 MiB volume each, every volume served
+# by the one agent on an NBD socket (TLS on both links, cdp). Prints, per N: the agent's
+# start-up (from its start until every socket is there), the engine's and the target's, and,
+# after one 4 KiB write per volume has reached the target, the threads and the resident
+# memory of each process.
+#
+#   scripts/bench.sh scale 50 400        the sizes (default: 50 400)
+#   HS_BENCH_BIN=DIR                     take the binaries from DIR instead of building
+#   HS_BENCH_DIR=dir                     where files go, kept afterwards (default: a temporary
+#                                        directory, removed at the end)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
+SIZES=("$@")
+[ ${#SIZES[@]} -gt 0 ] || SIZES=(50 400)
+"$ROOT/scripts/install-deps.sh"
+if [ -n "${HS_BENCH_BIN:-}" ]; then
+  BIN=$HS_BENCH_BIN
+else
+  (cd "$ROOT" && cargo build --release --workspace --bins -q)
+  BIN=$ROOT/build/release
+fi
+WORK=${HS_BENCH_DIR:-$(mktemp -d /tmp/hindsight-bench-scale.XXXXXX)}
+mkdir -p "$WORK"
+RESULTS=$WORK/results.tsv
+: >"$RESULTS"
+now() { date +%s.%N; }
+since() { python3 -c "import sys; print('%.1f' % (float(sys.argv[2]) - float(sys.argv[1])))" "$1" "$(now)"; }
+# threads PID, rss PID (MiB)
+threads() { awk '/^Threads:/ {print $2}' "/proc/$1/status"; }
+rss() { awk '/^VmRSS:/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
+
+# configs DIR N: the three configurations for N groups g0..g(N-1), volume v<i> of VM "vm".
+configs() {
+  local d=$1 n=$2 i pki=$1/pki
+  HS=$BIN/hindsight hs_make_pki "$pki" vm 127.0.0.1
+  cat >"$d/target.toml" <<EOT
+[target]
+listen = "127.0.0.1:$TPORT"
+data_dir = "$d/target"
+
+[tls]
+ca = "$pki/ca.pem"
+cert = "$pki/target-dr.pem"
+key = "$pki/target-dr-key.pem"
+EOT
+  {
+    printf '[engine]\nlisten = "127.0.0.1:%s"\ndata_dir = "%s/engine"\n\n' "$EPORT" "$d"
+    printf '[tls]\nca = "%s/ca.pem"\ncert = "%s/engine-primary.pem"\nkey = "%s/engine-primary-key.pem"\n' "$pki" "$pki" "$pki"
+    for ((i = 0; i < n; i++)); do
+      printf '\n[[group]]\nname = "g%d"\nmode = "cdp"\ntarget = "127.0.0.1:%s"\n' "$i" "$TPORT"
+      printf '[[group.volume]]\nname = "v%d"\nvm = "vm"\nsize = "16MiB"\n' "$i"
+    done
+  } >"$d/engine.toml"
+  {
+    printf '[agent]\nengine = "127.0.0.1:%s"\nvm = "vm"\n\n' "$EPORT"
+    printf '[tls]\nca = "%s/ca.pem"\ncert = "%s/agent-vm.pem"\nkey = "%s/agent-vm-key.pem"\n' "$pki" "$pki" "$pki"
+    for ((i = 0; i < n; i++)); do
+      truncate -s 16M "$d/disk$i.img"
+      printf '\n[[disk]]\ngroup = "g%d"\nvolume = "v%d"\npath = "%s/disk%d.img"\nlisten = "unix:%s/s%d.sock"\n' \
+        "$i" "$i" "$d" "$i" "$d" "$i"
+    done
+  } >"$d/agent.toml"
+}
+
+for N in "${SIZES[@]}"; do
+  echo "==== $N groups"
+  D=$WORK/n$N
+  rm -rf "$D"
+  mkdir -p "$D"
+  EPORT=$(hs_free_port)
+  TPORT=$(hs_free_port)
+  configs "$D" "$N"
+  t0=$(now)
+  hs_spawn target "$D/target.log" "$BIN/hindsight" target --config "$D/target.toml"
+  tpid=$HS_PID
+  hs_wait_tcp "$TPORT" 600
+  target_s=$(since "$t0")
+  t0=$(now)
+  hs_spawn engine "$D/engine.log" "$BIN/hindsight" engine --config "$D/engine.toml"
+  epid=$HS_PID
+  hs_wait_tcp "$EPORT" 600
+  engine_s=$(since "$t0")
+  t0=$(now)
+  hs_spawn agent "$D/agent.log" "$BIN/hindsight-agent" --config "$D/agent.toml"
+  apid=$HS_PID
+  for ((i = 0; i < N; i++)); do hs_wait_sock "$D/s$i.sock" 900; done
+  agent_s=$(since "$t0")
+  echo "== one 4 KiB write per volume"
+  for ((i = 0; i < N; i++)); do
+    qemu-io -f raw "nbd+unix:///v$i?socket=$D/s$i.sock" -c "write -P 7 0 4096" >/dev/null
+  done
+  # Until the target holds every group's write.
+  for _ in $(seq 300); do
+    held=$(find "$D/target/groups" -maxdepth 1 -mindepth 1 -type d 2>/dev/null | wc -l)
+    [ "$held" -ge "$N" ] && break
+    sleep 1
+  done
+  sleep 5
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$N" "$agent_s" "$engine_s" "$target_s" \
+    "$(threads "$tpid")" "$(rss "$tpid")" "$(threads "$epid")" "$(rss "$epid")" "$(threads "$apid")" "$(rss "$apid")" >>"$RESULTS"
+  hs_cleanup
+  # The second and later sizes start on fresh ports and directories; the disks take no space.
+  rm -rf "$D"
+done
+
+echo
+echo "== results ($(nproc) vCPU, $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ), groups of one 16 MiB volume, one agent)"
+python3 - "$RESULTS" <<'PY'
+import sys
+print("| N groups | agent start-up | engine start-up | target start-up | target threads / RSS | engine threads / RSS | agent threads / RSS |")
+print("|---:|---:|---:|---:|---:|---:|---:|")
+for l in open(sys.argv[1]):
+    n, a, e, t, tt, tr, et, er, at, ar = l.split("\t")
+    print(f"| {n} | {a} s | {e} s | {t} s | {tt} / {tr} MiB | {et} / {er} MiB | {at} / {ar.strip()} MiB |")
+PY
+if [ -z "${HS_BENCH_DIR:-}" ]; then
+  rm -rf "$WORK"
+fi
