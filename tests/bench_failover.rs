@@ -8,7 +8,7 @@
 //! - failover to a point 64 MiB of writes back: the time, and the bytes written back;
 //! - a planned move while a writer runs at 4 KiB QD1: the time, and the drain;
 //! - failback after the recovery site wrote 32 MiB: the bytes shipped against the bytes that
-//!   differ, and the time of the reverse protection's compare sweep.
+//!   differ (in pieces of 64 KiB), and the time of the reverse protection's compare sweep.
 //!
 //! Each result line starts with BENCH.
 
@@ -17,7 +17,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{differing_regions, hindsight_bin, resync_bytes, run_ok, Cluster, Vol};
+use common::{differing_pieces, hindsight_bin, resync_bytes, run_ok, Cluster, Vol};
 use rand::SeedableRng;
 
 fn sizes() -> Vec<u64> {
@@ -116,16 +116,16 @@ fn failover_and_failback() {
         // Failback: the recovery site writes 32 MiB, then the original disk is brought equal.
         let mut site = c.serve_promoted();
         write_blocks(&site.uri(&c, "db"), size, 32, 3);
-        let differ = differing_regions(&c.disk("db"), &c.promoted("db"));
+        let differ = differing_pieces(&c.disk("db"), &c.promoted("db"), 64 << 10);
         let t = Instant::now();
         site.fail_back(&c, 1);
         site.wait_disks_equal(&c, Duration::from_secs(1800));
         let sync_s = t.elapsed().as_secs_f64();
         let shipped = resync_bytes(&site.origin.as_ref().unwrap().dir, "erp");
         println!(
-            "BENCH failback volume={v} regions_differ={differ} bytes_differ={} bytes_shipped={shipped} ratio={:.3} reverse_sync_s={sync_s:.1}",
-            differ << 20,
-            shipped as f64 / (differ << 20) as f64
+            "BENCH failback volume={v} pieces_differ={differ} bytes_differ={} bytes_shipped={shipped} ratio={:.3} reverse_sync_s={sync_s:.1}",
+            differ << 16,
+            shipped as f64 / (differ << 16) as f64
         );
         drop(site);
         drop(c);

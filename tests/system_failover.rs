@@ -16,12 +16,14 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    differing_regions, first_difference, have_tools, hindsight_bin, resync_bytes, run_code, run_ok, write_random_to, Cluster, Model, Vol,
+    differing_pieces, first_difference, have_tools, hindsight_bin, resync_bytes, run_code, run_ok, write_random_to, Cluster, Model, Vol,
 };
 use rand::{Rng, SeedableRng};
 
 const SIZE: u64 = 8 << 20;
 const BLOCK: u64 = 4096;
+/// The agent's compare sweep sends the pieces of 64 KiB that differ.
+const PIECE: usize = 64 << 10;
 
 fn rng() -> rand::rngs::StdRng {
     let seed: u64 = std::env::var("HS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::thread_rng().gen());
@@ -420,14 +422,15 @@ fn failback_ships_only_the_regions_that_differ_and_brings_production_home() {
     // The original site returns: its disks become the replicas of its own target's group, and
     // the recovery site's engine ships to it. Its agents compare every region and ship only
     // those that differ: the original disks become the production volumes.
-    let differ = differing_regions(&c.disk("db"), &promoted(&c, "db")) + differing_regions(&c.disk("app"), &promoted(&c, "app"));
+    let differ =
+        differing_pieces(&c.disk("db"), &promoted(&c, "db"), PIECE) + differing_pieces(&c.disk("app"), &promoted(&c, "app"), PIECE);
     assert!(differ > 0);
     site.fail_back(&c, 1);
     site.wait_disks_equal(&c, Duration::from_secs(90));
     let origin = site.origin.as_ref().unwrap();
     let shipped = resync_bytes(&origin.dir, "erp");
-    eprintln!("failback: {differ} regions of 1 MiB differ; {shipped} bytes of resync data shipped");
-    assert_eq!(shipped, differ as u64 * (1 << 20), "only the regions that differ are shipped");
+    eprintln!("failback: {differ} pieces of 64 KiB differ; {shipped} bytes of resync data shipped");
+    assert_eq!(shipped, (differ * PIECE) as u64, "only the pieces that differ are shipped");
 
     // Production comes home: a planned move from the recovery site back to the original one.
     run_ok(Command::new("qemu-io").args(["-f", "raw", &site.uri(&c, "db"), "-c", "write -P 99 0 8192"]));

@@ -34,6 +34,9 @@ const TICK: Duration = Duration::from_millis(500);
 const PAUSE_PROBE: Duration = Duration::from_secs(2);
 /// Regions one hash request names.
 const HASH_BATCH: usize = 64;
+/// A region that differs is compared again in pieces of `1 << PIECE_SHIFT` bytes (64 KiB), and
+/// only the pieces that differ are sent.
+const PIECE_SHIFT: u8 = 16;
 /// Hash requests in flight during a sweep (the target hashes one while this side hashes the
 /// one before).
 const HASH_WINDOW: usize = 4;
@@ -60,6 +63,8 @@ pub struct Sweep {
     differ: u64,
     /// Of those, sent and acknowledged.
     sent: u64,
+    /// Bytes of them sent: the pieces of 64 KiB that differed.
+    sent_bytes: u64,
     /// Time spent comparing (waits for an unavailable target excluded).
     busy: Duration,
     /// When to ask again after an unavailable answer.
@@ -76,6 +81,7 @@ impl Sweep {
             compared: 0,
             differ: 0,
             sent: 0,
+            sent_bytes: 0,
             busy: Duration::ZERO,
             retry_at: None,
             retry_pause: RETRY_FIRST,
@@ -293,14 +299,16 @@ fn note_unavailable(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, sweep
 /// send failed), and if nothing is left the resync ends.
 fn finish_sweep(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, sweep: &Sweep) {
     info!(
-        "volume {}: initial sync compared {} region(s) in {:.1?} ({:.1} MB/s): {} equal, {} differ, {} sent",
+        "volume {}: initial sync compared {} region(s) in {:.1?} ({:.1} MB/s): {} equal, {} differ, {} sent ({} bytes: the pieces of \
+         64 KiB that differ)",
         d.volume(),
         sweep.compared,
         sweep.busy,
         sweep.rate(map.region_size()) as f64 / 1e6,
         sweep.compared - sweep.differ,
         sweep.differ,
-        sweep.sent
+        sweep.sent,
+        sweep.sent_bytes
     );
     // With nothing sent and no guest write meanwhile there is no resync to end.
     if map.needing_resync().is_empty() && link.is_connected() && d.finish_resync(|| link.resync_done(&[d.disk_number()])) {
@@ -310,6 +318,58 @@ fn finish_sweep(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, sweep: &S
             d.volume()
         );
     }
+}
+
+/// Sends what differs of regions a sweep found different: each is compared again in pieces of
+/// 64 KiB (the replica's hashes of them, at a later prefix of the sequence), and only the pieces
+/// that differ go, as resync data. A piece equal here is equal at that prefix, and every later
+/// write to it is replicated as usual, so the replica ends equal to the disk (docs/consistency.md).
+/// A region whose pieces cannot be compared (the target away, a short answer) goes whole.
+/// Returns the regions acknowledged and the bytes sent.
+fn send_differing(
+    d: &ReplicatedDisk,
+    map: &DirtyMap,
+    link: &EngineLink,
+    file: Option<&File>,
+    differ: &[u64],
+    buf: &mut Vec<u8>,
+) -> (u64, u64) {
+    let piece = 1u64 << PIECE_SHIFT;
+    let (mut regions, mut bytes) = (0u64, 0u64);
+    let mut whole = Vec::new();
+    for &r in differ {
+        let (start, end) = map.range(r);
+        let pieces: Vec<u64> = (start / piece..end.div_ceil(piece)).collect();
+        let reply = link.request_hashes(d.disk_number(), PIECE_SHIFT, pieces.clone()).and_then(|rx| rx.recv_timeout(HASH_REPLY_WAIT).ok());
+        let theirs = match reply {
+            Some(rep) if rep.status == HashStatus::Ok && rep.hashes.len() == pieces.len() => rep.hashes,
+            _ => {
+                whole.push(r);
+                continue;
+            }
+        };
+        let mut send = Vec::new();
+        for (&p, their) in pieces.iter().zip(&theirs) {
+            let (from, to) = (p * piece, ((p + 1) * piece).min(end));
+            let is_hole = |s: u64, e: u64| file.is_some_and(|f| !may_hold_data(f, s, e));
+            if !d.hash_range(from, to, buf, is_hole).is_ok_and(|mine| mine == *their) {
+                send.push((from, to));
+            }
+        }
+        if let Some(f) = file {
+            drop_cached(f, start, end - start);
+        }
+        if d.resync_pieces(r, &send) {
+            regions += 1;
+            bytes += send.iter().map(|(from, to)| to - from).sum::<u64>();
+        }
+    }
+    for r in d.resync(&whole) {
+        regions += 1;
+        let (start, end) = map.range(r);
+        bytes += end - start;
+    }
+    (regions, bytes)
 }
 
 /// Compares the regions still to be compared, batch by batch, until done, the deadline, the
@@ -373,7 +433,9 @@ fn run_sweep(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, sweep: &mut 
         sweep.compared += batch.len() as u64;
         sweep.differ += differ.len() as u64;
         if !differ.is_empty() {
-            sweep.sent += d.resync(&differ).len() as u64;
+            let (regions, bytes) = send_differing(d, map, link, file.as_ref(), &differ, &mut buf);
+            sweep.sent += regions;
+            sweep.sent_bytes += bytes;
         }
         sweep.busy += started.elapsed();
         // Answered: a later wait is a new one.

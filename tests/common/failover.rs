@@ -62,11 +62,11 @@ pub fn write_random_to(uri: &str, model: &mut Model, rng: &mut impl Rng, n: usiz
     }
 }
 
-/// Regions of 1 MiB (the agent's resync unit) in which two image files differ (read a
-/// region at a time: the files may be large).
-pub fn differing_regions(a: &Path, b: &Path) -> usize {
+/// Pieces of `piece` bytes in which two image files differ (read a piece at a time: the files
+/// may be large). The agent's compare sweep sends the pieces of 64 KiB that differ.
+pub fn differing_pieces(a: &Path, b: &Path, piece: usize) -> usize {
     let (mut fa, mut fb) = (std::fs::File::open(a).unwrap(), std::fs::File::open(b).unwrap());
-    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let (mut ba, mut bb) = (vec![0u8; piece], vec![0u8; piece]);
     let mut differ = 0;
     loop {
         let na = read_full(&mut fa, &mut ba);

@@ -36,9 +36,19 @@ pub fn have_tools(tools: &[&str]) -> bool {
     true
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A TCP port of 127.0.0.1 nothing listens on now, never handed out before in this process: the tests of one
+/// binary run side by side, and a port one of them picked but has not bound yet must not go
+/// to another.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Runs a command with a timeout; returns (status success, stdout, stderr).

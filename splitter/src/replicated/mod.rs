@@ -228,6 +228,58 @@ impl ReplicatedDisk {
         done
     }
 
+    /// Re-sends the given pieces (`[start, end)` byte ranges) of region `r` as resync writes,
+    /// the rest of the region being equal to the replica's: the region's range is held while
+    /// they are read and sent, as [`ReplicatedDisk::resync`] holds it. With no piece, the
+    /// region needs nothing more. True once the engine acknowledged them all (the region is no
+    /// longer dirty).
+    pub fn resync_pieces(&self, r: u64, pieces: &[(u64, u64)]) -> bool {
+        let Some(t) = &self.tracking else { return false };
+        if pieces.is_empty() {
+            t.map.resynced(r);
+            return true;
+        }
+        let (start, end) = t.map.range(r);
+        let mut waiting = Vec::with_capacity(pieces.len());
+        let mut read_ok = true;
+        {
+            let _held = self.local.in_flight.clear(start, end);
+            if t.map.begin(start, end - start).is_err() {
+                return false;
+            }
+            for &(from, to) in pieces {
+                let mut data = vec![0u8; usize::try_from(to - from).expect("a piece fits in memory")];
+                if let Err(e) = self.local.disk.file.read_exact_at(&mut data, from) {
+                    error!("volume {}: reading bytes {from}..{to} for the resync of region {r} failed: {e}", self.local.volume);
+                    read_ok = false;
+                    break;
+                }
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                self.sent_resync.store(true, Ordering::Release);
+                self.link.submit(
+                    self.disk,
+                    from,
+                    WriteBody::Resync(Arc::new(data)),
+                    Box::new(move |res| {
+                        let _ = tx.send(res.is_ok());
+                    }),
+                );
+                waiting.push(rx);
+            }
+        }
+        // Every acknowledgement is waited for, whatever the first said.
+        let mut acked = true;
+        for rx in waiting {
+            acked &= rx.recv().unwrap_or(false);
+        }
+        let ok = read_ok && acked;
+        t.map.end(start, end - start, ok);
+        if ok {
+            t.map.resynced(r);
+        }
+        ok
+    }
+
     pub fn volume(&self) -> &str {
         &self.local.volume
     }
