@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use hindsight_consistency::region_hash::MAX_HASH_REGIONS;
 use hindsight_consistency::storage::{drop_cached, may_hold_data};
 use hindsight_consistency::wire::{HashReply, HashStatus, ResyncProgressMsg};
 use log::{info, warn};
@@ -337,31 +338,41 @@ fn send_differing(
     let piece = 1u64 << PIECE_SHIFT;
     let (mut regions, mut bytes) = (0u64, 0u64);
     let mut whole = Vec::new();
-    for &r in differ {
+    let pieces_of = |r: u64| {
         let (start, end) = map.range(r);
-        let pieces: Vec<u64> = (start / piece..end.div_ceil(piece)).collect();
-        let reply = link.request_hashes(d.disk_number(), PIECE_SHIFT, pieces.clone()).and_then(|rx| rx.recv_timeout(HASH_REPLY_WAIT).ok());
+        start / piece..end.div_ceil(piece)
+    };
+    // The pieces of as many regions as one request may name, asked for together.
+    let per_request = (MAX_HASH_REGIONS / pieces_of(0).count().max(1)).max(1);
+    for chunk in differ.chunks(per_request) {
+        let asked: Vec<u64> = chunk.iter().flat_map(|&r| pieces_of(r)).collect();
+        let reply = link.request_hashes(d.disk_number(), PIECE_SHIFT, asked.clone()).and_then(|rx| rx.recv_timeout(HASH_REPLY_WAIT).ok());
         let theirs = match reply {
-            Some(rep) if rep.status == HashStatus::Ok && rep.hashes.len() == pieces.len() => rep.hashes,
+            Some(rep) if rep.status == HashStatus::Ok && rep.hashes.len() == asked.len() => rep.hashes,
             _ => {
-                whole.push(r);
+                whole.extend_from_slice(chunk);
                 continue;
             }
         };
-        let mut send = Vec::new();
-        for (&p, their) in pieces.iter().zip(&theirs) {
-            let (from, to) = (p * piece, ((p + 1) * piece).min(end));
-            let is_hole = |s: u64, e: u64| file.is_some_and(|f| !may_hold_data(f, s, e));
-            if !d.hash_range(from, to, buf, is_hole).is_ok_and(|mine| mine == *their) {
-                send.push((from, to));
+        let mut at = 0;
+        for &r in chunk {
+            let (start, end) = map.range(r);
+            let mut send = Vec::new();
+            for p in pieces_of(r) {
+                let (from, to) = (p * piece, ((p + 1) * piece).min(end));
+                let is_hole = |s: u64, e: u64| file.is_some_and(|f| !may_hold_data(f, s, e));
+                if !d.hash_range(from, to, buf, is_hole).is_ok_and(|mine| mine == theirs[at]) {
+                    send.push((from, to));
+                }
+                at += 1;
             }
-        }
-        if let Some(f) = file {
-            drop_cached(f, start, end - start);
-        }
-        if d.resync_pieces(r, &send) {
-            regions += 1;
-            bytes += send.iter().map(|(from, to)| to - from).sum::<u64>();
+            if let Some(f) = file {
+                drop_cached(f, start, end - start);
+            }
+            if d.resync_pieces(r, &send) {
+                regions += 1;
+                bytes += send.iter().map(|(from, to)| to - from).sum::<u64>();
+            }
         }
     }
     for r in d.resync(&whole) {
