@@ -251,7 +251,7 @@ print("\t".join(["; ".join(problems) or "ok", str(g["lag_bytes"]), str(g["lag_wr
 }
 
 start_hindsight() { # DIR MODE TLS
-  local d=$1 mode=$2 tls=$3 i st reason lag att resync
+  local d=$1 mode=$2 tls=$3 t0 st reason lag att resync
   fresh_file "$d/agent.img"
   EPORT=$(hs_free_port)
   TPORT=$(hs_free_port)
@@ -264,13 +264,14 @@ start_hindsight() { # DIR MODE TLS
   PROC_NAMES=(hindsight-agent hindsight-engine hindsight-target)
   PROC_PIDS=("$HS_AGENT_PID" "$HS_ENGINE_PID" "$HS_TARGET_PID")
   # Ready: the volume attached, its initial sync done, nothing left to ship.
-  for ((i = 0; i < 600; i++)); do
+  t0=$SECONDS
+  while :; do
     st=$(hs_status "$d" "$mode")
     IFS=$'\t' read -r reason _ lag att resync <<<"$st"
     [ "$reason" = ok ] && [ "$lag" = 0 ] && [ "$att" -ge 1 ] && [ "$resync" = 0 ] && break
+    ((SECONDS - t0 < 120)) || { echo "hindsight $mode not ready after 120 s: $st" >&2; return 1; }
     sleep 0.2
   done
-  [ "$i" -lt 600 ] || { echo "hindsight $mode not ready after 120 s: $st" >&2; return 1; }
   URI="nbd+unix:///vol?socket=$d/agent.sock"
 }
 
@@ -306,10 +307,20 @@ server_stop() { # NAME DIR
 # replica took every write the server acknowledged (write-blocking, sync) or is being fed
 # (background, cdp, async). DEGRADES: the engine log's count of degradations before the job.
 server_check() {
-  local p
-  for p in "${PROC_PIDS[@]}"; do
-    kill -0 "$p" 2>/dev/null || { printf 'process %s exited\t-1\n' "$p"; return 0; }
+  local i gone='' line
+  for i in "${!PROC_PIDS[@]}"; do
+    kill -0 "${PROC_PIDS[$i]}" 2>/dev/null || gone+="${PROC_NAMES[$i]} (pid ${PROC_PIDS[$i]}) exited; "
   done
+  line=$(server_check_replica "$@")
+  if [ -n "$gone" ] && [ "${line%%$'\t'*}" = ok ]; then
+    line="${gone%; }"$'\t'"${line#*$'\t'}"
+  elif [ -n "$gone" ]; then
+    line="$gone$line"
+  fi
+  echo "$line"
+}
+
+server_check_replica() { # NAME DIR DEGRADES
   case $1 in
     qemu-nbd) printf 'ok\t0\n' ;;
     mirror-*)
@@ -336,20 +347,22 @@ server_check() {
 # server_settle NAME DIR: waits until the replica holds every write; prints the seconds it
 # took, or fails with the reason.
 server_settle() {
-  local t0 i st
+  local t0 s0 first=1 st=""
   case $1 in
     qemu-nbd) echo 0 ;;
     mirror-*) qmp "$2/qmp.sock" wait-caught-up mirror0 "$SETTLE" ;;
     hindsight-*)
-      t0=$(date +%s.%N)
-      for ((i = 0; i < SETTLE * 5; i++)); do
+      t0=$EPOCHREALTIME
+      s0=$SECONDS
+      while ((SECONDS - s0 < SETTLE)); do
         st=$(hs_status "$2" "$(echo "$1" | cut -d- -f2)")
         if [ "$(echo "$st" | cut -f3)" = 0 ]; then
           # Caught up at the first look: no wait (the look itself takes a tenth of a second).
-          [ "$i" -gt 0 ] || { echo 0; return 0; }
-          python3 -c "import sys, time; print('%.2f' % (time.time() - float(sys.argv[1])))" "$t0"
+          [ -z "$first" ] || { echo 0; return 0; }
+          awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f\n", b - a }'
           return 0
         fi
+        first=''
         sleep 0.2
       done
       echo "the target still lags after ${SETTLE}s: $(echo "$st" | cut -f3) writes" >&2
@@ -370,8 +383,10 @@ fio_run() {
   # The CPU is counted from the end of the ramp, as fio counts the bytes.
   (sleep "$RAMP"; cpu_ticks >"$base.cpu0") &
   sampler=$!
+  # A replica that hangs makes a write-blocking or sync server's writes hang: fio is stopped
+  # two minutes past its time.
   # shellcheck disable=SC2086
-  fio --name="$job" --ioengine=nbd --uri="$URI" $args --size="$SIZE" --time_based --runtime="$RUNTIME" \
+  timeout -k 10 $((RAMP + RUNTIME + 120)) fio --name="$job" --ioengine=nbd --uri="$URI" $args --size="$SIZE" --time_based --runtime="$RUNTIME" \
     --ramp_time="$RAMP" --numjobs=1 --group_reporting --output-format=json --output="$base.json" \
     >"$base.fio.log" 2>&1 || fio_ok=
   wait "$sampler"
