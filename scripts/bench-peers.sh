@@ -96,6 +96,15 @@ for s in "${ALL[@]}"; do
 done
 [ ${#RUN[@]} -gt 0 ] || { echo "no server left to measure (HS_BENCH_SERVERS, HS_BENCH_TLS)" >&2; exit 2; }
 
+JOBS=(
+  "4k-randwrite-qd32|--rw=randwrite --bs=4k --iodepth=32"
+  "4k-randwrite-qd1|--rw=randwrite --bs=4k --iodepth=1"
+  "1m-seqwrite-qd8|--rw=write --bs=1m --iodepth=8"
+)
+for j in ${HS_BENCH_JOBS:-}; do
+  [[ " ${JOBS[*]%%|*} " == *" $j "* ]] || { echo "HS_BENCH_JOBS: no job $j; the jobs are: ${JOBS[*]%%|*}" >&2; exit 2; }
+done
+
 "$ROOT/scripts/install-deps.sh"
 if [ -n "${HS_BENCH_BIN:-}" ]; then
   BIN=$(cd "$HS_BENCH_BIN" && pwd)
@@ -114,12 +123,6 @@ trap 'hs_cleanup; if [ -z "${HS_BENCH_DIR:-}" ]; then rm -rf "$WORK"; fi' EXIT
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"
 TCK=$(getconf CLK_TCK)
-
-JOBS=(
-  "4k-randwrite-qd32|--rw=randwrite --bs=4k --iodepth=32"
-  "4k-randwrite-qd1|--rw=randwrite --bs=4k --iodepth=1"
-  "1m-seqwrite-qd8|--rw=write --bs=1m --iodepth=8"
-)
 
 fresh_file() { rm -f "$1"; truncate -s "$SIZE" "$1"; }
 qmp() { python3 "$ROOT/scripts/qmp.py" "$@"; }
@@ -376,7 +379,7 @@ server_settle() {
 # write back would otherwise be written during this one, on the same disk.
 fio_run() {
   local server=$1 d=$2 job=$3 args=$4 base=$WORK/$1-$3-round$ROUND
-  local sampler check="ok" settle catchup=0 before fio_ok=1
+  local sampler check settle catchup=0 before fio_ok=1
   sync
   before=$([[ $server == hindsight-* ]] && degrades "$d" || echo 0)
   reset_peak_rss
@@ -386,9 +389,9 @@ fio_run() {
   # A replica that hangs makes a write-blocking or sync server's writes hang: fio is stopped
   # two minutes past its time.
   # shellcheck disable=SC2086
-  timeout -k 10 $((RAMP + RUNTIME + 120)) fio --name="$job" --ioengine=nbd --uri="$URI" $args --size="$SIZE" --time_based --runtime="$RUNTIME" \
-    --ramp_time="$RAMP" --numjobs=1 --group_reporting --output-format=json --output="$base.json" \
-    >"$base.fio.log" 2>&1 || fio_ok=
+  timeout -k 10 $((RAMP + RUNTIME + 120)) fio --name="$job" --ioengine=nbd --uri="$URI" $args --size="$SIZE" \
+    --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" --numjobs=1 --group_reporting \
+    --output-format=json --output="$base.json" >"$base.fio.log" 2>&1 || fio_ok=
   wait "$sampler"
   if [ -z "$fio_ok" ]; then
     check=$(printf 'fio failed (%s)\t-1' "$(tail -1 "$base.fio.log")")
