@@ -21,8 +21,22 @@
 # tests/bench_failover.rs: failover and failback times and bytes (docs/benchmarks.md).
 # `scripts/bench.sh scale N...` (scripts/bench-scale.sh) prints the threads, the memory and
 # the start-up time of target, engine and agent with N groups of one volume each.
+#
+# `scripts/bench.sh peers` (scripts/bench-peers.sh) measures Hindsight against replicating
+# peers in the same run: qemu-nbd with nothing replicated, and QEMU's mirror made of stock QEMU
+# tools (qemu-storage-daemon mirroring to a second qemu-nbd, copy-mode write-blocking as the
+# sync peer and background as the async one), against Hindsight sync, cdp and async over TLS and
+# in plaintext, each on a fresh file. Per server and job (4k randwrite QD32 and QD1, 1m seqwrite
+# QD8): IOPS, MB/s, p50/p99 latency, each process's CPU seconds per GB written and peak RSS,
+# whether the replica kept up (a round where it did not is invalid), and the ratios sync /
+# write-blocking, async / background, cdp / qemu-nbd. `scripts/bench.sh quick` is its short
+# regression guard, under 3 minutes: 1 round of 5 s jobs, plaintext, qemu-nbd, the write-blocking
+# mirror, Hindsight sync and cdp. Both take HS_BENCH_BIN=dir to use built binaries.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+if [ "${1:-}" = peers ] || [ "${1:-}" = quick ]; then
+  exec "$ROOT/scripts/bench-peers.sh" "$1"
+fi
 if [ "${1:-}" = recovery ]; then
   exec "$ROOT/scripts/bench-recovery.sh"
 fi

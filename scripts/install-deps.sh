@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages Hindsight's demo, tests and benchmarks use: the NBD clients
-# (libnbd-bin: nbdinfo, nbdcopy, nbdfuse), nbdkit and qemu-utils (peers and clients), fio,
+# (libnbd-bin: nbdinfo, nbdcopy, nbdfuse), nbdkit and qemu-utils (peers and clients: qemu-nbd,
+# qemu-img, qemu-io, and qemu-storage-daemon for the mirror peer of scripts/bench-peers.sh), fio,
 # e2fsprogs and fuse3, Prometheus (a real server scraping the daemons, promtool for lints and
 # alert rules) and Chromium (the dashboard's headless browser test). Idempotent; needs root
 # (apt-get).
@@ -16,7 +17,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q >/dev/null
   apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
-for t in nbdinfo nbdcopy nbdfuse nbdkit qemu-nbd qemu-io qemu-img fio mkfs.ext4 e2fsck debugfs losetup prometheus promtool chromium; do
+for t in nbdinfo nbdcopy nbdfuse nbdkit qemu-nbd qemu-io qemu-img qemu-storage-daemon fio mkfs.ext4 e2fsck debugfs losetup prometheus promtool chromium; do
   command -v "$t" >/dev/null || { echo "install-deps: $t is still missing after installing packages" >&2; exit 1; }
 done
 # cargo must exist: Hindsight builds from source.

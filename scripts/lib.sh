@@ -34,6 +34,21 @@ hs_spawn() {
   echo "started $name (pid $HS_PID), log $log"
 }
 
+# hs_stop PID [NAME]: stops one process hs_spawn started (SIGTERM, SIGKILL after 5 s), reaps it
+# and forgets it, so that the cleanup never signals a PID the system has given to another process.
+hs_stop() {
+  local pid=$1 name=${2:-$1} keep=() p
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "$name (pid $pid) did not stop on SIGTERM; sending SIGKILL" >&2
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+  for p in "${HS_PIDS[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
+  HS_PIDS=("${keep[@]}")
+}
+
 # hs_wait_tcp PORT [SECONDS]: waits until something listens on 127.0.0.1:PORT.
 hs_wait_tcp() {
   local port=$1 secs=${2:-20} i
@@ -77,11 +92,23 @@ hs_make_pki() {
 # (VM) in DIR/pki with `hindsight certs` ($HS, default $BIN/hindsight), and writes
 # DIR/target.toml, DIR/engine.toml and DIR/agent.toml for one group with one volume, over TLS,
 # the target listening on 127.0.0.1:$TPORT and the engine on 127.0.0.1:$EPORT. TARGET_LINE is
-# the retention setting, e.g. 'retention = "24h"'.
+# the retention setting, e.g. 'retention = "24h"'. The group's mode is $HS_MODE (default cdp),
+# $HS_GROUP_LINES (default none) are added to its [[group]] section (e.g. 'interval = "5s"'),
+# and with HS_PLAINTEXT=1 every link is plaintext (`insecure_plaintext = true`, loopback only)
+# and no certificate is made.
 hs_write_configs() {
   local dir=$1 group=$2 vm=$3 volume=$4 size=$5 disk=$6 sock=$7 target_line=$8
-  local pki=$dir/pki
-  hs_make_pki "$pki" "$vm" 127.0.0.1
+  local pki=$dir/pki tls_target tls_engine tls_agent
+  if [ "${HS_PLAINTEXT:-}" = 1 ]; then
+    tls_target='insecure_plaintext = true'
+    tls_engine=$tls_target
+    tls_agent=$tls_target
+  else
+    hs_make_pki "$pki" "$vm" 127.0.0.1
+    tls_target=$(printf 'ca = "%s"\ncert = "%s"\nkey = "%s"\nengines = ["primary"]' "$pki/ca.pem" "$pki/target-dr.pem" "$pki/target-dr-key.pem")
+    tls_engine=$(printf 'ca = "%s"\ncert = "%s"\nkey = "%s"' "$pki/ca.pem" "$pki/engine-primary.pem" "$pki/engine-primary-key.pem")
+    tls_agent=$(printf 'ca = "%s"\ncert = "%s"\nkey = "%s"' "$pki/ca.pem" "$pki/agent-$vm.pem" "$pki/agent-$vm-key.pem")
+  fi
   cat >"$dir/target.toml" <<EOT
 [target]
 listen = "127.0.0.1:$TPORT"
@@ -89,10 +116,7 @@ data_dir = "$dir/target"
 $target_line
 
 [tls]
-ca = "$pki/ca.pem"
-cert = "$pki/target-dr.pem"
-key = "$pki/target-dr-key.pem"
-engines = ["primary"]
+$tls_target
 EOT
   cat >"$dir/engine.toml" <<EOT
 [engine]
@@ -100,14 +124,13 @@ listen = "127.0.0.1:$EPORT"
 data_dir = "$dir/engine"
 
 [tls]
-ca = "$pki/ca.pem"
-cert = "$pki/engine-primary.pem"
-key = "$pki/engine-primary-key.pem"
+$tls_engine
 
 [[group]]
 name = "$group"
-mode = "cdp"
+mode = "${HS_MODE:-cdp}"
 target = "127.0.0.1:$TPORT"
+${HS_GROUP_LINES:-}
 
 [[group.volume]]
 name = "$volume"
@@ -120,9 +143,7 @@ engine = "127.0.0.1:$EPORT"
 vm = "$vm"
 
 [tls]
-ca = "$pki/ca.pem"
-cert = "$pki/agent-$vm.pem"
-key = "$pki/agent-$vm-key.pem"
+$tls_agent
 
 [[disk]]
 group = "$group"
@@ -134,13 +155,18 @@ EOT
 
 # hs_start_cluster DIR BIN SOCK: starts the target, the engine and the agent of the
 # configurations hs_write_configs wrote in DIR (binaries in BIN), logs in DIR, and waits until
-# the agent's socket SOCK is there.
+# the agent's socket SOCK is there. Their PIDs are left in HS_TARGET_PID, HS_ENGINE_PID and
+# HS_AGENT_PID.
+# shellcheck disable=SC2034 # the PIDs are for the scripts that source this file
 hs_start_cluster() {
   local dir=$1 bin=$2 sock=$3
   hs_spawn target "$dir/target.log" "$bin/hindsight" target --config "$dir/target.toml"
+  HS_TARGET_PID=$HS_PID
   hs_wait_tcp "$TPORT"
   hs_spawn engine "$dir/engine.log" "$bin/hindsight" engine --config "$dir/engine.toml"
+  HS_ENGINE_PID=$HS_PID
   hs_wait_tcp "$EPORT"
   hs_spawn agent "$dir/agent.log" "$bin/hindsight-agent" --config "$dir/agent.toml"
+  HS_AGENT_PID=$HS_PID
   hs_wait_sock "$sock"
 }
