@@ -22,33 +22,35 @@ pub enum FailbackCommand {
     Resume(ResumeArgs),
 }
 
-/// `hindsight failback resume` options.
+/// The target, group and epoch both steps name.
 #[derive(clap::Args, Debug)]
-pub struct ResumeArgs {
-    /// target.toml of the recovery site's target (stopped meanwhile)
+pub struct GroupAtEpoch {
+    /// target.toml of the target (prepare: at the original site; resume: at the recovery site),
+    /// which must be stopped meanwhile
     #[arg(long)]
     pub config: PathBuf,
     /// Consistency group
     #[arg(long)]
     pub group: String,
-    /// The epoch the planned failover back to the original site gave the group
+    /// The group's epoch: for prepare, the one the failover gave it (it printed it; `hindsight
+    /// history` at the recovery site shows it); for resume, the one the planned failover back to
+    /// the original site gave it
     #[arg(long)]
     pub epoch: u64,
+}
+
+/// `hindsight failback resume` options.
+#[derive(clap::Args, Debug)]
+pub struct ResumeArgs {
+    #[command(flatten)]
+    pub at: GroupAtEpoch,
 }
 
 /// `hindsight failback prepare` options.
 #[derive(clap::Args, Debug)]
 pub struct PrepareArgs {
-    /// target.toml of the target at the original site
-    #[arg(long)]
-    pub config: PathBuf,
-    /// Consistency group
-    #[arg(long)]
-    pub group: String,
-    /// The group's epoch since the failover (the failover printed it; `hindsight history` at
-    /// the recovery site shows it)
-    #[arg(long)]
-    pub epoch: u64,
+    #[command(flatten)]
+    pub at: GroupAtEpoch,
     /// The original agent's agent.toml: its disks of the group are taken (repeat for each VM)
     #[arg(long = "agent-config", value_name = "FILE")]
     pub agent_configs: Vec<PathBuf>,
@@ -75,6 +77,7 @@ pub fn run(command: &FailbackCommand) -> Result<(), Failure> {
 }
 
 fn resume(args: &ResumeArgs) -> Result<(), Failure> {
+    let args = &args.at;
     let cfg = TargetConfig::load(&args.config).map_err(|e| Failure::Config(e.to_string()))?;
     crate::init_logging();
     let (archived, seeded) = reseed_after_failback(&cfg, &args.group, args.epoch)?;
@@ -91,11 +94,12 @@ fn resume(args: &ResumeArgs) -> Result<(), Failure> {
 }
 
 fn prepare(args: &PrepareArgs) -> Result<(), Failure> {
-    let cfg = TargetConfig::load(&args.config).map_err(|e| Failure::Config(e.to_string()))?;
+    let at = &args.at;
+    let cfg = TargetConfig::load(&at.config).map_err(|e| Failure::Config(e.to_string()))?;
     let mut volumes = Vec::new();
     for path in &args.agent_configs {
         let agent = AgentConfig::load(path).map_err(|e| Failure::Config(e.to_string()))?;
-        for d in agent.disks.iter().filter(|d| d.group == args.group) {
+        for d in agent.disks.iter().filter(|d| d.group == at.group) {
             volumes.push(SeedVolume { name: d.volume.clone(), vm: agent.vm.clone(), path: d.path.clone() });
         }
     }
@@ -105,15 +109,15 @@ fn prepare(args: &PrepareArgs) -> Result<(), Failure> {
     if volumes.is_empty() {
         return Err(Failure::Config(format!(
             "no disk of group {:?} given: name the original agents' configs (--agent-config) or the disks (--volume VM/VOLUME=PATH)",
-            args.group
+            at.group
         )));
     }
     crate::init_logging();
-    let seeded = seed(&cfg, &args.group, &volumes, args.epoch, Adopt::Link)?;
+    let seeded = seed(&cfg, &at.group, &volumes, at.epoch, Adopt::Link)?;
     println!(
         "group {} prepared for failback at epoch {}: this target's replicas are the original disks; start the target, then the \
          recovery site's engine (group epoch = {}) with its agents: they compare every region and ship those that differ",
-        args.group, args.epoch, args.epoch
+        at.group, at.epoch, at.epoch
     );
     for (v, s) in volumes.iter().zip(&seeded) {
         println!("  {}  volume {} (vm {}, {})", v.path.display(), s.name, s.vm, human(s.size));

@@ -5,29 +5,15 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{free_port, have_tools, qemu_io, Cluster, Vol};
 
-/// `GET path` on 127.0.0.1:port; returns the status line and the body.
+/// `GET path` on 127.0.0.1:port (waiting for a daemon just started); the status line and the
+/// body.
 fn get(port: u16, path: &str) -> (String, String) {
-    // A daemon just started binds its metrics address once its groups are loaded.
-    let started = Instant::now();
-    let mut s = loop {
-        match TcpStream::connect(("127.0.0.1", port)) {
-            Ok(s) => break s,
-            Err(e) => assert!(started.elapsed() < Duration::from_secs(20), "nothing serves metrics on port {port}: {e}"),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (head.lines().next().unwrap_or("").to_owned(), body.to_owned())
+    let answer = common::http_get(port, path, &[]);
+    (answer.status, answer.body)
 }
 
 /// The value of `name{group="erp"}` in a scrape.
