@@ -124,3 +124,33 @@ fn max_bandwidth_caps_the_link() {
     assert!(rate < 1.25 * (1 << 20) as f64, "{rate:.0} B/s through a 1 MiB/s limit");
     assert!(took > Duration::from_millis(2500), "{took:?}");
 }
+
+#[test]
+fn a_hung_target_is_seen_disconnected_and_shipping_resumes_when_it_answers() {
+    if !have_tools(&["qemu-io"]) {
+        return;
+    }
+    // A hung process (or host) keeps its connection open: the engine must not go on calling it
+    // connected while nothing is confirmed.
+    let c = Cluster::start(&[Vol::new("vm1", "data", VOLUME_SIZE)]);
+    let mut model = Model::new(VOLUME_SIZE);
+    let write = |model: &mut Model, byte: u8, off: u64| {
+        run_ok(Command::new("qemu-io").args(["-f", "raw", &c.uri("data"), "-c", &format!("write -P {byte} {off} 65536")]));
+        model.fill(off, 65536, byte);
+    };
+    write(&mut model, 1, 0);
+    c.wait_shipped();
+    let paused = c.pause("target");
+    let started = Instant::now();
+    for i in 0..8u64 {
+        write(&mut model, 2 + i as u8, (i + 1) << 20);
+    }
+    let g = c.wait_status("the target disconnected", Duration::from_secs(60), |g| g["target_connected"] == false);
+    println!("the hung target was seen disconnected after {:?}: {g}", started.elapsed());
+    assert!(c.log("engine").contains("the target confirmed nothing for"), "{}", c.log("engine"));
+    paused.resume();
+    c.wait_status("the target back and caught up", Duration::from_secs(60), |g| g["target_connected"] == true && g["lag_writes"] == 0);
+    c.wait_shipped();
+    let got = c.recover("data", &["--latest"]);
+    assert!(got == model.bytes, "after the target answered again: {}", first_difference(&got, &model.bytes));
+}

@@ -338,6 +338,16 @@ pub enum ShipError {
     /// The confirmation reader saw the connection end.
     #[error("the target closed the connection")]
     TargetClosed,
+    /// The target confirmed nothing for a long while with records shipped.
+    #[error(
+        "the target confirmed nothing for {waited:?} while {waiting} shipped record(s) waited: it hangs, or its host does; reconnecting"
+    )]
+    TargetSilent {
+        /// How long nothing was confirmed.
+        waited: std::time::Duration,
+        /// Records shipped and not confirmed.
+        waiting: u64,
+    },
     /// The engine's journal could not be read.
     #[error("reading the journal: {source}")]
     ReadJournal {

@@ -70,6 +70,11 @@ pub struct Shipper {
 
 /// How long an idle shipper waits for new records; shorter while hash requests wait.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
+/// A target that confirms nothing for this long while shipped records wait, or takes no bytes
+/// for this long, is taken as gone (a hung process or host keeps its connection open): the
+/// connection is closed, the group shows the target disconnected, and shipping resumes from
+/// what the target confirmed once it answers again.
+const CONFIRM_SILENCE: Duration = Duration::from_secs(15);
 const IDLE_WAIT_HASHING: Duration = Duration::from_millis(2);
 
 impl Shipper {
@@ -235,6 +240,9 @@ impl Shipper {
                 .map_err(|source| ShipError::SpawnReader { source })?
         };
 
+        if let Err(e) = w.set_write_timeout(Some(CONFIRM_SILENCE)) {
+            log::warn!("group {}: cannot bound the socket's writes: {e}", cfg.name);
+        }
         let result = self.ship(&mut reader, &mut w, &broken, compress);
         log::debug!("group {}: shipping ended; {} bytes of records were read from memory", cfg.name, reader.bytes_from_memory());
         w.shutdown();
@@ -262,9 +270,17 @@ impl Shipper {
         };
         // Async: the journal scanned ahead to the next interval point.
         let mut scan: Option<DeltaScan> = None;
+        // The last confirmation seen, and since when.
+        let mut confirmed = (shared.confirmed.load(Ordering::Acquire), std::time::Instant::now());
         loop {
             if broken.load(Ordering::Acquire) {
                 return Err(ShipError::TargetClosed);
+            }
+            let now_confirmed = shared.confirmed.load(Ordering::Acquire);
+            if now_confirmed != confirmed.0 || out.shipped <= now_confirmed {
+                confirmed = (now_confirmed, std::time::Instant::now());
+            } else if confirmed.1.elapsed() >= CONFIRM_SILENCE {
+                return Err(ShipError::TargetSilent { waited: CONFIRM_SILENCE, waiting: out.shipped - now_confirmed });
             }
             if shared.stopping.load(Ordering::Relaxed) {
                 return Ok(());
