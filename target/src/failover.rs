@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{data_dir_err, TargetError};
 use crate::group::{Group, GroupOptions};
 use crate::group_view::find_group;
-use crate::layout::{image_name, GroupPaths, DAEMON_LOCK};
+use crate::layout::{image_name, GroupPaths, DAEMON_LOCK, FAILOVER_ASKED};
 use crate::lock::{lock_file, LockKind};
 use crate::model::{Point, Volume};
 use crate::point_view::PointView;
@@ -211,6 +211,9 @@ pub fn failover(config: &TargetConfig, group: &str, point: &Point, wait: Duratio
                 promoted_ns: None,
             };
             store(fs.as_ref(), &paths, &s)?;
+            // After failover.toml: a daemon that sees this finds the request at once.
+            let asked = config.data_dir.join(FAILOVER_ASKED);
+            fs.open(&asked, OpenMode::Create).map_err(data_dir_err(&asked, "tell the daemon"))?;
             log::info!("group {group:?}: failover asked for (epoch {}); the target takes nothing more of it", s.epoch);
             s
         }

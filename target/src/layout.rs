@@ -5,6 +5,10 @@ use std::path::{Path, PathBuf};
 
 /// Directory under `data_dir` that holds one directory per group.
 pub(crate) const GROUPS_DIR: &str = "groups";
+/// File in `data_dir` that `hindsight failover` creates after a group's `failover.toml`: the
+/// daemon looks for it often, and for the groups' files only when it is there (or once a
+/// second).
+pub(crate) const FAILOVER_ASKED: &str = "failover-asked";
 /// Lock file in `data_dir` held exclusively by the running daemon.
 pub(crate) const DAEMON_LOCK: &str = "target.lock";
 

@@ -41,6 +41,7 @@
 //! ```text
 //! <data_dir>/
 //!   target.lock             flock, exclusive while a daemon runs on this data_dir
+//!   failover-asked          made by `hindsight failover` after a group's failover.toml
 //!   groups/<group>/
 //!     group.toml            volumes (name, vm, size) and engine; written last at creation
 //!     journal/              the group's journal (docs/journal-format.md)

@@ -32,13 +32,14 @@ use self::shared::{GroupEntry, Shared};
 use crate::error::{data_dir_err, TargetError};
 use crate::failover::{self, Stage};
 use crate::group::{Group, GroupOptions};
-use crate::layout::{groups_dir, GroupPaths, DAEMON_LOCK};
+use crate::layout::{groups_dir, GroupPaths, DAEMON_LOCK, FAILOVER_ASKED};
 use crate::lock::{lock_file, FileLock, LockKind};
 
 /// How often the maintenance thread runs (checkpoints, retention).
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
-/// How often it looks for a failover asked for (a `stat` of each group's `failover.toml`):
-/// the release starts within this, and a failover's time is mostly this wait.
+/// How often it looks whether a failover was asked for (one `stat` of the data directory's
+/// `failover-asked`; each group's `failover.toml` is looked for only then, and at every
+/// maintenance pass): the release starts within this, and a failover's time is mostly this wait.
 const FAILOVER_LOOK: Duration = Duration::from_millis(100);
 
 /// A running target daemon, started by [`start`](crate::start). Dropping it shuts it down
@@ -242,8 +243,16 @@ fn maintenance_loop(shared: &Arc<Shared>, stop: &Receiver<()>) {
             Err(RecvTimeoutError::Timeout) => {}
             _ => return,
         }
-        release::look_for_failovers(shared);
-        if last.elapsed() < MAINTENANCE_INTERVAL {
+        let asked = shared.config.data_dir.join(FAILOVER_ASKED);
+        let due = last.elapsed() >= MAINTENANCE_INTERVAL;
+        if shared.fs.exists(&asked) {
+            // Removed first: a request made while the groups are looked at leaves it again.
+            let _ = shared.fs.remove_file(&asked);
+            release::look_for_failovers(shared);
+        } else if due {
+            release::look_for_failovers(shared);
+        }
+        if !due {
             continue;
         }
         last = std::time::Instant::now();
