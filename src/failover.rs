@@ -129,7 +129,7 @@ pub fn run(args: &FailoverArgs) -> Result<(), Failure> {
     }
     let point = args.point()?;
     if args.test {
-        return run_test(args, point);
+        return run_test(args, &cfg, point);
     }
     let at = point.resolve(&cfg, &args.group)?;
     crate::init_logging();
@@ -277,9 +277,8 @@ fn read_record(path: &Path) -> Result<Option<TestRecord>, Failure> {
     }
 }
 
-fn run_test(args: &FailoverArgs, point: &PointArgs) -> Result<(), Failure> {
-    let cfg = TargetConfig::load(&args.config).map_err(|e| Failure::Config(e.to_string()))?;
-    let record = failover::test_record(&cfg, &args.group);
+fn run_test(args: &FailoverArgs, cfg: &TargetConfig, point: &PointArgs) -> Result<(), Failure> {
+    let record = failover::test_record(cfg, &args.group);
     if let Some(r) = read_record(&record)? {
         if alive(r.pid) {
             return Err(Failure::Config(format!(
@@ -341,7 +340,7 @@ fn run_test(args: &FailoverArgs, point: &PointArgs) -> Result<(), Failure> {
         ready_ms: r.ready_ms,
         took_s: started.elapsed().as_secs(),
     };
-    let dir = failover::test_reports(&cfg, &args.group);
+    let dir = failover::test_reports(cfg, &args.group);
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let path = dir.join(format!("{started_ns}.toml"));
     std::fs::write(&path, toml::to_string(&report).expect("a report serializes")).with_context(|| format!("write {}", path.display()))?;

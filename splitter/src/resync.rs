@@ -433,7 +433,9 @@ fn run_sweep(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, sweep: &mut 
                     false
                 }
             };
-            if let Some(f) = &file {
+            // A region that differs is read again, in pieces, right after: its pages stay until
+            // then (send_differing drops them).
+            if let (Some(f), true) = (&file, equal) {
                 drop_cached(f, start, end - start);
             }
             map.compared(r, equal);
