@@ -16,6 +16,7 @@
 //! - [`transport`] — TLS (or loopback plaintext) under the frames: handshakes, peer identities,
 //!   a read half and a write half per connection
 //! - [`time`] — timestamps
+//! - [`tasks`] — a fixed pool of threads running many event-driven tasks (the daemons' groups)
 //! - [`metrics_http`] and [`dashboard`] — the daemons' metrics address: `/metrics`, and the
 //!   web page at `/` with the document it draws (docs/dashboard.md)
 //! - `faults` — a storage that injects I/O errors, for tests (in this crate's tests, and for
@@ -34,6 +35,7 @@ pub mod record;
 pub mod region_hash;
 pub mod storage;
 pub mod sync;
+pub mod tasks;
 pub mod time;
 pub mod transport;
 pub mod wire;

@@ -1,4 +1,4 @@
-//! Acknowledgements on their way from a group's journal thread (or the sync acknowledgements
+//! Acknowledgements on their way from a group's journal task (or the sync acknowledgements
 //! a policy held) to the agent connections' writers, batched per connection.
 
 use crossbeam_channel::Sender;

@@ -323,7 +323,7 @@ fn read_loop(
             data_at: WRITE_HEADER_LEN,
             ack: ack_tx.clone(),
         };
-        if disk.group.tx.send(GroupItem::Write(req)).is_err() {
+        if disk.group.send(GroupItem::Write(req)).is_err() {
             return Err(FrameError::Peer("the engine is shutting down".into()).into());
         }
     }
@@ -367,7 +367,7 @@ fn hash_request(
         }
         Err(why) => reply(HashReply::unavailable(id, why.to_string())),
     });
-    if disk.group.tx.send(GroupItem::Barrier(barrier)).is_err() {
+    if disk.group.send(GroupItem::Barrier(barrier)).is_err() {
         return Err(FrameError::Peer("the engine is shutting down".into()).into());
     }
     Ok(())
@@ -396,7 +396,7 @@ fn resync_done(m: &ResyncDoneMsg, disks: &[Disk]) -> Result<(), SessionEnd> {
         }
     }
     for (group, volumes) in groups {
-        if group.tx.send(GroupItem::ResyncDone(ResyncDone { volumes })).is_err() {
+        if group.send(GroupItem::ResyncDone(ResyncDone { volumes })).is_err() {
             return Err(FrameError::Peer("the engine is shutting down".into()).into());
         }
     }

@@ -37,6 +37,8 @@ pub struct Registry {
     pub own_name: Option<String>,
     /// How connections are protected.
     pub security: Security,
+    /// The threads that run every group's journal task; they stop when the engine is dropped.
+    pub journal_pool: hindsight_consistency::tasks::Pool,
 }
 
 /// A connected agent, as quiesce requests see it.

@@ -1,5 +1,5 @@
 //! Engine errors, one enum per layer: starting the engine ([`EngineError`]), a group's
-//! journal thread ([`GroupError`]), an operator's request ([`RequestError`]), an agent's hello
+//! journal task ([`GroupError`]), an operator's request ([`RequestError`]), an agent's hello
 //! ([`HelloError`]) and a shipper's connection ([`ShipError`]). The words of the messages are
 //! those operators, agents and logs have always read: where a message named its cause, it
 //! still does, and the cause is also the error's source.
@@ -54,7 +54,7 @@ pub enum EngineError {
     },
 }
 
-/// Why a group's journal thread could not do what was queued for it (a bookmark, a barrier).
+/// Why a group's journal task could not do what was queued for it (a bookmark, a barrier).
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum GroupError {
@@ -157,7 +157,7 @@ pub enum RequestError {
         /// The engine's groups, comma-separated.
         known: String,
     },
-    /// A group's journal thread is gone.
+    /// A group's journal task is gone.
     #[error("group {group} is shutting down")]
     ShuttingDown {
         /// The group.

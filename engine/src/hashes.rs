@@ -2,7 +2,7 @@
 //! (docs/wire-protocol.md, "Sessions", item 6).
 //!
 //! ```text
-//! agent ──HashRequest──▶ session reader ──Barrier──▶ journal thread (through_seq = durable
+//! agent ──HashRequest──▶ session reader ──Barrier──▶ journal task (through_seq = durable
 //!   ▲                                                   after everything queued before it)
 //!   │                                                        │ submit
 //!   │                                                        ▼

@@ -26,7 +26,7 @@ use hindsight_consistency::sync::lock;
 use hindsight_consistency::time::{format_duration, format_rfc3339, now_ns};
 use hindsight_consistency::wire::JournalStateMsg;
 
-/// What the journal thread does with the next writes.
+/// What the journal task does with the next writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// Journal them.
@@ -56,14 +56,14 @@ struct State {
     target: Option<TargetJournal>,
 }
 
-/// A group's journal-full policy and state, shared by its journal thread, its shipper and
+/// A group's journal-full policy and state, shared by its journal task, its shipper and
 /// status requests.
 #[derive(Debug)]
 pub struct JournalWatch {
     group: String,
     policy: JournalFull,
     max: Option<u64>,
-    /// Bytes in the engine's journal, as of the journal thread's last look.
+    /// Bytes in the engine's journal, as of the journal task's last look.
     bytes: AtomicU64,
     state: Mutex<State>,
 }
@@ -98,7 +98,7 @@ impl JournalWatch {
         lock(&self.state).paused.is_some()
     }
 
-    /// Called by the journal thread before each batch with the journal's size: what to do
+    /// Called by the journal task before each batch with the journal's size: what to do
     /// with the writes it takes next.
     pub fn update(&self, bytes: u64) -> Action {
         self.bytes.store(bytes, Ordering::Relaxed);

@@ -3,7 +3,8 @@
 //! Agents connect over TLS (or loopback plaintext; `hindsight_consistency::transport`), are
 //! authorised by the VM their certificate names, and send every write of their disks
 //! ([`agents`]). Each write is
-//! routed to its consistency group ([`group`]), whose single journal thread numbers it with
+//! routed to its consistency group ([`group`]), whose journal task (run by a fixed pool of
+//! threads shared by all groups) numbers it with
 //! the group's next sequence number, timestamps it, appends it to the group's journal and,
 //! after the group commit's fdatasync, acknowledges it to the agent (`cdp` mode). A shipper
 //! per group ([`shipper`]) reads the journal in order and sends it to the target, resuming
@@ -12,7 +13,7 @@
 //! ([`operator`]).
 //!
 //! ```text
-//! agent ──Write──▶ session reader ──▶ group channel ──▶ journal thread (seq, time, append,
+//! agent ──Write──▶ session reader ──▶ group channel ──▶ journal task (seq, time, append,
 //!   ▲                                                       commit = one fdatasync)
 //!   └──WriteAck── ack writer ◀──────────────────────────────────┘
 //!                                     journal files ──▶ shipper ──Records──▶ target
@@ -48,6 +49,7 @@ use std::sync::{Arc, Mutex};
 use hindsight_consistency::config::EngineConfig;
 use hindsight_consistency::journal::{Journal, JournalOptions};
 use hindsight_consistency::storage::{StdStorage, Storage};
+use hindsight_consistency::tasks;
 use hindsight_consistency::transport::Role;
 
 pub use error::EngineError;
@@ -68,11 +70,12 @@ impl EngineHandle {
     pub fn shutdown(self) {
         for g in self.registry.groups.values() {
             g.shared.stopping.store(true, Ordering::Relaxed);
+            g.wake();
         }
     }
 }
 
-/// Opens every group's journal, starts the journal threads and shippers, and accepts agents in
+/// Opens every group's journal, starts the journal tasks and shippers, and accepts agents in
 /// a background thread.
 pub fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
     start_with_storage(config, StdStorage::shared())
@@ -86,6 +89,9 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
     let engine_name = own_name.clone().unwrap_or_else(|| format!("engine@{}", config.listen));
     let mut groups = HashMap::new();
     let mut hash_brokers = HashMap::new();
+    // Every group's journal task runs on these threads, however many groups there are.
+    let journal_pool = tasks::Pool::new("journal", tasks::io_threads())
+        .map_err(|source| EngineError::Spawn { what: "the journal tasks".into(), source })?;
     // One limiter per target address, shared by the groups shipping there.
     let mut limiters: HashMap<String, Arc<limiter::Limiter>> = HashMap::new();
     for g in &config.groups {
@@ -104,8 +110,7 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
             journal.first_seq(),
             journal.durable_seq()
         );
-        let (handle, _join) =
-            group::start(g.clone(), journal).map_err(|source| EngineError::Spawn { what: format!("journal-{}", g.name), source })?;
+        let handle = group::start(g.clone(), journal, &journal_pool);
         let limiter = config
             .max_bandwidth
             .map(|rate| Arc::clone(limiters.entry(g.target.clone()).or_insert_with(|| Arc::new(limiter::Limiter::new(rate)))));
@@ -141,6 +146,7 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
         hashes: hash_brokers,
         own_name,
         security: config.security.clone(),
+        journal_pool,
     });
     let reg = registry.clone();
     std::thread::Builder::new()

@@ -199,7 +199,7 @@ fn place_in_groups(
             reply: tx,
             hold: req.hold,
         });
-        if g.tx.send(item).is_err() {
+        if g.send(item).is_err() {
             return Err(RequestError::ShuttingDown { group: g.config.name.clone() });
         }
         waiting.push((g.config.name.clone(), rx));

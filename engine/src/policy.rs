@@ -2,7 +2,7 @@
 //! group has degraded), the acknowledgements sync mode holds back until the target confirms,
 //! the lag to the target, and the RPO watch.
 //!
-//! - **cdp**: the journal thread acknowledges a write once the engine's journal holds it.
+//! - **cdp**: the journal task acknowledges a write once the engine's journal holds it.
 //! - **sync**: after the engine's commit, acknowledgements are *held* here, in sequence
 //!   order, and released by the shipper's confirmation reader once the target's journal holds
 //!   them. If the target is away or slow (`on_sync_loss`): `block` keeps the guest waiting up
@@ -99,7 +99,7 @@ pub struct PolicyStatus {
     pub target_connected: bool,
 }
 
-/// A group's policy, shared by its journal thread, its shipper and status requests.
+/// A group's policy, shared by its journal task, its shipper and status requests.
 #[derive(Debug)]
 pub struct Policy {
     group: String,
@@ -229,7 +229,7 @@ impl Policy {
         }
     }
 
-    /// Periodic checks (the journal thread calls this at least every few hundred ms): a sync
+    /// Periodic checks (the journal task calls this at least every few hundred ms): a sync
     /// write held past `sync_timeout` degrades the group; the RPO alert turns on or off.
     pub fn tick(&self) {
         let oldest = lock(&self.held).front().map(|h| h.since.elapsed());
@@ -410,7 +410,7 @@ mod tests {
         p.confirmed(1, 1);
         assert_eq!(rx.try_recv().unwrap(), vec![ack(1)]);
         // The shipper sends a commit once it is durable: the target's confirmation of seq 2
-        // can arrive before the journal thread hands the commit's acknowledgements over.
+        // can arrive before the journal task hands the commit's acknowledgements over.
         p.confirmed(2, 2);
         p.committed(vec![(tx, ack(2))], 2, 4096, 2);
         assert_eq!(rx.try_recv().ok(), Some(vec![ack(2)]), "the acknowledgement waits for a confirmation that already came");

@@ -1,4 +1,4 @@
-//! Which volumes of a group are resyncing, so that the group's journal thread knows when a
+//! Which volumes of a group are resyncing, so that the group's journal task knows when a
 //! resync point is due (docs/journal-format.md, "Resync (kind 7) and resync points").
 //!
 //! A volume starts resyncing with its first resync record (kind 7) and stops when its agent

@@ -3,7 +3,7 @@
 //! One thread per group. It connects, says hello, learns the target's durable sequence number
 //! and resumes right after it, reading the engine's own journal (never past what is durable
 //! here: the target must never hold a write the engine could lose). A second thread per
-//! connection reads the target's confirmations; the journal thread deletes segments once
+//! connection reads the target's confirmations; the journal task deletes segments once
 //! they are confirmed. Between frames it also sends the group's hash requests
 //! ([`crate::hashes`]) once it has shipped their prefix; the confirmation reader passes the
 //! answers back.

@@ -1,15 +1,17 @@
-//! The group's applier thread: applies committed batches of records to the replicas, in
-//! commit order, while the connection thread receives and commits the next batch.
+//! The group's applier: applies committed batches of records to the replicas, in commit
+//! order, while the connection thread receives and commits the next batch. Every group's
+//! applier is a task of one pool of threads (`hindsight_consistency::tasks`) shared by the
+//! whole process, woken when a batch is queued; a round applies one batch.
 //!
 //! ```text
-//! connection thread                            applier thread
+//! connection thread                            applier task
 //!   validate · append · commit (fdatasync)
 //!   save the marks (bookmarks, spans)
 //!   Confirm(durable_seq) ──▶ engine
 //!   Batch { frames | after | through } ──queue──▶ apply records after..=through
 //!   read the next frames                          applied_seq = through
 //!        ▲                                            │
-//!        └────────────── frame buffers ◀── pool ◀─┘
+//!        └────────────── frame buffers ◀── spares ◀─┘
 //! ```
 //!
 //! Durability is the journal's: a record is confirmed once it is committed, and a crash before
@@ -22,15 +24,16 @@
 //! `applied_seq` beside them, never half a batch.
 //!
 //! Locks, in the order they may be taken after the group's: `replicas`, then `poisoned`,
-//! `on_poison`, then the leaves `queued` and `pool` (never held while taking another).
+//! `on_poison`, then the leaves `queued` and the spare buffers (never held while taking
+//! another).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use hindsight_consistency::error_chain;
 use hindsight_consistency::sync::lock;
+use hindsight_consistency::tasks::{self, Next, Pool, Task, Waker};
 use hindsight_consistency::Seq;
 
 use crate::error::{ApplierError, TargetError};
@@ -43,9 +46,10 @@ pub(crate) const MAX_QUEUED_BYTES: usize = 64 << 20;
 /// Most batches queued for the applier (many small batches cost little memory each, but
 /// bound them anyway).
 const MAX_QUEUED_BATCHES: usize = 256;
-/// Most bytes of spare frame buffers kept for reuse (fresh memory is slow to touch first),
-/// per group even when idle: enough for the frames of a few batches.
-const MAX_POOL_BYTES: usize = 16 << 20;
+/// Most bytes of spare frame buffers kept for reuse (fresh memory is slow to touch first), for
+/// all the groups of the process together: enough for the frames of a few batches, and no
+/// memory held by a group that is idle.
+const MAX_SPARE_BYTES: usize = 64 << 20;
 
 /// Records committed together, for the applier: those with `after < seq <= through`
 /// (earlier ones in the frames are resends, already applied).
@@ -74,14 +78,15 @@ pub(crate) struct Replicas {
     last_time_ns: u64,
 }
 
-/// Spare frame buffers.
-#[derive(Default)]
-struct Pool {
+/// Spare frame buffers, shared by every group of the process.
+struct Spares {
     bufs: Vec<Vec<u8>>,
     bytes: usize,
 }
 
-/// What the group and its applier thread share.
+static SPARES: Mutex<Spares> = Mutex::new(Spares { bufs: Vec::new(), bytes: 0 });
+
+/// What the group and its applier task share.
 pub(crate) struct ApplyShared {
     group: String,
     /// Held by the applier for a whole batch, and by readers of the replicas.
@@ -97,10 +102,11 @@ pub(crate) struct ApplyShared {
     queued: Mutex<usize>,
     /// Signalled when queued bytes are released or the applier stops.
     room: Condvar,
-    pool: Mutex<Pool>,
     /// Set when the applier is asked to stop (or has ended): it finishes the batch in hand and
     /// drops the rest, which the journal holds.
     stop: AtomicBool,
+    /// Set once the applier's task has ended: no batch is being applied any more.
+    ended: AtomicBool,
 }
 
 impl ApplyShared {
@@ -113,8 +119,8 @@ impl ApplyShared {
             on_poison: Mutex::new(None),
             queued: Mutex::new(0),
             room: Condvar::new(),
-            pool: Mutex::new(Pool::default()),
             stop: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
         }
     }
 
@@ -167,7 +173,7 @@ impl ApplyShared {
 
     /// A buffer for the next frame: a spare one if there is one.
     pub fn buffer(&self) -> Vec<u8> {
-        let mut pool = lock(&self.pool);
+        let mut pool = lock(&SPARES);
         match pool.bufs.pop() {
             Some(b) => {
                 pool.bytes -= b.capacity();
@@ -177,11 +183,11 @@ impl ApplyShared {
         }
     }
 
-    /// Keeps buffers for reuse, up to [`MAX_POOL_BYTES`].
+    /// Keeps buffers for reuse, up to [`MAX_SPARE_BYTES`] in all.
     pub fn recycle(&self, bufs: impl IntoIterator<Item = Vec<u8>>) {
-        let mut pool = lock(&self.pool);
+        let mut pool = lock(&SPARES);
         for b in bufs {
-            if b.capacity() > 0 && pool.bytes + b.capacity() <= MAX_POOL_BYTES {
+            if b.capacity() > 0 && pool.bytes + b.capacity() <= MAX_SPARE_BYTES {
                 pool.bytes += b.capacity();
                 pool.bufs.push(b);
             }
@@ -264,14 +270,14 @@ impl ApplyShared {
     }
 }
 
-/// The group's side of its applier thread.
+/// The group's side of its applier task.
 pub(crate) struct Applier {
     shared: Arc<ApplyShared>,
     tx: Mutex<Option<Sender<Batch>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    waker: Waker,
 }
 
-/// Marks the applier stopped however its thread ends, so that nobody waits on it forever.
+/// Marks the applier stopped however its task ends, so that nobody waits on it forever.
 struct Ended<'a>(&'a ApplyShared);
 
 impl Drop for Ended<'_> {
@@ -280,32 +286,62 @@ impl Drop for Ended<'_> {
             self.0.poison("the replicas' applier panicked".to_owned());
         }
         self.0.stop.store(true, Ordering::SeqCst);
+        self.0.ended.store(true, Ordering::SeqCst);
         self.0.wake();
     }
 }
 
-fn run(shared: &ApplyShared, rx: &Receiver<Batch>) {
-    let _ended = Ended(shared);
-    for batch in rx {
+/// A group's applier task: each round applies one queued batch.
+struct ApplyTask {
+    shared: Arc<ApplyShared>,
+    rx: Receiver<Batch>,
+}
+
+impl Task for ApplyTask {
+    fn run(&self) -> Next {
+        let shared = &*self.shared;
+        if shared.ended.load(Ordering::SeqCst) {
+            return Next::Done;
+        }
+        let batch = match self.rx.try_recv() {
+            Ok(batch) => batch,
+            Err(TryRecvError::Empty) if !shared.stop.load(Ordering::SeqCst) => return Next::Idle,
+            // Stopped, or every sender gone: the queued batches are dropped (the journal holds
+            // them).
+            Err(_) => {
+                drop(Ended(shared));
+                return Next::Done;
+            }
+        };
+        let ended = Ended(shared);
         if !shared.stop.load(Ordering::SeqCst) && shared.poisoned().is_none() {
             shared.apply(&batch);
         }
+        std::mem::forget(ended);
         let bytes = batch.bytes();
         shared.recycle(batch.frames);
         shared.release(bytes);
+        Next::Again
     }
 }
 
+/// The threads that run every group's applier in this process, started with the first group.
+fn pool() -> Result<&'static Pool, TargetError> {
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    if let Some(p) = POOL.get() {
+        return Ok(p);
+    }
+    let p = Pool::new("target-apply", tasks::io_threads()).map_err(|source| TargetError::Spawn { what: "applier", source })?;
+    // Should another group have started it meanwhile, this one is dropped (its threads stop).
+    Ok(POOL.get_or_init(|| p))
+}
+
 impl Applier {
-    /// Starts the applier thread of a group.
+    /// Starts the applier of a group.
     pub fn start(shared: Arc<ApplyShared>) -> Result<Applier, TargetError> {
         let (tx, rx) = crossbeam_channel::bounded::<Batch>(MAX_QUEUED_BATCHES);
-        let s = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name(format!("target-apply-{}", shared.group))
-            .spawn(move || run(&s, &rx))
-            .map_err(|source| TargetError::Spawn { what: "applier", source })?;
-        Ok(Applier { shared, tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
+        let waker = pool()?.add(&format!("target-apply-{}", shared.group), ApplyTask { shared: Arc::clone(&shared), rx });
+        Ok(Applier { shared, tx: Mutex::new(Some(tx)), waker })
     }
 
     pub fn shared(&self) -> &ApplyShared {
@@ -322,6 +358,7 @@ impl Applier {
             Some(tx) => tx.send(batch).map_err(|e| e.into_inner()),
             None => Err(batch),
         };
+        self.waker.wake();
         sent.map_err(|batch| {
             self.shared.recycle(batch.frames);
             self.shared.release(bytes);
@@ -330,15 +367,15 @@ impl Applier {
     }
 
     /// Stops the applier: it finishes the batch in hand and drops those queued (the journal
-    /// holds them; start-up applies them). Waits for its thread. Idempotent.
+    /// holds them; start-up applies them). Waits for its task to end. Idempotent.
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.wake();
         drop(lock(&self.tx).take());
-        if let Some(t) = lock(&self.thread).take() {
-            if t.join().is_err() {
-                log::error!("group {:?}: the replicas' applier panicked", self.shared.group);
-            }
+        self.waker.wake();
+        let mut r = lock(&self.shared.replicas);
+        while !self.shared.ended.load(Ordering::SeqCst) && !self.waker.is_done() {
+            r = self.shared.progress.wait_timeout(r, std::time::Duration::from_millis(50)).map_or_else(|p| p.into_inner().0, |(g, _)| g);
         }
     }
 }

@@ -13,7 +13,7 @@
 //!    verbatim to the group's [`Journal`](hindsight_consistency::journal::Journal). The frames
 //!    that have arrived together are committed with one write and one fdatasync, and a
 //!    `Confirm(durable_seq)` goes back at once.
-//! 3. The committed batch is queued (bounded) for the group's applier thread
+//! 3. The committed batch is queued (bounded) for the group's applier task
 //!    (the `applier` module), which applies the records to the replica images in
 //!    commit order while the connection thread receives the next batch. Replicas are synced
 //!    and `state.applied_seq` advanced every 10 s (or after each GiB applied), not per

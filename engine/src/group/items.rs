@@ -1,4 +1,4 @@
-//! What goes on a group's channel to its journal thread: the agents' writes, bookmarks, the
+//! What goes on a group's channel to its journal task: the agents' writes, bookmarks, the
 //! ends of resyncs and barriers, and the latch the groups of one bookmark request share.
 
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -32,7 +32,7 @@ pub struct WriteRequest {
     pub ack: Sender<Acks>,
 }
 
-/// What a group's journal thread takes from its channel.
+/// What a group's journal task takes from its channel.
 pub enum GroupItem {
     /// A guest write.
     Write(WriteRequest),
@@ -73,7 +73,7 @@ impl Drop for Barrier {
     }
 }
 
-/// The end of the resync of some volumes of a group, on its way to the journal thread behind
+/// The end of the resync of some volumes of a group, on its way to the journal task behind
 /// every resync write of the same agent connection.
 pub struct ResyncDone {
     /// The volumes whose resync completed.

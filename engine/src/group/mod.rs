@@ -1,6 +1,7 @@
-//! One consistency group: its sequencer and journal, run by one thread.
+//! One consistency group: its sequencer and journal, a task of the engine's journal pool.
 //!
-//! Writes of every agent of the group arrive on one channel. The journal thread takes what is
+//! Writes of every agent of the group arrive on one channel, and whoever queues one wakes the
+//! group's journal task ([`GroupHandle::send`]). Each round the task takes what is
 //! queued, gives each write the next sequence number in arrival order and a timestamp,
 //! appends the batch to the journal and commits it with one fdatasync (group commit), and only
 //! then acknowledges each write to its agent. A write sent after another was acknowledged is
@@ -8,43 +9,59 @@
 //! crash-consistent image of all the group's volumes.
 //!
 //! - `items`: what goes on a group's channel (writes, bookmarks, resync ends, barriers);
-//! - `shared`: what the group's shipper and status requests share with its journal thread;
-//! - `journal_thread`: the thread that numbers, journals, commits and acknowledges.
+//! - `shared`: what the group's shipper and status requests share with its journal task;
+//! - `journal_task`: the task that numbers, journals, commits and acknowledges.
 
 mod items;
-mod journal_thread;
+mod journal_task;
 mod shared;
 
 use std::sync::Arc;
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{SendError, Sender};
 use hindsight_consistency::config::GroupConfig;
 use hindsight_consistency::journal::Journal;
+use hindsight_consistency::tasks::{Pool, Waker};
 pub use hindsight_consistency::record::{INTERVAL_POINT_NAME, RESYNC_POINT_NAME};
 
 pub use self::items::{Barrier, BookmarkPlacement, GroupItem, Latch, ResyncDone, WriteRequest};
-use self::journal_thread::journal_loop;
+use self::journal_task::JournalTask;
 pub use self::shared::{GroupShared, LinkStats};
 
-/// A running group: the sender into its journal thread and the shared state.
+/// A running group: the way into its journal task and the shared state.
 #[derive(Clone)]
 pub struct GroupHandle {
     /// The configuration.
     pub config: Arc<GroupConfig>,
     /// Shared state.
     pub shared: Arc<GroupShared>,
-    /// Into the journal thread.
-    pub tx: Sender<GroupItem>,
+    /// Into the journal task.
+    tx: Sender<GroupItem>,
+    /// Runs the journal task's next round.
+    waker: Waker,
 }
 
-/// Starts the journal thread of a group over an opened journal.
-pub fn start(config: GroupConfig, journal: Journal) -> std::io::Result<(GroupHandle, std::thread::JoinHandle<()>)> {
+impl GroupHandle {
+    /// Queues an item for the journal task and wakes it. Waits while the channel is full (a
+    /// stalled disk pushes back on the agents). Fails once the task has ended.
+    pub fn send(&self, item: GroupItem) -> Result<(), SendError<GroupItem>> {
+        self.tx.send(item)?;
+        self.waker.wake();
+        Ok(())
+    }
+
+    /// Wakes the journal task (to see that the group stops, or that the target confirmed).
+    pub fn wake(&self) {
+        self.waker.wake();
+    }
+}
+
+/// Adds the journal task of a group over an opened journal to `pool`.
+pub fn start(config: GroupConfig, journal: Journal, pool: &Pool) -> GroupHandle {
     let shared = Arc::new(GroupShared::new(&config, journal.durable_seq(), journal.last_time_ns()));
     // Bounded: a stalled disk pushes back on the agents instead of growing memory.
     let (tx, rx) = crossbeam_channel::bounded(4096);
-    let s = shared.clone();
-    let interval = config.interval;
-    let join =
-        std::thread::Builder::new().name(format!("journal-{}", config.name)).spawn(move || journal_loop(journal, rx, s, interval))?;
-    Ok((GroupHandle { config: Arc::new(config), shared, tx }, join))
+    let task = JournalTask::new(journal, rx, Arc::clone(&shared), config.interval);
+    let waker = pool.add(&format!("journal-{}", config.name), task);
+    GroupHandle { config: Arc::new(config), shared, tx, waker }
 }

@@ -1,4 +1,4 @@
-//! What a group's shipper and status requests share with its journal thread: the durable and
+//! What a group's shipper and status requests share with its journal task: the durable and
 //! confirmed sequence numbers, the poisoned and stopping flags, the policy, the link's counts and
 //! the journal watch.
 
@@ -13,7 +13,7 @@ use hindsight_consistency::sync::lock;
 use crate::journal_watch::JournalWatch;
 use crate::policy::Policy;
 
-/// What the shipper and the status of a group share with its journal thread.
+/// What the shipper and the status of a group share with its journal task.
 #[derive(Debug)]
 pub struct GroupShared {
     /// Group name.

@@ -1,7 +1,7 @@
 //! One consistency group inside the daemon: its journal, replicas, state and retention.
 //!
 //! The connection thread validates, journals and commits each batch of frames and confirms
-//! it; the group's applier thread ([`crate::applier`]) applies committed batches to the
+//! it; the group's applier task ([`crate::applier`]) applies committed batches to the
 //! replicas in commit order meanwhile.
 //!
 //! Locks, always taken in this order: `persist` (held by the maintenance thread while it
@@ -243,7 +243,7 @@ impl Group {
     }
 
     /// Sets what to call if the group is poisoned while its connection waits for frames (a
-    /// replica write failing on the applier thread); cleared with `None`.
+    /// replica write failing on the applier task); cleared with `None`.
     pub fn on_poison(&self, f: Option<Box<dyn Fn() + Send>>) {
         self.applier.shared().on_poison(f);
     }

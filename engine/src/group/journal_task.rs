@@ -1,15 +1,19 @@
-//! A group's journal thread: each round it places a due interval point, takes what is queued,
-//! numbers and timestamps the writes, appends them (with a bookmark or resync point that ends
-//! the batch), commits with one fdatasync, and only then acknowledges.
+//! A group's journal task, run a round at a time by the engine's journal pool
+//! (`hindsight_consistency::tasks`): each round places a due interval point, takes what is
+//! queued, numbers and timestamps the writes, appends them (with a bookmark or resync point
+//! that ends the batch), commits with one fdatasync, and only then acknowledges. Whoever
+//! queues an item wakes the task; with nothing queued it wakes itself for its periodic checks.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, TryRecvError};
 use hindsight_consistency::config::ReplicationMode;
 use hindsight_consistency::journal::{Journal, JournalError};
 use hindsight_consistency::record::{RecordHeader, Seq, WriteKind, INTERVAL_POINT_NAME, RESYNC_POINT_NAME};
+use hindsight_consistency::sync::lock;
+use hindsight_consistency::tasks::{Next, Task};
 use hindsight_consistency::time::now_ns;
 use hindsight_consistency::wire::WriteAck;
 
@@ -20,12 +24,16 @@ use crate::error::GroupError;
 use crate::journal_watch::Action;
 use crate::resync::{ResyncOutcome, Resyncs};
 
-/// How often a journal thread holding writes (`block`) looks for room.
+/// How often a journal task holding writes (`block`) looks for room.
 const HOLD_WAKE: Duration = Duration::from_millis(20);
 /// Most bytes put into one commit.
 const MAX_BATCH_BYTES: usize = 8 << 20;
-/// How often an idle journal thread wakes to trim confirmed segments and check for shutdown.
+/// How soon an idle journal task first wakes to run the policy's checks and trim confirmed
+/// segments; each idle round that finds nothing to do doubles it, up to [`IDLE_WAKE_MAX`].
 const IDLE_WAKE: Duration = Duration::from_millis(200);
+/// The longest an idle journal task sleeps (the granularity of `sync_timeout` and the RPO
+/// alert while nothing is written).
+const IDLE_WAKE_MAX: Duration = Duration::from_secs(1);
 
 /// The async interval being filled: when it started and its first sequence number.
 struct OpenInterval {
@@ -33,63 +41,31 @@ struct OpenInterval {
     first: Seq,
 }
 
-/// The journal thread: each round places a due interval point, then takes a batch, numbers,
-/// appends and commits it, and answers everything in it.
-pub(super) fn journal_loop(journal: Journal, rx: Receiver<GroupItem>, shared: Arc<GroupShared>, interval: Duration) {
-    let mut t = JournalThread::new(journal, rx, shared, interval);
-    loop {
-        t.interval_point();
-        let action = t.shared.journal.update(t.journal.size_bytes());
-        if action == Action::Hold || t.shared.handed_over.load(Ordering::Relaxed) {
-            if t.hold() == Run::Stop {
-                return;
-            }
-            continue;
-        }
-        let first = match t.wait() {
-            Woken::Item(first) => first,
-            Woken::Idle => continue,
-            Woken::Stop => return,
-        };
-        t.open_interval();
-        let mut taken = t.take_batch(first);
-        if action == Action::Refuse {
-            t.refuse(&mut taken);
-            if taken.resync_done.is_none() {
-                continue;
-            }
-        }
-        if t.shared.poisoned.load(Ordering::Relaxed) {
-            t.fail(taken);
-            continue;
-        }
-        let now = t.stamp();
-        match t.append(&taken, now).and_then(|appended| Ok((appended, t.journal.commit()?))) {
-            Ok((appended, durable)) => t.acknowledge(taken, appended, durable, now),
-            Err(e) => t.poison(taken, e),
-        }
+/// A group's journal task, for the pool.
+pub(super) struct JournalTask(Mutex<Sequencer>);
+
+impl JournalTask {
+    pub(super) fn new(journal: Journal, rx: Receiver<GroupItem>, shared: Arc<GroupShared>, interval: Duration) -> JournalTask {
+        JournalTask(Mutex::new(Sequencer::new(journal, rx, shared, interval)))
     }
 }
 
-/// Whether the journal thread goes on.
+impl Task for JournalTask {
+    fn run(&self) -> Next {
+        // The pool runs one round at a time: the lock is never contended.
+        lock(&self.0).round()
+    }
+}
+
+/// Whether the journal task goes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Run {
     On,
     Stop,
 }
 
-/// What the journal thread woke up to.
-enum Woken {
-    /// The first item of a batch.
-    Item(GroupItem),
-    /// Nothing queued: the idle wake.
-    Idle,
-    /// The group stops (shutting down, or every sender gone).
-    Stop,
-}
-
 /// What a batch took from the channel besides its writes (those are in
-/// [`JournalThread::batch`]).
+/// [`Sequencer::batch`]).
 struct Taken {
     /// The bookmark that ended the batch.
     bookmark: Option<BookmarkPlacement>,
@@ -109,8 +85,19 @@ struct Appended {
     resync_point: Option<Seq>,
 }
 
-/// The state the journal thread keeps from one batch to the next.
-struct JournalThread {
+/// A committed batch whose acknowledgements the policy delays (regulation): nothing more is
+/// taken until they go.
+struct Regulated {
+    taken: Taken,
+    appended: Appended,
+    durable: Seq,
+    bytes: u64,
+    now: u64,
+    until: Instant,
+}
+
+/// The state the journal task keeps from one round to the next.
+struct Sequencer {
     journal: Journal,
     rx: Receiver<GroupItem>,
     shared: Arc<GroupShared>,
@@ -126,16 +113,20 @@ struct JournalThread {
     trimmed_through: Seq,
     resyncs: Resyncs,
     open: Option<OpenInterval>,
+    /// The committed batch whose acknowledgements wait for the regulation delay.
+    regulated: Option<Regulated>,
+    /// How long the task sleeps when it is next idle.
+    idle_wake: Duration,
 }
 
-impl JournalThread {
-    /// The thread's state over an opened journal.
-    fn new(journal: Journal, rx: Receiver<GroupItem>, shared: Arc<GroupShared>, interval: Duration) -> JournalThread {
+impl Sequencer {
+    /// The task's state over an opened journal.
+    fn new(journal: Journal, rx: Receiver<GroupItem>, shared: Arc<GroupShared>, interval: Duration) -> Sequencer {
         let last_time = journal.last_time_ns();
         let last_seq = journal.durable_seq();
         // A journal tail written before a restart gets its interval point too.
         let open = (journal.durable_seq() > 0).then(|| OpenInterval { since: Instant::now(), first: journal.durable_seq() });
-        JournalThread {
+        Sequencer {
             journal,
             rx,
             shared,
@@ -146,6 +137,8 @@ impl JournalThread {
             trimmed_through: 0,
             resyncs: Resyncs::default(),
             open,
+            regulated: None,
+            idle_wake: IDLE_WAKE,
         }
     }
 
@@ -184,25 +177,73 @@ impl JournalThread {
         }
     }
 
-    /// `block` with a full journal: takes nothing for a while, until the target confirms and
-    /// segments go.
-    fn hold(&mut self) -> Run {
-        std::thread::sleep(HOLD_WAKE);
-        self.housekeeping()
-    }
-
-    /// Waits (at most [`IDLE_WAKE`]) for the first item of the next batch, then does the
-    /// housekeeping.
-    fn wait(&mut self) -> Woken {
-        let first = match self.rx.recv_timeout(IDLE_WAKE) {
-            Ok(w) => Some(w),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => return Woken::Stop,
+    /// One round: releases regulated acknowledgements once due, places a due interval point,
+    /// then takes a batch, numbers, appends and commits it, and answers everything in it.
+    fn round(&mut self) -> Next {
+        if let Some(r) = self.regulated.take() {
+            if Instant::now() < r.until {
+                let until = r.until;
+                self.regulated = Some(r);
+                return Next::At(until);
+            }
+            self.release(r.taken, r.appended, r.durable, r.bytes, r.now);
+        }
+        self.interval_point();
+        let action = self.shared.journal.update(self.journal.size_bytes());
+        if action == Action::Hold || self.shared.handed_over.load(Ordering::Relaxed) {
+            // `block` with a full journal: takes nothing for a while, until the target
+            // confirms and segments go.
+            return match self.housekeeping() {
+                Run::Stop => Next::Done,
+                Run::On => Next::At(Instant::now() + HOLD_WAKE),
+            };
+        }
+        let first = match self.rx.try_recv() {
+            Ok(item) => item,
+            Err(TryRecvError::Empty) => return self.idle(),
+            Err(TryRecvError::Disconnected) => return Next::Done,
         };
         if self.housekeeping() == Run::Stop {
-            return Woken::Stop;
+            return Next::Done;
         }
-        first.map_or(Woken::Idle, Woken::Item)
+        self.idle_wake = IDLE_WAKE;
+        self.open_interval();
+        let mut taken = self.take_batch(first);
+        if action == Action::Refuse {
+            self.refuse(&mut taken);
+            if taken.resync_done.is_none() {
+                return Next::Again;
+            }
+        }
+        if self.shared.poisoned.load(Ordering::Relaxed) {
+            self.fail(taken);
+            return Next::Again;
+        }
+        let now = self.stamp();
+        match self.append(&taken, now).and_then(|appended| Ok((appended, self.journal.commit()?))) {
+            Ok((appended, durable)) => self.acknowledge(taken, appended, durable, now),
+            Err(e) => self.poison(taken, e),
+        }
+        // Behind the other groups' rounds: a busy group delays another by one batch at most.
+        Next::Again
+    }
+
+    /// Nothing queued: the periodic checks, then sleep until the next ones (longer each time
+    /// nothing happens), or until the open interval is due.
+    fn idle(&mut self) -> Next {
+        let trimmed = self.trimmed_through;
+        if self.housekeeping() == Run::Stop {
+            return Next::Done;
+        }
+        let wake = self.idle_wake;
+        self.idle_wake = if self.trimmed_through == trimmed { (wake * 2).min(IDLE_WAKE_MAX) } else { IDLE_WAKE };
+        let mut at = Instant::now() + wake;
+        if let Some(o) = &self.open {
+            if self.shared.policy.effective() == ReplicationMode::Async {
+                at = at.min(o.since + self.interval);
+            }
+        }
+        Next::At(at)
     }
 
     /// Between batches: stops if the group is stopping, else runs the policy's periodic checks
@@ -351,8 +392,9 @@ impl JournalThread {
         Ok(Appended { seqs, bookmark_seq, resync_point })
     }
 
-    /// The batch is durable through `durable`: passes the barriers, publishes `durable`,
-    /// regulates, acknowledges the writes (or holds them, sync) and answers the bookmark.
+    /// The batch is durable through `durable`: passes the barriers, publishes `durable`, and
+    /// acknowledges the writes (or holds them, sync) and answers the bookmark, at once or,
+    /// when the policy regulates, after its delay.
     fn acknowledge(&mut self, mut taken: Taken, appended: Appended, durable: Seq, now: u64) {
         let shared = &self.shared;
         // Before the shipper can see `durable`, so that a hash request is queued when
@@ -364,8 +406,16 @@ impl JournalThread {
         let bytes = self.batch.iter().filter(|w| w.kind.carries_data()).map(|w| u64::from(w.length)).sum();
         let delay = shared.policy.regulation_delay(bytes);
         if !delay.is_zero() {
-            std::thread::sleep(delay);
+            self.regulated = Some(Regulated { taken, appended, durable, bytes, now, until: Instant::now() + delay });
+            return;
         }
+        self.release(taken, appended, durable, bytes, now);
+    }
+
+    /// Acknowledges the writes of a committed batch (or holds them, sync) and answers its
+    /// bookmark.
+    fn release(&mut self, mut taken: Taken, appended: Appended, durable: Seq, bytes: u64, now: u64) {
+        let shared = &self.shared;
         let acks = self
             .batch
             .drain(..)
@@ -412,7 +462,7 @@ impl JournalThread {
     }
 }
 
-/// What the journal thread promises of a record it is about to append after `last_seq`
+/// What the journal task promises of a record it is about to append after `last_seq`
 /// (checked in debug builds): its number follows every earlier record's, and its time is not
 /// before theirs, so that the records received at or before any time are a prefix.
 fn check_order(journal: &Journal, last_seq: Seq, h: &RecordHeader, group: &str) {
