@@ -39,7 +39,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 
@@ -392,6 +392,45 @@ impl ReadHalf {
             ReadKind::Plain(s) => s.shutdown(Shutdown::Both),
             ReadKind::Tls(t) => t.shared.socket.shutdown(Shutdown::Both),
         };
+    }
+
+    /// The socket, to watch for bytes to read (`tasks::Readiness`).
+    pub fn socket_fd(&self) -> BorrowedFd<'_> {
+        match &self.0 {
+            ReadKind::Plain(s) => s.as_fd(),
+            ReadKind::Tls(t) => t.shared.socket.as_fd(),
+        }
+    }
+
+    /// True if a read would not wait: bytes received and not yet read, bytes (or the end of
+    /// the stream, or an error) waiting in the socket.
+    pub fn readable(&self) -> bool {
+        if self.buffered() {
+            return true;
+        }
+        let mut one = [0u8; 1];
+        loop {
+            match recv(self.socket_fd().as_raw_fd(), &mut one, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => return false,
+                // Bytes, the end of the stream, or an error for the read to report.
+                _ => return true,
+            }
+        }
+    }
+
+    /// True if a read would return without waiting for the socket: received bytes not yet
+    /// read, or an end or error to report. The socket's own buffer is not looked at.
+    pub fn buffered(&self) -> bool {
+        match &self.0 {
+            ReadKind::Plain(_) => false,
+            ReadKind::Tls(t) => {
+                t.start < t.end
+                    || t.failed.is_some()
+                    || t.socket_eof
+                    || lock(&t.shared.conn).process_new_packets().map_or(true, |io| io.plaintext_bytes_to_read() > 0 || io.peer_has_closed())
+            }
+        }
     }
 }
 

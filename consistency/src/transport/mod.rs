@@ -15,6 +15,7 @@
 //! serves both without either thread blocking the other).
 
 mod error;
+pub mod elastic;
 pub mod halves;
 pub mod identity;
 pub mod tls;
@@ -25,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::TransportError;
+pub use elastic::ElasticReader;
 pub use halves::{Closer, ReadHalf, WriteHalf};
 pub use identity::{Identity, NameError, PeerIdentity, Role};
 pub use tls::{TlsEndpoint, TlsFiles, TlsSetupError};

@@ -20,6 +20,7 @@ mod counters;
 mod maintenance;
 mod open;
 mod receive;
+pub(crate) use receive::ShipperClaim;
 #[cfg(test)]
 mod testing;
 

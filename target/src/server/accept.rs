@@ -1,5 +1,5 @@
-//! The listener's thread: accepts engine connections and gives each its own thread, until
-//! the daemon stops.
+//! The listener's thread: accepts engine connections and gives each a thread for its
+//! handshake (then the receive pool takes it over), until the daemon stops.
 
 use std::net::{Shutdown, TcpListener};
 use std::sync::atomic::Ordering;
@@ -26,8 +26,9 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
                 }
                 let s = Arc::clone(shared);
                 let spawned = std::thread::Builder::new().name(format!("target-conn-{id}")).spawn(move || {
-                    serve_connection(&s, stream, peer);
-                    lock(&s.conns).remove(&id);
+                    if !serve_connection(&s, stream, peer, id) {
+                        lock(&s.conns).remove(&id);
+                    }
                 });
                 let mut threads = lock(&shared.conn_threads);
                 threads.retain(|t| !t.is_finished());

@@ -1,8 +1,8 @@
-//! An engine connection's handshake, on its own thread: TLS, the engine's certificate checked
-//! against `tls.engines`, its `TargetHello` checked, the group found (or created) and claimed,
-//! the hello accepted and `TargetWelcome` sent; then the records stream ([`super::stream`]).
+//! An engine connection's handshake, on a thread of its own while it lasts: TLS, the engine's
+//! certificate checked against `tls.engines`, its `TargetHello` checked, the group found (or
+//! created) and claimed, the hello accepted and `TargetWelcome` sent; then the records stream
+//! is handed to the receive pool ([`super::stream`]) and the thread ends.
 
-use std::io::BufReader;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,20 +10,21 @@ use std::time::Duration;
 use hindsight_consistency::config::{check_name, EngineTrust, JournalFull};
 use hindsight_consistency::error_chain;
 use hindsight_consistency::sync::lock;
-use hindsight_consistency::transport::{AcceptError, Peer, Role, TransportError};
+use hindsight_consistency::transport::{AcceptError, ElasticReader, Peer, Role, TransportError};
 use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, FrameError, FrameType, TargetHello, TargetWelcome, LZ4, PROTOCOL_VERSION,
 };
 
 use super::shared::{GroupEntry, Shared};
-use super::stream::{receive_loop, send_error};
+use super::stream::{send_error, start_receiving, Receiving};
 use crate::error::{AuthoriseError, CheckHelloError, GroupForHelloError};
 use crate::group::Group;
 use crate::layout::GroupPaths;
 use crate::meta::GroupMeta;
 use crate::model::Volume;
 
-/// Socket read buffer: big enough to see that several small frames are already waiting.
+/// Most of the socket read buffer: big enough to see that several frames are already waiting
+/// (it grows to this only while the engine sends; an idle connection gives it back).
 const READ_BUFFER: usize = 2 << 20;
 /// A peer that takes longer than this to accept our bytes is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -71,20 +72,22 @@ fn authorise_engine(peer: &Peer, trust: &EngineTrust) -> Result<Option<String>, 
     }
 }
 
-pub(super) fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
+/// Runs the handshake of connection `id` (its key in `shared.conns`). Returns true if the
+/// connection was handed to the receive pool, which removes it from `conns` when it ends.
+pub(super) fn serve_connection(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: u64) -> bool {
     // Shuts the reading side to wake the receive loop if the group is poisoned meanwhile.
     let waker = match stream.try_clone() {
         Ok(s) => s,
         Err(e) => {
             log::warn!("engine connection from {peer}: {e}; closing it");
-            return;
+            return false;
         }
     };
     let setup =
         stream.set_nonblocking(false).and_then(|()| stream.set_nodelay(true)).and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)));
     if let Err(e) = setup {
         log::warn!("engine connection from {peer}: socket setup failed: {e}");
-        return;
+        return false;
     }
     let conn = match shared.config.security.accept(stream) {
         Ok(c) => c,
@@ -92,19 +95,19 @@ pub(super) fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketA
             log::warn!("engine connection from {peer} refused: it does not use TLS, and this target requires it; nothing it sent is read");
             send_error(&mut c, "this target requires TLS: give [tls] ca, cert and key in engine.toml (docs/security.md)");
             c.close();
-            return;
+            return false;
         }
-        Err(AcceptError::Failed(TransportError::ClosedEarly)) => return,
+        Err(AcceptError::Failed(TransportError::ClosedEarly)) => return false,
         Err(AcceptError::Failed(e)) => {
             log::warn!("engine connection from {peer} refused: {e}; nothing is accepted from it");
-            return;
+            return false;
         }
     };
     let certified = conn.peer().clone();
     let (read_half, mut writer) = conn.split();
     if let Err(e) = writer.set_write_timeout(Some(WRITE_TIMEOUT)) {
         log::warn!("engine connection from {peer}: socket setup failed: {e}");
-        return;
+        return false;
     }
     let engine_name = match authorise_engine(&certified, &shared.config.engines) {
         Ok(n) => n,
@@ -112,10 +115,10 @@ pub(super) fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketA
             log::warn!("engine connection from {peer} refused: {why}");
             send_error(&mut writer, &why.to_string());
             writer.close();
-            return;
+            return false;
         }
     };
-    let mut reader = BufReader::with_capacity(READ_BUFFER, read_half);
+    let mut reader = ElasticReader::new(read_half, READ_BUFFER);
     let mut payload = Vec::new();
 
     let hello = match read_frame(&mut reader, &mut payload) {
@@ -124,19 +127,19 @@ pub(super) fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketA
             Err(e) => {
                 log::warn!("engine connection from {peer}: {e}");
                 send_error(&mut writer, &e.to_string());
-                return;
+                return false;
             }
         },
         Ok(other) => {
             let e = FrameError::Unexpected { got: other, expected: "TargetHello" };
             log::warn!("engine connection from {peer}: {e}");
             send_error(&mut writer, &e.to_string());
-            return;
+            return false;
         }
-        Err(FrameError::Closed) => return,
+        Err(FrameError::Closed) => return false,
         Err(e) => {
             log::warn!("engine connection from {peer}: {e}");
-            return;
+            return false;
         }
     };
     if let Some(name) = &engine_name {
@@ -144,7 +147,7 @@ pub(super) fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketA
             let why = format!("the hello names engine {:?} but its certificate names engine {name:?}; nothing was written", hello.engine);
             log::warn!("engine connection from {peer} refused: {why}");
             send_error(&mut writer, &why);
-            return;
+            return false;
         }
     }
     let volumes = match check_hello(&hello) {
@@ -152,22 +155,22 @@ pub(super) fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketA
         Err(why) => {
             log::warn!("engine {} at {peer}: hello refused: {why}", hello.engine);
             send_error(&mut writer, &why.to_string());
-            return;
+            return false;
         }
     };
     let group = match shared.group_for_hello(&hello, &volumes) {
         Ok(g) => g,
         Err(why) => {
             send_error(&mut writer, &why.to_string());
-            return;
+            return false;
         }
     };
-    let _claim = match group.claim(&hello.engine) {
+    let claim = match group.claim(&hello.engine) {
         Ok(c) => c,
         Err(why) => {
             log::warn!("engine {} at {peer}: {why}; refused", hello.engine);
             send_error(&mut writer, &why.to_string());
-            return;
+            return false;
         }
     };
     // Cleared when the claim is dropped.
@@ -183,7 +186,7 @@ pub(super) fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketA
             );
             log::warn!("engine {} at {peer}: hello refused: {why}", hello.engine);
             send_error(&mut writer, &why);
-            return;
+            return false;
         }
     };
     let durable = match group.accept_hello(&hello.engine, &volumes, policy, hello.epoch) {
@@ -191,7 +194,7 @@ pub(super) fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketA
         Err(why) => {
             log::warn!("engine {} at {peer}: hello for group {:?} refused: {why}", hello.engine, hello.group);
             send_error(&mut writer, &why.to_string());
-            return;
+            return false;
         }
     };
     let mut scratch = Vec::new();
@@ -200,13 +203,31 @@ pub(super) fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketA
     let welcome = encode_message(&TargetWelcome { protocol: PROTOCOL_VERSION, durable_seq: durable, compression: compression.clone() });
     if let Err(e) = write_frame(&mut writer, FrameType::TargetWelcome, &welcome, &mut scratch) {
         log::warn!("engine {} at {peer}: sending the welcome: {e}", hello.engine);
-        return;
+        return false;
     }
     let how = if compression.is_empty() { String::new() } else { format!(", {compression}") };
     log::info!("engine {} at {peer} ({certified}) ships group {:?}; resuming after seq {durable}{how}", hello.engine, hello.group);
 
     let ctx = format!("engine {} at {peer}, group {:?}", hello.engine, hello.group);
-    receive_loop(shared, &group, &mut reader, &mut writer, &ctx);
+    let conn = Receiving {
+        shared: Arc::clone(shared),
+        group,
+        _claim: claim,
+        reader,
+        writer,
+        ctx: ctx.clone(),
+        id,
+        batch: Vec::new(),
+        scratch,
+        packed: Vec::new(),
+    };
+    match start_receiving(conn) {
+        Ok(()) => true,
+        Err(e) => {
+            log::error!("{ctx}: cannot hand the connection to the receive threads ({e}); it is closed");
+            false
+        }
+    }
 }
 
 /// Checks what a hello says before anything is created from it.

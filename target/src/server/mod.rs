@@ -59,6 +59,9 @@ impl std::fmt::Debug for TargetHandle {
     }
 }
 
+/// How long a stop waits for the engine connections to end once their sockets are shut.
+const CONNECTIONS_END: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl TargetHandle {
     /// The address engines connect to (useful when the configured port was 0).
     pub fn local_addr(&self) -> SocketAddr {
@@ -95,6 +98,15 @@ impl TargetHandle {
         let threads = std::mem::take(&mut *lock(&shared.conn_threads));
         for t in threads {
             let _ = t.join();
+        }
+        // The receive pool ends each connection once it sees its socket shut.
+        let deadline = std::time::Instant::now() + CONNECTIONS_END;
+        while !lock(&shared.conns).is_empty() {
+            if std::time::Instant::now() > deadline {
+                log::warn!("{} engine connection(s) did not end within {CONNECTIONS_END:?} of the stop", lock(&shared.conns).len());
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
         drop(self.stop_maintenance.take());
         if let Some(t) = self.maintenance.take() {

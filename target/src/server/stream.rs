@@ -2,10 +2,13 @@
 //! batches, journaled with one commit each and confirmed at once, hash requests answered
 //! between two batches, and the `Error` frame that tells the engine why a connection ends.
 
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
 
-use hindsight_consistency::transport::{ReadHalf, WriteHalf};
+use hindsight_consistency::sync::lock;
+use hindsight_consistency::tasks::{self, Next, Pool, Readiness, Task, Watch};
+use hindsight_consistency::transport::{ElasticReader, ReadHalf, WriteHalf};
 use hindsight_consistency::wire::frame::whole_frame_buffered;
 use hindsight_consistency::wire::{
     decode_message, decompress_records, encode_confirm, encode_message, read_frame, write_frame, ErrorMessage, FrameError, FrameType,
@@ -13,7 +16,7 @@ use hindsight_consistency::wire::{
 };
 
 use super::shared::Shared;
-use crate::group::Group;
+use crate::group::{Group, ShipperClaim};
 
 /// Most frames and bytes journaled with one commit.
 const MAX_BATCH_FRAMES: usize = 64;
@@ -27,32 +30,131 @@ pub(super) fn send_error(stream: &mut impl Write, message: &str) {
     let _ = stream.flush();
 }
 
-/// Reads `Records` frames, journals them in batches (one commit for the frames that have
-/// already arrived together) and confirms each batch as soon as it is committed; the group's
-/// applier applies it to the replicas meanwhile. A `TargetHashRequest` ends a batch and is
-/// answered once every record before it is applied.
-pub(super) fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReader<ReadHalf>, writer: &mut WriteHalf, ctx: &str) {
-    let mut batch: Vec<Vec<u8>> = Vec::new();
-    let mut scratch = Vec::new();
-    let mut packed = Vec::new();
-    loop {
+/// An engine connection once its group is taken and welcomed: a task of the process's receive
+/// pool, woken when bytes arrive (`tasks::Readiness`); with nothing to read it parks and holds
+/// no thread and almost no memory.
+pub(super) struct Receiving {
+    pub shared: Arc<Shared>,
+    pub group: Arc<Group>,
+    /// The group is this connection's until dropped (held, never read).
+    pub _claim: ShipperClaim,
+    pub reader: ElasticReader<ReadHalf>,
+    pub writer: WriteHalf,
+    /// For the log: which engine, where, which group.
+    pub ctx: String,
+    /// Its key in `Shared::conns`, removed when it ends.
+    pub id: u64,
+    pub batch: Vec<Vec<u8>>,
+    pub scratch: Vec<u8>,
+    pub packed: Vec<u8>,
+}
+
+/// What a step of the connection leads to.
+enum Step {
+    Continue,
+    Close,
+}
+
+/// A connection being received, and the watch on its socket once it is set.
+struct ReceiveTask(Mutex<Option<(Receiving, Option<Watch>)>>);
+
+/// The connection's task, shared by the pool and whoever sets its watch.
+#[derive(Clone)]
+struct ReceiveRef(Arc<ReceiveTask>);
+
+impl Task for ReceiveRef {
+    fn run(&self) -> Next {
+        let mut state = lock(&self.0 .0);
+        let Some((conn, watch)) = state.as_mut() else { return Next::Done };
+        if !conn.shared.stop.load(Ordering::SeqCst) && conn.reader.buffer().is_empty() && !conn.reader.get_ref().readable() {
+            // Nothing here: park until the socket has bytes (the watch, armed, wakes it).
+            conn.reader.release();
+            return match watch.as_ref().map(Watch::arm) {
+                None | Some(Ok(())) => Next::Idle,
+                Some(Err(e)) => {
+                    log::warn!("{}: cannot watch the socket ({e}); closing the connection", conn.ctx);
+                    end(&mut state);
+                    Next::Done
+                }
+            };
+        }
+        match conn.step() {
+            Step::Continue => Next::Again,
+            Step::Close => {
+                end(&mut state);
+                Next::Done
+            }
+        }
+    }
+}
+
+/// Ends a connection: its watch, claim and socket go, and shutdown no longer waits for it.
+fn end(state: &mut Option<(Receiving, Option<Watch>)>) {
+    if let Some((conn, watch)) = state.take() {
+        drop(watch);
+        let (shared, id) = (Arc::clone(&conn.shared), conn.id);
+        drop(conn);
+        lock(&shared.conns).remove(&id);
+    }
+}
+
+/// The threads that run every engine connection's task in this process.
+fn pool() -> std::io::Result<&'static Pool> {
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    if let Some(p) = POOL.get() {
+        return Ok(p);
+    }
+    let p = Pool::new("target-recv", tasks::io_threads())?;
+    Ok(POOL.get_or_init(|| p))
+}
+
+/// Hands a welcomed connection to the receive pool. Fails (and the connection is closed) if
+/// the pool or the watch cannot be set up.
+pub(super) fn start_receiving(conn: Receiving) -> std::io::Result<()> {
+    let pool = pool()?;
+    let readiness = Readiness::global()?;
+    let ctx = conn.ctx.clone();
+    let task = ReceiveRef(Arc::new(ReceiveTask(Mutex::new(Some((conn, None))))));
+    let waker = pool.add(&ctx, task.clone());
+    let mut state = lock(&task.0 .0);
+    if let Some((conn, watch)) = state.as_mut() {
+        match readiness.watch(conn.reader.get_ref().socket_fd(), waker.clone()) {
+            Ok(w) => *watch = Some(w),
+            Err(e) => {
+                end(&mut state);
+                return Err(e);
+            }
+        }
+    }
+    drop(state);
+    waker.wake();
+    Ok(())
+}
+
+impl Receiving {
+    /// Reads `Records` frames, journals them in a batch (one commit for the frames that have
+    /// already arrived together) and confirms the batch as soon as it is committed; the
+    /// group's applier applies it to the replicas meanwhile. A `TargetHashRequest` ends a
+    /// batch and is answered once every record before it is applied.
+    fn step(&mut self) -> Step {
+        let ctx = &self.ctx;
         // One frame, waiting for it; then any that are already here.
         let mut pending_error: Option<(FrameError, bool)> = None;
         let mut hash_request: Option<Vec<u8>> = None;
         let mut bytes = 0;
         loop {
-            let mut payload = group.buffer();
-            match read_frame(reader, &mut payload) {
+            let mut payload = self.group.buffer();
+            match read_frame(&mut self.reader, &mut payload) {
                 Ok(FrameType::Records) => {
                     bytes += payload.len();
-                    batch.push(payload);
+                    self.batch.push(payload);
                 }
                 Ok(FrameType::RecordsLz4) => {
-                    std::mem::swap(&mut packed, &mut payload);
-                    match decompress_records(&packed, &mut payload) {
+                    std::mem::swap(&mut self.packed, &mut payload);
+                    match decompress_records(&self.packed, &mut payload) {
                         Ok(()) => {
                             bytes += payload.len();
-                            batch.push(payload);
+                            self.batch.push(payload);
                         }
                         Err(e) => pending_error = Some((e, true)),
                     }
@@ -67,35 +169,35 @@ pub(super) fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReade
             }
             if pending_error.is_some()
                 || hash_request.is_some()
-                || batch.len() >= MAX_BATCH_FRAMES
+                || self.batch.len() >= MAX_BATCH_FRAMES
                 || bytes >= MAX_BATCH_BYTES
-                || !whole_frame_buffered(reader.buffer())
+                || !whole_frame_buffered(self.reader.buffer())
             {
                 break;
             }
         }
-        if !batch.is_empty() {
-            let receipt = group.receive(&mut batch);
-            if let Err(e) = write_frame(writer, FrameType::Confirm, &encode_confirm(receipt.durable_seq), &mut scratch) {
+        if !self.batch.is_empty() {
+            let receipt = self.group.receive(&mut self.batch);
+            if let Err(e) = write_frame(&mut self.writer, FrameType::Confirm, &encode_confirm(receipt.durable_seq), &mut self.scratch) {
                 log::warn!("{ctx}: sending Confirm({}): {e}; closing", receipt.durable_seq);
-                return;
+                return Step::Close;
             }
             if let Some(why) = receipt.error {
                 log::error!("{ctx}: {why}; closing the connection");
-                send_error(writer, &why);
-                return;
+                send_error(&mut self.writer, &why);
+                return Step::Close;
             }
             if let Some(full) = receipt.full {
                 // The engine keeps the records and tries again later.
-                let _ = write_frame(writer, FrameType::JournalState, &encode_message(&full), &mut scratch);
-                let _ = writer.flush();
+                let _ = write_frame(&mut self.writer, FrameType::JournalState, &encode_message(&full), &mut self.scratch);
+                let _ = self.writer.flush();
                 log::debug!("{ctx}: journal full; told the engine and closed the connection");
-                return;
+                return Step::Close;
             }
-            if let Some(notice) = group.take_notice() {
-                if let Err(e) = write_frame(writer, FrameType::JournalState, &encode_message(&notice), &mut scratch) {
+            if let Some(notice) = self.group.take_notice() {
+                if let Err(e) = write_frame(&mut self.writer, FrameType::JournalState, &encode_message(&notice), &mut self.scratch) {
                     log::warn!("{ctx}: sending JournalState: {e}; closing");
-                    return;
+                    return Step::Close;
                 }
             }
         }
@@ -103,46 +205,48 @@ pub(super) fn receive_loop(shared: &Shared, group: &Group, reader: &mut BufReade
             // Answered once every record sent before the request is applied (`with_replicas`
             // waits for the applier): the hashes are of that prefix.
             let reply = match decode_message::<TargetHashRequest>("TargetHashRequest", &payload) {
-                Ok(req) => crate::hashes::answer(group, &req),
+                Ok(req) => crate::hashes::answer(&self.group, &req),
                 Err(e) => {
                     log::warn!("{ctx}: {e}; closing the connection");
-                    send_error(writer, &e.to_string());
-                    return;
+                    send_error(&mut self.writer, &e.to_string());
+                    return Step::Close;
                 }
             };
-            if let Err(e) = write_frame(writer, FrameType::TargetHashReply, &encode_message(&reply), &mut scratch) {
+            if let Err(e) = write_frame(&mut self.writer, FrameType::TargetHashReply, &encode_message(&reply), &mut self.scratch) {
                 log::warn!("{ctx}: sending TargetHashReply: {e}; closing");
-                return;
+                return Step::Close;
             }
         }
-        if let (Some(_), Some(why)) = (&pending_error, group.refusal()) {
+        if let (Some(_), Some(why)) = (&pending_error, self.group.refusal()) {
             // The applier failed, or a failover fenced the group, while the loop waited for
             // frames (and woke it).
             log::error!("{ctx}: {why}; closing the connection");
-            send_error(writer, &why);
-            return;
+            send_error(&mut self.writer, &why);
+            return Step::Close;
         }
         match pending_error {
             None => {}
             Some((FrameError::Closed, _)) => {
                 log::info!("{ctx}: the engine closed the connection");
-                return;
+                return Step::Close;
             }
             Some((FrameError::Peer(msg), _)) => {
                 log::warn!("{ctx}: the engine reported: {msg}; closing");
-                return;
+                return Step::Close;
             }
             Some((e, tell)) => {
-                if shared.stop.load(Ordering::SeqCst) {
+                if self.shared.stop.load(Ordering::SeqCst) {
                     log::info!("{ctx}: closed for shutdown");
                 } else {
                     log::warn!("{ctx}: {e}; closing the connection, nothing of the bad frame is kept");
                     if tell || matches!(e, FrameError::Malformed(_)) {
-                        send_error(writer, &format!("{e}"));
+                        send_error(&mut self.writer, &format!("{e}"));
                     }
                 }
-                return;
+                return Step::Close;
             }
         }
+        Step::Continue
     }
 }
+

@@ -36,6 +36,9 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::sync::lock;
 
+mod readiness;
+pub use readiness::{Readiness, Watch};
+
 /// One group's (or one connection's) work, run a round at a time by the pool.
 pub trait Task: Send + Sync + 'static {
     /// Does what there is to do now, without waiting for anything that another task must

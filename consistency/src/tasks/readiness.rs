@@ -1,0 +1,161 @@
+//! Wakes a task when a socket has something to read, so that an idle connection holds no
+//! thread: its task parks ([`Watch::arm`], then returns `Next::Idle`) and one thread waiting in
+//! `epoll_wait` for every parked socket of the process wakes it when bytes (or the end of the
+//! stream) arrive.
+//!
+//! Each watch is one-shot (`EPOLLONESHOT`): it fires once per arming, and the task arms it
+//! again each time it parks. Readiness is level-triggered, so bytes that arrived between the
+//! task's last read and its arming still wake it. The watch keeps its own duplicate of the
+//! socket's file descriptor, so the registration ends exactly when the watch is dropped, never
+//! on a reused descriptor number.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+
+use super::Waker;
+use crate::sync::lock;
+
+/// The process's watcher: one epoll instance and the thread that waits on it.
+pub struct Readiness {
+    epoll: Epoll,
+    wakers: Mutex<HashMap<u64, Waker>>,
+    next: AtomicU64,
+}
+
+/// One socket watched for one task. Dropping it ends the watch.
+pub struct Watch {
+    readiness: &'static Readiness,
+    fd: OwnedFd,
+    token: u64,
+}
+
+fn interest() -> EpollFlags {
+    EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT
+}
+
+impl Readiness {
+    /// The process's watcher, started on first use.
+    pub fn global() -> io::Result<&'static Readiness> {
+        static GLOBAL: OnceLock<&'static Readiness> = OnceLock::new();
+        if let Some(r) = GLOBAL.get() {
+            return Ok(r);
+        }
+        static START: Mutex<()> = Mutex::new(());
+        let _one = lock(&START);
+        if let Some(r) = GLOBAL.get() {
+            return Ok(r);
+        }
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        // Lives as long as the process: connections in any daemon of it may be watched.
+        let r: &'static Readiness = Box::leak(Box::new(Readiness { epoll, wakers: Mutex::new(HashMap::new()), next: AtomicU64::new(1) }));
+        std::thread::Builder::new().name("readiness".into()).spawn(move || r.wait_loop())?;
+        Ok(*GLOBAL.get_or_init(|| r))
+    }
+
+    /// Watches `fd` for `waker`'s task. The watch is armed at once (a task woken for nothing
+    /// looks and parks again).
+    pub fn watch(&'static self, fd: BorrowedFd<'_>, waker: Waker) -> io::Result<Watch> {
+        let fd = fd.try_clone_to_owned()?;
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        lock(&self.wakers).insert(token, waker);
+        if let Err(e) = self.epoll.add(&fd, EpollEvent::new(interest(), token)) {
+            lock(&self.wakers).remove(&token);
+            return Err(e.into());
+        }
+        Ok(Watch { readiness: self, fd, token })
+    }
+
+    fn wait_loop(&self) {
+        let mut events = vec![EpollEvent::empty(); 256];
+        loop {
+            match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+                Ok(n) => {
+                    let wakers = lock(&self.wakers);
+                    for e in &events[..n] {
+                        if let Some(w) = wakers.get(&e.data()) {
+                            w.wake();
+                        }
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    log::error!("waiting for sockets to read: {e}; retrying");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
+        }
+    }
+}
+
+impl Watch {
+    /// Arms the watch again: the task is woken once when the socket is readable (or closed),
+    /// at once if it already is.
+    pub fn arm(&self) -> io::Result<()> {
+        let mut event = EpollEvent::new(interest(), self.token);
+        self.readiness.epoll.modify(&self.fd, &mut event)?;
+        Ok(())
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.readiness.epoll.delete(self.fd.as_fd());
+        lock(&self.readiness.wakers).remove(&self.token);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::super::{Next, Pool, Task};
+    use super::*;
+
+    struct Count(Arc<AtomicUsize>);
+    impl Task for Count {
+        fn run(&self) -> Next {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Next::Idle
+        }
+    }
+
+    fn wait_for(what: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !what() {
+            assert!(Instant::now() < deadline, "timed out");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn an_armed_watch_wakes_its_task_once_bytes_arrive_and_only_once_per_arming() {
+        let pool = Pool::new("t", 1).unwrap();
+        let rounds = Arc::new(AtomicUsize::new(0));
+        let waker = pool.add("c", Count(Arc::clone(&rounds)));
+        wait_for(|| rounds.load(Ordering::SeqCst) == 1);
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let watch = Readiness::global().unwrap().watch(b.as_fd(), waker).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(rounds.load(Ordering::SeqCst), 1, "woken with nothing to read");
+        a.write_all(b"x").unwrap();
+        wait_for(|| rounds.load(Ordering::SeqCst) == 2);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(rounds.load(Ordering::SeqCst), 2, "one-shot: not woken again before it is armed");
+        // Still unread: arming wakes it at once.
+        watch.arm().unwrap();
+        wait_for(|| rounds.load(Ordering::SeqCst) == 3);
+        drop(watch);
+        drop(a);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(rounds.load(Ordering::SeqCst), 3, "a dropped watch wakes nothing");
+    }
+}

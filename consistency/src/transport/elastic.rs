@@ -1,0 +1,139 @@
+//! A buffered reader whose buffer grows while the stream is busy and is given back while it is
+//! idle, so that thousands of idle connections hold almost no memory, and a busy one still sees
+//! several frames in one buffer (one commit for all of them).
+//!
+//! The buffer starts at [`ElasticReader::MIN`] bytes. A read that fills it doubles it, up to
+//! the maximum given; [`ElasticReader::release`] frees it when nothing is buffered (a
+//! connection's task calls it before it parks). Only the bytes of the buffer are ever touched:
+//! `std::io::BufReader` of a reader without `read_buf` zeroes its whole buffer on first use.
+
+use std::io::{self, BufRead, Read};
+
+/// See the module documentation.
+pub struct ElasticReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    pos: usize,
+    filled: usize,
+    max: usize,
+}
+
+impl<R: Read> ElasticReader<R> {
+    /// The size of the buffer after it was released or when it starts.
+    pub const MIN: usize = 64 << 10;
+
+    /// A reader over `inner` whose buffer grows up to `max` bytes.
+    pub fn new(inner: R, max: usize) -> ElasticReader<R> {
+        ElasticReader { inner, buf: Vec::new(), pos: 0, filled: 0, max: max.max(Self::MIN) }
+    }
+
+    /// The bytes read from `inner` and not yet consumed.
+    pub fn buffer(&self) -> &[u8] {
+        &self.buf[self.pos..self.filled]
+    }
+
+    /// The reader underneath.
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
+    /// Frees the buffer if nothing is in it.
+    pub fn release(&mut self) {
+        if self.pos == self.filled {
+            self.buf = Vec::new();
+            self.pos = 0;
+            self.filled = 0;
+        }
+    }
+}
+
+impl<R: Read> BufRead for ElasticReader<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.pos == self.filled {
+            self.pos = 0;
+            self.filled = 0;
+            if self.buf.len() < Self::MIN {
+                self.buf.resize(Self::MIN, 0);
+            }
+            let n = self.inner.read(&mut self.buf)?;
+            self.filled = n;
+            if n == self.buf.len() && self.buf.len() < self.max {
+                // Busy: the next read may bring several frames at once.
+                let grown = (self.buf.len() * 2).min(self.max);
+                self.buf.resize(grown, 0);
+            }
+        }
+        Ok(&self.buf[self.pos..self.filled])
+    }
+
+    fn consume(&mut self, amt: usize) {
+        self.pos = (self.pos + amt).min(self.filled);
+    }
+}
+
+impl<R: Read> Read for ElasticReader<R> {
+    fn read(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        // A large read with nothing buffered goes straight to `inner`.
+        if self.pos == self.filled && dst.len() >= self.buf.len().max(Self::MIN) {
+            return self.inner.read(dst);
+        }
+        let n = {
+            let have = self.fill_buf()?;
+            let n = have.len().min(dst.len());
+            dst[..n].copy_from_slice(&have[..n]);
+            n
+        };
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Gives at most `chunk` bytes per read.
+    struct Chunks<'a> {
+        data: &'a [u8],
+        chunk: usize,
+    }
+    impl Read for Chunks<'_> {
+        fn read(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+            let n = self.data.len().min(self.chunk).min(dst.len());
+            dst[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn reads_every_byte_in_order_and_grows_only_when_full() {
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut r = ElasticReader::new(Chunks { data: &data, chunk: 1 << 20 }, 1 << 20);
+        let mut out = Vec::new();
+        let mut small = [0u8; 1000];
+        loop {
+            let n = r.read(&mut small).unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&small[..n]);
+        }
+        assert_eq!(out, data);
+        assert!(r.buf.len() > ElasticReader::<Chunks>::MIN, "a busy stream grows the buffer");
+        assert!(r.buf.len() <= 1 << 20);
+        r.release();
+        assert_eq!(r.buf.capacity(), 0, "released when empty");
+    }
+
+    #[test]
+    fn a_trickling_stream_keeps_the_small_buffer_and_release_keeps_unread_bytes() {
+        let data = vec![7u8; 10_000];
+        let mut r = ElasticReader::new(Chunks { data: &data, chunk: 100 }, 1 << 20);
+        assert_eq!(r.fill_buf().unwrap().len(), 100);
+        assert_eq!(r.buf.len(), ElasticReader::<Chunks>::MIN);
+        r.consume(40);
+        r.release();
+        assert_eq!(r.buffer().len(), 60, "nothing buffered is dropped");
+    }
+}
