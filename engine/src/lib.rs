@@ -26,6 +26,7 @@
 
 pub mod acks;
 pub mod agents;
+pub mod confirms;
 pub mod connection;
 mod dashboard;
 pub mod delta;

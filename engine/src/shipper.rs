@@ -2,9 +2,9 @@
 //!
 //! One thread per group. It connects, says hello, learns the target's durable sequence number
 //! and resumes right after it, reading the engine's own journal (never past what is durable
-//! here: the target must never hold a write the engine could lose). A second thread per
-//! connection reads the target's confirmations; the journal task deletes segments once
-//! they are confirmed. Between frames it also sends the group's hash requests
+//! here: the target must never hold a write the engine could lose). The target's
+//! confirmations are read by a task of the confirm pool ([`crate::confirms`]), woken when they
+//! arrive; the journal task deletes segments once they are confirmed. Between frames it also sends the group's hash requests
 //! ([`crate::hashes`]) once it has shipped their prefix; the confirmation reader passes the
 //! answers back.
 
@@ -23,8 +23,7 @@ use hindsight_consistency::sync::lock;
 use hindsight_consistency::transport::{Connection, Role, Security, WriteHalf};
 use hindsight_consistency::wire::frame::FRAME_HEADER_LEN;
 use hindsight_consistency::wire::{
-    compress_records, decode_confirm, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, HashReply,
-    JournalStateMsg, TargetHello, TargetWelcome, VolumeInfo, LZ4, PROTOCOL_VERSION,
+    compress_records, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, TargetHello, TargetWelcome, VolumeInfo, LZ4, PROTOCOL_VERSION,
 };
 use hindsight_consistency::{Seq, WriteKind};
 
@@ -174,82 +173,27 @@ impl Shipper {
             if compress { ", lz4" } else { "" }
         );
 
-        let broken = Arc::new(AtomicBool::new(false));
-        let target_full = Arc::new(AtomicBool::new(false));
         self.hashes.connected();
-        let confirm_thread = {
-            let hashes = Arc::clone(&self.hashes);
-            let shared = shared.clone();
-            let broken = broken.clone();
-            let target_full = target_full.clone();
-            let group = cfg.name.clone();
-            std::thread::Builder::new()
-                .name(format!("confirm-{group}"))
-                .spawn(move || {
-                    let mut payload = Vec::new();
-                    loop {
-                        match read_frame(&mut r, &mut payload) {
-                            Ok(FrameType::Confirm) => match decode_confirm(&payload) {
-                                Ok(seq) => shared.confirm(seq),
-                                Err(e) => {
-                                    log::warn!("group {group}: bad confirmation: {e}");
-                                    break;
-                                }
-                            },
-                            Ok(FrameType::JournalState) => match decode_message::<JournalStateMsg>("JournalState", &payload) {
-                                Ok(m) => {
-                                    let full = m.full;
-                                    shared.journal.target_state(m, shared.confirmed.load(Ordering::Acquire));
-                                    if full {
-                                        // The target closes; the records are shipped again later.
-                                        target_full.store(true, Ordering::Release);
-                                        break;
-                                    }
-                                }
-                                Err(e) => {
-                                    log::warn!("group {group}: bad JournalState: {e}");
-                                    break;
-                                }
-                            },
-                            Ok(FrameType::TargetHashReply) => match decode_message::<HashReply>("TargetHashReply", &payload) {
-                                Ok(reply) => hashes.answer(reply),
-                                Err(e) => {
-                                    log::warn!("group {group}: bad hash reply: {e}");
-                                    break;
-                                }
-                            },
-                            Ok(FrameType::Error) => {
-                                let m = decode_message::<ErrorMessage>("Error", &payload).map(|m| m.message).unwrap_or_default();
-                                log::error!("group {group}: the target reported: {m}");
-                                *lock(&shared.target_refused) = m;
-                                break;
-                            }
-                            Ok(other) => {
-                                log::warn!("group {group}: unexpected {other:?} frame from the target");
-                                break;
-                            }
-                            Err(e) => {
-                                log::debug!("group {group}: target connection: {e}");
-                                break;
-                            }
-                        }
-                    }
-                    broken.store(true, Ordering::Release);
-                    r.shutdown();
-                })
-                .map_err(|source| ShipError::SpawnReader { source })?
+        let end = match crate::confirms::start(r, Arc::clone(shared), Arc::clone(&self.hashes), &cfg.name) {
+            Ok(end) => end,
+            Err(source) => {
+                w.shutdown();
+                self.hashes.disconnected();
+                shared.policy.target_connected(false);
+                return Err(ShipError::SpawnReader { source });
+            }
         };
 
         if let Err(e) = w.set_write_timeout(Some(CONFIRM_SILENCE)) {
             log::warn!("group {}: cannot bound the socket's writes: {e}", cfg.name);
         }
-        let result = self.ship(&mut reader, &mut w, &broken, compress);
+        let result = self.ship(&mut reader, &mut w, &end.broken, compress);
         log::debug!("group {}: shipping ended; {} bytes of records were read from memory", cfg.name, reader.bytes_from_memory());
         w.shutdown();
-        let _ = confirm_thread.join();
+        end.wait();
         self.hashes.disconnected();
         shared.policy.target_connected(false);
-        if target_full.load(Ordering::Acquire) {
+        if end.target_full.load(Ordering::Acquire) {
             // Said once by the journal watch; the same words each retry keep the log quiet.
             return Err(ShipError::TargetFull);
         }
