@@ -39,6 +39,8 @@ pub struct Registry {
     pub security: Security,
     /// The threads that run every group's journal task; they stop when the engine is dropped.
     pub journal_pool: hindsight_consistency::tasks::Pool,
+    /// The threads that run every group's shipper task.
+    pub ship_pool: hindsight_consistency::tasks::Pool,
 }
 
 /// A connected agent, as quiesce requests see it.

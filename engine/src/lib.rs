@@ -72,6 +72,7 @@ impl EngineHandle {
         for g in self.registry.groups.values() {
             g.shared.stopping.store(true, Ordering::Relaxed);
             g.wake();
+            g.shared.wake_shipper();
         }
     }
 }
@@ -92,7 +93,12 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
     let mut hash_brokers = HashMap::new();
     // Every group's journal task runs on these threads, however many groups there are.
     let journal_pool = tasks::Pool::new("journal", tasks::io_threads())
-        .map_err(|source| EngineError::Spawn { what: "the journal tasks".into(), source })?;
+        .map_err(|source| EngineError::Spawn { what: "the journal threads".into(), source })?;
+    // And every group's shipper on these.
+    let ship_pool =
+        tasks::Pool::new("ship", tasks::io_threads()).map_err(|source| EngineError::Spawn { what: "the shipping threads".into(), source })?;
+    // One connection gate per target address, shared by the groups shipping there.
+    let mut gates: HashMap<String, Arc<shipper::ConnectGate>> = HashMap::new();
     // One limiter per target address, shared by the groups shipping there.
     let mut limiters: HashMap<String, Arc<limiter::Limiter>> = HashMap::new();
     for g in &config.groups {
@@ -115,6 +121,7 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
         let limiter = config
             .max_bandwidth
             .map(|rate| Arc::clone(limiters.entry(g.target.clone()).or_insert_with(|| Arc::new(limiter::Limiter::new(rate)))));
+        let gate = Arc::clone(gates.entry(g.target.clone()).or_default());
         let broker = Arc::new(hashes::HashBroker::default());
         hash_brokers.insert(g.name.clone(), Arc::clone(&broker));
         let shipper = shipper::Shipper {
@@ -126,11 +133,10 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
             security: config.security.clone(),
             limiter,
             hashes: broker,
+            gate,
         };
-        std::thread::Builder::new()
-            .name(format!("ship-{}", g.name))
-            .spawn(move || shipper.run())
-            .map_err(|source| EngineError::Spawn { what: format!("ship-{}", g.name), source })?;
+        let waker = ship_pool.add(&format!("ship-{}", g.name), shipper::ShipTask::new(shipper));
+        let _ = handle.shared.shipper.set(waker);
         groups.insert(g.name.clone(), handle);
     }
     let listener = TcpListener::bind(config.listen).map_err(|source| EngineError::Bind { addr: config.listen, source })?;
@@ -148,6 +154,7 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
         own_name,
         security: config.security.clone(),
         journal_pool,
+        ship_pool,
     });
     let reg = registry.clone();
     std::thread::Builder::new()

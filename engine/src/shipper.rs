@@ -1,25 +1,32 @@
 //! Shipping a group's journal to its target, in order, and learning what the target holds.
 //!
-//! One thread per group. It connects, says hello, learns the target's durable sequence number
-//! and resumes right after it, reading the engine's own journal (never past what is durable
-//! here: the target must never hold a write the engine could lose). The target's
-//! confirmations are read by a task of the confirm pool ([`crate::confirms`]), woken when they
-//! arrive; the journal task deletes segments once they are confirmed. Between frames it also sends the group's hash requests
+//! Each group's shipper is a task of the engine's ship pool, woken when the group's journal
+//! commits (and every [`IDLE_WAIT`] for its checks). It connects, says hello, learns the
+//! target's durable sequence number and resumes right after it, reading the engine's own
+//! journal (never past what is durable here: the target must never hold a write the engine
+//! could lose). Each round sends at most one frame (or one async delta), so a busy group
+//! delays another by one frame at most. The target's confirmations are read by a task of the
+//! confirm pool ([`crate::confirms`]), woken when they arrive; the journal task deletes
+//! segments once they are confirmed. Connecting blocks a pool thread for at most
+//! `CONNECT_TIMEOUT` plus the handshake, and only one group at a time connects to a target
+//! that has just failed to answer ([`ConnectGate`]): an unreachable target never ties up
+//! the threads that ship to the others. Between frames it also sends the group's hash requests
 //! ([`crate::hashes`]) once it has shipped their prefix; the confirmation reader passes the
 //! answers back.
 
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hindsight_consistency::config::ReplicationMode;
 use hindsight_consistency::journal::{JournalReader, Tail};
 use hindsight_consistency::record::{encode_record, RecordHeader};
 use hindsight_consistency::storage::Storage;
 use hindsight_consistency::sync::lock;
+use hindsight_consistency::tasks::{Next, Task};
 use hindsight_consistency::transport::{Connection, Role, Security, WriteHalf};
 use hindsight_consistency::wire::frame::FRAME_HEADER_LEN;
 use hindsight_consistency::wire::{
@@ -31,6 +38,7 @@ use crate::delta::{Delta, DeltaScan};
 use crate::error::ShipError;
 use crate::group::{GroupHandle, LinkStats};
 use crate::hashes::HashBroker;
+use crate::confirms::ReaderEnd;
 use crate::limiter::{Limiter, Paced};
 
 /// The newest commits of a group's journal kept in memory for its shipper, which then never
@@ -65,7 +73,181 @@ pub struct Shipper {
     pub limiter: Option<Arc<Limiter>>,
     /// The group's hash requests, sent on this shipper's connection.
     pub hashes: Arc<HashBroker>,
+    /// Connection attempts to this group's target, shared with the other groups shipping there.
+    pub gate: Arc<ConnectGate>,
 }
+
+/// Connection attempts to one target, shared by the groups shipping there: while one group
+/// connects, or for a while after an attempt failed, the others wait instead of trying too.
+#[derive(Default)]
+pub struct ConnectGate(Mutex<GateState>);
+
+#[derive(Default)]
+struct GateState {
+    connecting: bool,
+    /// After a failed attempt, the others wait until then.
+    failed_until: Option<Instant>,
+}
+
+impl ConnectGate {
+    /// May this group try now? If not, when to look again.
+    fn enter(&self) -> Result<(), Instant> {
+        let mut g = lock(&self.0);
+        let now = Instant::now();
+        if g.connecting {
+            return Err(now + BACKOFF_MIN);
+        }
+        if let Some(until) = g.failed_until.filter(|&u| u > now) {
+            return Err(until);
+        }
+        g.connecting = true;
+        Ok(())
+    }
+
+    /// The attempt is over: on failure, the other groups wait `backoff` before they try.
+    fn leave(&self, ok: bool, backoff: Duration) {
+        let mut g = lock(&self.0);
+        g.connecting = false;
+        g.failed_until = if ok { None } else { Some(Instant::now() + backoff) };
+    }
+}
+
+/// A group's shipper as a task: between connections it waits out its backoff; connected, each
+/// round ships what the journal holds.
+pub struct ShipTask(Mutex<Shipping>);
+
+struct Shipping {
+    s: Shipper,
+    link: Option<Box<Link>>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// The last problem logged, said once and not every retry.
+    last_problem: String,
+}
+
+/// One connection to the target and what is being shipped on it.
+struct Link {
+    w: WriteHalf,
+    reader: JournalReader,
+    end: Arc<ReaderEnd>,
+    out: Out,
+    /// The frame being filled (kept across rounds while a small batch gathers).
+    frame: Vec<u8>,
+    /// Until when a small frame waits for more commits.
+    gather_until: Option<Instant>,
+    /// Async: the journal scanned ahead to the next interval point.
+    scan: Option<DeltaScan>,
+    /// The last confirmation seen, and since when.
+    confirmed: (Seq, Instant),
+}
+
+/// What a connected round leads to.
+enum Step {
+    /// More to ship now.
+    Again,
+    /// Nothing now: look again then (or when the journal commits).
+    Wait(Instant),
+    /// The group stops.
+    Stopped,
+}
+
+impl ShipTask {
+    pub fn new(s: Shipper) -> ShipTask {
+        ShipTask(Mutex::new(Shipping { s, link: None, retry_at: None, backoff: BACKOFF_MIN, last_problem: String::new() }))
+    }
+}
+
+impl Task for ShipTask {
+    fn run(&self) -> Next {
+        lock(&self.0).round()
+    }
+}
+
+impl Shipping {
+    fn round(&mut self) -> Next {
+        let stopping = self.s.group.shared.stopping.load(Ordering::Relaxed);
+        let Some(link) = self.link.as_mut() else {
+            if stopping {
+                return Next::Done;
+            }
+            return self.connect();
+        };
+        let step = self.s.step(link);
+        match step {
+            Ok(Step::Again) => Next::Again,
+            Ok(Step::Wait(at)) => Next::At(at),
+            Ok(Step::Stopped) => {
+                self.close(None);
+                Next::Done
+            }
+            Err(problem) => {
+                self.close(Some(problem));
+                self.retry()
+            }
+        }
+    }
+
+    /// Connects, unless the backoff or the target's gate says to wait.
+    fn connect(&mut self) -> Next {
+        let now = Instant::now();
+        if let Some(at) = self.retry_at.filter(|&at| at > now) {
+            return Next::At(at);
+        }
+        if let Err(at) = self.s.gate.enter() {
+            return Next::At(at);
+        }
+        let opened = self.s.open();
+        self.s.gate.leave(opened.is_ok(), self.backoff);
+        match opened {
+            Ok(link) => {
+                self.link = Some(Box::new(link));
+                self.retry_at = None;
+                self.backoff = BACKOFF_MIN;
+                Next::Again
+            }
+            Err(problem) => {
+                self.note(&problem);
+                self.retry()
+            }
+        }
+    }
+
+    /// Waits the backoff before the next attempt, and doubles it.
+    fn retry(&mut self) -> Next {
+        let at = Instant::now() + self.backoff;
+        self.retry_at = Some(at);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        Next::At(at)
+    }
+
+    fn note(&mut self, problem: &ShipError) {
+        let problem = problem.to_string();
+        if problem != self.last_problem {
+            let g = &self.s.group.config;
+            log::warn!("group {}: shipping to {}: {problem}; retrying", g.name, g.target);
+            self.last_problem = problem;
+        }
+    }
+
+    /// Ends the connection: the reader is waited for, the group shows the target gone.
+    fn close(&mut self, problem: Option<ShipError>) {
+        let Some(link) = self.link.take() else { return };
+        let cfg = &self.s.group.config;
+        let shared = &self.s.group.shared;
+        log::debug!("group {}: shipping ended; {} bytes of records were read from memory", cfg.name, link.reader.bytes_from_memory());
+        link.w.shutdown();
+        link.end.wait();
+        self.s.hashes.disconnected();
+        shared.policy.target_connected(false);
+        if link.end.target_full.load(Ordering::Acquire) {
+            // Said once by the journal watch; the same words each retry keep the log quiet.
+            self.note(&ShipError::TargetFull);
+        } else if let Some(p) = problem {
+            self.note(&p);
+        }
+    }
+}
+
 
 /// How long an idle shipper waits for new records; shorter while hash requests wait.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
@@ -77,27 +259,6 @@ const CONFIRM_SILENCE: Duration = Duration::from_secs(15);
 const IDLE_WAIT_HASHING: Duration = Duration::from_millis(2);
 
 impl Shipper {
-    /// Ships until the group stops.
-    pub fn run(self) {
-        let mut backoff = BACKOFF_MIN;
-        let mut last_problem = String::new();
-        while !self.group.shared.stopping.load(Ordering::Relaxed) {
-            match self.session() {
-                Ok(()) => backoff = BACKOFF_MIN,
-                Err(problem) => {
-                    let problem = problem.to_string();
-                    // Say it once, not every retry.
-                    if problem != last_problem {
-                        log::warn!("group {}: shipping to {}: {problem}; retrying", self.group.config.name, self.group.config.target);
-                        last_problem = problem;
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                }
-            }
-        }
-    }
-
     /// Connects and runs the TLS handshake: the target's certificate must be valid for the
     /// group's `target_server_name` and name a target.
     fn connect(&self) -> Result<Connection, ShipError> {
@@ -123,8 +284,8 @@ impl Shipper {
         })
     }
 
-    /// One connection: handshake, then ship until it breaks.
-    fn session(&self) -> Result<(), ShipError> {
+    /// Opens a connection: handshake, hello, welcome, and the reader of its confirmations.
+    fn open(&self) -> Result<Link, ShipError> {
         let cfg = &self.group.config;
         let (mut r, mut w) = self.connect()?.split();
         let mut scratch = Vec::new();
@@ -159,7 +320,7 @@ impl Shipper {
             return Err(msg);
         }
         let from = welcome.durable_seq + 1;
-        let mut reader = JournalReader::open(self.fs.clone(), &self.journal_dir, from)
+        let reader = JournalReader::open(self.fs.clone(), &self.journal_dir, from)
             .map_err(|source| ShipError::NotRetained { from, source })?
             .with_tail(Arc::clone(&self.tail));
         shared.confirm(welcome.durable_seq);
@@ -187,117 +348,90 @@ impl Shipper {
         if let Err(e) = w.set_write_timeout(Some(CONFIRM_SILENCE)) {
             log::warn!("group {}: cannot bound the socket's writes: {e}", cfg.name);
         }
-        let result = self.ship(&mut reader, &mut w, &end.broken, compress);
-        log::debug!("group {}: shipping ended; {} bytes of records were read from memory", cfg.name, reader.bytes_from_memory());
-        w.shutdown();
-        end.wait();
-        self.hashes.disconnected();
-        shared.policy.target_connected(false);
-        if end.target_full.load(Ordering::Acquire) {
-            // Said once by the journal watch; the same words each retry keep the log quiet.
-            return Err(ShipError::TargetFull);
-        }
-        result
-    }
-
-    fn ship(&self, reader: &mut JournalReader, w: &mut WriteHalf, broken: &AtomicBool, compress: bool) -> Result<(), ShipError> {
-        let shared = &self.group.shared;
-        let mut frame = Vec::with_capacity(FRAME_TARGET_BYTES + (1 << 20));
-        let mut out = Sender {
-            w,
-            limiter: self.limiter.as_deref(),
+        let out = Out {
             compress,
             scratch: Vec::new(),
             packed: Vec::new(),
             last_incompressible: false,
             shipped: reader.next_seq().saturating_sub(1),
         };
-        // Async: the journal scanned ahead to the next interval point.
-        let mut scan: Option<DeltaScan> = None;
-        // The last confirmation seen, and since when.
-        let mut confirmed = (shared.confirmed.load(Ordering::Acquire), std::time::Instant::now());
-        loop {
-            if broken.load(Ordering::Acquire) {
-                return Err(ShipError::TargetClosed);
-            }
-            let now_confirmed = shared.confirmed.load(Ordering::Acquire);
-            if now_confirmed != confirmed.0 || out.shipped <= now_confirmed {
-                confirmed = (now_confirmed, std::time::Instant::now());
-            } else if confirmed.1.elapsed() >= CONFIRM_SILENCE {
-                return Err(ShipError::TargetSilent { waited: CONFIRM_SILENCE, waiting: out.shipped - now_confirmed });
-            }
-            if shared.stopping.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-            // Every record read so far is shipped: hash requests of that prefix may go.
-            self.send_hash_requests(reader.next_seq() - 1, &mut *out.w)?;
-            let durable = shared.durable();
-            if shared.policy.effective() == ReplicationMode::Async {
-                let s = match &mut scan {
+        let confirmed = (shared.confirmed.load(Ordering::Acquire), Instant::now());
+        Ok(Link { w, reader, end, out, frame: Vec::new(), gather_until: None, scan: None, confirmed })
+    }
+
+    /// One round on a connection: at most one frame, or one async delta.
+    fn step(&self, l: &mut Link) -> Result<Step, ShipError> {
+        let shared = &self.group.shared;
+        if l.end.broken.load(Ordering::Acquire) {
+            return Err(ShipError::TargetClosed);
+        }
+        let now = Instant::now();
+        let now_confirmed = shared.confirmed.load(Ordering::Acquire);
+        if now_confirmed != l.confirmed.0 || l.out.shipped <= now_confirmed {
+            l.confirmed = (now_confirmed, now);
+        } else if l.confirmed.1.elapsed() >= CONFIRM_SILENCE {
+            return Err(ShipError::TargetSilent { waited: CONFIRM_SILENCE, waiting: l.out.shipped - now_confirmed });
+        }
+        if shared.stopping.load(Ordering::Relaxed) {
+            return Ok(Step::Stopped);
+        }
+        // Every record read so far is shipped: hash requests of that prefix may go.
+        self.send_hash_requests(l.reader.next_seq() - 1, &mut l.w)?;
+        let durable = shared.durable();
+        if shared.policy.effective() == ReplicationMode::Async {
+            if l.frame.is_empty() {
+                let s = match &mut l.scan {
                     Some(s) => s,
-                    None => scan.insert(DeltaScan::new(
-                        JournalReader::open(self.fs.clone(), &self.journal_dir, reader.next_seq())
+                    None => l.scan.insert(DeltaScan::new(
+                        JournalReader::open(self.fs.clone(), &self.journal_dir, l.reader.next_seq())
                             .map_err(|source| ShipError::ReadJournal { source })?,
                     )),
                 };
-                match s.advance(durable).map_err(|source| ShipError::ReadJournal { source })? {
+                return match s.advance(durable).map_err(|source| ShipError::ReadJournal { source })? {
                     Some(delta) => {
-                        scan = None;
-                        self.ship_delta(reader, &delta, &mut frame, &mut out)?;
+                        l.scan = None;
+                        self.ship_delta(&mut l.reader, &delta, &mut l.frame, &mut l.out, &mut l.w)?;
+                        Ok(Step::Again)
                     }
-                    None => {
-                        shared.wait_durable_after(durable, self.idle_wait());
-                    }
-                }
-                continue;
+                    None => Ok(Step::Wait(now + self.idle_wait())),
+                };
             }
+            // A frame gathered before the group turned async goes first.
+        } else {
             // Not (or no longer) async: everything goes as it is, from where the target is.
-            scan = None;
-            frame.clear();
-            while frame.len() < FRAME_TARGET_BYTES {
-                match reader.next_raw_upto(durable).map_err(|source| ShipError::ReadJournal { source })? {
-                    Some((rec, raw)) => {
-                        out.ships(rec.header.seq);
-                        frame.extend_from_slice(raw);
-                    }
-                    None => break,
-                }
-            }
-            if frame.is_empty() {
-                if reader.next_seq() <= durable {
-                    // Durable but not readable yet: a segment is being created right now.
-                    std::thread::sleep(Duration::from_millis(1));
-                } else {
-                    shared.wait_durable_after(durable, self.idle_wait());
-                }
-                continue;
-            }
-            // Sync writes wait for the target: ship them at once.
-            if frame.len() < FRAME_TARGET_BYTES / 4 && shared.policy.effective() != ReplicationMode::Sync {
-                // A small batch: give the next group commits a moment to join it, so that the
-                // target commits (one fdatasync each) a few hundred times a second at most
-                // instead of once per engine commit. This adds at most SHIP_GATHER to the lag.
-                let deadline = std::time::Instant::now() + SHIP_GATHER;
-                let mut seen = durable;
-                while frame.len() < FRAME_TARGET_BYTES {
-                    let now = std::time::Instant::now();
-                    if now >= deadline {
-                        break;
-                    }
-                    seen = shared.wait_durable_after(seen, deadline - now);
-                    while frame.len() < FRAME_TARGET_BYTES {
-                        match reader.next_raw_upto(seen).map_err(|source| ShipError::ReadJournal { source })? {
-                            Some((rec, raw)) => {
-                                out.ships(rec.header.seq);
-                                frame.extend_from_slice(raw);
-                            }
-                            None => break,
-                        }
-                    }
-                }
-            }
-            out.send(&frame, &shared.link)?;
+            l.scan = None;
         }
+        while l.frame.len() < FRAME_TARGET_BYTES {
+            match l.reader.next_raw_upto(durable).map_err(|source| ShipError::ReadJournal { source })? {
+                Some((rec, raw)) => {
+                    l.out.ships(rec.header.seq);
+                    l.frame.extend_from_slice(raw);
+                }
+                None => break,
+            }
+        }
+        if l.frame.is_empty() {
+            if l.reader.next_seq() <= durable {
+                // Durable but not readable yet: a segment is being created right now.
+                return Ok(Step::Wait(now + Duration::from_millis(1)));
+            }
+            return Ok(Step::Wait(now + self.idle_wait()));
+        }
+        // Sync writes wait for the target: ship them at once. A small batch otherwise waits
+        // up to SHIP_GATHER for the next group commits to join it (the journal's commits wake
+        // the task), so that the target commits (one fdatasync each) a few hundred times a
+        // second at most instead of once per engine commit. This adds at most SHIP_GATHER to
+        // the lag.
+        if l.frame.len() < FRAME_TARGET_BYTES / 4 && shared.policy.effective() != ReplicationMode::Sync {
+            let until = *l.gather_until.get_or_insert(now + SHIP_GATHER);
+            if now < until {
+                return Ok(Step::Wait(until));
+            }
+        }
+        l.gather_until = None;
+        l.out.send(&mut l.w, self.limiter.as_deref(), &l.frame, &shared.link)?;
+        l.frame.clear();
+        Ok(Step::Again)
     }
 
     /// Sends the hash requests whose prefix is shipped, and answers those waiting too long.
@@ -321,7 +455,7 @@ impl Shipper {
 
     /// Ships one async delta: every record through its point, the superseded writes as headers
     /// without data.
-    fn ship_delta(&self, reader: &mut JournalReader, delta: &Delta, frame: &mut Vec<u8>, out: &mut Sender<'_>) -> Result<(), ShipError> {
+    fn ship_delta(&self, reader: &mut JournalReader, delta: &Delta, frame: &mut Vec<u8>, out: &mut Out, w: &mut WriteHalf) -> Result<(), ShipError> {
         let shared = &self.group.shared;
         frame.clear();
         while reader.next_seq() <= delta.point {
@@ -338,12 +472,12 @@ impl Shipper {
                 frame.extend_from_slice(raw);
             }
             if frame.len() >= FRAME_TARGET_BYTES {
-                out.send(frame, &shared.link)?;
+                out.send(w, self.limiter.as_deref(), frame, &shared.link)?;
                 frame.clear();
             }
         }
         if !frame.is_empty() {
-            out.send(frame, &shared.link)?;
+            out.send(w, self.limiter.as_deref(), frame, &shared.link)?;
             frame.clear();
         }
         log::debug!(
@@ -359,9 +493,7 @@ impl Shipper {
 
 /// Sends frames of records: compressed when negotiated and worth it, paced by the bandwidth
 /// limit, counted.
-struct Sender<'a> {
-    w: &'a mut WriteHalf,
-    limiter: Option<&'a Limiter>,
+struct Out {
     compress: bool,
     scratch: Vec<u8>,
     packed: Vec<u8>,
@@ -370,7 +502,7 @@ struct Sender<'a> {
     shipped: Seq,
 }
 
-impl Sender<'_> {
+impl Out {
     /// Notes that record `seq` goes into the next frame (checked in debug builds: each record
     /// shipped is numbered after the one before).
     fn ships(&mut self, seq: Seq) {
@@ -378,7 +510,7 @@ impl Sender<'_> {
         self.shipped = seq;
     }
 
-    fn send(&mut self, frame: &[u8], link: &LinkStats) -> Result<(), ShipError> {
+    fn send(&mut self, w: &mut WriteHalf, limiter: Option<&Limiter>, frame: &[u8], link: &LinkStats) -> Result<(), ShipError> {
         // After a frame that did not shrink, a frame is first tried on a sample, so a stream of
         // incompressible data costs a few percent of the compressor's work, and compressible
         // data is not missed.
@@ -391,7 +523,7 @@ impl Sender<'_> {
             self.last_incompressible = self.compress;
             (FrameType::Records, frame)
         };
-        let mut paced = Paced { inner: &mut *self.w, limiter: self.limiter };
+        let mut paced = Paced { inner: w, limiter };
         write_frame(&mut paced, ftype, payload, &mut self.scratch).map_err(|source| ShipError::Send { source })?;
         paced.flush().map_err(|source| ShipError::Flush { source })?;
         link.count(frame.len(), payload.len() + FRAME_HEADER_LEN);

@@ -3,12 +3,13 @@
 //! the journal watch.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use hindsight_consistency::config::GroupConfig;
 use hindsight_consistency::record::Seq;
 use hindsight_consistency::sync::lock;
+use hindsight_consistency::tasks::Waker;
 
 use crate::journal_watch::JournalWatch;
 use crate::policy::Policy;
@@ -25,8 +26,10 @@ pub struct GroupShared {
     pub confirmed: AtomicU64,
     /// Set when the journal failed: the group takes no more writes.
     pub poisoned: AtomicBool,
-    /// Set to stop the group's threads.
+    /// Set to stop the group's tasks.
     pub stopping: AtomicBool,
+    /// Runs the group's shipper task: woken at each commit.
+    pub shipper: OnceLock<Waker>,
     /// Mode, held sync acknowledgements, lag and RPO.
     pub policy: Policy,
     /// What the link to the target carries.
@@ -102,6 +105,7 @@ impl GroupShared {
             confirmed: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            shipper: OnceLock::new(),
             policy: Policy::new(config, durable, last_time_ns),
             link: LinkStats::default(),
             writes: WriteStats::default(),
@@ -138,5 +142,13 @@ impl GroupShared {
             *durable = seq;
         }
         self.durable_changed.notify_all();
+        self.wake_shipper();
+    }
+
+    /// Wakes the group's shipper task (set once it is started).
+    pub fn wake_shipper(&self) {
+        if let Some(w) = self.shipper.get() {
+            w.wake();
+        }
     }
 }
