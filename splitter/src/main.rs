@@ -231,13 +231,10 @@ fn run(args: &Args) -> Result<(), Failure> {
     .map_err(|e| Failure::Runtime(hindsight_consistency::error_chain(&e)))?;
     let link = Arc::new(link);
 
-    // One server per distinct listen address, in the order first named; kernel devices
-    // attached one by one.
-    let mut servers: Vec<Server> = Vec::new();
-    let mut attached: Vec<(String, Attached)> = Vec::new();
     let mut tracked: Vec<Arc<ReplicatedDisk>> = Vec::new();
     let mut measured: Vec<(String, Arc<ReplicatedDisk>)> = Vec::new();
-    let mut sweeps = std::collections::HashMap::new();
+    let mut fresh_disks: Vec<Arc<ReplicatedDisk>> = Vec::new();
+    let mut to_serve = Vec::with_capacity(disks.len());
     for (number, d) in disks.into_iter().enumerate() {
         let number = u16::try_from(number).expect("disk count checked in open_disks");
         let size = d.local.size();
@@ -247,8 +244,7 @@ fn run(args: &Args) -> Result<(), Failure> {
             // No tracking: writes the engine does not take fail, and nothing is resynced.
             let replicated = Arc::new(ReplicatedDisk::new(d.local, Arc::clone(&link), number, volume.clone()));
             measured.push((d.config.group.clone(), Arc::clone(&replicated)));
-            let device: Arc<dyn BlockDevice> = replicated;
-            serve_disk(&mut attached, &mut servers, d.config, d.listen, &volume, size, device)?;
+            to_serve.push((d.config, d.listen, volume, size, replicated));
             continue;
         }
         let (map, fresh) = DirtyMap::open(&StdStorage, &map_path, size)
@@ -256,16 +252,23 @@ fn run(args: &Args) -> Result<(), Failure> {
         let tracking = Tracking { map: Arc::new(map), keep_serving: config.on_engine_loss == EngineLoss::Track };
         let replicated = Arc::new(ReplicatedDisk::with_tracking(d.local, Arc::clone(&link), number, volume.clone(), tracking));
         if fresh {
-            // A disk this agent has never served here: compare it with the replica and send
-            // what differs (the start of it before the disk is served).
-            if let Some(sweep) = resync::initial_sync(&replicated, &link) {
-                sweeps.insert(number, sweep);
-            }
+            fresh_disks.push(Arc::clone(&replicated));
         }
         tracked.push(Arc::clone(&replicated));
         measured.push((d.config.group.clone(), Arc::clone(&replicated)));
+        to_serve.push((d.config, d.listen, volume, size, replicated));
+    }
+    // Disks this agent has never served here: compare them with their replicas and send what
+    // differs, all of them at once and the start of it before any disk is served.
+    let sweeps = resync::initial_sync(&fresh_disks, &link);
+
+    // One server per distinct listen address, in the order first named; kernel devices
+    // attached one by one.
+    let mut servers: Vec<Server> = Vec::new();
+    let mut attached: Vec<(String, Attached)> = Vec::new();
+    for (disk_config, listen, volume, size, replicated) in to_serve {
         let device: Arc<dyn BlockDevice> = replicated;
-        serve_disk(&mut attached, &mut servers, d.config, d.listen, &volume, size, device)?;
+        serve_disk(&mut attached, &mut servers, disk_config, listen, &volume, size, device)?;
     }
 
     if let Some(addr) = config.metrics_listen {
