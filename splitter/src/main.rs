@@ -276,43 +276,56 @@ fn run(args: &Args) -> Result<(), Failure> {
             .map_err(|e| Failure::Runtime(format!("agent.metrics_listen {addr}: cannot serve metrics there: {e}")))?;
     }
     resync::spawn(tracked, Arc::clone(&link), sweeps).map_err(|e| Failure::Runtime(format!("cannot start the resync thread: {e}")))?;
-    let (stopped_tx, stopped_rx) = crossbeam_channel::unbounded();
-    let server_count = servers.len();
-    for (listen, exports, lines) in servers {
+    // Every NBD server from one accept thread; none is a thread of its own while no client is
+    // connected.
+    let mut nbd = Vec::with_capacity(servers.len());
+    let mut lines = Vec::with_capacity(servers.len());
+    for (listen, exports, served) in servers {
         let spec = listen.to_string();
-        let handle = match NbdServer::new(listen, exports).and_then(NbdServer::spawn) {
-            Ok(h) => h,
+        match NbdServer::new(listen, exports) {
+            Ok(server) => nbd.push(server),
+            Err(e) => {
+                release(attached);
+                return Err(Failure::Runtime(format!("NBD server on {spec}: {}", hindsight_consistency::error_chain(&e))));
+            }
+        }
+        lines.push(served);
+    }
+    let handle = if nbd.is_empty() {
+        None
+    } else {
+        match NbdServer::spawn_all(nbd) {
+            Ok(h) => Some(h),
             Err(e) => {
                 release(attached);
                 return Err(Failure::Runtime(hindsight_consistency::error_chain(&e)));
             }
-        };
-        for (volume, group, size) in lines {
-            info!("serving volume {volume} of group {group} on {} (size {size})", handle.listen());
         }
-        let tx = stopped_tx.clone();
-        thread::Builder::new()
-            .name("nbd-wait".to_string())
-            .spawn(move || {
-                let _ = tx.send((spec, handle.wait()));
-            })
-            .map_err(|e| Failure::Runtime(format!("cannot start a thread: {e}")))?;
+    };
+    if let Some(h) = &handle {
+        for (bound, served) in h.listens().iter().zip(lines) {
+            for (volume, group, size) in served {
+                info!("serving volume {volume} of group {group} on {bound} (size {size})");
+            }
+        }
     }
-    drop(stopped_tx);
     // With no NBD server, only a signal ends the agent.
-    let stopped = if server_count == 0 { crossbeam_channel::never() } else { stopped_rx };
+    let ended = handle.as_ref().map_or_else(crossbeam_channel::never, |h| h.ended().clone());
     crossbeam_channel::select! {
         recv(signals) -> sig => {
             info!("{} received: removing the kernel devices and stopping", sig.map_or_else(|_| "signal".to_string(), |s| s.to_string()));
             release(attached);
+            // The NBD servers let their clients' requests in flight finish, close the
+            // connections and remove their sockets.
+            drop(handle);
             Ok(())
         }
-        recv(stopped) -> msg => {
+        recv(ended) -> _ => {
             release(attached);
-            match msg {
-                Ok((spec, Err(e))) => Err(Failure::Runtime(format!("NBD server on {spec} stopped: {}", hindsight_consistency::error_chain(&e)))),
-                Ok((spec, Ok(()))) => Err(Failure::Runtime(format!("NBD server on {spec} stopped"))),
-                Err(_) => Err(Failure::Runtime("every NBD server stopped".to_string())),
+            let stopped = handle.map_or(Ok(()), hindsight_splitter::nbd::ServerHandle::wait);
+            match stopped {
+                Err(e) => Err(Failure::Runtime(format!("NBD server stopped: {}", hindsight_consistency::error_chain(&e)))),
+                Ok(()) => Err(Failure::Runtime("the NBD servers stopped".to_string())),
             }
         }
     }
