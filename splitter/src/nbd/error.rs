@@ -69,7 +69,8 @@ pub enum NbdError {
         #[source]
         source: io::Error,
     },
-    /// Waiting for connections on the listeners failed; the accept loop stopped.
+    /// Waiting for connections on the listeners failed (or its wake-up could not be made);
+    /// the accept loop stopped, or did not start.
     #[error("waiting for connections failed")]
     Poll(#[source] io::Error),
     /// Reading or writing the socket failed during the handshake.

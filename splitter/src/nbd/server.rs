@@ -147,6 +147,7 @@ impl NbdServer {
         if servers.is_empty() {
             return Err(NbdError::NoExports);
         }
+        let wake = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(|e| NbdError::Poll(e.into()))?);
         let mut bound: Vec<Bound> = Vec::with_capacity(servers.len());
         for server in servers {
             match Listener::bind(&server.listen) {
@@ -165,11 +166,6 @@ impl NbdServer {
             );
         }
         let listens: Vec<Listen> = bound.iter().map(|b| b.listen.clone()).collect();
-        let fail = |source| {
-            remove_socket_files(listens.iter());
-            NbdError::SpawnThread { name: "nbd-accept".to_string(), source }
-        };
-        let wake = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(|e| fail(e.into()))?);
         let state = Arc::new(State::default());
         let (ended_tx, ended) = crossbeam_channel::bounded(0);
         let acceptor = {
@@ -182,7 +178,10 @@ impl NbdServer {
                     let _ended: crossbeam_channel::Sender<Infallible> = ended_tx;
                     accept_loop(&bound, &wake, &state)
                 })
-                .map_err(fail)?
+                .map_err(|source| {
+                    remove_socket_files(listens.iter());
+                    NbdError::SpawnThread { name: "nbd-accept".to_string(), source }
+                })?
         };
         Ok(ServerHandle { listens, state, wake, acceptor: Some(acceptor), ended })
     }
