@@ -14,7 +14,8 @@
 //! so that a restart compares again instead of re-sending everything.
 //!
 //! File layout (little-endian, rewritten in place; a torn file fails its checksum and then
-//! counts as every region dirty, to be compared):
+//! counts as every region dirty, to be compared; a missing or empty file is a new map, and a
+//! new map is not written until its first change):
 //!
 //! ```text
 //!   0  | magic "HSDM" | version u8 = 1 | region_shift u8 | flags u16         |
@@ -64,6 +65,9 @@ struct State {
     compare: Vec<u8>,
     /// When each marked region was last written.
     touched: HashMap<u64, Instant>,
+    /// Nothing was ever written to the file (a new map): it reads as fresh, which compares
+    /// every region, whatever the marks in memory are.
+    blank: bool,
 }
 
 /// The dirty map of one disk.
@@ -96,6 +100,10 @@ impl DirtyMap {
     /// map need a resync (the agent stopped with writes that may not have reached the
     /// engine). A new map (`fresh` = true in the result) means the agent has never served this
     /// disk here: the caller decides what the initial sync is.
+    ///
+    /// Only a damaged map is written (and synced) here. A valid one already says what it
+    /// should; a new one stays empty until its first change, and an empty file reads as fresh
+    /// again, so an agent that stops before then starts over with the same initial sync.
     pub fn open(fs: &dyn Storage, path: &Path, size: u64) -> std::io::Result<(DirtyMap, bool)> {
         let shift = DEFAULT_REGION_SHIFT;
         let regions = size.div_ceil(1 << shift);
@@ -108,12 +116,14 @@ impl DirtyMap {
         let mut marked = vec![0u8; bytes];
         let mut compare = vec![0u8; bytes];
         let mut fresh = !exists;
+        let mut valid = false;
         if exists {
             let len = usize::try_from(file.len()?).unwrap_or(usize::MAX);
             let mut buf = vec![0u8; len.min(HEADER_LEN + bytes + 4)];
             file.read_exact_at(&mut buf, 0)?;
             match decode(&buf, shift, size, bytes) {
                 Some((m, flags)) => {
+                    valid = true;
                     if flags & FLAG_COMPARE != 0 {
                         compare.clone_from(&m);
                     }
@@ -145,12 +155,16 @@ impl DirtyMap {
                 persisting: false,
                 in_flight: HashMap::new(),
                 touched: HashMap::new(),
+                blank: fresh,
             }),
             written: std::sync::Condvar::new(),
         };
         {
-            let st = lock(&map.state);
-            map.persist(&st.marked, any(&st.compare))?;
+            let mut st = lock(&map.state);
+            if !fresh && !valid {
+                st.blank = false;
+                map.persist(&st.marked, any(&st.compare))?;
+            }
             let n = (0..regions).filter(|&r| bit(&st.resync, r)).count();
             let compare = (0..regions).filter(|&r| bit(&st.compare, r)).count();
             if compare > 0 && exists {
@@ -239,6 +253,7 @@ impl DirtyMap {
                 continue;
             }
             st.persisting = true;
+            st.blank = false;
             let (marks, compare, generation) = (st.marked.clone(), any(&st.compare), st.generation);
             drop(st);
             let res = self.persist(&marks, compare);
@@ -276,7 +291,9 @@ impl DirtyMap {
     }
 
     /// Marks every region as needing a resync after a compare with the replica (the initial
-    /// sync of a disk the agent has never served here), on disk.
+    /// sync of a disk the agent has never served here), on disk. A map whose file was never
+    /// written is not synced for it: that file already reads as fresh, to be compared whole,
+    /// and the first write of the file holds every mark (one sync less per new disk at start).
     pub fn mark_all_for_compare(&self) -> std::io::Result<()> {
         let mut st = lock(&self.state);
         for r in 0..self.regions {
@@ -285,6 +302,9 @@ impl DirtyMap {
             set(&mut st.compare, r, true);
         }
         st.generation += 1;
+        if st.blank {
+            return Ok(());
+        }
         let mine = st.generation;
         self.sync_through(st, mine)
     }
@@ -401,7 +421,9 @@ mod tests {
     fn a_damaged_map_means_everything_is_dirty() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.map");
-        drop(DirtyMap::open(&StdStorage, &path, 4 * MIB).unwrap());
+        let (m, _) = DirtyMap::open(&StdStorage, &path, 4 * MIB).unwrap();
+        m.begin(0, 4096).unwrap();
+        drop(m);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[16] ^= 1;
         std::fs::write(&path, bytes).unwrap();
@@ -412,6 +434,31 @@ mod tests {
         // Another disk size: the same.
         let (m, _) = DirtyMap::open(&StdStorage, &path, 2 * MIB).unwrap();
         assert_eq!(m.needing_resync(), vec![0, 1]);
+    }
+
+    #[test]
+    fn new_map_stays_unwritten_until_its_first_change_and_reads_fresh_until_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.map");
+        let (m, fresh) = DirtyMap::open(&StdStorage, &path, 4 * MIB).unwrap();
+        assert!(fresh);
+        m.mark_all_for_compare().unwrap();
+        // A guest write to a region already marked changes nothing the file must hold.
+        m.begin(MIB, 4096).unwrap();
+        m.end(MIB, 4096, true);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "nothing is written before the first change");
+        drop(m);
+        // Stopped (or crashed) before then: the map is fresh again, compared whole again.
+        let (m, fresh) = DirtyMap::open(&StdStorage, &path, 4 * MIB).unwrap();
+        assert!(fresh);
+        m.mark_all_for_compare().unwrap();
+        m.compared(0, true);
+        assert_eq!(m.clean().unwrap(), 1);
+        drop(m);
+        // The first write holds every mark still standing, to be compared.
+        let (m, fresh) = DirtyMap::open(&StdStorage, &path, 4 * MIB).unwrap();
+        assert!(!fresh);
+        assert_eq!(m.needing_compare(), vec![1, 2, 3]);
     }
 
     #[test]

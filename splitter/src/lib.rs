@@ -21,8 +21,9 @@
 //!    the next ones for `submit_held`; resync data while the disk is resyncing; a long
 //!    write-zeroes or trim as several frames).
 //! 4. It then applies the write to the local disk (`pwrite`, or zeroing; `fdatasync` for FUA):
-//!    inline on the submitting thread for writes under 128 KiB, on one of the disk's two
-//!    writer threads for larger ones, so that the front end reads the next request meanwhile.
+//!    inline on the submitting thread for writes under 128 KiB, on one of the agent's four
+//!    writer threads (shared by every disk) for larger ones, so that the front end reads the
+//!    next request meanwhile.
 //!    The range is released when the local write has finished.
 //! 5. The link's ack reader receives the engine's `WriteAck` (in cdp mode: the write is
 //!    durable in the engine's journal) and finishes the engine part.
@@ -38,8 +39,8 @@
 //! The modules:
 //!
 //! - [`block`]: the block trait the front ends serve, completions and the reply cork
-//! - [`replicated`]: the replicating device (engine and local disk) and its local writer
-//!   threads
+//! - [`replicated`]: the replicating device (engine and local disk) and the local writer
+//!   threads its disks share
 //! - [`engine_link`]: the connection to the engine: writes, acknowledgements, reconnection,
 //!   control frames
 //! - [`dirty`]: the on-disk dirty map of regions the replica may lack

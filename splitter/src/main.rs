@@ -231,13 +231,10 @@ fn run(args: &Args) -> Result<(), Failure> {
     .map_err(|e| Failure::Runtime(hindsight_consistency::error_chain(&e)))?;
     let link = Arc::new(link);
 
-    // One server per distinct listen address, in the order first named; kernel devices
-    // attached one by one.
-    let mut servers: Vec<Server> = Vec::new();
-    let mut attached: Vec<(String, Attached)> = Vec::new();
     let mut tracked: Vec<Arc<ReplicatedDisk>> = Vec::new();
     let mut measured: Vec<(String, Arc<ReplicatedDisk>)> = Vec::new();
-    let mut sweeps = std::collections::HashMap::new();
+    let mut fresh_disks: Vec<Arc<ReplicatedDisk>> = Vec::new();
+    let mut to_serve = Vec::with_capacity(disks.len());
     for (number, d) in disks.into_iter().enumerate() {
         let number = u16::try_from(number).expect("disk count checked in open_disks");
         let size = d.local.size();
@@ -247,8 +244,7 @@ fn run(args: &Args) -> Result<(), Failure> {
             // No tracking: writes the engine does not take fail, and nothing is resynced.
             let replicated = Arc::new(ReplicatedDisk::new(d.local, Arc::clone(&link), number, volume.clone()));
             measured.push((d.config.group.clone(), Arc::clone(&replicated)));
-            let device: Arc<dyn BlockDevice> = replicated;
-            serve_disk(&mut attached, &mut servers, d.config, d.listen, &volume, size, device)?;
+            to_serve.push((d.config, d.listen, volume, size, replicated));
             continue;
         }
         let (map, fresh) = DirtyMap::open(&StdStorage, &map_path, size)
@@ -256,16 +252,23 @@ fn run(args: &Args) -> Result<(), Failure> {
         let tracking = Tracking { map: Arc::new(map), keep_serving: config.on_engine_loss == EngineLoss::Track };
         let replicated = Arc::new(ReplicatedDisk::with_tracking(d.local, Arc::clone(&link), number, volume.clone(), tracking));
         if fresh {
-            // A disk this agent has never served here: compare it with the replica and send
-            // what differs (the start of it before the disk is served).
-            if let Some(sweep) = resync::initial_sync(&replicated, &link) {
-                sweeps.insert(number, sweep);
-            }
+            fresh_disks.push(Arc::clone(&replicated));
         }
         tracked.push(Arc::clone(&replicated));
         measured.push((d.config.group.clone(), Arc::clone(&replicated)));
+        to_serve.push((d.config, d.listen, volume, size, replicated));
+    }
+    // Disks this agent has never served here: compare them with their replicas and send what
+    // differs, all of them at once and the start of it before any disk is served.
+    let sweeps = resync::initial_sync(&fresh_disks, &link);
+
+    // One server per distinct listen address, in the order first named; kernel devices
+    // attached one by one.
+    let mut servers: Vec<Server> = Vec::new();
+    let mut attached: Vec<(String, Attached)> = Vec::new();
+    for (disk_config, listen, volume, size, replicated) in to_serve {
         let device: Arc<dyn BlockDevice> = replicated;
-        serve_disk(&mut attached, &mut servers, d.config, d.listen, &volume, size, device)?;
+        serve_disk(&mut attached, &mut servers, disk_config, listen, &volume, size, device)?;
     }
 
     if let Some(addr) = config.metrics_listen {
@@ -273,43 +276,56 @@ fn run(args: &Args) -> Result<(), Failure> {
             .map_err(|e| Failure::Runtime(format!("agent.metrics_listen {addr}: cannot serve metrics there: {e}")))?;
     }
     resync::spawn(tracked, Arc::clone(&link), sweeps).map_err(|e| Failure::Runtime(format!("cannot start the resync thread: {e}")))?;
-    let (stopped_tx, stopped_rx) = crossbeam_channel::unbounded();
-    let server_count = servers.len();
-    for (listen, exports, lines) in servers {
+    // Every NBD server from one accept thread; none is a thread of its own while no client is
+    // connected.
+    let mut nbd = Vec::with_capacity(servers.len());
+    let mut lines = Vec::with_capacity(servers.len());
+    for (listen, exports, served) in servers {
         let spec = listen.to_string();
-        let handle = match NbdServer::new(listen, exports).and_then(NbdServer::spawn) {
-            Ok(h) => h,
+        match NbdServer::new(listen, exports) {
+            Ok(server) => nbd.push(server),
+            Err(e) => {
+                release(attached);
+                return Err(Failure::Runtime(format!("NBD server on {spec}: {}", hindsight_consistency::error_chain(&e))));
+            }
+        }
+        lines.push(served);
+    }
+    let handle = if nbd.is_empty() {
+        None
+    } else {
+        match NbdServer::spawn_all(nbd) {
+            Ok(h) => Some(h),
             Err(e) => {
                 release(attached);
                 return Err(Failure::Runtime(hindsight_consistency::error_chain(&e)));
             }
-        };
-        for (volume, group, size) in lines {
-            info!("serving volume {volume} of group {group} on {} (size {size})", handle.listen());
         }
-        let tx = stopped_tx.clone();
-        thread::Builder::new()
-            .name("nbd-wait".to_string())
-            .spawn(move || {
-                let _ = tx.send((spec, handle.wait()));
-            })
-            .map_err(|e| Failure::Runtime(format!("cannot start a thread: {e}")))?;
+    };
+    if let Some(h) = &handle {
+        for (bound, served) in h.listens().iter().zip(lines) {
+            for (volume, group, size) in served {
+                info!("serving volume {volume} of group {group} on {bound} (size {size})");
+            }
+        }
     }
-    drop(stopped_tx);
     // With no NBD server, only a signal ends the agent.
-    let stopped = if server_count == 0 { crossbeam_channel::never() } else { stopped_rx };
+    let ended = handle.as_ref().map_or_else(crossbeam_channel::never, |h| h.ended().clone());
     crossbeam_channel::select! {
         recv(signals) -> sig => {
             info!("{} received: removing the kernel devices and stopping", sig.map_or_else(|_| "signal".to_string(), |s| s.to_string()));
             release(attached);
+            // The NBD servers let their clients' requests in flight finish, close the
+            // connections and remove their sockets.
+            drop(handle);
             Ok(())
         }
-        recv(stopped) -> msg => {
+        recv(ended) -> _ => {
             release(attached);
-            match msg {
-                Ok((spec, Err(e))) => Err(Failure::Runtime(format!("NBD server on {spec} stopped: {}", hindsight_consistency::error_chain(&e)))),
-                Ok((spec, Ok(()))) => Err(Failure::Runtime(format!("NBD server on {spec} stopped"))),
-                Err(_) => Err(Failure::Runtime("every NBD server stopped".to_string())),
+            let stopped = handle.map_or(Ok(()), hindsight_splitter::nbd::ServerHandle::wait);
+            match stopped {
+                Err(e) => Err(Failure::Runtime(format!("NBD server stopped: {}", hindsight_consistency::error_chain(&e)))),
+                Ok(()) => Err(Failure::Runtime("the NBD servers stopped".to_string())),
             }
         }
     }

@@ -12,9 +12,14 @@
 //! requests in flight), hashes its own copy, unmarks the regions that are equal and sends the
 //! others as resync data. docs/consistency.md says why that is exact. A sweep whose answers
 //! are unavailable (the target away) waits and asks again; it never sends everything instead.
+//!
+//! Before the disks are served, [`initial_sync`] runs the sweeps of every new disk at once, on
+//! the caller's thread, under one deadline for them all; the resync thread goes on with those
+//! not done.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,12 +51,14 @@ const HASH_REPLY_WAIT: Duration = Duration::from_secs(40);
 /// Pause before asking again after an unavailable answer; it doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
-/// How long the sweep of a new disk runs before the disk is served (the rest runs in the
-/// background): a small or blank disk is compared before the guest's first write, so it needs
-/// no resync at all.
+/// How long the sweeps of the new disks run, all at once, before the disks are served (the
+/// rest runs in the background): a small or blank disk is compared before the guest's first
+/// write, so it needs no resync at all. One deadline for every disk, however many there are.
 pub const STARTUP_SWEEP: Duration = Duration::from_secs(5);
-/// How long the start-up sweep waits for a target that is not connected yet.
+/// How long the start-up sweeps wait for a target that is not connected yet.
 const STARTUP_PATIENCE: Duration = Duration::from_secs(2);
+/// Pause before a start-up sweep tries again while the link or the target is not there yet.
+const STARTUP_RETRY: Duration = Duration::from_millis(100);
 
 /// A compare sweep of one disk, across the passes of the resync thread.
 #[derive(Debug)]
@@ -133,49 +140,136 @@ pub fn spawn(disks: Vec<Arc<ReplicatedDisk>>, link: Arc<EngineLink>, sweeps: Has
     Ok(())
 }
 
-/// The initial sync of a disk the agent has never served here: marks every region to be
-/// compared with the replica, then (before the disk is served) compares for up to
-/// [`STARTUP_SWEEP`]. Returns the sweep, for the resync thread to go on with.
-pub fn initial_sync(d: &ReplicatedDisk, link: &EngineLink) -> Option<Sweep> {
-    let map = d.dirty_map()?;
-    if let Err(e) = map.mark_all_for_compare() {
-        warn!("volume {}: initial sync: cannot mark the dirty map {}: {e}", d.volume(), map.path().display());
+/// The initial sync of the disks the agent has never served here: marks every region of each
+/// to be compared with the replica, then (before the disks are served) compares them all at
+/// once until their sweeps are done or [`STARTUP_SWEEP`] has passed, whichever comes first.
+/// Returns the sweeps not done, by disk number, for the resync thread to go on with.
+pub fn initial_sync(disks: &[Arc<ReplicatedDisk>], link: &EngineLink) -> HashMap<u16, Sweep> {
+    let mut starting = Vec::with_capacity(disks.len());
+    for d in disks {
+        let Some(map) = d.dirty_map() else { continue };
+        if let Err(e) = map.mark_all_for_compare() {
+            warn!("volume {}: initial sync: cannot mark the dirty map {}: {e}", d.volume(), map.path().display());
+        }
+        d.set_resyncing(true);
+        info!(
+            "volume {}: initial sync: {} region(s) of {} MiB will be compared with the replica; only those that differ are sent",
+            d.volume(),
+            map.regions(),
+            map.region_size() >> 20
+        );
+        let sweep = Sweep::new(map.needing_compare().len() as u64);
+        starting.push(Starting { d, map, sweep, run: None, retry_at: None, ended: false });
     }
-    d.set_resyncing(true);
-    info!(
-        "volume {}: initial sync: {} region(s) of {} MiB will be compared with the replica; only those that differ are sent",
-        d.volume(),
-        map.regions(),
-        map.region_size() >> 20
-    );
-    Some(startup_sweep(d, map, link))
+    startup_sweeps(&mut starting, link);
+    starting.into_iter().filter(|s| !s.map.needing_compare().is_empty()).map(|s| (s.d.disk_number(), s.sweep)).collect()
 }
 
-/// Compares before serving, for up to [`STARTUP_SWEEP`], waiting up to [`STARTUP_PATIENCE`] for
-/// a target that is not connected yet (the engine may have just started).
-fn startup_sweep(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink) -> Sweep {
+/// One new disk during the start-up sweeps.
+struct Starting<'a> {
+    d: &'a ReplicatedDisk,
+    map: &'a DirtyMap,
+    sweep: Sweep,
+    /// Its sweep, while one runs.
+    run: Option<SweepRun<'a>>,
+    /// When to try again: the link or the target was not there yet.
+    retry_at: Option<Instant>,
+    /// Nothing more before the disk is served.
+    ended: bool,
+}
+
+/// Compares the new disks before they are served, every disk's sweep with its requests in
+/// flight at the same time (each answer takes one round trip through the engine, which would
+/// add up disk after disk), until every sweep ends or [`STARTUP_SWEEP`] has passed. A sweep
+/// whose link or target is not there yet tries again until [`STARTUP_PATIENCE`] has passed
+/// (the engine may have just started). What is still in flight at the deadline is dropped: its
+/// regions stay to be compared, and the resync thread asks again.
+fn startup_sweeps(starting: &mut [Starting<'_>], link: &EngineLink) {
     let started = Instant::now();
-    let mut sweep = Sweep::new(map.needing_compare().len() as u64);
+    let deadline = started + STARTUP_SWEEP;
     loop {
-        let end = run_sweep(d, map, link, &mut sweep, Some(started + STARTUP_SWEEP));
-        match end {
-            SweepEnd::Done => {
-                finish_sweep(d, map, link, &sweep);
-                return sweep;
+        let now = Instant::now();
+        if now >= deadline {
+            for s in starting.iter_mut().filter(|s| !s.ended) {
+                s.run = None;
+                s.end(link, SweepEnd::TimeUp, started);
             }
-            SweepEnd::TimeUp => {
-                info!("volume {}: initial sync goes on in the background while the disk is served", d.volume());
-                return sweep;
+            return;
+        }
+        for s in starting.iter_mut().filter(|s| !s.ended) {
+            if s.run.is_none() {
+                if s.retry_at.is_some_and(|t| now < t) {
+                    continue;
+                }
+                s.retry_at = None;
+                match SweepRun::start(s.d, s.map) {
+                    Some(run) => s.run = Some(run),
+                    None => {
+                        s.end(link, SweepEnd::Done, started);
+                        continue;
+                    }
+                }
             }
-            SweepEnd::LinkDown | SweepEnd::Unavailable(_) if started.elapsed() < STARTUP_PATIENCE => {
-                std::thread::sleep(Duration::from_millis(100));
+            let run = s.run.as_mut().expect("started above");
+            let end = match run.ask(link, Some(deadline)) {
+                Err(end) => end,
+                Ok(()) if run.front().is_none() => run.idle_end(),
+                Ok(()) => continue,
+            };
+            s.run = None;
+            s.end(link, end, started);
+        }
+        let next_retry = starting.iter().filter(|s| !s.ended).filter_map(|s| s.retry_at).min();
+        // Until the first answer, the deadline, or the next retry.
+        let wake = next_retry.map_or(deadline, |t| t.min(deadline));
+        let answer = {
+            let mut select = crossbeam_channel::Select::new();
+            let mut owners = Vec::new();
+            for (i, s) in starting.iter().enumerate() {
+                if let Some(rx) = s.run.as_ref().and_then(SweepRun::front) {
+                    select.recv(rx);
+                    owners.push(i);
+                }
             }
-            SweepEnd::LinkDown => return sweep,
-            SweepEnd::Unavailable(why) => {
-                note_unavailable(d, map, link, &mut sweep, &why);
-                return sweep;
+            if owners.is_empty() && next_retry.is_none() {
+                return;
+            }
+            match select.select_deadline(wake) {
+                Ok(op) => {
+                    let i = owners[op.index()];
+                    let rx = starting[i].run.as_ref().and_then(SweepRun::front).expect("selected");
+                    Some((i, op.recv(rx).map_err(|_| RecvTimeoutError::Disconnected)))
+                }
+                Err(_) => None,
+            }
+        };
+        if let Some((i, reply)) = answer {
+            let s = &mut starting[i];
+            let run = s.run.as_mut().expect("it had a request in flight");
+            if let Err(end) = run.answered(link, &mut s.sweep, reply) {
+                s.run = None;
+                s.end(link, end, started);
             }
         }
+    }
+}
+
+impl Starting<'_> {
+    /// The disk's sweep ended as `end`: done, on in the background, or tried again soon while
+    /// the link or the target may still come.
+    fn end(&mut self, link: &EngineLink, end: SweepEnd, started: Instant) {
+        let patient = started.elapsed() < STARTUP_PATIENCE;
+        match end {
+            SweepEnd::Done => finish_sweep(self.d, self.map, link, &self.sweep),
+            SweepEnd::TimeUp => info!("volume {}: initial sync goes on in the background while the disk is served", self.d.volume()),
+            SweepEnd::LinkDown | SweepEnd::Unavailable(_) if patient => {
+                self.retry_at = Some(Instant::now() + STARTUP_RETRY);
+                return;
+            }
+            SweepEnd::LinkDown => {}
+            SweepEnd::Unavailable(why) => note_unavailable(self.d, self.map, link, &mut self.sweep, &why),
+        }
+        self.ended = true;
     }
 }
 
@@ -387,46 +481,104 @@ fn send_differing(
 /// link lost, or an unavailable answer. Differing regions of a batch are sent before the next
 /// batch is compared.
 fn run_sweep(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, sweep: &mut Sweep, deadline: Option<Instant>) -> SweepEnd {
-    let todo = map.needing_compare();
-    if todo.is_empty() {
-        return SweepEnd::Done;
-    }
-    let region = map.region_size();
-    // Holes of a sparse file hash as zeroes without reading; what is read is dropped from the
-    // page cache afterwards (a sweep must not leave the disk's cache full of it).
-    let file = File::open(d.local_path()).ok();
-    let mut batches = todo.chunks(HASH_BATCH);
-    let mut waiting: VecDeque<(&[u64], Receiver<HashReply>)> = VecDeque::new();
-    let mut buf = Vec::new();
-    let mut last_line = Instant::now();
+    let Some(mut run) = SweepRun::start(d, map) else { return SweepEnd::Done };
     loop {
-        let started = Instant::now();
-        while waiting.len() < HASH_WINDOW && deadline.is_none_or(|t| started < t) {
-            let Some(batch) = batches.next() else { break };
-            match link.request_hashes(d.disk_number(), map.region_shift(), batch.to_vec()) {
-                Some(rx) => waiting.push_back((batch, rx)),
-                None => return SweepEnd::LinkDown,
+        if let Err(end) = run.ask(link, deadline) {
+            return end;
+        }
+        let Some(rx) = run.front() else { return run.idle_end() };
+        let reply = rx.recv_timeout(HASH_REPLY_WAIT);
+        if let Err(end) = run.answered(link, sweep, reply) {
+            return end;
+        }
+    }
+}
+
+/// One run of a disk's compare sweep: the regions to compare when it began, the hash requests
+/// in flight (up to [`HASH_WINDOW`]), and the answers taken in the order asked.
+struct SweepRun<'a> {
+    d: &'a ReplicatedDisk,
+    map: &'a DirtyMap,
+    todo: Vec<u64>,
+    /// Regions of `todo` asked for so far.
+    asked: usize,
+    /// The requests in flight, oldest first: the part of `todo` each names, and its answer.
+    waiting: VecDeque<(Range<usize>, Receiver<HashReply>)>,
+    /// The disk, opened again to find its holes and drop what was read from the page cache.
+    file: Option<File>,
+    buf: Vec<u8>,
+    /// Since when time counts as spent comparing.
+    since: Instant,
+    last_line: Instant,
+}
+
+impl<'a> SweepRun<'a> {
+    /// A run over the regions still to be compared; `None` if there is none.
+    fn start(d: &'a ReplicatedDisk, map: &'a DirtyMap) -> Option<SweepRun<'a>> {
+        let todo = map.needing_compare();
+        if todo.is_empty() {
+            return None;
+        }
+        // Holes of a sparse file hash as zeroes without reading; what is read is dropped from
+        // the page cache afterwards (a sweep must not leave the disk's cache full of it).
+        let file = File::open(d.local_path()).ok();
+        let now = Instant::now();
+        Some(SweepRun { d, map, todo, asked: 0, waiting: VecDeque::new(), file, buf: Vec::new(), since: now, last_line: now })
+    }
+
+    /// Asks for the next batches, up to [`HASH_WINDOW`] requests in flight, unless `deadline`
+    /// has passed.
+    fn ask(&mut self, link: &EngineLink, deadline: Option<Instant>) -> Result<(), SweepEnd> {
+        while self.waiting.len() < HASH_WINDOW && self.asked < self.todo.len() && deadline.is_none_or(|t| Instant::now() < t) {
+            let batch = self.asked..(self.asked + HASH_BATCH).min(self.todo.len());
+            match link.request_hashes(self.d.disk_number(), self.map.region_shift(), self.todo[batch.clone()].to_vec()) {
+                Some(rx) => {
+                    self.asked = batch.end;
+                    self.waiting.push_back((batch, rx));
+                }
+                None => return Err(SweepEnd::LinkDown),
             }
         }
-        let Some((batch, rx)) = waiting.pop_front() else {
-            return if batches.len() == 0 { SweepEnd::Done } else { SweepEnd::TimeUp };
-        };
-        let reply = match rx.recv_timeout(HASH_REPLY_WAIT) {
+        Ok(())
+    }
+
+    /// Where the answer to the oldest request in flight comes, if one is.
+    fn front(&self) -> Option<&Receiver<HashReply>> {
+        self.waiting.front().map(|(_, rx)| rx)
+    }
+
+    /// How the run ends with nothing in flight: done, or the deadline came first.
+    fn idle_end(&self) -> SweepEnd {
+        if self.asked == self.todo.len() {
+            SweepEnd::Done
+        } else {
+            SweepEnd::TimeUp
+        }
+    }
+
+    /// Takes the answer to the oldest request: unmarks the regions equal to the replica's,
+    /// sends what differs of the others, and counts them in `sweep`.
+    fn answered(&mut self, link: &EngineLink, sweep: &mut Sweep, reply: Result<HashReply, RecvTimeoutError>) -> Result<(), SweepEnd> {
+        let (d, map) = (self.d, self.map);
+        let (batch, _) = self.waiting.pop_front().expect("an answer to a request in flight");
+        let batch = &self.todo[batch];
+        let reply = match reply {
             Ok(r) => r,
-            Err(RecvTimeoutError::Timeout) => return SweepEnd::Unavailable(format!("no answer within {HASH_REPLY_WAIT:?}")),
-            Err(RecvTimeoutError::Disconnected) => return SweepEnd::LinkDown,
+            Err(RecvTimeoutError::Timeout) => return Err(SweepEnd::Unavailable(format!("no answer within {HASH_REPLY_WAIT:?}"))),
+            Err(RecvTimeoutError::Disconnected) => return Err(SweepEnd::LinkDown),
         };
         if reply.status != HashStatus::Ok {
-            return SweepEnd::Unavailable(reply.message);
+            return Err(SweepEnd::Unavailable(reply.message));
         }
         if reply.hashes.len() != batch.len() {
-            return SweepEnd::Unavailable(format!("{} hashes for {} regions", reply.hashes.len(), batch.len()));
+            return Err(SweepEnd::Unavailable(format!("{} hashes for {} regions", reply.hashes.len(), batch.len())));
         }
+        let file = self.file.as_ref();
         let mut differ = Vec::new();
         for (&r, theirs) in batch.iter().zip(&reply.hashes) {
             let (start, end) = map.range(r);
-            let is_hole = |s: u64, e: u64| file.as_ref().is_some_and(|f| !may_hold_data(f, s, e));
-            let equal = match d.hash_range(start, end, &mut buf, is_hole) {
+            let is_hole = |s: u64, e: u64| file.is_some_and(|f| !may_hold_data(f, s, e));
+            let equal = match d.hash_range(start, end, &mut self.buf, is_hole) {
                 Ok(mine) => mine == *theirs,
                 Err(e) => {
                     warn!("volume {}: reading region {r} to compare it failed: {e}; it will be sent", d.volume());
@@ -435,7 +587,7 @@ fn run_sweep(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, sweep: &mut 
             };
             // A region that differs is read again, in pieces, right after: its pages stay until
             // then (send_differing drops them).
-            if let (Some(f), true) = (&file, equal) {
+            if let (Some(f), true) = (file, equal) {
                 drop_cached(f, start, end - start);
             }
             map.compared(r, equal);
@@ -446,18 +598,22 @@ fn run_sweep(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, sweep: &mut 
         sweep.compared += batch.len() as u64;
         sweep.differ += differ.len() as u64;
         if !differ.is_empty() {
-            let (regions, bytes) = send_differing(d, map, link, file.as_ref(), &differ, &mut buf);
+            let (regions, bytes) = send_differing(d, map, link, file, &differ, &mut self.buf);
             sweep.sent += regions;
             sweep.sent_bytes += bytes;
         }
-        sweep.busy += started.elapsed();
+        let now = Instant::now();
+        sweep.busy += now - self.since;
+        self.since = now;
         // Answered: a later wait is a new one.
         sweep.waiting_logged = false;
         sweep.retry_pause = RETRY_FIRST;
         sweep.retry_at = None;
+        let region = map.region_size();
         link.resync_progress(&sweep.progress(d.disk_number(), region));
-        if last_line.elapsed() >= Duration::from_secs(1) || (batches.len() == 0 && waiting.is_empty()) {
-            last_line = Instant::now();
+        let last = self.asked == self.todo.len() && self.waiting.is_empty();
+        if self.last_line.elapsed() >= Duration::from_secs(1) || last {
+            self.last_line = now;
             let rate = sweep.rate(region);
             let left = (sweep.total.saturating_sub(sweep.compared)).saturating_mul(region);
             info!(
@@ -471,5 +627,6 @@ fn run_sweep(d: &ReplicatedDisk, map: &DirtyMap, link: &EngineLink, sweep: &mut 
                 left.checked_div(rate).unwrap_or(0)
             );
         }
+        Ok(())
     }
 }

@@ -356,3 +356,85 @@ fn tcp_listener_serves_on_a_kernel_chosen_port() {
     assert_eq!(c.reply(), (0, 1));
     assert_eq!(c.read(2, 0, 4096), vec![6; 4096]);
 }
+
+/// A 1 MiB file device in `dir`, named `name`.
+fn file_device(dir: &std::path::Path, name: &str, size: u64) -> Arc<dyn BlockDevice> {
+    let img = dir.join(format!("{name}.img"));
+    fs::File::create(&img).unwrap().set_len(size).unwrap();
+    Arc::new(FileDevice::open(&img, CompletionMode::Inline).unwrap())
+}
+
+#[test]
+fn one_accept_thread_serves_every_listener_with_its_own_exports() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let servers = vec![
+        NbdServer::new(Listen::Unix(a.clone()), vec![("one".into(), file_device(dir.path(), "one", MIB))]).unwrap(),
+        NbdServer::new(Listen::Unix(b.clone()), vec![("two".into(), file_device(dir.path(), "two", 2 * MIB))]).unwrap(),
+        NbdServer::new("tcp:127.0.0.1:0".parse().unwrap(), vec![("three".into(), file_device(dir.path(), "three", 3 * MIB))]).unwrap(),
+    ];
+    let h = NbdServer::spawn_all(servers).unwrap();
+    assert_eq!(h.listens().len(), 3);
+    assert_eq!(h.listens()[..2], [Listen::Unix(a.clone()), Listen::Unix(b.clone())]);
+    let Listen::Tcp(addr) = h.listens()[2] else { panic!("not tcp") };
+    assert_ne!(addr.port(), 0);
+    // Several connections to every listener at once, each seeing the exports of its own.
+    let mut clients = Vec::new();
+    for round in 0..3u8 {
+        let mut one = Raw::unix(&a).open("one");
+        let mut two = Raw::unix(&b).open("two");
+        let mut three = Raw::tcp(addr).open("three");
+        one.write(1, 0, &[round + 1; 4096]);
+        two.write(1, MIB, &[round + 2; 4096]);
+        three.write(1, 2 * MIB, &[round + 3; 4096]);
+        for c in [&mut one, &mut two, &mut three] {
+            assert_eq!(c.reply(), (0, 1));
+        }
+        assert_eq!(one.read(2, 0, 4096), vec![round + 1; 4096]);
+        assert_eq!(two.read(2, MIB, 4096), vec![round + 2; 4096]);
+        assert_eq!(three.read(2, 2 * MIB, 4096), vec![round + 3; 4096]);
+        clients.extend([one, two, three]);
+    }
+    // An export of another listener is unknown here.
+    let mut wrong = Raw::unix(&a);
+    wrong.greet(1);
+    wrong.option(OPT_EXPORT_NAME, b"two");
+    assert!(wrong.closed_by_server());
+    let start = Instant::now();
+    while h.connections() != 9 {
+        assert!(start.elapsed() < Duration::from_secs(5), "{} connections open, not the 9 clients", h.connections());
+        thread::sleep(Duration::from_millis(10));
+    }
+    h.shutdown().unwrap();
+    for c in &mut clients {
+        assert!(c.closed_by_server());
+    }
+    assert!(!a.exists() && !b.exists(), "socket files left behind");
+}
+
+#[test]
+fn a_listener_that_cannot_be_bound_leaves_none_bound() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let dev = file_device(dir.path(), "d", MIB);
+    let (a, plain) = (dir.path().join("a.sock"), dir.path().join("plain"));
+    fs::write(&plain, b"keep me").unwrap();
+    let servers = vec![
+        NbdServer::new(Listen::Unix(a.clone()), vec![("d".into(), Arc::clone(&dev))]).unwrap(),
+        NbdServer::new(Listen::Unix(plain.clone()), vec![("d".into(), dev)]).unwrap(),
+    ];
+    assert!(matches!(NbdServer::spawn_all(servers), Err(NbdError::SocketPathInUse { .. })));
+    assert!(!a.exists(), "the first listener's socket file is left behind");
+    assert_eq!(fs::read(&plain).unwrap(), b"keep me");
+}
+
+#[test]
+fn ended_reports_the_end_of_the_accept_loop_at_shutdown() {
+    let s = server(CompletionMode::Inline);
+    let h = s.handle.as_ref().unwrap();
+    assert!(matches!(h.ended().recv_timeout(Duration::from_millis(50)), Err(crossbeam_channel::RecvTimeoutError::Timeout)));
+    let ended = h.ended().clone();
+    drop(s);
+    assert!(matches!(ended.recv_timeout(Duration::from_secs(5)), Err(crossbeam_channel::RecvTimeoutError::Disconnected)));
+}

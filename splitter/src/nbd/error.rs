@@ -60,9 +60,19 @@ pub enum NbdError {
         #[source]
         source: io::Error,
     },
-    /// The listener's accept loop stopped on an error it cannot recover from.
-    #[error("accepting connections failed")]
-    Accept(#[source] io::Error),
+    /// A listener failed in a way it cannot recover from; the accept loop stopped.
+    #[error("accepting connections on {listen} failed")]
+    Accept {
+        /// The listener's address.
+        listen: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Waiting for connections on the listeners failed (or its wake-up could not be made);
+    /// the accept loop stopped, or did not start.
+    #[error("waiting for connections failed")]
+    Poll(#[source] io::Error),
     /// Reading or writing the socket failed during the handshake.
     #[error("handshake I/O failed")]
     HandshakeIo(#[source] io::Error),

@@ -2,12 +2,14 @@
 //! (qemu, the Linux kernel's nbd driver through nbd-client, libnbd tools, fio).
 //!
 //! Core types: [`NbdServer`] (a listener, given as a [`Listen`], and named exports), started
-//! with [`NbdServer::spawn`] into a [`ServerHandle`] or run in the foreground with
+//! with [`NbdServer::spawn`] into a [`ServerHandle`] (several servers with
+//! [`NbdServer::spawn_all`], from one accept thread) or run in the foreground with
 //! [`NbdServer::run`]. Errors are [`NbdError`].
 //!
 //! How a client write flows through the front end:
 //!
-//! 1. The accept loop hands the new socket to a thread of its own.
+//! 1. The accept loop, which polls every listener at once, hands the new socket to a thread
+//!    of its own; an idle listener costs no thread.
 //! 2. `handshake` runs fixed newstyle negotiation; the client picks an export with
 //!    `NBD_OPT_GO` (or `NBD_OPT_EXPORT_NAME`) and learns its size, flags and block sizes.
 //! 3. `connection` reads each 28-byte request header, parsed by [`proto::decode`], then the

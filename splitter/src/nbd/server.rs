@@ -1,10 +1,13 @@
-//! The NBD server: one listener, a list of exports, one thread per client connection.
+//! The NBD server: listeners, each with its list of exports, one accept thread for them all,
+//! one thread per client connection.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::fmt;
 use std::fs;
 use std::io::{self, BufReader};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -14,8 +17,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::Receiver;
 use hindsight_consistency::sync::lock;
 use log::{debug, info, warn};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::block::BlockDevice;
 
@@ -40,6 +47,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Pause after an accept error such as running out of file descriptors, so the loop does
 /// not spin while the condition lasts.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Connections accepted from one listener before the others are looked at again.
+const ACCEPT_BURST: usize = 16;
 
 /// Where the server listens.
 ///
@@ -91,7 +101,8 @@ struct Export {
 ///
 /// Speaks fixed newstyle negotiation with simple replies; every export accepts READ, WRITE,
 /// WRITE_ZEROES, TRIM, FLUSH and FUA, advertises block sizes 1 / 4096 / 32 MiB (minimum /
-/// preferred / maximum) and `NBD_FLAG_CAN_MULTI_CONN`.
+/// preferred / maximum) and `NBD_FLAG_CAN_MULTI_CONN`. Several servers can run from one accept
+/// thread ([`NbdServer::spawn_all`]), each listener with its own exports.
 pub struct NbdServer {
     listen: Listen,
     exports: Arc<Vec<Export>>,
@@ -125,22 +136,54 @@ impl NbdServer {
     /// Binds the listener and serves in background threads until
     /// [`ServerHandle::shutdown`] (or the handle is dropped).
     pub fn spawn(self) -> Result<ServerHandle, NbdError> {
-        let (listener, bound) = Listener::bind(&self.listen)?;
-        info!(
-            "nbd: listening on {bound} with exports {}",
-            self.exports.iter().map(|e| format!("{:?} ({} bytes)", e.name, e.device.size())).collect::<Vec<_>>().join(", ")
-        );
+        NbdServer::spawn_all(vec![self])
+    }
+
+    /// Binds the listener of every server and serves them all from one accept thread (which
+    /// waits on every listener at once), plus one thread per client connection, until
+    /// [`ServerHandle::shutdown`] (or the handle is dropped). A client gets the exports of the
+    /// listener it connected to. If one listener cannot be bound, none is left bound.
+    pub fn spawn_all(servers: Vec<NbdServer>) -> Result<ServerHandle, NbdError> {
+        if servers.is_empty() {
+            return Err(NbdError::NoExports);
+        }
+        let wake = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(|e| NbdError::Poll(e.into()))?);
+        let mut bound: Vec<Bound> = Vec::with_capacity(servers.len());
+        for server in servers {
+            match Listener::bind(&server.listen) {
+                Ok((listener, listen)) => bound.push(Bound { listener, listen, exports: server.exports }),
+                Err(e) => {
+                    remove_socket_files(bound.iter().map(|b| &b.listen));
+                    return Err(e);
+                }
+            }
+        }
+        for b in &bound {
+            info!(
+                "nbd: listening on {} with exports {}",
+                b.listen,
+                b.exports.iter().map(|e| format!("{:?} ({} bytes)", e.name, e.device.size())).collect::<Vec<_>>().join(", ")
+            );
+        }
+        let listens: Vec<Listen> = bound.iter().map(|b| b.listen.clone()).collect();
         let state = Arc::new(State::default());
+        let (ended_tx, ended) = crossbeam_channel::bounded(0);
         let acceptor = {
             let state = Arc::clone(&state);
-            let exports = Arc::clone(&self.exports);
-            let bound = bound.clone();
+            let wake = Arc::clone(&wake);
             thread::Builder::new()
                 .name("nbd-accept".to_string())
-                .spawn(move || accept_loop(&listener, &bound, &exports, &state))
-                .map_err(|source| NbdError::SpawnThread { name: "nbd-accept".to_string(), source })?
+                .spawn(move || {
+                    // Dropped when the loop ends, which is what `ended` reports.
+                    let _ended: crossbeam_channel::Sender<Infallible> = ended_tx;
+                    accept_loop(&bound, &wake, &state)
+                })
+                .map_err(|source| {
+                    remove_socket_files(listens.iter());
+                    NbdError::SpawnThread { name: "nbd-accept".to_string(), source }
+                })?
         };
-        Ok(ServerHandle { listen: bound, state, acceptor: Some(acceptor) })
+        Ok(ServerHandle { listens, state, wake, acceptor: Some(acceptor), ended })
     }
 
     /// Binds the listener and serves until the accept loop fails; does not return otherwise.
@@ -149,17 +192,35 @@ impl NbdServer {
     }
 }
 
-/// A running server. Dropping it shuts the server down as [`ServerHandle::shutdown`] does.
+/// Running servers, served by one accept thread. Dropping it shuts them down as
+/// [`ServerHandle::shutdown`] does.
 pub struct ServerHandle {
-    listen: Listen,
+    /// Each server's address as bound, in the order given.
+    listens: Vec<Listen>,
     state: Arc<State>,
+    /// Wakes the accept loop to see the stop flag.
+    wake: Arc<EventFd>,
     acceptor: Option<JoinHandle<Result<(), NbdError>>>,
+    ended: Receiver<Infallible>,
 }
 
 impl ServerHandle {
-    /// The address actually bound (with the real port when port 0 was asked for).
+    /// The address actually bound (with the real port when port 0 was asked for); of the first
+    /// server, when there are several.
     pub fn listen(&self) -> &Listen {
-        &self.listen
+        &self.listens[0]
+    }
+
+    /// The address each server actually bound, in the order the servers were given.
+    pub fn listens(&self) -> &[Listen] {
+        &self.listens
+    }
+
+    /// Disconnected (a receive returns at once) once the accept loop has ended: on an
+    /// unrecoverable error, or at shutdown. Nothing is ever sent on it; select on it, then
+    /// [`ServerHandle::wait`] for the error.
+    pub fn ended(&self) -> &Receiver<Infallible> {
+        &self.ended
     }
 
     /// Number of client connections currently open.
@@ -168,7 +229,7 @@ impl ServerHandle {
     }
 
     /// Stops accepting, lets every connection finish its outstanding requests (up to
-    /// [`SHUTDOWN_GRACE`]), closes them, and removes the unix socket file.
+    /// [`SHUTDOWN_GRACE`]), closes them, and removes the unix socket files.
     pub fn shutdown(mut self) -> Result<(), NbdError> {
         self.stop()
     }
@@ -189,22 +250,19 @@ impl ServerHandle {
         }
         let mut result = Ok(());
         if let Some(acceptor) = self.acceptor.take() {
-            // accept() blocks; a connection of our own wakes it to see the stop flag.
-            if acceptor.is_finished() || wake(&self.listen) {
+            // The accept loop polls the eventfd with its listeners.
+            let woken = self.wake.write(1);
+            if woken.is_ok() || acceptor.is_finished() {
                 if let Ok(Err(e)) = acceptor.join() {
                     result = Err(e);
                 }
-            } else {
-                warn!("nbd: could not wake the accept loop on {}; leaving it", self.listen);
+            } else if let Err(e) = woken {
+                warn!("nbd: could not wake the accept loop ({e}); leaving it");
             }
         }
         stop_connections(&self.state);
-        if let Listen::Unix(path) = &self.listen {
-            if let Err(e) = fs::remove_file(path) {
-                debug!("nbd: removing {}: {e}", path.display());
-            }
-        }
-        info!("nbd: stopped listening on {}", self.listen);
+        remove_socket_files(self.listens.iter());
+        info!("nbd: stopped listening on {}", self.listens.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "));
         result
     }
 }
@@ -231,32 +289,54 @@ struct State {
     closed: Condvar,
 }
 
+/// A bound listener and the exports its clients get.
+struct Bound {
+    listener: Listener,
+    listen: Listen,
+    exports: Arc<Vec<Export>>,
+}
+
 enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener),
 }
 
 impl Listener {
+    /// Binds, non-blocking: the accept loop polls every listener and accepts from those ready.
     fn bind(listen: &Listen) -> Result<(Listener, Listen), NbdError> {
         let bind_err = |source| NbdError::Bind { listen: listen.to_string(), source };
         match listen {
             Listen::Tcp(addr) => {
                 let l = TcpListener::bind(addr).map_err(bind_err)?;
                 let bound = l.local_addr().map_err(bind_err)?;
+                l.set_nonblocking(true).map_err(bind_err)?;
                 Ok((Listener::Tcp(l), Listen::Tcp(bound)))
             }
             Listen::Unix(path) => {
                 remove_stale_socket(path)?;
                 let l = UnixListener::bind(path).map_err(bind_err)?;
+                if let Err(e) = l.set_nonblocking(true) {
+                    let _ = fs::remove_file(path);
+                    return Err(bind_err(e));
+                }
                 Ok((Listener::Unix(l), listen.clone()))
             }
         }
     }
 
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(l) => l.as_fd(),
+        }
+    }
+
+    /// Accepts one connection, as a blocking socket (what the connection threads expect).
     fn accept(&self, id: u64) -> io::Result<(Stream, String)> {
         match self {
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept()?;
+                s.set_nonblocking(false)?;
                 // Replies are small and latency-bound; do not let Nagle hold them back.
                 if let Err(e) = s.set_nodelay(true) {
                     debug!("nbd: TCP_NODELAY for {peer}: {e}");
@@ -265,6 +345,7 @@ impl Listener {
             }
             Listener::Unix(l) => {
                 let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
                 // Unix peers have no address; number them.
                 Ok((Stream::Unix(s), format!("unix#{id}")))
             }
@@ -294,19 +375,13 @@ fn remove_stale_socket(path: &std::path::Path) -> Result<(), NbdError> {
     }
 }
 
-/// Connects to our own listener so a blocked accept() returns.
-fn wake(listen: &Listen) -> bool {
-    match listen {
-        Listen::Unix(path) => UnixStream::connect(path).is_ok(),
-        Listen::Tcp(addr) => {
-            let mut addr = *addr;
-            if addr.ip().is_unspecified() {
-                addr.set_ip(match addr.ip() {
-                    IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                    IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-                });
+/// Removes the socket files of the unix listeners among `listens`.
+fn remove_socket_files<'a>(listens: impl Iterator<Item = &'a Listen>) {
+    for listen in listens {
+        if let Listen::Unix(path) = listen {
+            if let Err(e) = fs::remove_file(path) {
+                debug!("nbd: removing {}: {e}", path.display());
             }
-            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).is_ok()
         }
     }
 }
@@ -317,24 +392,49 @@ fn is_fatal_accept_error(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(9 | 22 | 88 | 95))
 }
 
-fn accept_loop(listener: &Listener, bound: &Listen, exports: &Arc<Vec<Export>>, state: &Arc<State>) -> Result<(), NbdError> {
+/// Waits on every listener and on `wake` at once; accepts from each listener that is ready and
+/// hands every new connection to a thread of its own. Ends when the server stops, or with the
+/// error of a listener that is broken.
+fn accept_loop(bound: &[Bound], wake: &EventFd, state: &Arc<State>) -> Result<(), NbdError> {
     let mut next_id: u64 = 0;
     loop {
-        next_id += 1;
-        let accepted = listener.accept(next_id);
+        let ready: Vec<usize> = {
+            let mut fds: Vec<PollFd<'_>> = bound.iter().map(|b| PollFd::new(b.listener.as_fd(), PollFlags::POLLIN)).collect();
+            fds.push(PollFd::new(wake.as_fd(), PollFlags::POLLIN));
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(NbdError::Poll(e.into())),
+            }
+            // A listener with an error or hang-up is accepted from too: accept says what it is.
+            fds[..bound.len()].iter().enumerate().filter(|(_, f)| f.any().unwrap_or(true)).map(|(i, _)| i).collect()
+        };
         if state.stopping.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let (stream, peer) = match accepted {
+        for i in ready {
+            accept_ready(&bound[i], state, &mut next_id)?;
+        }
+    }
+}
+
+/// Accepts what one ready listener has waiting (up to [`ACCEPT_BURST`], so that the other
+/// listeners get their turn).
+fn accept_ready(b: &Bound, state: &Arc<State>, next_id: &mut u64) -> Result<(), NbdError> {
+    for _ in 0..ACCEPT_BURST {
+        *next_id += 1;
+        let id = *next_id;
+        let (stream, peer) = match b.listener.accept(id) {
             Ok(a) => a,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) if is_fatal_accept_error(&e) => {
-                warn!("nbd: accept on {bound} failed: {e}");
-                return Err(NbdError::Accept(e));
+                warn!("nbd: accept on {} failed: {e}", b.listen);
+                return Err(NbdError::Accept { listen: b.listen.to_string(), source: e });
             }
             Err(e) => {
-                warn!("nbd: accept on {bound} failed: {e}; retrying");
+                warn!("nbd: accept on {} failed: {e}; retrying", b.listen);
                 thread::sleep(ACCEPT_ERROR_PAUSE);
-                continue;
+                return Ok(());
             }
         };
         let registered = match stream.try_clone() {
@@ -344,12 +444,11 @@ fn accept_loop(listener: &Listener, bound: &Listen, exports: &Arc<Vec<Export>>, 
                 continue;
             }
         };
-        let id = next_id;
         let mut conns = lock(&state.conns);
         conns.threads.retain(|t| !t.is_finished());
         conns.live.insert(id, registered);
         let spawned = {
-            let exports = Arc::clone(exports);
+            let exports = Arc::clone(&b.exports);
             let state = Arc::clone(state);
             let peer = peer.clone();
             thread::Builder::new().name(format!("nbd-conn-{id}")).spawn(move || {
@@ -366,6 +465,7 @@ fn accept_loop(listener: &Listener, bound: &Listen, exports: &Arc<Vec<Export>>, 
             }
         }
     }
+    Ok(())
 }
 
 /// Closes the read side of every connection so no new request is read, gives their

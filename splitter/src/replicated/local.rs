@@ -1,10 +1,10 @@
 //! The local half of a replicating disk: opening the local disk ([`LocalDisk`]), the ranges
 //! whose local write is under way (a write overlapping one waits for it), applying a write to
-//! the disk, and the disk's writer threads, which take the large writes off the front end's
-//! thread.
+//! the disk, and the writer threads, shared by every disk of the agent, which take the large
+//! writes off the front end's thread.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use crossbeam_channel::Sender;
 use hindsight_consistency::storage::{OpenMode, Storage, StorageFile};
@@ -75,14 +75,15 @@ impl LocalDisk {
     }
 }
 
-/// Local writes of at least this many bytes run on the disk's writer threads, so that the
-/// front end reads and forwards the next request meanwhile; smaller ones run inline, where a
-/// thread hand-off would cost more than the write.
+/// Local writes of at least this many bytes run on the writer threads, so that the front end
+/// reads and forwards the next request meanwhile; smaller ones run inline, where a thread
+/// hand-off would cost more than the write.
 const OFFLOAD_MIN: u64 = 128 << 10;
-/// Writer threads per disk.
-const LOCAL_WRITERS: usize = 2;
+/// Writer threads, for every disk of the agent together: however many disks it serves, the
+/// local disks are written by the front ends' threads and these few.
+const LOCAL_WRITERS: usize = 4;
 
-/// The local half of a disk, shared with its writer threads.
+/// The local half of a disk, shared with the writer threads.
 pub(super) struct Local {
     pub(super) disk: LocalDisk,
     pub(super) volume: String,
@@ -172,25 +173,32 @@ impl Local {
     }
 }
 
-/// The disk's local writer threads; `None` if none could be started (then every write runs
-/// inline).
-pub(super) struct Writers(Option<Sender<LocalJob>>);
+/// The writer threads, shared by every disk; `None` if none could be started (then every
+/// write runs inline).
+pub(super) struct Writers(Option<Sender<(Arc<Local>, LocalJob)>>);
+
+/// Started by the first disk.
+static WRITERS: OnceLock<Writers> = OnceLock::new();
 
 impl Writers {
-    /// Starts the writer threads of `local`.
-    pub(super) fn start(local: &Arc<Local>) -> Writers {
-        let (tx, rx) = crossbeam_channel::unbounded::<LocalJob>();
+    /// The writer threads of the process, started on first use.
+    pub(super) fn shared() -> &'static Writers {
+        WRITERS.get_or_init(Writers::start)
+    }
+
+    fn start() -> Writers {
+        let (tx, rx) = crossbeam_channel::unbounded::<(Arc<Local>, LocalJob)>();
         let mut started = 0;
         for i in 0..LOCAL_WRITERS {
-            let (l, rx) = (Arc::clone(local), rx.clone());
-            let spawned = std::thread::Builder::new().name(format!("local-{}-{i}", local.volume)).spawn(move || {
-                for job in rx {
-                    l.run(job);
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new().name(format!("local-writer-{i}")).spawn(move || {
+                for (local, job) in rx {
+                    local.run(job);
                 }
             });
             match spawned {
                 Ok(_) => started += 1,
-                Err(e) => error!("volume {}: cannot start a local writer thread ({e}); large writes run inline", local.volume),
+                Err(e) => error!("cannot start a local writer thread ({e}); {started} run, or large writes run inline if none"),
             }
         }
         Writers((started > 0).then_some(tx))
@@ -198,10 +206,10 @@ impl Writers {
 
     /// Applies `job`, of `len` bytes, to the local disk: on a writer thread if it is large,
     /// inline otherwise (or if no writer thread runs).
-    pub(super) fn apply(&self, local: &Local, job: LocalJob, len: u64) {
+    pub(super) fn apply(&self, local: &Arc<Local>, job: LocalJob, len: u64) {
         match &self.0 {
             Some(tx) if len >= OFFLOAD_MIN => {
-                if let Err(crossbeam_channel::SendError(job)) = tx.send(job) {
+                if let Err(crossbeam_channel::SendError((local, job))) = tx.send((Arc::clone(local), job)) {
                     local.run(job);
                 }
             }

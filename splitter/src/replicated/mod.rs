@@ -9,11 +9,11 @@
 //! mode).
 //!
 //! The parts: `local` holds the local disk (opening it, the ranges under way, applying a
-//! write, the writer threads) and `join` counts a request's parts down. This module is the
-//! write path itself, and with it the disk's side of a resync (hashing and re-sending
-//! regions, ending the resync): those read the local disk under the same range holds and
-//! resync gate as the guest's writes, and their correctness is the ordering between the two,
-//! so they stay next to each other.
+//! write, the writer threads every disk shares) and `join` counts a request's parts down.
+//! This module is the write path itself, and with it the disk's side of a resync (hashing and
+//! re-sending regions, ending the resync): those read the local disk under the same range
+//! holds and resync gate as the guest's writes, and their correctness is the ordering between
+//! the two, so they stay next to each other.
 
 mod join;
 mod local;
@@ -41,8 +41,8 @@ pub struct ReplicatedDisk {
     local: Arc<Local>,
     link: Arc<EngineLink>,
     disk: u16,
-    /// Into the disk's local writer threads (None if they could not be started).
-    writers: Writers,
+    /// The writer threads every disk shares, for large local writes.
+    writers: &'static Writers,
     /// Dirty tracking, when configured.
     tracking: Option<Tracking>,
     /// The replica lacks writes of this disk (a cut, a crash, the initial sync): until the
@@ -75,10 +75,10 @@ const RESYNC_WINDOW: usize = 16;
 
 impl ReplicatedDisk {
     /// A replicating device over `local`, sending its writes on `link` as disk number `disk`;
-    /// starts the disk's local writer threads.
+    /// the first one starts the writer threads, which every disk shares.
     pub fn new(local: LocalDisk, link: Arc<EngineLink>, disk: u16, volume: String) -> Self {
         let local = Arc::new(Local { disk: local, volume, in_flight: Ranges::default() });
-        let writers = Writers::start(&local);
+        let writers = Writers::shared();
         ReplicatedDisk {
             local,
             link,

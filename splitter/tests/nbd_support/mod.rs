@@ -222,6 +222,16 @@ impl Raw {
         Raw { s }
     }
 
+    /// Connects to a unix socket.
+    pub fn unix(path: &Path) -> Raw {
+        Raw::new(Box::new(UnixStream::connect(path).unwrap()))
+    }
+
+    /// Connects to a TCP address.
+    pub fn tcp(addr: std::net::SocketAddr) -> Raw {
+        Raw::new(Box::new(std::net::TcpStream::connect(addr).unwrap()))
+    }
+
     pub fn read_n(&mut self, n: usize) -> Vec<u8> {
         let mut v = vec![0u8; n];
         self.s.read_exact(&mut v).unwrap();
