@@ -50,6 +50,8 @@ struct State {
 #[derive(Default)]
 pub struct HashBroker {
     state: Mutex<State>,
+    /// Wakes the group's shipper when a request is queued (set once it is started).
+    pub shipper: std::sync::OnceLock<hindsight_consistency::tasks::Waker>,
 }
 
 impl HashBroker {
@@ -72,6 +74,10 @@ impl HashBroker {
             return reply(HashReply::unavailable(req.id, "the engine is not connected to the target"));
         }
         s.queued.push_back(Job { req, reply, since: Instant::now() });
+        drop(s);
+        if let Some(w) = self.shipper.get() {
+            w.wake();
+        }
     }
 
     /// The shipper has a new connection to the target.

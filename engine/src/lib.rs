@@ -132,10 +132,11 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
             engine_name: engine_name.clone(),
             security: config.security.clone(),
             limiter,
-            hashes: broker,
+            hashes: Arc::clone(&broker),
             gate,
         };
         let waker = ship_pool.add(&format!("ship-{}", g.name), shipper::ShipTask::new(shipper));
+        let _ = broker.shipper.set(waker.clone());
         let _ = handle.shared.shipper.set(waker);
         groups.insert(g.name.clone(), handle);
     }

@@ -8,9 +8,9 @@
 //! delays another by one frame at most. The target's confirmations are read by a task of the
 //! confirm pool ([`crate::confirms`]), woken when they arrive; the journal task deletes
 //! segments once they are confirmed. Connecting blocks a pool thread for at most
-//! `CONNECT_TIMEOUT` plus the handshake, and only one group at a time connects to a target
-//! that has just failed to answer ([`ConnectGate`]): an unreachable target never ties up
-//! the threads that ship to the others. Between frames it also sends the group's hash requests
+//! `CONNECT_TIMEOUT` plus the handshake, and only one group at a time tries a target that has
+//! just failed to answer ([`ConnectGate`]): an unreachable target never ties up the threads
+//! that ship to the others. Between frames it also sends the group's hash requests
 //! ([`crate::hashes`]) once it has shipped their prefix; the confirmation reader passes the
 //! answers back.
 
@@ -77,16 +77,18 @@ pub struct Shipper {
     pub gate: Arc<ConnectGate>,
 }
 
-/// Connection attempts to one target, shared by the groups shipping there: while one group
-/// connects, or for a while after an attempt failed, the others wait instead of trying too.
+/// Connection attempts to one target, shared by the groups shipping there. While the target
+/// answers, every group connects at once; after an attempt failed, the others wait out that
+/// attempt's backoff, then one group tries (a probe) while the others wait for its outcome.
 #[derive(Default)]
 pub struct ConnectGate(Mutex<GateState>);
 
 #[derive(Default)]
 struct GateState {
-    connecting: bool,
     /// After a failed attempt, the others wait until then.
     failed_until: Option<Instant>,
+    /// A group is trying again after a failure.
+    probing: bool,
 }
 
 impl ConnectGate {
@@ -94,20 +96,21 @@ impl ConnectGate {
     fn enter(&self) -> Result<(), Instant> {
         let mut g = lock(&self.0);
         let now = Instant::now();
-        if g.connecting {
-            return Err(now + BACKOFF_MIN);
-        }
-        if let Some(until) = g.failed_until.filter(|&u| u > now) {
+        let Some(until) = g.failed_until else { return Ok(()) };
+        if until > now {
             return Err(until);
         }
-        g.connecting = true;
+        if g.probing {
+            return Err(now + BACKOFF_MIN);
+        }
+        g.probing = true;
         Ok(())
     }
 
     /// The attempt is over: on failure, the other groups wait `backoff` before they try.
     fn leave(&self, ok: bool, backoff: Duration) {
         let mut g = lock(&self.0);
-        g.connecting = false;
+        g.probing = false;
         g.failed_until = if ok { None } else { Some(Instant::now() + backoff) };
     }
 }

@@ -35,11 +35,18 @@ pub struct Vol {
     pub vm: String,
     pub name: String,
     pub size: u64,
+    /// Its consistency group, when not the cluster's own (`Cluster::group`).
+    pub group: Option<String>,
 }
 
 impl Vol {
     pub fn new(vm: &str, name: &str, size: u64) -> Vol {
-        Vol { vm: vm.into(), name: name.into(), size }
+        Vol { vm: vm.into(), name: name.into(), size, group: None }
+    }
+
+    /// A volume of group `group` (a cluster may hold many groups).
+    pub fn in_group(group: &str, vm: &str, name: &str, size: u64) -> Vol {
+        Vol { group: Some(group.into()), ..Vol::new(vm, name, size) }
     }
 }
 
@@ -221,6 +228,23 @@ impl Cluster {
         self.path(&format!("agent-{vm}.toml"))
     }
 
+    /// The group a volume is in.
+    pub fn group_of<'a>(&'a self, v: &'a Vol) -> &'a str {
+        v.group.as_deref().unwrap_or(&self.group)
+    }
+
+    /// Every group, in the order their first volume is named.
+    pub fn groups(&self) -> Vec<String> {
+        let mut groups: Vec<String> = Vec::new();
+        for v in &self.vols {
+            let g = self.group_of(v);
+            if !groups.iter().any(|x| x == g) {
+                groups.push(g.to_owned());
+            }
+        }
+        groups
+    }
+
     pub fn write_configs(&self) {
         let d = self.dir.path();
         std::fs::write(
@@ -237,17 +261,21 @@ impl Cluster {
         .unwrap();
         let mode = if self.group_extra.contains("mode =") { String::new() } else { "mode = \"cdp\"\n".to_string() };
         let mut e = format!(
-            "[engine]\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n{}\n\n{}\n[[group]]\nname = \"{}\"\n{mode}target = \"127.0.0.1:{}\"\n{}\n",
+            "[engine]\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n{}\n\n{}\n",
             self.eport,
             d.join("engine").display(),
             self.engine_extra,
             self.tls_section("engine", ENGINE_NAME),
-            self.group,
-            self.ship_port.unwrap_or(self.tport),
-            self.group_extra
         );
-        for v in &self.vols {
-            e += &format!("\n[[group.volume]]\nname = \"{}\"\nvm = \"{}\"\nsize = \"{}\"\n", v.name, v.vm, v.size);
+        for group in self.groups() {
+            e += &format!(
+                "\n[[group]]\nname = \"{group}\"\n{mode}target = \"127.0.0.1:{}\"\n{}\n",
+                self.ship_port.unwrap_or(self.tport),
+                self.group_extra
+            );
+            for v in self.vols.iter().filter(|v| self.group_of(v) == group) {
+                e += &format!("\n[[group.volume]]\nname = \"{}\"\nvm = \"{}\"\nsize = \"{}\"\n", v.name, v.vm, v.size);
+            }
         }
         std::fs::write(self.path("engine.toml"), e).unwrap();
         let mut vms: Vec<&str> = self.vols.iter().map(|v| v.vm.as_str()).collect();
@@ -262,7 +290,7 @@ impl Cluster {
             for v in self.vols.iter().filter(|v| v.vm == vm) {
                 a += &format!(
                     "\n[[disk]]\ngroup = \"{}\"\nvolume = \"{}\"\npath = \"{}\"\nlisten = \"unix:{}\"\n{}\n",
-                    self.group,
+                    self.group_of(v),
                     v.name,
                     self.disk(&v.name).display(),
                     self.sock(&v.name).display(),
