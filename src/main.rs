@@ -261,12 +261,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Engine { config } => {
             let cfg = EngineConfig::load(&config).map_err(|e| Failure::Config(e.to_string()))?;
             init_logging();
+            hindsight_consistency::open_files::raise_limit();
             signals::stop_on_signals("engine")?;
             hindsight_engine::run(cfg)?;
         }
         Command::Target { config } => {
             let cfg = TargetConfig::load(&config).map_err(|e| Failure::Config(e.to_string()))?;
             init_logging();
+            hindsight_consistency::open_files::raise_limit();
             signals::stop_on_signals("target")?;
             hindsight_target::run(cfg)?;
         }

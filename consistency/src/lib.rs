@@ -16,6 +16,7 @@
 //! - [`transport`] — TLS (or loopback plaintext) under the frames: handshakes, peer identities,
 //!   a read half and a write half per connection
 //! - [`time`] — timestamps
+//! - [`open_files`] — the daemons raise their limit on open files
 //! - [`tasks`] — a fixed pool of threads running many event-driven tasks (the daemons' groups)
 //! - [`metrics_http`] and [`dashboard`] — the daemons' metrics address: `/metrics`, and the
 //!   web page at `/` with the document it draws (docs/dashboard.md)
@@ -31,6 +32,7 @@ pub mod dashboard;
 pub mod faults;
 pub mod journal;
 pub mod metrics_http;
+pub mod open_files;
 pub mod record;
 pub mod region_hash;
 pub mod storage;

@@ -173,7 +173,7 @@ pub fn start(r: ReadHalf, shared: Arc<GroupShared>, hashes: Arc<HashBroker>, gro
     let waker = pool()?.add(&format!("confirm-{group}"), task.clone());
     let mut state = lock(&task.0);
     if let Some(reader) = state.as_mut() {
-        match Readiness::global().and_then(|g| g.watch(reader.r.get_ref().socket_fd(), waker.clone())) {
+        match Readiness::global().and_then(|g| g.watch(reader.r.get_ref().socket(), waker.clone())) {
             Ok(w) => reader.watch = Some(w),
             Err(e) => {
                 finish(&mut state);

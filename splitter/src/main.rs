@@ -211,6 +211,7 @@ fn run(args: &Args) -> Result<(), Failure> {
             frontend::check_available(f.kind).map_err(|e| Failure::Runtime(format!("volume {}: {e}", d.config.volume)))?;
         }
     }
+    hindsight_consistency::open_files::raise_limit();
     let signals = stop_signals()?;
     let link = EngineLink::connect(LinkConfig {
         engine: config.engine.clone(),

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use hindsight_consistency::storage::{AlignedBuf, OpenMode, Storage, StorageFile, DIRECT_IO_ALIGN};
 use hindsight_consistency::sync::lock;
@@ -46,10 +46,40 @@ pub(crate) struct Image {
     pub size: u64,
     pub path: PathBuf,
     pub file: Box<dyn StorageFile>,
-    /// The same file opened for direct I/O, for large aligned writes (replicas only).
-    direct: Option<(Box<dyn StorageFile>, Mutex<AlignedBuf>)>,
+    /// The same file for direct I/O, for large aligned writes (replicas only), opened on the
+    /// first such write: an idle replica holds one descriptor.
+    direct: Option<LazyDirect>,
     /// All its space is reserved and stays so: zeroes and trims keep it allocated (replicas).
     reserved: bool,
+}
+
+/// A file opened for direct I/O and the staging buffer its writes are aligned in.
+type DirectFile = (Box<dyn StorageFile>, Mutex<AlignedBuf>);
+
+/// An image's file for direct I/O, opened when first needed.
+struct LazyDirect {
+    fs: Arc<dyn Storage>,
+    group: String,
+    /// `Some(None)` once opening failed or the file system refused direct I/O: buffered then.
+    opened: OnceLock<Option<DirectFile>>,
+}
+
+impl LazyDirect {
+    fn get(&self, volume: &str, path: &Path) -> Option<&DirectFile> {
+        self.opened
+            .get_or_init(|| match self.fs.open_direct(path) {
+                Ok(d) => d.map(|f| (f, Mutex::new(AlignedBuf::default()))),
+                Err(e) => {
+                    log::warn!(
+                        "group {:?}: volume {volume:?}: cannot open {} for direct I/O ({e}); large writes go through the page cache",
+                        self.group,
+                        path.display()
+                    );
+                    None
+                }
+            })
+            .as_ref()
+    }
 }
 
 impl Image {
@@ -92,32 +122,25 @@ impl Image {
         Ok(Image { volume: vol.name.clone(), size: vol.size, path, file, direct: None, reserved: false })
     }
 
-    /// Also opens the image for direct I/O (when `on` and the file system allows it), so
-    /// that large aligned writes bypass the page cache.
-    pub fn with_direct_io(mut self, fs: &dyn Storage, group: &str, on: bool) -> Result<Image, TargetError> {
-        if !on {
-            return Ok(self);
+    /// Writes large aligned records with direct I/O (when `on` and the file system allows it;
+    /// the file is opened for it on the first such write), so that they bypass the page cache.
+    pub fn with_direct_io(mut self, fs: &Arc<dyn Storage>, group: &str, on: bool) -> Image {
+        if on {
+            self.direct = Some(LazyDirect { fs: Arc::clone(fs), group: group.to_owned(), opened: OnceLock::new() });
         }
-        let d = fs.open_direct(&self.path).map_err(|source| TargetError::Image {
-            group: group.to_owned(),
-            volume: self.volume.clone(),
-            step: "open for direct I/O",
-            path: self.path.clone(),
-            source,
-        })?;
-        self.direct = d.map(|f| (f, Mutex::new(AlignedBuf::default())));
-        Ok(self)
+        self
     }
 
     /// Writes a record's data with direct I/O if it is large and aligned; false if it must
     /// take the buffered path.
     fn write_direct(&self, rec: &RecordRef<'_>) -> io::Result<bool> {
-        let Some((file, staging)) = &self.direct else { return Ok(false) };
+        let Some(lazy) = &self.direct else { return Ok(false) };
         let align = DIRECT_IO_ALIGN as u64;
         let aligned = rec.header.offset.is_multiple_of(align) && rec.data.len().is_multiple_of(DIRECT_IO_ALIGN);
         if !matches!(rec.header.kind, WriteKind::Data | WriteKind::Resync) || rec.data.len() < DIRECT_MIN || !aligned {
             return Ok(false);
         }
+        let Some((file, staging)) = lazy.get(&self.volume, &self.path) else { return Ok(false) };
         let mut staging = lock(staging);
         file.write_all_at(staging.padded(rec.data), rec.header.offset)?;
         Ok(true)
@@ -183,10 +206,10 @@ impl ImageSet {
 
     /// Opens the replicas of `volumes` in `dir`: for writing, and large writes with direct
     /// I/O where the file system allows it.
-    pub fn open_replicas(fs: &dyn Storage, group: &str, dir: &Path, volumes: &[Volume], direct_io: bool) -> Result<ImageSet, TargetError> {
+    pub fn open_replicas(fs: &Arc<dyn Storage>, group: &str, dir: &Path, volumes: &[Volume], direct_io: bool) -> Result<ImageSet, TargetError> {
         let mut set = ImageSet::empty(group);
         for v in volumes {
-            let mut image = Image::open(fs, group, dir, v, true)?.with_direct_io(fs, group, direct_io)?;
+            let mut image = Image::open(fs.as_ref(), group, dir, v, true)?.with_direct_io(fs, group, direct_io);
             // Holes a replica may have from an earlier version (which punched trims) are
             // reserved again; allocated space is left as it is.
             if let Err(e) = image.file.allocate(v.size) {

@@ -37,7 +37,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::sync::lock;
 
 mod readiness;
-pub use readiness::{Readiness, Watch};
+pub use readiness::{Readiness, Socket, Watch};
 
 /// One group's (or one connection's) work, run a round at a time by the pool.
 pub trait Task: Send + Sync + 'static {

@@ -5,13 +5,15 @@
 //!
 //! Each watch is one-shot (`EPOLLONESHOT`): it fires once per arming, and the task arms it
 //! again each time it parks. Readiness is level-triggered, so bytes that arrived between the
-//! task's last read and its arming still wake it. The watch keeps its own duplicate of the
-//! socket's file descriptor, so the registration ends exactly when the watch is dropped, never
-//! on a reused descriptor number.
+//! task's last read and its arming still wake it. A watch holds a reference to its socket (not
+//! a duplicate descriptor: that would cost a descriptor per connection, and descriptors are
+//! what thousands of groups run out of first), so the socket stays open, and its descriptor
+//! number taken, until the watch has removed its registration.
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
@@ -27,10 +29,13 @@ pub struct Readiness {
     next: AtomicU64,
 }
 
+/// A socket, shared with the connection that reads it.
+pub type Socket = Arc<dyn AsFd + Send + Sync>;
+
 /// One socket watched for one task. Dropping it ends the watch.
 pub struct Watch {
     readiness: &'static Readiness,
-    fd: OwnedFd,
+    socket: Socket,
     token: u64,
 }
 
@@ -59,15 +64,14 @@ impl Readiness {
 
     /// Watches `fd` for `waker`'s task. The watch is armed at once (a task woken for nothing
     /// looks and parks again).
-    pub fn watch(&'static self, fd: BorrowedFd<'_>, waker: Waker) -> io::Result<Watch> {
-        let fd = fd.try_clone_to_owned()?;
+    pub fn watch(&'static self, socket: Socket, waker: Waker) -> io::Result<Watch> {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         lock(&self.wakers).insert(token, waker);
-        if let Err(e) = self.epoll.add(&fd, EpollEvent::new(interest(), token)) {
+        if let Err(e) = self.epoll.add(socket.as_fd(), EpollEvent::new(interest(), token)) {
             lock(&self.wakers).remove(&token);
             return Err(e.into());
         }
-        Ok(Watch { readiness: self, fd, token })
+        Ok(Watch { readiness: self, socket, token })
     }
 
     fn wait_loop(&self) {
@@ -97,14 +101,14 @@ impl Watch {
     /// at once if it already is.
     pub fn arm(&self) -> io::Result<()> {
         let mut event = EpollEvent::new(interest(), self.token);
-        self.readiness.epoll.modify(&self.fd, &mut event)?;
+        self.readiness.epoll.modify(self.socket.as_fd(), &mut event)?;
         Ok(())
     }
 }
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        let _ = self.readiness.epoll.delete(self.fd.as_fd());
+        let _ = self.readiness.epoll.delete(self.socket.as_fd());
         lock(&self.readiness.wakers).remove(&self.token);
     }
 }
@@ -114,7 +118,6 @@ mod tests {
     use std::io::Write;
     use std::os::unix::net::UnixStream;
     use std::sync::atomic::AtomicUsize;
-    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use super::super::{Next, Pool, Task};
@@ -143,7 +146,7 @@ mod tests {
         let waker = pool.add("c", Count(Arc::clone(&rounds)));
         wait_for(|| rounds.load(Ordering::SeqCst) == 1);
         let (mut a, b) = UnixStream::pair().unwrap();
-        let watch = Readiness::global().unwrap().watch(b.as_fd(), waker).unwrap();
+        let watch = Readiness::global().unwrap().watch(Arc::new(b), waker).unwrap();
         std::thread::sleep(Duration::from_millis(30));
         assert_eq!(rounds.load(Ordering::SeqCst), 1, "woken with nothing to read");
         a.write_all(b"x").unwrap();

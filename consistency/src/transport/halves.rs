@@ -179,6 +179,12 @@ impl TlsShared {
     }
 }
 
+impl AsFd for TlsShared {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
 /// The reading side of a TLS connection.
 struct TlsReader {
     shared: Arc<TlsShared>,
@@ -394,8 +400,16 @@ impl ReadHalf {
         };
     }
 
-    /// The socket, to watch for bytes to read (`tasks::Readiness`).
-    pub fn socket_fd(&self) -> BorrowedFd<'_> {
+    /// The socket, shared, to watch for bytes to read (`tasks::Readiness`).
+    pub fn socket(&self) -> crate::tasks::Socket {
+        match &self.0 {
+            ReadKind::Plain(s) => Arc::clone(s) as crate::tasks::Socket,
+            ReadKind::Tls(t) => Arc::clone(&t.shared) as crate::tasks::Socket,
+        }
+    }
+
+    /// The socket's descriptor.
+    fn socket_fd(&self) -> BorrowedFd<'_> {
         match &self.0 {
             ReadKind::Plain(s) => s.as_fd(),
             ReadKind::Tls(t) => t.shared.socket.as_fd(),
@@ -490,5 +504,11 @@ impl Closer {
     /// Shuts the connection down in both directions.
     pub fn shutdown(&self) {
         let _ = self.0.socket().shutdown(Shutdown::Both);
+    }
+
+    /// Shuts the reading direction only: the reader sees the end of the stream and may still
+    /// send (an error frame saying why).
+    pub fn shutdown_read(&self) {
+        let _ = self.0.socket().shutdown(Shutdown::Read);
     }
 }

@@ -18,6 +18,7 @@ use hindsight_consistency::time::now_ns;
 use hindsight_consistency::wire::WriteAck;
 
 use super::items::{Barrier, BookmarkPlacement, GroupItem, ResyncDone, WriteRequest};
+use super::room::Room;
 use super::shared::GroupShared;
 use crate::acks::send_acks;
 use crate::error::GroupError;
@@ -45,7 +46,7 @@ struct OpenInterval {
 pub(super) struct JournalTask(Mutex<Sequencer>);
 
 impl JournalTask {
-    pub(super) fn new(journal: Journal, rx: Receiver<GroupItem>, shared: Arc<GroupShared>, interval: Duration) -> JournalTask {
+    pub(super) fn new(journal: Journal, rx: (Receiver<GroupItem>, Arc<Room>), shared: Arc<GroupShared>, interval: Duration) -> JournalTask {
         JournalTask(Mutex::new(Sequencer::new(journal, rx, shared, interval)))
     }
 }
@@ -100,6 +101,8 @@ struct Regulated {
 struct Sequencer {
     journal: Journal,
     rx: Receiver<GroupItem>,
+    /// The room of what `rx` holds, given back as items are taken.
+    room: Arc<Room>,
     shared: Arc<GroupShared>,
     /// The async interval.
     interval: Duration,
@@ -121,7 +124,7 @@ struct Sequencer {
 
 impl Sequencer {
     /// The task's state over an opened journal.
-    fn new(journal: Journal, rx: Receiver<GroupItem>, shared: Arc<GroupShared>, interval: Duration) -> Sequencer {
+    fn new(journal: Journal, (rx, room): (Receiver<GroupItem>, Arc<Room>), shared: Arc<GroupShared>, interval: Duration) -> Sequencer {
         let last_time = journal.last_time_ns();
         let last_seq = journal.durable_seq();
         // A journal tail written before a restart gets its interval point too.
@@ -129,6 +132,7 @@ impl Sequencer {
         Sequencer {
             journal,
             rx,
+            room,
             shared,
             interval,
             batch: Vec::with_capacity(256),
@@ -199,7 +203,10 @@ impl Sequencer {
             };
         }
         let first = match self.rx.try_recv() {
-            Ok(item) => item,
+            Ok(item) => {
+                self.room.give(1);
+                item
+            }
             Err(TryRecvError::Empty) => return self.idle(),
             Err(TryRecvError::Disconnected) => return Next::Done,
         };
@@ -289,6 +296,9 @@ impl Sequencer {
             }
             if bytes < MAX_BATCH_BYTES {
                 next = self.rx.try_recv().ok();
+                if next.is_some() {
+                    self.room.give(1);
+                }
             }
         }
         taken

@@ -14,6 +14,7 @@
 
 mod items;
 mod journal_task;
+mod room;
 mod shared;
 
 use std::sync::Arc;
@@ -26,6 +27,7 @@ pub use hindsight_consistency::record::{INTERVAL_POINT_NAME, RESYNC_POINT_NAME};
 
 pub use self::items::{Barrier, BookmarkPlacement, GroupItem, Latch, ResyncDone, WriteRequest};
 use self::journal_task::JournalTask;
+use self::room::Room;
 pub use self::shared::{GroupShared, LinkStats};
 
 /// A running group: the way into its journal task and the shared state.
@@ -37,6 +39,8 @@ pub struct GroupHandle {
     pub shared: Arc<GroupShared>,
     /// Into the journal task.
     tx: Sender<GroupItem>,
+    /// Bounds what is queued on `tx`.
+    room: Arc<Room>,
     /// Runs the journal task's next round.
     waker: Waker,
 }
@@ -45,7 +49,11 @@ impl GroupHandle {
     /// Queues an item for the journal task and wakes it. Waits while the channel is full (a
     /// stalled disk pushes back on the agents). Fails once the task has ended.
     pub fn send(&self, item: GroupItem) -> Result<(), SendError<GroupItem>> {
-        self.tx.send(item)?;
+        self.room.take();
+        if let Err(e) = self.tx.send(item) {
+            self.room.give(1);
+            return Err(e);
+        }
         self.waker.wake();
         Ok(())
     }
@@ -59,9 +67,10 @@ impl GroupHandle {
 /// Adds the journal task of a group over an opened journal to `pool`.
 pub fn start(config: GroupConfig, journal: Journal, pool: &Pool) -> GroupHandle {
     let shared = Arc::new(GroupShared::new(&config, journal.durable_seq(), journal.last_time_ns()));
-    // Bounded: a stalled disk pushes back on the agents instead of growing memory.
-    let (tx, rx) = crossbeam_channel::bounded(4096);
-    let task = JournalTask::new(journal, rx, Arc::clone(&shared), config.interval);
+    // Bounded by `room`: a stalled disk pushes back on the agents instead of growing memory.
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let room = Arc::new(Room::default());
+    let task = JournalTask::new(journal, (rx, Arc::clone(&room)), Arc::clone(&shared), config.interval);
     let waker = pool.add(&format!("journal-{}", config.name), task);
-    GroupHandle { config: Arc::new(config), shared, tx, waker }
+    GroupHandle { config: Arc::new(config), shared, tx, room, waker }
 }

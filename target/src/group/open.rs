@@ -50,11 +50,7 @@ impl Group {
         }
         let mut replicas = ImageSet::empty(name);
         for v in &meta.volumes {
-            replicas.insert(Image::create(fs.as_ref(), name, &paths.replica_dir(), v, true)?.with_direct_io(
-                fs.as_ref(),
-                name,
-                opts.direct_io,
-            )?);
+            replicas.insert(Image::create(fs.as_ref(), name, &paths.replica_dir(), v, true)?.with_direct_io(&fs, name, opts.direct_io));
             Image::create(fs.as_ref(), name, &paths.base_dir(), v, false)?;
         }
         for dir in [paths.replica_dir(), paths.base_dir()] {
@@ -201,7 +197,7 @@ impl Group {
             }
             log::info!("group {name:?}: rebuilt the bookmark and span indexes from the journal ({} bookmark(s))", marks.bookmark_count());
         }
-        let replicas = ImageSet::open_replicas(fs.as_ref(), name, &paths.replica_dir(), &meta.volumes, opts.direct_io)?;
+        let replicas = ImageSet::open_replicas(&fs, name, &paths.replica_dir(), &meta.volumes, opts.direct_io)?;
         if durable > state.applied_seq {
             let started = Instant::now();
             let mut n = 0u64;

@@ -120,10 +120,10 @@ impl Group {
                 let mut replicas = (*lock(&self.applier.shared().replicas).images).clone();
                 for v in &added {
                     replicas.insert(Image::create(self.fs.as_ref(), &self.name, &self.paths.replica_dir(), v, true)?.with_direct_io(
-                        self.fs.as_ref(),
+                        &self.fs,
                         &self.name,
                         self.opts.direct_io,
-                    )?);
+                    ));
                     Image::create(self.fs.as_ref(), &self.name, &self.paths.base_dir(), v, false)?;
                     log::info!("group {:?}: added volume {:?} ({} bytes, vm {})", self.name, v.name, v.size, v.vm);
                 }

@@ -1,7 +1,7 @@
 //! The listener's thread: accepts engine connections and gives each a thread for its
 //! handshake (then the receive pool takes it over), until the daemon stops.
 
-use std::net::{Shutdown, TcpListener};
+use std::net::TcpListener;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use hindsight_consistency::sync::lock;
 
 use super::connection::serve_connection;
-use super::shared::Shared;
+use super::shared::{ConnClose, Shared};
 
 /// How often the accept loop looks at the stop flag.
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
@@ -19,7 +19,7 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
         match listener.accept() {
             Ok((stream, peer)) => {
                 let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-                let registered = stream.try_clone().map(|c| lock(&shared.conns).insert(id, c));
+                let registered = stream.try_clone().map(|c| lock(&shared.conns).insert(id, ConnClose::Handshake(c)));
                 if let Err(e) = registered {
                     log::warn!("engine connection from {peer}: {e}; closing it");
                     continue;
@@ -37,7 +37,7 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
                     Err(e) => {
                         log::error!("engine connection from {peer}: cannot start a thread ({e}); closing it");
                         if let Some(s) = lock(&shared.conns).remove(&id) {
-                            let _ = s.shutdown(Shutdown::Both);
+                            s.shutdown();
                         }
                     }
                 }

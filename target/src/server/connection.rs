@@ -3,7 +3,7 @@
 //! created) and claimed, the hello accepted and `TargetWelcome` sent; then the records stream
 //! is handed to the receive pool ([`super::stream`]) and the thread ends.
 
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use hindsight_consistency::wire::{
     decode_message, encode_message, read_frame, write_frame, FrameError, FrameType, TargetHello, TargetWelcome, LZ4, PROTOCOL_VERSION,
 };
 
-use super::shared::{GroupEntry, Shared};
+use super::shared::{ConnClose, GroupEntry, Shared};
 use super::stream::{send_error, start_receiving, Receiving};
 use crate::error::{AuthoriseError, CheckHelloError, GroupForHelloError};
 use crate::group::Group;
@@ -75,14 +75,6 @@ fn authorise_engine(peer: &Peer, trust: &EngineTrust) -> Result<Option<String>, 
 /// Runs the handshake of connection `id` (its key in `shared.conns`). Returns true if the
 /// connection was handed to the receive pool, which removes it from `conns` when it ends.
 pub(super) fn serve_connection(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: u64) -> bool {
-    // Shuts the reading side to wake the receive loop if the group is poisoned meanwhile.
-    let waker = match stream.try_clone() {
-        Ok(s) => s,
-        Err(e) => {
-            log::warn!("engine connection from {peer}: {e}; closing it");
-            return false;
-        }
-    };
     let setup =
         stream.set_nonblocking(false).and_then(|()| stream.set_nodelay(true)).and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)));
     if let Err(e) = setup {
@@ -105,6 +97,11 @@ pub(super) fn serve_connection(shared: &Arc<Shared>, stream: TcpStream, peer: So
     };
     let certified = conn.peer().clone();
     let (read_half, mut writer) = conn.split();
+    // From here a stop closes the connection through its halves: the handshake's duplicate of
+    // the socket goes.
+    lock(&shared.conns).insert(id, ConnClose::Open(writer.closer()));
+    // Shuts the reading side to wake the receiving task if the group is poisoned meanwhile.
+    let waker = writer.closer();
     if let Err(e) = writer.set_write_timeout(Some(WRITE_TIMEOUT)) {
         log::warn!("engine connection from {peer}: socket setup failed: {e}");
         return false;
@@ -174,9 +171,7 @@ pub(super) fn serve_connection(shared: &Arc<Shared>, stream: TcpStream, peer: So
         }
     };
     // Cleared when the claim is dropped.
-    group.on_poison(Some(Box::new(move || {
-        let _ = waker.shutdown(Shutdown::Read);
-    })));
+    group.on_poison(Some(Box::new(move || waker.shutdown_read())));
     let policy = match JournalFull::parse(&hello.on_journal_full) {
         Some(p) => p,
         None => {

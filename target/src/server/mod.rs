@@ -15,7 +15,7 @@ mod shared;
 mod stream;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -93,7 +93,7 @@ impl TargetHandle {
             let _ = t.join();
         }
         for s in lock(&shared.conns).values() {
-            let _ = s.shutdown(Shutdown::Both);
+            s.shutdown();
         }
         let threads = std::mem::take(&mut *lock(&shared.conn_threads));
         for t in threads {

@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use hindsight_consistency::config::TargetConfig;
 use hindsight_consistency::storage::Storage;
 use hindsight_consistency::sync::lock;
+use hindsight_consistency::transport::Closer;
 
 use crate::group::{Group, GroupOptions};
 
@@ -30,7 +31,7 @@ pub(super) struct Shared {
     pub(super) groups: Mutex<BTreeMap<String, GroupEntry>>,
     pub(super) stop: AtomicBool,
     /// Open engine connections, so that shutdown can close them.
-    pub(super) conns: Mutex<HashMap<u64, TcpStream>>,
+    pub(super) conns: Mutex<HashMap<u64, ConnClose>>,
     pub(super) conn_threads: Mutex<Vec<JoinHandle<()>>>,
     pub(super) next_conn: AtomicU64,
 }
@@ -59,5 +60,24 @@ impl Shared {
                 GroupEntry::Broken(_) | GroupEntry::FailedOver(_) => None,
             })
             .collect()
+    }
+}
+
+/// How a stop closes an engine connection: by a duplicate of its socket while the handshake
+/// runs, then by the connection's own closer (no descriptor of its own).
+pub(super) enum ConnClose {
+    Handshake(TcpStream),
+    Open(Closer),
+}
+
+impl ConnClose {
+    /// Shuts the connection down in both directions.
+    pub(super) fn shutdown(&self) {
+        match self {
+            ConnClose::Handshake(s) => {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            ConnClose::Open(c) => c.shutdown(),
+        }
     }
 }

@@ -118,7 +118,7 @@ pub(super) fn start_receiving(conn: Receiving) -> std::io::Result<()> {
     let waker = pool.add(&ctx, task.clone());
     let mut state = lock(&task.0 .0);
     if let Some((conn, watch)) = state.as_mut() {
-        match readiness.watch(conn.reader.get_ref().socket_fd(), waker.clone()) {
+        match readiness.watch(conn.reader.get_ref().socket(), waker.clone()) {
             Ok(w) => *watch = Some(w),
             Err(e) => {
                 end(&mut state);
