@@ -95,8 +95,8 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
     let journal_pool = tasks::Pool::new("journal", tasks::io_threads())
         .map_err(|source| EngineError::Spawn { what: "the journal threads".into(), source })?;
     // And every group's shipper on these.
-    let ship_pool =
-        tasks::Pool::new("ship", tasks::io_threads()).map_err(|source| EngineError::Spawn { what: "the shipping threads".into(), source })?;
+    let ship_pool = tasks::Pool::new("ship", tasks::io_threads())
+        .map_err(|source| EngineError::Spawn { what: "the shipping threads".into(), source })?;
     // One connection gate per target address, shared by the groups shipping there.
     let mut gates: HashMap<String, Arc<shipper::ConnectGate>> = HashMap::new();
     // One limiter per target address, shared by the groups shipping there.

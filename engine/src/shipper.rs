@@ -30,15 +30,16 @@ use hindsight_consistency::tasks::{Next, Task};
 use hindsight_consistency::transport::{Connection, Role, Security, WriteHalf};
 use hindsight_consistency::wire::frame::FRAME_HEADER_LEN;
 use hindsight_consistency::wire::{
-    compress_records, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, TargetHello, TargetWelcome, VolumeInfo, LZ4, PROTOCOL_VERSION,
+    compress_records, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, TargetHello, TargetWelcome,
+    VolumeInfo, LZ4, PROTOCOL_VERSION,
 };
 use hindsight_consistency::{Seq, WriteKind};
 
+use crate::confirms::ReaderEnd;
 use crate::delta::{Delta, DeltaScan};
 use crate::error::ShipError;
 use crate::group::{GroupHandle, LinkStats};
 use crate::hashes::HashBroker;
-use crate::confirms::ReaderEnd;
 use crate::limiter::{Limiter, Paced};
 
 /// The newest commits of a group's journal kept in memory for its shipper, which then never
@@ -251,7 +252,6 @@ impl Shipping {
     }
 }
 
-
 /// How long an idle shipper waits for new records; shorter while hash requests wait.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
 /// A target that confirms nothing for this long while shipped records wait, or takes no bytes
@@ -458,7 +458,14 @@ impl Shipper {
 
     /// Ships one async delta: every record through its point, the superseded writes as headers
     /// without data.
-    fn ship_delta(&self, reader: &mut JournalReader, delta: &Delta, frame: &mut Vec<u8>, out: &mut Out, w: &mut WriteHalf) -> Result<(), ShipError> {
+    fn ship_delta(
+        &self,
+        reader: &mut JournalReader,
+        delta: &Delta,
+        frame: &mut Vec<u8>,
+        out: &mut Out,
+        w: &mut WriteHalf,
+    ) -> Result<(), ShipError> {
         let shared = &self.group.shared;
         frame.clear();
         while reader.next_seq() <= delta.point {

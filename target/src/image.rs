@@ -206,7 +206,13 @@ impl ImageSet {
 
     /// Opens the replicas of `volumes` in `dir`: for writing, and large writes with direct
     /// I/O where the file system allows it.
-    pub fn open_replicas(fs: &Arc<dyn Storage>, group: &str, dir: &Path, volumes: &[Volume], direct_io: bool) -> Result<ImageSet, TargetError> {
+    pub fn open_replicas(
+        fs: &Arc<dyn Storage>,
+        group: &str,
+        dir: &Path,
+        volumes: &[Volume],
+        direct_io: bool,
+    ) -> Result<ImageSet, TargetError> {
         let mut set = ImageSet::empty(group);
         for v in volumes {
             let mut image = Image::open(fs.as_ref(), group, dir, v, true)?.with_direct_io(fs, group, direct_io);

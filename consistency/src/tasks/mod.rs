@@ -174,8 +174,12 @@ impl Pool {
     /// timer thread `name-timer`.
     pub fn new(name: &str, threads: usize) -> std::io::Result<Pool> {
         let (tx, rx) = crossbeam_channel::unbounded::<Arc<Slot>>();
-        let shared =
-            Arc::new(Shared { ready: tx, timers: Mutex::new(Timers::default()), timer_added: Condvar::new(), stopping: AtomicBool::new(false) });
+        let shared = Arc::new(Shared {
+            ready: tx,
+            timers: Mutex::new(Timers::default()),
+            timer_added: Condvar::new(),
+            stopping: AtomicBool::new(false),
+        });
         let size = threads.max(1);
         let mut handles = Vec::with_capacity(size + 1);
         for i in 0..size {

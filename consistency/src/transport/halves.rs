@@ -442,7 +442,9 @@ impl ReadHalf {
                 t.start < t.end
                     || t.failed.is_some()
                     || t.socket_eof
-                    || lock(&t.shared.conn).process_new_packets().map_or(true, |io| io.plaintext_bytes_to_read() > 0 || io.peer_has_closed())
+                    || lock(&t.shared.conn)
+                        .process_new_packets()
+                        .map_or(true, |io| io.plaintext_bytes_to_read() > 0 || io.peer_has_closed())
             }
         }
     }

@@ -14,8 +14,8 @@
 //! writer thread, as the data path uses them (see [`halves`] for how one TLS state machine
 //! serves both without either thread blocking the other).
 
-mod error;
 pub mod elastic;
+mod error;
 pub mod halves;
 pub mod identity;
 pub mod tls;
@@ -25,8 +25,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use error::TransportError;
 pub use elastic::ElasticReader;
+pub use error::TransportError;
 pub use halves::{Closer, ReadHalf, WriteHalf};
 pub use identity::{Identity, NameError, PeerIdentity, Role};
 pub use tls::{TlsEndpoint, TlsFiles, TlsSetupError};

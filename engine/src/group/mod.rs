@@ -22,8 +22,8 @@ use std::sync::Arc;
 use crossbeam_channel::{SendError, Sender};
 use hindsight_consistency::config::GroupConfig;
 use hindsight_consistency::journal::Journal;
-use hindsight_consistency::tasks::{Pool, Waker};
 pub use hindsight_consistency::record::{INTERVAL_POINT_NAME, RESYNC_POINT_NAME};
+use hindsight_consistency::tasks::{Pool, Waker};
 
 pub use self::items::{Barrier, BookmarkPlacement, GroupItem, Latch, ResyncDone, WriteRequest};
 use self::journal_task::JournalTask;

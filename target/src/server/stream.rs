@@ -249,4 +249,3 @@ impl Receiving {
         Step::Continue
     }
 }
-
