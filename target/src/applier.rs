@@ -44,7 +44,8 @@ use crate::records::each_record;
 /// alone).
 pub(crate) const MAX_QUEUED_BYTES: usize = 64 << 20;
 /// Most batches queued for the applier (many small batches cost little memory each, but
-/// bound them anyway).
+/// bound them anyway). The channel is unbounded underneath (a bounded one allocates and
+/// touches a slot per batch up front, for every group), and this count bounds it.
 const MAX_QUEUED_BATCHES: usize = 256;
 /// Most bytes of spare frame buffers kept for reuse (fresh memory is slow to touch first), for
 /// all the groups of the process together: enough for the frames of a few batches, and no
@@ -78,6 +79,13 @@ pub(crate) struct Replicas {
     last_time_ns: u64,
 }
 
+/// What is queued for the applier.
+#[derive(Default)]
+struct Queued {
+    bytes: usize,
+    batches: usize,
+}
+
 /// Spare frame buffers, shared by every group of the process.
 struct Spares {
     bufs: Vec<Vec<u8>>,
@@ -98,8 +106,8 @@ pub(crate) struct ApplyShared {
     /// Called once when the group is poisoned: wakes the connection thread, which may be
     /// waiting for frames while the applier fails, so that it tells the engine.
     on_poison: Mutex<Option<Box<dyn Fn() + Send>>>,
-    /// Bytes queued for the applier.
-    queued: Mutex<usize>,
+    /// Bytes and batches queued for the applier.
+    queued: Mutex<Queued>,
     /// Signalled when queued bytes are released or the applier stops.
     room: Condvar,
     /// Set when the applier is asked to stop (or has ended): it finishes the batch in hand and
@@ -117,7 +125,7 @@ impl ApplyShared {
             progress: Condvar::new(),
             poisoned: Mutex::new(None),
             on_poison: Mutex::new(None),
-            queued: Mutex::new(0),
+            queued: Mutex::new(Queued::default()),
             room: Condvar::new(),
             stop: AtomicBool::new(false),
             ended: AtomicBool::new(false),
@@ -194,18 +202,23 @@ impl ApplyShared {
         }
     }
 
-    /// Waits for room in the queue for `bytes` (always room when it is empty) and takes it.
+    /// Waits for room in the queue for a batch of `bytes` (always room when it is empty) and
+    /// takes it.
     fn reserve(&self, bytes: usize) {
         let mut q = lock(&self.queued);
-        while *q > 0 && *q + bytes > MAX_QUEUED_BYTES && !self.stop.load(Ordering::SeqCst) {
+        while q.batches > 0 && (q.bytes + bytes > MAX_QUEUED_BYTES || q.batches >= MAX_QUEUED_BATCHES) && !self.stop.load(Ordering::SeqCst)
+        {
             q = self.room.wait(q).unwrap_or_else(|p| p.into_inner());
         }
-        *q += bytes;
+        q.bytes += bytes;
+        q.batches += 1;
     }
 
+    /// Gives back the room of one batch of `bytes`.
     fn release(&self, bytes: usize) {
         let mut q = lock(&self.queued);
-        *q = q.saturating_sub(bytes);
+        q.bytes = q.bytes.saturating_sub(bytes);
+        q.batches = q.batches.saturating_sub(1);
         drop(q);
         self.room.notify_all();
     }
@@ -339,7 +352,7 @@ fn pool() -> Result<&'static Pool, TargetError> {
 impl Applier {
     /// Starts the applier of a group.
     pub fn start(shared: Arc<ApplyShared>) -> Result<Applier, TargetError> {
-        let (tx, rx) = crossbeam_channel::bounded::<Batch>(MAX_QUEUED_BATCHES);
+        let (tx, rx) = crossbeam_channel::unbounded::<Batch>();
         let waker = pool()?.add(&format!("target-apply-{}", shared.group), ApplyTask { shared: Arc::clone(&shared), rx });
         Ok(Applier { shared, tx: Mutex::new(Some(tx)), waker })
     }

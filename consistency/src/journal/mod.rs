@@ -192,7 +192,9 @@ impl Journal {
             next_seq,
             durable_seq: next_seq - 1,
             last_time_ns,
-            pending: Vec::with_capacity(1 << 20),
+            // Grows with the commits (and the tail hands buffers back): an idle journal holds
+            // none.
+            pending: Vec::new(),
             poisoned: false,
             tail: None,
             spares,

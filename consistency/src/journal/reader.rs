@@ -55,8 +55,15 @@ struct SegmentCursor {
     last_len: usize,
     /// First sequence number of the segment this cursor reads.
     segment: Seq,
+    /// How much the next refill reads at least: it starts small and doubles each time a
+    /// refill gets all it asked for, so a reader of a short segment (thousands of idle groups
+    /// each have one) holds a small buffer and one of a long segment reads in large chunks.
+    chunk: usize,
 }
 
+/// The first refill's size.
+const FIRST_READ_CHUNK: usize = 16 << 10;
+/// The largest refill.
 const READ_CHUNK: usize = 1 << 20;
 
 impl SegmentCursor {
@@ -69,6 +76,7 @@ impl SegmentCursor {
             next_seq: first_seq,
             last_len: 0,
             segment: first_seq,
+            chunk: FIRST_READ_CHUNK,
         }
     }
 
@@ -82,11 +90,14 @@ impl SegmentCursor {
         self.buf.copy_within(start..self.valid, 0);
         self.buf_off = self.pos;
         let have = self.valid - start;
-        let want = n.max(READ_CHUNK);
+        let want = n.max(self.chunk);
         if self.buf.len() < want {
             self.buf.resize(want, 0);
         }
         let got = read_fully(f, &mut self.buf[have..want], self.pos + have as u64).map_err(io_err(path, "read segment"))?;
+        if have + got == want {
+            self.chunk = (self.chunk * 2).min(READ_CHUNK);
+        }
         self.valid = have + got;
         Ok(self.valid)
     }

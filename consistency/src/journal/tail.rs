@@ -16,8 +16,9 @@ use crate::sync::lock;
 
 /// Buffers kept for reuse: fresh memory costs far more to fill than memory touched before.
 const SPARE_BUFFERS: usize = 4;
-/// Capacity of a new commit buffer.
-const BUFFER_CAPACITY: usize = 1 << 20;
+/// Capacity of a new commit buffer: small, it grows with the commits it holds (an idle
+/// group's journal holds a few of these).
+const BUFFER_CAPACITY: usize = 16 << 10;
 
 /// One commit's records, as written to the journal file.
 #[derive(Debug)]

@@ -3,8 +3,10 @@
 //! several frames in one buffer (one commit for all of them).
 //!
 //! The buffer starts at [`ElasticReader::MIN`] bytes. A read that fills it doubles it, up to
-//! the maximum given; [`ElasticReader::release`] frees it when nothing is buffered (a
-//! connection's task calls it before it parks). Only the bytes of the buffer are ever touched:
+//! the maximum given; [`ElasticReader::release`], called when nothing is buffered (a
+//! connection's task calls it before it parks), gives back a grown buffer, and keeps one of
+//! `MIN` bytes (a connection that wakes for a small frame now and then does not allocate and
+//! clear a buffer each time). Only the bytes of the buffer are ever touched:
 //! `std::io::BufReader` of a reader without `read_buf` zeroes its whole buffer on first use.
 
 use std::io::{self, BufRead, Read};
@@ -20,7 +22,7 @@ pub struct ElasticReader<R> {
 
 impl<R: Read> ElasticReader<R> {
     /// The size of the buffer after it was released or when it starts.
-    pub const MIN: usize = 64 << 10;
+    pub const MIN: usize = 16 << 10;
 
     /// A reader over `inner` whose buffer grows up to `max` bytes.
     pub fn new(inner: R, max: usize) -> ElasticReader<R> {
@@ -37,9 +39,9 @@ impl<R: Read> ElasticReader<R> {
         &self.inner
     }
 
-    /// Frees the buffer if nothing is in it.
+    /// Gives back a buffer grown past [`Self::MIN`] if nothing is in it.
     pub fn release(&mut self) {
-        if self.pos == self.filled {
+        if self.pos == self.filled && self.buf.len() > Self::MIN {
             self.buf = Vec::new();
             self.pos = 0;
             self.filled = 0;
@@ -123,7 +125,7 @@ mod tests {
         assert!(r.buf.len() > ElasticReader::<Chunks>::MIN, "a busy stream grows the buffer");
         assert!(r.buf.len() <= 1 << 20);
         r.release();
-        assert_eq!(r.buf.capacity(), 0, "released when empty");
+        assert_eq!(r.buf.capacity(), 0, "a grown buffer is released when empty");
     }
 
     #[test]
@@ -135,5 +137,8 @@ mod tests {
         r.consume(40);
         r.release();
         assert_eq!(r.buffer().len(), 60, "nothing buffered is dropped");
+        r.consume(60);
+        r.release();
+        assert_eq!(r.buf.len(), ElasticReader::<Chunks>::MIN, "the small buffer is kept");
     }
 }
