@@ -63,13 +63,13 @@ impl Task for ReaderTask {
         let mut state = lock(&self.0);
         let Some(reader) = state.as_mut() else { return Next::Done };
         if reader.r.buffer().is_empty() && !reader.r.get_ref().readable() {
-            reader.r.release();
+            let release_at = reader.r.park();
             if let Some(Err(e)) = reader.watch.as_ref().map(Watch::arm) {
                 log::warn!("group {}: cannot watch the target connection: {e}", reader.group);
                 finish(&mut state);
                 return Next::Done;
             }
-            return Next::Idle;
+            return release_at.map_or(Next::Idle, Next::At);
         }
         if reader.frame() {
             Next::Again

@@ -3,13 +3,18 @@
 //! several frames in one buffer (one commit for all of them).
 //!
 //! The buffer starts at [`ElasticReader::MIN`] bytes. A read that fills it doubles it, up to
-//! the maximum given; [`ElasticReader::release`], called when nothing is buffered (a
-//! connection's task calls it before it parks), gives back a grown buffer, and keeps one of
-//! `MIN` bytes (a connection that wakes for a small frame now and then does not allocate and
-//! clear a buffer each time). Only the bytes of the buffer are ever touched:
+//! the maximum given. A connection's task calls [`ElasticReader::park`] each time it has read
+//! everything and waits for more: a grown buffer is given back once the connection has had
+//! nothing to read for [`RELEASE_AFTER`] (a busy stream parks between frames all the time, and
+//! must keep its buffer), and one of `MIN` bytes is kept (a connection that wakes for a small
+//! frame now and then does not allocate and clear a buffer each time). Only the bytes of the buffer are ever touched:
 //! `std::io::BufReader` of a reader without `read_buf` zeroes its whole buffer on first use.
 
 use std::io::{self, BufRead, Read};
+use std::time::{Duration, Instant};
+
+/// How long a connection has nothing to read before its grown buffer is given back.
+pub const RELEASE_AFTER: Duration = Duration::from_secs(1);
 
 /// See the module documentation.
 pub struct ElasticReader<R> {
@@ -18,6 +23,8 @@ pub struct ElasticReader<R> {
     pos: usize,
     filled: usize,
     max: usize,
+    /// Since when nothing has been read (set by `park`, cleared by a read).
+    idle_since: Option<Instant>,
 }
 
 impl<R: Read> ElasticReader<R> {
@@ -26,7 +33,7 @@ impl<R: Read> ElasticReader<R> {
 
     /// A reader over `inner` whose buffer grows up to `max` bytes.
     pub fn new(inner: R, max: usize) -> ElasticReader<R> {
-        ElasticReader { inner, buf: Vec::new(), pos: 0, filled: 0, max: max.max(Self::MIN) }
+        ElasticReader { inner, buf: Vec::new(), pos: 0, filled: 0, max: max.max(Self::MIN), idle_since: None }
     }
 
     /// The bytes read from `inner` and not yet consumed.
@@ -37,6 +44,21 @@ impl<R: Read> ElasticReader<R> {
     /// The reader underneath.
     pub fn get_ref(&self) -> &R {
         &self.inner
+    }
+
+    /// The connection waits for more: gives back a grown buffer once nothing was read for
+    /// [`RELEASE_AFTER`]. Returns when to call it again (to give the buffer back) if the
+    /// buffer is still grown.
+    pub fn park(&mut self) -> Option<Instant> {
+        let since = *self.idle_since.get_or_insert_with(Instant::now);
+        if self.buf.len() <= Self::MIN {
+            return None;
+        }
+        if since.elapsed() >= RELEASE_AFTER {
+            self.release();
+            return None;
+        }
+        Some(since + RELEASE_AFTER)
     }
 
     /// Gives back a buffer grown past [`Self::MIN`] if nothing is in it.
@@ -59,6 +81,7 @@ impl<R: Read> BufRead for ElasticReader<R> {
             }
             let n = self.inner.read(&mut self.buf)?;
             self.filled = n;
+            self.idle_since = None;
             if n == self.buf.len() && self.buf.len() < self.max {
                 // Busy: the next read may bring several frames at once.
                 let grown = (self.buf.len() * 2).min(self.max);
@@ -77,6 +100,7 @@ impl<R: Read> Read for ElasticReader<R> {
     fn read(&mut self, dst: &mut [u8]) -> io::Result<usize> {
         // A large read with nothing buffered goes straight to `inner`.
         if self.pos == self.filled && dst.len() >= self.buf.len().max(Self::MIN) {
+            self.idle_since = None;
             return self.inner.read(dst);
         }
         let n = {
@@ -124,8 +148,13 @@ mod tests {
         assert_eq!(out, data);
         assert!(r.buf.len() > ElasticReader::<Chunks>::MIN, "a busy stream grows the buffer");
         assert!(r.buf.len() <= 1 << 20);
-        r.release();
-        assert_eq!(r.buf.capacity(), 0, "a grown buffer is released when empty");
+        let grown = r.buf.len();
+        let again = r.park().expect("a grown buffer is kept for a while");
+        assert_eq!(r.buf.len(), grown, "kept while the stream may go on");
+        r.idle_since = Some(Instant::now() - RELEASE_AFTER);
+        assert!(again > Instant::now() - RELEASE_AFTER);
+        assert_eq!(r.park(), None);
+        assert_eq!(r.buf.capacity(), 0, "a grown buffer is released once idle");
     }
 
     #[test]

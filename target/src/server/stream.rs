@@ -67,10 +67,11 @@ impl Task for ReceiveRef {
         let mut state = lock(&self.0 .0);
         let Some((conn, watch)) = state.as_mut() else { return Next::Done };
         if !conn.shared.stop.load(Ordering::SeqCst) && conn.reader.buffer().is_empty() && !conn.reader.get_ref().readable() {
-            // Nothing here: park until the socket has bytes (the watch, armed, wakes it).
-            conn.reader.release();
+            // Nothing here: park until the socket has bytes (the watch, armed, wakes it), or
+            // until a grown read buffer is to be given back.
+            let release_at = conn.reader.park();
             return match watch.as_ref().map(Watch::arm) {
-                None | Some(Ok(())) => Next::Idle,
+                None | Some(Ok(())) => release_at.map_or(Next::Idle, Next::At),
                 Some(Err(e)) => {
                     log::warn!("{}: cannot watch the socket ({e}); closing the connection", conn.ctx);
                     end(&mut state);
