@@ -53,7 +53,13 @@ struct Reader {
     end: Arc<ReaderEnd>,
     group: String,
     watch: Option<Watch>,
+    /// The last round read a frame.
+    just_read: bool,
 }
+
+/// How long, in milliseconds, a reader that just read a frame waits for the next before it
+/// parks.
+const BURST_WAIT_MS: u8 = 1;
 
 #[derive(Clone)]
 struct ReaderTask(Arc<Mutex<Option<Reader>>>);
@@ -62,7 +68,11 @@ impl Task for ReaderTask {
     fn run(&self) -> Next {
         let mut state = lock(&self.0);
         let Some(reader) = state.as_mut() else { return Next::Done };
-        if reader.r.buffer().is_empty() && !reader.r.get_ref().readable() {
+        // Right after a frame, the next one is waited for a moment before parking (a sync
+        // group's confirmations come one after the other).
+        let burst = std::mem::take(&mut reader.just_read);
+        let ready = if burst { reader.r.get_ref().wait_readable(BURST_WAIT_MS) } else { reader.r.get_ref().readable() };
+        if reader.r.buffer().is_empty() && !ready {
             let release_at = reader.r.park();
             if let Some(Err(e)) = reader.watch.as_ref().map(Watch::arm) {
                 log::warn!("group {}: cannot watch the target connection: {e}", reader.group);
@@ -72,6 +82,7 @@ impl Task for ReaderTask {
             return release_at.map_or(Next::Idle, Next::At);
         }
         if reader.frame() {
+            reader.just_read = true;
             Next::Again
         } else {
             finish(&mut state);
@@ -152,7 +163,9 @@ fn pool() -> std::io::Result<&'static Pool> {
     if let Some(p) = POOL.get() {
         return Ok(p);
     }
-    let p = Pool::new("confirm", 2)?;
+    // A reader waits a moment for the next frame before it parks: as many threads as the
+    // others, so that busy connections do not hold up the rest.
+    let p = Pool::new("confirm", hindsight_consistency::tasks::io_threads())?;
     Ok(POOL.get_or_init(|| p))
 }
 
@@ -168,6 +181,7 @@ pub fn start(r: ReadHalf, shared: Arc<GroupShared>, hashes: Arc<HashBroker>, gro
         end: Arc::clone(&end),
         group: group.to_owned(),
         watch: None,
+        just_read: false,
     };
     let task = ReaderTask(Arc::new(Mutex::new(Some(reader))));
     let waker = pool()?.add(&format!("confirm-{group}"), task.clone());

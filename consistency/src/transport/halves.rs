@@ -433,6 +433,24 @@ impl ReadHalf {
         }
     }
 
+    /// Waits up to `ms` milliseconds until a read would not wait (see [`ReadHalf::readable`]).
+    /// A connection's task calls it once after a frame before it parks: during a burst (a
+    /// sync group's writes one after the other) the next frame usually comes within that
+    /// time, and is read without the wake-ups of parking.
+    pub fn wait_readable(&self, ms: u8) -> bool {
+        if self.buffered() {
+            return true;
+        }
+        let mut fds = [nix::poll::PollFd::new(self.socket_fd(), nix::poll::PollFlags::POLLIN)];
+        loop {
+            match nix::poll::poll(&mut fds, ms) {
+                Ok(n) => return n > 0,
+                Err(Errno::EINTR) => {}
+                Err(_) => return true,
+            }
+        }
+    }
+
     /// True if a read would return without waiting for the socket: received bytes not yet
     /// read, or an end or error to report. The socket's own buffer is not looked at.
     pub fn buffered(&self) -> bool {

@@ -215,6 +215,7 @@ pub(super) fn serve_connection(shared: &Arc<Shared>, stream: TcpStream, peer: So
         batch: Vec::new(),
         scratch,
         packed: Vec::new(),
+        just_read: false,
     };
     match start_receiving(conn) {
         Ok(()) => true,

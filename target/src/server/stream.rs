@@ -47,7 +47,13 @@ pub(super) struct Receiving {
     pub batch: Vec<Vec<u8>>,
     pub scratch: Vec<u8>,
     pub packed: Vec<u8>,
+    /// The last round read a frame.
+    pub just_read: bool,
 }
+
+/// How long, in milliseconds, a connection that just received a frame waits for the next
+/// before it parks.
+const BURST_WAIT_MS: u8 = 1;
 
 /// What a step of the connection leads to.
 enum Step {
@@ -66,7 +72,10 @@ impl Task for ReceiveRef {
     fn run(&self) -> Next {
         let mut state = lock(&self.0 .0);
         let Some((conn, watch)) = state.as_mut() else { return Next::Done };
-        if !conn.shared.stop.load(Ordering::SeqCst) && conn.reader.buffer().is_empty() && !conn.reader.get_ref().readable() {
+        // Right after a frame, the next one is waited for a moment before parking (a burst).
+        let burst = std::mem::take(&mut conn.just_read);
+        let ready = |c: &Receiving| if burst { c.reader.get_ref().wait_readable(BURST_WAIT_MS) } else { c.reader.get_ref().readable() };
+        if !conn.shared.stop.load(Ordering::SeqCst) && conn.reader.buffer().is_empty() && !ready(conn) {
             // Nothing here: park until the socket has bytes (the watch, armed, wakes it), or
             // until a grown read buffer is to be given back.
             let release_at = conn.reader.park();
@@ -80,7 +89,10 @@ impl Task for ReceiveRef {
             };
         }
         match conn.step() {
-            Step::Continue => Next::Again,
+            Step::Continue => {
+                conn.just_read = true;
+                Next::Again
+            }
             Step::Close => {
                 end(&mut state);
                 Next::Done
