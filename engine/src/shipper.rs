@@ -540,3 +540,33 @@ impl Out {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_lets_every_group_connect_while_the_target_answers() {
+        let gate = ConnectGate::default();
+        assert!(gate.enter().is_ok());
+        assert!(gate.enter().is_ok(), "a second group connects at the same time");
+        gate.leave(true, BACKOFF_MIN);
+        gate.leave(true, BACKOFF_MIN);
+        assert!(gate.enter().is_ok());
+    }
+
+    #[test]
+    fn gate_after_a_failure_holds_the_others_then_lets_one_probe() {
+        let gate = ConnectGate::default();
+        assert!(gate.enter().is_ok());
+        gate.leave(false, Duration::from_millis(30));
+        let until = gate.enter().expect_err("the others wait out the failed attempt's backoff");
+        assert!(until > Instant::now());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(gate.enter().is_ok(), "one group probes once the backoff is over");
+        assert!(gate.enter().is_err(), "the others wait for the probe's outcome");
+        gate.leave(true, BACKOFF_MIN);
+        assert!(gate.enter().is_ok(), "the target answers again: everyone connects");
+        assert!(gate.enter().is_ok());
+    }
+}

@@ -59,6 +59,9 @@ impl std::fmt::Debug for TargetHandle {
     }
 }
 
+/// Threads that load the groups at start.
+const LOAD_THREADS: usize = 4;
+
 /// How long a stop waits for the engine connections to end once their sockets are shut.
 const CONNECTIONS_END: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -195,57 +198,74 @@ fn load_groups(fs: &Arc<dyn Storage>, config: &TargetConfig, opts: GroupOptions)
     let gdir = groups_dir(&config.data_dir);
     let mut names = fs.list(&gdir).map_err(data_dir_err(&gdir, "list groups"))?;
     names.sort();
-    let mut out = BTreeMap::new();
-    for name in names {
-        if check_name("group", &name).is_err() {
-            log::warn!("ignoring {}: not a group directory", gdir.join(&name).display());
-            continue;
-        }
-        let paths = GroupPaths::new(&config.data_dir, &name);
-        if !fs.exists(&paths.meta()) {
-            log::warn!(
-                "ignoring {}: its creation was interrupted (no group.toml); it holds nothing acknowledged and is recreated at the engine's next hello",
-                paths.dir.display()
-            );
-            continue;
-        }
-        match failover::load(fs.as_ref(), &name, &paths) {
-            Ok(None) => {}
-            Ok(Some(state)) => {
-                let why = state.refusal(&name);
-                if state.state == Stage::Requested {
-                    // Asked for while no daemon ran, or the daemon stopped before it released
-                    // the group: release it now, before anything is served.
-                    if let Err(e) = failover::release_offline(fs, paths, &name, opts, state) {
-                        let why = error_chain(&e);
-                        log::error!("group {name:?} cannot be released for its failover and will not be served: {why}");
-                        out.insert(name, GroupEntry::Broken(why));
-                        continue;
-                    }
+    // Loading is mostly waiting for the file system (a journal's tail scanned, the replicas
+    // opened): a few threads load the groups side by side.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let loaded: Mutex<Vec<(String, GroupEntry)>> = Mutex::new(Vec::with_capacity(names.len()));
+    std::thread::scope(|scope| {
+        for _ in 0..LOAD_THREADS.min(names.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(name) = names.get(i) else { return };
+                if let Some(entry) = load_group(fs, config, opts, &gdir, name.clone()) {
+                    lock(&loaded).push(entry);
                 }
-                log::info!("group {name:?} is not served: {why}");
-                out.insert(name, GroupEntry::FailedOver(why));
-                continue;
-            }
-            Err(e) => {
-                let why = error_chain(&e);
-                log::error!("group {name:?} will not be served: {why}");
-                out.insert(name, GroupEntry::Broken(why));
-                continue;
-            }
+            });
         }
-        match Group::load(Arc::clone(fs), paths, &name, opts) {
-            Ok(g) => {
-                out.insert(name, GroupEntry::Ready(Arc::new(g)));
+    });
+    Ok(loaded.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner).into_iter().collect())
+}
+
+/// Loads one group of the data directory: `None` if the directory is not a group.
+fn load_group(
+    fs: &Arc<dyn Storage>,
+    config: &TargetConfig,
+    opts: GroupOptions,
+    gdir: &std::path::Path,
+    name: String,
+) -> Option<(String, GroupEntry)> {
+    if check_name("group", &name).is_err() {
+        log::warn!("ignoring {}: not a group directory", gdir.join(&name).display());
+        return None;
+    }
+    let paths = GroupPaths::new(&config.data_dir, &name);
+    if !fs.exists(&paths.meta()) {
+        log::warn!(
+            "ignoring {}: its creation was interrupted (no group.toml); it holds nothing acknowledged and is recreated at the engine's next hello",
+            paths.dir.display()
+        );
+        return None;
+    }
+    match failover::load(fs.as_ref(), &name, &paths) {
+        Ok(None) => {}
+        Ok(Some(state)) => {
+            let why = state.refusal(&name);
+            if state.state == Stage::Requested {
+                // Asked for while no daemon ran, or the daemon stopped before it released
+                // the group: release it now, before anything is served.
+                if let Err(e) = failover::release_offline(fs, paths, &name, opts, state) {
+                    let why = error_chain(&e);
+                    log::error!("group {name:?} cannot be released for its failover and will not be served: {why}");
+                    return Some((name, GroupEntry::Broken(why)));
+                }
             }
-            Err(e) => {
-                let why = error_chain(&e);
-                log::error!("group {name:?} cannot be loaded and will not be served: {why}");
-                out.insert(name, GroupEntry::Broken(why));
-            }
+            log::info!("group {name:?} is not served: {why}");
+            return Some((name, GroupEntry::FailedOver(why)));
+        }
+        Err(e) => {
+            let why = error_chain(&e);
+            log::error!("group {name:?} will not be served: {why}");
+            return Some((name, GroupEntry::Broken(why)));
         }
     }
-    Ok(out)
+    match Group::load(Arc::clone(fs), paths, &name, opts) {
+        Ok(g) => Some((name, GroupEntry::Ready(Arc::new(g)))),
+        Err(e) => {
+            let why = error_chain(&e);
+            log::error!("group {name:?} cannot be loaded and will not be served: {why}");
+            Some((name, GroupEntry::Broken(why)))
+        }
+    }
 }
 
 fn maintenance_loop(shared: &Arc<Shared>, stop: &Receiver<()>) {
