@@ -143,6 +143,8 @@ struct Link {
     scan: Option<DeltaScan>,
     /// The last confirmation seen, and since when.
     confirmed: (Seq, Instant),
+    /// When a frame was last sent.
+    sent_at: Instant,
 }
 
 /// What a connected round leads to.
@@ -252,6 +254,8 @@ impl Shipping {
     }
 }
 
+/// After how long with nothing shipped a connection gives its frame buffers back.
+const RELEASE_AFTER: Duration = Duration::from_secs(1);
 /// How long an idle shipper waits for new records; shorter while hash requests wait.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
 /// A target that confirms nothing for this long while shipped records wait, or takes no bytes
@@ -359,7 +363,7 @@ impl Shipper {
             shipped: reader.next_seq().saturating_sub(1),
         };
         let confirmed = (shared.confirmed.load(Ordering::Acquire), Instant::now());
-        Ok(Link { w, reader, end, out, frame: Vec::new(), gather_until: None, scan: None, confirmed })
+        Ok(Link { w, reader, end, out, frame: Vec::new(), gather_until: None, scan: None, confirmed, sent_at: Instant::now() })
     }
 
     /// One round on a connection: at most one frame, or one async delta.
@@ -418,6 +422,12 @@ impl Shipper {
                 // Durable but not readable yet: a segment is being created right now.
                 return Ok(Step::Wait(now + Duration::from_millis(1)));
             }
+            if l.sent_at.elapsed() >= RELEASE_AFTER && l.frame.capacity() > 0 {
+                // Nothing shipped for a while: the frame buffers go until the next commit.
+                l.frame = Vec::new();
+                l.out.scratch = Vec::new();
+                l.out.packed = Vec::new();
+            }
             return Ok(Step::Wait(now + self.idle_wait()));
         }
         // Sync writes wait for the target: ship them at once. A small batch otherwise waits
@@ -434,6 +444,7 @@ impl Shipper {
         l.gather_until = None;
         l.out.send(&mut l.w, self.limiter.as_deref(), &l.frame, &shared.link)?;
         l.frame.clear();
+        l.sent_at = now;
         Ok(Step::Again)
     }
 

@@ -231,6 +231,19 @@ impl Journal {
         tail
     }
 
+    /// Gives back the memory kept for the next commits (the pending and staging buffers, the
+    /// tail's spare buffers): a group that has gone idle holds none; its next commit
+    /// allocates again.
+    pub fn release_memory(&mut self) {
+        if self.pending.is_empty() {
+            self.pending = Vec::new();
+        }
+        self.staging = AlignedBuf::default();
+        if let Some(t) = &self.tail {
+            t.release_spares();
+        }
+    }
+
     /// The journal directory.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -99,6 +99,11 @@ impl Tail {
         Some(chunk)
     }
 
+    /// Drops the spare buffers (the journal has gone idle).
+    pub(crate) fn release_spares(&self) {
+        lock(&self.inner).spare = Vec::new();
+    }
+
     /// Returns a chunk's buffer once read.
     pub(crate) fn recycle(&self, bytes: Vec<u8>) {
         keep_spare(&mut lock(&self.inner), bytes);

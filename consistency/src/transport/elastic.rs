@@ -61,6 +61,11 @@ impl<R: Read> ElasticReader<R> {
         Some(since + RELEASE_AFTER)
     }
 
+    /// Since when nothing has been read, if `park` was called since the last read.
+    pub fn idle_since(&self) -> Option<Instant> {
+        self.idle_since
+    }
+
     /// Gives back a buffer grown past [`Self::MIN`] if nothing is in it.
     pub fn release(&mut self) {
         if self.pos == self.filled && self.buf.len() > Self::MIN {

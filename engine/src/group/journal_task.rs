@@ -120,6 +120,8 @@ struct Sequencer {
     regulated: Option<Regulated>,
     /// How long the task sleeps when it is next idle.
     idle_wake: Duration,
+    /// The journal's buffers were given back since the last batch.
+    released: bool,
 }
 
 impl Sequencer {
@@ -143,6 +145,7 @@ impl Sequencer {
             open,
             regulated: None,
             idle_wake: IDLE_WAKE,
+            released: false,
         }
     }
 
@@ -214,6 +217,7 @@ impl Sequencer {
             return Next::Done;
         }
         self.idle_wake = IDLE_WAKE;
+        self.released = false;
         self.open_interval();
         let mut taken = self.take_batch(first);
         if action == Action::Refuse {
@@ -244,6 +248,11 @@ impl Sequencer {
         }
         let wake = self.idle_wake;
         self.idle_wake = if self.trimmed_through == trimmed { (wake * 2).min(IDLE_WAKE_MAX) } else { IDLE_WAKE };
+        if wake == IDLE_WAKE_MAX && self.idle_wake == IDLE_WAKE_MAX && !self.released {
+            // Idle for a few seconds: the buffers kept for the next commits go.
+            self.journal.release_memory();
+            self.released = true;
+        }
         let mut at = Instant::now() + wake;
         if let Some(o) = &self.open {
             if self.shared.policy.effective() == ReplicationMode::Async {

@@ -148,6 +148,12 @@ impl Group {
     pub fn buffer(&self) -> Vec<u8> {
         self.applier.shared().buffer()
     }
+
+    /// Gives back the journal's buffers kept for the next commits (the group's engine has sent
+    /// nothing for a while).
+    pub fn release_memory(&self) {
+        lock(&self.inner).journal.release_memory();
+    }
     /// A trim of history inside retention that the engine has not been told of.
     pub fn take_notice(&self) -> Option<JournalStateMsg> {
         lock(&self.notice).take()

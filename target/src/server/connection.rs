@@ -216,6 +216,7 @@ pub(super) fn serve_connection(shared: &Arc<Shared>, stream: TcpStream, peer: So
         scratch,
         packed: Vec::new(),
         just_read: false,
+        released: false,
     };
     match start_receiving(conn) {
         Ok(()) => true,

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use hindsight_consistency::sync::lock;
 use hindsight_consistency::tasks::{self, Next, Pool, Readiness, Task, Watch};
+use hindsight_consistency::transport::elastic::RELEASE_AFTER;
 use hindsight_consistency::transport::{ElasticReader, ReadHalf, WriteHalf};
 use hindsight_consistency::wire::frame::whole_frame_buffered;
 use hindsight_consistency::wire::{
@@ -49,6 +50,8 @@ pub(super) struct Receiving {
     pub packed: Vec<u8>,
     /// The last round read a frame.
     pub just_read: bool,
+    /// The group's journal buffers were given back since the last frame.
+    pub released: bool,
 }
 
 /// How long, in milliseconds, a connection that just received a frame waits for the next
@@ -78,7 +81,18 @@ impl Task for ReceiveRef {
         if !conn.shared.stop.load(Ordering::SeqCst) && conn.reader.buffer().is_empty() && !ready(conn) {
             // Nothing here: park until the socket has bytes (the watch, armed, wakes it), or
             // until a grown read buffer is to be given back.
-            let release_at = conn.reader.park();
+            let mut release_at = conn.reader.park();
+            // Idle for a while: the group's journal gives back its buffers too, once.
+            if !conn.released {
+                let since = conn.reader.idle_since().unwrap_or_else(std::time::Instant::now);
+                if since.elapsed() >= RELEASE_AFTER {
+                    conn.group.release_memory();
+                    conn.released = true;
+                } else {
+                    let at = since + RELEASE_AFTER;
+                    release_at = Some(release_at.map_or(at, |r| r.min(at)));
+                }
+            }
             return match watch.as_ref().map(Watch::arm) {
                 None | Some(Ok(())) => release_at.map_or(Next::Idle, Next::At),
                 Some(Err(e)) => {
@@ -91,6 +105,7 @@ impl Task for ReceiveRef {
         match conn.step() {
             Step::Continue => {
                 conn.just_read = true;
+                conn.released = false;
                 Next::Again
             }
             Step::Close => {
