@@ -352,7 +352,8 @@ mod tests {
         (Counter { rounds: Arc::clone(&rounds), running: Arc::new(AtomicBool::new(false)), more: AtomicUsize::new(more) }, rounds)
     }
 
-    fn wait_for(what: impl Fn() -> bool) {
+    /// Waits (at most 10 s) until `what` holds.
+    pub(super) fn wait_for(what: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !what() {
             assert!(Instant::now() < deadline, "timed out");

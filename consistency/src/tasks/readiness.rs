@@ -118,8 +118,9 @@ mod tests {
     use std::io::Write;
     use std::os::unix::net::UnixStream;
     use std::sync::atomic::AtomicUsize;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
+    use super::super::tests::wait_for;
     use super::super::{Next, Pool, Task};
     use super::*;
 
@@ -128,14 +129,6 @@ mod tests {
         fn run(&self) -> Next {
             self.0.fetch_add(1, Ordering::SeqCst);
             Next::Idle
-        }
-    }
-
-    fn wait_for(what: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !what() {
-            assert!(Instant::now() < deadline, "timed out");
-            std::thread::sleep(Duration::from_millis(1));
         }
     }
 

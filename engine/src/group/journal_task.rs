@@ -54,7 +54,13 @@ impl JournalTask {
 impl Task for JournalTask {
     fn run(&self) -> Next {
         // The pool runs one round at a time: the lock is never contended.
-        lock(&self.0).round()
+        let mut s = lock(&self.0);
+        let next = s.round();
+        if next == Next::Done {
+            // Senders learn that the group takes nothing more, as from a closed channel.
+            s.room.close();
+        }
+        next
     }
 }
 

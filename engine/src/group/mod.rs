@@ -49,7 +49,9 @@ impl GroupHandle {
     /// Queues an item for the journal task and wakes it. Waits while the channel is full (a
     /// stalled disk pushes back on the agents). Fails once the task has ended.
     pub fn send(&self, item: GroupItem) -> Result<(), SendError<GroupItem>> {
-        self.room.take();
+        if !self.room.take() {
+            return Err(SendError(item));
+        }
         if let Err(e) = self.tx.send(item) {
             self.room.give(1);
             return Err(e);

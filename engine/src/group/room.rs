@@ -4,7 +4,7 @@
 //! room before it queues an item, and waits while [`QUEUE_ITEMS`] are queued, so that a stalled
 //! disk pushes back on the agents instead of growing memory.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -20,25 +20,41 @@ const RECHECK: Duration = Duration::from_millis(50);
 #[derive(Default)]
 pub struct Room {
     queued: AtomicUsize,
+    /// The journal task has ended: nothing queued is taken any more.
+    closed: AtomicBool,
     lock: Mutex<()>,
     freed: Condvar,
 }
 
 impl Room {
-    /// Takes room for one item, waiting while the channel is full.
-    pub fn take(&self) {
+    /// Takes room for one item, waiting while the channel is full. False once the journal
+    /// task has ended (the item must not be queued).
+    pub fn take(&self) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
         if self.queued.fetch_add(1, Ordering::AcqRel) < QUEUE_ITEMS {
-            return;
+            return true;
         }
         self.queued.fetch_sub(1, Ordering::AcqRel);
         let mut g = lock(&self.lock);
         loop {
+            if self.closed.load(Ordering::Acquire) {
+                return false;
+            }
             let q = self.queued.load(Ordering::Acquire);
             if q < QUEUE_ITEMS && self.queued.compare_exchange(q, q + 1, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                return;
+                return true;
             }
             g = self.freed.wait_timeout(g, RECHECK).map_or_else(|p| p.into_inner().0, |(g, _)| g);
         }
+    }
+
+    /// The journal task has ended: senders waiting for room, and later ones, are refused.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let _g = lock(&self.lock);
+        self.freed.notify_all();
     }
 
     /// Gives back the room of `n` items taken off the channel (or never queued).
@@ -65,12 +81,12 @@ mod tests {
     fn a_full_channel_makes_the_sender_wait_until_room_is_given() {
         let room = Arc::new(Room::default());
         for _ in 0..QUEUE_ITEMS {
-            room.take();
+            assert!(room.take());
         }
         let r = Arc::clone(&room);
         let waiter = std::thread::spawn(move || {
             let start = Instant::now();
-            r.take();
+            assert!(r.take());
             start.elapsed()
         });
         std::thread::sleep(Duration::from_millis(100));
@@ -79,5 +95,20 @@ mod tests {
         let waited = waiter.join().unwrap();
         assert!(waited >= Duration::from_millis(100));
         assert_eq!(room.queued.load(Ordering::SeqCst), QUEUE_ITEMS);
+    }
+
+    #[test]
+    fn a_closed_room_refuses_waiting_and_later_senders() {
+        let room = Arc::new(Room::default());
+        for _ in 0..QUEUE_ITEMS {
+            assert!(room.take());
+        }
+        let r = Arc::clone(&room);
+        let waiter = std::thread::spawn(move || r.take());
+        std::thread::sleep(Duration::from_millis(50));
+        room.close();
+        assert!(!waiter.join().unwrap(), "a sender waiting for room is refused once the task ended");
+        room.give(1);
+        assert!(!room.take(), "and so is a later one");
     }
 }
