@@ -160,13 +160,9 @@ impl Reader {
 /// The threads that read every shipping connection of this process.
 fn pool() -> std::io::Result<&'static Pool> {
     static POOL: OnceLock<Pool> = OnceLock::new();
-    if let Some(p) = POOL.get() {
-        return Ok(p);
-    }
     // A reader waits a moment for the next frame before it parks: as many threads as the
     // others, so that busy connections do not hold up the rest.
-    let p = Pool::new("confirm", hindsight_consistency::tasks::io_threads())?;
-    Ok(POOL.get_or_init(|| p))
+    Pool::process_wide(&POOL, "confirm", hindsight_consistency::tasks::io_threads())
 }
 
 /// Starts reading the target's side of a shipping connection; the returned end says when it

@@ -341,12 +341,7 @@ impl Task for ApplyTask {
 /// The threads that run every group's applier in this process, started with the first group.
 fn pool() -> Result<&'static Pool, TargetError> {
     static POOL: OnceLock<Pool> = OnceLock::new();
-    if let Some(p) = POOL.get() {
-        return Ok(p);
-    }
-    let p = Pool::new("target-apply", tasks::io_threads()).map_err(|source| TargetError::Spawn { what: "applier", source })?;
-    // Should another group have started it meanwhile, this one is dropped (its threads stop).
-    Ok(POOL.get_or_init(|| p))
+    Pool::process_wide(&POOL, "target-apply", tasks::io_threads()).map_err(|source| TargetError::Spawn { what: "applier", source })
 }
 
 impl Applier {

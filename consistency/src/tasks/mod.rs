@@ -28,7 +28,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -166,7 +166,6 @@ fn wake(shared: &Shared, slot: &Arc<Slot>) {
 pub struct Pool {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    size: usize,
 }
 
 impl Pool {
@@ -188,12 +187,17 @@ impl Pool {
         }
         let s = Arc::clone(&shared);
         handles.push(std::thread::Builder::new().name(format!("{name}-timer")).spawn(move || timer_loop(&s))?);
-        Ok(Pool { shared, threads: Mutex::new(handles), size })
+        Ok(Pool { shared, threads: Mutex::new(handles) })
     }
 
-    /// How many worker threads run tasks.
-    pub fn size(&self) -> usize {
-        self.size
+    /// The process's pool kept in `cell`, started with `threads` threads on first use (should
+    /// two callers start it at once, one pool is kept and the other stopped).
+    pub fn process_wide(cell: &'static OnceLock<Pool>, name: &str, threads: usize) -> std::io::Result<&'static Pool> {
+        if let Some(p) = cell.get() {
+            return Ok(p);
+        }
+        let p = Pool::new(name, threads)?;
+        Ok(cell.get_or_init(|| p))
     }
 
     /// Adds a task and runs its first round soon. `name` is for the log (a panic names it).

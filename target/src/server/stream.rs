@@ -129,11 +129,7 @@ fn end(state: &mut Option<(Receiving, Option<Watch>)>) {
 /// The threads that run every engine connection's task in this process.
 fn pool() -> std::io::Result<&'static Pool> {
     static POOL: OnceLock<Pool> = OnceLock::new();
-    if let Some(p) = POOL.get() {
-        return Ok(p);
-    }
-    let p = Pool::new("target-recv", tasks::io_threads())?;
-    Ok(POOL.get_or_init(|| p))
+    Pool::process_wide(&POOL, "target-recv", tasks::io_threads())
 }
 
 /// Hands a welcomed connection to the receive pool. Fails (and the connection is closed) if
