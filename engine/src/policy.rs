@@ -30,6 +30,8 @@ use crate::acks::{send_acks, Acks};
 
 /// Longest pause put before one commit's acknowledgements when regulating.
 const MAX_REGULATION_DELAY: Duration = Duration::from_secs(1);
+/// The shortest span over which the rate the target confirms at is measured.
+const RATE_WINDOW: Duration = Duration::from_millis(100);
 /// Pause when regulating before the link's rate is known.
 const FIRST_REGULATION_DELAY: Duration = Duration::from_millis(100);
 
@@ -195,8 +197,10 @@ impl Policy {
             }
             let now = Instant::now();
             match lag.last_confirm {
-                Some((at, bytes)) if lag.confirmed_bytes > bytes => {
-                    let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+                // Over at least RATE_WINDOW: confirmations read one right after the other
+                // (a burst after a pause) would otherwise count as a link far faster than it is.
+                Some((at, bytes)) if lag.confirmed_bytes > bytes && now.duration_since(at) >= RATE_WINDOW => {
+                    let secs = now.duration_since(at).as_secs_f64();
                     let rate = (lag.confirmed_bytes - bytes) as f64 / secs;
                     lag.rate = if lag.rate == 0.0 { rate } else { 0.7 * lag.rate + 0.3 * rate };
                     lag.last_confirm = Some((now, lag.confirmed_bytes));
