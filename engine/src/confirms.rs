@@ -1,12 +1,12 @@
 //! The reading side of a shipping connection: the target's confirmations, journal states,
-//! hash replies and errors. It is a task of the engine's confirm pool, woken when the socket
+//! hash replies and errors. It is a task of the engine's link pool, woken when the socket
 //! has bytes (`tasks::Readiness`), so a connection with nothing to say holds no thread.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 
 use hindsight_consistency::sync::lock;
-use hindsight_consistency::tasks::{Next, Pool, Readiness, Task, Watch};
+use hindsight_consistency::tasks::{start_reading, Reading, Step, Waker};
 use hindsight_consistency::transport::{ElasticReader, ReadHalf};
 use hindsight_consistency::wire::{decode_confirm, decode_message, read_frame, ErrorMessage, FrameType, HashReply, JournalStateMsg};
 
@@ -44,7 +44,7 @@ impl ReaderEnd {
     }
 }
 
-/// The reader's state, and the watch on its socket once it is set.
+/// The reader's state.
 struct Reader {
     r: ElasticReader<ReadHalf>,
     payload: Vec<u8>,
@@ -52,50 +52,30 @@ struct Reader {
     hashes: Arc<HashBroker>,
     end: Arc<ReaderEnd>,
     group: String,
-    watch: Option<Watch>,
-    /// The last round read a frame.
-    just_read: bool,
 }
 
-/// How long, in milliseconds, a reader that just read a frame waits for the next before it
-/// parks.
-const BURST_WAIT_MS: u8 = 1;
-
-#[derive(Clone)]
-struct ReaderTask(Arc<Mutex<Option<Reader>>>);
-
-impl Task for ReaderTask {
-    fn run(&self) -> Next {
-        let mut state = lock(&self.0);
-        let Some(reader) = state.as_mut() else { return Next::Done };
+impl Reading for Reader {
+    fn ready(&mut self, burst: bool) -> bool {
         // Right after a frame, the next one is waited for a moment before parking (a sync
         // group's confirmations come one after the other).
-        let burst = std::mem::take(&mut reader.just_read);
-        let ready = if burst { reader.r.get_ref().wait_readable(BURST_WAIT_MS) } else { reader.r.get_ref().readable() };
-        if reader.r.buffer().is_empty() && !ready {
-            let release_at = reader.r.park();
-            if let Some(Err(e)) = reader.watch.as_ref().map(Watch::arm) {
-                log::warn!("group {}: cannot watch the target connection: {e}", reader.group);
-                finish(&mut state);
-                return Next::Done;
-            }
-            return release_at.map_or(Next::Idle, Next::At);
-        }
-        if reader.frame() {
-            reader.just_read = true;
-            Next::Again
+        self.r.has_input(burst)
+    }
+
+    fn parking(&mut self) -> Option<std::time::Instant> {
+        self.r.park()
+    }
+
+    fn step(&mut self, _me: &Waker) -> Step {
+        if self.frame() {
+            Step::Continue
         } else {
-            finish(&mut state);
-            Next::Done
+            Step::Close
         }
     }
-}
 
-fn finish(state: &mut Option<Reader>) {
-    if let Some(reader) = state.take() {
-        reader.r.get_ref().shutdown();
-        drop(reader.watch);
-        reader.end.finish();
+    fn end(self) {
+        self.r.get_ref().shutdown();
+        self.end.finish();
     }
 }
 
@@ -157,14 +137,6 @@ impl Reader {
     }
 }
 
-/// The threads that read every shipping connection of this process.
-fn pool() -> std::io::Result<&'static Pool> {
-    static POOL: OnceLock<Pool> = OnceLock::new();
-    // A reader waits a moment for the next frame before it parks: as many threads as the
-    // others, so that busy connections do not hold up the rest.
-    Pool::process_wide(&POOL, "confirm", hindsight_consistency::tasks::io_threads())
-}
-
 /// Starts reading the target's side of a shipping connection; the returned end says when it
 /// broke and when the reader has finished.
 pub fn start(r: ReadHalf, shared: Arc<GroupShared>, hashes: Arc<HashBroker>, group: &str) -> std::io::Result<Arc<ReaderEnd>> {
@@ -176,22 +148,7 @@ pub fn start(r: ReadHalf, shared: Arc<GroupShared>, hashes: Arc<HashBroker>, gro
         hashes,
         end: Arc::clone(&end),
         group: group.to_owned(),
-        watch: None,
-        just_read: false,
     };
-    let task = ReaderTask(Arc::new(Mutex::new(Some(reader))));
-    let waker = pool()?.add(&format!("confirm-{group}"), task.clone());
-    let mut state = lock(&task.0);
-    if let Some(reader) = state.as_mut() {
-        match Readiness::global().and_then(|g| g.watch(reader.r.get_ref().socket(), waker.clone())) {
-            Ok(w) => reader.watch = Some(w),
-            Err(e) => {
-                finish(&mut state);
-                return Err(e);
-            }
-        }
-    }
-    drop(state);
-    waker.wake();
+    start_reading(crate::connection::link_pool()?, &format!("confirm-{group}"), reader.r.get_ref().socket(), reader)?;
     Ok(end)
 }

@@ -5,11 +5,14 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+use hindsight_consistency::tasks::Pool;
 
 use hindsight_consistency::transport::{Security, WriteHalf};
 use hindsight_consistency::wire::{encode_message, write_frame, ErrorMessage, FrameType, QuiescedMsg, ResyncStatus};
 
+use crate::acks::AckTo;
 use crate::group::GroupHandle;
 use crate::hashes::HashBroker;
 
@@ -49,8 +52,17 @@ pub struct Session {
     pub vm: String,
     /// The groups of its volumes.
     pub groups: HashSet<String>,
-    /// Control frames to it (sent by its acknowledgement writer, between acknowledgements).
-    pub control: crossbeam_channel::Sender<(FrameType, Vec<u8>)>,
+    /// Frames to it (sent by its writer, in order with its acknowledgements).
+    pub out: AckTo,
+}
+
+/// The threads that read and write every agent connection and every shipping connection's
+/// target side in this process (tasks woken by their sockets and outboxes).
+pub fn link_pool() -> std::io::Result<&'static Pool> {
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    // A reader waits a moment for the next frame before it parks: as many threads as the
+    // others, so that busy connections do not hold up the rest.
+    Pool::process_wide(&POOL, "link", hindsight_consistency::tasks::io_threads())
 }
 
 /// Refuses a connection: logs why, tells the peer in an `Error` frame and closes.

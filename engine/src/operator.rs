@@ -17,6 +17,7 @@ use hindsight_consistency::wire::{
 };
 use hindsight_consistency::{BookmarkBody, PointConsistency};
 
+use crate::acks::AckTo;
 use crate::connection::{refuse, Registry};
 use crate::error::RequestError;
 use crate::group::{BookmarkPlacement, GroupHandle, GroupItem, Latch};
@@ -221,7 +222,7 @@ fn place_in_groups(
 struct Quiesce {
     id: u64,
     /// The sessions asked, to be thawed.
-    asked: Vec<crossbeam_channel::Sender<(FrameType, Vec<u8>)>>,
+    asked: Vec<AckTo>,
     /// Why the point is not application-consistent (`None`: every agent quiesced).
     failure: Option<String>,
 }
@@ -240,8 +241,8 @@ impl Quiesce {
                 continue;
             }
             let msg = encode_message(&QuiesceMsg { id, timeout_ms });
-            if s.control.send((FrameType::Quiesce, msg)).is_ok() {
-                asked.push(s.control.clone());
+            if s.out.frame(FrameType::Quiesce, msg) {
+                asked.push(Arc::clone(&s.out));
                 vms.push(s.vm.clone());
             }
         }
@@ -281,7 +282,7 @@ impl Quiesce {
     fn end(self, reg: &Registry) {
         let msg = encode_message(&ThawMsg { id: self.id });
         for c in &self.asked {
-            let _ = c.send((FrameType::Thaw, msg.clone()));
+            c.frame(FrameType::Thaw, msg.clone());
         }
         lock(&reg.quiesce_waits).remove(&self.id);
     }

@@ -19,14 +19,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
 use hindsight_consistency::config::{GroupConfig, ReplicationMode, SyncLoss};
 use hindsight_consistency::record::Seq;
 use hindsight_consistency::sync::lock;
 use hindsight_consistency::time::now_ns;
 use hindsight_consistency::wire::WriteAck;
 
-use crate::acks::{send_acks, Acks};
+use crate::acks::{send_acks, AckTo};
 
 /// Longest pause put before one commit's acknowledgements when regulating.
 const MAX_REGULATION_DELAY: Duration = Duration::from_secs(1);
@@ -39,7 +38,7 @@ const FIRST_REGULATION_DELAY: Duration = Duration::from_millis(100);
 struct Held {
     seq: Seq,
     since: Instant,
-    to: Sender<Acks>,
+    to: AckTo,
     ack: WriteAck,
 }
 
@@ -158,7 +157,7 @@ impl Policy {
     /// updates it under, never before them: a confirmation read earlier could be older than
     /// one that then found nothing held to release, and the acknowledgements would wait for
     /// the next confirmation (a whole write later, or `sync_timeout` if none comes).
-    pub fn committed(&self, acks: Vec<(Sender<Acks>, WriteAck)>, last_seq: Seq, bytes: u64, time_ns: u64) {
+    pub fn committed(&self, acks: Vec<(AckTo, WriteAck)>, last_seq: Seq, bytes: u64, time_ns: u64) {
         {
             let mut lag = lock(&self.lag);
             lag.committed_bytes += bytes;
@@ -393,6 +392,7 @@ fn release_through(held: &mut VecDeque<Held>, seq: Seq) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::acks::testing::{next_acks, outbox};
     use hindsight_consistency::config::EngineConfig;
 
     fn sync_group() -> GroupConfig {
@@ -409,15 +409,15 @@ mod tests {
     #[test]
     fn sync_ack_committed_after_its_confirmation_is_released_at_once() {
         let p = Policy::new(&sync_group(), 0, 0);
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = outbox();
         p.committed(vec![(tx.clone(), ack(1))], 1, 4096, 1);
         p.confirmed(1, 1);
-        assert_eq!(rx.try_recv().unwrap(), vec![ack(1)]);
+        assert_eq!(next_acks(&rx).unwrap(), vec![ack(1)]);
         // The shipper sends a commit once it is durable: the target's confirmation of seq 2
         // can arrive before the journal task hands the commit's acknowledgements over.
         p.confirmed(2, 2);
         p.committed(vec![(tx, ack(2))], 2, 4096, 2);
-        assert_eq!(rx.try_recv().ok(), Some(vec![ack(2)]), "the acknowledgement waits for a confirmation that already came");
+        assert_eq!(next_acks(&rx), Some(vec![ack(2)]), "the acknowledgement waits for a confirmation that already came");
         assert_eq!(
             p.lag(),
             Lag { writes: 0, bytes: 0, age: Duration::ZERO, confirmed_time_ns: 2 },
@@ -432,7 +432,7 @@ mod tests {
         config.regulate = true;
         let p = Policy::new(&config, 0, 0);
         p.target_connected(true);
-        let (tx, _rx) = crossbeam_channel::unbounded();
+        let (tx, _rx) = outbox();
         // A commit written 10 s ago that the target has not confirmed: far past half the RPO.
         let long_ago = now_ns() - 10_000_000_000;
         p.committed(vec![(tx, ack(1))], 1, 1 << 20, long_ago);
@@ -446,14 +446,14 @@ mod tests {
     #[test]
     fn sync_ack_waits_for_its_confirmation() {
         let p = Policy::new(&sync_group(), 0, 0);
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = outbox();
         p.committed(vec![(tx.clone(), ack(1)), (tx, ack(2))], 2, 8192, 1);
-        assert!(rx.try_recv().is_err(), "held until the target confirms");
+        assert!(next_acks(&rx).is_none(), "held until the target confirms");
         p.confirmed(1, 2);
-        assert_eq!(rx.try_recv().unwrap(), vec![ack(1)]);
+        assert_eq!(next_acks(&rx).unwrap(), vec![ack(1)]);
         assert_eq!(p.lag().writes, 1);
         p.confirmed(2, 2);
-        assert_eq!(rx.try_recv().unwrap(), vec![ack(2)]);
+        assert_eq!(next_acks(&rx).unwrap(), vec![ack(2)]);
         assert_eq!(p.lag().writes, 0);
     }
 }

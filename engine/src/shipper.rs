@@ -6,7 +6,7 @@
 //! journal (never past what is durable here: the target must never hold a write the engine
 //! could lose). Each round sends at most one frame (or one async delta), so a busy group
 //! delays another by one frame at most. The target's confirmations are read by a task of the
-//! confirm pool ([`crate::confirms`]), woken when they arrive; the journal task deletes
+//! link pool ([`crate::confirms`]), woken when they arrive; the journal task deletes
 //! segments once they are confirmed. Connecting blocks a pool thread for at most
 //! `CONNECT_TIMEOUT` plus the handshake, and only one group at a time tries a target that has
 //! just failed to answer ([`ConnectGate`]): an unreachable target never ties up the threads

@@ -37,7 +37,9 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::sync::lock;
 
 mod readiness;
+mod reading;
 pub use readiness::{Readiness, Socket, Watch};
+pub use reading::{start_reading, Reading, Step, BURST_WAIT_MS};
 
 /// One group's (or one connection's) work, run a round at a time by the pool.
 pub trait Task: Send + Sync + 'static {

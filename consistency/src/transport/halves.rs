@@ -468,6 +468,16 @@ impl ReadHalf {
     }
 }
 
+impl super::ElasticReader<ReadHalf> {
+    /// True if a read would not wait: bytes buffered here or in the TLS layer, or waiting in
+    /// the socket. `burst`: wait up to [`crate::tasks::BURST_WAIT_MS`] for the socket (see
+    /// [`ReadHalf::wait_readable`]).
+    pub fn has_input(&self, burst: bool) -> bool {
+        !self.buffer().is_empty()
+            || if burst { self.get_ref().wait_readable(crate::tasks::BURST_WAIT_MS) } else { self.get_ref().readable() }
+    }
+}
+
 impl WriteHalf {
     /// Sends all of `buf`.
     pub fn send(&self, buf: &[u8]) -> io::Result<()> {

@@ -8,7 +8,7 @@ use crossbeam_channel::Sender;
 use hindsight_consistency::record::{Seq, WriteKind};
 use hindsight_consistency::sync::lock;
 
-use crate::acks::Acks;
+use crate::acks::AckTo;
 use crate::error::GroupError;
 
 /// One write on its way into the journal.
@@ -29,7 +29,7 @@ pub struct WriteRequest {
     /// Where the data starts in `payload`.
     pub data_at: usize,
     /// Where the acknowledgement goes.
-    pub ack: Sender<Acks>,
+    pub ack: AckTo,
 }
 
 /// What a group's journal task takes from its channel.

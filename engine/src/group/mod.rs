@@ -27,7 +27,7 @@ use hindsight_consistency::tasks::{Pool, Waker};
 
 pub use self::items::{Barrier, BookmarkPlacement, GroupItem, Latch, ResyncDone, WriteRequest};
 use self::journal_task::JournalTask;
-use self::room::Room;
+use self::room::{Offer, Room};
 pub use self::shared::{GroupShared, LinkStats};
 
 /// A running group: the way into its journal task and the shared state.
@@ -52,6 +52,20 @@ impl GroupHandle {
         if !self.room.take() {
             return Err(SendError(item));
         }
+        self.queue(item)
+    }
+
+    /// Queues an item without waiting: with the channel full the item comes back, and `waiter`
+    /// is woken once there is room (offer it again then). `Err` once the task has ended.
+    pub fn offer(&self, item: GroupItem, waiter: &Waker) -> Result<Option<GroupItem>, SendError<GroupItem>> {
+        match self.room.offer(waiter) {
+            Offer::Taken => self.queue(item).map(|()| None),
+            Offer::Full => Ok(Some(item)),
+            Offer::Closed => Err(SendError(item)),
+        }
+    }
+
+    fn queue(&self, item: GroupItem) -> Result<(), SendError<GroupItem>> {
         if let Err(e) = self.tx.send(item) {
             self.room.give(1);
             return Err(e);

@@ -215,7 +215,6 @@ pub(super) fn serve_connection(shared: &Arc<Shared>, stream: TcpStream, peer: So
         batch: Vec::new(),
         scratch,
         packed: Vec::new(),
-        just_read: false,
         released: false,
     };
     match start_receiving(conn) {

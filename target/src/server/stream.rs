@@ -4,10 +4,11 @@
 
 use std::io::Write;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use hindsight_consistency::sync::lock;
-use hindsight_consistency::tasks::{self, Next, Pool, Readiness, Task, Watch};
+use hindsight_consistency::tasks::{self, start_reading, Pool, Reading, Step, Waker};
 use hindsight_consistency::transport::elastic::RELEASE_AFTER;
 use hindsight_consistency::transport::{ElasticReader, ReadHalf, WriteHalf};
 use hindsight_consistency::wire::frame::whole_frame_buffered;
@@ -48,80 +49,40 @@ pub(super) struct Receiving {
     pub batch: Vec<Vec<u8>>,
     pub scratch: Vec<u8>,
     pub packed: Vec<u8>,
-    /// The last round read a frame.
-    pub just_read: bool,
     /// The group's journal buffers were given back since the last frame.
     pub released: bool,
 }
 
-/// How long, in milliseconds, a connection that just received a frame waits for the next
-/// before it parks.
-const BURST_WAIT_MS: u8 = 1;
-
-/// What a step of the connection leads to.
-enum Step {
-    Continue,
-    Close,
-}
-
-/// A connection being received, and the watch on its socket once it is set.
-struct ReceiveTask(Mutex<Option<(Receiving, Option<Watch>)>>);
-
-/// The connection's task, shared by the pool and whoever sets its watch.
-#[derive(Clone)]
-struct ReceiveRef(Arc<ReceiveTask>);
-
-impl Task for ReceiveRef {
-    fn run(&self) -> Next {
-        let mut state = lock(&self.0 .0);
-        let Some((conn, watch)) = state.as_mut() else { return Next::Done };
-        // Right after a frame, the next one is waited for a moment before parking (a burst).
-        let burst = std::mem::take(&mut conn.just_read);
-        let ready = |c: &Receiving| if burst { c.reader.get_ref().wait_readable(BURST_WAIT_MS) } else { c.reader.get_ref().readable() };
-        if !conn.shared.stop.load(Ordering::SeqCst) && conn.reader.buffer().is_empty() && !ready(conn) {
-            // Nothing here: park until the socket has bytes (the watch, armed, wakes it), or
-            // until a grown read buffer is to be given back.
-            let mut release_at = conn.reader.park();
-            // Idle for a while: the group's journal gives back its buffers too, once.
-            if !conn.released {
-                let since = conn.reader.idle_since().unwrap_or_else(std::time::Instant::now);
-                if since.elapsed() >= RELEASE_AFTER {
-                    conn.group.release_memory();
-                    conn.released = true;
-                } else {
-                    let at = since + RELEASE_AFTER;
-                    release_at = Some(release_at.map_or(at, |r| r.min(at)));
-                }
-            }
-            return match watch.as_ref().map(Watch::arm) {
-                None | Some(Ok(())) => release_at.map_or(Next::Idle, Next::At),
-                Some(Err(e)) => {
-                    log::warn!("{}: cannot watch the socket ({e}); closing the connection", conn.ctx);
-                    end(&mut state);
-                    Next::Done
-                }
-            };
-        }
-        match conn.step() {
-            Step::Continue => {
-                conn.just_read = true;
-                conn.released = false;
-                Next::Again
-            }
-            Step::Close => {
-                end(&mut state);
-                Next::Done
-            }
-        }
+impl Reading for Receiving {
+    fn ready(&mut self, burst: bool) -> bool {
+        self.shared.stop.load(Ordering::SeqCst) || self.reader.has_input(burst)
     }
-}
 
-/// Ends a connection: its watch, claim and socket go, and shutdown no longer waits for it.
-fn end(state: &mut Option<(Receiving, Option<Watch>)>) {
-    if let Some((conn, watch)) = state.take() {
-        drop(watch);
-        let (shared, id) = (Arc::clone(&conn.shared), conn.id);
-        drop(conn);
+    /// Gives back a grown read buffer after a while, and, once, the group's journal buffers.
+    fn parking(&mut self) -> Option<Instant> {
+        let release_at = self.reader.park();
+        if self.released {
+            return release_at;
+        }
+        let since = self.reader.idle_since().unwrap_or_else(Instant::now);
+        if since.elapsed() >= RELEASE_AFTER {
+            self.group.release_memory();
+            self.released = true;
+            return release_at;
+        }
+        let at = since + RELEASE_AFTER;
+        Some(release_at.map_or(at, |r| r.min(at)))
+    }
+
+    fn step(&mut self, _me: &Waker) -> Step {
+        self.released = false;
+        self.receive()
+    }
+
+    /// Its watch, claim and socket go, and shutdown no longer waits for it.
+    fn end(self) {
+        let (shared, id) = (Arc::clone(&self.shared), self.id);
+        drop(self);
         lock(&shared.conns).remove(&id);
     }
 }
@@ -135,24 +96,14 @@ fn pool() -> std::io::Result<&'static Pool> {
 /// Hands a welcomed connection to the receive pool. Fails (and the connection is closed) if
 /// the pool or the watch cannot be set up.
 pub(super) fn start_receiving(conn: Receiving) -> std::io::Result<()> {
-    let pool = pool()?;
-    let readiness = Readiness::global()?;
-    let ctx = conn.ctx.clone();
-    let task = ReceiveRef(Arc::new(ReceiveTask(Mutex::new(Some((conn, None))))));
-    let waker = pool.add(&ctx, task.clone());
-    let mut state = lock(&task.0 .0);
-    if let Some((conn, watch)) = state.as_mut() {
-        match readiness.watch(conn.reader.get_ref().socket(), waker.clone()) {
-            Ok(w) => *watch = Some(w),
-            Err(e) => {
-                end(&mut state);
-                return Err(e);
-            }
+    let (ctx, socket) = (conn.ctx.clone(), conn.reader.get_ref().socket());
+    match pool() {
+        Ok(pool) => start_reading(pool, &ctx, socket, conn).map(drop),
+        Err(e) => {
+            conn.end();
+            Err(e)
         }
     }
-    drop(state);
-    waker.wake();
-    Ok(())
 }
 
 impl Receiving {
@@ -160,7 +111,7 @@ impl Receiving {
     /// already arrived together) and confirms the batch as soon as it is committed; the
     /// group's applier applies it to the replicas meanwhile. A `TargetHashRequest` ends a
     /// batch and is answered once every record before it is applied.
-    fn step(&mut self) -> Step {
+    fn receive(&mut self) -> Step {
         let ctx = &self.ctx;
         // One frame, waiting for it; then any that are already here.
         let mut pending_error: Option<(FrameError, bool)> = None;
