@@ -85,7 +85,7 @@ fn idle_agent_connections_hold_no_engine_thread() {
 
     for n in 1..AGENTS {
         let mut a = Agent::connect(addr, n);
-        assert_eq!(a.write(1, n as u8).status, WriteAck::OK);
+        assert_eq!(a.write(1, u8::try_from(n).unwrap()).status, WriteAck::OK);
         agents.push(a);
     }
     let all = settled_threads(one);
@@ -93,7 +93,7 @@ fn idle_agent_connections_hold_no_engine_thread() {
 
     // Idle connections still serve, each its own acknowledgements.
     for (n, a) in agents.iter_mut().enumerate() {
-        let ack = a.write(2, n as u8);
+        let ack = a.write(2, u8::try_from(n).unwrap());
         assert_eq!((ack.req_id, ack.status), (2, WriteAck::OK), "agent {n}");
     }
     drop(agents);
