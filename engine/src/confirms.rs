@@ -62,7 +62,7 @@ impl Reading for Reader {
     }
 
     fn parking(&mut self) -> Option<std::time::Instant> {
-        self.r.park()
+        self.r.park_idle()
     }
 
     fn step(&mut self, _me: &Waker) -> Step {

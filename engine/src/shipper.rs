@@ -427,6 +427,7 @@ impl Shipper {
                 l.frame = Vec::new();
                 l.out.scratch = Vec::new();
                 l.out.packed = Vec::new();
+                l.w.release();
             }
             return Ok(Step::Wait(now + self.idle_wait()));
         }

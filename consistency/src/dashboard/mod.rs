@@ -138,7 +138,8 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 pub const HISTORY_SPAN: Duration = Duration::from_secs(3600);
 
 /// Each group's lag over the last hour, sampled every [`SAMPLE_EVERY`] (in memory: it starts
-/// empty with the daemon).
+/// empty with the daemon). A run of equal samples is kept as its first and last (a line on the
+/// chart all the same), so an idle group's hour is two samples, not 720.
 #[derive(Debug, Default)]
 pub struct LagHistory {
     groups: Mutex<HashMap<String, VecDeque<(f64, f64)>>>,
@@ -152,9 +153,30 @@ impl LagHistory {
         groups.retain(|name, _| lags.iter().any(|(n, _)| n == name));
         for (name, lag) in lags {
             let samples = groups.entry(name.clone()).or_default();
-            samples.push_back((now, *lag));
-            while samples.front().is_some_and(|(t, _)| *t < now - HISTORY_SPAN.as_secs_f64()) {
-                samples.pop_front();
+            let n = samples.len();
+            match (n.checked_sub(2).and_then(|i| samples.get(i)).copied(), samples.back_mut()) {
+                // The run goes on: its last sample moves to now.
+                (Some((_, before)), Some(last)) if before == *lag && last.1 == *lag => last.0 = now,
+                _ => samples.push_back((now, *lag)),
+            }
+            let oldest = now - HISTORY_SPAN.as_secs_f64();
+            while let Some(&(t, l)) = samples.front() {
+                if t >= oldest {
+                    break;
+                }
+                // A run reaching into the hour starts where the hour does.
+                match samples.get(1) {
+                    Some(&(next_t, next_l)) if next_l == l && next_t > oldest => {
+                        samples[0].0 = oldest;
+                        break;
+                    }
+                    _ => {
+                        samples.pop_front();
+                    }
+                }
+            }
+            if samples.capacity() > 4 * samples.len().max(8) {
+                samples.shrink_to_fit();
             }
         }
     }
@@ -218,6 +240,22 @@ mod tests {
         h.record(4700.0, &[("a".into(), 5.0)]);
         assert_eq!(h.of("a"), vec![(3000.0, 3.0), (4700.0, 5.0)]);
         assert!(h.of("b").is_empty(), "a group gone is forgotten");
+    }
+
+    #[test]
+    fn lag_history_keeps_a_run_of_equal_samples_as_its_ends() {
+        let h = LagHistory::default();
+        for i in 0..720 {
+            h.record(1000.0 + 5.0 * f64::from(i), &[("idle".into(), 0.0)]);
+        }
+        assert_eq!(h.of("idle"), vec![(1000.0, 0.0), (4595.0, 0.0)]);
+        h.record(4600.0, &[("idle".into(), 2.0)]);
+        h.record(4605.0, &[("idle".into(), 0.0)]);
+        assert_eq!(h.of("idle"), vec![(1005.0, 0.0), (4595.0, 0.0), (4600.0, 2.0), (4605.0, 0.0)], "the run starts where the hour does");
+        // An hour later the run is cut where the hour starts.
+        h.record(5200.0, &[("idle".into(), 0.0)]);
+        h.record(5300.0, &[("idle".into(), 0.0)]);
+        assert_eq!(h.of("idle"), vec![(1700.0, 0.0), (4595.0, 0.0), (4600.0, 2.0), (4605.0, 0.0), (5300.0, 0.0)]);
     }
 
     #[test]

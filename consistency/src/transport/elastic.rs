@@ -4,10 +4,10 @@
 //!
 //! The buffer starts at [`ElasticReader::MIN`] bytes. A read that fills it doubles it, up to
 //! the maximum given. A connection's task calls [`ElasticReader::park`] each time it has read
-//! everything and waits for more: a grown buffer is given back once the connection has had
+//! everything and waits for more: the buffer is given back once the connection has had
 //! nothing to read for [`RELEASE_AFTER`] (a busy stream parks between frames all the time, and
-//! must keep its buffer), and one of `MIN` bytes is kept (a connection that wakes for a small
-//! frame now and then does not allocate and clear a buffer each time). Only the bytes of the buffer are ever touched:
+//! must keep its buffer; one that wakes for a small frame every few seconds allocates and
+//! clears `MIN` bytes each time, a microsecond). Only the bytes of the buffer are ever touched:
 //! `std::io::BufReader` of a reader without `read_buf` zeroes its whole buffer on first use.
 
 use std::io::{self, BufRead, Read};
@@ -46,12 +46,12 @@ impl<R: Read> ElasticReader<R> {
         &self.inner
     }
 
-    /// The connection waits for more: gives back a grown buffer once nothing was read for
-    /// [`RELEASE_AFTER`]. Returns when to call it again (to give the buffer back) if the
-    /// buffer is still grown.
+    /// The connection waits for more: gives back the buffer once nothing was read for
+    /// [`RELEASE_AFTER`]. Returns when to call it again (to give the buffer back) while it
+    /// still holds one.
     pub fn park(&mut self) -> Option<Instant> {
         let since = *self.idle_since.get_or_insert_with(Instant::now);
-        if self.buf.len() <= Self::MIN {
+        if self.buf.is_empty() {
             return None;
         }
         if since.elapsed() >= RELEASE_AFTER {
@@ -66,9 +66,14 @@ impl<R: Read> ElasticReader<R> {
         self.idle_since
     }
 
-    /// Gives back a buffer grown past [`Self::MIN`] if nothing is in it.
+    /// The reader underneath, to change.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    /// Gives back the buffer if nothing is in it.
     pub fn release(&mut self) {
-        if self.pos == self.filled && self.buf.len() > Self::MIN {
+        if self.pos == self.filled && !self.buf.is_empty() {
             self.buf = Vec::new();
             self.pos = 0;
             self.filled = 0;
@@ -163,7 +168,7 @@ mod tests {
     }
 
     #[test]
-    fn a_trickling_stream_keeps_the_small_buffer_and_release_keeps_unread_bytes() {
+    fn a_trickling_stream_keeps_the_small_buffer_until_idle_and_release_keeps_unread_bytes() {
         let data = vec![7u8; 10_000];
         let mut r = ElasticReader::new(Chunks { data: &data, chunk: 100 }, 1 << 20);
         assert_eq!(r.fill_buf().unwrap().len(), 100);
@@ -172,7 +177,11 @@ mod tests {
         r.release();
         assert_eq!(r.buffer().len(), 60, "nothing buffered is dropped");
         r.consume(60);
-        r.release();
-        assert_eq!(r.buf.len(), ElasticReader::<Chunks>::MIN, "the small buffer is kept");
+        assert!(r.park().is_some(), "the small buffer is kept while the stream may go on");
+        assert_eq!(r.buf.len(), ElasticReader::<Chunks>::MIN);
+        r.idle_since = Some(Instant::now() - RELEASE_AFTER);
+        assert_eq!(r.park(), None);
+        assert_eq!(r.buf.capacity(), 0, "an idle connection holds no buffer");
+        assert_eq!(r.fill_buf().unwrap().len(), 100, "and gets one again with its next bytes");
     }
 }

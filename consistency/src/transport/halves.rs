@@ -52,6 +52,8 @@ use super::tls::{explain, is_refusal};
 
 /// Raw bytes read from the socket at once on a TLS connection.
 const RAW_BUFFER: usize = 256 << 10;
+/// What the raw receive buffer starts at: it doubles while reads fill it, up to `RAW_BUFFER`.
+const RAW_FIRST: usize = 16 << 10;
 /// Most plaintext encrypted for one socket write.
 pub const SEND_CHUNK: usize = 256 << 10;
 
@@ -188,7 +190,11 @@ impl AsFd for TlsShared {
 /// The reading side of a TLS connection.
 struct TlsReader {
     shared: Arc<TlsShared>,
-    raw: Box<[u8]>,
+    /// Raw bytes from the socket: empty until the first read and after [`ReadHalf::release`],
+    /// grown while reads fill it.
+    raw: Vec<u8>,
+    /// The size of the next raw buffer.
+    raw_wanted: usize,
     /// `raw[start..end]` is received but not yet given to rustls.
     start: usize,
     end: usize,
@@ -264,6 +270,33 @@ impl TlsReader {
         }
     }
 
+    /// A raw buffer to read into (of the size the last reads asked for), once everything in
+    /// the old one is with rustls.
+    fn make_room(&mut self) {
+        debug_assert_eq!(self.start, self.end, "raw bytes not yet given to rustls");
+        if self.raw.len() < self.raw_wanted {
+            self.raw = vec![0; self.raw_wanted];
+        }
+    }
+
+    /// A read that filled the raw buffer: the next gets one twice as large (up to
+    /// `RAW_BUFFER`).
+    fn grown_if_full(&mut self, got: usize) {
+        if got == self.raw.len() && self.raw.len() < RAW_BUFFER {
+            self.raw_wanted = (self.raw.len() * 2).min(RAW_BUFFER);
+        }
+    }
+
+    /// Gives the raw buffer back if rustls has everything in it.
+    fn release(&mut self) {
+        if self.start == self.end {
+            self.raw = Vec::new();
+            self.start = 0;
+            self.end = 0;
+            self.raw_wanted = RAW_FIRST;
+        }
+    }
+
     /// Reads raw bytes from the socket without blocking; `Ok(None)` if none are there.
     fn read_ready(&mut self) -> io::Result<Option<usize>> {
         loop {
@@ -294,6 +327,8 @@ impl Read for TlsReader {
             if ended || filled == dst.len() {
                 return Ok(filled);
             }
+            // Everything received is with rustls now (`drain` took it): the buffer may change.
+            self.make_room();
             let got = if filled > 0 {
                 match self.read_ready() {
                     Ok(Some(n)) => n,
@@ -312,6 +347,7 @@ impl Read for TlsReader {
             if got == 0 {
                 self.socket_eof = true;
             }
+            self.grown_if_full(got);
         }
     }
 }
@@ -365,7 +401,8 @@ pub(super) fn tls(socket: TcpStream, conn: rustls::Connection) -> (ReadHalf, Wri
     let shared = TlsShared::new(socket, conn);
     let reader = TlsReader {
         shared: Arc::clone(&shared),
-        raw: vec![0; RAW_BUFFER].into_boxed_slice(),
+        raw: Vec::new(),
+        raw_wanted: RAW_FIRST,
         start: 0,
         end: 0,
         socket_eof: false,
@@ -398,6 +435,19 @@ impl ReadHalf {
             ReadKind::Plain(s) => s.shutdown(Shutdown::Both),
             ReadKind::Tls(t) => t.shared.socket.shutdown(Shutdown::Both),
         };
+    }
+
+    /// True if the TLS layer holds a receive buffer that [`ReadHalf::release`] would give back.
+    pub fn holds_buffer(&self) -> bool {
+        matches!(&self.0, ReadKind::Tls(t) if !t.raw.is_empty())
+    }
+
+    /// Gives back the TLS layer's receive buffer (an idle connection's); the next read takes a
+    /// small one again.
+    pub fn release(&mut self) {
+        if let ReadKind::Tls(t) = &mut self.0 {
+            t.release();
+        }
     }
 
     /// The socket, shared, to watch for bytes to read (`tasks::Readiness`).
@@ -469,6 +519,23 @@ impl ReadHalf {
 }
 
 impl super::ElasticReader<ReadHalf> {
+    /// The connection waits for more ([`super::ElasticReader::park`]): once it has read
+    /// nothing for [`super::elastic::RELEASE_AFTER`], this buffer and the TLS layer's receive
+    /// buffer are given back. Returns when to call it again while either is held.
+    pub fn park_idle(&mut self) -> Option<std::time::Instant> {
+        let at = self.park();
+        if !self.get_ref().holds_buffer() {
+            return at;
+        }
+        let since = self.idle_since().unwrap_or_else(std::time::Instant::now);
+        if since.elapsed() >= super::elastic::RELEASE_AFTER {
+            self.get_mut().release();
+            return at;
+        }
+        let release_at = since + super::elastic::RELEASE_AFTER;
+        Some(at.map_or(release_at, |a| a.min(release_at)))
+    }
+
     /// True if a read would not wait: bytes buffered here or in the TLS layer, or waiting in
     /// the socket. `burst`: wait up to [`crate::tasks::BURST_WAIT_MS`] for the socket (see
     /// [`ReadHalf::wait_readable`]).
@@ -479,6 +546,19 @@ impl super::ElasticReader<ReadHalf> {
 }
 
 impl WriteHalf {
+    /// Gives back the buffer of encrypted bytes (up to [`SEND_CHUNK`] and a bit after a large
+    /// write) if nothing waits in it: an idle connection's. Never waits for a sender.
+    pub fn release(&self) {
+        if let WriteKind::Tls(t) = &self.0 {
+            if let Ok(mut ob) = t.outbox.try_lock() {
+                if ob.sent == ob.bytes.len() {
+                    ob.bytes = Vec::new();
+                    ob.sent = 0;
+                }
+            }
+        }
+    }
+
     /// Sends all of `buf`.
     pub fn send(&self, buf: &[u8]) -> io::Result<()> {
         match &self.0 {

@@ -81,7 +81,7 @@ impl Reading for Session {
     }
 
     fn parking(&mut self) -> Option<std::time::Instant> {
-        self.reader.park()
+        self.reader.park_idle()
     }
 
     fn step(&mut self, me: &Waker) -> Step {

@@ -60,13 +60,17 @@ impl Reading for Receiving {
 
     /// Gives back a grown read buffer after a while, and, once, the group's journal buffers.
     fn parking(&mut self) -> Option<Instant> {
-        let release_at = self.reader.park();
+        let release_at = self.reader.park_idle();
         if self.released {
             return release_at;
         }
         let since = self.reader.idle_since().unwrap_or_else(Instant::now);
         if since.elapsed() >= RELEASE_AFTER {
             self.group.release_memory();
+            self.writer.release();
+            self.batch = Vec::new();
+            self.scratch = Vec::new();
+            self.packed = Vec::new();
             self.released = true;
             return release_at;
         }
