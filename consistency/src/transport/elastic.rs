@@ -46,6 +46,11 @@ impl<R: Read> ElasticReader<R> {
         &self.inner
     }
 
+    /// The reader underneath, to change how it reads (the bytes already buffered stay).
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
     /// The connection waits for more: gives back a grown buffer once nothing was read for
     /// [`RELEASE_AFTER`]. Returns when to call it again (to give the buffer back) if the
     /// buffer is still grown.
