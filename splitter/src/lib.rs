@@ -10,7 +10,7 @@
 //! How a guest write flows through the agent:
 //!
 //! 1. A front end reads the request (a ublk queue thread from its tag's descriptor, an NBD
-//!    connection thread from its socket) and calls [`block::BlockDevice::submit`] with a
+//!    connection's task, on a thread of the NBD pool, from its socket) and calls [`block::BlockDevice::submit`] with a
 //!    completion, or [`block::BlockDevice::submit_held`] when the NBD connection already
 //!    holds the client's next request.
 //! 2. [`replicated::ReplicatedDisk`] checks the range. With dirty tracking it first marks the

@@ -5,7 +5,7 @@ mod nbd_support;
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -246,6 +246,34 @@ fn pipelined_writes_get_every_reply_possibly_out_of_order() {
     assert_ne!(order, sorted, "replies came back in submission order");
     for h in 0..n {
         assert_eq!(c.read(1000 + h, h * 4096, 4096), vec![u8::try_from(h).unwrap(); 4096]);
+    }
+}
+
+#[test]
+fn writes_past_the_in_flight_limit_wait_for_room_and_every_one_is_answered() {
+    // More than the 256 requests a connection may have in flight: the connection stops
+    // reading at the limit, and a completion wakes it to read on.
+    // Completions slow enough that the limit is reached.
+    let s = TestServer::unix(&[("disk", 4 * MIB)], CompletionMode::Deferred { max_delay: Duration::from_millis(100) });
+    let sock = UnixStream::connect(&s.socket).unwrap();
+    let mut replies = Raw::new(Box::new(sock.try_clone().unwrap()));
+    let mut c = Raw::new(Box::new(sock)).open("disk");
+    let n = 600u64;
+    // Replies are read while the writes go: a client that reads none would leave the
+    // completions blocked on a full socket.
+    let reader = thread::spawn(move || (0..=n).map(|_| replies.reply()).collect::<Vec<_>>());
+    for h in 0..n {
+        c.write(h, h * 4096, &[u8::try_from(h % 251).unwrap(); 4096]);
+    }
+    c.request(0, CMD_FLUSH, 9999, 0, 0);
+    let mut got = reader.join().unwrap();
+    assert_eq!(got.pop(), Some((0, 9999)), "the flush comes after every write");
+    assert!(got.iter().all(|&(e, _)| e == 0), "a write failed: {got:?}");
+    let mut handles: Vec<u64> = got.iter().map(|&(_, h)| h).collect();
+    handles.sort_unstable();
+    assert_eq!(handles, (0..n).collect::<Vec<_>>());
+    for h in [0, 255, 256, 257, n - 1] {
+        assert_eq!(c.read(10_000 + h, h * 4096, 4096), vec![u8::try_from(h % 251).unwrap(); 4096]);
     }
 }
 

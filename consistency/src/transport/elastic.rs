@@ -46,6 +46,11 @@ impl<R: Read> ElasticReader<R> {
         &self.inner
     }
 
+    /// The reader underneath, to change how it reads (the bytes already buffered stay).
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
     /// The connection waits for more: gives back the buffer once nothing was read for
     /// [`RELEASE_AFTER`]. Returns when to call it again (to give the buffer back) while it
     /// still holds one.
@@ -64,11 +69,6 @@ impl<R: Read> ElasticReader<R> {
     /// Since when nothing has been read, if `park` was called since the last read.
     pub fn idle_since(&self) -> Option<Instant> {
         self.idle_since
-    }
-
-    /// The reader underneath, to change.
-    pub fn get_mut(&mut self) -> &mut R {
-        &mut self.inner
     }
 
     /// Gives back the buffer if nothing is in it.

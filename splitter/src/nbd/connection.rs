@@ -1,21 +1,47 @@
-//! Transmission phase of one client connection.
+//! Transmission phase of one client connection, as a task of the process's NBD pool.
 //!
-//! One thread reads requests in order. Reads are answered from that thread (the device reads
-//! synchronously). Writes, write-zeroes and trims are submitted to the device and answered
-//! from their completion, whichever thread runs it, so many writes are in flight at once and
-//! their replies may go out of order. Every reply goes through one mutex-protected writer,
-//! in a single `write_all`, so replies never interleave on the wire. Completions that run
-//! under a [`block::Cork`] (the engine link's acknowledgement reader, while it holds more
-//! acknowledgements) add their replies to a buffer sent in one `write_all` when it goes.
+//! Every connection of the process (the server's, TCP or unix, and the kernel driver's socket
+//! pair) is a [`Task`] of one pool of a few threads (`tasks::io_threads()`), woken by
+//! `tasks::Readiness` when its socket has bytes. With no request arriving a connection parks
+//! and holds no thread, only its small read buffer. A round reads whole requests in order (the
+//! rest of a request that has begun to arrive is waited for: clients send whole requests), at
+//! most [`ROUND_REQUESTS`] or [`ROUND_BYTES`] of payload, and then goes behind the other
+//! connections ready.
 //!
-//! A per-connection in-flight count lets FLUSH and DISC wait for every write this connection
-//! submitted earlier, and bounds how much write data one client can have queued.
+//! Reads are answered within the round (the device reads synchronously). Writes, write-zeroes
+//! and trims are submitted to the device and answered from their completion, whichever thread
+//! runs it, so many writes are in flight at once and their replies may go out of order. Every
+//! reply goes through one mutex-protected writer, in a single `write_all`, so replies never
+//! interleave on the wire. Completions that run under a [`block::Cork`] (the engine link's
+//! acknowledgement reader, while it holds more acknowledgements) add their replies to a buffer
+//! sent in one `write_all` when it goes.
+//!
+//! A per-connection in-flight count bounds how much write data one client can have queued,
+//! and lets FLUSH and DISC wait for every write this connection submitted earlier. No wait
+//! blocks a pool thread: the request that must wait is kept, the task leaves its waker with the
+//! count and parks, and the completion that makes room (or finishes the last write) wakes it.
+//!
+//! ```text
+//!           bytes on the socket (the watch)             room / last write done (a completion)
+//!  PARKED ─────────────────────────────────▶ READING ◀───────────────────────────── WAITING
+//!    ▲   nothing buffered, the socket empty:    │  a write without room, a FLUSH or the   ▲
+//!    └────── held frames sent, watch armed ─────┘  end with writes in flight ────────────┘
+//! ```
+//!
+//! Whatever the device holds back (`submit_held`) is sent whenever no whole request is
+//! buffered, before any wait, and at the end of every round. At the end (DISC, EOF, an error)
+//! the connection waits for every write it submitted, then closes the socket and runs the
+//! `on_end` it was started with.
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use hindsight_consistency::sync::lock;
+use hindsight_consistency::tasks::{self, Next, Pool, Readiness, Task, Waker, Watch};
+use hindsight_consistency::transport::elastic::RELEASE_AFTER;
+use hindsight_consistency::transport::ElasticReader;
 use log::{debug, warn};
 
 use crate::block::{self, BlockDevice, BlockError, Deferred, WriteKind, WriteOp};
@@ -27,19 +53,36 @@ use super::proto::{
     command_name, error_value, CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
     EINVAL, ENOSPC, MAX_BLOCK_SIZE, REQUEST_LEN, SIMPLE_REPLY_LEN,
 };
-use super::stream::{read_or_eof, Stream};
+use super::stream::{read_or_eof, ReadSide, Stream};
 
-/// Most requests one connection may have submitted and not yet completed; the reader stops
-/// reading requests at this point until one completes. Above the queue depth of common
+/// Most requests one connection may have submitted and not yet completed; the connection
+/// stops reading requests at this point until one completes. Above the queue depth of common
 /// clients (the Linux kernel uses 128, nbdcopy 64, fio what it is told).
 pub const MAX_IN_FLIGHT_REQUESTS: usize = 256;
 
-/// Buffer of the request reader: several small requests arrive in one system call, while
-/// large write payloads bypass it.
+/// Most the request reader's buffer grows to: several small requests arrive in one system
+/// call, while large write payloads bypass it. It starts at 16 KiB and shrinks back once the
+/// connection is idle (`ElasticReader`).
 pub(crate) const REQUEST_READ_BUFFER: usize = 64 * 1024;
 
 /// Most write payload bytes one connection may have submitted and not yet completed.
 pub const MAX_IN_FLIGHT_BYTES: u64 = 256 * 1024 * 1024;
+
+/// How long a request that has begun to arrive may go without a byte before the connection
+/// is dropped: the rest of a request is read on a thread of the pool, which a client stopping
+/// mid-request must not hold for ever.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Most requests one round reads before the connection goes behind the others ready.
+const ROUND_REQUESTS: usize = 32;
+
+/// Most write payload bytes one round reads before the connection goes behind the others.
+const ROUND_BYTES: u64 = 8 << 20;
+
+/// How long, in milliseconds, a connection whose last request was answered within its round
+/// waits for the next one before it parks: a client that has its reply sends the next request
+/// at once, and parking costs two wake-ups (the readiness thread, then a pool thread).
+const BURST_WAIT_MS: u8 = 1;
 
 /// How a connection's transmission phase ended.
 #[derive(Debug)]
@@ -54,8 +97,12 @@ pub enum End {
     Error(NbdError),
 }
 
+/// Runs once a connection has ended: every write it submitted has completed and its socket
+/// is closed.
+pub type OnEnd = Box<dyn FnOnce(End) + Send>;
+
 struct Writer {
-    stream: Stream,
+    stream: Arc<Stream>,
     failed: bool,
     /// Replies held back under a [`block::Cork`], and the requests and payload bytes they
     /// finish once sent.
@@ -66,12 +113,12 @@ struct Writer {
 
 impl Writer {
     /// Writes whole replies. After the first failure every later reply is dropped and the
-    /// socket is shut down, which also ends the reader blocked on it.
+    /// socket is shut down, which also ends the connection's reading.
     fn write(&mut self, bytes: &[u8], peer: &str) {
         if self.failed {
             return;
         }
-        if let Err(e) = self.stream.write_all(bytes) {
+        if let Err(e) = (&*self.stream).write_all(bytes) {
             self.failed = true;
             warn!("nbd {peer}: writing reply failed: {e}");
             let _ = self.stream.shutdown(Shutdown::Both);
@@ -79,20 +126,39 @@ impl Writer {
     }
 }
 
+/// What the connection's task waits for in the in-flight count.
+#[derive(Debug, Clone, Copy)]
+enum Want {
+    /// Room for one more request carrying this many payload bytes.
+    Room(u64),
+    /// No request in flight.
+    Idle,
+}
+
 #[derive(Default)]
 struct InFlight {
     requests: usize,
     bytes: u64,
-    /// Threads waiting for a request to finish: only then does a finish wake anyone (a
-    /// wake-up is a system call per request otherwise).
-    waiting: usize,
+    /// The task waiting for the count to change, and for what: only then does a finish wake
+    /// anyone, and only once what it waits for holds.
+    waiter: Option<(Want, Waker)>,
 }
 
-/// State shared between the reader thread and the completions of one connection.
+impl InFlight {
+    fn holds(&self, want: Want) -> bool {
+        match want {
+            Want::Room(bytes) => {
+                self.requests == 0 || (self.requests < MAX_IN_FLIGHT_REQUESTS && self.bytes + bytes <= MAX_IN_FLIGHT_BYTES)
+            }
+            Want::Idle => self.requests == 0,
+        }
+    }
+}
+
+/// State shared between the connection's task and its completions.
 struct Shared {
     writer: Mutex<Writer>,
     in_flight: Mutex<InFlight>,
-    changed: Condvar,
     peer: String,
 }
 
@@ -123,44 +189,33 @@ impl Shared {
         lock(&self.writer).failed
     }
 
-    /// Waits for room for one more request carrying `bytes` of payload, then counts it.
-    /// `before_waiting` runs first if it has to wait (what the device holds must go out, or
-    /// the requests it waits for may never complete).
-    fn begin(&self, bytes: u64, before_waiting: impl Fn()) {
+    /// True if `want` holds now (and then, for room, the request is counted); else `waker` is
+    /// woken once it does.
+    fn holds_or_wake(&self, want: Want, waker: &Waker) -> bool {
         let mut f = lock(&self.in_flight);
-        let full = |f: &InFlight| f.requests > 0 && (f.requests >= MAX_IN_FLIGHT_REQUESTS || f.bytes + bytes > MAX_IN_FLIGHT_BYTES);
-        if full(&f) {
-            drop(f);
-            before_waiting();
-            f = lock(&self.in_flight);
+        if !f.holds(want) {
+            f.waiter = Some((want, waker.clone()));
+            return false;
         }
-        while full(&f) {
-            f.waiting += 1;
-            f = self.changed.wait(f).unwrap_or_else(|e| e.into_inner());
-            f.waiting -= 1;
+        f.waiter = None;
+        if let Want::Room(bytes) = want {
+            f.requests += 1;
+            f.bytes += bytes;
         }
-        f.requests += 1;
-        f.bytes += bytes;
+        true
     }
 
     fn finish_many(&self, requests: usize, bytes: u64) {
         let mut f = lock(&self.in_flight);
         f.requests -= requests;
         f.bytes -= bytes;
-        let wake = f.waiting > 0;
+        let wake = match f.waiter {
+            Some((want, _)) if f.holds(want) => f.waiter.take().map(|(_, w)| w),
+            _ => None,
+        };
         drop(f);
-        if wake {
-            self.changed.notify_all();
-        }
-    }
-
-    /// Waits until every submitted request has completed and its reply has been written.
-    fn wait_idle(&self) {
-        let mut f = lock(&self.in_flight);
-        while f.requests > 0 {
-            f.waiting += 1;
-            f = self.changed.wait(f).unwrap_or_else(|e| e.into_inner());
-            f.waiting -= 1;
+        if let Some(w) = wake {
+            w.wake();
         }
     }
 }
@@ -204,83 +259,277 @@ pub fn check(req: &Request, export_size: u64) -> Result<(), u32> {
     Ok(())
 }
 
-/// Serves requests until the client disconnects, breaks the protocol, or the socket fails.
-/// Returns only once every write this connection submitted has completed.
-pub fn serve<S: Read>(reader: &mut BufReader<S>, writer: Stream, device: &Arc<dyn BlockDevice>, peer: &str) -> End {
+/// The threads that run every NBD connection's task in this process.
+fn pool() -> io::Result<&'static Pool> {
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    Pool::process_wide(&POOL, "nbd", tasks::io_threads())
+}
+
+/// Serves a connection in its transmission phase as a task of the process's NBD pool, until
+/// the client disconnects, breaks the protocol, or the socket fails; then, once every write it
+/// submitted has completed, closes the socket and runs `on_end`. `reader` (the socket's) may
+/// already hold the first requests. Fails, with the socket closed and `on_end` dropped unrun,
+/// if the pool or the watch on the socket cannot be set up.
+pub fn start(reader: ElasticReader<ReadSide>, device: Arc<dyn BlockDevice>, peer: &str, on_end: OnEnd) -> io::Result<()> {
+    let stream = Arc::clone(reader.get_ref().stream());
+    let set_up = stream.set_read_timeout(Some(REQUEST_READ_TIMEOUT)).and_then(|()| Ok((pool()?, Readiness::global()?)));
+    let (pool, readiness) = match set_up {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = stream.shutdown(Shutdown::Both);
+            return Err(e);
+        }
+    };
     let shared = Arc::new(Shared {
-        writer: Mutex::new(Writer { stream: writer, failed: false, held: Vec::new(), held_requests: 0, held_bytes: 0 }),
+        writer: Mutex::new(Writer { stream: Arc::clone(&stream), failed: false, held: Vec::new(), held_requests: 0, held_bytes: 0 }),
         in_flight: Mutex::new(InFlight::default()),
-        changed: Condvar::new(),
         peer: peer.to_string(),
     });
-    let end = Transmission { device, shared: &shared, read_buf: Vec::new() }.run(reader);
-    // Completions still running hold `shared`; let them deliver their replies (the spec
-    // wants outstanding requests handled before the connection closes).
-    device.send_held();
-    shared.wait_idle();
-    // Close now rather than when the last handle to the socket is dropped.
-    let _ = lock(&shared.writer).stream.shutdown(Shutdown::Both);
-    end
-}
-
-struct Transmission<'a> {
-    device: &'a Arc<dyn BlockDevice>,
-    shared: &'a Arc<Shared>,
-    /// Reply header plus data of the last read; kept to reuse its allocation, and never
-    /// larger than the reply to a read of the maximum block size.
-    read_buf: Vec<u8>,
-}
-
-impl Transmission<'_> {
-    fn run<S: Read>(&mut self, reader: &mut BufReader<S>) -> End {
-        let size = self.device.size();
-        let mut header = [0u8; REQUEST_LEN];
-        loop {
-            if !request_ready(reader.buffer()) {
-                // The read below may wait for the client: nothing may stay held meanwhile.
-                self.device.send_held();
+    let conn = Connection {
+        shared,
+        size: device.size(),
+        device,
+        reader,
+        read_buf: Vec::new(),
+        waiting: None,
+        answered: false,
+        watch: None,
+        waker: None,
+        on_end: Some(on_end),
+    };
+    let task = ConnRef(Arc::new(ConnTask(Mutex::new(Some(conn)))));
+    let waker = pool.add(&format!("nbd {peer}"), task.clone());
+    let mut state = lock(&task.0 .0);
+    if let Some(conn) = state.as_mut() {
+        match readiness.watch(Arc::clone(&stream) as tasks::Socket, waker.clone()) {
+            Ok(w) => {
+                conn.watch = Some(w);
+                conn.waker = Some(waker.clone());
             }
-            match read_or_eof(reader, &mut header) {
-                Ok(true) => {}
-                Ok(false) => return End::Closed,
-                Err(e) if self.shared.failed() => {
-                    debug!("nbd {}: reader ends after reply failure: {e}", self.shared.peer);
-                    return End::ReplyFailed;
-                }
-                Err(e) => return End::Error(NbdError::ReadRequest(e)),
-            }
-            let req = match decode::request(&header) {
-                Ok(r) => r,
-                Err(e) => return End::Error(NbdError::RequestProtocol(e)),
-            };
-            let result = match req.command {
-                CMD_DISC => return End::Disconnect,
-                CMD_READ => {
-                    self.read(&req, size);
-                    Ok(())
-                }
-                CMD_WRITE => self.write(reader, req, size),
-                CMD_WRITE_ZEROES | CMD_TRIM => {
-                    self.zero_or_trim(&req, size);
-                    Ok(())
-                }
-                CMD_FLUSH => {
-                    self.flush(&req, size);
-                    Ok(())
-                }
-                _ => {
-                    warn!("nbd {}: unknown command {} (flags {:#x})", self.shared.peer, req.command, req.flags);
-                    self.shared.send(&encode::simple_reply(EINVAL, req.handle));
-                    Ok(())
-                }
-            };
-            if let Err(e) = result {
-                return End::Error(e);
-            }
-            if self.shared.failed() {
-                return End::ReplyFailed;
+            Err(e) => {
+                let _ = stream.shutdown(Shutdown::Both);
+                *state = None;
+                return Err(e);
             }
         }
+    }
+    drop(state);
+    waker.wake();
+    Ok(())
+}
+
+/// A connection being served; `None` once it has ended.
+struct ConnTask(Mutex<Option<Connection>>);
+
+/// The connection's task, shared by the pool and whoever sets it up.
+#[derive(Clone)]
+struct ConnRef(Arc<ConnTask>);
+
+impl Task for ConnRef {
+    fn run(&self) -> Next {
+        let mut state = lock(&self.0 .0);
+        let Some(conn) = state.as_mut() else { return Next::Done };
+        // Not set up yet: `start` wakes it once it is.
+        let Some(waker) = conn.waker.clone() else { return Next::Idle };
+        match conn.round(&waker) {
+            Round::More => Next::Again,
+            Round::Wait => Next::Idle,
+            Round::Park(at) => at.map_or(Next::Idle, Next::At),
+            Round::Ended(end) => {
+                if let Some(conn) = state.take() {
+                    conn.close(end);
+                }
+                Next::Done
+            }
+        }
+    }
+}
+
+/// What a round of the connection leads to.
+enum Round {
+    /// More requests are there: run again behind the others ready.
+    More,
+    /// A request waits for requests in flight; a completion wakes the task.
+    Wait,
+    /// Nothing to read: the watch is armed; run again when it fires, or at this instant to
+    /// give idle buffers back.
+    Park(Option<Instant>),
+    /// Every write submitted has completed: close.
+    Ended(End),
+}
+
+/// A request whose turn waits for requests in flight.
+enum Waiting {
+    /// A write, write-zeroes or trim, for room in the in-flight count.
+    Submit { req: Request, kind: WriteKind, payload: u64 },
+    /// A FLUSH, for every write submitted before it.
+    Flush(Request),
+    /// The end of the connection, for every write submitted.
+    End(End),
+}
+
+/// One connection in its transmission phase: what its task owns.
+struct Connection {
+    shared: Arc<Shared>,
+    device: Arc<dyn BlockDevice>,
+    size: u64,
+    reader: ElasticReader<ReadSide>,
+    /// Reply header plus data of the last read; kept to reuse its allocation (given back once
+    /// the connection is idle), and never larger than the reply to a read of the maximum
+    /// block size.
+    read_buf: Vec<u8>,
+    /// The request read that waits for its turn; no other is read meanwhile.
+    waiting: Option<Waiting>,
+    /// The last request was answered within its round (see [`BURST_WAIT_MS`]).
+    answered: bool,
+    watch: Option<Watch>,
+    waker: Option<Waker>,
+    on_end: Option<OnEnd>,
+}
+
+impl Connection {
+    /// Takes the waiting request's turn if it has come, then reads and serves requests until
+    /// none is there, one must wait, the round's share is used, or the connection ends.
+    fn round(&mut self, waker: &Waker) -> Round {
+        if let Some(waiting) = self.waiting.take() {
+            if let Some(round) = self.turn(waiting, waker) {
+                return round;
+            }
+        }
+        let (mut requests, mut bytes) = (0, 0);
+        loop {
+            if !request_ready(self.reader.buffer()) {
+                // What follows may wait for the client, or park: nothing may stay held.
+                self.device.send_held();
+                if self.reader.buffer().is_empty() && !self.client_sends() {
+                    return self.park(waker);
+                }
+            }
+            if requests >= ROUND_REQUESTS || bytes >= ROUND_BYTES {
+                self.device.send_held();
+                return Round::More;
+            }
+            let waiting = match self.request() {
+                Ok(w) => w,
+                Err(end) => return self.end(end, waker),
+            };
+            requests += 1;
+            if let Some(waiting) = waiting {
+                if let Waiting::Submit { payload, .. } = &waiting {
+                    bytes += payload;
+                }
+                if let Some(round) = self.turn(waiting, waker) {
+                    return round;
+                }
+            }
+            if self.shared.failed() {
+                return self.end(End::ReplyFailed, waker);
+            }
+        }
+    }
+
+    /// True if the client has sent something (bytes, the end of the stream): right after a
+    /// request answered within the round, once it has had up to [`BURST_WAIT_MS`] to send
+    /// the next.
+    fn client_sends(&mut self) -> bool {
+        let stream = self.reader.get_ref().stream();
+        if std::mem::take(&mut self.answered) {
+            stream.wait_readable(BURST_WAIT_MS)
+        } else {
+            stream.readable()
+        }
+    }
+
+    /// Nothing to read: arms the watch (the socket's next bytes wake the task), and gives
+    /// back buffers once the connection has been idle for [`RELEASE_AFTER`].
+    fn park(&mut self, waker: &Waker) -> Round {
+        let mut at = self.reader.park();
+        if self.read_buf.capacity() > ElasticReader::<ReadSide>::MIN {
+            let since = self.reader.idle_since().unwrap_or_else(Instant::now);
+            if since.elapsed() >= RELEASE_AFTER {
+                self.read_buf = Vec::new();
+            } else {
+                let release = since + RELEASE_AFTER;
+                at = Some(at.map_or(release, |a| a.min(release)));
+            }
+        }
+        match self.watch.as_ref().map(Watch::arm) {
+            None | Some(Ok(())) => Round::Park(at),
+            Some(Err(e)) => self.end(End::Error(NbdError::WatchSocket(e)), waker),
+        }
+    }
+
+    /// Ends the connection once every write it submitted has completed.
+    fn end(&mut self, end: End, waker: &Waker) -> Round {
+        if self.shared.holds_or_wake(Want::Idle, waker) {
+            return Round::Ended(end);
+        }
+        self.device.send_held();
+        self.waiting = Some(Waiting::End(end));
+        Round::Wait
+    }
+
+    /// Serves a waiting request if its turn has come, and returns `None` (reading goes on);
+    /// else keeps it, leaves the waker to be woken when its turn comes, and the round ends
+    /// (whatever the device holds is sent first: what is waited for may be among it).
+    fn turn(&mut self, waiting: Waiting, waker: &Waker) -> Option<Round> {
+        let want = match &waiting {
+            Waiting::Submit { payload, .. } => Want::Room(*payload),
+            Waiting::Flush(_) | Waiting::End(_) => Want::Idle,
+        };
+        if !self.shared.holds_or_wake(want, waker) {
+            self.device.send_held();
+            self.waiting = Some(waiting);
+            return Some(Round::Wait);
+        }
+        match waiting {
+            Waiting::Submit { req, kind, payload } => self.submit(&req, kind, payload),
+            Waiting::Flush(req) => self.flush(&req),
+            Waiting::End(end) => return Some(Round::Ended(end)),
+        }
+        None
+    }
+
+    /// Closes the socket (every write submitted has completed) and runs `on_end`.
+    fn close(mut self, end: End) {
+        let _ = self.reader.get_ref().stream().shutdown(Shutdown::Both);
+        drop(self.watch.take());
+        lock(&self.shared.in_flight).waiter = None;
+        if let Some(on_end) = self.on_end.take() {
+            on_end(end);
+        }
+    }
+
+    /// Reads one request and serves it if it can be now (reads, refusals); returns what waits
+    /// for its turn (writes, FLUSH, DISC), or the end of the connection.
+    fn request(&mut self) -> Result<Option<Waiting>, End> {
+        let mut header = [0u8; REQUEST_LEN];
+        match read_or_eof(&mut self.reader, &mut header) {
+            Ok(true) => {}
+            Ok(false) => return Err(End::Closed),
+            Err(e) if self.shared.failed() => {
+                debug!("nbd {}: reading ends after reply failure: {e}", self.shared.peer);
+                return Err(End::ReplyFailed);
+            }
+            Err(e) => return Err(End::Error(NbdError::ReadRequest(stalled(e)))),
+        }
+        let req = decode::request(&header).map_err(|e| End::Error(NbdError::RequestProtocol(e)))?;
+        match req.command {
+            CMD_DISC => return Err(End::Disconnect),
+            CMD_READ => self.read(&req),
+            CMD_WRITE => return self.write(req).map_err(End::Error),
+            CMD_WRITE_ZEROES | CMD_TRIM => return Ok(self.zero_or_trim(req)),
+            CMD_FLUSH => match check(&req, self.size) {
+                Ok(()) => return Ok(Some(Waiting::Flush(req))),
+                Err(error) => self.refuse(&req, error),
+            },
+            _ => {
+                warn!("nbd {}: unknown command {} (flags {:#x})", self.shared.peer, req.command, req.flags);
+                self.shared.send(&encode::simple_reply(EINVAL, req.handle));
+            }
+        }
+        self.answered = true;
+        Ok(None)
     }
 
     fn refuse(&self, req: &Request, error: u32) {
@@ -295,8 +544,8 @@ impl Transmission<'_> {
         self.shared.send(&encode::simple_reply(error, req.handle));
     }
 
-    fn read(&mut self, req: &Request, size: u64) {
-        if let Err(error) = check(req, size) {
+    fn read(&mut self, req: &Request) {
+        if let Err(error) = check(req, self.size) {
             return self.refuse(req, error);
         }
         // check() bounds the length by MAX_BLOCK_SIZE.
@@ -318,53 +567,57 @@ impl Transmission<'_> {
         }
     }
 
-    fn write<S: Read>(&mut self, reader: &mut BufReader<S>, req: Request, size: u64) -> Result<(), NbdError> {
+    /// Reads a WRITE's payload; returns the write to submit, or `None` if it was refused.
+    fn write(&mut self, req: Request) -> Result<Option<Waiting>, NbdError> {
         let len = u64::from(req.length);
         if req.length > MAX_BLOCK_SIZE {
             // The payload follows whatever we answer; skip it through a fixed-size buffer so
             // the next request header is found where it belongs.
-            let skipped = io::copy(&mut reader.by_ref().take(len), &mut io::sink()).map_err(NbdError::ReadRequest)?;
+            let skipped = io::copy(&mut (&mut self.reader).take(len), &mut io::sink()).map_err(|e| NbdError::ReadRequest(stalled(e)))?;
             if skipped != len {
                 return Err(NbdError::ReadRequest(io::ErrorKind::UnexpectedEof.into()));
             }
             warn!("nbd {}: WRITE of {} bytes is over the {MAX_BLOCK_SIZE}-byte maximum", self.shared.peer, req.length);
             self.shared.send(&encode::simple_reply(EINVAL, req.handle));
-            return Ok(());
+            self.answered = true;
+            return Ok(None);
         }
         // Bounded by MAX_BLOCK_SIZE just above.
         let mut data = Vec::new();
-        hindsight_consistency::wire::read_exact_to_vec(reader, req.length as usize, &mut data).map_err(NbdError::ReadRequest)?;
-        if let Err(error) = check(&req, size) {
+        hindsight_consistency::wire::read_exact_to_vec(&mut self.reader, req.length as usize, &mut data)
+            .map_err(|e| NbdError::ReadRequest(stalled(e)))?;
+        if let Err(error) = check(&req, self.size) {
             self.refuse(&req, error);
-            return Ok(());
+            self.answered = true;
+            return Ok(None);
         }
-        // The next request already here: this write's frame to the engine may go with its.
-        let more = request_ready(reader.buffer());
-        self.submit(&req, WriteKind::Data(data), len, more);
-        Ok(())
+        Ok(Some(Waiting::Submit { req, kind: WriteKind::Data(data), payload: len }))
     }
 
-    fn zero_or_trim(&mut self, req: &Request, size: u64) {
-        if let Err(error) = check(req, size) {
-            return self.refuse(req, error);
+    fn zero_or_trim(&mut self, req: Request) -> Option<Waiting> {
+        if let Err(error) = check(&req, self.size) {
+            self.refuse(&req, error);
+            self.answered = true;
+            return None;
         }
         // NBD_CMD_FLAG_NO_HOLE needs nothing: the device writes zeroes, it does not punch.
         let kind = if req.command == CMD_TRIM { WriteKind::Trim { len: req.length } } else { WriteKind::Zeroes { len: req.length } };
-        self.submit(req, kind, 0, false);
+        Some(Waiting::Submit { req, kind, payload: 0 })
     }
 
-    /// Submits a data-modifying request; its completion sends the reply. With `more`, the
-    /// device may hold it back to send it with the next ones.
-    fn submit(&mut self, req: &Request, kind: WriteKind, payload: u64, more: bool) {
-        self.shared.begin(payload, || self.device.send_held());
-        let shared = Arc::clone(self.shared);
+    /// Submits a data-modifying request, already counted in flight; its completion sends the
+    /// reply. A write may be held back by the device, to go with the next ones, when the next
+    /// request is already here.
+    fn submit(&mut self, req: &Request, kind: WriteKind, payload: u64) {
+        let more = matches!(kind, WriteKind::Data(_)) && request_ready(self.reader.buffer());
+        let shared = Arc::clone(&self.shared);
         let handle = req.handle;
         let (offset, length, command) = (req.offset, req.length, req.command);
         let op = WriteOp { offset, kind, fua: req.flags & CMD_FLAG_FUA != 0 };
         // The completion may run on this thread before submit returns: no lock is held here.
         let submit = if more { BlockDevice::submit_held } else { BlockDevice::submit };
         submit(
-            &**self.device,
+            &*self.device,
             op,
             Box::new(move |result| {
                 let error = match result {
@@ -381,14 +634,9 @@ impl Transmission<'_> {
         );
     }
 
-    fn flush(&mut self, req: &Request, size: u64) {
-        if let Err(error) = check(req, size) {
-            return self.refuse(req, error);
-        }
-        // The device flush covers completed writes; wait until every write this connection
-        // submitted before the flush has completed.
-        self.device.send_held();
-        self.shared.wait_idle();
+    /// Flushes the device (every write this connection submitted before the flush has
+    /// completed: the device flush covers completed writes) and replies.
+    fn flush(&mut self, req: &Request) {
         let error = match self.device.flush() {
             Ok(()) => 0,
             Err(e) => {
@@ -397,6 +645,16 @@ impl Transmission<'_> {
             }
         };
         self.shared.send(&encode::simple_reply(error, req.handle));
+        self.answered = true;
+    }
+}
+
+/// A read that timed out mid-request, said as such.
+fn stalled(e: io::Error) -> io::Error {
+    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+        io::Error::new(io::ErrorKind::TimedOut, format!("the client sent part of a request and nothing more for {REQUEST_READ_TIMEOUT:?}"))
+    } else {
+        e
     }
 }
 
@@ -446,6 +704,65 @@ mod tests {
         b.extend_from_slice(&4096u64.to_be_bytes());
         b.extend_from_slice(&length.to_be_bytes());
         b
+    }
+
+    /// A request from `handle`, as the kernel driver sends it on its socket pair.
+    fn request_to(command: u16, handle: u64, offset: u64, length: u32) -> Vec<u8> {
+        let mut b = super::super::proto::REQUEST_MAGIC.to_be_bytes().to_vec();
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&command.to_be_bytes());
+        b.extend_from_slice(&handle.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&length.to_be_bytes());
+        b
+    }
+
+    /// Reads one simple reply header: (error, handle).
+    fn reply_from(s: &mut std::os::unix::net::UnixStream) -> (u32, u64) {
+        let mut b = [0u8; SIMPLE_REPLY_LEN];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(b[..4], super::super::proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+        (u32::from_be_bytes(b[4..8].try_into().unwrap()), u64::from_be_bytes(b[8..].try_into().unwrap()))
+    }
+
+    #[test]
+    fn a_socket_pair_without_handshake_is_served_until_disc_then_reports_its_end() {
+        use std::os::unix::net::UnixStream;
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.img");
+        std::fs::File::create(&img).unwrap().set_len(SIZE).unwrap();
+        let mode = crate::file_device::CompletionMode::Deferred { max_delay: Duration::from_millis(5) };
+        let device: Arc<dyn BlockDevice> = Arc::new(crate::file_device::FileDevice::open(&img, mode).unwrap());
+        let (ours, mut kernel) = UnixStream::pair().unwrap();
+        kernel.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let ours = Arc::new(Stream::Unix(ours));
+        let (ended_tx, ended) = crossbeam_channel::bounded(1);
+        let reader = ElasticReader::new(ReadSide::new(ours), REQUEST_READ_BUFFER);
+        start(reader, device, "pair", Box::new(move |end| ended_tx.send(end).unwrap())).unwrap();
+        // Writes in flight, then a DISC: every write is answered before the socket closes.
+        for h in 0..16u64 {
+            kernel.write_all(&request_to(CMD_WRITE, h, h * 512, 512)).unwrap();
+            kernel.write_all(&[u8::try_from(h).unwrap(); 512]).unwrap();
+        }
+        let mut handles: Vec<u64> =
+            (0..16).map(|_| reply_from(&mut kernel)).map(|(e, h)| if e == 0 { h } else { panic!("error {e}") }).collect();
+        handles.sort_unstable();
+        assert_eq!(handles, (0..16).collect::<Vec<_>>());
+        kernel.write_all(&request_to(CMD_READ, 99, 15 * 512, 512)).unwrap();
+        assert_eq!(reply_from(&mut kernel), (0, 99));
+        let mut data = [0u8; 512];
+        kernel.read_exact(&mut data).unwrap();
+        assert_eq!(data, [15u8; 512]);
+        for h in 100..108u64 {
+            kernel.write_all(&request_to(CMD_WRITE, h, 0, 512)).unwrap();
+            kernel.write_all(&[0xaa; 512]).unwrap();
+        }
+        kernel.write_all(&request_to(CMD_DISC, 0, 0, 0)).unwrap();
+        for _ in 100..108 {
+            assert_eq!(reply_from(&mut kernel).0, 0);
+        }
+        assert!(matches!(ended.recv_timeout(Duration::from_secs(10)), Ok(End::Disconnect)));
+        assert_eq!(kernel.read(&mut data).unwrap(), 0, "the socket is closed once the connection has ended");
     }
 
     #[test]

@@ -89,6 +89,9 @@ pub enum NbdError {
     /// The client sent a request that cannot be parsed; the stream cannot be resynchronised.
     #[error("malformed request")]
     RequestProtocol(#[source] ProtoError),
+    /// Watching the socket for the next request failed (the connection cannot park).
+    #[error("watching the socket for requests failed")]
+    WatchSocket(#[source] io::Error),
     /// Writing a reply to the socket failed.
     #[error("writing reply failed")]
     WriteReply(#[source] io::Error),

@@ -3,8 +3,10 @@
 //! The agent makes a unix socket pair, configures the kernel's nbd driver with the ioctl
 //! family (`NBD_SET_BLKSIZE`, `NBD_SET_SIZE`, `NBD_SET_FLAGS`, `NBD_SET_TIMEOUT`,
 //! `NBD_SET_SOCK` with one end), and serves the other end with the same transmission code as
-//! the NBD server (`connection::serve`), minus the handshake: the driver starts in
-//! the transmission phase. A thread sits in `NBD_DO_IT` for as long as the device runs.
+//! the NBD server (`connection::start`, a task of the process's NBD pool, which holds no thread
+//! while the driver sends nothing), minus the handshake: the driver starts in the transmission
+//! phase. The only thread of a device is the one that sits in `NBD_DO_IT` for as long as the
+//! device runs: the driver runs the device from inside that ioctl.
 //!
 //! A dead agent: its sockets close with it, and the driver fails every request with EIO at
 //! once; nothing hangs. A live agent that stops answering is cut off by the driver after
@@ -12,6 +14,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -20,11 +23,13 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use crossbeam_channel::Receiver;
+use hindsight_consistency::transport::ElasticReader;
 use log::{info, warn};
 
 use super::connection::{self, End};
 use super::handshake::TRANSMISSION_FLAGS;
-use super::stream::Stream;
+use super::stream::{ReadSide, Stream};
 use super::sys;
 use crate::block::BlockDevice;
 
@@ -41,7 +46,8 @@ pub struct KernelNbd {
     path: PathBuf,
     dev: Arc<File>,
     do_it: JoinHandle<io::Result<()>>,
-    server: JoinHandle<End>,
+    /// Gets how the connection ended, once it has (its task sends it last).
+    ended: Receiver<End>,
 }
 
 /// True when the kernel offers nbd (after trying to load the module).
@@ -107,21 +113,36 @@ impl KernelNbd {
         sys::set_sock(&dev, kernels.as_raw_fd()).map_err(ctx("hand the socket to the driver"))?;
 
         let label = format!("{name} on {}", path.display());
-        let mut reader = std::io::BufReader::with_capacity(connection::REQUEST_READ_BUFFER, ours.try_clone()?);
-        let server = thread::Builder::new().name(format!("{base}-serve")).spawn(move || {
-            let end = connection::serve(&mut reader, Stream::Unix(ours), &disk, &label);
+        let ours = Arc::new(Stream::Unix(ours));
+        let reader = ElasticReader::new(ReadSide::new(Arc::clone(&ours)), connection::REQUEST_READ_BUFFER);
+        let (ended_tx, ended) = crossbeam_channel::bounded(1);
+        let on_end = Box::new(move |end: End| {
+            // The kernel's end of the pair stays open for as long as the connection is served.
             drop(kernels);
-            end
-        })?;
+            let _ = ended_tx.send(end);
+        });
+        if let Err(e) = connection::start(reader, disk, &label, on_end) {
+            let _ = sys::clear_sock(&dev);
+            return Err(io::Error::new(e.kind(), format!("{shown}: serve the socket: {e}")));
+        }
         let dev = Arc::new(dev);
         let runner = Arc::clone(&dev);
         let do_it = thread::Builder::new().name(format!("{base}-kernel")).spawn(move || {
             let r = sys::do_it(&runner);
             let _ = sys::clear_sock(&runner);
             r
-        })?;
+        });
+        let do_it = match do_it {
+            Ok(t) => t,
+            Err(e) => {
+                // The connection's task ends once its socket is.
+                let _ = ours.shutdown(Shutdown::Both);
+                let _ = sys::clear_sock(&dev);
+                return Err(e);
+            }
+        };
         info!("{name}: attached {} through the kernel nbd driver ({size} bytes, {block}-byte blocks)", path.display());
-        Ok(KernelNbd { path, dev, do_it, server })
+        Ok(KernelNbd { path, dev, do_it, ended })
     }
 
     /// The block device the guest uses.
@@ -140,7 +161,7 @@ impl KernelNbd {
         if let Err(e) = sys::disconnect(&self.dev) {
             warn!("{name}: {}: disconnect: {e}", self.path.display());
         }
-        let end = self.server.join().map_err(|_| io::Error::other("the nbd server thread panicked"))?;
+        let end = self.ended.recv().map_err(|_| io::Error::other("the nbd connection's task ended without closing it"))?;
         let ran = self.do_it.join().map_err(|_| io::Error::other("the nbd device thread panicked"))?;
         info!("{name}: released {} ({end:?})", self.path.display());
         match ran {

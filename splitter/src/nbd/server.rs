@@ -1,11 +1,16 @@
-//! The NBD server: listeners, each with its list of exports, one accept thread for them all,
-//! one thread per client connection.
+//! The NBD server: listeners, each with its list of exports, one accept thread for them all.
+//!
+//! Each new connection negotiates on a short-lived thread of its own, bounded by
+//! [`HANDSHAKE_TIMEOUT`] (a client that connects and says nothing holds it no longer than
+//! that); once it is in the transmission phase the connection is a task of the process's NBD
+//! pool (`connection::start`), which holds no thread while the client sends nothing. The
+//! server keeps a handle to each live connection's socket to shut it down at stop.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
 use std::fs;
-use std::io::{self, BufReader};
+use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileTypeExt;
@@ -19,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use hindsight_consistency::sync::lock;
+use hindsight_consistency::transport::ElasticReader;
 use log::{debug, info, warn};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -30,10 +36,11 @@ use super::connection::{self, End};
 use super::error::NbdError;
 use super::handshake::{self, ExportInfo, Outcome};
 use super::proto::MAX_STRING_LEN;
-use super::stream::Stream;
+use super::stream::{ReadSide, Stream};
 
-/// How long a client may take over each read of the handshake before it is dropped, so a
-/// client that connects and says nothing does not hold a thread forever.
+/// How long a client may take over the whole handshake before it is dropped, so that a
+/// client that connects and says nothing (or trickles its options) does not hold the
+/// handshake's thread for ever.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long one reply write may block on a client that does not read its replies. Replies
@@ -140,7 +147,8 @@ impl NbdServer {
     }
 
     /// Binds the listener of every server and serves them all from one accept thread (which
-    /// waits on every listener at once), plus one thread per client connection, until
+    /// waits on every listener at once), a short-lived thread per client handshake, and the
+    /// process's NBD pool for the connections in transmission, until
     /// [`ServerHandle::shutdown`] (or the handle is dropped). A client gets the exports of the
     /// listener it connected to. If one listener cannot be bound, none is left bound.
     pub fn spawn_all(servers: Vec<NbdServer>) -> Result<ServerHandle, NbdError> {
@@ -277,9 +285,10 @@ impl Drop for ServerHandle {
 
 #[derive(Default)]
 struct Conns {
-    /// A handle to each open connection's socket, to shut it down on stop.
-    live: HashMap<u64, Stream>,
-    threads: Vec<JoinHandle<()>>,
+    /// Each open connection's socket, to shut it down on stop.
+    live: HashMap<u64, Arc<Stream>>,
+    /// The threads of the handshakes under way (and of some that have ended).
+    handshakes: Vec<JoinHandle<()>>,
 }
 
 #[derive(Default)]
@@ -331,7 +340,8 @@ impl Listener {
         }
     }
 
-    /// Accepts one connection, as a blocking socket (what the connection threads expect).
+    /// Accepts one connection, as a blocking socket (the handshake reads it so, and a
+    /// connection's task reads only what the socket already has, or the rest of a request).
     fn accept(&self, id: u64) -> io::Result<(Stream, String)> {
         match self {
             Listener::Tcp(l) => {
@@ -393,7 +403,7 @@ fn is_fatal_accept_error(e: &io::Error) -> bool {
 }
 
 /// Waits on every listener and on `wake` at once; accepts from each listener that is ready and
-/// hands every new connection to a thread of its own. Ends when the server stops, or with the
+/// hands every new connection to a handshake thread. Ends when the server stops, or with the
 /// error of a listener that is broken.
 fn accept_loop(bound: &[Bound], wake: &EventFd, state: &Arc<State>) -> Result<(), NbdError> {
     let mut next_id: u64 = 0;
@@ -437,30 +447,20 @@ fn accept_ready(b: &Bound, state: &Arc<State>, next_id: &mut u64) -> Result<(), 
                 return Ok(());
             }
         };
-        let registered = match stream.try_clone() {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("nbd {peer}: dropping connection: {e}");
-                continue;
-            }
-        };
+        let stream = Arc::new(stream);
         let mut conns = lock(&state.conns);
-        conns.threads.retain(|t| !t.is_finished());
-        conns.live.insert(id, registered);
+        conns.handshakes.retain(|t| !t.is_finished());
+        conns.live.insert(id, Arc::clone(&stream));
         let spawned = {
             let exports = Arc::clone(&b.exports);
             let state = Arc::clone(state);
             let peer = peer.clone();
-            thread::Builder::new().name(format!("nbd-conn-{id}")).spawn(move || {
-                run_connection(stream, &peer, &exports);
-                lock(&state.conns).live.remove(&id);
-                state.closed.notify_all();
-            })
+            thread::Builder::new().name(format!("nbd-hello-{id}")).spawn(move || run_connection(stream, peer, &exports, &state, id))
         };
         match spawned {
-            Ok(t) => conns.threads.push(t),
+            Ok(t) => conns.handshakes.push(t),
             Err(e) => {
-                warn!("nbd {peer}: dropping connection: cannot start its thread: {e}");
+                warn!("nbd {peer}: dropping connection: cannot start its handshake thread: {e}");
                 conns.live.remove(&id);
             }
         }
@@ -470,7 +470,8 @@ fn accept_ready(b: &Bound, state: &Arc<State>, next_id: &mut u64) -> Result<(), 
 
 /// Closes the read side of every connection so no new request is read, gives their
 /// outstanding requests [`SHUTDOWN_GRACE`] to complete, then closes what remains and joins
-/// every connection thread.
+/// the handshake threads (which end with their socket). A connection closed after the grace
+/// still waits, in the pool, for its device to complete the writes it submitted.
 fn stop_connections(state: &State) {
     let mut conns = lock(&state.conns);
     for stream in conns.live.values() {
@@ -488,48 +489,74 @@ fn stop_connections(state: &State) {
         }
         conns = state.closed.wait_timeout(conns, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
     }
-    let threads = std::mem::take(&mut conns.threads);
+    let threads = std::mem::take(&mut conns.handshakes);
     drop(conns);
     for t in threads {
         let _ = t.join();
     }
 }
 
-/// Handshake, then transmission, for one client; logs how it ended.
-fn run_connection(stream: Stream, peer: &str, exports: &[Export]) {
+/// Handshake, then transmission, for one client: negotiates on this thread, then hands the
+/// connection to the NBD pool. The connection leaves the live list when it ends.
+fn run_connection(stream: Arc<Stream>, peer: String, exports: &[Export], state: &Arc<State>, id: u64) {
     info!("nbd {peer}: connected");
-    match serve_client(stream, peer, exports) {
-        Ok(()) => {}
-        Err(e) => warn!("nbd {peer}: closing connection: {}", hindsight_consistency::error_chain(&e)),
+    let (reader, index) = match negotiate(&stream, &peer, exports) {
+        Ok(Some(negotiated)) => negotiated,
+        Ok(None) => {
+            info!("nbd {peer}: disconnected during negotiation");
+            return ended(state, id);
+        }
+        Err(e) => {
+            warn!("nbd {peer}: closing connection: {}", hindsight_consistency::error_chain(&e));
+            return ended(state, id);
+        }
+    };
+    let export = &exports[index];
+    info!("nbd {peer}: serving export {:?} ({} bytes)", export.name, export.device.size());
+    let on_end = {
+        let (state, peer, name) = (Arc::clone(state), peer.clone(), export.name.clone());
+        Box::new(move |end: End| {
+            log_end(&peer, &name, end);
+            ended(&state, id);
+        })
+    };
+    if let Err(e) = connection::start(reader, Arc::clone(&export.device), &peer, on_end) {
+        warn!("nbd {peer}: closing connection: cannot serve it: {e}");
+        ended(state, id);
     }
 }
 
-fn serve_client(stream: Stream, peer: &str, exports: &[Export]) -> Result<(), NbdError> {
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(NbdError::HandshakeIo)?;
-    let mut writer = stream.try_clone().map_err(NbdError::HandshakeIo)?;
-    // The same buffered reader carries over into transmission: it may already hold the
-    // first request.
-    let mut reader = BufReader::with_capacity(connection::REQUEST_READ_BUFFER, stream);
+/// The connection `id` has ended: it leaves the live list.
+fn ended(state: &State, id: u64) {
+    lock(&state.conns).live.remove(&id);
+    state.closed.notify_all();
+}
+
+/// Runs the handshake; returns the reader (which may already hold the first requests) and
+/// the export chosen, or `None` if the client left during negotiation.
+fn negotiate(stream: &Arc<Stream>, peer: &str, exports: &[Export]) -> Result<Option<(ElasticReader<ReadSide>, usize)>, NbdError> {
+    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(NbdError::HandshakeIo)?;
+    let mut reader =
+        ElasticReader::new(ReadSide::until(Arc::clone(stream), Instant::now() + HANDSHAKE_TIMEOUT), connection::REQUEST_READ_BUFFER);
     let infos: Vec<ExportInfo> =
         exports.iter().map(|e| ExportInfo { name: e.name.clone(), size: e.device.size(), read_only: e.device.read_only() }).collect();
-    let index = match handshake::negotiate(&mut reader, &mut writer, &infos, peer)? {
-        Outcome::Closed => {
-            info!("nbd {peer}: disconnected during negotiation");
-            return Ok(());
-        }
+    let index = match handshake::negotiate(&mut reader, &mut &**stream, &infos, peer)? {
+        Outcome::Closed => return Ok(None),
         Outcome::Transmission { export } => export,
     };
-    let export = &exports[index];
-    reader.get_ref().set_read_timeout(None).map_err(NbdError::HandshakeIo)?;
-    writer.set_write_timeout(Some(REPLY_WRITE_TIMEOUT)).map_err(NbdError::HandshakeIo)?;
-    info!("nbd {peer}: serving export {:?} ({} bytes)", export.name, infos[index].size);
-    match connection::serve(&mut reader, writer, &export.device, peer) {
-        End::Disconnect => info!("nbd {peer}: export {:?}: client disconnected", export.name),
-        End::Closed => info!("nbd {peer}: export {:?}: connection closed", export.name),
-        End::ReplyFailed => warn!("nbd {peer}: export {:?}: connection dropped after a failed reply", export.name),
-        End::Error(e) => warn!("nbd {peer}: export {:?}: closing connection: {}", export.name, hindsight_consistency::error_chain(&e)),
+    reader.get_mut().clear_deadline();
+    stream.set_write_timeout(Some(REPLY_WRITE_TIMEOUT)).map_err(NbdError::HandshakeIo)?;
+    Ok(Some((reader, index)))
+}
+
+/// Logs how a connection's transmission phase ended.
+fn log_end(peer: &str, export: &str, end: End) {
+    match end {
+        End::Disconnect => info!("nbd {peer}: export {export:?}: client disconnected"),
+        End::Closed => info!("nbd {peer}: export {export:?}: connection closed"),
+        End::ReplyFailed => warn!("nbd {peer}: export {export:?}: connection dropped after a failed reply"),
+        End::Error(e) => warn!("nbd {peer}: export {export:?}: closing connection: {}", hindsight_consistency::error_chain(&e)),
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,9 +1,19 @@
-//! One accepted client socket, TCP or unix, behind one type.
+//! One accepted client socket, TCP or unix, behind one type, and the reader of its requests.
+//!
+//! A connection keeps one descriptor of its socket, shared (`Arc<Stream>`): its request
+//! reader, its replies and the server's list of live connections all use it, and the
+//! readiness watch holds it so that the descriptor stays open as long as it is watched.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags};
+use nix::sys::socket::{recv, MsgFlags};
 
 /// A connected client socket.
 #[derive(Debug)]
@@ -15,14 +25,6 @@ pub enum Stream {
 }
 
 impl Stream {
-    /// Another handle to the same socket (reads on one, replies on the other).
-    pub fn try_clone(&self) -> io::Result<Stream> {
-        match self {
-            Stream::Tcp(s) => s.try_clone().map(Stream::Tcp),
-            Stream::Unix(s) => s.try_clone().map(Stream::Unix),
-        }
-    }
-
     /// Shuts down one or both directions of the socket, for every handle to it.
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         match self {
@@ -46,37 +48,116 @@ impl Stream {
             Stream::Unix(s) => s.set_write_timeout(timeout),
         }
     }
-}
 
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
+    /// True if a read would not wait: bytes (or the end of the stream, or an error) are
+    /// waiting in the socket.
+    pub fn readable(&self) -> bool {
+        let mut one = [0u8; 1];
+        loop {
+            match recv(self.as_fd().as_raw_fd(), &mut one, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => return false,
+                // Bytes, the end of the stream, or an error for the read to report.
+                _ => return true,
+            }
+        }
+    }
+
+    /// Waits up to `ms` milliseconds until a read would not wait (see [`Stream::readable`]).
+    pub fn wait_readable(&self, ms: u8) -> bool {
+        let mut fds = [PollFd::new(self.as_fd(), PollFlags::POLLIN)];
+        loop {
+            match poll(&mut fds, ms) {
+                Ok(n) => return n > 0,
+                Err(Errno::EINTR) => {}
+                // Let the read report it.
+                Err(_) => return true,
+            }
         }
     }
 }
 
-impl Write for Stream {
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+impl Read for &Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).read(buf),
+            Stream::Unix(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for &Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => (&*s).write(buf),
+            Stream::Unix(s) => (&*s).write(buf),
         }
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         match self {
-            Stream::Tcp(s) => s.write_vectored(bufs),
-            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tcp(s) => (&*s).write_vectored(bufs),
+            Stream::Unix(s) => (&*s).write_vectored(bufs),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
-            Stream::Tcp(s) => s.flush(),
-            Stream::Unix(s) => s.flush(),
+            Stream::Tcp(s) => (&*s).flush(),
+            Stream::Unix(s) => (&*s).flush(),
         }
+    }
+}
+
+/// Reads a connection's socket: the handshake, then the requests. During the handshake every
+/// read is bounded by what is left of one deadline, so that a client that trickles bytes
+/// cannot hold its handshake thread for longer than that either.
+pub struct ReadSide {
+    stream: Arc<Stream>,
+    deadline: Option<Instant>,
+}
+
+impl ReadSide {
+    /// Reads `stream` with no deadline (its read timeout, if any, bounds each read).
+    pub fn new(stream: Arc<Stream>) -> ReadSide {
+        ReadSide { stream, deadline: None }
+    }
+
+    /// Reads `stream` until `deadline`; a read after it fails with `TimedOut`.
+    pub fn until(stream: Arc<Stream>, deadline: Instant) -> ReadSide {
+        ReadSide { stream, deadline: Some(deadline) }
+    }
+
+    /// Removes the deadline (the handshake is over).
+    pub fn clear_deadline(&mut self) {
+        self.deadline = None;
+    }
+
+    /// The socket.
+    pub fn stream(&self) -> &Arc<Stream> {
+        &self.stream
+    }
+}
+
+impl Read for ReadSide {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.stream.set_read_timeout(Some(left))?;
+        }
+        (&*self.stream).read(buf)
     }
 }
 

@@ -217,7 +217,8 @@ pub struct Raw {
 }
 
 impl Raw {
-    fn new(s: Box<dyn Socket>) -> Raw {
+    /// A client on a connected socket.
+    pub fn new(s: Box<dyn Socket>) -> Raw {
         s.set_timeout(Duration::from_secs(20));
         Raw { s }
     }
