@@ -16,6 +16,7 @@
 //! - [`transport`] — TLS (or loopback plaintext) under the frames: handshakes, peer identities,
 //!   a read half and a write half per connection
 //! - [`time`] — timestamps
+//! - [`memory`] — freed heap pages given back to the system now and then
 //! - [`open_files`] — the daemons raise their limit on open files
 //! - [`tasks`] — a fixed pool of threads running many event-driven tasks (the daemons' groups)
 //! - [`metrics_http`] and [`dashboard`] — the daemons' metrics address: `/metrics`, and the
@@ -31,6 +32,7 @@ pub mod dashboard;
 #[cfg(any(test, feature = "faults"))]
 pub mod faults;
 pub mod journal;
+pub mod memory;
 pub mod metrics_http;
 pub mod open_files;
 pub mod record;

@@ -94,6 +94,8 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
     // Every group's journal task runs on these threads, however many groups there are.
     let journal_pool = tasks::Pool::new("journal", tasks::io_threads())
         .map_err(|source| EngineError::Spawn { what: "the journal threads".into(), source })?;
+    // Freed buffers of idle groups and connections go back to the system.
+    journal_pool.add("give memory back", hindsight_consistency::memory::TrimTask::default());
     // And every group's shipper on these.
     let ship_pool = tasks::Pool::new("ship", tasks::io_threads())
         .map_err(|source| EngineError::Spawn { what: "the shipping threads".into(), source })?;

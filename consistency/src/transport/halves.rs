@@ -287,13 +287,17 @@ impl TlsReader {
         }
     }
 
-    /// Gives the raw buffer back if rustls has everything in it.
+    /// Gives the raw buffer back if rustls has everything in it, and lets rustls shrink its
+    /// own (a record's worth, up to 16 KiB, kept until its next read).
     fn release(&mut self) {
         if self.start == self.end {
             self.raw = Vec::new();
             self.start = 0;
             self.end = 0;
             self.raw_wanted = RAW_FIRST;
+            // With nothing buffered, rustls shrinks its buffer to one small read before it
+            // reads; a source with nothing to give ends the read there (not an end of stream).
+            let _ = lock(&self.shared.conn).read_tls(&mut NothingYet);
         }
     }
 
@@ -349,6 +353,15 @@ impl Read for TlsReader {
             }
             self.grown_if_full(got);
         }
+    }
+}
+
+/// A source with nothing to read yet.
+struct NothingYet;
+
+impl Read for NothingYet {
+    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
     }
 }
 

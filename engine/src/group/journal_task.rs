@@ -143,7 +143,8 @@ impl Sequencer {
             room,
             shared,
             interval,
-            batch: Vec::with_capacity(256),
+            // Grown by the first commits, given back when idle.
+            batch: Vec::new(),
             last_time,
             last_seq,
             trimmed_through: 0,
@@ -257,6 +258,7 @@ impl Sequencer {
         if wake == IDLE_WAKE_MAX && self.idle_wake == IDLE_WAKE_MAX && !self.released {
             // Idle for a few seconds: the buffers kept for the next commits go.
             self.journal.release_memory();
+            self.batch = Vec::new();
             self.released = true;
         }
         let mut at = Instant::now() + wake;

@@ -270,6 +270,8 @@ fn load_group(
 
 fn maintenance_loop(shared: &Arc<Shared>, stop: &Receiver<()>) {
     let mut last = std::time::Instant::now();
+    // Freed buffers of idle groups and connections go back to the system.
+    let mut trimmer = hindsight_consistency::memory::Trimmer::default();
     loop {
         match stop.recv_timeout(FAILOVER_LOOK) {
             Err(RecvTimeoutError::Timeout) => {}
@@ -291,5 +293,6 @@ fn maintenance_loop(shared: &Arc<Shared>, stop: &Receiver<()>) {
         for g in shared.ready_groups() {
             g.maintain(false);
         }
+        trimmer.tick();
     }
 }
