@@ -38,7 +38,7 @@ use crate::sync::lock;
 
 mod readiness;
 mod reading;
-pub use readiness::{Readiness, Socket, Watch};
+pub use readiness::{socket_readable, wait_socket_readable, Readiness, Socket, Watch};
 pub use reading::{start_reading, Reading, Step, BURST_WAIT_MS};
 
 /// One group's (or one connection's) work, run a round at a time by the pool.

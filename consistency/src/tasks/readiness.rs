@@ -12,15 +12,48 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::{Mutex, OnceLock};
 
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::socket::{recv, MsgFlags};
 
 use super::Waker;
 use crate::sync::lock;
+
+/// True if a read of `fd` (a socket) would not wait: bytes, the end of the stream, or an
+/// error for the read to report, are waiting in it. Never blocks.
+pub fn socket_readable(fd: BorrowedFd<'_>) -> bool {
+    let mut one = [0u8; 1];
+    loop {
+        match recv(fd.as_raw_fd(), &mut one, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => return false,
+            // Bytes, the end of the stream, or an error for the read to report.
+            _ => return true,
+        }
+    }
+}
+
+/// Waits up to `ms` milliseconds until a read of `fd` would not wait (see
+/// [`socket_readable`]). A connection's task calls it once after a message before it parks:
+/// during a burst the next one usually comes within that time, and is read without the
+/// wake-ups of parking.
+pub fn wait_socket_readable(fd: BorrowedFd<'_>, ms: u8) -> bool {
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    loop {
+        match poll(&mut fds, ms) {
+            Ok(n) => return n > 0,
+            Err(Errno::EINTR) => {}
+            // Let the read report it.
+            Err(_) => return true,
+        }
+    }
+}
 
 /// The process's watcher: one epoll instance and the thread that waits on it.
 pub struct Readiness {

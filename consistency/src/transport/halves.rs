@@ -482,18 +482,7 @@ impl ReadHalf {
     /// True if a read would not wait: bytes received and not yet read, bytes (or the end of
     /// the stream, or an error) waiting in the socket.
     pub fn readable(&self) -> bool {
-        if self.buffered() {
-            return true;
-        }
-        let mut one = [0u8; 1];
-        loop {
-            match recv(self.socket_fd().as_raw_fd(), &mut one, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
-                Err(Errno::EINTR) => {}
-                Err(Errno::EAGAIN) => return false,
-                // Bytes, the end of the stream, or an error for the read to report.
-                _ => return true,
-            }
-        }
+        self.buffered() || crate::tasks::socket_readable(self.socket_fd())
     }
 
     /// Waits up to `ms` milliseconds until a read would not wait (see [`ReadHalf::readable`]).
@@ -501,17 +490,7 @@ impl ReadHalf {
     /// sync group's writes one after the other) the next frame usually comes within that
     /// time, and is read without the wake-ups of parking.
     pub fn wait_readable(&self, ms: u8) -> bool {
-        if self.buffered() {
-            return true;
-        }
-        let mut fds = [nix::poll::PollFd::new(self.socket_fd(), nix::poll::PollFlags::POLLIN)];
-        loop {
-            match nix::poll::poll(&mut fds, ms) {
-                Ok(n) => return n > 0,
-                Err(Errno::EINTR) => {}
-                Err(_) => return true,
-            }
-        }
+        self.buffered() || crate::tasks::wait_socket_readable(self.socket_fd(), ms)
     }
 
     /// True if a read would return without waiting for the socket: received bytes not yet

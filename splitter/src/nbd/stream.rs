@@ -6,14 +6,10 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use nix::errno::Errno;
-use nix::poll::{poll, PollFd, PollFlags};
-use nix::sys::socket::{recv, MsgFlags};
 
 /// A connected client socket.
 #[derive(Debug)]
@@ -52,28 +48,12 @@ impl Stream {
     /// True if a read would not wait: bytes (or the end of the stream, or an error) are
     /// waiting in the socket.
     pub fn readable(&self) -> bool {
-        let mut one = [0u8; 1];
-        loop {
-            match recv(self.as_fd().as_raw_fd(), &mut one, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
-                Err(Errno::EINTR) => {}
-                Err(Errno::EAGAIN) => return false,
-                // Bytes, the end of the stream, or an error for the read to report.
-                _ => return true,
-            }
-        }
+        hindsight_consistency::tasks::socket_readable(self.as_fd())
     }
 
     /// Waits up to `ms` milliseconds until a read would not wait (see [`Stream::readable`]).
     pub fn wait_readable(&self, ms: u8) -> bool {
-        let mut fds = [PollFd::new(self.as_fd(), PollFlags::POLLIN)];
-        loop {
-            match poll(&mut fds, ms) {
-                Ok(n) => return n > 0,
-                Err(Errno::EINTR) => {}
-                // Let the read report it.
-                Err(_) => return true,
-            }
-        }
+        hindsight_consistency::tasks::wait_socket_readable(self.as_fd(), ms)
     }
 }
 
