@@ -53,10 +53,11 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 /// How long the sweeps of the new disks run, all at once, before the disks are served (the
 /// rest runs in the background): a small or blank disk is compared before the guest's first
-/// write, so it needs no resync at all. One deadline for every disk, however many there are.
-pub const STARTUP_SWEEP: Duration = Duration::from_secs(5);
+/// write, so it needs no resync at all. One deadline for every disk, however many there are,
+/// so that an agent serves every disk within two seconds of its start.
+pub const STARTUP_SWEEP: Duration = Duration::from_millis(1500);
 /// How long the start-up sweeps wait for a target that is not connected yet.
-const STARTUP_PATIENCE: Duration = Duration::from_secs(2);
+const STARTUP_PATIENCE: Duration = Duration::from_secs(1);
 /// Pause before a start-up sweep tries again while the link or the target is not there yet.
 const STARTUP_RETRY: Duration = Duration::from_millis(100);
 
