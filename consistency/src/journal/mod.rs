@@ -242,6 +242,7 @@ impl Journal {
         if let Some(t) = &self.tail {
             t.release_spares();
         }
+        crate::memory::note_freed();
     }
 
     /// The journal directory.

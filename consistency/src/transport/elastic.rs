@@ -77,6 +77,7 @@ impl<R: Read> ElasticReader<R> {
             self.buf = Vec::new();
             self.pos = 0;
             self.filled = 0;
+            crate::memory::note_freed();
         }
     }
 }
