@@ -21,8 +21,9 @@
 //!   raced with its round): it must look at its state and return early when it has nothing to do.
 //!
 //! Timers are kept by one timer thread: a task returning [`Next::At`] is woken at that instant
-//! (or earlier, by its waker). A panic in a round ends that task (it is logged and the task
-//! never runs again); the pool's threads go on.
+//! (or earlier, by its waker). A panic in a round ends that task (it is logged, the task's
+//! [`Task::abandoned`] lets go of what others wait for, and it never runs again); the pool's
+//! threads go on.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -46,6 +47,10 @@ pub trait Task: Send + Sync + 'static {
     /// Does what there is to do now, without waiting for anything that another task must
     /// provide, and says when to run again.
     fn run(&self) -> Next;
+
+    /// A round panicked and the task will not run again: let go of what others wait for (a
+    /// connection's registration, the volumes it attached). Nothing by default.
+    fn abandoned(&self) {}
 }
 
 /// When a task wants its next round.
@@ -261,6 +266,9 @@ fn run_round(shared: &Arc<Shared>, slot: &Arc<Slot>) {
         Ok(next) => next,
         Err(_) => {
             log::error!("task {}: panicked; it will not run again", slot.name);
+            if catch_unwind(AssertUnwindSafe(|| slot.task.abandoned())).is_err() {
+                log::error!("task {}: panicked again while letting go of what it held", slot.name);
+            }
             Next::Done
         }
     };
@@ -441,16 +449,21 @@ mod tests {
     }
 
     #[test]
-    fn a_panicking_task_ends_and_the_pool_goes_on() {
-        struct Panics;
+    fn a_panicking_task_ends_lets_go_of_what_it_held_and_the_pool_goes_on() {
+        struct Panics(Arc<AtomicBool>);
         impl Task for Panics {
             fn run(&self) -> Next {
                 panic!("on purpose");
             }
+            fn abandoned(&self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
         }
         let pool = Pool::new("t", 1).unwrap();
-        let p = pool.add("panics", Panics);
+        let let_go = Arc::new(AtomicBool::new(false));
+        let p = pool.add("panics", Panics(Arc::clone(&let_go)));
         wait_for(|| p.is_done());
+        assert!(let_go.load(Ordering::SeqCst), "abandoned runs after the panic");
         let (task, rounds) = counter(0);
         let _w = pool.add("c", task);
         wait_for(|| rounds.load(Ordering::SeqCst) == 1);

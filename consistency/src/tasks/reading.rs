@@ -109,6 +109,12 @@ impl<R: Reading> Task for ReadingTask<R> {
             }
         }
     }
+
+    /// A step panicked: the connection ends as if it had closed (its socket goes, whoever
+    /// waits for its end learns of it).
+    fn abandoned(&self) {
+        finish(&mut lock(&self.0));
+    }
 }
 
 fn finish<R: Reading>(state: &mut Option<State<R>>) {

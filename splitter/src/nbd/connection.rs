@@ -343,6 +343,14 @@ impl Task for ConnRef {
             }
         }
     }
+
+    /// A round panicked: the connection closes as if it had failed, so that it is no longer
+    /// counted and whoever waits for its end (a kernel device's stop) learns of it.
+    fn abandoned(&self) {
+        if let Some(conn) = lock(&self.0 .0).take() {
+            conn.close(End::Error(NbdError::Panicked));
+        }
+    }
 }
 
 /// What a round of the connection leads to.

@@ -95,4 +95,7 @@ pub enum NbdError {
     /// Writing a reply to the socket failed.
     #[error("writing reply failed")]
     WriteReply(#[source] io::Error),
+    /// Serving a request panicked (a bug, logged where it happened): the connection is closed.
+    #[error("serving a request failed unexpectedly; the connection is closed")]
+    Panicked,
 }
