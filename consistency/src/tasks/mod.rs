@@ -20,11 +20,20 @@
 //! - a task may be run without having been woken (a timer it no longer needs, a wake that
 //!   raced with its round): it must look at its state and return early when it has nothing to do.
 //!
+//! Two hand-offs save the wake-up of another thread where the caller's thread would only wait
+//! next (at 4 KiB QD1 each wake-up of a sleeping thread costs more than the work it hands over):
+//! [`Waker::run_here`] runs an idle task's round on the caller's thread at once (a connection
+//! that has read a group's writes commits them itself), and [`Waker::wake_next`] runs a task on
+//! the current worker right after its round (a commit's acknowledgements go out on the thread
+//! that committed them), at most four in a row. Both keep the promises above: the
+//! state machine decides who runs a round, never two threads at once.
+//!
 //! Timers are kept by one timer thread: a task returning [`Next::At`] is woken at that instant
 //! (or earlier, by its waker). A panic in a round ends that task (it is logged, the task's
 //! [`Task::abandoned`] lets go of what others wait for, and it never runs again); the pool's
 //! threads go on.
 
+use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -33,10 +42,10 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender};
-
 use crate::sync::lock;
+use queue::ReadyQueue;
 
+mod queue;
 mod readiness;
 mod reading;
 pub use readiness::{socket_readable, wait_socket_readable, Readiness, Socket, Watch};
@@ -84,7 +93,7 @@ struct Slot {
 
 /// What the pool's threads, its timer thread and every waker share.
 struct Shared {
-    ready: Sender<Arc<Slot>>,
+    ready: ReadyQueue<Arc<Slot>>,
     timers: Mutex<Timers>,
     /// Signalled when an earlier timer is added or the pool stops.
     timer_added: Condvar,
@@ -136,6 +145,50 @@ impl Waker {
         }
     }
 
+    /// True if this task's round may wait a moment for its next input (a connection's next
+    /// message, about to come) instead of parking: another thread of the pool sleeps, free to
+    /// run whatever is woken meanwhile. Waiting then saves the two wake-ups of parking (the
+    /// readiness thread, then a pool thread) and delays no other task.
+    pub fn may_linger(&self) -> bool {
+        self.shared.upgrade().is_some_and(|s| s.ready.has_sleeper())
+    }
+
+    /// Runs the task's round on this thread now, if it is idle (nobody runs it, nothing has
+    /// queued it); otherwise wakes it as [`Waker::wake`] does. For the last hand-off of a
+    /// round whose thread would only wait next (a connection that has read a group's writes
+    /// and would wait for more commits them itself): the round then costs no wake-up of
+    /// another thread. The caller must hold nothing the task's round takes.
+    pub fn run_here(&self) {
+        let Some(shared) = self.shared.upgrade() else { return };
+        if self.slot.state.compare_exchange(IDLE, RUNNING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            round(&shared, &self.slot);
+        } else {
+            wake(&shared, &self.slot);
+        }
+    }
+
+    /// Wakes the task to run on this thread right after the round it runs now, when this
+    /// thread is one of the task's pool (and has not been asked so already); otherwise as
+    /// [`Waker::wake`]. For a hand-off at the end of a round (a commit's acknowledgements to
+    /// the connection's writer): no other thread is woken for it.
+    pub fn wake_next(&self) {
+        let Some(shared) = self.shared.upgrade() else { return };
+        if !mark_ready(&self.slot) {
+            return;
+        }
+        let pool = Arc::as_ptr(&shared) as usize;
+        let kept = WORKER.with(|w| match w.borrow_mut().as_mut() {
+            Some(me) if me.pool == pool && me.next.is_none() => {
+                me.next = Some(Arc::clone(&self.slot));
+                true
+            }
+            _ => false,
+        });
+        if !kept {
+            shared.ready.push(Arc::clone(&self.slot));
+        }
+    }
+
     /// True once the task has returned [`Next::Done`] (or panicked).
     pub fn is_done(&self) -> bool {
         self.slot.state.load(Ordering::Acquire) == DONE
@@ -149,25 +202,43 @@ impl std::fmt::Debug for Waker {
 }
 
 fn wake(shared: &Shared, slot: &Arc<Slot>) {
+    if mark_ready(slot) {
+        // Fails only once the pool has stopped: the task is never run again.
+        shared.ready.push(Arc::clone(slot));
+    }
+}
+
+/// Marks a task woken; true if it was idle and is READY now, so that the caller must queue it.
+fn mark_ready(slot: &Slot) -> bool {
     let mut state = slot.state.load(Ordering::Acquire);
     loop {
         let next = match state {
             IDLE => READY,
             RUNNING => NOTIFIED,
-            _ => return,
+            _ => return false,
         };
         match slot.state.compare_exchange_weak(state, next, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => {
-                if next == READY {
-                    // Fails only once the pool has stopped: the task is never run again.
-                    let _ = shared.ready.send(Arc::clone(slot));
-                }
-                return;
-            }
+            Ok(_) => return next == READY,
             Err(now) => state = now,
         }
     }
 }
+
+/// What a worker thread knows of itself, for [`Waker::wake_next`].
+struct WorkerLocal {
+    /// Its pool (the address of the pool's shared state, as an identity).
+    pool: usize,
+    /// The task to run after the current round.
+    next: Option<Arc<Slot>>,
+}
+
+thread_local! {
+    static WORKER: RefCell<Option<WorkerLocal>> = const { RefCell::new(None) };
+}
+
+/// Most tasks a worker runs one after the other through [`Waker::wake_next`] before it
+/// looks at the queue again.
+const NEXT_CHAIN: usize = 4;
 
 /// A fixed set of threads running tasks; see the module documentation.
 pub struct Pool {
@@ -179,9 +250,8 @@ impl Pool {
     /// Starts `threads` worker threads (at least one) named `name-0`, `name-1`, ... and the
     /// timer thread `name-timer`.
     pub fn new(name: &str, threads: usize) -> std::io::Result<Pool> {
-        let (tx, rx) = crossbeam_channel::unbounded::<Arc<Slot>>();
         let shared = Arc::new(Shared {
-            ready: tx,
+            ready: ReadyQueue::new(),
             timers: Mutex::new(Timers::default()),
             timer_added: Condvar::new(),
             stopping: AtomicBool::new(false),
@@ -189,8 +259,8 @@ impl Pool {
         let size = threads.max(1);
         let mut handles = Vec::with_capacity(size + 1);
         for i in 0..size {
-            let (rx, s) = (rx.clone(), Arc::clone(&shared));
-            handles.push(std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || worker(&s, &rx))?);
+            let s = Arc::clone(&shared);
+            handles.push(std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || worker(&s))?);
         }
         let s = Arc::clone(&shared);
         handles.push(std::thread::Builder::new().name(format!("{name}-timer")).spawn(move || timer_loop(&s))?);
@@ -219,6 +289,7 @@ impl Pool {
     /// Waits for the threads. Idempotent.
     pub fn stop(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
+        self.shared.ready.close();
         {
             let _timers = lock(&self.shared.timers);
             self.shared.timer_added.notify_all();
@@ -247,14 +318,23 @@ pub fn io_threads() -> usize {
     (cores * 2).clamp(4, 16)
 }
 
-fn worker(shared: &Arc<Shared>, ready: &Receiver<Arc<Slot>>) {
+fn worker(shared: &Arc<Shared>) {
+    WORKER.with(|w| *w.borrow_mut() = Some(WorkerLocal { pool: Arc::as_ptr(shared) as usize, next: None }));
+    let take_next = || WORKER.with(|w| w.borrow_mut().as_mut().and_then(|me| me.next.take()));
     // A timeout so that a stop is seen even if no task is ever woken again.
     while !shared.stopping.load(Ordering::SeqCst) {
-        let Ok(slot) = ready.recv_timeout(std::time::Duration::from_millis(200)) else { continue };
+        let Some(slot) = shared.ready.pop(std::time::Duration::from_millis(200)) else { continue };
         if shared.stopping.load(Ordering::SeqCst) {
             return;
         }
         run_round(shared, &slot);
+        for _ in 0..NEXT_CHAIN {
+            let Some(next) = take_next() else { break };
+            run_round(shared, &next);
+        }
+        if let Some(next) = take_next() {
+            shared.ready.push(next);
+        }
     }
 }
 
@@ -262,6 +342,11 @@ fn run_round(shared: &Arc<Shared>, slot: &Arc<Slot>) {
     if slot.state.compare_exchange(READY, RUNNING, Ordering::AcqRel, Ordering::Acquire).is_err() {
         return;
     }
+    round(shared, slot);
+}
+
+/// Runs one round of a task this thread has set RUNNING, and settles its state after it.
+fn round(shared: &Arc<Shared>, slot: &Arc<Slot>) {
     let next = match catch_unwind(AssertUnwindSafe(|| slot.task.run())) {
         Ok(next) => next,
         Err(_) => {
@@ -276,7 +361,7 @@ fn run_round(shared: &Arc<Shared>, slot: &Arc<Slot>) {
         Next::Done => slot.state.store(DONE, Ordering::Release),
         Next::Again => {
             slot.state.store(READY, Ordering::Release);
-            let _ = shared.ready.send(Arc::clone(slot));
+            shared.ready.push(Arc::clone(slot));
         }
         Next::Idle | Next::At(_) => {
             if let Next::At(at) = next {
@@ -285,7 +370,7 @@ fn run_round(shared: &Arc<Shared>, slot: &Arc<Slot>) {
             if slot.state.compare_exchange(RUNNING, IDLE, Ordering::AcqRel, Ordering::Acquire).is_err() {
                 // Woken during the round: run again.
                 slot.state.store(READY, Ordering::Release);
-                let _ = shared.ready.send(Arc::clone(slot));
+                shared.ready.push(Arc::clone(slot));
             }
         }
     }
@@ -467,6 +552,78 @@ mod tests {
         let (task, rounds) = counter(0);
         let _w = pool.add("c", task);
         wait_for(|| rounds.load(Ordering::SeqCst) == 1);
+    }
+
+    /// Notes the threads its rounds ran on; a round waits while `hold` is set.
+    #[derive(Default)]
+    struct Where {
+        threads: Mutex<Vec<std::thread::ThreadId>>,
+        hold: AtomicBool,
+        /// Woken with [`Waker::wake_next`] at the end of each round, if set.
+        then: OnceLock<Waker>,
+    }
+
+    impl Task for Arc<Where> {
+        fn run(&self) -> Next {
+            while self.hold.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            lock(&self.threads).push(std::thread::current().id());
+            if let Some(w) = self.then.get() {
+                w.wake_next();
+            }
+            Next::Idle
+        }
+    }
+
+    impl Where {
+        fn rounds(&self) -> usize {
+            lock(&self.threads).len()
+        }
+    }
+
+    #[test]
+    fn run_here_runs_an_idle_task_on_the_callers_thread_and_only_wakes_a_busy_one() {
+        let pool = Pool::new("t", 1).unwrap();
+        let t = Arc::new(Where::default());
+        let w = pool.add("where", Arc::clone(&t));
+        wait_for(|| t.rounds() == 1);
+        w.run_here();
+        assert_eq!(t.rounds(), 2, "the round ran before run_here returned");
+        assert_eq!(lock(&t.threads)[1], std::thread::current().id());
+
+        t.hold.store(true, Ordering::SeqCst);
+        w.wake();
+        wait_for(|| w.slot.state.load(Ordering::SeqCst) == RUNNING);
+        w.run_here();
+        assert_eq!(t.rounds(), 2, "a task that runs elsewhere is not run a second time at once");
+        t.hold.store(false, Ordering::SeqCst);
+        wait_for(|| t.rounds() == 4);
+        assert!(lock(&t.threads)[2..].iter().all(|id| *id != std::thread::current().id()), "the pool ran the woken round");
+    }
+
+    #[test]
+    fn wake_next_runs_the_task_on_the_same_worker_right_after_the_round() {
+        let pool = Pool::new("t", 4).unwrap();
+        let second = Arc::new(Where::default());
+        let first = Arc::new(Where::default());
+        let w2 = pool.add("second", Arc::clone(&second));
+        wait_for(|| second.rounds() == 1);
+        first.then.set(w2.clone()).unwrap();
+        let w1 = pool.add("first", Arc::clone(&first));
+        for round in 1..=20 {
+            wait_for(|| second.rounds() == round + 1);
+            assert_eq!(
+                lock(&first.threads)[round - 1],
+                lock(&second.threads)[round],
+                "round {round} of the second task ran on another thread"
+            );
+            w1.wake();
+        }
+        wait_for(|| second.rounds() == 22);
+        // From a thread that is not one of the pool's, it is an ordinary wake.
+        w2.wake_next();
+        wait_for(|| second.rounds() == 23);
     }
 
     #[test]
