@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Right after a step that read something, the next round waits up to [`BURST_WAIT_MS`] for
-//! more before it parks: during a burst (a sync group's writes one after the other) the next
+//! more before it parks, if another thread of the pool is free meanwhile
+//! ([`Waker::may_linger`]): during a burst (a sync group's writes one after the other) the next
 //! message usually comes within that time, and is read without the wake-ups of parking.
 
 use std::io;
@@ -85,7 +86,7 @@ impl<R: Reading> Task for ReadingTask<R> {
             // Not started yet: `start` wakes it once the watch is set.
             return Next::Idle;
         };
-        let burst = std::mem::take(&mut state.just_read);
+        let burst = std::mem::take(&mut state.just_read) && me.may_linger();
         if !state.conn.ready(burst) {
             let at = state.conn.parking();
             return match state.watch.as_ref().map(Watch::arm) {

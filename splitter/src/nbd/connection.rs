@@ -79,9 +79,11 @@ const ROUND_REQUESTS: usize = 32;
 /// Most write payload bytes one round reads before the connection goes behind the others.
 const ROUND_BYTES: u64 = 8 << 20;
 
-/// How long, in milliseconds, a connection whose last request was answered within its round
-/// waits for the next one before it parks: a client that has its reply sends the next request
-/// at once, and parking costs two wake-ups (the readiness thread, then a pool thread).
+/// How long, in milliseconds, a connection whose last request was answered or submitted
+/// within its round waits for the next one before it parks (when another pool thread is free
+/// meanwhile, [`Waker::may_linger`]): a client that has its reply sends the next request at
+/// once, a write's reply comes within a replication round trip, and parking costs two
+/// wake-ups (the readiness thread, then a pool thread).
 const BURST_WAIT_MS: u8 = 1;
 
 /// How a connection's transmission phase ended.
@@ -388,7 +390,7 @@ struct Connection {
     read_buf: Vec<u8>,
     /// The request read that waits for its turn; no other is read meanwhile.
     waiting: Option<Waiting>,
-    /// The last request was answered within its round (see [`BURST_WAIT_MS`]).
+    /// The last request was answered or submitted within its round (see [`BURST_WAIT_MS`]).
     answered: bool,
     watch: Option<Watch>,
     waker: Option<Waker>,
@@ -409,7 +411,7 @@ impl Connection {
             if !request_ready(self.reader.buffer()) {
                 // What follows may wait for the client, or park: nothing may stay held.
                 self.device.send_held();
-                if self.reader.buffer().is_empty() && !self.client_sends() {
+                if self.reader.buffer().is_empty() && !self.client_sends(waker) {
                     return self.park(waker);
                 }
             }
@@ -437,11 +439,11 @@ impl Connection {
     }
 
     /// True if the client has sent something (bytes, the end of the stream): right after a
-    /// request answered within the round, once it has had up to [`BURST_WAIT_MS`] to send
-    /// the next.
-    fn client_sends(&mut self) -> bool {
+    /// request answered or submitted within the round, once it has had up to
+    /// [`BURST_WAIT_MS`] to send the next.
+    fn client_sends(&mut self, waker: &Waker) -> bool {
         let stream = self.reader.get_ref().stream();
-        if std::mem::take(&mut self.answered) {
+        if std::mem::take(&mut self.answered) && waker.may_linger() {
             stream.wait_readable(BURST_WAIT_MS)
         } else {
             stream.readable()
@@ -624,6 +626,7 @@ impl Connection {
         let op = WriteOp { offset, kind, fua: req.flags & CMD_FLAG_FUA != 0 };
         // The completion may run on this thread before submit returns: no lock is held here.
         let submit = if more { BlockDevice::submit_held } else { BlockDevice::submit };
+        self.answered = true;
         submit(
             &*self.device,
             op,
