@@ -51,7 +51,9 @@ impl Outbox {
     fn give(&self, out: Outgoing) -> bool {
         let sent = self.tx.send(out).is_ok();
         if sent {
-            self.writer.wake();
+            // Given at the end of a commit (or of a session's round): the writer runs on this
+            // thread next if it is one of the link pool's, with no other thread woken.
+            self.writer.wake_next();
         }
         sent
     }

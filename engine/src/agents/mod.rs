@@ -129,6 +129,8 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
         pending: VecDeque::new(),
         end: None,
         input: false,
+        unwoken: Vec::new(),
+        unwoken_bytes: 0,
     };
     if let Err(e) = start_reading(pool, &format!("agent-{peer}"), socket, session) {
         log::warn!("agent {peer}: cannot watch the connection ({e}); it is closed");

@@ -29,6 +29,10 @@ use crate::hashes::HashReplyTo;
 /// Most frames read in one round: the other connections get the thread after them.
 const FRAMES_PER_ROUND: usize = 64;
 
+/// Write bytes queued to a group before its journal task is woken in the middle of a round;
+/// below it, the round ends by committing them itself ([`GroupHandle::commit_here`]).
+const COMMIT_HERE_BYTES: u64 = 256 << 10;
+
 /// An attached agent's session.
 pub(super) struct Session {
     pub reg: Arc<Registry>,
@@ -49,6 +53,10 @@ pub(super) struct Session {
     pub end: Option<SessionEnd>,
     /// The last look found bytes to read.
     pub input: bool,
+    /// Groups given items this round whose journal tasks are not woken yet, and the write
+    /// bytes given them: the round's end commits the first itself and wakes the others.
+    pub unwoken: Vec<GroupHandle>,
+    pub unwoken_bytes: u64,
 }
 
 /// Why an agent session's reader stopped.
@@ -85,33 +93,9 @@ impl Reading for Session {
     }
 
     fn step(&mut self, me: &Waker) -> Step {
-        let mut more = self.input;
-        for _ in 0..FRAMES_PER_ROUND {
-            match self.queue_pending(me) {
-                Ok(true) => {}
-                Ok(false) => return Step::Wait,
-                Err(e) => {
-                    self.end = Some(e);
-                    return Step::Close;
-                }
-            }
-            if !more {
-                return Step::Continue;
-            }
-            if let Err(e) = self.frame() {
-                self.end = Some(e);
-                return Step::Close;
-            }
-            more = whole_frame_buffered(self.reader.buffer());
-        }
-        match self.queue_pending(me) {
-            Ok(true) => Step::Continue,
-            Ok(false) => Step::Wait,
-            Err(e) => {
-                self.end = Some(e);
-                Step::Close
-            }
-        }
+        let step = self.read_some(me);
+        self.commit_unwoken();
+        step
     }
 
     /// Logs how the session ended, tells a refused agent why, and frees its volumes.
@@ -149,12 +133,59 @@ impl Reading for Session {
 }
 
 impl Session {
+    /// Reads up to a round's share of frames and queues what they carry.
+    fn read_some(&mut self, me: &Waker) -> Step {
+        let mut more = self.input;
+        for _ in 0..FRAMES_PER_ROUND {
+            match self.queue_pending(me) {
+                Ok(true) => {}
+                Ok(false) => return Step::Wait,
+                Err(e) => {
+                    self.end = Some(e);
+                    return Step::Close;
+                }
+            }
+            if !more {
+                return Step::Continue;
+            }
+            if let Err(e) = self.frame() {
+                self.end = Some(e);
+                return Step::Close;
+            }
+            more = whole_frame_buffered(self.reader.buffer());
+        }
+        match self.queue_pending(me) {
+            Ok(true) => Step::Continue,
+            Ok(false) => Step::Wait,
+            Err(e) => {
+                self.end = Some(e);
+                Step::Close
+            }
+        }
+    }
+
     /// Queues what waits, in order; false if a group's channel is still full (this task is
     /// woken when it has room).
     fn queue_pending(&mut self, me: &Waker) -> Result<bool, SessionEnd> {
         while let Some((group, item)) = self.pending.pop_front() {
-            match group.offer(item, me) {
-                Ok(None) => {}
+            let bytes = match &item {
+                GroupItem::Write(w) => u64::from(w.length),
+                _ => 0,
+            };
+            match group.offer_unwoken(item, me) {
+                Ok(None) => {
+                    if !self.unwoken.iter().any(|g| g.same(&group)) {
+                        self.unwoken.push(group);
+                    }
+                    self.unwoken_bytes += bytes;
+                    if self.unwoken_bytes >= COMMIT_HERE_BYTES {
+                        // Enough for a commit of its own while this round reads on.
+                        self.unwoken_bytes = 0;
+                        for g in self.unwoken.drain(..) {
+                            g.wake();
+                        }
+                    }
+                }
                 Ok(Some(item)) => {
                     self.pending.push_front((group, item));
                     return Ok(false);
@@ -163,6 +194,19 @@ impl Session {
             }
         }
         Ok(true)
+    }
+
+    /// The round ends: the first group given writes commits them on this thread (which would
+    /// only wait for the agent's next frame otherwise), the others' journal tasks are woken to
+    /// commit at the same time.
+    fn commit_unwoken(&mut self) {
+        self.unwoken_bytes = 0;
+        let mut groups = self.unwoken.drain(..);
+        let Some(first) = groups.next() else { return };
+        for g in groups {
+            g.wake();
+        }
+        first.commit_here();
     }
 
     /// Reads one frame (waiting for the rest of it) and handles it.

@@ -65,18 +65,49 @@ impl GroupHandle {
         }
     }
 
+    /// As [`GroupHandle::offer`], but the journal task is not woken: the caller wakes it
+    /// (or runs it, [`GroupHandle::commit_here`]) once it has queued what it read.
+    pub fn offer_unwoken(&self, item: GroupItem, waiter: &Waker) -> Result<Option<GroupItem>, SendError<GroupItem>> {
+        match self.room.offer(waiter) {
+            Offer::Taken => self.queue_unwoken(item).map(|()| None),
+            Offer::Full => {
+                // The queued items make the room: the journal task must run to free it.
+                self.waker.wake();
+                Ok(Some(item))
+            }
+            Offer::Closed => Err(SendError(item)),
+        }
+    }
+
     fn queue(&self, item: GroupItem) -> Result<(), SendError<GroupItem>> {
+        self.queue_unwoken(item)?;
+        self.waker.wake();
+        Ok(())
+    }
+
+    fn queue_unwoken(&self, item: GroupItem) -> Result<(), SendError<GroupItem>> {
         if let Err(e) = self.tx.send(item) {
             self.room.give(1);
             return Err(e);
         }
-        self.waker.wake();
         Ok(())
     }
 
     /// Wakes the journal task (to see that the group stops, or that the target confirmed).
     pub fn wake(&self) {
         self.waker.wake();
+    }
+
+    /// Runs the journal task's round (numbering, the group commit, the acknowledgements) on
+    /// this thread if nobody runs it now, else wakes it: for a connection that has queued its
+    /// writes and would otherwise only wait for more (no other thread is woken for the commit).
+    pub fn commit_here(&self) {
+        self.waker.run_here();
+    }
+
+    /// True if both handles are of the same group.
+    pub fn same(&self, other: &GroupHandle) -> bool {
+        Arc::ptr_eq(&self.room, &other.room)
     }
 }
 
