@@ -4,7 +4,8 @@
 //! Activity-log style: a region (1 MiB by default) is marked *on disk* (`fdatasync`) before the
 //! first write to it is sent anywhere, and stays marked while it is being written; once no
 //! write is in flight in it and none came for [`CLEAN_AFTER`], a background pass clears it
-//! lazily. A region whose write the engine did not take (the engine away past its timeout,
+//! lazily: at once when the whole disk is quiet, else only beyond a hot set of
+//! [`HOT_REGIONS`], least recently written first. A region whose write the engine did not take (the engine away past its timeout,
 //! or refusing) stays marked and *needs a resync*. After a crash every region the file says
 //! is marked needs a resync: a write may have reached the local disk and not the engine.
 //!
@@ -38,8 +39,14 @@ use log::{info, warn};
 
 /// Regions are 2^20 bytes by default.
 pub const DEFAULT_REGION_SHIFT: u8 = 20;
-/// A region with nothing in flight is cleared after this long without writes.
+/// A region with nothing in flight is cleared after this long without writes to it, once
+/// the whole disk has had none for as long, or while more than [`HOT_REGIONS`] are marked.
 pub const CLEAN_AFTER: Duration = Duration::from_secs(2);
+/// While a disk is being written, this many regions (1 GiB of 1 MiB regions) stay marked
+/// after their writes, the least recently written cleared beyond it: random writes over a hot
+/// set that fits pay the map's sync once, not again each time a region is idle for a moment.
+/// After a crash the agent compares at most these and the regions in flight.
+pub const HOT_REGIONS: usize = 1024;
 /// A write that marks a clean region right after a marked one (a sequential stream) also
 /// marks this many regions after its own, in the same sync: a stream of 1 MiB writes then
 /// syncs the map once per 8 MiB instead of before every write. Marking more is always safe
@@ -74,6 +81,8 @@ struct State {
     /// Nothing was ever written to the file (a new map): it reads as fresh, which compares
     /// every region, whatever the marks in memory are.
     blank: bool,
+    /// When the disk was last written.
+    last_write: Option<Instant>,
 }
 
 /// The dirty map of one disk.
@@ -162,6 +171,7 @@ impl DirtyMap {
                 in_flight: HashMap::new(),
                 touched: HashMap::new(),
                 blank: fresh,
+                last_write: None,
             }),
             written: std::sync::Condvar::new(),
         };
@@ -229,11 +239,15 @@ impl DirtyMap {
     /// marked a region meanwhile, with no lock held during it; a sequential stream marks
     /// [`MARK_AHEAD`] more) and counts the write in flight.
     pub fn begin(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.begin_at(offset, len, Instant::now())
+    }
+
+    fn begin_at(&self, offset: u64, len: u64, now: Instant) -> std::io::Result<()> {
         let mut st = lock(&self.state);
         let mut newly = None;
-        let now = Instant::now();
         let span = self.span(offset, len);
         let last = *span.end();
+        st.last_write = Some(now);
         for r in span {
             *st.in_flight.entry(r).or_insert(0) += 1;
             st.touched.insert(r, now);
@@ -349,22 +363,44 @@ impl DirtyMap {
     }
 
     /// Clears, in the file, regions with nothing in flight, no resync pending and no write for
-    /// [`CLEAN_AFTER`]. Returns how many were cleared.
+    /// [`CLEAN_AFTER`]: all of them once the disk has had no write for as long (and those not
+    /// written since the map was opened at any time), else only the least recently written
+    /// beyond [`HOT_REGIONS`] marked. Returns how many were cleared.
     pub fn clean(&self) -> std::io::Result<usize> {
+        self.clean_at(Instant::now())
+    }
+
+    fn clean_at(&self, now: Instant) -> std::io::Result<usize> {
         let mut st = lock(&self.state);
-        let now = Instant::now();
-        let mut cleared = 0;
+        let quiet = st.last_write.is_none_or(|t| now.duration_since(t) >= CLEAN_AFTER);
+        let mut marked = 0usize;
+        let mut idle = Vec::new();
         for r in 0..self.regions {
-            if !bit(&st.marked, r) || bit(&st.resync, r) || st.in_flight.contains_key(&r) {
+            if !bit(&st.marked, r) {
                 continue;
             }
-            if st.touched.get(&r).is_some_and(|t| now.duration_since(*t) < CLEAN_AFTER) {
+            marked += 1;
+            if bit(&st.resync, r) || st.in_flight.contains_key(&r) {
                 continue;
             }
+            match st.touched.get(&r) {
+                None => idle.push((None, r)),
+                Some(t) if now.duration_since(*t) >= CLEAN_AFTER => idle.push((Some(*t), r)),
+                Some(_) => {}
+            }
+        }
+        if !quiet {
+            // Not written since the map was opened: none of the hot set, cleared as always.
+            let untouched = idle.iter().filter(|(t, _)| t.is_none()).count();
+            idle.sort_unstable();
+            let over = marked.saturating_sub(HOT_REGIONS).max(untouched);
+            idle.truncate(over);
+        }
+        for &(_, r) in &idle {
             set(&mut st.marked, r, false);
             st.touched.remove(&r);
-            cleared += 1;
         }
+        let cleared = idle.len();
         if cleared > 0 {
             st.generation += 1;
             let mine = st.generation;
@@ -456,6 +492,31 @@ mod tests {
         let (m, _) = DirtyMap::open(&StdStorage, &path, 20 * MIB).unwrap();
         let expected: Vec<u64> = (0..=8).chain([12, 19]).collect();
         assert_eq!(m.needing_resync(), expected);
+    }
+
+    #[test]
+    fn a_disk_being_written_keeps_its_hot_regions_marked_and_a_quiet_one_clears_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.map");
+        let regions = HOT_REGIONS as u64 + 10;
+        let (m, _) = DirtyMap::open(&StdStorage, &path, regions * MIB).unwrap();
+        let write = |r: u64, at: Instant| {
+            m.begin_at(r * MIB, 4096, at).unwrap();
+            m.end(r * MIB, 4096, true);
+        };
+        // Every other region (so that no stream marks ahead), then the others 3 s later.
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(3);
+        (0..regions).step_by(2).for_each(|r| write(r, t0));
+        (3..regions).step_by(2).for_each(|r| write(r, t1));
+        m.begin_at(MIB, 4096, t1).unwrap(); // region 1 stays in flight
+        let ms = Duration::from_millis(1);
+        assert_eq!(m.clean_at(t1 + ms).unwrap(), 10, "while the disk is written, only the oldest idle beyond the hot set go");
+        assert_eq!(m.clean_at(t1 + 1000 * ms).unwrap(), 0, "idle regions within the hot set stay marked");
+        assert_eq!(m.clean_at(t1 + CLEAN_AFTER).unwrap(), HOT_REGIONS - 1, "a quiet disk clears every idle region");
+        drop(m);
+        let (m, _) = DirtyMap::open(&StdStorage, &path, regions * MIB).unwrap();
+        assert_eq!(m.needing_resync(), vec![1], "the region in flight was never cleared");
     }
 
     #[test]
