@@ -47,8 +47,9 @@ pub const CLEAN_AFTER: Duration = Duration::from_secs(2);
 /// set that fits pay the map's sync once, not again each time a region is idle for a moment.
 /// After a crash the agent compares at most these and the regions in flight.
 pub const HOT_REGIONS: usize = 1024;
-/// A write that marks a clean region right after a marked one (a sequential stream) also
-/// marks this many regions after its own, in the same sync: a stream of 1 MiB writes then
+/// A write that marks a clean region and goes on from a sequential stream (at least a
+/// region's worth of writes, each beginning where the one before ended) also marks this many
+/// regions after its own, in the same sync: a stream of 1 MiB writes then
 /// syncs the map once per 8 MiB instead of before every write. Marking more is always safe
 /// (a marked region only costs a compare or a re-send after a crash); the regions it does
 /// not reach are cleared after [`CLEAN_AFTER`] like any other.
@@ -83,6 +84,10 @@ struct State {
     blank: bool,
     /// When the disk was last written.
     last_write: Option<Instant>,
+    /// Where the last write begun ended, and how many bytes the writes that ran on up to it
+    /// without a gap hold: a write that goes on from a region's worth of them marks ahead.
+    stream_end: u64,
+    stream_len: u64,
 }
 
 /// The dirty map of one disk.
@@ -172,6 +177,8 @@ impl DirtyMap {
                 touched: HashMap::new(),
                 blank: fresh,
                 last_write: None,
+                stream_end: 0,
+                stream_len: 0,
             }),
             written: std::sync::Condvar::new(),
         };
@@ -244,20 +251,26 @@ impl DirtyMap {
 
     fn begin_at(&self, offset: u64, len: u64, now: Instant) -> std::io::Result<()> {
         let mut st = lock(&self.state);
-        let mut newly = None;
+        let mut newly = false;
         let span = self.span(offset, len);
         let last = *span.end();
         st.last_write = Some(now);
+        // A stream: this write follows, without a gap, a run of at least a region of writes.
+        let streaming = offset == st.stream_end && st.stream_len >= self.region_size();
+        st.stream_len = if offset == st.stream_end { st.stream_len + len } else { len };
+        st.stream_end = offset + len;
         for r in span {
             *st.in_flight.entry(r).or_insert(0) += 1;
             st.touched.insert(r, now);
             if !bit(&st.marked, r) {
                 set(&mut st.marked, r, true);
-                newly = newly.or(Some(r));
+                newly = true;
             }
         }
-        let Some(first_new) = newly else { return Ok(()) };
-        if first_new > 0 && bit(&st.marked, first_new - 1) {
+        if !newly {
+            return Ok(());
+        }
+        if streaming {
             // A stream going on into clean regions: mark the next ones in the same sync.
             for r in (last + 1..=last + MARK_AHEAD).take_while(|&r| r < self.regions) {
                 if !bit(&st.marked, r) {
@@ -475,7 +488,7 @@ mod tests {
     }
 
     #[test]
-    fn a_sequential_stream_marks_regions_ahead_in_one_sync_and_a_lone_write_does_not() {
+    fn a_sequential_stream_marks_regions_ahead_in_one_sync_and_other_writes_do_not() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.map");
         let (m, _) = DirtyMap::open(&StdStorage, &path, 20 * MIB).unwrap();
@@ -487,10 +500,12 @@ mod tests {
             m.begin(r * MIB, MIB).unwrap();
         }
         assert_eq!(m.generation_persisted(), on_disk, "the stream's next regions needed no sync");
-        m.begin(19 * MIB, MIB).unwrap(); // region 19 after a clean 18: alone again
+        m.begin(19 * MIB, MIB).unwrap(); // region 19, not where the stream ended: alone again
+        m.begin(14 * MIB, 4096).unwrap(); // small writes in neighbouring regions are no stream
+        m.begin(15 * MIB, 4096).unwrap();
         drop(m);
         let (m, _) = DirtyMap::open(&StdStorage, &path, 20 * MIB).unwrap();
-        let expected: Vec<u64> = (0..=8).chain([12, 19]).collect();
+        let expected: Vec<u64> = (0..=8).chain([12, 14, 15, 19]).collect();
         assert_eq!(m.needing_resync(), expected);
     }
 
