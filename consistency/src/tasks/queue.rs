@@ -19,21 +19,20 @@ pub(super) struct ReadyQueue<T> {
     inner: Mutex<Inner<T>>,
     /// Signalled when an item is pushed while a worker sleeps, and when the pool stops.
     pushed: Condvar,
-    /// How many workers sleep, for [`ReadyQueue::has_sleeper`] to read without the lock.
+    /// How many workers sleep in [`ReadyQueue::pop`]; changed only under the lock, read
+    /// without it by [`ReadyQueue::has_sleeper`].
     sleepers: AtomicUsize,
 }
 
 struct Inner<T> {
     items: VecDeque<T>,
-    /// Workers sleeping in [`ReadyQueue::pop`].
-    sleeping: usize,
     closed: bool,
 }
 
 impl<T> ReadyQueue<T> {
     pub(super) fn new() -> ReadyQueue<T> {
         ReadyQueue {
-            inner: Mutex::new(Inner { items: VecDeque::new(), sleeping: 0, closed: false }),
+            inner: Mutex::new(Inner { items: VecDeque::new(), closed: false }),
             pushed: Condvar::new(),
             sleepers: AtomicUsize::new(0),
         }
@@ -46,7 +45,7 @@ impl<T> ReadyQueue<T> {
             return false;
         }
         g.items.push_back(item);
-        let wake = g.sleeping > 0;
+        let wake = self.sleepers.load(Ordering::Relaxed) > 0;
         drop(g);
         if wake {
             self.pushed.notify_one();
@@ -64,11 +63,9 @@ impl<T> ReadyQueue<T> {
         if g.closed {
             return None;
         }
-        g.sleeping += 1;
-        self.sleepers.store(g.sleeping, Ordering::Relaxed);
+        self.sleepers.fetch_add(1, Ordering::Relaxed);
         let (mut g, _) = self.pushed.wait_timeout(g, patience).unwrap_or_else(std::sync::PoisonError::into_inner);
-        g.sleeping -= 1;
-        self.sleepers.store(g.sleeping, Ordering::Relaxed);
+        self.sleepers.fetch_sub(1, Ordering::Relaxed);
         if g.closed {
             return None;
         }

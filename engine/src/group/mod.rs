@@ -55,23 +55,14 @@ impl GroupHandle {
         self.queue(item)
     }
 
-    /// Queues an item without waiting: with the channel full the item comes back, and `waiter`
+    /// Queues an item without waiting and without waking the journal task: the caller wakes
+    /// it (or runs it, [`GroupHandle::commit_here`]) once it has queued what it read. With the
+    /// channel full the item comes back, the journal task is woken to make room, and `waiter`
     /// is woken once there is room (offer it again then). `Err` once the task has ended.
-    pub fn offer(&self, item: GroupItem, waiter: &Waker) -> Result<Option<GroupItem>, SendError<GroupItem>> {
-        match self.room.offer(waiter) {
-            Offer::Taken => self.queue(item).map(|()| None),
-            Offer::Full => Ok(Some(item)),
-            Offer::Closed => Err(SendError(item)),
-        }
-    }
-
-    /// As [`GroupHandle::offer`], but the journal task is not woken: the caller wakes it
-    /// (or runs it, [`GroupHandle::commit_here`]) once it has queued what it read.
     pub fn offer_unwoken(&self, item: GroupItem, waiter: &Waker) -> Result<Option<GroupItem>, SendError<GroupItem>> {
         match self.room.offer(waiter) {
             Offer::Taken => self.queue_unwoken(item).map(|()| None),
             Offer::Full => {
-                // The queued items make the room: the journal task must run to free it.
                 self.waker.wake();
                 Ok(Some(item))
             }
