@@ -91,6 +91,18 @@ pub struct Journal {
     tail: Option<Arc<Tail>>,
     /// Trimmed segment files kept for reuse, as `(last_seq they held, path)`, newest first.
     spares: Vec<(Seq, PathBuf)>,
+    /// Where the last commit's records were written.
+    last_commit: Option<CommitPlace>,
+}
+
+/// Where a commit's records lie: the first of them at `start` in the segment `segment`, the
+/// others after it exactly as they were appended (padding, if any, follows the last).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitPlace {
+    /// The segment's `first_seq`.
+    pub segment: Seq,
+    /// Byte position of the commit's first record in the segment file.
+    pub start: u64,
 }
 
 impl std::fmt::Debug for Journal {
@@ -198,6 +210,7 @@ impl Journal {
             poisoned: false,
             tail: None,
             spares,
+            last_commit: None,
         })
     }
 

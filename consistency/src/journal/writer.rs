@@ -5,7 +5,7 @@
 use super::error::{io_err, JournalError};
 use super::segment::{create_segment, encode_segment_header, segment_name, spare_name, SegmentInfo, BLOCK, MAX_SPARES, SEGMENT_HEADER_LEN};
 use super::tail::TailChunk;
-use super::{open_direct, Journal};
+use super::{open_direct, CommitPlace, Journal};
 use crate::record::{encode_record, RecordHeader, RecordRef, Seq};
 use crate::storage::{OpenMode, DIRECT_IO_ALIGN};
 
@@ -55,6 +55,13 @@ impl Journal {
         self.last_time_ns = self.last_time_ns.max(h.time_ns);
     }
 
+    /// Where the last commit's records were written (`None` before the first commit since
+    /// the journal was opened). A record appended when [`Journal::pending_bytes`] was `n` lies
+    /// at `start + n`.
+    pub fn last_commit(&self) -> Option<CommitPlace> {
+        self.last_commit
+    }
+
     /// Bytes buffered and not yet committed.
     pub fn pending_bytes(&self) -> usize {
         self.pending.len()
@@ -87,6 +94,7 @@ impl Journal {
         let start = self.active_len;
         self.active_len += bytes.len() as u64;
         let first_seq = self.durable_seq + 1;
+        self.last_commit = Some(CommitPlace { segment: active.first_seq, start });
         debug_assert!(self.next_seq > first_seq, "journal {}: a commit of bytes but no record", self.dir.display());
         self.durable_seq = self.next_seq - 1;
         match &self.tail {

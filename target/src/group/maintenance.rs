@@ -71,11 +71,13 @@ impl Group {
     /// themselves meanwhile.
     fn index_sealed(&self, p: &mut Persist) {
         let (segments, volumes) = {
-            let inner = lock(&self.inner);
+            let mut inner = lock(&self.inner);
+            p.gathered_runs.extend(inner.index.take_sealed());
             let segs: Vec<Segment> = inner.journal.segments().map(|s| Segment { first_seq: s.first_seq, path: s.path.clone() }).collect();
             (segs, inner.meta.volume_names())
         };
-        match write_sealed(&self.fs, &self.paths.journal(), &self.paths.index_dir(), &volumes, &segments, !p.index_verified) {
+        let (journal, index) = (self.paths.journal(), self.paths.index_dir());
+        match write_sealed(&self.fs, &journal, &index, &volumes, &segments, &mut p.gathered_runs, !p.index_verified) {
             Ok(n) => {
                 if n > 0 {
                     log::debug!("group {:?}: indexed {n} sealed journal segment(s)", self.name);
@@ -300,6 +302,53 @@ mod tests {
         assert!(n.trimmed && !n.full && n.first_time_ns > recs[0].0.time_ns, "{n:?}");
         assert!(lock(&g.persist).state.base_seq > 0);
         assert!(std::fs::read(paths.replica_dir().join("v.img")).unwrap() == model(&recs, 120));
+    }
+
+    #[test]
+    fn index_files_written_from_the_commits_equal_those_built_from_the_segments() {
+        use crate::point_index::build::build_runs;
+        use crate::point_index::file::encode;
+        use crate::point_index::store::index_path;
+        use hindsight_consistency::journal::list_segments;
+        use hindsight_consistency::WriteKind;
+
+        let dir = tempfile::tempdir().unwrap();
+        let (fs, paths, g) = new_group(dir.path());
+        let mut recs = big_records(160);
+        for (h, d) in recs.iter_mut().filter(|(h, _)| h.seq % 5 == 0) {
+            (h.kind, *d) = (WriteKind::Zeroes, Vec::new());
+        }
+        for chunk in recs[..50].chunks(3) {
+            g.receive(&mut vec![frame(chunk)]);
+            g.maintain(false);
+        }
+        // A restart in the middle of a segment: that one's run is built from the file.
+        drop(g);
+        let g = Group::load(Arc::clone(&fs), paths.clone(), "g", opts()).unwrap();
+        for chunk in recs[50..].chunks(5) {
+            g.receive(&mut vec![frame(chunk)]);
+        }
+        let segs = list_segments(fs.as_ref(), &paths.journal()).unwrap();
+        assert!(segs.len() >= 6, "{} segments", segs.len());
+        let volumes = vec!["v".to_string()];
+        let built = |first: u64, last: u64| build_runs(&fs, &paths.journal(), &volumes, first, last).unwrap().pop().unwrap();
+        // Every segment sealed since the restart but the one it cut was gathered in memory.
+        let gathered = lock(&g.inner).index.take_sealed();
+        assert!(gathered.len() >= 3, "{} runs gathered", gathered.len());
+        for run in &gathered {
+            let next = segs.iter().position(|s| s.0 == run.first_seq).unwrap() + 1;
+            assert_eq!(run, &built(run.first_seq, segs[next].0 - 1), "a gathered run differs from the one built from its segment");
+        }
+        lock(&g.persist).gathered_runs.extend(gathered);
+        g.maintain(false);
+        for pair in segs.windows(2) {
+            let ((first, path), last) = (&pair[0], pair[1].0 - 1);
+            let mut run = built(*first, last);
+            run.segment_len = std::fs::metadata(path).unwrap().len();
+            let file = std::fs::read(index_path(&paths.index_dir(), *first)).unwrap();
+            assert!(file == encode(&run), "index file of segment {first} differs from the one built from the segment");
+        }
+        assert!(lock(&g.persist).gathered_runs.is_empty(), "every gathered run was written");
     }
 
     #[test]

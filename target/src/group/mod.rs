@@ -17,6 +17,7 @@
 //! - `maintenance`: the maintenance thread's side: replica checkpoints and retention.
 
 mod counters;
+mod index;
 mod maintenance;
 mod open;
 mod receive;
@@ -121,6 +122,9 @@ struct Persist {
     index_verified: bool,
     /// The export whose pin retention last reported waiting for (its pid).
     pinned_by: Option<u32>,
+    /// Runs of sealed segments gathered as their records were committed, until their index
+    /// files are written.
+    gathered_runs: Vec<crate::point_index::Run>,
 }
 
 /// What the connection thread works on.
@@ -131,11 +135,13 @@ struct Inner {
     on_journal_full: JournalFull,
     /// Since when batches are refused because the journal is full.
     full_since: Option<Instant>,
+    /// The extents of the records committed, for the index files of sealed segments.
+    index: index::CommitIndex,
 }
 
 impl Inner {
     fn new(meta: GroupMeta, journal: Journal) -> Inner {
-        Inner { meta, journal, on_journal_full: JournalFull::TrimHistory, full_since: None }
+        Inner { meta, journal, on_journal_full: JournalFull::TrimHistory, full_since: None, index: index::CommitIndex::default() }
     }
 }
 
@@ -152,7 +158,9 @@ impl Group {
     /// Gives back the journal's buffers kept for the next commits (the group's engine has sent
     /// nothing for a while).
     pub fn release_memory(&self) {
-        lock(&self.inner).journal.release_memory();
+        let mut inner = lock(&self.inner);
+        inner.journal.release_memory();
+        inner.index.release_memory();
     }
     /// A trim of history inside retention that the engine has not been told of.
     pub fn take_notice(&self) -> Option<JournalStateMsg> {

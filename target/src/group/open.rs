@@ -94,6 +94,7 @@ impl Group {
                 first_time_cache: None,
                 index_verified: false,
                 pinned_by: None,
+                gathered_runs: Vec::new(),
             }),
             inner: Mutex::new(Inner::new(meta, journal)),
             shipper: Mutex::new(None),

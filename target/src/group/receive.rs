@@ -176,6 +176,7 @@ impl Group {
         let mut taken = 0;
         let mut marks = Marks::default();
         let mut tally = Tally::default();
+        let volumes = inner.meta.volume_names();
         for payload in frames.iter() {
             if let Err(why) = validate_frame(&self.name, &inner.meta, payload, inner.journal.next_seq(), inner.journal.last_time_ns()) {
                 error = Some(why.to_string());
@@ -184,6 +185,7 @@ impl Group {
             let next = inner.journal.next_seq();
             let res: Result<(), hindsight_consistency::journal::JournalError> = each_record(payload, |rec, raw| {
                 if rec.header.seq >= next {
+                    inner.index.appended(rec, &volumes, inner.journal.pending_bytes());
                     inner.journal.append_encoded(rec, raw)?;
                     marks.see(rec);
                     tally.see(rec);
@@ -202,7 +204,9 @@ impl Group {
             // Nothing new (resends only, or the first frame refused).
             return refuse(frames, old_durable, error, None);
         }
-        let durable = match inner.journal.commit() {
+        let committed = inner.journal.commit();
+        inner.index.committed(committed.as_ref().ok().and(inner.journal.last_commit()), &volumes);
+        let durable = match committed {
             Ok(d) => d,
             Err(e) => {
                 let cause = format!("journal commit: {}", error_chain(&e));

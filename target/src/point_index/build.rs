@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use hindsight_consistency::journal::{JournalError, JournalReader};
-use hindsight_consistency::record::RECORD_HEADER_LEN;
+use hindsight_consistency::record::{RecordHeader, RECORD_HEADER_LEN};
 use hindsight_consistency::storage::Storage;
 use hindsight_consistency::{Seq, WriteKind};
 use thiserror::Error;
@@ -24,6 +24,63 @@ pub enum BuildError {
     NotInFile(Seq),
 }
 
+/// The extents of one segment's records, gathered one record at a time: by [`build_runs`]
+/// from the file, and by the daemon as it commits them (so that a sealed segment's index file
+/// is written without reading the segment back).
+#[derive(Debug)]
+pub struct RunBuilder {
+    /// The segment's `first_seq`.
+    pub segment: Seq,
+    first_seq: Seq,
+    last_seq: Seq,
+    first_time_ns: u64,
+    last_time_ns: u64,
+    extents: Vec<Extent>,
+}
+
+impl RunBuilder {
+    /// A builder for the segment starting at `segment`, whose next record is `first_seq`.
+    pub fn new(segment: Seq, first_seq: Seq) -> RunBuilder {
+        RunBuilder { segment, first_seq, last_seq: first_seq.saturating_sub(1), first_time_ns: 0, last_time_ns: 0, extents: Vec::new() }
+    }
+
+    /// True if it has seen every record of its segment from the first.
+    pub fn whole(&self) -> bool {
+        self.first_seq == self.segment
+    }
+
+    /// The next record: its header, its volume's number (`None` for a record that changes no
+    /// volume), the length of its volume name and the position of the record in the segment.
+    pub fn see(&mut self, h: &RecordHeader, volume: Option<u16>, name_len: usize, pos: u64) {
+        debug_assert_eq!(h.seq, self.last_seq + 1, "records are seen in order");
+        if self.last_seq < self.first_seq {
+            self.first_time_ns = h.time_ns;
+        }
+        (self.last_seq, self.last_time_ns) = (h.seq, h.time_ns);
+        let Some(volume) = volume.filter(|_| h.kind.changes_volume()) else { return };
+        let zero = matches!(h.kind, WriteKind::Zeroes | WriteKind::Trim);
+        let data_pos = if zero { 0 } else { pos + (RECORD_HEADER_LEN + name_len) as u64 };
+        self.extents.push(Extent { offset: h.offset, seq: h.seq, data_pos, length: h.length, volume, kind: h.kind });
+    }
+
+    /// The run (`segment_len` 0: the caller knows the file's size). `volumes` numbers the
+    /// volumes.
+    pub fn finish(self, volumes: &[String]) -> Run {
+        let mut run = Run::new(self.first_seq, self.last_seq, 0, volumes.to_vec(), self.extents);
+        (run.first_time_ns, run.last_time_ns) = (self.first_time_ns, self.last_time_ns);
+        run
+    }
+}
+
+/// The number of volume `name` in `volumes`, for a record that changes a volume.
+pub fn volume_number(volumes: &[String], seq: Seq, kind: WriteKind, name: &str) -> Result<Option<u16>, BuildError> {
+    if !kind.changes_volume() {
+        return Ok(None);
+    }
+    let found = volumes.iter().position(|v| v == name).ok_or_else(|| BuildError::UnknownVolume { seq, volume: name.to_owned() })?;
+    Ok(Some(u16::try_from(found).expect("a group has fewer than 65536 volumes")))
+}
+
 /// The runs of the journal in `dir` from record `from` through `through` (inclusive), one per
 /// segment, oldest first. `segment_len` of each is left 0: the caller knows the file sizes.
 /// `volumes` numbers the volumes (the group's order).
@@ -33,33 +90,18 @@ pub fn build_runs(fs: &Arc<dyn Storage>, dir: &Path, volumes: &[String], from: S
         return Ok(runs);
     }
     let mut reader = JournalReader::open(Arc::clone(fs), dir, from)?;
-    // (segment, first and last seq, first and last time, extents) of the run being built.
-    let mut current: Option<(Seq, Seq, Seq, u64, u64, Vec<Extent>)> = None;
-    let finish = |c: (Seq, Seq, Seq, u64, u64, Vec<Extent>)| {
-        let mut run = Run::new(c.1, c.2, 0, volumes.to_vec(), c.5);
-        (run.first_time_ns, run.last_time_ns) = (c.3, c.4);
-        run
-    };
+    let mut current: Option<RunBuilder> = None;
     while reader.next_seq() <= through {
         let Some((rec, _)) = reader.next_raw()? else { break };
         let (h, name_len) = (rec.header, rec.volume.len());
-        let found = volumes.iter().position(|name| name == rec.volume);
-        if h.kind.changes_volume() && found.is_none() {
-            return Err(BuildError::UnknownVolume { seq: h.seq, volume: rec.volume.to_owned() });
-        }
+        let volume = volume_number(volumes, h.seq, h.kind, rec.volume)?;
         let (segment, pos) = reader.last_position().ok_or(BuildError::NotInFile(h.seq))?;
-        if current.as_ref().is_some_and(|c| c.0 != segment) {
-            runs.push(finish(current.take().expect("checked")));
+        if current.as_ref().is_some_and(|c| c.segment != segment) {
+            runs.push(current.take().expect("checked").finish(volumes));
         }
-        let c = current.get_or_insert_with(|| (segment, h.seq, h.seq, h.time_ns, h.time_ns, Vec::new()));
-        (c.2, c.4) = (h.seq, h.time_ns);
-        let Some(v) = found.filter(|_| h.kind.changes_volume()) else { continue };
-        let zero = matches!(h.kind, WriteKind::Zeroes | WriteKind::Trim);
-        let data_pos = if zero { 0 } else { pos + (RECORD_HEADER_LEN + name_len) as u64 };
-        let volume = u16::try_from(v).expect("a group has fewer than 65536 volumes");
-        c.5.push(Extent { offset: h.offset, seq: h.seq, data_pos, length: h.length, volume, kind: h.kind });
+        current.get_or_insert_with(|| RunBuilder::new(segment, h.seq)).see(&h, volume, name_len, pos);
     }
-    runs.extend(current.map(finish));
+    runs.extend(current.map(|c| c.finish(volumes)));
     Ok(runs)
 }
 

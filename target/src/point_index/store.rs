@@ -92,24 +92,40 @@ pub fn sealed_run(
 /// Writes the index file of every sealed segment (all but the last of `segments`) that has
 /// none, or with `verify` none that checks out (the daemon verifies at start-up, then only
 /// adds the files of newly sealed segments), and removes index files whose segment is gone.
-/// Returns how many it wrote.
+/// A segment whose run is in `ready` (gathered as its records were committed) is written from
+/// it without reading the segment; `ready` keeps only the runs still to be written. Returns
+/// how many files it wrote.
 pub fn write_sealed(
     fs: &Arc<dyn Storage>,
     journal_dir: &Path,
     index_dir: &Path,
     volumes: &[String],
     segments: &[Segment],
+    ready: &mut Vec<Run>,
     verify: bool,
 ) -> Result<usize, StoreError> {
     fs.create_dir_all(index_dir).map_err(|source| StoreError::Io { step: "create", path: index_dir.to_owned(), source })?;
     let mut written = 0;
+    ready.retain(|r| segments.iter().any(|s| s.first_seq == r.first_seq));
     for pair in segments.windows(2) {
         let (seg, next) = (&pair[0], &pair[1]);
         let path = index_path(index_dir, seg.first_seq);
+        let gathered = ready.iter().position(|r| r.first_seq == seg.first_seq);
         if !verify && fs.exists(&path) {
+            if let Some(i) = gathered {
+                ready.swap_remove(i);
+            }
             continue;
         }
-        let (run, rebuilt) = sealed_run(fs, journal_dir, index_dir, volumes, seg, next.first_seq - 1)?;
+        let last_seq = next.first_seq - 1;
+        let gathered = gathered.map(|i| ready.swap_remove(i)).filter(|r| r.last_seq == last_seq && r.volumes == volumes);
+        let (run, rebuilt) = match gathered {
+            Some(mut run) if !fs.exists(&path) => {
+                run.segment_len = file_len(fs.as_ref(), &seg.path)?;
+                (run, true)
+            }
+            _ => sealed_run(fs, journal_dir, index_dir, volumes, seg, last_seq)?,
+        };
         if !rebuilt {
             continue;
         }
@@ -182,11 +198,11 @@ mod tests {
         assert!(segs.len() >= 3);
         let volumes = vec!["db".to_string()];
         assert_eq!(
-            write_sealed(&fs, &jdir, &idir, &volumes, &segs, false).unwrap(),
+            write_sealed(&fs, &jdir, &idir, &volumes, &segs, &mut Vec::new(), false).unwrap(),
             segs.len() - 1,
             "every sealed segment, not the active one"
         );
-        assert_eq!(write_sealed(&fs, &jdir, &idir, &volumes, &segs, true).unwrap(), 0, "nothing twice");
+        assert_eq!(write_sealed(&fs, &jdir, &idir, &volumes, &segs, &mut Vec::new(), true).unwrap(), 0, "nothing twice");
         let last = segs[1].first_seq - 1;
         let (run, rebuilt) = sealed_run(&fs, &jdir, &idir, &volumes, &segs[0], last).unwrap();
         assert!(!rebuilt);
@@ -200,12 +216,12 @@ mod tests {
         let (again, rebuilt) = sealed_run(&fs, &jdir, &idir, &volumes, &segs[0], last).unwrap();
         assert!(rebuilt);
         assert_eq!(again, run);
-        assert_eq!(write_sealed(&fs, &jdir, &idir, &volumes, &segs, false).unwrap(), 0, "only verified at start-up");
-        assert_eq!(write_sealed(&fs, &jdir, &idir, &volumes, &segs, true).unwrap(), 1, "the damaged file is written again");
+        assert_eq!(write_sealed(&fs, &jdir, &idir, &volumes, &segs, &mut Vec::new(), false).unwrap(), 0, "only verified at start-up");
+        assert_eq!(write_sealed(&fs, &jdir, &idir, &volumes, &segs, &mut Vec::new(), true).unwrap(), 1, "the damaged file is written again");
         assert!(!sealed_run(&fs, &jdir, &idir, &volumes, &segs[0], last).unwrap().1);
 
         // Once the segment is gone (folded by retention), so is its index file.
-        write_sealed(&fs, &jdir, &idir, &volumes, &segs[1..], false).unwrap();
+        write_sealed(&fs, &jdir, &idir, &volumes, &segs[1..], &mut Vec::new(), false).unwrap();
         assert!(!path.exists());
         assert!(index_path(&idir, segs[1].first_seq).exists());
     }
