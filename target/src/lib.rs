@@ -103,6 +103,7 @@ pub mod seed;
 mod server;
 pub mod spans;
 mod state;
+pub mod thinning;
 mod toml_file;
 
 use hindsight_consistency::config::TargetConfig;

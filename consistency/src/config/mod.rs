@@ -28,6 +28,7 @@ mod engine;
 mod parse;
 mod policy;
 mod target;
+mod tiers;
 mod tls;
 
 pub use agent::{AgentConfig, AgentMistake, DiskConfig, EngineLoss, FrontendConfig, FrontendKind, QuiesceConfig, DEFAULT_ENGINE_TIMEOUT};
@@ -35,6 +36,7 @@ pub use engine::{EngineConfig, EngineMistake, GroupConfig, VolumeConfig};
 pub use parse::{parse_duration, parse_size, ValueError};
 pub use policy::{Compression, JournalFull, ReplicationMode, SyncLoss, DEFAULT_BLOCK_TIMEOUT, DEFAULT_DEGRADE_TIMEOUT, DEFAULT_INTERVAL};
 pub use target::{EngineTrust, TargetConfig, TargetMistake, DEFAULT_RETENTION};
+pub use tiers::{validate_tiers, Every, Tier, TierMistake, TierSection};
 pub use tls::TlsMistake;
 // Names are checked where certificate identities are (transport uses it, and config uses
 // transport); config::check_name stays the path its callers know.
