@@ -71,33 +71,76 @@ pub fn encode(run: &Run) -> Vec<u8> {
     out.extend_from_slice(&(extents.len() as u64).to_le_bytes());
     out.extend_from_slice(&run.max_length().to_le_bytes());
     out.extend_from_slice(&[0; 4]);
-    for v in &run.volumes {
-        out.push(u8::try_from(v.len()).expect("volume names are at most 64 bytes"));
-        out.extend_from_slice(v.as_bytes());
-    }
+    put_volumes(&mut out, &run.volumes);
     for e in extents {
-        out.extend_from_slice(&e.offset.to_le_bytes());
-        out.extend_from_slice(&e.seq.to_le_bytes());
-        out.extend_from_slice(&e.data_pos.to_le_bytes());
-        out.extend_from_slice(&e.length.to_le_bytes());
-        out.extend_from_slice(&e.volume.to_le_bytes());
-        out.push(e.kind.code());
-        out.push(0);
+        put_extent(&mut out, e);
     }
     let crc = crc32c::crc32c(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     out
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
+/// Appends a volume table: `{ name_len (u8) | name }` per volume.
+pub(crate) fn put_volumes(out: &mut Vec<u8>, volumes: &[String]) {
+    for v in volumes {
+        out.push(u8::try_from(v.len()).expect("volume names are at most 64 bytes"));
+        out.extend_from_slice(v.as_bytes());
+    }
+}
+
+/// Reads a volume table of `count` names at `*at` in `b` (the checksummed body), moving
+/// `*at` past it.
+pub(crate) fn get_volumes(b: &[u8], at: &mut usize, count: usize) -> Result<Vec<String>, IndexFileError> {
+    let mut volumes = Vec::with_capacity(count.min(b.len() / 2));
+    for _ in 0..count {
+        let len = usize::from(*b.get(*at).ok_or(IndexFileError::Size)?);
+        let name = b.get(*at + 1..*at + 1 + len).ok_or(IndexFileError::Size)?;
+        volumes.push(std::str::from_utf8(name).map_err(|_| IndexFileError::VolumeName)?.to_owned());
+        *at += 1 + len;
+    }
+    Ok(volumes)
+}
+
+/// Appends an extent's 32 bytes.
+pub(crate) fn put_extent(out: &mut Vec<u8>, e: &Extent) {
+    out.extend_from_slice(&e.offset.to_le_bytes());
+    out.extend_from_slice(&e.seq.to_le_bytes());
+    out.extend_from_slice(&e.data_pos.to_le_bytes());
+    out.extend_from_slice(&e.length.to_le_bytes());
+    out.extend_from_slice(&e.volume.to_le_bytes());
+    out.push(e.kind.code());
+    out.push(0);
+}
+
+/// Decodes and checks an extent's 32 bytes: a kind that changes a volume, a volume of the
+/// table, a sequence number in `seqs`, a length of 1 to `max_length` that does not overflow.
+pub(crate) fn get_extent(e: &[u8], volumes: usize, seqs: std::ops::RangeInclusive<u64>, max_length: u32) -> Result<Extent, &'static str> {
+    let kind = WriteKind::from_code(e[30]).filter(|k| k.changes_volume()).ok_or("kind")?;
+    let ext = Extent { offset: u64_at(e, 0), seq: u64_at(e, 8), data_pos: u64_at(e, 16), length: u32_at(e, 24), volume: u16_at(e, 28), kind };
+    if usize::from(ext.volume) >= volumes {
+        return Err("volume number");
+    }
+    if !seqs.contains(&ext.seq) {
+        return Err("sequence number outside the segment");
+    }
+    if ext.length == 0 || ext.length > max_length || ext.offset.checked_add(u64::from(ext.length)).is_none() {
+        return Err("length");
+    }
+    if e[31] != 0 {
+        return Err("reserved byte");
+    }
+    Ok(ext)
+}
+
+pub(crate) fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
@@ -124,35 +167,14 @@ pub fn decode(b: &[u8]) -> Result<Run, IndexFileError> {
     let extent_count = u64_at(b, 56);
     let max_length = u32_at(b, 64);
     let mut at = HEADER_LEN;
-    let mut volumes = Vec::with_capacity(volume_count.min(body / 2));
-    for _ in 0..volume_count {
-        let len = usize::from(*b.get(at).ok_or(IndexFileError::Size)?);
-        let name = b.get(at + 1..at + 1 + len).ok_or(IndexFileError::Size)?;
-        volumes.push(std::str::from_utf8(name).map_err(|_| IndexFileError::VolumeName)?.to_owned());
-        at += 1 + len;
-    }
+    let volumes = get_volumes(&b[..body], &mut at, volume_count)?;
     let want = usize::try_from(extent_count).ok().and_then(|n| n.checked_mul(EXTENT_LEN)).and_then(|n| n.checked_add(at));
     if want != Some(body) {
         return Err(IndexFileError::Size);
     }
     let mut extents = Vec::with_capacity((body - at) / EXTENT_LEN);
     for (i, e) in b[at..body].chunks_exact(EXTENT_LEN).enumerate() {
-        let bad = |why| IndexFileError::Extent(i as u64, why);
-        let kind = WriteKind::from_code(e[30]).filter(|k| k.changes_volume()).ok_or(bad("kind"))?;
-        let ext =
-            Extent { offset: u64_at(e, 0), seq: u64_at(e, 8), data_pos: u64_at(e, 16), length: u32_at(e, 24), volume: u16_at(e, 28), kind };
-        if usize::from(ext.volume) >= volumes.len() {
-            return Err(bad("volume number"));
-        }
-        if !(first_seq..=last_seq).contains(&ext.seq) {
-            return Err(bad("sequence number outside the segment"));
-        }
-        if ext.length == 0 || ext.length > max_length || ext.offset.checked_add(u64::from(ext.length)).is_none() {
-            return Err(bad("length"));
-        }
-        if e[31] != 0 {
-            return Err(bad("reserved byte"));
-        }
+        let ext = get_extent(e, volumes.len(), first_seq..=last_seq, max_length).map_err(|why| IndexFileError::Extent(i as u64, why))?;
         extents.push(ext);
     }
     let mut run = Run::new(first_seq, last_seq, segment_len, volumes, extents);

@@ -44,7 +44,7 @@ impl Extent {
         matches!(self.kind, WriteKind::Zeroes | WriteKind::Trim)
     }
 
-    fn key(&self) -> (u16, u64, std::cmp::Reverse<Seq>) {
+    pub(crate) fn key(&self) -> (u16, u64, std::cmp::Reverse<Seq>) {
         (self.volume, self.offset, std::cmp::Reverse(self.seq))
     }
 }

@@ -1,5 +1,7 @@
 //! Thinning history to retention tiers (docs/retention-tiers.md): which points each tier
-//! keeps ([`kept`]), and which journal records those points still need ([`survivors`]).
+//! keeps ([`kept`]), which journal records those points still need ([`survivors`]), and the
+//! table of a thinned segment ([`table`]).
 
 pub mod kept;
 pub mod survivors;
+pub mod table;
