@@ -3,5 +3,6 @@
 //! table of a thinned segment ([`table`]).
 
 pub mod kept;
+pub mod segment;
 pub mod survivors;
 pub mod table;
