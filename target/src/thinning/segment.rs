@@ -81,7 +81,7 @@ pub fn write_thinned(
     let jerr = |source| ThinError::Journal { segment: first_seq, source };
     let mut reader = JournalReader::open(Arc::clone(fs), journal_dir, first_seq).map_err(jerr)?;
     let mut extents: Vec<(Extent, u32)> = Vec::new();
-    let (mut buf, mut written) = (Vec::with_capacity(WRITE_CHUNK + DATA_ALIGN as usize), 0u64);
+    let (mut buf, mut written) = (Vec::with_capacity(WRITE_CHUNK + 4096), 0u64);
     while reader.next_seq() <= last_seq {
         let Some((rec, _)) = reader.next_raw().map_err(jerr)? else { break };
         let h = rec.header;
@@ -237,7 +237,7 @@ mod tests {
         assert!(last >= 10, "the first segment holds {first}..={last}");
         let volumes = vec!["db".to_string(), "logs".to_string()];
         let points = vec![TablePoint { seq: last, time_ns: 1_000 + last, tier: 1, kind: PointKind::Tier }];
-        let needed = |s: Seq| s % 2 == 0;
+        let needed = |s: Seq| s.is_multiple_of(2);
         let t = write_thinned(&fs, &jdir, &tdir, &volumes, first, last, &needed, points.clone()).unwrap();
         let want: Vec<Seq> = (first..=last).filter(|s| needed(*s)).collect();
         let mut got: Vec<Seq> = t.run.extents().iter().map(|e| e.seq).collect();

@@ -91,8 +91,8 @@ mod tests {
             .map(|seq| {
                 let blocks = 1 + rng(&mut x) % 8;
                 let offset = rng(&mut x) % (BLOCKS - blocks) * 512;
-                let kind = if rng(&mut x) % 7 == 0 { WriteKind::Zeroes } else { WriteKind::Data };
-                let volume = u16::from(rng(&mut x) % 3 == 0);
+                let kind = if rng(&mut x).is_multiple_of(7) { WriteKind::Zeroes } else { WriteKind::Data };
+                let volume = u16::from(rng(&mut x).is_multiple_of(3));
                 Extent { offset, seq, data_pos: 0, length: u32::try_from(blocks * 512).unwrap(), volume, kind }
             })
             .collect()
@@ -117,7 +117,7 @@ mod tests {
             let exts = extents(seed, 400);
             let mut x = seed;
             let horizon = 300;
-            let kept: Vec<Seq> = (1..=horizon).filter(|_| rng(&mut x) % 25 == 0).collect();
+            let kept: Vec<Seq> = (1..=horizon).filter(|_| rng(&mut x).is_multiple_of(25)).collect();
             let keep = needed(&exts, &kept, horizon);
             let all = vec![true; exts.len()];
             let points = kept.iter().copied().chain(horizon + 1..=400);
