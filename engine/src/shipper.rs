@@ -28,7 +28,7 @@ use hindsight_consistency::storage::Storage;
 use hindsight_consistency::sync::lock;
 use hindsight_consistency::tasks::{Next, Task};
 use hindsight_consistency::transport::{Connection, Role, Security, WriteHalf};
-use hindsight_consistency::wire::frame::FRAME_HEADER_LEN;
+use hindsight_consistency::wire::frame::{frame_header, FRAME_HEADER_LEN};
 use hindsight_consistency::wire::{
     compress_records, decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, TargetHello, TargetWelcome,
     VolumeInfo, LZ4, PROTOCOL_VERSION,
@@ -545,9 +545,14 @@ impl Out {
             self.last_incompressible = self.compress;
             (FrameType::Records, frame)
         };
-        let mut paced = Paced { inner: w, limiter };
-        write_frame(&mut paced, ftype, payload, &mut self.scratch).map_err(|source| ShipError::Send { source })?;
-        paced.flush().map_err(|source| ShipError::Flush { source })?;
+        if limiter.is_some() {
+            let mut paced = Paced { inner: w, limiter };
+            write_frame(&mut paced, ftype, payload, &mut self.scratch).map_err(|source| ShipError::Send { source })?;
+            paced.flush().map_err(|source| ShipError::Flush { source })?;
+        } else {
+            let head = frame_header(ftype, payload).map_err(|source| ShipError::Send { source })?;
+            w.send_two(&head, payload, &mut self.scratch).map_err(|source| ShipError::Send { source })?;
+        }
         link.count(frame.len(), payload.len() + FRAME_HEADER_LEN);
         Ok(())
     }

@@ -259,13 +259,20 @@ pub fn verify_payload(raw_header: &[u8; FRAME_HEADER_LEN], payload: &[u8]) -> Re
 
 /// Writes one frame (header and payload) with a single `write_all` of `scratch`.
 pub fn write_frame<W: Write>(w: &mut W, ftype: FrameType, payload: &[u8], scratch: &mut Vec<u8>) -> io::Result<()> {
+    let header = frame_header(ftype, payload)?;
+    scratch.clear();
+    scratch.extend_from_slice(&header);
+    scratch.extend_from_slice(payload);
+    w.write_all(scratch)
+}
+
+/// The header of a frame carrying `payload`, for a writer that sends the two itself; refuses
+/// a payload over [`MAX_FRAME_PAYLOAD`].
+pub fn frame_header(ftype: FrameType, payload: &[u8]) -> io::Result<[u8; FRAME_HEADER_LEN]> {
     if payload.len() > MAX_FRAME_PAYLOAD {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "frame payload too large"));
     }
-    scratch.clear();
-    scratch.extend_from_slice(&encode_header(ftype, payload));
-    scratch.extend_from_slice(payload);
-    w.write_all(scratch)
+    Ok(encode_header(ftype, payload))
 }
 
 /// Reads one frame into `payload` (reused between calls); returns its type.
