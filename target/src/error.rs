@@ -170,6 +170,31 @@ pub enum TargetError {
         /// Its time.
         last_time_ns: u64,
     },
+    /// Thinned history could not be read.
+    #[error("group {group:?}: thinned history")]
+    Thinned {
+        /// The group.
+        group: String,
+        /// The cause.
+        #[source]
+        source: crate::thinning::segment::ThinError,
+    },
+    /// The requested point is inside thinned history and is not one of its kept points.
+    #[error(
+        "group {group:?}: seq {requested} is not kept: history there is thinned to fewer points (docs/retention-tiers.md); \
+         the nearest kept points are {}",
+        nearest(*before, *after)
+    )]
+    NotKept {
+        /// The group.
+        group: String,
+        /// The requested sequence number.
+        requested: Seq,
+        /// The kept point before it (seq, time), if any.
+        before: Option<(Seq, u64)>,
+        /// The kept point after it, if any.
+        after: Option<(Seq, u64)>,
+    },
     /// The requested time is before the group existed (nothing was ever folded away).
     #[error(
         "group {group:?}: {requested} is before the group was created at {}: there is no point before it; the recoverable \
@@ -323,6 +348,17 @@ fn list_or_none(names: &[String]) -> String {
 /// `seq A (time) .. seq B (time)`, as every message about the recoverable window spells it.
 pub(crate) fn window(first_seq: Seq, first_time_ns: u64, last_seq: Seq, last_time_ns: u64) -> String {
     format!("seq {first_seq} ({}) .. seq {last_seq} ({})", format_rfc3339(first_time_ns), format_rfc3339(last_time_ns))
+}
+
+/// The kept points around a point that is not kept.
+fn nearest(before: Option<(Seq, u64)>, after: Option<(Seq, u64)>) -> String {
+    let show = |(seq, t): (Seq, u64)| format!("seq {seq} ({})", format_rfc3339(t));
+    match (before, after) {
+        (Some(b), Some(a)) => format!("{} and {}", show(b), show(a)),
+        (Some(b), None) => show(b),
+        (None, Some(a)) => show(a),
+        (None, None) => "none".to_owned(),
+    }
 }
 
 /// Shorthand for mapping an `io::Error` on a data-directory path.

@@ -285,7 +285,13 @@ fn wait_released(
     while state.state == Stage::Requested {
         if let Some(_held) = lock_file(&daemon_lock, LockKind::Exclusive, false, true).map_err(data_dir_err(&daemon_lock, "lock"))? {
             // No daemon: this process serves the data directory until the release is done.
-            let opts = GroupOptions { segment_size: config.segment_size, retention: None, journal_size: None, direct_io: config.direct_io };
+            let opts = GroupOptions {
+                segment_size: config.segment_size,
+                retention: None,
+                journal_size: None,
+                direct_io: config.direct_io,
+                tiers: &hindsight_consistency::config::NO_TIERS,
+            };
             return release_offline(fs, paths.clone(), group, opts, state);
         }
         if Instant::now() >= deadline {

@@ -19,6 +19,8 @@ use crate::meta::GroupMeta;
 use crate::model::{Point, Volume};
 use crate::records::for_each_record;
 use crate::state::{load_state, GroupState};
+use crate::thinning::segment::{find_thinned, Found};
+use crate::thinning::table::TablePoint;
 
 /// Lists the groups stored in the data directory, sorted by name.
 pub fn groups(config: &TargetConfig) -> Result<Vec<String>, TargetError> {
@@ -55,7 +57,42 @@ pub(crate) struct GroupView {
     pub last: (Seq, u64),
     pub segments: usize,
     pub journal_bytes: u64,
+    /// History past the first retention tier, oldest first (after the base).
+    pub thinned: Vec<Found>,
+    /// The last sequence number thinned history covers (the base's when there is none):
+    /// the journal holds the records after it.
+    pub thinned_to: Seq,
+    /// The journal's first record after `thinned_to` (seq, time), if it holds any.
+    pub journal_first: Option<(Seq, u64)>,
     _lock: FileLock,
+}
+
+impl GroupView {
+    /// The points thinned history keeps, oldest first.
+    pub fn thinned_points(&self) -> impl Iterator<Item = &TablePoint> {
+        self.thinned.iter().flat_map(|f| f.table.points.iter())
+    }
+
+    /// Refuses a sequence number inside thinned history that is not one of its kept points,
+    /// naming the nearest ones.
+    pub fn check_kept(&self, seq: Seq) -> Result<(), TargetError> {
+        if seq <= self.first.0 || seq > self.thinned_to || self.thinned_points().any(|p| p.seq == seq) {
+            return Ok(());
+        }
+        let before = self.thinned_points().filter(|p| p.seq < seq).last().map(|p| (p.seq, p.time_ns)).or(Some(self.first));
+        let after = self.thinned_points().find(|p| p.seq > seq).map(|p| (p.seq, p.time_ns)).or(self.journal_first);
+        Err(TargetError::NotKept { group: self.name.clone(), requested: seq, before, after })
+    }
+
+    /// The last kept point of thinned history at or before time `t` (the base if none is).
+    pub fn kept_at_or_before(&self, t: u64) -> Seq {
+        self.thinned_points().filter(|p| p.time_ns <= t).last().map_or(self.first.0, |p| p.seq)
+    }
+
+    /// The time of a kept point of thinned history.
+    pub fn kept_time(&self, seq: Seq) -> Option<u64> {
+        self.thinned_points().find(|p| p.seq == seq).map(|p| p.time_ns)
+    }
 }
 
 pub(crate) fn unknown_group(config: &TargetConfig, group: &str) -> TargetError {
@@ -93,11 +130,19 @@ pub(crate) fn open_view(fs: &Arc<dyn Storage>, paths: GroupPaths, meta: GroupMet
         Some(next) if next.base_seq > state.base_seq => (next.base_seq, next.base_time_ns),
         _ => (state.base_seq, state.base_time_ns),
     };
+    let thinned: Vec<Found> = find_thinned(fs.as_ref(), &paths.thin_dir(), false)
+        .map_err(|source| TargetError::Thinned { group: group.to_owned(), source })?
+        .into_iter()
+        .filter(|f| f.table.run.last_seq > first.0)
+        .collect();
+    let thinned_to = thinned.last().map_or(first.0, |f| f.table.run.last_seq).max(first.0);
     let journal_dir = paths.journal();
-    let segs = match list_segments(fs.as_ref(), &journal_dir) {
+    let mut segs = match list_segments(fs.as_ref(), &journal_dir) {
         Ok(s) => s,
         Err(source) => return Err(TargetError::Journal { group: group.to_owned(), step: "list segments", source }),
     };
+    // A segment thinned already (a crash came before the daemon deleted it) is not history.
+    segs.retain(|(seg_first, _)| *seg_first > thinned_to || thinned.is_empty());
     let mut journal_bytes = 0;
     for (_, path) in &segs {
         let f = fs.open(path, OpenMode::Read).map_err(data_dir_err(path, "open segment"))?;
@@ -107,7 +152,15 @@ pub(crate) fn open_view(fs: &Arc<dyn Storage>, paths: GroupPaths, meta: GroupMet
     // The newest record: read the last segment to its end (the tail may be being written
     // right now; the reader stops before an incomplete record). A segment without records
     // sends the search one segment back.
-    let mut last = first;
+    let mut last = thinned.last().and_then(|f| f.table.points.last()).map_or(first, |p| (p.seq, p.time_ns)).max(first);
+    let journal_first = match segs.first() {
+        Some((seg_first, _)) => JournalReader::open(Arc::clone(fs), &journal_dir, *seg_first)
+            .map_err(jerr("open a reader"))?
+            .next()
+            .map_err(jerr("read"))?
+            .map(|rec| (rec.header.seq, rec.header.time_ns)),
+        None => None,
+    };
     for (seg_first, _) in segs.iter().rev() {
         let mut r = JournalReader::open(Arc::clone(fs), &journal_dir, *seg_first).map_err(jerr("open a reader"))?;
         let mut found = None;
@@ -121,7 +174,20 @@ pub(crate) fn open_view(fs: &Arc<dyn Storage>, paths: GroupPaths, meta: GroupMet
             break;
         }
     }
-    Ok(GroupView { name: group.to_owned(), paths, meta, state, first, last, segments: segs.len(), journal_bytes, _lock: lock })
+    Ok(GroupView {
+        name: group.to_owned(),
+        paths,
+        meta,
+        state,
+        first,
+        last,
+        segments: segs.len(),
+        journal_bytes,
+        thinned,
+        thinned_to,
+        journal_first,
+        _lock: lock,
+    })
 }
 
 /// The point `point` of the group in `view` stands for: the sequence number to go through,
@@ -139,7 +205,20 @@ pub(crate) fn resolve_point(fs: &Arc<dyn Storage>, view: &GroupView, point: &Poi
     };
     let spans = crate::spans::load(fs.as_ref(), &view.paths.spans())
         .map_err(|reason| TargetError::Inconsistent { group: view.name.clone(), reason: format!("span index: {reason}") })?;
-    let spans: Vec<crate::spans::Span> = spans.into_iter().filter(|s| s.to.is_none_or(|t| t > view.first.0)).collect();
+    let spans: Vec<crate::spans::Span> = spans.into_iter().filter(|s| s.to.is_none_or(|t| t > view.thinned_to)).collect();
+    // Inside thinned history only its kept points are points (they are consistent).
+    if view.thinned_to > view.first.0 {
+        match *point {
+            Point::Seq(n) if n > view.first.0 && n <= view.thinned_to => {
+                view.check_kept(n)?;
+                return Ok((n, None));
+            }
+            Point::Time(t) if t >= view.first.1 && view.journal_first.is_none_or(|(_, first)| t < first) => {
+                return Ok((view.kept_at_or_before(t), None));
+            }
+            _ => {}
+        }
+    }
     let (through, until_time) = match *point {
         Point::Seq(n) if n < view.first.0 => return Err(not_retained(point.to_string())),
         Point::Seq(n) if n > view.last.0 => {
@@ -175,10 +254,12 @@ pub(crate) fn resolve_point(fs: &Arc<dyn Storage>, view: &GroupView, point: &Poi
     Ok((through, until_time))
 }
 
-/// The last sequence number whose time is at or before `t` (by reading the journal).
+/// The last sequence number whose time is at or before `t` (by reading the journal, after
+/// thinned history).
 pub(crate) fn seq_at_time(fs: &Arc<dyn Storage>, view: &GroupView, t: u64) -> Result<Seq, TargetError> {
-    let mut seq = view.state.base_seq;
-    for_each_record(fs, &view.name, &view.paths.journal(), view.state.base_seq + 1, view.last.0, |rec| {
+    let from = view.state.base_seq.max(view.thinned_to);
+    let mut seq = if from > view.state.base_seq { view.kept_at_or_before(t) } else { from };
+    for_each_record(fs, &view.name, &view.paths.journal(), from + 1, view.last.0, |rec| {
         if rec.header.time_ns > t {
             return Ok(ControlFlow::Break(()));
         }

@@ -69,6 +69,12 @@ impl GroupPaths {
         self.dir.join("index")
     }
 
+    /// `thin/`: thinned segments, history past the first retention tier
+    /// (docs/retention-tiers.md).
+    pub fn thin_dir(&self) -> PathBuf {
+        self.dir.join("thin")
+    }
+
     /// `exports/`: the registrations of running exports and their scratch overlays.
     pub fn exports_dir(&self) -> PathBuf {
         self.dir.join("exports")

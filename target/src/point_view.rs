@@ -61,9 +61,19 @@ impl PointView {
         let mut runs = Vec::new();
         let mut segments = BTreeMap::new();
         let mut rebuilt = 0;
+        // Thinned history first (the oldest), its data files read like segments.
+        for f in &view.thinned {
+            let run = &f.table.run;
+            if run.first_seq > through || run.last_seq <= after {
+                continue;
+            }
+            let file = fs.open(&f.data, OpenMode::Read).map_err(data_dir_err(&f.data, "open thinned segment"))?;
+            segments.insert(run.first_seq, file);
+            runs.push(run.clone());
+        }
         for (i, (first_seq, path)) in listed.iter().enumerate() {
             let last = listed.get(i + 1).map(|next| next.0 - 1);
-            if *first_seq > through || last.is_some_and(|l| l <= after) {
+            if *first_seq > through || last.is_some_and(|l| l <= after) || (*first_seq <= view.thinned_to && !view.thinned.is_empty()) {
                 continue;
             }
             let seg = Segment { first_seq: *first_seq, path: path.clone() };
@@ -244,6 +254,9 @@ fn seq_at_time_in(fs: &Arc<dyn Storage>, view: &GroupView, runs: &[Run], t: u64)
 fn time_at(fs: &Arc<dyn Storage>, view: &GroupView, seq: Seq) -> Result<u64, TargetError> {
     if seq <= view.state.base_seq {
         return Ok(view.first.1);
+    }
+    if seq <= view.thinned_to {
+        return Ok(view.kept_time(seq).unwrap_or(view.first.1));
     }
     let mut time = view.first.1;
     crate::records::for_each_record(fs, &view.name, &view.paths.journal(), seq, seq, |rec| {

@@ -36,7 +36,7 @@ pub use engine::{EngineConfig, EngineMistake, GroupConfig, VolumeConfig};
 pub use parse::{parse_duration, parse_size, ValueError};
 pub use policy::{Compression, JournalFull, ReplicationMode, SyncLoss, DEFAULT_BLOCK_TIMEOUT, DEFAULT_DEGRADE_TIMEOUT, DEFAULT_INTERVAL};
 pub use target::{EngineTrust, TargetConfig, TargetMistake, DEFAULT_RETENTION};
-pub use tiers::{validate_tiers, Every, Tier, TierMistake, TierSection};
+pub use tiers::{validate_plan, validate_tiers, Every, Tier, TierGroupSection, TierMistake, TierPlan, TierSection, NO_TIERS};
 pub use tls::TlsMistake;
 // Names are checked where certificate identities are (transport uses it, and config uses
 // transport); config::check_name stays the path its callers know.

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use super::parse::{note, parse_duration, parse_size, parse_socket_addr, yes, ValueError};
+use super::tiers::{validate_plan, TierGroupSection, TierMistake, TierPlan, TierSection};
 use super::tls::{link_security, TlsKeys, TlsMistake};
 use crate::transport::identity::{check_identity_name, NameError};
 use crate::transport::{Role, Security};
@@ -52,6 +53,10 @@ pub(super) struct TargetSection {
     #[serde(default = "yes")]
     direct_io: bool,
     metrics_listen: Option<String>,
+    #[serde(default)]
+    tier: Vec<TierSection>,
+    #[serde(default)]
+    group: Vec<TierGroupSection>,
 }
 
 /// A validated target configuration.
@@ -76,6 +81,8 @@ pub struct TargetConfig {
     pub engines: EngineTrust,
     /// Where Prometheus scrapes the target's metrics (`/metrics`), if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Retention tiers (`[[target.tier]]`, `[[target.group]]`; docs/retention-tiers.md).
+    pub tiers: TierPlan,
 }
 
 /// Retention applied when a target config names neither `retention` nor `journal_size`.
@@ -112,8 +119,13 @@ impl TargetConfig {
                 m.push(TargetMistake::JournalSizeTooSmall { least: 2 * segment_size });
             }
         }
+        let tiers = note(m, validate_plan(&t.tier, &t.group).map_err(|mistakes| TargetMistake::Tiers { mistakes }));
+        let tiered = tiers.as_ref().is_some_and(|p| !p.is_empty());
+        if tiered && retention.is_some_and(|r| r.is_some()) {
+            m.push(TargetMistake::RetentionAndTiers);
+        }
         let retention = match (retention, journal_size) {
-            (Some(None), Some(None)) => Some(Some(DEFAULT_RETENTION)),
+            (Some(None), Some(None)) if !tiered => Some(Some(DEFAULT_RETENTION)),
             (r, _) => r,
         };
         let engines = match tls.as_ref().and_then(|t| t.engines.clone()) {
@@ -135,8 +147,8 @@ impl TargetConfig {
         let addresses = if listen.is_some() { vec![("target.listen".to_owned(), t.listen.clone())] } else { Vec::new() };
         let security = link_security(tls, Role::Target, None, Some(&t.listen), &addresses);
         let security = note(m, security.map_err(|source| TargetMistake::Tls { source }));
-        match (listen, retention, journal_size, segment_size, security, metrics_listen) {
-            (Some(listen), Some(retention), Some(journal_size), Some(segment_size), Some(security), Some(metrics_listen))
+        match (listen, retention, journal_size, segment_size, security, metrics_listen, tiers) {
+            (Some(listen), Some(retention), Some(journal_size), Some(segment_size), Some(security), Some(metrics_listen), Some(tiers))
                 if mistakes.is_empty() =>
             {
                 Ok(TargetConfig {
@@ -149,6 +161,7 @@ impl TargetConfig {
                     security,
                     engines,
                     metrics_listen,
+                    tiers,
                 })
             }
             _ => {
@@ -207,6 +220,18 @@ pub enum TargetMistake {
         /// Two segments, in bytes.
         least: u64,
     },
+    /// `[[target.tier]]` or `[[target.group]]`.
+    #[error("{}", mistakes.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Tiers {
+        /// Every mistake in them.
+        mistakes: Vec<TierMistake>,
+    },
+    /// `retention` beside tiers.
+    #[error(
+        "target.retention and [[target.tier]] cannot both be given: the first tier is the retention of every write; \
+         remove retention, or give the first tier as every = \"write\", for = \"24h\""
+    )]
+    RetentionAndTiers,
     /// `tls.engines` with `insecure_plaintext`.
     #[error("tls.engines needs TLS: with insecure_plaintext = true no engine is authenticated; remove one of them")]
     EnginesWithoutTls,
@@ -283,6 +308,31 @@ mod tests {
         assert_eq!(parse("metrics_listen = \"127.0.0.1:9200\"").unwrap().metrics_listen, Some("127.0.0.1:9200".parse().unwrap()));
         let e = parse("metrics_listen = \"nowhere\"").unwrap_err();
         assert!(e.contains("target.metrics_listen"), "{e}");
+    }
+
+    #[test]
+    fn tiers_are_read_for_every_group_or_one_group_and_exclude_a_flat_retention() {
+        use crate::config::Every;
+        let parse = |extra: &str| -> Result<TargetConfig, String> {
+            let text = format!("[target]\nlisten = \"127.0.0.1:7500\"\ndata_dir = \"/d\"\n{extra}\n[tls]\ninsecure_plaintext = true");
+            let raw: TargetFile = toml::from_str(&text).map_err(|e| e.to_string())?;
+            TargetConfig::validate(raw.target, raw.tls).map_err(|m| lines(&m))
+        };
+        let tiers = "[[target.tier]]\nevery = \"write\"\nfor = \"1h\"\n[[target.tier]]\nevery = \"1m\"\nfor = \"24h\"\n";
+        let erp = "[[target.group]]\nname = \"erp\"\n[[target.group.tier]]\nevery = \"write\"\nfor = \"4h\"\n";
+        let c = parse(&format!("{tiers}{erp}")).unwrap();
+        assert_eq!(c.retention, None, "no flat window beside the tiers");
+        assert_eq!(c.tiers.of("crm").len(), 2);
+        assert_eq!(c.tiers.of("crm")[1].every, Every::Interval(Duration::from_secs(60)));
+        assert_eq!(c.tiers.of("erp").len(), 1);
+        assert_eq!(c.tiers.of("erp")[0].until, Duration::from_secs(4 * 3600));
+        assert_eq!(parse("").unwrap().retention, Some(DEFAULT_RETENTION), "without tiers the default window stays");
+        let e = parse(&format!("retention = \"24h\"\n{tiers}")).unwrap_err();
+        assert!(e.starts_with("target.retention and [[target.tier]] cannot both be given"), "{e}");
+        let e = parse(&format!("{erp}{erp}")).unwrap_err();
+        assert!(e.contains("target.group[1]: group \"erp\" has a [[target.group]] table already"), "{e}");
+        let e = parse("[[target.tier]]\nevery = \"write\"\nfor = \"1h\"\n[[target.tier]]\nevery = \"write\"\nfor = \"2h\"\n").unwrap_err();
+        assert!(e.starts_with("target.tier[1].every = \"write\" is only for the first tier"), "{e}");
     }
 
     #[test]

@@ -36,6 +36,68 @@ pub struct Tier {
     pub until: Duration,
 }
 
+/// The tiers of every group of a target: `[[target.tier]]`, and a group's own
+/// `[[target.group]]` list where it has one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TierPlan {
+    /// For every group without its own list (empty: one flat `retention` window).
+    pub default: Vec<Tier>,
+    /// Groups with their own list, by name.
+    pub groups: Vec<(String, Vec<Tier>)>,
+}
+
+impl TierPlan {
+    /// No tiers for any group.
+    pub const NONE: TierPlan = TierPlan { default: Vec::new(), groups: Vec::new() };
+
+    /// The tiers of group `name` (empty: no tiers).
+    pub fn of(&self, name: &str) -> &[Tier] {
+        self.groups.iter().find(|(g, _)| g == name).map_or(&self.default, |(_, t)| t)
+    }
+
+    /// True if no group has tiers.
+    pub fn is_empty(&self) -> bool {
+        self.default.is_empty() && self.groups.iter().all(|(_, t)| t.is_empty())
+    }
+}
+
+/// No tiers for any group, for what needs a plan that lives as long as the process.
+pub static NO_TIERS: TierPlan = TierPlan::NONE;
+
+/// One `[[target.group]]` table: a group's own settings at the target.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierGroupSection {
+    name: String,
+    #[serde(default)]
+    tier: Vec<TierSection>,
+}
+
+/// Checks `[[target.tier]]` and every `[[target.group]]` and gives the plan, or every mistake.
+pub fn validate_plan(tiers: &[TierSection], groups: &[TierGroupSection]) -> Result<TierPlan, Vec<TierMistake>> {
+    let mut mistakes = Vec::new();
+    let default = validate_tiers("target.tier", tiers).unwrap_or_else(|m| {
+        mistakes.extend(m);
+        Vec::new()
+    });
+    let mut plan = TierPlan { default, groups: Vec::new() };
+    for (i, g) in groups.iter().enumerate() {
+        if plan.groups.iter().any(|(n, _)| *n == g.name) {
+            mistakes.push(TierMistake::DuplicateGroup { at: format!("target.group[{i}]"), name: g.name.clone() });
+            continue;
+        }
+        match validate_tiers(&format!("target.group[{i}] ({:?}).tier", g.name), &g.tier) {
+            Ok(t) => plan.groups.push((g.name.clone(), t)),
+            Err(m) => mistakes.extend(m),
+        }
+    }
+    if mistakes.is_empty() {
+        Ok(plan)
+    } else {
+        Err(mistakes)
+    }
+}
+
 /// A mistake in a list of tiers. `at` names the table (`target.tier[2]`, or with a group's
 /// name for its overrides).
 #[derive(Debug, Clone, PartialEq, Error)]
@@ -107,6 +169,14 @@ pub enum TierMistake {
         keep_for: String,
         /// The tier before's.
         before: String,
+    },
+    /// Two `[[target.group]]` tables for one group.
+    #[error("{at}: group {name:?} has a [[target.group]] table already; merge the two")]
+    DuplicateGroup {
+        /// Which table.
+        at: String,
+        /// The group.
+        name: String,
     },
     /// A span shorter than one interval: the tier could keep no point.
     #[error("{at}: it keeps one point every {every:?} but spans only {span:?} (from {from:?} to {to:?}); make `for` longer or `every` shorter")]

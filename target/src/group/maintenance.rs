@@ -55,7 +55,12 @@ impl Group {
             || p.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
             || applied_bytes - p.checkpointed_bytes >= CHECKPOINT_BYTES;
         let res = if due { self.checkpoint(&mut p) } else { Ok(()) };
-        let res = res.and_then(|()| if final_checkpoint { Ok(()) } else { self.retain(&mut p) });
+        let tiers = self.opts.tiers.of(&self.name);
+        let res = res.and_then(|()| match () {
+            () if final_checkpoint => Ok(()),
+            () if tiers.is_empty() => self.retain(&mut p),
+            () => self.thin(&mut p, tiers),
+        });
         if let Err(e) = res {
             self.poison(error_chain(&e));
             return;
@@ -89,7 +94,7 @@ impl Group {
     }
 
     /// Syncs the replicas and records how far they are applied.
-    fn checkpoint(&self, p: &mut Persist) -> Result<(), TargetError> {
+    pub(super) fn checkpoint(&self, p: &mut Persist) -> Result<(), TargetError> {
         let (applied, applied_bytes, replicas) = {
             let r = lock(&self.applier.shared().replicas);
             (r.applied_seq, r.applied_bytes, Arc::clone(&r.images))
@@ -198,7 +203,7 @@ impl Group {
 
     /// Retention could not take the group's lock: says so once per export that holds it
     /// (other readers, `recover` and `history`, hold it only for a while).
-    fn report_pin(&self, p: &mut Persist, lock_path: &std::path::Path) {
+    pub(super) fn report_pin(&self, p: &mut Persist, lock_path: &std::path::Path) {
         let exports = crate::exports::active(self.fs.as_ref(), &self.paths.exports_dir());
         match exports.first() {
             Some(e) if p.pinned_by != Some(e.pid) => {
@@ -222,7 +227,7 @@ impl Group {
     /// Takes the group's lock exclusively. Readers hold it shared, possibly one after the
     /// other with short gaps; polling for a while finds a gap without blocking the maintenance
     /// of the other groups behind a long recovery.
-    fn lock_for_retention(&self) -> Result<Option<FileLock>, TargetError> {
+    pub(super) fn lock_for_retention(&self) -> Result<Option<FileLock>, TargetError> {
         let path = self.paths.lock();
         let started = Instant::now();
         loop {
@@ -238,7 +243,7 @@ impl Group {
 
     /// Time of the first record of the segment starting at `first_seq`, `None` if it has no
     /// record yet.
-    fn first_time(&self, p: &mut Persist, first_seq: Seq) -> Result<Option<u64>, TargetError> {
+    pub(super) fn first_time(&self, p: &mut Persist, first_seq: Seq) -> Result<Option<u64>, TargetError> {
         if let Some((s, t)) = p.first_time_cache {
             if s == first_seq {
                 return Ok(Some(t));

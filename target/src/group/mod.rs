@@ -21,6 +21,7 @@ mod index;
 mod maintenance;
 mod open;
 mod receive;
+mod thin;
 pub(crate) use receive::ShipperClaim;
 #[cfg(test)]
 mod testing;
@@ -43,6 +44,7 @@ use crate::image::ImageSet;
 use crate::layout::GroupPaths;
 use crate::meta::GroupMeta;
 use crate::state::GroupState;
+use hindsight_consistency::config::TierPlan;
 
 /// The retention settings of the target, applied to every group.
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +54,8 @@ pub(crate) struct GroupOptions {
     pub journal_size: Option<u64>,
     /// Direct I/O for the journal and large replica writes, where the file system allows it.
     pub direct_io: bool,
+    /// Retention tiers, by group (none: one flat `retention` window).
+    pub tiers: &'static TierPlan,
 }
 
 /// A group served by the daemon.
@@ -125,6 +129,8 @@ struct Persist {
     /// Runs of sealed segments gathered as their records were committed, until their index
     /// files are written.
     gathered_runs: Vec<crate::point_index::Run>,
+    /// Thinned history (retention tiers), oldest first; the journal holds what follows it.
+    thinned: Vec<crate::thinning::segment::Found>,
 }
 
 /// What the connection thread works on.

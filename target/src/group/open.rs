@@ -20,6 +20,8 @@ use crate::lock::{lock_file, LockKind};
 use crate::marks::Marks;
 use crate::meta::GroupMeta;
 use crate::records::for_each_record;
+use crate::thinning::records::for_each_thinned_record;
+use crate::thinning::segment::{find_thinned, Found};
 use crate::state::{load_state, write_state, GroupState};
 
 impl Group {
@@ -67,7 +69,7 @@ impl Group {
             meta.engine,
             meta.volumes.iter().map(|v| format!("{} ({} bytes, vm {})", v.name, v.size, v.vm)).collect::<Vec<_>>().join(", ")
         );
-        Group::assemble(fs, paths, name, opts, state, (meta, journal, replicas))
+        Group::assemble(fs, paths, name, opts, state, (meta, journal, replicas, Vec::new()))
     }
 
     /// The group of a journal whose every durable record the replicas hold; starts its applier.
@@ -77,7 +79,7 @@ impl Group {
         name: &str,
         opts: GroupOptions,
         state: GroupState,
-        (meta, journal, replicas): (GroupMeta, Journal, ImageSet),
+        (meta, journal, replicas, thinned): (GroupMeta, Journal, ImageSet, Vec<Found>),
     ) -> Result<Group, TargetError> {
         let applied = ApplyShared::new(name, replicas, journal.durable_seq());
         let applier = Applier::start(Arc::new(applied))?;
@@ -95,6 +97,7 @@ impl Group {
                 index_verified: false,
                 pinned_by: None,
                 gathered_runs: Vec::new(),
+                thinned,
             }),
             inner: Mutex::new(Inner::new(meta, journal)),
             shipper: Mutex::new(None),
@@ -135,6 +138,8 @@ impl Group {
             });
         }
 
+        let mut thinned =
+            find_thinned(fs.as_ref(), &paths.thin_dir(), true).map_err(|source| TargetError::Thinned { group: name.to_owned(), source })?;
         if let Some(next) = load_state(fs.as_ref(), name, &paths.state_next())? {
             // A roll of the base images was interrupted: they hold some mix of the records
             // between the two base points. Applying the whole range again in order makes them
@@ -153,7 +158,17 @@ impl Group {
                     next.base_seq
                 );
                 let base = ImageSet::open(fs.as_ref(), name, &paths.base_dir(), &meta.volumes)?;
-                for_each_record(&fs, name, &paths.journal(), state.base_seq + 1, next.base_seq, |r| {
+                // Thinned history first, then the journal.
+                let mut from = state.base_seq + 1;
+                for f in &thinned {
+                    if f.table.run.last_seq < from || f.table.run.first_seq > next.base_seq {
+                        continue;
+                    }
+                    let through = f.table.run.last_seq.min(next.base_seq);
+                    for_each_thinned_record(fs.as_ref(), name, f, from, through, |r| base.apply(r))?;
+                    from = through + 1;
+                }
+                for_each_record(&fs, name, &paths.journal(), from, next.base_seq, |r| {
                     base.apply(r)?;
                     Ok(ControlFlow::Continue(()))
                 })?;
@@ -164,7 +179,13 @@ impl Group {
             }
             finish_roll(fs.as_ref(), &paths, &state)?;
         }
-        let trimmed = journal.trim_through(state.base_seq).map_err(jerr("trim"))?;
+        // Thinned segments the base images hold now (a crash came before their files went).
+        for f in thinned.iter().filter(|f| f.table.run.last_seq <= state.base_seq) {
+            super::thin::remove_thinned(fs.as_ref(), &paths, f)?;
+        }
+        thinned.retain(|f| f.table.run.last_seq > state.base_seq);
+        let history_to = thinned.last().map_or(state.base_seq, |f| f.table.run.last_seq).max(state.base_seq);
+        let trimmed = journal.trim_through(history_to).map_err(jerr("trim"))?;
         if trimmed > 0 {
             log::info!("group {name:?}: removed {trimmed} journal segment(s) already folded into the base images");
         }
@@ -185,7 +206,7 @@ impl Group {
             let _ = fs.remove_file(&paths.bookmarks());
             let _ = fs.remove_file(&paths.spans());
             let mut marks = Marks::default();
-            for_each_record(&fs, name, &paths.journal(), state.base_seq + 1, durable, |r| {
+            for_each_record(&fs, name, &paths.journal(), history_to + 1, durable, |r| {
                 marks.see(r);
                 Ok(ControlFlow::Continue(()))
             })?;
@@ -224,7 +245,7 @@ impl Group {
             state.base_seq,
             format_rfc3339(state.base_time_ns)
         );
-        Group::assemble(fs, paths, name, opts, state, (meta, journal, replicas))
+        Group::assemble(fs, paths, name, opts, state, (meta, journal, replicas, thinned))
     }
 }
 

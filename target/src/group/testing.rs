@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hindsight_consistency::config::JournalFull;
+use hindsight_consistency::config::{JournalFull, NO_TIERS};
 use hindsight_consistency::faults::{FaultPlan, FaultyStorage};
 use hindsight_consistency::record::encode_record;
 use hindsight_consistency::storage::{StdStorage, Storage};
@@ -23,7 +23,7 @@ pub(super) fn us(x: u64) -> usize {
 }
 
 pub(super) fn opts() -> GroupOptions {
-    GroupOptions { segment_size: 1 << 20, retention: None, journal_size: None, direct_io: true }
+    GroupOptions { segment_size: 1 << 20, retention: None, journal_size: None, direct_io: true, tiers: &NO_TIERS }
 }
 
 /// Records 1..=n, each a 4 KiB write of its own pattern at an overlapping offset.
@@ -89,7 +89,13 @@ pub(super) fn big_records(n: u64) -> Vec<(RecordHeader, Vec<u8>)> {
 pub(super) fn full_group(dir: &std::path::Path, policy: JournalFull) -> (GroupPaths, Group) {
     let paths = GroupPaths::new(dir, "g");
     let opts =
-        GroupOptions { segment_size: 1 << 20, retention: Some(Duration::from_secs(3600)), journal_size: Some(2 << 20), direct_io: true };
+        GroupOptions {
+            segment_size: 1 << 20,
+            retention: Some(Duration::from_secs(3600)),
+            journal_size: Some(2 << 20),
+            direct_io: true,
+            tiers: &NO_TIERS,
+        };
     let vols = [Volume { name: "v".into(), vm: "vm".into(), size: SIZE }];
     let g = Group::create(StdStorage::shared(), paths.clone(), "g", GroupMeta::new("e".into(), vols.to_vec()), opts).unwrap();
     assert_eq!(g.accept_hello("e", &vols, policy, 0), Ok(0));

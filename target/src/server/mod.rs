@@ -146,6 +146,8 @@ pub(crate) fn start(config: TargetConfig, fs: Arc<dyn Storage>) -> Result<Target
         retention: config.retention,
         journal_size: config.journal_size,
         direct_io: config.direct_io,
+        // Read by every group for as long as the process runs.
+        tiers: Box::leak(Box::new(config.tiers.clone())),
     };
     let groups = load_groups(&fs, &config, opts)?;
     let shared = Arc::new(Shared {

@@ -3,6 +3,7 @@
 //! table of a thinned segment ([`table`]).
 
 pub mod kept;
+pub mod records;
 pub mod segment;
 pub mod survivors;
 pub mod table;

@@ -81,10 +81,13 @@ pub fn write_thinned(
     let jerr = |source| ThinError::Journal { segment: first_seq, source };
     let mut reader = JournalReader::open(Arc::clone(fs), journal_dir, first_seq).map_err(jerr)?;
     let mut extents: Vec<(Extent, u32)> = Vec::new();
+    let mut times = None;
     let (mut buf, mut written) = (Vec::with_capacity(WRITE_CHUNK + 4096), 0u64);
     while reader.next_seq() <= last_seq {
         let Some((rec, _)) = reader.next_raw().map_err(jerr)? else { break };
         let h = rec.header;
+        let t = times.get_or_insert((h.time_ns, h.time_ns));
+        t.1 = h.time_ns;
         let volume = volume_number(volumes, h.seq, h.kind, rec.volume).map_err(|source| ThinError::Record { segment: first_seq, source })?;
         let Some(volume) = volume.filter(|_| needed(h.seq)) else { continue };
         let mut e = Extent { offset: h.offset, seq: h.seq, data_pos: 0, length: h.length, volume, kind: h.kind };
@@ -110,7 +113,8 @@ pub fn write_thinned(
     let data_len = written + buf.len() as u64;
     file.sync_data().map_err(io_err("sync", &data))?;
     drop(file);
-    let table = ThinTable::new(first_seq, last_seq, data_len, volumes.to_vec(), extents, points, 1);
+    let mut table = ThinTable::new(first_seq, last_seq, data_len, volumes.to_vec(), extents, points, 1);
+    (table.run.first_time_ns, table.run.last_time_ns) = times.unwrap_or_default();
     let path = table_path(thin_dir, first_seq, 1);
     write_file_atomic(fs.as_ref(), &path, &table.encode()).map_err(io_err("write", &path))?;
     Ok(table)
@@ -124,10 +128,11 @@ pub struct Found {
 }
 
 /// The thinned segments of `thin_dir`, oldest first: for each data file, the newest
-/// generation of its table that checks out. Deletes what a crash left half done (a data file
-/// with no table, temporaries, older generations); a table that does not check out is logged
-/// and set aside (renamed `*.bad`), never used.
-pub fn find_thinned(fs: &dyn Storage, thin_dir: &Path) -> Result<Vec<Found>, ThinError> {
+/// generation of its table that checks out. With `repair` (the daemon, holding the group) it
+/// deletes what a crash left half done (a data file with no table, temporaries, older
+/// generations) and sets a table that does not check out aside (renamed `*.bad`, logged);
+/// readers only leave such files out.
+pub fn find_thinned(fs: &dyn Storage, thin_dir: &Path, repair: bool) -> Result<Vec<Found>, ThinError> {
     if !fs.exists(thin_dir) {
         return Ok(Vec::new());
     }
@@ -137,7 +142,9 @@ pub fn find_thinned(fs: &dyn Storage, thin_dir: &Path) -> Result<Vec<Found>, Thi
     for name in &names {
         let path = thin_dir.join(name);
         if name.ends_with(".tmp") {
-            fs.remove_file(&path).map_err(io_err("remove", &path))?;
+            if repair {
+                fs.remove_file(&path).map_err(io_err("remove", &path))?;
+            }
         } else if let Some(first) = name.strip_suffix(".hsd").and_then(|n| n.parse::<Seq>().ok()) {
             datas.push(first);
         } else if let Some((first, generation)) = name.split_once(".hsm.").and_then(|(f, g)| Some((f.parse::<Seq>().ok()?, g.parse::<u64>().ok()?))) {
@@ -154,11 +161,14 @@ pub fn find_thinned(fs: &dyn Storage, thin_dir: &Path) -> Result<Vec<Found>, Thi
         for (generation, path) in gens {
             if table.is_some() {
                 // An older generation: the newer one replaced it.
-                fs.remove_file(&path).map_err(io_err("remove", &path))?;
+                if repair {
+                    fs.remove_file(&path).map_err(io_err("remove", &path))?;
+                }
                 continue;
             }
             match read_table(fs, &path, first, generation) {
                 Ok(t) => table = Some(t),
+                Err(_) if !repair => {}
                 Err(why) => {
                     log::warn!("thinned segment {first}: table {} does not check out ({why}); set aside", path.display());
                     let mut bad = path.clone().into_os_string();
@@ -169,11 +179,13 @@ pub fn find_thinned(fs: &dyn Storage, thin_dir: &Path) -> Result<Vec<Found>, Thi
         }
         match table {
             Some(table) => found.push(Found { table, data }),
-            None => {
-                // Written before its table: the journal segment is still the truth.
-                fs.remove_file(&data).map_err(io_err("remove", &data))?;
-            }
+            // Written before its table: the journal segment is still the truth.
+            None if repair => fs.remove_file(&data).map_err(io_err("remove", &data))?,
+            None => {}
         }
+    }
+    if !repair {
+        return Ok(found);
     }
     for (_, gens) in tables {
         for (_, path) in gens {
@@ -257,7 +269,7 @@ mod tests {
         }
         assert_eq!(t.points, points);
         // Found again as written, and only once.
-        let found = find_thinned(fs.as_ref(), &tdir).unwrap();
+        let found = find_thinned(fs.as_ref(), &tdir, true).unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].table, t);
     }
@@ -287,7 +299,12 @@ mod tests {
         std::fs::write(data_path(&tdir, c), b"survivors").unwrap();
         std::fs::write(tdir.join("x.hsm.1.tmp"), b"half").unwrap();
 
-        let found = find_thinned(fs.as_ref(), &tdir).unwrap();
+        let count = |d: &Path| std::fs::read_dir(d).unwrap().count();
+        let before = count(&tdir);
+        let seen = find_thinned(fs.as_ref(), &tdir, false).unwrap();
+        assert_eq!((seen.len(), count(&tdir)), (2, before), "a reader changes nothing");
+        assert_eq!(seen[1].table, newer);
+        let found = find_thinned(fs.as_ref(), &tdir, true).unwrap();
         assert_eq!(found.iter().map(|f| f.table.run.first_seq).collect::<Vec<_>>(), [a.0, b.0]);
         assert_eq!(found[0].table, ta, "the torn generation is set aside, the older one is used");
         assert_eq!(found[1].table, newer, "the newest good generation wins");

@@ -10,9 +10,11 @@
 //!   24  | last_seq (u64)                                                    |
 //!   32  | generation (u64)                                                  |
 //!   40  | data_len (u64)                                                    |
-//!   48  | point_count (u32)                 | extent_count (u32)            |
-//!   56  | max_length (u32)                  | reserved (u32) = 0            |
-//!   64  | volume table | points (24 bytes each) | extents (40 bytes each)    |
+//!   48  | first_time_ns (u64): time of the segment's first record           |
+//!   56  | last_time_ns (u64): time of its last record                       |
+//!   64  | point_count (u32)                 | extent_count (u32)            |
+//!   72  | max_length (u32)                  | reserved (u32) = 0            |
+//!   80  | volume table | points (24 bytes each) | extents (40 bytes each)    |
 //!       | crc32c (u32) of every byte before it                              |
 //! ```
 //!
@@ -31,7 +33,7 @@ pub const MAGIC: &[u8; 8] = b"HSTHIN01";
 pub const VERSION: u32 = 1;
 /// Data of a data extent starts at a multiple of this in the data file.
 pub const DATA_ALIGN: u64 = 4096;
-const HEADER_LEN: usize = 64;
+const HEADER_LEN: usize = 80;
 const POINT_LEN: usize = 24;
 const TABLE_EXTENT_LEN: usize = EXTENT_LEN + 8;
 
@@ -59,7 +61,8 @@ pub struct TablePoint {
 /// A thinned segment's table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThinTable {
-    /// The extents, sorted as in an index run; `segment_len` is the data file's length.
+    /// The extents, sorted as in an index run; `segment_len` is the data file's length, the
+    /// times those of the segment's first and last records.
     pub run: Run,
     /// The CRC-32C of each extent's data, in the order of `run.extents()` (0 for zeroes).
     pub crcs: Vec<u32>,
@@ -117,7 +120,7 @@ impl ThinTable {
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&u16::try_from(run.volumes.len()).expect("fewer than 65536 volumes").to_le_bytes());
         out.extend_from_slice(&[0, 0]);
-        for v in [run.first_seq, run.last_seq, self.generation, run.segment_len] {
+        for v in [run.first_seq, run.last_seq, self.generation, run.segment_len, run.first_time_ns, run.last_time_ns] {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend_from_slice(&u32::try_from(self.points.len()).expect("fewer than 2^32 points").to_le_bytes());
@@ -164,8 +167,9 @@ impl ThinTable {
             return Err(IndexFileError::Checksum.into());
         }
         let (first_seq, last_seq, generation, data_len) = (u64_at(b, 16), u64_at(b, 24), u64_at(b, 32), u64_at(b, 40));
-        let (point_count, extent_count, max_length) = (u32_at(b, 48), u32_at(b, 52), u32_at(b, 56));
-        if first_seq == 0 || last_seq < first_seq || u32_at(b, 60) != 0 || u16_at(b, 14) != 0 {
+        let (first_time_ns, last_time_ns) = (u64_at(b, 48), u64_at(b, 56));
+        let (point_count, extent_count, max_length) = (u32_at(b, 64), u32_at(b, 68), u32_at(b, 72));
+        if first_seq == 0 || last_seq < first_seq || u32_at(b, 76) != 0 || u16_at(b, 14) != 0 {
             return Err(IndexFileError::Size.into());
         }
         let mut at = HEADER_LEN;
@@ -215,7 +219,8 @@ impl ThinTable {
             }
             extents.push((ext, crc));
         }
-        let table = ThinTable::new(first_seq, last_seq, data_len, volumes, extents, points, generation);
+        let mut table = ThinTable::new(first_seq, last_seq, data_len, volumes, extents, points, generation);
+        (table.run.first_time_ns, table.run.last_time_ns) = (first_time_ns, last_time_ns);
         if table.run.max_length() != max_length && !table.run.extents().is_empty() {
             return Err(TableError::Extent(0, "max_length"));
         }
@@ -242,7 +247,9 @@ mod tests {
             TablePoint { seq: 13, time_ns: 2_000, tier: 1, kind: PointKind::Bookmark },
             TablePoint { seq: 20, time_ns: 9_000, tier: 2, kind: PointKind::Pinned },
         ];
-        ThinTable::new(10, 20, 8192 + 65536, vec!["db".into(), "logs".into()], extents, points, 3)
+        let mut t = ThinTable::new(10, 20, 8192 + 65536, vec!["db".into(), "logs".into()], extents, points, 3);
+        (t.run.first_time_ns, t.run.last_time_ns) = (900, 9_000);
+        t
     }
 
     #[test]
@@ -288,7 +295,7 @@ mod tests {
             b
         };
         let mut huge = bytes.clone();
-        huge[52..56].copy_from_slice(&u32::MAX.to_le_bytes());
+        huge[68..72].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(ThinTable::decode(&resum(huge)), Err(TableError::Layout(IndexFileError::Size)));
         let mut short_data = bytes.clone();
         short_data[40..48].copy_from_slice(&4096u64.to_le_bytes());

@@ -34,6 +34,7 @@ pub fn config(data_dir: &Path) -> TargetConfig {
         security: Security::InsecurePlaintext,
         engines: EngineTrust::AnyCertified,
         metrics_listen: None,
+        tiers: Default::default(),
     }
 }
 

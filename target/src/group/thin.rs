@@ -1,0 +1,397 @@
+//! The maintenance thread's side of retention tiers (docs/retention-tiers.md): the oldest
+//! sealed journal segments that have left the first tier are thinned into thinned segments,
+//! thinned segments are thinned again as their points move into coarser tiers (dropped
+//! extents punched out of the data file), and a thinned segment whose points have all left
+//! the last tier rolls the base images forward. Each step holds the group's lock exclusively,
+//! as retention does: no reader sees history change under it.
+
+use std::collections::HashSet;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use hindsight_consistency::config::Tier;
+use hindsight_consistency::storage::{write_file_atomic, OpenMode, Storage};
+use hindsight_consistency::sync::lock;
+use hindsight_consistency::time::now_ns;
+use hindsight_consistency::Seq;
+
+use super::open::finish_roll;
+use super::{Group, Persist};
+use crate::error::{data_dir_err, TargetError};
+use crate::image::ImageSet;
+use crate::layout::GroupPaths;
+use crate::point_index::store::{sealed_run, Segment};
+use crate::records::for_each_record;
+use crate::state::{write_state, GroupState};
+use crate::thinning::kept::{kept_points, tier_of};
+use crate::thinning::records::for_each_thinned_record;
+use crate::thinning::segment::{table_path, write_thinned, Found};
+use crate::thinning::survivors::needed;
+use crate::thinning::table::{PointKind, TablePoint, ThinTable, DATA_ALIGN};
+
+/// What one round of thinning did, for the log.
+#[derive(Default)]
+struct Round {
+    thinned: usize,
+    rethinned: usize,
+    folded: usize,
+}
+
+impl Group {
+    /// One round of tiered retention: thin, thin again, roll the base. Returns without doing
+    /// anything while the group's lock is held by a reader (an export pins history).
+    pub(super) fn thin(&self, p: &mut Persist, tiers: &[Tier]) -> Result<(), TargetError> {
+        let now = now_ns();
+        let mut round = Round::default();
+        while self.thin_oldest_segment(p, tiers, now, &mut round)? {}
+        self.rethin(p, tiers, now, &mut round)?;
+        while self.fold_oldest_thinned(p, tiers, now, &mut round)? {}
+        if round.thinned + round.rethinned + round.folded > 0 {
+            log::info!(
+                "group {:?}: history thinned to its tiers: {} journal segment(s) thinned, {} thinned segment(s) thinned again, \
+                 {} rolled into the base images; the oldest point is now seq {}",
+                self.name,
+                round.thinned,
+                round.rethinned,
+                round.folded,
+                p.state.base_seq
+            );
+        }
+        Ok(())
+    }
+
+    /// The last sequence number thinned history covers (the base's when there is none).
+    pub(super) fn thinned_to(p: &Persist) -> Seq {
+        p.thinned.last().map_or(p.state.base_seq, |f| f.table.run.last_seq).max(p.state.base_seq)
+    }
+
+    /// Thins the oldest sealed journal segment if every record of it has left the first tier.
+    /// Returns whether it did.
+    fn thin_oldest_segment(&self, p: &mut Persist, tiers: &[Tier], now: u64, round: &mut Round) -> Result<bool, TargetError> {
+        let (segs, volumes) = {
+            let inner = lock(&self.inner);
+            let segs: Vec<(Seq, PathBuf)> = inner.journal.segments().map(|s| (s.first_seq, s.path.clone())).collect();
+            (segs, inner.meta.volume_names())
+        };
+        if segs.len() < 2 {
+            return Ok(false);
+        }
+        let (first, last) = (segs[0].0, segs[1].0 - 1);
+        let cutoff = now.saturating_sub(u64::try_from(tiers[0].until.as_nanos()).unwrap_or(u64::MAX));
+        // Times never decrease: once the next segment's first record is past the first tier,
+        // so is every record of this one.
+        let Some(next_time) = self.first_time(p, segs[1].0)? else { return Ok(false) };
+        if next_time >= cutoff {
+            return Ok(false);
+        }
+        if first != Self::thinned_to(p) + 1 {
+            return Err(TargetError::Inconsistent {
+                group: self.name.clone(),
+                reason: format!("the oldest journal segment starts at seq {first}, but history before it ends at seq {}", Self::thinned_to(p)),
+            });
+        }
+        if p.state.applied_seq < last {
+            self.checkpoint(p)?;
+            if p.state.applied_seq < last {
+                return Ok(false); // the replicas have not applied it yet; next time
+            }
+        }
+        let Some(_lock) = self.lock_for_retention()? else {
+            self.report_pin(p, &self.paths.lock());
+            return Ok(false);
+        };
+        let spans = crate::spans::load(self.fs.as_ref(), &self.paths.spans())
+            .map_err(|reason| TargetError::Inconsistent { group: self.name.clone(), reason: format!("span index: {reason}") })?;
+        let consistent = |seq: Seq| crate::spans::inconsistency(&spans, seq).is_none();
+        let mut points = Vec::new();
+        for_each_record(&self.fs, &self.name, &self.paths.journal(), first, last, |r| {
+            if consistent(r.header.seq) {
+                points.push((r.header.seq, r.header.time_ns));
+            }
+            Ok(ControlFlow::Continue(()))
+        })?;
+        // The next segment's first record decides whether this one's last point is the last
+        // of its interval; an inconsistent one cannot stand for the interval's end.
+        let sentinel = consistent(last + 1).then_some((last + 1, next_time));
+        points.extend(sentinel);
+        let mut kept: Vec<TablePoint> = kept_points(tiers, now, &points)
+            .into_iter()
+            .filter(|k| k.seq <= last)
+            .map(|k| TablePoint { seq: k.seq, time_ns: k.time_ns, tier: tier_byte(k.tier), kind: PointKind::Tier })
+            .collect();
+        self.add_bookmarks(&mut kept, first, last, tiers, now);
+        let segment = Segment { first_seq: first, path: segs[0].1.clone() };
+        let (run, _) = sealed_run(&self.fs, &self.paths.journal(), &self.paths.index_dir(), &volumes, &segment, last)
+            .map_err(|source| TargetError::Index { group: self.name.clone(), source })?;
+        let seqs: Vec<Seq> = kept.iter().map(|k| k.seq).collect();
+        let keep = needed(run.extents(), &seqs, last);
+        let survivors: HashSet<Seq> = run.extents().iter().zip(&keep).filter(|(_, k)| **k).map(|(e, _)| e.seq).collect();
+        let table = write_thinned(&self.fs, &self.paths.journal(), &self.paths.thin_dir(), &volumes, first, last, &|s| survivors.contains(&s), kept)
+            .map_err(|source| TargetError::Thinned { group: self.name.clone(), source })?;
+        let data = crate::thinning::segment::data_path(&self.paths.thin_dir(), first);
+        log::info!(
+            "group {:?}: thinned journal segment seq {first}..={last}: {} of {} records kept ({} bytes of data), {} point(s)",
+            self.name,
+            table.run.extents().len(),
+            run.extents().len(),
+            table.run.segment_len,
+            table.points.len()
+        );
+        p.thinned.push(Found { table, data });
+        lock(&self.inner).journal.trim_through(last).map_err(self.journal_err("trim"))?;
+        round.thinned += 1;
+        Ok(true)
+    }
+
+    /// Bookmarks inside `first..=last` that the tiers did not keep already are kept, while
+    /// they are inside the tiers' span.
+    fn add_bookmarks(&self, kept: &mut Vec<TablePoint>, first: Seq, last: Seq, tiers: &[Tier], now: u64) {
+        let bookmarks = crate::bookmarks::load(self.fs.as_ref(), &self.paths.bookmarks()).unwrap_or_default();
+        for b in bookmarks.iter().filter(|b| (first..=last).contains(&b.seq)) {
+            let Some(tier) = tier_of(tiers, now, b.time_ns) else { continue };
+            match kept.binary_search_by_key(&b.seq, |k| k.seq) {
+                Ok(i) => kept[i].kind = PointKind::Bookmark,
+                Err(i) => kept.insert(i, TablePoint { seq: b.seq, time_ns: b.time_ns, tier: tier_byte(tier), kind: PointKind::Bookmark }),
+            }
+        }
+    }
+
+    /// Thins each thinned segment again whose points the tiers keep fewer of now: a new
+    /// generation of its table, then the dropped extents' blocks punched out of its data.
+    fn rethin(&self, p: &mut Persist, tiers: &[Tier], now: u64, round: &mut Round) -> Result<(), TargetError> {
+        for i in 0..p.thinned.len() {
+            let table = p.thinned[i].table.clone();
+            let mut points: Vec<(Seq, u64)> = table.points.iter().map(|k| (k.seq, k.time_ns)).collect();
+            let next = p.thinned.get(i + 1).and_then(|f| f.table.points.first()).map(|k| (k.seq, k.time_ns));
+            points.extend(next);
+            let last = table.run.last_seq;
+            let mut kept: Vec<TablePoint> = kept_points(tiers, now, &points)
+                .into_iter()
+                .filter(|k| k.seq <= last)
+                .map(|k| TablePoint { seq: k.seq, time_ns: k.time_ns, tier: tier_byte(k.tier), kind: PointKind::Tier })
+                .collect();
+            self.add_bookmarks(&mut kept, table.run.first_seq, last, tiers, now);
+            // Nothing to drop; or everything is past the last tier (the roll takes it whole).
+            if kept.len() == table.points.len() || kept.is_empty() {
+                continue;
+            }
+            let Some(_lock) = self.lock_for_retention()? else {
+                self.report_pin(p, &self.paths.lock());
+                return Ok(());
+            };
+            let seqs: Vec<Seq> = kept.iter().map(|k| k.seq).collect();
+            let keep = needed(table.run.extents(), &seqs, last);
+            let mut extents = Vec::new();
+            let mut dropped = Vec::new();
+            for ((e, crc), k) in table.run.extents().iter().zip(&table.crcs).zip(&keep) {
+                if *k {
+                    extents.push((*e, *crc));
+                } else if !e.reads_zero() {
+                    dropped.push(*e);
+                }
+            }
+            let r = &table.run;
+            let mut next_table =
+                ThinTable::new(r.first_seq, last, r.segment_len, r.volumes.clone(), extents, kept, table.generation + 1);
+            (next_table.run.first_time_ns, next_table.run.last_time_ns) = (r.first_time_ns, r.last_time_ns);
+            let thin_dir = self.paths.thin_dir();
+            let path = table_path(&thin_dir, r.first_seq, next_table.generation);
+            write_file_atomic(self.fs.as_ref(), &path, &next_table.encode()).map_err(data_dir_err(&path, "write"))?;
+            let data = p.thinned[i].data.clone();
+            let f = self.fs.open(&data, OpenMode::ReadWrite).map_err(data_dir_err(&data, "open"))?;
+            for e in &dropped {
+                // A data extent owns its blocks: the next one starts at the next boundary.
+                let len = u64::from(e.length).next_multiple_of(DATA_ALIGN);
+                f.zero_range(e.data_pos, len).map_err(data_dir_err(&data, "punch"))?;
+            }
+            f.sync_data().map_err(data_dir_err(&data, "sync"))?;
+            let old = table_path(&thin_dir, r.first_seq, table.generation);
+            self.fs.remove_file(&old).map_err(data_dir_err(&old, "remove"))?;
+            self.fs.sync_dir(&thin_dir).map_err(data_dir_err(&thin_dir, "sync"))?;
+            p.thinned[i].table = next_table;
+            round.rethinned += 1;
+        }
+        Ok(())
+    }
+
+    /// Rolls the base images forward over the oldest thinned segment once every record of it
+    /// has left the last tier (and no bookmark in it is kept). Returns whether it did.
+    fn fold_oldest_thinned(&self, p: &mut Persist, tiers: &[Tier], now: u64, round: &mut Round) -> Result<bool, TargetError> {
+        let Some(oldest) = p.thinned.first() else { return Ok(false) };
+        let last_tier = tiers.last().expect("tiers are not empty");
+        let cutoff = now.saturating_sub(u64::try_from(last_tier.until.as_nanos()).unwrap_or(u64::MAX));
+        if oldest.table.run.last_time_ns >= cutoff || oldest.table.points.iter().any(|k| k.kind == PointKind::Bookmark) {
+            return Ok(false);
+        }
+        let Some(_lock) = self.lock_for_retention()? else {
+            self.report_pin(p, &self.paths.lock());
+            return Ok(false);
+        };
+        let through = oldest.table.run.last_seq;
+        let next = GroupState { applied_seq: p.state.applied_seq, base_seq: through, base_time_ns: oldest.table.run.last_time_ns };
+        write_state(self.fs.as_ref(), &self.paths.state_next(), &next).map_err(data_dir_err(&self.paths.state_next(), "write"))?;
+        let volumes = lock(&self.inner).meta.volumes.clone();
+        let base = ImageSet::open(self.fs.as_ref(), &self.name, &self.paths.base_dir(), &volumes)?;
+        for_each_thinned_record(self.fs.as_ref(), &self.name, oldest, p.state.base_seq + 1, through, |r| base.apply(r))?;
+        base.sync()?;
+        finish_roll(self.fs.as_ref(), &self.paths, &next)?;
+        p.state = next;
+        let done = p.thinned.remove(0);
+        remove_thinned(self.fs.as_ref(), &self.paths, &done)?;
+        self.oldest_ns.store(next.base_time_ns, Ordering::Relaxed);
+        round.folded += 1;
+        Ok(true)
+    }
+}
+
+/// Deletes a thinned segment's files (its history is in the base images now).
+pub(super) fn remove_thinned(fs: &dyn Storage, paths: &GroupPaths, f: &Found) -> Result<(), TargetError> {
+    let thin_dir = paths.thin_dir();
+    let table = table_path(&thin_dir, f.table.run.first_seq, f.table.generation);
+    fs.remove_file(&table).map_err(data_dir_err(&table, "remove"))?;
+    fs.remove_file(&f.data).map_err(data_dir_err(&f.data, "remove"))?;
+    fs.sync_dir(&thin_dir).map_err(data_dir_err(&thin_dir, "sync"))
+}
+
+fn tier_byte(tier: usize) -> u8 {
+    u8::try_from(tier).unwrap_or(u8::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use hindsight_consistency::config::{Every, TargetConfig, TierPlan};
+    use hindsight_consistency::storage::StdStorage;
+    use hindsight_consistency::{RecordHeader, WriteKind};
+
+    use super::super::testing::{applied, frame, model, us, SIZE};
+    use super::super::{Group, GroupOptions};
+    use super::*;
+    use crate::meta::GroupMeta;
+    use crate::model::{Point, Volume};
+    use crate::point_view::PointView;
+
+    const S: u64 = 1_000_000_000;
+
+    /// Every write for 20 s, a point per 5 s to 100 s, per 20 s to 150 s.
+    fn opts() -> GroupOptions {
+        let tiers = vec![
+            Tier { every: Every::Write, until: Duration::from_secs(20) },
+            Tier { every: Every::Interval(Duration::from_secs(5)), until: Duration::from_secs(100) },
+            Tier { every: Every::Interval(Duration::from_secs(20)), until: Duration::from_secs(150) },
+        ];
+        let plan: &'static TierPlan = Box::leak(Box::new(TierPlan { default: tiers, groups: Vec::new() }));
+        GroupOptions { segment_size: 1 << 20, retention: None, journal_size: None, direct_io: true, tiers: plan }
+    }
+
+    fn config(dir: &Path) -> TargetConfig {
+        let path = dir.join("target.toml");
+        let text = format!("[target]\nlisten = \"127.0.0.1:7500\"\ndata_dir = \"{}\"\n[tls]\ninsecure_plaintext = true\n", dir.display());
+        std::fs::write(&path, text).unwrap();
+        TargetConfig::load(&path).unwrap()
+    }
+
+    /// 2,000 writes of 4 KiB over the last 200 s (one per 100 ms), at pseudo-random blocks of
+    /// the 256 KiB volume; every 97th a zero write.
+    fn records(now: u64) -> Vec<(RecordHeader, Vec<u8>)> {
+        let mut x = 88_172_645_463_325_252u64;
+        (1..=2000u64)
+            .map(|seq| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let offset = x % (SIZE / 4096) * 4096;
+                let time_ns = now - 200 * S + seq * S / 10;
+                if seq % 97 == 0 {
+                    return (RecordHeader { seq, time_ns, kind: WriteKind::Zeroes, offset, length: 4096 }, Vec::new());
+                }
+                let fill = u8::try_from(seq % 251).unwrap() + 1;
+                (RecordHeader { seq, time_ns, kind: WriteKind::Data, offset, length: 4096 }, vec![fill; 4096])
+            })
+            .collect()
+    }
+
+    fn image_at(config: &TargetConfig, point: &Point) -> Result<(u64, Vec<u8>), TargetError> {
+        let view = PointView::open(config, "g", point)?;
+        let mut img = vec![0u8; us(SIZE)];
+        view.read(0, 0, &mut img).unwrap();
+        Ok((view.seq(), img))
+    }
+
+    fn zeroes_model(recs: &[(RecordHeader, Vec<u8>)], upto: u64) -> Vec<u8> {
+        let mut img = model(recs, upto);
+        for (h, _) in recs.iter().filter(|(h, _)| h.seq <= upto) {
+            if h.kind == WriteKind::Zeroes {
+                // `model` skips empty data; a zero write hides what came before it until the
+                // next write of the block.
+                let later = recs.iter().any(|(l, _)| l.seq > h.seq && l.seq <= upto && l.offset == h.offset);
+                if !later {
+                    img[us(h.offset)..us(h.offset) + 4096].fill(0);
+                }
+            }
+        }
+        img
+    }
+
+    #[test]
+    fn every_kept_point_of_every_tier_recovers_equal_to_the_model_and_other_points_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = StdStorage::shared();
+        let paths = GroupPaths::new(dir.path(), "g");
+        let meta = GroupMeta::new("e".into(), vec![Volume { name: "v".into(), vm: "vm".into(), size: SIZE }]);
+        let g = Group::create(Arc::clone(&fs), paths.clone(), "g", meta, opts()).unwrap();
+        let now = now_ns();
+        let recs = records(now);
+        for chunk in recs.chunks(50) {
+            assert_eq!(g.receive(&mut vec![frame(chunk)]).error, None);
+        }
+        assert_eq!(applied(&g), 2000);
+        g.maintain(false);
+        let config = config(dir.path());
+
+        let (base, thinned_to, points) = {
+            let p = lock(&g.persist);
+            let points: Vec<TablePoint> = p.thinned.iter().flat_map(|f| f.table.points.clone()).collect();
+            (p.state.base_seq, Group::thinned_to(&p), points)
+        };
+        // Past 150 s (records up to about 500): in the base; 20 s to 150 s: thinned.
+        assert!((300..600).contains(&base), "base at seq {base}");
+        assert!((1400..1800).contains(&thinned_to), "thinned through seq {thinned_to}");
+        let in_tier = |t| points.iter().filter(|k| k.tier == t).count();
+        assert!(in_tier(1) >= 9 && in_tier(2) >= 2, "points per tier: {} {}", in_tier(1), in_tier(2));
+        assert!(points.len() < 40, "{} points kept of about 1,200 writes", points.len());
+
+        for k in &points {
+            let (seq, img) = image_at(&config, &Point::Seq(k.seq)).unwrap();
+            assert_eq!(seq, k.seq);
+            assert!(img == zeroes_model(&recs, k.seq), "kept point seq {} (tier {}) differs from the model", k.seq, k.tier);
+        }
+        for seq in [base, thinned_to + 1, thinned_to + 77, 1999, 2000] {
+            let (_, img) = image_at(&config, &Point::Seq(seq)).unwrap();
+            assert!(img == zeroes_model(&recs, seq), "seq {seq} differs from the model");
+        }
+        // A point between two kept ones: refused, naming both.
+        let (a, b) = (points[3].seq, points[4].seq);
+        assert!(b > a + 1);
+        let e = image_at(&config, &Point::Seq(a + 1)).unwrap_err().to_string();
+        assert!(e.contains(&format!("seq {} is not kept", a + 1)) && e.contains(&format!("seq {a} (")) && e.contains(&format!("seq {b} (")), "{e}");
+        // A time in thinned history: the kept point at or before it.
+        let (seq, _) = image_at(&config, &Point::Time(points[4].time_ns + 1)).unwrap();
+        assert_eq!(seq, b);
+
+        // The data of about 1,200 writes of 4 KiB shrank to what the kept points show.
+        let data: u64 = lock(&g.persist).thinned.iter().map(|f| f.table.run.segment_len).sum();
+        assert!(data < 4096 * 64 * 40, "thinned data {data} bytes");
+
+        // After a restart the same history.
+        drop(g);
+        let g = Group::load(Arc::clone(&fs), paths.clone(), "g", opts()).unwrap();
+        assert_eq!(Group::thinned_to(&lock(&g.persist)), thinned_to);
+        let k = points[points.len() / 2];
+        assert!(image_at(&config, &Point::Seq(k.seq)).unwrap().1 == zeroes_model(&recs, k.seq));
+    }
+}
