@@ -59,7 +59,7 @@ impl Group {
         let res = res.and_then(|()| match () {
             () if final_checkpoint => Ok(()),
             () if tiers.is_empty() => self.retain(&mut p),
-            () => self.thin(&mut p, tiers),
+            () => self.thin(&mut p, tiers, now_ns()),
         });
         if let Err(e) = res {
             self.poison(error_chain(&e));
