@@ -36,6 +36,19 @@ pub fn format_history(h: &hindsight_target::History) -> String {
              retention); block and pause_and_track take nothing more until they leave the retention (hindsight status)"
         );
     }
+    if !h.tiers.is_empty() {
+        let _ = writeln!(s, "  tiers (docs/retention-tiers.md):");
+        let mut from = "0s".to_owned();
+        for t in &h.tiers {
+            let every = if t.every == "write" { "every write".to_owned() } else { format!("a point per {}", t.every) };
+            let span = match (t.oldest, t.newest) {
+                (Some(o), Some(n)) => format!("seq {}..{} ({} .. {})", o.0, n.0, format_rfc3339(o.1), format_rfc3339(n.1)),
+                _ => "no points yet".to_owned(),
+            };
+            let _ = writeln!(s, "    {every:<20} {from:>6} to {:<6} {:>8} points  {:>10}  {span}", t.until, t.points, human(t.bytes));
+            from.clone_from(&t.until);
+        }
+    }
     let _ = writeln!(s, "  replicas applied up to seq {}", h.applied_seq);
     if !h.inconsistent.is_empty() {
         let spans: Vec<String> = h
@@ -125,7 +138,26 @@ mod tests {
             inconsistent,
             last_consistent_seq,
             exports: vec![],
+            tiers: vec![],
         }
+    }
+
+    #[test]
+    fn history_shows_each_tier_with_its_span_points_and_bytes() {
+        let mut h = history(vec![], 30);
+        let tier = |every: &str, until: &str, points, span: Option<((u64, u64), (u64, u64))>, bytes| hindsight_target::TierHistory {
+            every: every.into(),
+            until: until.into(),
+            points,
+            oldest: span.map(|s| s.0),
+            newest: span.map(|s| s.1),
+            bytes,
+        };
+        h.tiers = vec![tier("write", "1h", 12, Some(((19, 0), (30, 0))), 3 << 20), tier("1m", "1day", 0, None, 0)];
+        let text = format_history(&h);
+        assert!(text.contains("  tiers (docs/retention-tiers.md):\n"), "{text}");
+        assert!(text.contains("    every write              0s to 1h           12 points     3.0 MiB  seq 19..30 ("), "{text}");
+        assert!(text.contains("    a point per 1m           1h to 1day          0 points         0 B  no points yet\n"), "{text}");
     }
 
     #[test]

@@ -111,7 +111,7 @@ use hindsight_consistency::config::TargetConfig;
 pub use error::TargetError;
 pub use exports::{ActiveExport, Registration};
 pub use group_view::groups;
-pub use model::{Bookmark, History, Point, RecoverReport, RecoverRequest, Volume};
+pub use model::{Bookmark, History, Point, RecoverReport, RecoverRequest, TierHistory, Volume};
 pub use point_view::PointView;
 pub use recover::{history, recover, recover_with};
 pub use recover_set::{recover_set, Manifest, ManifestVolume, RecoverSetRequest, Selection, MANIFEST_NAME};

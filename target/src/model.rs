@@ -116,6 +116,26 @@ pub struct History {
     /// The exports of the group running now (each pins its point: retention folds nothing
     /// while one runs).
     pub exports: Vec<crate::exports::ActiveExport>,
+    /// The retention tiers and what each holds now, finest first (empty without tiers).
+    pub tiers: Vec<TierHistory>,
+}
+
+/// What one retention tier holds (docs/retention-tiers.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TierHistory {
+    /// `write`, or the interval between its points (`1m`).
+    pub every: String,
+    /// The age at which points leave it (`for`).
+    pub until: String,
+    /// Its points now: every record of the journal for the first tier, the kept points of
+    /// thinned history for the others.
+    pub points: u64,
+    /// Its oldest and newest point (seq, time), if it has any.
+    pub oldest: Option<(Seq, u64)>,
+    pub newest: Option<(Seq, u64)>,
+    /// Bytes on disk: the journal for the first tier; for the others the allocated bytes of
+    /// the thinned segments whose newest point is in the tier.
+    pub bytes: u64,
 }
 
 /// A named point of a group, placed with `hindsight bookmark`.

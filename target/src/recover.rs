@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use hindsight_consistency::config::TargetConfig;
 use hindsight_consistency::storage::{OpenMode, StdStorage, Storage, StorageFile};
+use hindsight_consistency::time::now_ns;
 
 use crate::error::TargetError;
 use crate::group_view::{find_group, open_view};
@@ -44,6 +45,7 @@ pub fn history(config: &TargetConfig, group: &str) -> Result<History, TargetErro
         .filter(|s| s.to.is_none_or(|t| t > v.first.0) && s.from <= v.last.0)
         .collect();
     let last_consistent_seq = crate::spans::consistent_at_or_before(&inconsistent, v.last.0);
+    let tiers = crate::thinning::summary::tiers_of(&v, config.tiers.of(group), now_ns());
     Ok(History {
         group: v.name.clone(),
         engine: v.meta.engine.clone(),
@@ -61,6 +63,7 @@ pub fn history(config: &TargetConfig, group: &str) -> Result<History, TargetErro
         inconsistent,
         last_consistent_seq,
         exports: crate::exports::active(fs.as_ref(), &v.paths.exports_dir()),
+        tiers,
     })
 }
 

@@ -214,12 +214,13 @@ impl Group {
     }
 
     /// Rolls the base images forward over the oldest thinned segment once every record of it
-    /// has left the last tier (and no bookmark in it is kept). Returns whether it did.
+    /// has left the last tier (bookmarks are kept only inside the tiers' span, so they do not
+    /// keep history alive past it). Returns whether it did.
     fn fold_oldest_thinned(&self, p: &mut Persist, tiers: &[Tier], now: u64, round: &mut Round) -> Result<bool, TargetError> {
         let Some(oldest) = p.thinned.first() else { return Ok(false) };
         let last_tier = tiers.last().expect("tiers are not empty");
         let cutoff = now.saturating_sub(u64::try_from(last_tier.until.as_nanos()).unwrap_or(u64::MAX));
-        if oldest.table.run.last_time_ns >= cutoff || oldest.table.points.iter().any(|k| k.kind == PointKind::Bookmark) {
+        if oldest.table.run.last_time_ns >= cutoff {
             return Ok(false);
         }
         let Some(_lock) = self.lock_for_retention()? else {

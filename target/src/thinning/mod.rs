@@ -5,5 +5,6 @@
 pub mod kept;
 pub mod records;
 pub mod segment;
+pub mod summary;
 pub mod survivors;
 pub mod table;
