@@ -152,6 +152,7 @@ mod tests {
             oldest: span.map(|s| s.0),
             newest: span.map(|s| s.1),
             bytes,
+            kept: vec![],
         };
         h.tiers = vec![tier("write", "1h", 12, Some(((19, 0), (30, 0))), 3 << 20), tier("1m", "1day", 0, None, 0)];
         let text = format_history(&h);

@@ -136,6 +136,9 @@ pub struct TierHistory {
     /// Bytes on disk: the journal for the first tier; for the others the allocated bytes of
     /// the thinned segments whose newest point is in the tier.
     pub bytes: u64,
+    /// The points it keeps (seq, time), oldest first; empty for the first tier, whose points
+    /// are every record from `oldest` to `newest`.
+    pub kept: Vec<(Seq, u64)>,
 }
 
 /// A named point of a group, placed with `hindsight bookmark`.

@@ -24,6 +24,7 @@ pub(crate) fn tiers_of(view: &GroupView, tiers: &[Tier], now_ns: u64) -> Vec<Tie
             oldest: None,
             newest: None,
             bytes: 0,
+            kept: Vec::new(),
         })
         .collect();
     let Some(first) = out.first_mut() else { return out };
@@ -40,6 +41,7 @@ pub(crate) fn tiers_of(view: &GroupView, tiers: &[Tier], now_ns: u64) -> Vec<Tie
             tier.points += 1;
             tier.oldest = tier.oldest.or(Some((p.seq, p.time_ns)));
             tier.newest = Some((p.seq, p.time_ns));
+            tier.kept.push((p.seq, p.time_ns));
         }
         let newest = f.table.points.last().map_or(f.table.run.last_time_ns, |p| p.time_ns);
         let t = tier_of(tiers, now_ns, newest).unwrap_or(tiers.len() - 1);
