@@ -4,7 +4,7 @@
 //! tier, recovers equal to a model of the acknowledged writes, a point between two kept ones
 //! is refused with both named, and the bookmarks inside the tiers' span recover.
 
-#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 
 mod common;
 
