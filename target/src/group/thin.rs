@@ -76,12 +76,32 @@ impl Group {
             return Ok(false);
         }
         let (first, last) = (segs[0].0, segs[1].0 - 1);
-        let cutoff = now.saturating_sub(u64::try_from(tiers[0].until.as_nanos()).unwrap_or(u64::MAX));
+        let first_tier = u64::try_from(tiers[0].until.as_nanos()).unwrap_or(u64::MAX);
         // Times never decrease: once the next segment's first record is past the first tier,
         // so is every record of this one.
         let Some(next_time) = self.first_time(p, segs[1].0)? else { return Ok(false) };
-        if next_time >= cutoff {
-            return Ok(false);
+        let mut now = now;
+        if next_time >= now.saturating_sub(first_tier) {
+            // Younger than the first tier: thinned early only to stay within journal_size,
+            // where the group lets history be cut (`on_journal_full = "trim_history"`), as if
+            // it had just left the first tier; never silently.
+            let (bytes, policy) = {
+                let inner = lock(&self.inner);
+                (inner.journal.size_bytes(), inner.on_journal_full)
+            };
+            let over = self.opts.journal_size.is_some_and(|max| bytes > max);
+            if !over || policy != hindsight_consistency::config::JournalFull::TrimHistory {
+                return Ok(false);
+            }
+            now = next_time + first_tier;
+            log::warn!(
+                "group {:?}: the journal reached journal_size ({} bytes): seq {first}..={last}, younger than the first tier ({}), \
+                 is thinned to the next tier's points to stay within it; raise journal_size to keep every write for {}",
+                self.name,
+                self.opts.journal_size.unwrap_or(0),
+                hindsight_consistency::time::format_duration(tiers[0].until),
+                hindsight_consistency::time::format_duration(tiers[0].until)
+            );
         }
         if first != Self::thinned_to(p) + 1 {
             return Err(TargetError::Inconsistent {
@@ -381,7 +401,8 @@ mod tests {
         let fs = StdStorage::shared();
         let now = now_ns();
         let (paths, g, recs) = group_with_records(dir.path(), &fs, now);
-        g.maintain(false);
+        // At `now` exactly: the segment boundaries' ages are then what the assertions expect.
+        g.thin(&mut lock(&g.persist), g.opts.tiers.of("g"), now).unwrap();
         let config = config(dir.path());
 
         let (base, thinned_to, points) = {
@@ -505,5 +526,28 @@ mod tests {
             }
         }
         assert!(crashes > 50, "only {crashes} crash points");
+    }
+
+    #[test]
+    fn over_journal_size_young_segments_are_thinned_early_and_every_kept_point_still_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = StdStorage::shared();
+        let paths = GroupPaths::new(dir.path(), "g");
+        let meta = GroupMeta::new("e".into(), vec![Volume { name: "v".into(), vm: "vm".into(), size: SIZE }]);
+        let opts = GroupOptions { journal_size: Some(3 << 20), ..opts() };
+        let g = Group::create(Arc::clone(&fs), paths.clone(), "g", meta, opts).unwrap();
+        // Every record younger than the first tier (20 s): only the budget thins them.
+        let now = now_ns();
+        let recs = records(now + 190 * S);
+        for chunk in recs.chunks(50) {
+            assert_eq!(g.receive(&mut vec![frame(chunk)]).error, None);
+        }
+        assert_eq!(applied(&g), 2000);
+        g.maintain(false);
+        let journal = lock(&g.inner).journal.size_bytes();
+        assert!(journal <= 4 << 20, "the journal holds {journal} bytes over a 3 MiB budget");
+        let config = config(dir.path());
+        let points = check_history(&config, &recs, "thinned for room");
+        assert!(!points.is_empty() && points.len() < 60, "{} points of 2,000 records", points.len());
     }
 }
