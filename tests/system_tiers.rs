@@ -193,4 +193,12 @@ fn every_point_of_every_tier_recovers_equal_to_the_model_through_thinning_export
         checked += 1;
     }
     assert!(checked >= 2, "only {checked} bookmarks inside the tiers");
+
+    // A failover to a point of thinned history promotes exactly that point.
+    let point = mid[mid.len() / 2];
+    let report = c.failover_json(&["--seq", &point.to_string()]);
+    assert_eq!(report["seq"].as_u64(), Some(point), "{report}");
+    let promoted = std::fs::read(c.promoted("disk1")).unwrap();
+    let want = model(&log, point);
+    assert!(promoted == want, "the volume promoted at seq {point} differs from the model: {}", first_difference(&promoted, &want));
 }

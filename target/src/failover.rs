@@ -342,7 +342,24 @@ fn bring_back(
     let group = view.group();
     let index: BTreeMap<String, usize> = view.volumes().enumerate().map(|(i, v)| (v.name.clone(), i)).collect();
     let mut ranges: Vec<Vec<(u64, u64)>> = vec![Vec::new(); index.len()];
-    for_each_record(fs, group, &paths.journal(), view.seq() + 1, last_seq, |rec| {
+    // Thinned history after the point: a record it dropped wrote nothing that a record it
+    // kept (or the journal after it) does not write again, so the kept extents' ranges cover
+    // every byte changed since the point.
+    let mut from = view.seq() + 1;
+    let thinned = crate::thinning::segment::find_thinned(fs.as_ref(), &paths.thin_dir(), false)
+        .map_err(|source| TargetError::Thinned { group: group.to_owned(), source })?;
+    for f in &thinned {
+        if f.table.run.last_seq <= view.seq() {
+            continue;
+        }
+        for e in f.table.run.extents().iter().filter(|e| e.seq > view.seq()) {
+            if let Some(&i) = index.get(&f.table.run.volumes[usize::from(e.volume)]) {
+                ranges[i].push((e.offset, e.end()));
+            }
+        }
+        from = from.max(f.table.run.last_seq + 1);
+    }
+    for_each_record(fs, group, &paths.journal(), from, last_seq, |rec| {
         // The kinds the applier applies to the replicas (a superseded record changed nothing).
         let writes = matches!(rec.header.kind, WriteKind::Data | WriteKind::Zeroes | WriteKind::Trim | WriteKind::Resync);
         if writes && rec.header.length > 0 {
