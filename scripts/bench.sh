@@ -19,6 +19,9 @@
 # delay, cdp lag at 80 % of a capped link, CPU per GiB of compression), through the test
 # suite's WAN emulator; each result line starts with BENCH. `scripts/bench.sh failover` runs
 # tests/bench_failover.rs: failover and failback times and bytes (docs/benchmarks.md).
+# `scripts/bench.sh tiers` (scripts/bench-tiers.sh) runs one target with a flat window and one
+# with retention tiers compressed in time side by side for 30 minutes under the same writes:
+# bytes each target writes per byte of guest writes, and the space its history takes.
 # `scripts/bench.sh scale N...` (scripts/bench-scale.sh) prints the threads, the memory and
 # the start-up time of target, engine and agent with N groups of one volume each.
 #
@@ -36,6 +39,9 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 if [ "${1:-}" = peers ] || [ "${1:-}" = quick ]; then
   exec "$ROOT/scripts/bench-peers.sh" "$1"
+fi
+if [ "${1:-}" = tiers ]; then
+  exec "$ROOT/scripts/bench-tiers.sh"
 fi
 if [ "${1:-}" = recovery ]; then
   exec "$ROOT/scripts/bench-recovery.sh"
