@@ -202,3 +202,45 @@ fn every_point_of_every_tier_recovers_equal_to_the_model_through_thinning_export
     let want = model(&log, point);
     assert!(promoted == want, "the volume promoted at seq {point} differs from the model: {}", first_difference(&promoted, &want));
 }
+
+#[test]
+fn a_full_budget_drops_the_coarsest_points_first_and_says_which_tier_lost_what() {
+    if !have_tools(&["qemu-io"]) {
+        return;
+    }
+    // Tiers far longer than the run: only the budget (two segments of 1 MiB) thins history.
+    let tiers = "segment_size = \"1MiB\"\njournal_size = \"2MiB\"\n\
+        [[target.tier]]\nevery = \"write\"\nfor = \"1h\"\n\
+        [[target.tier]]\nevery = \"1s\"\nfor = \"2h\"\n";
+    let c = Cluster::start_with(&[Vol::new("vm1", "disk1", SIZE)], tiers);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut log: Vec<Rec> = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(12) {
+        let ops: Vec<Rec> = (0..6).map(|_| random_op(&mut rng)).collect();
+        qemu_io(&c, &ops);
+        log.extend(&ops);
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let last = c.wait_target_seq_settled(log.len() as u64);
+    c.wait_log_within("target", "history reached journal_size", Duration::from_secs(20));
+    let target_log = c.log("target");
+    assert!(target_log.contains("is thinned to the next tier's points to stay within it"), "the first tier was thinned early, and said so");
+    // Once thinned history itself is over the budget, its oldest points go, and the log says
+    // how old and from which tier.
+    c.wait_log_within("target", "points older than", Duration::from_secs(20));
+    let target_log = c.log("target");
+    let line = target_log.lines().find(|l| l.contains("points older than")).unwrap();
+    assert!(line.contains("were dropped to stay within it") && line.contains("of the 1s tier"), "{line}");
+    let h = c.history();
+    let base = h["first_seq"].as_u64().unwrap();
+    assert!(base > 0, "the oldest points were dropped into the base: {h}");
+    let tiers = h["tiers"].as_array().unwrap();
+    let history_bytes: u64 = tiers.iter().map(|t| t["bytes"].as_u64().unwrap()).sum();
+    assert!(history_bytes <= 3 << 20, "history takes {history_bytes} bytes over a 2 MiB budget (one segment of slack): {h}");
+    let kept: Vec<u64> = tiers[1]["kept"].as_array().unwrap().iter().map(|p| p[0].as_u64().unwrap()).collect();
+    for seq in kept.iter().copied().chain([base, last]) {
+        let img = c.recover("disk1", &["--seq", &seq.to_string()]);
+        assert!(img == model(&log, seq), "seq {seq} differs from the model");
+    }
+}

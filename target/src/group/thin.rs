@@ -10,7 +10,10 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use hindsight_consistency::config::Tier;
+use std::time::Duration;
+
+use hindsight_consistency::config::{JournalFull, Tier};
+use hindsight_consistency::time::format_duration;
 use hindsight_consistency::storage::{write_file_atomic, OpenMode, Storage};
 use hindsight_consistency::sync::lock;
 use hindsight_consistency::Seq;
@@ -42,9 +45,25 @@ impl Group {
     /// nothing while the group's lock is held by a reader (an export pins history).
     pub(super) fn thin(&self, p: &mut Persist, tiers: &[Tier], now: u64) -> Result<(), TargetError> {
         let mut round = Round::default();
-        while self.thin_oldest_segment(p, tiers, now, &mut round)? {}
+        while self.thin_oldest_segment(p, tiers, now, false, &mut round)? {}
         self.rethin(p, tiers, now, &mut round)?;
-        while self.fold_oldest_thinned(p, tiers, now, &mut round)? {}
+        while self.fold_oldest_thinned(p, tiers, now, false, &mut round)? {}
+        // Over the budget, where the group lets history be cut: the coarsest points go first
+        // (the oldest thinned segment, rolled into the base), then the first tier's oldest
+        // segment is thinned early. Never silently.
+        let policy = lock(&self.inner).on_journal_full;
+        while policy == JournalFull::TrimHistory && self.history_bytes(p) > self.opts.journal_size.unwrap_or(u64::MAX) {
+            let done = if p.thinned.is_empty() {
+                self.thin_oldest_segment(p, tiers, now, true, &mut round)?
+            } else {
+                self.fold_oldest_thinned(p, tiers, now, true, &mut round)?
+            };
+            if !done {
+                break;
+            }
+            let bytes = lock(&self.inner).journal.size_bytes();
+            *lock(&self.notice) = Some(self.journal_state(false, true, bytes));
+        }
         if round.thinned + round.rethinned + round.folded > 0 {
             log::info!(
                 "group {:?}: history thinned to its tiers: {} journal segment(s) thinned, {} thinned segment(s) thinned again, \
@@ -59,14 +78,28 @@ impl Group {
         Ok(())
     }
 
+    /// Bytes of history: the journal and the thinned segments (their data files' allocated
+    /// bytes and their tables), the budget `journal_size` bounds.
+    fn history_bytes(&self, p: &Persist) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let journal = lock(&self.inner).journal.size_bytes();
+        let thinned: u64 = p
+            .thinned
+            .iter()
+            .map(|f| std::fs::metadata(&f.data).map_or(f.table.run.segment_len, |m| m.blocks() * 512) + f.table.encode().len() as u64)
+            .sum();
+        journal + thinned
+    }
+
     /// The last sequence number thinned history covers (the base's when there is none).
     pub(super) fn thinned_to(p: &Persist) -> Seq {
         p.thinned.last().map_or(p.state.base_seq, |f| f.table.run.last_seq).max(p.state.base_seq)
     }
 
-    /// Thins the oldest sealed journal segment if every record of it has left the first tier.
-    /// Returns whether it did.
-    fn thin_oldest_segment(&self, p: &mut Persist, tiers: &[Tier], now: u64, round: &mut Round) -> Result<bool, TargetError> {
+    /// Thins the oldest sealed journal segment if every record of it has left the first tier,
+    /// or with `early` (history over its budget) at once, to the next tier's points. Returns
+    /// whether it did.
+    fn thin_oldest_segment(&self, p: &mut Persist, tiers: &[Tier], now: u64, early: bool, round: &mut Round) -> Result<bool, TargetError> {
         let (segs, volumes) = {
             let inner = lock(&self.inner);
             let segs: Vec<(Seq, PathBuf)> = inner.journal.segments().map(|s| (s.first_seq, s.path.clone())).collect();
@@ -82,25 +115,18 @@ impl Group {
         let Some(next_time) = self.first_time(p, segs[1].0)? else { return Ok(false) };
         let mut now = now;
         if next_time >= now.saturating_sub(first_tier) {
-            // Younger than the first tier: thinned early only to stay within journal_size,
-            // where the group lets history be cut (`on_journal_full = "trim_history"`), as if
-            // it had just left the first tier; never silently.
-            let (bytes, policy) = {
-                let inner = lock(&self.inner);
-                (inner.journal.size_bytes(), inner.on_journal_full)
-            };
-            let over = self.opts.journal_size.is_some_and(|max| bytes > max);
-            if !over || policy != hindsight_consistency::config::JournalFull::TrimHistory {
+            if !early {
                 return Ok(false);
             }
+            // Younger than the first tier: thinned as if it had just left it.
             now = next_time + first_tier;
             log::warn!(
-                "group {:?}: the journal reached journal_size ({} bytes): seq {first}..={last}, younger than the first tier ({}), \
+                "group {:?}: history reached journal_size ({} bytes): seq {first}..={last}, younger than the first tier ({}), \
                  is thinned to the next tier's points to stay within it; raise journal_size to keep every write for {}",
                 self.name,
                 self.opts.journal_size.unwrap_or(0),
-                hindsight_consistency::time::format_duration(tiers[0].until),
-                hindsight_consistency::time::format_duration(tiers[0].until)
+                format_duration(tiers[0].until),
+                format_duration(tiers[0].until)
             );
         }
         if first != Self::thinned_to(p) + 1 {
@@ -235,13 +261,33 @@ impl Group {
 
     /// Rolls the base images forward over the oldest thinned segment once every record of it
     /// has left the last tier (bookmarks are kept only inside the tiers' span, so they do not
-    /// keep history alive past it). Returns whether it did.
-    fn fold_oldest_thinned(&self, p: &mut Persist, tiers: &[Tier], now: u64, round: &mut Round) -> Result<bool, TargetError> {
+    /// keep history alive past it), or with `early` (history over its budget) at once, saying
+    /// which tier lost what. Returns whether it did.
+    fn fold_oldest_thinned(&self, p: &mut Persist, tiers: &[Tier], now: u64, early: bool, round: &mut Round) -> Result<bool, TargetError> {
         let Some(oldest) = p.thinned.first() else { return Ok(false) };
         let last_tier = tiers.last().expect("tiers are not empty");
         let cutoff = now.saturating_sub(u64::try_from(last_tier.until.as_nanos()).unwrap_or(u64::MAX));
         if oldest.table.run.last_time_ns >= cutoff {
-            return Ok(false);
+            if !early {
+                return Ok(false);
+            }
+            let lost = |t: usize| oldest.table.points.iter().filter(|k| usize::from(k.tier) == t).count();
+            let by_tier: Vec<String> = (0..tiers.len())
+                .filter(|t| lost(*t) > 0)
+                .map(|t| format!("{} point(s) of the {} tier", lost(t), every_text(&tiers[t])))
+                .collect();
+            let age = Duration::from_nanos(now.saturating_sub(oldest.table.run.last_time_ns));
+            log::warn!(
+                "group {:?}: history reached journal_size ({} bytes): points older than {} (before {}) were dropped to stay \
+                 within it (seq {}..={}: {}); raise journal_size to keep the tiers whole",
+                self.name,
+                self.opts.journal_size.unwrap_or(0),
+                format_duration(age),
+                hindsight_consistency::time::format_rfc3339_seconds(oldest.table.run.last_time_ns),
+                oldest.table.run.first_seq,
+                oldest.table.run.last_seq,
+                if by_tier.is_empty() { "no kept point".to_owned() } else { by_tier.join(", ") }
+            );
         }
         let Some(_lock) = self.lock_for_retention()? else {
             self.report_pin(p, &self.paths.lock());
@@ -271,6 +317,14 @@ pub(super) fn remove_thinned(fs: &dyn Storage, paths: &GroupPaths, f: &Found) ->
     fs.remove_file(&table).map_err(data_dir_err(&table, "remove"))?;
     fs.remove_file(&f.data).map_err(data_dir_err(&f.data, "remove"))?;
     fs.sync_dir(&thin_dir).map_err(data_dir_err(&thin_dir, "sync"))
+}
+
+/// How a tier's points are spaced, as its `every` is written.
+fn every_text(t: &Tier) -> String {
+    match t.every {
+        hindsight_consistency::config::Every::Write => "every-write".to_owned(),
+        hindsight_consistency::config::Every::Interval(d) => format_duration(d),
+    }
 }
 
 fn tier_byte(tier: usize) -> u8 {
@@ -544,8 +598,9 @@ mod tests {
         }
         assert_eq!(applied(&g), 2000);
         g.maintain(false);
-        let journal = lock(&g.inner).journal.size_bytes();
-        assert!(journal <= 4 << 20, "the journal holds {journal} bytes over a 3 MiB budget");
+        let history = g.history_bytes(&lock(&g.persist));
+        assert!(history <= 4 << 20, "history holds {history} bytes over a 3 MiB budget");
+        assert!(lock(&g.persist).state.base_seq > 0, "the coarsest points went first, into the base");
         let config = config(dir.path());
         let points = check_history(&config, &recs, "thinned for room");
         assert!(!points.is_empty() && points.len() < 60, "{} points of 2,000 records", points.len());
