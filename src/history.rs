@@ -86,6 +86,74 @@ pub fn format_history(h: &hindsight_target::History) -> String {
     s
 }
 
+/// How long one tier would cover within the budget, at the rates measured now.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TierEstimate {
+    pub every: String,
+    /// The span the tier is configured to cover, in seconds (`for` less the tier before's).
+    pub wants_seconds: u64,
+    /// Bytes per second of history it takes: measured, or assumed as the tier before's.
+    pub bytes_per_second: Option<u64>,
+    pub measured: bool,
+    /// Bytes it needs for its whole span.
+    pub needs_bytes: Option<u64>,
+    /// The span it would cover within what the finer tiers leave of the budget.
+    pub covers_seconds: Option<u64>,
+}
+
+/// `history --estimate`: from the bytes per second each tier takes now, how much of its span
+/// each one covers within `journal_size`, finest first (the finer tiers take their share
+/// first, as thinning does). A tier with nothing measured yet is assumed to take what the tier
+/// before it takes (more than it will: a coarser tier keeps less).
+pub fn estimate(h: &hindsight_target::History) -> Vec<TierEstimate> {
+    let mut remaining = h.journal_size;
+    let mut before = 0u64;
+    let mut rate: Option<u64> = None;
+    let mut out = Vec::new();
+    for t in &h.tiers {
+        let until = hindsight_consistency::config::parse_duration(&t.until).map_or(0, |d| d.as_secs());
+        let wants = until.saturating_sub(before);
+        before = until;
+        let measured = t.bytes_per_second.is_some();
+        rate = t.bytes_per_second.or(rate);
+        let needs = rate.map(|r| r.saturating_mul(wants));
+        let covers = match (rate, needs, remaining) {
+            (Some(_), Some(n), Some(left)) if n <= left => Some(wants),
+            (Some(r), Some(_), Some(left)) => Some(left / r.max(1)),
+            (Some(_), _, None) => Some(wants),
+            _ => None,
+        };
+        if let (Some(left), Some(n)) = (remaining, needs) {
+            remaining = Some(left.saturating_sub(n));
+        }
+        out.push(TierEstimate { every: t.every.clone(), wants_seconds: wants, bytes_per_second: rate, measured, needs_bytes: needs, covers_seconds: covers });
+    }
+    out
+}
+
+/// The human form of [`estimate`].
+pub fn format_estimate(h: &hindsight_target::History, est: &[TierEstimate]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let budget = h.journal_size.map_or("no journal_size (no limit)".to_owned(), |b| format!("journal_size {}", human(b)));
+    let _ = writeln!(s, "  estimate within {budget}, at the rates measured now:");
+    for e in est {
+        let every = if e.every == "write" { "every write".to_owned() } else { format!("a point per {}", e.every) };
+        let span = |secs: u64| hindsight_consistency::time::format_duration(std::time::Duration::from_secs(secs));
+        let wants = span(e.wants_seconds);
+        let line = match (e.bytes_per_second, e.needs_bytes, e.covers_seconds) {
+            (Some(r), Some(n), Some(c)) => {
+                let rate = if e.measured { format!("{}/s", human(r)) } else { format!("{}/s, assumed as the tier before", human(r)) };
+                let covers = if c >= e.wants_seconds { "covered".to_owned() } else { format!("covers {} of {wants}", span(c)) };
+                format!("needs {} for {wants} ({rate}): {covers}", human(n))
+            }
+            _ => format!("{wants}: not measured yet (no writes in it)"),
+        };
+        let _ = writeln!(s, "    {every:<20} {line}");
+    }
+    s
+}
+
 /// Which site is production for the group, from its failover state (docs/failover.md).
 pub fn format_role(cfg: &hindsight_consistency::config::TargetConfig, group: &str, state: Option<&FailoverState>) -> String {
     match state {
@@ -143,6 +211,35 @@ mod tests {
     }
 
     #[test]
+    fn the_estimate_gives_each_tier_its_share_of_the_budget_finest_first() {
+        let mut h = history(vec![], 30);
+        h.journal_size = Some(10 << 30);
+        let tier = |every: &str, until: &str, rate: Option<u64>| hindsight_target::TierHistory {
+            every: every.into(),
+            until: until.into(),
+            points: 0,
+            oldest: None,
+            newest: None,
+            bytes: 0,
+            kept: vec![],
+            bytes_per_second: rate,
+        };
+        // 1 MiB/s for an hour (3.5 GiB), 100 KiB/s for 23 h (7.9 GiB: only 6.5 GiB are left),
+        // then a tier with nothing measured.
+        h.tiers = vec![tier("write", "1h", Some(1 << 20)), tier("1m", "1day", Some(100 << 10)), tier("1h", "7days", None)];
+        let est = estimate(&h);
+        assert_eq!(est[0].covers_seconds, Some(3600));
+        assert_eq!(est[1].needs_bytes, Some((100 << 10) * 23 * 3600));
+        assert_eq!(est[1].covers_seconds, Some(((10u64 << 30) - (3600 << 20)) / (100 << 10)));
+        assert_eq!((est[2].measured, est[2].bytes_per_second, est[2].covers_seconds), (false, Some(100 << 10), Some(0)));
+        let text = format_estimate(&h, &est);
+        assert!(text.contains("  estimate within journal_size 10.0 GiB, at the rates measured now:\n"), "{text}");
+        assert!(text.contains("    every write          needs 3.5 GiB for 1h (1.0 MiB/s): covered\n"), "{text}");
+        assert!(text.contains("    a point per 1m       needs 7.9 GiB for 23h (100.0 KiB/s): covers 18h 53m 13s of 23h\n"), "{text}");
+        assert!(text.contains("(100.0 KiB/s, assumed as the tier before): covers 0s of 6days\n"), "{text}");
+    }
+
+    #[test]
     fn history_shows_each_tier_with_its_span_points_and_bytes() {
         let mut h = history(vec![], 30);
         let tier = |every: &str, until: &str, points, span: Option<((u64, u64), (u64, u64))>, bytes| hindsight_target::TierHistory {
@@ -153,6 +250,7 @@ mod tests {
             newest: span.map(|s| s.1),
             bytes,
             kept: vec![],
+            bytes_per_second: None,
         };
         h.tiers = vec![tier("write", "1h", 12, Some(((19, 0), (30, 0))), 3 << 20), tier("1m", "1day", 0, None, 0)];
         let text = format_history(&h);

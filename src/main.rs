@@ -170,6 +170,10 @@ enum Command {
         /// Print JSON
         #[arg(long)]
         json: bool,
+        /// Also estimate, from the rates measured now, how much of its span each retention
+        /// tier covers within journal_size
+        #[arg(long)]
+        estimate: bool,
     },
 }
 
@@ -392,7 +396,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     }
                 }
                 match (&target, &to) {
-                    (Some(cfg), _) => print_history(cfg, group.clone(), json)?,
+                    (Some(cfg), _) => print_history(cfg, group.clone(), json, false)?,
                     (None, Some(to)) => {
                         let reply: StatusReply = admin::request(to, FrameType::StatusRequest, FrameType::StatusReply, &req)?;
                         match (&mut bars, json) {
@@ -425,9 +429,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 reply.group, reply.mode, reply.previous
             );
         }
-        Command::History { config, group, json } => {
+        Command::History { config, group, json, estimate } => {
             let cfg = TargetConfig::load(&config).map_err(|e| Failure::Config(e.to_string()))?;
-            print_history(&cfg, group, json)?;
+            print_history(&cfg, group, json, estimate)?;
         }
     }
     Ok(())
@@ -435,7 +439,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
 
 /// Prints the history of one group, or of every group, of a target (`history`, and `status`
 /// at the recovery site).
-fn print_history(cfg: &TargetConfig, group: Option<String>, json: bool) -> Result<(), Failure> {
+fn print_history(cfg: &TargetConfig, group: Option<String>, json: bool, estimate: bool) -> Result<(), Failure> {
     let names = match group {
         Some(g) => vec![g],
         None => hindsight_target::groups(cfg)?,
@@ -457,6 +461,9 @@ fn print_history(cfg: &TargetConfig, group: Option<String>, json: bool) -> Resul
             v["production"] =
                 if state.as_ref().is_some_and(|s| s.state == Stage::FailedOver) { "recovery site" } else { "source site" }.into();
             v["failover"] = serde_json::to_value(&state)?;
+            if estimate {
+                v["estimate"] = serde_json::to_value(history::estimate(h))?;
+            }
             values.push(v);
         }
         let v = if values.len() == 1 { values.remove(0) } else { serde_json::Value::Array(values) };
@@ -464,6 +471,9 @@ fn print_history(cfg: &TargetConfig, group: Option<String>, json: bool) -> Resul
     } else {
         for h in &all {
             print!("{}", history::format_history(h));
+            if estimate && !h.tiers.is_empty() {
+                print!("{}", history::format_estimate(h, &history::estimate(h)));
+            }
             print!("{}", history::format_role(cfg, &h.group, hindsight_target::failover::state_of(cfg, &h.group)?.as_ref()));
         }
         if all.is_empty() {

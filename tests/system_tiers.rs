@@ -216,11 +216,12 @@ fn a_full_budget_drops_the_coarsest_points_first_and_says_which_tier_lost_what()
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut log: Vec<Rec> = Vec::new();
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(12) {
+    while started.elapsed() < Duration::from_secs(16) {
         let ops: Vec<Rec> = (0..6).map(|_| random_op(&mut rng)).collect();
         qemu_io(&c, &ops);
         log.extend(&ops);
-        std::thread::sleep(Duration::from_millis(30));
+        // A segment then spans a few seconds: several 1 s points each.
+        std::thread::sleep(Duration::from_millis(150));
     }
     let last = c.wait_target_seq_settled(log.len() as u64);
     c.wait_log_within("target", "history reached journal_size", Duration::from_secs(20));
@@ -230,14 +231,19 @@ fn a_full_budget_drops_the_coarsest_points_first_and_says_which_tier_lost_what()
     // how old and from which tier.
     c.wait_log_within("target", "points older than", Duration::from_secs(20));
     let target_log = c.log("target");
-    let line = target_log.lines().find(|l| l.contains("points older than")).unwrap();
-    assert!(line.contains("were dropped to stay within it") && line.contains("of the 1s tier"), "{line}");
+    let lines: Vec<&str> = target_log.lines().filter(|l| l.contains("points older than")).collect();
+    assert!(lines.iter().all(|l| l.contains("were dropped to stay within it")), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.contains(" point(s) of the 1s tier")), "no drop named the tier it took points from: {lines:#?}");
     let h = c.history();
     let base = h["first_seq"].as_u64().unwrap();
     assert!(base > 0, "the oldest points were dropped into the base: {h}");
     let tiers = h["tiers"].as_array().unwrap();
     let history_bytes: u64 = tiers.iter().map(|t| t["bytes"].as_u64().unwrap()).sum();
     assert!(history_bytes <= 3 << 20, "history takes {history_bytes} bytes over a 2 MiB budget (one segment of slack): {h}");
+    // The estimate says how much of each tier the budget holds at the rate measured now.
+    let text = run_ok(Command::new(hindsight_bin()).args(["history", "--estimate", "--group", "erp", "--config"]).arg(c.target_toml()));
+    assert!(text.contains("  estimate within journal_size 2.0 MiB, at the rates measured now:\n"), "{text}");
+    assert!(text.contains("    every write          needs ") && text.contains("covers "), "the budget holds far less than an hour: {text}");
     let kept: Vec<u64> = tiers[1]["kept"].as_array().unwrap().iter().map(|p| p[0].as_u64().unwrap()).collect();
     for seq in kept.iter().copied().chain([base, last]) {
         let img = c.recover("disk1", &["--seq", &seq.to_string()]);

@@ -139,6 +139,9 @@ pub struct TierHistory {
     /// The points it keeps (seq, time), oldest first; empty for the first tier, whose points
     /// are every record from `oldest` to `newest`.
     pub kept: Vec<(Seq, u64)>,
+    /// Bytes it takes per second of history it covers, measured over what it holds now
+    /// (`None` until it holds a span of at least a second).
+    pub bytes_per_second: Option<u64>,
 }
 
 /// A named point of a group, placed with `hindsight bookmark`.

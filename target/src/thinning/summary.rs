@@ -25,6 +25,7 @@ pub(crate) fn tiers_of(view: &GroupView, tiers: &[Tier], now_ns: u64) -> Vec<Tie
             newest: None,
             bytes: 0,
             kept: Vec::new(),
+            bytes_per_second: None,
         })
         .collect();
     let Some(first) = out.first_mut() else { return out };
@@ -47,6 +48,12 @@ pub(crate) fn tiers_of(view: &GroupView, tiers: &[Tier], now_ns: u64) -> Vec<Tie
         let t = tier_of(tiers, now_ns, newest).unwrap_or(tiers.len() - 1);
         // Allocated bytes: the blocks of dropped extents are punched out.
         out[t].bytes += std::fs::metadata(&f.data).map_or(f.table.run.segment_len, |m| m.blocks() * 512);
+    }
+    for t in &mut out {
+        if let (Some(o), Some(n)) = (t.oldest, t.newest) {
+            let secs = n.1.saturating_sub(o.1) / 1_000_000_000;
+            t.bytes_per_second = (secs > 0).then(|| t.bytes / secs);
+        }
     }
     out
 }
