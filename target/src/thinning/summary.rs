@@ -37,15 +37,17 @@ pub(crate) fn tiers_of(view: &GroupView, tiers: &[Tier], now_ns: u64) -> Vec<Tie
     first.bytes = view.journal_bytes;
     for f in &view.thinned {
         for p in &f.table.points {
-            let Some(t) = tier_of(tiers, now_ns, p.time_ns) else { continue };
+            // In the tier it was kept as, or a coarser one once its age took it there (a point
+            // thinned early for room is young but kept as a coarser tier's).
+            let Some(t) = tier_of(tiers, now_ns, p.time_ns).map(|t| t.max(usize::from(p.tier)).min(tiers.len() - 1)) else { continue };
             let tier = &mut out[t];
             tier.points += 1;
             tier.oldest = tier.oldest.or(Some((p.seq, p.time_ns)));
             tier.newest = Some((p.seq, p.time_ns));
             tier.kept.push((p.seq, p.time_ns));
         }
-        let newest = f.table.points.last().map_or(f.table.run.last_time_ns, |p| p.time_ns);
-        let t = tier_of(tiers, now_ns, newest).unwrap_or(tiers.len() - 1);
+        let newest = f.table.points.last().map_or((f.table.run.last_time_ns, 0), |p| (p.time_ns, usize::from(p.tier)));
+        let t = tier_of(tiers, now_ns, newest.0).map_or(tiers.len() - 1, |t| t.max(newest.1).min(tiers.len() - 1));
         // Allocated bytes: the blocks of dropped extents are punched out.
         out[t].bytes += std::fs::metadata(&f.data).map_or(f.table.run.segment_len, |m| m.blocks() * 512);
     }
