@@ -126,7 +126,14 @@ pub fn estimate(h: &hindsight_target::History) -> Vec<TierEstimate> {
         if let (Some(left), Some(n)) = (remaining, needs) {
             remaining = Some(left.saturating_sub(n));
         }
-        out.push(TierEstimate { every: t.every.clone(), wants_seconds: wants, bytes_per_second: rate, measured, needs_bytes: needs, covers_seconds: covers });
+        out.push(TierEstimate {
+            every: t.every.clone(),
+            wants_seconds: wants,
+            bytes_per_second: rate,
+            measured,
+            needs_bytes: needs,
+            covers_seconds: covers,
+        });
     }
     out
 }

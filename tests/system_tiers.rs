@@ -148,7 +148,13 @@ fn every_point_of_every_tier_recovers_equal_to_the_model_through_thinning_export
     let (mid, coarse) = (kept(&tiers[1]), kept(&tiers[2]));
     assert!(mid.len() >= 5 && !coarse.is_empty(), "points per tier: {} and {}: {h}", mid.len(), coarse.len());
     let base = h["first_seq"].as_u64().unwrap();
-    eprintln!("{} records; base at seq {base}; {} and {} points in the thinned tiers; first tier from seq {}", log.len(), mid.len(), coarse.len(), tiers[0]["oldest"][0]);
+    eprintln!(
+        "{} records; base at seq {base}; {} and {} points in the thinned tiers; first tier from seq {}",
+        log.len(),
+        mid.len(),
+        coarse.len(),
+        tiers[0]["oldest"][0]
+    );
     assert!(base > 0, "records past the last tier rolled into the base: {h}");
     assert!(c.log("target").contains("retention waits") || c.log("target").contains("pinned"), "the export pinned history");
 
@@ -181,7 +187,10 @@ fn every_point_of_every_tier_recovers_equal_to_the_model_through_thinning_export
         Duration::from_secs(30),
     );
     assert!(!ok, "a point between kept points must be refused");
-    assert!(err.contains(&format!("seq {} is not kept", a + 1)) && err.contains(&format!("seq {a} (")) && err.contains(&format!("seq {b} (")), "{err}");
+    assert!(
+        err.contains(&format!("seq {} is not kept", a + 1)) && err.contains(&format!("seq {a} (")) && err.contains(&format!("seq {b} (")),
+        "{err}"
+    );
 
     // Bookmarks younger than the last tier survive every thinning.
     let listed: Vec<u64> = h["bookmarks"].as_array().unwrap().iter().map(|b| b["seq"].as_u64().unwrap()).collect();

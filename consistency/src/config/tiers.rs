@@ -179,7 +179,9 @@ pub enum TierMistake {
         name: String,
     },
     /// A span shorter than one interval: the tier could keep no point.
-    #[error("{at}: it keeps one point every {every:?} but spans only {span:?} (from {from:?} to {to:?}); make `for` longer or `every` shorter")]
+    #[error(
+        "{at}: it keeps one point every {every:?} but spans only {span:?} (from {from:?} to {to:?}); make `for` longer or `every` shorter"
+    )]
     SpanTooShort {
         /// Which table.
         at: String,

@@ -30,8 +30,11 @@ impl CommitIndex {
     /// A record appended at `at` bytes into the pending commit. `volumes` numbers the volumes.
     pub fn appended(&mut self, rec: &RecordRef<'_>, volumes: &[String], at: usize) {
         let header = rec.header;
-        let volume =
-            if header.kind.changes_volume() { volumes.iter().position(|v| v == rec.volume).and_then(|i| u16::try_from(i).ok()) } else { None };
+        let volume = if header.kind.changes_volume() {
+            volumes.iter().position(|v| v == rec.volume).and_then(|i| u16::try_from(i).ok())
+        } else {
+            None
+        };
         self.appended.push(Appended { header, volume, name_len: rec.volume.len(), at });
     }
 

@@ -20,9 +20,9 @@ use crate::lock::{lock_file, LockKind};
 use crate::marks::Marks;
 use crate::meta::GroupMeta;
 use crate::records::for_each_record;
+use crate::state::{load_state, write_state, GroupState};
 use crate::thinning::records::for_each_thinned_record;
 use crate::thinning::segment::{find_thinned, Found};
-use crate::state::{load_state, write_state, GroupState};
 
 impl Group {
     /// Creates a new group at the engine's first hello. `group.toml` is written last: until

@@ -88,14 +88,13 @@ pub(super) fn big_records(n: u64) -> Vec<(RecordHeader, Vec<u8>)> {
 
 pub(super) fn full_group(dir: &std::path::Path, policy: JournalFull) -> (GroupPaths, Group) {
     let paths = GroupPaths::new(dir, "g");
-    let opts =
-        GroupOptions {
-            segment_size: 1 << 20,
-            retention: Some(Duration::from_secs(3600)),
-            journal_size: Some(2 << 20),
-            direct_io: true,
-            tiers: &NO_TIERS,
-        };
+    let opts = GroupOptions {
+        segment_size: 1 << 20,
+        retention: Some(Duration::from_secs(3600)),
+        journal_size: Some(2 << 20),
+        direct_io: true,
+        tiers: &NO_TIERS,
+    };
     let vols = [Volume { name: "v".into(), vm: "vm".into(), size: SIZE }];
     let g = Group::create(StdStorage::shared(), paths.clone(), "g", GroupMeta::new("e".into(), vols.to_vec()), opts).unwrap();
     assert_eq!(g.accept_hello("e", &vols, policy, 0), Ok(0));

@@ -13,9 +13,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hindsight_consistency::config::{JournalFull, Tier};
-use hindsight_consistency::time::format_duration;
 use hindsight_consistency::storage::{write_file_atomic, OpenMode, Storage};
 use hindsight_consistency::sync::lock;
+use hindsight_consistency::time::format_duration;
 use hindsight_consistency::Seq;
 
 use super::open::finish_roll;
@@ -132,7 +132,10 @@ impl Group {
         if first != Self::thinned_to(p) + 1 {
             return Err(TargetError::Inconsistent {
                 group: self.name.clone(),
-                reason: format!("the oldest journal segment starts at seq {first}, but history before it ends at seq {}", Self::thinned_to(p)),
+                reason: format!(
+                    "the oldest journal segment starts at seq {first}, but history before it ends at seq {}",
+                    Self::thinned_to(p)
+                ),
             });
         }
         if p.state.applied_seq < last {
@@ -171,8 +174,17 @@ impl Group {
         let seqs: Vec<Seq> = kept.iter().map(|k| k.seq).collect();
         let keep = needed(run.extents(), &seqs, last);
         let survivors: HashSet<Seq> = run.extents().iter().zip(&keep).filter(|(_, k)| **k).map(|(e, _)| e.seq).collect();
-        let table = write_thinned(&self.fs, &self.paths.journal(), &self.paths.thin_dir(), &volumes, first, last, &|s| survivors.contains(&s), kept)
-            .map_err(|source| TargetError::Thinned { group: self.name.clone(), source })?;
+        let table = write_thinned(
+            &self.fs,
+            &self.paths.journal(),
+            &self.paths.thin_dir(),
+            &volumes,
+            first,
+            last,
+            &|s| survivors.contains(&s),
+            kept,
+        )
+        .map_err(|source| TargetError::Thinned { group: self.name.clone(), source })?;
         let data = crate::thinning::segment::data_path(&self.paths.thin_dir(), first);
         log::info!(
             "group {:?}: thinned journal segment seq {first}..={last}: {} of {} records kept ({} bytes of data), {} point(s)",
@@ -236,8 +248,7 @@ impl Group {
                 }
             }
             let r = &table.run;
-            let mut next_table =
-                ThinTable::new(r.first_seq, last, r.segment_len, r.volumes.clone(), extents, kept, table.generation + 1);
+            let mut next_table = ThinTable::new(r.first_seq, last, r.segment_len, r.volumes.clone(), extents, kept, table.generation + 1);
             (next_table.run.first_time_ns, next_table.run.last_time_ns) = (r.first_time_ns, r.last_time_ns);
             let thin_dir = self.paths.thin_dir();
             let path = table_path(&thin_dir, r.first_seq, next_table.generation);
@@ -484,7 +495,10 @@ mod tests {
         let (a, b) = (points[3].seq, points[4].seq);
         assert!(b > a + 1);
         let e = image_at(&config, &Point::Seq(a + 1)).unwrap_err().to_string();
-        assert!(e.contains(&format!("seq {} is not kept", a + 1)) && e.contains(&format!("seq {a} (")) && e.contains(&format!("seq {b} (")), "{e}");
+        assert!(
+            e.contains(&format!("seq {} is not kept", a + 1)) && e.contains(&format!("seq {a} (")) && e.contains(&format!("seq {b} (")),
+            "{e}"
+        );
         // A time in thinned history: the kept point at or before it.
         let (seq, _) = image_at(&config, &Point::Time(points[4].time_ns + 1)).unwrap();
         assert_eq!(seq, b);
@@ -529,8 +543,14 @@ mod tests {
         for f in p.thinned.iter().filter(|f| f.table.generation > 1) {
             use std::os::unix::fs::MetadataExt;
             let m = std::fs::metadata(&f.data).unwrap();
-            let live: u64 = f.table.run.extents().iter().filter(|e| !e.reads_zero()).map(|e| u64::from(e.length).next_multiple_of(4096)).sum();
-            assert!(m.blocks() * 512 <= live + 4096, "{}: {} bytes allocated for {live} bytes of live data", f.data.display(), m.blocks() * 512);
+            let live: u64 =
+                f.table.run.extents().iter().filter(|e| !e.reads_zero()).map(|e| u64::from(e.length).next_multiple_of(4096)).sum();
+            assert!(
+                m.blocks() * 512 <= live + 4096,
+                "{}: {} bytes allocated for {live} bytes of live data",
+                f.data.display(),
+                m.blocks() * 512
+            );
         }
         drop(p);
         drop(g);

@@ -116,7 +116,8 @@ pub(crate) fn put_extent(out: &mut Vec<u8>, e: &Extent) {
 /// table, a sequence number in `seqs`, a length of 1 to `max_length` that does not overflow.
 pub(crate) fn get_extent(e: &[u8], volumes: usize, seqs: std::ops::RangeInclusive<u64>, max_length: u32) -> Result<Extent, &'static str> {
     let kind = WriteKind::from_code(e[30]).filter(|k| k.changes_volume()).ok_or("kind")?;
-    let ext = Extent { offset: u64_at(e, 0), seq: u64_at(e, 8), data_pos: u64_at(e, 16), length: u32_at(e, 24), volume: u16_at(e, 28), kind };
+    let ext =
+        Extent { offset: u64_at(e, 0), seq: u64_at(e, 8), data_pos: u64_at(e, 16), length: u32_at(e, 24), volume: u16_at(e, 28), kind };
     if usize::from(ext.volume) >= volumes {
         return Err("volume number");
     }

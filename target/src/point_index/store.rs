@@ -217,7 +217,11 @@ mod tests {
         assert!(rebuilt);
         assert_eq!(again, run);
         assert_eq!(write_sealed(&fs, &jdir, &idir, &volumes, &segs, &mut Vec::new(), false).unwrap(), 0, "only verified at start-up");
-        assert_eq!(write_sealed(&fs, &jdir, &idir, &volumes, &segs, &mut Vec::new(), true).unwrap(), 1, "the damaged file is written again");
+        assert_eq!(
+            write_sealed(&fs, &jdir, &idir, &volumes, &segs, &mut Vec::new(), true).unwrap(),
+            1,
+            "the damaged file is written again"
+        );
         assert!(!sealed_run(&fs, &jdir, &idir, &volumes, &segs[0], last).unwrap().1);
 
         // Once the segment is gone (folded by retention), so is its index file.

@@ -88,7 +88,8 @@ pub fn write_thinned(
         let h = rec.header;
         let t = times.get_or_insert((h.time_ns, h.time_ns));
         t.1 = h.time_ns;
-        let volume = volume_number(volumes, h.seq, h.kind, rec.volume).map_err(|source| ThinError::Record { segment: first_seq, source })?;
+        let volume =
+            volume_number(volumes, h.seq, h.kind, rec.volume).map_err(|source| ThinError::Record { segment: first_seq, source })?;
         let Some(volume) = volume.filter(|_| needed(h.seq)) else { continue };
         let mut e = Extent { offset: h.offset, seq: h.seq, data_pos: 0, length: h.length, volume, kind: h.kind };
         if e.reads_zero() {
@@ -147,7 +148,9 @@ pub fn find_thinned(fs: &dyn Storage, thin_dir: &Path, repair: bool) -> Result<V
             }
         } else if let Some(first) = name.strip_suffix(".hsd").and_then(|n| n.parse::<Seq>().ok()) {
             datas.push(first);
-        } else if let Some((first, generation)) = name.split_once(".hsm.").and_then(|(f, g)| Some((f.parse::<Seq>().ok()?, g.parse::<u64>().ok()?))) {
+        } else if let Some((first, generation)) =
+            name.split_once(".hsm.").and_then(|(f, g)| Some((f.parse::<Seq>().ok()?, g.parse::<u64>().ok()?)))
+        {
             tables.entry(first).or_default().push((generation, path));
         }
     }

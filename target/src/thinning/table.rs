@@ -115,7 +115,8 @@ impl ThinTable {
     pub fn encode(&self) -> Vec<u8> {
         let run = &self.run;
         let extents = run.extents();
-        let mut out = Vec::with_capacity(HEADER_LEN + 65 * run.volumes.len() + POINT_LEN * self.points.len() + TABLE_EXTENT_LEN * extents.len() + 4);
+        let mut out =
+            Vec::with_capacity(HEADER_LEN + 65 * run.volumes.len() + POINT_LEN * self.points.len() + TABLE_EXTENT_LEN * extents.len() + 4);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&u16::try_from(run.volumes.len()).expect("fewer than 65536 volumes").to_le_bytes());
