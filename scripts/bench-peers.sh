@@ -106,12 +106,7 @@ for j in ${HS_BENCH_JOBS:-}; do
 done
 
 "$ROOT/scripts/install-deps.sh"
-if [ -n "${HS_BENCH_BIN:-}" ]; then
-  BIN=$(cd "$HS_BENCH_BIN" && pwd)
-else
-  (cd "$ROOT" && cargo build --release --workspace --bins -q)
-  BIN=$ROOT/build/release
-fi
+hs_bench_bin "$ROOT"
 for b in hindsight hindsight-agent; do
   [ -x "$BIN/$b" ] || { echo "$BIN/$b is missing; build it (cargo build --release) or point HS_BENCH_BIN at it" >&2; exit 2; }
 done

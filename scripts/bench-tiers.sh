@@ -23,12 +23,7 @@ SECS=${HS_BENCH_SECS:-1800}
 RATE=${HS_BENCH_RATE:-2m}
 TIERS=${HS_BENCH_TIERS:-$'[[target.tier]]\nevery = "write"\nfor = "2m"\n[[target.tier]]\nevery = "10s"\nfor = "10m"\n[[target.tier]]\nevery = "1m"\nfor = "25m"'}
 "$ROOT/scripts/install-deps.sh"
-if [ -n "${HS_BENCH_BIN:-}" ]; then
-  BIN=$(cd "$HS_BENCH_BIN" && pwd)
-else
-  (cd "$ROOT" && cargo build --release --workspace --bins -q)
-  BIN=$ROOT/build/release
-fi
+hs_bench_bin "$ROOT"
 WORK=${HS_BENCH_DIR:-$(mktemp -d /tmp/hindsight-bench-tiers.XXXXXX)}
 [ -n "${HS_BENCH_DIR:-}" ] || hs_undo "rm -rf '$WORK'"
 export HS_PLAINTEXT=1 HS_MODE=cdp

@@ -20,6 +20,17 @@ trap hs_cleanup EXIT
 # hs_undo CMD: run CMD (a string) at cleanup, newest first.
 hs_undo() { HS_UNDO+=("$1"); }
 
+# hs_bench_bin ROOT: sets BIN to the directory of hindsight and hindsight-agent: $HS_BENCH_BIN
+# if set, else the release build of ROOT (built now).
+hs_bench_bin() {
+  if [ -n "${HS_BENCH_BIN:-}" ]; then
+    BIN=$(cd "$HS_BENCH_BIN" && pwd)
+  else
+    (cd "$1" && cargo build --release --workspace --bins -q)
+    BIN=$1/build/release
+  fi
+}
+
 # hs_free_port: prints a TCP port nobody listens on.
 hs_free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'

@@ -82,17 +82,21 @@ mod tests {
         TargetHashRequest { id: 3, volume: "v".into(), region_shift: 20, regions, through_seq }
     }
 
-    #[test]
-    fn hashes_are_of_the_replica_at_the_applied_prefix() {
-        let dir = tempfile::tempdir().unwrap();
-        let vol = Volume { name: "v".into(), vm: "vm".into(), size: 3 * MIB + 100 };
-        let opts = GroupOptions {
+    fn test_opts() -> GroupOptions {
+        GroupOptions {
             segment_size: 64 << 20,
             retention: None,
             journal_size: None,
             direct_io: true,
             tiers: &hindsight_consistency::config::NO_TIERS,
-        };
+        }
+    }
+
+    #[test]
+    fn hashes_are_of_the_replica_at_the_applied_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let vol = Volume { name: "v".into(), vm: "vm".into(), size: 3 * MIB + 100 };
+        let opts = test_opts();
         let paths = GroupPaths::new(dir.path(), "g");
         let g = Group::create(StdStorage::shared(), paths, "g", GroupMeta::new("e".into(), vec![vol]), opts).unwrap();
         let full = zero_hash(1 << 20);
@@ -116,13 +120,7 @@ mod tests {
     fn what_cannot_be_hashed_is_unavailable_never_guessed() {
         let dir = tempfile::tempdir().unwrap();
         let vol = Volume { name: "v".into(), vm: "vm".into(), size: 2 * MIB };
-        let opts = GroupOptions {
-            segment_size: 64 << 20,
-            retention: None,
-            journal_size: None,
-            direct_io: true,
-            tiers: &hindsight_consistency::config::NO_TIERS,
-        };
+        let opts = test_opts();
         let g = Group::create(StdStorage::shared(), GroupPaths::new(dir.path(), "g"), "g", GroupMeta::new("e".into(), vec![vol]), opts)
             .unwrap();
         let unavailable = |req: TargetHashRequest| {

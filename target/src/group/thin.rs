@@ -425,9 +425,14 @@ mod tests {
 
     /// A group in `dir` on `fs` that received [`records`] stamped up to `now`.
     fn group_with_records(dir: &Path, fs: &Arc<dyn Storage>, now: u64) -> (GroupPaths, Group, Vec<(RecordHeader, Vec<u8>)>) {
+        group_with(dir, fs, now, opts())
+    }
+
+    /// The same with other options.
+    fn group_with(dir: &Path, fs: &Arc<dyn Storage>, now: u64, opts: GroupOptions) -> (GroupPaths, Group, Vec<(RecordHeader, Vec<u8>)>) {
         let paths = GroupPaths::new(dir, "g");
         let meta = GroupMeta::new("e".into(), vec![Volume { name: "v".into(), vm: "vm".into(), size: SIZE }]);
-        let g = Group::create(Arc::clone(fs), paths.clone(), "g", meta, opts()).unwrap();
+        let g = Group::create(Arc::clone(fs), paths.clone(), "g", meta, opts).unwrap();
         let recs = records(now);
         for chunk in recs.chunks(50) {
             assert_eq!(g.receive(&mut vec![frame(chunk)]).error, None);
@@ -606,17 +611,8 @@ mod tests {
     fn over_journal_size_young_segments_are_thinned_early_and_every_kept_point_still_recovers() {
         let dir = tempfile::tempdir().unwrap();
         let fs = StdStorage::shared();
-        let paths = GroupPaths::new(dir.path(), "g");
-        let meta = GroupMeta::new("e".into(), vec![Volume { name: "v".into(), vm: "vm".into(), size: SIZE }]);
-        let opts = GroupOptions { journal_size: Some(3 << 20), ..opts() };
-        let g = Group::create(Arc::clone(&fs), paths.clone(), "g", meta, opts).unwrap();
         // Every record younger than the first tier (20 s): only the budget thins them.
-        let now = now_ns();
-        let recs = records(now + 190 * S);
-        for chunk in recs.chunks(50) {
-            assert_eq!(g.receive(&mut vec![frame(chunk)]).error, None);
-        }
-        assert_eq!(applied(&g), 2000);
+        let (_, g, recs) = group_with(dir.path(), &fs, now_ns() + 190 * S, GroupOptions { journal_size: Some(3 << 20), ..opts() });
         g.maintain(false);
         let history = g.history_bytes(&lock(&g.persist));
         assert!(history <= 4 << 20, "history holds {history} bytes over a 3 MiB budget");
