@@ -23,6 +23,7 @@ use super::{Group, Persist};
 use crate::error::{data_dir_err, TargetError};
 use crate::image::ImageSet;
 use crate::layout::GroupPaths;
+use crate::model::Bookmark;
 use crate::point_index::store::{sealed_run, Segment};
 use crate::records::for_each_record;
 use crate::state::{write_state, GroupState};
@@ -86,7 +87,7 @@ impl Group {
         let thinned: u64 = p
             .thinned
             .iter()
-            .map(|f| std::fs::metadata(&f.data).map_or(f.table.run.segment_len, |m| m.blocks() * 512) + f.table.encode().len() as u64)
+            .map(|f| std::fs::metadata(&f.data).map_or(f.table.run.segment_len, |m| m.blocks() * 512) + f.table.encoded_len())
             .sum();
         journal + thinned
     }
@@ -167,7 +168,8 @@ impl Group {
             .filter(|k| k.seq <= last)
             .map(|k| TablePoint { seq: k.seq, time_ns: k.time_ns, tier: tier_byte(k.tier), kind: PointKind::Tier })
             .collect();
-        self.add_bookmarks(&mut kept, first, last, tiers, now);
+        let bookmarks = crate::bookmarks::load(self.fs.as_ref(), &self.paths.bookmarks()).unwrap_or_default();
+        add_bookmarks(&bookmarks, &mut kept, first, last, tiers, now);
         let segment = Segment { first_seq: first, path: segs[0].1.clone() };
         let (run, _) = sealed_run(&self.fs, &self.paths.journal(), &self.paths.index_dir(), &volumes, &segment, last)
             .map_err(|source| TargetError::Index { group: self.name.clone(), source })?;
@@ -200,38 +202,31 @@ impl Group {
         Ok(true)
     }
 
-    /// Bookmarks inside `first..=last` that the tiers did not keep already are kept, while
-    /// they are inside the tiers' span.
-    fn add_bookmarks(&self, kept: &mut Vec<TablePoint>, first: Seq, last: Seq, tiers: &[Tier], now: u64) {
-        let bookmarks = crate::bookmarks::load(self.fs.as_ref(), &self.paths.bookmarks()).unwrap_or_default();
-        for b in bookmarks.iter().filter(|b| (first..=last).contains(&b.seq)) {
-            let Some(tier) = tier_of(tiers, now, b.time_ns) else { continue };
-            match kept.binary_search_by_key(&b.seq, |k| k.seq) {
-                Ok(i) => kept[i].kind = PointKind::Bookmark,
-                Err(i) => kept.insert(i, TablePoint { seq: b.seq, time_ns: b.time_ns, tier: tier_byte(tier), kind: PointKind::Bookmark }),
-            }
-        }
-    }
-
     /// Thins each thinned segment again whose points the tiers keep fewer of now: a new
     /// generation of its table, then the dropped extents' blocks punched out of its data.
     fn rethin(&self, p: &mut Persist, tiers: &[Tier], now: u64, round: &mut Round) -> Result<(), TargetError> {
+        let bookmarks = crate::bookmarks::load(self.fs.as_ref(), &self.paths.bookmarks()).unwrap_or_default();
         for i in 0..p.thinned.len() {
+            let kept = {
+                let table = &p.thinned[i].table;
+                let mut points: Vec<(Seq, u64)> = table.points.iter().map(|k| (k.seq, k.time_ns)).collect();
+                let next = p.thinned.get(i + 1).and_then(|f| f.table.points.first()).map(|k| (k.seq, k.time_ns));
+                points.extend(next);
+                let last = table.run.last_seq;
+                let mut kept: Vec<TablePoint> = kept_points(tiers, now, &points)
+                    .into_iter()
+                    .filter(|k| k.seq <= last)
+                    .map(|k| TablePoint { seq: k.seq, time_ns: k.time_ns, tier: tier_byte(k.tier), kind: PointKind::Tier })
+                    .collect();
+                add_bookmarks(&bookmarks, &mut kept, table.run.first_seq, last, tiers, now);
+                // Nothing to drop; or everything is past the last tier (the roll takes it whole).
+                if kept.len() == table.points.len() || kept.is_empty() {
+                    continue;
+                }
+                kept
+            };
             let table = p.thinned[i].table.clone();
-            let mut points: Vec<(Seq, u64)> = table.points.iter().map(|k| (k.seq, k.time_ns)).collect();
-            let next = p.thinned.get(i + 1).and_then(|f| f.table.points.first()).map(|k| (k.seq, k.time_ns));
-            points.extend(next);
             let last = table.run.last_seq;
-            let mut kept: Vec<TablePoint> = kept_points(tiers, now, &points)
-                .into_iter()
-                .filter(|k| k.seq <= last)
-                .map(|k| TablePoint { seq: k.seq, time_ns: k.time_ns, tier: tier_byte(k.tier), kind: PointKind::Tier })
-                .collect();
-            self.add_bookmarks(&mut kept, table.run.first_seq, last, tiers, now);
-            // Nothing to drop; or everything is past the last tier (the roll takes it whole).
-            if kept.len() == table.points.len() || kept.is_empty() {
-                continue;
-            }
             let Some(_lock) = self.lock_for_retention()? else {
                 self.report_pin(p, &self.paths.lock());
                 return Ok(());
@@ -318,6 +313,18 @@ impl Group {
         self.oldest_ns.store(next.base_time_ns, Ordering::Relaxed);
         round.folded += 1;
         Ok(true)
+    }
+}
+
+/// Bookmarks inside `first..=last` that the tiers did not keep already are kept, while
+/// they are inside the tiers' span.
+fn add_bookmarks(bookmarks: &[Bookmark], kept: &mut Vec<TablePoint>, first: Seq, last: Seq, tiers: &[Tier], now: u64) {
+    for b in bookmarks.iter().filter(|b| (first..=last).contains(&b.seq)) {
+        let Some(tier) = tier_of(tiers, now, b.time_ns) else { continue };
+        match kept.binary_search_by_key(&b.seq, |k| k.seq) {
+            Ok(i) => kept[i].kind = PointKind::Bookmark,
+            Err(i) => kept.insert(i, TablePoint { seq: b.seq, time_ns: b.time_ns, tier: tier_byte(tier), kind: PointKind::Bookmark }),
+        }
     }
 }
 

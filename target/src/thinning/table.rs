@@ -111,6 +111,12 @@ impl ThinTable {
         (i.checked_sub(1).map(|j| &self.points[j]), self.points.get(i))
     }
 
+    /// Bytes of its encoding.
+    pub fn encoded_len(&self) -> u64 {
+        let names: usize = self.run.volumes.iter().map(|v| 1 + v.len()).sum();
+        (HEADER_LEN + names + POINT_LEN * self.points.len() + TABLE_EXTENT_LEN * self.run.extents().len() + 4) as u64
+    }
+
     /// Encodes the table.
     pub fn encode(&self) -> Vec<u8> {
         let run = &self.run;
@@ -257,6 +263,7 @@ mod tests {
     fn a_table_decodes_to_the_table_it_was_encoded_from() {
         let t = table();
         assert_eq!(ThinTable::decode(&t.encode()).unwrap(), t);
+        assert_eq!(t.encoded_len(), t.encode().len() as u64);
         assert_eq!(t.crcs.len(), t.run.extents().len());
         let at = |seq| t.run.extents().iter().position(|e| e.seq == seq).unwrap();
         assert_eq!((t.crcs[at(11)], t.crcs[at(14)], t.crcs[at(12)]), (0x1234_5678, 0xdead_beef, 0), "each crc stays with its extent");
