@@ -135,7 +135,7 @@ pub(crate) fn open_view(fs: &Arc<dyn Storage>, paths: GroupPaths, meta: GroupMet
         .into_iter()
         .filter(|f| f.table.run.last_seq > first.0)
         .collect();
-    let thinned_to = thinned.last().map_or(first.0, |f| f.table.run.last_seq).max(first.0);
+    let thinned_to = crate::thinning::segment::thinned_through(&thinned, first.0);
     let journal_dir = paths.journal();
     let mut segs = match list_segments(fs.as_ref(), &journal_dir) {
         Ok(s) => s,

@@ -5,7 +5,7 @@
 use hindsight_consistency::journal::CommitPlace;
 use hindsight_consistency::record::{RecordHeader, RecordRef};
 
-use crate::point_index::build::RunBuilder;
+use crate::point_index::build::{volume_number, RunBuilder};
 use crate::point_index::Run;
 
 /// A record appended to the journal and not yet committed.
@@ -30,11 +30,8 @@ impl CommitIndex {
     /// A record appended at `at` bytes into the pending commit. `volumes` numbers the volumes.
     pub fn appended(&mut self, rec: &RecordRef<'_>, volumes: &[String], at: usize) {
         let header = rec.header;
-        let volume = if header.kind.changes_volume() {
-            volumes.iter().position(|v| v == rec.volume).and_then(|i| u16::try_from(i).ok())
-        } else {
-            None
-        };
+        // Validated against the group's volumes already: an unknown one cannot come.
+        let volume = volume_number(volumes, header.seq, header.kind, rec.volume).ok().flatten();
         self.appended.push(Appended { header, volume, name_len: rec.volume.len(), at });
     }
 

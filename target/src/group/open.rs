@@ -184,7 +184,7 @@ impl Group {
             super::thin::remove_thinned(fs.as_ref(), &paths, f)?;
         }
         thinned.retain(|f| f.table.run.last_seq > state.base_seq);
-        let history_to = thinned.last().map_or(state.base_seq, |f| f.table.run.last_seq).max(state.base_seq);
+        let history_to = crate::thinning::segment::thinned_through(&thinned, state.base_seq);
         let trimmed = journal.trim_through(history_to).map_err(jerr("trim"))?;
         if trimmed > 0 {
             log::info!("group {name:?}: removed {trimmed} journal segment(s) already folded into the base images");

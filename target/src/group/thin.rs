@@ -94,7 +94,7 @@ impl Group {
 
     /// The last sequence number thinned history covers (the base's when there is none).
     pub(super) fn thinned_to(p: &Persist) -> Seq {
-        p.thinned.last().map_or(p.state.base_seq, |f| f.table.run.last_seq).max(p.state.base_seq)
+        crate::thinning::segment::thinned_through(&p.thinned, p.state.base_seq)
     }
 
     /// Thins the oldest sealed journal segment if every record of it has left the first tier,

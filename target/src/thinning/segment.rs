@@ -51,6 +51,12 @@ fn io_err<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> T
     move |source| ThinError::Io { step, path: path.to_owned(), source }
 }
 
+/// The last sequence number history holds before the journal: that of the newest thinned
+/// segment in `found` (oldest first), or `base` when there is none after it.
+pub fn thinned_through(found: &[Found], base: Seq) -> Seq {
+    found.last().map_or(base, |f| f.table.run.last_seq).max(base)
+}
+
 /// The data file of the thinned segment starting at `first_seq`.
 pub fn data_path(thin_dir: &Path, first_seq: Seq) -> PathBuf {
     thin_dir.join(segment_name(first_seq).replace(".hsj", ".hsd"))
