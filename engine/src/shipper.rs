@@ -382,8 +382,11 @@ impl Shipper {
         if shared.stopping.load(Ordering::Relaxed) {
             return Ok(Step::Stopped);
         }
-        // Every record read so far is shipped: hash requests of that prefix may go.
-        self.send_hash_requests(l.reader.next_seq() - 1, &mut l.w)?;
+        if l.frame.is_empty() {
+            // Every record read so far is sent (a frame gathering for SHIP_GATHER is not):
+            // hash requests of that prefix may go, behind those records.
+            self.send_hash_requests(l.reader.next_seq() - 1, &mut l.w)?;
+        }
         let durable = shared.durable();
         if shared.policy.effective() == ReplicationMode::Async {
             if l.frame.is_empty() {

@@ -534,3 +534,82 @@ fn wait_disks(addr: std::net::SocketAddr) -> FakeAgent {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A fake target that confirms every record and answers every hash request with blank
+/// hashes at the highest seq it has received; it fails if a request names a `through_seq` it
+/// has not received yet (the engine must send a request behind the records it covers).
+/// Returns the number of requests answered.
+fn hashing_target(listener: &TcpListener) -> usize {
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let (mut payload, mut scratch) = (Vec::new(), Vec::new());
+    assert_eq!(read_frame(&mut s, &mut payload).unwrap(), FrameType::TargetHello);
+    let welcome = TargetWelcome { protocol: 1, durable_seq: 0, compression: String::new() };
+    write_frame(&mut s, FrameType::TargetWelcome, &encode_message(&welcome), &mut scratch).unwrap();
+    let (mut received, mut answered) = (0u64, 0usize);
+    loop {
+        match read_frame(&mut s, &mut payload) {
+            Ok(FrameType::Records) => {
+                let mut at = 0;
+                while at < payload.len() {
+                    let (rec, used) = decode_record(&payload[at..]).unwrap();
+                    received = rec.header.seq;
+                    at += used;
+                }
+                write_frame(&mut s, FrameType::Confirm, &encode_confirm(received), &mut scratch).unwrap();
+            }
+            Ok(FrameType::TargetHashRequest) => {
+                let req: TargetHashRequest = decode_message("TargetHashRequest", &payload).unwrap();
+                assert!(
+                    req.through_seq <= received,
+                    "a hash request through seq {} came before the records after {received}",
+                    req.through_seq
+                );
+                let reply = HashReply {
+                    id: req.id,
+                    status: HashStatus::Ok,
+                    seq: received,
+                    hashes: vec![[0; 32]; req.regions.len()],
+                    message: String::new(),
+                };
+                write_frame(&mut s, FrameType::TargetHashReply, &encode_message(&reply), &mut scratch).unwrap();
+                answered += 1;
+            }
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) => return answered,
+        }
+    }
+}
+
+#[test]
+fn a_hash_request_reaches_the_target_behind_every_record_it_covers() {
+    let d = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let engine = hindsight_engine::start(engine_config(d.path(), listener.local_addr().unwrap().port(), "64MiB")).unwrap();
+    let target = std::thread::spawn(move || hashing_target(&listener));
+    let mut a = FakeAgent::connect(engine.local_addr(), "vm1", &[("db", 64 << 20)]).unwrap();
+    // A small write then at once a hash request, many times: in cdp mode the write's frame
+    // gathers for a moment before it is sent, and the request must wait behind it.
+    let mut ok = 0;
+    for i in 0..300u64 {
+        a.send_write(i, (i % 64) << 20, &[i as u8; 4096]);
+        let seq = a.ack().seq;
+        let m = HashRequest { id: i, disk: 0, region_shift: 20, regions: vec![i % 64] };
+        write_frame(&mut a.s, FrameType::HashRequest, &encode_message(&m), &mut a.scratch).unwrap();
+        assert_eq!(read_frame(&mut a.s, &mut a.payload).unwrap(), FrameType::HashReply);
+        let r: HashReply = decode_message("HashReply", &a.payload).unwrap();
+        assert_eq!(r.id, i);
+        if r.status == HashStatus::Ok {
+            assert!(r.seq >= seq, "hashes at seq {} answered a request made after seq {seq}", r.seq);
+            ok += 1;
+        } else {
+            // Only before the engine's first connection to the target.
+            assert!(ok == 0 && r.message.contains("not connected"), "request {i}: {}", r.message);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert!(ok >= 250, "{ok} of 300 requests answered");
+    drop(a);
+    engine.shutdown();
+    assert_eq!(target.join().unwrap(), ok);
+}

@@ -441,10 +441,19 @@ fn send_differing(
     let per_request = (MAX_HASH_REGIONS / pieces_of(0).count().max(1)).max(1);
     for chunk in differ.chunks(per_request) {
         let asked: Vec<u64> = chunk.iter().flat_map(|&r| pieces_of(r)).collect();
-        let reply = link.request_hashes(d.disk_number(), PIECE_SHIFT, asked.clone()).and_then(|rx| rx.recv_timeout(HASH_REPLY_WAIT).ok());
+        let reply = match link.request_hashes(d.disk_number(), PIECE_SHIFT, asked.clone()) {
+            None => Err("the engine link is down".to_owned()),
+            Some(rx) => rx.recv_timeout(HASH_REPLY_WAIT).map_err(|_| format!("no answer within {HASH_REPLY_WAIT:?}")),
+        };
         let theirs = match reply {
-            Some(rep) if rep.status == HashStatus::Ok && rep.hashes.len() == asked.len() => rep.hashes,
-            _ => {
+            Ok(rep) if rep.status == HashStatus::Ok && rep.hashes.len() == asked.len() => rep.hashes,
+            other => {
+                let why = match other {
+                    Ok(rep) if rep.status == HashStatus::Ok => format!("{} hashes for {} pieces", rep.hashes.len(), asked.len()),
+                    Ok(rep) => rep.message,
+                    Err(why) => why,
+                };
+                warn!("volume {}: the pieces of region(s) {chunk:?} cannot be compared ({why}): they are sent whole", d.volume());
                 whole.extend_from_slice(chunk);
                 continue;
             }
