@@ -304,6 +304,7 @@ impl Shipper {
             compression: if cfg.compression.offer_lz4(&cfg.target) { vec![LZ4.to_string()] } else { Vec::new() },
             on_journal_full: cfg.on_journal_full.as_str().to_owned(),
             epoch: cfg.epoch,
+            owner: 0,
         };
         write_frame(&mut w, FrameType::TargetHello, &encode_message(&hello), &mut scratch)
             .map_err(|source| ShipError::SendHello { source })?;

@@ -434,6 +434,9 @@ pub(crate) enum ClaimError {
         /// The engine whose connection has it.
         engine: String,
     },
+    /// The connection shipping the group has a newer ownership token.
+    #[error(transparent)]
+    Superseded(AcceptHelloError),
 }
 
 /// Why a group refuses an engine's hello.
@@ -458,6 +461,19 @@ pub(crate) enum AcceptHelloError {
         engine: u64,
         /// The group's.
         target: u64,
+    },
+    /// A newer owner of the group has connected (docs/ha.md, "Fencing").
+    #[error(
+        "group {group:?}: this engine's ownership (token {engine}) is older than the group's owner here (token {target}): \
+         another engine owns the group now; this one may not ship it"
+    )]
+    Superseded {
+        /// The engine's token.
+        engine: u64,
+        /// The largest token the target has accepted.
+        target: u64,
+        /// The group.
+        group: String,
     },
     /// The group is stopped after an I/O failure (before the hello, or adding its volumes).
     #[error("{}", poisoned_message(group, cause))]

@@ -3,6 +3,7 @@
 //! ```toml
 //! version = 1
 //! engine = "10.0.0.5:7400"
+//! owner = 812          # the largest ownership token seen (clustered engines only)
 //!
 //! [[volume]]
 //! name = "db-data"
@@ -44,6 +45,10 @@ pub(crate) struct GroupMeta {
     /// until a failover is undone by a failback.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub epoch: u64,
+    /// The largest ownership token an engine's hello has carried (docs/ha.md, "Fencing"):
+    /// hellos with a smaller one are refused. 0 while no clustered engine shipped the group.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub owner: u64,
     /// The volumes, in the order the engine first listed them.
     #[serde(rename = "volume", default)]
     pub volumes: Vec<Volume>,
@@ -51,7 +56,7 @@ pub(crate) struct GroupMeta {
 
 impl GroupMeta {
     pub fn new(engine: String, volumes: Vec<Volume>) -> GroupMeta {
-        GroupMeta { version: META_VERSION, engine, epoch: 0, volumes }
+        GroupMeta { version: META_VERSION, engine, epoch: 0, owner: 0, volumes }
     }
 
     pub fn volume(&self, name: &str) -> Option<&Volume> {

@@ -318,3 +318,46 @@ fn damaged_group_is_refused_with_the_cause_and_others_are_served() {
     assert_eq!(w, Ok(0));
     target.shutdown();
 }
+
+/// Ownership tokens (docs/ha.md, "Fencing"): a hello with a larger token displaces the
+/// connection of a smaller one, which gets nothing more in; a smaller token is refused from
+/// then on, also after a restart of the target.
+#[test]
+fn a_newer_owner_displaces_the_older_and_the_older_gets_no_record_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let recs = Writes::new(30, &VOLS).take(20);
+    let target = start(cfg.clone()).unwrap();
+    let (mut old, welcome) = FakeEngine::connect_owning(target.local_addr(), "engine-a", "g", &VOLS, 5);
+    assert_eq!(welcome, Ok(0));
+    old.send_records(&recs[..6]);
+    old.wait_confirm(6);
+
+    // The new owner's hello is accepted while the old connection is still open: the old one
+    // is closed, and what it sends after that is refused.
+    let (mut new, welcome) = FakeEngine::connect_owning(target.local_addr(), "engine-b", "g", &VOLS, 7);
+    assert_eq!(welcome, Ok(6), "the new owner resumes after what the target holds");
+    old.send_records(&recs[6..8]);
+    match old.read_reply() {
+        Reply::Closed => {}
+        Reply::Error(m) => assert!(m.contains("token 5") && m.contains("token 7"), "{m}"),
+        other => panic!("the old owner's records were taken: {other:?}"),
+    }
+    new.send_records(&recs[6..10]);
+    new.wait_confirm(10);
+    assert_eq!(journal_seqs(dir.path()), (1..=10).collect::<Vec<_>>());
+
+    // A smaller token is refused by name, and stays refused after a restart.
+    let (_, refused) = FakeEngine::connect_owning(target.local_addr(), "engine-a", "g", &VOLS, 5);
+    let msg = refused.unwrap_err();
+    assert!(msg.contains("token 5") && msg.contains("token 7") && msg.contains("another engine owns the group"), "{msg}");
+    drop(new);
+    target.shutdown();
+    let target = start(cfg).unwrap();
+    let (_, refused) = FakeEngine::connect_owning(target.local_addr(), "engine-a", "g", &VOLS, 6);
+    assert!(refused.unwrap_err().contains("token 7"));
+    let (_, welcome) = FakeEngine::connect_owning(target.local_addr(), "engine-b", "g", &VOLS, 7);
+    assert_eq!(welcome, Ok(10));
+    assert_replicas(dir.path(), &recs, 10);
+    target.shutdown();
+}

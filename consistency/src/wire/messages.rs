@@ -68,6 +68,9 @@ pub struct TargetHello {
     /// The group's epoch as the engine knows it (engine.toml, 0 by default); the target refuses
     /// any other than its own (docs/failover.md).
     pub epoch: u64,
+    /// The engine's ownership token of the group (docs/ha.md, "Fencing"): 0 without
+    /// `[cluster]`. The target refuses a token smaller than the largest it has accepted.
+    pub owner: u64,
 }
 
 /// Target → engine: the target's journal is full, or history inside retention was trimmed.

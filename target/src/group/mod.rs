@@ -66,7 +66,8 @@ pub(crate) struct Group {
     opts: GroupOptions,
     persist: Mutex<Persist>,
     inner: Mutex<Inner>,
-    shipper: Mutex<Option<String>>,
+    /// The engine connection that ships the group, if one does.
+    shipper: Mutex<Option<receive::Shipping>>,
     /// Time of the oldest recoverable point (the base images'), for `JournalState`.
     oldest_ns: AtomicU64,
     /// A trim of history inside retention not yet told to the engine.

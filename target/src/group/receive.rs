@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hindsight_consistency::config::JournalFull;
 use hindsight_consistency::error_chain;
@@ -36,15 +36,42 @@ pub(crate) struct Receipt {
 }
 
 impl Group {
-    /// Takes the group for one engine connection; refused while another is active.
-    pub fn claim(self: &Arc<Self>, engine: &str) -> Result<ShipperClaim, ClaimError> {
+    /// Takes the group for one engine connection; refused while another is active, unless
+    /// this one carries a larger ownership token (docs/ha.md, "Fencing"): then the other is
+    /// closed (`close` of its claim) and this one waits for it to end. `close` ends this
+    /// connection's reading in turn.
+    pub fn claim(self: &Arc<Self>, engine: &str, owner: u64, close: Box<dyn Fn() + Send>) -> Result<ShipperClaim, ClaimError> {
+        let started = Instant::now();
         let mut s = lock(&self.shipper);
-        if let Some(other) = s.as_ref() {
-            return Err(ClaimError::AlreadyShipped { group: self.name.clone(), engine: other.clone() });
+        let mut closed = false;
+        while let Some(other) = s.as_ref() {
+            if other.owner > owner {
+                return Err(ClaimError::Superseded(AcceptHelloError::Superseded {
+                    group: self.name.clone(),
+                    engine: owner,
+                    target: other.owner,
+                }));
+            }
+            if other.owner == owner || started.elapsed() >= DISPLACE_WAIT {
+                return Err(ClaimError::AlreadyShipped { group: self.name.clone(), engine: other.engine.clone() });
+            }
+            if !closed {
+                log::warn!(
+                    "group {:?}: engine {engine} owns the group now (token {owner}); closing the connection of {} (token {})",
+                    self.name,
+                    other.engine,
+                    other.owner
+                );
+                (other.close)();
+                closed = true;
+            }
+            drop(s);
+            std::thread::sleep(Duration::from_millis(10));
+            s = lock(&self.shipper);
         }
-        *s = Some(engine.to_owned());
+        *s = Some(Shipping { engine: engine.to_owned(), owner, close });
         self.counters.engine(true);
-        Ok(ShipperClaim { group: Arc::clone(self) })
+        Ok(ShipperClaim { group: Arc::clone(self), owner })
     }
 
     /// Checks an engine's hello against what is stored and returns the durable seq to resume
@@ -55,7 +82,7 @@ impl Group {
         engine: &str,
         volumes: &[Volume],
         on_journal_full: JournalFull,
-        epoch: u64,
+        (epoch, owner): (u64, u64),
     ) -> Result<Seq, AcceptHelloError> {
         let mut inner = lock(&self.inner);
         if let Some(why) = self.fenced() {
@@ -66,6 +93,9 @@ impl Group {
         }
         if epoch != inner.meta.epoch {
             return Err(AcceptHelloError::Epoch { group: self.name.clone(), engine: epoch, target: inner.meta.epoch });
+        }
+        if owner < inner.meta.owner {
+            return Err(AcceptHelloError::Superseded { group: self.name.clone(), engine: owner, target: inner.meta.owner });
         }
         if inner.on_journal_full != on_journal_full {
             log::info!("group {:?}: on_journal_full = {:?}", self.name, on_journal_full.as_str());
@@ -92,6 +122,12 @@ impl Group {
             }
         }
         let mut meta = inner.meta.clone();
+        if owner > meta.owner {
+            // Stored (below) before the welcome: from here on a smaller token is refused, also
+            // after a restart.
+            log::info!("group {:?}: engine {engine} owns the group from token {owner} on (was {})", self.name, meta.owner);
+            meta.owner = owner;
+        }
         if meta.engine != engine {
             log::warn!("group {:?}: was shipped by engine {}, now by {engine}", self.name, meta.engine);
             meta.engine = engine.to_owned();
@@ -154,7 +190,14 @@ impl Group {
     /// confirmed at once. A frame that breaks the protocol is refused whole; the frames before
     /// it are kept. Takes the buffers of `frames` (leaving it empty): they come back through
     /// [`Group::buffer`].
+    #[cfg(test)]
     pub fn receive(&self, frames: &mut Vec<Vec<u8>>) -> Receipt {
+        self.receive_owned(0, frames)
+    }
+
+    /// [`Group::receive`] for a connection whose hello carried ownership token `owner`: a
+    /// batch is refused whole once a newer owner's hello was accepted (docs/ha.md, "Fencing").
+    pub fn receive_owned(&self, owner: u64, frames: &mut Vec<Vec<u8>>) -> Receipt {
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
         let old_durable = inner.journal.durable_seq();
@@ -165,6 +208,10 @@ impl Group {
         };
         if let Some(why) = self.fenced() {
             return refuse(frames, old_durable, Some(why), None);
+        }
+        if owner < inner.meta.owner {
+            let why = AcceptHelloError::Superseded { group: self.name.clone(), engine: owner, target: inner.meta.owner };
+            return refuse(frames, old_durable, Some(why.to_string()), None);
         }
         if let Some(cause) = self.poisoned() {
             return refuse(frames, old_durable, Some(poisoned_message(&self.name, &cause)), None);
@@ -281,8 +328,21 @@ impl Group {
 }
 
 /// The group's engine connection; released when dropped.
+/// How long a connection with a newer ownership token waits for the older one to end.
+const DISPLACE_WAIT: Duration = Duration::from_secs(5);
+
+/// The engine connection shipping a group.
+pub(crate) struct Shipping {
+    engine: String,
+    owner: u64,
+    /// Ends the connection's reading (a newer owner displaces it).
+    close: Box<dyn Fn() + Send>,
+}
+
 pub(crate) struct ShipperClaim {
     group: Arc<Group>,
+    /// The ownership token of the connection's hello.
+    pub owner: u64,
 }
 
 impl Drop for ShipperClaim {
@@ -439,7 +499,7 @@ mod tests {
         plan.clear();
         assert!(g.receive(&mut vec![frame(&recs[5..])]).error.unwrap().contains("stopped"));
         assert!(g
-            .accept_hello("e", &[Volume { name: "v".into(), vm: "vm".into(), size: SIZE }], JournalFull::TrimHistory, 0)
+            .accept_hello("e", &[Volume { name: "v".into(), vm: "vm".into(), size: SIZE }], JournalFull::TrimHistory, (0, 0))
             .unwrap_err()
             .to_string()
             .contains("restart"));
@@ -450,8 +510,28 @@ mod tests {
         // written, only its sync failed, so it is there (and synced at load), and the replicas
         // are brought up to it. The engine never saw it confirmed and resumes after it.
         let g = Group::load(StdStorage::shared(), paths.clone(), "g", opts()).unwrap();
-        assert_eq!(g.accept_hello("e", &[Volume { name: "v".into(), vm: "vm".into(), size: SIZE }], JournalFull::TrimHistory, 0), Ok(10));
+        assert_eq!(
+            g.accept_hello("e", &[Volume { name: "v".into(), vm: "vm".into(), size: SIZE }], JournalFull::TrimHistory, (0, 0)),
+            Ok(10)
+        );
         assert!(std::fs::read(paths.replica_dir().join("v.img")).unwrap() == model(&recs, 10));
+    }
+
+    #[test]
+    fn a_batch_of_an_older_owner_is_refused_whole_once_a_newer_one_said_hello() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_fs, paths, g) = new_group(dir.path());
+        let vols = [Volume { name: "v".into(), vm: "vm".into(), size: SIZE }];
+        let recs = records(10);
+        assert_eq!(g.accept_hello("a", &vols, JournalFull::TrimHistory, (0, 3)), Ok(0));
+        assert_eq!(g.receive_owned(3, &mut vec![frame(&recs[..4])]).durable_seq, 4);
+        // Engine b's hello (token 5) arrives while a's connection is still open.
+        assert_eq!(g.accept_hello("b", &vols, JournalFull::TrimHistory, (0, 5)), Ok(4));
+        let r = g.receive_owned(3, &mut vec![frame(&recs[4..])]);
+        assert_eq!(r.durable_seq, 4);
+        assert!(r.error.unwrap().contains("token 3"));
+        assert_eq!(g.receive_owned(5, &mut vec![frame(&recs[4..])]).durable_seq, 10);
+        assert_eq!(crate::meta::GroupMeta::load(&StdStorage, "g", &paths.meta()).unwrap().owner, 5, "stored before the welcome");
     }
 
     #[test]

@@ -97,7 +97,7 @@ pub(super) fn full_group(dir: &std::path::Path, policy: JournalFull) -> (GroupPa
     };
     let vols = [Volume { name: "v".into(), vm: "vm".into(), size: SIZE }];
     let g = Group::create(StdStorage::shared(), paths.clone(), "g", GroupMeta::new("e".into(), vols.to_vec()), opts).unwrap();
-    assert_eq!(g.accept_hello("e", &vols, policy, 0), Ok(0));
+    assert_eq!(g.accept_hello("e", &vols, policy, (0, 0)), Ok(0));
     (paths, g)
 }
 

@@ -162,7 +162,8 @@ pub(super) fn serve_connection(shared: &Arc<Shared>, stream: TcpStream, peer: So
             return false;
         }
     };
-    let claim = match group.claim(&hello.engine) {
+    let close = writer.closer();
+    let claim = match group.claim(&hello.engine, hello.owner, Box::new(move || close.shutdown_read())) {
         Ok(c) => c,
         Err(why) => {
             log::warn!("engine {} at {peer}: {why}; refused", hello.engine);
@@ -184,7 +185,7 @@ pub(super) fn serve_connection(shared: &Arc<Shared>, stream: TcpStream, peer: So
             return false;
         }
     };
-    let durable = match group.accept_hello(&hello.engine, &volumes, policy, hello.epoch) {
+    let durable = match group.accept_hello(&hello.engine, &volumes, policy, (hello.epoch, hello.owner)) {
         Ok(d) => d,
         Err(why) => {
             log::warn!("engine {} at {peer}: hello for group {:?} refused: {why}", hello.engine, hello.group);

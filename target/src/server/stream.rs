@@ -156,7 +156,7 @@ impl Receiving {
             }
         }
         if !self.batch.is_empty() {
-            let receipt = self.group.receive(&mut self.batch);
+            let receipt = self.group.receive_owned(self._claim.owner, &mut self.batch);
             if let Err(e) = write_frame(&mut self.writer, FrameType::Confirm, &encode_confirm(receipt.durable_seq), &mut self.scratch) {
                 log::warn!("{ctx}: sending Confirm({}): {e}; closing", receipt.durable_seq);
                 return Step::Close;

@@ -58,6 +58,17 @@ impl FakeEngine {
     /// Connects and says hello; returns the engine and the welcome's durable seq, or the
     /// target's error message.
     pub fn connect(addr: SocketAddr, name: &str, group: &str, volumes: &[(&str, u64)]) -> (FakeEngine, Result<u64, String>) {
+        Self::connect_owning(addr, name, group, volumes, 0)
+    }
+
+    /// Like [`FakeEngine::connect`], with an ownership token in the hello.
+    pub fn connect_owning(
+        addr: SocketAddr,
+        name: &str,
+        group: &str,
+        volumes: &[(&str, u64)],
+        owner: u64,
+    ) -> (FakeEngine, Result<u64, String>) {
         let stream = TcpStream::connect(addr).unwrap();
         stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         stream.set_nodelay(true).unwrap();
@@ -76,6 +87,7 @@ impl FakeEngine {
             compression: vec!["lz4".into()],
             on_journal_full: "trim_history".into(),
             epoch: 0,
+            owner,
         };
         e.send_frame(FrameType::TargetHello, &encode_message(&hello));
         let res = match read_frame(&mut e.reader, &mut e.payload) {
