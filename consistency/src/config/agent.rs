@@ -39,7 +39,8 @@ struct AgentTlsSection {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AgentSection {
-    engine: String,
+    engine: Option<String>,
+    engines: Option<Vec<String>>,
     vm: String,
     #[serde(default)]
     freeze: Vec<PathBuf>,
@@ -92,6 +93,10 @@ pub struct AgentConfig {
     /// The name the engine's certificate must be valid for: `tls.server_name`, or the host of
     /// `engine`.
     pub engine_server_name: String,
+    /// The site's other engines (`agent.engines` after the first; docs/ha.md).
+    pub more_engines: Vec<String>,
+    /// `tls.server_name` was given: every engine's certificate carries it.
+    pub fixed_server_name: bool,
     /// What happens to writes the engine does not take.
     pub on_engine_loss: EngineLoss,
     /// How long writes wait for an unreachable engine before `on_engine_loss` applies.
@@ -187,8 +192,23 @@ impl AgentConfig {
     pub(super) fn validate(raw: AgentFile) -> Result<AgentConfig, Vec<AgentMistake>> {
         let mut mistakes: Vec<AgentMistake> = Vec::new();
         let m = &mut mistakes;
-        let engine_ok =
-            note(m, check_host_port("agent.engine", &raw.agent.engine).map_err(|source| AgentMistake::Engine { source })).is_some();
+        // `engine`, or the site's clustered engines as `engines` (docs/ha.md).
+        let engines = match (raw.agent.engine, raw.agent.engines) {
+            (Some(e), None) => vec![e],
+            (None, Some(list)) if !list.is_empty() => list,
+            (Some(_), Some(_)) => {
+                m.push(AgentMistake::EngineAndEngines);
+                Vec::new()
+            }
+            (None, _) => {
+                m.push(AgentMistake::NoEngine);
+                Vec::new()
+            }
+        };
+        let key = if engines.len() > 1 { "agent.engines" } else { "agent.engine" };
+        let engine_ok = !engines.is_empty()
+            && engines.iter().all(|e| note(m, check_host_port(key, e).map_err(|source| AgentMistake::Engine { source })).is_some());
+        let engine = engines.first().cloned().unwrap_or_default();
         let vm_ok = note(m, check_name("vm", &raw.agent.vm).map_err(|source| AgentMistake::VmName { source })).is_some();
         if raw.disk.is_empty() {
             m.push(AgentMistake::NoDisks);
@@ -227,13 +247,14 @@ impl AgentConfig {
         let quiesce = QuiesceConfig { freeze: raw.agent.freeze, pre: raw.agent.pre_quiesce, post: raw.agent.post_quiesce };
         let engine_server_name = match raw.tls.as_ref().and_then(|t| t.server_name.as_deref()) {
             Some(n) => note(m, server_name_key("tls.server_name", n).map_err(|source| AgentMistake::Tls { source })),
-            None => Some(server_name_of(&raw.agent.engine)),
+            None => Some(server_name_of(&engine)),
         };
+        let fixed_server_name = raw.tls.as_ref().is_some_and(|t| t.server_name.is_some());
         let tls = raw.tls.map(|t| TlsKeys { ca: t.ca, cert: t.cert, key: t.key, insecure_plaintext: t.insecure_plaintext });
         if vm_ok && tls.as_ref().is_some_and(|t| !t.insecure_plaintext) {
             note(m, check_identity_name("vm", &raw.agent.vm).map_err(|source| AgentMistake::VmIdentity { source }));
         }
-        let addresses = if engine_ok { vec![("agent.engine".to_owned(), raw.agent.engine.clone())] } else { Vec::new() };
+        let addresses = if engine_ok { engines.iter().map(|e| (key.to_owned(), e.clone())).collect() } else { Vec::new() };
         let security = link_security(tls, Role::Agent, Some(&raw.agent.vm), None, &addresses);
         let security = note(m, security.map_err(|source| AgentMistake::Tls { source }));
         let on_engine_loss = match raw.agent.on_engine_loss.as_deref().unwrap_or("track") {
@@ -265,7 +286,9 @@ impl AgentConfig {
                 if mistakes.is_empty() =>
             {
                 Ok(AgentConfig {
-                    engine: raw.agent.engine,
+                    more_engines: engines[1..].to_vec(),
+                    engine,
+                    fixed_server_name,
                     vm: raw.agent.vm,
                     disks,
                     quiesce,
@@ -328,6 +351,12 @@ fn device_hint(kind: &FrontendKind) -> &'static str {
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum AgentMistake {
+    /// Neither `agent.engine` nor `agent.engines`.
+    #[error("agent.engine is missing; give the engine's address, engine = \"10.0.0.5:7400\" (or the site's engines, engines = [...])")]
+    NoEngine,
+    /// Both `agent.engine` and `agent.engines`.
+    #[error("agent.engine and agent.engines are both given; keep one (engines lists every engine of a clustered site)")]
+    EngineAndEngines,
     /// `agent.engine` is not `host:port`.
     #[error("{source}")]
     Engine {

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use thiserror::Error;
 
+use super::cluster::{ClusterConfig, ClusterMistake, ClusterSection};
 use super::parse::{check_host_port, note, parse_duration, parse_size, parse_socket_addr, yes, ValueError};
 use super::policy::{
     Compression, JournalFull, ReplicationMode, SyncLoss, DEFAULT_BLOCK_TIMEOUT, DEFAULT_DEGRADE_TIMEOUT, DEFAULT_INTERVAL,
@@ -23,6 +24,7 @@ use crate::transport::{Role, Security};
 pub(super) struct EngineFile {
     engine: EngineSection,
     tls: Option<EngineTlsSection>,
+    cluster: Option<ClusterSection>,
     #[serde(default)]
     group: Vec<GroupSection>,
 }
@@ -99,6 +101,8 @@ pub struct EngineConfig {
     pub security: Security,
     /// Where Prometheus scrapes the engine's metrics (`/metrics`), if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// The engine cluster this engine belongs to (`[cluster]`, docs/ha.md), if any.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// One consistency group.
@@ -184,6 +188,16 @@ impl EngineConfig {
         if raw.group.is_empty() {
             m.push(EngineMistake::NoGroups);
         }
+        // Some(None): no [cluster]; None: a [cluster] with mistakes.
+        let cluster = match raw.cluster {
+            None => Some(None),
+            Some(c) => {
+                let mut found = Vec::new();
+                let cluster = ClusterConfig::validate(c, &mut found);
+                m.extend(found.into_iter().map(|source| EngineMistake::Cluster { source }));
+                cluster.map(Some)
+            }
+        };
         let mut groups = Vec::new();
         let mut group_names = HashSet::new();
         let mut volume_owner: BTreeMap<String, String> = BTreeMap::new();
@@ -331,8 +345,10 @@ impl EngineConfig {
                 note(m, check_identity_name("agent", &vm).map_err(|source| EngineMistake::VmIdentity { group, volume, source }));
             }
         }
-        match (listen, segment_size, max_bandwidth, security, metrics_listen) {
-            (Some(listen), Some(segment_size), Some(max_bandwidth), Some(security), Some(metrics_listen)) if mistakes.is_empty() => {
+        match (listen, segment_size, max_bandwidth, security, metrics_listen, cluster) {
+            (Some(listen), Some(segment_size), Some(max_bandwidth), Some(security), Some(metrics_listen), Some(cluster))
+                if mistakes.is_empty() =>
+            {
                 Ok(EngineConfig {
                     listen,
                     data_dir: raw.engine.data_dir,
@@ -342,6 +358,7 @@ impl EngineConfig {
                     groups,
                     security,
                     metrics_listen,
+                    cluster,
                 })
             }
             _ => {
@@ -595,6 +612,13 @@ pub enum EngineMistake {
         first: String,
         /// The other group.
         second: String,
+    },
+    /// The `[cluster]` section.
+    #[error("{source}")]
+    Cluster {
+        /// The cause.
+        #[source]
+        source: ClusterMistake,
     },
     /// The `[tls]` section.
     #[error("{source}")]

@@ -5,6 +5,7 @@
 //!
 //! - `parse.rs` — sizes, durations and addresses, as every section writes them
 //! - `engine.rs` — `engine.toml`: the engine, its groups and their volumes
+//! - `cluster.rs` — `[cluster]` of `engine.toml`: etcd, the engine's name and lease
 //! - `policy.rs` — a group's mode and policies (sync loss, compression, full journal)
 //! - `target.rs` — `target.toml`
 //! - `agent.rs` — `agent.toml`: the agent, its disks and its quiesce scripts
@@ -24,6 +25,7 @@ use engine::EngineFile;
 use target::TargetFile;
 
 mod agent;
+mod cluster;
 mod engine;
 mod parse;
 mod policy;
@@ -32,6 +34,7 @@ mod tiers;
 mod tls;
 
 pub use agent::{AgentConfig, AgentMistake, DiskConfig, EngineLoss, FrontendConfig, FrontendKind, QuiesceConfig, DEFAULT_ENGINE_TIMEOUT};
+pub use cluster::{ClusterConfig, ClusterMistake, DEFAULT_LEASE_TTL};
 pub use engine::{EngineConfig, EngineMistake, GroupConfig, VolumeConfig};
 pub use parse::{parse_duration, parse_size, ValueError};
 pub use policy::{Compression, JournalFull, ReplicationMode, SyncLoss, DEFAULT_BLOCK_TIMEOUT, DEFAULT_DEGRADE_TIMEOUT, DEFAULT_INTERVAL};
