@@ -556,3 +556,26 @@ fn sealing_the_active_segment_lets_a_confirmed_journal_be_trimmed_to_nothing() {
     assert_eq!((j.first_seq(), j.durable_seq()), (31, 32));
     assert_eq!(read_all(d.path(), 31), vec![31, 32]);
 }
+
+#[test]
+fn a_journal_started_again_continues_at_the_given_seq_and_holds_nothing_older() {
+    let d = tempfile::tempdir().unwrap();
+    let mut j = Journal::open(fs(), d.path(), SMALL).unwrap();
+    for _ in 0..6 {
+        append_n(&mut j, 7, 4096);
+    }
+    assert!(list_segments(fs().as_ref(), d.path()).unwrap().len() > 2);
+    let tail = j.keep_tail(1 << 20);
+    append_n(&mut j, 3, 4096);
+    assert!(tail.held_bytes() > 0);
+    // Another engine shipped up to 500 meanwhile: this one continues at 501.
+    j.restart_at(501).unwrap();
+    assert_eq!((j.next_seq(), j.durable_seq(), j.first_seq()), (501, 500, 501));
+    assert_eq!(tail.held_bytes(), 0, "the old commits are not read from memory either");
+    assert_eq!(list_segments(fs().as_ref(), d.path()).unwrap().len(), 1);
+    append_n(&mut j, 4, 4096);
+    assert_eq!(read_all(d.path(), 501), (501..=504).collect::<Vec<_>>());
+    drop(j);
+    let j = Journal::open(fs(), d.path(), SMALL).unwrap();
+    assert_eq!(j.next_seq(), 505, "the new numbering survives a restart");
+}

@@ -214,6 +214,29 @@ impl Journal {
         })
     }
 
+    /// Starts the journal again at `next`, empty: every segment and spare file goes, and the
+    /// next record appended must carry `next` (docs/ha.md, "Takeover": an engine that takes a
+    /// group over continues the target's sequence). The caller needs nothing the old segments
+    /// hold. A crash part way leaves some of the old segments, or none: the journal opens on
+    /// what is left, and the caller starts it again the same way.
+    pub fn restart_at(&mut self, next: Seq) -> Result<(), JournalError> {
+        assert!(next >= 1, "sequence numbers start at 1");
+        let fs = Arc::clone(&self.fs);
+        let old: Vec<PathBuf> = self.segments.iter().map(|s| s.path.clone()).chain(self.spares.iter().map(|(_, p)| p.clone())).collect();
+        for path in &old {
+            fs.remove_file(path).map_err(io_err(path, "remove segment (the journal starts again)"))?;
+        }
+        create_segment(fs.as_ref(), &self.dir, next)?;
+        fs.sync_dir(&self.dir).map_err(io_err(&self.dir, "sync directory"))?;
+        let mut fresh = Journal::open(fs, &self.dir, self.opts)?;
+        if let Some(t) = self.tail.take() {
+            t.clear();
+            fresh.tail = Some(t);
+        }
+        *self = fresh;
+        Ok(())
+    }
+
     /// The spares of `dir`, newest first; all are deleted when the journal has no segment
     /// (it starts a new numbering), and any beyond [`MAX_SPARES`].
     fn find_spares(fs: &dyn Storage, dir: &Path, fresh: bool) -> Result<Vec<(Seq, PathBuf)>, JournalError> {

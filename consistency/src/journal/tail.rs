@@ -99,6 +99,15 @@ impl Tail {
         Some(chunk)
     }
 
+    /// Drops every chunk held (the journal started a new numbering).
+    pub(crate) fn clear(&self) {
+        let mut inner = lock(&self.inner);
+        while let Some(old) = inner.chunks.pop_front() {
+            keep_spare(&mut inner, old.bytes);
+        }
+        inner.bytes = 0;
+    }
+
     /// Drops the spare buffers (the journal has gone idle).
     pub(crate) fn release_spares(&self) {
         lock(&self.inner).spare = Vec::new();
