@@ -44,6 +44,8 @@ pub struct Registry {
     pub journal_pool: hindsight_consistency::tasks::Pool,
     /// The threads that run every group's shipper task.
     pub ship_pool: hindsight_consistency::tasks::Pool,
+    /// The engine cluster, with `[cluster]` (docs/ha.md).
+    pub cluster: OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// A connected agent, as quiesce requests see it.

@@ -71,6 +71,12 @@ pub enum GroupError {
         /// The group.
         group: String,
     },
+    /// This engine does not own the group now, or its lease is not valid (docs/ha.md).
+    #[error("group {group}: this engine does not own it now (or its etcd lease is not renewed); ask the group's owner")]
+    NotOwner {
+        /// The group.
+        group: String,
+    },
     /// The group is stopped after an earlier journal failure.
     #[error("group {group} is stopped after a journal failure")]
     Poisoned {
@@ -248,6 +254,18 @@ pub enum HelloError {
         /// The agent's VM.
         vm: String,
     },
+    /// A clustered engine does not own a group of the hello (docs/ha.md): the agent is sent
+    /// to the owner (a `Redirect`).
+    #[error("{}", match owner {
+        Some(o) => format!("this engine does not own group {group:?}; its owner takes agents at {o}"),
+        None => format!("group {group:?} has no owner that takes agents yet (being taken over); try again shortly"),
+    })]
+    NotOwner {
+        /// The group.
+        group: String,
+        /// The owner's address, if known.
+        owner: Option<String>,
+    },
 }
 
 /// Why a shipper's connection to its target ended; it connects again after a pause.
@@ -266,6 +284,15 @@ pub enum ShipError {
     /// The target's address resolved to nothing.
     #[error("cannot connect: no address")]
     NoAddress,
+    /// This engine no longer owns the group (docs/ha.md): the connection ends.
+    #[error("this engine no longer owns the group")]
+    NotOwner,
+    /// A new claim could not start the journal after the target's seq.
+    #[error("{why}")]
+    Restart {
+        /// Why.
+        why: String,
+    },
     /// No address of the target took the connection (the error is the last address's).
     #[error("cannot connect: {source}")]
     Connect {

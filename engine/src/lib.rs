@@ -26,6 +26,7 @@
 
 pub mod acks;
 pub mod agents;
+pub mod cluster;
 pub mod confirms;
 pub mod connection;
 mod dashboard;
@@ -103,6 +104,9 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
     let mut gates: HashMap<String, Arc<shipper::ConnectGate>> = HashMap::new();
     // One limiter per target address, shared by the groups shipping there.
     let mut limiters: HashMap<String, Arc<limiter::Limiter>> = HashMap::new();
+    // With [cluster], every group is owned by nobody here from the start, before its shipper
+    // first runs, until the cluster thread claims it (docs/ha.md).
+    let lease = config.cluster.as_ref().map(|_| Arc::new(cluster::ownership::LeaseClock::default()));
     for g in &config.groups {
         let group_dir = config.data_dir.join("groups").join(&g.name);
         epoch::enter(fs.as_ref(), &g.name, &group_dir, g.epoch)?;
@@ -120,6 +124,9 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
             journal.durable_seq()
         );
         let handle = group::start(g.clone(), journal, &journal_pool);
+        if let Some(lease) = &lease {
+            handle.shared.ownership.join_cluster(Arc::clone(lease));
+        }
         let limiter = config
             .max_bandwidth
             .map(|rate| Arc::clone(limiters.entry(g.target.clone()).or_insert_with(|| Arc::new(limiter::Limiter::new(rate)))));
@@ -158,7 +165,11 @@ pub fn start_with_storage(config: EngineConfig, fs: Arc<dyn Storage>) -> Result<
         security: config.security.clone(),
         journal_pool,
         ship_pool,
+        cluster: std::sync::OnceLock::new(),
     });
+    if let (Some(c), Some(lease)) = (config.cluster.clone(), lease) {
+        let _ = registry.cluster.set(cluster::start(c, lease, &registry)?);
+    }
     let reg = registry.clone();
     std::thread::Builder::new()
         .name("accept".into())

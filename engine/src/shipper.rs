@@ -145,6 +145,8 @@ struct Link {
     confirmed: (Seq, Instant),
     /// When a frame was last sent.
     sent_at: Instant,
+    /// The ownership token the hello carried.
+    token: u64,
 }
 
 /// What a connected round leads to.
@@ -175,6 +177,10 @@ impl Shipping {
         let Some(link) = self.link.as_mut() else {
             if stopping {
                 return Next::Done;
+            }
+            if self.s.group.shared.ownership.token().is_none() {
+                // Another engine owns the group: a claim wakes this task.
+                return Next::At(Instant::now() + NOT_OWNER_WAIT);
             }
             return self.connect();
         };
@@ -254,6 +260,12 @@ impl Shipping {
     }
 }
 
+/// How often a shipper of a group this engine does not own looks again (a claim wakes it).
+const NOT_OWNER_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a new claim waits for the journal task to start the journal again.
+const RESTART_WAIT: Duration = Duration::from_secs(30);
+
 /// After how long with nothing shipped a connection gives its frame buffers back.
 const RELEASE_AFTER: Duration = Duration::from_secs(1);
 /// How long an idle shipper waits for new records; shorter while hash requests wait.
@@ -294,6 +306,7 @@ impl Shipper {
     /// Opens a connection: handshake, hello, welcome, and the reader of its confirmations.
     fn open(&self) -> Result<Link, ShipError> {
         let cfg = &self.group.config;
+        let token = self.group.shared.ownership.token().ok_or(ShipError::NotOwner)?;
         let (mut r, mut w) = self.connect()?.split();
         let mut scratch = Vec::new();
         let hello = TargetHello {
@@ -304,7 +317,7 @@ impl Shipper {
             compression: if cfg.compression.offer_lz4(&cfg.target) { vec![LZ4.to_string()] } else { Vec::new() },
             on_journal_full: cfg.on_journal_full.as_str().to_owned(),
             epoch: cfg.epoch,
-            owner: 0,
+            owner: token,
         };
         write_frame(&mut w, FrameType::TargetHello, &encode_message(&hello), &mut scratch)
             .map_err(|source| ShipError::SendHello { source })?;
@@ -321,6 +334,17 @@ impl Shipper {
         };
         let shared = &self.group.shared;
         lock(&shared.target_refused).clear();
+        if shared.ownership.claimed() == Some(token) {
+            // A new claim (docs/ha.md, "Takeover"): the target fenced the previous owner on this
+            // hello; the journal continues the target's sequence, then agents may attach.
+            let next = welcome.durable_seq + 1;
+            let group = self.group.clone();
+            shared.restart_journal(next, move || group.wake(), RESTART_WAIT).map_err(|why| ShipError::Restart { why })?;
+            if !shared.ownership.serve(token) {
+                return Err(ShipError::NotOwner);
+            }
+            log::info!("group {}: owned by this engine (token {token}); taking writes from seq {next} on", cfg.name);
+        }
         let durable_here = shared.durable();
         if welcome.durable_seq > durable_here {
             let msg = ShipError::TargetAhead { target_seq: welcome.durable_seq, durable: durable_here };
@@ -364,7 +388,7 @@ impl Shipper {
             shipped: reader.next_seq().saturating_sub(1),
         };
         let confirmed = (shared.confirmed.load(Ordering::Acquire), Instant::now());
-        Ok(Link { w, reader, end, out, frame: Vec::new(), gather_until: None, scan: None, confirmed, sent_at: Instant::now() })
+        Ok(Link { w, reader, end, out, frame: Vec::new(), gather_until: None, scan: None, confirmed, sent_at: Instant::now(), token })
     }
 
     /// One round on a connection: at most one frame, or one async delta.
@@ -372,6 +396,9 @@ impl Shipper {
         let shared = &self.group.shared;
         if l.end.broken.load(Ordering::Acquire) {
             return Err(ShipError::TargetClosed);
+        }
+        if shared.ownership.token() != Some(l.token) {
+            return Err(ShipError::NotOwner);
         }
         let now = Instant::now();
         let now_confirmed = shared.confirmed.load(Ordering::Acquire);

@@ -43,6 +43,8 @@ pub enum FrameType {
     TargetHello,
     /// Target says where to resume.
     TargetWelcome,
+    /// The engine does not own a group of the agent's hello: connect to its owner.
+    Redirect,
     /// One or more journal records.
     Records,
     /// Target confirms durability up to a sequence number.
@@ -90,6 +92,7 @@ impl FrameType {
             FrameType::AgentHello => 0x01,
             FrameType::AgentWelcome => 0x02,
             FrameType::Error => 0x03,
+            FrameType::Redirect => 0x04,
             FrameType::Write => 0x10,
             FrameType::WriteAck => 0x11,
             FrameType::TargetHello => 0x20,
@@ -122,6 +125,7 @@ impl FrameType {
             0x01 => FrameType::AgentHello,
             0x02 => FrameType::AgentWelcome,
             0x03 => FrameType::Error,
+            0x04 => FrameType::Redirect,
             0x10 => FrameType::Write,
             0x11 => FrameType::WriteAck,
             0x20 => FrameType::TargetHello,

@@ -73,6 +73,18 @@ pub struct TargetHello {
     pub owner: u64,
 }
 
+/// Engine → agent, instead of `AgentWelcome`: this engine does not own `group` (docs/ha.md,
+/// "Agents follow the owner"); its owner takes agents at `engine` (empty while none is known).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedirectMsg {
+    /// The group.
+    pub group: String,
+    /// The owner's address, `host:port`, or empty.
+    pub engine: String,
+    /// Why, for the log.
+    pub message: String,
+}
+
 /// Target → engine: the target's journal is full, or history inside retention was trimmed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JournalStateMsg {

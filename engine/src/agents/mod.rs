@@ -94,6 +94,7 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
     }
     let disks = match attach(&hello, &reg) {
         Ok(d) => d,
+        Err(HelloError::NotOwner { group, owner }) => return redirect(&mut writer, peer, group, owner),
         Err(why) => return refuse(&mut writer, peer, &why.to_string()),
     };
     let names: Vec<String> = disks.iter().map(|d| d.volume.to_string()).collect();
@@ -137,6 +138,15 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
     }
 }
 
+/// Sends an agent to the owner of a group of its hello, and closes.
+fn redirect(w: &mut hindsight_consistency::transport::WriteHalf, peer: SocketAddr, group: String, owner: Option<String>) {
+    let message = HelloError::NotOwner { group: group.clone(), owner: owner.clone() }.to_string();
+    log::info!("agent {peer}: {message}");
+    let msg = encode_message(&hindsight_consistency::wire::RedirectMsg { group, engine: owner.unwrap_or_default(), message });
+    let _ = write_frame(w, FrameType::Redirect, &msg, &mut Vec::new());
+    w.close();
+}
+
 /// An agent may only present the VM its certificate names: the volumes it may write are
 /// then those of that VM in engine.toml (checked by `attach`).
 fn authorise_agent(peer: &Peer, vm: &str) -> Result<(), HelloError> {
@@ -164,6 +174,9 @@ fn attach(hello: &AgentHello, reg: &Registry) -> Result<Vec<Disk>, HelloError> {
         let Some(vol) = group.config.volumes.iter().find(|v| v.name == d.volume) else {
             return Err(HelloError::UnknownVolume { volume: d.volume.clone(), group: d.group.clone() });
         };
+        if let Err(owner) = group.shared.ownership.serving() {
+            return Err(HelloError::NotOwner { group: d.group.clone(), owner });
+        }
         if vol.vm != hello.vm {
             return Err(HelloError::OtherVm { volume: d.volume.clone(), owner: vol.vm.clone(), vm: hello.vm.clone() });
         }

@@ -194,6 +194,9 @@ impl Sequencer {
     /// One round: releases regulated acknowledgements once due, places a due interval point,
     /// then takes a batch, numbers, appends and commits it, and answers everything in it.
     fn round(&mut self) -> Next {
+        if let Some((next, done)) = self.shared.take_restart() {
+            let _ = done.send(self.restart(next));
+        }
         if let Some(r) = self.regulated.take() {
             if Instant::now() < r.until {
                 let until = r.until;
@@ -237,6 +240,15 @@ impl Sequencer {
             self.fail(taken);
             return Next::Again;
         }
+        if !self.shared.ownership.may_ack() {
+            // The lease is not valid by this engine's clock (docs/ha.md, "Fencing"): nothing is
+            // numbered; the agents track these writes and resync them to the owner.
+            fail_all(&mut self.batch);
+            if let Some(b) = taken.bookmark {
+                b.answer(Err(GroupError::NotOwner { group: self.shared.name.clone() }), &self.shared.name);
+            }
+            return Next::Again;
+        }
         let now = self.stamp();
         match self.append(&taken, now).and_then(|appended| Ok((appended, self.journal.commit()?))) {
             Ok((appended, durable)) => self.acknowledge(taken, appended, durable, now),
@@ -244,6 +256,26 @@ impl Sequencer {
         }
         // Behind the other groups' rounds: a busy group delays another by one batch at most.
         Next::Again
+    }
+
+    /// Starts the journal again at `next` for a new claim of the group (docs/ha.md,
+    /// "Takeover"): nothing is queued (agents attach only once it is done).
+    fn restart(&mut self, next: Seq) -> Result<(), String> {
+        let shared = &self.shared;
+        let (first, last) = (self.journal.first_seq(), self.journal.durable_seq());
+        self.journal.restart_at(next).map_err(|e| format!("group {}: starting the journal again at seq {next}: {e}", shared.name))?;
+        if last >= first {
+            log::info!(
+                "group {}: the journal starts again at seq {next}, after what the target holds (seq {first}..={last} of an earlier \
+                 ownership are dropped: the target holds what of them it confirmed)",
+                shared.name
+            );
+        }
+        self.last_seq = next - 1;
+        self.trimmed_through = next - 1;
+        self.open = None;
+        shared.restarted(next);
+        Ok(())
     }
 
     /// Nothing queued: the periodic checks, then sleep until the next ones (longer each time
@@ -443,12 +475,9 @@ impl Sequencer {
     /// bookmark.
     fn release(&mut self, mut taken: Taken, appended: Appended, durable: Seq, bytes: u64, now: u64) {
         let shared = &self.shared;
-        let acks = self
-            .batch
-            .drain(..)
-            .zip(appended.seqs)
-            .map(|(w, seq)| (w.ack, WriteAck { req_id: w.req_id, seq, status: WriteAck::OK }))
-            .collect();
+        // The lease ran out while the batch was committed: no acknowledgement (the fence).
+        let status = if shared.ownership.may_ack() { WriteAck::OK } else { WriteAck::EIO };
+        let acks = self.batch.drain(..).zip(appended.seqs).map(|(w, seq)| (w.ack, WriteAck { req_id: w.req_id, seq, status })).collect();
         shared.policy.committed(acks, durable, bytes, now);
         if let (Some(b), Some(seq)) = (taken.bookmark.take(), appended.bookmark_seq) {
             log::info!("group {}: bookmark {:?} placed at seq {seq}", shared.name, b.name);

@@ -14,6 +14,9 @@ use hindsight_consistency::tasks::Waker;
 use crate::journal_watch::JournalWatch;
 use crate::policy::Policy;
 
+/// A journal restart asked for: the next seq, and where its outcome goes.
+pub(super) type RestartRequest = (Seq, crossbeam_channel::Sender<Result<(), String>>);
+
 /// What the shipper and the status of a group share with its journal task.
 #[derive(Debug)]
 pub struct GroupShared {
@@ -42,6 +45,11 @@ pub struct GroupShared {
     pub handed_over: AtomicBool,
     /// Why the target last refused the group (a failover there), `""` once it accepts it.
     pub target_refused: Mutex<String>,
+    /// Whether this engine owns the group (always, without `[cluster]`).
+    pub ownership: crate::cluster::ownership::Ownership,
+    /// A journal restart asked for by the shipper of a new claim: the next seq and where the
+    /// outcome goes ([`GroupShared::restart_journal`]).
+    restart: Mutex<Option<RestartRequest>>,
 }
 
 /// Bytes shipped to the target: the records, and what went on the wire for them.
@@ -112,6 +120,8 @@ impl GroupShared {
             journal: JournalWatch::new(&config.name, config.on_journal_full, config.journal_size),
             handed_over: AtomicBool::new(false),
             target_refused: Mutex::new(String::new()),
+            ownership: crate::cluster::ownership::Ownership::default(),
+            restart: Mutex::new(None),
         }
     }
 
@@ -143,6 +153,29 @@ impl GroupShared {
         }
         self.durable_changed.notify_all();
         self.wake_shipper();
+    }
+
+    /// Asks the journal task (woken by `wake`) to start the journal again at `next`, and waits
+    /// up to `timeout` for it: a claimed group continues the target's sequence (docs/ha.md,
+    /// "Takeover"). The group takes no writes meanwhile (it is not serving).
+    pub fn restart_journal(&self, next: Seq, wake: impl FnOnce(), timeout: Duration) -> Result<(), String> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        *lock(&self.restart) = Some((next, tx));
+        wake();
+        rx.recv_timeout(timeout).unwrap_or_else(|_| Err(format!("the journal task did not start the journal again within {timeout:?}")))
+    }
+
+    /// The restart asked for, if any (taken by the journal task).
+    pub(super) fn take_restart(&self) -> Option<RestartRequest> {
+        lock(&self.restart).take()
+    }
+
+    /// After a journal restart at `next`: everything before it counts as durable here and
+    /// confirmed at the target (the target holds it).
+    pub(super) fn restarted(&self, next: Seq) {
+        *lock(&self.durable) = next - 1;
+        self.confirmed.store(next - 1, Ordering::Release);
+        self.durable_changed.notify_all();
     }
 
     /// Wakes the group's shipper task (set once it is started).
