@@ -215,6 +215,8 @@ fn run(args: &Args) -> Result<(), Failure> {
     let signals = stop_signals()?;
     let link = EngineLink::connect(LinkConfig {
         engine: config.engine.clone(),
+        more_engines: config.more_engines.clone(),
+        fixed_server_name: config.fixed_server_name,
         security: config.security.clone(),
         server_name: config.engine_server_name.clone(),
         vm: config.vm.clone(),

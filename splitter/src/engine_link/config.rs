@@ -20,6 +20,12 @@ pub const ENGINE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct LinkConfig {
     /// Engine address, `host:port`.
     pub engine: String,
+    /// The site's other engines (docs/ha.md): dialed in turn after `engine` fails, as is
+    /// any engine a `Redirect` names.
+    pub more_engines: Vec<String>,
+    /// `server_name` was configured (`tls.server_name`): every engine's certificate carries
+    /// it. Otherwise an engine other than `engine` must be valid for its own host.
+    pub fixed_server_name: bool,
     /// How the link is protected (TLS, or plaintext on loopback).
     pub security: Security,
     /// The name the engine's certificate must be valid for.

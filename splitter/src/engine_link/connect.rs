@@ -9,10 +9,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use hindsight_consistency::transport::{is_refusal_io, Connection, Role, Security};
-use hindsight_consistency::wire::{decode_message, read_frame, write_frame, AgentWelcome, ErrorMessage, FrameError, FrameType};
+use hindsight_consistency::wire::{
+    decode_message, read_frame, write_frame, AgentWelcome, ErrorMessage, FrameError, FrameType, RedirectMsg,
+};
 use log::{debug, info, warn};
 
 use super::config::{LinkConfig, LinkError};
+use super::dial::Dialer;
 use super::state::Inner;
 
 /// First pause between reconnection attempts; it doubles up to [`MAX_BACKOFF`].
@@ -21,6 +24,9 @@ pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest pause between reconnection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// The longest pause between attempts while engines answer that a group has no owner yet.
+const REDIRECT_BACKOFF: Duration = Duration::from_millis(400);
+
 /// How long one TCP connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -28,24 +34,25 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connects at start, retrying with backoff for up to `config.connect_wait`; a refusal by
-/// the engine is returned at once.
-pub(super) fn first_connection(config: &LinkConfig, hello: &[u8]) -> Result<Connection, LinkError> {
-    let engine = config.engine.clone();
+/// the engine is returned at once. A redirect is followed at once.
+pub(super) fn first_connection(config: &LinkConfig, dialer: &Dialer, hello: &[u8]) -> Result<Connection, LinkError> {
+    let engine = dialer.describe();
     let started = Instant::now();
     let mut backoff = FIRST_BACKOFF;
     let mut last_failure = String::new();
-    let to = Destination { engine: &config.engine, security: &config.security, server_name: &config.server_name };
     loop {
-        let failure = match hello_exchange(&to, hello, config.engine_timeout) {
+        let (failure, pause) = match attempt(dialer, &config.security, hello, config.engine_timeout) {
             Ok(stream) => return Ok(stream),
             Err(Attempt::Refused(message)) => return Err(LinkError::Refused { engine, message }),
             Err(Attempt::Tls(reason)) => return Err(LinkError::Tls { engine, reason }),
-            Err(failure) => failure,
+            Err(failure @ Attempt::Redirect { followed: true, .. }) => (failure, FIRST_BACKOFF),
+            Err(failure) => (failure, backoff),
         };
         let waited = started.elapsed();
         if waited >= config.connect_wait {
             return Err(match failure {
                 Attempt::Connect(source) => LinkError::Unreachable { engine, waited, source },
+                Attempt::Redirect { message, .. } => LinkError::Unreachable { engine, waited, source: io::Error::other(message) },
                 Attempt::Hello(source) => LinkError::Handshake { engine, source },
                 Attempt::Refused(message) => LinkError::Refused { engine, message },
                 Attempt::Tls(reason) => LinkError::Tls { engine, reason },
@@ -56,8 +63,30 @@ pub(super) fn first_connection(config: &LinkConfig, hello: &[u8]) -> Result<Conn
             info!("engine {engine} not ready ({failure}); retrying for up to {:?}", config.connect_wait);
             last_failure = failure;
         }
-        thread::sleep(backoff.min(config.connect_wait - waited));
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        thread::sleep(pause.min(config.connect_wait - waited));
+        if pause == backoff {
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+/// One attempt at the engine the dialer names; it moves on after a failure or a redirect.
+fn attempt(dialer: &Dialer, security: &Security, hello: &[u8], write_timeout: Duration) -> Result<Connection, Attempt> {
+    let (engine, server_name) = dialer.target();
+    let to = Destination { engine: &engine, security, server_name: &server_name };
+    match hello_exchange(&to, hello, write_timeout) {
+        Ok(stream) => Ok(stream),
+        Err(Attempt::Redirect { to, message, .. }) => {
+            dialer.redirected(&engine, &to);
+            info!("engine {engine}: {message}");
+            Err(Attempt::Redirect { followed: !to.is_empty(), to, message })
+        }
+        Err(e) => {
+            if matches!(e, Attempt::Connect(_) | Attempt::Hello(_)) {
+                dialer.failed(&engine);
+            }
+            Err(e)
+        }
     }
 }
 
@@ -69,6 +98,12 @@ enum Attempt {
     Refused(String),
     /// A certificate was refused (by either side): retrying cannot help.
     Tls(String),
+    /// A clustered engine sent the link to the group's owner (`to`, empty if none is known).
+    Redirect {
+        to: String,
+        message: String,
+        followed: bool,
+    },
 }
 
 impl std::fmt::Display for Attempt {
@@ -78,6 +113,7 @@ impl std::fmt::Display for Attempt {
             Attempt::Hello(e) => write!(f, "hello: {e}"),
             Attempt::Refused(m) => write!(f, "refused: {m}"),
             Attempt::Tls(m) => write!(f, "TLS: {m}"),
+            Attempt::Redirect { message, .. } => write!(f, "redirected: {message}"),
         }
     }
 }
@@ -130,6 +166,10 @@ fn hello_exchange(to: &Destination<'_>, hello: &[u8], write_timeout: Duration) -
             let e: ErrorMessage = decode_message("Error", &payload).map_err(Attempt::Hello)?;
             return Err(Attempt::Refused(e.message));
         }
+        FrameType::Redirect => {
+            let r: RedirectMsg = decode_message("Redirect", &payload).map_err(Attempt::Hello)?;
+            return Err(Attempt::Redirect { to: r.engine, message: r.message, followed: false });
+        }
         got => return Err(Attempt::Hello(FrameError::Unexpected { got, expected: "AgentWelcome or Error" })),
     }
     stream.set_read_timeout(None).map_err(io_err)?;
@@ -153,10 +193,19 @@ pub(super) fn reconnect(inner: &Inner, closed: &Receiver<()>) -> Option<Connecti
             Err(RecvTimeoutError::Timeout) => {}
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return None,
         }
-        let to = Destination { engine: &inner.engine, security: &inner.security, server_name: &inner.server_name };
-        match hello_exchange(&to, &inner.hello, inner.engine_timeout) {
+        match attempt(&inner.dialer, &inner.security, &inner.hello, inner.engine_timeout) {
             Ok(stream) => return Some(stream),
             Err(failure) => {
+                match failure {
+                    // Straight on to the owner.
+                    Attempt::Redirect { followed: true, .. } => {
+                        backoff = FIRST_BACKOFF;
+                        continue;
+                    }
+                    // A group being taken over has an owner within a poll or two.
+                    Attempt::Redirect { .. } => backoff = backoff.min(REDIRECT_BACKOFF),
+                    _ => {}
+                }
                 let failure = failure.to_string();
                 if failure != last_failure {
                     warn!("engine {} still unreachable: {failure}", inner.engine);

@@ -40,6 +40,7 @@ mod acks;
 mod config;
 mod connect;
 mod control;
+mod dial;
 mod outgoing;
 mod state;
 mod supervisor;
@@ -64,6 +65,7 @@ pub use outgoing::WriteBody;
 pub use state::LinkDone;
 
 use connect::first_connection;
+use dial::Dialer;
 use outgoing::{encode_write, encode_write_head, Outgoing, SEND_IN_PLACE};
 use state::{Inner, Pending, State, Writer, HELD_MAX};
 use supervisor::supervise;
@@ -86,9 +88,11 @@ impl EngineLink {
         }
         let volumes: Vec<String> = config.disks.iter().map(|d| d.volume.clone()).collect();
         let hello = encode_message(&AgentHello { protocol: PROTOCOL_VERSION, vm: config.vm.clone(), disks: config.disks.clone() });
-        let (stream, state) = match first_connection(&config, &hello) {
+        let engines = std::iter::once(config.engine.clone()).chain(config.more_engines.iter().cloned()).collect();
+        let dialer = Dialer::new(engines, config.server_name.clone(), config.fixed_server_name);
+        let (stream, state) = match first_connection(&config, &dialer, &hello) {
             Ok(conn) => {
-                info!("engine link to {} up ({}); replicating volumes {}", config.engine, conn.peer(), volumes.join(", "));
+                info!("engine link to {} up ({}); replicating volumes {}", dialer.target().0, conn.peer(), volumes.join(", "));
                 let (reader, writer) = conn.split();
                 (Some(reader), State::Up(writer))
             }
@@ -103,9 +107,9 @@ impl EngineLink {
             Err(e) => return Err(e),
         };
         let inner = Arc::new(Inner {
-            engine: config.engine,
+            engine: dialer.describe(),
             security: config.security,
-            server_name: config.server_name,
+            dialer,
             hello,
             volumes,
             engine_timeout: config.engine_timeout,

@@ -55,9 +55,11 @@ pub(super) const HELD_MAX: usize = 256 << 10;
 
 /// Everything the link's threads share.
 pub(super) struct Inner {
+    /// The engines, for messages.
     pub(super) engine: String,
     pub(super) security: Security,
-    pub(super) server_name: String,
+    /// Which engine is dialed next.
+    pub(super) dialer: super::dial::Dialer,
     pub(super) hello: Vec<u8>,
     pub(super) volumes: Vec<String>,
     pub(super) engine_timeout: Duration,

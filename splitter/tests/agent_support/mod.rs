@@ -339,6 +339,8 @@ impl InProcessAgent {
         let link = Arc::new(
             EngineLink::connect(LinkConfig {
                 engine: engine.to_string(),
+                more_engines: Vec::new(),
+                fixed_server_name: false,
                 security: Security::InsecurePlaintext,
                 server_name: engine.ip().to_string(),
                 vm: "vm1".into(),
