@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use common::{first_difference, have_tools, hindsight_bin, run_ok, run_timeout, Cluster, Model, Vol};
+use common::{assert_same, have_tools, hindsight_bin, run_ok, run_timeout, Cluster, Model, Vol};
 use hindsight_consistency::time::{format_rfc3339, now_ns};
 use rand::{Rng, SeedableRng};
 
@@ -111,10 +111,6 @@ fn write(c: &Cluster, volume: &str, model: &mut Model, ops: &[(String, u64, u64,
     for &(_, off, len, byte) in ops {
         model.fill(off, len, byte.unwrap_or(0));
     }
-}
-
-fn assert_same(what: &str, got: &[u8], want: &[u8]) {
-    assert!(got == want, "{what}: {}", first_difference(got, want));
 }
 
 #[test]

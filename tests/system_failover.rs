@@ -16,7 +16,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    differing_pieces, first_difference, have_tools, hindsight_bin, resync_bytes, run_code, run_ok, write_random_to, Cluster, Model, Vol,
+    assert_same, differing_pieces, first_difference, have_tools, hindsight_bin, resync_bytes, run_code, run_ok, write_random_to, Cluster,
+    Model, Vol,
 };
 use rand::{Rng, SeedableRng};
 
@@ -46,10 +47,6 @@ fn write_ext4(c: &Cluster, volume: &str, model: &mut Model, files: &[(&str, Vec<
     run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "4096", "-E", "nodiscard", "-d"]).arg(&src).arg(&img));
     run_ok(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&img).arg(c.uri(volume)));
     model.bytes = std::fs::read(&img).unwrap();
-}
-
-fn assert_same(what: &str, got: &[u8], want: &[u8]) {
-    assert!(got == want, "{what}: {}", first_difference(got, want));
 }
 
 /// Random writes of up to 16 blocks on a volume through its agent at the source site.

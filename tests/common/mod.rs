@@ -11,12 +11,14 @@
 //! - `clients`: the real clients the tests drive (qemu-io, nbdfuse + loop + ext4);
 //! - `failover`: failover and failback across the cluster's two sites;
 //! - `monitoring`: HTTP GETs of a metrics address, promtool, a real Prometheus server;
-//! - `wan`: a WAN emulator between engine and target.
+//! - `wan`: a WAN emulator between engine and target;
+//! - `etcd`: a real etcd of one or three members, for engine clusters.
 
 #![allow(dead_code)]
 
 mod clients;
 mod cluster;
+mod etcd;
 mod failover;
 mod model;
 mod monitoring;
@@ -28,6 +30,8 @@ pub mod wan;
 #[allow(unused_imports)]
 pub use clients::*;
 pub use cluster::*;
+#[allow(unused_imports)]
+pub use etcd::*;
 #[allow(unused_imports)]
 pub use failover::*;
 #[allow(unused_imports)]

@@ -41,6 +41,11 @@ impl Model {
     }
 }
 
+/// Fails with where `got` first differs from `want`, unless they are equal.
+pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
+    assert!(got == want, "{what}: {}", first_difference(got, want));
+}
+
 /// Describes where two images differ first, for assertion messages.
 pub fn first_difference(a: &[u8], b: &[u8]) -> String {
     if a.len() != b.len() {
