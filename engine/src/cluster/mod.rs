@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::connection::Registry;
 use crate::error::EngineError;
 use etcd::{Etcd, EtcdError, KeyValue, LeaseId};
-use ownership::LeaseClock;
+use ownership::{LeaseClock, OwnState};
 
 /// How often the keys are read.
 pub const POLL: Duration = Duration::from_millis(500);
@@ -41,6 +41,15 @@ const UNOWNED_POLLS: u32 = 2;
 
 /// The share of the TTL after a renewal's sending during which acknowledgements go on.
 const FENCE_SHARE: f64 = 0.8;
+
+/// The longest a planned handover waits for the target to confirm what the journal holds;
+/// past it the group takes writes again and the handover is tried later.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// The longest a claimed group may take to reach the target and start taking writes; past it
+/// the claim is given up, and this engine claims the group again only after [`CLAIM_PAUSE`].
+const CLAIM_LIMIT: Duration = Duration::from_secs(15);
+const CLAIM_PAUSE: Duration = Duration::from_secs(30);
 
 /// `owners/<group>` and `engines/<name>` values.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,8 +131,8 @@ pub fn start(cfg: ClusterConfig, lease: Arc<LeaseClock>, reg: &Arc<Registry>) ->
 struct Round {
     lease: Option<LeaseId>,
     next_renewal: Instant,
-    /// Polls each group has been seen unowned in a row.
-    unowned: HashMap<String, u32>,
+    /// What the cluster thread tracks of each group between polls.
+    groups: Tracked,
     /// The last etcd failure logged (each new one is logged once).
     last_error: String,
 }
@@ -131,7 +140,7 @@ struct Round {
 /// The cluster thread: never returns.
 fn run(c: &Cluster, reg: &Registry) {
     let ttl = c.cfg.lease_ttl;
-    let mut r = Round { lease: None, next_renewal: Instant::now(), unowned: HashMap::new(), last_error: String::new() };
+    let mut r = Round { lease: None, next_renewal: Instant::now(), groups: Tracked::default(), last_error: String::new() };
     loop {
         let now = Instant::now();
         if r.lease.is_none() {
@@ -174,7 +183,7 @@ fn run(c: &Cluster, reg: &Registry) {
                         log::info!("cluster {}: etcd answers again", c.cfg.site);
                         r.last_error.clear();
                     }
-                    reconcile(c, reg, id, &kvs, &mut r.unowned);
+                    reconcile(c, reg, id, &kvs, &mut r.groups);
                 }
                 Err(e) => note_error(c, &mut r, &e),
             }
@@ -209,8 +218,21 @@ fn join(c: &Cluster) -> Result<LeaseId, EtcdError> {
     Ok(id)
 }
 
+/// What the cluster thread remembers of groups from one poll to the next.
+#[derive(Default)]
+struct Tracked {
+    /// Polls each group has been seen unowned in a row.
+    unowned: HashMap<String, u32>,
+    /// Since when each group this engine hands over has been draining.
+    draining: HashMap<String, Instant>,
+    /// Since when each group this engine claimed has waited to take writes.
+    claimed: HashMap<String, Instant>,
+    /// Groups this engine does not claim again before then (a claim it gave up).
+    paused: HashMap<String, Instant>,
+}
+
 /// One poll's worth of decisions over the site's keys.
-fn reconcile(c: &Cluster, reg: &Registry, lease: LeaseId, kvs: &[KeyValue], unowned: &mut HashMap<String, u32>) {
+fn reconcile(c: &Cluster, reg: &Registry, lease: LeaseId, kvs: &[KeyValue], t: &mut Tracked) {
     let prefix = c.prefix();
     let mut view = View::default();
     for kv in kvs {
@@ -235,10 +257,15 @@ fn reconcile(c: &Cluster, reg: &Registry, lease: LeaseId, kvs: &[KeyValue], unow
         let own = &g.shared.ownership;
         match view.owners.get(name) {
             Some((m, token)) => {
-                unowned.remove(name);
+                t.unowned.remove(name);
                 if m.engine == c.cfg.name && own.token() == Some(*token) {
+                    let preferred = assign::preferred(name, live.iter().map(String::as_str));
+                    let to = preferred.and_then(|p| view.engines.iter().find(|e| e.engine == p)).cloned();
+                    keep_or_hand_over(c, reg, g, name, *token, to, t);
                     continue;
                 }
+                t.draining.remove(name);
+                t.claimed.remove(name);
                 // Another engine's, or a key of this engine's earlier life (a restart within
                 // the TTL): it goes with that lease.
                 if own.elsewhere(Some(m.address.clone())) {
@@ -254,11 +281,14 @@ fn reconcile(c: &Cluster, reg: &Registry, lease: LeaseId, kvs: &[KeyValue], unow
                     close_sessions(reg, name, &format!("engine {} no longer owns group {name}", c.cfg.name));
                     g.shared.wake_shipper();
                 }
-                let polls = unowned.entry(name.clone()).or_insert(0);
+                t.draining.remove(name);
+                t.claimed.remove(name);
+                let polls = t.unowned.entry(name.clone()).or_insert(0);
                 *polls += 1;
                 let preferred = assign::preferred(name, live.iter().map(String::as_str));
-                if preferred == Some(c.cfg.name.as_str()) || *polls > UNOWNED_POLLS {
-                    claim(c, g, name, lease, &mut view);
+                let paused = t.paused.get(name).is_some_and(|until| Instant::now() < *until);
+                if !paused && (preferred == Some(c.cfg.name.as_str()) || *polls > UNOWNED_POLLS) && claim(c, g, name, lease, &mut view) {
+                    t.claimed.insert(name.clone(), Instant::now());
                 }
             }
         }
@@ -266,18 +296,106 @@ fn reconcile(c: &Cluster, reg: &Registry, lease: LeaseId, kvs: &[KeyValue], unow
     *lock(&c.view) = view;
 }
 
-/// Tries to claim an unowned group.
-fn claim(c: &Cluster, g: &crate::group::GroupHandle, name: &str, lease: LeaseId, view: &mut View) {
+/// A group this engine owns: hands it over if another live engine prefers it (a planned
+/// handover: drain, then release), gives up a claim that cannot reach the target.
+fn keep_or_hand_over(
+    c: &Cluster,
+    reg: &Registry,
+    g: &crate::group::GroupHandle,
+    name: &str,
+    token: u64,
+    preferred: Option<Member>,
+    t: &mut Tracked,
+) {
+    let own = &g.shared.ownership;
+    let key = format!("{}owners/{name}", c.prefix());
+    let other = preferred.filter(|p| p.engine != c.cfg.name);
+    match own.state() {
+        OwnState::Claimed { .. } => {
+            let since = *t.claimed.entry(name.to_owned()).or_insert_with(Instant::now);
+            if since.elapsed() >= CLAIM_LIMIT {
+                log::warn!(
+                    "group {name}: claimed {:?} ago but its target has not taken this engine's hello; giving the claim up",
+                    since.elapsed()
+                );
+                if c.etcd.delete_if_created(&key, i64::try_from(token).unwrap_or(i64::MAX)).unwrap_or(false) {
+                    own.elsewhere(None);
+                    t.claimed.remove(name);
+                    t.paused.insert(name.to_owned(), Instant::now() + CLAIM_PAUSE);
+                }
+            }
+        }
+        OwnState::Serving { .. } => {
+            t.claimed.remove(name);
+            if let Some(to) = other {
+                if own.drain(token) {
+                    log::info!("group {name}: handing it over to engine {}, which the group prefers: draining first", to.engine);
+                    t.draining.insert(name.to_owned(), Instant::now());
+                }
+            }
+        }
+        OwnState::Draining { .. } => {
+            let since = *t.draining.entry(name.to_owned()).or_insert_with(Instant::now);
+            let Some(to) = other else {
+                log::info!("group {name}: the engine it preferred is gone; this engine keeps it");
+                own.undrain(token);
+                t.draining.remove(name);
+                return;
+            };
+            let shared = &g.shared;
+            if shared.confirmed.load(std::sync::atomic::Ordering::Acquire) >= shared.durable() {
+                let change = Change {
+                    from: c.cfg.name.clone(),
+                    to: to.engine.clone(),
+                    why: format!("handed over: engine {} prefers it", to.engine),
+                    token,
+                    time: hindsight_consistency::time::format_rfc3339(hindsight_consistency::time::now_ns()),
+                };
+                let _ = c.etcd.put(&format!("{}changes/{name}", c.prefix()), &serde_json::to_vec(&change).expect("serializes"), 0);
+                match c.etcd.delete_if_created(&key, i64::try_from(token).unwrap_or(i64::MAX)) {
+                    Ok(_) => {
+                        // The sessions end before the writes they queued are failed (as no
+                        // longer owned): their agents send those again to the new owner.
+                        close_sessions(reg, name, &format!("group {name} is handed over to engine {} at {}", to.engine, to.address));
+                        own.elsewhere(Some(to.address.clone()));
+                        t.draining.remove(name);
+                        log::info!(
+                            "group {name}: handed over to engine {} after {:?} of draining (the target holds every record)",
+                            to.engine,
+                            since.elapsed()
+                        );
+                        shared.wake_shipper();
+                        g.wake();
+                    }
+                    Err(e) => log::warn!("group {name}: releasing it for the handover: {e}"),
+                }
+            } else if since.elapsed() >= DRAIN_LIMIT {
+                log::warn!(
+                    "group {name}: the target did not confirm what the journal holds within {DRAIN_LIMIT:?}; the handover to engine {} \
+                     waits, and the group takes writes again",
+                    to.engine
+                );
+                own.undrain(token);
+                t.draining.remove(name);
+            }
+        }
+        OwnState::Single | OwnState::Elsewhere { .. } => {}
+    }
+}
+
+/// Tries to claim an unowned group; whether it did.
+fn claim(c: &Cluster, g: &crate::group::GroupHandle, name: &str, lease: LeaseId, view: &mut View) -> bool {
     let key = format!("{}owners/{name}", c.prefix());
     let me = c.me();
     match c.etcd.create(&key, &serde_json::to_vec(&me).expect("serializes"), lease) {
         Ok(Ok(revision)) => {
             let token = u64::try_from(revision).unwrap_or(0);
-            let from = view.changes.get(name).map(|ch| ch.to.clone()).unwrap_or_default();
-            let why = if from.is_empty() || from == c.cfg.name {
-                "unowned".to_owned()
-            } else {
-                format!("engine {from} no longer held it (its lease ended)")
+            let last = view.changes.get(name);
+            let (from, why) = match last {
+                // The engine that handed it over said so.
+                Some(ch) if ch.to == c.cfg.name && ch.why.starts_with("handed over") => (ch.from.clone(), ch.why.clone()),
+                Some(ch) if ch.to != c.cfg.name => (ch.to.clone(), format!("engine {} no longer held it (its lease ended)", ch.to)),
+                _ => (String::new(), "unowned".to_owned()),
             };
             log::info!("group {name}: claimed by engine {} (token {token}): {why}", c.cfg.name);
             g.shared.ownership.claim(token);
@@ -292,14 +410,19 @@ fn claim(c: &Cluster, g: &crate::group::GroupHandle, name: &str, lease: LeaseId,
             let _ = c.etcd.put(&format!("{}changes/{name}", c.prefix()), &serde_json::to_vec(&change).expect("serializes"), 0);
             view.owners.insert(name.to_owned(), (me, token));
             view.changes.insert(name.to_owned(), change);
+            true
         }
         Ok(Err(existing)) => {
             if let Ok(m) = serde_json::from_slice::<Member>(&existing.value) {
                 g.shared.ownership.elsewhere(Some(m.address.clone()));
                 view.owners.insert(name.to_owned(), (m, u64::try_from(existing.create_revision).unwrap_or(0)));
             }
+            false
         }
-        Err(e) => log::warn!("group {name}: claiming it: {e}"),
+        Err(e) => {
+            log::warn!("group {name}: claiming it: {e}");
+            false
+        }
     }
 }
 

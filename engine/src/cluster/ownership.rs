@@ -41,6 +41,9 @@ pub enum OwnState {
     Claimed { token: u64 },
     /// Owned with `token`, taking writes.
     Serving { token: u64 },
+    /// Owned with `token`, being handed over to the engine the group prefers: no new write is
+    /// numbered while the target confirms what the journal holds; agents wait.
+    Draining { token: u64 },
     /// Another engine owns it (its address, if known), or nobody does yet.
     Elsewhere { owner: Option<String> },
 }
@@ -74,7 +77,7 @@ impl Ownership {
     pub fn token(&self) -> Option<u64> {
         match *lock(&self.state) {
             OwnState::Single => Some(0),
-            OwnState::Claimed { token } | OwnState::Serving { token } => Some(token),
+            OwnState::Claimed { token } | OwnState::Serving { token } | OwnState::Draining { token } => Some(token),
             OwnState::Elsewhere { .. } => None,
         }
     }
@@ -84,7 +87,7 @@ impl Ownership {
     pub fn serving(&self) -> Result<(), Option<String>> {
         match &*lock(&self.state) {
             OwnState::Single | OwnState::Serving { .. } => Ok(()),
-            OwnState::Claimed { .. } => Err(None),
+            OwnState::Claimed { .. } | OwnState::Draining { .. } => Err(None),
             OwnState::Elsewhere { owner } => Err(owner.clone()),
         }
     }
@@ -93,7 +96,7 @@ impl Ownership {
     pub fn may_ack(&self) -> bool {
         match *lock(&self.state) {
             OwnState::Single => true,
-            OwnState::Serving { .. } => self.lease.get().is_some_and(|l| l.valid()),
+            OwnState::Serving { .. } | OwnState::Draining { .. } => self.lease.get().is_some_and(|l| l.valid()),
             OwnState::Claimed { .. } | OwnState::Elsewhere { .. } => false,
         }
     }
@@ -103,6 +106,29 @@ impl Ownership {
         match *lock(&self.state) {
             OwnState::Claimed { token } => Some(token),
             _ => None,
+        }
+    }
+
+    /// Whether the group is being handed over (the journal task numbers nothing meanwhile).
+    pub fn draining(&self) -> bool {
+        matches!(*lock(&self.state), OwnState::Draining { .. })
+    }
+
+    /// Starts handing the group over: true if it was serving with `token`.
+    pub fn drain(&self, token: u64) -> bool {
+        let mut s = lock(&self.state);
+        if *s == (OwnState::Serving { token }) {
+            *s = OwnState::Draining { token };
+            return true;
+        }
+        false
+    }
+
+    /// A handover that could not finish: the group takes writes again.
+    pub fn undrain(&self, token: u64) {
+        let mut s = lock(&self.state);
+        if *s == (OwnState::Draining { token }) {
+            *s = OwnState::Serving { token };
         }
     }
 
@@ -124,7 +150,7 @@ impl Ownership {
     /// Another engine owns the group (or nobody): returns whether this engine owned it.
     pub fn elsewhere(&self, owner: Option<String>) -> bool {
         let mut s = lock(&self.state);
-        let was = matches!(*s, OwnState::Claimed { .. } | OwnState::Serving { .. });
+        let was = matches!(*s, OwnState::Claimed { .. } | OwnState::Serving { .. } | OwnState::Draining { .. });
         if !matches!(*s, OwnState::Single) {
             *s = OwnState::Elsewhere { owner };
         }
@@ -165,6 +191,10 @@ mod tests {
         lease.renewed(Instant::now());
         assert!(!o.may_ack(), "the lease ran out by this engine's clock");
         lease.renewed(Instant::now() + Duration::from_secs(60));
+        assert!(o.drain(41));
+        assert_eq!((o.token(), o.serving(), o.may_ack(), o.draining()), (Some(41), Err(None), true, true));
+        o.undrain(41);
+        assert_eq!((o.serving(), o.draining()), (Ok(()), false));
         assert!(o.elsewhere(None));
         assert_eq!((o.token(), o.may_ack()), (None, false));
     }

@@ -128,6 +128,8 @@ struct Sequencer {
     idle_wake: Duration,
     /// The journal's buffers were given back since the last batch.
     released: bool,
+    /// The last batch was refused because this engine does not own the group (said once).
+    not_owner: bool,
 }
 
 impl Sequencer {
@@ -153,6 +155,7 @@ impl Sequencer {
             regulated: None,
             idle_wake: IDLE_WAKE,
             released: false,
+            not_owner: false,
         }
     }
 
@@ -207,7 +210,7 @@ impl Sequencer {
         }
         self.interval_point();
         let action = self.shared.journal.update(self.journal.size_bytes());
-        if action == Action::Hold || self.shared.handed_over.load(Ordering::Relaxed) {
+        if action == Action::Hold || self.shared.handed_over.load(Ordering::Relaxed) || self.shared.ownership.draining() {
             // `block` with a full journal: takes nothing for a while, until the target
             // confirms and segments go.
             return match self.housekeeping() {
@@ -243,12 +246,22 @@ impl Sequencer {
         if !self.shared.ownership.may_ack() {
             // The lease is not valid by this engine's clock (docs/ha.md, "Fencing"): nothing is
             // numbered; the agents track these writes and resync them to the owner.
+            if !self.not_owner {
+                log::warn!(
+                    "group {}: refusing {} write(s) with EIO: this engine does not own the group now (or its lease was not \
+                     renewed in time)",
+                    self.shared.name,
+                    self.batch.len()
+                );
+                self.not_owner = true;
+            }
             fail_all(&mut self.batch);
             if let Some(b) = taken.bookmark {
                 b.answer(Err(GroupError::NotOwner { group: self.shared.name.clone() }), &self.shared.name);
             }
             return Next::Again;
         }
+        self.not_owner = false;
         let now = self.stamp();
         match self.append(&taken, now).and_then(|appended| Ok((appended, self.journal.commit()?))) {
             Ok((appended, durable)) => self.acknowledge(taken, appended, durable, now),
@@ -261,6 +274,17 @@ impl Sequencer {
     /// Starts the journal again at `next` for a new claim of the group (docs/ha.md,
     /// "Takeover"): nothing is queued (agents attach only once it is done).
     fn restart(&mut self, next: Seq) -> Result<(), String> {
+        // Whatever is still queued came from sessions of an earlier ownership, long closed:
+        // none of it may be numbered now (its agents sent it again to the owner of the time).
+        while let Ok(item) = self.rx.try_recv() {
+            self.room.give(1);
+            match item {
+                GroupItem::Write(w) => self.batch.push(w),
+                GroupItem::Bookmark(b) => b.answer(Err(GroupError::NotOwner { group: self.shared.name.clone() }), &self.shared.name),
+                GroupItem::ResyncDone(_) | GroupItem::Barrier(_) => {}
+            }
+        }
+        fail_all(&mut self.batch);
         let shared = &self.shared;
         let (first, last) = (self.journal.first_seq(), self.journal.durable_seq());
         self.journal.restart_at(next).map_err(|e| format!("group {}: starting the journal again at seq {next}: {e}", shared.name))?;
