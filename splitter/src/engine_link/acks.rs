@@ -28,7 +28,9 @@ pub(super) fn read_acks(inner: &Arc<Inner>, stream: ReadHalf) -> FrameError {
         if !whole_frame_buffered(stream.buffer()) {
             cork = None;
         }
-        let ack = match read_frame(&mut stream, &mut payload) {
+        let frame = read_frame(&mut stream, &mut payload);
+        inner.frames_read.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ack = match frame {
             Ok(FrameType::WriteAck) => match WriteAck::decode(&payload) {
                 Ok(ack) => ack,
                 Err(e) => return e,

@@ -110,6 +110,7 @@ impl EngineLink {
             engine: dialer.describe(),
             security: config.security,
             dialer,
+            frames_read: std::sync::atomic::AtomicU64::new(0),
             hello,
             volumes,
             engine_timeout: config.engine_timeout,

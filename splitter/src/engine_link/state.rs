@@ -60,6 +60,8 @@ pub(super) struct Inner {
     pub(super) security: Security,
     /// Which engine is dialed next.
     pub(super) dialer: super::dial::Dialer,
+    /// Frames read from the engine so far (the supervisor's watch sees a hung engine by it).
+    pub(super) frames_read: std::sync::atomic::AtomicU64,
     pub(super) hello: Vec<u8>,
     pub(super) volumes: Vec<String>,
     pub(super) engine_timeout: Duration,
@@ -106,6 +108,22 @@ impl Inner {
             *state = State::Reconnecting { since: Instant::now() };
             // Their replies would come on the lost connection: the requesters ask again.
             lock(&self.hash_waits).clear();
+        }
+    }
+
+    /// The engine has sent nothing for `silent` while writes wait (a hung process or host
+    /// keeps its connection open): the connection is shut, which ends its ack reader, and the
+    /// next engine of the site is dialed first.
+    pub(super) fn hung(&self, silent: Duration) {
+        let w = lock(&self.writer);
+        if let State::Up(stream) = &w.state {
+            warn!(
+                "engine {} has answered nothing for {silent:.1?} while {} write(s) wait: taken as hung; reconnecting",
+                self.dialer.target().0,
+                lock(&self.pending).len()
+            );
+            self.dialer.failed(&self.dialer.target().0);
+            stream.shutdown();
         }
     }
 

@@ -5,7 +5,10 @@
 use std::sync::Arc;
 use std::thread;
 
-use crossbeam_channel::Receiver;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use hindsight_consistency::sync::lock;
 use hindsight_consistency::transport::{Connection, ReadHalf, WriteHalf};
 use hindsight_consistency::wire::FrameError;
@@ -33,7 +36,12 @@ pub(super) fn supervise(inner: &Arc<Inner>, first: Option<ReadHalf>, closed: &Re
     };
     loop {
         let for_acks = Arc::clone(inner);
-        let acks = thread::Builder::new().name("engine-acks".to_string()).spawn(move || read_acks(&for_acks, reader));
+        let (ended, ends) = crossbeam_channel::bounded(1);
+        let acks = thread::Builder::new().name("engine-acks".to_string()).spawn(move || {
+            let why = read_acks(&for_acks, reader);
+            let _ = ended.send(());
+            why
+        });
         let reason = match acks {
             Ok(acks) => {
                 if let Some(stream) = fresh.take() {
@@ -41,6 +49,7 @@ pub(super) fn supervise(inner: &Arc<Inner>, first: Option<ReadHalf>, closed: &Re
                     // cannot fill both directions of the socket and stall.
                     inner.go_up(stream);
                 }
+                watch(inner, &ends);
                 acks.join().unwrap_or_else(|_| FrameError::Peer("the ack reader panicked".into())).to_string()
             }
             Err(e) => {
@@ -62,6 +71,29 @@ pub(super) fn supervise(inner: &Arc<Inner>, first: Option<ReadHalf>, closed: &Re
         fresh = Some(stream);
     }
     finish(inner);
+}
+
+/// How often the supervisor looks whether the engine still answers.
+const WATCH_TICK: Duration = Duration::from_millis(250);
+
+/// Waits for the connection's ack reader to end (`ends`); meanwhile, if writes wait and the
+/// engine sends nothing for the engine timeout, takes it as hung and shuts the connection.
+fn watch(inner: &Inner, ends: &Receiver<()>) {
+    let mut seen = inner.frames_read.load(Ordering::Relaxed);
+    let mut silent_since: Option<Instant> = None;
+    while let Err(RecvTimeoutError::Timeout) = ends.recv_timeout(WATCH_TICK) {
+        let read = inner.frames_read.load(Ordering::Relaxed);
+        if read != seen || lock(&inner.pending).is_empty() {
+            seen = read;
+            silent_since = None;
+            continue;
+        }
+        let since = *silent_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= inner.engine_timeout {
+            inner.hung(since.elapsed());
+            silent_since = None;
+        }
+    }
 }
 
 /// Reconnects; returns the reader half and the writer half to bring up, or `None` once the
