@@ -1,6 +1,7 @@
 //! Engines as a cluster (docs/ha.md) with a real etcd: three engines share two sync groups;
 //! agents are sent to each group's owner; when the owner is killed another engine takes the
-//! group over once its lease expires, and no acknowledged write is lost.
+//! group over once its lease expires, and an engine that joins takes the groups it prefers by
+//! a planned handover; no acknowledged write is lost, and a handover resyncs nothing.
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use hindsight_engine::cluster::assign::preferred;
 
 const SIZE: u64 = 8 << 20;
 const ENGINES: [&str; 3] = ["engine-a", "engine-b", "engine-c"];
@@ -24,11 +26,18 @@ struct Site {
 }
 
 impl Site {
-    fn start(vols: &[Vol], etcd_members: usize) -> Site {
+    /// Starts the target, etcd and the engines named in `running` (all are configured).
+    fn start(vols: &[Vol], etcd_members: usize, running: &[&'static str]) -> Site {
+        // Writes wait for the takeover instead of being tracked at once.
+        Self::start_timeout(vols, etcd_members, running, "20s")
+    }
+
+    /// Like `start`, with the agents' `engine_timeout` (after which a silent engine is taken
+    /// as hung).
+    fn start_timeout(vols: &[Vol], etcd_members: usize, running: &[&'static str], engine_timeout: &str) -> Site {
         let mut c = Cluster::prepare(vols, "", "");
         c.group_extra = "mode = \"sync\"\n".into();
-        // Writes wait for the takeover instead of being tracked at once.
-        c.agent_extra = "engine_timeout = \"20s\"\n".into();
+        c.agent_extra = format!("engine_timeout = \"{engine_timeout}\"\n");
         c.write_configs();
         c.start_target();
         let etcd = Etcd::start(c.dir.path(), etcd_members);
@@ -55,7 +64,7 @@ impl Site {
             std::fs::write(path, text).unwrap();
         }
         let mut site = Site { c, etcd, ports, engines: BTreeMap::new() };
-        for name in ENGINES {
+        for name in running {
             site.start_engine(name);
         }
         site
@@ -110,7 +119,7 @@ fn a_killed_owner_is_taken_over_and_no_acknowledged_sync_write_is_lost() {
     }
     let mut rng = seeded_rng();
     let vols = [Vol::in_group("erp", "vm1", "db", SIZE), Vol::in_group("crm", "vm2", "app", SIZE)];
-    let mut site = Site::start(&vols, 1);
+    let mut site = Site::start(&vols, 1, &ENGINES);
     let (erp_owner, erp_token) = site.owner("erp", Duration::from_secs(20));
     let (crm_owner, _) = site.owner("crm", Duration::from_secs(20));
     eprintln!("erp owned by {erp_owner} (token {erp_token}), crm by {crm_owner}");
@@ -142,4 +151,96 @@ fn a_killed_owner_is_taken_over_and_no_acknowledged_sync_write_is_lost() {
     }
     assert!(site.c.log("target").contains("owns the group now") || site.c.log("target").contains("owns the group from token"));
     let _ = site.etcd.dir();
+}
+
+/// Two group names that prefer an engine other than engine-a among the three.
+fn groups_away_from_the_first_engine() -> [String; 2] {
+    let names: Vec<String> = (0..50).map(|i| format!("g{i}")).filter(|g| preferred(g, ENGINES) != Some("engine-a")).take(2).collect();
+    [names[0].clone(), names[1].clone()]
+}
+
+#[test]
+fn an_engine_that_joins_takes_its_groups_over_by_a_planned_handover() {
+    if !have_tools(&["etcd", "etcdctl", "qemu-io"]) {
+        return;
+    }
+    let mut rng = seeded_rng();
+    let [g1, g2] = groups_away_from_the_first_engine();
+    let vols = [Vol::in_group(&g1, "vm1", "db", SIZE), Vol::in_group(&g2, "vm2", "app", SIZE)];
+    let mut site = Site::start(&vols, 1, &ENGINES[..1]);
+    assert_eq!(site.owner(&g1, Duration::from_secs(20)).0, "engine-a", "alone, the first engine owns every group");
+    assert_eq!(site.owner(&g2, Duration::from_secs(20)).0, "engine-a");
+    site.c.start_agents();
+    let (mut db, mut app) = (Model::new(SIZE), Model::new(SIZE));
+    write_and_check(&mut site, &g1, "db", &mut db, &mut rng);
+    write_and_check(&mut site, &g2, "app", &mut app, &mut rng);
+
+    // The other two join: each group moves to the engine it prefers, while its agent writes.
+    site.start_engine(ENGINES[1]);
+    site.start_engine(ENGINES[2]);
+    let (mut longest, mut batches) = (Duration::ZERO, 0);
+    let started = Instant::now();
+    loop {
+        let t = Instant::now();
+        write_and_check(&mut site, &g1, "db", &mut db, &mut rng);
+        write_and_check(&mut site, &g2, "app", &mut app, &mut rng);
+        longest = longest.max(t.elapsed());
+        batches += 1;
+        let moved = [&g1, &g2].iter().all(|g| site.owner(g, Duration::from_secs(20)).0 == preferred(g, ENGINES).unwrap());
+        if moved && batches >= 3 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the groups never moved to the engines they prefer");
+    }
+    eprintln!("handover: {batches} write batches, the longest (two groups, 12 writes each) took {longest:.1?}");
+    for g in [&g1, &g2] {
+        let why = site.etcd.get_json(&format!("/hindsight/default/changes/{g}")).unwrap();
+        assert!(why["why"].as_str().unwrap().starts_with("handed over"), "{why}");
+        assert_eq!(resync_bytes(&site.c.path("target"), g), 0, "a planned handover resyncs nothing");
+    }
+    assert!(longest < Duration::from_secs(10), "writes paused {longest:?} for a handover");
+}
+
+/// `kill -<sig> pid`.
+fn signal(pid: u32, sig: &str) {
+    run_ok(Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()));
+}
+
+#[test]
+fn a_stopped_owner_is_taken_over_and_once_resumed_gets_no_record_in_and_no_write_acknowledged() {
+    if !have_tools(&["etcd", "etcdctl", "qemu-io"]) {
+        return;
+    }
+    let mut rng = seeded_rng();
+    let vols = [Vol::in_group("erp", "vm1", "db", SIZE)];
+    // Agents take a silent engine as hung after 3 s; leases last 2 s.
+    let mut site = Site::start_timeout(&vols, 1, &ENGINES, "3s");
+    site.c.start_agents();
+    let mut db = Model::new(SIZE);
+    write_and_check(&mut site, "erp", "db", &mut db, &mut rng);
+    let (victim, old_token) = site.owner("erp", Duration::from_secs(20));
+    let pid = site.engines[victim.as_str()].0.id();
+    signal(pid, "STOP");
+    let t0 = Instant::now();
+    // Sent to the stopped engine first: the agent sees it hung and goes to the new owner.
+    write_and_check(&mut site, "erp", "db", &mut db, &mut rng);
+    let took = t0.elapsed();
+    let (owner, token) = site.owner("erp", Duration::from_secs(20));
+    eprintln!("{victim} stopped; {owner} took erp over (token {old_token} -> {token}); the writes waited {took:.1?}");
+    assert!(owner != victim && token > old_token);
+    let before = site.c.log(&victim).len();
+    signal(pid, "CONT");
+    site.c.wait_log_within(&victim, "every group it owned is given up", Duration::from_secs(20));
+    // The resumed engine neither acknowledges nor ships anything of the group: what it still
+    // had (writes read from its socket after the resume) is refused, and the target's owner
+    // is the new one.
+    std::thread::sleep(Duration::from_secs(2));
+    let after = &site.c.log(&victim)[before..];
+    let shipped = after.lines().any(|l| l.contains("shipping to") && l.contains(" from seq "));
+    assert!(!shipped, "the resumed engine shipped again:\n{after}");
+    assert!(!after.contains("attached volumes"), "the resumed engine took an agent:\n{after}");
+    let meta = std::fs::read_to_string(site.c.path("target/groups/erp/group.toml")).unwrap();
+    assert!(meta.contains(&format!("owner = {token}")), "{meta}");
+    write_and_check(&mut site, "erp", "db", &mut db, &mut rng);
+    assert_same("db at the target", &site.recovered("erp", "db"), &db.bytes);
 }
