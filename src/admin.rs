@@ -11,7 +11,7 @@ use hindsight_consistency::config::EngineConfig;
 use hindsight_consistency::transport::identity::server_name_of;
 use hindsight_consistency::transport::{Role, Security, TlsEndpoint, TlsFiles};
 use hindsight_consistency::wire::{
-    decode_message, encode_message, read_frame, write_frame, ErrorMessage, FrameType, GroupStatus, ResyncStatus, StatusReply,
+    decode_message, encode_message, read_frame, write_frame, ClusterStatus, ErrorMessage, FrameType, GroupStatus, ResyncStatus, StatusReply,
 };
 use serde::de::DeserializeOwned;
 
@@ -148,6 +148,9 @@ pub fn request<Q: Serialize, R: DeserializeOwned>(to: &EngineAddress, ask: Frame
 /// The human form of `hindsight status`.
 pub fn format_status(reply: &StatusReply) -> String {
     let mut out = format!("engine {}\n", reply.engine);
+    if let Some(c) = &reply.cluster {
+        out.push_str(&format_cluster(c));
+    }
     for g in &reply.groups {
         out.push_str(&format_group(g));
     }
@@ -169,9 +172,39 @@ fn format_sweep(r: &ResyncStatus) -> String {
     )
 }
 
+/// The cluster: this engine and its lease, the live engines, each group's owner and its latest
+/// change.
+fn format_cluster(c: &ClusterStatus) -> String {
+    let lease = if c.lease_valid { "lease valid" } else { "LEASE NOT VALID: acknowledges no write" };
+    let mut lines = vec![format!("cluster {}: this engine is {}, {lease}", c.site, c.name)];
+    if !c.etcd_error.is_empty() {
+        lines.push(format!("  etcd: {}", c.etcd_error));
+    }
+    let engines: Vec<String> = c.engines.iter().map(|(n, a)| format!("{n} ({a})")).collect();
+    lines.push(format!("  engines alive: {}", if engines.is_empty() { "(none seen)".to_string() } else { engines.join(", ") }));
+    for o in &c.owners {
+        let owner = if o.engine.is_empty() { "no owner".to_string() } else { format!("owned by {} (token {})", o.engine, o.token) };
+        let change = match (o.why.is_empty(), o.changed_from.is_empty()) {
+            (true, _) => String::new(),
+            (false, true) => format!("; since {}: {}", o.time, o.why),
+            (false, false) => format!("; since {}, from {}: {}", o.time, o.changed_from, o.why),
+        };
+        lines.push(format!("  group {}: {owner}{change}", o.group));
+    }
+    lines.join("\n") + "\n"
+}
+
 fn format_group(g: &GroupStatus) -> String {
     let mode = if g.mode == g.effective_mode { g.mode.clone() } else { format!("{} (configured {})", g.effective_mode, g.mode) };
-    let mut lines = vec![format!("group {}: mode {mode}", g.name)];
+    let here = match g.ownership.as_str() {
+        "" | "owner" => String::new(),
+        other => format!(" ({other} by this engine)"),
+    };
+    if g.ownership == "elsewhere" {
+        // Its mode, lag and link are the owner's to tell.
+        return format!("group {}: owned by another engine (the cluster above says which)\n", g.name);
+    }
+    let mut lines = vec![format!("group {}: mode {mode}{here}", g.name)];
     if !g.reason.is_empty() {
         lines.push(format!("  {}", g.reason));
     }

@@ -91,7 +91,11 @@ mod tests {
     use hindsight_consistency::wire::GroupStatus;
 
     fn reply(resyncing: Vec<ResyncStatus>) -> StatusReply {
-        StatusReply { engine: "e".into(), groups: vec![GroupStatus { name: "erp".into(), resyncing, ..GroupStatus::default() }] }
+        StatusReply {
+            engine: "e".into(),
+            groups: vec![GroupStatus { name: "erp".into(), resyncing, ..GroupStatus::default() }],
+            cluster: None,
+        }
     }
 
     #[test]

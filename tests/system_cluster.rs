@@ -97,6 +97,15 @@ impl Site {
         }
     }
 
+    /// No engine's sync group degraded: none lost its target, and giving a group up (or
+    /// taking it) is no loss of the target.
+    fn assert_never_degraded(&self) {
+        for name in ENGINES {
+            let log = self.c.log(name);
+            assert!(!log.contains("degraded to cdp"), "{name} degraded a group:\n{log}");
+        }
+    }
+
     /// What the target recovers of `volume` (of `group`) at its latest point.
     fn recovered(&mut self, group: &str, volume: &str) -> Vec<u8> {
         self.c.group = group.to_owned();
@@ -143,13 +152,25 @@ fn a_killed_owner_is_taken_over_and_no_acknowledged_sync_write_is_lost() {
         assert_ne!(owner, victim);
         assert!(token > old_token, "a later ownership has a larger token");
         assert!(took < Duration::from_secs(15), "writes waited {took:?} for the takeover");
+        let status = run_ok(Command::new(hindsight_bin()).args(["status", "--config"]).arg(site.c.path(&format!("{owner}.toml"))));
+        for want in [
+            format!("cluster default: this engine is {owner}, lease valid"),
+            format!("group erp: owned by {owner} (token {token}); since "),
+            format!("from {victim}: engine {victim} no longer held it (its lease ended)"),
+            // A new owner starts in sync: no write of the group is acknowledged before the
+            // target holds it.
+            "group erp: mode sync\n".to_string(),
+        ] {
+            assert!(status.contains(&want), "{want:?} not in:\n{status}");
+        }
         // The other group goes on wherever it is.
         write_and_check(&mut site, "crm", "app", &mut app, &mut rng);
         // The killed engine comes back and joins again; it owns nothing it did not claim.
         let name = ENGINES.iter().find(|e| **e == victim).unwrap();
         site.start_engine(name);
     }
-    assert!(site.c.log("target").contains("owns the group now") || site.c.log("target").contains("owns the group from token"));
+    assert!(site.c.log("target").contains("owns the group from token"));
+    site.assert_never_degraded();
     let _ = site.etcd.dir();
 }
 
@@ -196,9 +217,13 @@ fn an_engine_that_joins_takes_its_groups_over_by_a_planned_handover() {
     for g in [&g1, &g2] {
         let why = site.etcd.get_json(&format!("/hindsight/default/changes/{g}")).unwrap();
         assert!(why["why"].as_str().unwrap().starts_with("handed over"), "{why}");
+        let status = run_ok(Command::new(hindsight_bin()).args(["status", "--config"]).arg(site.c.path("engine-a.toml")));
+        assert!(status.contains(&format!("group {g}: owned by another engine")), "{status}");
+        assert!(status.contains("from engine-a: handed over: engine "), "{status}");
         assert_eq!(resync_bytes(&site.c.path("target"), g), 0, "a planned handover resyncs nothing");
     }
     assert!(longest < Duration::from_secs(10), "writes paused {longest:?} for a handover");
+    site.assert_never_degraded();
 }
 
 /// `kill -<sig> pid`.

@@ -95,9 +95,11 @@ pub(crate) fn status(req: &StatusRequest, reg: &Registry) -> Result<StatusReply,
             journal_state: g.shared.journal.describe(),
             handed_over: g.shared.handed_over.load(Ordering::Relaxed),
             target_refused: lock(&g.shared.target_refused).clone(),
+            ownership: g.shared.ownership.describe().to_owned(),
         });
     }
-    Ok(StatusReply { engine: reg.name.clone(), groups })
+    let cluster = reg.cluster.get().map(|c| c.status());
+    Ok(StatusReply { engine: reg.name.clone(), groups, cluster })
 }
 
 /// Changes a group's mode on the running engine.

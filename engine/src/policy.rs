@@ -221,6 +221,12 @@ impl Policy {
         }
     }
 
+    /// The shipper's connection ended because this engine no longer owns the group (docs/ha.md):
+    /// not a loss of the target, so nothing degrades; the next owner's claim starts afresh.
+    pub fn target_left(&self) {
+        self.connected.store(false, Ordering::Release);
+    }
+
     /// The shipper's connection to the target came up or went down.
     pub fn target_connected(&self, up: bool) {
         let was = self.connected.swap(up, Ordering::AcqRel);

@@ -250,7 +250,11 @@ impl Shipping {
         link.w.shutdown();
         link.end.wait();
         self.s.hashes.disconnected();
-        shared.policy.target_connected(false);
+        if matches!(problem, Some(ShipError::NotOwner)) {
+            shared.policy.target_left();
+        } else {
+            shared.policy.target_connected(false);
+        }
         if link.end.target_full.load(Ordering::Acquire) {
             // Said once by the journal watch; the same words each retry keep the log quiet.
             self.note(&ShipError::TargetFull);
@@ -355,8 +359,10 @@ impl Shipper {
         let reader = JournalReader::open(self.fs.clone(), &self.journal_dir, from)
             .map_err(|source| ShipError::NotRetained { from, source })?
             .with_tail(Arc::clone(&self.tail));
-        shared.confirm(welcome.durable_seq);
+        // Connected first: a target that holds everything the journal does brings a degraded
+        // sync group back to sync before its next write (a new claim always does).
         shared.policy.target_connected(true);
+        shared.confirm(welcome.durable_seq);
         let compress = welcome.compression == LZ4;
         shared.link.set_compression(if compress { LZ4 } else { "" });
         log::info!(

@@ -318,6 +318,40 @@ pub struct StatusReply {
     pub engine: String,
     /// One entry per group, by name.
     pub groups: Vec<GroupStatus>,
+    /// The engine cluster as this engine sees it (`[cluster]`, docs/ha.md), if it is in one.
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// An engine cluster: the live engines, who owns each group and the latest change of owner.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The site (the etcd key prefix).
+    pub site: String,
+    /// This engine's name in the cluster.
+    pub name: String,
+    /// Whether this engine's lease is valid by its clock (it acknowledges writes).
+    pub lease_valid: bool,
+    /// Why etcd could not be read at the last try, or empty.
+    pub etcd_error: String,
+    /// The live engines: (name, address).
+    pub engines: Vec<(String, String)>,
+    /// Each group's owner.
+    pub owners: Vec<GroupOwner>,
+}
+
+/// Who owns a group, and its latest change of owner.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupOwner {
+    pub group: String,
+    /// The owner's name, empty while nobody owns the group.
+    pub engine: String,
+    pub address: String,
+    /// The ownership token (the owner key's create revision).
+    pub token: u64,
+    /// The latest change: from which engine, why, when (RFC 3339); empty if none is known.
+    pub changed_from: String,
+    pub why: String,
+    pub time: String,
 }
 
 /// One group's replication state.
@@ -380,6 +414,9 @@ pub struct GroupStatus {
     pub handed_over: bool,
     /// What the target said when it last refused the group ("" when it did not).
     pub target_refused: String,
+    /// This engine's part in the group's ownership (clustered engines): `owner`, `claimed`,
+    /// `draining`, `elsewhere`; empty without a cluster.
+    pub ownership: String,
 }
 
 /// Operator → engine: set a group's mode.

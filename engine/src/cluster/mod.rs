@@ -109,6 +109,38 @@ impl Cluster {
         lock(&self.view).clone()
     }
 
+    /// What `status` shows of the cluster.
+    pub fn status(&self) -> hindsight_consistency::wire::ClusterStatus {
+        let v = self.view();
+        let mut groups: Vec<&String> = v.owners.keys().chain(v.changes.keys()).collect();
+        groups.sort();
+        groups.dedup();
+        let owners = groups
+            .into_iter()
+            .map(|g| {
+                let (owner, token) = v.owners.get(g).cloned().map_or((None, 0), |(m, t)| (Some(m), t));
+                let change = v.changes.get(g);
+                hindsight_consistency::wire::GroupOwner {
+                    group: g.clone(),
+                    engine: owner.as_ref().map(|m| m.engine.clone()).unwrap_or_default(),
+                    address: owner.map(|m| m.address).unwrap_or_default(),
+                    token,
+                    changed_from: change.map(|c| c.from.clone()).unwrap_or_default(),
+                    why: change.map(|c| c.why.clone()).unwrap_or_default(),
+                    time: change.map(|c| c.time.clone()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        hindsight_consistency::wire::ClusterStatus {
+            site: self.cfg.site.clone(),
+            name: self.cfg.name.clone(),
+            lease_valid: self.lease.valid(),
+            etcd_error: v.etcd_error.unwrap_or_default(),
+            engines: v.engines.into_iter().map(|m| (m.engine, m.address)).collect(),
+            owners,
+        }
+    }
+
     fn me(&self) -> Member {
         Member { engine: self.cfg.name.clone(), address: self.cfg.advertise.clone() }
     }

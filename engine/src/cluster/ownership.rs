@@ -109,6 +109,17 @@ impl Ownership {
         }
     }
 
+    /// For `status`: `owner`, `claimed`, `draining`, `elsewhere`, or empty without a cluster.
+    pub fn describe(&self) -> &'static str {
+        match *lock(&self.state) {
+            OwnState::Single => "",
+            OwnState::Claimed { .. } => "claimed",
+            OwnState::Serving { .. } => "owner",
+            OwnState::Draining { .. } => "draining",
+            OwnState::Elsewhere { .. } => "elsewhere",
+        }
+    }
+
     /// Whether the group is being handed over (the journal task numbers nothing meanwhile).
     pub fn draining(&self) -> bool {
         matches!(*lock(&self.state), OwnState::Draining { .. })
