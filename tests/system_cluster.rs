@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -14,105 +13,6 @@ use common::*;
 use hindsight_engine::cluster::assign::preferred;
 
 const SIZE: u64 = 8 << 20;
-const ENGINES: [&str; 3] = ["engine-a", "engine-b", "engine-c"];
-/// Short, so that a takeover comes within seconds.
-const LEASE_TTL: &str = "2s";
-
-/// The target, three clustered engines, the agents and etcd.
-struct Site {
-    c: Cluster,
-    etcd: Etcd,
-    ports: BTreeMap<&'static str, u16>,
-    engines: BTreeMap<&'static str, Running>,
-}
-
-impl Site {
-    /// Starts the target, etcd and the engines named in `running` (all are configured).
-    fn start(vols: &[Vol], etcd_members: usize, running: &[&'static str]) -> Site {
-        // Writes wait for the takeover instead of being tracked at once.
-        Self::start_timeout(vols, etcd_members, running, "20s")
-    }
-
-    /// Like `start`, with the agents' `engine_timeout` (after which a silent engine is taken
-    /// as hung).
-    fn start_timeout(vols: &[Vol], etcd_members: usize, running: &[&'static str], engine_timeout: &str) -> Site {
-        let mut c = Cluster::prepare(vols, "", "");
-        c.group_extra = "mode = \"sync\"\n".into();
-        c.agent_extra = format!("engine_timeout = \"{engine_timeout}\"\n");
-        c.write_configs();
-        c.start_target();
-        let etcd = Etcd::start(c.dir.path(), etcd_members);
-        let ports: BTreeMap<&'static str, u16> = ENGINES.iter().map(|e| (*e, free_port())).collect();
-        let base = std::fs::read_to_string(c.engine_toml()).unwrap();
-        let endpoints: Vec<String> = etcd.endpoints().iter().map(|e| format!("{e:?}")).collect();
-        for (name, port) in &ports {
-            let text = base
-                .replace(&format!("listen = \"127.0.0.1:{}\"", c.eport), &format!("listen = \"127.0.0.1:{port}\""))
-                .replace(&c.path("engine").display().to_string(), &c.path(name).display().to_string())
-                + &format!(
-                    "\n[cluster]\nendpoints = [{}]\nname = \"{name}\"\nadvertise = \"127.0.0.1:{port}\"\nlease_ttl = \"{LEASE_TTL}\"\n",
-                    endpoints.join(", ")
-                );
-            std::fs::write(c.path(&format!("{name}.toml")), text).unwrap();
-        }
-        let list: Vec<String> = ports.values().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
-        let mut vms: Vec<&str> = vols.iter().map(|v| v.vm.as_str()).collect();
-        vms.dedup();
-        for vm in vms {
-            let path = c.agent_toml(vm);
-            let text = std::fs::read_to_string(&path).unwrap();
-            let text = text.replace(&format!("engine = \"127.0.0.1:{}\"", c.eport), &format!("engines = [{}]", list.join(", ")));
-            std::fs::write(path, text).unwrap();
-        }
-        let mut site = Site { c, etcd, ports, engines: BTreeMap::new() };
-        for name in running {
-            site.start_engine(name);
-        }
-        site
-    }
-
-    fn start_engine(&mut self, name: &'static str) {
-        let run =
-            self.c.run_logged(name, Command::new(hindsight_bin()).arg("engine").arg("--config").arg(self.c.path(&format!("{name}.toml"))));
-        self.engines.insert(name, run);
-        wait_tcp(self.ports[name], name);
-    }
-
-    /// The owner of `group` and its token, once it has one that takes writes.
-    fn owner(&self, group: &str, within: Duration) -> (String, u64) {
-        let key = format!("/hindsight/default/owners/{group}");
-        let start = Instant::now();
-        loop {
-            if let (Some(v), Some(token)) = (self.etcd.get_json(&key), self.etcd.create_revision(&key)) {
-                let engine = v["engine"].as_str().unwrap().to_owned();
-                if self.c.log(&engine).contains(&format!("group {group}: owned by this engine (token {token})")) {
-                    return (engine, token);
-                }
-            }
-            assert!(
-                start.elapsed() < within,
-                "group {group} has no owner taking writes after {within:?}; logs in {}",
-                self.c.dir.path().display()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// No engine's sync group degraded: none lost its target, and giving a group up (or
-    /// taking it) is no loss of the target.
-    fn assert_never_degraded(&self) {
-        for name in ENGINES {
-            let log = self.c.log(name);
-            assert!(!log.contains("degraded to cdp"), "{name} degraded a group:\n{log}");
-        }
-    }
-
-    /// What the target recovers of `volume` (of `group`) at its latest point.
-    fn recovered(&mut self, group: &str, volume: &str) -> Vec<u8> {
-        self.c.group = group.to_owned();
-        self.c.recover(volume, &["--latest"])
-    }
-}
 
 /// Writes through `uri` and checks, as soon as qemu-io returns (every write acknowledged),
 /// that the target already holds them: the group is sync.
@@ -229,11 +129,6 @@ fn an_engine_that_joins_takes_its_groups_over_by_a_planned_handover() {
     }
     assert!(longest < Duration::from_secs(10), "writes paused {longest:?} for a handover");
     site.assert_never_degraded();
-}
-
-/// `kill -<sig> pid`.
-fn signal(pid: u32, sig: &str) {
-    run_ok(Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()));
 }
 
 #[test]

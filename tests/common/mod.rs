@@ -12,12 +12,14 @@
 //! - `failover`: failover and failback across the cluster's two sites;
 //! - `monitoring`: HTTP GETs of a metrics address, promtool, a real Prometheus server;
 //! - `wan`: a WAN emulator between engine and target;
-//! - `etcd`: a real etcd of one or three members, for engine clusters.
+//! - `etcd`: a real etcd of one or three members, for engine clusters;
+//! - `engines`: three clustered engines beside the target, agents and etcd.
 
 #![allow(dead_code)]
 
 mod clients;
 mod cluster;
+mod engines;
 mod etcd;
 mod failover;
 mod model;
@@ -30,6 +32,8 @@ pub mod wan;
 #[allow(unused_imports)]
 pub use clients::*;
 pub use cluster::*;
+#[allow(unused_imports)]
+pub use engines::*;
 #[allow(unused_imports)]
 pub use etcd::*;
 #[allow(unused_imports)]
