@@ -473,7 +473,6 @@ impl Drop for Paused<'_> {
 
 /// Sends a signal (`"STOP"`, `"CONT"`, ...) to a process; panics if `kill` fails, unless the
 /// thread is already panicking.
-/// `kill -<name> pid`.
 pub fn signal(pid: u32, name: &str) {
     let (ok, _, err) = run_timeout(Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()), Duration::from_secs(10));
     assert!(ok || std::thread::panicking(), "kill -{name} {pid}: {err}");
