@@ -10,7 +10,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use hindsight_engine::cluster::assign::preferred;
 
 const SIZE: u64 = 8 << 20;
 
@@ -81,7 +80,7 @@ fn a_killed_owner_is_taken_over_and_no_acknowledged_sync_write_is_lost() {
 
 /// Two group names that prefer an engine other than engine-a among the three.
 fn groups_away_from_the_first_engine() -> [String; 2] {
-    let names: Vec<String> = (0..50).map(|i| format!("g{i}")).filter(|g| preferred(g, ENGINES) != Some("engine-a")).take(2).collect();
+    let names: Vec<String> = (0..50).map(|i| format!("g{i}")).filter(|g| preferred_engine(g) != "engine-a").take(2).collect();
     [names[0].clone(), names[1].clone()]
 }
 
@@ -112,7 +111,7 @@ fn an_engine_that_joins_takes_its_groups_over_by_a_planned_handover() {
         write_and_check(&mut site, &g2, "app", &mut app, &mut rng);
         longest = longest.max(t.elapsed());
         batches += 1;
-        let moved = [&g1, &g2].iter().all(|g| site.owner(g, Duration::from_secs(20)).0 == preferred(g, ENGINES).unwrap());
+        let moved = [&g1, &g2].iter().all(|g| site.owner(g, Duration::from_secs(20)).0 == preferred_engine(g));
         if moved && batches >= 3 {
             break;
         }
@@ -213,4 +212,26 @@ fn etcd_down_moves_no_group_and_corrupts_none() {
     let meta = std::fs::read_to_string(site.c.path("target/groups/erp/group.toml")).unwrap();
     assert!(meta.contains(&format!("owner = {token_after}")), "{meta}");
     write_and_check(&mut site, "erp", "db", &mut db, &mut rng);
+}
+
+#[test]
+fn groups_that_share_a_vm_are_owned_by_one_engine_and_its_agent_writes_to_both() {
+    if !have_tools(&["etcd", "etcdctl", "qemu-io"]) {
+        return;
+    }
+    let mut rng = seeded_rng();
+    // Find two groups that would prefer different engines on their own: sharing vm1 keeps
+    // them together.
+    let names: Vec<String> = (0..50).map(|i| format!("g{i}")).collect();
+    let first = &names[0];
+    let second = names.iter().find(|g| preferred_engine(g) != preferred_engine(first)).unwrap();
+    let vols = [Vol::in_group(first, "vm1", "db", SIZE), Vol::in_group(second, "vm1", "logs", SIZE)];
+    let mut site = Site::start(&vols, 1, &ENGINES);
+    let (a, _) = site.owner(first, Duration::from_secs(20));
+    let (b, _) = site.owner(second, Duration::from_secs(20));
+    assert_eq!(a, b, "groups sharing a VM have one owner");
+    site.c.start_agents();
+    let (mut db, mut logs) = (Model::new(SIZE), Model::new(SIZE));
+    write_and_check(&mut site, first, "db", &mut db, &mut rng);
+    write_and_check(&mut site, second, "logs", &mut logs, &mut rng);
 }

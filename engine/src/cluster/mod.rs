@@ -87,6 +87,8 @@ pub struct View {
 /// A clustered engine's part of the cluster.
 pub struct Cluster {
     cfg: ClusterConfig,
+    /// Each group's unit of ownership (`assign::units`): the name its preference is taken for.
+    units: HashMap<String, String>,
     etcd: Etcd,
     /// The ack fence.
     pub lease: Arc<LeaseClock>,
@@ -150,7 +152,8 @@ impl Cluster {
 /// as they were started (owned by nobody here yet).
 pub fn start(cfg: ClusterConfig, lease: Arc<LeaseClock>, reg: &Arc<Registry>) -> Result<Arc<Cluster>, EngineError> {
     let timeout = (cfg.lease_ttl / 3).min(Duration::from_secs(2));
-    let cluster = Arc::new(Cluster { etcd: Etcd::new(&cfg.endpoints, timeout), cfg, lease, view: Mutex::default() });
+    let units = assign::units(reg.groups.iter().map(|(name, g)| (name.as_str(), g.config.volumes.iter().map(|v| v.vm.as_str()).collect())));
+    let cluster = Arc::new(Cluster { etcd: Etcd::new(&cfg.endpoints, timeout), cfg, units, lease, view: Mutex::default() });
     let (c, r) = (Arc::clone(&cluster), Arc::clone(reg));
     std::thread::Builder::new()
         .name("cluster".into())
@@ -291,7 +294,7 @@ fn reconcile(c: &Cluster, reg: &Registry, lease: LeaseId, kvs: &[KeyValue], t: &
             Some((m, token)) => {
                 t.unowned.remove(name);
                 if m.engine == c.cfg.name && own.token() == Some(*token) {
-                    let preferred = assign::preferred(name, live.iter().map(String::as_str));
+                    let preferred = assign::preferred(&c.units[name], live.iter().map(String::as_str));
                     let to = preferred.and_then(|p| view.engines.iter().find(|e| e.engine == p)).cloned();
                     keep_or_hand_over(c, reg, g, name, *token, to, t);
                     continue;
@@ -317,7 +320,7 @@ fn reconcile(c: &Cluster, reg: &Registry, lease: LeaseId, kvs: &[KeyValue], t: &
                 t.claimed.remove(name);
                 let polls = t.unowned.entry(name.clone()).or_insert(0);
                 *polls += 1;
-                let preferred = assign::preferred(name, live.iter().map(String::as_str));
+                let preferred = assign::preferred(&c.units[name], live.iter().map(String::as_str));
                 let paused = t.paused.get(name).is_some_and(|until| Instant::now() < *until);
                 if !paused && (preferred == Some(c.cfg.name.as_str()) || *polls > UNOWNED_POLLS) && claim(c, g, name, lease, &mut view) {
                     t.claimed.insert(name.clone(), Instant::now());
