@@ -18,7 +18,8 @@
 # (tests/bench_link.rs: bytes on the wire per GiB by mode, sync QD1 latency against the link's
 # delay, cdp lag at 80 % of a capped link, CPU per GiB of compression), through the test
 # suite's WAN emulator; each result line starts with BENCH. `scripts/bench.sh failover` runs
-# tests/bench_failover.rs: failover and failback times and bytes (docs/benchmarks.md).
+# tests/bench_failover.rs: failover and failback times and bytes (docs/benchmarks.md);
+# `scripts/bench.sh cluster` runs tests/bench_cluster.rs: engine-cluster takeover and handover.
 # `scripts/bench.sh tiers` (scripts/bench-tiers.sh) runs one target with a flat window and one
 # with retention tiers compressed in time side by side for 30 minutes under the same writes:
 # bytes each target writes per byte of guest writes, and the space its history takes.
@@ -57,6 +58,14 @@ if [ "${1:-}" = failover ]; then
   cd "$ROOT"
   cargo build --release --workspace --bins -q
   exec cargo test --release -q --test bench_failover -- --ignored --nocapture --test-threads=1
+fi
+if [ "${1:-}" = cluster ]; then
+  # tests/bench_cluster.rs: takeover after kill -9 of the owner (20 rounds; HS_BENCH_TAKEOVERS,
+  # HS_BENCH_LEASE_TTL="5s") and the pause of the planned handover back (docs/ha.md).
+  "$ROOT/scripts/install-deps.sh"
+  cd "$ROOT"
+  cargo build --release --workspace --bins -q
+  exec cargo test --release -q --test bench_cluster -- --ignored --nocapture --test-threads=1
 fi
 if [ "${1:-}" = link ]; then
   "$ROOT/scripts/install-deps.sh"

@@ -122,3 +122,8 @@ impl Site {
         self.c.recover(volume, &["--latest"])
     }
 }
+
+/// The engine `group` prefers among the three (docs/ha.md, "Which engine owns what").
+pub fn preferred_engine(group: &str) -> &'static str {
+    hindsight_engine::cluster::assign::preferred(group, ENGINES).expect("three engines")
+}
