@@ -5,14 +5,19 @@
 //! takeover as the guest sees it). The killed engine is started again; the group prefers it,
 //! so it is handed back by a planned handover while a writer issues one 4 KiB write after
 //! another: the longest of them is the pause. HS_BENCH_TAKEOVERS rounds (default 20),
-//! HS_BENCH_LEASE_TTL (default "5s", the product's default). Each result line starts with BENCH.
+//! HS_BENCH_LEASE_TTL (default "5s", the product's default).
+//!
+//! Then six cdp groups (one VM and one 256 MiB volume each) are written at once by fio (1 MiB
+//! sequential writes, QD8 per volume, HS_BENCH_RUNTIME seconds, default 10) with one engine
+//! owning all six, and again with three engines owning two each: the aggregate rate, and each
+//! engine's CPU seconds per GB of guest writes. Each result line starts with BENCH.
 
 mod common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{preferred_engine, run_ok, Site, Vol, ENGINES};
+use common::{cpu_seconds, fio_json, preferred_engine, run_ok, Site, Vol, ENGINES};
 
 const SIZE: u64 = 64 << 20;
 
@@ -84,4 +89,46 @@ fn takeover_and_handover_times() {
         median(&mut pauses).as_secs_f64() * 1e3,
         worst_pause.as_secs_f64() * 1e3
     );
+}
+
+#[test]
+#[ignore = "a benchmark: scripts/bench.sh cluster"]
+fn throughput_of_one_engine_against_three_sharing_six_groups() {
+    let secs: u64 = std::env::var("HS_BENCH_RUNTIME").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    const VOLUME: u64 = 256 << 20;
+    let names: Vec<(String, String, String)> = (0..6).map(|i| (format!("g{i}"), format!("vm{i}"), format!("v{i}"))).collect();
+    let vols: Vec<Vol> = names.iter().map(|(g, vm, v)| Vol::in_group(g, vm, v, VOLUME)).collect();
+    for running in [&ENGINES[..1], &ENGINES[..]] {
+        let mut site = Site::start_full(&vols, 1, running, "60s", "5s", "cdp");
+        for (g, _, _) in &names {
+            let want = if running.len() == 1 { ENGINES[0] } else { preferred_engine(g) };
+            let start = Instant::now();
+            while site.owner(g, Duration::from_secs(60)).0 != want {
+                assert!(start.elapsed() < Duration::from_secs(60), "group {g} never moved to {want}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        site.c.start_agents();
+        let pids: Vec<(&str, u32)> = running.iter().map(|e| (*e, site.engines[e].0.id())).collect();
+        let before: Vec<f64> = pids.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+        let mut args = vec!["--ioengine=nbd".to_string(), "--rw=write".into(), "--bs=1m".into(), "--iodepth=8".into()];
+        args.extend([format!("--runtime={secs}"), "--time_based".into(), "--group_reporting".into(), format!("--size={VOLUME}")]);
+        for (_, _, v) in &names {
+            args.push(format!("--name={v}"));
+            args.push(format!("--uri={}", site.c.uri(v)));
+        }
+        let report = fio_json(&args);
+        let bytes = report["jobs"][0]["write"]["io_bytes"].as_u64().expect("fio's bytes written");
+        let gb = bytes as f64 / 1e9;
+        let per_engine: Vec<String> =
+            pids.iter().zip(&before).map(|((name, pid), b)| format!("{name}={:.2}", (cpu_seconds(*pid) - b) / gb)).collect();
+        let owners: Vec<String> = names.iter().map(|(g, _, _)| format!("{g}:{}", site.owner(g, Duration::from_secs(10)).0)).collect();
+        println!(
+            "BENCH cluster engines={} groups=6 mb_per_s={:.0} cpu_s_per_gb {} owners {}",
+            running.len(),
+            bytes as f64 / 1e6 / secs as f64,
+            per_engine.join(" "),
+            owners.join(" ")
+        );
+    }
 }

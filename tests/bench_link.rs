@@ -30,22 +30,6 @@ fn cluster_with(size: u64, group_extra: &str, plaintext: bool) -> (Cluster, WanP
     })
 }
 
-/// CPU seconds (user + system) a process has used.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    ticks as f64 / 100.0
-}
-
-fn fio_json(args: &[String]) -> serde_json::Value {
-    let out = run_ok(Command::new("fio").args(args).arg("--output-format=json"));
-    let start = out.find('{').expect("fio printed JSON");
-    serde_json::from_str(&out[start..]).unwrap()
-}
-
 /// Mounts ext4 on the volume through nbdfuse and a loop device.
 fn mount_ext4(c: &Cluster) -> Option<(Ext4Stack, std::path::PathBuf)> {
     let mut stack = start_nbdfuse(c.dir.path(), &c.uri("data"))?;

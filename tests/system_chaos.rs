@@ -893,14 +893,6 @@ fn checker_rejects_lost_and_reordered_writes() {
     assert_eq!(check_resync_spans(&stray, &spans(3), &[(ms(2), Victim::Engine), (ms(4), Victim::Agent)]), Ok(()));
 }
 
-/// CPU time (user and system, in clock ticks) a process has used so far.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
 /// A sync group whose target is away holds the acknowledgement of the agent's write; the agent
 /// is killed meanwhile. Its write is numbered and durable at the engine, so nothing is gained
 /// by keeping the dead agent's volumes attached: the engine must take the restarted agent at

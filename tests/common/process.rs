@@ -158,3 +158,23 @@ pub fn spawn_until_line(cmd: &mut Command, within: Duration) -> (std::process::C
         }
     }
 }
+
+/// CPU time (user and system, in clock ticks of 10 ms) a process has used so far.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// CPU seconds (user and system) a process has used so far.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    cpu_ticks(pid) as f64 / 100.0
+}
+
+/// Runs fio with `args` and returns its JSON report.
+pub fn fio_json(args: &[String]) -> serde_json::Value {
+    let out = run_ok(Command::new("fio").args(args).arg("--output-format=json"));
+    let start = out.find('{').expect("fio printed JSON");
+    serde_json::from_str(&out[start..]).unwrap()
+}
