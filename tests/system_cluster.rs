@@ -14,11 +14,45 @@ use common::*;
 const SIZE: u64 = 8 << 20;
 
 /// Writes through `uri` and checks, as soon as qemu-io returns (every write acknowledged),
-/// that the target already holds them: the group is sync.
-fn write_and_check(site: &mut Site, group: &str, volume: &str, model: &mut Model, rng: &mut impl rand::Rng) {
+/// that the target already holds them: the group is sync. Returns the writes in their order.
+fn write_and_check(site: &mut Site, group: &str, volume: &str, model: &mut Model, rng: &mut impl rand::Rng) -> Vec<(u64, u64, u8)> {
     let uri = site.c.uri(volume);
-    write_random_to(&uri, model, rng, 12, 4);
+    let ops = write_random_to(&uri, model, rng, 12, 4);
     assert_same(&format!("{volume} at the target right after its writes were acknowledged"), &site.recovered(group, volume), &model.bytes);
+    ops
+}
+
+/// Every point of the group's history (`samples` of them, at random) recovers `volume` to the
+/// image after some prefix of `ops`, the writes in the order they were acknowledged: takeovers
+/// leave a history whose every point is crash-consistent.
+fn assert_points_are_prefixes(
+    site: &mut Site,
+    group: &str,
+    volume: &str,
+    ops: &[(u64, u64, u8)],
+    samples: usize,
+    rng: &mut impl rand::Rng,
+) {
+    use std::hash::{Hash, Hasher};
+    let digest = |bytes: &[u8]| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        bytes.hash(&mut h);
+        h.finish()
+    };
+    let mut image = Model::new(SIZE);
+    let mut prefixes = std::collections::HashSet::from([digest(&image.bytes)]);
+    for &(off, len, byte) in ops {
+        image.fill(off, len, byte);
+        prefixes.insert(digest(&image.bytes));
+    }
+    site.c.group = group.to_owned();
+    let h = site.c.history();
+    let (first, last) = (h["first_seq"].as_u64().unwrap().max(1), h["last_seq"].as_u64().unwrap());
+    for _ in 0..samples {
+        let seq = rng.gen_range(first..=last);
+        let got = site.c.recover(volume, &["--seq", &seq.to_string()]);
+        assert!(prefixes.contains(&digest(&got)), "{volume} at seq {seq} is no prefix of the acknowledged writes");
+    }
 }
 
 #[test]
@@ -35,7 +69,7 @@ fn a_killed_owner_is_taken_over_and_no_acknowledged_sync_write_is_lost() {
     eprintln!("erp owned by {erp_owner} (token {erp_token}), crm by {crm_owner}");
     site.c.start_agents();
     let (mut db, mut app) = (Model::new(SIZE), Model::new(SIZE));
-    write_and_check(&mut site, "erp", "db", &mut db, &mut rng);
+    let mut db_ops = write_and_check(&mut site, "erp", "db", &mut db, &mut rng);
     write_and_check(&mut site, "crm", "app", &mut app, &mut rng);
 
     for round in 0..2 {
@@ -47,7 +81,7 @@ fn a_killed_owner_is_taken_over_and_no_acknowledged_sync_write_is_lost() {
         let killed = site.engines.remove(victim.as_str()).expect("the owner runs");
         drop(killed);
         let t0 = Instant::now();
-        write_and_check(&mut site, "erp", "db", &mut db, &mut rng);
+        db_ops.extend(write_and_check(&mut site, "erp", "db", &mut db, &mut rng));
         let took = t0.elapsed();
         let (owner, token) = site.owner("erp", Duration::from_secs(20));
         eprintln!(
@@ -75,6 +109,7 @@ fn a_killed_owner_is_taken_over_and_no_acknowledged_sync_write_is_lost() {
     }
     assert!(site.c.log("target").contains("owns the group from token"));
     site.assert_never_degraded();
+    assert_points_are_prefixes(&mut site, "erp", "db", &db_ops, 12, &mut rng);
     let _ = site.etcd.dir();
 }
 

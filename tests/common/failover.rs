@@ -33,8 +33,9 @@ impl Drop for Running {
 }
 
 /// Random pattern writes, zero writes and trims of whole 4 KiB blocks (1 to `max_blocks` of
-/// them) on `uri` (one qemu-io: acknowledged in order), applied to `model`.
-pub fn write_random_to(uri: &str, model: &mut Model, rng: &mut impl Rng, n: usize, max_blocks: u64) {
+/// them) on `uri` (one qemu-io: acknowledged in order), applied to `model`. Returns them in
+/// their order, as (offset, length, byte; 0 for zeroes and trims).
+pub fn write_random_to(uri: &str, model: &mut Model, rng: &mut impl Rng, n: usize, max_blocks: u64) -> Vec<(u64, u64, u8)> {
     const BLOCK: u64 = 4096;
     let size = model.bytes.len() as u64;
     let mut cmd = Command::new("qemu-io");
@@ -57,9 +58,10 @@ pub fn write_random_to(uri: &str, model: &mut Model, rng: &mut impl Rng, n: usiz
     }
     let out = run_ok(&mut cmd);
     assert!(!out.contains("failed"), "qemu-io: {out}");
-    for (off, len, byte) in ops {
+    for &(off, len, byte) in &ops {
         model.fill(off, len, byte);
     }
+    ops
 }
 
 /// Pieces of `piece` bytes in which two image files differ (read a piece at a time: the files
