@@ -3,6 +3,7 @@
 //! directory and `[cluster]` name; agents list every engine.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,7 @@ use super::cluster::{Cluster, Vol};
 use super::etcd::Etcd;
 use super::failover::Running;
 use super::process::{free_port, hindsight_bin, wait_tcp};
+use super::wan::WanProxy;
 
 pub const ENGINES: [&str; 3] = ["engine-a", "engine-b", "engine-c"];
 /// Short, so that a takeover in a test comes within seconds.
@@ -21,6 +23,9 @@ pub struct Site {
     pub etcd: Etcd,
     pub ports: BTreeMap<&'static str, u16>,
     pub engines: BTreeMap<&'static str, Running>,
+    /// With `start_partitionable`: each engine's links (to etcd, to the target, from the
+    /// agents) through proxies that can be stalled as a cut link.
+    pub links: BTreeMap<&'static str, [WanProxy; 3]>,
 }
 
 impl Site {
@@ -36,6 +41,12 @@ impl Site {
         Self::start_full(vols, etcd_members, running, engine_timeout, LEASE_TTL, "sync")
     }
 
+    /// Like `start_timeout`, with every link of each engine through a proxy
+    /// ([`Site::cut_off`]); one etcd member.
+    pub fn start_partitionable(vols: &[Vol], running: &[&'static str], engine_timeout: &str) -> Site {
+        Self::build(vols, 1, running, engine_timeout, LEASE_TTL, "sync", true)
+    }
+
     /// Like `start_timeout`, with the engines' lease TTL and the groups' mode.
     pub fn start_full(
         vols: &[Vol],
@@ -45,6 +56,18 @@ impl Site {
         lease_ttl: &str,
         mode: &str,
     ) -> Site {
+        Self::build(vols, etcd_members, running, engine_timeout, lease_ttl, mode, false)
+    }
+
+    fn build(
+        vols: &[Vol],
+        etcd_members: usize,
+        running: &[&'static str],
+        engine_timeout: &str,
+        lease_ttl: &str,
+        mode: &str,
+        proxied: bool,
+    ) -> Site {
         let mut c = Cluster::prepare(vols, "", "");
         c.group_extra = format!("mode = \"{mode}\"\n");
         c.agent_extra = format!("engine_timeout = \"{engine_timeout}\"\n");
@@ -53,18 +76,33 @@ impl Site {
         let etcd = Etcd::start(c.dir.path(), etcd_members);
         let ports: BTreeMap<&'static str, u16> = ENGINES.iter().map(|e| (*e, free_port())).collect();
         let base = std::fs::read_to_string(c.engine_toml()).unwrap();
-        let endpoints: Vec<String> = etcd.endpoints().iter().map(|e| format!("{e:?}")).collect();
+        let mut links = BTreeMap::new();
+        if proxied {
+            let etcd_addr: SocketAddr = etcd.endpoints()[0].trim_start_matches("http://").parse().unwrap();
+            let target: SocketAddr = format!("127.0.0.1:{}", c.tport).parse().unwrap();
+            for (name, port) in &ports {
+                let agents: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+                links.insert(*name, [WanProxy::start(etcd_addr), WanProxy::start(target), WanProxy::start(agents)]);
+            }
+        }
+        // Where each engine reaches etcd and the target, and where agents reach it.
+        let reach = |name: &str, port: u16| match links.get(name) {
+            Some([e, t, a]) => (vec![format!("\"http://127.0.0.1:{}\"", e.port())], t.port(), a.port()),
+            None => (etcd.endpoints().iter().map(|e| format!("{e:?}")).collect(), c.tport, port),
+        };
         for (name, port) in &ports {
+            let (endpoints, tport, advertise) = reach(name, *port);
             let text = base
                 .replace(&format!("listen = \"127.0.0.1:{}\"", c.eport), &format!("listen = \"127.0.0.1:{port}\""))
+                .replace(&format!("target = \"127.0.0.1:{}\"", c.tport), &format!("target = \"127.0.0.1:{tport}\""))
                 .replace(&c.path("engine").display().to_string(), &c.path(name).display().to_string())
                 + &format!(
-                    "\n[cluster]\nendpoints = [{}]\nname = \"{name}\"\nadvertise = \"127.0.0.1:{port}\"\nlease_ttl = \"{lease_ttl}\"\n",
+                    "\n[cluster]\nendpoints = [{}]\nname = \"{name}\"\nadvertise = \"127.0.0.1:{advertise}\"\nlease_ttl = \"{lease_ttl}\"\n",
                     endpoints.join(", ")
                 );
             std::fs::write(c.path(&format!("{name}.toml")), text).unwrap();
         }
-        let list: Vec<String> = ports.values().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+        let list: Vec<String> = ports.iter().map(|(name, p)| format!("\"127.0.0.1:{}\"", reach(name, *p).2)).collect();
         let mut vms: Vec<&str> = vols.iter().map(|v| v.vm.as_str()).collect();
         vms.dedup();
         for vm in vms {
@@ -73,11 +111,26 @@ impl Site {
             let text = text.replace(&format!("engine = \"127.0.0.1:{}\"", c.eport), &format!("engines = [{}]", list.join(", ")));
             std::fs::write(path, text).unwrap();
         }
-        let mut site = Site { c, etcd, ports, engines: BTreeMap::new() };
+        let mut site = Site { c, etcd, ports, engines: BTreeMap::new(), links };
         for name in running {
             site.start_engine(name);
         }
         site
+    }
+
+    /// Cuts every link of engine `name` as a partition does: each proxy holds what is in
+    /// flight and passes nothing, the connections stay open; `rejoin` ends it.
+    pub fn cut_off(&self, name: &str) {
+        for p in &self.links[name] {
+            p.stall(true);
+        }
+    }
+
+    /// Ends a partition made by `cut_off`.
+    pub fn rejoin(&self, name: &str) {
+        for p in &self.links[name] {
+            p.stall(false);
+        }
     }
 
     pub fn start_engine(&mut self, name: &'static str) {

@@ -98,7 +98,8 @@ impl Etcd {
                     }
                     return Err(EtcdError::Refused { call, message: format!("HTTP {code}: {message}") });
                 }
-                Err(e) => last = format!("{url}: {e}"),
+                // ureq names the URL itself.
+                Err(e) => last = e.to_string(),
             }
         }
         Err(EtcdError::Unreachable { endpoints: self.endpoints.join(", "), last })

@@ -228,10 +228,13 @@ fn run(c: &Cluster, reg: &Registry) {
     }
 }
 
-/// Logs an etcd failure once until another (or success) comes, and shows it in status.
+/// Logs the first etcd failure after a success (later ones at debug level), and shows the
+/// latest in status.
 fn note_error(c: &Cluster, r: &mut Round, e: &EtcdError) {
     let text = e.to_string();
-    if text != r.last_error {
+    if !r.last_error.is_empty() {
+        log::debug!("cluster {}: {text}", c.cfg.site);
+    } else {
         log::warn!(
             "cluster {}: {text}; no group changes owner meanwhile, and this engine stops acknowledging writes once its lease \
              is not renewed within {:?}",
