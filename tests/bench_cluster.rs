@@ -17,7 +17,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{cpu_seconds, fio_json, preferred_engine, run_ok, Site, Vol, ENGINES};
+use common::{cpu_seconds, fio_json, preferred_engine, run_ok, Options, Site, Vol, ENGINES};
 
 const SIZE: u64 = 64 << 20;
 
@@ -40,7 +40,8 @@ fn takeover_and_handover_times() {
     let rounds: usize = std::env::var("HS_BENCH_TAKEOVERS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
     let ttl = std::env::var("HS_BENCH_LEASE_TTL").unwrap_or_else(|_| "5s".into());
     let vols = [Vol::in_group("erp", "vm1", "db", SIZE)];
-    let mut site = Site::start_full(&vols, 3, &ENGINES, "60s", &ttl, "sync");
+    let options = Options { etcd_members: 3, engine_timeout: "60s".into(), lease_ttl: ttl.clone(), ..Options::default() };
+    let mut site = Site::start_with(&vols, &ENGINES, &options);
     site.owner("erp", Duration::from_secs(30));
     site.c.start_agents();
     let mut n = 0;
@@ -99,7 +100,8 @@ fn throughput_of_one_engine_against_three_sharing_six_groups() {
     let names: Vec<(String, String, String)> = (0..6).map(|i| (format!("g{i}"), format!("vm{i}"), format!("v{i}"))).collect();
     let vols: Vec<Vol> = names.iter().map(|(g, vm, v)| Vol::in_group(g, vm, v, VOLUME)).collect();
     for running in [&ENGINES[..1], &ENGINES[..]] {
-        let mut site = Site::start_full(&vols, 1, running, "60s", "5s", "cdp");
+        let options = Options { engine_timeout: "60s".into(), lease_ttl: "5s".into(), mode: "cdp".into(), ..Options::default() };
+        let mut site = Site::start_with(&vols, running, &options);
         for (g, _, _) in &names {
             let want = if running.len() == 1 { ENGINES[0] } else { preferred_engine(g) };
             let start = Instant::now();

@@ -18,56 +18,48 @@ pub const ENGINES: [&str; 3] = ["engine-a", "engine-b", "engine-c"];
 pub const LEASE_TTL: &str = "2s";
 
 /// The target, three clustered engines, the agents and etcd.
+/// How a [`Site`] is set up.
+pub struct Options {
+    /// etcd members: 1 or 3.
+    pub etcd_members: usize,
+    /// The agents' `engine_timeout` (after which a silent engine is taken as hung).
+    pub engine_timeout: String,
+    /// The engines' `lease_ttl`.
+    pub lease_ttl: String,
+    /// The groups' mode.
+    pub mode: String,
+    /// Every link of each engine through a proxy ([`Site::cut_off`]); one etcd member.
+    pub proxied: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { etcd_members: 1, engine_timeout: "20s".into(), lease_ttl: LEASE_TTL.into(), mode: "sync".into(), proxied: false }
+    }
+}
+
 pub struct Site {
     pub c: Cluster,
     pub etcd: Etcd,
     pub ports: BTreeMap<&'static str, u16>,
     pub engines: BTreeMap<&'static str, Running>,
-    /// With `start_partitionable`: each engine's links (to etcd, to the target, from the
+    /// With `Options::proxied`: each engine's links (to etcd, to the target, from the
     /// agents) through proxies that can be stalled as a cut link.
     pub links: BTreeMap<&'static str, [WanProxy; 3]>,
 }
 
 impl Site {
-    /// Starts the target, etcd and the engines named in `running` (all are configured).
+    /// Starts the target, etcd (`etcd_members`) and the engines named in `running` (all three
+    /// are configured), sync groups, a 2 s lease; agents wait 20 s for the takeover (instead
+    /// of tracking writes at once).
     pub fn start(vols: &[Vol], etcd_members: usize, running: &[&'static str]) -> Site {
-        // Writes wait for the takeover instead of being tracked at once.
-        Self::start_timeout(vols, etcd_members, running, "20s")
+        Self::start_with(vols, running, &Options { etcd_members, ..Options::default() })
     }
 
-    /// Like `start`, with the agents' `engine_timeout` (after which a silent engine is taken
-    /// as hung).
-    pub fn start_timeout(vols: &[Vol], etcd_members: usize, running: &[&'static str], engine_timeout: &str) -> Site {
-        Self::start_full(vols, etcd_members, running, engine_timeout, LEASE_TTL, "sync")
-    }
-
-    /// Like `start_timeout`, with every link of each engine through a proxy
-    /// ([`Site::cut_off`]); one etcd member.
-    pub fn start_partitionable(vols: &[Vol], running: &[&'static str], engine_timeout: &str) -> Site {
-        Self::build(vols, 1, running, engine_timeout, LEASE_TTL, "sync", true)
-    }
-
-    /// Like `start_timeout`, with the engines' lease TTL and the groups' mode.
-    pub fn start_full(
-        vols: &[Vol],
-        etcd_members: usize,
-        running: &[&'static str],
-        engine_timeout: &str,
-        lease_ttl: &str,
-        mode: &str,
-    ) -> Site {
-        Self::build(vols, etcd_members, running, engine_timeout, lease_ttl, mode, false)
-    }
-
-    fn build(
-        vols: &[Vol],
-        etcd_members: usize,
-        running: &[&'static str],
-        engine_timeout: &str,
-        lease_ttl: &str,
-        mode: &str,
-        proxied: bool,
-    ) -> Site {
+    /// Like `start`, with `options`.
+    pub fn start_with(vols: &[Vol], running: &[&'static str], options: &Options) -> Site {
+        let Options { etcd_members, engine_timeout, lease_ttl, mode, proxied } = options;
+        let (etcd_members, proxied) = (*etcd_members, *proxied);
         let mut c = Cluster::prepare(vols, "", "");
         c.group_extra = format!("mode = \"{mode}\"\n");
         c.agent_extra = format!("engine_timeout = \"{engine_timeout}\"\n");
