@@ -305,8 +305,10 @@ fn reconcile(c: &Cluster, reg: &Registry, lease: LeaseId, kvs: &[KeyValue], t: &
                 t.draining.remove(name);
                 t.claimed.remove(name);
                 // Another engine's, or a key of this engine's earlier life (a restart within
-                // the TTL): it goes with that lease.
-                if own.elsewhere(Some(m.address.clone())) {
+                // the TTL): it goes with that lease, and meanwhile agents are told to wait
+                // rather than sent back here.
+                let owner = (m.engine != c.cfg.name).then(|| m.address.clone());
+                if own.elsewhere(owner) {
                     log::warn!("group {name}: engine {} owns it now (token {token}); this engine lets it go", m.engine);
                     let message = format!("engine {} no longer owns group {name}; its owner is {} at {}", c.cfg.name, m.engine, m.address);
                     close_sessions(reg, name, &message);
