@@ -221,6 +221,23 @@ impl Policy {
         }
     }
 
+    /// The journal started again after `seq`, the target's durable seq, for a new claim of the
+    /// group (docs/ha.md, "Takeover"): what an earlier ownership committed and had not had
+    /// confirmed is no lag (the target holds everything through `seq`), and sync
+    /// acknowledgements still held for it fail (their sessions are gone; their agents send
+    /// those writes again), so that neither the lag, the RPO alert nor sync_timeout sees them.
+    pub fn restarted(&self, seq: Seq) {
+        {
+            let mut lag = lock(&self.lag);
+            lag.commits.clear();
+            lag.committed_seq = seq;
+            lag.confirmed_seq = seq;
+            lag.confirmed_bytes = lag.committed_bytes;
+        }
+        let stale: Vec<Held> = lock(&self.held).drain(..).collect();
+        send_acks(stale.into_iter().map(|h| (h.to, WriteAck { status: WriteAck::EIO, seq: 0, ..h.ack })));
+    }
+
     /// The shipper's connection ended because this engine no longer owns the group (docs/ha.md):
     /// not a loss of the target, so nothing degrades; the next owner's claim starts afresh.
     pub fn target_left(&self) {
@@ -429,6 +446,25 @@ mod tests {
             Lag { writes: 0, bytes: 0, age: Duration::ZERO, confirmed_time_ns: 2 },
             "a commit confirmed before it was counted still lags"
         );
+    }
+
+    #[test]
+    fn a_journal_started_again_leaves_no_lag_and_fails_the_sync_acks_it_held() {
+        let p = Policy::new(&sync_group(), 0, 0);
+        p.target_connected(true);
+        let (tx, rx) = outbox();
+        // An earlier ownership committed seq 1..=5 and the target confirmed only 3.
+        p.committed(vec![(tx.clone(), ack(4)), (tx, ack(5))], 5, 8192, 1);
+        p.confirmed(3, 5);
+        assert_eq!(p.lag().writes, 2);
+        // A new claim starts the journal after the target's seq 3.
+        p.restarted(3);
+        let failed = next_acks(&rx).unwrap();
+        assert!(failed.iter().all(|a| a.status == WriteAck::EIO) && failed.len() == 2, "{failed:?}");
+        assert_eq!(p.lag(), Lag { writes: 0, bytes: 0, age: Duration::ZERO, confirmed_time_ns: 0 });
+        std::thread::sleep(Duration::from_millis(5));
+        p.tick();
+        assert_eq!(p.effective(), ReplicationMode::Sync, "nothing held to time out");
     }
 
     #[test]

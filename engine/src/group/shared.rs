@@ -175,6 +175,7 @@ impl GroupShared {
     pub(super) fn restarted(&self, next: Seq) {
         *lock(&self.durable) = next - 1;
         self.confirmed.store(next - 1, Ordering::Release);
+        self.policy.restarted(next - 1);
         self.durable_changed.notify_all();
     }
 
