@@ -182,6 +182,12 @@ fn format_cluster(c: &ClusterStatus) -> String {
     }
     let engines: Vec<String> = c.engines.iter().map(|(n, a)| format!("{n} ({a})")).collect();
     lines.push(format!("  engines alive: {}", if engines.is_empty() { "(none seen)".to_string() } else { engines.join(", ") }));
+    if !c.disagree.is_empty() {
+        lines.push(format!(
+            "  OTHER GROUP DEFINITIONS at engine(s) {}: give every engine of the site the same [[group]] tables",
+            c.disagree.join(", ")
+        ));
+    }
     for o in &c.owners {
         let owner = if o.engine.is_empty() { "no owner".to_string() } else { format!("owned by {} (token {})", o.engine, o.token) };
         let change = match (o.why.is_empty(), o.changed_from.is_empty()) {

@@ -287,3 +287,19 @@ fn groups_that_share_a_vm_are_owned_by_one_engine_and_its_agent_writes_to_both()
     write_and_check(&mut site, first, "db", &mut db, &mut rng);
     write_and_check(&mut site, second, "logs", &mut logs, &mut rng);
 }
+
+#[test]
+fn an_engine_with_other_group_definitions_is_named_in_status() {
+    if !have_tools(&["etcd", "etcdctl"]) {
+        return;
+    }
+    let vols = [Vol::in_group("erp", "vm1", "db", SIZE)];
+    let mut site = Site::start(&vols, 1, &ENGINES[..2]);
+    let toml = site.c.path("engine-c.toml");
+    let text = std::fs::read_to_string(&toml).unwrap().replace("mode = \"sync\"", "mode = \"cdp\"");
+    std::fs::write(&toml, text).unwrap();
+    site.start_engine(ENGINES[2]);
+    site.c.wait_log_within("engine-a", "engine(s) engine-c have other [[group]] tables", Duration::from_secs(10));
+    let status = run_ok(Command::new(hindsight_bin()).args(["status", "--config"]).arg(site.c.path("engine-a.toml")));
+    assert!(status.contains("OTHER GROUP DEFINITIONS at engine(s) engine-c"), "{status}");
+}

@@ -337,6 +337,8 @@ pub struct ClusterStatus {
     pub engines: Vec<(String, String)>,
     /// Each group's owner.
     pub owners: Vec<GroupOwner>,
+    /// Live engines whose group definitions differ from this engine's.
+    pub disagree: Vec<String>,
 }
 
 /// Who owns a group, and its latest change of owner.

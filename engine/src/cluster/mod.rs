@@ -58,6 +58,10 @@ pub struct Member {
     pub engine: String,
     /// Where agents reach it.
     pub address: String,
+    /// A digest of the engine's group definitions (`engines/` values): every engine of a site
+    /// must have the same ones.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub groups: String,
 }
 
 /// `changes/<group>`: the latest change of a group's owner.
@@ -82,6 +86,8 @@ pub struct View {
     pub changes: BTreeMap<String, Change>,
     /// Why etcd could not be read, if it could not at the last try.
     pub etcd_error: Option<String>,
+    /// Live engines whose group definitions differ from this engine's.
+    pub disagree: Vec<String>,
 }
 
 /// A clustered engine's part of the cluster.
@@ -89,6 +95,8 @@ pub struct Cluster {
     cfg: ClusterConfig,
     /// Each group's unit of ownership (`assign::units`): the name its preference is taken for.
     units: HashMap<String, String>,
+    /// [`groups_digest`] of this engine's groups.
+    groups_digest: String,
     etcd: Etcd,
     /// The ack fence.
     pub lease: Arc<LeaseClock>,
@@ -140,11 +148,12 @@ impl Cluster {
             etcd_error: v.etcd_error.unwrap_or_default(),
             engines: v.engines.into_iter().map(|m| (m.engine, m.address)).collect(),
             owners,
+            disagree: v.disagree,
         }
     }
 
     fn me(&self) -> Member {
-        Member { engine: self.cfg.name.clone(), address: self.cfg.advertise.clone() }
+        Member { engine: self.cfg.name.clone(), address: self.cfg.advertise.clone(), groups: self.groups_digest.clone() }
     }
 }
 
@@ -153,13 +162,27 @@ impl Cluster {
 pub fn start(cfg: ClusterConfig, lease: Arc<LeaseClock>, reg: &Arc<Registry>) -> Result<Arc<Cluster>, EngineError> {
     let timeout = (cfg.lease_ttl / 3).min(Duration::from_secs(2));
     let units = assign::units(reg.groups.iter().map(|(name, g)| (name.as_str(), g.config.volumes.iter().map(|v| v.vm.as_str()).collect())));
-    let cluster = Arc::new(Cluster { etcd: Etcd::new(&cfg.endpoints, timeout), cfg, units, lease, view: Mutex::default() });
+    let groups_digest = groups_digest(reg.groups.values().map(|g| &*g.config));
+    let cluster = Arc::new(Cluster { etcd: Etcd::new(&cfg.endpoints, timeout), cfg, units, groups_digest, lease, view: Mutex::default() });
     let (c, r) = (Arc::clone(&cluster), Arc::clone(reg));
     std::thread::Builder::new()
         .name("cluster".into())
         .spawn(move || run(&c, &r))
         .map_err(|source| EngineError::Spawn { what: "the cluster thread".into(), source })?;
     Ok(cluster)
+}
+
+/// A digest of group definitions (name, mode, target, epoch, volumes), the same on every engine
+/// whose `[[group]]` tables are the same, in any order.
+fn groups_digest<'a>(groups: impl Iterator<Item = &'a hindsight_consistency::config::GroupConfig>) -> String {
+    let mut lines: Vec<String> = groups
+        .map(|g| {
+            let vols: Vec<String> = g.volumes.iter().map(|v| format!("{}:{}:{}", v.name, v.vm, v.size)).collect();
+            format!("{}|{}|{}|{}|{}", g.name, g.mode.as_str(), g.target, g.epoch, vols.join(","))
+        })
+        .collect();
+    lines.sort();
+    blake3::hash(lines.join("\n").as_bytes()).to_hex()[..16].to_owned()
 }
 
 /// The cluster thread's state between rounds.
@@ -267,6 +290,8 @@ struct Tracked {
     claimed: HashMap<String, Instant>,
     /// Groups this engine does not claim again before then (a claim it gave up).
     paused: HashMap<String, Instant>,
+    /// The engines last seen with other group definitions (said when it changes).
+    disagree: Vec<String>,
 }
 
 /// One poll's worth of decisions over the site's keys.
@@ -290,6 +315,18 @@ fn reconcile(c: &Cluster, reg: &Registry, lease: LeaseId, kvs: &[KeyValue], t: &
         }
     }
     view.engines.sort_by(|a, b| a.engine.cmp(&b.engine));
+    view.disagree = view.engines.iter().filter(|m| !m.groups.is_empty() && m.groups != c.groups_digest).map(|m| m.engine.clone()).collect();
+    if view.disagree != t.disagree {
+        if !view.disagree.is_empty() {
+            log::warn!(
+                "cluster {}: engine(s) {} have other [[group]] tables than this engine: give every engine of the site the same \
+                 groups (ha.md, \"Configuration\")",
+                c.cfg.site,
+                view.disagree.join(", ")
+            );
+        }
+        t.disagree.clone_from(&view.disagree);
+    }
     let live: Vec<String> = view.engines.iter().map(|m| m.engine.clone()).collect();
     for (name, g) in &reg.groups {
         let own = &g.shared.ownership;
@@ -484,5 +521,33 @@ fn close_sessions(reg: &Registry, group: &str, message: &str) {
             s.out.frame(FrameType::Error, encode_message(&ErrorMessage { message: message.to_owned() }));
             s.out.close();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hindsight_consistency::config::EngineConfig;
+
+    fn groups(text: &str) -> Vec<hindsight_consistency::config::GroupConfig> {
+        let head = "[engine]\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"/nonexistent\"\n[tls]\ninsecure_plaintext = true\n";
+        EngineConfig::from_str(std::path::Path::new("engine.toml"), &format!("{head}{text}")).unwrap().groups
+    }
+
+    const ERP: &str =
+        "[[group]]\nname = \"erp\"\ntarget = \"127.0.0.1:7500\"\n[[group.volume]]\nname = \"db\"\nvm = \"vm1\"\nsize = \"1GiB\"\n";
+    const CRM: &str =
+        "[[group]]\nname = \"crm\"\ntarget = \"127.0.0.1:7500\"\n[[group.volume]]\nname = \"app\"\nvm = \"vm2\"\nsize = \"1GiB\"\n";
+
+    #[test]
+    fn the_group_digest_ignores_order_and_sees_any_difference() {
+        let a = groups_digest(groups(&format!("{ERP}{CRM}")).iter());
+        assert_eq!(a, groups_digest(groups(&format!("{CRM}{ERP}")).iter()), "the order of the tables does not matter");
+        assert_ne!(a, groups_digest(groups(ERP).iter()), "a group less");
+        assert_ne!(a, groups_digest(groups(&format!("{}{CRM}", ERP.replace("1GiB", "2GiB"))).iter()), "a volume's size");
+        assert_ne!(
+            a,
+            groups_digest(groups(&format!("{}{CRM}", ERP.replace("name = \"erp\"\n", "name = \"erp\"\nmode = \"sync\"\n"))).iter())
+        );
     }
 }
