@@ -303,3 +303,49 @@ fn an_engine_with_other_group_definitions_is_named_in_status() {
     let status = run_ok(Command::new(hindsight_bin()).args(["status", "--config"]).arg(site.c.path("engine-a.toml")));
     assert!(status.contains("OTHER GROUP DEFINITIONS at engine(s) engine-c"), "{status}");
 }
+
+#[test]
+fn a_cdp_owner_killed_with_writes_the_target_lacks_is_taken_over_and_the_agent_resyncs_them() {
+    if !have_tools(&["etcd", "etcdctl", "qemu-io"]) {
+        return;
+    }
+    let mut rng = seeded_rng();
+    let vols = [Vol::in_group("erp", "vm1", "db", SIZE)];
+    let mut site = Site::start_with(&vols, &ENGINES, &Options { mode: "cdp".into(), ..Options::default() });
+    site.c.start_agents();
+    let mut db = Model::new(SIZE);
+    write_random_to(&site.c.uri("db"), &mut db, &mut rng, 12, 4);
+    site.c.group = "erp".into();
+    let before = site.c.settle();
+    let (victim, _) = site.owner("erp", Duration::from_secs(20));
+    {
+        // The target hangs: the owner acknowledges cdp writes it cannot ship, then dies.
+        let _hung = site.c.pause("target");
+        write_random_to(&site.c.uri("db"), &mut db, &mut rng, 12, 4);
+        drop(site.engines.remove(victim.as_str()));
+    }
+    // The new owner continues after what the target holds; the agent resyncs every region it
+    // still has marked, and the target ends with every acknowledged write.
+    let start = Instant::now();
+    while site.recovered("erp", "db") != db.bytes {
+        assert!(start.elapsed() < Duration::from_secs(60), "the writes the dead owner acknowledged never reached the target");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (owner, _) = site.owner("erp", Duration::from_secs(20));
+    assert_ne!(owner, victim);
+    assert!(site.c.log(&owner).contains("every volume's writes go as resync data"), "{}", site.c.log(&owner));
+    assert!(site.c.log("agent-vm1").contains("its group was taken over by another engine"));
+    let h = site.c.history();
+    assert!(h["last_consistent_seq"].as_u64().unwrap() > before, "{h}");
+    write_and_check_cdp(&mut site, &mut db, &mut rng);
+}
+
+/// More writes after the takeover reach the target (cdp: once it settles).
+fn write_and_check_cdp(site: &mut Site, db: &mut Model, rng: &mut impl rand::Rng) {
+    write_random_to(&site.c.uri("db"), db, rng, 12, 4);
+    let start = Instant::now();
+    while site.recovered("erp", "db") != db.bytes {
+        assert!(start.elapsed() < Duration::from_secs(30), "writes after the takeover never reached the target");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -45,6 +45,12 @@ impl Resyncs {
         }
     }
 
+    /// `volumes` resync from now on although none of them sent a resync record yet (a
+    /// takeover): the resync point waits for each.
+    pub fn expect(&mut self, volumes: impl IntoIterator<Item = Arc<str>>) {
+        self.volumes.extend(volumes);
+    }
+
     /// The resync of `volumes` completed.
     pub fn done(&mut self, volumes: &[Arc<str>]) -> ResyncOutcome {
         for v in volumes {

@@ -343,7 +343,10 @@ impl Shipper {
             // hello; the journal continues the target's sequence, then agents may attach.
             let next = welcome.durable_seq + 1;
             let group = self.group.clone();
-            shared.restart_journal(next, move || group.wake(), RESTART_WAIT).map_err(|why| ShipError::Restart { why })?;
+            // A cdp or async owner before this one may have acknowledged writes the target
+            // lacks: every volume resyncs what its agent still has marked.
+            let resync = if cfg.mode == ReplicationMode::Sync { Vec::new() } else { cfg.volumes.iter().map(|v| v.name.clone()).collect() };
+            shared.restart_journal(next, resync, move || group.wake(), RESTART_WAIT).map_err(|why| ShipError::Restart { why })?;
             if !shared.ownership.serve(token) {
                 return Err(ShipError::NotOwner);
             }

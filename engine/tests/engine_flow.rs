@@ -79,8 +79,19 @@ impl FakeAgent {
     }
 
     fn ack(&mut self) -> WriteAck {
-        assert_eq!(read_frame(&mut self.s, &mut self.payload).unwrap(), FrameType::WriteAck);
+        assert_eq!(self.frame().unwrap(), FrameType::WriteAck);
         WriteAck::decode(&self.payload).unwrap()
+    }
+
+    /// The next frame other than the target's confirmations (which the engine passes on to
+    /// every agent session).
+    fn frame(&mut self) -> Result<FrameType, FrameError> {
+        loop {
+            match read_frame(&mut self.s, &mut self.payload)? {
+                FrameType::TargetConfirmed => continue,
+                other => return Ok(other),
+            }
+        }
     }
 }
 
@@ -503,14 +514,14 @@ fn resync_done_naming_a_disk_the_hello_did_not_have_is_refused_with_an_error_nam
     assert_eq!(a.ack().seq, 1);
     // Disk 0 is known, disk 2 is not: nothing of it is placed.
     a.send_resync_done(&[0, 2]);
-    assert_eq!(read_frame(&mut a.s, &mut a.payload).unwrap(), FrameType::Error);
+    assert_eq!(a.frame().unwrap(), FrameType::Error);
     let e = decode_message::<ErrorMessage>("Error", &a.payload).unwrap().message;
     assert!(e.contains("disk number 2") && e.contains("2 disk(s)"), "{e}");
-    assert!(matches!(read_frame(&mut a.s, &mut a.payload), Err(FrameError::Closed | FrameError::Io(_))), "the session ends");
+    assert!(matches!(a.frame(), Err(FrameError::Closed | FrameError::Io(_))), "the session ends");
     // An empty list is refused too.
     let mut a = wait_disks(engine.local_addr());
     a.send_resync_done(&[]);
-    assert_eq!(read_frame(&mut a.s, &mut a.payload).unwrap(), FrameType::Error);
+    assert_eq!(a.frame().unwrap(), FrameType::Error);
     let e = decode_message::<ErrorMessage>("Error", &a.payload).unwrap().message;
     assert!(e.contains("names no disk"), "{e}");
     // The volumes are free again, and the resync is still open: no point was placed.
@@ -596,7 +607,7 @@ fn a_hash_request_reaches_the_target_behind_every_record_it_covers() {
         let seq = a.ack().seq;
         let m = HashRequest { id: i, disk: 0, region_shift: 20, regions: vec![i % 64] };
         write_frame(&mut a.s, FrameType::HashRequest, &encode_message(&m), &mut a.scratch).unwrap();
-        assert_eq!(read_frame(&mut a.s, &mut a.payload).unwrap(), FrameType::HashReply);
+        assert_eq!(a.frame().unwrap(), FrameType::HashReply);
         let r: HashReply = decode_message("HashReply", &a.payload).unwrap();
         assert_eq!(r.id, i);
         if r.status == HashStatus::Ok {

@@ -44,7 +44,12 @@ impl Agent {
         let mut p = m.encode_header().to_vec();
         p.extend_from_slice(&[byte; 4096]);
         write_frame(&mut self.s, FrameType::Write, &p, &mut self.scratch).unwrap();
-        assert_eq!(read_frame(&mut self.s, &mut self.payload).unwrap(), FrameType::WriteAck);
+        // The target's confirmations, passed on to every session, may come first.
+        let mut frame = read_frame(&mut self.s, &mut self.payload).unwrap();
+        while frame == FrameType::TargetConfirmed {
+            frame = read_frame(&mut self.s, &mut self.payload).unwrap();
+        }
+        assert_eq!(frame, FrameType::WriteAck);
         WriteAck::decode(&self.payload).unwrap()
     }
 }

@@ -88,6 +88,11 @@ struct State {
     /// without a gap hold: a write that goes on from a region's worth of them marks ahead.
     stream_end: u64,
     stream_len: u64,
+    /// Per marked region, the largest sequence number the engine gave a write to it that the
+    /// target has not confirmed yet: such a region stays marked (docs/ha.md, "Takeover").
+    unconfirmed: HashMap<u64, u64>,
+    /// The target holds every record of the disk's group through this sequence number.
+    confirmed: u64,
 }
 
 /// The dirty map of one disk.
@@ -179,6 +184,8 @@ impl DirtyMap {
                 last_write: None,
                 stream_end: 0,
                 stream_len: 0,
+                unconfirmed: HashMap::new(),
+                confirmed: 0,
             }),
             written: std::sync::Condvar::new(),
         };
@@ -310,11 +317,16 @@ impl DirtyMap {
         }
     }
 
-    /// After the write has finished: `replicated` says whether the engine took it; if not,
-    /// its regions need a resync.
-    pub fn end(&self, offset: u64, len: u64, replicated: bool) {
+    /// After the write has finished: `replicated` says whether the engine took it (as `seq`,
+    /// 0 if unknown); if not, its regions need a resync. A region the engine took stays
+    /// marked until the target holds `seq` ([`DirtyMap::target_confirmed`]).
+    pub fn end(&self, offset: u64, len: u64, replicated: bool, seq: u64) {
         let mut st = lock(&self.state);
         for r in self.span(offset, len) {
+            if replicated && seq > st.confirmed {
+                let s = st.unconfirmed.entry(r).or_insert(0);
+                *s = (*s).max(seq);
+            }
             if let Some(n) = st.in_flight.get_mut(&r) {
                 *n -= 1;
                 if *n == 0 {
@@ -325,6 +337,30 @@ impl DirtyMap {
                 set(&mut st.resync, r, true);
             }
         }
+    }
+
+    /// The target holds every record of the disk's group through `seq`: regions whose writes
+    /// it all holds may be cleared.
+    pub fn target_confirmed(&self, seq: u64) {
+        let mut st = lock(&self.state);
+        if seq > st.confirmed {
+            st.confirmed = seq;
+            st.unconfirmed.retain(|_, s| *s > seq);
+        }
+    }
+
+    /// The group was taken over by an engine that may lack writes the last one acknowledged
+    /// (docs/ha.md, "Takeover"): every region still marked needs a resync, and what the last
+    /// engine numbered means nothing to the new one. Returns how many.
+    pub fn resync_marked(&self) -> usize {
+        let mut st = lock(&self.state);
+        let marked: Vec<u64> = (0..self.regions).filter(|&r| bit(&st.marked, r)).collect();
+        for &r in &marked {
+            set(&mut st.resync, r, true);
+        }
+        st.unconfirmed.clear();
+        st.confirmed = 0;
+        marked.len()
     }
 
     /// Regions that need a resync, lowest first.
@@ -393,7 +429,7 @@ impl DirtyMap {
                 continue;
             }
             marked += 1;
-            if bit(&st.resync, r) || st.in_flight.contains_key(&r) {
+            if bit(&st.resync, r) || st.in_flight.contains_key(&r) || st.unconfirmed.contains_key(&r) {
                 continue;
             }
             match st.touched.get(&r) {
@@ -475,9 +511,9 @@ mod tests {
         }
         // A write the engine did not take.
         m.begin(0, 4096).unwrap();
-        m.end(0, 4096, false);
+        m.end(0, 4096, false, 0);
         m.begin(8 * MIB, 4096).unwrap();
-        m.end(8 * MIB, 4096, true);
+        m.end(8 * MIB, 4096, true, 0);
         assert_eq!(m.needing_resync(), vec![0]);
         // Region 8 was just written: kept until idle.
         let cleared = m.clean().unwrap();
@@ -517,7 +553,7 @@ mod tests {
         let (m, _) = DirtyMap::open(&StdStorage, &path, regions * MIB).unwrap();
         let write = |r: u64, at: Instant| {
             m.begin_at(r * MIB, 4096, at).unwrap();
-            m.end(r * MIB, 4096, true);
+            m.end(r * MIB, 4096, true, 0);
         };
         // Every other region (so that no stream marks ahead), then the others 3 s later.
         let t0 = Instant::now();
@@ -562,7 +598,7 @@ mod tests {
         m.mark_all_for_compare().unwrap();
         // A guest write to a region already marked changes nothing the file must hold.
         m.begin(MIB, 4096).unwrap();
-        m.end(MIB, 4096, true);
+        m.end(MIB, 4096, true, 0);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "nothing is written before the first change");
         drop(m);
         // Stopped (or crashed) before then: the map is fresh again, compared whole again.

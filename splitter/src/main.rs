@@ -235,6 +235,8 @@ fn run(args: &Args) -> Result<(), Failure> {
     let link = Arc::new(link);
 
     let mut tracked: Vec<Arc<ReplicatedDisk>> = Vec::new();
+    // Every disk, by disk number, for what the engine says of them.
+    let mut numbered: Vec<Arc<ReplicatedDisk>> = Vec::new();
     let mut measured: Vec<(String, Arc<ReplicatedDisk>)> = Vec::new();
     let mut fresh_disks: Vec<Arc<ReplicatedDisk>> = Vec::new();
     let mut to_serve = Vec::with_capacity(disks.len());
@@ -246,6 +248,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         if map_path == std::path::Path::new("none") {
             // No tracking: writes the engine does not take fail, and nothing is resynced.
             let replicated = Arc::new(ReplicatedDisk::new(d.local, Arc::clone(&link), number, volume.clone()));
+            numbered.push(Arc::clone(&replicated));
             measured.push((d.config.group.clone(), Arc::clone(&replicated)));
             to_serve.push((d.config, d.listen, volume, size, replicated));
             continue;
@@ -258,9 +261,11 @@ fn run(args: &Args) -> Result<(), Failure> {
             fresh_disks.push(Arc::clone(&replicated));
         }
         tracked.push(Arc::clone(&replicated));
+        numbered.push(Arc::clone(&replicated));
         measured.push((d.config.group.clone(), Arc::clone(&replicated)));
         to_serve.push((d.config, d.listen, volume, size, replicated));
     }
+    link.set_events(Arc::new(DiskEvents(numbered)));
     // Disks this agent has never served here: compare them with their replicas and send what
     // differs, all of them at once and the start of it before any disk is served.
     let sweeps = resync::initial_sync(&fresh_disks, &link);
@@ -350,6 +355,23 @@ fn main() -> ExitCode {
         Err(Failure::Unavailable(message)) => {
             eprintln!("error: {message}");
             ExitCode::from(3)
+        }
+    }
+}
+
+/// What the engine says of the disks, passed on to each by its disk number.
+struct DiskEvents(Vec<Arc<ReplicatedDisk>>);
+
+impl hindsight_splitter::engine_link::LinkEvents for DiskEvents {
+    fn target_confirmed(&self, disk: u16, seq: u64) {
+        if let Some(d) = self.0.get(usize::from(disk)) {
+            d.target_confirmed(seq);
+        }
+    }
+
+    fn resync_whole(&self, disk: u16) {
+        if let Some(d) = self.0.get(usize::from(disk)) {
+            d.resync_whole();
         }
     }
 }

@@ -75,6 +75,8 @@ pub enum FrameType {
     HashRequest,
     /// The engine's answer.
     HashReply,
+    /// Engine tells an agent how far the target holds a group's records.
+    TargetConfirmed,
     /// An operator asks the engine for the state of its groups.
     StatusRequest,
     /// The engine's answer.
@@ -112,6 +114,7 @@ impl FrameType {
             FrameType::ResyncProgress => 0x36,
             FrameType::HashRequest => 0x37,
             FrameType::HashReply => 0x38,
+            FrameType::TargetConfirmed => 0x39,
             FrameType::StatusRequest => 0x40,
             FrameType::StatusReply => 0x41,
             FrameType::SetModeRequest => 0x42,
@@ -145,6 +148,7 @@ impl FrameType {
             0x36 => FrameType::ResyncProgress,
             0x37 => FrameType::HashRequest,
             0x38 => FrameType::HashReply,
+            0x39 => FrameType::TargetConfirmed,
             0x40 => FrameType::StatusRequest,
             0x41 => FrameType::StatusReply,
             0x42 => FrameType::SetModeRequest,

@@ -41,6 +41,19 @@ pub struct AgentWelcome {
     pub protocol: u16,
     /// The engine's name (its listen address) for logs.
     pub engine: String,
+    /// Disk numbers of the hello to resync whole (every region the agent still has marked):
+    /// their group was taken over by this engine from one that may have acknowledged writes
+    /// the target lacks (docs/ha.md, "Takeover").
+    pub resync: Vec<u16>,
+}
+
+/// Engine → agent: the target holds every record of the group of `disks` through `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetConfirmedMsg {
+    /// Disk numbers of the hello, all of one group.
+    pub disks: Vec<u16>,
+    /// The group's confirmed sequence number.
+    pub seq: u64,
 }
 
 /// Either direction: a fatal error; the sender closes after it.

@@ -98,7 +98,13 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
         Err(why) => return refuse(&mut writer, peer, &why.to_string()),
     };
     let names: Vec<String> = disks.iter().map(|d| d.volume.to_string()).collect();
-    let welcome = encode_message(&AgentWelcome { protocol: PROTOCOL_VERSION, engine: reg.name.clone() });
+    // Disks whose group this engine took over from an owner that may have acknowledged writes
+    // the target lacks: the agent resyncs whatever it still has marked (docs/ha.md).
+    let resync = (0..disks.len())
+        .filter(|&i| disks[i].group.shared.takeover_pending(&disks[i].volume))
+        .map(|i| u16::try_from(i).expect("at most u16::MAX disks, checked in attach"))
+        .collect();
+    let welcome = encode_message(&AgentWelcome { protocol: PROTOCOL_VERSION, engine: reg.name.clone(), resync });
     if let Err(e) = write_frame(&mut writer, FrameType::AgentWelcome, &welcome, &mut Vec::new()) {
         detach(&reg, &names);
         return log::warn!("agent {peer}: {e}");
@@ -113,6 +119,19 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, reg: Arc<Registry>) {
         }
     };
     let out = writer::start(pool, writer, peer);
+    // Each group tells the session how far the target holds it: the agent keeps a region
+    // marked until then (docs/ha.md, "Takeover").
+    let mut by_group: Vec<(GroupHandle, Vec<u16>)> = Vec::new();
+    for (i, d) in disks.iter().enumerate() {
+        let number = u16::try_from(i).expect("at most u16::MAX disks, checked in attach");
+        match by_group.iter_mut().find(|(g, _)| g.same(&d.group)) {
+            Some((_, numbers)) => numbers.push(number),
+            None => by_group.push((d.group.clone(), vec![number])),
+        }
+    }
+    for (g, numbers) in by_group {
+        g.shared.watch(Arc::clone(&out), numbers);
+    }
     let id = reg.next_id.fetch_add(1, Ordering::Relaxed);
     let groups = disks.iter().map(|d| d.group.config.name.clone()).collect();
     lock(&reg.sessions).insert(id, SessionEntry { vm: hello.vm.clone(), groups, out: Arc::clone(&out) });

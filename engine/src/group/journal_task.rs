@@ -197,8 +197,8 @@ impl Sequencer {
     /// One round: releases regulated acknowledgements once due, places a due interval point,
     /// then takes a batch, numbers, appends and commits it, and answers everything in it.
     fn round(&mut self) -> Next {
-        if let Some((next, done)) = self.shared.take_restart() {
-            let _ = done.send(self.restart(next));
+        if let Some((next, resync, done)) = self.shared.take_restart() {
+            let _ = done.send(self.restart(next, &resync));
         }
         if let Some(r) = self.regulated.take() {
             if Instant::now() < r.until {
@@ -233,6 +233,7 @@ impl Sequencer {
         self.released = false;
         self.open_interval();
         let mut taken = self.take_batch(first);
+        self.takeover_kinds();
         if action == Action::Refuse {
             self.refuse(&mut taken);
             if taken.resync_done.is_none() {
@@ -273,7 +274,7 @@ impl Sequencer {
 
     /// Starts the journal again at `next` for a new claim of the group (docs/ha.md,
     /// "Takeover"): nothing is queued (agents attach only once it is done).
-    fn restart(&mut self, next: Seq) -> Result<(), String> {
+    fn restart(&mut self, next: Seq, resync: &[String]) -> Result<(), String> {
         // Whatever is still queued came from sessions of an earlier ownership, long closed:
         // none of it may be numbered now (its agents sent it again to the owner of the time).
         while let Ok(item) = self.rx.try_recv() {
@@ -299,7 +300,49 @@ impl Sequencer {
         self.trimmed_through = next - 1;
         self.open = None;
         shared.restarted(next);
+        if !resync.is_empty() {
+            // Until every volume's agent has resynced what it still has marked, its writes are
+            // journaled as resync data (the first of them opens a resync span at the target)
+            // and the resync point waits for all of them (docs/ha.md, "Takeover").
+            self.resyncs.expect(resync.iter().map(|v| std::sync::Arc::from(v.as_str())));
+            shared.takeover_started(resync);
+            log::info!(
+                "group {}: taken over after seq {}: every volume's writes go as resync data until its agent has resynced what \
+                 it still has marked; no point after seq {} is consistent before then",
+                shared.name,
+                next - 1,
+                next - 1
+            );
+        }
         Ok(())
+    }
+
+    /// During a takeover's resync (docs/ha.md, "Takeover"), a data write of a volume whose agent
+    /// has not resynced yet is journaled as resync data, inside the resync span; a write of
+    /// zeroes or a trim of one (it carries no data to resync with) is refused, and its agent
+    /// resyncs the region.
+    fn takeover_kinds(&mut self) {
+        let shared = &self.shared;
+        if !shared.takeover_any() {
+            return;
+        }
+        let mut refused = Vec::new();
+        let mut kept = Vec::with_capacity(self.batch.len());
+        for mut w in self.batch.drain(..) {
+            if shared.takeover_pending(&w.volume) {
+                match w.kind {
+                    WriteKind::Data => w.kind = WriteKind::Resync,
+                    WriteKind::Resync => {}
+                    _ => {
+                        refused.push(w);
+                        continue;
+                    }
+                }
+            }
+            kept.push(w);
+        }
+        self.batch = kept;
+        fail_all(&mut refused);
     }
 
     /// Nothing queued: the periodic checks, then sleep until the next ones (longer each time
@@ -333,6 +376,8 @@ impl Sequencer {
             return Run::Stop;
         }
         self.shared.policy.tick();
+        // The last of a burst of confirmations reaches the agents too.
+        self.shared.notify_confirmed(false);
         trim_confirmed(&mut self.journal, &self.shared, &mut self.trimmed_through);
         Run::On
     }
@@ -455,6 +500,7 @@ impl Sequencer {
         // they came earlier on the same connection, so they are in this batch or an earlier one.
         let mut resync_point = None;
         if let Some(r) = &taken.resync_done {
+            self.shared.takeover_done(&r.volumes);
             match self.resyncs.done(&r.volumes) {
                 ResyncOutcome::Point { first } => {
                     let seq = journal.next_seq();

@@ -14,8 +14,27 @@ use hindsight_consistency::tasks::Waker;
 use crate::journal_watch::JournalWatch;
 use crate::policy::Policy;
 
-/// A journal restart asked for: the next seq, and where its outcome goes.
-pub(super) type RestartRequest = (Seq, crossbeam_channel::Sender<Result<(), String>>);
+/// A journal restart asked for: the next seq, the volumes whose takeover resync it opens
+/// (none for a sync group), and where its outcome goes.
+pub(super) type RestartRequest = (Seq, Vec<String>, crossbeam_channel::Sender<Result<(), String>>);
+
+/// An agent session told how far the target holds the group (docs/ha.md, "Takeover").
+struct Watcher {
+    out: crate::acks::AckTo,
+    /// The session's disk numbers of the group.
+    disks: Vec<u16>,
+    /// The confirmed seq last told.
+    told: Seq,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Watcher(disks {:?}, told {})", self.disks, self.told)
+    }
+}
+
+/// How often, at most, sessions are told of the target's confirmations while writes flow.
+const CONFIRM_NOTICE_EVERY: Duration = Duration::from_millis(20);
 
 /// What the shipper and the status of a group share with its journal task.
 #[derive(Debug)]
@@ -50,6 +69,13 @@ pub struct GroupShared {
     /// A journal restart asked for by the shipper of a new claim: the next seq and where the
     /// outcome goes ([`GroupShared::restart_journal`]).
     restart: Mutex<Option<RestartRequest>>,
+    /// The agent sessions of the group, told of the target's confirmations.
+    watchers: Mutex<Vec<Watcher>>,
+    /// When they were last told.
+    last_notice: Mutex<Option<std::time::Instant>>,
+    /// Volumes of a takeover resync not yet done (docs/ha.md, "Takeover"): their agents resync
+    /// whatever they still have marked.
+    takeover: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Bytes shipped to the target: the records, and what went on the wire for them.
@@ -122,6 +148,9 @@ impl GroupShared {
             target_refused: Mutex::new(String::new()),
             ownership: crate::cluster::ownership::Ownership::default(),
             restart: Mutex::new(None),
+            watchers: Mutex::new(Vec::new()),
+            last_notice: Mutex::new(None),
+            takeover: Mutex::new(std::collections::BTreeSet::new()),
         }
     }
 
@@ -131,6 +160,7 @@ impl GroupShared {
         self.confirmed.fetch_max(seq, Ordering::AcqRel);
         self.policy.confirmed(seq, self.durable());
         self.journal.target_confirmed(seq);
+        self.notify_confirmed(false);
     }
 
     /// The last durable sequence number.
@@ -158,9 +188,9 @@ impl GroupShared {
     /// Asks the journal task (woken by `wake`) to start the journal again at `next`, and waits
     /// up to `timeout` for it: a claimed group continues the target's sequence (docs/ha.md,
     /// "Takeover"). The group takes no writes meanwhile (it is not serving).
-    pub fn restart_journal(&self, next: Seq, wake: impl FnOnce(), timeout: Duration) -> Result<(), String> {
+    pub fn restart_journal(&self, next: Seq, resync: Vec<String>, wake: impl FnOnce(), timeout: Duration) -> Result<(), String> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        *lock(&self.restart) = Some((next, tx));
+        *lock(&self.restart) = Some((next, resync, tx));
         wake();
         rx.recv_timeout(timeout).unwrap_or_else(|_| Err(format!("the journal task did not start the journal again within {timeout:?}")))
     }
@@ -177,6 +207,55 @@ impl GroupShared {
         self.confirmed.store(next - 1, Ordering::Release);
         self.policy.restarted(next - 1);
         self.durable_changed.notify_all();
+    }
+
+    /// An agent session with `disks` (its disk numbers of this group) is told of the target's
+    /// confirmations from now on.
+    pub fn watch(&self, out: crate::acks::AckTo, disks: Vec<u16>) {
+        lock(&self.watchers).push(Watcher { out, disks, told: 0 });
+        self.notify_confirmed(true);
+    }
+
+    /// Tells the sessions how far the target holds the group, at most every
+    /// [`CONFIRM_NOTICE_EVERY`] unless `now`; sessions that have gone are forgotten.
+    pub fn notify_confirmed(&self, now: bool) {
+        {
+            let mut last = lock(&self.last_notice);
+            if !now && last.is_some_and(|t| t.elapsed() < CONFIRM_NOTICE_EVERY) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let seq = self.confirmed.load(Ordering::Acquire);
+        lock(&self.watchers).retain_mut(|w| {
+            if seq <= w.told {
+                return true;
+            }
+            w.told = seq;
+            let msg = hindsight_consistency::wire::TargetConfirmedMsg { disks: w.disks.clone(), seq };
+            w.out.frame(hindsight_consistency::wire::FrameType::TargetConfirmed, hindsight_consistency::wire::encode_message(&msg))
+        });
+    }
+
+    /// Whether `volume`'s takeover resync is not done.
+    pub fn takeover_pending(&self, volume: &str) -> bool {
+        lock(&self.takeover).contains(volume)
+    }
+
+    /// Whether any volume's takeover resync is not done.
+    pub fn takeover_any(&self) -> bool {
+        !lock(&self.takeover).is_empty()
+    }
+
+    pub(super) fn takeover_started(&self, volumes: &[String]) {
+        lock(&self.takeover).extend(volumes.iter().cloned());
+    }
+
+    pub(super) fn takeover_done(&self, volumes: &[std::sync::Arc<str>]) {
+        let mut t = lock(&self.takeover);
+        for v in volumes {
+            t.remove(&**v);
+        }
     }
 
     /// Wakes the group's shipper task (set once it is started).

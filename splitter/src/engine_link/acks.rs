@@ -9,7 +9,7 @@ use hindsight_consistency::sync::lock;
 use hindsight_consistency::transport::ReadHalf;
 use hindsight_consistency::wire::frame::whole_frame_buffered;
 use hindsight_consistency::wire::{
-    decode_message, read_frame, ErrorMessage, FrameError, FrameType, HashReply, QuiesceMsg, ThawMsg, WriteAck,
+    decode_message, read_frame, ErrorMessage, FrameError, FrameType, HashReply, QuiesceMsg, TargetConfirmedMsg, ThawMsg, WriteAck,
 };
 use log::{error, info, warn};
 
@@ -44,6 +44,19 @@ pub(super) fn read_acks(inner: &Arc<Inner>, stream: ReadHalf) -> FrameError {
             Ok(FrameType::Quiesce) => {
                 match decode_message::<QuiesceMsg>("Quiesce", &payload) {
                     Ok(q) => inner.quiesce(q),
+                    Err(e) => return e,
+                }
+                continue;
+            }
+            Ok(FrameType::TargetConfirmed) => {
+                match decode_message::<TargetConfirmedMsg>("TargetConfirmed", &payload) {
+                    Ok(m) => {
+                        if let Some(events) = inner.events.get() {
+                            for &d in &m.disks {
+                                events.target_confirmed(d, m.seq);
+                            }
+                        }
+                    }
                     Err(e) => return e,
                 }
                 continue;

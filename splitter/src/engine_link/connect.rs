@@ -75,7 +75,10 @@ fn attempt(dialer: &Dialer, security: &Security, hello: &[u8], write_timeout: Du
     let (engine, server_name) = dialer.target();
     let to = Destination { engine: &engine, security, server_name: &server_name };
     match hello_exchange(&to, hello, write_timeout) {
-        Ok(stream) => Ok(stream),
+        Ok((stream, resync)) => {
+            dialer.welcomed(resync);
+            Ok(stream)
+        }
         Err(Attempt::Redirect { to, message, .. }) => {
             dialer.redirected(&engine, &to);
             info!("engine {engine}: {message}");
@@ -126,7 +129,7 @@ struct Destination<'a> {
 }
 
 /// Connects, runs the TLS handshake, sends the hello and waits for the welcome.
-fn hello_exchange(to: &Destination<'_>, hello: &[u8], write_timeout: Duration) -> Result<Connection, Attempt> {
+fn hello_exchange(to: &Destination<'_>, hello: &[u8], write_timeout: Duration) -> Result<(Connection, Vec<u16>), Attempt> {
     let engine = to.engine;
     let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
     let mut stream = None;
@@ -157,10 +160,11 @@ fn hello_exchange(to: &Destination<'_>, hello: &[u8], write_timeout: Duration) -
         FrameError::Io(e) => io_err(e),
         other => Attempt::Hello(other),
     })?;
-    match frame {
+    let resync = match frame {
         FrameType::AgentWelcome => {
             let welcome: AgentWelcome = decode_message("AgentWelcome", &payload).map_err(Attempt::Hello)?;
             debug!("engine {engine} ({}) speaks protocol {}", welcome.engine, welcome.protocol);
+            welcome.resync
         }
         FrameType::Error => {
             let e: ErrorMessage = decode_message("Error", &payload).map_err(Attempt::Hello)?;
@@ -171,12 +175,12 @@ fn hello_exchange(to: &Destination<'_>, hello: &[u8], write_timeout: Duration) -
             return Err(Attempt::Redirect { to: r.engine, message: r.message, followed: false });
         }
         got => return Err(Attempt::Hello(FrameError::Unexpected { got, expected: "AgentWelcome or Error" })),
-    }
+    };
     stream.set_read_timeout(None).map_err(io_err)?;
     // An engine that stops reading holds the writer mutex at most this long before the
     // connection counts as lost.
     stream.set_write_timeout(Some(write_timeout)).map_err(io_err)?;
-    Ok(stream)
+    Ok((stream, resync))
 }
 
 /// Tries to reconnect, with backoff, until it succeeds or the link is dropped (`None`).

@@ -17,13 +17,15 @@ pub struct Dialer {
     fixed_name: bool,
     /// The address dialed next.
     next: Mutex<String>,
+    /// The disks the last welcome asked to resync whole (a takeover), until taken.
+    resync: Mutex<Vec<u16>>,
 }
 
 impl Dialer {
     /// `engines` is not empty.
     pub fn new(engines: Vec<String>, server_name: String, fixed_name: bool) -> Dialer {
         let next = Mutex::new(engines[0].clone());
-        Dialer { engines, server_name, fixed_name, next }
+        Dialer { engines, server_name, fixed_name, next, resync: Mutex::new(Vec::new()) }
     }
 
     /// The address to dial and the name its certificate must carry.
@@ -46,6 +48,16 @@ impl Dialer {
         } else {
             *lock(&self.next) = to.to_owned();
         }
+    }
+
+    /// The engine welcomed the link, asking to resync `disks` whole (a takeover, docs/ha.md).
+    pub fn welcomed(&self, disks: Vec<u16>) {
+        lock(&self.resync).extend(disks);
+    }
+
+    /// The disks to resync whole since the last call.
+    pub fn take_resync(&self) -> Vec<u16> {
+        std::mem::take(&mut *lock(&self.resync))
     }
 
     /// Every configured engine, for messages.

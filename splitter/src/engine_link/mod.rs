@@ -70,6 +70,15 @@ use outgoing::{encode_write, encode_write_head, Outgoing, SEND_IN_PLACE};
 use state::{Inner, Pending, State, Writer, HELD_MAX};
 use supervisor::supervise;
 
+/// What the engine tells the link about its disks (docs/ha.md, "Takeover").
+pub trait LinkEvents: Send + Sync {
+    /// The target holds every record of the group of disk number `disk` through `seq`.
+    fn target_confirmed(&self, disk: u16, seq: u64);
+    /// The engine took the group of disk number `disk` over: the disk resyncs whatever it
+    /// still has marked.
+    fn resync_whole(&self, disk: u16);
+}
+
 /// The agent's connection to the engine, shared by all its disks. Dropping it closes the
 /// connection and fails every write still pending with ESHUTDOWN.
 pub struct EngineLink {
@@ -111,6 +120,7 @@ impl EngineLink {
             security: config.security,
             dialer,
             frames_read: std::sync::atomic::AtomicU64::new(0),
+            events: std::sync::OnceLock::new(),
             hello,
             volumes,
             engine_timeout: config.engine_timeout,
@@ -202,6 +212,13 @@ impl EngineLink {
         };
         drop(guard);
         done(Err(failure));
+    }
+
+    /// Sets where the target's confirmations and the takeover resyncs go (once, when the disks
+    /// exist); a resync asked for by the first welcome is passed on now.
+    pub fn set_events(&self, events: Arc<dyn LinkEvents>) {
+        let _ = self.inner.events.set(events);
+        self.inner.takeover_resyncs();
     }
 
     /// The engine's address.

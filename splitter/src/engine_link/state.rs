@@ -62,6 +62,8 @@ pub(super) struct Inner {
     pub(super) dialer: super::dial::Dialer,
     /// Frames read from the engine so far (the supervisor's watch sees a hung engine by it).
     pub(super) frames_read: std::sync::atomic::AtomicU64,
+    /// Where the target's confirmations and the takeover resyncs go (the disks).
+    pub(super) events: std::sync::OnceLock<Arc<dyn super::LinkEvents>>,
     pub(super) hello: Vec<u8>,
     pub(super) volumes: Vec<String>,
     pub(super) engine_timeout: Duration,
@@ -108,6 +110,16 @@ impl Inner {
             *state = State::Reconnecting { since: Instant::now() };
             // Their replies would come on the lost connection: the requesters ask again.
             lock(&self.hash_waits).clear();
+        }
+    }
+
+    /// Passes the disks a welcome asked to resync whole on to them (kept by the dialer until
+    /// the disks are there).
+    pub(super) fn takeover_resyncs(&self) {
+        if let Some(events) = self.events.get() {
+            for disk in self.dialer.take_resync() {
+                events.resync_whole(disk);
+            }
         }
     }
 

@@ -45,6 +45,8 @@ pub(super) fn supervise(inner: &Arc<Inner>, first: Option<ReadHalf>, closed: &Re
         let reason = match acks {
             Ok(acks) => {
                 if let Some(stream) = fresh.take() {
+                    // A takeover's resync starts before any write goes to the new owner.
+                    inner.takeover_resyncs();
                     // Acks are read while the pending writes go out again, so a long resend
                     // cannot fill both directions of the socket and stall.
                     inner.go_up(stream);

@@ -16,6 +16,8 @@ pub(super) struct Join {
     done: Mutex<Option<Completion>>,
     /// Set when an engine part failed but the guest is served anyway (dirty tracking).
     pub(super) unreplicated: Arc<std::sync::atomic::AtomicBool>,
+    /// The largest sequence number the engine gave a part (0 before any).
+    pub(super) seq: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Join {
@@ -25,6 +27,7 @@ impl Join {
             error: OnceLock::new(),
             done: Mutex::new(Some(done)),
             unreplicated: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            seq: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
 

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use hindsight_consistency::record::MAX_WRITE_LEN;
 use hindsight_consistency::region_hash::{region_hash, zero_hash, RegionHash};
-use log::error;
+use log::{error, info, warn};
 
 use crate::block::{BlockDevice, BlockError, Completion, WriteKind, WriteOp};
 use crate::dirty::DirtyMap;
@@ -111,6 +111,36 @@ impl ReplicatedDisk {
         self.resyncing.store(on, Ordering::Release);
     }
 
+    /// The target holds every record of the disk's group through `seq`: the dirty map may
+    /// clear regions whose writes it all holds.
+    pub fn target_confirmed(&self, seq: u64) {
+        if let Some(t) = &self.tracking {
+            t.map.target_confirmed(seq);
+        }
+    }
+
+    /// The engine took the disk's group over from one that may have acknowledged writes the
+    /// target lacks (docs/ha.md, "Takeover"): every region still marked is resynced, guest
+    /// writes go as resync data meanwhile, and the resync ends with `ResyncDone` even if no
+    /// region was marked (the engine's resync point waits for every volume of the group).
+    pub fn resync_whole(&self) {
+        let Some(t) = &self.tracking else {
+            warn!(
+                "volume {}: its group was taken over by another engine, which may lack writes the last one acknowledged; this \
+                 disk has no dirty map (dirty_map = \"none\"), so they cannot be resynced",
+                self.local.volume
+            );
+            return;
+        };
+        let n = t.map.resync_marked();
+        self.resyncing.store(true, Ordering::Release);
+        self.sent_resync.store(true, Ordering::Release);
+        info!(
+            "volume {}: its group was taken over by another engine: the {n} region(s) still marked (writes the target may lack) are resynced",
+            self.local.volume
+        );
+    }
+
     /// Ends the resync: writes go as plain data from now on. If resync data went out since
     /// the last time, runs `ask_point` (which asks the engine for the resync point) before any
     /// later write can reach the link, and returns true.
@@ -180,12 +210,15 @@ impl ReplicatedDisk {
     /// the regions the engine acknowledged (those are no longer dirty).
     pub fn resync(&self, regions: &[u64]) -> Vec<u64> {
         let Some(t) = &self.tracking else { return Vec::new() };
-        let mut waiting: std::collections::VecDeque<(u64, crossbeam_channel::Receiver<bool>)> = std::collections::VecDeque::new();
+        // Each resync write's outcome: its sequence number, or `None` if it failed.
+        type Acked = crossbeam_channel::Receiver<Option<u64>>;
+        let mut waiting: std::collections::VecDeque<(u64, Acked)> = std::collections::VecDeque::new();
         let mut done = Vec::new();
-        let settle = |(r, rx): (u64, crossbeam_channel::Receiver<bool>), done: &mut Vec<u64>| {
+        let settle = |(r, rx): (u64, Acked), done: &mut Vec<u64>| {
             let (start, end) = t.map.range(r);
-            let ok = rx.recv().unwrap_or(false);
-            t.map.end(start, end - start, ok);
+            let seq = rx.recv().unwrap_or(None);
+            let ok = seq.is_some();
+            t.map.end(start, end - start, ok, seq.unwrap_or(0));
             if ok {
                 t.map.resynced(r);
                 done.push(r);
@@ -213,7 +246,7 @@ impl ReplicatedDisk {
                     start,
                     WriteBody::Resync(Arc::new(data)),
                     Box::new(move |r| {
-                        let _ = tx.send(r.is_ok());
+                        let _ = tx.send(r.ok());
                     }),
                 );
                 waiting.push_back((r, rx));
@@ -261,19 +294,22 @@ impl ReplicatedDisk {
                     from,
                     WriteBody::Resync(Arc::new(data)),
                     Box::new(move |res| {
-                        let _ = tx.send(res.is_ok());
+                        let _ = tx.send(res.ok());
                     }),
                 );
                 waiting.push(rx);
             }
         }
         // Every acknowledgement is waited for, whatever the first said.
-        let mut acked = true;
+        let (mut acked, mut seq) = (true, 0);
         for rx in waiting {
-            acked &= rx.recv().unwrap_or(false);
+            match rx.recv().unwrap_or(None) {
+                Some(s) => seq = seq.max(s),
+                None => acked = false,
+            }
         }
         let ok = read_ok && acked;
-        t.map.end(start, end - start, ok);
+        t.map.end(start, end - start, ok, seq);
         if ok {
             t.map.resynced(r);
         }
@@ -302,7 +338,12 @@ impl ReplicatedDisk {
                 j.unreplicated.store(true, Ordering::Release);
                 j.finish(Ok(()));
             }
-            r => j.finish(r.map(|_seq| ())),
+            r => {
+                if let Ok(seq) = r {
+                    j.seq.fetch_max(seq, Ordering::AcqRel);
+                }
+                j.finish(r.map(|_seq| ()))
+            }
         });
         if hold {
             self.link.submit_held(self.disk, offset, body, done);
@@ -406,7 +447,8 @@ impl ReplicatedDisk {
                 }
                 let map = Arc::clone(&t.map);
                 let unreplicated = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                let flag = Arc::clone(&unreplicated);
+                let acked_seq = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                let (flag, seq) = (Arc::clone(&unreplicated), Arc::clone(&acked_seq));
                 let resyncing = Arc::clone(&self.resyncing);
                 let join_done = done;
                 let wrapped: Completion = Box::new(move |r: Result<(), BlockError>| {
@@ -414,10 +456,10 @@ impl ReplicatedDisk {
                     if !replicated {
                         resyncing.store(true, Ordering::Release);
                     }
-                    map.end(offset, len, replicated);
+                    map.end(offset, len, replicated, seq.load(Ordering::Acquire));
                     join_done(r);
                 });
-                return self.submit_parts(WriteOp { offset, kind, fua }, len, wrapped, Some(unreplicated), hold);
+                return self.submit_parts(WriteOp { offset, kind, fua }, len, wrapped, Some((unreplicated, acked_seq)), hold);
             }
             None => done,
         };
@@ -425,12 +467,20 @@ impl ReplicatedDisk {
     }
 
     /// Sends the engine's parts and applies the local one; `done` runs once all are done.
-    fn submit_parts(&self, op: WriteOp, len: u64, done: Completion, unreplicated: Option<Arc<std::sync::atomic::AtomicBool>>, hold: bool) {
+    fn submit_parts(
+        &self,
+        op: WriteOp,
+        len: u64,
+        done: Completion,
+        tracked: Option<(Arc<std::sync::atomic::AtomicBool>, Arc<std::sync::atomic::AtomicU64>)>,
+        hold: bool,
+    ) {
         let WriteOp { offset, kind, fua } = op;
         // The engine's parts, then the local one.
         let mut join = Join::new(parts(len) + 1, done);
-        if let Some(flag) = unreplicated {
+        if let Some((flag, seq)) = tracked {
             join.unreplicated = flag;
+            join.seq = seq;
         }
         let join = Arc::new(join);
         let end = offset + len;

@@ -206,7 +206,7 @@ fn serve(s: &Arc<Shared>, mut stream: TcpStream) {
         let _ = write_frame(&mut stream, FrameType::Error, &msg, &mut scratch);
         return;
     }
-    let welcome = encode_message(&AgentWelcome { protocol: PROTOCOL_VERSION, engine: "fake".into() });
+    let welcome = encode_message(&AgentWelcome { protocol: PROTOCOL_VERSION, engine: "fake".into(), resync: Vec::new() });
     if write_frame(&mut stream, FrameType::AgentWelcome, &welcome, &mut scratch).is_err() {
         return;
     }
