@@ -253,11 +253,7 @@ fn etcd_down_moves_no_group_and_corrupts_none() {
     site.etcd.restart_all();
     // Protection comes back: the tracked regions are resynced and the target ends equal to
     // the disk, under one owner whose token the target holds.
-    let start = Instant::now();
-    while site.recovered("erp", "db") != db.bytes {
-        assert!(start.elapsed() < Duration::from_secs(60), "the target never caught up after etcd came back");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_target_holds(&mut site, &db.bytes, Duration::from_secs(60), "the target never caught up after etcd came back");
     let (owner_after, token_after) = site.owner("erp", Duration::from_secs(20));
     eprintln!("etcd down and back: erp owned by {owner} (token {token}), then by {owner_after} (token {token_after})");
     assert!(token_after >= token);
@@ -326,11 +322,7 @@ fn a_cdp_owner_killed_with_writes_the_target_lacks_is_taken_over_and_the_agent_r
     }
     // The new owner continues after what the target holds; the agent resyncs every region it
     // still has marked, and the target ends with every acknowledged write.
-    let start = Instant::now();
-    while site.recovered("erp", "db") != db.bytes {
-        assert!(start.elapsed() < Duration::from_secs(60), "the writes the dead owner acknowledged never reached the target");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_target_holds(&mut site, &db.bytes, Duration::from_secs(60), "the writes the dead owner acknowledged never reached the target");
     let (owner, _) = site.owner("erp", Duration::from_secs(20));
     assert_ne!(owner, victim);
     assert!(site.c.log(&owner).contains("every volume's writes go as resync data"), "{}", site.c.log(&owner));
@@ -340,12 +332,17 @@ fn a_cdp_owner_killed_with_writes_the_target_lacks_is_taken_over_and_the_agent_r
     write_and_check_cdp(&mut site, &mut db, &mut rng);
 }
 
+/// Waits until the target's latest image of erp/db is `want`.
+fn wait_target_holds(site: &mut Site, want: &[u8], within: Duration, what: &str) {
+    let start = Instant::now();
+    while site.recovered("erp", "db") != want {
+        assert!(start.elapsed() < within, "{what}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 /// More writes after the takeover reach the target (cdp: once it settles).
 fn write_and_check_cdp(site: &mut Site, db: &mut Model, rng: &mut impl rand::Rng) {
     write_random_to(&site.c.uri("db"), db, rng, 12, 4);
-    let start = Instant::now();
-    while site.recovered("erp", "db") != db.bytes {
-        assert!(start.elapsed() < Duration::from_secs(30), "writes after the takeover never reached the target");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_target_holds(site, &db.bytes, Duration::from_secs(30), "writes after the takeover never reached the target");
 }
